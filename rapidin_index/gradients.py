@@ -1,0 +1,372 @@
+"""Per-example loss gradients, layer-normalised and sketched, for a whole batch in one backward pass.
+
+How: forward hooks on every module that owns an attributed parameter keep the module's input, and a
+tensor hook on its output keeps the gradient flowing back into it. After one backward of the summed
+per-example losses, each example's weight gradient is rebuilt from its own rows of (input, output grad):
+
+* ``nn.Linear``          dW[b] = sum_t G[b,t]^T A[b,t]     (transformers' GPT-2 ``Conv1D``: the transpose)
+* ``nn.Embedding``       dW[b] = scatter-add of G[b,t] into the rows of the token ids
+* norm layers            dw[b] = sum_t G[b,t] * (f(w=1) - f(w=0))[b,t]; a norm's output is affine in its
+                         elementwise weight, so that difference is the exact derivative
+
+Examples never mix: the model runs in eval mode and padding positions carry no loss. Parameters owned by
+any other kind of module (or a module that folds the batch into another axis) fall back to one backward
+per example, which is also :func:`reference_gradient`, the brute force the tests compare against.
+
+Each parameter tensor is one "block" of the flattened gradient; layer-wise normalisation scales every
+block to unit L2 norm before the block is sketched (SPEC 2.2), so the full gradient is never concatenated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+NORMALIZATIONS = ("layer", "none")
+IGNORE_INDEX = -100
+
+
+class GradientError(ValueError):
+    """Bad gradient settings (unknown normalisation, empty batch, ...)."""
+
+
+@dataclass(frozen=True)
+class GradientBlock:
+    """One attributed parameter tensor and where it sits in the flattened gradient."""
+
+    name: str
+    parameter: nn.Parameter
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.parameter.numel()
+
+
+def gradient_blocks(selected: list[tuple[str, nn.Parameter]]) -> list[GradientBlock]:
+    blocks, offset = [], 0
+    for name, parameter in selected:
+        blocks.append(GradientBlock(name, parameter, offset))
+        offset += parameter.numel()
+    return blocks
+
+
+def gradient_dim(blocks: list[GradientBlock]) -> int:
+    return sum(block.numel for block in blocks)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [batch, tokens]
+    attention_mask: torch.Tensor  # [batch, tokens]
+    labels: torch.Tensor  # [batch, tokens], IGNORE_INDEX where no loss
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_token_id: int, device) -> Batch:
+    """Right-pad (input_ids, labels) pairs into one batch."""
+    if not sequences:
+        raise GradientError("cannot collate an empty batch")
+    length = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids)
+        labels[row, : len(ids)] = torch.as_tensor(row_labels)
+        attention_mask[row, : len(ids)] = 1
+    return Batch(input_ids.to(device), attention_mask.to(device), labels.to(device))
+
+
+def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per position, shifted as ``model(labels=...)`` shifts.
+
+    Returns (losses [batch, tokens-1] float32, zero where masked; mask [batch, tokens-1] bool).
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    targets = batch.labels[:, 1:]  # [batch, tokens-1]
+    logits = logits[:, :-1].float()  # [batch, tokens-1, vocab]
+    losses = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).reshape(targets.shape)
+    return losses, targets != IGNORE_INDEX
+
+
+def example_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean response-token loss of each example: [batch]."""
+    losses, mask = token_losses(model, batch)
+    counts = mask.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise GradientError("an example has no loss token (empty response after truncation?)")
+    return losses.sum(dim=1) / counts
+
+
+# --------------------------------------------------------------------------- per-example rules
+
+
+def _module_kind(module: nn.Module, parameter_name: str, parameter: nn.Parameter) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+        return "conv1d"
+    if isinstance(module, nn.Embedding) and parameter_name == "weight":
+        return "embedding"
+    if "norm" in type(module).__name__.lower() and parameter.dim() == 1 and parameter_name in ("weight", "bias"):
+        return "norm"
+    return None
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict
+    output_grad: torch.Tensor | None = None
+
+
+@dataclass
+class _Owner:
+    module: nn.Module
+    parameter_name: str
+    kind: str
+    calls: list[_Call] = field(default_factory=list)
+
+
+def _flat_tokens(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return tensor.reshape(batch_size, -1, tensor.shape[-1]).float()  # [batch, tokens, features]
+
+
+def _owner_gradient(owner: _Owner, call: _Call, batch_size: int) -> torch.Tensor:
+    """One module call's contribution to each example's gradient of ``owner.parameter_name``."""
+    grad = _flat_tokens(call.output_grad, batch_size)  # [batch, tokens, out]
+    if owner.kind == "embedding":
+        ids = call.args[0].reshape(batch_size, -1)  # [batch, tokens]
+        weight = owner.module.weight
+        result = torch.zeros(batch_size * weight.shape[0], weight.shape[1], device=grad.device)
+        flat_ids = ids + torch.arange(batch_size, device=ids.device)[:, None] * weight.shape[0]
+        result.index_add_(0, flat_ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        result = result.reshape(batch_size, *weight.shape)  # [batch, vocab, dim]
+        if owner.module.padding_idx is not None:
+            result[:, owner.module.padding_idx] = 0
+        return result
+    if owner.parameter_name == "bias":
+        return grad.sum(dim=1)  # [batch, out]
+    if owner.kind == "norm":
+        return (grad * _norm_direction(owner.module, call)).sum(dim=1)  # [batch, dim]
+    inputs = _flat_tokens(call.args[0], batch_size)  # [batch, tokens, in]
+    if owner.kind == "linear":
+        return torch.einsum("bto,bti->boi", grad, inputs)  # [batch, out, in]
+    return torch.einsum("bti,bto->bio", inputs, grad)  # conv1d: [batch, in, out]
+
+
+def _norm_direction(module: nn.Module, call: _Call) -> torch.Tensor:
+    """d output / d weight for a norm layer: f(weight=1) - f(weight=0), with any bias zeroed."""
+    weight = module.weight
+    overrides = {}
+    if getattr(module, "bias", None) is not None:
+        overrides["bias"] = torch.zeros_like(module.bias)
+    with torch.no_grad():
+        ones = functional_call(module, {**overrides, "weight": torch.ones_like(weight)}, call.args, call.kwargs)
+        zeros = functional_call(module, {**overrides, "weight": torch.zeros_like(weight)}, call.args, call.kwargs)
+    batch_size = call.output_grad.shape[0]
+    return _flat_tokens(ones - zeros, batch_size)
+
+
+class GradientCapture:
+    """Context manager: hooks that keep (inputs, output grads) of the modules owning the attributed params."""
+
+    def __init__(self, model: nn.Module, blocks: list[GradientBlock]) -> None:
+        wanted = {id(block.parameter): block for block in blocks}
+        self.owners: dict[int, list[_Owner]] = {id(block.parameter): [] for block in blocks}
+        self.unsupported: list[str] = []
+        for module in model.modules():
+            for parameter_name, parameter in module._parameters.items():
+                if parameter is None or id(parameter) not in wanted:
+                    continue
+                kind = _module_kind(module, parameter_name, parameter)
+                if kind is None:
+                    self.unsupported.append(f"{wanted[id(parameter)].name} ({type(module).__name__})")
+                    continue
+                self.owners[id(parameter)].append(_Owner(module, parameter_name, kind))
+        self._handles: list = []
+        self.batch_size = 0
+
+    @property
+    def supported(self) -> bool:
+        return not self.unsupported
+
+    def __enter__(self) -> GradientCapture:
+        modules = {id(o.module): o.module for owners in self.owners.values() for o in owners}
+        for module in modules.values():
+            self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        for owners in self.owners.values():
+            for owner in owners:
+                owner.calls.clear()
+
+    def _forward_hook(self, module, args, kwargs, output) -> torch.Tensor | None:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        if output.shape[0] == 1 and self.batch_size > 1:
+            # Shared across the batch (GPT-2's position embeddings): give every example its own copy so
+            # that its gradient is not summed over the batch. Broadcasting downstream is unchanged.
+            output = output.expand(self.batch_size, *output.shape[1:])
+            args = tuple(a.expand(self.batch_size, *a.shape[1:]) if isinstance(a, torch.Tensor) else a for a in args)
+        call = _Call(args, kwargs)
+
+        def keep_grad(grad: torch.Tensor) -> None:
+            call.output_grad = grad.detach()
+
+        output.register_hook(keep_grad)
+        for owners in self.owners.values():
+            for owner in owners:
+                if owner.module is module:
+                    owner.calls.append(call)
+        return output
+
+    def example_gradients(self, block: GradientBlock, batch_size: int) -> torch.Tensor:
+        """[batch, numel] float32 gradient of each example's loss w.r.t. ``block.parameter``."""
+        total = torch.zeros(batch_size, block.numel, device=block.parameter.device)
+        for owner in self.owners[id(block.parameter)]:
+            for call in owner.calls:
+                if call.output_grad is None:
+                    continue  # this call's output did not reach the loss
+                if call.output_grad.shape[0] != batch_size:
+                    raise GradientError(f"{block.name}: module folds the batch axis; use the per-example loop")
+                total += _owner_gradient(owner, call, batch_size).reshape(batch_size, -1)
+        return total
+
+
+# --------------------------------------------------------------------------- normalise + sketch
+
+
+@dataclass
+class SketchedBatch:
+    vectors: torch.Tensor  # [batch, output_dim] float32: sketched (or exact) normalised gradients
+    losses: torch.Tensor  # [batch] mean response-token loss
+    gradient_norms: torch.Tensor  # [batch] L2 norm of the raw gradient, before normalisation
+    finite: torch.Tensor  # [batch] bool: False where the gradient had a NaN or inf
+
+
+class GradientSketcher:
+    """Batch in, one normalised + sketched gradient per example out.
+
+    ``projector`` is a :mod:`rapidin_index.sketch` projector (RapidGrad, or exact for K = 0).
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[GradientBlock], projector, normalize: str = "layer") -> None:
+        if normalize not in NORMALIZATIONS:
+            raise GradientError(f"--normalize {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        self.model = model
+        self.blocks = blocks
+        self.projector = projector
+        self.normalize = normalize
+        self.capture = GradientCapture(model, blocks)
+        self.uses_hooks = self.capture.supported
+
+    def sketch(self, batch: Batch) -> SketchedBatch:
+        if self.uses_hooks:
+            try:
+                return self._sketch_with_hooks(batch)
+            except GradientError:
+                self.uses_hooks = False  # e.g. a mixture-of-experts layer folds the batch axis
+        return self._sketch_one_by_one(batch)
+
+    def _sketch_with_hooks(self, batch: Batch) -> SketchedBatch:
+        self.model.zero_grad(set_to_none=True)
+        self.capture.batch_size = batch.size
+        with self.capture:
+            losses = example_losses(self.model, batch)
+            losses.sum().backward()
+        try:
+            state = _SketchState(self.projector, batch.size, losses.detach())
+            for block in self.blocks:
+                state.add(block, self.capture.example_gradients(block, batch.size), self.normalize)
+        finally:
+            self.capture.clear()
+            self.model.zero_grad(set_to_none=True)
+        return state.result()
+
+    def _sketch_one_by_one(self, batch: Batch) -> SketchedBatch:
+        raw = torch.stack([reference_gradient(self.model, self.blocks, _row(batch, i)) for i in range(batch.size)])
+        with torch.no_grad():
+            losses = example_losses(self.model, batch)
+        state = _SketchState(self.projector, batch.size, losses)
+        for block in self.blocks:
+            state.add(block, raw[:, block.offset : block.offset + block.numel], self.normalize)
+        return state.result()
+
+
+class _SketchState:
+    """Accumulates one batch's sketch, raw norms and finiteness block by block."""
+
+    def __init__(self, projector, batch_size: int, losses: torch.Tensor) -> None:
+        self.projector = projector
+        self.out = projector.new_output(batch_size)
+        self.losses = losses.float()
+        self.squared_norm = torch.zeros(batch_size, device=self.out.device)
+        self.finite = torch.isfinite(self.losses).to(self.out.device)
+
+    def add(self, block: GradientBlock, gradients: torch.Tensor, normalize: str) -> None:
+        gradients = gradients.to(self.out.device, torch.float32)  # [batch, numel]
+        self.finite &= torch.isfinite(gradients).all(dim=1)
+        gradients = torch.nan_to_num(gradients, nan=0.0, posinf=0.0, neginf=0.0)
+        norms = gradients.norm(dim=1)  # [batch]
+        self.squared_norm += norms.square()
+        if normalize == "layer":
+            gradients = gradients / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+        self.projector.project_block(self.out, gradients, block.offset)
+
+    def result(self) -> SketchedBatch:
+        return SketchedBatch(self.out, self.losses, self.squared_norm.sqrt(), self.finite)
+
+
+def _row(batch: Batch, index: int) -> Batch:
+    keep = int(batch.attention_mask[index].sum())
+    return Batch(
+        batch.input_ids[index : index + 1, :keep],
+        batch.attention_mask[index : index + 1, :keep],
+        batch.labels[index : index + 1, :keep],
+    )
+
+
+# --------------------------------------------------------------------------- brute force
+
+
+def reference_gradient(model: nn.Module, blocks: list[GradientBlock], example: Batch) -> torch.Tensor:
+    """The raw flattened gradient [D] of one example's loss: one plain backward, no tricks."""
+    if example.size != 1:
+        raise GradientError("reference_gradient takes a batch of one example")
+    parameters = [block.parameter for block in blocks]
+    loss = example_losses(model, example)[0]
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    flat = [
+        torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float()
+        for p, g in zip(parameters, grads, strict=True)
+    ]
+    return torch.cat(flat)
+
+
+def normalize_flat(flat: torch.Tensor, blocks: list[GradientBlock], normalize: str) -> torch.Tensor:
+    """Layer-wise normalisation of flattened gradients [batch, D] (reference path)."""
+    if normalize == "none":
+        return flat.clone()
+    pieces = []
+    for block in blocks:
+        piece = flat[:, block.offset : block.offset + block.numel]
+        norms = piece.norm(dim=1, keepdim=True)
+        pieces.append(piece / torch.where(norms > 0, norms, torch.ones_like(norms)))
+    return torch.cat(pieces, dim=1)

@@ -1,0 +1,151 @@
+"""Load a causal LM (and optional PEFT LoRA adapter), pick the parameters to attribute, fingerprint both."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelError(ValueError):
+    """The model, adapter, dtype or parameter selection cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model to attribute, and how to run it."""
+
+    model: str
+    """Local folder or hub id of a Hugging Face causal LM."""
+    adapter: str | None = None
+    """Folder of a PEFT LoRA adapter; its trainable tensors become the attributed parameters."""
+    dtype: str = "float32"
+    """Weights dtype: float32, float16 or bfloat16 (gradients are always accumulated in float32)."""
+    params: str | None = None
+    """Regular expression (re.search on parameter names) that narrows the attributed parameters."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ModelError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.params is not None:
+            try:
+                re.compile(self.params)
+            except re.error as error:
+                raise ModelError(f"--params {self.params!r} is not a valid regular expression: {error}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    model_fingerprint: str
+    adapter_fingerprint: str | None
+    tokenizer_fingerprint: str
+
+
+def load_model(settings: ModelSettings, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load model + tokenizer, in eval mode (no dropout) with gradients enabled on the selected parameters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=DTYPES[settings.dtype])
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {settings.model!r}: {error}") from error
+    model_fingerprint = fingerprint_module(model)
+    adapter_fingerprint = None
+    if settings.adapter:
+        model = _attach_adapter(model, settings.adapter)
+        adapter_fingerprint = fingerprint_adapter(model)
+    if tokenizer.pad_token_id is None:
+        # Padding positions never reach the loss (labels are -100 there), so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    model.to(device)
+    return LoadedModel(model, tokenizer, model_fingerprint, adapter_fingerprint, fingerprint_tokenizer(tokenizer))
+
+
+def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelError("--adapter needs the peft package: pip install 'rapidin-index[peft]'") from None
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ModelError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+
+
+def select_parameters(model: nn.Module, settings: ModelSettings) -> list[tuple[str, nn.Parameter]]:
+    """The attributed parameters, in model order; every other parameter is frozen.
+
+    With an adapter: its trainable tensors (lora_A, lora_B, modules_to_save). Without: every parameter.
+    ``settings.params`` narrows either set. Tied parameters appear once.
+    """
+    if settings.adapter:
+        candidates = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    else:
+        candidates = list(model.named_parameters())
+    if settings.params:
+        pattern = re.compile(settings.params)
+        candidates = [(name, p) for name, p in candidates if pattern.search(name)]
+    if not candidates:
+        names = [name for name, _ in model.named_parameters()][:8]
+        raise ModelError(f"--params {settings.params!r} selects no parameter; names look like: {names}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for _, parameter in candidates:
+        parameter.requires_grad_(True)
+    return candidates
+
+
+def _hash_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_module(model: nn.Module) -> str:
+    """sha256 over every weight (names, dtypes, shapes, bytes) and the config: changes when any weight does."""
+    named = list(model.state_dict().items())
+    config = getattr(model, "config", None)
+    config_dict = config.to_diff_dict() if config is not None else {}
+    config_dict.pop("transformers_version", None)  # a library upgrade does not change the model
+    config_json = json.dumps(config_dict, sort_keys=True, default=str)
+    return hashlib.sha256((_hash_tensors(named) + config_json).encode()).hexdigest()
+
+
+def fingerprint_adapter(model: nn.Module) -> str:
+    """sha256 over the adapter's tensors and its config."""
+    adapter_tensors = [(name, p) for name, p in model.named_parameters() if "lora_" in name or p.requires_grad]
+    configs = getattr(model, "peft_config", {})
+    config_json = json.dumps({k: v.to_dict() for k, v in configs.items()}, sort_keys=True, default=str)
+    return hashlib.sha256((_hash_tensors(adapter_tensors) + config_json).encode()).hexdigest()
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """sha256 over the full tokenizer definition, its special tokens and its chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps(
+        {
+            "special": tokenizer.special_tokens_map,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "class": type(tokenizer).__name__,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256((definition + extra).encode()).hexdigest()
