@@ -117,7 +117,11 @@ def _module_kind(module: nn.Module, parameter_name: str, parameter: nn.Parameter
         return "conv1d"
     if isinstance(module, nn.Embedding) and parameter_name == "weight":
         return "embedding"
-    if "norm" in type(module).__name__.lower() and parameter.dim() == 1 and parameter_name in ("weight", "bias"):
+    if (
+        "norm" in type(module).__name__.lower()
+        and parameter.dim() == 1
+        and parameter_name in ("weight", "bias")
+    ):
         return "norm"
     return None
 
@@ -171,8 +175,12 @@ def _norm_direction(module: nn.Module, call: _Call) -> torch.Tensor:
     if getattr(module, "bias", None) is not None:
         overrides["bias"] = torch.zeros_like(module.bias)
     with torch.no_grad():
-        ones = functional_call(module, {**overrides, "weight": torch.ones_like(weight)}, call.args, call.kwargs)
-        zeros = functional_call(module, {**overrides, "weight": torch.zeros_like(weight)}, call.args, call.kwargs)
+        ones = functional_call(
+            module, {**overrides, "weight": torch.ones_like(weight)}, call.args, call.kwargs
+        )
+        zeros = functional_call(
+            module, {**overrides, "weight": torch.zeros_like(weight)}, call.args, call.kwargs
+        )
     batch_size = call.output_grad.shape[0]
     return _flat_tokens(ones - zeros, batch_size)
 
@@ -224,7 +232,9 @@ class GradientCapture:
             # Shared across the batch (GPT-2's position embeddings): give every example its own copy so
             # that its gradient is not summed over the batch. Broadcasting downstream is unchanged.
             output = output.expand(self.batch_size, *output.shape[1:])
-            args = tuple(a.expand(self.batch_size, *a.shape[1:]) if isinstance(a, torch.Tensor) else a for a in args)
+            args = tuple(
+                a.expand(self.batch_size, *a.shape[1:]) if isinstance(a, torch.Tensor) else a for a in args
+            )
         call = _Call(args, kwargs)
 
         def keep_grad(grad: torch.Tensor) -> None:
@@ -245,7 +255,9 @@ class GradientCapture:
                 if call.output_grad is None:
                     continue  # this call's output did not reach the loss
                 if call.output_grad.shape[0] != batch_size:
-                    raise GradientError(f"{block.name}: module folds the batch axis; use the per-example loop")
+                    raise GradientError(
+                        f"{block.name}: module folds the batch axis; use the per-example loop"
+                    )
                 total += _owner_gradient(owner, call, batch_size).reshape(batch_size, -1)
         return total
 
@@ -267,7 +279,9 @@ class GradientSketcher:
     ``projector`` is a :mod:`rapidin_index.sketch` projector (RapidGrad, or exact for K = 0).
     """
 
-    def __init__(self, model: nn.Module, blocks: list[GradientBlock], projector, normalize: str = "layer") -> None:
+    def __init__(
+        self, model: nn.Module, blocks: list[GradientBlock], projector, normalize: str = "layer"
+    ) -> None:
         if normalize not in NORMALIZATIONS:
             raise GradientError(f"--normalize {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         self.model = model
@@ -301,7 +315,9 @@ class GradientSketcher:
         return state.result()
 
     def _sketch_one_by_one(self, batch: Batch) -> SketchedBatch:
-        raw = torch.stack([reference_gradient(self.model, self.blocks, _row(batch, i)) for i in range(batch.size)])
+        raw = torch.stack(
+            [reference_gradient(self.model, self.blocks, _row(batch, i)) for i in range(batch.size)]
+        )
         with torch.no_grad():
             losses = example_losses(self.model, batch)
         state = _SketchState(self.projector, batch.size, losses)

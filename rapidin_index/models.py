@@ -38,7 +38,9 @@ class ModelSettings:
             try:
                 re.compile(self.params)
             except re.error as error:
-                raise ModelError(f"--params {self.params!r} is not a valid regular expression: {error}") from None
+                raise ModelError(
+                    f"--params {self.params!r} is not a valid regular expression: {error}"
+                ) from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +58,9 @@ class LoadedModel:
 def load_model(settings: ModelSettings, device: torch.device | str = "cpu") -> LoadedModel:
     """Load model + tokenizer, in eval mode (no dropout) with gradients enabled on the selected parameters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # our own progress bar covers the long work
     try:
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=DTYPES[settings.dtype])
@@ -72,7 +76,9 @@ def load_model(settings: ModelSettings, device: torch.device | str = "cpu") -> L
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.to(device)
-    return LoadedModel(model, tokenizer, model_fingerprint, adapter_fingerprint, fingerprint_tokenizer(tokenizer))
+    return LoadedModel(
+        model, tokenizer, model_fingerprint, adapter_fingerprint, fingerprint_tokenizer(tokenizer)
+    )
 
 
 def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
@@ -129,7 +135,9 @@ def fingerprint_module(model: nn.Module) -> str:
 
 def fingerprint_adapter(model: nn.Module) -> str:
     """sha256 over the adapter's tensors and its config."""
-    adapter_tensors = [(name, p) for name, p in model.named_parameters() if "lora_" in name or p.requires_grad]
+    adapter_tensors = [
+        (name, p) for name, p in model.named_parameters() if "lora_" in name or p.requires_grad
+    ]
     configs = getattr(model, "peft_config", {})
     config_json = json.dumps({k: v.to_dict() for k, v in configs.items()}, sort_keys=True, default=str)
     return hashlib.sha256((_hash_tensors(adapter_tensors) + config_json).encode()).hexdigest()
@@ -138,7 +146,9 @@ def fingerprint_adapter(model: nn.Module) -> str:
 def fingerprint_tokenizer(tokenizer) -> str:
     """sha256 over the full tokenizer definition, its special tokens and its chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    definition = (
+        backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    )
     extra = json.dumps(
         {
             "special": tokenizer.special_tokens_map,

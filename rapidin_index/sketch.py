@@ -86,7 +86,9 @@ def prime_factors(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ShuffleStep:
-    axis: str  # "row": permute rows of [divisor, D/divisor]; "column": permute columns of [D/divisor, divisor]
+    axis: (
+        str  # "row": permute rows of [divisor, D/divisor]; "column": permute columns of [D/divisor, divisor]
+    )
     divisor: int
     permutation: np.ndarray  # new index -> old index, as in ``x[permutation]``
 

@@ -45,7 +45,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2000):
     return tokenizer
 
 
-def make_tiny_model(architecture: str, vocab_size: int, hidden_size: int = 32, layers: int = 2, seed: int = 0):
+def make_tiny_model(
+    architecture: str, vocab_size: int, hidden_size: int = 32, layers: int = 2, seed: int = 0
+):
     """A randomly initialised 'llama' or 'gpt2' causal LM with a few thousand parameters a layer."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -82,7 +84,9 @@ def make_tiny_model(architecture: str, vocab_size: int, hidden_size: int = 32, l
     raise ValueError(f"unknown tiny architecture {architecture!r}: use 'llama' or 'gpt2'")
 
 
-def save_tiny_model(folder: str | Path, architecture: str, texts: list[str], vocab_size: int = 2000, **kwargs) -> Path:
+def save_tiny_model(
+    folder: str | Path, architecture: str, texts: list[str], vocab_size: int = 2000, **kwargs
+) -> Path:
     """Train a tokenizer on ``texts``, build a tiny model, save both to ``folder`` (a local model path)."""
     folder = Path(folder)
     tokenizer = train_tokenizer(texts, vocab_size)
@@ -92,7 +96,9 @@ def save_tiny_model(folder: str | Path, architecture: str, texts: list[str], voc
     return folder
 
 
-def save_lora_adapter(model_folder: str | Path, adapter_folder: str | Path, rank: int = 4, seed: int = 0) -> Path:
+def save_lora_adapter(
+    model_folder: str | Path, adapter_folder: str | Path, rank: int = 4, seed: int = 0
+) -> Path:
     """A LoRA adapter on the attention and MLP projections, with random (non-zero) A and B."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

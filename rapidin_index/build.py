@@ -1,0 +1,497 @@
+"""The caching stage: training rows -> sketched gradients in FAISS + text in LanceDB, resumable.
+
+Layout of an index folder::
+
+    manifest.json               written last, atomically: the commit point
+    vectors-gNNNN.faiss         FAISS IndexIDMap2(IndexFlatIP), ids = training example ids
+    metadata/rows_gNNNN.lance   LanceDB table, one row per indexed example
+    rejected-gNNNN.jsonl        rows that could not be indexed: {id, reason}
+    .build/                     journal of an unfinished build (chunk files), removed when done
+
+A build works through the rows in chunks of ``chunk_size`` ids. Each finished chunk is written to the
+journal atomically (vectors first, then a JSON record holding their checksum), so a build killed at any
+moment restarts at the first unfinished chunk. Finalising writes a new generation of every file and then
+the manifest; a crash before the manifest leaves the previous generation (or nothing) in force.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rapidin_index import index as vector_index
+from rapidin_index import metadata
+from rapidin_index.data import Example, RejectedRow, Template, load_examples, parse_template
+from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
+from rapidin_index.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    atomic_write_bytes,
+    atomic_write_json,
+    differences,
+    read_manifest,
+    sha256_file,
+    sha256_tree,
+    tree_bytes,
+    write_manifest,
+)
+from rapidin_index.models import LoadedModel, ModelSettings, load_model, select_parameters
+from rapidin_index.parallel import resolve_device
+from rapidin_index.progress import RowProgress
+from rapidin_index.sketch import SketchSettings, make_projector, padded_dim
+
+JOURNAL_DIR = ".build"
+# Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
+CRASH_AFTER_VECTORS_ENV = "RAPIDIN_INDEX_CRASH_AFTER_VECTORS"
+
+
+class BuildError(RuntimeError):
+    """The build cannot proceed as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How to turn training rows into index entries."""
+
+    model: ModelSettings
+    sketch: SketchSettings = field(default_factory=SketchSettings)
+    normalize: str = "layer"
+    """Per-tensor gradient normalisation: 'layer' (RapidIn) or 'none' (plain TracIn)."""
+    template: str = "auto"
+    """Prompt template: auto, alpaca, completion, chat, plain, or a format string over the row's fields."""
+    response_field: str | None = None
+    """Field holding the response when the template cannot tell (custom templates)."""
+    max_length: int | None = 1024
+    """Sequences are truncated to this many tokens (counted in the build report)."""
+    batch_size: int = 8
+    device: str = "auto"
+    strict: bool = False
+    """Fail on the first malformed row instead of reporting it and indexing the rest."""
+    chunk_size: int = 256
+    """Rows per journal chunk: the unit of resumption."""
+
+
+@dataclass
+class BuildReport:
+    index_dir: str
+    rows_indexed: int = 0
+    rows_rejected: int = 0
+    rejected: list[RejectedRow] = field(default_factory=list)
+    tokens: int = 0
+    truncated: int = 0
+    gradient_dim: int = 0
+    sketch_dim: int = 0
+    bytes_on_disk: int = 0
+    elapsed_seconds: float = 0.0
+    resumed_chunks: int = 0
+    nothing_to_do: bool = False
+    message: str = ""
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.gradient_dim / self.sketch_dim if self.sketch_dim else 1.0
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, template: Template) -> dict:
+    """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
+    blocks = gradient_blocks(selected)
+    dim = gradient_dim(blocks)
+    sketch = settings.sketch.to_dict()
+    output_dim = dim if settings.sketch.exact else settings.sketch.sketch_dim
+    padded = dim if settings.sketch.exact else padded_dim(dim, settings.sketch.sketch_dim)
+    sketch.update(gradient_dim=dim, padded_dim=padded, output_dim=output_dim)
+    return {
+        "model": {"fingerprint": loaded.model_fingerprint, "dtype": settings.model.dtype},
+        "adapter": None if settings.model.adapter is None else {"fingerprint": loaded.adapter_fingerprint},
+        "tokenizer": {"fingerprint": loaded.tokenizer_fingerprint},
+        "template": template.to_dict(),
+        "max_length": settings.max_length,
+        "parameters": {
+            "regex": settings.model.params,
+            "names": [name for name, _ in selected],
+            "shapes": [list(p.shape) for _, p in selected],
+            "gradient_dim": dim,
+        },
+        "normalize": settings.normalize,
+        "sketch": sketch,
+    }
+
+
+def manifest_identity(manifest: Manifest) -> dict:
+    return {
+        "model": {"fingerprint": manifest.model["fingerprint"], "dtype": manifest.model["dtype"]},
+        "adapter": None if manifest.adapter is None else {"fingerprint": manifest.adapter["fingerprint"]},
+        "tokenizer": {"fingerprint": manifest.tokenizer["fingerprint"]},
+        "template": manifest.template,
+        "max_length": manifest.max_length,
+        "parameters": manifest.parameters,
+        "normalize": manifest.normalize,
+        "sketch": manifest.sketch,
+    }
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_index(
+    data: str | Path,
+    index_dir: str | Path,
+    settings: BuildSettings,
+    append: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Index every row of ``data`` into ``index_dir`` (or, with ``append``, add them to the index there)."""
+    started = time.perf_counter()
+    data, index_dir = Path(data), Path(index_dir)
+    if not data.exists():
+        raise BuildError(f"data file {data} does not exist")
+    existing = _existing_manifest(index_dir)
+    if append and existing is None:
+        raise BuildError(f"--append needs a finished index in {index_dir}; build one first with --data")
+    device = resolve_device(settings.device)
+    loaded = load_model(settings.model, device)
+    selected = select_parameters(loaded.model, settings.model)
+    template = parse_template(settings.template, settings.response_field)
+    identity = index_identity(loaded, settings, selected, template)
+    data_sha256 = sha256_file(data)
+    report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"])
+    report.sketch_dim = identity["sketch"]["output_dim"]
+
+    if existing is not None:
+        done = _check_existing(existing, identity, data_sha256, append, index_dir)
+        if done:
+            shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)
+            return _finished_report(report, existing, started, done)
+    plan = {
+        "kind": "append" if append else "build",
+        "data_path": str(data.resolve()),
+        "data_sha256": data_sha256,
+        "identity": identity,
+        "id_offset": existing.total_rows_seen if append else 0,
+        "base_generation": existing.generation if existing else 0,
+        "chunk_size": settings.chunk_size,
+    }
+    journal = _open_journal(index_dir, plan)
+    examples, rejected = load_examples(data, loaded.tokenizer, template, settings.max_length)
+    if settings.strict and rejected:
+        first = rejected[0]
+        raise BuildError(
+            f"row {first.example_id + plan['id_offset']}: {first.reason} (--strict; {len(rejected)} bad rows)"
+        )
+    total_rows = len(examples) + len(rejected)
+    sketcher = GradientSketcher(
+        loaded.model,
+        gradient_blocks(selected),
+        make_projector(settings.sketch, report.gradient_dim, device),
+        settings.normalize,
+    )
+    by_chunk = _group_by_chunk(examples, rejected, settings.chunk_size, total_rows)
+    with RowProgress(total_rows, enabled=progress) as bar:
+        for chunk_number, (chunk_examples, chunk_rejected) in enumerate(by_chunk):
+            if _chunk_complete(journal, chunk_number):
+                report.resumed_chunks += 1
+                bar.advance(len(chunk_examples) + len(chunk_rejected), 0)
+                continue
+            record, vectors = _compute_chunk(
+                sketcher,
+                loaded.tokenizer,
+                chunk_examples,
+                chunk_rejected,
+                plan["id_offset"],
+                settings,
+                device,
+                bar,
+            )
+            _write_chunk(journal, chunk_number, record, vectors)
+    manifest = _finalize(index_dir, journal, plan, existing, settings, total_rows, data)
+    return _finished_report(report, manifest, started, "")
+
+
+def _existing_manifest(index_dir: Path) -> Manifest | None:
+    if not (index_dir / MANIFEST_NAME).exists():
+        return None
+    return read_manifest(index_dir)
+
+
+def _check_existing(
+    existing: Manifest, identity: dict, data_sha256: str, append: bool, index_dir: Path
+) -> str:
+    """'' to go on; a message when there is nothing to do; raises when the request conflicts."""
+    changed = differences(manifest_identity(existing), identity)
+    if changed:
+        verb = "append to" if append else "rebuild"
+        raise BuildError(
+            f"cannot {verb} {index_dir}: it was built with other settings:\n  "
+            + "\n  ".join(changed)
+            + "\nUse the index's settings (rapidin-index info), or a new --index folder."
+        )
+    seen = {source["sha256"] for source in existing.sources}
+    if data_sha256 in seen:
+        return f"{index_dir} already holds every row of this data file; nothing to do"
+    if not append:
+        raise BuildError(
+            f"{index_dir} already holds an index built from other data; use --append FILE to add rows, "
+            "or a new --index folder"
+        )
+    return ""
+
+
+def _finished_report(report: BuildReport, manifest: Manifest, started: float, message: str) -> BuildReport:
+    report.nothing_to_do = bool(message)
+    report.message = message
+    report.rows_indexed = manifest.row_count
+    report.rows_rejected = manifest.rejected_count
+    report.rejected = read_rejected(report.index_dir, manifest)
+    report.tokens = manifest.token_count
+    report.truncated = manifest.truncated_count
+    report.bytes_on_disk = sum(item["bytes"] for item in manifest.files.values()) + len(
+        json.dumps(manifest.to_dict())
+    )
+    report.elapsed_seconds = time.perf_counter() - started
+    return report
+
+
+def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow]:
+    path = Path(index_dir) / rejected_file(manifest.generation)
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [RejectedRow(example_id=row["id"], reason=row["reason"]) for row in rows]
+
+
+def rejected_file(generation: int) -> str:
+    return f"rejected-g{generation:04d}.jsonl"
+
+
+# --------------------------------------------------------------------------- journal
+
+
+def _open_journal(index_dir: Path, plan: dict) -> Path:
+    """The journal folder of this build; an unfinished build with a different plan is not mixed in."""
+    journal = index_dir / JOURNAL_DIR
+    plan_path = journal / "plan.json"
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        changed = differences(previous, plan)
+        if changed:
+            raise BuildError(
+                f"{journal} holds an unfinished build with other arguments:\n  "
+                + "\n  ".join(changed)
+                + f"\nRerun with the original arguments to finish it, or delete {journal} to start over."
+            )
+        return journal
+    journal.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_path, plan)
+    return journal
+
+
+def _chunk_paths(journal: Path, chunk_number: int) -> tuple[Path, Path]:
+    stem = journal / f"chunk-{chunk_number:06d}"
+    return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+
+def _chunk_complete(journal: Path, chunk_number: int) -> bool:
+    vectors_path, record_path = _chunk_paths(journal, chunk_number)
+    if not record_path.exists() or not vectors_path.exists():
+        return False
+    record = json.loads(record_path.read_text())
+    return record["vectors_sha256"] == sha256_file(vectors_path)
+
+
+def _write_chunk(journal: Path, chunk_number: int, record: dict, vectors: np.ndarray) -> None:
+    """Vectors first, then the record naming their checksum: the record's presence marks completion."""
+    vectors_path, record_path = _chunk_paths(journal, chunk_number)
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    atomic_write_bytes(vectors_path, buffer.getvalue())
+    if os.environ.get(CRASH_AFTER_VECTORS_ENV) == str(chunk_number):
+        os.kill(os.getpid(), signal.SIGKILL)
+    record["vectors_sha256"] = sha256_file(vectors_path)
+    atomic_write_json(record_path, record)
+
+
+def _read_chunk(journal: Path, chunk_number: int) -> tuple[dict, np.ndarray]:
+    vectors_path, record_path = _chunk_paths(journal, chunk_number)
+    return json.loads(record_path.read_text()), np.load(vectors_path, allow_pickle=False)
+
+
+def _group_by_chunk(examples: list[Example], rejected: list[RejectedRow], chunk_size: int, total_rows: int):
+    chunk_count = -(-total_rows // chunk_size)
+    groups = [([], []) for _ in range(chunk_count)]
+    for example in examples:
+        groups[example.example_id // chunk_size][0].append(example)
+    for row in rejected:
+        groups[row.example_id // chunk_size][1].append(row)
+    return groups
+
+
+# --------------------------------------------------------------------------- gradients of one chunk
+
+
+def _compute_chunk(
+    sketcher, tokenizer, examples, rejected, id_offset, settings, device, bar
+) -> tuple[dict, np.ndarray]:
+    """Sketch every example of a chunk; rows whose gradient is not finite join the rejected ones."""
+    results: dict[int, tuple[np.ndarray, dict]] = {}
+    rejected = [{"id": row.example_id + id_offset, "reason": row.reason} for row in rejected]
+    bar.advance(len(rejected), 0)
+    ordered = sorted(examples, key=lambda example: len(example.input_ids), reverse=True)  # less padding
+    for start in range(0, len(ordered), settings.batch_size):
+        batch_examples = ordered[start : start + settings.batch_size]
+        batch = collate([(e.input_ids, e.labels) for e in batch_examples], tokenizer.pad_token_id, device)
+        sketched = sketcher.sketch(batch)
+        vectors = sketched.vectors.cpu().numpy()
+        for row, example in enumerate(batch_examples):
+            example_id = example.example_id + id_offset
+            if not bool(sketched.finite[row]):
+                reason = "non-finite gradient (NaN or inf); try --dtype float32"
+                rejected.append({"id": example_id, "reason": reason})
+                continue
+            results[example_id] = (vectors[row], _metadata_row(example, example_id, sketched, row))
+        bar.advance(len(batch_examples), sum(len(e.input_ids) for e in batch_examples))
+    ids = sorted(results)
+    dimension = sketcher.projector.output_dim
+    stacked = np.stack([results[i][0] for i in ids]) if ids else np.zeros((0, dimension), np.float32)
+    record = {
+        "ids": ids,
+        "rows": [results[i][1] for i in ids],
+        "rejected": sorted(rejected, key=lambda row: row["id"]),
+        "tokens": sum(results[i][1]["num_tokens"] for i in ids),
+        "truncated": sum(results[i][1]["truncated"] for i in ids),
+    }
+    return record, stacked.astype(np.float32)
+
+
+def _metadata_row(example: Example, example_id: int, sketched, row: int) -> dict:
+    return {
+        "id": example_id,
+        "source": json.dumps(example.source, ensure_ascii=False, sort_keys=True),
+        "prompt": example.prompt,
+        "response": example.response,
+        "num_tokens": len(example.input_ids),
+        "num_response_tokens": example.num_response_tokens,
+        "truncated": example.truncated,
+        "loss": float(sketched.losses[row]),
+        "gradient_norm": float(sketched.gradient_norms[row]),
+        "content_hash": example.content_hash,
+    }
+
+
+# --------------------------------------------------------------------------- finalise
+
+
+def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) -> Manifest:
+    """Write generation N+1 of every file from the previous generation plus the journal, then the manifest."""
+    generation = plan["base_generation"] + 1
+    identity = plan["identity"]
+    chunk_count = -(-total_rows // settings.chunk_size)
+    faiss_index = vector_index.new_index(identity["sketch"]["output_dim"])
+    old_rows: list[dict] = []
+    rejected: list[dict] = []
+    counts = {"tokens": 0, "truncated": 0}
+    if existing is not None:
+        ids, vectors = vector_index.stored_vectors(
+            vector_index.load_index(index_dir / vector_index.vector_file(existing.generation))
+        )
+        vector_index.add_vectors(faiss_index, vectors, ids)
+        old_rows = metadata.read_all(index_dir, existing.generation)
+        rejected = [
+            {"id": row.example_id, "reason": row.reason} for row in read_rejected(index_dir, existing)
+        ]
+        counts = {"tokens": existing.token_count, "truncated": existing.truncated_count}
+
+    def row_batches():
+        yield old_rows
+        for chunk_number in range(chunk_count):
+            record, vectors = _read_chunk(journal, chunk_number)
+            vector_index.add_vectors(faiss_index, vectors, np.asarray(record["ids"], dtype=np.int64))
+            rejected.extend(record["rejected"])
+            counts["tokens"] += record["tokens"]
+            counts["truncated"] += record["truncated"]
+            yield record["rows"]
+
+    metadata.write_table(index_dir, generation, row_batches())
+    vector_path = index_dir / vector_index.vector_file(generation)
+    vector_index.save_index(faiss_index, vector_path)
+    rejected_path = index_dir / rejected_file(generation)
+    atomic_write_bytes(rejected_path, "".join(json.dumps(row) + "\n" for row in rejected).encode())
+    manifest = _new_manifest(existing, plan, settings, generation, data, total_rows)
+    manifest.row_count = faiss_index.ntotal
+    manifest.rejected_count = len(rejected)
+    manifest.token_count = counts["tokens"]
+    manifest.truncated_count = counts["truncated"]
+    manifest.files = _file_checksums(index_dir, generation)
+    write_manifest(index_dir, manifest)
+    _remove_other_generations(index_dir, generation)
+    shutil.rmtree(journal, ignore_errors=True)
+    return manifest
+
+
+def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Manifest:
+    identity = plan["identity"]
+    source = {
+        "path": str(data),
+        "sha256": plan["data_sha256"],
+        "id_offset": plan["id_offset"],
+        "rows": total_rows,
+    }
+    manifest = Manifest(
+        model={"name_or_path": settings.model.model, **identity["model"]},
+        adapter=None
+        if identity["adapter"] is None
+        else {"path": settings.model.adapter, **identity["adapter"]},
+        tokenizer=identity["tokenizer"],
+        template=identity["template"],
+        max_length=identity["max_length"],
+        parameters=identity["parameters"],
+        normalize=identity["normalize"],
+        sketch=identity["sketch"],
+        vector_dtype="float32",
+        generation=generation,
+        sources=([*existing.sources] if existing else []) + [source],
+    )
+    if existing is not None:
+        manifest.created_at = existing.created_at
+    return manifest
+
+
+def _file_checksums(index_dir: Path, generation: int) -> dict:
+    files = {}
+    for relative in (vector_index.vector_file(generation), rejected_file(generation)):
+        files[relative] = {
+            "sha256": sha256_file(index_dir / relative),
+            "bytes": tree_bytes(index_dir / relative),
+        }
+    table = metadata.table_path(index_dir, generation)
+    files[table.relative_to(index_dir).as_posix()] = {
+        "sha256": sha256_tree(table),
+        "bytes": tree_bytes(table),
+    }
+    return files
+
+
+def _remove_other_generations(index_dir: Path, generation: int) -> None:
+    keep = {vector_index.vector_file(generation), rejected_file(generation)}
+    for path in index_dir.glob("*-g[0-9][0-9][0-9][0-9].*"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+    metadata.drop_other_tables(index_dir, generation)
+
+
+def load_index_manifest(index_dir: str | Path) -> Manifest:
+    try:
+        return read_manifest(index_dir)
+    except ManifestError as error:
+        raise BuildError(str(error)) from None

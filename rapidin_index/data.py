@@ -1,0 +1,442 @@
+"""Training rows -> tokenized examples whose loss covers the response tokens only.
+
+Pipeline: `read_rows` (JSONL / JSON / Parquet / CSV, one id per row in file order) -> `render_row`
+(prompt template -> prompt and response strings) -> `tokenize_example` (token ids plus labels with
+-100 on the prompt) -> `Example`. A row that cannot be used becomes a `RejectedRow` with its id and a
+reason; no row is ever dropped silently.
+
+Chat rows (`messages`) put the loss on the final assistant turn only: every earlier turn, including
+earlier assistant turns, is part of the prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import string
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # the `model(labels=...)` convention for "no loss here"
+TEMPLATE_NAMES = ("auto", "alpaca", "completion", "chat", "plain", "custom")
+RESPONSE_FIELDS = ("output", "completion", "response", "answer")
+COMPLETION_RESPONSE_FIELDS = ("completion", "response", "output")
+# What `auto` looks for, in order: the first field present decides the template.
+AUTO_TEMPLATE_BY_FIELD = {
+    "messages": "chat",
+    "instruction": "alpaca",
+    "prompt": "completion",
+    "text": "plain",
+}
+
+# The two Stanford Alpaca prompts, verbatim, so that models fine-tuned with them are scored on the
+# exact text they were trained on.
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataError(ValueError):
+    """A problem with the whole input (missing file, unknown format, bad --template, tokenizer)."""
+
+
+class RowError(ValueError):
+    """A problem with one row; the message is the human-readable reason it was rejected."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """How rows become (prompt, response) text; recorded in the index manifest."""
+
+    name: str
+    """One of auto, alpaca, completion, chat, plain, custom."""
+    format_string: str | None = None
+    """For `custom`: a str.format string over the row's fields that renders the prompt."""
+    response_field: str | None = None
+    """The field holding the response; None picks the usual one for the template."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Template:
+        name = d.get("name")
+        if name not in TEMPLATE_NAMES:
+            raise DataError(f"unknown template name {name!r}; expected one of {', '.join(TEMPLATE_NAMES)}")
+        template = cls(name, d.get("format_string"), d.get("response_field"))
+        if name == "custom":
+            _check_format_string(template.format_string)
+        return template
+
+
+def parse_template(spec: str, response_field: str | None = None) -> Template:
+    """'auto'|'alpaca'|'completion'|'chat'|'plain', or any string containing '{' (a custom prompt format)."""
+    if "{" in spec:
+        _check_format_string(spec)
+        return Template("custom", spec, response_field)
+    name = spec.strip().lower()
+    if name in TEMPLATE_NAMES and name != "custom":
+        return Template(name, None, response_field)
+    raise DataError(
+        f"unknown --template {spec!r}; choose one of auto, alpaca, completion, chat, plain, "
+        "or give a prompt format string with {field} placeholders, e.g. '{question}\\nAnswer: '"
+    )
+
+
+def _check_format_string(format_string: str | None) -> None:
+    """Reject format strings that cannot be filled from a row, once, instead of on every row."""
+    if not format_string:
+        raise DataError("the custom template needs a format string such as '{question}\\nAnswer: '")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(format_string) if field is not None]
+    except ValueError as error:
+        raise DataError(f"bad --template format string {format_string!r}: {error}") from error
+    if any(field == "" or field[0].isdigit() for field in fields):
+        raise DataError(
+            f"--template {format_string!r} uses positional fields; name them, e.g. '{{question}}'"
+        )
+
+
+def content_hash(row: dict) -> str:
+    """sha256 hex of the row's canonical JSON, so an index can tell when a row's content changed."""
+    canonical = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Example:
+    """One tokenized training row."""
+
+    example_id: int
+    """0-based position of the row in the input file (malformed rows count too)."""
+    input_ids: list[int]
+    labels: list[int]
+    """Same length as input_ids; -100 where there is no loss (prompt tokens), unshifted."""
+    prompt: str
+    response: str
+    source: dict
+    """The original row."""
+    truncated: bool
+    """True if the sequence was cut at max_length."""
+    content_hash: str
+    template_name: str = ""
+    """The concrete template the row was rendered with (what `auto` resolved to)."""
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+@dataclass
+class RejectedRow:
+    example_id: int
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield (example_id, row, error) for every row in file order; exactly one of row / error is None.
+
+    .jsonl/.ndjson: one object per line, blank lines skipped without taking an id. .json: a list of
+    objects or {"data": [...]}. .parquet: via pyarrow. .csv: all values strings. In Parquet and CSV a
+    null or empty cell counts as a missing field, since those formats cannot tell the two apart.
+    """
+    path = Path(path)
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json}
+    readers |= {".parquet": _read_parquet, ".csv": _read_csv}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"cannot read {path}: unknown extension; use one of {', '.join(sorted(readers))}")
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    return reader(path)  # errors above surface at call time; rows stream lazily
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    example_id = 0
+    with path.open("rb") as file:  # bytes, so one bad UTF-8 line rejects that row, not the file
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)  # decodes the bytes itself, BOM included
+            except ValueError as error:  # bad JSON or bad UTF-8
+                yield example_id, None, f"line {line_number}: not valid JSON: {error}"
+            else:
+                yield example_id, *_expect_object(row, f"line {line_number}")
+            example_id += 1
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON: {error}") from error
+    if isinstance(document, dict) and isinstance(document.get("data"), list):
+        document = document["data"]
+    if not isinstance(document, list):
+        raise DataError(f'{path} must hold a list of row objects or {{"data": [...]}}')
+    for example_id, item in enumerate(document):
+        yield example_id, *_expect_object(item, f"item {example_id}")
+
+
+def _expect_object(value: Any, where: str) -> tuple[dict | None, str | None]:
+    if isinstance(value, dict):
+        return value, None
+    return None, f"{where}: expected a JSON object, got {type(value).__name__}"
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    import pyarrow.parquet as parquet  # only needed for this format
+
+    example_id = 0
+    for batch in parquet.ParquetFile(path).iter_batches():
+        for record in batch.to_pylist():
+            row = {key: value for key, value in record.items() if value is not None}
+            # Parquet cells may hold dates, decimals or bytes; `source` must stay JSON-serialisable.
+            yield example_id, json.loads(json.dumps(row, default=str)), None
+            example_id += 1
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long responses exceed the 128 KiB default
+    with path.open(newline="", encoding="utf-8-sig") as file:
+        reader = csv.DictReader(file)
+        try:
+            for example_id, record in enumerate(reader):
+                if None in record:  # DictReader files surplus cells under the key None
+                    yield example_id, None, f"line {reader.line_num}: more cells than the header has columns"
+                else:
+                    yield example_id, {key: value for key, value in record.items() if value}, None
+        except csv.Error as error:
+            raise DataError(f"{path}, line {reader.line_num}: {error}") from error
+
+
+# -------------------------------------------------------------------------------------------- rendering
+
+
+def detect_template(row: dict) -> str:
+    """The concrete template `auto` picks for a row."""
+    for field, name in AUTO_TEMPLATE_BY_FIELD.items():
+        if field in row:
+            return name
+    found = ", ".join(sorted(map(str, row))) or "none"
+    raise RowError(
+        f"cannot tell the template from the fields ({found}); expected 'messages', 'instruction' (+ 'output'), "
+        "'prompt' (+ 'completion'), or 'text'; or pass --template"
+    )
+
+
+def render_row(row: dict, tokenizer: PreTrainedTokenizerBase, template: Template) -> tuple[str, str]:
+    """(prompt, response) strings for one row; RowError with the reason when the row does not fit."""
+    name = detect_template(row) if template.name == "auto" else template.name
+    if name == "alpaca":
+        prompt = _alpaca_prompt(_text_field(row, "instruction", name), _optional_text(row, "input"))
+        response = _text_field(row, template.response_field or "output", name)
+    elif name == "completion":
+        prompt = _text_field(row, "prompt", name)
+        response = _response_text(row, template.response_field, COMPLETION_RESPONSE_FIELDS, name)
+    elif name == "chat":
+        if "messages" not in row:
+            raise RowError("missing field 'messages' for the chat template")
+        return _render_chat(row["messages"], tokenizer)
+    elif name == "plain":
+        prompt, response = "", _text_field(row, template.response_field or "text", name)
+    elif name == "custom":
+        prompt = _format_custom(row, template.format_string or "")
+        response = _response_text(row, template.response_field, RESPONSE_FIELDS, name)
+    else:
+        raise DataError(f"unknown template name {name!r}; expected one of {', '.join(TEMPLATE_NAMES)}")
+    _check_response(response)
+    return prompt, response
+
+
+def _alpaca_prompt(instruction: str, input_text: str) -> str:
+    # Stanford's rule: the with-input prompt whenever `input` is a non-empty string.
+    if input_text != "":
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _text_field(row: dict, field: str, template_name: str) -> str:
+    value = row.get(field)
+    if value is None:
+        raise RowError(f"missing field '{field}' for the {template_name} template")
+    if not isinstance(value, (str, int, float)):
+        raise RowError(f"field '{field}' must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _optional_text(row: dict, field: str) -> str:
+    return "" if row.get(field) is None else _text_field(row, field, "alpaca")
+
+
+def _response_text(
+    row: dict, response_field: str | None, candidates: tuple[str, ...], template_name: str
+) -> str:
+    if response_field is None:
+        response_field = next((field for field in candidates if row.get(field) is not None), None)
+    if response_field is None:
+        raise RowError(
+            f"missing response field for the {template_name} template; expected one of {', '.join(candidates)}"
+        )
+    return _text_field(row, response_field, template_name)
+
+
+def _check_response(response: str) -> None:
+    if not response.strip():
+        raise RowError("empty response")
+
+
+def _format_custom(row: dict, format_string: str) -> str:
+    try:
+        return format_string.format(**row)
+    except KeyError as error:
+        raise RowError(f"missing field {error} for the custom template {format_string!r}") from error
+    except (IndexError, ValueError, AttributeError, TypeError) as error:
+        raise RowError(f"cannot fill the custom template {format_string!r} from this row: {error}") from error
+
+
+def _render_chat(messages: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """Loss on the final assistant turn only: everything before it, rendered with the generation prompt,
+    is the prompt; the rest of the fully rendered conversation is the response."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise RowError("field 'messages' must be a list of {role, content} objects")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowError("the last message must have role 'assistant' (its content is the response scored)")
+    final_content = messages[-1].get("content")
+    if not isinstance(final_content, str):
+        raise RowError("the last assistant message must have text 'content'")
+    _check_response(final_content)
+    _require_chat_template(tokenizer)
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as error:  # jinja templates raise anything, e.g. on roles out of order
+        raise RowError(f"the chat template failed on this conversation: {error}") from error
+    response = full[len(prompt) :] if full.startswith(prompt) else final_content
+    return prompt, response
+
+
+def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise RowError(
+            "the tokenizer has no chat template; pass --template alpaca, completion or a format string"
+        )
+
+
+def render_query(
+    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, template: Template
+) -> tuple[str, str]:
+    """Render a user's query as training rows were rendered: alpaca treats `prompt` as the instruction,
+    chat as a single user message; auto, completion, plain and custom use it verbatim. An empty
+    response gives the rendered prompt alone (for generation)."""
+    if template.name == "alpaca":
+        return _alpaca_prompt(prompt, ""), response
+    if template.name == "chat":
+        if not response:
+            _require_chat_template(tokenizer)
+            user_turn = [{"role": "user", "content": prompt}]
+            return tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True), ""
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return _render_chat(messages, tokenizer)
+    return prompt, response
+
+
+# ------------------------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_example(
+    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None
+) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated). The two parts are tokenized separately so the prompt/response
+    boundary is exact; the response ends with EOS, which stays in the loss."""
+    _check_settings(tokenizer, max_length)
+    # Chat templates often write the BOS text themselves; adding another would double it.
+    bos_token = getattr(tokenizer, "bos_token", None)
+    add_special_tokens = not (bos_token and prompt.startswith(bos_token))
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+    response_ids = list(tokenizer(response, add_special_tokens=False).input_ids)
+    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # chat templates may have written it
+        response_ids.append(tokenizer.eos_token_id)
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    # Position 0 is never predicted (nothing precedes it); masking it keeps num_response_tokens honest.
+    labels[0] = IGNORE_INDEX
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        if truncated and len(prompt_ids) >= max_length:
+            relation = "longer than" if len(prompt_ids) > max_length else "as long as"
+            raise RowError(f"prompt alone is {len(prompt_ids)} tokens, {relation} --max-length {max_length}")
+        raise RowError(
+            f"no response token to score: the sequence has {len(input_ids)} token(s), the loss needs 2"
+        )
+    return input_ids, labels, truncated
+
+
+def _check_settings(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> None:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token before building")
+    if max_length is not None and max_length < 2:
+        raise DataError(
+            f"--max-length must be at least 2 (one token to predict from, one to predict), got {max_length}"
+        )
+
+
+def iter_examples(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, template: Template, max_length: int | None = None
+) -> Iterator[Example | RejectedRow]:
+    """Stream every row of `path` as an Example or a RejectedRow, in file order."""
+    _check_settings(tokenizer, max_length)  # whole-input problems surface at call time, before any row
+    return _generate_examples(read_rows(path), tokenizer, template, max_length)
+
+
+def _generate_examples(
+    rows: Iterator[tuple[int, dict | None, str | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template,
+    max_length: int | None,
+) -> Iterator[Example | RejectedRow]:
+    for example_id, row, error in rows:
+        if row is None:
+            yield RejectedRow(example_id, error or "unreadable row")
+            continue
+        try:
+            template_name = detect_template(row) if template.name == "auto" else template.name
+            prompt, response = render_row(row, tokenizer, template)
+            input_ids, labels, truncated = tokenize_example(prompt, response, tokenizer, max_length)
+        except RowError as row_error:
+            yield RejectedRow(example_id, str(row_error))
+            continue
+        yield Example(
+            example_id, input_ids, labels, prompt, response, row, truncated, content_hash(row), template_name
+        )
+
+
+def load_examples(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, template: Template, max_length: int | None = None
+) -> tuple[list[Example], list[RejectedRow]]:
+    """Read, render and tokenize every row; malformed rows come back as RejectedRow(id, reason)."""
+    examples: list[Example] = []
+    rejected: list[RejectedRow] = []
+    for item in iter_examples(path, tokenizer, template, max_length):
+        (examples if isinstance(item, Example) else rejected).append(item)
+    return examples, rejected

@@ -1,0 +1,56 @@
+"""The FAISS side of the index: exact inner-product search over the sketches, ids = training example ids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+VECTOR_FILE = "vectors-g{generation:04d}.faiss"
+
+
+def vector_file(generation: int) -> str:
+    return VECTOR_FILE.format(generation=generation)
+
+
+def new_index(dimension: int) -> faiss.IndexIDMap2:
+    """IndexFlatIP (exact, brute-force inner product) whose ids are the training example ids."""
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    if len(ids) == 0:
+        return
+    index.add_with_ids(
+        np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+    )
+
+
+def save_index(index: faiss.Index, path: str | Path) -> None:
+    """Atomic: write a temporary file beside ``path`` and rename it over."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(temporary))
+    with open(temporary, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def load_index(path: str | Path) -> faiss.Index:
+    return faiss.read_index(str(path))
+
+
+def stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [n] int64, vectors [n, dim] float32) in insertion order."""
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    flat = faiss.downcast_index(index.index)
+    vectors = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, flat.d), np.float32)
+    return ids, vectors
+
+
+def search(index: faiss.Index, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN by inner product: (scores [q, k] float32, ids [q, k] int64), best first."""
+    top_k = min(top_k, index.ntotal)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), top_k)

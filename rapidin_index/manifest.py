@@ -1,0 +1,168 @@
+"""The index manifest: what was built, from what, how; plus atomic writes and checksums.
+
+The manifest is the commit point of every build: files are written first, the manifest last (atomically,
+by rename). An index folder without ``manifest.json`` holds no finished index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SOFTWARE_NAME = "rapidin-index"
+
+
+class ManifestError(ValueError):
+    """No manifest, an unreadable one, or one from a newer format version."""
+
+
+class IndexMismatchError(ValueError):
+    """The index was built with other settings, model or tokenizer than those asked for."""
+
+
+def software_version() -> str:
+    from rapidin_index import __version__
+
+    return __version__
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; an index is meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, value) -> None:
+    atomic_write_bytes(
+        path, (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    )
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(folder: str | Path) -> str:
+    """One checksum over every file (relative path + content) under ``folder``."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\n{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def tree_bytes(folder: str | Path) -> int:
+    folder = Path(folder)
+    if folder.is_file():
+        return folder.stat().st_size
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class Manifest:
+    """Everything needed to query, verify or extend an index. Field groups are plain dicts (JSON)."""
+
+    model: dict  # {name_or_path, fingerprint, dtype}
+    adapter: dict | None  # {path, fingerprint} or None
+    tokenizer: dict  # {fingerprint, chat_template_sha256}
+    template: dict  # data.Template.to_dict()
+    max_length: int | None
+    parameters: dict  # {regex, names, shapes, gradient_dim}
+    normalize: str
+    sketch: dict  # SketchSettings.to_dict() + gradient_dim, padded_dim, output_dim
+    vector_dtype: str
+    row_count: int = 0
+    rejected_count: int = 0
+    token_count: int = 0
+    truncated_count: int = 0
+    generation: int = 0
+    sources: list = field(default_factory=list)  # [{path, sha256, id_offset, rows}]
+    files: dict = field(default_factory=dict)  # {relative path: {sha256, bytes}}
+    format_version: int = FORMAT_VERSION
+    software: dict = field(default_factory=lambda: {"name": SOFTWARE_NAME, "version": software_version()})
+    created_at: str = field(default_factory=utc_now)
+    updated_at: str = field(default_factory=utc_now)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict) -> Manifest:
+        version = value.get("format_version")
+        if not isinstance(version, int):
+            raise ManifestError(
+                "manifest has no integer format_version; this is not a rapidin-index manifest"
+            )
+        if version > FORMAT_VERSION:
+            raise ManifestError(
+                f"index format version {version} is newer than this rapidin-index understands "
+                f"({FORMAT_VERSION}); upgrade rapidin-index to open it"
+            )
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: item for key, item in value.items() if key in known})
+
+    @property
+    def total_rows_seen(self) -> int:
+        """Rows read from all sources, indexed or rejected: the next appended row's id."""
+        return sum(source["rows"] for source in self.sources)
+
+
+def write_manifest(index_dir: str | Path, manifest: Manifest) -> None:
+    manifest.updated_at = utc_now()
+    atomic_write_json(Path(index_dir) / MANIFEST_NAME, manifest.to_dict())
+
+
+def read_manifest(index_dir: str | Path) -> Manifest:
+    path = Path(index_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise ManifestError(
+            f"{index_dir} holds no finished index (no {MANIFEST_NAME}); run `rapidin-index build`"
+        )
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path} is not valid JSON ({error}); the index is damaged") from None
+    return Manifest.from_dict(value)
+
+
+def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of the keys whose values differ between two nested dicts."""
+    found = []
+    for key in sorted(set(expected) | set(actual)):
+        left, right = expected.get(key), actual.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            found.extend(differences(left, right, f"{prefix}{key}."))
+        elif left != right:
+            found.append(f"{prefix}{key}: index has {_short(left)}, asked for {_short(right)}")
+    return found
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny tokenizers built in-process (no hub, no download)."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# Enough words for the alpaca headers and the sentences the tests use; anything else maps to <unk>.
+TRAINING_SENTENCES = [
+    "Below is an instruction that describes a task, paired with an input that provides further context.",
+    "Write a response that appropriately completes the request.",
+    "### Instruction: ### Input: ### Response:",
+    "What is the capital of France? The capital of France is Paris.",
+    "Name a colour. Blue is a colour. Say hello. Hello world!",
+    "Question: Answer: how are you today I am fine thanks",
+]
+
+# Each assistant turn ends with </s>, as many real templates do; the generation prompt opens a turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %} </s>{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def build_word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that prepends <s> when add_special_tokens=True and has a chat template."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(
+        TRAINING_SENTENCES, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS)
+    )
+    bos_id = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+@pytest.fixture
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    return build_word_tokenizer()
+
+
+# --------------------------------------------------------------------------- tiny models and data
+
+
+def docstring_rows(count: int) -> list[dict]:
+    """Alpaca rows from the standard library's own docstrings: real human-written text, shipped offline."""
+    import collections
+    import json as json_module
+
+    rows = []
+    for owner in (str, list, dict, set, bytes, collections.OrderedDict, json_module):
+        for name in sorted(dir(owner)):
+            doc = getattr(getattr(owner, name, None), "__doc__", None) or ""
+            first = " ".join(doc.strip().split("\n\n")[0].split())
+            if name.startswith("_") or len(first) < 20:
+                continue
+            rows.append({"instruction": f"What does {owner.__name__}.{name} do?", "output": first[:160]})
+            if len(rows) == count:
+                return rows
+    return rows
+
+
+@pytest.fixture(scope="session")
+def training_rows() -> list[dict]:
+    return docstring_rows(24)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, training_rows) -> dict[str, str]:
+    """Saved tiny Llama and GPT-2 (+ a LoRA adapter each): {'llama', 'gpt2', 'llama_lora', 'gpt2_lora'}."""
+    from rapidin_index.tiny_models import save_lora_adapter, save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    texts = [row["instruction"] + " " + row["output"] for row in training_rows]
+    dirs = {}
+    for architecture in ("llama", "gpt2"):
+        model_dir = save_tiny_model(root / architecture, architecture, texts, vocab_size=400)
+        dirs[architecture] = str(model_dir)
+        dirs[f"{architecture}_lora"] = str(save_lora_adapter(model_dir, root / f"{architecture}_lora"))
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def training_file(tmp_path_factory, training_rows) -> str:
+    import json as json_module
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json_module.dumps(row) + "\n" for row in training_rows))
+    return str(path)
