@@ -5,7 +5,8 @@ The transform (SPEC 2.3, after Lin et al. 2024) is fixed by (seed, D, K, lambda)
 1. zero-pad the gradient to ``padded_dim``, the next multiple of K;
 2. apply ``lambda`` random shuffles; each is a row permutation of a ``[r, padded_dim / r]`` reshape followed
    by a column permutation of a ``[padded_dim / c, c]`` reshape, r and c random divisors of ``padded_dim``
-   (a product of a random subset of its prime factors, as in the reference code);
+   (a product of a random subset of its prime factors, as in the reference code, capped at 2^18 so that
+   no permutation is large);
 3. multiply by a Rademacher (+1/-1) vector;
 4. sum consecutive bins of ``padded_dim / K`` values.
 
@@ -35,6 +36,9 @@ _MASK32 = 0xFFFFFFFF
 DEFAULT_CACHE_LIMIT = 1 << 24
 # Coordinates mapped at a time, to bound the int64 temporaries of a huge block.
 _MAP_CHUNK = 1 << 22
+# Largest shuffle divisor: 40 permutations of at most 2^18 int32 entries are < 42 MB, where the
+# reference code's sign vector alone is 2 * D bytes (13.5 GB at 7B).
+MAX_DIVISOR = 1 << 18
 
 
 class SketchError(ValueError):
@@ -105,7 +109,10 @@ def shuffle_plan(total_dim: int, shuffle_lambda: int, seed: int) -> list[Shuffle
     for step in range(2 * shuffle_lambda):
         count = random_state.randint(len(factors) // 4, len(factors) // 2 + 1)
         random_state.shuffle(factors)
-        divisor = int(np.prod(factors[:count], dtype=np.int64))
+        divisor = 1
+        for factor in factors[:count]:
+            if divisor * factor <= MAX_DIVISOR:  # keeps every permutation small at 7B scale
+                divisor *= factor
         axis = "row" if step % 2 == 0 else "column"
         steps.append(ShuffleStep(axis, divisor, random_state.permutation(divisor)))
     return steps
@@ -176,7 +183,11 @@ class RapidGradProjector:
         self.output_dim = settings.sketch_dim
         # Forward maps (old index -> new index) of each step: the inverse of ``x[permutation]``.
         self._steps = [
-            (step.axis, step.divisor, torch.as_tensor(np.argsort(step.permutation), device=self.device))
+            (
+                step.axis,
+                step.divisor,
+                torch.as_tensor(np.argsort(step.permutation).astype(np.int32), device=self.device),
+            )
             for step in shuffle_plan(self.padded_dim, settings.shuffle_lambda, settings.seed)
         ]
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
@@ -190,10 +201,10 @@ class RapidGradProjector:
             if axis == "row":
                 width = self.padded_dim // divisor
                 rows = positions // width
-                positions = forward[rows] * width + (positions - rows * width)
+                positions = forward[rows].long() * width + (positions - rows * width)
             else:
                 columns = positions % divisor
-                positions = positions - columns + forward[columns]
+                positions = positions - columns + forward[columns].long()
         return positions
 
     def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

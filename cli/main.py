@@ -1,0 +1,204 @@
+"""The `rapidin-index` command: thin typer wrappers around the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Which training examples, and which of their tokens, made a fine-tuned LLM say this? (RapidIn)",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from rapidin_index.build import BuildError
+    from rapidin_index.data import DataError, RowError
+    from rapidin_index.gradients import GradientError
+    from rapidin_index.manifest import IndexMismatchError, ManifestError
+    from rapidin_index.models import ModelError
+    from rapidin_index.parallel import DeviceError
+    from rapidin_index.sketch import SketchError
+
+    return (
+        BuildError,
+        DataError,
+        RowError,
+        GradientError,
+        IndexMismatchError,
+        ManifestError,
+        ModelError,
+        DeviceError,
+        SketchError,
+    )
+
+
+def fail(error: Exception) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def build(
+    model: Annotated[str, typer.Option(help="Local folder or hub id of the fine-tuned causal LM.")],
+    index: Annotated[Path, typer.Option(help="Index folder to create (or resume, or append to).")],
+    data: Annotated[Path | None, typer.Option(help="Training data: JSONL, JSON, Parquet or CSV.")] = None,
+    append: Annotated[
+        Path | None, typer.Option(help="Add the rows of this file to the existing index (same settings).")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="PEFT LoRA adapter folder; its tensors are attributed.")
+    ] = None,
+    k: Annotated[
+        int, typer.Option("--k", help="RapidGrad sketch dimension K; 0 stores exact gradients.")
+    ] = 65536,
+    shuffle_lambda: Annotated[int, typer.Option(help="Number of RapidGrad random shuffles (lambda).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the RapidGrad shuffles and signs.")] = 42,
+    normalize: Annotated[
+        str, typer.Option(help="Per-tensor gradient normalisation: layer or none.")
+    ] = "layer",
+    batch_size: Annotated[int, typer.Option(help="Examples per forward/backward pass.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 1024,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Model weights dtype: float32, float16 or bfloat16.")
+    ] = "float32",
+    template: Annotated[
+        str,
+        typer.Option(help="auto, alpaca, completion, chat, plain, or a format string like '{question}\\n'."),
+    ] = "auto",
+    response_field: Annotated[str | None, typer.Option(help="Row field holding the response.")] = None,
+    params: Annotated[
+        str | None, typer.Option(help="Regex narrowing the attributed parameter names.")
+    ] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on a malformed row instead of reporting it.")] = False,
+    chunk_size: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = 256,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Compute one RapidGrad sketch per training example and store it in a FAISS + LanceDB index."""
+    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.models import ModelSettings
+    from rapidin_index.sketch import SketchSettings
+
+    if (data is None) == (append is None):
+        raise fail(ValueError("give exactly one of --data FILE (new index) or --append FILE (add rows)"))
+    try:
+        settings = BuildSettings(
+            model=ModelSettings(model=model, adapter=adapter, dtype=dtype, params=params),
+            sketch=SketchSettings(sketch_dim=k, shuffle_lambda=shuffle_lambda, seed=seed),
+            normalize=normalize,
+            template=template,
+            response_field=response_field,
+            max_length=max_length,
+            batch_size=batch_size,
+            device=device,
+            strict=strict,
+            chunk_size=chunk_size,
+        )
+        report = build_index(data or append, index, settings, append=append is not None, progress=not quiet)
+    except _user_errors() as error:
+        raise fail(error) from None
+    _print_build_report(report)
+
+
+def _print_build_report(report) -> None:
+    if report.nothing_to_do:
+        console.print(f"[green]{report.message}[/]", highlight=False)
+    table = Table(title=f"index {report.index_dir}", show_header=False)
+    rows = [
+        ("rows indexed", f"{report.rows_indexed:,}"),
+        ("rows rejected", f"{report.rows_rejected:,}"),
+        ("tokens", f"{report.tokens:,}"),
+        ("truncated rows", f"{report.truncated:,}"),
+        ("gradient dimension D", f"{report.gradient_dim:,}"),
+        ("sketch dimension K", f"{report.sketch_dim:,}"),
+        ("compression D/K", f"{report.compression_ratio:,.1f}"),
+        ("bytes on disk", f"{report.bytes_on_disk:,}"),
+        ("elapsed", f"{report.elapsed_seconds:.1f} s"),
+    ]
+    if report.resumed_chunks:
+        rows.append(("chunks resumed from journal", str(report.resumed_chunks)))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    _print_rejected(report.rejected)
+
+
+def _print_rejected(rejected, limit: int = 20) -> None:
+    for row in rejected[:limit]:
+        console.print(
+            f"[yellow]rejected row {row.example_id}:[/] {row.reason}", highlight=False, soft_wrap=True
+        )
+    if len(rejected) > limit:
+        console.print(f"... and {len(rejected) - limit} more (see rapidin-index info --json)")
+
+
+@app.command()
+def info(
+    index: Annotated[Path, typer.Option(help="Index folder.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole manifest and rejected rows as JSON.")
+    ] = False,
+) -> None:
+    """Print an index's manifest and counts, and the rows it rejected."""
+    from rapidin_index.build import read_rejected
+    from rapidin_index.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(index)
+    except _user_errors() as error:
+        raise fail(error) from None
+    rejected = read_rejected(index, manifest)
+    if as_json:
+        value = manifest.to_dict()
+        value["rejected_rows"] = [{"id": row.example_id, "reason": row.reason} for row in rejected]
+        typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+        return
+    sketch = manifest.sketch
+    table = Table(title=f"index {index}", show_header=False)
+    for name, value in [
+        ("format version", str(manifest.format_version)),
+        ("built by", f"{manifest.software['name']} {manifest.software['version']}"),
+        ("created / updated", f"{manifest.created_at} / {manifest.updated_at}"),
+        (
+            "model",
+            f"{manifest.model['name_or_path']} ({manifest.model['dtype']}, {manifest.model['fingerprint'][:12]})",
+        ),
+        (
+            "adapter",
+            "none"
+            if manifest.adapter is None
+            else f"{manifest.adapter['path']} ({manifest.adapter['fingerprint'][:12]})",
+        ),
+        ("tokenizer", manifest.tokenizer["fingerprint"][:12]),
+        ("template", json.dumps(manifest.template)),
+        (
+            "parameters",
+            f"{len(manifest.parameters['names'])} tensors, D = {manifest.parameters['gradient_dim']:,}",
+        ),
+        ("normalisation", manifest.normalize),
+        (
+            "sketch",
+            f"K = {sketch['sketch_dim']:,}, lambda = {sketch['shuffle_lambda']}, seed = {sketch['seed']}",
+        ),
+        ("rows indexed", f"{manifest.row_count:,}"),
+        ("rows rejected", f"{manifest.rejected_count:,}"),
+        ("tokens", f"{manifest.token_count:,}"),
+        ("truncated rows", f"{manifest.truncated_count:,}"),
+        ("sources", ", ".join(f"{s['path']} ({s['rows']} rows)" for s in manifest.sources)),
+        ("bytes on disk", f"{sum(f['bytes'] for f in manifest.files.values()):,}"),
+    ]:
+        table.add_row(name, value)
+    Console().print(table)
+    _print_rejected(rejected)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,208 @@
+"""The caching stage end to end: stored vectors, text, rejects, resume after a kill, append, refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rapidin_index import index as vector_index
+from rapidin_index import metadata
+from rapidin_index.build import CRASH_AFTER_VECTORS_ENV, JOURNAL_DIR, BuildError, BuildSettings, build_index
+from rapidin_index.data import load_examples, parse_template
+from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.manifest import read_manifest
+from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.sketch import SketchSettings, reference_sketch
+
+
+def settings_for(
+    tiny_model_dirs, architecture="llama", lora=False, sketch_dim=4096, **overrides
+) -> BuildSettings:
+    adapter = tiny_model_dirs[f"{architecture}_lora"] if lora else None
+    values = dict(sketch=SketchSettings(sketch_dim, 20, 42), batch_size=4, chunk_size=8, device="cpu")
+    values.update(overrides)
+    return BuildSettings(model=ModelSettings(tiny_model_dirs[architecture], adapter), **values)
+
+
+def stored(index_dir: Path) -> dict[int, np.ndarray]:
+    manifest = read_manifest(index_dir)
+    ids, vectors = vector_index.stored_vectors(
+        vector_index.load_index(index_dir / vector_index.vector_file(manifest.generation))
+    )
+    return dict(zip(ids.tolist(), vectors, strict=True))
+
+
+def brute_force_vectors(settings: BuildSettings, data_file) -> dict[int, torch.Tensor]:
+    loaded = load_model(settings.model)
+    blocks = gradient_blocks(select_parameters(loaded.model, settings.model))
+    examples, _ = load_examples(data_file, loaded.tokenizer, parse_template("auto"), settings.max_length)
+    result = {}
+    for example in examples:
+        batch = collate([(example.input_ids, example.labels)], loaded.tokenizer.pad_token_id, "cpu")
+        raw = reference_gradient(loaded.model, blocks, batch)[None]
+        result[example.example_id] = reference_sketch(normalize_flat(raw, blocks, "layer"), settings.sketch)[
+            0
+        ]
+    return result
+
+
+@pytest.mark.parametrize(
+    "architecture,lora", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
+)
+def test_stored_vectors_equal_brute_force(
+    tmp_path, tiny_model_dirs, training_file, training_rows, architecture, lora
+):
+    settings = settings_for(tiny_model_dirs, architecture, lora)
+    report = build_index(training_file, tmp_path / "index", settings, progress=False)
+    assert report.rows_indexed == len(training_rows) and report.rows_rejected == 0
+    vectors = stored(tmp_path / "index")
+    expected = brute_force_vectors(settings, training_file)
+    assert sorted(vectors) == list(range(len(training_rows)))
+    for example_id, vector in expected.items():
+        np.testing.assert_allclose(vectors[example_id], vector.numpy(), atol=3e-5, rtol=1e-4)
+    rows = metadata.read_rows(tmp_path / "index", 1, [0, 5])
+    assert rows[5]["source"] == training_rows[5]
+    assert rows[5]["response"] == training_rows[5]["output"]
+    assert rows[0]["num_tokens"] > rows[0]["num_response_tokens"] > 0
+    assert rows[0]["gradient_norm"] > 0 and rows[0]["loss"] > 0 and len(rows[0]["content_hash"]) == 64
+    assert not (tmp_path / "index" / JOURNAL_DIR).exists()
+
+
+def test_malformed_rows_are_reported_and_the_rest_indexed(tmp_path, tiny_model_dirs, training_rows):
+    lines = [json.dumps(row) for row in training_rows[:6]]
+    lines[1] = "{not json"
+    lines[3] = json.dumps({"instruction": "no output field"})
+    lines[4] = json.dumps({"instruction": "empty", "output": "   "})
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    report = build_index(data, tmp_path / "index", settings_for(tiny_model_dirs), progress=False)
+    assert report.rows_indexed == 3
+    assert {row.example_id for row in report.rejected} == {1, 3, 4}
+    reasons = {row.example_id: row.reason for row in report.rejected}
+    assert "not valid JSON" in reasons[1] and "output" in reasons[3] and "empty response" in reasons[4]
+    assert sorted(stored(tmp_path / "index")) == [0, 2, 5]
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest.rejected_count == 3 and manifest.row_count == 3
+    with pytest.raises(BuildError, match="row 1: .*--strict"):
+        build_index(data, tmp_path / "strict", settings_for(tiny_model_dirs, strict=True), progress=False)
+
+
+def test_rerun_on_a_finished_index_does_nothing(tmp_path, tiny_model_dirs, training_file):
+    settings = settings_for(tiny_model_dirs)
+    build_index(training_file, tmp_path / "index", settings, progress=False)
+    before = (tmp_path / "index" / "manifest.json").read_bytes()
+    again = build_index(training_file, tmp_path / "index", settings, progress=False)
+    assert again.nothing_to_do and "nothing to do" in again.message
+    assert (tmp_path / "index" / "manifest.json").read_bytes() == before
+
+
+def run_build_process(index_dir, data, model_dir, env_extra=None) -> subprocess.Popen:
+    code = (
+        "import sys; from rapidin_index.build import *; from rapidin_index.models import ModelSettings;"
+        "from rapidin_index.sketch import SketchSettings;"
+        f"build_index({str(data)!r}, {str(index_dir)!r}, BuildSettings(ModelSettings({model_dir!r}),"
+        " SketchSettings(4096, 20, 42), batch_size=4, chunk_size=4, device='cpu'), progress=False)"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env_extra or {})})
+
+
+def test_kill_mid_write_then_resume_gives_the_same_index(
+    tmp_path, tiny_model_dirs, training_file, training_rows
+):
+    model_dir = tiny_model_dirs["llama"]
+    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
+    assert run_build_process(reference_dir, training_file, model_dir).wait() == 0
+    # SIGKILL between writing chunk 2's vectors and its record: a torn chunk on disk.
+    process = run_build_process(crashed_dir, training_file, model_dir, {CRASH_AFTER_VECTORS_ENV: "2"})
+    assert process.wait() == -signal.SIGKILL
+    journal = crashed_dir / JOURNAL_DIR
+    assert (journal / "chunk-000002.npy").exists() and not (journal / "chunk-000002.json").exists()
+    assert not (crashed_dir / "manifest.json").exists()
+    report = build_index(
+        training_file, crashed_dir, settings_for(tiny_model_dirs, chunk_size=4), progress=False
+    )
+    assert report.resumed_chunks == 2
+    expected, resumed = stored(reference_dir), stored(crashed_dir)
+    assert sorted(resumed) == sorted(expected) == list(range(len(training_rows)))
+    for example_id in expected:
+        np.testing.assert_allclose(resumed[example_id], expected[example_id], atol=1e-6)
+    assert metadata.count_rows(crashed_dir, 1) == len(training_rows)
+
+
+def test_external_kill_at_a_random_moment_then_resume(
+    tmp_path, tiny_model_dirs, training_file, training_rows
+):
+    index_dir = tmp_path / "index"
+    process = run_build_process(index_dir, training_file, tiny_model_dirs["llama"])
+    deadline = time.time() + 120
+    while not list((index_dir / JOURNAL_DIR).glob("chunk-*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    build_index(training_file, index_dir, settings_for(tiny_model_dirs, chunk_size=4), progress=False)
+    assert sorted(stored(index_dir)) == list(range(len(training_rows)))
+    ids = [row["id"] for row in metadata.read_all(index_dir, read_manifest(index_dir).generation)]
+    assert sorted(ids) == list(range(len(training_rows)))
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path, tiny_model_dirs, training_file):
+    process = run_build_process(
+        tmp_path / "index", training_file, tiny_model_dirs["llama"], {CRASH_AFTER_VECTORS_ENV: "0"}
+    )
+    process.wait()
+    with pytest.raises(BuildError, match="unfinished build with other arguments"):
+        build_index(
+            training_file,
+            tmp_path / "index",
+            settings_for(tiny_model_dirs, sketch_dim=1024, chunk_size=4),
+            progress=False,
+        )
+
+
+def test_append_adds_rows_with_continuing_ids(tmp_path, tiny_model_dirs, training_rows):
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.csv"
+    first.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:10]))
+    second.write_text(
+        "instruction,output\n"
+        + "".join(f'"{r["instruction"]}","{r["output"]}"\n' for r in training_rows[10:14])
+    )
+    settings = settings_for(tiny_model_dirs)
+    build_index(first, tmp_path / "index", settings, progress=False)
+    report = build_index(second, tmp_path / "index", settings, append=True, progress=False)
+    assert report.rows_indexed == 14
+    vectors = stored(tmp_path / "index")
+    assert sorted(vectors) == list(range(14))
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest.generation == 2 and [s["id_offset"] for s in manifest.sources] == [0, 10]
+    assert not (tmp_path / "index" / "vectors-g0001.faiss").exists()
+    assert (
+        metadata.read_rows(tmp_path / "index", 2, [12])[12]["source"]["instruction"]
+        == training_rows[12]["instruction"]
+    )
+    expected = brute_force_vectors(settings, first)
+    np.testing.assert_allclose(vectors[3], expected[3].numpy(), atol=3e-5, rtol=1e-4)
+    with pytest.raises(BuildError, match="sketch.sketch_dim: index has 4096, asked for 1024"):
+        build_index(
+            second,
+            tmp_path / "index",
+            settings_for(tiny_model_dirs, sketch_dim=1024),
+            append=True,
+            progress=False,
+        )
+    with pytest.raises(BuildError, match="model.fingerprint"):
+        build_index(
+            second, tmp_path / "index", settings_for(tiny_model_dirs, "gpt2"), append=True, progress=False
+        )
+    with pytest.raises(BuildError, match="--append needs a finished index"):
+        build_index(second, tmp_path / "missing", settings, append=True, progress=False)
+    third = tmp_path / "third.jsonl"
+    third.write_text(json.dumps(training_rows[20]) + "\n")
+    with pytest.raises(BuildError, match="other data"):
+        build_index(third, tmp_path / "index", settings, progress=False)

@@ -1,0 +1,126 @@
+"""Batched per-example gradients (hooks) against one plain backward per example, on tiny models."""
+
+import pytest
+import torch
+
+from rapidin_index.gradients import (
+    GradientError,
+    GradientSketcher,
+    collate,
+    gradient_blocks,
+    gradient_dim,
+    normalize_flat,
+    reference_gradient,
+)
+from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.sketch import SketchSettings, make_projector, reference_sketch
+
+CONFIGS = [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
+
+
+def load(tiny_model_dirs, architecture: str, lora: bool, params: str | None = None):
+    adapter = tiny_model_dirs[f"{architecture}_lora"] if lora else None
+    settings = ModelSettings(tiny_model_dirs[architecture], adapter, params=params)
+    loaded = load_model(settings)
+    return loaded, gradient_blocks(select_parameters(loaded.model, settings))
+
+
+def sequences(tokenizer, rows):
+    pairs = []
+    for row in rows:
+        prompt = tokenizer(row["instruction"]).input_ids
+        response = tokenizer(row["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        pairs.append((prompt + response, [-100] * len(prompt) + response))
+    return pairs
+
+
+def brute_force(loaded, blocks, pairs, settings: SketchSettings, normalize: str = "layer") -> torch.Tensor:
+    pad = loaded.tokenizer.pad_token_id
+    raw = torch.stack(
+        [reference_gradient(loaded.model, blocks, collate([pair], pad, "cpu")) for pair in pairs]
+    )
+    return reference_sketch(normalize_flat(raw, blocks, normalize), settings)
+
+
+@pytest.mark.parametrize("architecture,lora", CONFIGS)
+@pytest.mark.parametrize("sketch_dim", [0, 4096])
+def test_batched_sketch_equals_brute_force(tiny_model_dirs, training_rows, architecture, lora, sketch_dim):
+    loaded, blocks = load(tiny_model_dirs, architecture, lora)
+    settings = SketchSettings(sketch_dim, 20, 42)
+    pairs = sequences(loaded.tokenizer, training_rows[:5])
+    sketcher = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)), "layer")
+    result = sketcher.sketch(collate(pairs, loaded.tokenizer.pad_token_id, "cpu"))
+    assert sketcher.uses_hooks, "the fast path must cover Linear, Conv1D, Embedding and norm layers"
+    torch.testing.assert_close(
+        result.vectors, brute_force(loaded, blocks, pairs, settings), atol=2e-5, rtol=1e-4
+    )
+    assert bool(result.finite.all())
+
+
+@pytest.mark.parametrize("architecture,lora", [("llama", False), ("gpt2", True)])
+def test_no_normalisation_and_raw_norms(tiny_model_dirs, training_rows, architecture, lora):
+    loaded, blocks = load(tiny_model_dirs, architecture, lora)
+    pairs = sequences(loaded.tokenizer, training_rows[:3])
+    settings = SketchSettings(0)
+    sketcher = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)), "none")
+    result = sketcher.sketch(collate(pairs, loaded.tokenizer.pad_token_id, "cpu"))
+    expected = brute_force(loaded, blocks, pairs, settings, "none")
+    torch.testing.assert_close(result.vectors, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(result.gradient_norms, expected.norm(dim=1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_batch_size_and_padding_invariance(tiny_model_dirs, training_rows, architecture):
+    loaded, blocks = load(tiny_model_dirs, architecture, False)
+    settings = SketchSettings(2048, 20, 42)
+    sketcher = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)), "layer")
+    pairs = sequences(loaded.tokenizer, training_rows[:6])
+    pad = loaded.tokenizer.pad_token_id
+    together = sketcher.sketch(collate(pairs, pad, "cpu")).vectors
+    alone = torch.cat([sketcher.sketch(collate([pair], pad, "cpu")).vectors for pair in pairs])
+    reversed_order = sketcher.sketch(collate(pairs[::-1], pad, "cpu")).vectors.flip(0)
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(together, reversed_order, atol=2e-5, rtol=1e-4)
+
+
+def test_gpt2_dropout_is_off(tiny_model_dirs, training_rows):
+    loaded, blocks = load(tiny_model_dirs, "gpt2", False)
+    assert loaded.model.config.resid_pdrop > 0 and not loaded.model.training
+    sketcher = GradientSketcher(loaded.model, blocks, make_projector(SketchSettings(0), gradient_dim(blocks)))
+    batch = collate(sequences(loaded.tokenizer, training_rows[:2]), loaded.tokenizer.pad_token_id, "cpu")
+    torch.testing.assert_close(sketcher.sketch(batch).vectors, sketcher.sketch(batch).vectors, atol=0, rtol=0)
+
+
+def test_one_by_one_fallback_matches(tiny_model_dirs, training_rows):
+    loaded, blocks = load(tiny_model_dirs, "llama", False)
+    settings = SketchSettings(1024)
+    batch = collate(sequences(loaded.tokenizer, training_rows[:3]), loaded.tokenizer.pad_token_id, "cpu")
+    fast = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)))
+    slow = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)))
+    slow.uses_hooks = False
+    torch.testing.assert_close(fast.sketch(batch).vectors, slow.sketch(batch).vectors, atol=2e-5, rtol=1e-4)
+
+
+def test_params_regex_narrows_the_blocks(tiny_model_dirs):
+    _, blocks = load(tiny_model_dirs, "llama", False, params=r"layers\.1\..*mlp")
+    assert [b.name.split(".")[-2] for b in blocks] == ["gate_proj", "up_proj", "down_proj"]
+    assert all("layers.1." in b.name for b in blocks)
+
+
+def test_non_finite_gradient_is_flagged(tiny_model_dirs, training_rows):
+    loaded, blocks = load(tiny_model_dirs, "llama", False)
+    with torch.no_grad():
+        loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    sketcher = GradientSketcher(
+        loaded.model, blocks, make_projector(SketchSettings(256), gradient_dim(blocks))
+    )
+    result = sketcher.sketch(collate(sequences(loaded.tokenizer, training_rows[:2]), 0, "cpu"))
+    assert not bool(result.finite.any())
+
+
+def test_errors_are_clear(tiny_model_dirs):
+    loaded, blocks = load(tiny_model_dirs, "llama", False)
+    with pytest.raises(GradientError, match="normalize"):
+        GradientSketcher(loaded.model, blocks, make_projector(SketchSettings(0), 10), "batch")
+    with pytest.raises(GradientError, match="empty batch"):
+        collate([], 0, "cpu")
