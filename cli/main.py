@@ -141,6 +141,91 @@ def _print_rejected(rejected, limit: int = 20) -> None:
 
 
 @app.command()
+def query(
+    index: Annotated[Path, typer.Option(help="Index folder.")],
+    prompt: Annotated[
+        str | None, typer.Option(help="The prompt (for alpaca indexes: the instruction).")
+    ] = None,
+    response: Annotated[str | None, typer.Option(help="The generation to explain.")] = None,
+    generate: Annotated[
+        bool, typer.Option(help="Generate the response greedily with the indexed model.")
+    ] = False,
+    queries: Annotated[
+        Path | None, typer.Option(help="JSONL of queries in training-row form, each with optional 'hot'.")
+    ] = None,
+    hot: Annotated[
+        list[str] | None,
+        typer.Option(help="Attribute only the tokens of this word of the response (repeatable)."),
+    ] = None,
+    top_k: Annotated[
+        int, typer.Option(help="Training examples per list (helpful, harmful), per token too.")
+    ] = 10,
+    explain: Annotated[int, typer.Option(help="Score the training tokens of the top N hits.")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Write the result here (default: JSON on stdout).")] = None,
+    format: Annotated[
+        str | None, typer.Option(help="json, jsonl or html (default: from --out, else json).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model path, if it moved since the build (same weights).")
+    ] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter path, if it moved since the build.")] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", help="Expected sketch dimension; refused if the index differs.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate with --generate.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
+    from rapidin_index.data import read_rows
+    from rapidin_index.report import write_results
+    from rapidin_index.retrieval import Index, QueryError
+
+    if (queries is None) == (prompt is None):
+        raise fail(ValueError("give --prompt (with --response or --generate) or --queries FILE"))
+    if prompt is not None and (response is None) == (not generate):
+        raise fail(ValueError("with --prompt give exactly one of --response TEXT or --generate"))
+    output_format = format or (out.suffix.lstrip(".") if out is not None else "json")
+    if output_format not in ("json", "jsonl", "html"):
+        raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html"))
+    try:
+        opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k)
+        if queries is not None:
+            rows = []
+            for number, row, error in read_rows(queries):
+                if row is None:
+                    raise QueryError(f"query row {number}: {error}")
+                rows.append(row)
+            results = opened.query_rows(rows, top_k=top_k, explain=explain)
+        else:
+            results = [
+                opened.query(
+                    prompt,
+                    response,
+                    generate=generate,
+                    hot=hot,
+                    top_k=top_k,
+                    explain=explain,
+                    max_new_tokens=max_new_tokens,
+                )
+            ]
+    except (*_user_errors(), QueryError) as error:
+        raise fail(error) from None
+    values = [result.to_dict() for result in results]
+    if output_format == "json" and len(values) > 1:
+        output_format = "jsonl"
+    if out is None:
+        if output_format == "html":
+            raise fail(ValueError("--format html needs --out FILE.html"))
+        lines = [
+            json.dumps(v, ensure_ascii=False, indent=2 if output_format == "json" else None) for v in values
+        ]
+        typer.echo("\n".join(lines))
+        return
+    write_results(values, out, output_format)
+    console.print(f"wrote {len(values)} result(s) to {out}", highlight=False)
+
+
+@app.command()
 def info(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     as_json: Annotated[

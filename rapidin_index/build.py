@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -370,6 +371,7 @@ def _compute_chunk(
         "rejected": sorted(rejected, key=lambda row: row["id"]),
         "tokens": sum(results[i][1]["num_tokens"] for i in ids),
         "truncated": sum(results[i][1]["truncated"] for i in ids),
+        "templates": dict(Counter(e.template_name for e in examples)),
     }
     return record, stacked.astype(np.float32)
 
@@ -401,6 +403,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     old_rows: list[dict] = []
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
+    templates = Counter(existing.template_usage if existing else {})
     if existing is not None:
         ids, vectors = vector_index.stored_vectors(
             vector_index.load_index(index_dir / vector_index.vector_file(existing.generation))
@@ -420,6 +423,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
             rejected.extend(record["rejected"])
             counts["tokens"] += record["tokens"]
             counts["truncated"] += record["truncated"]
+            templates.update(record["templates"])
             yield record["rows"]
 
     metadata.write_table(index_dir, generation, row_batches())
@@ -432,6 +436,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     manifest.rejected_count = len(rejected)
     manifest.token_count = counts["tokens"]
     manifest.truncated_count = counts["truncated"]
+    manifest.template_usage = dict(templates)
     manifest.files = _file_checksums(index_dir, generation)
     write_manifest(index_dir, manifest)
     _remove_other_generations(index_dir, generation)

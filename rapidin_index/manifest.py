@@ -102,6 +102,7 @@ class Manifest:
     token_count: int = 0
     truncated_count: int = 0
     generation: int = 0
+    template_usage: dict = field(default_factory=dict)  # {resolved template name: rows}, e.g. {"alpaca": 24}
     sources: list = field(default_factory=list)  # [{path, sha256, id_offset, rows}]
     files: dict = field(default_factory=dict)  # {relative path: {sha256, bytes}}
     format_version: int = FORMAT_VERSION
@@ -166,3 +167,21 @@ def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:
 def _short(value) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class IntegrityError(ValueError):
+    """A file of the index does not match its checksum in the manifest."""
+
+
+def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
+    """Check every file the manifest lists against its sha256; raise naming the first bad one."""
+    index_dir = Path(index_dir)
+    for relative, expected in sorted(manifest.files.items()):
+        path = index_dir / relative
+        if not path.exists():
+            raise IntegrityError(f"{relative} is missing from {index_dir}")
+        actual = sha256_tree(path) if path.is_dir() else sha256_file(path)
+        if actual != expected["sha256"]:
+            raise IntegrityError(
+                f"{relative} does not match its checksum in the manifest (corrupted or edited)"
+            )

@@ -16,12 +16,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
+
+from rapidin_index.manifest import atomic_write_bytes
 
 FORMATS = ("json", "jsonl", "html")
 
@@ -391,18 +391,5 @@ def write_results(
     """Write results as json (exactly one result, pretty), jsonl or html, atomically; returns the path."""
     text = _serialise(results, format, title)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates the file 0600; give the result an ordinary mode (or keep the one it replaces)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, mode)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path

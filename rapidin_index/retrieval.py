@@ -1,0 +1,388 @@
+"""The retrieval stage: sketch a generation's gradient (whole and per token), search, join to the text.
+
+``Index.open(path).query(prompt, response)`` is the Python face of ``rapidin-index query``. The query is
+rendered, masked, normalised and sketched exactly as the index's training rows were (all read from the
+manifest), after the model and tokenizer are checked against the manifest's fingerprints.
+
+Per generated token j the query vector is the layer-normalised, sketched gradient of token j's loss alone
+(SPEC 2.4, Eq. 7); the whole generation uses the mean loss over the response tokens (or over the "hot"
+tokens only, when the query names some). All vectors of all queries are sketched in shared batches
+(one sequence copy per token, each with a single label) and searched in one FAISS call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rapidin_index import index as vector_index
+from rapidin_index import metadata
+from rapidin_index.data import IGNORE_INDEX, RowError, Template, render_query, render_row, tokenize_example
+from rapidin_index.gradients import (
+    GradientSketcher,
+    collate,
+    gradient_blocks,
+    normalize_flat,
+    reference_gradient,
+)
+from rapidin_index.manifest import IndexMismatchError, Manifest, read_manifest, verify_files
+from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.parallel import resolve_device, search_index
+from rapidin_index.results import Hit, QueryResult, TokenHits
+from rapidin_index.sketch import SketchSettings, make_projector
+from rapidin_index.token_attribution import training_token_scores
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as given (empty response, too long, unknown row format, ...)."""
+
+
+@dataclass
+class PreparedQuery:
+    """One query, rendered and tokenized like a training row."""
+
+    prompt: str
+    response: str
+    rendered_prompt: str
+    input_ids: list[int]
+    labels: list[int]  # every response token labelled
+    response_positions: list[int]  # positions in input_ids whose label is scored
+    hot: list[bool]  # per response token: in the attributed set
+    hot_spec: object = None
+    generated: bool = False
+
+    def labels_for(self, positions: list[int]) -> list[int]:
+        kept = [IGNORE_INDEX] * len(self.labels)
+        for position in positions:
+            kept[position] = self.labels[position]
+        return kept
+
+    @property
+    def hot_positions(self) -> list[int]:
+        return [p for p, is_hot in zip(self.response_positions, self.hot, strict=True) if is_hot]
+
+
+class Index:
+    """An opened index: manifest, FAISS vectors, LanceDB rows, and the model that made them."""
+
+    def __init__(
+        self, path: Path, manifest: Manifest, loaded, selected, device: torch.device, batch_size: int
+    ):
+        self.path = path
+        self.manifest = manifest
+        self.loaded = loaded
+        self.blocks = gradient_blocks(selected)
+        self.device = device
+        self.batch_size = batch_size
+        self.template = Template.from_dict(manifest.template)
+        sketch = manifest.sketch
+        settings = SketchSettings(sketch["sketch_dim"], sketch["shuffle_lambda"], sketch["seed"])
+        projector = make_projector(settings, sketch["gradient_dim"], device)
+        self.sketcher = GradientSketcher(loaded.model, self.blocks, projector, manifest.normalize)
+        cpu_index = vector_index.load_index(path / vector_index.vector_file(manifest.generation))
+        if cpu_index.d != sketch["output_dim"] or cpu_index.ntotal != manifest.row_count:
+            raise IndexMismatchError(
+                f"{path}: the FAISS file holds {cpu_index.ntotal} vectors of {cpu_index.d} dims, the manifest "
+                f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
+            )
+        self.faiss_index = search_index(cpu_index)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        model: str | None = None,
+        adapter: str | None = None,
+        device: str = "auto",
+        sketch_dim: int | None = None,
+        verify: bool = False,
+        batch_size: int = 16,
+    ) -> Index:
+        """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required)."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        if verify:
+            verify_files(path, manifest)
+        if sketch_dim is not None and sketch_dim != manifest.sketch["sketch_dim"]:
+            raise IndexMismatchError(
+                f"index built with K={manifest.sketch['sketch_dim']}, query asked for K={sketch_dim}"
+            )
+        adapter = adapter or (manifest.adapter or {}).get("path")
+        settings = ModelSettings(
+            model or manifest.model["name_or_path"],
+            adapter,
+            manifest.model["dtype"],
+            manifest.parameters["regex"],
+        )
+        torch_device = resolve_device(device)
+        loaded = load_model(settings, torch_device)
+        check_model(manifest, loaded)
+        selected = select_parameters(loaded.model, settings)
+        if [name for name, _ in selected] != manifest.parameters["names"]:
+            raise IndexMismatchError("the model's attributed parameters differ from the index's (--params?)")
+        return cls(path, manifest, loaded, selected, torch_device, batch_size)
+
+    # ----------------------------------------------------------------------- public queries
+
+    def query(
+        self,
+        prompt: str,
+        response: str | None = None,
+        *,
+        generate: bool = False,
+        hot: list | None = None,
+        top_k: int = 10,
+        explain: int = 3,
+        max_new_tokens: int = 64,
+    ) -> QueryResult:
+        """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``)."""
+        if generate:
+            response = self.generate(prompt, max_new_tokens)
+        elif not response or not response.strip():
+            raise QueryError("the query's response is empty; give --response TEXT or use --generate")
+        prepared = self.prepare(prompt, response, hot=hot, generated=generate)
+        return self.query_prepared([prepared], top_k, explain)[0]
+
+    def query_rows(self, rows: list[dict], top_k: int = 10, explain: int = 3) -> list[QueryResult]:
+        """Queries in training-row form (any format the index's template reads), optional ``hot``."""
+        prepared = []
+        for number, row in enumerate(rows):
+            try:
+                rendered_prompt, response = render_row(row, self.loaded.tokenizer, self.template)
+                prepared.append(self._tokenize(row, rendered_prompt, response, row.get("hot"), False))
+            except (RowError, QueryError) as error:
+                raise QueryError(f"query row {number}: {error}") from None
+        return self.query_prepared(prepared, top_k, explain)
+
+    def prepare(self, prompt: str, response: str, hot=None, generated: bool = False) -> PreparedQuery:
+        rendered_prompt, response = render_query(
+            prompt, response, self.loaded.tokenizer, self._query_template()
+        )
+        return self._tokenize({"prompt": prompt}, rendered_prompt, response, hot, generated)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """Greedy generation by the indexed model."""
+        tokenizer = self.loaded.tokenizer
+        rendered_prompt, _ = render_query(prompt, "", tokenizer, self._query_template())
+        input_ids = torch.tensor([tokenizer(rendered_prompt).input_ids], device=self.device)
+        with torch.no_grad():
+            output = self.loaded.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        text = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+        if not text.strip():
+            raise QueryError("the model generated nothing for this prompt; give --response instead")
+        return text
+
+    # ----------------------------------------------------------------------- the work
+
+    def query_prepared(self, queries: list[PreparedQuery], top_k: int, explain: int) -> list[QueryResult]:
+        if top_k < 1:
+            raise QueryError(f"--top-k must be at least 1, got {top_k}")
+        top_k = min(top_k, self.manifest.row_count)
+        vectors, losses = self._sketch_all(queries)  # [sum(1 + tokens), K]
+        helpful_scores, helpful_ids = vector_index.search(self.faiss_index, vectors, top_k)
+        harmful_scores, harmful_ids = vector_index.search(self.faiss_index, -vectors, top_k)
+        harmful_scores = -harmful_scores
+        results, row = [], 0
+        for query in queries:
+            count = 1 + len(query.response_positions)
+            span = slice(row, row + count)
+            results.append(
+                self._result(
+                    query,
+                    helpful_ids[span],
+                    helpful_scores[span],
+                    harmful_ids[span],
+                    harmful_scores[span],
+                    losses[span],
+                )
+            )
+            row += count
+        self._join_text(results)
+        if explain > 0:
+            for query, result in zip(queries, results, strict=True):
+                self._explain(query, result, explain)
+        return results
+
+    def _sketch_all(self, queries: list[PreparedQuery]) -> tuple[np.ndarray, np.ndarray]:
+        """Whole-generation then per-token sequences of every query, sketched in shared batches."""
+        sequences = []
+        for query in queries:
+            sequences.append((query.input_ids, query.labels_for(query.hot_positions)))
+            sequences.extend((query.input_ids, query.labels_for([p])) for p in query.response_positions)
+        vectors, losses = [], []
+        for start in range(0, len(sequences), self.batch_size):
+            batch = collate(
+                sequences[start : start + self.batch_size], self.loaded.tokenizer.pad_token_id, self.device
+            )
+            sketched = self.sketcher.sketch(batch)
+            if not bool(sketched.finite.all()):
+                raise QueryError(
+                    "the query's gradient has NaN or inf (fp16 overflow?); open the index with float32"
+                )
+            vectors.append(sketched.vectors.cpu().numpy())
+            losses.append(sketched.losses.cpu().numpy())
+        return np.concatenate(vectors), np.concatenate(losses)
+
+    def _result(self, query, helpful_ids, helpful_scores, harmful_ids, harmful_scores, losses) -> QueryResult:
+        tokenizer = self.loaded.tokenizer
+        tokens = []
+        for number, position in enumerate(query.response_positions):
+            token_id = query.input_ids[position]
+            tokens.append(
+                TokenHits(
+                    position=number,
+                    token=tokenizer.decode([token_id]),
+                    token_id=token_id,
+                    loss=float(losses[1 + number]),
+                    hot=query.hot[number],
+                    helpful=_hits(helpful_ids[1 + number], helpful_scores[1 + number]),
+                    harmful=_hits(harmful_ids[1 + number], harmful_scores[1 + number]),
+                )
+            )
+        return QueryResult(
+            prompt=query.prompt,
+            response=query.response,
+            rendered_prompt=query.rendered_prompt,
+            generated=query.generated,
+            hot=query.hot_spec,
+            index={
+                "path": str(self.path),
+                "row_count": self.manifest.row_count,
+                "sketch_dim": self.manifest.sketch["sketch_dim"],
+                "normalize": self.manifest.normalize,
+            },
+            tokens=tokens,
+            helpful=_hits(helpful_ids[0], helpful_scores[0]),
+            harmful=_hits(harmful_ids[0], harmful_scores[0]),
+        )
+
+    def _join_text(self, results: list[QueryResult]) -> None:
+        ids = {hit.id for result in results for hit in result.helpful + result.harmful}
+        rows = metadata.read_rows(self.path, self.manifest.generation, sorted(ids))
+        for result in results:
+            for hit in result.helpful + result.harmful:
+                row = rows[hit.id]
+                hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]
+
+    def _explain(self, query: PreparedQuery, result: QueryResult, count: int) -> None:
+        """Training-token scores (SPEC 2.4, Eq. 6) for the top ``count`` helpful and harmful hits."""
+        tokenizer = self.loaded.tokenizer
+        query_batch = collate(
+            [(query.input_ids, query.labels_for(query.hot_positions))], tokenizer.pad_token_id, self.device
+        )
+        raw = reference_gradient(self.loaded.model, self.blocks, query_batch)[None]
+        direction = normalize_flat(raw, self.blocks, self.manifest.normalize)[0]
+        per_block = [direction[b.offset : b.offset + b.numel] for b in self.blocks]
+        for hit in result.helpful[:count] + result.harmful[:count]:
+            input_ids, labels, _ = tokenize_example(
+                hit.prompt, hit.response, tokenizer, self.manifest.max_length
+            )
+            batch = collate([(input_ids, labels)], tokenizer.pad_token_id, self.device)
+            scores = training_token_scores(
+                self.loaded.model, self.blocks, batch, per_block, self.manifest.normalize
+            )
+            hit.explanation = {
+                "tokens": [
+                    {"token": tokenizer.decode([token_id]), "token_id": token_id, "score": score}
+                    for token_id, score in zip(scores.token_ids, scores.scores, strict=True)
+                ],
+                "method": scores.method,
+                "normalization": scores.normalization,
+            }
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _query_template(self):
+        """For 'auto' indexes, the template most training rows resolved to (prompts render the same way)."""
+        if self.template.name != "auto" or not self.manifest.template_usage:
+            return self.template
+        dominant = max(self.manifest.template_usage.items(), key=lambda item: item[1])[0]
+        return Template(name=dominant)
+
+    def _tokenize(
+        self, source: dict, rendered_prompt: str, response: str, hot, generated: bool
+    ) -> PreparedQuery:
+        tokenizer = self.loaded.tokenizer
+        try:
+            input_ids, labels, truncated = tokenize_example(rendered_prompt, response, tokenizer, None)
+        except RowError as error:
+            raise QueryError(str(error)) from None
+        max_length = self.manifest.max_length
+        if max_length is not None and len(input_ids) > max_length:
+            raise QueryError(
+                f"the query is {len(input_ids)} tokens, past the index's --max-length {max_length}; shorten it"
+            )
+        positions = [p for p, label in enumerate(labels) if label != IGNORE_INDEX]
+        hot_mask = resolve_hot(hot, response, tokenizer, len(positions))
+        prompt = (
+            source.get("prompt", rendered_prompt)
+            if isinstance(source.get("prompt"), str)
+            else rendered_prompt
+        )
+        return PreparedQuery(
+            prompt, response, rendered_prompt, input_ids, labels, positions, hot_mask, hot, generated
+        )
+
+
+def _hits(ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    return [
+        Hit(id=int(i), rank=rank + 1, score=float(s))
+        for rank, (i, s) in enumerate(zip(ids, scores, strict=True))
+        if i >= 0
+    ]
+
+
+def resolve_hot(hot, response: str, tokenizer, token_count: int) -> list[bool]:
+    """Which response tokens are attributed: all (hot=None), words (strings) or [start, end) token spans."""
+    if not hot:
+        return [True] * token_count
+    mask = [False] * token_count
+    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    for item in hot:
+        if isinstance(item, str):
+            start = response.find(item)
+            if start < 0:
+                raise QueryError(f"hot word {item!r} does not occur in the response")
+            while start >= 0:
+                end = start + len(item)
+                for number, (left, right) in enumerate(offsets[:token_count]):
+                    if left < end and right > start:
+                        mask[number] = True
+                start = response.find(item, end)
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, int) for v in item):
+            if not 0 <= item[0] < item[1] <= token_count:
+                raise QueryError(f"hot span {list(item)} is outside the response's {token_count} tokens")
+            for number in range(item[0], item[1]):
+                mask[number] = True
+        else:
+            raise QueryError(f"hot entry {item!r}: give a word (string) or a [start, end) token span")
+    return mask
+
+
+def check_model(manifest: Manifest, loaded) -> None:
+    """Refuse a model, adapter or tokenizer other than the one the index was built with."""
+    problems = []
+    if loaded.model_fingerprint != manifest.model["fingerprint"]:
+        problems.append(
+            f"model weights differ (index {manifest.model['fingerprint'][:12]}, "
+            f"this model {loaded.model_fingerprint[:12]}; built from {manifest.model['name_or_path']})"
+        )
+    expected_adapter = (manifest.adapter or {}).get("fingerprint")
+    if expected_adapter != loaded.adapter_fingerprint:
+        problems.append(
+            f"adapter differs (index {str(expected_adapter)[:12]}, this one {str(loaded.adapter_fingerprint)[:12]})"
+        )
+    if loaded.tokenizer_fingerprint != manifest.tokenizer["fingerprint"]:
+        problems.append("tokenizer differs (vocabulary, special tokens or chat template)")
+    if problems:
+        raise IndexMismatchError("refusing to query: " + "; ".join(problems))

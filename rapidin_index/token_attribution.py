@@ -1,0 +1,318 @@
+"""Training-token attribution (SPEC 2.4, the paper's Eq. 6): which response tokens of a retrieved training
+example s pushed the model toward the query's whole generation t.
+
+Notation: ``q_b`` is the query direction for block b (one attributed parameter tensor): the query's
+whole-generation gradient, unit norm per block with ``normalize="layer"`` or raw with ``"none"``; it is
+exact (never sketched). ``L_i(s)`` is the cross-entropy of response token i of s alone, shifted as
+``model(labels=...)`` shifts, and ``L(s) = mean_i L_i(s)`` is the example's loss.
+
+Two ways to normalise a token's gradient, because layer-wise normalisation is not linear:
+
+* ``normalization="example"`` (default): ``score_i = sum_b <grad_b L_i(s), q_b> / ||grad_b L(s)||``.
+  Every token's gradient is divided by the *example's* block norms, so the scores are linear in the
+  token losses and ``mean_i score_i`` is exactly the example's whole score ``<n(grad L(s)), q>``: the
+  heatmap splits the retrieval score among the tokens. All scores are one Jacobian-vector product,
+  ``d L_i / d theta . u`` with ``u_b = q_b / ||grad_b L(s)||``: one backward (for the norms) and one
+  forward-mode pass, instead of one backward per token.
+* ``normalization="token"``: ``score_i = sum_b <grad_b L_i(s), q_b> / ||grad_b L_i(s)||``, the literal
+  per-token cosine of the paper. Each token needs its own block norms, so the scores are not a JVP and
+  do NOT average (or sum) to the whole score. They are computed from per-token gradients taken in
+  batches: the sequence is repeated once per response token, each copy with a single-token label, and
+  the hooks of :class:`rapidin_index.gradients.GradientCapture` split one backward into per-copy gradients.
+
+With ``normalize="none"`` there is no division and the two normalisations are the same (the JVP).
+
+Forward-mode AD has no formula for the fused attention kernels (and their backward has no derivative
+for the double-backward fallback), so both passes run with PyTorch's SDPA pinned to its math kernel: the
+model can stay on ``attn_implementation="sdpa"``. If the forward-mode pass still fails (an op without a
+forward-AD formula, e.g. FlashAttention-2), the same product comes from the double-backward trick
+``J u = d/dv <J^T v, u>``. The model must be in eval mode (dropout off), as :func:`load_model` leaves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rapidin_index.gradients import (
+    IGNORE_INDEX,
+    NORMALIZATIONS,
+    Batch,
+    GradientBlock,
+    GradientCapture,
+    GradientError,
+    example_losses,
+    token_losses,
+)
+
+TOKEN_NORMALIZATIONS = ("example", "token")
+METHODS = ("auto", "jvp", "double-backward")
+
+
+class TokenAttributionError(ValueError):
+    """Bad token-attribution inputs (batch of several examples, mismatched query direction, ...)."""
+
+
+@dataclass
+class TokenScores:
+    """Influence of each response token of one training example on a query's whole generation."""
+
+    token_ids: list[int]
+    """The example's response tokens (label != -100, position 0 excluded: nothing predicts it), in order."""
+    scores: list[float]
+    """One score per response token; see the module docstring for the normalisation."""
+    losses: list[float]
+    """Each response token's cross-entropy."""
+    method: str
+    """How the scores were computed: jvp, double-backward, batched-backward or per-token-backward."""
+    normalization: str
+    """example (scores average to the whole-example score) or token (per-token cosines)."""
+
+
+def training_token_scores(
+    model: nn.Module,
+    blocks: list[GradientBlock],
+    example: Batch,
+    query_direction: list[torch.Tensor],
+    normalize: str = "layer",
+    normalization: str = "example",
+    method: str = "auto",
+    token_batch_size: int = 16,
+) -> TokenScores:
+    """Score every response token of ``example`` (a batch of one) against ``query_direction``.
+
+    ``method`` (example normalisation): ``auto`` tries the JVP and falls back to double-backward.
+    ``token_batch_size``: copies of the sequence per backward in ``normalization="token"`` mode.
+    """
+    _check_inputs(blocks, example, query_direction, normalize, normalization)
+    if method not in METHODS:
+        raise TokenAttributionError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if normalization == "token" and normalize == "layer":
+        return _token_normalised_scores(model, blocks, example, query_direction, token_batch_size)
+    tangents = _example_tangents(model, blocks, example, query_direction, normalize)
+    if method in ("auto", "jvp"):
+        try:
+            scores, losses = _jvp_derivatives(model, blocks, example, tangents)
+            return _result(example, scores, losses, "jvp", normalization)
+        except torch.OutOfMemoryError:
+            raise  # the fallback keeps a double graph: it would need more memory, not less
+        except RuntimeError:  # includes NotImplementedError: an op without a forward-AD formula
+            if method == "jvp":
+                raise
+    scores, losses = _double_backward_derivatives(model, blocks, example, tangents)
+    return _result(example, scores, losses, "double-backward", normalization)
+
+
+def reference_training_token_scores(
+    model: nn.Module,
+    blocks: list[GradientBlock],
+    example: Batch,
+    query_direction: list[torch.Tensor],
+    normalize: str = "layer",
+    normalization: str = "example",
+) -> TokenScores:
+    """Brute force: one autograd backward per response token, normalised as the module docstring says."""
+    _check_inputs(blocks, example, query_direction, normalize, normalization)
+    parameters = [block.parameter for block in blocks]
+    example_norms = [
+        gradient.norm() for gradient in _block_gradients(example_losses(model, example)[0], parameters)
+    ]
+    losses, mask = token_losses(model, example)
+    token_loss_values = losses[0][mask[0]]  # [tokens]
+    scores = []
+    for token_loss in token_loss_values:
+        gradients = _block_gradients(token_loss, parameters, retain_graph=True)
+        score = torch.zeros((), device=token_loss.device)
+        for gradient, direction, example_norm in zip(gradients, query_direction, example_norms, strict=True):
+            inner = gradient.reshape(-1) @ direction.to(gradient.device, torch.float32)
+            if normalize == "layer":
+                inner = _safe_divide(inner, example_norm if normalization == "example" else gradient.norm())
+            score = score + inner
+        scores.append(score)
+    scores = torch.stack(scores)
+    return _result(example, scores, token_loss_values.detach(), "per-token-backward", normalization)
+
+
+# --------------------------------------------------------------------------- checks and shared pieces
+
+
+def _check_inputs(
+    blocks: list[GradientBlock],
+    example: Batch,
+    query_direction: list[torch.Tensor],
+    normalize: str,
+    normalization: str,
+) -> None:
+    if example.size != 1:
+        raise TokenAttributionError(
+            f"token attribution takes a batch of one example, got {example.size}: score examples one by one"
+        )
+    if normalize not in NORMALIZATIONS:
+        raise TokenAttributionError(f"normalize {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+    if normalization not in TOKEN_NORMALIZATIONS:
+        raise TokenAttributionError(
+            f"normalization {normalization!r} is not one of {', '.join(TOKEN_NORMALIZATIONS)}"
+        )
+    if len(query_direction) != len(blocks):
+        raise TokenAttributionError(
+            f"query_direction has {len(query_direction)} blocks, the model has {len(blocks)} attributed tensors"
+        )
+    for block, direction in zip(blocks, query_direction, strict=True):
+        if direction.numel() != block.numel:
+            raise TokenAttributionError(
+                f"query_direction for {block.name} has {direction.numel()} values, the tensor has {block.numel}"
+            )
+    if not bool((example.labels[0, 1:] != IGNORE_INDEX).any()):
+        raise TokenAttributionError("the example has no response token to score (all labels are -100)")
+
+
+def _result(
+    example: Batch, scores: torch.Tensor, losses: torch.Tensor, method: str, normalization: str
+) -> TokenScores:
+    targets = example.labels[0, 1:]  # shifted as the losses are
+    token_ids = targets[targets != IGNORE_INDEX]
+    return TokenScores(
+        token_ids=token_ids.tolist(),
+        scores=scores.float().tolist(),
+        losses=losses.float().tolist(),
+        method=method,
+        normalization=normalization,
+    )
+
+
+def _safe_divide(values: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    return values / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def _block_gradients(
+    loss: torch.Tensor, parameters: list[nn.Parameter], retain_graph: bool = False
+) -> list[torch.Tensor]:
+    """float32 gradient of ``loss`` for each parameter, zeros where the loss does not reach it."""
+    gradients = torch.autograd.grad(loss, parameters, retain_graph=retain_graph, allow_unused=True)
+    return [
+        torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+        for p, g in zip(parameters, gradients, strict=True)
+    ]
+
+
+def _example_tangents(
+    model: nn.Module,
+    blocks: list[GradientBlock],
+    example: Batch,
+    query_direction: list[torch.Tensor],
+    normalize: str,
+) -> list[torch.Tensor]:
+    """u_b = q_b / ||grad_b L(s)|| (layer) or q_b (none), shaped and typed like each parameter."""
+    parameters = [block.parameter for block in blocks]
+    tangents = [
+        direction.to(p.device, torch.float32).reshape(p.shape)
+        for p, direction in zip(parameters, query_direction, strict=True)
+    ]
+    if normalize == "layer":
+        with sdpa_kernel([SDPBackend.MATH]):  # same kernel as the product, so the norms match it
+            gradients = _block_gradients(example_losses(model, example)[0], parameters)
+        tangents = [_safe_divide(t, g.norm()) for t, g in zip(tangents, gradients, strict=True)]
+    return [t.to(p.dtype) for t, p in zip(tangents, parameters, strict=True)]
+
+
+# --------------------------------------------------------------------------- J u: forward mode, or double backward
+
+
+def _jvp_derivatives(
+    model: nn.Module, blocks: list[GradientBlock], example: Batch, tangents: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J u [tokens], token losses [tokens]) in one forward-mode pass over the attributed parameters."""
+    names_by_id = {id(parameter): name for name, parameter in model.named_parameters()}
+    missing = [block.name for block in blocks if id(block.parameter) not in names_by_id]
+    if missing:
+        raise TokenAttributionError(f"attributed tensors are not parameters of the model: {missing[:3]}")
+    names = [names_by_id[id(block.parameter)] for block in blocks]
+
+    def response_losses(*parameters: torch.Tensor) -> torch.Tensor:
+        def forward(**kwargs):
+            return functional_call(model, dict(zip(names, parameters, strict=True)), args=(), kwargs=kwargs)
+
+        losses, mask = token_losses(forward, example)
+        return losses[mask]  # [tokens]
+
+    primals = tuple(block.parameter.detach() for block in blocks)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):  # no_grad: no backward graph is needed
+        losses, derivatives = jvp(response_losses, primals, tuple(tangents))
+    return derivatives, losses
+
+
+def _double_backward_derivatives(
+    model: nn.Module, blocks: list[GradientBlock], example: Batch, tangents: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """J u as d/dv <J^T v, u>: J^T v is linear in v, so v's value does not matter (zeros here)."""
+    parameters = [block.parameter for block in blocks]
+    with sdpa_kernel([SDPBackend.MATH]):
+        losses, mask = token_losses(model, example)
+        losses = losses[mask]  # [tokens]
+        weights = torch.zeros_like(losses, requires_grad=True)  # v
+        gradients = torch.autograd.grad(
+            losses, parameters, grad_outputs=weights, create_graph=True, allow_unused=True
+        )
+        inner = sum(
+            (g.float() * t.float()).sum() for g, t in zip(gradients, tangents, strict=True) if g is not None
+        )
+        if not isinstance(inner, torch.Tensor):  # no attributed tensor reaches the loss
+            return torch.zeros_like(losses), losses.detach()
+        (derivatives,) = torch.autograd.grad(inner, weights)
+    return derivatives, losses.detach()
+
+
+# --------------------------------------------------------------------------- per-token normalisation, batched
+
+
+def _token_normalised_scores(
+    model: nn.Module,
+    blocks: list[GradientBlock],
+    example: Batch,
+    query_direction: list[torch.Tensor],
+    token_batch_size: int,
+) -> TokenScores:
+    """Per-token cosines from per-token gradients: copies of the sequence, one label each, in batches."""
+    capture = GradientCapture(model, blocks)
+    if not capture.supported:
+        return reference_training_token_scores(model, blocks, example, query_direction, "layer", "token")
+    positions = (example.labels[0] != IGNORE_INDEX).nonzero().flatten()
+    positions = positions[positions > 0]  # position 0 is never predicted
+    parameters = [block.parameter for block in blocks]
+    scores, losses = [], []
+    try:
+        for start in range(0, len(positions), token_batch_size):
+            batch = _single_label_copies(example, positions[start : start + token_batch_size])
+            capture.batch_size = batch.size
+            with capture:
+                chunk_losses = example_losses(model, batch)  # [copies]: each copy's one token loss
+                torch.autograd.grad(chunk_losses.sum(), parameters, allow_unused=True)
+            chunk_scores = torch.zeros(batch.size, device=chunk_losses.device)
+            for block, direction in zip(blocks, query_direction, strict=True):
+                gradients = capture.example_gradients(block, batch.size)  # [copies, numel]
+                inner = gradients @ direction.to(gradients.device, torch.float32)  # [copies]
+                chunk_scores += _safe_divide(inner, gradients.norm(dim=1)).to(chunk_scores.device)
+            capture.clear()
+            scores.append(chunk_scores)
+            losses.append(chunk_losses.detach())
+    except GradientError:  # a module folds the batch axis (e.g. mixture of experts): brute force
+        capture.clear()
+        return reference_training_token_scores(model, blocks, example, query_direction, "layer", "token")
+    return _result(example, torch.cat(scores), torch.cat(losses), "batched-backward", "token")
+
+
+def _single_label_copies(example: Batch, positions: torch.Tensor) -> Batch:
+    """One copy of the sequence per position, each keeping only that position's label."""
+    copies = len(positions)
+    labels = torch.full_like(example.labels.expand(copies, -1), IGNORE_INDEX)  # [copies, tokens]
+    rows = torch.arange(copies, device=labels.device)
+    labels[rows, positions] = example.labels[0, positions]
+    return Batch(
+        example.input_ids.expand(copies, -1).contiguous(),
+        example.attention_mask.expand(copies, -1).contiguous(),
+        labels,
+    )

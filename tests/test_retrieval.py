@@ -1,0 +1,189 @@
+"""The query stage against brute force: whole-generation and per-token scores, hot tokens, refusals."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from rapidin_index.cli.main import app
+from typer.testing import CliRunner
+
+from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.manifest import IndexMismatchError
+from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.retrieval import Index, QueryError
+from rapidin_index.sketch import SketchSettings, reference_sketch
+
+
+@pytest.fixture(scope="module", params=[0, 4096], ids=["exact", "rapidgrad"])
+def built(request, tmp_path_factory, tiny_model_dirs, training_file):
+    index_dir = tmp_path_factory.mktemp(f"index_k{request.param}")
+    settings = BuildSettings(
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(request.param, 20, 42),
+        batch_size=8,
+        device="cpu",
+    )
+    build_index(training_file, index_dir, settings, progress=False)
+    return index_dir, settings
+
+
+@pytest.fixture(scope="module")
+def opened(built):
+    return Index.open(built[0], device="cpu")
+
+
+def brute_force_vector(settings: BuildSettings, opened: Index, query, label_positions) -> torch.Tensor:
+    """Sketch of the gradient of the mean loss over ``label_positions``, one plain backward."""
+    loaded = load_model(settings.model)
+    blocks = gradient_blocks(select_parameters(loaded.model, settings.model))
+    batch = collate(
+        [(query.input_ids, query.labels_for(label_positions))], loaded.tokenizer.pad_token_id, "cpu"
+    )
+    raw = reference_gradient(loaded.model, blocks, batch)[None]
+    return reference_sketch(normalize_flat(raw, blocks, "layer"), settings.sketch)[0]
+
+
+def all_stored(opened: Index) -> dict[int, np.ndarray]:
+    from rapidin_index import index as vector_index
+
+    ids, vectors = vector_index.stored_vectors(opened.faiss_index)
+    return dict(zip(ids.tolist(), vectors, strict=True))
+
+
+def test_whole_and_per_token_scores_equal_brute_force(built, opened, training_rows):
+    _, settings = built
+    row = training_rows[4]
+    result = opened.query(row["instruction"], row["output"], top_k=24, explain=0)
+    query = opened.prepare(row["instruction"], row["output"])
+    stored = all_stored(opened)
+    whole = brute_force_vector(settings, opened, query, query.response_positions).numpy()
+    for hit in result.helpful:
+        assert hit.score == pytest.approx(float(stored[hit.id] @ whole), abs=2e-3, rel=1e-3)
+    assert [h.score for h in result.helpful] == sorted((h.score for h in result.helpful), reverse=True)
+    assert {h.id for h in result.helpful} == set(range(24))
+    for token in result.tokens[:: max(1, len(result.tokens) // 4)]:
+        position = query.response_positions[token.position]
+        expected = brute_force_vector(settings, opened, query, [position]).numpy()
+        for hit in token.helpful[:3] + token.harmful[:3]:
+            assert hit.score == pytest.approx(float(stored[hit.id] @ expected), abs=2e-3, rel=1e-3)
+    assert len(result.tokens) == len(query.response_positions)
+    assert result.tokens[-1].token_id == opened.loaded.tokenizer.eos_token_id
+
+
+def test_a_training_row_retrieves_itself(opened, training_rows):
+    rows = training_rows[:6]
+    results = opened.query_rows(rows, top_k=3, explain=0)
+    for number, result in enumerate(results):
+        assert result.helpful[0].id == number, [h.id for h in result.helpful]
+        assert result.helpful[0].source == rows[number]
+        assert result.harmful[0].score <= result.helpful[-1].score
+
+
+def test_batched_queries_equal_single_queries(opened, training_rows):
+    rows = training_rows[6:9]
+    together = opened.query_rows(rows, top_k=5, explain=0)
+    for row, batched in zip(rows, together, strict=True):
+        alone = opened.query(row["instruction"], row["output"], top_k=5, explain=0)
+        assert [h.id for h in alone.helpful] == [h.id for h in batched.helpful]
+        np.testing.assert_allclose(
+            [h.score for h in alone.helpful], [h.score for h in batched.helpful], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_hot_words_restrict_the_loss(built, opened, training_rows):
+    _, settings = built
+    row = training_rows[2]
+    word = row["output"].split()[1]
+    result = opened.query(row["instruction"], row["output"], hot=[word], top_k=24, explain=0)
+    query = opened.prepare(row["instruction"], row["output"], hot=[word])
+    hot_tokens = [t for t in result.tokens if t.hot]
+    assert 0 < len(hot_tokens) < len(result.tokens)
+    assert word.strip() in "".join(t.token for t in hot_tokens)
+    expected = brute_force_vector(settings, opened, query, query.hot_positions).numpy()
+    stored = all_stored(opened)
+    for hit in result.helpful[:5]:
+        assert hit.score == pytest.approx(float(stored[hit.id] @ expected), abs=2e-3, rel=1e-3)
+    spans = opened.query(row["instruction"], row["output"], hot=[[0, 2]], top_k=3, explain=0)
+    assert [t.hot for t in spans.tokens][:3] == [True, True, False]
+
+
+def test_explanations_score_every_response_token(opened, training_rows):
+    row = training_rows[1]
+    result = opened.query(row["instruction"], row["output"], top_k=4, explain=2)
+    explained = [hit for hit in result.helpful + result.harmful if hit.explanation]
+    assert len(explained) == 4
+    top = result.helpful[0]
+    tokens = opened.loaded.tokenizer(top.response, add_special_tokens=False).input_ids
+    assert [t["token_id"] for t in top.explanation["tokens"]][: len(tokens)] == tokens
+    assert all(np.isfinite(t["score"]) for t in top.explanation["tokens"])
+
+
+def test_generate_attributes_the_models_own_output(opened, training_rows):
+    result = opened.query(
+        training_rows[0]["instruction"], generate=True, max_new_tokens=8, top_k=2, explain=0
+    )
+    assert result.generated and result.response and len(result.tokens) >= 1
+
+
+def test_bad_queries_get_clear_errors(opened, training_rows):
+    with pytest.raises(QueryError, match="response is empty"):
+        opened.query("What?", "  ")
+    with pytest.raises(QueryError, match="past the index's --max-length"):
+        opened.query("What?", "word " * 2000)
+    with pytest.raises(QueryError, match="query row 1: .*fields"):
+        opened.query_rows([training_rows[0], {"question": "no known fields"}])
+    with pytest.raises(QueryError, match="hot word 'zebra'"):
+        opened.query("What?", "An answer.", hot=["zebra"])
+    with pytest.raises(QueryError, match="top-k"):
+        opened.query("What?", "An answer.", top_k=0)
+
+
+def test_mismatched_model_tokenizer_or_k_is_refused(built, tmp_path, tiny_model_dirs):
+    index_dir, settings = built
+    with pytest.raises(IndexMismatchError, match="model weights differ"):
+        Index.open(index_dir, model=tiny_model_dirs["gpt2"], device="cpu")
+    with pytest.raises(
+        IndexMismatchError, match=f"index built with K={settings.sketch.sketch_dim}, query asked for K=65536"
+    ):
+        Index.open(index_dir, sketch_dim=65536, device="cpu")
+    changed = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], changed)
+    config_path = changed / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{{ messages }}"
+    config_path.write_text(json.dumps(config))
+    (changed / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(IndexMismatchError, match="tokenizer differs"):
+        Index.open(index_dir, model=str(changed), device="cpu")
+
+
+def test_cli_query_json_jsonl_and_html(built, tmp_path, training_rows):
+    index_dir, _ = built
+    runner = CliRunner()
+    row = training_rows[3]
+    args = ["query", "--index", str(index_dir), "--prompt", row["instruction"], "--response", row["output"]]
+    result = runner.invoke(app, args + ["--top-k", "2", "--explain", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    value = json.loads(result.stdout)
+    assert value["helpful"][0]["id"] == 3 and value["tokens"][0]["helpful"]
+    queries = tmp_path / "queries.jsonl"
+    hot_row = training_rows[1] | {"hot": [training_rows[1]["output"].split()[0]]}
+    queries.write_text(json.dumps(training_rows[0]) + "\n" + json.dumps(hot_row) + "\n")
+    out = tmp_path / "out.jsonl"
+    many = runner.invoke(
+        app,
+        ["query", "--index", str(index_dir), "--queries", str(queries), "--out", str(out), "--explain", "0"],
+    )
+    assert many.exit_code == 0, many.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["helpful"][0]["id"] == 0
+    assert all(t["hot"] for t in lines[0]["tokens"]) and not all(t["hot"] for t in lines[1]["tokens"])
+    assert lines[1]["query"]["hot"] == hot_row["hot"]
+    html = tmp_path / "report.html"
+    page = runner.invoke(app, args + ["--out", str(html), "--explain", "1"])
+    assert page.exit_code == 0 and "gen-token" in html.read_text()
+    bad = runner.invoke(app, ["query", "--index", str(index_dir), "--prompt", "x"])
+    assert bad.exit_code == 2 and "--response TEXT or --generate" in bad.output
