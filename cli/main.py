@@ -80,6 +80,10 @@ def build(
     ] = None,
     strict: Annotated[bool, typer.Option(help="Fail on a malformed row instead of reporting it.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = 256,
+    num_shards: Annotated[
+        int, typer.Option(help="Static sharding: split the rows (id % N) across N independent builds.")
+    ] = 1,
+    shard_index: Annotated[int, typer.Option(help="Which shard this build indexes (0-based).")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Compute one RapidGrad sketch per training example and store it in a FAISS + LanceDB index."""
@@ -101,6 +105,8 @@ def build(
             device=device,
             strict=strict,
             chunk_size=chunk_size,
+            num_shards=num_shards,
+            shard_index=shard_index,
         )
         report = build_index(data or append, index, settings, append=append is not None, progress=not quiet)
     except _user_errors() as error:
@@ -226,6 +232,24 @@ def query(
 
 
 @app.command()
+def merge(
+    shards: Annotated[list[Path], typer.Argument(help="The shard index folders, all N of them.")],
+    index: Annotated[Path, typer.Option(help="New index folder for the merged index.")],
+) -> None:
+    """Merge the shards of a `build --num-shards N` into one index (every row exactly once)."""
+    from rapidin_index.shards import ShardError, merge_shards
+
+    try:
+        manifest = merge_shards(shards, index)
+    except (*_user_errors(), ShardError) as error:
+        raise fail(error) from None
+    console.print(
+        f"merged {len(shards)} shards into {index}: {manifest.row_count:,} rows, {manifest.rejected_count:,} rejected",
+        highlight=False,
+    )
+
+
+@app.command()
 def info(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     as_json: Annotated[
@@ -283,6 +307,69 @@ def info(
         table.add_row(name, value)
     Console().print(table)
     _print_rejected(rejected)
+
+
+@app.command()
+def export(
+    index: Annotated[Path, typer.Option(help="Index folder.")],
+    out: Annotated[Path, typer.Option(help="Bundle to write: .tar, .tar.gz/.tgz, .zip or .parquet.")],
+    format: Annotated[
+        str | None,
+        typer.Option(help="tar, tar.gz, zip or parquet (default: from --out's extension, else tar.gz)."),
+    ] = None,
+) -> None:
+    """Write the index as one portable, checksummed bundle (or a Parquet file of vectors and rows)."""
+    from rapidin_index.export import BundleError, export_index, format_for
+    from rapidin_index.manifest import sha256_file
+
+    try:
+        written = export_index(index, out, format)
+    except (*_user_errors(), BundleError) as error:
+        raise fail(error) from None
+    console.print(
+        f"wrote {written} ({format_for(out, format)}, {written.stat().st_size:,} bytes)\n"
+        f"sha256 {sha256_file(written)}  (publish it beside the bundle so recipients can check it)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("import")
+def import_(
+    bundle: Annotated[Path, typer.Argument(help="Bundle written by `rapidin-index export`.")],
+    index: Annotated[
+        Path | None, typer.Option(help="Index folder to create (must not exist, or be empty).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace the index in --index, once the bundle has verified.")
+    ] = False,
+    check: Annotated[bool, typer.Option(help="Only verify the bundle; write nothing.")] = False,
+) -> None:
+    """Verify a bundle (checksums, sizes, safe paths, manifest) and unpack it as an index folder."""
+    from rapidin_index.export import BundleError, import_bundle, verify_bundle
+
+    if (index is None) != check:
+        raise fail(ValueError("give --index DIR to import, or --check to only verify"))
+    try:
+        if check:
+            facts = verify_bundle(bundle)["index"]
+        else:
+            facts = import_bundle(bundle, index, force=force).to_dict()
+    except (*_user_errors(), BundleError) as error:
+        raise fail(error) from None
+    done = f"{bundle} verifies" if check else f"imported {bundle} into {index}"
+    console.print(
+        f"{done}: {facts['row_count']:,} rows, built with model {facts['model']['name_or_path']} "
+        f"(fingerprint {facts['model']['fingerprint'][:12]})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not check:
+        console.print(
+            f"query it with the same model: rapidin-index query --index {index} --model LOCAL_MODEL_PATH ...",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 if __name__ == "__main__":

@@ -79,6 +79,19 @@ class BuildSettings:
     """Fail on the first malformed row instead of reporting it and indexing the rest."""
     chunk_size: int = 256
     """Rows per journal chunk: the unit of resumption."""
+    num_shards: int = 1
+    """Static sharding: this build indexes only the rows whose id % num_shards == shard_index."""
+    shard_index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise BuildError("--batch-size and --chunk-size must be at least 1")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
+
+    @property
+    def shard(self) -> dict | None:
+        return None if self.num_shards == 1 else {"index": self.shard_index, "count": self.num_shards}
 
 
 @dataclass
@@ -127,6 +140,7 @@ def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, templ
         },
         "normalize": settings.normalize,
         "sketch": sketch,
+        "shard": settings.shard,
     }
 
 
@@ -140,6 +154,7 @@ def manifest_identity(manifest: Manifest) -> dict:
         "parameters": manifest.parameters,
         "normalize": manifest.normalize,
         "sketch": manifest.sketch,
+        "shard": manifest.shard,
     }
 
 
@@ -161,6 +176,8 @@ def build_index(
     existing = _existing_manifest(index_dir)
     if append and existing is None:
         raise BuildError(f"--append needs a finished index in {index_dir}; build one first with --data")
+    if append and settings.shard is not None:
+        raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
     device = resolve_device(settings.device)
     loaded = load_model(settings.model, device)
     selected = select_parameters(loaded.model, settings.model)
@@ -192,6 +209,9 @@ def build_index(
             f"row {first.example_id + plan['id_offset']}: {first.reason} (--strict; {len(rejected)} bad rows)"
         )
     total_rows = len(examples) + len(rejected)
+    if settings.shard is not None:  # strided: row i goes to shard i % N, which balances lengths
+        examples = [e for e in examples if e.example_id % settings.num_shards == settings.shard_index]
+        rejected = [r for r in rejected if r.example_id % settings.num_shards == settings.shard_index]
     sketcher = GradientSketcher(
         loaded.model,
         gradient_blocks(selected),
@@ -466,6 +486,7 @@ def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Man
         vector_dtype="float32",
         generation=generation,
         sources=([*existing.sources] if existing else []) + [source],
+        shard=identity["shard"],
     )
     if existing is not None:
         manifest.created_at = existing.created_at

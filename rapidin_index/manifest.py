@@ -102,6 +102,7 @@ class Manifest:
     token_count: int = 0
     truncated_count: int = 0
     generation: int = 0
+    shard: dict | None = None  # {index, count} for one static shard of a larger build, else None
     template_usage: dict = field(default_factory=dict)  # {resolved template name: rows}, e.g. {"alpaca": 24}
     sources: list = field(default_factory=list)  # [{path, sha256, id_offset, rows}]
     files: dict = field(default_factory=dict)  # {relative path: {sha256, bytes}}

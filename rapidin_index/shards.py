@@ -1,0 +1,102 @@
+"""Merge statically sharded builds (``build --num-shards N --shard-index I``) into one index.
+
+Each shard is an ordinary index folder holding the rows whose id % N == I. A merge refuses shards built
+with different settings or data, a missing or duplicated shard, and any row id that is missing or present
+twice; the merged index is written like any build (generation 1, manifest last).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from rapidin_index import index as vector_index
+from rapidin_index import metadata
+from rapidin_index.build import _file_checksums, manifest_identity, read_rejected, rejected_file
+from rapidin_index.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    atomic_write_bytes,
+    differences,
+    read_manifest,
+    write_manifest,
+)
+
+
+class ShardError(ValueError):
+    """Shards that cannot be merged; the message names the shard, setting or row."""
+
+
+def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:
+    shard_dirs, index_dir = [Path(d) for d in shard_dirs], Path(index_dir)
+    if (index_dir / MANIFEST_NAME).exists():
+        raise ShardError(f"{index_dir} already holds an index; merge into a new folder")
+    manifests = [read_manifest(d) for d in shard_dirs]
+    _check_compatible(shard_dirs, manifests)
+    total_rows = manifests[0].total_rows_seen
+    faiss_index = vector_index.new_index(manifests[0].sketch["output_dim"])
+    rows, rejected, seen = [], [], Counter()
+    for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
+        path = shard_dir / vector_index.vector_file(manifest.generation)
+        ids, vectors = vector_index.stored_vectors(vector_index.load_index(path))
+        order = np.argsort(ids)
+        vector_index.add_vectors(faiss_index, vectors[order], ids[order])
+        rows.extend(metadata.read_all(shard_dir, manifest.generation))
+        rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
+        seen.update(ids.tolist())
+        seen.update(r["id"] for r in rejected[len(rejected) - manifest.rejected_count :])
+    _check_every_row_once(seen, total_rows)
+    rows.sort(key=lambda row: row["id"])
+    rejected.sort(key=lambda row: row["id"])
+    index_dir.mkdir(parents=True, exist_ok=True)
+    metadata.write_table(index_dir, 1, [rows])
+    vector_index.save_index(faiss_index, index_dir / vector_index.vector_file(1))
+    atomic_write_bytes(index_dir / rejected_file(1), "".join(json.dumps(r) + "\n" for r in rejected).encode())
+    merged = Manifest.from_dict(manifests[0].to_dict())
+    merged.shard, merged.generation = None, 1
+    merged.row_count, merged.rejected_count = faiss_index.ntotal, len(rejected)
+    merged.token_count = sum(m.token_count for m in manifests)
+    merged.truncated_count = sum(m.truncated_count for m in manifests)
+    merged.template_usage = dict(sum((Counter(m.template_usage) for m in manifests), Counter()))
+    merged.files = _file_checksums(index_dir, 1)
+    write_manifest(index_dir, merged)
+    shutil.rmtree(index_dir / ".build", ignore_errors=True)
+    return merged
+
+
+def _check_compatible(shard_dirs: list[Path], manifests: list[Manifest]) -> None:
+    first = manifests[0]
+    if first.shard is None:
+        raise ShardError(f"{shard_dirs[0]} is not a shard (built without --num-shards)")
+    count = first.shard["count"]
+    reference = {**manifest_identity(first), "shard": None}
+    for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
+        if manifest.shard is None or manifest.shard["count"] != count:
+            raise ShardError(f"{shard_dir} is not one of {count} shards")
+        changed = differences(reference, {**manifest_identity(manifest), "shard": None})
+        if changed:
+            raise ShardError(f"{shard_dir} was built with other settings:\n  " + "\n  ".join(changed))
+        if [s["sha256"] for s in manifest.sources] != [s["sha256"] for s in first.sources]:
+            raise ShardError(f"{shard_dir} was built from other data than {shard_dirs[0]}")
+    indices = Counter(m.shard["index"] for m in manifests)
+    duplicated = sorted(i for i, n in indices.items() if n > 1)
+    missing = sorted(set(range(count)) - set(indices))
+    if duplicated:
+        raise ShardError(f"shard {duplicated[0]} of {count} is given more than once")
+    if missing:
+        raise ShardError(
+            f"shard {missing[0]} of {count} is missing; build it with --shard-index {missing[0]}"
+        )
+
+
+def _check_every_row_once(seen: Counter, total_rows: int) -> None:
+    twice = sorted(i for i, n in seen.items() if n > 1)
+    missing = sorted(set(range(total_rows)) - set(seen))
+    if twice:
+        raise ShardError(f"row {twice[0]} is present in more than one shard ({len(twice)} such rows)")
+    if missing:
+        raise ShardError(f"row {missing[0]} is in no shard ({len(missing)} rows missing)")

@@ -1,0 +1,91 @@
+"""Static shards + merge give the same index as one build; bad merges are refused."""
+
+import numpy as np
+import pytest
+
+from rapidin_index import metadata
+from rapidin_index.build import BuildError, BuildSettings, build_index
+from rapidin_index.index import load_index, stored_vectors, vector_file
+from rapidin_index.manifest import read_manifest
+from rapidin_index.models import ModelSettings
+from rapidin_index.retrieval import Index
+from rapidin_index.shards import ShardError, merge_shards
+from rapidin_index.sketch import SketchSettings
+
+
+def settings(tiny_model_dirs, **overrides):
+    values = dict(sketch=SketchSettings(2048, 20, 42), batch_size=4, chunk_size=5, device="cpu")
+    values.update(overrides)
+    return BuildSettings(ModelSettings(tiny_model_dirs["llama"]), **values)
+
+
+def vectors_of(index_dir):
+    manifest = read_manifest(index_dir)
+    ids, vectors = stored_vectors(load_index(index_dir / vector_file(manifest.generation)))
+    return dict(zip(ids.tolist(), vectors, strict=True))
+
+
+@pytest.fixture(scope="module")
+def shard_builds(tmp_path_factory, tiny_model_dirs, training_file):
+    root = tmp_path_factory.mktemp("shards")
+    build_index(training_file, root / "single", settings(tiny_model_dirs), progress=False)
+    for shard in range(3):
+        build_index(
+            training_file,
+            root / f"shard{shard}",
+            settings(tiny_model_dirs, num_shards=3, shard_index=shard),
+            progress=False,
+        )
+    return root
+
+
+def test_shards_merge_to_the_single_build(shard_builds, training_rows):
+    root = shard_builds
+    assert sorted(vectors_of(root / "shard1")) == [i for i in range(len(training_rows)) if i % 3 == 1]
+    merged = merge_shards([root / "shard2", root / "shard0", root / "shard1"], root / "merged")
+    assert merged.row_count == len(training_rows) and merged.shard is None
+    single, combined = vectors_of(root / "single"), vectors_of(root / "merged")
+    assert sorted(single) == sorted(combined)
+    for example_id, vector in single.items():
+        np.testing.assert_allclose(combined[example_id], vector, atol=1e-6)
+    assert [row["id"] for row in metadata.read_all(root / "merged", 1)] == list(range(len(training_rows)))
+    row = training_rows[7]
+    expected = Index.open(root / "single", device="cpu").query(
+        row["instruction"], row["output"], top_k=5, explain=0
+    )
+    found = Index.open(root / "merged", device="cpu").query(
+        row["instruction"], row["output"], top_k=5, explain=0
+    )
+    assert [h.id for h in found.helpful] == [h.id for h in expected.helpful]
+    np.testing.assert_allclose(
+        [h.score for h in found.helpful], [h.score for h in expected.helpful], rtol=1e-5
+    )
+
+
+def test_bad_merges_are_refused(shard_builds, tmp_path, tiny_model_dirs, training_file):
+    root = shard_builds
+    with pytest.raises(ShardError, match="shard 2 of 3 is missing"):
+        merge_shards([root / "shard0", root / "shard1"], tmp_path / "a")
+    with pytest.raises(ShardError, match="shard 1 of 3 is given more than once"):
+        merge_shards([root / "shard0", root / "shard1", root / "shard1"], tmp_path / "b")
+    with pytest.raises(ShardError, match="not a shard"):
+        merge_shards([root / "single", root / "shard1"], tmp_path / "c")
+    other = tmp_path / "other_k"
+    build_index(
+        training_file,
+        other,
+        settings(tiny_model_dirs, sketch=SketchSettings(1024, 20, 42), num_shards=3, shard_index=2),
+        progress=False,
+    )
+    with pytest.raises(ShardError, match="other settings:\n  sketch"):
+        merge_shards([root / "shard0", root / "shard1", other], tmp_path / "d")
+    with pytest.raises(BuildError, match="--shard-index must be in"):
+        settings(tiny_model_dirs, num_shards=2, shard_index=2)
+    with pytest.raises(BuildError, match="merge the shards first"):
+        build_index(
+            training_file,
+            root / "shard0",
+            settings(tiny_model_dirs, num_shards=3, shard_index=0),
+            append=True,
+            progress=False,
+        )
