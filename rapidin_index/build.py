@@ -167,8 +167,14 @@ def build_index(
     settings: BuildSettings,
     append: bool = False,
     progress: bool = True,
+    runner_factory=None,
 ) -> BuildReport:
-    """Index every row of ``data`` into ``index_dir`` (or, with ``append``, add them to the index there)."""
+    """Index every row of ``data`` into ``index_dir`` (or, with ``append``, add them to the index there).
+
+    ``runner_factory(loaded, selected, settings, device)`` makes the object that computes the pending
+    chunks (default: :class:`LocalChunkRunner`, in this process; :mod:`rapidin_index.parallel` has the
+    Ray one). Whatever computes them, this process alone writes the journal and the index.
+    """
     started = time.perf_counter()
     data, index_dir = Path(data), Path(index_dir)
     if not data.exists():
@@ -212,30 +218,21 @@ def build_index(
     if settings.shard is not None:  # strided: row i goes to shard i % N, which balances lengths
         examples = [e for e in examples if e.example_id % settings.num_shards == settings.shard_index]
         rejected = [r for r in rejected if r.example_id % settings.num_shards == settings.shard_index]
-    sketcher = GradientSketcher(
-        loaded.model,
-        gradient_blocks(selected),
-        make_projector(settings.sketch, report.gradient_dim, device),
-        settings.normalize,
-    )
     by_chunk = _group_by_chunk(examples, rejected, settings.chunk_size, total_rows)
+    jobs = []
     with RowProgress(total_rows, enabled=progress) as bar:
         for chunk_number, (chunk_examples, chunk_rejected) in enumerate(by_chunk):
             if _chunk_complete(journal, chunk_number):
                 report.resumed_chunks += 1
                 bar.advance(len(chunk_examples) + len(chunk_rejected), 0)
-                continue
-            record, vectors = _compute_chunk(
-                sketcher,
-                loaded.tokenizer,
-                chunk_examples,
-                chunk_rejected,
-                plan["id_offset"],
-                settings,
-                device,
-                bar,
-            )
-            _write_chunk(journal, chunk_number, record, vectors)
+            else:
+                jobs.append(ChunkJob(chunk_number, chunk_examples, chunk_rejected, plan["id_offset"]))
+
+        def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
+            _write_chunk(journal, job.chunk_number, record, vectors)
+
+        runner = (runner_factory or LocalChunkRunner)(loaded, selected, settings, device)
+        runner.run(jobs, write, bar.advance)
     manifest = _finalize(index_dir, journal, plan, existing, settings, total_rows, data)
     return _finished_report(report, manifest, started, "")
 
@@ -361,29 +358,64 @@ def _group_by_chunk(examples: list[Example], rejected: list[RejectedRow], chunk_
 # --------------------------------------------------------------------------- gradients of one chunk
 
 
-def _compute_chunk(
-    sketcher, tokenizer, examples, rejected, id_offset, settings, device, bar
-) -> tuple[dict, np.ndarray]:
+@dataclass
+class ChunkJob:
+    """One chunk of rows to sketch: the unit of work, of resumption, and of a distributed worker."""
+
+    chunk_number: int
+    examples: list[Example]
+    rejected: list[RejectedRow]
+    id_offset: int
+
+
+class LocalChunkRunner:
+    """Computes chunks one after the other in this process."""
+
+    def __init__(self, loaded: LoadedModel, selected, settings: BuildSettings, device) -> None:
+        self.chunk_sketcher = ChunkSketcher(loaded, selected, settings, device)
+
+    def run(self, jobs: list[ChunkJob], write, advance) -> None:
+        for job in jobs:
+            record, vectors = self.chunk_sketcher.compute(job, advance)
+            write(job, record, vectors)
+
+
+class ChunkSketcher:
     """Sketch every example of a chunk; rows whose gradient is not finite join the rejected ones."""
-    results: dict[int, tuple[np.ndarray, dict]] = {}
-    rejected = [{"id": row.example_id + id_offset, "reason": row.reason} for row in rejected]
-    bar.advance(len(rejected), 0)
-    ordered = sorted(examples, key=lambda example: len(example.input_ids), reverse=True)  # less padding
-    for start in range(0, len(ordered), settings.batch_size):
-        batch_examples = ordered[start : start + settings.batch_size]
-        batch = collate([(e.input_ids, e.labels) for e in batch_examples], tokenizer.pad_token_id, device)
-        sketched = sketcher.sketch(batch)
-        vectors = sketched.vectors.cpu().numpy()
-        for row, example in enumerate(batch_examples):
-            example_id = example.example_id + id_offset
-            if not bool(sketched.finite[row]):
-                reason = "non-finite gradient (NaN or inf); try --dtype float32"
-                rejected.append({"id": example_id, "reason": reason})
-                continue
-            results[example_id] = (vectors[row], _metadata_row(example, example_id, sketched, row))
-        bar.advance(len(batch_examples), sum(len(e.input_ids) for e in batch_examples))
+
+    def __init__(self, loaded: LoadedModel, selected, settings: BuildSettings, device) -> None:
+        blocks = gradient_blocks(selected)
+        projector = make_projector(settings.sketch, gradient_dim(blocks), device)
+        self.sketcher = GradientSketcher(loaded.model, blocks, projector, settings.normalize)
+        self.tokenizer = loaded.tokenizer
+        self.batch_size = settings.batch_size
+        self.device = device
+
+    def compute(self, job: ChunkJob, advance=lambda rows, tokens: None) -> tuple[dict, np.ndarray]:
+        results: dict[int, tuple[np.ndarray, dict]] = {}
+        rejected = [{"id": row.example_id + job.id_offset, "reason": row.reason} for row in job.rejected]
+        advance(len(rejected), 0)
+        ordered = sorted(
+            job.examples, key=lambda example: len(example.input_ids), reverse=True
+        )  # less padding
+        for start in range(0, len(ordered), self.batch_size):
+            batch_examples = ordered[start : start + self.batch_size]
+            pairs = [(e.input_ids, e.labels) for e in batch_examples]
+            sketched = self.sketcher.sketch(collate(pairs, self.tokenizer.pad_token_id, self.device))
+            vectors = sketched.vectors.cpu().numpy()
+            for row, example in enumerate(batch_examples):
+                example_id = example.example_id + job.id_offset
+                if not bool(sketched.finite[row]):
+                    reason = "non-finite gradient (NaN or inf); try --dtype float32"
+                    rejected.append({"id": example_id, "reason": reason})
+                    continue
+                results[example_id] = (vectors[row], _metadata_row(example, example_id, sketched, row))
+            advance(len(batch_examples), sum(len(e.input_ids) for e in batch_examples))
+        return _chunk_record(results, rejected, job.examples, self.sketcher.projector.output_dim)
+
+
+def _chunk_record(results: dict, rejected: list[dict], examples: list[Example], dimension: int):
     ids = sorted(results)
-    dimension = sketcher.projector.output_dim
     stacked = np.stack([results[i][0] for i in ids]) if ids else np.zeros((0, dimension), np.float32)
     record = {
         "ids": ids,
