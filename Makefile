@@ -20,7 +20,7 @@ demo: install
 	$(VENV)/bin/rapidin-index demo
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 lint: install
 	$(VENV)/bin/ruff check rapidin_index cli tests benchmarks

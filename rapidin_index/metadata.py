@@ -58,11 +58,14 @@ def read_all(index_dir: str | Path, generation: int) -> list[dict]:
     return _connect(index_dir).open_table(table_name(generation)).to_arrow().to_pylist()
 
 
-def read_rows(index_dir: str | Path, generation: int, ids: list[int]) -> dict[int, dict]:
-    """{id: row} for the given ids, with ``source`` decoded back to a dict."""
+def open_table(index_dir: str | Path, generation: int):
+    return _connect(index_dir).open_table(table_name(generation))
+
+
+def read_rows(table, ids: list[int]) -> dict[int, dict]:
+    """{id: row} for the given ids of an open table, with ``source`` decoded back to a dict."""
     if not ids:
         return {}
-    table = _connect(index_dir).open_table(table_name(generation))
     id_list = ", ".join(str(int(i)) for i in sorted(set(ids)))
     found = table.search().where(f"id IN ({id_list})").limit(len(set(ids))).to_arrow().to_pylist()
     return {row["id"]: {**row, "source": json.loads(row["source"])} for row in found}
@@ -75,6 +78,6 @@ def count_rows(index_dir: str | Path, generation: int) -> int:
 def drop_other_tables(index_dir: str | Path, keep_generation: int) -> None:
     database = _connect(index_dir)
     keep = table_name(keep_generation)
-    for name in list(database.table_names()):
+    for name in list(database.list_tables().tables):
         if name != keep and name.startswith("rows_g"):
             database.drop_table(name)

@@ -89,6 +89,7 @@ class Index:
                 f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
             )
         self.faiss_index = search_index(cpu_index)
+        self.table = metadata.open_table(path, manifest.generation)  # kept open: joins are per query
 
     @classmethod
     def open(
@@ -217,7 +218,10 @@ class Index:
         sequences = []
         for query in queries:
             sequences.append((query.input_ids, query.labels_for(query.hot_positions)))
-            sequences.extend((query.input_ids, query.labels_for([p])) for p in query.response_positions)
+            # A causal model's loss at p ignores later positions: cut each copy there (same gradient, less work).
+            sequences.extend(
+                (query.input_ids[: p + 1], query.labels_for([p])[: p + 1]) for p in query.response_positions
+            )
         vectors, losses = [], []
         for start in range(0, len(sequences), self.batch_size):
             batch = collate(
@@ -267,7 +271,7 @@ class Index:
 
     def _join_text(self, results: list[QueryResult]) -> None:
         ids = {hit.id for result in results for hit in result.helpful + result.harmful}
-        rows = metadata.read_rows(self.path, self.manifest.generation, sorted(ids))
+        rows = metadata.read_rows(self.table, sorted(ids))
         for result in results:
             for hit in result.helpful + result.harmful:
                 row = rows[hit.id]

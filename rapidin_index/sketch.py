@@ -208,14 +208,16 @@ class RapidGradProjector:
         return positions
 
     def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length): 5 bytes a coordinate."""
         key = (start, length)
         if self._cache is not None and key in self._cache:
             return self._cache[key]
         positions = self.final_positions(start, length)
-        result = (positions // self.bin_width, rademacher_signs(positions, self.settings.seed))
+        bins = (positions // self.bin_width).to(torch.int32)
+        signs = rademacher_signs(positions, self.settings.seed).to(torch.int8)
         if self._cache is not None:
-            self._cache[key] = result
-        return result
+            self._cache[key] = (bins, signs)
+        return bins, signs
 
     def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
         """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""

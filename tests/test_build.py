@@ -67,7 +67,7 @@ def test_stored_vectors_equal_brute_force(
     assert sorted(vectors) == list(range(len(training_rows)))
     for example_id, vector in expected.items():
         np.testing.assert_allclose(vectors[example_id], vector.numpy(), atol=3e-5, rtol=1e-4)
-    rows = metadata.read_rows(tmp_path / "index", 1, [0, 5])
+    rows = metadata.read_rows(metadata.open_table(tmp_path / "index", 1), [0, 5])
     assert rows[5]["source"] == training_rows[5]
     assert rows[5]["response"] == training_rows[5]["output"]
     assert rows[0]["num_tokens"] > rows[0]["num_response_tokens"] > 0
@@ -183,7 +183,7 @@ def test_append_adds_rows_with_continuing_ids(tmp_path, tiny_model_dirs, trainin
     assert manifest.generation == 2 and [s["id_offset"] for s in manifest.sources] == [0, 10]
     assert not (tmp_path / "index" / "vectors-g0001.faiss").exists()
     assert (
-        metadata.read_rows(tmp_path / "index", 2, [12])[12]["source"]["instruction"]
+        metadata.read_rows(metadata.open_table(tmp_path / "index", 2), [12])[12]["source"]["instruction"]
         == training_rows[12]["instruction"]
     )
     expected = brute_force_vectors(settings, first)
