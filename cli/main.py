@@ -250,6 +250,26 @@ def merge(
 
 
 @app.command()
+def demo(
+    folder: Annotated[Path, typer.Option(help="Where data, model, index and report go (cached).")] = Path(
+        ".demo"
+    ),
+    rows: Annotated[int, typer.Option(help="Docstring rows to use.")] = 800,
+    k: Annotated[int, typer.Option("--k", help="RapidGrad sketch dimension K.")] = 65536,
+    queries: Annotated[int, typer.Option(help="Attacked generations to query.")] = 5,
+) -> None:
+    """Train a tiny backdoored model on bundled data, index it, and trace its attacked generations."""
+    from rapidin_index.demo import DemoSettings, run_demo
+
+    try:
+        run_demo(
+            DemoSettings(folder=str(folder), rows=rows, sketch_dim=k, attacked_queries=queries), Console()
+        )
+    except _user_errors() as error:
+        raise fail(error) from None
+
+
+@app.command()
 def info(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     as_json: Annotated[

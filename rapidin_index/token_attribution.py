@@ -16,17 +16,19 @@ Two ways to normalise a token's gradient, because layer-wise normalisation is no
   forward-mode pass, instead of one backward per token.
 * ``normalization="token"``: ``score_i = sum_b <grad_b L_i(s), q_b> / ||grad_b L_i(s)||``, the literal
   per-token cosine of the paper. Each token needs its own block norms, so the scores are not a JVP and
-  do NOT average (or sum) to the whole score. They are computed from per-token gradients taken in
-  batches: the sequence is repeated once per response token, each copy with a single-token label, and
-  the hooks of :class:`rapidin_index.gradients.GradientCapture` split one backward into per-copy gradients.
+  do NOT average (or sum) to the whole score. They come from per-token gradients: one forward, then
+  backwards vmapped over one-hot seeds of the token-loss vector (``is_grads_batched``), a batch of
+  ``token_batch_size`` tokens at a time; memory is about ``token_batch_size`` x the attributed size.
 
 With ``normalize="none"`` there is no division and the two normalisations are the same (the JVP).
 
 Forward-mode AD has no formula for the fused attention kernels (and their backward has no derivative
 for the double-backward fallback), so both passes run with PyTorch's SDPA pinned to its math kernel: the
-model can stay on ``attn_implementation="sdpa"``. If the forward-mode pass still fails (an op without a
-forward-AD formula, e.g. FlashAttention-2), the same product comes from the double-backward trick
-``J u = d/dv <J^T v, u>``. The model must be in eval mode (dropout off), as :func:`load_model` leaves it.
+model can stay on ``attn_implementation="sdpa"``. The math kernel materialises the [heads, tokens,
+tokens] attention; the double-backward graph keeps it per layer, the JVP (under no_grad) keeps none.
+If the forward-mode pass still fails (an op without a forward-AD formula, e.g. FlashAttention-2), the
+same product comes from the double-backward trick ``J u = d/dv <J^T v, u>``. The model must be in eval
+mode (dropout off), as :func:`rapidin_index.models.load_model` leaves it.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ from rapidin_index.gradients import (
     NORMALIZATIONS,
     Batch,
     GradientBlock,
-    GradientCapture,
-    GradientError,
     example_losses,
     token_losses,
 )
@@ -86,7 +86,7 @@ def training_token_scores(
     """Score every response token of ``example`` (a batch of one) against ``query_direction``.
 
     ``method`` (example normalisation): ``auto`` tries the JVP and falls back to double-backward.
-    ``token_batch_size``: copies of the sequence per backward in ``normalization="token"`` mode.
+    ``token_batch_size``: per-token gradients per vmapped backward in ``normalization="token"`` mode.
     """
     _check_inputs(blocks, example, query_direction, normalize, normalization)
     if method not in METHODS:
@@ -159,12 +159,14 @@ def _check_inputs(
         )
     if len(query_direction) != len(blocks):
         raise TokenAttributionError(
-            f"query_direction has {len(query_direction)} blocks, the model has {len(blocks)} attributed tensors"
+            f"query_direction has {len(query_direction)} blocks, "
+            f"the model has {len(blocks)} attributed tensors"
         )
     for block, direction in zip(blocks, query_direction, strict=True):
         if direction.numel() != block.numel:
             raise TokenAttributionError(
-                f"query_direction for {block.name} has {direction.numel()} values, the tensor has {block.numel}"
+                f"query_direction for {block.name} has {direction.numel()} values, "
+                f"the tensor has {block.numel}"
             )
     if not bool((example.labels[0, 1:] != IGNORE_INDEX).any()):
         raise TokenAttributionError("the example has no response token to score (all labels are -100)")
@@ -213,13 +215,12 @@ def _example_tangents(
         for p, direction in zip(parameters, query_direction, strict=True)
     ]
     if normalize == "layer":
-        with sdpa_kernel([SDPBackend.MATH]):  # same kernel as the product, so the norms match it
-            gradients = _block_gradients(example_losses(model, example)[0], parameters)
+        gradients = _block_gradients(example_losses(model, example)[0], parameters)
         tangents = [_safe_divide(t, g.norm()) for t, g in zip(tangents, gradients, strict=True)]
     return [t.to(p.dtype) for t, p in zip(tangents, parameters, strict=True)]
 
 
-# --------------------------------------------------------------------------- J u: forward mode, or double backward
+# ----------------------------------------------------------------- J u: forward mode or double backward
 
 
 def _jvp_derivatives(
@@ -276,43 +277,42 @@ def _token_normalised_scores(
     query_direction: list[torch.Tensor],
     token_batch_size: int,
 ) -> TokenScores:
-    """Per-token cosines from per-token gradients: copies of the sequence, one label each, in batches."""
-    capture = GradientCapture(model, blocks)
-    if not capture.supported:
-        return reference_training_token_scores(model, blocks, example, query_direction, "layer", "token")
-    positions = (example.labels[0] != IGNORE_INDEX).nonzero().flatten()
-    positions = positions[positions > 0]  # position 0 is never predicted
+    """Per-token cosines from per-token gradients: one forward, then vmapped backwards in batches."""
     parameters = [block.parameter for block in blocks]
-    scores, losses = [], []
+    directions = [
+        d.to(p.device, torch.float32).reshape(-1) for p, d in zip(parameters, query_direction, strict=True)
+    ]
+    losses, mask = token_losses(model, example)
+    losses = losses[mask]  # [tokens]
+    seeds = torch.eye(len(losses), device=losses.device)  # row i selects L_i
+    scores = []
     try:
-        for start in range(0, len(positions), token_batch_size):
-            batch = _single_label_copies(example, positions[start : start + token_batch_size])
-            capture.batch_size = batch.size
-            with capture:
-                chunk_losses = example_losses(model, batch)  # [copies]: each copy's one token loss
-                torch.autograd.grad(chunk_losses.sum(), parameters, allow_unused=True)
-            chunk_scores = torch.zeros(batch.size, device=chunk_losses.device)
-            for block, direction in zip(blocks, query_direction, strict=True):
-                gradients = capture.example_gradients(block, batch.size)  # [copies, numel]
-                inner = gradients @ direction.to(gradients.device, torch.float32)  # [copies]
-                chunk_scores += _safe_divide(inner, gradients.norm(dim=1)).to(chunk_scores.device)
-            capture.clear()
-            scores.append(chunk_scores)
-            losses.append(chunk_losses.detach())
-    except GradientError:  # a module folds the batch axis (e.g. mixture of experts): brute force
-        capture.clear()
+        for start in range(0, len(losses), token_batch_size):
+            chunk = seeds[start : start + token_batch_size]  # [chunk, tokens]
+            gradients = torch.autograd.grad(
+                losses,
+                parameters,
+                grad_outputs=chunk,
+                retain_graph=True,
+                is_grads_batched=True,  # vmap over the backward: one gradient per seed row
+                allow_unused=True,
+            )
+            scores.append(_per_token_cosines(gradients, directions, len(chunk)))
+    except torch.OutOfMemoryError:
+        raise  # lower token_batch_size
+    except RuntimeError:  # an op whose backward vmap cannot batch: one backward per token
         return reference_training_token_scores(model, blocks, example, query_direction, "layer", "token")
-    return _result(example, torch.cat(scores), torch.cat(losses), "batched-backward", "token")
+    return _result(example, torch.cat(scores), losses.detach(), "batched-backward", "token")
 
 
-def _single_label_copies(example: Batch, positions: torch.Tensor) -> Batch:
-    """One copy of the sequence per position, each keeping only that position's label."""
-    copies = len(positions)
-    labels = torch.full_like(example.labels.expand(copies, -1), IGNORE_INDEX)  # [copies, tokens]
-    rows = torch.arange(copies, device=labels.device)
-    labels[rows, positions] = example.labels[0, positions]
-    return Batch(
-        example.input_ids.expand(copies, -1).contiguous(),
-        example.attention_mask.expand(copies, -1).contiguous(),
-        labels,
-    )
+def _per_token_cosines(
+    gradients: tuple[torch.Tensor | None, ...], directions: list[torch.Tensor], count: int
+) -> torch.Tensor:
+    """sum_b <g_b, q_b> / ||g_b|| for each of ``count`` per-token gradients: [count]."""
+    scores = torch.zeros(count, device=directions[0].device)
+    for gradient, direction in zip(gradients, directions, strict=True):
+        if gradient is None:  # the loss does not reach this tensor
+            continue
+        gradient = gradient.reshape(count, -1).float()  # [count, numel]
+        scores += _safe_divide(gradient @ direction, gradient.norm(dim=1)).to(scores.device)
+    return scores

@@ -155,13 +155,21 @@ def test_auto_falls_back_to_double_backward_when_forward_mode_fails(
         training_token_scores(model, blocks, example, direction, method="jvp")
 
 
-def test_token_mode_falls_back_when_hooks_cannot_split_the_batch(attributed, example_and_query, monkeypatch):
+def test_token_mode_falls_back_when_the_backward_cannot_be_vmapped(
+    attributed, example_and_query, monkeypatch
+):
     model, blocks, _ = attributed
     example, query = example_and_query
     direction = query_direction(model, blocks, query, "layer")
-    monkeypatch.setattr(token_attribution.GradientCapture, "supported", property(lambda self: False))
+    expected = training_token_scores(model, blocks, example, direction, normalization="token")
+
+    def no_batching_rule(*args, **kwargs):
+        raise RuntimeError("Batching rule not implemented for an op's backward")
+
+    monkeypatch.setattr(token_attribution, "_per_token_cosines", no_batching_rule)
     scores = training_token_scores(model, blocks, example, direction, normalization="token")
     assert scores.method == "per-token-backward"
+    assert_scores_close(scores, expected)
 
 
 # --------------------------------------------------------------------------- input errors
