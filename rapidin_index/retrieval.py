@@ -29,7 +29,7 @@ from rapidin_index.gradients import (
     reference_gradient,
 )
 from rapidin_index.manifest import IndexMismatchError, Manifest, read_manifest, verify_files
-from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.models import ModelError, ModelSettings, load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.sketch import SketchSettings, make_projector
@@ -119,7 +119,13 @@ class Index:
             manifest.parameters["regex"],
         )
         torch_device = resolve_device(device)
-        loaded = load_model(settings, torch_device)
+        try:
+            loaded = load_model(settings, torch_device)
+        except ModelError as error:
+            raise ModelError(
+                f"{error}\nThe index was built from {manifest.model['name_or_path']!r}; if the model moved, "
+                "pass --model PATH (and --adapter PATH) with the same weights"
+            ) from None
         check_model(manifest, loaded)
         selected = select_parameters(loaded.model, settings)
         if [name for name, _ in selected] != manifest.parameters["names"]:
