@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-os.environ.setdefault("LANCE_LOG", "error")  # lance logs a WARN for every new table otherwise
+os.environ.setdefault("LANCEDB_LOG", "error")  # lance logs a WARN for every new table otherwise
 
 import lancedb
 import pyarrow as pa
