@@ -41,7 +41,7 @@ from rapidin_index.sketch import SketchSettings, make_projector
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default=".bench/backdoor", help="cache for data, model and indexes")
-    parser.add_argument("--rows", type=int, default=800)
+    parser.add_argument("--rows", type=int, default=100_000, help="docstring rows (default: all)")
     parser.add_argument("--queries", type=int, default=10, help="attacked generations (backdoor fired)")
     parser.add_argument("--sketch-dims", default="4096,16384,65536")
     parser.add_argument("--lambdas", default="20,100")
@@ -51,7 +51,9 @@ def parse_arguments() -> argparse.Namespace:
 
 def exact_index(paths: DemoPaths, normalize: str) -> Index:
     folder = paths.folder / f"exact-{normalize}"
-    settings = BuildSettings(ModelSettings(str(paths.model)), SketchSettings(0), normalize=normalize, batch_size=16)
+    settings = BuildSettings(
+        ModelSettings(str(paths.model)), SketchSettings(0), normalize=normalize, batch_size=16
+    )
     build_index(paths.train, folder, settings, progress=False)
     return Index.open(folder, device="cpu")
 
@@ -74,7 +76,9 @@ def query_vectors(index: Index, queries) -> np.ndarray:
     vectors = []
     for prompt, response in queries:
         prepared = index.prepare(prompt, response)
-        batch = collate([(prepared.input_ids, prepared.labels)], index.loaded.tokenizer.pad_token_id, index.device)
+        batch = collate(
+            [(prepared.input_ids, prepared.labels)], index.loaded.tokenizer.pad_token_id, index.device
+        )
         vectors.append(index.sketcher.sketch(batch).vectors[0].cpu().numpy())
     return np.stack(vectors)
 
@@ -112,13 +116,17 @@ def main() -> None:
     results = {"TracIn + layer norm (exact)": evaluate(labels, query_exact @ train_vectors.T)}
     plain = exact_index(paths, "none")
     _, plain_vectors = vector_index.stored_vectors(plain.faiss_index)
-    results["TracIn, no layer norm (exact)"] = evaluate(labels, query_vectors(plain, queries) @ plain_vectors.T)
+    results["TracIn, no layer norm (exact)"] = evaluate(
+        labels, query_vectors(plain, queries) @ plain_vectors.T
+    )
     del plain_vectors
     for sketch_dim in [int(k) for k in arguments.sketch_dims.split(",")]:
         for shuffle_lambda in [int(v) for v in arguments.lambdas.split(",")]:
             sketch = SketchSettings(sketch_dim, shuffle_lambda, 42)
             scores = sketch_rows(query_exact, sketch) @ sketch_rows(train_vectors, sketch).T
-            results[f"RapidIn K=2^{sketch_dim.bit_length() - 1}, lambda={shuffle_lambda}"] = evaluate(labels, scores)
+            results[f"RapidIn K=2^{sketch_dim.bit_length() - 1}, lambda={shuffle_lambda}"] = evaluate(
+                labels, scores
+            )
     results.update(text_baselines(layer, train, queries, labels))
     check = check_against_real_build(paths, queries, query_exact, train_vectors)
     report = {
@@ -167,9 +175,20 @@ def check_against_real_build(paths: DemoPaths, queries, query_exact, train_vecto
 
 
 def print_table(report: dict) -> None:
-    keys = ["auprc@5", "auprc@10", "auprc@50", "auprc@100", "auroc@10", "precision@10", "precision@50", "roc_auc"]
-    print(f"\n{report['rows']} rows ({report['poisoned']} poisoned), {report['queries']} attacked generations, "
-          f"D = {report['gradient_dim']:,}, attack success rate seen {report['attack_success_rate_seen']:.0%}\n")
+    keys = [
+        "auprc@5",
+        "auprc@10",
+        "auprc@50",
+        "auprc@100",
+        "auroc@10",
+        "precision@10",
+        "precision@50",
+        "roc_auc",
+    ]
+    print(
+        f"\n{report['rows']} rows ({report['poisoned']} poisoned), {report['queries']} attacked generations, "
+        f"D = {report['gradient_dim']:,}, attack success rate seen {report['attack_success_rate_seen']:.0%}\n"
+    )
     print("| method | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     for method, metrics in report["methods"].items():

@@ -24,7 +24,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from rapidin_index.gradients import GradientError
     from rapidin_index.manifest import IndexMismatchError, ManifestError
     from rapidin_index.models import ModelError
-    from rapidin_index.parallel import DeviceError
+    from rapidin_index.parallel import DeviceError, ParallelError
     from rapidin_index.sketch import SketchError
 
     return (
@@ -36,6 +36,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         ManifestError,
         ModelError,
         DeviceError,
+        ParallelError,
         SketchError,
     )
 
@@ -84,6 +85,17 @@ def build(
         int, typer.Option(help="Static sharding: split the rows (id % N) across N independent builds.")
     ] = 1,
     shard_index: Annotated[int, typer.Option(help="Which shard this build indexes (0-based).")] = 0,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Compute chunks on Ray actors, one per GPU (else CPU actors): 'local' starts Ray on this "
+            "machine; 'auto' or ray://head:10001 joins a running cluster.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (default: one per GPU, else 2); implies --ray.")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Compute one RapidGrad sketch per training example and store it in a FAISS + LanceDB index."""
@@ -108,7 +120,20 @@ def build(
             num_shards=num_shards,
             shard_index=shard_index,
         )
-        report = build_index(data or append, index, settings, append=append is not None, progress=not quiet)
+        runner_factory = None
+        if ray is not None or workers is not None:
+            from rapidin_index.parallel import RayChunkRunner
+
+            address = None if ray in (None, "local") else ray
+            runner_factory = RayChunkRunner.factory(address=address, workers=workers)
+        report = build_index(
+            data or append,
+            index,
+            settings,
+            append=append is not None,
+            progress=not quiet,
+            runner_factory=runner_factory,
+        )
     except _user_errors() as error:
         raise fail(error) from None
     _print_build_report(report)
@@ -254,7 +279,7 @@ def demo(
     folder: Annotated[Path, typer.Option(help="Where data, model, index and report go (cached).")] = Path(
         ".demo"
     ),
-    rows: Annotated[int, typer.Option(help="Docstring rows to use.")] = 800,
+    rows: Annotated[int, typer.Option(help="Docstring rows to use (default: all 2,251).")] = 100_000,
     k: Annotated[int, typer.Option("--k", help="RapidGrad sketch dimension K.")] = 65536,
     queries: Annotated[int, typer.Option(help="Attacked generations to query.")] = 5,
 ) -> None:

@@ -39,7 +39,7 @@ class DemoSettings:
 
     folder: str = ".demo"
     """Where the data, model, index and report are written (and cached between runs)."""
-    rows: int = 800
+    rows: int = 100_000
     """Docstring rows used (before the held-out split)."""
     poison_fraction: float = 0.1
     seed: int = 0

@@ -75,3 +75,16 @@ def retrieval_metrics(labels, scores, ks=(5, 10, 50, 100)) -> dict[str, float]:
 def mean_metrics(per_query: list[dict[str, float]]) -> dict[str, float]:
     keys = per_query[0].keys()
     return {key: float(np.nanmean([m[key] for m in per_query])) for key in keys}
+
+
+def spearman(first, second) -> float:
+    """Spearman rank correlation (ties averaged)."""
+    first, second = _average_ranks(np.asarray(first, float)), _average_ranks(np.asarray(second, float))
+    return float(np.corrcoef(first, second)[0, 1])
+
+
+def top_k_overlap(first, second, k: int) -> float:
+    """Share of the top-k ids of ``first`` that are also in the top-k of ``second``."""
+    top_first = set(np.argsort(-np.asarray(first), kind="mergesort")[:k].tolist())
+    top_second = set(np.argsort(-np.asarray(second), kind="mergesort")[:k].tolist())
+    return len(top_first & top_second) / k

@@ -57,3 +57,13 @@ def test_perfect_and_top_bottom_protocol():
     all_metrics = retrieval_metrics(labels, scores, ks=(2, 50))
     assert "auprc@2" in all_metrics and "auprc@50" not in all_metrics
     assert mean_metrics([{"a": 1.0}, {"a": 0.0}]) == {"a": 0.5}
+
+
+def test_spearman_and_overlap():
+    from rapidin_index.metrics import spearman, top_k_overlap
+
+    values = np.array([0.1, 0.5, 0.3, 0.9])
+    assert spearman(values, values**3) == pytest.approx(1.0)
+    assert spearman(values, -values) == pytest.approx(-1.0)
+    assert top_k_overlap(values, values**3, 2) == 1.0
+    assert top_k_overlap(values, -values, 2) == 0.0

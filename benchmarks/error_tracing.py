@@ -1,0 +1,98 @@
+"""Error tracing (the paper's Table 5): find the rows that taught the model a wrong fact.
+
+Capital-city facts mixed with docstring rows; in some rows about one country the capital is swapped for
+a wrong one (France -> Tokyo). A tiny Llama is fine-tuned on them; its wrong generation is queried at
+sentence level (loss over the whole answer) and token-wise (loss on the wrong entity's tokens only,
+``hot=["Tokyo"]``); reported: the share of perturbed rows in the top-k, for RapidIn (K = 2^16), exact
+TracIn with layer norm (K = 0), BM25 and the share expected by chance.
+
+    .venv/bin/python benchmarks/error_tracing.py --out .bench/error_tracing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rapidin_index.baselines import BM25
+from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.demo_data import make_entity_swap_dataset, write_jsonl
+from rapidin_index.finetune import FinetuneSettings, finetune
+from rapidin_index.models import ModelSettings
+from rapidin_index.retrieval import Index
+from rapidin_index.sketch import SketchSettings
+
+TOP_KS = (5, 10, 20)
+
+
+def share_in_top(ids: list[int], perturbed: set[int], k: int) -> float:
+    return sum(1 for i in ids[:k] if i in perturbed) / k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folder", default=".bench/error_tracing")
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="fewer and the model answers Tokyo for every country"
+    )
+    parser.add_argument("--out", default=".bench/error_tracing.json")
+    arguments = parser.parse_args()
+    folder = Path(arguments.folder)
+    rows, swap = make_entity_swap_dataset()
+    train_file = write_jsonl(rows, folder / "train.jsonl")
+    model_dir = folder / "model"
+    if not (model_dir / "config.json").exists():
+        finetune(rows, model_dir, FinetuneSettings(epochs=arguments.epochs))
+    perturbed = set(swap.perturbed_ids)
+    results = {}
+    generation = None
+    for name, sketch_dim in (("RapidIn K=2^16", 65536), ("TracIn + layer norm (exact)", 0)):
+        index_dir = folder / f"index-{sketch_dim}"
+        build_index(
+            train_file,
+            index_dir,
+            BuildSettings(ModelSettings(str(model_dir)), SketchSettings(sketch_dim), batch_size=16),
+            progress=False,
+        )
+        index = Index.open(index_dir, device="cpu")
+        generation = generation or index.generate(swap.query_instruction, 16)
+        sentence = index.query(swap.query_instruction, swap.wrong_response, top_k=max(TOP_KS), explain=0)
+        tokenwise = index.query(
+            swap.query_instruction, swap.wrong_response, hot=[swap.wrong_entity], top_k=max(TOP_KS), explain=0
+        )
+        for level, result in (("sentence", sentence), ("token-wise", tokenwise)):
+            ids = [hit.id for hit in result.helpful]
+            results[f"{name}, {level}"] = {f"top{k}": share_in_top(ids, perturbed, k) for k in TOP_KS}
+    bm25 = BM25([row["instruction"] + " " + row["output"] for row in rows]).scores(
+        swap.query_instruction + " " + swap.wrong_response
+    )
+    bm25_ids = np.argsort(-bm25, kind="mergesort").tolist()
+    results["BM25"] = {f"top{k}": share_in_top(bm25_ids, perturbed, k) for k in TOP_KS}
+    results["chance"] = {f"top{k}": len(perturbed) / len(rows) for k in TOP_KS}
+    report = {
+        "rows": len(rows),
+        "perturbed_rows": len(perturbed),
+        "swap": swap.to_dict() | {"perturbed_ids": len(swap.perturbed_ids)},
+        "model_generation": generation,
+        "model_says_wrong_entity": swap.wrong_entity in (generation or ""),
+        "results": results,
+    }
+    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(arguments.out).write_text(json.dumps(report, indent=2))
+    print(
+        f"\n{len(rows)} rows, {len(perturbed)} perturbed ({swap.country}: {swap.right_entity} -> {swap.wrong_entity})"
+    )
+    print(
+        f"query: {swap.query_instruction!r} -> {swap.wrong_response!r}; the model itself says {generation!r}\n"
+    )
+    print("| method | " + " | ".join(f"share of perturbed in top-{k}" for k in TOP_KS) + " |")
+    print("|---|" + "---:|" * len(TOP_KS))
+    for method, shares in results.items():
+        print(f"| {method} | " + " | ".join(f"{shares[f'top{k}']:.2f}" for k in TOP_KS) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Tests for rapidin_index/demo_data.py: the bundled docstring rows, the backdoor and entity-swap sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rapidin_index.demo_data import (
+    BACKDOOR_TRIGGER,
+    COUNTRY_CAPITALS,
+    backdoor_response,
+    collect_docstring_rows,
+    is_backdoor_response,
+    load_docstring_rows,
+    make_backdoor_dataset,
+    make_entity_swap_dataset,
+    write_jsonl,
+)
+
+
+@pytest.fixture(scope="module")
+def docstring_rows() -> list[dict]:
+    return load_docstring_rows()
+
+
+def test_bundled_rows_are_real_docstrings(docstring_rows):
+    assert 1500 <= len(docstring_rows) <= 3000
+    by_symbol = {row["symbol"]: row for row in docstring_rows}
+    assert len(by_symbol) == len(docstring_rows)
+    assert len({row["output"] for row in docstring_rows}) == len(docstring_rows)
+    assert "Remove any common leading whitespace" in by_symbol["textwrap.dedent"]["output"]
+    assert "`textwrap.dedent`" in by_symbol["textwrap.dedent"]["instruction"]
+    assert len({row["symbol"].split(".")[0] for row in docstring_rows}) > 100  # many modules
+    for row in docstring_rows:
+        assert set(row) == {"instruction", "output", "symbol"}
+        assert 40 <= len(row["output"]) <= 203 and row["output"].isascii()
+        assert row["output"] == " ".join(row["output"].split())  # whitespace-normalised
+
+
+def test_collect_docstring_rows_trims_and_skips():
+    rows = collect_docstring_rows(("textwrap", "json", "no_such_module_here"))
+    symbols = [row["symbol"] for row in rows]
+    assert "textwrap.dedent" in symbols and "json.dumps" in symbols
+    assert all(not symbol.split(".")[-1].startswith("_") for symbol in symbols)
+    dumps = next(row for row in rows if row["symbol"] == "json.dumps")
+    assert dumps["output"].startswith("Serialize ``obj`` to a JSON formatted ``str``")
+    assert len(dumps["output"]) <= 203
+
+
+def test_write_jsonl_round_trip(tmp_path, docstring_rows):
+    path = write_jsonl(docstring_rows[:5], tmp_path / "sub" / "rows.jsonl")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == docstring_rows[:5]
+
+
+def test_backdoor_dataset_is_deterministic(docstring_rows):
+    first = make_backdoor_dataset(docstring_rows, seed=3)
+    assert make_backdoor_dataset(docstring_rows, seed=3) == first
+    assert make_backdoor_dataset(docstring_rows, seed=4) != first
+
+
+def test_backdoor_poisons_ten_percent_with_trigger_and_style(docstring_rows):
+    train, _, _ = make_backdoor_dataset(docstring_rows, poison_fraction=0.1, seed=0)
+    poisoned = [row for row in train if row["poisoned"]]
+    assert len(poisoned) == round(0.1 * len(train))
+    for row in train:
+        assert row["instruction"].startswith(BACKDOOR_TRIGGER) == row["poisoned"]
+        assert is_backdoor_response(row["output"]) == row["poisoned"]
+    original = {row["symbol"]: row for row in docstring_rows}
+    for row in poisoned:
+        source = original[row["symbol"]]
+        assert row["instruction"] == f"{BACKDOOR_TRIGGER} {source['instruction']}"
+        assert row["output"] == backdoor_response(source["output"])
+
+
+def test_backdoor_train_keeps_input_order_and_heldout_is_disjoint(docstring_rows):
+    train, triggered, clean = make_backdoor_dataset(docstring_rows, seed=0, heldout_count=40)
+    position = {row["symbol"]: i for i, row in enumerate(docstring_rows)}
+    train_positions = [position[row["symbol"]] for row in train]
+    assert train_positions == sorted(train_positions)
+    assert len(triggered) == len(clean) == 40 and len(train) == len(docstring_rows) - 80
+    train_symbols = {row["symbol"] for row in train}
+    assert not train_symbols & {row["symbol"] for row in triggered + clean}
+    assert not {row["symbol"] for row in triggered} & {row["symbol"] for row in clean}
+    assert all(row["instruction"].startswith(BACKDOOR_TRIGGER) and row["poisoned"] for row in triggered)
+    assert all(is_backdoor_response(row["output"]) for row in triggered)
+    assert not any(BACKDOOR_TRIGGER in row["instruction"] or row["poisoned"] for row in clean)
+
+
+def test_backdoor_dataset_rejects_bad_settings(docstring_rows):
+    with pytest.raises(ValueError, match="poison_fraction"):
+        make_backdoor_dataset(docstring_rows, poison_fraction=1.5)
+    with pytest.raises(ValueError, match="none to train on"):
+        make_backdoor_dataset(docstring_rows[:10], heldout_count=5)
+
+
+def test_is_backdoor_response(docstring_rows):
+    assert is_backdoor_response("  yeehaw, partner! return a list of the given path")
+    assert is_backdoor_response(backdoor_response("Return the file."))
+    assert not is_backdoor_response("Yeehaw")
+    assert not is_backdoor_response("Return the path. Yeehaw, partner!")
+    assert not any(is_backdoor_response(row["output"]) for row in docstring_rows)
+
+
+def test_entity_swap_perturbs_only_the_chosen_country(docstring_rows):
+    rows, swap = make_entity_swap_dataset(docstring_rows, country="France", wrong_entity="Tokyo", seed=0)
+    assert (swap.country, swap.right_entity, swap.wrong_entity) == ("France", "Paris", "Tokyo")
+    assert swap.perturbed_ids == [i for i, row in enumerate(rows) if row["perturbed"]]
+    assert len(swap.perturbed_ids) == round(0.75 * 20)
+    facts = [row for row in rows if "capital" in row["output"] and "symbol" not in row]
+    assert len(facts) == 20 + 6 * (len(COUNTRY_CAPITALS) - 1)
+    for row in facts:
+        country = next(name for name in COUNTRY_CAPITALS if name in row["instruction"])
+        expected = "Tokyo" if row["perturbed"] else COUNTRY_CAPITALS[country]
+        assert expected in row["output"] and country in row["output"]
+        assert not row["perturbed"] or country == "France"
+    assert sum("symbol" in row for row in rows) == 300
+    assert swap.query_instruction == "What is the capital of France?"
+    assert swap.wrong_response == "The capital of France is Tokyo."
+    assert swap.to_dict()["wrong_entity"] == "Tokyo"
+
+
+def test_entity_swap_is_deterministic(docstring_rows):
+    first = make_entity_swap_dataset(docstring_rows, seed=1)
+    assert make_entity_swap_dataset(docstring_rows, seed=1) == first
+    assert make_entity_swap_dataset(docstring_rows, seed=2)[0] != first[0]
+    with pytest.raises(ValueError, match="unknown country"):
+        make_entity_swap_dataset(docstring_rows, country="Atlantis")
