@@ -60,6 +60,7 @@ from rapidin_index.manifest import (
     IntegrityError,
     Manifest,
     ManifestError,
+    differences,
     read_manifest,
     sha256_file,
     sha256_tree,
@@ -526,7 +527,9 @@ def _check_manifest(folder: Path, description: dict, extracted: set[str]) -> Man
         manifest = read_manifest(folder)
     except (ManifestError, TypeError) as error:
         raise BundleError(f"{MANIFEST_NAME} in the bundle: {error}") from None
-    changed = _differing_keys(description.get("index", {}), manifest_facts(manifest))
+    changed = [
+        line.split(":")[0] for line in differences(description.get("index", {}), manifest_facts(manifest))
+    ]
     if changed:
         raise BundleError(f"{MANIFEST_NAME} disagrees with {BUNDLE_NAME} on {', '.join(changed)} (edited)")
     for listed in manifest.files:
@@ -540,17 +543,6 @@ def _check_manifest(folder: Path, description: dict, extracted: set[str]) -> Man
     except IntegrityError as error:
         raise BundleError(f"bundle refused: {error}") from None
     return manifest
-
-
-def _differing_keys(expected: dict, actual: dict, prefix: str = "") -> list[str]:
-    found = []
-    for key in sorted(set(expected) | set(actual)):
-        left, right = expected.get(key), actual.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            found.extend(_differing_keys(left, right, f"{prefix}{key}."))
-        elif left != right:
-            found.append(prefix + key)
-    return found
 
 
 # --------------------------------------------------------------------------- parquet
