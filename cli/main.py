@@ -22,6 +22,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from rapidin_index.build import BuildError
     from rapidin_index.data import DataError, RowError
     from rapidin_index.gradients import GradientError
+    from rapidin_index.journal import JournalError
     from rapidin_index.manifest import IndexMismatchError, ManifestError
     from rapidin_index.models import ModelError
     from rapidin_index.parallel import DeviceError, ParallelError
@@ -33,6 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         RowError,
         GradientError,
         IndexMismatchError,
+        JournalError,
         ManifestError,
         ModelError,
         DeviceError,

@@ -16,11 +16,8 @@ the manifest; a crash before the manifest leaves the previous generation (or not
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,12 +29,18 @@ from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.data import Example, RejectedRow, Template, load_examples, parse_template
 from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
+from rapidin_index.journal import (
+    JOURNAL_DIR,
+    chunk_complete,
+    open_journal,
+    read_chunk,
+    write_chunk,
+)
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestError,
     atomic_write_bytes,
-    atomic_write_json,
     differences,
     read_manifest,
     sha256_file,
@@ -49,10 +52,6 @@ from rapidin_index.models import LoadedModel, ModelSettings, load_model, select_
 from rapidin_index.parallel import resolve_device
 from rapidin_index.progress import RowProgress
 from rapidin_index.sketch import SketchSettings, make_projector, padded_dim
-
-JOURNAL_DIR = ".build"
-# Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
-CRASH_AFTER_VECTORS_ENV = "RAPIDIN_INDEX_CRASH_AFTER_VECTORS"
 
 
 class BuildError(RuntimeError):
@@ -207,7 +206,7 @@ def build_index(
         "base_generation": existing.generation if existing else 0,
         "chunk_size": settings.chunk_size,
     }
-    journal = _open_journal(index_dir, plan)
+    journal = open_journal(index_dir, plan)
     examples, rejected = load_examples(data, loaded.tokenizer, template, settings.max_length)
     if settings.strict and rejected:
         first = rejected[0]
@@ -222,14 +221,14 @@ def build_index(
     jobs = []
     with RowProgress(total_rows, enabled=progress) as bar:
         for chunk_number, (chunk_examples, chunk_rejected) in enumerate(by_chunk):
-            if _chunk_complete(journal, chunk_number):
+            if chunk_complete(journal, chunk_number):
                 report.resumed_chunks += 1
                 bar.advance(len(chunk_examples) + len(chunk_rejected), 0)
             else:
                 jobs.append(ChunkJob(chunk_number, chunk_examples, chunk_rejected, plan["id_offset"]))
 
         def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
-            _write_chunk(journal, job.chunk_number, record, vectors)
+            write_chunk(journal, job.chunk_number, record, vectors)
 
         runner = (runner_factory or LocalChunkRunner)(loaded, selected, settings, device)
         runner.run(jobs, write, bar.advance)
@@ -291,58 +290,6 @@ def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow
 
 def rejected_file(generation: int) -> str:
     return f"rejected-g{generation:04d}.jsonl"
-
-
-# --------------------------------------------------------------------------- journal
-
-
-def _open_journal(index_dir: Path, plan: dict) -> Path:
-    """The journal folder of this build; an unfinished build with a different plan is not mixed in."""
-    journal = index_dir / JOURNAL_DIR
-    plan_path = journal / "plan.json"
-    if plan_path.exists():
-        previous = json.loads(plan_path.read_text())
-        changed = differences(previous, plan)
-        if changed:
-            raise BuildError(
-                f"{journal} holds an unfinished build with other arguments:\n  "
-                + "\n  ".join(changed)
-                + f"\nRerun with the original arguments to finish it, or delete {journal} to start over."
-            )
-        return journal
-    journal.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan_path, plan)
-    return journal
-
-
-def _chunk_paths(journal: Path, chunk_number: int) -> tuple[Path, Path]:
-    stem = journal / f"chunk-{chunk_number:06d}"
-    return stem.with_suffix(".npy"), stem.with_suffix(".json")
-
-
-def _chunk_complete(journal: Path, chunk_number: int) -> bool:
-    vectors_path, record_path = _chunk_paths(journal, chunk_number)
-    if not record_path.exists() or not vectors_path.exists():
-        return False
-    record = json.loads(record_path.read_text())
-    return record["vectors_sha256"] == sha256_file(vectors_path)
-
-
-def _write_chunk(journal: Path, chunk_number: int, record: dict, vectors: np.ndarray) -> None:
-    """Vectors first, then the record naming their checksum: the record's presence marks completion."""
-    vectors_path, record_path = _chunk_paths(journal, chunk_number)
-    buffer = io.BytesIO()
-    np.save(buffer, vectors, allow_pickle=False)
-    atomic_write_bytes(vectors_path, buffer.getvalue())
-    if os.environ.get(CRASH_AFTER_VECTORS_ENV) == str(chunk_number):
-        os.kill(os.getpid(), signal.SIGKILL)
-    record["vectors_sha256"] = sha256_file(vectors_path)
-    atomic_write_json(record_path, record)
-
-
-def _read_chunk(journal: Path, chunk_number: int) -> tuple[dict, np.ndarray]:
-    vectors_path, record_path = _chunk_paths(journal, chunk_number)
-    return json.loads(record_path.read_text()), np.load(vectors_path, allow_pickle=False)
 
 
 def _group_by_chunk(examples: list[Example], rejected: list[RejectedRow], chunk_size: int, total_rows: int):
@@ -470,7 +417,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     def row_batches():
         yield old_rows
         for chunk_number in range(chunk_count):
-            record, vectors = _read_chunk(journal, chunk_number)
+            record, vectors = read_chunk(journal, chunk_number)
             vector_index.add_vectors(faiss_index, vectors, np.asarray(record["ids"], dtype=np.int64))
             rejected.extend(record["rejected"])
             counts["tokens"] += record["tokens"]

@@ -14,9 +14,10 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
-from rapidin_index.build import CRASH_AFTER_VECTORS_ENV, JOURNAL_DIR, BuildError, BuildSettings, build_index
+from rapidin_index.build import BuildError, BuildSettings, build_index
 from rapidin_index.data import load_examples, parse_template
 from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV, JOURNAL_DIR, JournalError
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.sketch import SketchSettings, reference_sketch
@@ -157,7 +158,7 @@ def test_resume_with_other_arguments_is_refused(tmp_path, tiny_model_dirs, train
         tmp_path / "index", training_file, tiny_model_dirs["llama"], {CRASH_AFTER_VECTORS_ENV: "0"}
     )
     process.wait()
-    with pytest.raises(BuildError, match="unfinished build with other arguments"):
+    with pytest.raises(JournalError, match="unfinished build with other arguments"):
         build_index(
             training_file,
             tmp_path / "index",
