@@ -7,4 +7,12 @@ from rapidin_index.models import ModelSettings  # noqa: E402
 from rapidin_index.retrieval import Index  # noqa: E402
 from rapidin_index.sketch import SketchSettings  # noqa: E402
 
-__all__ = ["BuildReport", "BuildSettings", "Index", "ModelSettings", "SketchSettings", "build_index", "__version__"]
+__all__ = [
+    "BuildReport",
+    "BuildSettings",
+    "Index",
+    "ModelSettings",
+    "SketchSettings",
+    "build_index",
+    "__version__",
+]

@@ -436,7 +436,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     manifest.token_count = counts["tokens"]
     manifest.truncated_count = counts["truncated"]
     manifest.template_usage = dict(templates)
-    manifest.files = _file_checksums(index_dir, generation)
+    manifest.files = file_checksums(index_dir, generation)
     write_manifest(index_dir, manifest)
     _remove_other_generations(index_dir, generation)
     shutil.rmtree(journal, ignore_errors=True)
@@ -472,7 +472,7 @@ def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Man
     return manifest
 
 
-def _file_checksums(index_dir: Path, generation: int) -> dict:
+def file_checksums(index_dir: Path, generation: int) -> dict:
     files = {}
     for relative in (vector_index.vector_file(generation), rejected_file(generation)):
         files[relative] = {

@@ -16,7 +16,8 @@ import numpy as np
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
-from rapidin_index.build import _file_checksums, manifest_identity, read_rejected, rejected_file
+from rapidin_index.build import file_checksums, manifest_identity, read_rejected, rejected_file
+from rapidin_index.journal import JOURNAL_DIR
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -62,9 +63,9 @@ def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifes
     merged.token_count = sum(m.token_count for m in manifests)
     merged.truncated_count = sum(m.truncated_count for m in manifests)
     merged.template_usage = dict(sum((Counter(m.template_usage) for m in manifests), Counter()))
-    merged.files = _file_checksums(index_dir, 1)
+    merged.files = file_checksums(index_dir, 1)
     write_manifest(index_dir, merged)
-    shutil.rmtree(index_dir / ".build", ignore_errors=True)
+    shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)
     return merged
 
 
