@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,19 @@ def test_append_adds_rows_with_continuing_ids(tmp_path, tiny_model_dirs, trainin
     third.write_text(json.dumps(training_rows[20]) + "\n")
     with pytest.raises(BuildError, match="other data"):
         build_index(third, tmp_path / "index", settings, progress=False)
+
+
+def test_non_finite_gradients_are_reported_never_inserted(tmp_path, tiny_model_dirs, training_file):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tiny_model_dirs["llama"], broken)
+    model = AutoModelForCausalLM.from_pretrained(broken)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(broken)
+    settings = BuildSettings(ModelSettings(str(broken)), SketchSettings(256), batch_size=4, chunk_size=8, device="cpu")
+    report = build_index(training_file, tmp_path / "index", settings, progress=False)
+    assert report.rows_indexed == 0 and report.rows_rejected == 24
+    assert all("non-finite gradient" in row.reason for row in report.rejected)
+    assert stored(tmp_path / "index") == {}
