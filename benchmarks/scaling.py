@@ -99,6 +99,7 @@ def one_build(name: str, data: Path, index_dir: Path, settings: BuildSettings) -
         "chunk_phase_seconds": timed.seconds,
         "rows": report.rows_indexed,
         "tokens": report.tokens,
+        "gradient_dim": report.gradient_dim,
         "load_average": [load_before, os.getloadavg()[0]],
     }
     if isinstance(timed.runner, RayChunkRunner):
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": len(rows),
         "tokens": next(iter(samples.values()))[0]["tokens"],
+        "gradient_dim": next(iter(samples.values()))[0]["gradient_dim"],
         "largest_abs_error_vs_first": largest_error,
         "configurations": {name: {**summarise(s), "samples": s} for name, s in samples.items()},
     }

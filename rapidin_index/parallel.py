@@ -101,7 +101,9 @@ class RayChunkRunner:
     must have the package installed and the model path readable. An already initialised Ray is reused.
     """
 
-    def __init__(self, loaded, selected, settings, device, *, address: str | None = None, workers=None):
+    def __init__(
+        self, loaded, selected, settings, device, *, address: str | None = None, workers: int | None = None
+    ):
         del loaded, selected, device  # every actor loads its own copy; placement comes from the cluster
         if workers is not None and workers < 1:
             raise ParallelError(f"--workers must be at least 1, got {workers}")
