@@ -393,7 +393,8 @@ def import_(
     check: Annotated[bool, typer.Option(help="Only verify the bundle; write nothing.")] = False,
 ) -> None:
     """Verify a bundle (checksums, sizes, safe paths, manifest) and unpack it as an index folder."""
-    from rapidin_index.export import BundleError, import_bundle, verify_bundle
+    from rapidin_index.bundle_import import import_bundle, verify_bundle
+    from rapidin_index.export import BundleError
 
     if (index is None) != check:
         raise fail(ValueError("give --index DIR to import, or --check to only verify"))

@@ -16,14 +16,13 @@ from typer.testing import CliRunner
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.export import (
     BUNDLE_NAME,
     BundleError,
     export_index,
-    import_bundle,
     manifest_facts,
     read_parquet_export,
-    verify_bundle,
 )
 from rapidin_index.manifest import IndexMismatchError, Manifest, read_manifest, sha256_tree
 from rapidin_index.models import ModelSettings

@@ -1,0 +1,295 @@
+"""Import a bundle made by `rapidin-index export`: verify everything, then move it into place.
+
+Every member's size and sha256 are checked against bundle.json, bundle.json against its own checksum and
+format version, the manifest against bundle.json and the files it lists; unsafe members (absolute paths,
+'..', links, devices) are refused. The bundle is unpacked into a hidden folder beside the target, which is
+renamed into place only when everything verifies, so a refused bundle writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from rapidin_index.export import (
+    _READ_ERRORS,
+    BLOCK,
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_NAME,
+    MAX_BUNDLE_JSON_BYTES,
+    BundleError,
+    _self_checksum,
+    manifest_facts,
+)
+from rapidin_index.manifest import (
+    MANIFEST_NAME,
+    IntegrityError,
+    Manifest,
+    ManifestError,
+    differences,
+    read_manifest,
+    sha256_file,
+    verify_files,
+)
+
+
+def verify_bundle(bundle: str | Path) -> dict:
+    """Every import check, in a scratch folder that is then removed; returns bundle.json."""
+    with tempfile.TemporaryDirectory(prefix="rapidin-verify-") as scratch:
+        description, _ = _extract_verified(Path(bundle), Path(scratch) / "index")
+    return description
+
+
+def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False) -> Manifest:
+    """Verify ``bundle`` while extracting it beside ``index_dir``, then rename it into place.
+
+    ``index_dir`` must not exist or be empty; with ``force`` it may hold an index, which is replaced only
+    once the bundle has verified. On any refusal nothing in ``index_dir`` changes.
+    """
+    bundle, index_dir = Path(bundle), Path(index_dir)
+    _check_target(index_dir, force)
+    index_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}.import-"))
+    os.chmod(staging, 0o755)  # mkdtemp makes 0700; an index is meant to be shared
+    try:
+        _extract_verified(bundle, staging)
+        _check_target(index_dir, force)
+        _move_into_place(staging, index_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return read_manifest(index_dir)
+
+
+def _check_target(index_dir: Path, force: bool) -> None:
+    if not index_dir.exists() or (index_dir.is_dir() and not any(index_dir.iterdir())):
+        return
+    if not (index_dir / MANIFEST_NAME).is_file():
+        raise BundleError(f"{index_dir} is not empty and holds no index; import into a new or empty folder")
+    if not force:
+        raise BundleError(
+            f"{index_dir} already holds an index; import into a new folder, or pass --force to replace it "
+            "(the old index is removed only after the bundle verifies)"
+        )
+
+
+def _move_into_place(staging: Path, index_dir: Path) -> None:
+    if not index_dir.exists():
+        os.rename(staging, index_dir)
+        return
+    if not any(index_dir.iterdir()):
+        index_dir.rmdir()
+        os.rename(staging, index_dir)
+        return
+    replaced = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}.replaced-"))
+    replaced.rmdir()
+    os.rename(index_dir, replaced)
+    try:
+        os.rename(staging, index_dir)
+    except BaseException:
+        os.rename(replaced, index_dir)
+        raise
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
+    """Extract ``bundle`` into ``destination`` (created), checking everything; raise BundleError naming why."""
+    if not bundle.is_file():
+        raise BundleError(f"bundle {bundle} does not exist")
+    destination.mkdir(parents=True, exist_ok=True)
+    description, listed, extracted = None, {}, set()
+    reading, last = None, None  # the member being read, the last one read whole: named when reading fails
+    try:
+        for name, kind, size, reader in _archive_members(bundle):
+            reading, relative = name, _safe_name(name, kind)
+            if kind == "directory":
+                continue
+            if relative in extracted or (relative == BUNDLE_NAME and description is not None):
+                raise BundleError(f"member {relative!r} appears twice in the bundle; refusing")
+            if description is None:
+                if relative != BUNDLE_NAME:
+                    raise BundleError(
+                        f"the bundle's first member is {relative!r}, not {BUNDLE_NAME}: "
+                        "not a rapidin-index bundle (or one repacked by hand)"
+                    )
+                description = _read_description(reader(), size)
+                listed = {entry["path"]: entry for entry in description["members"]}
+                _check_free_space(destination, sum(entry["bytes"] for entry in listed.values()))
+            elif relative not in listed:
+                raise BundleError(f"member {relative!r} is not listed in {BUNDLE_NAME}; refusing")
+            else:
+                _extract_member(reader(), size, listed[relative], destination / relative)
+                extracted.add(relative)
+            reading, last = None, relative
+    except _READ_ERRORS as error:
+        where = (
+            f"reading member {reading!r} failed"
+            if reading
+            else f"the archive breaks off after member {last!r}"
+            if last
+            else "its header or table of contents cannot be read"
+        )
+        raise BundleError(f"{bundle} is truncated or corrupted: {where} ({error})") from None
+    if description is None:
+        raise BundleError(f"{bundle} holds no {BUNDLE_NAME}: not a rapidin-index bundle")
+    missing = sorted(set(listed) - extracted)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise BundleError(
+            f"member {missing[0]!r}{more} listed in {BUNDLE_NAME} is missing from the bundle (truncated?)"
+        )
+    return description, _check_manifest(destination, description, extracted)
+
+
+def _archive_members(bundle: Path):
+    """(name, kind, size, open reader) per member, in archive order (zip: bundle.json first)."""
+    with open(bundle, "rb") as file:
+        magic = file.read(4)
+    if magic == b"PAR1":
+        raise BundleError(f"{bundle} is a Parquet export (for analysis); import reads tar or zip bundles")
+    if magic.startswith(b"PK"):
+        with zipfile.ZipFile(bundle) as archive:
+            infos = archive.infolist()
+            infos.sort(key=lambda info: info.filename != BUNDLE_NAME)  # stable: keeps the rest in order
+            for info in infos:
+                yield info.filename, _zip_kind(info), info.file_size, lambda info=info: archive.open(info)
+        return
+    with tarfile.open(bundle, "r|*") as archive:
+        for member in archive:
+            yield member.name, _tar_kind(member), member.size, lambda m=member: archive.extractfile(m)
+
+
+def _tar_kind(member: tarfile.TarInfo) -> str:
+    if member.isfile():
+        return "file"
+    if member.isdir():
+        return "directory"
+    kinds = ((member.issym, "symlink"), (member.islnk, "hard link"), (member.isfifo, "fifo"))
+    for test, kind in (*kinds, (member.isdev, "device")):  # isdev() is true for fifos too
+        if test():
+            return kind
+    return "special file"
+
+
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    mode = info.external_attr >> 16
+    if info.flag_bits & 0x1:
+        return "encrypted file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if info.is_dir():
+        return "directory"
+    return "file" if stat.S_IFMT(mode) in (0, stat.S_IFREG) else "special file"
+
+
+def _safe_name(name: str, kind: str) -> str:
+    """The member's relative posix path; refuses absolute, '..', backslash and non-file members."""
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    unsafe = (
+        not parts or name.startswith("/") or "\\" in name or "\0" in name or ".." in parts or ":" in parts[0]
+    )
+    if unsafe:
+        raise BundleError(f"member {name!r} has an unsafe path (absolute, '..' or odd characters); refusing")
+    if kind not in ("file", "directory"):
+        raise BundleError(f"member {name!r} is a {kind}; bundles hold regular files only; refusing")
+    return "/".join(parts)
+
+
+def _read_description(file, size: int) -> dict:
+    """bundle.json, checked: readable, a format this version knows, its own checksum, a sane member list."""
+    if size > MAX_BUNDLE_JSON_BYTES:
+        raise BundleError(f"{BUNDLE_NAME} is {size:,} bytes: not a rapidin-index bundle")
+    try:
+        description = json.loads(file.read(size))
+        version = description["bundle_format_version"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise BundleError(f"{BUNDLE_NAME} is damaged or not a rapidin-index bundle ({error!r})") from None
+    if not isinstance(version, int):
+        raise BundleError(f"{BUNDLE_NAME} has no integer bundle_format_version")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format {version} is newer than this rapidin-index supports "
+            f"({BUNDLE_FORMAT_VERSION}); upgrade rapidin-index"
+        )
+    if description.get("bundle_sha256") != _self_checksum(description):
+        raise BundleError(
+            f"{BUNDLE_NAME} does not match its own checksum (bundle_sha256): corrupted or edited"
+        )
+    members = description.get("members")
+    well_formed = isinstance(members, list) and all(
+        isinstance(entry, dict)
+        and isinstance(entry.get("path"), str)
+        and isinstance(entry.get("bytes"), int)
+        and entry["bytes"] >= 0
+        and isinstance(entry.get("sha256"), str)
+        for entry in members
+    )
+    if not well_formed or len({entry["path"] for entry in members}) != len(members):
+        raise BundleError(f"{BUNDLE_NAME} has a malformed or duplicated member list")
+    return description
+
+
+def _check_free_space(destination: Path, needed: int) -> None:
+    free = shutil.disk_usage(destination).free
+    if needed > free:
+        raise BundleError(
+            f"the bundle unpacks to {needed:,} bytes but only {free:,} are free beside {destination}"
+        )
+
+
+def _extract_member(file, size: int, entry: dict, target: Path) -> None:
+    """Copy at most the declared bytes into ``target`` while hashing; size and sha256 must both match."""
+    name = entry["path"]
+    if size != entry["bytes"]:
+        raise BundleError(f"member {name!r} is {size:,} bytes, {BUNDLE_NAME} says {entry['bytes']:,}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, copied = hashlib.sha256(), 0
+    with open(target, "xb") as out:
+        while block := file.read(min(BLOCK, entry["bytes"] + 1 - copied)):
+            digest.update(block)
+            out.write(block)
+            copied += len(block)
+            if copied > entry["bytes"]:
+                break
+        out.flush()
+        os.fsync(out.fileno())
+    if copied != entry["bytes"]:
+        raise BundleError(f"member {name!r} is truncated ({copied:,} of {entry['bytes']:,} bytes)")
+    if digest.hexdigest() != entry["sha256"]:
+        raise BundleError(
+            f"member {name!r} does not match its checksum in {BUNDLE_NAME} (corrupted or edited)"
+        )
+
+
+def _check_manifest(folder: Path, description: dict, extracted: set[str]) -> Manifest:
+    """manifest.json against bundle.json, the files against the manifest, and no file the manifest lacks."""
+    if MANIFEST_NAME not in extracted:
+        raise BundleError(f"the bundle holds no {MANIFEST_NAME}")
+    if sha256_file(folder / MANIFEST_NAME) != description.get("manifest_sha256"):
+        raise BundleError(f"{MANIFEST_NAME} does not match manifest_sha256 in {BUNDLE_NAME} (edited)")
+    try:
+        manifest = read_manifest(folder)
+    except (ManifestError, TypeError) as error:
+        raise BundleError(f"{MANIFEST_NAME} in the bundle: {error}") from None
+    changed = [
+        line.split(":")[0] for line in differences(description.get("index", {}), manifest_facts(manifest))
+    ]
+    if changed:
+        raise BundleError(f"{MANIFEST_NAME} disagrees with {BUNDLE_NAME} on {', '.join(changed)} (edited)")
+    for listed in manifest.files:
+        if _safe_name(listed, "file") != listed:
+            raise BundleError(f"{MANIFEST_NAME} lists a file outside the index folder: {listed!r}")
+    for relative in sorted(extracted - {MANIFEST_NAME}):
+        if not any(relative == f or relative.startswith(f + "/") for f in manifest.files):
+            raise BundleError(f"member {relative!r} is not a file of the index its manifest describes")
+    try:
+        verify_files(folder, manifest)
+    except IntegrityError as error:
+        raise BundleError(f"bundle refused: {error}") from None
+    return manifest
