@@ -111,6 +111,9 @@ def finetune(
         raise FinetuneError("no rows to fine-tune on")
     settings = settings or FinetuneSettings()
     template = parse_template(template) if isinstance(template, str) else template
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own bar covers training; saving is instant
     with torch_threads(settings.threads):
         return _finetune(rows, Path(output_dir), settings, template, progress)
 
