@@ -1,18 +1,26 @@
 """rapidin-index: token-wise influential training data retrieval (RapidIn) as a vector index."""
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from rapidin_index.build import BuildReport, BuildSettings, build_index  # noqa: E402
-from rapidin_index.models import ModelSettings  # noqa: E402
-from rapidin_index.retrieval import Index  # noqa: E402
-from rapidin_index.sketch import SketchSettings  # noqa: E402
+# Imported on first use, so that `import rapidin_index.sketch` (or a Ray worker) does not pay for
+# torch + transformers + lancedb before it needs them.
+_EXPORTS = {
+    "BuildReport": "rapidin_index.build",
+    "BuildSettings": "rapidin_index.build",
+    "build_index": "rapidin_index.build",
+    "ModelSettings": "rapidin_index.models",
+    "Index": "rapidin_index.retrieval",
+    "SketchSettings": "rapidin_index.sketch",
+}
 
-__all__ = [
-    "BuildReport",
-    "BuildSettings",
-    "Index",
-    "ModelSettings",
-    "SketchSettings",
-    "build_index",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rapidin_index' has no attribute {name!r}")

@@ -184,7 +184,8 @@ def build_index(
     if append and settings.shard is not None:
         raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
     device = resolve_device(settings.device)
-    loaded = load_model(settings.model, device)
+    # With a distributed runner the workers load their own copies; the driver only fingerprints.
+    loaded = load_model(settings.model, device if runner_factory is None else "cpu")
     selected = select_parameters(loaded.model, settings.model)
     template = parse_template(settings.template, settings.response_field)
     identity = index_identity(loaded, settings, selected, template)
