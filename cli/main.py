@@ -83,6 +83,9 @@ def build(
     ] = None,
     strict: Annotated[bool, typer.Option(help="Fail on a malformed row instead of reporting it.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = 256,
+    vector_dtype: Annotated[
+        str, typer.Option(help="Stored vectors: float32 (4K bytes a row) or float16 (2K; scores still fp32).")
+    ] = "float32",
     num_shards: Annotated[
         int, typer.Option(help="Static sharding: split the rows (id % N) across N independent builds.")
     ] = 1,
@@ -119,6 +122,7 @@ def build(
             device=device,
             strict=strict,
             chunk_size=chunk_size,
+            vector_dtype=vector_dtype,
             num_shards=num_shards,
             shard_index=shard_index,
         )

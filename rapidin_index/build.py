@@ -78,6 +78,8 @@ class BuildSettings:
     """Fail on the first malformed row instead of reporting it and indexing the rest."""
     chunk_size: int = 256
     """Rows per journal chunk: the unit of resumption."""
+    vector_dtype: str = "float32"
+    """How the index stores vectors: float32 (4K bytes a row) or float16 (2K bytes, scores still fp32)."""
     num_shards: int = 1
     """Static sharding: this build indexes only the rows whose id % num_shards == shard_index."""
     shard_index: int = 0
@@ -85,6 +87,8 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
             raise BuildError("--batch-size and --chunk-size must be at least 1")
+        if self.vector_dtype not in vector_index.VECTOR_DTYPES:
+            raise BuildError(f"--vector-dtype must be one of {', '.join(vector_index.VECTOR_DTYPES)}")
         if not 0 <= self.shard_index < self.num_shards:
             raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 
@@ -139,6 +143,7 @@ def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, templ
         },
         "normalize": settings.normalize,
         "sketch": sketch,
+        "vector_dtype": settings.vector_dtype,
         "shard": settings.shard,
     }
 
@@ -153,6 +158,7 @@ def manifest_identity(manifest: Manifest) -> dict:
         "parameters": manifest.parameters,
         "normalize": manifest.normalize,
         "sketch": manifest.sketch,
+        "vector_dtype": manifest.vector_dtype,
         "shard": manifest.shard,
     }
 
@@ -399,7 +405,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     generation = plan["base_generation"] + 1
     identity = plan["identity"]
     chunk_count = -(-total_rows // settings.chunk_size)
-    faiss_index = vector_index.new_index(identity["sketch"]["output_dim"])
+    faiss_index = vector_index.new_index(identity["sketch"]["output_dim"], identity["vector_dtype"])
     old_rows: list[dict] = []
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
@@ -463,7 +469,7 @@ def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Man
         parameters=identity["parameters"],
         normalize=identity["normalize"],
         sketch=identity["sketch"],
-        vector_dtype="float32",
+        vector_dtype=identity["vector_dtype"],
         generation=generation,
         sources=([*existing.sources] if existing else []) + [source],
         shard=identity["shard"],

@@ -15,9 +15,26 @@ def vector_file(generation: int) -> str:
     return VECTOR_FILE.format(generation=generation)
 
 
-def new_index(dimension: int) -> faiss.IndexIDMap2:
-    """IndexFlatIP (exact, brute-force inner product) whose ids are the training example ids."""
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+VECTOR_DTYPES = ("float32", "float16")
+
+
+def new_index(dimension: int, vector_dtype: str = "float32") -> faiss.IndexIDMap2:
+    """Exact, brute-force inner-product search whose ids are the training example ids.
+
+    float32: IndexFlatIP (4 bytes a dimension). float16: a flat IndexScalarQuantizer with QT_fp16 (2 bytes
+    a dimension): still an exhaustive scan, scores accumulated in float32 over the stored fp16 values.
+    """
+    if vector_dtype == "float32":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+    if vector_dtype == "float16":
+        quantizer = faiss.ScalarQuantizer.QT_fp16
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dimension, quantizer, faiss.METRIC_INNER_PRODUCT))
+    raise ValueError(f"vector dtype {vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
+
+
+def vector_dtype_of(index: faiss.Index) -> str:
+    inner = faiss.downcast_index(index.index if hasattr(index, "id_map") else index)
+    return "float16" if isinstance(inner, faiss.IndexScalarQuantizer) else "float32"
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:

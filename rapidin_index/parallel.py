@@ -71,6 +71,12 @@ def search_index(cpu_index: faiss.Index, use_gpus: bool = True) -> faiss.Index:
         return cpu_index
     options = faiss.GpuMultipleClonerOptions()
     options.shard = True
+    if vector_index.vector_dtype_of(cpu_index) == "float16":
+        # faiss-gpu has no flat scalar quantizer: a flat index stored as float16 on the GPUs is the same.
+        ids, vectors = vector_index.stored_vectors(cpu_index)
+        cpu_index = vector_index.new_index(cpu_index.d)
+        vector_index.add_vectors(cpu_index, vectors, ids)
+        options.useFloat16 = True
     return faiss.index_cpu_to_all_gpus(cpu_index, co=options, ngpu=gpus)
 
 
@@ -284,7 +290,7 @@ def shard_index_by_rows(cpu_index: faiss.Index, count: int) -> list[faiss.Index]
     ids, vectors = vector_index.stored_vectors(cpu_index)
     shards = []
     for rows in np.array_split(np.arange(len(ids)), count):
-        shard = vector_index.new_index(cpu_index.d)
+        shard = vector_index.new_index(cpu_index.d, vector_index.vector_dtype_of(cpu_index))
         vector_index.add_vectors(shard, vectors[rows], ids[rows])
         shards.append(shard)
     return shards

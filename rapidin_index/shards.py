@@ -39,7 +39,7 @@ def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifes
     manifests = [read_manifest(d) for d in shard_dirs]
     _check_compatible(shard_dirs, manifests)
     total_rows = manifests[0].total_rows_seen
-    faiss_index = vector_index.new_index(manifests[0].sketch["output_dim"])
+    faiss_index = vector_index.new_index(manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
     rows, rejected, seen = [], [], Counter()
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
         path = shard_dir / vector_index.vector_file(manifest.generation)

@@ -219,8 +219,52 @@ def test_non_finite_gradients_are_reported_never_inserted(tmp_path, tiny_model_d
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     model.save_pretrained(broken)
-    settings = BuildSettings(ModelSettings(str(broken)), SketchSettings(256), batch_size=4, chunk_size=8, device="cpu")
+    settings = BuildSettings(
+        ModelSettings(str(broken)), SketchSettings(256), batch_size=4, chunk_size=8, device="cpu"
+    )
     report = build_index(training_file, tmp_path / "index", settings, progress=False)
     assert report.rows_indexed == 0 and report.rows_rejected == 24
     assert all("non-finite gradient" in row.reason for row in report.rejected)
     assert stored(tmp_path / "index") == {}
+
+
+def test_float16_storage_halves_the_index_and_keeps_the_ranking(
+    tmp_path, tiny_model_dirs, training_file, training_rows
+):
+    from rapidin_index.retrieval import Index
+
+    full = build_index(training_file, tmp_path / "fp32", settings_for(tiny_model_dirs), progress=False)
+    half = build_index(
+        training_file,
+        tmp_path / "fp16",
+        settings_for(tiny_model_dirs, vector_dtype="float16"),
+        progress=False,
+    )
+    assert read_manifest(tmp_path / "fp16").vector_dtype == "float16"
+    size = {name: (tmp_path / name / "vectors-g0001.faiss").stat().st_size for name in ("fp32", "fp16")}
+    assert size["fp16"] < 0.55 * size["fp32"]
+    assert half.rows_indexed == full.rows_indexed
+    exact, rounded = stored(tmp_path / "fp32"), stored(tmp_path / "fp16")
+    for example_id, vector in exact.items():
+        np.testing.assert_allclose(rounded[example_id], vector, rtol=2e-3, atol=1e-4)
+    row = training_rows[3]
+    expected = Index.open(tmp_path / "fp32", device="cpu").query(
+        row["instruction"], row["output"], top_k=5, explain=0
+    )
+    found = Index.open(tmp_path / "fp16", device="cpu").query(
+        row["instruction"], row["output"], top_k=5, explain=0
+    )
+    assert found.helpful[0].id == expected.helpful[0].id == 3
+    np.testing.assert_allclose(
+        [h.score for h in found.helpful], [h.score for h in expected.helpful], rtol=5e-3
+    )
+    with pytest.raises(BuildError, match='vector_dtype: index has "float32", asked for "float16"'):
+        other = tmp_path / "more.jsonl"
+        other.write_text(json.dumps(training_rows[0]) + "\n")
+        build_index(
+            other,
+            tmp_path / "fp32",
+            settings_for(tiny_model_dirs, vector_dtype="float16"),
+            append=True,
+            progress=False,
+        )
