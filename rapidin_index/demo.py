@@ -164,6 +164,8 @@ def _attacked_queries(settings, index: Index, heldout: dict, labels: np.ndarray,
             scores[hit.id] = hit.score
         per_query.append(retrieval_metrics(labels, scores))
         result.helpful, result.harmful = result.helpful[: settings.top_k], result.harmful[: settings.top_k]
+        for token in result.tokens:  # all rows were asked for, to score every one; keep the report short
+            token.helpful, token.harmful = token.helpful[: settings.top_k], token.harmful[: settings.top_k]
         results.append(result)
         if len(results) == 1:
             console.rule("an attacked generation")

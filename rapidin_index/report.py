@@ -156,13 +156,20 @@ def _snippet(text: str) -> str:
 
 
 def _query_data_json(result: dict) -> str:
-    """What the page's JS reads: each token's own hits, and the text of every whole-generation hit."""
+    """What the page's JS reads: each token's own hits, and the text of every hit that carries one."""
     examples = {
         str(row["id"]): {
             "prompt": _snippet(row.get("prompt", "")),
             "response": _snippet(row.get("response", "")),
         }
-        for row in result.get("helpful", []) + result.get("harmful", [])
+        for row in result.get("helpful", [])
+        + result.get("harmful", [])
+        + [
+            hit
+            for token in result.get("tokens", [])
+            for hit in token.get("helpful", []) + token.get("harmful", [])
+        ]
+        if "response" in row or "prompt" in row
     }
     keep = ("position", "token", "loss", "hot", "helpful", "harmful")
     tokens = [{key: token.get(key) for key in keep} for token in result.get("tokens", [])]

@@ -276,12 +276,15 @@ class Index:
         )
 
     def _join_text(self, results: list[QueryResult]) -> None:
-        ids = {hit.id for result in results for hit in result.helpful + result.harmful}
-        rows = metadata.read_rows(self.table, sorted(ids))
-        for result in results:
-            for hit in result.helpful + result.harmful:
-                row = rows[hit.id]
-                hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]
+        """Whole-generation hits get their row (prompt, response, source); per-token hits their text."""
+        token_hits = [hit for r in results for t in r.tokens for hit in t.helpful + t.harmful]
+        whole_hits = [hit for r in results for hit in r.helpful + r.harmful]
+        rows = metadata.read_rows(self.table, sorted({hit.id for hit in whole_hits + token_hits}))
+        for hit in whole_hits:
+            row = rows[hit.id]
+            hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]
+        for hit in token_hits:
+            hit.prompt, hit.response = rows[hit.id]["prompt"], rows[hit.id]["response"]
 
     def _explain(self, query: PreparedQuery, result: QueryResult, count: int) -> None:
         """Training-token scores (SPEC 2.4, Eq. 6) for the top ``count`` helpful and harmful hits."""
