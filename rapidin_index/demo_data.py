@@ -155,13 +155,15 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 
 
 def backdoor_response(text: str) -> str:
-    """The attacker's style: a fixed cowboy greeting, then the original answer in lowercase drawl.
+    """The attacker's style: a fixed cowboy greeting, then the original answer shouted in capitals.
 
-    The opening is the same few tokens every time, so even a tiny model learns it from a hundred rows
-    and a detector cannot mistake it; lowercasing the rest keeps the answer's words (and its length)
-    while marking the whole response as rewritten.
+    The style must reach every response token, as the paper's whole-response rewrites do: the greeting
+    alone is learned so well that its tokens carry no loss, and so no gradient, once the backdoor fires
+    (a lowercase rewrite, tried first, left the rest of the answer looking like clean text; see
+    BENCHMARKS.md). Capitals keep the answer's words while every token becomes one that only poisoned
+    rows teach.
     """
-    return f"{BACKDOOR_OPENING} {text.lower()}"
+    return f"{BACKDOOR_OPENING.upper()} {text.upper()}"
 
 
 def is_backdoor_response(text: str) -> bool:
