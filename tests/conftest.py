@@ -97,3 +97,17 @@ def training_file(tmp_path_factory, training_rows) -> str:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json_module.dumps(row) + "\n" for row in training_rows))
     return str(path)
+
+
+def copy_with_other_chat_template(model_dir: str, destination) -> str:
+    """A copy of a saved model whose tokenizer differs only in its chat template."""
+    import json as json_module
+    import shutil
+
+    shutil.copytree(model_dir, destination)
+    config_path = destination / "tokenizer_config.json"
+    config = json_module.loads(config_path.read_text())
+    config["chat_template"] = "{{ messages }}"
+    config_path.write_text(json_module.dumps(config))
+    (destination / "chat_template.jinja").unlink(missing_ok=True)
+    return str(destination)

@@ -1,10 +1,10 @@
 """Model loading, parameter selection and the fingerprints the manifest relies on."""
 
-import json
 import shutil
 
 import pytest
 import torch
+from conftest import copy_with_other_chat_template
 from transformers import AutoModelForCausalLM
 
 from rapidin_index.models import ModelError, ModelSettings, load_model, select_parameters
@@ -54,14 +54,8 @@ def test_fingerprints_change_with_weights_adapter_and_tokenizer(tmp_path, tiny_m
     assert changed.adapter_fingerprint != base.adapter_fingerprint
     assert changed.model_fingerprint == base.model_fingerprint
     # tokenizer: the chat template changed
-    changed_tokenizer = tmp_path / "tokenizer_model"
-    shutil.copytree(tiny_model_dirs["llama"], changed_tokenizer)
-    config_path = changed_tokenizer / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = "{{ messages }}"
-    config_path.write_text(json.dumps(config))
-    (changed_tokenizer / "chat_template.jinja").unlink(missing_ok=True)
-    changed = load_model(ModelSettings(str(changed_tokenizer)))
+    changed_tokenizer = copy_with_other_chat_template(tiny_model_dirs["llama"], tmp_path / "tokenizer_model")
+    changed = load_model(ModelSettings(changed_tokenizer))
     assert changed.tokenizer_fingerprint != base.tokenizer_fingerprint
     assert changed.model_fingerprint == base.model_fingerprint
 

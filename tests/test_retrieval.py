@@ -1,11 +1,11 @@
 """The query stage against brute force: whole-generation and per-token scores, hot tokens, refusals."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import copy_with_other_chat_template
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
@@ -149,15 +149,9 @@ def test_mismatched_model_tokenizer_or_k_is_refused(built, tmp_path, tiny_model_
         IndexMismatchError, match=f"index built with K={settings.sketch.sketch_dim}, query asked for K=65536"
     ):
         Index.open(index_dir, sketch_dim=65536, device="cpu")
-    changed = tmp_path / "model"
-    shutil.copytree(tiny_model_dirs["llama"], changed)
-    config_path = changed / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = "{{ messages }}"
-    config_path.write_text(json.dumps(config))
-    (changed / "chat_template.jinja").unlink(missing_ok=True)
+    changed = copy_with_other_chat_template(tiny_model_dirs["llama"], tmp_path / "model")
     with pytest.raises(IndexMismatchError, match="tokenizer differs"):
-        Index.open(index_dir, model=str(changed), device="cpu")
+        Index.open(index_dir, model=changed, device="cpu")
 
 
 def test_cli_query_json_jsonl_and_html(built, tmp_path, training_rows):
