@@ -159,7 +159,11 @@ class Index:
         for number, row in enumerate(rows):
             try:
                 rendered_prompt, response = render_row(row, self.loaded.tokenizer, self.template)
-                prepared.append(self._tokenize(row, rendered_prompt, response, row.get("hot"), False))
+                prepared.append(
+                    self._tokenize(
+                        _user_prompt(row, rendered_prompt), rendered_prompt, response, row.get("hot"), False
+                    )
+                )
             except (RowError, QueryError) as error:
                 raise QueryError(f"query row {number}: {error}") from None
         return self.query_prepared(prepared, top_k, explain)
@@ -168,7 +172,7 @@ class Index:
         rendered_prompt, response = render_query(
             prompt, response, self.loaded.tokenizer, self._query_template()
         )
-        return self._tokenize({"prompt": prompt}, rendered_prompt, response, hot, generated)
+        return self._tokenize(prompt, rendered_prompt, response, hot, generated)
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
         """Greedy generation by the indexed model."""
@@ -322,7 +326,7 @@ class Index:
         return Template(name=dominant)
 
     def _tokenize(
-        self, source: dict, rendered_prompt: str, response: str, hot, generated: bool
+        self, prompt: str, rendered_prompt: str, response: str, hot, generated: bool
     ) -> PreparedQuery:
         tokenizer = self.loaded.tokenizer
         try:
@@ -336,14 +340,17 @@ class Index:
             )
         positions = [p for p, label in enumerate(labels) if label != IGNORE_INDEX]
         hot_mask = resolve_hot(hot, response, tokenizer, len(positions))
-        prompt = (
-            source.get("prompt", rendered_prompt)
-            if isinstance(source.get("prompt"), str)
-            else rendered_prompt
-        )
         return PreparedQuery(
             prompt, response, rendered_prompt, input_ids, labels, positions, hot_mask, hot, generated
         )
+
+
+def _user_prompt(row: dict, rendered_prompt: str) -> str:
+    """The prompt as the user wrote it in a query row (before the template), for the result."""
+    for field in ("prompt", "instruction"):
+        if isinstance(row.get(field), str):
+            return row[field]
+    return rendered_prompt
 
 
 def _hits(ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
