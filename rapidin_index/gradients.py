@@ -225,8 +225,14 @@ class GradientCapture:
                 owner.calls.clear()
 
     def _forward_hook(self, module, args, kwargs, output) -> torch.Tensor | None:
-        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not isinstance(output, torch.Tensor):
             return None
+        if not output.requires_grad:
+            if not torch.is_grad_enabled():
+                return None
+            # Attributed parameters are frozen during the hooked pass (their summed gradient is never
+            # used), so the first attributed module's output starts the graph: nothing upstream needs one.
+            output = output.detach().requires_grad_(True)
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         if output.shape[0] == 1 and self.batch_size > 1:
             # Shared across the batch (GPT-2's position embeddings): give every example its own copy so
@@ -302,7 +308,7 @@ class GradientSketcher:
     def _sketch_with_hooks(self, batch: Batch) -> SketchedBatch:
         self.model.zero_grad(set_to_none=True)
         self.capture.batch_size = batch.size
-        with self.capture:
+        with self.capture, _frozen([block.parameter for block in self.blocks]):
             losses = example_losses(self.model, batch)
             losses.sum().backward()
         try:
@@ -324,6 +330,21 @@ class GradientSketcher:
         for block in self.blocks:
             state.add(block, raw[:, block.offset : block.offset + block.numel], self.normalize)
         return state.result()
+
+
+class _frozen:
+    """Context manager: the parameters do not require grad inside (restored on exit)."""
+
+    def __init__(self, parameters: list[nn.Parameter]) -> None:
+        self.parameters = [p for p in parameters if p.requires_grad]
+
+    def __enter__(self) -> None:
+        for parameter in self.parameters:
+            parameter.requires_grad_(False)
+
+    def __exit__(self, *exc) -> None:
+        for parameter in self.parameters:
+            parameter.requires_grad_(True)
 
 
 class _SketchState:

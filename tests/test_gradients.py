@@ -124,3 +124,22 @@ def test_errors_are_clear(tiny_model_dirs):
         GradientSketcher(loaded.model, blocks, make_projector(SketchSettings(0), 10), "batch")
     with pytest.raises(GradientError, match="empty batch"):
         collate([], 0, "cpu")
+
+
+@pytest.mark.parametrize(
+    "architecture,params", [("llama", r"layers\.1\..*(mlp|norm)"), ("gpt2", r"h\.1\.(mlp|ln_2)")]
+)
+def test_a_selection_starting_deep_in_the_network_equals_brute_force(
+    tiny_model_dirs, training_rows, architecture, params
+):
+    loaded, blocks = load(tiny_model_dirs, architecture, False, params=params)
+    assert blocks and all(".1." in block.name for block in blocks)
+    settings = SketchSettings(0)
+    pairs = sequences(loaded.tokenizer, training_rows[:4])
+    sketcher = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)), "layer")
+    result = sketcher.sketch(collate(pairs, loaded.tokenizer.pad_token_id, "cpu"))
+    assert sketcher.uses_hooks
+    torch.testing.assert_close(
+        result.vectors, brute_force(loaded, blocks, pairs, settings), atol=2e-5, rtol=1e-4
+    )
+    assert all(block.parameter.requires_grad for block in blocks)  # unfrozen after the hooked pass
