@@ -226,7 +226,8 @@ class RapidGradProjector:
             chunk_length = min(_MAP_CHUNK, length - chunk_start)
             bins, signs = self.bins_and_signs(offset + chunk_start, chunk_length)
             chunk = block[:, chunk_start : chunk_start + chunk_length].to(torch.float32)
-            out.index_add_(1, bins, chunk * signs)  # [batch, n] scattered into [batch, K]
+            # widen the compact cache entries first: mixed-dtype index_add is ~5x slower
+            out.index_add_(1, bins.long(), chunk * signs.to(chunk.dtype))  # [batch, n] into [batch, K]
 
     def new_output(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
