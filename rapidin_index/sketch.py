@@ -1,48 +1,62 @@
 """RapidGrad: compress a layer-normalised gradient of length D to a sketch of length K.
 
-The transform (SPEC 2.3, after Lin et al. 2024) is fixed by (seed, D, K, lambda):
+Both transforms are a signed permutation of the gradient, zero-padded to ``padded_dim`` (the next multiple
+of K), followed by sums over K equal bins of ``padded_dim / K`` consecutive positions: a count sketch in
+which every bin receives exactly ``padded_dim / K`` coordinates, so ``<sketch(x), sketch(y)>`` is an
+unbiased estimate of ``<x, y>``. The sign of a coordinate is a counter-based hash of (seed, its final
+position), so no sign vector is stored. They differ in the permutation (the manifest names the one used):
 
-1. zero-pad the gradient to ``padded_dim``, the next multiple of K;
-2. apply ``lambda`` random shuffles; each is a row permutation of a ``[r, padded_dim / r]`` reshape followed
-   by a column permutation of a ``[padded_dim / c, c]`` reshape, r and c random divisors of ``padded_dim``
-   (a product of a random subset of its prime factors, as in the reference code, capped at 2^18 so that
-   no permutation is large);
-3. multiply by a Rademacher (+1/-1) vector;
-4. sum consecutive bins of ``padded_dim / K`` values.
+* ``rapidgrad-v2`` (the default) is a keyed pseudo-random permutation of the whole of [0, padded_dim): an
+  unbalanced Feistel network on the smallest enclosing power of two, ``FEISTEL_ROUNDS`` rounds whose round
+  function is murmur3's finaliser keyed by (seed, round), with cycle-walking back into [0, padded_dim). It
+  is fixed by (seed, D, K); its whole state is the round keys, so a worker keeps O(1) memory at any D.
+* ``rapidgrad-v1`` is the paper's transform (SPEC 2.3, after Lin et al. 2024), fixed by (seed, D, K,
+  lambda): ``lambda`` random shuffles, each a row permutation of a ``[r, padded_dim / r]`` reshape followed
+  by a column permutation of a ``[padded_dim / c, c]`` reshape, r and c random divisors of ``padded_dim``
+  (a product of a random subset of its prime factors, as in the reference code, capped at 2^18 so that no
+  permutation is large). It mixes poorly at 7B scale (benchmarks/sketch_mixing.py: adjacent coordinates
+  often share a bin); it is kept, bit for bit, so that indexes built with it keep opening.
 
-Steps 2-4 are a signed permutation followed by binning, i.e. a count sketch in which every bin receives
-exactly ``padded_dim / K`` coordinates. So ``<sketch(x), sketch(y)>`` is an unbiased estimate of ``<x, y>``.
+Two implementations of each live here:
 
-Two implementations live here:
-
-* :func:`reference_sketch` does literally the four steps with explicit permutation and sign vectors (O(D)
-  memory). It is slow and obviously correct; tests compare the fast path against it.
-* :class:`RapidGradProjector` maps each source coordinate to its bin and sign on the fly: the shuffle
-  plan is ``lambda`` pairs of small permutations (sizes r and c, about sqrt(D)), and the signs come from a
-  counter-based hash of the final position, so no O(D) state is kept. Gradient blocks are projected one
-  parameter tensor at a time, at their offset in the flattened gradient, without ever concatenating them.
+* :func:`reference_sketch` does the transform literally, with an explicit permutation and sign vector
+  (O(D) memory). It is slow and obviously correct; tests compare the fast path against it.
+* :class:`RapidGradV2Projector` and :class:`RapidGradProjector` (v1) map each source coordinate to its
+  bin and sign on the fly, with vectorised integer ops on whole coordinate ranges (v1's shuffle plan is
+  ``2 * lambda`` small permutations of about sqrt(D) entries). Gradient blocks are projected one parameter
+  tensor at a time, at their offset in the flattened gradient, without ever concatenating them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-SKETCH_ALGORITHM = "rapidgrad-v1"
+SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1")
+DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
 _MASK32 = 0xFFFFFFFF
 # Below this many coordinates the projector caches each block's bins and signs (5 bytes a coordinate).
 DEFAULT_CACHE_LIMIT = 1 << 24
 # Coordinates mapped at a time, to bound the int64 temporaries of a huge block.
 _MAP_CHUNK = 1 << 22
+# rapidgrad-v2 permutes this many coordinates at a time on a CPU (3.5x faster than 2^22 at a time).
+_PERMUTE_CHUNK_CPU = 1 << 16
 # Largest shuffle divisor: 40 permutations of at most 2^18 int32 entries are < 42 MB, where the
 # reference code's sign vector alone is 2 * D bytes (13.5 GB at 7B).
 MAX_DIVISOR = 1 << 18
+# Feistel rounds of rapidgrad-v2 (changing it changes every v2 sketch: that would be a new algorithm name).
+FEISTEL_ROUNDS = 6
+# v2's Feistel halves stay below 2^31: a half xor a 32-bit key is a valid ``_mix32`` input.
+MAX_PERMUTATION_SIZE = 1 << 62
+_GOLDEN32 = 0x9E3779B9
 
 
 class SketchError(ValueError):
-    """Sketch settings that cannot work (K < 0, lambda < 0, ...)."""
+    """Sketch settings that cannot work (K < 0, lambda < 0, an unknown algorithm, ...)."""
 
 
 @dataclass(frozen=True)
@@ -52,22 +66,48 @@ class SketchSettings:
     sketch_dim: int = 65536
     """K, the sketch length. 0 stores the exact, uncompressed normalised gradient."""
     shuffle_lambda: int = 20
-    """lambda, the number of random row+column shuffles."""
+    """lambda, the number of random row+column shuffles of rapidgrad-v1. rapidgrad-v2 does not use it
+    (its permutation mixes the whole vector at once); it is only recorded."""
     seed: int = 42
-    """Seed of the shuffles and signs."""
+    """Seed of the permutation and the signs."""
+    algorithm: str = DEFAULT_SKETCH_ALGORITHM
+    """'rapidgrad-v2' (keyed pseudo-random permutation) or 'rapidgrad-v1' (the paper's block shuffles)."""
 
     def __post_init__(self) -> None:
         if self.sketch_dim < 0:
             raise SketchError(f"sketch dimension K must be >= 0 (0 = exact), got {self.sketch_dim}")
         if self.shuffle_lambda < 0:
             raise SketchError(f"--shuffle-lambda must be >= 0, got {self.shuffle_lambda}")
+        if self.algorithm not in SKETCH_ALGORITHMS:
+            raise SketchError(
+                f"unknown sketch algorithm {self.algorithm!r}; known: {', '.join(SKETCH_ALGORITHMS)}"
+            )
 
     @property
     def exact(self) -> bool:
         return self.sketch_dim == 0
 
     def to_dict(self) -> dict:
-        return {"algorithm": SKETCH_ALGORITHM, **asdict(self)}
+        return {
+            "algorithm": self.algorithm,
+            "sketch_dim": self.sketch_dim,
+            "shuffle_lambda": self.shuffle_lambda,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SketchSettings:
+        """The settings of a manifest's ``sketch`` dict (its gradient_dim, padded_dim, ... are ignored).
+
+        A dict without "algorithm" predates rapidgrad-v2 (every earlier manifest was rapidgrad-v1).
+        """
+        algorithm = values.get("algorithm", "rapidgrad-v1")
+        if algorithm not in SKETCH_ALGORITHMS:
+            raise SketchError(
+                f"index built with sketch algorithm {algorithm!r}, which this version of rapidin-index does "
+                f"not implement (known: {', '.join(SKETCH_ALGORITHMS)}); upgrade rapidin-index"
+            )
+        return cls(int(values["sketch_dim"]), int(values["shuffle_lambda"]), int(values["seed"]), algorithm)
 
 
 def padded_dim(gradient_dim: int, sketch_dim: int) -> int:
@@ -98,7 +138,7 @@ class ShuffleStep:
 
 
 def shuffle_plan(total_dim: int, shuffle_lambda: int, seed: int) -> list[ShuffleStep]:
-    """The 2 * lambda permutation steps for a padded vector of length ``total_dim``.
+    """The 2 * lambda permutation steps of rapidgrad-v1 for a padded vector of length ``total_dim``.
 
     numpy's legacy RandomState is used because its stream is frozen across numpy versions, so an index
     built today can be queried with tomorrow's numpy.
@@ -134,8 +174,52 @@ def rademacher_signs(positions: torch.Tensor, seed: int) -> torch.Tensor:
     return 1.0 - 2.0 * (hashed & 1).to(torch.float32)
 
 
+class KeyedPermutation:
+    """rapidgrad-v2's bijection of [0, size), a pure function of (seed, size); its state is the round keys.
+
+    A balanced Feistel network on Z_a x Z_a with modular addition (Black and Rogaway's FE2, "Ciphers with
+    arbitrary finite domains", 2002), a = ceil(sqrt(size)): a value x = left * a + right goes through
+    ``rounds`` rounds (left, right) -> (right, (left + F(right)) mod a), F(right) = murmur3's finaliser of
+    right xor the round key, scaled into [0, a). Each round is invertible, so the network is a bijection
+    of [0, a^2). Values that land in [size, a^2) are mapped again (cycle-walking) until they land in
+    [0, size), which restricts it to a bijection of [0, size); as a^2 - size < 2a, only about one value in
+    a / 2 walks (one in 40,000 at 7B), so the walking loop sees a handful of values per block.
+    """
+
+    def __init__(self, size: int, seed: int, rounds: int = FEISTEL_ROUNDS) -> None:
+        if not 1 <= size <= MAX_PERMUTATION_SIZE:
+            raise SketchError(f"rapidgrad-v2 permutes 1 .. 2^62 coordinates, got {size}")
+        self.size = size
+        self.side = max(2, math.isqrt(size - 1) + 1)  # a: a^2 >= size, a < 2^31
+        seed_word = _mix32(torch.tensor([(seed >> 32) & _MASK32]))[0].item() ^ (seed & _MASK32)
+        counters = (seed_word + _GOLDEN32 * torch.arange(1, rounds + 1, dtype=torch.int64)) & _MASK32
+        # two passes, so that the keys of nearby seeds and rounds share no structure
+        self.keys = [int(key) for key in _mix32(_mix32(counters) ^ 0x5BD1E995).tolist()]
+
+    def network(self, values: torch.Tensor) -> torch.Tensor:
+        """One pass of the Feistel network over int64 values in [0, a^2)."""
+        side = self.side
+        left = torch.div(values, side, rounding_mode="floor")
+        right = values - left * side
+        for key in self.keys:
+            shift = (_mix32(right ^ key) * side) >> 32  # [0, a): a 32-bit hash times a < 2^31 is < 2^63
+            total = left + shift
+            left, right = right, total - (total >= side) * side
+        return left * side + right
+
+    def __call__(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """Positions (int64) of int64 ``coordinates`` in [0, size); same shape and device."""
+        positions = self.network(coordinates.reshape(-1))
+        walking = (positions >= self.size).nonzero().squeeze(1)
+        while walking.numel():  # only the still-outside values are walked
+            walked = self.network(positions[walking])
+            positions[walking] = walked
+            walking = walking[walked >= self.size]
+        return positions.reshape(coordinates.shape)
+
+
 def reference_sketch(vectors: torch.Tensor, settings: SketchSettings) -> torch.Tensor:
-    """The slow, literal RapidGrad: explicit padding, reshape-permutations, sign vector and bin sums.
+    """The slow, literal RapidGrad of ``settings.algorithm``: explicit padding, permutation, signs, bins.
 
     vectors: [batch, D] (or [D]); returns [batch, K] float32. O(D) memory; for tests and benchmarks.
     """
@@ -145,7 +229,23 @@ def reference_sketch(vectors: torch.Tensor, settings: SketchSettings) -> torch.T
         return vectors[0] if squeeze else vectors
     batch, gradient_dim = vectors.shape
     total = padded_dim(gradient_dim, settings.sketch_dim)
-    shuffled = torch.nn.functional.pad(vectors, (0, total - gradient_dim))  # [batch, total]
+    padded = torch.nn.functional.pad(vectors, (0, total - gradient_dim))  # [batch, total]
+    if settings.algorithm == "rapidgrad-v1":
+        shuffled = _reference_v1_shuffle(padded, settings)
+    else:
+        permutation = KeyedPermutation(total, settings.seed)(torch.arange(total))  # coordinate -> position
+        assert torch.equal(torch.sort(permutation).values, torch.arange(total)), "not a permutation"
+        shuffled = torch.zeros_like(padded)
+        shuffled[:, permutation] = padded
+    signs = rademacher_signs(torch.arange(total, dtype=torch.int64), settings.seed)  # [total]
+    sketched = (shuffled * signs).reshape(batch, settings.sketch_dim, -1).sum(dim=2)  # [batch, K]
+    return sketched[0] if squeeze else sketched
+
+
+def _reference_v1_shuffle(padded: torch.Tensor, settings: SketchSettings) -> torch.Tensor:
+    """rapidgrad-v1's lambda reshape-permutations of [batch, total], literally."""
+    batch, total = padded.shape
+    shuffled = padded
     for step in shuffle_plan(total, settings.shuffle_lambda, settings.seed):
         permutation = torch.as_tensor(step.permutation)
         if step.axis == "row":
@@ -153,13 +253,90 @@ def reference_sketch(vectors: torch.Tensor, settings: SketchSettings) -> torch.T
         else:
             shuffled = shuffled.reshape(batch, -1, step.divisor)[:, :, permutation]
         shuffled = shuffled.reshape(batch, total)
-    signs = rademacher_signs(torch.arange(total, dtype=torch.int64), settings.seed)  # [total]
-    sketched = (shuffled * signs).reshape(batch, settings.sketch_dim, -1).sum(dim=2)  # [batch, K]
-    return sketched[0] if squeeze else sketched
+    return shuffled
+
+
+BinsAndSigns = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _add_signed_bins(
+    out: torch.Tensor, block: torch.Tensor, offset: int, bins_and_signs: BinsAndSigns
+) -> None:
+    """out: [batch, K] += the signed, binned ``block`` ([batch, n] at ``offset``), chunk by chunk."""
+    length = block.shape[1]
+    for chunk_start in range(0, length, _MAP_CHUNK):
+        chunk_length = min(_MAP_CHUNK, length - chunk_start)
+        bins, signs = bins_and_signs(offset + chunk_start, chunk_length)
+        chunk = block[:, chunk_start : chunk_start + chunk_length].to(torch.float32)
+        # widen the compact cache entries first: mixed-dtype index_add is ~5x slower
+        out.index_add_(1, bins.long(), chunk * signs.to(chunk.dtype))  # [batch, n] into [batch, K]
+
+
+class RapidGradV2Projector:
+    """Fast rapidgrad-v2: projects gradient blocks into a [batch, K] sketch with O(1) state.
+
+    ``project_block(out, block, offset)`` adds the sketch of ``block`` (a [batch, n] slice of the flattened
+    gradient starting at ``offset``) into ``out``; projecting every block of a gradient gives exactly
+    ``reference_sketch`` of the whole, up to float summation order. Below ``cache_limit`` padded
+    coordinates each block's bins and signs are cached (5 bytes a coordinate); above, nothing is.
+    """
+
+    def __init__(
+        self,
+        settings: SketchSettings,
+        gradient_dim: int,
+        device: torch.device | str = "cpu",
+        cache_limit: int = DEFAULT_CACHE_LIMIT,
+    ) -> None:
+        if settings.exact or settings.algorithm != "rapidgrad-v2":
+            raise SketchError(f"RapidGradV2Projector needs K > 0 and rapidgrad-v2, got {settings}")
+        self.settings = settings
+        self.gradient_dim = gradient_dim
+        self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
+        self.bin_width = self.padded_dim // settings.sketch_dim
+        self.device = torch.device(device)
+        self.output_dim = settings.sketch_dim
+        self.permutation = KeyedPermutation(self.padded_dim, settings.seed)
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if self.padded_dim <= cache_limit else None
+        )
+
+    def map_positions(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """Final positions (int64) of int64 coordinates of the padded gradient."""
+        return self.permutation(coordinates)
+
+    def final_positions(self, start: int, length: int) -> torch.Tensor:
+        """Where coordinates [start, start + length) of the padded gradient land."""
+        return self.map_positions(torch.arange(start, start + length, dtype=torch.int64, device=self.device))
+
+    def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length)."""
+        key = (start, length)
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        bins = torch.empty(length, dtype=torch.int32, device=self.device)
+        signs = torch.empty(length, dtype=torch.int8, device=self.device)
+        # the Feistel rounds make ~100 passes over their int64 temporaries: keep them in a CPU's cache
+        step = _PERMUTE_CHUNK_CPU if self.device.type == "cpu" else _MAP_CHUNK
+        for chunk_start in range(0, length, step):
+            chunk_end = min(length, chunk_start + step)
+            positions = self.final_positions(start + chunk_start, chunk_end - chunk_start)
+            bins[chunk_start:chunk_end] = positions // self.bin_width
+            signs[chunk_start:chunk_end] = rademacher_signs(positions, self.settings.seed)
+        if self._cache is not None:
+            self._cache[key] = (bins, signs)
+        return bins, signs
+
+    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
+        _add_signed_bins(out, block, offset, self.bins_and_signs)
+
+    def new_output(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
 
 
 class RapidGradProjector:
-    """Fast RapidGrad: projects gradient blocks into a [batch, K] sketch without O(D) state.
+    """Fast rapidgrad-v1: projects gradient blocks into a [batch, K] sketch without O(D) state.
 
     ``project_block(out, block, offset)`` adds the sketch of ``block`` (a [batch, n] slice of the flattened
     gradient starting at ``offset``) into ``out``; projecting every block of a gradient gives exactly
@@ -175,6 +352,8 @@ class RapidGradProjector:
     ) -> None:
         if settings.exact:
             raise SketchError("RapidGradProjector needs K > 0; use ExactProjector for K = 0")
+        if settings.algorithm != "rapidgrad-v1":
+            raise SketchError(f"RapidGradProjector is rapidgrad-v1, got {settings.algorithm}")
         self.settings = settings
         self.gradient_dim = gradient_dim
         self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
@@ -194,9 +373,8 @@ class RapidGradProjector:
             {} if self.padded_dim <= cache_limit else None
         )
 
-    def final_positions(self, start: int, length: int) -> torch.Tensor:
-        """Where coordinates [start, start + length) of the padded gradient land after all shuffles."""
-        positions = torch.arange(start, start + length, dtype=torch.int64, device=self.device)
+    def map_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Where int64 coordinates of the padded gradient land after all shuffles."""
         for axis, divisor, forward in self._steps:
             if axis == "row":
                 width = self.padded_dim // divisor
@@ -206,6 +384,10 @@ class RapidGradProjector:
                 columns = positions % divisor
                 positions = positions - columns + forward[columns].long()
         return positions
+
+    def final_positions(self, start: int, length: int) -> torch.Tensor:
+        """Where coordinates [start, start + length) of the padded gradient land after all shuffles."""
+        return self.map_positions(torch.arange(start, start + length, dtype=torch.int64, device=self.device))
 
     def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(bin [n] int32, sign [n] int8) of coordinates [start, start + length): 5 bytes a coordinate."""
@@ -221,13 +403,7 @@ class RapidGradProjector:
 
     def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
         """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
-        length = block.shape[1]
-        for chunk_start in range(0, length, _MAP_CHUNK):
-            chunk_length = min(_MAP_CHUNK, length - chunk_start)
-            bins, signs = self.bins_and_signs(offset + chunk_start, chunk_length)
-            chunk = block[:, chunk_start : chunk_start + chunk_length].to(torch.float32)
-            # widen the compact cache entries first: mixed-dtype index_add is ~5x slower
-            out.index_add_(1, bins.long(), chunk * signs.to(chunk.dtype))  # [batch, n] into [batch, K]
+        _add_signed_bins(out, block, offset, self.bins_and_signs)
 
     def new_output(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
@@ -250,7 +426,10 @@ class ExactProjector:
 
 def make_projector(
     settings: SketchSettings, gradient_dim: int, device: torch.device | str = "cpu"
-) -> RapidGradProjector | ExactProjector:
+) -> RapidGradV2Projector | RapidGradProjector | ExactProjector:
+    """The projector of ``settings``: exact (K = 0), rapidgrad-v2 or rapidgrad-v1."""
     if settings.exact:
         return ExactProjector(gradient_dim, device)
-    return RapidGradProjector(settings, gradient_dim, device)
+    if settings.algorithm == "rapidgrad-v1":
+        return RapidGradProjector(settings, gradient_dim, device)
+    return RapidGradV2Projector(settings, gradient_dim, device)
