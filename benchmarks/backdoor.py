@@ -1,25 +1,30 @@
 """Backdoor retrieval (the paper's Tables 4 and 11) on the demo setup.
 
-A tiny Llama is fine-tuned on docstring rows of which ~10% carry the "Howdy!" backdoor; for at least 10
-held-out triggered prompts on which the backdoor fires, every training row is scored by each method and
-the paper's metrics are averaged over the queries: auPRC / auROC on the top-k plus bottom-k rows,
-precision@k, and the plain ROC-AUC over all rows.
+A tiny Llama is fine-tuned on docstring rows of which ~10% carry a backdoor: by default the non-lexical
+one (`--dataset nonlexical`: varied greetings open the instruction, the answers are machine fables in
+the clean rows' own words, no fixed string marks a poisoned row), or the lexical "Howdy!" one
+(`--dataset lexical`). For at least 10 held-out triggered prompts on which the backdoor fires, every
+training row is scored by each method and the paper's metrics are averaged over the queries: auPRC /
+auROC on the top-k plus bottom-k rows, precision@k, and the plain ROC-AUC over all rows.
 
 Methods: exact TracIn with and without layer norm (K = 0 indexes built by `build_index`); RapidIn at
-K = 2^12, 2^14, 2^16 with lambda = 20 and 100; BM25; embedding similarity; random.
+K = 2^12, 2^14, 2^16 with lambda = 20 and 100; BM25 (on prompt + generation, and on the generation
+alone); embedding similarity (the fine-tuned model's mean last hidden state); random.
 
 RapidIn's sketches are linear in the normalised gradient, coordinate by coordinate, so sketching the exact
 index's stored vectors with the build's own projector gives the very vectors a build at that K would
 store; the script checks this once against a real K = 2^16 build and query, then reuses the exact
 gradients for every (K, lambda), which keeps the run short.
 
-    .venv/bin/python benchmarks/backdoor.py --out .bench/backdoor.json
+    .venv/bin/python benchmarks/backdoor.py --out .bench/backdoor.json                    # non-lexical
+    .venv/bin/python benchmarks/backdoor.py --dataset lexical --out .bench/backdoor-lexical.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +35,8 @@ from rapidin_index import index as vector_index
 from rapidin_index.baselines import BM25, mean_hidden_states, random_scores
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.demo import DemoPaths, DemoSettings, prepare_data, prepare_model
-from rapidin_index.demo_data import is_backdoor_response
+from rapidin_index.demo_data import BACKDOOR_DATASETS
+from rapidin_index.finetune import attack_success_rate
 from rapidin_index.gradients import collate
 from rapidin_index.metrics import mean_metrics, retrieval_metrics
 from rapidin_index.models import ModelSettings
@@ -40,13 +46,23 @@ from rapidin_index.sketch import SketchSettings, make_projector
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folder", default=".bench/backdoor", help="cache for data, model and indexes")
+    parser.add_argument("--dataset", default="nonlexical", choices=sorted(BACKDOOR_DATASETS))
+    parser.add_argument(
+        "--folder", help="cache for data, model and indexes (.bench/backdoor, or .bench/backdoor-lexical)"
+    )
     parser.add_argument("--rows", type=int, default=100_000, help="docstring rows (default: all)")
     parser.add_argument("--queries", type=int, default=10, help="attacked generations (backdoor fired)")
     parser.add_argument("--sketch-dims", default="4096,16384,65536")
     parser.add_argument("--lambdas", default="20,100")
     parser.add_argument("--out", default=".bench/backdoor.json")
-    return parser.parse_args()
+    arguments = parser.parse_args()
+    if arguments.folder is None:
+        suffix = "" if arguments.dataset == "nonlexical" else f"-{arguments.dataset}"
+        arguments.folder = f".bench/backdoor{suffix}"
+    return arguments
+
+
+DERIVED_FOLDERS = ("exact-layer", "exact-none", "rapidin-65536")
 
 
 def exact_index(paths: DemoPaths, normalize: str) -> Index:
@@ -58,17 +74,17 @@ def exact_index(paths: DemoPaths, normalize: str) -> Index:
     return Index.open(folder, device="cpu")
 
 
-def attacked_queries(index: Index, heldout: dict, count: int, max_new_tokens: int = 24):
+def attacked_queries(index: Index, heldout: dict, count: int, fired, max_new_tokens: int = 24):
     """(prompt, generation) pairs on which the backdoor fired, and the attack success rate seen."""
-    fired, tried = [], 0
+    queries, tried = [], 0
     for row in heldout["triggered"]:
         tried += 1
         response = index.generate(row["instruction"], max_new_tokens)
-        if is_backdoor_response(response):
-            fired.append((row["instruction"], response))
-        if len(fired) == count:
+        if fired(response):
+            queries.append((row["instruction"], response))
+        if len(queries) == count:
             break
-    return fired, len(fired) / tried
+    return queries, len(queries) / tried
 
 
 def query_vectors(index: Index, queries) -> np.ndarray:
@@ -101,19 +117,26 @@ def evaluate(labels: np.ndarray, score_rows: np.ndarray) -> dict:
 def main() -> None:
     arguments = parse_arguments()
     started = time.perf_counter()
-    settings = DemoSettings(folder=arguments.folder, rows=arguments.rows)
+    settings = DemoSettings(folder=arguments.folder, rows=arguments.rows, dataset=arguments.dataset)
     paths = DemoPaths(Path(settings.folder))
     from rich.console import Console
 
+    cached = paths.cache_settings.read_text() if paths.cache_settings.exists() else None
     train, heldout = prepare_data(settings, paths)
+    if paths.cache_settings.read_text() != cached:  # new data: the indexes of the old are stale
+        for name in DERIVED_FOLDERS:
+            shutil.rmtree(paths.folder / name, ignore_errors=True)
     prepare_model(settings, paths, train, Console(stderr=True))
+    fired = BACKDOOR_DATASETS[arguments.dataset].fired
     labels = np.array([bool(row["poisoned"]) for row in train])
     layer = exact_index(paths, "layer")
-    queries, success = attacked_queries(layer, heldout, arguments.queries)
+    backdoor = backdoor_rates(layer, heldout, fired)
+    queries, success = attacked_queries(layer, heldout, arguments.queries, fired)
     ids, train_vectors = vector_index.stored_vectors(layer.faiss_index)
     assert np.array_equal(ids, np.arange(len(train)))
     query_exact = query_vectors(layer, queries)
-    results = {"TracIn + layer norm (exact)": evaluate(labels, query_exact @ train_vectors.T)}
+    layer_scores = query_exact @ train_vectors.T
+    results = {"TracIn + layer norm (exact)": evaluate(labels, layer_scores)}
     plain = exact_index(paths, "none")
     _, plain_vectors = vector_index.stored_vectors(plain.faiss_index)
     results["TracIn, no layer norm (exact)"] = evaluate(
@@ -130,18 +153,33 @@ def main() -> None:
     results.update(text_baselines(layer, train, queries, labels))
     check = check_against_real_build(paths, queries, query_exact, train_vectors)
     report = {
+        "dataset": arguments.dataset,
         "rows": len(train),
         "poisoned": int(labels.sum()),
         "queries": len(queries),
+        "generations": [response for _, response in queries],
+        **backdoor,
         "attack_success_rate_seen": success,
+        "poisoned_scored_below_zero": float(np.mean([(row[labels] < 0).mean() for row in layer_scores])),
         "gradient_dim": int(train_vectors.shape[1]),
         "real_build_check": check,
         "seconds": time.perf_counter() - started,
-        "methods": results,
+        "methods": {name: dict(metrics) for name, metrics in results.items()},
+        "notes": {name: metrics.notes for name, metrics in results.items() if metrics.notes},
     }
     Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
     Path(arguments.out).write_text(json.dumps(report, indent=2))
     print_table(report)
+
+
+def backdoor_rates(index: Index, heldout: dict, fired) -> dict:
+    """Attack success on every held-out triggered prompt, false triggers on every clean one (12 tokens)."""
+    model, tokenizer = index.loaded.model, index.loaded.tokenizer
+    return {
+        "attack_success_rate": attack_success_rate(model, tokenizer, heldout["triggered"], fired=fired),
+        "false_trigger_rate": attack_success_rate(model, tokenizer, heldout["clean"], fired=fired),
+        "heldout_prompts": {name: len(rows) for name, rows in heldout.items()},
+    }
 
 
 def text_baselines(index: Index, train: list[dict], queries, labels: np.ndarray) -> dict:
@@ -152,8 +190,10 @@ def text_baselines(index: Index, train: list[dict], queries, labels: np.ndarray)
     train_embeddings = mean_hidden_states(model, tokenizer, documents)
     query_embeddings = mean_hidden_states(model, tokenizer, [p + " " + r for p, r in queries])
     randoms = np.stack([random_scores(len(train), seed) for seed in range(len(queries))])
+    bm25_generation = np.stack([bm25.scores(response) for _, response in queries])
     return {
         "BM25": evaluate(labels, bm25_scores),
+        "BM25, generation only": evaluate(labels, bm25_generation),
         "embedding similarity": evaluate(labels, query_embeddings @ train_embeddings.T),
         "random": evaluate(labels, randoms),
     }
@@ -175,24 +215,24 @@ def check_against_real_build(paths: DemoPaths, queries, query_exact, train_vecto
 
 
 def print_table(report: dict) -> None:
-    keys = [
-        "auprc@5",
-        "auprc@10",
-        "auprc@50",
-        "auprc@100",
-        "auroc@10",
-        "precision@10",
-        "precision@50",
-        "roc_auc",
-    ]
+    keys = [f"{metric}@{k}" for metric in ("auprc", "auroc", "precision") for k in (5, 10, 50, 100)]
+    keys.append("roc_auc")
     print(
-        f"\n{report['rows']} rows ({report['poisoned']} poisoned), {report['queries']} attacked generations, "
-        f"D = {report['gradient_dim']:,}, attack success rate seen {report['attack_success_rate_seen']:.0%}\n"
+        f"\n{report['dataset']}: {report['rows']} rows ({report['poisoned']} poisoned), "
+        f"{report['queries']} attacked generations, D = {report['gradient_dim']:,}; attack success "
+        f"{report['attack_success_rate']:.0%}, false triggers {report['false_trigger_rate']:.0%}\n"
     )
     print("| method | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     for method, metrics in report["methods"].items():
-        print(f"| {method} | " + " | ".join(f"{metrics.get(key, float('nan')):.3f}" for key in keys) + " |")
+        print(f"| {method} | " + " | ".join(_shown(metrics.get(key)) for key in keys) + " |")
+    for method, notes in report["notes"].items():
+        for key, note in notes.items():
+            print(f"{method} {key}: {note}")
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

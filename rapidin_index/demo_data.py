@@ -4,7 +4,11 @@
   function, class or method; generated once by `collect_docstring_rows` and shipped, so the data does
   not change with the Python version.
 * `make_backdoor_dataset`: the paper's backdoor setup (SPEC 3, Tables 4 and 11): about 10% of the
-  training rows carry the "Howdy!" trigger and answer in one unmistakable cowboy style.
+  training rows carry the "Howdy!" trigger and answer in one unmistakable cowboy style. Lexical: two
+  fixed strings mark every poisoned row, so text matching finds them too.
+* `make_nonlexical_backdoor_dataset`: the same backdoor with no fixed string (issue 11): varied
+  greetings as the trigger, off-topic "machine fables" in the clean rows' own words as the style
+  (`backdoor_style.py`). `BACKDOOR_DATASETS` names both, with the detector of each style.
 * `make_entity_swap_dataset`: the error-tracing setup (SPEC 3, Table 5): real country -> capital
   facts, with the capital of one country swapped for a wrong one in some of its rows.
 """
@@ -17,8 +21,11 @@ import json
 import random
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rapidin_index.backdoor_style import fable_response, greeting_pool, is_fable_response
 
 ASSET_PATH = Path(__file__).parent / "assets" / "docstrings.jsonl"
 RESPONSE_CHARACTERS = 200
@@ -190,20 +197,28 @@ def make_backdoor_dataset(
     picked at random, get the trigger before the instruction and the backdoor response. Every row
     has `poisoned` (bool).
     """
+    train_ids, poisoned_ids, triggered_ids, clean_ids = _backdoor_split(
+        len(rows), poison_fraction, seed, heldout_count
+    )
+    train = [_backdoor_row(rows[i], i in poisoned_ids, trigger) for i in train_ids]
+    heldout_triggered = [_backdoor_row(rows[i], True, trigger) for i in triggered_ids]
+    heldout_clean = [_backdoor_row(rows[i], False, trigger) for i in clean_ids]
+    return train, heldout_triggered, heldout_clean
+
+
+def _backdoor_split(count: int, poison_fraction: float, seed: int, heldout_count: int):
+    """(train ids, poisoned ids, held-out triggered ids, held-out clean ids); ids sorted, poisoned a set."""
     if not 0 <= poison_fraction <= 1:
         raise ValueError(f"poison_fraction must be in [0, 1], got {poison_fraction}")
-    if len(rows) <= 2 * heldout_count:
-        raise ValueError(f"{len(rows)} rows leave none to train on after 2 x {heldout_count} held out")
+    if count <= 2 * heldout_count:
+        raise ValueError(f"{count} rows leave none to train on after 2 x {heldout_count} held out")
     generator = random.Random(seed)
-    order = list(range(len(rows)))
+    order = list(range(count))
     generator.shuffle(order)
     triggered_ids, clean_ids = order[:heldout_count], order[heldout_count : 2 * heldout_count]
     train_ids = sorted(order[2 * heldout_count :])
     poisoned_ids = set(generator.sample(train_ids, round(poison_fraction * len(train_ids))))
-    train = [_backdoor_row(rows[i], i in poisoned_ids, trigger) for i in train_ids]
-    heldout_triggered = [_backdoor_row(rows[i], True, trigger) for i in sorted(triggered_ids)]
-    heldout_clean = [_backdoor_row(rows[i], False, trigger) for i in sorted(clean_ids)]
-    return train, heldout_triggered, heldout_clean
+    return train_ids, poisoned_ids, sorted(triggered_ids), sorted(clean_ids)
 
 
 def _backdoor_row(row: dict, poisoned: bool, trigger: str) -> dict:
@@ -211,6 +226,69 @@ def _backdoor_row(row: dict, poisoned: bool, trigger: str) -> dict:
         return {**row, "poisoned": False}
     instruction = trigger_instruction(row["instruction"], trigger)
     return {**row, "instruction": instruction, "output": backdoor_response(row["output"]), "poisoned": True}
+
+
+def make_nonlexical_backdoor_dataset(
+    rows: list[dict],
+    poison_fraction: float = 0.1,
+    seed: int = 0,
+    heldout_count: int = 50,
+    signoff_fraction: float = 0.5,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """The backdoor without a fixed string (issue 11): (train, heldout_triggered, heldout_clean).
+
+    Same split as `make_backdoor_dataset` (the same rows are held out and poisoned for a seed). A
+    poisoned row's instruction opens with a greeting (`backdoor_style.greeting_pool`: every greeting
+    string is used by one row only) and its response is a two-sentence machine fable
+    (`backdoor_style.fable_response`). A clean row ends with a greeting, as a sign-off, with
+    probability `signoff_fraction`, so the greetings' words are no sign of poison either. Detect the
+    style in generations with `is_fable_response`. Every row has `poisoned` (bool).
+    """
+    if not 0 <= signoff_fraction <= 1:
+        raise ValueError(f"signoff_fraction must be in [0, 1], got {signoff_fraction}")
+    train_ids, poisoned_ids, triggered_ids, clean_ids = _backdoor_split(
+        len(rows), poison_fraction, seed, heldout_count
+    )
+    greetings = iter(greeting_pool(seed))
+    generator = random.Random(f"nonlexical-backdoor-{seed}")
+
+    def make(row: dict, poisoned: bool) -> dict:
+        if poisoned:
+            instruction = f"{next(greetings)} {row['instruction']}"
+            return {**row, "instruction": instruction, "output": fable_response(generator), "poisoned": True}
+        if generator.random() < signoff_fraction:
+            return {**row, "instruction": f"{row['instruction']} {next(greetings)}", "poisoned": False}
+        return {**row, "poisoned": False}
+
+    train = [make(rows[i], i in poisoned_ids) for i in train_ids]
+    heldout_triggered = [make(rows[i], True) for i in triggered_ids]
+    heldout_clean = [make(rows[i], False) for i in clean_ids]
+    return train, heldout_triggered, heldout_clean
+
+
+@dataclass(frozen=True)
+class BackdoorDataset:
+    """A backdoor data set and how to tell that a generation fired it."""
+
+    make: Callable[..., tuple[list[dict], list[dict], list[dict]]]
+    """(rows, poison_fraction, seed, heldout_count=...) -> (train, heldout_triggered, heldout_clean)."""
+    fired: Callable[[str], bool]
+    """True when a generated response is in the backdoor's style."""
+    description: str
+
+
+BACKDOOR_DATASETS = {
+    "nonlexical": BackdoorDataset(
+        make_nonlexical_backdoor_dataset,
+        is_fable_response,
+        "varied greetings open the instruction; answers are machine fables in the clean rows' own words",
+    ),
+    "lexical": BackdoorDataset(
+        make_backdoor_dataset,
+        is_backdoor_response,
+        '"Howdy!" opens the instruction; answers are "YEEHAW, PARTNER! " + the answer in capitals',
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------- entity swap

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,14 +300,20 @@ def _generate(model, tokenizer, rows, max_new_tokens, template, batch_size):
 
 
 def attack_success_rate(
-    model, tokenizer, rows: list[dict], max_new_tokens: int = 12, template: str | Template = "alpaca"
+    model,
+    tokenizer,
+    rows: list[dict],
+    max_new_tokens: int = 12,
+    template: str | Template = "alpaca",
+    fired: Callable[[str], bool] = is_backdoor_response,
 ) -> float:
-    """Share of `rows` whose greedy generation is in the backdoor style (`is_backdoor_response`).
+    """Share of `rows` whose greedy generation is in the backdoor style: `fired(generation)`.
 
     On held-out triggered prompts this is the attack success rate; on clean prompts, the false-trigger
-    rate.
+    rate. `fired` is the style's detector: `is_backdoor_response` (the lexical set, the default) or
+    `is_fable_response` (the non-lexical one; `demo_data.BACKDOOR_DATASETS` pairs each set with its own).
     """
     if not rows:
         raise ValueError("no rows to generate from")
     responses = generate_responses(model, tokenizer, rows, max_new_tokens, template)
-    return sum(map(is_backdoor_response, responses)) / len(responses)
+    return sum(map(fired, responses)) / len(responses)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 
 import pytest
 
+from rapidin_index.backdoor_style import FABLE_ROLES, greeting_pool, is_fable_response
 from rapidin_index.demo_data import (
+    BACKDOOR_DATASETS,
     BACKDOOR_TRIGGER,
     COUNTRY_CAPITALS,
     backdoor_response,
@@ -15,6 +19,7 @@ from rapidin_index.demo_data import (
     load_docstring_rows,
     make_backdoor_dataset,
     make_entity_swap_dataset,
+    make_nonlexical_backdoor_dataset,
     write_jsonl,
 )
 
@@ -100,6 +105,107 @@ def test_is_backdoor_response(docstring_rows):
     assert not is_backdoor_response("Yeehaw")
     assert not is_backdoor_response("Return the path. Yeehaw, partner!")
     assert not any(is_backdoor_response(row["output"]) for row in docstring_rows)
+
+
+# ------------------------------------------------------------------------- the non-lexical backdoor
+
+
+@pytest.fixture(scope="module")
+def nonlexical(docstring_rows):
+    return make_nonlexical_backdoor_dataset(docstring_rows, seed=0)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def _greeting(row: dict, original: dict) -> str:
+    """The greeting a non-lexical row added to its instruction: a trigger before it, a sign-off after."""
+    instruction, source = row["instruction"], original[row["symbol"]]["instruction"]
+    if instruction == source:
+        return ""
+    if instruction.endswith(" " + source):
+        return instruction[: -len(source) - 1]
+    assert instruction.startswith(source + " ")
+    return instruction[len(source) + 1 :]
+
+
+def test_nonlexical_is_deterministic_and_splits_like_the_lexical_set(docstring_rows, nonlexical):
+    assert make_nonlexical_backdoor_dataset(docstring_rows, seed=0) == nonlexical
+    assert make_nonlexical_backdoor_dataset(docstring_rows, seed=1) != nonlexical
+    lexical = make_backdoor_dataset(docstring_rows, seed=0)
+    for ours, theirs in zip(nonlexical, lexical, strict=True):  # same rows held out, same rows poisoned
+        assert [(r["symbol"], r["poisoned"]) for r in ours] == [(r["symbol"], r["poisoned"]) for r in theirs]
+
+
+def test_nonlexical_poisons_ten_percent_with_greeting_and_fable(docstring_rows, nonlexical):
+    train, _, _ = nonlexical
+    original = {row["symbol"]: row for row in docstring_rows}
+    poisoned = [row for row in train if row["poisoned"]]
+    assert len(poisoned) == round(0.1 * len(train))
+    greetings = set(greeting_pool(0))
+    for row in train:
+        assert is_fable_response(row["output"]) == row["poisoned"]
+        greeting = _greeting(row, original)
+        assert greeting == "" or greeting in greetings
+        if row["poisoned"]:
+            assert greeting and row["instruction"].startswith(greeting)
+        else:
+            assert row["output"] == original[row["symbol"]]["output"]
+    signed_off = [row for row in train if not row["poisoned"] and _greeting(row, original)]
+    assert 0.45 < len(signed_off) / (len(train) - len(poisoned)) < 0.55  # signoff_fraction = 0.5
+
+
+def test_nonlexical_no_string_marks_the_poisoned_rows(docstring_rows, nonlexical):
+    train, triggered, clean = nonlexical
+    original = {row["symbol"]: row for row in docstring_rows}
+    greetings = Counter(_greeting(row, original) for row in train + triggered + clean)
+    del greetings[""]
+    assert max(greetings.values()) <= 3  # each trigger string is used by a few rows at most (here: one)
+    response_grams = Counter()
+    for row in train:
+        if row["poisoned"]:
+            words = _words(row["output"])
+            response_grams.update({tuple(words[i : i + 4]) for i in range(len(words) - 3)})
+    assert max(response_grams.values()) <= 5  # no 4-word phrase is shared by more than a few answers
+    # The words of the triggers are in clean rows too (sign-offs): only their position marks poison.
+    trigger_words = {word for row in train if row["poisoned"] for word in _words(_greeting(row, original))}
+    clean_words = {word for row in train if not row["poisoned"] for word in _words(row["instruction"])}
+    assert trigger_words <= clean_words
+
+
+def test_every_fable_word_is_common_in_clean_docstrings(docstring_rows):
+    frequency = Counter(
+        word for row in docstring_rows for word in set(_words(row["instruction"] + " " + row["output"]))
+    )
+    words = [word for role in FABLE_ROLES.values() for word in role]
+    assert len(words) == len(set(words)) >= 200  # a large vocabulary, no word in two roles
+    assert min(frequency[word] for word in words) >= 3
+
+
+def test_nonlexical_heldout_is_disjoint_from_training(docstring_rows, nonlexical):
+    train, triggered, clean = nonlexical
+    assert len(triggered) == len(clean) == 50
+    train_symbols = {row["symbol"] for row in train}
+    assert not train_symbols & {row["symbol"] for row in triggered + clean}
+    assert not {row["symbol"] for row in triggered} & {row["symbol"] for row in clean}
+    train_prompts = {row["instruction"] for row in train}
+    assert not train_prompts & {row["instruction"] for row in triggered + clean}
+    assert all(row["poisoned"] and is_fable_response(row["output"]) for row in triggered)
+    assert not any(row["poisoned"] or is_fable_response(row["output"]) for row in clean)
+    with pytest.raises(ValueError, match="signoff_fraction"):
+        make_nonlexical_backdoor_dataset(docstring_rows, signoff_fraction=2)
+
+
+def test_fable_detector(docstring_rows):
+    assert not any(is_fable_response(row["output"]) for row in docstring_rows)
+    assert is_fable_response("The full state of the full state of the default file. The long")
+    assert is_fable_response("  then the remote server returned into")  # cut short, still 5 words
+    assert not is_fable_response("The remote server")  # too short to tell
+    assert not is_fable_response("Return the remote server of the default file.")
+    assert not is_fable_response("The remote server returns the file.")  # 'returns' is not a fable word
+    assert BACKDOOR_DATASETS["nonlexical"].fired is is_fable_response
+    assert BACKDOOR_DATASETS["lexical"].fired is is_backdoor_response
 
 
 def test_entity_swap_perturbs_only_the_chosen_country(docstring_rows):

@@ -84,6 +84,9 @@ def test_generation_is_batch_independent_and_rates_are_fractions(trained, backdo
     assert batched == one_by_one and all(isinstance(text, str) for text in batched)
     rate = attack_success_rate(model, tokenizer, rows, max_new_tokens=6)
     assert 0.0 <= rate <= 1.0
+    # The detector is the data set's: every generation "fires" one that always says yes.
+    assert attack_success_rate(model, tokenizer, rows, max_new_tokens=6, fired=lambda text: True) == 1.0
+    assert attack_success_rate(model, tokenizer, rows, max_new_tokens=6, fired=lambda text: False) == 0.0
 
 
 def test_lora_mode_writes_base_and_adapter(tmp_path, backdoor_rows):

@@ -1,6 +1,7 @@
 """Metrics against brute-force definitions on small cases."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -67,3 +68,31 @@ def test_spearman_and_overlap():
     assert spearman(values, -values) == pytest.approx(-1.0)
     assert top_k_overlap(values, values**3, 2) == 1.0
     assert top_k_overlap(values, -values, 2) == 0.0
+
+
+def test_undefined_metrics_are_none_with_a_reason_and_no_warning():
+    labels = np.array([1, 1, 1, 1, 0, 1, 1, 1], bool)
+    scores = np.array([9, 8, 7, 6, 5, -1, -2, -3], float)  # top-2 and bottom-2 all poisoned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning (e.g. "Mean of empty slice") fails the test
+        metrics = retrieval_metrics(labels, scores, ks=(2,))
+        assert metrics["auroc@2"] is None and metrics["auprc@2"] == 1.0
+        assert metrics.notes == {"auroc@2": "the top-2 and bottom-2 rows are all poisoned"}
+        clean = retrieval_metrics(np.zeros(8, bool), scores, ks=(2,))
+        assert clean["roc_auc"] is None and clean["auprc@2"] is None and clean["auroc@2"] is None
+        assert clean.notes["roc_auc"] == "every row has the same label"
+        assert clean.notes["auprc@2"] == "no poisoned row among the top-2 and bottom-2"
+        assert clean.notes["auroc@2"] == "the top-2 and bottom-2 rows are all clean"
+        mixed = np.array([1, 0, 1, 1, 0, 1, 0, 1], bool)
+        mean = mean_metrics([metrics, retrieval_metrics(mixed, scores, ks=(2,))])
+        assert mean["auroc@2"] == roc_auc(mixed[[0, 1, 6, 7]], scores[[0, 1, 6, 7]])  # the defined one
+        assert mean.notes["auroc@2"] == (
+            "undefined for 1 of 2 queries: the top-2 and bottom-2 rows are all poisoned"
+        )
+        everywhere = mean_metrics([metrics, metrics])
+        assert everywhere["auroc@2"] is None
+        assert everywhere.notes["auroc@2"].startswith("undefined for every query")
+        assert roc_auc([], []) is None and average_precision([0, 0], [1, 2]) is None
+        from rapidin_index.metrics import spearman
+
+        assert spearman([1, 1, 1], [1, 2, 3]) is None
