@@ -69,6 +69,13 @@ def build(
     ] = "layer",
     batch_size: Annotated[int, typer.Option(help="Examples per forward/backward pass.")] = 8,
     max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 1024,
+    tokenization: Annotated[
+        str,
+        typer.Option(
+            help="joint: prompt + response tokenized as one text, as TRL's trainers do; "
+            "separate: each part on its own."
+        ),
+    ] = "joint",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[
         str, typer.Option(help="Model weights dtype: float32, float16 or bfloat16.")
@@ -118,6 +125,7 @@ def build(
             template=template,
             response_field=response_field,
             max_length=max_length,
+            tokenization=tokenization,
             batch_size=batch_size,
             device=device,
             strict=strict,
@@ -165,7 +173,23 @@ def _print_build_report(report) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    _print_exact_path(report.exact_path)
     _print_rejected(report.rejected)
+
+
+def _print_exact_path(exact_path: dict, limit: int = 10) -> None:
+    """Tensors whose gradients took one plain backward per example (correct, slower): say which and why."""
+    if not exact_path:
+        return
+    console.print(
+        f"[yellow]{len(exact_path)} parameter tensor(s) took the exact path "
+        "(one plain backward per example; correct, slower):[/]",
+        highlight=False,
+    )
+    for name, reason in list(exact_path.items())[:limit]:
+        console.print(f"  {name}: {reason}", highlight=False, soft_wrap=True)
+    if len(exact_path) > limit:
+        console.print(f"  ... and {len(exact_path) - limit} more (rapidin-index info --json)")
 
 
 def _print_rejected(rejected, limit: int = 20) -> None:
@@ -339,6 +363,7 @@ def info(
         ),
         ("tokenizer", manifest.tokenizer["fingerprint"][:12]),
         ("template", json.dumps(manifest.template)),
+        ("tokenization", manifest.tokenization),
         (
             "parameters",
             f"{len(manifest.parameters['names'])} tensors, D = {manifest.parameters['gradient_dim']:,}",
@@ -357,6 +382,7 @@ def info(
     ]:
         table.add_row(name, value)
     Console().print(table)
+    _print_exact_path(manifest.exact_path)
     _print_rejected(rejected)
 
 

@@ -27,7 +27,14 @@ import numpy as np
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
-from rapidin_index.data import Example, RejectedRow, Template, load_examples, parse_template
+from rapidin_index.data import (
+    TOKENIZATIONS,
+    Example,
+    RejectedRow,
+    Template,
+    load_examples,
+    parse_template,
+)
 from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
 from rapidin_index.journal import (
     JOURNAL_DIR,
@@ -72,6 +79,10 @@ class BuildSettings:
     """Field holding the response when the template cannot tell (custom templates)."""
     max_length: int | None = 1024
     """Sequences are truncated to this many tokens (counted in the build report)."""
+    tokenization: str = "joint"
+    """joint: prompt + response tokenized as one text, as TRL's trainers do (the tokens the model was
+    trained on); separate: each part on its own (an exact boundary, but SentencePiece tokenizers then
+    see another first response token)."""
     batch_size: int = 8
     device: str = "auto"
     strict: bool = False
@@ -89,6 +100,8 @@ class BuildSettings:
             raise BuildError("--batch-size and --chunk-size must be at least 1")
         if self.vector_dtype not in vector_index.VECTOR_DTYPES:
             raise BuildError(f"--vector-dtype must be one of {', '.join(vector_index.VECTOR_DTYPES)}")
+        if self.tokenization not in TOKENIZATIONS:
+            raise BuildError(f"--tokenization must be one of {', '.join(TOKENIZATIONS)}")
         if not 0 <= self.shard_index < self.num_shards:
             raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 
@@ -112,6 +125,8 @@ class BuildReport:
     resumed_chunks: int = 0
     nothing_to_do: bool = False
     message: str = ""
+    exact_path: dict = field(default_factory=dict)
+    """{parameter name: why} for tensors whose gradients took one plain backward per example."""
 
     @property
     def compression_ratio(self) -> float:
@@ -135,6 +150,7 @@ def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, templ
         "tokenizer": {"fingerprint": loaded.tokenizer_fingerprint},
         "template": template.to_dict(),
         "max_length": settings.max_length,
+        "tokenization": settings.tokenization,
         "parameters": {
             "regex": settings.model.params,
             "names": [name for name, _ in selected],
@@ -155,6 +171,7 @@ def manifest_identity(manifest: Manifest) -> dict:
         "tokenizer": {"fingerprint": manifest.tokenizer["fingerprint"]},
         "template": manifest.template,
         "max_length": manifest.max_length,
+        "tokenization": manifest.tokenization,
         "parameters": manifest.parameters,
         "normalize": manifest.normalize,
         "sketch": manifest.sketch,
@@ -214,7 +231,9 @@ def build_index(
         "chunk_size": settings.chunk_size,
     }
     journal = open_journal(index_dir, plan)
-    examples, rejected = load_examples(data, loaded.tokenizer, template, settings.max_length)
+    examples, rejected = load_examples(
+        data, loaded.tokenizer, template, settings.max_length, settings.tokenization
+    )
     if settings.strict and rejected:
         first = rejected[0]
         raise BuildError(
@@ -280,6 +299,7 @@ def _finished_report(report: BuildReport, manifest: Manifest, started: float, me
     report.rejected = read_rejected(report.index_dir, manifest)
     report.tokens = manifest.token_count
     report.truncated = manifest.truncated_count
+    report.exact_path = dict(manifest.exact_path)
     report.bytes_on_disk = sum(item["bytes"] for item in manifest.files.values()) + len(
         json.dumps(manifest.to_dict())
     )
@@ -365,10 +385,14 @@ class ChunkSketcher:
                     continue
                 results[example_id] = (vectors[row], _metadata_row(example, example_id, sketched, row))
             advance(len(batch_examples), sum(len(e.input_ids) for e in batch_examples))
-        return _chunk_record(results, rejected, job.examples, self.sketcher.projector.output_dim)
+        return _chunk_record(
+            results, rejected, job.examples, self.sketcher.projector.output_dim, self.sketcher.exact_path
+        )
 
 
-def _chunk_record(results: dict, rejected: list[dict], examples: list[Example], dimension: int):
+def _chunk_record(
+    results: dict, rejected: list[dict], examples: list[Example], dimension: int, exact_path: dict
+):
     ids = sorted(results)
     stacked = np.stack([results[i][0] for i in ids]) if ids else np.zeros((0, dimension), np.float32)
     record = {
@@ -378,6 +402,7 @@ def _chunk_record(results: dict, rejected: list[dict], examples: list[Example], 
         "tokens": sum(results[i][1]["num_tokens"] for i in ids),
         "truncated": sum(results[i][1]["truncated"] for i in ids),
         "templates": dict(Counter(e.template_name for e in examples)),
+        "exact_path": dict(exact_path),
     }
     return record, stacked.astype(np.float32)
 
@@ -410,6 +435,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
     templates = Counter(existing.template_usage if existing else {})
+    exact_path = dict(existing.exact_path if existing else {})
     if existing is not None:
         ids, vectors = vector_index.stored_vectors(
             vector_index.load_index(index_dir / vector_index.vector_file(existing.generation))
@@ -430,6 +456,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
             counts["tokens"] += record["tokens"]
             counts["truncated"] += record["truncated"]
             templates.update(record["templates"])
+            exact_path.update(record.get("exact_path", {}))
             yield record["rows"]
 
     metadata.write_table(index_dir, generation, row_batches())
@@ -443,6 +470,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     manifest.token_count = counts["tokens"]
     manifest.truncated_count = counts["truncated"]
     manifest.template_usage = dict(templates)
+    manifest.exact_path = exact_path
     manifest.files = file_checksums(index_dir, generation)
     write_manifest(index_dir, manifest)
     _remove_other_generations(index_dir, generation)
@@ -466,6 +494,7 @@ def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Man
         tokenizer=identity["tokenizer"],
         template=identity["template"],
         max_length=identity["max_length"],
+        tokenization=identity["tokenization"],
         parameters=identity["parameters"],
         normalize=identity["normalize"],
         sketch=identity["sketch"],

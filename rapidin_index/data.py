@@ -1,8 +1,8 @@
 """Training rows -> tokenized examples whose loss covers the response tokens only.
 
 Pipeline: `read_rows` (JSONL / JSON / Parquet / CSV, one id per row in file order) -> `render_row`
-(prompt template -> prompt and response strings) -> `tokenize_example` (token ids plus labels with
--100 on the prompt) -> `Example`. A row that cannot be used becomes a `RejectedRow` with its id and a
+(prompt template -> prompt and response strings) -> `tokenize` (prompt + response tokenized jointly,
+as TRL's trainers do, into token ids plus labels with -100 on the prompt) -> `Example`. A row that cannot be used becomes a `RejectedRow` with its id and a
 reason; no row is ever dropped silently.
 
 Chat rows (`messages`) put the loss on the final assistant turn only: every earlier turn, including
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the `model(labels=...)` convention for "no loss here"
+TOKENIZATIONS = ("joint", "separate")
 TEMPLATE_NAMES = ("auto", "alpaca", "completion", "chat", "plain", "custom")
 RESPONSE_FIELDS = ("output", "completion", "response", "answer")
 COMPLETION_RESPONSE_FIELDS = ("completion", "response", "output")
@@ -362,34 +363,122 @@ def render_query(
 # ------------------------------------------------------------------------------------------- tokenizing
 
 
-def tokenize_example(
-    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None
-) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated). The two parts are tokenized separately so the prompt/response
-    boundary is exact; the response ends with EOS, which stays in the loss."""
-    _check_settings(tokenizer, max_length)
+@dataclass
+class Tokenized:
+    """A rendered (prompt, response) as token ids, with each token's place in the text."""
+
+    input_ids: list[int]
+    labels: list[int]
+    """Same length as input_ids; -100 where there is no loss (prompt tokens, position 0), unshifted."""
+    truncated: bool
+    offsets: list[tuple[int, int]] | None
+    """Per token: [start, end) characters of ``prompt + response`` (empty for added EOS and special
+    tokens); None for tokenizers without offsets (slow, Python ones)."""
+    prompt_length: int
+    """len(prompt) in characters: response character c is text character prompt_length + c."""
+
+
+def prompt_token_ids(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The prompt's ids as generation and scoring both see them (BOS added unless the text has it)."""
+    return list(tokenizer(prompt, add_special_tokens=_adds_special_tokens(prompt, tokenizer)).input_ids)
+
+
+def _adds_special_tokens(text: str, tokenizer: PreTrainedTokenizerBase) -> bool:
     # Chat templates often write the BOS text themselves; adding another would double it.
     bos_token = getattr(tokenizer, "bos_token", None)
-    add_special_tokens = not (bos_token and prompt.startswith(bos_token))
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
-    response_ids = list(tokenizer(response, add_special_tokens=False).input_ids)
-    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:  # chat templates may have written it
-        response_ids.append(tokenizer.eos_token_id)
-    input_ids = prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return not (bos_token and text.startswith(bos_token))
+
+
+def tokenize(
+    prompt: str,
+    response: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    tokenization: str = "joint",
+) -> Tokenized:
+    """Token ids and response-only labels for one (prompt, response); the response ends with EOS (kept).
+
+    ``joint`` (default, as TRL's SFT trainers): ``prompt + response`` is tokenized as one text, so every
+    token is the one the fine-tuning saw; the response starts at the first token whose characters reach
+    past the prompt (a token that straddles the boundary predicts response text, so it is scored).
+    Tokenizers without offsets use the longest common prefix of the prompt's and the joint ids instead.
+    ``separate``: the two parts are tokenized on their own (exact boundary, but with SentencePiece-style
+    tokenizers the first response token may differ from training).
+    """
+    _check_settings(tokenizer, max_length)
+    if tokenization not in TOKENIZATIONS:
+        raise DataError(f"--tokenization {tokenization!r} is not one of {', '.join(TOKENIZATIONS)}")
+    split = _joint_ids if tokenization == "joint" else _separate_ids
+    input_ids, offsets, prompt_count = split(prompt, response, tokenizer)
+    if not input_ids or input_ids[-1] != tokenizer.eos_token_id:  # chat templates may have written it
+        input_ids.append(tokenizer.eos_token_id)
+        if offsets is not None:
+            offsets.append((len(prompt) + len(response),) * 2)
+    labels = [IGNORE_INDEX] * prompt_count + input_ids[prompt_count:]
     # Position 0 is never predicted (nothing precedes it); masking it keeps num_response_tokens honest.
     labels[0] = IGNORE_INDEX
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
+        offsets = None if offsets is None else offsets[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
-        if truncated and len(prompt_ids) >= max_length:
-            relation = "longer than" if len(prompt_ids) > max_length else "as long as"
-            raise RowError(f"prompt alone is {len(prompt_ids)} tokens, {relation} --max-length {max_length}")
+        if truncated and prompt_count >= max_length:
+            relation = "longer than" if prompt_count > max_length else "as long as"
+            raise RowError(f"prompt alone is {prompt_count} tokens, {relation} --max-length {max_length}")
         raise RowError(
             f"no response token to score: the sequence has {len(input_ids)} token(s), the loss needs 2"
         )
-    return input_ids, labels, truncated
+    return Tokenized(input_ids, labels, truncated, offsets, len(prompt))
+
+
+def _joint_ids(prompt: str, response: str, tokenizer) -> tuple[list[int], list | None, int]:
+    """(ids of prompt + response, their offsets, how many ids belong to the prompt)."""
+    text = prompt + response
+    add_special_tokens = _adds_special_tokens(prompt, tokenizer)
+    try:
+        encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except NotImplementedError:  # slow tokenizers have no offsets: TRL's common-prefix rule
+        full_ids = list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        prompt_ids = prompt_token_ids(prompt, tokenizer) if prompt else []
+        common = 0
+        while common < min(len(prompt_ids), len(full_ids)) and prompt_ids[common] == full_ids[common]:
+            common += 1
+        return full_ids, None, common
+    input_ids = list(encoded["input_ids"])
+    offsets = [tuple(pair) for pair in encoded["offset_mapping"]]
+    boundary = len(prompt)
+    first = next(
+        (i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), len(input_ids)
+    )
+    return input_ids, offsets, first
+
+
+def _separate_ids(prompt: str, response: str, tokenizer) -> tuple[list[int], list | None, int]:
+    add_special_tokens = _adds_special_tokens(prompt, tokenizer)
+    try:
+        prompt_part = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        response_part = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        prompt_ids = prompt_token_ids(prompt, tokenizer)
+        response_ids = list(tokenizer(response, add_special_tokens=False).input_ids)
+        return prompt_ids + response_ids, None, len(prompt_ids)
+    shift = len(prompt)
+    offsets = [tuple(pair) for pair in prompt_part["offset_mapping"]]
+    offsets += [(start + shift, end + shift) for start, end in response_part["offset_mapping"]]
+    prompt_ids = list(prompt_part["input_ids"])
+    return prompt_ids + list(response_part["input_ids"]), offsets, len(prompt_ids)
+
+
+def tokenize_example(
+    prompt: str,
+    response: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    tokenization: str = "joint",
+) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): :func:`tokenize` without the offsets."""
+    tokenized = tokenize(prompt, response, tokenizer, max_length, tokenization)
+    return tokenized.input_ids, tokenized.labels, tokenized.truncated
 
 
 def _check_settings(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> None:
@@ -402,11 +491,17 @@ def _check_settings(tokenizer: PreTrainedTokenizerBase, max_length: int | None) 
 
 
 def iter_examples(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, template: Template, max_length: int | None = None
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template,
+    max_length: int | None = None,
+    tokenization: str = "joint",
 ) -> Iterator[Example | RejectedRow]:
     """Stream every row of `path` as an Example or a RejectedRow, in file order."""
     _check_settings(tokenizer, max_length)  # whole-input problems surface at call time, before any row
-    return _generate_examples(read_rows(path), tokenizer, template, max_length)
+    if tokenization not in TOKENIZATIONS:
+        raise DataError(f"--tokenization {tokenization!r} is not one of {', '.join(TOKENIZATIONS)}")
+    return _generate_examples(read_rows(path), tokenizer, template, max_length, tokenization)
 
 
 def _generate_examples(
@@ -414,6 +509,7 @@ def _generate_examples(
     tokenizer: PreTrainedTokenizerBase,
     template: Template,
     max_length: int | None,
+    tokenization: str,
 ) -> Iterator[Example | RejectedRow]:
     for example_id, row, error in rows:
         if row is None:
@@ -422,7 +518,9 @@ def _generate_examples(
         try:
             template_name = detect_template(row) if template.name == "auto" else template.name
             prompt, response = render_row(row, tokenizer, template)
-            input_ids, labels, truncated = tokenize_example(prompt, response, tokenizer, max_length)
+            input_ids, labels, truncated = tokenize_example(
+                prompt, response, tokenizer, max_length, tokenization
+            )
         except RowError as row_error:
             yield RejectedRow(example_id, str(row_error))
             continue
@@ -432,11 +530,15 @@ def _generate_examples(
 
 
 def load_examples(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, template: Template, max_length: int | None = None
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template,
+    max_length: int | None = None,
+    tokenization: str = "joint",
 ) -> tuple[list[Example], list[RejectedRow]]:
     """Read, render and tokenize every row; malformed rows come back as RejectedRow(id, reason)."""
     examples: list[Example] = []
     rejected: list[RejectedRow] = []
-    for item in iter_examples(path, tokenizer, template, max_length):
+    for item in iter_examples(path, tokenizer, template, max_length, tokenization):
         (examples if isinstance(item, Example) else rejected).append(item)
     return examples, rejected

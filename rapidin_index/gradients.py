@@ -109,20 +109,35 @@ def example_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- per-example rules
 
+# nn.Linear subclasses whose own forward we have read and which compute exactly x @ W^T + b.
+_LINEAR_EQUIVALENTS = frozenset({"FalconLinear"})
+
 
 def _module_kind(module: nn.Module, parameter_name: str, parameter: nn.Parameter) -> str | None:
-    if isinstance(module, nn.Linear):
+    """The per-example rule that rebuilds this parameter's gradient exactly, or None (exact path).
+
+    Only modules whose forward is provably the textbook one get a rule: a subclass with its own forward
+    (Gemma's scaled embedding, OPT's position embedding) may compute anything, so it takes the exact path.
+    """
+    module_class = type(module)
+    if isinstance(module, nn.Linear) and (
+        module_class.forward is nn.Linear.forward or module_class.__name__ in _LINEAR_EQUIVALENTS
+    ):
         return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
-        return "conv1d"
-    if isinstance(module, nn.Embedding) and parameter_name == "weight":
+    if module_class.__name__ == "Conv1D" and module_class.__module__.startswith("transformers"):
+        return "conv1d"  # GPT-2's transposed linear layer
+    if (
+        isinstance(module, nn.Embedding)
+        and module_class.forward is nn.Embedding.forward
+        and parameter_name == "weight"
+    ):
         return "embedding"
     if (
-        "norm" in type(module).__name__.lower()
+        "norm" in module_class.__name__.lower()
         and parameter.dim() == 1
         and parameter_name in ("weight", "bias")
     ):
-        return "norm"
+        return "norm"  # affine in its weight; the build's self-check holds it to a plain backward
     return None
 
 
@@ -186,30 +201,32 @@ def _norm_direction(module: nn.Module, call: _Call) -> torch.Tensor:
 
 
 class GradientCapture:
-    """Context manager: hooks that keep (inputs, output grads) of the modules owning the attributed params."""
+    """Context manager: hooks that keep (inputs, output grads) of the modules owning the hooked blocks.
+
+    A block is hooked when every module that uses its parameter has a per-example rule; the others are
+    listed in ``unsupported`` ({block name: reason}) and take the exact path.
+    """
 
     def __init__(self, model: nn.Module, blocks: list[GradientBlock]) -> None:
         wanted = {id(block.parameter): block for block in blocks}
         self.owners: dict[int, list[_Owner]] = {id(block.parameter): [] for block in blocks}
-        self.unsupported: list[str] = []
+        self.unsupported: dict[str, str] = {}
         for module in model.modules():
             for parameter_name, parameter in module._parameters.items():
                 if parameter is None or id(parameter) not in wanted:
                     continue
                 kind = _module_kind(module, parameter_name, parameter)
                 if kind is None:
-                    self.unsupported.append(f"{wanted[id(parameter)].name} ({type(module).__name__})")
+                    name = wanted[id(parameter)].name
+                    self.unsupported[name] = f"no per-example rule for {type(module).__name__}"
                     continue
                 self.owners[id(parameter)].append(_Owner(module, parameter_name, kind))
         self._handles: list = []
         self.batch_size = 0
-
-    @property
-    def supported(self) -> bool:
-        return not self.unsupported
+        self.active: set[int] = {id(b.parameter) for b in blocks if b.name not in self.unsupported}
 
     def __enter__(self) -> GradientCapture:
-        modules = {id(o.module): o.module for owners in self.owners.values() for o in owners}
+        modules = {id(o.module): o.module for key in self.active for o in self.owners[key]}
         for module in modules.values():
             self._handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
         return self
@@ -247,8 +264,8 @@ class GradientCapture:
             call.output_grad = grad.detach()
 
         output.register_hook(keep_grad)
-        for owners in self.owners.values():
-            for owner in owners:
+        for key in self.active:
+            for owner in self.owners[key]:
                 if owner.module is module:
                     owner.calls.append(call)
         return output
@@ -261,9 +278,7 @@ class GradientCapture:
                 if call.output_grad is None:
                     continue  # this call's output did not reach the loss
                 if call.output_grad.shape[0] != batch_size:
-                    raise GradientError(
-                        f"{block.name}: module folds the batch axis; use the per-example loop"
-                    )
+                    raise GradientError(f"{block.name}: its module folds the batch axis")
                 total += _owner_gradient(owner, call, batch_size).reshape(batch_size, -1)
         return total
 
@@ -279,14 +294,30 @@ class SketchedBatch:
     finite: torch.Tensor  # [batch] bool: False where the gradient had a NaN or inf
 
 
+# Largest relative difference between a hooked per-example gradient and a plain backward that the
+# self-check accepts, by weights dtype (the hooks accumulate in float32, autograd in the weights' dtype).
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+SELF_CHECK_ROWS = 2
+
+
 class GradientSketcher:
     """Batch in, one normalised + sketched gradient per example out.
 
     ``projector`` is a :mod:`rapidin_index.sketch` projector (RapidGrad, or exact for K = 0).
+    Every block is either *hooked* (rebuilt per example from one batched backward) or on the *exact path*
+    (one plain backward per example). ``exact_path`` maps the latter's names to the reason. The first
+    batch checks itself: the hooked gradients of its first two rows are compared with plain backward
+    passes, and any block that differs moves to the exact path, so no model is approximated in silence.
+    ``exact=True`` puts every block on the exact path (the slow reference).
     """
 
     def __init__(
-        self, model: nn.Module, blocks: list[GradientBlock], projector, normalize: str = "layer"
+        self,
+        model: nn.Module,
+        blocks: list[GradientBlock],
+        projector,
+        normalize: str = "layer",
+        exact: bool = False,
     ) -> None:
         if normalize not in NORMALIZATIONS:
             raise GradientError(f"--normalize {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
@@ -295,41 +326,108 @@ class GradientSketcher:
         self.projector = projector
         self.normalize = normalize
         self.capture = GradientCapture(model, blocks)
-        self.uses_hooks = self.capture.supported
+        self.exact_path: dict[str, str] = dict(self.capture.unsupported)
+        if exact:
+            self.exact_path = {block.name: "asked for the exact path" for block in blocks}
+        self.self_checked = False
+        self._sync_capture()
+
+    @property
+    def uses_hooks(self) -> bool:
+        """True when every block is rebuilt from the batched backward (no exact-path block)."""
+        return not self.exact_path
+
+    def _sync_capture(self) -> None:
+        self.capture.active = {id(b.parameter) for b in self.blocks if b.name not in self.exact_path}
 
     def sketch(self, batch: Batch) -> SketchedBatch:
-        if self.uses_hooks:
-            try:
-                return self._sketch_with_hooks(batch)
-            except GradientError:
-                self.uses_hooks = False  # e.g. a mixture-of-experts layer folds the batch axis
-        return self._sketch_one_by_one(batch)
+        if not self.self_checked and len(self.exact_path) < len(self.blocks):
+            self.self_checked = True
+            return self._sketch(batch, check_rows=min(SELF_CHECK_ROWS, batch.size))
+        return self._sketch(batch, check_rows=0)
 
-    def _sketch_with_hooks(self, batch: Batch) -> SketchedBatch:
+    def _sketch(self, batch: Batch, check_rows: int) -> SketchedBatch:
+        hooked = [block for block in self.blocks if block.name not in self.exact_path]
+        losses = self._hooked_backward(batch) if hooked else None
+        try:
+            exact = self._exact_gradients(batch)
+            if losses is None:
+                with torch.no_grad():
+                    losses = example_losses(self.model, batch)
+            state = _SketchState(self.projector, batch.size, losses.detach())
+            kept: dict[str, torch.Tensor] = {}
+            for block in self.blocks:
+                if block.name in exact:
+                    gradients = exact[block.name]
+                else:
+                    gradients = self._hooked_gradients(batch, block)
+                    if check_rows:
+                        kept[block.name] = gradients[:check_rows].clone()
+                state.add(block, gradients, self.normalize)
+        finally:
+            self.capture.clear()
+            self.model.zero_grad(set_to_none=True)
+        if check_rows and self._self_check(batch, kept, check_rows):
+            return self._sketch(batch, check_rows=0)  # some blocks moved to the exact path: redo
+        return state.result()
+
+    def _hooked_backward(self, batch: Batch) -> torch.Tensor:
         self.model.zero_grad(set_to_none=True)
         self.capture.batch_size = batch.size
         with self.capture, _frozen([block.parameter for block in self.blocks]):
             losses = example_losses(self.model, batch)
             losses.sum().backward()
-        try:
-            state = _SketchState(self.projector, batch.size, losses.detach())
-            for block in self.blocks:
-                state.add(block, self.capture.example_gradients(block, batch.size), self.normalize)
-        finally:
-            self.capture.clear()
-            self.model.zero_grad(set_to_none=True)
-        return state.result()
+        return losses
 
-    def _sketch_one_by_one(self, batch: Batch) -> SketchedBatch:
-        raw = torch.stack(
-            [reference_gradient(self.model, self.blocks, _row(batch, i)) for i in range(batch.size)]
-        )
-        with torch.no_grad():
-            losses = example_losses(self.model, batch)
-        state = _SketchState(self.projector, batch.size, losses)
-        for block in self.blocks:
-            state.add(block, raw[:, block.offset : block.offset + block.numel], self.normalize)
-        return state.result()
+    def _hooked_gradients(self, batch: Batch, block: GradientBlock) -> torch.Tensor:
+        try:
+            return self.capture.example_gradients(block, batch.size)
+        except GradientError as error:  # e.g. a mixture-of-experts layer that flattens the batch
+            self.exact_path[block.name] = str(error).split(": ", 1)[-1]
+            self._sync_capture()
+            return self._exact_gradients(batch, [block])[block.name]
+
+    def _exact_gradients(
+        self, batch: Batch, blocks: list[GradientBlock] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{block name: [batch, numel]} by one plain backward per example, for the exact-path blocks."""
+        if blocks is None:
+            blocks = [block for block in self.blocks if block.name in self.exact_path]
+        if not blocks:
+            return {}
+        names = {block.name for block in blocks}
+        others = [block.parameter for block in self.blocks if block.name not in names]
+        with _frozen(others):  # a plain backward into these blocks only
+            raw = torch.stack(
+                [reference_gradient(self.model, blocks, _row(batch, i)) for i in range(batch.size)]
+            )
+        result, offset = {}, 0
+        for block in blocks:
+            result[block.name] = raw[:, offset : offset + block.numel]
+            offset += block.numel
+        return result
+
+    def _self_check(self, batch: Batch, kept: dict[str, torch.Tensor], rows: int) -> bool:
+        """Compare the hooked gradients of the first rows with plain backward passes; True if any moved."""
+        checked = [block for block in self.blocks if block.name in kept]
+        if not checked:
+            return False
+        head = Batch(batch.input_ids[:rows], batch.attention_mask[:rows], batch.labels[:rows])
+        reference = self._exact_gradients(head, checked)
+        tolerance = SELF_CHECK_TOLERANCE.get(checked[0].parameter.dtype, 1e-4)
+        moved = False
+        for block in checked:
+            expected = reference[block.name]
+            difference = float((kept[block.name] - expected).norm())
+            scale = float(expected.norm())
+            relative = difference / scale if scale > 0 else difference
+            if relative > tolerance:
+                self.exact_path[block.name] = (
+                    f"self-check: hooked gradient differs from a plain backward (relative error {relative:.2g})"
+                )
+                moved = True
+        self._sync_capture()
+        return moved
 
 
 class _frozen:

@@ -105,6 +105,10 @@ class Manifest:
     shard: dict | None = None  # {index, count} for one static shard of a larger build, else None
     template_usage: dict = field(default_factory=dict)  # {resolved template name: rows}, e.g. {"alpaca": 24}
     sources: list = field(default_factory=list)  # [{path, sha256, id_offset, rows}]
+    exact_path: dict = field(default_factory=dict)  # {parameter name: why it took plain backward passes}
+    # How prompt and response became tokens (data.TOKENIZATIONS). Indexes from before the field
+    # tokenized the two parts separately.
+    tokenization: str = "separate"
     files: dict = field(default_factory=dict)  # {relative path: {sha256, bytes}}
     format_version: int = FORMAT_VERSION
     software: dict = field(default_factory=lambda: {"name": SOFTWARE_NAME, "version": software_version()})

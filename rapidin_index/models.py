@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -123,24 +124,62 @@ def _hash_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
+def canonical_json(value) -> str:
+    """JSON that is a pure function of the value: sorted keys, sets sorted, no process-dependent text.
+
+    Configs hold sets (PEFT's ``target_modules``), enums and dtypes; ``json.dumps(default=str)`` would
+    write a set in its hash-seed-dependent iteration order, so a fingerprint would change from one shell
+    to the next.
+    """
+    return json.dumps(_canonical(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _canonical(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Enum):
+        return _canonical(value.value)
+    if isinstance(value, dict):
+        return {str(key): _canonical(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
+    if is_dataclass(value) and not isinstance(value, type):
+        return _canonical(asdict(value))
+    if isinstance(value, (torch.dtype, Path)):
+        return str(value)
+    text = str(value)
+    # An object whose str() is its memory address says nothing stable; its type does.
+    return f"<{type(value).__qualname__}>" if " at 0x" in text else text
+
+
 def fingerprint_module(model: nn.Module) -> str:
     """sha256 over every weight (names, dtypes, shapes, bytes) and the config: changes when any weight does."""
     named = list(model.state_dict().items())
     config = getattr(model, "config", None)
     config_dict = config.to_diff_dict() if config is not None else {}
     config_dict.pop("transformers_version", None)  # a library upgrade does not change the model
-    config_json = json.dumps(config_dict, sort_keys=True, default=str)
-    return hashlib.sha256((_hash_tensors(named) + config_json).encode()).hexdigest()
+    return hashlib.sha256((_hash_tensors(named) + canonical_json(config_dict)).encode()).hexdigest()
+
+
+# Adapter config keys that say where or how the adapter was loaded, not what it computes: the base
+# model's weights are fingerprinted on their own, and a moved base model is still the same model.
+_ADAPTER_CONFIG_LOCATION_KEYS = ("base_model_name_or_path", "revision", "inference_mode")
 
 
 def fingerprint_adapter(model: nn.Module) -> str:
-    """sha256 over the adapter's tensors and its config."""
+    """sha256 over the adapter's tensors and its config (canonical JSON, location keys left out)."""
     adapter_tensors = [
         (name, p) for name, p in model.named_parameters() if "lora_" in name or p.requires_grad
     ]
-    configs = getattr(model, "peft_config", {})
-    config_json = json.dumps({k: v.to_dict() for k, v in configs.items()}, sort_keys=True, default=str)
-    return hashlib.sha256((_hash_tensors(adapter_tensors) + config_json).encode()).hexdigest()
+    configs = {}
+    for adapter_name, config in getattr(model, "peft_config", {}).items():
+        config_dict = config.to_dict()
+        for key in _ADAPTER_CONFIG_LOCATION_KEYS:
+            config_dict.pop(key, None)
+        configs[adapter_name] = config_dict
+    return hashlib.sha256((_hash_tensors(adapter_tensors) + canonical_json(configs)).encode()).hexdigest()
 
 
 def fingerprint_tokenizer(tokenizer) -> str:
@@ -149,13 +188,11 @@ def fingerprint_tokenizer(tokenizer) -> str:
     definition = (
         backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     )
-    extra = json.dumps(
+    extra = canonical_json(
         {
             "special": tokenizer.special_tokens_map,
             "chat_template": getattr(tokenizer, "chat_template", None),
             "class": type(tokenizer).__name__,
-        },
-        sort_keys=True,
-        default=str,
+        }
     )
     return hashlib.sha256((definition + extra).encode()).hexdigest()

@@ -20,7 +20,17 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
-from rapidin_index.data import IGNORE_INDEX, RowError, Template, render_query, render_row, tokenize_example
+from rapidin_index.data import (
+    IGNORE_INDEX,
+    RowError,
+    Template,
+    Tokenized,
+    prompt_token_ids,
+    render_query,
+    render_row,
+    tokenize,
+    tokenize_example,
+)
 from rapidin_index.gradients import (
     GradientSketcher,
     collate,
@@ -178,7 +188,8 @@ class Index:
         """Greedy generation by the indexed model."""
         tokenizer = self.loaded.tokenizer
         rendered_prompt, _ = render_query(prompt, "", tokenizer, self._query_template())
-        input_ids = torch.tensor([tokenizer(rendered_prompt).input_ids], device=self.device)
+        # the same prompt ids as scoring uses (no second BOS after a chat template's own)
+        input_ids = torch.tensor([prompt_token_ids(rendered_prompt, tokenizer)], device=self.device)
         with torch.no_grad():
             output = self.loaded.model.generate(
                 input_ids=input_ids,
@@ -301,7 +312,7 @@ class Index:
         per_block = [direction[b.offset : b.offset + b.numel] for b in self.blocks]
         for hit in result.helpful[:count] + result.harmful[:count]:
             input_ids, labels, _ = tokenize_example(
-                hit.prompt, hit.response, tokenizer, self.manifest.max_length
+                hit.prompt, hit.response, tokenizer, self.manifest.max_length, self.manifest.tokenization
             )
             batch = collate([(input_ids, labels)], tokenizer.pad_token_id, self.device)
             scores = training_token_scores(
@@ -330,18 +341,27 @@ class Index:
     ) -> PreparedQuery:
         tokenizer = self.loaded.tokenizer
         try:
-            input_ids, labels, truncated = tokenize_example(rendered_prompt, response, tokenizer, None)
+            tokenized = tokenize(rendered_prompt, response, tokenizer, None, self.manifest.tokenization)
         except RowError as error:
             raise QueryError(str(error)) from None
         max_length = self.manifest.max_length
-        if max_length is not None and len(input_ids) > max_length:
+        if max_length is not None and len(tokenized.input_ids) > max_length:
             raise QueryError(
-                f"the query is {len(input_ids)} tokens, past the index's --max-length {max_length}; shorten it"
+                f"the query is {len(tokenized.input_ids)} tokens, past the index's --max-length {max_length}; "
+                "shorten it"
             )
-        positions = [p for p, label in enumerate(labels) if label != IGNORE_INDEX]
-        hot_mask = resolve_hot(hot, response, tokenizer, len(positions))
+        positions = [p for p, label in enumerate(tokenized.labels) if label != IGNORE_INDEX]
+        hot_mask = resolve_hot(hot, response, tokenized, positions)
         return PreparedQuery(
-            prompt, response, rendered_prompt, input_ids, labels, positions, hot_mask, hot, generated
+            prompt,
+            response,
+            rendered_prompt,
+            tokenized.input_ids,
+            tokenized.labels,
+            positions,
+            hot_mask,
+            hot,
+            generated,
         )
 
 
@@ -361,32 +381,53 @@ def _hits(ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
     ]
 
 
-def resolve_hot(hot, response: str, tokenizer, token_count: int) -> list[bool]:
-    """Which response tokens are attributed: all (hot=None), words (strings) or [start, end) token spans."""
+def resolve_hot(hot, response: str, tokenized: Tokenized, positions: list[int]) -> list[bool]:
+    """Which scored tokens are attributed: all (hot=None), words (strings) or [start, end) token spans.
+
+    ``positions`` are the scored token positions (labels != -100), in order; a span counts over them. A
+    word marks every scored token whose characters overlap an occurrence of it in the response, found
+    through the joint tokenization's own offsets, so it lands on the right token whatever the
+    tokenizer adds (BOS or not) and wherever the prompt/response boundary falls.
+    """
     if not hot:
-        return [True] * token_count
-    mask = [False] * token_count
-    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoded["offset_mapping"]
+        return [True] * len(positions)
+    mask = [False] * len(positions)
     for item in hot:
         if isinstance(item, str):
-            start = response.find(item)
-            if start < 0:
-                raise QueryError(f"hot word {item!r} does not occur in the response")
-            while start >= 0:
-                end = start + len(item)
-                for number, (left, right) in enumerate(offsets[:token_count]):
-                    if left < end and right > start:
-                        mask[number] = True
-                start = response.find(item, end)
+            for number in _word_tokens(item, response, tokenized, positions):
+                mask[number] = True
         elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, int) for v in item):
-            if not 0 <= item[0] < item[1] <= token_count:
-                raise QueryError(f"hot span {list(item)} is outside the response's {token_count} tokens")
+            if not 0 <= item[0] < item[1] <= len(positions):
+                raise QueryError(f"hot span {list(item)} is outside the response's {len(positions)} tokens")
             for number in range(item[0], item[1]):
                 mask[number] = True
         else:
             raise QueryError(f"hot entry {item!r}: give a word (string) or a [start, end) token span")
     return mask
+
+
+def _word_tokens(word: str, response: str, tokenized: Tokenized, positions: list[int]) -> list[int]:
+    """Numbers (over ``positions``) of the scored tokens that overlap any occurrence of ``word``."""
+    if not word:
+        raise QueryError("hot word is empty")
+    start = response.find(word)
+    if start < 0:
+        raise QueryError(f"hot word {word!r} does not occur in the response")
+    if tokenized.offsets is None:
+        raise QueryError(
+            "hot words need a fast (Rust) tokenizer with character offsets; give [start, end) token spans"
+        )
+    found = []
+    while start >= 0:
+        left, right = tokenized.prompt_length + start, tokenized.prompt_length + start + len(word)
+        for number, position in enumerate(positions):
+            token_start, token_end = tokenized.offsets[position]
+            if token_start < right and token_end > left:
+                found.append(number)
+        start = response.find(word, start + len(word))
+    if not found:
+        raise QueryError(f"hot word {word!r} falls on no scored token (cut by --max-length?)")
+    return found
 
 
 def check_model(manifest: Manifest, loaded) -> None:

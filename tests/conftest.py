@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -111,3 +111,47 @@ def copy_with_other_chat_template(model_dir: str, destination) -> str:
     config_path.write_text(json_module.dumps(config))
     (destination / "chat_template.jinja").unlink(missing_ok=True)
     return str(destination)
+
+
+def build_metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE (Metaspace, prepend scheme "first"): Llama/Mistral/Gemma's leading "▁"."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.train_from_iterator(
+        TRAINING_SENTENCES + ["Answer: Paris", "zParis qParis kParis"] * 4,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False),
+    )
+    bos_id = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_byte_level_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE; with ``bos=False`` it adds no special token at all (as GPT-2)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        TRAINING_SENTENCES * 4,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    if bos:
+        bos_id = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
