@@ -55,6 +55,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--sketch-dims", default="4096,16384,65536")
     parser.add_argument("--lambdas", default="20,100")
     parser.add_argument("--out", default=".bench/backdoor.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest when busy)")
     arguments = parser.parse_args()
     if arguments.folder is None:
         suffix = "" if arguments.dataset == "nonlexical" else f"-{arguments.dataset}"
@@ -116,6 +117,7 @@ def evaluate(labels: np.ndarray, score_rows: np.ndarray) -> dict:
 
 def main() -> None:
     arguments = parse_arguments()
+    torch.set_num_threads(arguments.threads)
     started = time.perf_counter()
     settings = DemoSettings(folder=arguments.folder, rows=arguments.rows, dataset=arguments.dataset)
     paths = DemoPaths(Path(settings.folder))

@@ -236,12 +236,22 @@ def _print_metrics(metrics: dict, negative_shares: list[float], rows: int, conso
     for method, values in metrics.items():
         for name, note in values.notes.items():
             console.print(f"{method} {name}: {note}", highlight=False)
-    console.print(
-        f"roc_auc ranks all {rows:,} training rows (the chance that a random poisoned row outscores a random "
-        f"clean one), not just the top and bottom k; it is lower because RapidIn puts poisoned rows at both "
-        f"ends: {np.mean(negative_shares):.0%} of them score below zero for these generations.",
-        highlight=False,
+    console.print(_roc_auc_line(rapidin, negative_shares, rows), highlight=False)
+
+
+def _roc_auc_line(rapidin: dict, negative_shares: list[float], rows: int) -> str:
+    """One line: what ROC-AUC over all rows measures, and (when it is lower) why."""
+    line = (
+        f"roc_auc ranks all {rows:,} training rows: the chance that a random poisoned row outscores a random "
+        "clean one; the top-k metrics only look at the two ends of the ranking."
     )
+    top = rapidin.get("auprc@10")
+    if rapidin.get("roc_auc") is not None and top is not None and rapidin["roc_auc"] < top:
+        line += (
+            f" It is lower because {np.mean(negative_shares):.0%} of the poisoned rows score below zero: other "
+            "poisoned answers push the same positions toward other words than this generation's."
+        )
+    return line
 
 
 def _shown(value: float | None) -> str:

@@ -103,10 +103,13 @@ def finetune(
     settings: FinetuneSettings | None = None,
     template: str | Template = "alpaca",
     progress: bool = True,
+    tokenizer=None,
 ) -> FinetuneReport:
     """Train a tokenizer and a tiny model on `rows`, save both to `output_dir`, return the report.
 
     Deterministic given ``settings.seed`` (same rows and settings -> the same weights, on one machine).
+    ``tokenizer``: use this one instead of training one on the rows, e.g. so that models trained on
+    subsets of a data set (benchmarks/lds.py) share one vocabulary and their losses compare.
     """
     if not rows:
         raise FinetuneError("no rows to fine-tune on")
@@ -116,13 +119,14 @@ def finetune(
 
     transformers_logging.disable_progress_bar()  # our own bar covers training; saving is instant
     with torch_threads(settings.threads):
-        return _finetune(rows, Path(output_dir), settings, template, progress)
+        return _finetune(rows, Path(output_dir), settings, template, progress, tokenizer)
 
 
-def _finetune(rows, output_dir, settings, template, progress):
+def _finetune(rows, output_dir, settings, template, progress, tokenizer):
     started = time.perf_counter()
-    tokenizer = train_tokenizer(_tokenizer_texts(rows, template), settings.vocab_size)
-    sequences = _tokenize_rows(rows, tokenizer, template, settings.max_length)
+    if tokenizer is None:
+        tokenizer = row_tokenizer(rows, settings.vocab_size, template)
+    sequences = tokenize_rows(rows, tokenizer, template, settings.max_length)
     model = make_tiny_model(
         settings.architecture, len(tokenizer), settings.hidden_size, settings.layers, settings.seed
     )
@@ -199,6 +203,12 @@ def _report(model, model_dir, adapter_dir, sequences, steps, started, epoch_loss
     )
 
 
+def row_tokenizer(rows: list[dict], vocab_size: int = 2000, template: str | Template = "alpaca"):
+    """The BPE tokenizer `finetune` trains on these rows (on their rendered text)."""
+    template = parse_template(template) if isinstance(template, str) else template
+    return train_tokenizer(_tokenizer_texts(rows, template), vocab_size)
+
+
 def _tokenizer_texts(rows: list[dict], template: Template) -> list[str]:
     """The rendered rows (so the prompt template's words get their own tokens), else their text fields."""
     texts = []
@@ -211,8 +221,8 @@ def _tokenizer_texts(rows: list[dict], template: Template) -> list[str]:
     return texts
 
 
-def _tokenize_rows(rows: list[dict], tokenizer, template: Template, max_length: int):
-    """(input_ids, labels) per row, exactly as the index tokenizes them."""
+def tokenize_rows(rows: list[dict], tokenizer, template: Template, max_length: int):
+    """(input_ids, labels) per row, exactly as the index tokenizes them (labels -100 off the response)."""
     sequences = []
     for example_id, row in enumerate(rows):
         try:
@@ -297,6 +307,28 @@ def _generate(model, tokenizer, rows, max_new_tokens, template, batch_size):
         )
         responses += tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
     return responses
+
+
+@torch.no_grad()
+def response_losses(
+    model,
+    tokenizer,
+    rows: list[dict],
+    template: str | Template = "alpaca",
+    max_length: int = 128,
+    batch_size: int = 32,
+    threads: int | None = 1,
+) -> list[float]:
+    """Mean loss over each row's response tokens, tokenized as training and the index tokenize it."""
+    template = parse_template(template) if isinstance(template, str) else template
+    sequences = tokenize_rows(rows, tokenizer, template, max_length)
+    model.eval()
+    losses = []
+    with torch_threads(threads):
+        for start in range(0, len(sequences), batch_size):
+            batch = collate(sequences[start : start + batch_size], tokenizer.pad_token_id, "cpu")
+            losses += example_losses(model, batch).tolist()
+    return losses
 
 
 def attack_success_rate(

@@ -17,6 +17,8 @@ from rapidin_index.finetune import (
     attack_success_rate,
     finetune,
     generate_responses,
+    response_losses,
+    row_tokenizer,
 )
 
 TINY = dict(
@@ -87,6 +89,28 @@ def test_generation_is_batch_independent_and_rates_are_fractions(trained, backdo
     # The detector is the data set's: every generation "fires" one that always says yes.
     assert attack_success_rate(model, tokenizer, rows, max_new_tokens=6, fired=lambda text: True) == 1.0
     assert attack_success_rate(model, tokenizer, rows, max_new_tokens=6, fired=lambda text: False) == 0.0
+
+
+def test_response_losses_match_the_models_own_loss(trained, backdoor_rows):
+    output_dir, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    rows = backdoor_rows[1][:3] + backdoor_rows[2][:2]
+    losses = response_losses(model, tokenizer, rows, batch_size=2)  # padded batches
+    for row, loss in zip(rows, losses, strict=True):
+        prompt, response = render_row(row, tokenizer, Template("alpaca"))
+        input_ids, labels, _ = tokenize_example(prompt, response, tokenizer, 128)
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_given_tokenizer_is_used_as_is(tmp_path, backdoor_rows):
+    tokenizer = row_tokenizer(backdoor_rows[0], vocab_size=300)
+    half = backdoor_rows[0][::2]  # a subset model shares the full set's vocabulary
+    settings = FinetuneSettings(**{**TINY, "epochs": 1})
+    finetune(half, tmp_path / "half", settings, progress=False, tokenizer=tokenizer)
+    assert AutoTokenizer.from_pretrained(tmp_path / "half").get_vocab() == tokenizer.get_vocab()
 
 
 def test_lora_mode_writes_base_and_adapter(tmp_path, backdoor_rows):
