@@ -62,7 +62,16 @@ def build(
     k: Annotated[
         int, typer.Option("--k", help="RapidGrad sketch dimension K; 0 stores exact gradients.")
     ] = 65536,
-    shuffle_lambda: Annotated[int, typer.Option(help="Number of RapidGrad random shuffles (lambda).")] = 20,
+    sketch: Annotated[
+        str,
+        typer.Option(
+            help="rapidgrad-v2 (a keyed random permutation of the whole gradient) or rapidgrad-v1 "
+            "(the paper's block shuffles, for reproduction)."
+        ),
+    ] = "rapidgrad-v2",
+    shuffle_lambda: Annotated[
+        int, typer.Option(help="Number of RapidGrad random shuffles (lambda; rapidgrad-v1 only).")
+    ] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the RapidGrad shuffles and signs.")] = 42,
     normalize: Annotated[
         str, typer.Option(help="Per-tensor gradient normalisation: layer or none.")
@@ -120,7 +129,7 @@ def build(
     try:
         settings = BuildSettings(
             model=ModelSettings(model=model, adapter=adapter, dtype=dtype, params=params),
-            sketch=SketchSettings(sketch_dim=k, shuffle_lambda=shuffle_lambda, seed=seed),
+            sketch=SketchSettings(sketch_dim=k, shuffle_lambda=shuffle_lambda, seed=seed, algorithm=sketch),
             normalize=normalize,
             template=template,
             response_field=response_field,
@@ -371,7 +380,8 @@ def info(
         ("normalisation", manifest.normalize),
         (
             "sketch",
-            f"K = {sketch['sketch_dim']:,}, lambda = {sketch['shuffle_lambda']}, seed = {sketch['seed']}",
+            f"{sketch.get('algorithm', 'rapidgrad-v1')}, K = {sketch['sketch_dim']:,}, "
+            f"lambda = {sketch['shuffle_lambda']}, seed = {sketch['seed']}",
         ),
         ("rows indexed", f"{manifest.row_count:,}"),
         ("rows rejected", f"{manifest.rejected_count:,}"),

@@ -89,8 +89,8 @@ class Index:
         self.batch_size = batch_size
         self.template = Template.from_dict(manifest.template)
         sketch = manifest.sketch
-        settings = SketchSettings(sketch["sketch_dim"], sketch["shuffle_lambda"], sketch["seed"])
-        projector = make_projector(settings, sketch["gradient_dim"], device)
+        # the transform the index was built with (an old rapidgrad-v1 index keeps v1)
+        projector = make_projector(SketchSettings.from_dict(sketch), sketch["gradient_dim"], device)
         self.sketcher = GradientSketcher(loaded.model, self.blocks, projector, manifest.normalize)
         cpu_index = vector_index.load_index(path / vector_index.vector_file(manifest.generation))
         if cpu_index.d != sketch["output_dim"] or cpu_index.ntotal != manifest.row_count:
@@ -114,7 +114,8 @@ class Index:
     ) -> Index:
         """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required)."""
         path = Path(path)
-        manifest = read_manifest(path)
+        manifest = read_manifest(path)  # refuses a format version this rapidin-index does not know
+        SketchSettings.from_dict(manifest.sketch)  # ... and a sketch algorithm it does not implement
         if verify:
             verify_files(path, manifest)
         if sketch_dim is not None and sketch_dim != manifest.sketch["sketch_dim"]:

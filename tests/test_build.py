@@ -268,3 +268,35 @@ def test_float16_storage_halves_the_index_and_keeps_the_ranking(
             append=True,
             progress=False,
         )
+
+
+def test_a_self_check_mismatch_is_in_the_manifest_and_the_summary(
+    tmp_path, tiny_model_dirs, training_file, monkeypatch
+):
+    """A norm layer that is not affine in its weight: the build's self-check moves it, and says so."""
+    from rapidin_index.cli.main import app
+    from transformers.models.llama import modeling_llama
+    from typer.testing import CliRunner
+
+    def squared_weight_forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight**2 * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", squared_weight_forward)
+    args = ["build", "--model", tiny_model_dirs["llama"], "--data", training_file]
+    args += ["--index", str(tmp_path / "index"), "--k", "0", "--quiet", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "took the exact path" in result.output and "self-check" in result.output
+    manifest = read_manifest(tmp_path / "index")
+    norms = {name for name in manifest.parameters["names"] if "norm" in name}
+    assert set(manifest.exact_path) == norms
+    # ... and the stored vectors are the plain autograd ones of the patched model
+    loaded = load_model(ModelSettings(tiny_model_dirs["llama"]))
+    blocks = gradient_blocks(select_parameters(loaded.model, ModelSettings(tiny_model_dirs["llama"])))
+    examples, _ = load_examples(training_file, loaded.tokenizer, parse_template("auto"), 1024)
+    vectors = stored(tmp_path / "index")
+    for example in examples[:3]:
+        batch = collate([(example.input_ids, example.labels)], loaded.tokenizer.pad_token_id, "cpu")
+        expected = normalize_flat(reference_gradient(loaded.model, blocks, batch)[None], blocks, "layer")[0]
+        np.testing.assert_allclose(vectors[example.example_id], expected.numpy(), atol=3e-5)

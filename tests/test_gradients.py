@@ -142,3 +142,47 @@ def test_a_selection_starting_deep_in_the_network_equals_brute_force(
         result.vectors, brute_force(loaded, blocks, pairs, settings), atol=2e-5, rtol=1e-4
     )
     assert all(block.parameter.requires_grad for block in blocks)  # unfrozen after the hooked pass
+
+
+class SquaredWeightNorm(torch.nn.Module):
+    """Named like a norm layer, but its output is quadratic in its weight: the norm rule cannot hold."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(1.0 + 0.3 * torch.randn(dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden * self.weight**2
+
+
+class DoubledEmbedding(torch.nn.Embedding):
+    """An embedding subclass with a forward of its own (as Gemma's scaled embedding)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
+
+
+def test_odd_modules_take_the_exact_path_and_the_vectors_stay_exact(tiny_model_dirs, training_rows):
+    loaded, _ = load(tiny_model_dirs, "llama", False)
+    torch.manual_seed(0)
+    model = loaded.model
+    model.model.norm = SquaredWeightNorm(model.config.hidden_size)
+    old = model.model.embed_tokens
+    model.model.embed_tokens = DoubledEmbedding(old.num_embeddings, old.embedding_dim)
+    model.model.embed_tokens.weight.data.copy_(old.weight.data)
+    settings = ModelSettings(tiny_model_dirs["llama"])
+    blocks = gradient_blocks(select_parameters(model, settings))
+    sketcher = GradientSketcher(
+        model, blocks, make_projector(SketchSettings(0), gradient_dim(blocks)), "layer"
+    )
+    assert "no per-example rule for DoubledEmbedding" in sketcher.exact_path["model.embed_tokens.weight"]
+    assert "model.norm.weight" not in sketcher.exact_path  # the name matches the norm rule ...
+    pairs = sequences(loaded.tokenizer, training_rows[:4])
+    result = sketcher.sketch(collate(pairs, loaded.tokenizer.pad_token_id, "cpu"))
+    assert sketcher.exact_path["model.norm.weight"].startswith("self-check")  # ... the self-check catches it
+    assert set(sketcher.exact_path) == {"model.embed_tokens.weight", "model.norm.weight"}
+    torch.testing.assert_close(
+        result.vectors, brute_force(loaded, blocks, pairs, SketchSettings(0)), atol=2e-5, rtol=1e-4
+    )
+    later = sketcher.sketch(collate(pairs[::-1], loaded.tokenizer.pad_token_id, "cpu"))
+    torch.testing.assert_close(later.vectors.flip(0), result.vectors, atol=2e-5, rtol=1e-4)

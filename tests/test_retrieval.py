@@ -181,3 +181,45 @@ def test_cli_query_json_jsonl_and_html(built, tmp_path, training_rows):
     assert page.exit_code == 0 and "gen-token" in html.read_text()
     bad = runner.invoke(app, ["query", "--index", str(index_dir), "--prompt", "x"])
     assert bad.exit_code == 2 and "--response TEXT or --generate" in bad.output
+
+
+def test_an_index_opens_with_the_sketch_it_was_built_with(
+    tmp_path, tiny_model_dirs, training_file, training_rows
+):
+    """A rapidgrad-v1 index keeps querying with v1 now that v2 is the default: a row finds itself."""
+    settings = BuildSettings(
+        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42, "rapidgrad-v1"), device="cpu"
+    )
+    build_index(training_file, tmp_path / "v1", settings, progress=False)
+    opened = Index.open(tmp_path / "v1", device="cpu")
+    row = training_rows[3]
+    result = opened.query(row["instruction"], row["output"], top_k=3, explain=0)
+    stored = all_stored(opened)[3]
+    assert result.helpful[0].id == 3
+    assert result.helpful[0].score == pytest.approx(float(stored @ stored), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("algorithm", "rapidgrad-v9", "sketch algorithm 'rapidgrad-v9'.*not implement"),
+        ("format_version", 99, "format version 99 is newer"),
+    ],
+)
+def test_an_unknown_sketch_or_format_is_refused_by_name(built, tmp_path, field, value, message):
+    import shutil
+
+    index_dir = tmp_path / "edited"
+    shutil.copytree(built[0], index_dir)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    if field == "algorithm":
+        manifest["sketch"]["algorithm"] = value
+    else:
+        manifest[field] = value
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message):
+        Index.open(index_dir, device="cpu")
+    refused = CliRunner().invoke(
+        app, ["query", "--index", str(index_dir), "--prompt", "a", "--response", "b"]
+    )
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
