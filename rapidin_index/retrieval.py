@@ -326,6 +326,9 @@ class Index:
                 ],
                 "method": scores.method,
                 "normalization": scores.normalization,
+                # The exact (unsketched) whole score, which the token scores average to with the
+                # default normalisation; ``hit.score`` is its sketched estimate when K > 0.
+                "exact_score": float(np.mean(scores.scores)) if scores.scores else 0.0,
             }
 
     # ----------------------------------------------------------------------- helpers

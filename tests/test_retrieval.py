@@ -119,6 +119,11 @@ def test_explanations_score_every_response_token(opened, training_rows):
     tokens = opened.loaded.tokenizer(top.response, add_special_tokens=False).input_ids
     assert [t["token_id"] for t in top.explanation["tokens"]][: len(tokens)] == tokens
     assert all(np.isfinite(t["score"]) for t in top.explanation["tokens"])
+    for hit in explained:  # token scores average to the exact score, which `score` equals at K = 0
+        mean = np.mean([t["score"] for t in hit.explanation["tokens"]])
+        assert hit.explanation["exact_score"] == pytest.approx(mean, rel=1e-6)
+        if opened.manifest.sketch["sketch_dim"] == 0:
+            assert hit.explanation["exact_score"] == pytest.approx(hit.score, rel=1e-3, abs=1e-4)
 
 
 def test_generate_attributes_the_models_own_output(opened, training_rows):
