@@ -9,7 +9,8 @@ auROC on the top-k plus bottom-k rows, precision@k, and the plain ROC-AUC over a
 
 Methods: exact TracIn with and without layer norm (K = 0 indexes built by `build_index`); RapidIn at
 K = 2^12, 2^14, 2^16 with lambda = 20 and 100; BM25 (on prompt + generation, and on the generation
-alone); embedding similarity (the fine-tuned model's mean last hidden state); random.
+alone); embedding similarity (mean last hidden state, of the fine-tuned model and of one fine-tuned the
+same way on the clean rows only); random.
 
 RapidIn's sketches are linear in the normalised gradient, coordinate by coordinate, so sketching the exact
 index's stored vectors with the build's own projector gives the very vectors a build at that K would
@@ -36,7 +37,7 @@ from rapidin_index.baselines import BM25, mean_hidden_states, random_scores
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.demo import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.demo_data import BACKDOOR_DATASETS
-from rapidin_index.finetune import attack_success_rate
+from rapidin_index.finetune import attack_success_rate, finetune
 from rapidin_index.gradients import collate
 from rapidin_index.metrics import mean_metrics, retrieval_metrics
 from rapidin_index.models import ModelSettings
@@ -63,7 +64,7 @@ def parse_arguments() -> argparse.Namespace:
     return arguments
 
 
-DERIVED_FOLDERS = ("exact-layer", "exact-none", "rapidin-65536")
+DERIVED_FOLDERS = ("exact-layer", "exact-none", "rapidin-65536", "model-clean")
 
 
 def exact_index(paths: DemoPaths, normalize: str) -> Index:
@@ -153,6 +154,9 @@ def main() -> None:
                 labels, scores
             )
     results.update(text_baselines(layer, train, queries, labels))
+    results["embedding similarity, model without the poisoned rows"] = clean_model_embeddings(
+        paths, settings, train, queries, labels
+    )
     check = check_against_real_build(paths, queries, query_exact, train_vectors)
     report = {
         "dataset": arguments.dataset,
@@ -199,6 +203,24 @@ def text_baselines(index: Index, train: list[dict], queries, labels: np.ndarray)
         "embedding similarity": evaluate(labels, query_embeddings @ train_embeddings.T),
         "random": evaluate(labels, randoms),
     }
+
+
+def clean_model_embeddings(paths: DemoPaths, settings: DemoSettings, train, queries, labels) -> dict:
+    """Embedding similarity from a model fine-tuned the same way on the clean rows only (cached).
+
+    The backdoored model's own hidden states are shaped by the backdoor; this embedder sees the same
+    text with a representation the poisoned rows did not train, as a generic embedding model would.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = paths.folder / "model-clean"
+    if not (folder / "config.json").exists():
+        finetune([row for row in train if not row["poisoned"]], folder, settings.finetune, progress=False)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    documents = [row["instruction"] + " " + row["output"] for row in train]
+    train_embeddings = mean_hidden_states(model, tokenizer, documents)
+    query_embeddings = mean_hidden_states(model, tokenizer, [p + " " + r for p, r in queries])
+    return evaluate(labels, query_embeddings @ train_embeddings.T)
 
 
 def check_against_real_build(paths: DemoPaths, queries, query_exact, train_vectors) -> dict:

@@ -7,7 +7,7 @@ of a method's attribution scores over a half predicts the loss of the model trai
 * Data: the non-lexical backdoor set (`demo_data.make_nonlexical_backdoor_dataset`) over the first
   `--rows` docstring rows; queries are held-out rows with their reference answers, half of them
   triggered (a greeting + a fable answer), half clean (the docstring answer).
-* Models: `finetune.finetune` with the demo's recipe, one tokenizer trained on the whole set shared by
+* Models: `finetune.finetune` with the demo's recipe (`--epochs` passes), one tokenizer trained on the whole set shared by
   every model (so that losses compare), the same initialisation seed for all. The full model (all
   rows) is the one attributed; M subset models, each on a random 50% of the rows, are cached under
   `--folder`/subsets/.
@@ -22,6 +22,9 @@ of a method's attribution scores over a half predicts the loss of the model trai
   Reported: the mean over queries, and over the triggered and the clean queries apart.
 
     .venv/bin/python benchmarks/lds.py --out .bench/lds.json
+    .venv/bin/python benchmarks/lds.py --epochs 10 --folder .bench/lds-10 --out .bench/lds-10.json
+
+The cache holds the settings it was made with: use another --folder for other --rows/--models/--epochs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index
 from rapidin_index import index as vector_index
 from rapidin_index.demo_data import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
-from rapidin_index.finetune import FinetuneSettings, finetune, response_losses, row_tokenizer
+from rapidin_index.finetune import REPORT_FILE, FinetuneSettings, finetune, response_losses, row_tokenizer
 from rapidin_index.metrics import spearman
 
 
@@ -49,9 +52,20 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--models", type=int, default=32, help="M: subset models")
     parser.add_argument("--fraction", type=float, default=0.5, help="share of the rows in each subset")
     parser.add_argument("--sketch-dims", default="4096,16384,65536", help="RapidIn K values")
+    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=".bench/lds.json")
     return parser.parse_args()
+
+
+def check_cache(folder: Path, arguments: argparse.Namespace) -> None:
+    """The cached models must come from these settings; a folder made with others is refused."""
+    wanted = {key: getattr(arguments, key) for key in ("rows", "queries", "models", "fraction", "epochs")}
+    stamp = folder / "settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != wanted:
+        raise SystemExit(f"{folder} holds models made with {stamp.read_text()}; pass another --folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(wanted))
 
 
 def prepare_data(folder: Path, rows: int, queries: int) -> tuple[list[dict], list[dict]]:
@@ -72,11 +86,11 @@ def subset_masks(rows: int, models: int, fraction: float, seed: int = 0) -> np.n
     return masks
 
 
-def train_models(folder: Path, train: list[dict], queries: list[dict], masks: np.ndarray) -> np.ndarray:
+def train_models(folder: Path, train, queries, masks: np.ndarray, epochs: int) -> np.ndarray:
     """Fine-tune the full model and every subset model (cached); [models, queries] losses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings = FinetuneSettings()
+    settings = FinetuneSettings(epochs=epochs)
     tokenizer_dir = folder / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").exists():
         row_tokenizer(train, settings.vocab_size).save_pretrained(tokenizer_dir)
@@ -175,10 +189,10 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
     started = time.perf_counter()
     folder = Path(arguments.folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_cache(folder, arguments)
     train, queries = prepare_data(folder, arguments.rows, arguments.queries)
     masks = subset_masks(len(train), arguments.models, arguments.fraction)
-    losses = train_models(folder, train, queries, masks)
+    losses = train_models(folder, train, queries, masks, arguments.epochs)
     trained = time.perf_counter()
     sketch_dims = [int(k) for k in arguments.sketch_dims.split(",")]
     results, all_scores = {}, {}
@@ -205,6 +219,8 @@ def main() -> None:
         "queries": {"triggered": arguments.queries, "clean": arguments.queries},
         "models": arguments.models,
         "fraction": arguments.fraction,
+        "epochs": arguments.epochs,
+        "full_model_epoch_losses": json.loads((folder / "full" / REPORT_FILE).read_text())["epoch_losses"],
         "query_loss_spread": {
             "mean_std_over_models": float(losses.std(axis=0).mean()),
             "mean_loss": float(losses.mean()),
