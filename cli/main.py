@@ -228,8 +228,15 @@ def query(
         typer.Option(help="Attribute only the tokens of this word of the response (repeatable)."),
     ] = None,
     top_k: Annotated[
-        int, typer.Option(help="Training examples per list (helpful, harmful), per token too.")
+        int, typer.Option(help="Training examples per list (helpful, harmful) for the whole generation.")
     ] = 10,
+    token_top_k: Annotated[
+        int, typer.Option(help="Training examples per list for each generated token.")
+    ] = 5,
+    per_token: Annotated[
+        str,
+        typer.Option(help="on: each generated token gets its own hits; off: whole generation only (faster)."),
+    ] = "on",
     explain: Annotated[int, typer.Option(help="Score the training tokens of the top N hits.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Write the result here (default: JSON on stdout).")] = None,
     format: Annotated[
@@ -254,6 +261,9 @@ def query(
         raise fail(ValueError("give --prompt (with --response or --generate) or --queries FILE"))
     if prompt is not None and (response is None) == (not generate):
         raise fail(ValueError("with --prompt give exactly one of --response TEXT or --generate"))
+    if per_token not in ("on", "off"):
+        raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
+    options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
     output_format = format or (out.suffix.lstrip(".") if out is not None else "json")
     if output_format not in ("json", "jsonl", "html"):
         raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html"))
@@ -265,7 +275,7 @@ def query(
                 if row is None:
                     raise QueryError(f"query row {number}: {error}")
                 rows.append(row)
-            results = opened.query_rows(rows, top_k=top_k, explain=explain)
+            results = opened.query_rows(rows, **options)
         else:
             results = [
                 opened.query(
@@ -273,9 +283,8 @@ def query(
                     response,
                     generate=generate,
                     hot=hot,
-                    top_k=top_k,
-                    explain=explain,
                     max_new_tokens=max_new_tokens,
+                    **options,
                 )
             ]
     except (*_user_errors(), QueryError) as error:

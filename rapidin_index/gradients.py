@@ -146,6 +146,7 @@ class _Call:
     args: tuple
     kwargs: dict
     output_grad: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # kept only with ``GradientCapture.keep_outputs`` (token path)
 
 
 @dataclass
@@ -223,6 +224,9 @@ class GradientCapture:
                 self.owners[id(parameter)].append(_Owner(module, parameter_name, kind))
         self._handles: list = []
         self.batch_size = 0
+        # Token path: keep each call's output to differentiate many losses against, instead of a hook
+        # that keeps the one gradient a single backward sends it.
+        self.keep_outputs = False
         self.active: set[int] = {id(b.parameter) for b in blocks if b.name not in self.unsupported}
 
     def __enter__(self) -> GradientCapture:
@@ -259,16 +263,28 @@ class GradientCapture:
                 a.expand(self.batch_size, *a.shape[1:]) if isinstance(a, torch.Tensor) else a for a in args
             )
         call = _Call(args, kwargs)
+        if self.keep_outputs:
+            call.output = output
+        else:
 
-        def keep_grad(grad: torch.Tensor) -> None:
-            call.output_grad = grad.detach()
+            def keep_grad(grad: torch.Tensor) -> None:
+                call.output_grad = grad.detach()
 
-        output.register_hook(keep_grad)
+            output.register_hook(keep_grad)
         for key in self.active:
             for owner in self.owners[key]:
                 if owner.module is module:
                     owner.calls.append(call)
         return output
+
+    def calls(self) -> list[_Call]:
+        """Every recorded call of the hooked modules, once each."""
+        unique = {}
+        for key in self.active:
+            for owner in self.owners[key]:
+                for call in owner.calls:
+                    unique[id(call)] = call
+        return list(unique.values())
 
     def example_gradients(self, block: GradientBlock, batch_size: int) -> torch.Tensor:
         """[batch, numel] float32 gradient of each example's loss w.r.t. ``block.parameter``."""

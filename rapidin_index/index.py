@@ -71,3 +71,55 @@ def search(index: faiss.Index, queries: np.ndarray, top_k: int) -> tuple[np.ndar
     """Exact k-NN by inner product: (scores [q, k] float32, ids [q, k] int64), best first."""
     top_k = min(top_k, index.ntotal)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), top_k)
+
+
+_SCAN_ROWS = 1 << 16  # stored vectors scored per matrix product: bounds the [queries, rows] temporary
+
+
+def search_both(
+    index: faiss.Index, queries: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k and bottom-k by inner product in one scan: (helpful scores, ids, harmful scores, ids).
+
+    Helpful are best first, harmful most negative first; [q, k] each. A CPU float32 flat index is scanned
+    with one matrix product per block of stored rows (its vectors read in place, never copied); any other
+    index (float16, GPU, sharded) answers one FAISS search of the queries stacked with their negations.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    top_k = min(top_k, index.ntotal)
+    matrix = _flat_matrix(index)
+    if matrix is None:
+        scores, ids = index.search(np.concatenate([queries, -queries]), top_k)
+        count = len(queries)
+        return scores[:count], ids[:count], -scores[count:], ids[count:]
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    best = [np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64)]
+    worst = [np.full((len(queries), 0), np.inf, np.float32), np.zeros((len(queries), 0), np.int64)]
+    for start in range(0, len(ids), _SCAN_ROWS):
+        scores = queries @ matrix[start : start + _SCAN_ROWS].T  # [q, rows]
+        rows = np.broadcast_to(ids[start : start + _SCAN_ROWS], scores.shape)
+        best = _keep(np.concatenate([best[0], scores], 1), np.concatenate([best[1], rows], 1), top_k, True)
+        worst = _keep(
+            np.concatenate([worst[0], scores], 1), np.concatenate([worst[1], rows], 1), top_k, False
+        )
+    return best[0], best[1], worst[0], worst[1]
+
+
+def _keep(scores: np.ndarray, ids: np.ndarray, top_k: int, largest: bool) -> list[np.ndarray]:
+    """The ``top_k`` largest (or smallest) scores of each row, sorted, with their ids."""
+    keyed = -scores if largest else scores
+    if keyed.shape[1] > top_k:
+        part = np.argpartition(keyed, top_k - 1, axis=1)[:, :top_k]
+        keyed, scores, ids = (np.take_along_axis(a, part, 1) for a in (keyed, scores, ids))
+    order = np.argsort(keyed, axis=1, kind="stable")
+    return [np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)]
+
+
+def _flat_matrix(index: faiss.Index) -> np.ndarray | None:
+    """The [n, d] float32 vectors of a CPU IndexIDMap2(IndexFlatIP), as a view; None for other kinds."""
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None
+    flat = faiss.downcast_index(index.index)
+    if not isinstance(flat, faiss.IndexFlatIP) or flat.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)

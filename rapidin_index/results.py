@@ -30,7 +30,7 @@ class TokenHits:
     position: int
     token: str
     token_id: int
-    loss: float
+    loss: float | None  # None when the query ran without per-token vectors (per_token off)
     hot: bool
     helpful: list[Hit] = field(default_factory=list)
     harmful: list[Hit] = field(default_factory=list)

@@ -44,6 +44,7 @@ from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.sketch import SketchSettings, make_projector
 from rapidin_index.token_attribution import training_token_scores
+from rapidin_index.token_gradients import sketch_loss_combinations
 
 
 class QueryError(ValueError):
@@ -155,16 +156,29 @@ class Index:
         top_k: int = 10,
         explain: int = 3,
         max_new_tokens: int = 64,
+        per_token: bool = True,
+        token_top_k: int = 5,
     ) -> QueryResult:
-        """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``)."""
+        """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``).
+
+        ``top_k`` hits for the whole generation, ``token_top_k`` for each generated token (``per_token``;
+        off, the tokens are listed without hits and the query costs one backward pass).
+        """
         if generate:
             response = self.generate(prompt, max_new_tokens)
         elif not response or not response.strip():
             raise QueryError("the query's response is empty; give --response TEXT or use --generate")
         prepared = self.prepare(prompt, response, hot=hot, generated=generate)
-        return self.query_prepared([prepared], top_k, explain)[0]
+        return self.query_prepared([prepared], top_k, explain, per_token, token_top_k)[0]
 
-    def query_rows(self, rows: list[dict], top_k: int = 10, explain: int = 3) -> list[QueryResult]:
+    def query_rows(
+        self,
+        rows: list[dict],
+        top_k: int = 10,
+        explain: int = 3,
+        per_token: bool = True,
+        token_top_k: int = 5,
+    ) -> list[QueryResult]:
         """Queries in training-row form (any format the index's template reads), optional ``hot``."""
         prepared = []
         for number, row in enumerate(rows):
@@ -177,7 +191,7 @@ class Index:
                 )
             except (RowError, QueryError) as error:
                 raise QueryError(f"query row {number}: {error}") from None
-        return self.query_prepared(prepared, top_k, explain)
+        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k)
 
     def prepare(self, prompt: str, response: str, hot=None, generated: bool = False) -> PreparedQuery:
         rendered_prompt, response = render_query(
@@ -206,27 +220,29 @@ class Index:
 
     # ----------------------------------------------------------------------- the work
 
-    def query_prepared(self, queries: list[PreparedQuery], top_k: int, explain: int) -> list[QueryResult]:
-        if top_k < 1:
-            raise QueryError(f"--top-k must be at least 1, got {top_k}")
+    def query_prepared(
+        self,
+        queries: list[PreparedQuery],
+        top_k: int,
+        explain: int,
+        per_token: bool = True,
+        token_top_k: int = 5,
+    ) -> list[QueryResult]:
+        if top_k < 1 or token_top_k < 1:
+            raise QueryError(f"--top-k and --token-top-k must be at least 1, got {top_k} and {token_top_k}")
         top_k = min(top_k, self.manifest.row_count)
-        vectors, losses = self._sketch_all(queries)  # [sum(1 + tokens), K]
-        helpful_scores, helpful_ids = vector_index.search(self.faiss_index, vectors, top_k)
-        harmful_scores, harmful_ids = vector_index.search(self.faiss_index, -vectors, top_k)
-        harmful_scores = -harmful_scores
+        token_top_k = min(token_top_k, self.manifest.row_count)
+        vectors, losses = self._sketch_all(queries, per_token)  # [sum(1 + tokens), K] or [queries, K]
+        # one scan gives both lists; per-token rows keep their own, shorter, count
+        found = vector_index.search_both(
+            self.faiss_index, vectors, max(top_k, token_top_k if per_token else 0)
+        )
         results, row = [], 0
         for query in queries:
-            count = 1 + len(query.response_positions)
-            span = slice(row, row + count)
+            count = 1 + len(query.response_positions) if per_token else 1
+            span = [part[row : row + count] for part in found]
             results.append(
-                self._result(
-                    query,
-                    helpful_ids[span],
-                    helpful_scores[span],
-                    harmful_ids[span],
-                    harmful_scores[span],
-                    losses[span],
-                )
+                self._result(query, span, losses[row : row + count], top_k, token_top_k, per_token)
             )
             row += count
         self._join_text(results)
@@ -235,43 +251,68 @@ class Index:
                 self._explain(query, result, explain)
         return results
 
-    def _sketch_all(self, queries: list[PreparedQuery]) -> tuple[np.ndarray, np.ndarray]:
-        """Whole-generation then per-token sequences of every query, sketched in shared batches."""
-        sequences = []
-        for query in queries:
-            sequences.append((query.input_ids, query.labels_for(query.hot_positions)))
-            # A causal model's loss at p ignores later positions: cut each copy there (same gradient, less work).
-            sequences.extend(
-                (query.input_ids[: p + 1], query.labels_for([p])[: p + 1]) for p in query.response_positions
+    def _sketch_all(self, queries: list[PreparedQuery], per_token: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's whole-generation vector, then (``per_token``) one vector per scored token.
+
+        Per token, one forward pass per query and batched backward passes over its token losses
+        (:mod:`rapidin_index.token_gradients`); whole-generation only, the queries share batches.
+        """
+        if not per_token:
+            return self._sketch_sequences(
+                [(query.input_ids, query.labels_for(query.hot_positions)) for query in queries]
             )
+        vectors, losses = [], []
+        for query in queries:
+            example = collate(
+                [(query.input_ids, query.labels)], self.loaded.tokenizer.pad_token_id, self.device
+            )
+            hot = torch.tensor(query.hot, dtype=torch.float32)
+            weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
+            sketched = sketch_loss_combinations(self.sketcher, example, weights)
+            vectors.append(self._checked(sketched).vectors.cpu().numpy())
+            losses.append(sketched.losses.cpu().numpy())
+        return np.concatenate(vectors), np.concatenate(losses)
+
+    def _sketch_sequences(
+        self, sequences: list[tuple[list[int], list[int]]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         vectors, losses = [], []
         for start in range(0, len(sequences), self.batch_size):
             batch = collate(
                 sequences[start : start + self.batch_size], self.loaded.tokenizer.pad_token_id, self.device
             )
-            sketched = self.sketcher.sketch(batch)
-            if not bool(sketched.finite.all()):
-                raise QueryError(
-                    "the query's gradient has NaN or inf (fp16 overflow?); open the index with float32"
-                )
+            sketched = self._checked(self.sketcher.sketch(batch))
             vectors.append(sketched.vectors.cpu().numpy())
             losses.append(sketched.losses.cpu().numpy())
         return np.concatenate(vectors), np.concatenate(losses)
 
-    def _result(self, query, helpful_ids, helpful_scores, harmful_ids, harmful_scores, losses) -> QueryResult:
+    @staticmethod
+    def _checked(sketched):
+        if not bool(sketched.finite.all()):
+            raise QueryError(
+                "the query's gradient has NaN or inf (fp16 overflow?); open the index with float32"
+            )
+        return sketched
+
+    def _result(
+        self, query: PreparedQuery, found: list, losses, top_k: int, token_top_k: int, per_token: bool
+    ) -> QueryResult:
+        """``found``: (helpful scores, ids, harmful scores, ids), row 0 the whole generation, then tokens."""
+        helpful_scores, helpful_ids, harmful_scores, harmful_ids = found
         tokenizer = self.loaded.tokenizer
         tokens = []
         for number, position in enumerate(query.response_positions):
             token_id = query.input_ids[position]
+            row = 1 + number
             tokens.append(
                 TokenHits(
                     position=number,
                     token=tokenizer.decode([token_id]),
                     token_id=token_id,
-                    loss=float(losses[1 + number]),
+                    loss=float(losses[row]) if per_token else None,
                     hot=query.hot[number],
-                    helpful=_hits(helpful_ids[1 + number], helpful_scores[1 + number]),
-                    harmful=_hits(harmful_ids[1 + number], harmful_scores[1 + number]),
+                    helpful=_hits(helpful_ids[row], helpful_scores[row], token_top_k) if per_token else [],
+                    harmful=_hits(harmful_ids[row], harmful_scores[row], token_top_k) if per_token else [],
                 )
             )
         return QueryResult(
@@ -287,8 +328,8 @@ class Index:
                 "normalize": self.manifest.normalize,
             },
             tokens=tokens,
-            helpful=_hits(helpful_ids[0], helpful_scores[0]),
-            harmful=_hits(harmful_ids[0], harmful_scores[0]),
+            helpful=_hits(helpful_ids[0], helpful_scores[0], top_k),
+            harmful=_hits(harmful_ids[0], harmful_scores[0], top_k),
         )
 
     def _join_text(self, results: list[QueryResult]) -> None:
@@ -377,10 +418,10 @@ def _user_prompt(row: dict, rendered_prompt: str) -> str:
     return rendered_prompt
 
 
-def _hits(ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+def _hits(ids: np.ndarray, scores: np.ndarray, count: int) -> list[Hit]:
     return [
         Hit(id=int(i), rank=rank + 1, score=float(s))
-        for rank, (i, s) in enumerate(zip(ids, scores, strict=True))
+        for rank, (i, s) in enumerate(zip(ids[:count], scores[:count], strict=True))
         if i >= 0
     ]
 

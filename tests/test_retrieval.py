@@ -228,3 +228,38 @@ def test_an_unknown_sketch_or_format_is_refused_by_name(built, tmp_path, field, 
         app, ["query", "--index", str(index_dir), "--prompt", "a", "--response", "b"]
     )
     assert refused.exit_code == 2 and "Traceback" not in refused.output
+
+
+def test_whole_generation_only_and_token_counts(opened, training_rows):
+    row = training_rows[5]
+    full = opened.query(row["instruction"], row["output"], top_k=7, token_top_k=2, explain=0)
+    assert len(full.helpful) == 7 and all(len(t.helpful) == 2 == len(t.harmful) for t in full.tokens)
+    fast = opened.query(row["instruction"], row["output"], top_k=7, per_token=False, explain=0)
+    assert [h.id for h in fast.helpful] == [h.id for h in full.helpful]
+    np.testing.assert_allclose(
+        [h.score for h in fast.helpful], [h.score for h in full.helpful], rtol=1e-4, atol=1e-5
+    )
+    assert [h.id for h in fast.harmful] == [h.id for h in full.harmful]
+    assert len(fast.tokens) == len(full.tokens) and all(not t.helpful and t.loss is None for t in fast.tokens)
+    cli = CliRunner().invoke(
+        app,
+        ["query", "--index", str(opened.path), "--prompt", row["instruction"], "--response", row["output"]]
+        + ["--per-token", "off", "--top-k", "4", "--explain", "0", "--device", "cpu"],
+    )
+    assert cli.exit_code == 0, cli.output
+    assert [h["id"] for h in json.loads(cli.stdout)["helpful"]] == [h.id for h in full.helpful[:4]]
+
+
+def test_one_scan_gives_the_same_lists_as_two_searches(opened, training_rows):
+    from rapidin_index import index as vector_index
+
+    queries = np.random.default_rng(0).standard_normal((6, opened.faiss_index.d)).astype(np.float32)
+    helpful_scores, helpful_ids, harmful_scores, harmful_ids = vector_index.search_both(
+        opened.faiss_index, queries, 5
+    )
+    scores, ids = vector_index.search(opened.faiss_index, queries, 5)
+    negated_scores, negated_ids = vector_index.search(opened.faiss_index, -queries, 5)
+    np.testing.assert_array_equal(helpful_ids, ids)
+    np.testing.assert_array_equal(harmful_ids, negated_ids)
+    np.testing.assert_allclose(helpful_scores, scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(harmful_scores, -negated_scores, rtol=1e-4, atol=1e-4)

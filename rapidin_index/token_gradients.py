@@ -1,0 +1,142 @@
+"""Per-token query gradients (SPEC 2.4, the paper's Eq. 7) from one forward pass and batched backward passes.
+
+A query of T scored tokens has T token losses ``l_j``. Every vector a query needs is the normalised,
+sketched gradient of a weighted sum of them: the whole generation is ``sum_j w_j l_j`` (w = the hot mask
+over its count), token j is ``l_j`` alone. So one forward pass keeps each hooked module's input and
+output; ``torch.autograd.grad(..., is_grads_batched=True)`` sends every row of the weight matrix back
+at once (the rows play the batch axis); and each row's weight gradients are rebuilt from (input, row's
+output gradient) by the same per-example rules as the build (``gradients.GradientCapture``). A causal
+model's loss at j does not see later tokens, so this equals one truncated forward + backward per token,
+at the price of one forward. Exact-path tensors are differentiated directly (batched, too).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rapidin_index.gradients import (
+    Batch,
+    GradientBlock,
+    GradientError,
+    GradientSketcher,
+    SketchedBatch,
+    _frozen,
+    _SketchState,
+    token_losses,
+)
+
+ROWS_PER_PASS = 32
+"""Weight rows sent back per batched backward: memory is about this x every hooked output's size."""
+_EXACT_ELEMENTS_PER_PASS = 1 << 26
+"""Bound on rows x exact-path parameter elements held at once (their gradients are dense)."""
+
+
+def sketch_loss_combinations(
+    sketcher: GradientSketcher, example: Batch, weights: torch.Tensor, rows_per_pass: int = ROWS_PER_PASS
+) -> SketchedBatch:
+    """Row r: the normalised, sketched gradient of ``sum_j weights[r, j] * l_j`` for one example.
+
+    ``weights``: [rows, T] over the example's scored tokens (labels != -100) in order.
+    """
+    if example.size != 1:
+        raise GradientError("sketch_loss_combinations takes a batch of one example")
+    if not sketcher.self_checked:
+        sketcher.sketch(example)  # the first pass checks the hooked rules against plain backward passes
+    exact = [block for block in sketcher.blocks if block.name in sketcher.exact_path]
+    if exact:
+        largest = max(block.numel for block in exact)
+        rows_per_pass = max(1, min(rows_per_pass, _EXACT_ELEMENTS_PER_PASS // largest))
+    capture = sketcher.capture
+    capture.batch_size, capture.keep_outputs = 1, True
+    hooked = [block.parameter for block in sketcher.blocks if block.name not in sketcher.exact_path]
+    try:
+        with capture, _frozen(hooked):
+            losses, mask = token_losses(sketcher.model, example)
+        scored = losses[mask]  # [T]
+        if weights.shape[1] != scored.shape[0]:
+            raise GradientError(f"weights cover {weights.shape[1]} tokens, the example scores {len(scored)}")
+        calls = capture.calls()
+        weights = weights.to(scored.device, scored.dtype)
+        pieces = [
+            _sketch_rows(sketcher, scored, calls, exact, weights[start : start + rows_per_pass])
+            for start in range(0, weights.shape[0], rows_per_pass)
+        ]
+    finally:
+        capture.keep_outputs = False
+        capture.clear()
+        sketcher.model.zero_grad(set_to_none=True)
+    return SketchedBatch(*(torch.cat([getattr(p, name) for p in pieces]) for name in _FIELDS))
+
+
+_FIELDS = ("vectors", "losses", "gradient_norms", "finite")
+
+
+def _sketch_rows(
+    sketcher: GradientSketcher,
+    scored: torch.Tensor,
+    calls: list,
+    exact: list[GradientBlock],
+    weights: torch.Tensor,
+) -> SketchedBatch:
+    rows = weights.shape[0]
+    outputs = [call.output for call in calls]
+    grads = _batched_grad(scored, outputs + [block.parameter for block in exact], weights)
+    original_args = [call.args for call in calls]
+    for call, grad in zip(calls, grads[: len(calls)], strict=True):
+        # the call as `rows` examples: its input shared, its output gradient one per row
+        call.output_grad = None if grad is None else _per_row(grad, call.output.shape, rows)
+        call.args = tuple(_expand(a, rows) if isinstance(a, torch.Tensor) else a for a in call.args)
+    exact_grads = {
+        block.name: torch.zeros(rows, block.numel, device=scored.device)
+        if grad is None
+        else grad.reshape(rows, -1)
+        for block, grad in zip(exact, grads[len(calls) :], strict=True)
+    }
+    state = _SketchState(sketcher.projector, rows, (weights @ scored.detach()).float())
+    try:
+        for block in sketcher.blocks:
+            if block.name in exact_grads:
+                gradients = exact_grads[block.name]
+            else:
+                gradients = sketcher.capture.example_gradients(block, rows)
+            state.add(block, gradients, sketcher.normalize)
+    finally:
+        for call, args in zip(calls, original_args, strict=True):  # the one example again
+            call.args, call.output_grad = args, None
+    return state.result()
+
+
+def _per_row(grad: torch.Tensor, output_shape: torch.Size, rows: int) -> torch.Tensor:
+    """[rows, *output_shape] -> [rows, tokens..., features]: the example's batch axis of 1 dropped."""
+    if output_shape[0] == 1:
+        return grad.reshape(rows, *output_shape[1:])
+    return grad  # a module that flattened the batch: all its rows are this example's tokens
+
+
+def _expand(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    one = tensor if tensor.shape[0] == 1 else tensor.unsqueeze(0)  # [1, ...]
+    return one.expand(rows, *one.shape[1:])
+
+
+def _batched_grad(scored: torch.Tensor, inputs: list[torch.Tensor], weights: torch.Tensor) -> list:
+    """d (weights @ scored)[r] / d input for every row r, as [rows, *input.shape] (None if unused)."""
+    try:
+        return list(
+            torch.autograd.grad(
+                scored,
+                inputs,
+                grad_outputs=weights,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        )
+    except RuntimeError:  # an op without a batching rule for its backward: one backward per row
+        per_row = [
+            torch.autograd.grad(scored, inputs, grad_outputs=row, retain_graph=True, allow_unused=True)
+            for row in weights
+        ]
+        return [
+            None if per_row[0][i] is None else torch.stack([grads[i] for grads in per_row])
+            for i in range(len(inputs))
+        ]

@@ -1,0 +1,109 @@
+"""Per-token query vectors from one forward pass against one plain backward per token of HF's own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_word_tokenizer
+from test_conformance import tiny_config
+
+from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
+from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.sketch import SketchSettings, make_projector
+from rapidin_index.token_gradients import sketch_loss_combinations
+
+
+def hf_token_gradient(model, parameters, input_ids: list[int], position: int) -> torch.Tensor:
+    """Layer-normalised gradient of token ``position``'s loss alone: HF's loss with one label, autograd."""
+    labels = [-100] * len(input_ids)
+    labels[position] = input_ids[position]
+    loss = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss
+    pieces = []
+    for parameter, grad in zip(
+        parameters, torch.autograd.grad(loss, parameters, allow_unused=True), strict=True
+    ):
+        grad = torch.zeros_like(parameter) if grad is None else grad
+        grad = grad.reshape(-1)
+        pieces.append(grad / grad.norm() if grad.norm() > 0 else grad)
+    return torch.cat(pieces)
+
+
+def token_vectors(model, tokenizer, parameters_named, text_ids: list[int], prompt_length: int, weights_fn):
+    blocks = gradient_blocks(parameters_named)
+    sketcher = GradientSketcher(
+        model, blocks, make_projector(SketchSettings(0), gradient_dim(blocks)), "layer"
+    )
+    labels = [-100] * prompt_length + text_ids[prompt_length:]
+    example = collate([(text_ids, labels)], tokenizer.pad_token_id, "cpu")
+    scored = len(text_ids) - prompt_length
+    return sketcher, sketch_loss_combinations(sketcher, example, weights_fn(scored), rows_per_pass=3)
+
+
+def check_against_hf(model, tokenizer, selected, text: str, prompt_words: int = 2) -> GradientSketcher:
+    ids = tokenizer(text).input_ids + [tokenizer.eos_token_id]
+    prompt_length = 1 + prompt_words
+    sketcher, result = token_vectors(model, tokenizer, selected, ids, prompt_length, torch.eye)
+    parameters = [p for _, p in selected]
+    for row, position in enumerate(range(prompt_length, len(ids))):
+        expected = hf_token_gradient(model, parameters, ids, position)
+        error = (result.vectors[row] - expected).norm() / expected.norm()
+        assert error < 1e-5, f"token {row}: relative error {error:.2e}"
+    return sketcher
+
+
+@pytest.mark.parametrize(
+    "architecture,lora", [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
+)
+def test_per_token_vectors_equal_one_backward_per_token(tiny_model_dirs, architecture, lora):
+    adapter = tiny_model_dirs[f"{architecture}_lora"] if lora else None
+    settings = ModelSettings(tiny_model_dirs[architecture], adapter)
+    loaded = load_model(settings)
+    selected = select_parameters(loaded.model, settings)
+    sketcher = check_against_hf(
+        loaded.model, loaded.tokenizer, selected, "What does str.upper do? Return a copy"
+    )
+    assert sketcher.uses_hooks
+
+
+def test_exact_path_tensors_and_flattened_modules_per_token():
+    """Gemma's scaled embedding (exact path) and OPT's fc1 on [tokens, features] (hooked, batch of one)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_word_tokenizer()
+    for model_type in ("gemma", "opt"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer)).eval()
+        selected = list(model.named_parameters())
+        sketcher = check_against_hf(model, tokenizer, selected, "The capital of France is Paris .")
+        assert sketcher.exact_path, model_type
+
+
+def test_weighted_rows_and_the_loop_fallback(tiny_model_dirs, monkeypatch):
+    settings = ModelSettings(tiny_model_dirs["llama"])
+    loaded = load_model(settings)
+    selected = select_parameters(loaded.model, settings)
+    ids = loaded.tokenizer("Say hello. Hello world!").input_ids + [loaded.tokenizer.eos_token_id]
+
+    def whole_and_tokens(count):
+        return torch.cat([torch.full((1, count), 1.0 / count), torch.eye(count)])
+
+    _, batched = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 2, whole_and_tokens)
+    blocks = gradient_blocks(selected)
+    whole = GradientSketcher(
+        loaded.model, blocks, make_projector(SketchSettings(0), gradient_dim(blocks)), "layer"
+    )
+    labels = [-100, -100] + ids[2:]
+    expected_whole = whole.sketch(collate([(ids, labels)], loaded.tokenizer.pad_token_id, "cpu"))
+    torch.testing.assert_close(batched.vectors[0], expected_whole.vectors[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(batched.losses[0], expected_whole.losses[0])
+
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule (simulated)")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    _, looped = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 2, whole_and_tokens)
+    torch.testing.assert_close(looped.vectors, batched.vectors, atol=2e-6, rtol=1e-5)
