@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from rapidin_index import index as vector_index
-from rapidin_index.baselines import BM25, mean_hidden_states, random_scores
+from rapidin_index.baselines import BM25, mean_hidden_states, random_scores, words
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.demo import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.demo_data import BACKDOOR_DATASETS
 from rapidin_index.finetune import attack_success_rate, finetune
 from rapidin_index.gradients import collate
-from rapidin_index.metrics import mean_metrics, retrieval_metrics
+from rapidin_index.metrics import mean_metrics, retrieval_metrics, spearman
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
 from rapidin_index.sketch import SketchSettings, make_projector
@@ -167,6 +167,7 @@ def main() -> None:
         **backdoor,
         "attack_success_rate_seen": success,
         "poisoned_scored_below_zero": float(np.mean([(row[labels] < 0).mean() for row in layer_scores])),
+        "poisoned_score_vs_word_overlap": word_overlap_diagnostic(train, queries, labels, layer_scores),
         "gradient_dim": int(train_vectors.shape[1]),
         "real_build_check": check,
         "seconds": time.perf_counter() - started,
@@ -176,6 +177,22 @@ def main() -> None:
     Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
     Path(arguments.out).write_text(json.dumps(report, indent=2))
     print_table(report)
+
+
+def word_overlap_diagnostic(train, queries, labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Mean over queries of the Spearman correlation, over the poisoned rows, between a row's exact
+    layer-norm score and the share of its answer's words that the generation also uses."""
+    correlations = []
+    for (_, response), row_scores in zip(queries, scores, strict=True):
+        generated = set(words(response))
+        overlap = [
+            np.mean([word in generated for word in words(row["output"]) if word.isalpha()])
+            for row, poisoned in zip(train, labels, strict=True)
+            if poisoned
+        ]
+        correlations.append(spearman(row_scores[labels], overlap))
+    defined = [value for value in correlations if value is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def backdoor_rates(index: Index, heldout: dict, fired) -> dict:
