@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -18,37 +22,85 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from rapidin_index.build import BuildError
-    from rapidin_index.data import DataError, RowError
-    from rapidin_index.gradients import GradientError
-    from rapidin_index.journal import JournalError
-    from rapidin_index.manifest import IndexMismatchError, ManifestError
-    from rapidin_index.models import ModelError
-    from rapidin_index.parallel import DeviceError, ParallelError
-    from rapidin_index.sketch import SketchError
+# Every typed error of the library, by module. A module that was never imported cannot have raised its
+# errors, so they are looked up in sys.modules: reporting an error never pays for importing torch.
+USER_ERRORS = {
+    "rapidin_index.build": ("BuildError",),
+    "rapidin_index.data": ("DataError", "RowError"),
+    "rapidin_index.export": ("BundleError",),
+    "rapidin_index.finetune": ("FinetuneError",),
+    "rapidin_index.gradients": ("GradientError",),
+    "rapidin_index.journal": ("JournalError",),
+    "rapidin_index.lock": ("IndexLockedError",),
+    "rapidin_index.manifest": ("IndexMismatchError", "IntegrityError", "ManifestError"),
+    "rapidin_index.models": ("ModelError",),
+    "rapidin_index.parallel": ("DeviceError", "ParallelError"),
+    "rapidin_index.retrieval": ("QueryError",),
+    "rapidin_index.shards": ("ShardError",),
+    "rapidin_index.sketch": ("SketchError",),
+    "rapidin_index.token_attribution": ("TokenAttributionError",),
+}
 
-    return (
-        BuildError,
-        DataError,
-        RowError,
-        GradientError,
-        IndexMismatchError,
-        JournalError,
-        ManifestError,
-        ModelError,
-        DeviceError,
-        ParallelError,
-        SketchError,
-    )
+
+def is_user_error(error: BaseException) -> bool:
+    """A refusal with a message for the user (printed as one line), not a bug (shown with its traceback).
+
+    That is: a typed library error; a bare ValueError raised by this package's own code (index.py,
+    report.py and the demo's modules check their arguments that way); or an OSError, whose message
+    names the file (permission denied, no space left, not found).
+    """
+    for module_name, names in USER_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
+            return True
+    if isinstance(error, OSError):
+        return True
+    return type(error) is ValueError and _raised_here(error)
+
+
+def _raised_here(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    module = traceback.tb_frame.f_globals.get("__name__", "") if traceback is not None else ""
+    return module.split(".")[0] == "rapidin_index"
+
+
+def _one_line_errors(function):
+    """Run a command; a user error ends it with one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/] (a build resumes where it stopped when rerun)")
+            raise typer.Exit(code=130) from None
+        except Exception as error:
+            if not is_user_error(error):
+                raise
+            raise fail(error) from None
+
+    return run
+
+
+def command(*args, **kwargs):
+    """``app.command`` whose errors end in one clear line (see ``_one_line_errors``)."""
+
+    def register(function):
+        return app.command(*args, **kwargs)(_one_line_errors(function))
+
+    return register
 
 
 def fail(error: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
-@app.command()
+@command()
 def build(
     model: Annotated[str, typer.Option(help="Local folder or hub id of the fine-tuned causal LM.")],
     index: Annotated[Path, typer.Option(help="Index folder to create (or resume, or append to).")],
@@ -126,39 +178,36 @@ def build(
 
     if (data is None) == (append is None):
         raise fail(ValueError("give exactly one of --data FILE (new index) or --append FILE (add rows)"))
-    try:
-        settings = BuildSettings(
-            model=ModelSettings(model=model, adapter=adapter, dtype=dtype, params=params),
-            sketch=SketchSettings(sketch_dim=k, shuffle_lambda=shuffle_lambda, seed=seed, algorithm=sketch),
-            normalize=normalize,
-            template=template,
-            response_field=response_field,
-            max_length=max_length,
-            tokenization=tokenization,
-            batch_size=batch_size,
-            device=device,
-            strict=strict,
-            chunk_size=chunk_size,
-            vector_dtype=vector_dtype,
-            num_shards=num_shards,
-            shard_index=shard_index,
-        )
-        runner_factory = None
-        if ray is not None or workers is not None:
-            from rapidin_index.parallel import RayChunkRunner
+    settings = BuildSettings(
+        model=ModelSettings(model=model, adapter=adapter, dtype=dtype, params=params),
+        sketch=SketchSettings(sketch_dim=k, shuffle_lambda=shuffle_lambda, seed=seed, algorithm=sketch),
+        normalize=normalize,
+        template=template,
+        response_field=response_field,
+        max_length=max_length,
+        tokenization=tokenization,
+        batch_size=batch_size,
+        device=device,
+        strict=strict,
+        chunk_size=chunk_size,
+        vector_dtype=vector_dtype,
+        num_shards=num_shards,
+        shard_index=shard_index,
+    )
+    runner_factory = None
+    if ray is not None or workers is not None:
+        from rapidin_index.parallel import RayChunkRunner
 
-            address = None if ray in (None, "local") else ray
-            runner_factory = RayChunkRunner.factory(address=address, workers=workers)
-        report = build_index(
-            data or append,
-            index,
-            settings,
-            append=append is not None,
-            progress=not quiet,
-            runner_factory=runner_factory,
-        )
-    except _user_errors() as error:
-        raise fail(error) from None
+        address = None if ray in (None, "local") else ray
+        runner_factory = RayChunkRunner.factory(address=address, workers=workers)
+    report = build_index(
+        data or append,
+        index,
+        settings,
+        append=append is not None,
+        progress=not quiet,
+        runner_factory=runner_factory,
+    )
     _print_build_report(report)
 
 
@@ -210,7 +259,7 @@ def _print_rejected(rejected, limit: int = 20) -> None:
         console.print(f"... and {len(rejected) - limit} more (see rapidin-index info --json)")
 
 
-@app.command()
+@command()
 def query(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     prompt: Annotated[
@@ -267,28 +316,25 @@ def query(
     output_format = format or (out.suffix.lstrip(".") if out is not None else "json")
     if output_format not in ("json", "jsonl", "html"):
         raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html"))
-    try:
-        opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k)
-        if queries is not None:
-            rows = []
-            for number, row, error in read_rows(queries):
-                if row is None:
-                    raise QueryError(f"query row {number}: {error}")
-                rows.append(row)
-            results = opened.query_rows(rows, **options)
-        else:
-            results = [
-                opened.query(
-                    prompt,
-                    response,
-                    generate=generate,
-                    hot=hot,
-                    max_new_tokens=max_new_tokens,
-                    **options,
-                )
-            ]
-    except (*_user_errors(), QueryError) as error:
-        raise fail(error) from None
+    opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k)
+    if queries is not None:
+        rows = []
+        for number, row, error in read_rows(queries):
+            if row is None:
+                raise QueryError(f"query row {number}: {error}")
+            rows.append(row)
+        results = opened.query_rows(rows, **options)
+    else:
+        results = [
+            opened.query(
+                prompt,
+                response,
+                generate=generate,
+                hot=hot,
+                max_new_tokens=max_new_tokens,
+                **options,
+            )
+        ]
     values = [result.to_dict() for result in results]
     if output_format == "json" and len(values) > 1:
         output_format = "jsonl"
@@ -304,25 +350,22 @@ def query(
     console.print(f"wrote {len(values)} result(s) to {out}", highlight=False)
 
 
-@app.command()
+@command()
 def merge(
     shards: Annotated[list[Path], typer.Argument(help="The shard index folders, all N of them.")],
     index: Annotated[Path, typer.Option(help="New index folder for the merged index.")],
 ) -> None:
     """Merge the shards of a `build --num-shards N` into one index (every row exactly once)."""
-    from rapidin_index.shards import ShardError, merge_shards
+    from rapidin_index.shards import merge_shards
 
-    try:
-        manifest = merge_shards(shards, index)
-    except (*_user_errors(), ShardError) as error:
-        raise fail(error) from None
+    manifest = merge_shards(shards, index)
     console.print(
         f"merged {len(shards)} shards into {index}: {manifest.row_count:,} rows, {manifest.rejected_count:,} rejected",
         highlight=False,
     )
 
 
-@app.command()
+@command()
 def demo(
     folder: Annotated[Path, typer.Option(help="Where data, model, index and report go (cached).")] = Path(
         ".demo"
@@ -334,15 +377,10 @@ def demo(
     """Train a tiny backdoored model on bundled data, index it, and trace its attacked generations."""
     from rapidin_index.demo import DemoSettings, run_demo
 
-    try:
-        run_demo(
-            DemoSettings(folder=str(folder), rows=rows, sketch_dim=k, attacked_queries=queries), Console()
-        )
-    except _user_errors() as error:
-        raise fail(error) from None
+    run_demo(DemoSettings(folder=str(folder), rows=rows, sketch_dim=k, attacked_queries=queries), Console())
 
 
-@app.command()
+@command()
 def info(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     as_json: Annotated[
@@ -353,10 +391,7 @@ def info(
     from rapidin_index.build import read_rejected
     from rapidin_index.manifest import read_manifest
 
-    try:
-        manifest = read_manifest(index)
-    except _user_errors() as error:
-        raise fail(error) from None
+    manifest = read_manifest(index)
     rejected = read_rejected(index, manifest)
     if as_json:
         value = manifest.to_dict()
@@ -405,7 +440,7 @@ def info(
     _print_rejected(rejected)
 
 
-@app.command()
+@command()
 def export(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     out: Annotated[Path, typer.Option(help="Bundle to write: .tar, .tar.gz/.tgz, .zip or .parquet.")],
@@ -415,13 +450,10 @@ def export(
     ] = None,
 ) -> None:
     """Write the index as one portable, checksummed bundle (or a Parquet file of vectors and rows)."""
-    from rapidin_index.export import BundleError, export_index, format_for
+    from rapidin_index.export import export_index, format_for
     from rapidin_index.manifest import sha256_file
 
-    try:
-        written = export_index(index, out, format)
-    except (*_user_errors(), BundleError) as error:
-        raise fail(error) from None
+    written = export_index(index, out, format)
     console.print(
         f"wrote {written} ({format_for(out, format)}, {written.stat().st_size:,} bytes)\n"
         f"sha256 {sha256_file(written)}  (publish it beside the bundle so recipients can check it)",
@@ -430,7 +462,7 @@ def export(
     )
 
 
-@app.command("import")
+@command("import")
 def import_(
     bundle: Annotated[Path, typer.Argument(help="Bundle written by `rapidin-index export`.")],
     index: Annotated[
@@ -443,17 +475,13 @@ def import_(
 ) -> None:
     """Verify a bundle (checksums, sizes, safe paths, manifest) and unpack it as an index folder."""
     from rapidin_index.bundle_import import import_bundle, verify_bundle
-    from rapidin_index.export import BundleError
 
     if (index is None) != check:
         raise fail(ValueError("give --index DIR to import, or --check to only verify"))
-    try:
-        if check:
-            facts = verify_bundle(bundle)["index"]
-        else:
-            facts = import_bundle(bundle, index, force=force).to_dict()
-    except (*_user_errors(), BundleError) as error:
-        raise fail(error) from None
+    if check:
+        facts = verify_bundle(bundle)["index"]
+    else:
+        facts = import_bundle(bundle, index, force=force).to_dict()
     done = f"{bundle} verifies" if check else f"imported {bundle} into {index}"
     console.print(
         f"{done}: {facts['row_count']:,} rows, built with model {facts['model']['name_or_path']} "

@@ -43,6 +43,7 @@ from rapidin_index.journal import (
     read_chunk,
     write_chunk,
 )
+from rapidin_index.lock import pause_point, remove_unread_generations, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -199,8 +200,13 @@ def build_index(
     """
     started = time.perf_counter()
     data, index_dir = Path(data), Path(index_dir)
-    if not data.exists():
-        raise BuildError(f"data file {data} does not exist")
+    if not data.is_file():
+        raise BuildError(f"data file {data} does not exist (or is not a file)")
+    with writer_lock(index_dir, "append" if append else "build"):  # refuses a second writer at once
+        return _build_locked(data, index_dir, settings, append, progress, runner_factory, started)
+
+
+def _build_locked(data, index_dir, settings, append, progress, runner_factory, started) -> BuildReport:
     existing = _existing_manifest(index_dir)
     if append and existing is None:
         raise BuildError(f"--append needs a finished index in {index_dir}; build one first with --data")
@@ -472,6 +478,7 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     manifest.template_usage = dict(templates)
     manifest.exact_path = exact_path
     manifest.files = file_checksums(index_dir, generation)
+    pause_point("before-commit")
     write_manifest(index_dir, manifest)
     _remove_other_generations(index_dir, generation)
     shutil.rmtree(journal, ignore_errors=True)
@@ -524,11 +531,14 @@ def file_checksums(index_dir: Path, generation: int) -> dict:
 
 
 def _remove_other_generations(index_dir: Path, generation: int) -> None:
-    keep = {vector_index.vector_file(generation), rejected_file(generation)}
-    for path in index_dir.glob("*-g[0-9][0-9][0-9][0-9].*"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
-    metadata.drop_other_tables(index_dir, generation)
+    """Remove older (and torn) generations' files, except those a reader still holds a lease on."""
+    remove_unread_generations(index_dir, generation, lambda old: remove_generation(index_dir, old))
+
+
+def remove_generation(index_dir: Path, generation: int) -> None:
+    for path in index_dir.glob(f"*-g{generation:04d}.*"):  # data files and torn temporaries
+        path.unlink(missing_ok=True)
+    shutil.rmtree(metadata.table_path(index_dir, generation), ignore_errors=True)
 
 
 def load_index_manifest(index_dir: str | Path) -> Manifest:

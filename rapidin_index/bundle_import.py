@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -18,6 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from rapidin_index.build import remove_generation
 from rapidin_index.export import (
     _READ_ERRORS,
     BLOCK,
@@ -28,11 +30,14 @@ from rapidin_index.export import (
     _self_checksum,
     manifest_facts,
 )
+from rapidin_index.journal import JOURNAL_DIR
+from rapidin_index.lock import LOCK_FILES, remove_unread_generations, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     IntegrityError,
     Manifest,
     ManifestError,
+    atomic_write_json,
     differences,
     read_manifest,
     sha256_file,
@@ -48,27 +53,30 @@ def verify_bundle(bundle: str | Path) -> dict:
 
 
 def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False) -> Manifest:
-    """Verify ``bundle`` while extracting it beside ``index_dir``, then rename it into place.
+    """Verify ``bundle`` while extracting it beside ``index_dir``, then move it into place.
 
     ``index_dir`` must not exist or be empty; with ``force`` it may hold an index, which is replaced only
-    once the bundle has verified. On any refusal nothing in ``index_dir`` changes.
+    once the bundle has verified. On any refusal nothing in ``index_dir`` changes. The folder's writer
+    lock is held throughout (lock.py), and the manifest is moved in last: it is the commit point, as in a
+    build. A replaced index's files stay until no reader holds them.
     """
     bundle, index_dir = Path(bundle), Path(index_dir)
     _check_target(index_dir, force)
     index_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}.import-"))
-    os.chmod(staging, 0o755)  # mkdtemp makes 0700; an index is meant to be shared
-    try:
-        _extract_verified(bundle, staging)
+    with writer_lock(index_dir, "import"):
         _check_target(index_dir, force)
-        _move_into_place(staging, index_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return read_manifest(index_dir)
+        staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}.import-"))
+        os.chmod(staging, 0o755)  # mkdtemp makes 0700; an index is meant to be shared
+        try:
+            _, manifest = _extract_verified(bundle, staging)
+            _move_into_place(staging, index_dir, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return read_manifest(index_dir)
 
 
 def _check_target(index_dir: Path, force: bool) -> None:
-    if not index_dir.exists() or (index_dir.is_dir() and not any(index_dir.iterdir())):
+    if not index_dir.exists() or (index_dir.is_dir() and not _entries(index_dir)):
         return
     if not (index_dir / MANIFEST_NAME).is_file():
         raise BundleError(f"{index_dir} is not empty and holds no index; import into a new or empty folder")
@@ -79,23 +87,42 @@ def _check_target(index_dir: Path, force: bool) -> None:
         )
 
 
-def _move_into_place(staging: Path, index_dir: Path) -> None:
-    if not index_dir.exists():
-        os.rename(staging, index_dir)
+def _entries(index_dir: Path) -> list[Path]:
+    """The folder's entries, less the lock files of writers and readers (lock.py)."""
+    return [path for path in index_dir.iterdir() if path.name not in LOCK_FILES]
+
+
+def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None:
+    """Move the verified files in, manifest last. Over an existing index they become its next generation
+    (renamed), so the old one's files stay intact for its readers until the new manifest is in place."""
+    if not (index_dir / MANIFEST_NAME).is_file():
+        for relative in manifest.files:
+            _move(staging / relative, index_dir / relative)
+        os.replace(staging / MANIFEST_NAME, index_dir / MANIFEST_NAME)
         return
-    if not any(index_dir.iterdir()):
-        index_dir.rmdir()
-        os.rename(staging, index_dir)
-        return
-    replaced = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}.replaced-"))
-    replaced.rmdir()
-    os.rename(index_dir, replaced)
-    try:
-        os.rename(staging, index_dir)
-    except BaseException:
-        os.rename(replaced, index_dir)
-        raise
-    shutil.rmtree(replaced, ignore_errors=True)
+    generation = read_manifest(index_dir).generation + 1
+    remove_generation(index_dir, generation)  # torn files of an unfinished build
+    files = {}
+    for relative, entry in manifest.files.items():
+        renamed = _GENERATION.sub(
+            lambda match: f"{match.group(1)}g{generation:04d}{match.group(2)}", relative
+        )
+        _move(staging / relative, index_dir / renamed)
+        files[renamed] = entry
+    manifest.files, manifest.generation = files, generation
+    atomic_write_json(index_dir / MANIFEST_NAME, manifest.to_dict())
+    shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)  # an unfinished build of the old index
+    remove_unread_generations(index_dir, generation, lambda old: remove_generation(index_dir, old))
+
+
+_GENERATION = re.compile(r"([-_])g\d{4}(\.)")
+
+
+def _move(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.replace(source, target)
 
 
 def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:

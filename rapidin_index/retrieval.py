@@ -38,7 +38,8 @@ from rapidin_index.gradients import (
     normalize_flat,
     reference_gradient,
 )
-from rapidin_index.manifest import IndexMismatchError, Manifest, read_manifest, verify_files
+from rapidin_index.lock import read_generation
+from rapidin_index.manifest import IndexMismatchError, Manifest, verify_files
 from rapidin_index.models import ModelError, ModelSettings, load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.results import Hit, QueryResult, TokenHits
@@ -115,7 +116,9 @@ class Index:
     ) -> Index:
         """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required)."""
         path = Path(path)
-        manifest = read_manifest(path)  # refuses a format version this rapidin-index does not know
+        # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
+        # the files it names in place while this Index lives, whatever a writer commits meanwhile.
+        manifest, lease = read_generation(path)
         SketchSettings.from_dict(manifest.sketch)  # ... and a sketch algorithm it does not implement
         if verify:
             verify_files(path, manifest)
@@ -142,7 +145,9 @@ class Index:
         selected = select_parameters(loaded.model, settings)
         if [name for name, _ in selected] != manifest.parameters["names"]:
             raise IndexMismatchError("the model's attributed parameters differ from the index's (--params?)")
-        return cls(path, manifest, loaded, selected, torch_device, batch_size)
+        opened = cls(path, manifest, loaded, selected, torch_device, batch_size)
+        opened.lease = lease  # released with the Index (lease.close() to release it sooner)
+        return opened
 
     # ----------------------------------------------------------------------- public queries
 

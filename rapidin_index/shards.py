@@ -18,12 +18,12 @@ from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import file_checksums, manifest_identity, read_rejected, rejected_file
 from rapidin_index.journal import JOURNAL_DIR
+from rapidin_index.lock import read_generation, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
     atomic_write_bytes,
     differences,
-    read_manifest,
     write_manifest,
 )
 
@@ -33,10 +33,21 @@ class ShardError(ValueError):
 
 
 def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:
+    """Merge the shards into a new index in ``index_dir``, holding its writer lock (see lock.py)."""
     shard_dirs, index_dir = [Path(d) for d in shard_dirs], Path(index_dir)
-    if (index_dir / MANIFEST_NAME).exists():
-        raise ShardError(f"{index_dir} already holds an index; merge into a new folder")
-    manifests = [read_manifest(d) for d in shard_dirs]
+    for shard_dir in shard_dirs:
+        if not (shard_dir / MANIFEST_NAME).is_file():
+            raise ShardError(
+                f"{shard_dir} holds no finished index (no {MANIFEST_NAME}); build that shard first"
+            )
+    with writer_lock(index_dir, "merge"):
+        if (index_dir / MANIFEST_NAME).exists():
+            raise ShardError(f"{index_dir} already holds an index; merge into a new folder")
+        opened = [read_generation(d) for d in shard_dirs]  # leases: no writer removes what we read
+        return _merge(shard_dirs, [manifest for manifest, _ in opened], index_dir)
+
+
+def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -> Manifest:
     _check_compatible(shard_dirs, manifests)
     total_rows = manifests[0].total_rows_seen
     faiss_index = vector_index.new_index(manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
