@@ -19,6 +19,7 @@ block to unit L2 norm before the block is sketched (SPEC 2.2), so the full gradi
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -98,9 +99,41 @@ def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
     return losses, targets != IGNORE_INDEX
 
 
+def scored_token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`token_losses`, at the scored positions only: (losses [batch, n], mask [batch, n]).
+
+    n covers every position whose next token is labelled in some row, in order. The model computes its
+    logits there alone (``logits_to_keep``) when it takes that argument: the vocabulary projection of the
+    prompt positions is skipped, forward and backward.
+    """
+    targets = batch.labels[:, 1:]  # [batch, tokens-1]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # [n]: logits p predict label p+1
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    if _takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits  # [batch, n, vocab]
+    else:
+        logits = model(**inputs).logits[:, keep]
+    targets = targets[:, keep]  # [batch, n]
+    losses = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).reshape(targets.shape)
+    return losses, targets != IGNORE_INDEX
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT's wrapper
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def example_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean response-token loss of each example: [batch]."""
-    losses, mask = token_losses(model, batch)
+    losses, mask = scored_token_losses(model, batch)
     counts = mask.sum(dim=1)
     if bool((counts == 0).any()):
         raise GradientError("an example has no loss token (empty response after truncation?)")
@@ -472,14 +505,26 @@ class _SketchState:
         self.finite = torch.isfinite(self.losses).to(self.out.device)
 
     def add(self, block: GradientBlock, gradients: torch.Tensor, normalize: str) -> None:
+        """One pass over the block for its norms (a NaN or inf anywhere makes the norm non-finite),
+        one to project it; a block larger than the sketch is scaled as a sketch, after projecting."""
         gradients = gradients.to(self.out.device, torch.float32)  # [batch, numel]
-        self.finite &= torch.isfinite(gradients).all(dim=1)
-        gradients = torch.nan_to_num(gradients, nan=0.0, posinf=0.0, neginf=0.0)
-        norms = gradients.norm(dim=1)  # [batch]
+        norms = torch.linalg.vector_norm(gradients, dim=1)  # [batch]
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            self.finite &= finite
+            gradients = torch.nan_to_num(gradients, nan=0.0, posinf=0.0, neginf=0.0)
+            norms = torch.linalg.vector_norm(gradients, dim=1)
         self.squared_norm += norms.square()
-        if normalize == "layer":
-            gradients = gradients / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
-        self.projector.project_block(self.out, gradients, block.offset)
+        if normalize != "layer":
+            self.projector.project_block(self.out, gradients, block.offset)
+            return
+        scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
+        if gradients.shape[1] > self.out.shape[1]:
+            sketch = self.projector.new_output(gradients.shape[0])  # [batch, K]
+            self.projector.project_block(sketch, gradients, block.offset)
+            self.out.addcmul_(sketch, scale[:, None])
+        else:
+            self.projector.project_block(self.out, gradients * scale[:, None], block.offset)
 
     def result(self) -> SketchedBatch:
         return SketchedBatch(self.out, self.losses, self.squared_norm.sqrt(), self.finite)

@@ -22,7 +22,7 @@ from rapidin_index.gradients import (
     SketchedBatch,
     _frozen,
     _SketchState,
-    token_losses,
+    scored_token_losses,
 )
 
 ROWS_PER_PASS = 32
@@ -51,7 +51,7 @@ def sketch_loss_combinations(
     hooked = [block.parameter for block in sketcher.blocks if block.name not in sketcher.exact_path]
     try:
         with capture, _frozen(hooked):
-            losses, mask = token_losses(sketcher.model, example)
+            losses, mask = scored_token_losses(sketcher.model, example)
         scored = losses[mask]  # [T]
         if weights.shape[1] != scored.shape[0]:
             raise GradientError(f"weights cover {weights.shape[1]} tokens, the example scores {len(scored)}")
