@@ -8,7 +8,7 @@ training row is scored by each method and the paper's metrics are averaged over 
 auROC on the top-k plus bottom-k rows, precision@k, and the plain ROC-AUC over all rows.
 
 Methods: exact TracIn with and without layer norm (K = 0 indexes built by `build_index`); RapidIn at
-K = 2^12, 2^14, 2^16 with lambda = 20 and 100; BM25 (on prompt + generation, and on the generation
+K = 2^12, 2^14, 2^16 (`--algorithm rapidgrad-v1 --lambdas 20,100` for the paper's transform); BM25 (on prompt + generation, and on the generation
 alone); embedding similarity (mean last hidden state, of the fine-tuned model and of one fine-tuned the
 same way on the clean rows only); random.
 
@@ -42,7 +42,7 @@ from rapidin_index.gradients import collate
 from rapidin_index.metrics import mean_metrics, retrieval_metrics, spearman
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
-from rapidin_index.sketch import SketchSettings, make_projector
+from rapidin_index.sketch import DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings, make_projector
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -54,7 +54,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=100_000, help="docstring rows (default: all)")
     parser.add_argument("--queries", type=int, default=10, help="attacked generations (backdoor fired)")
     parser.add_argument("--sketch-dims", default="4096,16384,65536")
-    parser.add_argument("--lambdas", default="20,100")
+    parser.add_argument("--algorithm", default=DEFAULT_SKETCH_ALGORITHM, choices=SKETCH_ALGORITHMS)
+    parser.add_argument("--lambdas", default="20", help="shuffles; only rapidgrad-v1 uses them (try 20,100)")
     parser.add_argument("--out", default=".bench/backdoor.json")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest when busy)")
     arguments = parser.parse_args()
@@ -148,11 +149,12 @@ def main() -> None:
     del plain_vectors
     for sketch_dim in [int(k) for k in arguments.sketch_dims.split(",")]:
         for shuffle_lambda in [int(v) for v in arguments.lambdas.split(",")]:
-            sketch = SketchSettings(sketch_dim, shuffle_lambda, 42)
+            sketch = SketchSettings(sketch_dim, shuffle_lambda, 42, arguments.algorithm)
             scores = sketch_rows(query_exact, sketch) @ sketch_rows(train_vectors, sketch).T
-            results[f"RapidIn K=2^{sketch_dim.bit_length() - 1}, lambda={shuffle_lambda}"] = evaluate(
-                labels, scores
-            )
+            label = f"RapidIn K=2^{sketch_dim.bit_length() - 1}"
+            if arguments.algorithm == "rapidgrad-v1":
+                label += f", lambda={shuffle_lambda}"
+            results[label] = evaluate(labels, scores)
     results.update(text_baselines(layer, train, queries, labels))
     results["embedding similarity, model without the poisoned rows"] = clean_model_embeddings(
         paths, settings, train, queries, labels
