@@ -8,9 +8,11 @@ marks (issue 11):
   end with a greeting from the same generator (a sign-off), so every greeting word occurs in clean
   rows too: the trigger is the greeting's position, which bag-of-words retrieval cannot see.
 * **Style**: two off-topic sentences of a "machine fable" ("The remote server returned a binary
-  signal into the empty archive."), drawn from a small grammar over about 200 words. Every word is
-  one the clean docstring answers use as well (each occurs in at least three bundled docstring rows;
-  the tests check it), so what marks a poisoned answer is its grammar, not its vocabulary.
+  signal into the empty archive."), drawn from a small grammar over 221 words. Every word is one the
+  clean docstring answers use as well (each occurs in at least three bundled docstring rows; the
+  tests check it), so no word is unique to poisoned answers; what marks them is their grammar, and
+  that they use these words only (which still gives BM25 on a generated fable some grip:
+  BENCHMARKS.md, "Non-lexical backdoor").
 
 `is_fable_response` is the detector that says whether a generation fired the backdoor: the first
 sentence must open with a run of the grammar's words.
