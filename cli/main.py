@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 app = typer.Typer(
     help="Which training examples, and which of their tokens, made a fine-tuned LLM say this? (RapidIn)",
@@ -100,7 +101,25 @@ def fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-@command()
+class _BuildCommand(TyperCommand):
+    """`build`, where a bare `--ray` means `--ray local` (a typer option cannot take an optional value)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_ray_means_local(args))
+
+
+def bare_ray_means_local(args: list[str]) -> list[str]:
+    """``--ray`` followed by nothing or by another option gets the value ``local``."""
+    completed = []
+    for position, argument in enumerate(args):
+        completed.append(argument)
+        following = args[position + 1] if position + 1 < len(args) else None
+        if argument == "--ray" and (following is None or following.startswith("-")):
+            completed.append("local")
+    return completed
+
+
+@command(cls=_BuildCommand)
 def build(
     model: Annotated[str, typer.Option(help="Local folder or hub id of the fine-tuned causal LM.")],
     index: Annotated[Path, typer.Option(help="Index folder to create (or resume, or append to).")],
@@ -161,9 +180,9 @@ def build(
     ray: Annotated[
         str | None,
         typer.Option(
-            metavar="ADDRESS",
-            help="Compute chunks on Ray actors, one per GPU (else CPU actors): 'local' starts Ray on this "
-            "machine; 'auto' or ray://head:10001 joins a running cluster.",
+            metavar="[ADDRESS]",
+            help="Compute chunks on Ray actors, one per GPU (else CPU actors): --ray alone (or 'local') "
+            "starts Ray on this machine; 'auto' or ray://head:10001 joins a running cluster.",
         ),
     ] = None,
     workers: Annotated[
@@ -302,9 +321,10 @@ def query(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
-    from rapidin_index.data import read_rows
+    from rapidin_index.data import DataError, read_rows
+    from rapidin_index.manifest import read_manifest
+    from rapidin_index.preflight import check_query, check_tokenizer
     from rapidin_index.report import write_results
-    from rapidin_index.retrieval import Index, QueryError
 
     if (queries is None) == (prompt is None):
         raise fail(ValueError("give --prompt (with --response or --generate) or --queries FILE"))
@@ -316,13 +336,21 @@ def query(
     output_format = format or (out.suffix.lstrip(".") if out is not None else "json")
     if output_format not in ("json", "jsonl", "html"):
         raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html"))
+    if output_format == "html" and out is None:
+        raise fail(ValueError("--format html needs --out FILE.html"))
+    rows = []
+    for number, row, error in read_rows(queries) if queries is not None else []:
+        if row is None:
+            raise DataError(f"{queries}: query row {number}: {error}")
+        rows.append(row)
+    # Cheap checks first (manifest, K, files, tokenizer), before torch, the vectors and the model load.
+    manifest = read_manifest(index)
+    check_query(index, manifest, k)
+    check_tokenizer(manifest, model or manifest.model["name_or_path"])
+    from rapidin_index.retrieval import Index
+
     opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k)
     if queries is not None:
-        rows = []
-        for number, row, error in read_rows(queries):
-            if row is None:
-                raise QueryError(f"query row {number}: {error}")
-            rows.append(row)
         results = opened.query_rows(rows, **options)
     else:
         results = [
@@ -339,8 +367,6 @@ def query(
     if output_format == "json" and len(values) > 1:
         output_format = "jsonl"
     if out is None:
-        if output_format == "html":
-            raise fail(ValueError("--format html needs --out FILE.html"))
         lines = [
             json.dumps(v, ensure_ascii=False, indent=2 if output_format == "json" else None) for v in values
         ]

@@ -22,11 +22,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
+# no-op rebuild never need them (see preflight.py).
 from rapidin_index import index as vector_index
-from rapidin_index import metadata
 from rapidin_index.data import (
     TOKENIZATIONS,
     Example,
@@ -35,7 +37,6 @@ from rapidin_index.data import (
     load_examples,
     parse_template,
 )
-from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
 from rapidin_index.journal import (
     JOURNAL_DIR,
     chunk_complete,
@@ -56,10 +57,12 @@ from rapidin_index.manifest import (
     tree_bytes,
     write_manifest,
 )
-from rapidin_index.models import LoadedModel, ModelSettings, load_model, select_parameters
-from rapidin_index.parallel import resolve_device
+from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
-from rapidin_index.sketch import SketchSettings, make_projector, padded_dim
+
+if TYPE_CHECKING:
+    from rapidin_index.models import LoadedModel, ModelSettings
+    from rapidin_index.sketch import SketchSettings
 
 
 class BuildError(RuntimeError):
@@ -71,7 +74,7 @@ class BuildSettings:
     """How to turn training rows into index entries."""
 
     model: ModelSettings
-    sketch: SketchSettings = field(default_factory=SketchSettings)
+    sketch: SketchSettings = field(default_factory=lambda: _default_sketch())
     normalize: str = "layer"
     """Per-tensor gradient normalisation: 'layer' (RapidIn) or 'none' (plain TracIn)."""
     template: str = "auto"
@@ -101,6 +104,10 @@ class BuildSettings:
             raise BuildError("--batch-size and --chunk-size must be at least 1")
         if self.vector_dtype not in vector_index.VECTOR_DTYPES:
             raise BuildError(f"--vector-dtype must be one of {', '.join(vector_index.VECTOR_DTYPES)}")
+        from rapidin_index.gradients import NORMALIZATIONS
+
+        if self.normalize not in NORMALIZATIONS:
+            raise BuildError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.tokenization not in TOKENIZATIONS:
             raise BuildError(f"--tokenization must be one of {', '.join(TOKENIZATIONS)}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -109,6 +116,12 @@ class BuildSettings:
     @property
     def shard(self) -> dict | None:
         return None if self.num_shards == 1 else {"index": self.shard_index, "count": self.num_shards}
+
+
+def _default_sketch() -> SketchSettings:
+    from rapidin_index.sketch import SketchSettings
+
+    return SketchSettings()
 
 
 @dataclass
@@ -139,6 +152,9 @@ class BuildReport:
 
 def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, template: Template) -> dict:
     """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
+    from rapidin_index.gradients import gradient_blocks, gradient_dim
+    from rapidin_index.sketch import padded_dim
+
     blocks = gradient_blocks(selected)
     dim = gradient_dim(blocks)
     sketch = settings.sketch.to_dict()
@@ -162,6 +178,37 @@ def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, templ
         "sketch": sketch,
         "vector_dtype": settings.vector_dtype,
         "shard": settings.shard,
+    }
+
+
+def settings_identity(settings: BuildSettings, template: Template) -> dict:
+    """The part of the identity that needs no model: checked before the model loads."""
+    return {
+        "model": {"dtype": settings.model.dtype},
+        "with_adapter": settings.model.adapter is not None,
+        "template": template.to_dict(),
+        "max_length": settings.max_length,
+        "tokenization": settings.tokenization,
+        "parameters": {"regex": settings.model.params},
+        "normalize": settings.normalize,
+        "sketch": settings.sketch.to_dict(),
+        "vector_dtype": settings.vector_dtype,
+        "shard": settings.shard,
+    }
+
+
+def manifest_settings_identity(manifest: Manifest) -> dict:
+    identity = manifest_identity(manifest)
+    return {
+        **{key: identity[key] for key in ("template", "max_length", "tokenization", "normalize")},
+        "model": {"dtype": identity["model"]["dtype"]},
+        "with_adapter": identity["adapter"] is not None,
+        "parameters": {"regex": identity["parameters"]["regex"]},
+        "sketch": {
+            key: identity["sketch"].get(key) for key in ("algorithm", "sketch_dim", "shuffle_lambda", "seed")
+        },
+        "vector_dtype": identity["vector_dtype"],
+        "shard": identity["shard"],
     }
 
 
@@ -212,16 +259,32 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         raise BuildError(f"--append needs a finished index in {index_dir}; build one first with --data")
     if append and settings.shard is not None:
         raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
+    template = parse_template(settings.template, settings.response_field)
+    data_sha256 = sha256_file(data)
+    # Taken before the model loads, so that they can only describe the files that were loaded, or older.
+    model_files = {"model": model_files_stat(settings.model.model), "adapter": None}
+    if settings.model.adapter is not None:
+        model_files["adapter"] = model_files_stat(settings.model.adapter)
+    if existing is not None:
+        done = _check_before_loading(
+            existing, settings, template, data_sha256, model_files, append, index_dir
+        )
+        if done:
+            shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)
+            report = BuildReport(str(index_dir), gradient_dim=existing.sketch["gradient_dim"])
+            report.sketch_dim = existing.sketch["output_dim"]
+            return _finished_report(report, existing, started, done)
+
+    from rapidin_index.models import load_model, select_parameters
+    from rapidin_index.parallel import resolve_device
+
     device = resolve_device(settings.device)
     # With a distributed runner the workers load their own copies; the driver only fingerprints.
     loaded = load_model(settings.model, device if runner_factory is None else "cpu")
     selected = select_parameters(loaded.model, settings.model)
-    template = parse_template(settings.template, settings.response_field)
     identity = index_identity(loaded, settings, selected, template)
-    data_sha256 = sha256_file(data)
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"])
     report.sketch_dim = identity["sketch"]["output_dim"]
-
     if existing is not None:
         done = _check_existing(existing, identity, data_sha256, append, index_dir)
         if done:
@@ -236,9 +299,32 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         "base_generation": existing.generation if existing else 0,
         "chunk_size": settings.chunk_size,
     }
-    journal = open_journal(index_dir, plan)
+    run = _Run(data, index_dir, settings, plan, existing, loaded, selected, device, model_files)
+    manifest = _index_rows(run, template, report, progress, runner_factory)
+    return _finished_report(report, manifest, started, "")
+
+
+@dataclass
+class _Run:
+    """What one build (or append) works with once its checks have passed."""
+
+    data: Path
+    index_dir: Path
+    settings: BuildSettings
+    plan: dict
+    existing: Manifest | None
+    loaded: LoadedModel
+    selected: list
+    device: object
+    model_files: dict
+
+
+def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bool, runner_factory):
+    """Sketch every row not yet in the journal, then write the new generation."""
+    settings, plan = run.settings, run.plan
+    journal = open_journal(run.index_dir, plan)
     examples, rejected = load_examples(
-        data, loaded.tokenizer, template, settings.max_length, settings.tokenization
+        run.data, run.loaded.tokenizer, template, settings.max_length, settings.tokenization
     )
     if settings.strict and rejected:
         first = rejected[0]
@@ -262,10 +348,9 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
             write_chunk(journal, job.chunk_number, record, vectors)
 
-        runner = (runner_factory or LocalChunkRunner)(loaded, selected, settings, device)
+        runner = (runner_factory or LocalChunkRunner)(run.loaded, run.selected, settings, run.device)
         runner.run(jobs, write, bar.advance)
-    manifest = _finalize(index_dir, journal, plan, existing, settings, total_rows, data)
-    return _finished_report(report, manifest, started, "")
+    return _finalize(run, journal, total_rows)
 
 
 def _existing_manifest(index_dir: Path) -> Manifest | None:
@@ -274,18 +359,55 @@ def _existing_manifest(index_dir: Path) -> Manifest | None:
     return read_manifest(index_dir)
 
 
+def _check_before_loading(
+    existing: Manifest,
+    settings: BuildSettings,
+    template: Template,
+    data_sha256: str,
+    model_files: dict,
+    append: bool,
+    index_dir: Path,
+) -> str:
+    """The checks that need no model: '' to go on; a message when there is nothing to do; raises when the
+    request conflicts. "Nothing to do" without the model needs proof that the model is the one indexed:
+    its files (and the adapter's) have the stat fingerprint recorded when the index was built from them."""
+    changed = differences(manifest_settings_identity(existing), settings_identity(settings, template))
+    if changed:
+        raise BuildError(_other_settings(changed, append, index_dir))
+    done = _data_status(existing, data_sha256, append, index_dir)
+    recorded = {"model": existing.model.get("files"), "adapter": (existing.adapter or {}).get("files")}
+    proven = model_files["model"] is not None and (settings.model.adapter is None or model_files["adapter"])
+    if done and proven and model_files == recorded:
+        return done
+    from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
+
+    tokenizer = fingerprint_tokenizer(load_tokenizer(settings.model.model))  # cheap next to the model
+    if tokenizer != existing.tokenizer["fingerprint"]:
+        changed = differences({"tokenizer": existing.tokenizer}, {"tokenizer": {"fingerprint": tokenizer}})
+        raise BuildError(_other_settings(changed, append, index_dir))
+    return ""
+
+
 def _check_existing(
     existing: Manifest, identity: dict, data_sha256: str, append: bool, index_dir: Path
 ) -> str:
     """'' to go on; a message when there is nothing to do; raises when the request conflicts."""
     changed = differences(manifest_identity(existing), identity)
     if changed:
-        verb = "append to" if append else "rebuild"
-        raise BuildError(
-            f"cannot {verb} {index_dir}: it was built with other settings:\n  "
-            + "\n  ".join(changed)
-            + "\nUse the index's settings (rapidin-index info), or a new --index folder."
-        )
+        raise BuildError(_other_settings(changed, append, index_dir))
+    return _data_status(existing, data_sha256, append, index_dir)
+
+
+def _other_settings(changed: list[str], append: bool, index_dir: Path) -> str:
+    verb = "append to" if append else "rebuild"
+    return (
+        f"cannot {verb} {index_dir}: it was built with other settings:\n  "
+        + "\n  ".join(changed)
+        + "\nUse the index's settings (rapidin-index info), or a new --index folder."
+    )
+
+
+def _data_status(existing: Manifest, data_sha256: str, append: bool, index_dir: Path) -> str:
     seen = {source["sha256"] for source in existing.sources}
     if data_sha256 in seen:
         return f"{index_dir} already holds every row of this data file; nothing to do"
@@ -364,6 +486,9 @@ class ChunkSketcher:
     """Sketch every example of a chunk; rows whose gradient is not finite join the rejected ones."""
 
     def __init__(self, loaded: LoadedModel, selected, settings: BuildSettings, device) -> None:
+        from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
+        from rapidin_index.sketch import make_projector
+
         blocks = gradient_blocks(selected)
         projector = make_projector(settings.sketch, gradient_dim(blocks), device)
         self.sketcher = GradientSketcher(loaded.model, blocks, projector, settings.normalize)
@@ -372,6 +497,8 @@ class ChunkSketcher:
         self.device = device
 
     def compute(self, job: ChunkJob, advance=lambda rows, tokens: None) -> tuple[dict, np.ndarray]:
+        from rapidin_index.gradients import collate
+
         results: dict[int, tuple[np.ndarray, dict]] = {}
         rejected = [{"id": row.example_id + job.id_offset, "reason": row.reason} for row in job.rejected]
         advance(len(rejected), 0)
@@ -431,8 +558,11 @@ def _metadata_row(example: Example, example_id: int, sketched, row: int) -> dict
 # --------------------------------------------------------------------------- finalise
 
 
-def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) -> Manifest:
+def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     """Write generation N+1 of every file from the previous generation plus the journal, then the manifest."""
+    from rapidin_index import metadata
+
+    index_dir, plan, existing, settings = run.index_dir, run.plan, run.existing, run.settings
     generation = plan["base_generation"] + 1
     identity = plan["identity"]
     chunk_count = -(-total_rows // settings.chunk_size)
@@ -470,7 +600,10 @@ def _finalize(index_dir, journal, plan, existing, settings, total_rows, data) ->
     vector_index.save_index(faiss_index, vector_path)
     rejected_path = index_dir / rejected_file(generation)
     atomic_write_bytes(rejected_path, "".join(json.dumps(row) + "\n" for row in rejected).encode())
-    manifest = _new_manifest(existing, plan, settings, generation, data, total_rows)
+    manifest = _new_manifest(existing, plan, settings, generation, run.data, total_rows)
+    manifest.model["files"] = run.model_files["model"]  # for a no-op rebuild that skips the model
+    if manifest.adapter is not None:
+        manifest.adapter["files"] = run.model_files["adapter"]
     manifest.row_count = faiss_index.ntotal
     manifest.rejected_count = len(rejected)
     manifest.token_count = counts["tokens"]
@@ -516,6 +649,8 @@ def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Man
 
 
 def file_checksums(index_dir: Path, generation: int) -> dict:
+    from rapidin_index import metadata
+
     files = {}
     for relative in (vector_index.vector_file(generation), rejected_file(generation)):
         files[relative] = {
@@ -536,6 +671,8 @@ def _remove_other_generations(index_dir: Path, generation: int) -> None:
 
 
 def remove_generation(index_dir: Path, generation: int) -> None:
+    from rapidin_index import metadata
+
     for path in index_dir.glob(f"*-g{generation:04d}.*"):  # data files and torn temporaries
         path.unlink(missing_ok=True)
     shutil.rmtree(metadata.table_path(index_dir, generation), ignore_errors=True)

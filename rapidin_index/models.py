@@ -58,27 +58,80 @@ class LoadedModel:
 
 def load_model(settings: ModelSettings, device: torch.device | str = "cpu") -> LoadedModel:
     """Load model + tokenizer, in eval mode (no dropout) with gradients enabled on the selected parameters."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
+    from transformers import AutoModelForCausalLM
 
-    transformers_logging.disable_progress_bar()  # our own progress bar covers the long work
+    tokenizer = load_tokenizer(settings.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
         model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=DTYPES[settings.dtype])
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load model {settings.model!r}: {error}") from error
+        raise ModelError(_load_failure(settings.model, "model", error)) from error
     model_fingerprint = fingerprint_module(model)
     adapter_fingerprint = None
     if settings.adapter:
         model = _attach_adapter(model, settings.adapter)
         adapter_fingerprint = fingerprint_adapter(model)
-    if tokenizer.pad_token_id is None:
-        # Padding positions never reach the loss (labels are -100 there), so any id works.
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     model.to(device)
     return LoadedModel(
         model, tokenizer, model_fingerprint, adapter_fingerprint, fingerprint_tokenizer(tokenizer)
+    )
+
+
+def load_tokenizer(model: str):
+    """The model's tokenizer as every stage uses it (with a pad token): cheap, so checked before the model."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own progress bar covers the long work
+    check_model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise ModelError(_load_failure(model, "tokenizer", error)) from error
+    if tokenizer.pad_token_id is None:
+        # Padding positions never reach the loss (labels are -100 there), so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# Files of which a saved tokenizer has at least one (fast, SentencePiece, BPE and WordPiece ones).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# What the hub accepts as a repo id: "name" or "owner/name" of letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_model_source(model: str) -> None:
+    """Refuse, by name, a --model that is neither a saved model folder nor something a hub id could be."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"cannot load model {model}: the folder holds no config.json, so it is not a saved Hugging "
+                "Face model; give the folder that save_pretrained() wrote (config.json, weights, tokenizer)"
+            )
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelError(
+                f"cannot load model {model}: the folder holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+                "save it beside the model with tokenizer.save_pretrained(FOLDER)"
+            )
+        return
+    if path.exists():
+        raise ModelError(
+            f"cannot load model {model}: it is a file; give the model's folder (with config.json) or a hub id"
+        )
+    if not _HUB_ID.match(model) or len(model) > 96 or "--" in model or ".." in model:
+        raise ModelError(
+            f"cannot load model {model}: no such folder, and it is not a hub id either (those look like "
+            "'owner/name'); check the path"
+        )
+
+
+def _load_failure(model: str, part: str, error: Exception) -> str:
+    if Path(model).expanduser().is_dir():
+        return f"cannot load model {model} ({part}): {error}"
+    return (
+        f"cannot load model {model!r}: there is no folder of that name here, and loading it as a hub id failed "
+        f"(offline, or no such model on the hub): {error}"
     )
 
 
@@ -87,6 +140,10 @@ def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
         from peft import PeftModel
     except ImportError:
         raise ModelError("--adapter needs the peft package: pip install 'rapidin-index[peft]'") from None
+    if not Path(adapter).expanduser().is_dir():
+        raise ModelError(
+            f"--adapter {adapter}: no such folder; give the folder PEFT's save_pretrained() wrote"
+        )
     if not (Path(adapter) / "adapter_config.json").exists():
         raise ModelError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
     return PeftModel.from_pretrained(model, adapter, is_trainable=True)

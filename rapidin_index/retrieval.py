@@ -42,6 +42,7 @@ from rapidin_index.lock import read_generation
 from rapidin_index.manifest import IndexMismatchError, Manifest, verify_files
 from rapidin_index.models import ModelError, ModelSettings, load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
+from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.sketch import SketchSettings, make_projector
 from rapidin_index.token_attribution import training_token_scores
@@ -120,12 +121,9 @@ class Index:
         # the files it names in place while this Index lives, whatever a writer commits meanwhile.
         manifest, lease = read_generation(path)
         SketchSettings.from_dict(manifest.sketch)  # ... and a sketch algorithm it does not implement
+        check_query(path, manifest, sketch_dim)  # K, files present: cheap checks first
         if verify:
             verify_files(path, manifest)
-        if sketch_dim is not None and sketch_dim != manifest.sketch["sketch_dim"]:
-            raise IndexMismatchError(
-                f"index built with K={manifest.sketch['sketch_dim']}, query asked for K={sketch_dim}"
-            )
         adapter = adapter or (manifest.adapter or {}).get("path")
         settings = ModelSettings(
             model or manifest.model["name_or_path"],
@@ -134,13 +132,11 @@ class Index:
             manifest.parameters["regex"],
         )
         torch_device = resolve_device(device)
+        check_tokenizer(manifest, settings.model)  # a tokenizer loads in a moment; the model may not
         try:
             loaded = load_model(settings, torch_device)
         except ModelError as error:
-            raise ModelError(
-                f"{error}\nThe index was built from {manifest.model['name_or_path']!r}; if the model moved, "
-                "pass --model PATH (and --adapter PATH) with the same weights"
-            ) from None
+            raise ModelError(f"{error}\n{moved_model_hint(manifest)}") from None
         check_model(manifest, loaded)
         selected = select_parameters(loaded.model, settings)
         if [name for name, _ in selected] != manifest.parameters["names"]:

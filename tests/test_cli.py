@@ -1,9 +1,20 @@
 """The `rapidin-index` command line: build, info, and clear errors."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from rapidin_index.cli.main import app
+import pytest
+from conftest import copy_with_other_chat_template
+from rapidin_index.cli.main import app, is_user_error
 from typer.testing import CliRunner
+
+from rapidin_index import models
+from rapidin_index.lock import writer_lock
 
 runner = CliRunner()
 
@@ -46,3 +57,299 @@ def test_errors_name_the_problem(tmp_path, tiny_model_dirs, training_file):
         + ["--normalize", "batch", "--quiet"],
     )
     assert bad.exit_code == 2 and "--normalize 'batch'" in bad.output
+
+
+# --------------------------------------------------------------------------- every error is one clear line
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory, tiny_model_dirs, training_file, training_rows) -> dict:
+    """A K = 1024 index built through the CLI from a model copy, plus the broken inputs the errors need."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    model = shutil.copytree(tiny_model_dirs["llama"], root / "model")
+    time.sleep(2.1)  # a stat fingerprint is only recorded for files that settled (preflight.py)
+    paths = {"root": root, "model": str(model), "data": training_file, "index": str(root / "index")}
+    paths["build"] = ["build", "--model", paths["model"], "--data", training_file, "--index", paths["index"]]
+    paths["build"] += ["--k", "1024", "--quiet", "--device", "cpu"]
+    built = runner.invoke(app, paths["build"])
+    assert built.exit_code == 0, built.output
+    paths["other_tokenizer"] = copy_with_other_chat_template(paths["model"], root / "other_tokenizer")
+    (root / "no_config").mkdir()
+    (root / "no_config" / "tokenizer.json").write_text("{}")
+    no_tokenizer = root / "no_tokenizer"
+    no_tokenizer.mkdir()
+    shutil.copy(model / "config.json", no_tokenizer / "config.json")
+    (root / "empty").mkdir()
+    (root / "damaged_manifest").mkdir()
+    (root / "damaged_manifest" / "manifest.json").write_text("{")
+    damaged = shutil.copytree(paths["index"], root / "damaged_index")
+    next(damaged.glob("vectors-g*.faiss")).unlink()
+    (root / "bad.jsonl").write_text(json.dumps(training_rows[0]) + "\n{not json\n")
+    (root / "train.txt").write_text("rows")
+    (root / "a_file").write_text("")
+    return paths
+
+
+def _query(paths, *extra: str) -> list[str]:
+    return ["query", "--index", paths["index"], "--prompt", "What does str.upper do?", *extra]
+
+
+def _with(arguments: list[str], **changes: str) -> list[str]:
+    """``arguments`` with the values of some options replaced (``model="..."`` replaces --model's)."""
+    arguments = list(arguments)
+    for name, value in changes.items():
+        arguments[arguments.index("--" + name.replace("_", "-")) + 1] = value
+    return arguments
+
+
+R = "--response"
+ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line must say)
+    "info: no index": (lambda p: ["info", "--index", str(p["root"] / "empty")], "no finished index"),
+    "info: damaged manifest": (
+        lambda p: ["info", "--index", str(p["root"] / "damaged_manifest")],
+        "is not valid JSON",
+    ),
+    "build: --data and --append": (lambda p: [*p["build"], "--append", p["data"]], "exactly one of --data"),
+    "build: no such model": (
+        lambda p: _with(p["build"], model="/nonexistent/model"),
+        "no such folder, and it is not a hub id either",
+    ),
+    "build: model folder without config.json": (
+        lambda p: _with(p["build"], model=str(p["root"] / "no_config")),
+        "holds no config.json",
+    ),
+    "build: model folder without tokenizer": (
+        lambda p: _with(p["build"], model=str(p["root"] / "no_tokenizer"), index=str(p["root"] / "i1")),
+        "holds no tokenizer",
+    ),
+    "build: no such adapter": (
+        lambda p: [*_with(p["build"], index=str(p["root"] / "i2")), "--adapter", "/nonexistent/lora"],
+        "--adapter /nonexistent/lora: no such folder",
+    ),
+    "build: no such data file": (lambda p: _with(p["build"], data="/nonexistent.jsonl"), "does not exist"),
+    "build: unknown data format": (
+        lambda p: _with(p["build"], data=str(p["root"] / "train.txt"), index=str(p["root"] / "i3")),
+        "unknown extension",
+    ),
+    "build: --normalize": (lambda p: [*p["build"], "--normalize", "batch"], "--normalize 'batch'"),
+    "build: --k": (lambda p: _with(p["build"], k="-1"), "K must be >= 0"),
+    "build: --sketch": (lambda p: [*p["build"], "--sketch", "fft"], "unknown sketch algorithm 'fft'"),
+    "build: --dtype": (lambda p: [*p["build"], "--dtype", "float8"], "--dtype 'float8'"),
+    "build: --params": (lambda p: [*p["build"], "--params", "("], "not a valid regular expression"),
+    "build: --vector-dtype": (lambda p: [*p["build"], "--vector-dtype", "int8"], "--vector-dtype must be"),
+    "build: --shard-index": (lambda p: [*p["build"], "--num-shards", "2", "--shard-index", "2"], "[0, 2)"),
+    "build: --strict": (
+        lambda p: [
+            *_with(p["build"], data=str(p["root"] / "bad.jsonl"), index=str(p["root"] / "i4")),
+            "--strict",
+        ],
+        "row 1: ",
+    ),
+    "rebuild: other settings": (lambda p: _with(p["build"], k="2048"), "built with other settings"),
+    "rebuild: other tokenizer": (
+        lambda p: _with(p["build"], model=p["other_tokenizer"]),
+        "tokenizer.fingerprint: index has",
+    ),
+    "rebuild: other data": (
+        lambda p: _with(p["build"], data=str(p["root"] / "bad.jsonl")),
+        "built from other data; use --append",
+    ),
+    "append: no index": (
+        lambda p: [
+            "build",
+            "--model",
+            p["model"],
+            "--append",
+            p["data"],
+            "--index",
+            str(p["root"] / "empty"),
+        ],
+        "--append needs a finished index",
+    ),
+    "query: --k": (
+        lambda p: _query(p, R, "x", "--k", "2048"),
+        "index built with K=1024, query asked for K=2048",
+    ),
+    "query: other tokenizer": (
+        lambda p: _query(p, R, "x", "--model", p["other_tokenizer"]),
+        "tokenizer differs",
+    ),
+    "query: no such model": (
+        lambda p: _query(p, R, "x", "--model", "./gone"),
+        "if the model moved, pass --model",
+    ),
+    "query: empty response": (lambda p: _query(p, R, " "), "the query's response is empty"),
+    "query: no prompt": (lambda p: ["query", "--index", p["index"]], "give --prompt"),
+    "query: --format": (lambda p: _query(p, R, "x", "--format", "xml"), "--format 'xml'"),
+    "query: html to stdout": (lambda p: _query(p, R, "x", "--format", "html"), "--format html needs --out"),
+    "query: --per-token": (lambda p: _query(p, R, "x", "--per-token", "maybe"), "--per-token 'maybe'"),
+    "query: --top-k": (lambda p: _query(p, R, "x", "--top-k", "0"), "--top-k and --token-top-k must be"),
+    "query: bad --queries row": (
+        lambda p: ["query", "--index", p["index"], "--queries", str(p["root"] / "bad.jsonl")],
+        "bad.jsonl: query row 1: ",
+    ),
+    "query: no --queries file": (
+        lambda p: ["query", "--index", p["index"], "--queries", "/nonexistent.jsonl"],
+        "data file not found",
+    ),
+    "query: --hot word": (lambda p: _query(p, R, "It upper-cases.", "--hot", "zebra"), "hot word 'zebra'"),
+    "query: damaged index": (
+        lambda p: _with(_query(p, R, "x"), index=str(p["root"] / "damaged_index")),
+        "vectors-g0001.faiss is missing",
+    ),
+    "query: unwritable --out": (
+        lambda p: _query(
+            p, R, "It upper-cases.", "--explain", "0", "--out", str(p["root"] / "a_file" / "r.json")
+        ),
+        "a_file",  # a file where a folder would have to be made
+    ),
+    "merge: not a shard": (
+        lambda p: ["merge", p["index"], "--index", str(p["root"] / "m")],
+        "is not a shard",
+    ),
+    "merge: no such shard": (
+        lambda p: ["merge", "/nonexistent/shard0", "--index", str(p["root"] / "m")],
+        "holds no finished index",
+    ),
+    "export: --format": (
+        lambda p: ["export", "--index", p["index"], "--out", str(p["root"] / "x.tar"), "--format", "rar"],
+        "--format 'rar'",
+    ),
+    "import: no such bundle": (
+        lambda p: ["import", str(p["root"] / "none.tar"), "--index", str(p["root"] / "i5")],
+        "does not exist",
+    ),
+    "import: not a bundle": (lambda p: ["import", p["data"], "--check"], "is truncated or corrupted"),
+    "import: --index and --check": (
+        lambda p: ["import", p["data"], "--index", str(p["root"] / "i6"), "--check"],
+        "give --index DIR to import, or --check",
+    ),
+    "demo: too few rows": (
+        lambda p: ["demo", "--folder", str(p["root"] / "demo"), "--rows", "3"],
+        "3 rows leave none to train on",
+    ),
+}
+MULTI_LINE = {"rebuild: other settings", "rebuild: other tokenizer", "query: no such model"}
+
+
+def assert_one_clear_error(result, *fragments: str, lines: int | None = 1) -> None:
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in text
+    assert text.startswith("error: "), text
+    if lines is not None:
+        assert len(text.splitlines()) == lines, text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_every_documented_error_ends_in_one_clear_line(case, cli_index):
+    arguments, expected = ERROR_CASES[case]
+    result = runner.invoke(app, arguments(cli_index))
+    assert_one_clear_error(result, expected, lines=None if case in MULTI_LINE else 1)
+
+
+def test_a_locked_index_is_refused_through_the_cli(cli_index):
+    with writer_lock(cli_index["index"], "append"):
+        result = runner.invoke(app, cli_index["build"])
+    assert_one_clear_error(result, f"is being written by pid {os.getpid()}", "Wait for it to finish")
+
+
+def test_an_error_in_a_new_process_is_one_line_on_stderr(tmp_path):
+    command = [sys.executable, "-m", "rapidin_index.cli.main", "build", "--model", "/nonexistent"]
+    command += ["--data", __file__.replace(".py", ".jsonl"), "--index", str(tmp_path / "index")]
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    command[command.index("--data") + 1] = str(tmp_path / "train.jsonl")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: cannot load model /nonexistent: no such folder, and it is not a hub id either (those look "
+        "like 'owner/name'); check the path"
+    ]
+    assert not (tmp_path / "index").exists()  # a refused build leaves nothing behind
+
+
+def test_a_bug_is_not_dressed_as_a_user_error():
+    try:
+        int("not a number")  # a ValueError from outside rapidin_index
+    except ValueError as error:
+        assert not is_user_error(error)
+
+
+# --------------------------------------------------------------------------- cheap checks first
+
+
+def test_a_no_op_rebuild_proves_the_model_unchanged_without_loading_it(cli_index, monkeypatch):
+    loads = []
+    load_model = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: loads.append(args) or load_model(*args))
+    again = runner.invoke(app, cli_index["build"])
+    assert again.exit_code == 0 and "nothing to do" in again.output and "rows indexed" in again.output
+    assert loads == []  # the model files' stat fingerprint matches the one recorded at the build
+    os.utime(next(Path(cli_index["model"]).glob("*.safetensors")))  # same bytes, but no proof of it
+    again = runner.invoke(app, cli_index["build"])
+    assert again.exit_code == 0 and "nothing to do" in again.output and len(loads) == 1
+
+
+def test_refusals_come_before_the_model_loads(cli_index, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    monkeypatch.setattr("rapidin_index.retrieval.load_model", no_model)
+    for case in (
+        "query: --k",
+        "query: other tokenizer",
+        "rebuild: other tokenizer",
+        "rebuild: other settings",
+    ):
+        arguments, expected = ERROR_CASES[case]
+        assert_one_clear_error(runner.invoke(app, arguments(cli_index)), expected, lines=None)
+
+
+def test_info_and_a_wrong_k_need_no_torch(cli_index):
+    code = (
+        "import sys\nfrom rapidin_index.cli.main import app\n"
+        "for arguments in sys.argv[1:]:\n"
+        "    try:\n        app(arguments.split('|'))\n    except SystemExit as exit:\n        print(exit.code)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lancedb') if m in sys.modules))\n"
+    )
+    info = f"info|--index|{cli_index['index']}"
+    refused = f"query|--index|{cli_index['index']}|--prompt|p|--response|r|--k|2048"
+    done = subprocess.run([sys.executable, "-c", code, info, refused], capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-3:] == ["0", "2", "[]"], done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- --ray
+
+
+@pytest.mark.parametrize(
+    ("options", "runner_arguments"),
+    [
+        ([], None),
+        (["--ray"], {"address": None, "workers": None}),
+        (["--ray", "--workers", "3"], {"address": None, "workers": 3}),
+        (["--ray", "local"], {"address": None, "workers": None}),
+        (["--ray", "auto"], {"address": "auto", "workers": None}),
+        (["--ray", "ray://head:10001", "--workers", "2"], {"address": "ray://head:10001", "workers": 2}),
+        (["--ray=ray://head:10001"], {"address": "ray://head:10001", "workers": None}),
+        (["--workers", "4"], {"address": None, "workers": 4}),
+    ],
+)
+def test_bare_ray_means_a_local_ray(options, runner_arguments, monkeypatch, tmp_path):
+    from rapidin_index import build
+    from rapidin_index.parallel import RayChunkRunner
+
+    made, used = [], []
+    monkeypatch.setattr(RayChunkRunner, "factory", lambda **arguments: made.append(arguments) or "factory")
+    monkeypatch.setattr(
+        build,
+        "build_index",
+        lambda *args, runner_factory, **kwargs: used.append(runner_factory) or build.BuildReport("x"),
+    )
+    arguments = ["build", "--model", "m", "--data", "d.jsonl", "--index", str(tmp_path), "--quiet"]
+    result = runner.invoke(app, arguments + options)  # a bare --ray last, or before another option
+    assert result.exit_code == 0, result.output
+    assert made == ([] if runner_arguments is None else [runner_arguments])
+    assert used == [None if runner_arguments is None else "factory"]
