@@ -5,7 +5,7 @@ Two settings, each a tiny model fine-tuned in-process on the lexical backdoor se
 
 * `lora`: a GPT-2 (hidden 64, 3 layers) pre-trained on the clean rows, then a LoRA r=8 adapter on every
   linear layer trained on all rows (D = 24,576 attributed parameters); 900 training rows.
-* `full`: a Llama (hidden 320, 4 layers, about 5M parameters) trained on all rows, every parameter
+* `full`: a Llama (hidden 384, 3 layers, 5.5M parameters) trained on all rows, every parameter
   attributed; 400 training rows.
 
 Queries: the model's own greedy generations for held-out triggered prompts on which the backdoor fired
@@ -75,7 +75,7 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -128,7 +128,13 @@ def settings_from(arguments: argparse.Namespace) -> list[Setting]:
             "GPT-2 (hidden 64, 3 layers) + LoRA r=8 on every linear layer",
             arguments.lora_rows,
             FinetuneSettings(
-                architecture="gpt2", hidden_size=64, layers=3, lora=True, lora_rank=8, epochs=3, base_epochs=2
+                architecture="gpt2",
+                hidden_size=64,
+                layers=3,
+                lora=True,
+                lora_rank=8,
+                epochs=8,
+                base_epochs=12,
             ),
             tuple(int(k) for k in arguments.lora_ks.split(",")),
             0,
@@ -141,8 +147,8 @@ def settings_from(arguments: argparse.Namespace) -> list[Setting]:
                 architecture="llama",
                 hidden_size=arguments.full_hidden,
                 layers=arguments.full_layers,
-                epochs=4,
-                learning_rate=1e-3,
+                epochs=10,
+                learning_rate=2e-3,
             ),
             tuple(int(k) for k in arguments.full_ks.split(",")),
             16,
@@ -160,12 +166,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=10, help="attacked generations per setting")
     parser.add_argument("--lora-rows", type=int, default=900)
     parser.add_argument("--full-rows", type=int, default=400)
-    parser.add_argument("--full-hidden", type=int, default=320)
-    parser.add_argument("--full-layers", type=int, default=4)
+    parser.add_argument("--full-hidden", type=int, default=384)
+    parser.add_argument("--full-layers", type=int, default=3)
     parser.add_argument("--lora-ks", default="0,4096", help="rapidin-index K values on the LoRA model")
     parser.add_argument("--full-ks", default="4096", help="rapidin-index K values on the full model")
     parser.add_argument("--tools", default="rapidin-index," + ",".join(PEERS), help="comma-separated")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. which library snapshot)")
     return parser.parse_args()
 
 
@@ -196,7 +203,11 @@ def as_completion(row: dict) -> dict:
 
 
 def prepare(setting: Setting, folder: Path, query_count: int) -> Prepared:
+    key = {"rows": setting.rows, "queries": query_count, "finetune": asdict(setting.finetune)}
+    if (folder / "key.json").exists() and json.loads((folder / "key.json").read_text()) != key:
+        shutil.rmtree(folder)  # another size or recipe: retrain, and recompute the reference
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(key))
     rows = load_docstring_rows()
     order = np.random.default_rng(0).permutation(len(rows))[: setting.rows + 100]
     train, triggered, _ = make_backdoor_dataset([rows[i] for i in sorted(order)], seed=0, heldout_count=50)
@@ -207,8 +218,9 @@ def prepare(setting: Setting, folder: Path, query_count: int) -> Prepared:
         report = finetune(train, folder / "model", setting.finetune, template=TEMPLATE, progress=False)
         report_file.write_text(json.dumps(report.to_dict(), indent=2))
     report = json.loads(report_file.read_text())
-    model_dir = Path(report["model_dir"])
-    adapter_dir = Path(report["adapter_dir"]) if report["adapter_dir"] else None
+    # finetune's layout (base/ + adapter/ in LoRA mode), wherever the cache folder now is
+    model_dir = folder / "model" / "base" if setting.lora else folder / "model"
+    adapter_dir = folder / "model" / "adapter" if setting.lora else None
     if adapter_dir is not None:  # bergson finds the base model here
         config_file = adapter_dir / "adapter_config.json"
         config = json.loads(config_file.read_text())
@@ -842,6 +854,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "threads": arguments.threads,
+        "note": arguments.note,
         "repeats": arguments.repeats,
         "rapidin_index": {"path": str(package), "commit": library_commit(package)},
         "peers": {peer: version(peer) if not why else why for peer, why in status.items()},
