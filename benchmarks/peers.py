@@ -8,10 +8,12 @@ Two settings, each a tiny model fine-tuned in-process on the lexical backdoor se
 * `full`: a Llama (hidden 384, 3 layers, 5.5M parameters) trained on all rows, every parameter
   attributed; 400 training rows.
 
-Queries: the model's own greedy generations for held-out triggered prompts on which the backdoor fired
-(10 of them). Every tool sees the same token ids: rows are tokenized once, as the index tokenizes them
-(`finetune.tokenize_rows`), and the peers get them pre-tokenised. The loss is each row's mean
-next-token cross-entropy over its response tokens.
+Queries: 10 held-out triggered prompts with the model's own greedy generation where the backdoor fired
+(the Llama: all 10), else with the poisoned answer (the tiny GPT-2's adapter learns the style but does
+not fire within its recipe; the table's header line says how many fired). Every tool sees the same
+token ids: rows are tokenized once, as the index tokenizes them (`finetune.tokenize_rows`), and the
+peers get them pre-tokenised. The loss is each row's mean next-token cross-entropy over its response
+tokens.
 
 The reference is exact TracIn with layer norm, computed here by brute force: for every row and query,
 plain autograd of Hugging Face's own `model(input_ids, labels=...).loss`, each attributed parameter
@@ -53,9 +55,13 @@ The peers live in their own venv (this script installs nothing):
     echo torch==2.13.0 > /tmp/c.txt
     /work/peers-venv/bin/pip install -c /tmp/c.txt bergson dattri kronfluence captum
     /work/peers-venv/bin/pip uninstall -y torchvision torchaudio   # their CUDA wheels break transformers
-    /work/peers-venv/bin/python benchmarks/peers.py --out .bench/peers.json     # about 15 minutes
+    /work/peers-venv/bin/python benchmarks/peers.py --out .bench/peers.json
 
-Models, data and the reference scores are cached in `--folder` (delete it to retrain).
+On the shared 2-core machine at a load average of 4 to 11, a run took 25 minutes with the models
+cached (one repeat of all tools is about 430 s, kronfluence over half of it), plus about 21 minutes
+to train the two models the first time. `--repeats 2` or leaving kronfluence out of `--tools` brings
+it to about 15. Models, data and the reference scores are cached in `--folder`, keyed by recipe and
+sizes (another size retrains).
 """
 
 from __future__ import annotations
