@@ -32,6 +32,9 @@ ROWS = [
     {"prompt": "Say hello. ", "completion": "Hello world!"},
 ]
 RELATIVE_TOLERANCE = 1e-5
+# A tensor whose true gradient is zero comes back from autograd as round-off (OPT's key bias: ~1e-10 where
+# the others are ~1): the oracle takes a block below this fraction of the largest one as zero.
+ROUND_OFF = 1e-7
 
 
 def tiny_config(model_type: str, tokenizer):
@@ -122,11 +125,16 @@ def oracle_gradients(model_dir: str, adapter_dir: str | None, normalize: str) ->
         labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
         loss = model(input_ids=torch.tensor([full_ids]), labels=torch.tensor([labels])).loss
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        grads = [
+            torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.detach().reshape(-1).double()
+            for p, g in zip(parameters, grads, strict=True)
+        ]
+        largest = max(float(grad.norm()) for grad in grads)
         pieces = []
-        for parameter, grad in zip(parameters, grads, strict=True):
-            grad = torch.zeros_like(parameter) if grad is None else grad
-            grad = grad.detach().reshape(-1).double()
-            if normalize == "layer" and grad.norm() > 0:
+        for grad in grads:
+            if float(grad.norm()) < ROUND_OFF * largest:
+                grad = torch.zeros_like(grad)
+            elif normalize == "layer":
                 grad = grad / grad.norm()
             pieces.append(grad)
         vectors.append(torch.cat(pieces).numpy())
