@@ -22,6 +22,7 @@ so nothing of size D is ever built. Last, the cost per coordinate of mapping and
 with one thread. Prints tables and writes JSON.
 
     .venv/bin/python benchmarks/sketch_mixing.py --out .bench/sketch_mixing.json
+    .venv/bin/python benchmarks/sketch_mixing.py --models none --out .bench/sketch_costs.json  # costs only
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def variances(transform: str, gradient_dim: int, cases: dict, seeds) -> dict:
     return result
 
 
-def timed(function, repeats: int = 3) -> float:
+def timed(function, repeats: int = 5) -> float:
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
@@ -352,6 +353,14 @@ def measure_model(name: str, blocks, arguments: argparse.Namespace) -> dict:
 
 
 def print_tables(report: dict) -> None:
+    if report["models"]:
+        print_mixing_tables(report)
+    print("\n| cost (one CPU thread) | ns / coordinate |\n|---|---:|")
+    for label, value in report["costs"].items():
+        print(f"| {label} | {value:.1f} |")
+
+
+def print_mixing_tables(report: dict) -> None:
     print(
         "\n| model | D (padded) | transform | adjacent same-bin (seeds 42 / 1 / 2) | bins of a 4,096 block: mean (min) |"
     )
@@ -374,9 +383,6 @@ def print_tables(report: dict) -> None:
                 cells.append(f"{values['ratio']:.3g}; {values['sign_ratio']:.3g}")
             ideal = model["transforms"]["v2"]["variance"][case]["ideal_variance"]
             print(f"| {name} | {case} | {math.sqrt(ideal):.2g} | " + " | ".join(cells) + " |")
-    print("\n| cost (one CPU thread) | ns / coordinate |\n|---|---:|")
-    for label, value in report["costs"].items():
-        print(f"| {label} | {value:.1f} |")
 
 
 def main() -> None:
@@ -386,13 +392,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1 << 20, help="adjacent pairs sampled per seed (v2)")
     parser.add_argument("--v1-pairs", type=int, default=1 << 18, help="adjacent pairs sampled per seed (v1)")
     parser.add_argument("--blocks", type=int, default=16, help="4,096-coordinate blocks sampled per seed")
-    parser.add_argument("--models", default=None, help="comma-separated subset of the model setups")
+    parser.add_argument("--models", help="comma-separated subset of the model setups; 'none': costs only")
     parser.add_argument("--out", default=".bench/sketch_mixing.json")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     setups = model_setups()
     if arguments.models:
-        setups = {name: setups[name] for name in arguments.models.split(",")}
+        names = [] if arguments.models == "none" else arguments.models.split(",")
+        setups = {name: setups[name] for name in names}
     started = time.perf_counter()
     report = {
         "sketch_dim": SKETCH_DIM,
