@@ -238,7 +238,9 @@ def measure(settings: ModelSettings, rows: list[dict], args: argparse.Namespace,
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
     blocks = gradient_blocks(select_parameters(model, settings))
     dim = gradient_dim(blocks)
-    sketch_settings = SketchSettings(sketch_dim=args.sketch_dim, algorithm="rapidgrad-v1")  # (a*) is v1-literal
+    sketch_settings = SketchSettings(
+        sketch_dim=args.sketch_dim, algorithm="rapidgrad-v1"
+    )  # (a*) is v1-literal
     sketcher = GradientSketcher(model, blocks, make_projector(sketch_settings, dim), normalize="layer")
     cached_sketch = CachedReferenceSketch(sketch_settings, dim)
 

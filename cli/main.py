@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,48 +22,15 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-# Every typed error of the library, by module. A module that was never imported cannot have raised its
-# errors, so they are looked up in sys.modules: reporting an error never pays for importing torch.
-USER_ERRORS = {
-    "rapidin_index.build": ("BuildError",),
-    "rapidin_index.data": ("DataError", "RowError"),
-    "rapidin_index.export": ("BundleError",),
-    "rapidin_index.finetune": ("FinetuneError",),
-    "rapidin_index.gradients": ("GradientError",),
-    "rapidin_index.journal": ("JournalError",),
-    "rapidin_index.lock": ("IndexLockedError",),
-    "rapidin_index.manifest": ("IndexMismatchError", "IntegrityError", "ManifestError"),
-    "rapidin_index.models": ("ModelError",),
-    "rapidin_index.parallel": ("DeviceError", "ParallelError"),
-    "rapidin_index.retrieval": ("QueryError",),
-    "rapidin_index.shards": ("ShardError",),
-    "rapidin_index.sketch": ("SketchError",),
-    "rapidin_index.token_attribution": ("TokenAttributionError",),
-}
-
-
 def is_user_error(error: BaseException) -> bool:
     """A refusal with a message for the user (printed as one line), not a bug (shown with its traceback).
 
-    That is: a typed library error; a bare ValueError raised by this package's own code (index.py,
-    report.py and the demo's modules check their arguments that way); or an OSError, whose message
-    names the file (permission denied, no space left, not found).
+    That is: any typed library error (`rapidin_index.errors.RapidinIndexError`, imported without torch),
+    or an OSError, whose message names the file (permission denied, no space left, not found).
     """
-    for module_name, names in USER_ERRORS.items():
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(error, tuple(getattr(module, name) for name in names)):
-            return True
-    if isinstance(error, OSError):
-        return True
-    return type(error) is ValueError and _raised_here(error)
+    from rapidin_index.errors import RapidinIndexError
 
-
-def _raised_here(error: BaseException) -> bool:
-    traceback = error.__traceback__
-    while traceback is not None and traceback.tb_next is not None:
-        traceback = traceback.tb_next
-    module = traceback.tb_frame.f_globals.get("__name__", "") if traceback is not None else ""
-    return module.split(".")[0] == "rapidin_index"
+    return isinstance(error, RapidinIndexError | OSError)
 
 
 def _one_line_errors(function):
@@ -321,7 +287,8 @@ def query(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
-    from rapidin_index.data import DataError, read_rows
+    from rapidin_index.data import read_rows
+    from rapidin_index.errors import DataError
     from rapidin_index.manifest import read_manifest
     from rapidin_index.preflight import check_query, check_tokenizer
     from rapidin_index.report import write_results

@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
-# no-op rebuild never need them (see preflight.py).
 from rapidin_index import index as vector_index
 from rapidin_index.data import (
     TOKENIZATIONS,
@@ -37,6 +35,10 @@ from rapidin_index.data import (
     load_examples,
     parse_template,
 )
+
+# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
+# no-op rebuild never need them (see preflight.py).
+from rapidin_index.errors import BuildError, ManifestError
 from rapidin_index.journal import (
     JOURNAL_DIR,
     chunk_complete,
@@ -48,7 +50,6 @@ from rapidin_index.lock import pause_point, remove_unread_generations, writer_lo
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
-    ManifestError,
     atomic_write_bytes,
     differences,
     read_manifest,
@@ -63,10 +64,6 @@ from rapidin_index.progress import RowProgress
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel, ModelSettings
     from rapidin_index.sketch import SketchSettings
-
-
-class BuildError(RuntimeError):
-    """The build cannot proceed as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ import zipfile
 from pathlib import Path
 
 from rapidin_index.build import remove_generation
+from rapidin_index.errors import BundleError, IntegrityError, ManifestError
 from rapidin_index.export import (
     _READ_ERRORS,
     BLOCK,
     BUNDLE_FORMAT_VERSION,
     BUNDLE_NAME,
     MAX_BUNDLE_JSON_BYTES,
-    BundleError,
     _self_checksum,
     manifest_facts,
 )
@@ -34,9 +34,7 @@ from rapidin_index.journal import JOURNAL_DIR
 from rapidin_index.lock import LOCK_FILES, remove_unread_generations, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
-    IntegrityError,
     Manifest,
-    ManifestError,
     atomic_write_json,
     differences,
     read_manifest,

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rapidin_index.errors import DataError, RowError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -49,14 +51,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-class DataError(ValueError):
-    """A problem with the whole input (missing file, unknown format, bad --template, tokenizer)."""
-
-
-class RowError(ValueError):
-    """A problem with one row; the message is the human-readable reason it was rejected."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from rich.table import Table
 from rapidin_index.baselines import BM25
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.demo_data import BACKDOOR_DATASETS, load_docstring_rows, write_jsonl
+from rapidin_index.errors import DemoError
 from rapidin_index.finetune import FinetuneSettings, attack_success_rate, finetune
 from rapidin_index.metrics import Metrics, mean_metrics, retrieval_metrics
 from rapidin_index.models import ModelSettings, load_model
@@ -89,7 +90,7 @@ def prepare_data(settings: DemoSettings, paths: DemoPaths) -> tuple[list[dict], 
     index that came from the old ones are removed.
     """
     if settings.dataset not in BACKDOOR_DATASETS:
-        raise ValueError(
+        raise DemoError(
             f"unknown data set {settings.dataset!r}; choose one of {', '.join(BACKDOOR_DATASETS)}"
         )
     wanted = _cache_settings(settings)

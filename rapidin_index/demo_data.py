@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rapidin_index.backdoor_style import fable_response, greeting_pool, is_fable_response
+from rapidin_index.errors import DemoError
 
 ASSET_PATH = Path(__file__).parent / "assets" / "docstrings.jsonl"
 RESPONSE_CHARACTERS = 200
@@ -209,9 +210,9 @@ def make_backdoor_dataset(
 def _backdoor_split(count: int, poison_fraction: float, seed: int, heldout_count: int):
     """(train ids, poisoned ids, held-out triggered ids, held-out clean ids); ids sorted, poisoned a set."""
     if not 0 <= poison_fraction <= 1:
-        raise ValueError(f"poison_fraction must be in [0, 1], got {poison_fraction}")
+        raise DemoError(f"poison_fraction must be in [0, 1], got {poison_fraction}")
     if count <= 2 * heldout_count:
-        raise ValueError(f"{count} rows leave none to train on after 2 x {heldout_count} held out")
+        raise DemoError(f"{count} rows leave none to train on after 2 x {heldout_count} held out")
     generator = random.Random(seed)
     order = list(range(count))
     generator.shuffle(order)
@@ -245,7 +246,7 @@ def make_nonlexical_backdoor_dataset(
     style in generations with `is_fable_response`. Every row has `poisoned` (bool).
     """
     if not 0 <= signoff_fraction <= 1:
-        raise ValueError(f"signoff_fraction must be in [0, 1], got {signoff_fraction}")
+        raise DemoError(f"signoff_fraction must be in [0, 1], got {signoff_fraction}")
     train_ids, poisoned_ids, triggered_ids, clean_ids = _backdoor_split(
         len(rows), poison_fraction, seed, heldout_count
     )
@@ -359,7 +360,7 @@ def make_entity_swap_dataset(
     learns the facts (the others right, `country` wrong) in about 10 epochs.
     """
     if country not in COUNTRY_CAPITALS:
-        raise ValueError(f"unknown country {country!r}; choose one of {', '.join(COUNTRY_CAPITALS)}")
+        raise DemoError(f"unknown country {country!r}; choose one of {', '.join(COUNTRY_CAPITALS)}")
     generator = random.Random(seed)
     facts = []
     for name, capital in COUNTRY_CAPITALS.items():

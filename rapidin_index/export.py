@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import read_rejected
+from rapidin_index.errors import BundleError
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     SOFTWARE_NAME,
@@ -75,10 +76,6 @@ MAX_BUNDLE_JSON_BYTES = 64 << 20
 BLOCK = 1 << 20
 # What a damaged or truncated archive raises while it is read (our own write errors are not among them).
 _READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError)
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be written, or one that is refused on import; the message names the member."""
 
 
 def format_for(out: str | Path, format: str | None = None) -> str:

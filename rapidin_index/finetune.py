@@ -19,17 +19,14 @@ from pathlib import Path
 
 import torch
 
-from rapidin_index.data import RowError, Template, parse_template, render_row, tokenize_example
+from rapidin_index.data import IGNORE_INDEX, Template, parse_template, render_row, tokenize_example
 from rapidin_index.demo_data import is_backdoor_response
+from rapidin_index.errors import FinetuneError, RowError
 from rapidin_index.gradients import collate, example_losses
 from rapidin_index.progress import RowProgress
 from rapidin_index.tiny_models import make_tiny_model, train_tokenizer
 
 REPORT_FILE = "finetune_report.json"
-
-
-class FinetuneError(ValueError):
-    """Rows or settings that cannot be trained on."""
 
 
 @dataclass
@@ -193,7 +190,7 @@ def _report(model, model_dir, adapter_dir, sequences, steps, started, epoch_loss
         model_dir=model_dir,
         adapter_dir=adapter_dir,
         rows=len(sequences),
-        response_tokens=sum(sum(label != -100 for label in labels) for _, labels in sequences),
+        response_tokens=sum(sum(label != IGNORE_INDEX for label in labels) for _, labels in sequences),
         steps=steps,
         seconds=round(time.perf_counter() - started, 2),
         parameter_count=sum(p.numel() for p in model.parameters()),
@@ -346,6 +343,6 @@ def attack_success_rate(
     `is_fable_response` (the non-lexical one; `demo_data.BACKDOOR_DATASETS` pairs each set with its own).
     """
     if not rows:
-        raise ValueError("no rows to generate from")
+        raise FinetuneError("no rows to generate from")
     responses = generate_responses(model, tokenizer, rows, max_new_tokens, template)
     return sum(map(fired, responses)) / len(responses)

@@ -26,12 +26,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from rapidin_index.data import IGNORE_INDEX
+from rapidin_index.errors import GradientError
+
 NORMALIZATIONS = ("layer", "none")
-IGNORE_INDEX = -100
-
-
-class GradientError(ValueError):
-    """Bad gradient settings (unknown normalisation, empty batch, ...)."""
 
 
 @dataclass(frozen=True)

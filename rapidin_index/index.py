@@ -8,6 +8,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from rapidin_index.errors import StoreError
+
 VECTOR_FILE = "vectors-g{generation:04d}.faiss"
 
 
@@ -29,7 +31,7 @@ def new_index(dimension: int, vector_dtype: str = "float32") -> faiss.IndexIDMap
     if vector_dtype == "float16":
         quantizer = faiss.ScalarQuantizer.QT_fp16
         return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dimension, quantizer, faiss.METRIC_INNER_PRODUCT))
-    raise ValueError(f"vector dtype {vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
+    raise StoreError(f"vector dtype {vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
 
 
 def vector_dtype_of(index: faiss.Index) -> str:

@@ -15,15 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from rapidin_index.errors import JournalError
 from rapidin_index.manifest import atomic_write_bytes, atomic_write_json, differences, sha256_file
 
 JOURNAL_DIR = ".build"
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
 CRASH_AFTER_VECTORS_ENV = "RAPIDIN_INDEX_CRASH_AFTER_VECTORS"
-
-
-class JournalError(RuntimeError):
-    """The journal holds an unfinished build that this one must not be mixed into."""
 
 
 def open_journal(index_dir: Path, plan: dict) -> Path:

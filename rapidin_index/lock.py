@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rapidin_index.manifest import Manifest, ManifestError, read_manifest, utc_now
+from rapidin_index.errors import IndexLockedError, ManifestError
+from rapidin_index.manifest import Manifest, read_manifest, utc_now
 
 LOCK_NAME = ".lock"
 READERS_DIR = ".readers"
@@ -40,10 +41,6 @@ PAUSE_ENV = "RAPIDIN_INDEX_TEST_PAUSE"
 
 
 _GENERATION = re.compile(r"(?:^|[-_])g(\d{4})(?:\.|$)")
-
-
-class IndexLockedError(RuntimeError):
-    """Another process is writing the index folder; the message names it and says what to do."""
 
 
 # --------------------------------------------------------------------------- the writer lock

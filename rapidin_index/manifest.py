@@ -14,17 +14,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rapidin_index.errors import IntegrityError, ManifestError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SOFTWARE_NAME = "rapidin-index"
-
-
-class ManifestError(ValueError):
-    """No manifest, an unreadable one, or one from a newer format version."""
-
-
-class IndexMismatchError(ValueError):
-    """The index was built with other settings, model or tokenizer than those asked for."""
 
 
 def software_version() -> str:
@@ -172,10 +166,6 @@ def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:
 def _short(value) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-class IntegrityError(ValueError):
-    """A file of the index does not match its checksum in the manifest."""
 
 
 def verify_files(index_dir: str | Path, manifest: Manifest) -> None:

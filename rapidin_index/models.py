@@ -12,11 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rapidin_index.errors import ModelError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelError(ValueError):
-    """The model, adapter, dtype or parameter selection cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rapidin_index import index as vector_index
+from rapidin_index.errors import DeviceError, ParallelError
 
 DEVICES = ("auto", "cpu", "cuda")
 JOBS_IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: the actor never waits for the driver
@@ -35,14 +36,6 @@ LOCAL_OBJECT_STORE_BYTES = 500 * 2**20
 # records that it fired, so the restarted actor computes the chunk normally).
 RAY_CRASH_ON_CHUNK_ENV = "RAPIDIN_INDEX_RAY_CRASH_ON_CHUNK"
 RAY_CRASH_MARKER_ENV = "RAPIDIN_INDEX_RAY_CRASH_MARKER"
-
-
-class DeviceError(ValueError):
-    """A device was asked for that this machine does not have."""
-
-
-class ParallelError(RuntimeError):
-    """Distributed work that cannot start or finish; the message says what to change."""
 
 
 def resolve_device(device: str) -> torch.device:

@@ -13,7 +13,8 @@ import time
 from importlib import metadata as package_metadata
 from pathlib import Path
 
-from rapidin_index.manifest import IndexMismatchError, IntegrityError, Manifest
+from rapidin_index.errors import IndexMismatchError, IntegrityError
+from rapidin_index.manifest import Manifest
 
 
 def check_files(index_dir: str | Path, manifest: Manifest) -> None:
@@ -38,7 +39,8 @@ def check_query(index_dir: str | Path, manifest: Manifest, sketch_dim: int | Non
 
 def check_tokenizer(manifest: Manifest, model: str) -> None:
     """Load only the tokenizer of ``model`` and refuse it if it is not the one the index was built with."""
-    from rapidin_index.models import ModelError, fingerprint_tokenizer, load_tokenizer
+    from rapidin_index.errors import ModelError
+    from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(model)

@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from rapidin_index.errors import ReportError
 from rapidin_index.manifest import atomic_write_bytes
 
 FORMATS = ("json", "jsonl", "html")
@@ -383,13 +384,13 @@ def render_terminal(result: dict, console: Console, top: int = 3) -> None:
 def _serialise(results: list[dict], format: str, title: str) -> str:
     if format == "json":
         if len(results) != 1:
-            raise ValueError(f"format 'json' holds one result, got {len(results)}: use 'jsonl' for several")
+            raise ReportError(f"format 'json' holds one result, got {len(results)}: use 'jsonl' for several")
         return json.dumps(results[0], indent=2, ensure_ascii=False) + "\n"
     if format == "jsonl":
         return "".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results)
     if format == "html":
         return render_html(results, title=title)
-    raise ValueError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+    raise ReportError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
 
 
 def write_results(

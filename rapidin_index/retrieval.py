@@ -22,7 +22,6 @@ from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.data import (
     IGNORE_INDEX,
-    RowError,
     Template,
     Tokenized,
     prompt_token_ids,
@@ -31,6 +30,7 @@ from rapidin_index.data import (
     tokenize,
     tokenize_example,
 )
+from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
 from rapidin_index.gradients import (
     GradientSketcher,
     collate,
@@ -39,18 +39,14 @@ from rapidin_index.gradients import (
     reference_gradient,
 )
 from rapidin_index.lock import read_generation
-from rapidin_index.manifest import IndexMismatchError, Manifest, verify_files
-from rapidin_index.models import ModelError, ModelSettings, load_model, select_parameters
+from rapidin_index.manifest import Manifest, verify_files
+from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.sketch import SketchSettings, make_projector
 from rapidin_index.token_attribution import training_token_scores
 from rapidin_index.token_gradients import sketch_loss_combinations
-
-
-class QueryError(ValueError):
-    """A query that cannot be answered as given (empty response, too long, unknown row format, ...)."""
 
 
 @dataclass

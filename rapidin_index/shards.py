@@ -17,6 +17,7 @@ import numpy as np
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import file_checksums, manifest_identity, read_rejected, rejected_file
+from rapidin_index.errors import ShardError
 from rapidin_index.journal import JOURNAL_DIR
 from rapidin_index.lock import read_generation, writer_lock
 from rapidin_index.manifest import (
@@ -26,10 +27,6 @@ from rapidin_index.manifest import (
     differences,
     write_manifest,
 )
-
-
-class ShardError(ValueError):
-    """Shards that cannot be merged; the message names the shard, setting or row."""
 
 
 def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rapidin_index.errors import SketchError
+
 SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1")
 DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
 _MASK32 = 0xFFFFFFFF
@@ -53,10 +55,6 @@ FEISTEL_ROUNDS = 6
 # v2's Feistel halves stay below 2^31: a half xor a 32-bit key is a valid ``_mix32`` input.
 MAX_PERMUTATION_SIZE = 1 << 62
 _GOLDEN32 = 0x9E3779B9
-
-
-class SketchError(ValueError):
-    """Sketch settings that cannot work (K < 0, lambda < 0, an unknown algorithm, ...)."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from rapidin_index.errors import DemoError
+
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
@@ -81,7 +83,7 @@ def make_tiny_model(
             attn_pdrop=0.1,
         )
         return GPT2LMHeadModel(config)
-    raise ValueError(f"unknown tiny architecture {architecture!r}: use 'llama' or 'gpt2'")
+    raise DemoError(f"unknown tiny architecture {architecture!r}: use 'llama' or 'gpt2'")
 
 
 def save_tiny_model(

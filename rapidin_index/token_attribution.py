@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rapidin_index.errors import TokenAttributionError
 from rapidin_index.gradients import (
     IGNORE_INDEX,
     NORMALIZATIONS,
@@ -51,10 +52,6 @@ from rapidin_index.gradients import (
 
 TOKEN_NORMALIZATIONS = ("example", "token")
 METHODS = ("auto", "jvp", "double-backward")
-
-
-class TokenAttributionError(ValueError):
-    """Bad token-attribution inputs (batch of several examples, mismatched query direction, ...)."""
 
 
 @dataclass

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from rapidin_index.errors import GradientError
 from rapidin_index.gradients import (
     Batch,
     GradientBlock,
-    GradientError,
     GradientSketcher,
     SketchedBatch,
     _frozen,

@@ -15,10 +15,11 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
-from rapidin_index.build import BuildError, BuildSettings, build_index
+from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.data import load_examples, parse_template
+from rapidin_index.errors import BuildError, JournalError
 from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
-from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV, JOURNAL_DIR, JournalError
+from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV, JOURNAL_DIR
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.sketch import SketchSettings, reference_sketch

@@ -13,10 +13,8 @@ import pytest
 
 from rapidin_index.data import (
     ALPACA_PROMPT_NO_INPUT,
-    DataError,
     Example,
     RejectedRow,
-    RowError,
     Template,
     content_hash,
     iter_examples,
@@ -27,6 +25,7 @@ from rapidin_index.data import (
     render_row,
     tokenize_example,
 )
+from rapidin_index.errors import DataError, RowError
 
 ALPACA_ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},

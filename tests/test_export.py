@@ -17,14 +17,9 @@ from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.bundle_import import import_bundle, verify_bundle
-from rapidin_index.export import (
-    BUNDLE_NAME,
-    BundleError,
-    export_index,
-    manifest_facts,
-    read_parquet_export,
-)
-from rapidin_index.manifest import IndexMismatchError, Manifest, read_manifest, sha256_tree
+from rapidin_index.errors import BundleError, IndexMismatchError
+from rapidin_index.export import BUNDLE_NAME, export_index, manifest_facts, read_parquet_export
+from rapidin_index.manifest import Manifest, read_manifest, sha256_tree
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
 from rapidin_index.sketch import SketchSettings

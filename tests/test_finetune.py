@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rapidin_index.data import Template, render_row, tokenize_example
 from rapidin_index.demo_data import load_docstring_rows, make_backdoor_dataset
+from rapidin_index.errors import FinetuneError
 from rapidin_index.finetune import (
     REPORT_FILE,
-    FinetuneError,
     FinetuneSettings,
     attack_success_rate,
     finetune,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from rapidin_index.errors import GradientError
 from rapidin_index.gradients import (
-    GradientError,
     GradientSketcher,
     collate,
     gradient_blocks,

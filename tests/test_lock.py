@@ -14,15 +14,9 @@ import pytest
 
 from rapidin_index.build import BuildSettings, _remove_other_generations, build_index
 from rapidin_index.bundle_import import import_bundle
+from rapidin_index.errors import IndexLockedError
 from rapidin_index.export import export_index
-from rapidin_index.lock import (
-    LOCK_NAME,
-    PAUSE_ENV,
-    IndexLockedError,
-    generations_on_disk,
-    read_generation,
-    writer_lock,
-)
+from rapidin_index.lock import LOCK_NAME, PAUSE_ENV, generations_on_disk, read_generation, writer_lock
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index

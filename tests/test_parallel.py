@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rapidin_index import index as vector_index
-from rapidin_index.parallel import DeviceError, faiss_gpu_count, resolve_device, search_index
+from rapidin_index.errors import DeviceError
+from rapidin_index.parallel import faiss_gpu_count, resolve_device, search_index
 
 
 def test_device_resolution():

@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.errors import ParallelError
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings
 from rapidin_index.parallel import (
     RAY_CRASH_MARKER_ENV,
     RAY_CRASH_ON_CHUNK_ENV,
-    ParallelError,
     RayChunkRunner,
     ShardedSearch,
     faiss_gpu_count,

@@ -10,10 +10,10 @@ from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
 from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.errors import IndexMismatchError, QueryError
 from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
-from rapidin_index.manifest import IndexMismatchError
 from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.retrieval import Index, QueryError
+from rapidin_index.retrieval import Index
 from rapidin_index.sketch import SketchSettings, reference_sketch
 
 

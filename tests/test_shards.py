@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from rapidin_index import metadata
-from rapidin_index.build import BuildError, BuildSettings, build_index
+from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.errors import BuildError, ShardError
 from rapidin_index.index import load_index, stored_vectors, vector_file
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
-from rapidin_index.shards import ShardError, merge_shards
+from rapidin_index.shards import merge_shards
 from rapidin_index.sketch import SketchSettings
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from rapidin_index.errors import SketchError
 from rapidin_index.sketch import (
     DEFAULT_SKETCH_ALGORITHM,
     MAX_DIVISOR,
@@ -18,7 +19,6 @@ from rapidin_index.sketch import (
     KeyedPermutation,
     RapidGradProjector,
     RapidGradV2Projector,
-    SketchError,
     SketchSettings,
     make_projector,
     padded_dim,

@@ -9,6 +9,7 @@ import torch
 
 from rapidin_index import token_attribution
 from rapidin_index.data import tokenize_example
+from rapidin_index.errors import TokenAttributionError
 from rapidin_index.gradients import (
     IGNORE_INDEX,
     collate,
@@ -17,11 +18,7 @@ from rapidin_index.gradients import (
     reference_gradient,
 )
 from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.token_attribution import (
-    TokenAttributionError,
-    reference_training_token_scores,
-    training_token_scores,
-)
+from rapidin_index.token_attribution import reference_training_token_scores, training_token_scores
 
 VARIANTS = ["llama", "gpt2", "llama_lora", "gpt2_lora"]
 

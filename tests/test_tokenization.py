@@ -12,7 +12,8 @@ from rapidin_index.data import (
     render_query,
     tokenize,
 )
-from rapidin_index.retrieval import QueryError, resolve_hot
+from rapidin_index.errors import QueryError
+from rapidin_index.retrieval import resolve_hot
 
 
 def scored_ids(tokenized) -> list[int]:

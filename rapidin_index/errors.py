@@ -1,0 +1,104 @@
+"""Every error this package raises on purpose, under one base class.
+
+`RapidinIndexError` is what the CLI catches: its message is written for the user (it names the row,
+option or file and says what to change), so the CLI prints it on one line, without a traceback. Each
+class also keeps the builtin base it had before (ValueError for bad input, RuntimeError for work that
+cannot proceed), so ``except ValueError`` in user code keeps working. Import them from here; a
+module that raises one also has it under its own name (``rapidin_index.data.RowError`` is this one).
+"""
+
+from __future__ import annotations
+
+
+class RapidinIndexError(Exception):
+    """Base of every typed rapidin-index error; the message is meant for the user."""
+
+
+# --------------------------------------------------------------------------- input and settings
+
+
+class DataError(RapidinIndexError, ValueError):
+    """A problem with the whole input (missing file, unknown format, bad --template, tokenizer)."""
+
+
+class RowError(RapidinIndexError, ValueError):
+    """A problem with one row; the message is the human-readable reason it was rejected."""
+
+
+class ModelError(RapidinIndexError, ValueError):
+    """The model, adapter, dtype or parameter selection cannot be used."""
+
+
+class GradientError(RapidinIndexError, ValueError):
+    """Bad gradient settings (unknown normalisation, empty batch, ...)."""
+
+
+class SketchError(RapidinIndexError, ValueError):
+    """Sketch settings that cannot work (K < 0, lambda < 0, an unknown algorithm, ...)."""
+
+
+class DeviceError(RapidinIndexError, ValueError):
+    """A device was asked for that this machine does not have."""
+
+
+class QueryError(RapidinIndexError, ValueError):
+    """A query that cannot be answered as given (empty response, too long, unknown row format, ...)."""
+
+
+class TokenAttributionError(RapidinIndexError, ValueError):
+    """Bad token-attribution inputs (batch of several examples, mismatched query direction, ...)."""
+
+
+class ReportError(RapidinIndexError, ValueError):
+    """Results that cannot be written as asked (unknown format, html without a file)."""
+
+
+class FinetuneError(RapidinIndexError, ValueError):
+    """Rows or settings that cannot be trained on (the demo's fine-tuning)."""
+
+
+class DemoError(RapidinIndexError, ValueError):
+    """Demo or evaluation settings that cannot work (an unknown dataset or architecture, bad fractions)."""
+
+
+# --------------------------------------------------------------------------- the index folder
+
+
+class ManifestError(RapidinIndexError, ValueError):
+    """No manifest, an unreadable one, or one from a newer format version."""
+
+
+class IndexMismatchError(RapidinIndexError, ValueError):
+    """The index was built with other settings, model or tokenizer than those asked for."""
+
+
+class IntegrityError(RapidinIndexError, ValueError):
+    """A file of the index does not match its checksum in the manifest."""
+
+
+class StoreError(RapidinIndexError, ValueError):
+    """Vectors or rows that cannot be stored or read as asked (wrong shape, dtype, dimension)."""
+
+
+class BundleError(RapidinIndexError, ValueError):
+    """A bundle that cannot be written, or one that is refused on import; the message names the member."""
+
+
+class ShardError(RapidinIndexError, ValueError):
+    """Shards that cannot be merged; the message names the shard, setting or row."""
+
+
+class BuildError(RapidinIndexError, RuntimeError):
+    """The build cannot proceed as asked; the message says what to change."""
+
+
+class JournalError(RapidinIndexError, RuntimeError):
+    """The journal holds an unfinished build that this one must not be mixed into."""
+
+
+class IndexLockedError(RapidinIndexError, RuntimeError):
+    """Another process is writing the index folder; the message names it and says what to do."""
+
+
+class ParallelError(RapidinIndexError, RuntimeError):
+    """Distributed work that cannot start or finish; the message says what to change."""
