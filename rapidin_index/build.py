@@ -487,7 +487,7 @@ class ChunkSketcher:
         from rapidin_index.sketch import make_projector
 
         blocks = gradient_blocks(selected)
-        projector = make_projector(settings.sketch, gradient_dim(blocks), device)
+        projector = make_projector(settings.sketch, gradient_dim(blocks), device, blocks=blocks)
         self.sketcher = GradientSketcher(loaded.model, blocks, projector, settings.normalize)
         self.tokenizer = loaded.tokenizer
         self.batch_size = settings.batch_size

@@ -89,7 +89,9 @@ class Index:
         self.template = Template.from_dict(manifest.template)
         sketch = manifest.sketch
         # the transform the index was built with (an old rapidgrad-v1 index keeps v1)
-        projector = make_projector(SketchSettings.from_dict(sketch), sketch["gradient_dim"], device)
+        projector = make_projector(
+            SketchSettings.from_dict(sketch), sketch["gradient_dim"], device, blocks=self.blocks
+        )
         self.sketcher = GradientSketcher(loaded.model, self.blocks, projector, manifest.normalize)
         cpu_index = vector_index.load_index(path / vector_index.vector_file(manifest.generation))
         if cpu_index.d != sketch["output_dim"] or cpu_index.ntotal != manifest.row_count:

@@ -423,9 +423,16 @@ class ExactProjector:
 
 
 def make_projector(
-    settings: SketchSettings, gradient_dim: int, device: torch.device | str = "cpu"
+    settings: SketchSettings,
+    gradient_dim: int,
+    device: torch.device | str = "cpu",
+    blocks: list | None = None,
 ) -> RapidGradV2Projector | RapidGradProjector | ExactProjector:
-    """The projector of ``settings``: exact (K = 0), rapidgrad-v2 or rapidgrad-v1."""
+    """The projector of ``settings``: exact (K = 0), rapidgrad-v2 or rapidgrad-v1.
+
+    ``blocks`` (the `gradients.GradientBlock` list, in order) is for algorithms that hash by a block's
+    shape rather than by flat position; the flat ones ignore it.
+    """
     if settings.exact:
         return ExactProjector(gradient_dim, device)
     if settings.algorithm == "rapidgrad-v1":
