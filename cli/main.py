@@ -443,8 +443,9 @@ def export(
     ] = None,
 ) -> None:
     """Write the index as one portable, checksummed bundle (or a Parquet file of vectors and rows)."""
-    from rapidin_index.export import export_index, format_for
-    from rapidin_index.manifest import sha256_file
+    from rapidin_index.bundle import format_for
+    from rapidin_index.export import export_index
+    from rapidin_index.files import sha256_file
 
     written = export_index(index, out, format)
     console.print(

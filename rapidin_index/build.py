@@ -39,6 +39,7 @@ from rapidin_index.data import (
 # torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
 # no-op rebuild never need them (see preflight.py).
 from rapidin_index.errors import BuildError, ManifestError
+from rapidin_index.files import atomic_write_bytes, sha256_file, sha256_tree, tree_bytes
 from rapidin_index.journal import (
     JOURNAL_DIR,
     chunk_complete,
@@ -47,17 +48,7 @@ from rapidin_index.journal import (
     write_chunk,
 )
 from rapidin_index.lock import pause_point, remove_unread_generations, writer_lock
-from rapidin_index.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    atomic_write_bytes,
-    differences,
-    read_manifest,
-    sha256_file,
-    sha256_tree,
-    tree_bytes,
-    write_manifest,
-)
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, write_manifest
 from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
 

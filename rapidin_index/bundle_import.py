@@ -20,27 +20,20 @@ import zipfile
 from pathlib import Path
 
 from rapidin_index.build import remove_generation
-from rapidin_index.errors import BundleError, IntegrityError, ManifestError
-from rapidin_index.export import (
-    _READ_ERRORS,
+from rapidin_index.bundle import (
     BLOCK,
-    BUNDLE_FORMAT_VERSION,
     BUNDLE_NAME,
     MAX_BUNDLE_JSON_BYTES,
-    _self_checksum,
+    READ_ERRORS,
+    check_version,
     manifest_facts,
+    self_checksum,
 )
+from rapidin_index.errors import BundleError, IntegrityError, ManifestError
+from rapidin_index.files import atomic_write_json, sha256_file
 from rapidin_index.journal import JOURNAL_DIR
 from rapidin_index.lock import LOCK_FILES, remove_unread_generations, writer_lock
-from rapidin_index.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    atomic_write_json,
-    differences,
-    read_manifest,
-    sha256_file,
-    verify_files,
-)
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, verify_files
 
 
 def verify_bundle(bundle: str | Path) -> dict:
@@ -152,7 +145,7 @@ def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
                 _extract_member(reader(), size, listed[relative], destination / relative)
                 extracted.add(relative)
             reading, last = None, relative
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         where = (
             f"reading member {reading!r} failed"
             if reading
@@ -237,12 +230,8 @@ def _read_description(file, size: int) -> dict:
         raise BundleError(f"{BUNDLE_NAME} is damaged or not a rapidin-index bundle ({error!r})") from None
     if not isinstance(version, int):
         raise BundleError(f"{BUNDLE_NAME} has no integer bundle_format_version")
-    if version > BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format {version} is newer than this rapidin-index supports "
-            f"({BUNDLE_FORMAT_VERSION}); upgrade rapidin-index"
-        )
-    if description.get("bundle_sha256") != _self_checksum(description):
+    check_version(version)
+    if description.get("bundle_sha256") != self_checksum(description):
         raise BundleError(
             f"{BUNDLE_NAME} does not match its own checksum (bundle_sha256): corrupted or edited"
         )

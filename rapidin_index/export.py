@@ -1,14 +1,6 @@
 """Portable bundles: export an index to one checksummed tar / tar.gz / zip file, verify it, import it.
 
-Bundle layout (members at the archive root, in this order; regular files only)::
-
-    bundle.json                 bundle format version, software, export date, the manifest's key facts,
-                                manifest_sha256, {path, sha256, bytes} of every other member, and its
-                                own checksum (bundle_sha256, over its JSON without that key)
-    manifest.json               the index's manifest, unchanged
-    metadata/rows_gNNNN.lance/  every file of the LanceDB table, sorted
-    rejected-gNNNN.jsonl
-    vectors-gNNNN.faiss
+The bundle layout and format version are in `rapidin_index.bundle`.
 
 Plain ``tar -xf`` or ``unzip`` of a bundle gives a folder ``Index.open`` reads (it ignores bundle.json);
 ``import_bundle`` is the checked way in. The model is not in the bundle: the manifest names it and holds
@@ -33,17 +25,13 @@ example with its vector and text, the manifest in the schema metadata.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
-import zlib
 from datetime import datetime
 from pathlib import Path
 
@@ -54,42 +42,24 @@ import pyarrow.parquet as pq
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import read_rejected
+from rapidin_index.bundle import (
+    BLOCK,
+    BUNDLE_NAME,
+    PARQUET_BUNDLE_KEY,
+    PARQUET_MANIFEST_KEY,
+    PARQUET_REJECTED_KEY,
+    check_version,
+    describe,
+    format_for,
+    header,
+)
 from rapidin_index.errors import BundleError
+from rapidin_index.files import atomic_file, sha256_file, sha256_tree
 from rapidin_index.manifest import (
     MANIFEST_NAME,
-    SOFTWARE_NAME,
     Manifest,
     read_manifest,
-    sha256_file,
-    sha256_tree,
-    software_version,
-    utc_now,
 )
-
-BUNDLE_FORMAT_VERSION = 1
-BUNDLE_NAME = "bundle.json"
-FORMATS = ("tar", "tar.gz", "zip", "parquet")
-PARQUET_MANIFEST_KEY = b"rapidin_index.manifest"
-PARQUET_BUNDLE_KEY = b"rapidin_index.bundle"
-PARQUET_REJECTED_KEY = b"rapidin_index.rejected"
-MAX_BUNDLE_JSON_BYTES = 64 << 20
-BLOCK = 1 << 20
-# What a damaged or truncated archive raises while it is read (our own write errors are not among them).
-_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError)
-
-
-def format_for(out: str | Path, format: str | None = None) -> str:
-    """The bundle format: ``format`` if given, else from the extension (.tar, .tar.gz/.tgz, .zip, .parquet)."""
-    if format is not None:
-        if format not in FORMATS:
-            raise BundleError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
-        return format
-    name = Path(out).name.lower()
-    for suffix, found in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar", "tar"), (".zip", "zip")):
-        if name.endswith(suffix):
-            return found
-    return "parquet" if name.endswith(".parquet") else "tar.gz"
-
 
 # --------------------------------------------------------------------------- export
 
@@ -101,13 +71,10 @@ def export_index(index_dir: str | Path, out: str | Path, format: str | None = No
     read_manifest(index_dir)  # its errors say what is wrong with the folder
     manifest_bytes = (index_dir / MANIFEST_NAME).read_bytes()  # exported as read, even if a build replaces it
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_file(out) as temporary:
         if format == "parquet":
             _verify_index(index_dir, manifest)
-            _write_parquet(index_dir, manifest, Path(temporary))
+            _write_parquet(index_dir, manifest, temporary)
         else:
             members = _member_files(index_dir, manifest)
             entries = [{"path": MANIFEST_NAME, "sha256": hashlib.sha256(manifest_bytes).hexdigest()}]
@@ -116,16 +83,9 @@ def export_index(index_dir: str | Path, out: str | Path, format: str | None = No
                 {"path": name, "sha256": _sha256(p), "bytes": p.stat().st_size} for name, p in members
             ]
             _verify_index(index_dir, manifest, {entry["path"]: entry["sha256"] for entry in entries})
-            description = _describe(manifest, entries, format)
+            description = describe(manifest, entries, format)
             members = [(MANIFEST_NAME, manifest_bytes), *members]
-            _write_archive(Path(temporary), format, description, members, entries)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+            _write_archive(temporary, format, description, members, entries)
     return out
 
 
@@ -162,49 +122,6 @@ def _member_files(index_dir: Path, manifest: Manifest) -> list[tuple[str, Path]]
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         members.extend((p.relative_to(index_dir).as_posix(), p) for p in files)
     return sorted(members)
-
-
-def manifest_facts(manifest: Manifest) -> dict:
-    """What a recipient needs to know before opening: model, tokenizer, template, sketch, counts, dates."""
-    return {
-        "format_version": manifest.format_version,
-        "model": manifest.model,
-        "adapter": manifest.adapter,
-        "tokenizer": manifest.tokenizer,
-        "template": manifest.template,
-        "max_length": manifest.max_length,
-        "normalize": manifest.normalize,
-        "sketch": manifest.sketch,
-        "vector_dtype": manifest.vector_dtype,
-        "row_count": manifest.row_count,
-        "rejected_count": manifest.rejected_count,
-        "generation": manifest.generation,
-        "built_by": manifest.software,
-        "created_at": manifest.created_at,
-        "updated_at": manifest.updated_at,
-    }
-
-
-def _header(manifest: Manifest, format: str) -> dict:
-    return {
-        "bundle_format_version": BUNDLE_FORMAT_VERSION,
-        "software": {"name": SOFTWARE_NAME, "version": software_version()},
-        "exported_at": utc_now(),
-        "archive_format": format,
-        "index": manifest_facts(manifest),
-    }
-
-
-def _describe(manifest: Manifest, entries: list[dict], format: str) -> dict:
-    """bundle.json: the header, the manifest's and every member's checksum, then its own checksum."""
-    description = {**_header(manifest, format), "manifest_sha256": entries[0]["sha256"], "members": entries}
-    description["bundle_sha256"] = _self_checksum(description)
-    return description
-
-
-def _self_checksum(description: dict) -> str:
-    body = {key: value for key, value in description.items() if key != "bundle_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _write_archive(path: Path, format: str, description: dict, members, entries: list[dict]) -> None:
@@ -300,7 +217,7 @@ def _write_parquet(index_dir: Path, manifest: Manifest, path: Path, batch_rows: 
         [pa.field("id", pa.int64()), pa.field("vector", pa.list_(pa.float32(), dimension)), *columns],
         metadata={
             PARQUET_MANIFEST_KEY: json.dumps(manifest.to_dict(), sort_keys=True),
-            PARQUET_BUNDLE_KEY: json.dumps(_header(manifest, "parquet"), sort_keys=True),
+            PARQUET_BUNDLE_KEY: json.dumps(header(manifest, "parquet"), sort_keys=True),
             PARQUET_REJECTED_KEY: json.dumps(rejected),
         },
     )
@@ -326,11 +243,7 @@ def read_parquet_export(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[
             f"{path} is not a rapidin-index Parquet export (no manifest in its schema metadata)"
         )
     version = json.loads(found.get(PARQUET_BUNDLE_KEY, b"{}")).get("bundle_format_version", 0)
-    if version > BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format {version} is newer than this rapidin-index supports "
-            f"({BUNDLE_FORMAT_VERSION}); upgrade rapidin-index"
-        )
+    check_version(version)
     manifest = json.loads(found[PARQUET_MANIFEST_KEY])
     vector_type = table.schema.field("vector").type
     ids = table.column("id").to_numpy().astype(np.int64)

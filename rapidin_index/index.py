@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from rapidin_index.errors import StoreError
+from rapidin_index.files import atomic_file
 
 VECTOR_FILE = "vectors-g{generation:04d}.faiss"
 
@@ -48,13 +48,9 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> Non
 
 
 def save_index(index: faiss.Index, path: str | Path) -> None:
-    """Atomic: write a temporary file beside ``path`` and rename it over."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(temporary))
-    with open(temporary, "rb") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    """Atomic (`files.atomic_file`): a reader sees the old file or the new one."""
+    with atomic_file(path) as temporary:
+        faiss.write_index(index, str(temporary))
 
 
 def load_index(path: str | Path) -> faiss.Index:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from rapidin_index.errors import JournalError
-from rapidin_index.manifest import atomic_write_bytes, atomic_write_json, differences, sha256_file
+from rapidin_index.files import atomic_write_bytes, atomic_write_json, sha256_file
+from rapidin_index.manifest import differences
 
 JOURNAL_DIR = ".build"
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.

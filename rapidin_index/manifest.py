@@ -1,4 +1,4 @@
-"""The index manifest: what was built, from what, how; plus atomic writes and checksums.
+"""The index manifest: what was built, from what, how.
 
 The manifest is the commit point of every build: files are written first, the manifest last (atomically,
 by rename). An index folder without ``manifest.json`` holds no finished index.
@@ -6,15 +6,13 @@ by rename). An index folder without ``manifest.json`` holds no finished index.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from rapidin_index.errors import IntegrityError, ManifestError
+from rapidin_index.files import atomic_write_json, refuse_newer, sha256_path
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -29,53 +27,6 @@ def software_version() -> str:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes 0600; an index is meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, value) -> None:
-    atomic_write_bytes(
-        path, (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-    )
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_tree(folder: str | Path) -> str:
-    """One checksum over every file (relative path + content) under ``folder``."""
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}\n{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def tree_bytes(folder: str | Path) -> int:
-    folder = Path(folder)
-    if folder.is_file():
-        return folder.stat().st_size
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 @dataclass
@@ -119,11 +70,7 @@ class Manifest:
             raise ManifestError(
                 "manifest has no integer format_version; this is not a rapidin-index manifest"
             )
-        if version > FORMAT_VERSION:
-            raise ManifestError(
-                f"index format version {version} is newer than this rapidin-index understands "
-                f"({FORMAT_VERSION}); upgrade rapidin-index to open it"
-            )
+        refuse_newer(version, FORMAT_VERSION, "index", ManifestError)
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: item for key, item in value.items() if key in known})
 
@@ -175,8 +122,7 @@ def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
         path = index_dir / relative
         if not path.exists():
             raise IntegrityError(f"{relative} is missing from {index_dir}")
-        actual = sha256_tree(path) if path.is_dir() else sha256_file(path)
-        if actual != expected["sha256"]:
+        if sha256_path(path) != expected["sha256"]:
             raise IntegrityError(
                 f"{relative} does not match its checksum in the manifest (corrupted or edited)"
             )

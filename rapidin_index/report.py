@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from rapidin_index.errors import ReportError
-from rapidin_index.manifest import atomic_write_bytes
+from rapidin_index.files import atomic_write_bytes
 
 FORMATS = ("json", "jsonl", "html")
 

@@ -18,15 +18,10 @@ from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import file_checksums, manifest_identity, read_rejected, rejected_file
 from rapidin_index.errors import ShardError
+from rapidin_index.files import atomic_write_bytes
 from rapidin_index.journal import JOURNAL_DIR
 from rapidin_index.lock import read_generation, writer_lock
-from rapidin_index.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    atomic_write_bytes,
-    differences,
-    write_manifest,
-)
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, write_manifest
 
 
 def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:

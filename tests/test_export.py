@@ -16,10 +16,12 @@ from typer.testing import CliRunner
 from rapidin_index import index as vector_index
 from rapidin_index import metadata
 from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
 from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError, IndexMismatchError
-from rapidin_index.export import BUNDLE_NAME, export_index, manifest_facts, read_parquet_export
-from rapidin_index.manifest import Manifest, read_manifest, sha256_tree
+from rapidin_index.export import export_index, read_parquet_export
+from rapidin_index.files import sha256_tree
+from rapidin_index.manifest import Manifest, read_manifest
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
 from rapidin_index.sketch import SketchSettings
@@ -306,7 +308,9 @@ def test_tampered_bundles_are_refused_naming_the_member(source, tmp_path, case):
 def test_newer_bundle_format_is_refused(source, tmp_path):
     bundle = rewrite(source.bundle, tmp_path / "future.tar.gz", lambda m: reseal(m, bundle_format_version=2))
     message = untouched_after_refusal(tmp_path, bundle, [])
-    assert message == "bundle format 2 is newer than this rapidin-index supports (1); upgrade rapidin-index"
+    assert message == (
+        "bundle format version 2 is newer than this rapidin-index understands (1); upgrade rapidin-index to open it"
+    )
 
 
 def test_truncated_archives_are_refused(source, tmp_path):
@@ -337,7 +341,9 @@ def test_bit_rot_in_a_plain_tar_or_zip_names_the_member(source, tmp_path):
 
 
 def test_a_bundle_larger_than_the_free_space_is_refused(source, tmp_path, monkeypatch):
-    monkeypatch.setattr("rapidin_index.export.shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr(
+        "rapidin_index.bundle_import.shutil.disk_usage", lambda path: SimpleNamespace(free=1000)
+    )
     untouched_after_refusal(tmp_path, source.bundle, ["unpacks to", "only 1,000 are free"])
 
 

@@ -1,0 +1,117 @@
+"""The bundle format, shared by `export` (writes bundles) and `bundle_import` (verifies and imports them).
+
+Bundle layout (members at the archive root, in this order; regular files only)::
+
+    bundle.json                 bundle format version, software, export date, the manifest's key facts,
+                                manifest_sha256, {path, sha256, bytes} of every other member, and its
+                                own checksum (bundle_sha256, over its JSON without that key)
+    manifest.json               the index's manifest, unchanged
+    metadata/rows_gNNNN.lance/  every file of the LanceDB table, sorted
+    rejected-gNNNN.jsonl
+    vectors-gNNNN.faiss
+
+The Parquet export (for analysis, not for import) keeps the manifest and bundle header in its schema
+metadata under the ``PARQUET_*_KEY`` keys.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+
+from rapidin_index.errors import BundleError
+from rapidin_index.files import refuse_newer
+from rapidin_index.manifest import SOFTWARE_NAME, Manifest, software_version, utc_now
+
+BUNDLE_FORMAT_VERSION = 1
+
+
+BUNDLE_NAME = "bundle.json"
+
+
+FORMATS = ("tar", "tar.gz", "zip", "parquet")
+
+
+PARQUET_MANIFEST_KEY = b"rapidin_index.manifest"
+
+
+PARQUET_BUNDLE_KEY = b"rapidin_index.bundle"
+
+
+PARQUET_REJECTED_KEY = b"rapidin_index.rejected"
+
+
+MAX_BUNDLE_JSON_BYTES = 64 << 20
+
+
+BLOCK = 1 << 20
+
+
+# What a damaged or truncated archive raises while it is read (our own write errors are not among them).
+READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError)
+
+
+def format_for(out: str | Path, format: str | None = None) -> str:
+    """The bundle format: ``format`` if given, else from the extension (.tar, .tar.gz/.tgz, .zip, .parquet)."""
+    if format is not None:
+        if format not in FORMATS:
+            raise BundleError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
+        return format
+    name = Path(out).name.lower()
+    for suffix, found in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar", "tar"), (".zip", "zip")):
+        if name.endswith(suffix):
+            return found
+    return "parquet" if name.endswith(".parquet") else "tar.gz"
+
+
+def manifest_facts(manifest: Manifest) -> dict:
+    """What a recipient needs to know before opening: model, tokenizer, template, sketch, counts, dates."""
+    return {
+        "format_version": manifest.format_version,
+        "model": manifest.model,
+        "adapter": manifest.adapter,
+        "tokenizer": manifest.tokenizer,
+        "template": manifest.template,
+        "max_length": manifest.max_length,
+        "normalize": manifest.normalize,
+        "sketch": manifest.sketch,
+        "vector_dtype": manifest.vector_dtype,
+        "row_count": manifest.row_count,
+        "rejected_count": manifest.rejected_count,
+        "generation": manifest.generation,
+        "built_by": manifest.software,
+        "created_at": manifest.created_at,
+        "updated_at": manifest.updated_at,
+    }
+
+
+def header(manifest: Manifest, format: str) -> dict:
+    return {
+        "bundle_format_version": BUNDLE_FORMAT_VERSION,
+        "software": {"name": SOFTWARE_NAME, "version": software_version()},
+        "exported_at": utc_now(),
+        "archive_format": format,
+        "index": manifest_facts(manifest),
+    }
+
+
+def describe(manifest: Manifest, entries: list[dict], format: str) -> dict:
+    """bundle.json: the header, the manifest's and every member's checksum, then its own checksum."""
+    description = {**header(manifest, format), "manifest_sha256": entries[0]["sha256"], "members": entries}
+    description["bundle_sha256"] = self_checksum(description)
+    return description
+
+
+def self_checksum(description: dict) -> str:
+    body = {key: value for key, value in description.items() if key != "bundle_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_version(version: int) -> None:
+    """Refuse a bundle written by a newer rapidin-index."""
+    refuse_newer(version, BUNDLE_FORMAT_VERSION, "bundle", BundleError)

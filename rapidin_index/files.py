@@ -1,0 +1,91 @@
+"""Durable files: atomic writes, checksums, and the one "written by a newer version" check.
+
+Everything the index, its journal, exports and reports write goes through `atomic_file`: a temporary
+file with a unique name beside the target, flushed and fsynced, then renamed over it; a failure removes
+the temporary file, so a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rapidin_index.errors import RapidinIndexError
+
+BLOCK_BYTES = 1 << 20
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; write it inside the block; on success it replaces ``path``.
+
+    The temporary name is unique (two writers never share one) and starts with a dot; mode 0644.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; an index is meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def atomic_write_json(path: str | Path, value) -> None:
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(folder: str | Path) -> str:
+    """One checksum over every file (relative path + content) under ``folder``."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\n{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """`sha256_tree` of a folder, `sha256_file` of a file."""
+    path = Path(path)
+    return sha256_tree(path) if path.is_dir() else sha256_file(path)
+
+
+def tree_bytes(folder: str | Path) -> int:
+    folder = Path(folder)
+    if folder.is_file():
+        return folder.stat().st_size
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def refuse_newer(version: int, supported: int, what: str, error: type[RapidinIndexError]) -> None:
+    """Raise ``error`` if a file's format ``version`` is newer than this version of rapidin-index reads."""
+    if version > supported:
+        raise error(
+            f"{what} format version {version} is newer than this rapidin-index understands "
+            f"({supported}); upgrade rapidin-index to open it"
+        )
