@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rapidin_index import index as vector_index
-from rapidin_index.build import BuildSettings, LocalChunkRunner, build_index
+from rapidin_index import store
+from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.chunks import LocalChunkRunner
 from rapidin_index.demo_data import load_docstring_rows, write_jsonl
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings
@@ -106,9 +107,7 @@ def one_build(name: str, data: Path, index_dir: Path, settings: BuildSettings) -
         sample["ray_startup_seconds"] = timed.runner.timings["startup_seconds"]
         sample["ray_compute_seconds"] = timed.runner.timings["compute_seconds"]
     manifest = read_manifest(index_dir)
-    ids, vectors = vector_index.stored_vectors(
-        vector_index.load_index(index_dir / vector_index.vector_file(manifest.generation))
-    )
+    ids, vectors = store.load_vectors(index_dir, manifest.generation)
     return sample, vectors[np.argsort(ids)]
 
 

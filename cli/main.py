@@ -381,8 +381,8 @@ def info(
     ] = False,
 ) -> None:
     """Print an index's manifest and counts, and the rows it rejected."""
-    from rapidin_index.build import read_rejected
     from rapidin_index.manifest import read_manifest
+    from rapidin_index.store import read_rejected
 
     manifest = read_manifest(index)
     rejected = read_rejected(index, manifest)

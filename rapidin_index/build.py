@@ -1,23 +1,15 @@
 """The caching stage: training rows -> sketched gradients in FAISS + text in LanceDB, resumable.
 
-Layout of an index folder::
-
-    manifest.json               written last, atomically: the commit point
-    vectors-gNNNN.faiss         FAISS IndexIDMap2(IndexFlatIP), ids = training example ids
-    metadata/rows_gNNNN.lance   LanceDB table, one row per indexed example
-    rejected-gNNNN.jsonl        rows that could not be indexed: {id, reason}
-    .build/                     journal of an unfinished build (chunk files), removed when done
-
-A build works through the rows in chunks of ``chunk_size`` ids. Each finished chunk is written to the
-journal atomically (vectors first, then a JSON record holding their checksum), so a build killed at any
-moment restarts at the first unfinished chunk. Finalising writes a new generation of every file and then
-the manifest; a crash before the manifest leaves the previous generation (or nothing) in force.
+The index folder's layout is in `store`. A build works through the rows in chunks of ``chunk_size`` ids
+(`chunks`). Each finished chunk is written to the journal atomically (vectors first, then a JSON record
+holding their checksum), so a build killed at any moment restarts at the first unfinished chunk.
+Finalising writes a new generation of every file and then the manifest; a crash before the manifest
+leaves the previous generation (or nothing) in force.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,9 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rapidin_index import index as vector_index
+from rapidin_index import store
+from rapidin_index.chunks import ChunkJob, LocalChunkRunner, group_by_chunk
 from rapidin_index.data import (
     TOKENIZATIONS,
-    Example,
     RejectedRow,
     Template,
     load_examples,
@@ -38,17 +31,23 @@ from rapidin_index.data import (
 
 # torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
 # no-op rebuild never need them (see preflight.py).
-from rapidin_index.errors import BuildError, ManifestError
-from rapidin_index.files import atomic_write_bytes, sha256_file, sha256_tree, tree_bytes
+from rapidin_index.errors import BuildError
+from rapidin_index.files import sha256_file
 from rapidin_index.journal import (
-    JOURNAL_DIR,
     chunk_complete,
     open_journal,
     read_chunk,
     write_chunk,
 )
 from rapidin_index.lock import pause_point, remove_unread_generations, writer_lock
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, write_manifest
+from rapidin_index.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    differences,
+    manifest_identity,
+    read_manifest,
+    write_manifest,
+)
 from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
 
@@ -200,22 +199,6 @@ def manifest_settings_identity(manifest: Manifest) -> dict:
     }
 
 
-def manifest_identity(manifest: Manifest) -> dict:
-    return {
-        "model": {"fingerprint": manifest.model["fingerprint"], "dtype": manifest.model["dtype"]},
-        "adapter": None if manifest.adapter is None else {"fingerprint": manifest.adapter["fingerprint"]},
-        "tokenizer": {"fingerprint": manifest.tokenizer["fingerprint"]},
-        "template": manifest.template,
-        "max_length": manifest.max_length,
-        "tokenization": manifest.tokenization,
-        "parameters": manifest.parameters,
-        "normalize": manifest.normalize,
-        "sketch": manifest.sketch,
-        "vector_dtype": manifest.vector_dtype,
-        "shard": manifest.shard,
-    }
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -258,7 +241,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
             existing, settings, template, data_sha256, model_files, append, index_dir
         )
         if done:
-            shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)
+            store.remove_journal(index_dir)
             report = BuildReport(str(index_dir), gradient_dim=existing.sketch["gradient_dim"])
             report.sketch_dim = existing.sketch["output_dim"]
             return _finished_report(report, existing, started, done)
@@ -276,7 +259,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     if existing is not None:
         done = _check_existing(existing, identity, data_sha256, append, index_dir)
         if done:
-            shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)
+            store.remove_journal(index_dir)
             return _finished_report(report, existing, started, done)
     plan = {
         "kind": "append" if append else "build",
@@ -323,7 +306,7 @@ def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bo
     if settings.shard is not None:  # strided: row i goes to shard i % N, which balances lengths
         examples = [e for e in examples if e.example_id % settings.num_shards == settings.shard_index]
         rejected = [r for r in rejected if r.example_id % settings.num_shards == settings.shard_index]
-    by_chunk = _group_by_chunk(examples, rejected, settings.chunk_size, total_rows)
+    by_chunk = group_by_chunk(examples, rejected, settings.chunk_size, total_rows)
     jobs = []
     with RowProgress(total_rows, enabled=progress) as bar:
         for chunk_number, (chunk_examples, chunk_rejected) in enumerate(by_chunk):
@@ -412,7 +395,7 @@ def _finished_report(report: BuildReport, manifest: Manifest, started: float, me
     report.message = message
     report.rows_indexed = manifest.row_count
     report.rows_rejected = manifest.rejected_count
-    report.rejected = read_rejected(report.index_dir, manifest)
+    report.rejected = store.read_rejected(report.index_dir, manifest)
     report.tokens = manifest.token_count
     report.truncated = manifest.truncated_count
     report.exact_path = dict(manifest.exact_path)
@@ -423,124 +406,7 @@ def _finished_report(report: BuildReport, manifest: Manifest, started: float, me
     return report
 
 
-def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow]:
-    path = Path(index_dir) / rejected_file(manifest.generation)
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [RejectedRow(example_id=row["id"], reason=row["reason"]) for row in rows]
-
-
-def rejected_file(generation: int) -> str:
-    return f"rejected-g{generation:04d}.jsonl"
-
-
-def _group_by_chunk(examples: list[Example], rejected: list[RejectedRow], chunk_size: int, total_rows: int):
-    chunk_count = -(-total_rows // chunk_size)
-    groups = [([], []) for _ in range(chunk_count)]
-    for example in examples:
-        groups[example.example_id // chunk_size][0].append(example)
-    for row in rejected:
-        groups[row.example_id // chunk_size][1].append(row)
-    return groups
-
-
 # --------------------------------------------------------------------------- gradients of one chunk
-
-
-@dataclass
-class ChunkJob:
-    """One chunk of rows to sketch: the unit of work, of resumption, and of a distributed worker."""
-
-    chunk_number: int
-    examples: list[Example]
-    rejected: list[RejectedRow]
-    id_offset: int
-
-
-class LocalChunkRunner:
-    """Computes chunks one after the other in this process."""
-
-    def __init__(self, loaded: LoadedModel, selected, settings: BuildSettings, device) -> None:
-        self.chunk_sketcher = ChunkSketcher(loaded, selected, settings, device)
-
-    def run(self, jobs: list[ChunkJob], write, advance) -> None:
-        for job in jobs:
-            record, vectors = self.chunk_sketcher.compute(job, advance)
-            write(job, record, vectors)
-
-
-class ChunkSketcher:
-    """Sketch every example of a chunk; rows whose gradient is not finite join the rejected ones."""
-
-    def __init__(self, loaded: LoadedModel, selected, settings: BuildSettings, device) -> None:
-        from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
-        from rapidin_index.sketch import make_projector
-
-        blocks = gradient_blocks(selected)
-        projector = make_projector(settings.sketch, gradient_dim(blocks), device, blocks=blocks)
-        self.sketcher = GradientSketcher(loaded.model, blocks, projector, settings.normalize)
-        self.tokenizer = loaded.tokenizer
-        self.batch_size = settings.batch_size
-        self.device = device
-
-    def compute(self, job: ChunkJob, advance=lambda rows, tokens: None) -> tuple[dict, np.ndarray]:
-        from rapidin_index.gradients import collate
-
-        results: dict[int, tuple[np.ndarray, dict]] = {}
-        rejected = [{"id": row.example_id + job.id_offset, "reason": row.reason} for row in job.rejected]
-        advance(len(rejected), 0)
-        ordered = sorted(
-            job.examples, key=lambda example: len(example.input_ids), reverse=True
-        )  # less padding
-        for start in range(0, len(ordered), self.batch_size):
-            batch_examples = ordered[start : start + self.batch_size]
-            pairs = [(e.input_ids, e.labels) for e in batch_examples]
-            sketched = self.sketcher.sketch(collate(pairs, self.tokenizer.pad_token_id, self.device))
-            vectors = sketched.vectors.cpu().numpy()
-            for row, example in enumerate(batch_examples):
-                example_id = example.example_id + job.id_offset
-                if not bool(sketched.finite[row]):
-                    reason = "non-finite gradient (NaN or inf); try --dtype float32"
-                    rejected.append({"id": example_id, "reason": reason})
-                    continue
-                results[example_id] = (vectors[row], _metadata_row(example, example_id, sketched, row))
-            advance(len(batch_examples), sum(len(e.input_ids) for e in batch_examples))
-        return _chunk_record(
-            results, rejected, job.examples, self.sketcher.projector.output_dim, self.sketcher.exact_path
-        )
-
-
-def _chunk_record(
-    results: dict, rejected: list[dict], examples: list[Example], dimension: int, exact_path: dict
-):
-    ids = sorted(results)
-    stacked = np.stack([results[i][0] for i in ids]) if ids else np.zeros((0, dimension), np.float32)
-    record = {
-        "ids": ids,
-        "rows": [results[i][1] for i in ids],
-        "rejected": sorted(rejected, key=lambda row: row["id"]),
-        "tokens": sum(results[i][1]["num_tokens"] for i in ids),
-        "truncated": sum(results[i][1]["truncated"] for i in ids),
-        "templates": dict(Counter(e.template_name for e in examples)),
-        "exact_path": dict(exact_path),
-    }
-    return record, stacked.astype(np.float32)
-
-
-def _metadata_row(example: Example, example_id: int, sketched, row: int) -> dict:
-    return {
-        "id": example_id,
-        "source": json.dumps(example.source, ensure_ascii=False, sort_keys=True),
-        "prompt": example.prompt,
-        "response": example.response,
-        "num_tokens": len(example.input_ids),
-        "num_response_tokens": example.num_response_tokens,
-        "truncated": example.truncated,
-        "loss": float(sketched.losses[row]),
-        "gradient_norm": float(sketched.gradient_norms[row]),
-        "content_hash": example.content_hash,
-    }
 
 
 # --------------------------------------------------------------------------- finalise
@@ -548,8 +414,6 @@ def _metadata_row(example: Example, example_id: int, sketched, row: int) -> dict
 
 def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     """Write generation N+1 of every file from the previous generation plus the journal, then the manifest."""
-    from rapidin_index import metadata
-
     index_dir, plan, existing, settings = run.index_dir, run.plan, run.existing, run.settings
     generation = plan["base_generation"] + 1
     identity = plan["identity"]
@@ -561,13 +425,11 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     templates = Counter(existing.template_usage if existing else {})
     exact_path = dict(existing.exact_path if existing else {})
     if existing is not None:
-        ids, vectors = vector_index.stored_vectors(
-            vector_index.load_index(index_dir / vector_index.vector_file(existing.generation))
-        )
+        ids, vectors = store.load_vectors(index_dir, existing.generation)
         vector_index.add_vectors(faiss_index, vectors, ids)
-        old_rows = metadata.read_all(index_dir, existing.generation)
+        old_rows = store.read_rows(index_dir, existing.generation)
         rejected = [
-            {"id": row.example_id, "reason": row.reason} for row in read_rejected(index_dir, existing)
+            {"id": row.example_id, "reason": row.reason} for row in store.read_rejected(index_dir, existing)
         ]
         counts = {"tokens": existing.token_count, "truncated": existing.truncated_count}
 
@@ -583,11 +445,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             exact_path.update(record.get("exact_path", {}))
             yield record["rows"]
 
-    metadata.write_table(index_dir, generation, row_batches())
-    vector_path = index_dir / vector_index.vector_file(generation)
-    vector_index.save_index(faiss_index, vector_path)
-    rejected_path = index_dir / rejected_file(generation)
-    atomic_write_bytes(rejected_path, "".join(json.dumps(row) + "\n" for row in rejected).encode())
+    files = store.write_generation(index_dir, generation, faiss_index, row_batches(), rejected)
     manifest = _new_manifest(existing, plan, settings, generation, run.data, total_rows)
     manifest.model["files"] = run.model_files["model"]  # for a no-op rebuild that skips the model
     if manifest.adapter is not None:
@@ -598,11 +456,11 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.truncated_count = counts["truncated"]
     manifest.template_usage = dict(templates)
     manifest.exact_path = exact_path
-    manifest.files = file_checksums(index_dir, generation)
+    manifest.files = files
     pause_point("before-commit")
     write_manifest(index_dir, manifest)
-    _remove_other_generations(index_dir, generation)
-    shutil.rmtree(journal, ignore_errors=True)
+    remove_unread_generations(index_dir, generation)
+    store.remove_journal(index_dir)
     return manifest
 
 
@@ -634,40 +492,3 @@ def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Man
     if existing is not None:
         manifest.created_at = existing.created_at
     return manifest
-
-
-def file_checksums(index_dir: Path, generation: int) -> dict:
-    from rapidin_index import metadata
-
-    files = {}
-    for relative in (vector_index.vector_file(generation), rejected_file(generation)):
-        files[relative] = {
-            "sha256": sha256_file(index_dir / relative),
-            "bytes": tree_bytes(index_dir / relative),
-        }
-    table = metadata.table_path(index_dir, generation)
-    files[table.relative_to(index_dir).as_posix()] = {
-        "sha256": sha256_tree(table),
-        "bytes": tree_bytes(table),
-    }
-    return files
-
-
-def _remove_other_generations(index_dir: Path, generation: int) -> None:
-    """Remove older (and torn) generations' files, except those a reader still holds a lease on."""
-    remove_unread_generations(index_dir, generation, lambda old: remove_generation(index_dir, old))
-
-
-def remove_generation(index_dir: Path, generation: int) -> None:
-    from rapidin_index import metadata
-
-    for path in index_dir.glob(f"*-g{generation:04d}.*"):  # data files and torn temporaries
-        path.unlink(missing_ok=True)
-    shutil.rmtree(metadata.table_path(index_dir, generation), ignore_errors=True)
-
-
-def load_index_manifest(index_dir: str | Path) -> Manifest:
-    try:
-        return read_manifest(index_dir)
-    except ManifestError as error:
-        raise BuildError(str(error)) from None

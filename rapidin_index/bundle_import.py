@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import tarfile
@@ -19,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from rapidin_index.build import remove_generation
+from rapidin_index import store
 from rapidin_index.bundle import (
     BLOCK,
     BUNDLE_NAME,
@@ -31,7 +30,6 @@ from rapidin_index.bundle import (
 )
 from rapidin_index.errors import BundleError, IntegrityError, ManifestError
 from rapidin_index.files import atomic_write_json, sha256_file
-from rapidin_index.journal import JOURNAL_DIR
 from rapidin_index.lock import LOCK_FILES, remove_unread_generations, writer_lock
 from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, verify_files
 
@@ -92,21 +90,16 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
         os.replace(staging / MANIFEST_NAME, index_dir / MANIFEST_NAME)
         return
     generation = read_manifest(index_dir).generation + 1
-    remove_generation(index_dir, generation)  # torn files of an unfinished build
+    store.remove_generation(index_dir, generation)  # torn files of an unfinished build
     files = {}
     for relative, entry in manifest.files.items():
-        renamed = _GENERATION.sub(
-            lambda match: f"{match.group(1)}g{generation:04d}{match.group(2)}", relative
-        )
+        renamed = store.renamed_to_generation(relative, generation)
         _move(staging / relative, index_dir / renamed)
         files[renamed] = entry
     manifest.files, manifest.generation = files, generation
     atomic_write_json(index_dir / MANIFEST_NAME, manifest.to_dict())
-    shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)  # an unfinished build of the old index
-    remove_unread_generations(index_dir, generation, lambda old: remove_generation(index_dir, old))
-
-
-_GENERATION = re.compile(r"([-_])g\d{4}(\.)")
+    store.remove_journal(index_dir)  # an unfinished build of the old index
+    remove_unread_generations(index_dir, generation)
 
 
 def _move(source: Path, target: Path) -> None:

@@ -39,9 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rapidin_index import index as vector_index
-from rapidin_index import metadata
-from rapidin_index.build import read_rejected
+from rapidin_index import metadata, store
 from rapidin_index.bundle import (
     BLOCK,
     BUNDLE_NAME,
@@ -60,6 +58,7 @@ from rapidin_index.manifest import (
     Manifest,
     read_manifest,
 )
+from rapidin_index.store import read_rejected
 
 # --------------------------------------------------------------------------- export
 
@@ -202,10 +201,8 @@ class _ZipWriter:
 
 def _write_parquet(index_dir: Path, manifest: Manifest, path: Path, batch_rows: int = 4096) -> None:
     """One row per indexed example: id, vector (fixed_size_list<float32>[dim]), the LanceDB columns."""
-    ids, vectors = vector_index.stored_vectors(
-        vector_index.load_index(index_dir / vector_index.vector_file(manifest.generation))
-    )
-    rows = {row["id"]: row for row in metadata.read_all(index_dir, manifest.generation)}
+    ids, vectors = store.load_vectors(index_dir, manifest.generation)
+    rows = {row["id"]: row for row in store.read_rows(index_dir, manifest.generation)}
     if set(rows) != set(ids.tolist()):
         raise BundleError(f"{index_dir}: the FAISS ids and the LanceDB rows differ; the index is damaged")
     order = np.argsort(ids, kind="stable")

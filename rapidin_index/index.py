@@ -10,13 +10,6 @@ import numpy as np
 from rapidin_index.errors import StoreError
 from rapidin_index.files import atomic_file
 
-VECTOR_FILE = "vectors-g{generation:04d}.faiss"
-
-
-def vector_file(generation: int) -> str:
-    return VECTOR_FILE.format(generation=generation)
-
-
 VECTOR_DTYPES = ("float32", "float16")
 
 

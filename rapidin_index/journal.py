@@ -18,8 +18,8 @@ import numpy as np
 from rapidin_index.errors import JournalError
 from rapidin_index.files import atomic_write_bytes, atomic_write_json, sha256_file
 from rapidin_index.manifest import differences
+from rapidin_index.store import JOURNAL_DIR
 
-JOURNAL_DIR = ".build"
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
 CRASH_AFTER_VECTORS_ENV = "RAPIDIN_INDEX_CRASH_AFTER_VECTORS"
 

@@ -18,15 +18,15 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shlex
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rapidin_index import store
 from rapidin_index.errors import IndexLockedError, ManifestError
 from rapidin_index.manifest import Manifest, read_manifest, utc_now
 
@@ -38,9 +38,6 @@ LOCK_FILES = (LOCK_NAME, READERS_DIR)
 # taken; "before-commit": a build wrote its new generation, not yet its manifest) create PATH.paused and
 # wait while PATH exists (at most two minutes). The tests use it to hold a writer still at that point.
 PAUSE_ENV = "RAPIDIN_INDEX_TEST_PAUSE"
-
-
-_GENERATION = re.compile(r"(?:^|[-_])g(\d{4})(?:\.|$)")
 
 
 # --------------------------------------------------------------------------- the writer lock
@@ -230,9 +227,9 @@ def read_generation(index_dir: str | Path) -> tuple[Manifest, ReaderLease]:
     raise ManifestError(f"{index_dir} changed 100 times while it was being opened; retry")
 
 
-def remove_unread_generations(index_dir: str | Path, keep: int, remove: Callable[[int], None]) -> list[int]:
-    """``remove(g)`` for every generation ``g != keep`` that has files here and no reader; returns the
-    generations left in place because a reader holds them. Call with the writer lock held."""
+def remove_unread_generations(index_dir: str | Path, keep: int) -> list[int]:
+    """Remove every generation but ``keep`` that has files here and no reader (`store.remove_generation`);
+    returns the generations left in place because a reader holds them. Call with the writer lock held."""
     index_dir = Path(index_dir)
     still_read = []
     for generation in sorted(generations_on_disk(index_dir) - {keep}):
@@ -250,7 +247,7 @@ def remove_unread_generations(index_dir: str | Path, keep: int, remove: Callable
             os.close(descriptor)
             continue
         try:
-            remove(generation)
+            store.remove_generation(index_dir, generation)
             path.unlink(missing_ok=True)  # still locked: a reader arriving now re-reads the manifest
         finally:
             os.close(descriptor)
@@ -259,14 +256,11 @@ def remove_unread_generations(index_dir: str | Path, keep: int, remove: Callable
 
 def generations_on_disk(index_dir: Path) -> set[int]:
     """Generations with a data file, LanceDB table or lease file in the folder."""
-    found = set()
-    candidates = [*index_dir.glob("*-g[0-9][0-9][0-9][0-9].*"), *index_dir.glob("metadata/rows_g*.lance")]
-    candidates += (index_dir / READERS_DIR).glob("g[0-9][0-9][0-9][0-9]")
-    for path in candidates:
-        match = _GENERATION.search(path.name)
-        if match:
-            found.add(int(match.group(1)))
-    return found
+    candidates = [
+        *store.generation_paths(index_dir),
+        *(index_dir / READERS_DIR).glob("g[0-9][0-9][0-9][0-9]"),
+    ]
+    return {g for g in (store.generation_of(path.name) for path in candidates) if g is not None}
 
 
 # --------------------------------------------------------------------------- test hook

@@ -126,3 +126,20 @@ def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
             raise IntegrityError(
                 f"{relative} does not match its checksum in the manifest (corrupted or edited)"
             )
+
+
+def manifest_identity(manifest: Manifest) -> dict:
+    """What makes two indexes interchangeable: the model, data rules and sketch, not counts or dates."""
+    return {
+        "model": {"fingerprint": manifest.model["fingerprint"], "dtype": manifest.model["dtype"]},
+        "adapter": None if manifest.adapter is None else {"fingerprint": manifest.adapter["fingerprint"]},
+        "tokenizer": {"fingerprint": manifest.tokenizer["fingerprint"]},
+        "template": manifest.template,
+        "max_length": manifest.max_length,
+        "tokenization": manifest.tokenization,
+        "parameters": manifest.parameters,
+        "normalize": manifest.normalize,
+        "sketch": manifest.sketch,
+        "vector_dtype": manifest.vector_dtype,
+        "shard": manifest.shard,
+    }

@@ -1,4 +1,7 @@
-"""The LanceDB side of the index: one row per training example with its text and build statistics."""
+"""The LanceDB side of the index: one row per training example with its text and build statistics.
+
+A codec over a database folder and a table name; `store` knows which folder and name a generation uses.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,6 @@ os.environ.setdefault("LANCEDB_LOG", "error")  # lance logs a WARN for every new
 
 import lancedb
 import pyarrow as pa
-
-DATABASE_DIR = "metadata"
-TABLE_NAME = "rows_g{generation:04d}"
 
 SCHEMA = pa.schema(
     [
@@ -30,22 +30,13 @@ SCHEMA = pa.schema(
 )
 
 
-def table_name(generation: int) -> str:
-    return TABLE_NAME.format(generation=generation)
+def _connect(database: Path):
+    return lancedb.connect(str(database))
 
 
-def table_path(index_dir: str | Path, generation: int) -> Path:
-    return Path(index_dir) / DATABASE_DIR / f"{table_name(generation)}.lance"
-
-
-def _connect(index_dir: str | Path):
-    return lancedb.connect(str(Path(index_dir) / DATABASE_DIR))
-
-
-def write_table(index_dir: str | Path, generation: int, row_batches) -> int:
-    """Write the generation's table from an iterable of lists of row dicts (overwrites a partial one)."""
-    database = _connect(index_dir)
-    table = database.create_table(table_name(generation), schema=SCHEMA, mode="overwrite")
+def write_table(database: Path, name: str, row_batches) -> int:
+    """Write table ``name`` from an iterable of lists of row dicts (overwrites a partial one)."""
+    table = _connect(database).create_table(name, schema=SCHEMA, mode="overwrite")
     written = 0
     for rows in row_batches:
         if rows:
@@ -54,12 +45,12 @@ def write_table(index_dir: str | Path, generation: int, row_batches) -> int:
     return written
 
 
-def read_all(index_dir: str | Path, generation: int) -> list[dict]:
-    return _connect(index_dir).open_table(table_name(generation)).to_arrow().to_pylist()
+def read_all(database: Path, name: str) -> list[dict]:
+    return _connect(database).open_table(name).to_arrow().to_pylist()
 
 
-def open_table(index_dir: str | Path, generation: int):
-    return _connect(index_dir).open_table(table_name(generation))
+def open_table(database: Path, name: str):
+    return _connect(database).open_table(name)
 
 
 def read_rows(table, ids: list[int]) -> dict[int, dict]:
@@ -71,13 +62,5 @@ def read_rows(table, ids: list[int]) -> dict[int, dict]:
     return {row["id"]: {**row, "source": json.loads(row["source"])} for row in found}
 
 
-def count_rows(index_dir: str | Path, generation: int) -> int:
-    return _connect(index_dir).open_table(table_name(generation)).count_rows()
-
-
-def drop_other_tables(index_dir: str | Path, keep_generation: int) -> None:
-    database = _connect(index_dir)
-    keep = table_name(keep_generation)
-    for name in list(database.list_tables().tables):
-        if name != keep and name.startswith("rows_g"):
-            database.drop_table(name)
+def count_rows(database: Path, name: str) -> int:
+    return _connect(database).open_table(name).count_rows()

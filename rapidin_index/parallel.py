@@ -231,10 +231,10 @@ class RayChunkRunner:
 
 
 class RayChunkWorker:
-    """The state of one Ray build actor: the model, loaded once, and a `build.ChunkSketcher`."""
+    """The state of one Ray build actor: the model, loaded once, and a `chunks.ChunkSketcher`."""
 
     def __init__(self, settings, device: str, threads: int | None) -> None:
-        from rapidin_index.build import ChunkSketcher  # build imports this module
+        from rapidin_index.chunks import ChunkSketcher
         from rapidin_index.models import load_model, select_parameters
 
         if threads is not None:

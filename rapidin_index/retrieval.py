@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rapidin_index import index as vector_index
-from rapidin_index import metadata
+from rapidin_index import metadata, store
 from rapidin_index.data import (
     IGNORE_INDEX,
     Template,
@@ -93,14 +93,14 @@ class Index:
             SketchSettings.from_dict(sketch), sketch["gradient_dim"], device, blocks=self.blocks
         )
         self.sketcher = GradientSketcher(loaded.model, self.blocks, projector, manifest.normalize)
-        cpu_index = vector_index.load_index(path / vector_index.vector_file(manifest.generation))
+        cpu_index = store.load_faiss(path, manifest.generation)
         if cpu_index.d != sketch["output_dim"] or cpu_index.ntotal != manifest.row_count:
             raise IndexMismatchError(
                 f"{path}: the FAISS file holds {cpu_index.ntotal} vectors of {cpu_index.d} dims, the manifest "
                 f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
             )
         self.faiss_index = search_index(cpu_index)
-        self.table = metadata.open_table(path, manifest.generation)  # kept open: joins are per query
+        self.table = store.open_rows(path, manifest.generation)  # kept open: joins are per query
 
     @classmethod
     def open(

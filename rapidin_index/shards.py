@@ -7,21 +7,17 @@ twice; the merged index is written like any build (generation 1, manifest last).
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from rapidin_index import index as vector_index
-from rapidin_index import metadata
-from rapidin_index.build import file_checksums, manifest_identity, read_rejected, rejected_file
+from rapidin_index import store
 from rapidin_index.errors import ShardError
-from rapidin_index.files import atomic_write_bytes
-from rapidin_index.journal import JOURNAL_DIR
 from rapidin_index.lock import read_generation, writer_lock
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, write_manifest
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, manifest_identity, write_manifest
+from rapidin_index.store import read_rejected
 
 
 def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:
@@ -45,30 +41,26 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     faiss_index = vector_index.new_index(manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
     rows, rejected, seen = [], [], Counter()
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
-        path = shard_dir / vector_index.vector_file(manifest.generation)
-        ids, vectors = vector_index.stored_vectors(vector_index.load_index(path))
+        ids, vectors = store.load_vectors(shard_dir, manifest.generation)
         order = np.argsort(ids)
         vector_index.add_vectors(faiss_index, vectors[order], ids[order])
-        rows.extend(metadata.read_all(shard_dir, manifest.generation))
+        rows.extend(store.read_rows(shard_dir, manifest.generation))
         rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
         seen.update(ids.tolist())
         seen.update(r["id"] for r in rejected[len(rejected) - manifest.rejected_count :])
     _check_every_row_once(seen, total_rows)
     rows.sort(key=lambda row: row["id"])
     rejected.sort(key=lambda row: row["id"])
-    index_dir.mkdir(parents=True, exist_ok=True)
-    metadata.write_table(index_dir, 1, [rows])
-    vector_index.save_index(faiss_index, index_dir / vector_index.vector_file(1))
-    atomic_write_bytes(index_dir / rejected_file(1), "".join(json.dumps(r) + "\n" for r in rejected).encode())
+    files = store.write_generation(index_dir, 1, faiss_index, [rows], rejected)
     merged = Manifest.from_dict(manifests[0].to_dict())
     merged.shard, merged.generation = None, 1
     merged.row_count, merged.rejected_count = faiss_index.ntotal, len(rejected)
     merged.token_count = sum(m.token_count for m in manifests)
     merged.truncated_count = sum(m.truncated_count for m in manifests)
     merged.template_usage = dict(sum((Counter(m.template_usage) for m in manifests), Counter()))
-    merged.files = file_checksums(index_dir, 1)
+    merged.files = files
     write_manifest(index_dir, merged)
-    shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)
+    store.remove_journal(index_dir)
     return merged
 
 

@@ -13,8 +13,7 @@ import pytest
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
-from rapidin_index import index as vector_index
-from rapidin_index import metadata
+from rapidin_index import store
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
 from rapidin_index.bundle_import import import_bundle, verify_bundle
@@ -99,14 +98,12 @@ def test_bundle_describes_itself_in_a_fixed_member_order(source):
 def test_parquet_export_round_trips_vectors_ids_and_text(source, tmp_path):
     path = export_index(source.index, tmp_path / "index.parquet")
     ids, vectors, rows, manifest = read_parquet_export(path)
-    stored_ids, stored = vector_index.stored_vectors(
-        vector_index.load_index(source.index / vector_index.vector_file(1))
-    )
+    stored_ids, stored = store.load_vectors(source.index, 1)
     order = np.argsort(stored_ids)
     np.testing.assert_array_equal(ids, stored_ids[order])
     np.testing.assert_array_equal(vectors, stored[order])
     assert vectors.dtype == np.float32 and vectors.shape == (24, 1024)
-    by_id = {row["id"]: row for row in metadata.read_all(source.index, 1)}
+    by_id = {row["id"]: row for row in store.read_rows(source.index, 1)}
     assert rows == [by_id[i] for i in ids.tolist()]
     assert manifest == read_manifest(source.index).to_dict()
     schema = pq.read_schema(path)

@@ -12,11 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from rapidin_index.build import BuildSettings, _remove_other_generations, build_index
+from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.bundle_import import import_bundle
 from rapidin_index.errors import IndexLockedError
 from rapidin_index.export import export_index
-from rapidin_index.lock import LOCK_NAME, PAUSE_ENV, generations_on_disk, read_generation, writer_lock
+from rapidin_index.lock import (
+    LOCK_NAME,
+    PAUSE_ENV,
+    generations_on_disk,
+    read_generation,
+    remove_unread_generations,
+    writer_lock,
+)
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
@@ -105,7 +112,7 @@ def test_a_generation_with_a_reader_outlives_its_successor(tmp_path, tiny_model_
     assert all((index_dir / relative).exists() for relative in manifest.files)
     lease.close()
     with writer_lock(index_dir, "build"):
-        _remove_other_generations(index_dir, 2)
+        remove_unread_generations(index_dir, 2)
     assert generations_on_disk(index_dir) == {2}
 
 

@@ -14,7 +14,7 @@ from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
 from rapidin_index import index as vector_index
-from rapidin_index import metadata
+from rapidin_index import store
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.errors import ParallelError
 from rapidin_index.manifest import read_manifest
@@ -56,9 +56,7 @@ def settings(tiny_model_dirs, device="cpu"):
 
 def stored(index_dir) -> tuple[np.ndarray, np.ndarray]:
     manifest = read_manifest(index_dir)
-    ids, vectors = vector_index.stored_vectors(
-        vector_index.load_index(index_dir / vector_index.vector_file(manifest.generation))
-    )
+    ids, vectors = store.load_vectors(index_dir, manifest.generation)
     order = np.argsort(ids)
     return ids[order], vectors[order]
 
@@ -96,8 +94,8 @@ def assert_same_index(found_dir, expected_dir, row_count):
     np.testing.assert_array_equal(found_ids, np.arange(row_count))
     np.testing.assert_array_equal(found_ids, expected_ids)
     np.testing.assert_allclose(found_vectors, expected_vectors, atol=1e-5)
-    found_rows = metadata.read_all(found_dir, read_manifest(found_dir).generation)
-    expected_rows = metadata.read_all(expected_dir, read_manifest(expected_dir).generation)
+    found_rows = store.read_rows(found_dir, read_manifest(found_dir).generation)
+    expected_rows = store.read_rows(expected_dir, read_manifest(expected_dir).generation)
     assert [row["id"] for row in found_rows] == list(range(row_count))
     for found, expected in zip(found_rows, expected_rows, strict=True):
         assert {k: v for k, v in found.items() if k not in ("loss", "gradient_norm")} == {

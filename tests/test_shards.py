@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from rapidin_index import metadata
+from rapidin_index import store
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.errors import BuildError, ShardError
-from rapidin_index.index import load_index, stored_vectors, vector_file
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
@@ -22,7 +21,7 @@ def settings(tiny_model_dirs, **overrides):
 
 def vectors_of(index_dir):
     manifest = read_manifest(index_dir)
-    ids, vectors = stored_vectors(load_index(index_dir / vector_file(manifest.generation)))
+    ids, vectors = store.load_vectors(index_dir, manifest.generation)
     return dict(zip(ids.tolist(), vectors, strict=True))
 
 
@@ -49,7 +48,7 @@ def test_shards_merge_to_the_single_build(shard_builds, training_rows):
     assert sorted(single) == sorted(combined)
     for example_id, vector in single.items():
         np.testing.assert_allclose(combined[example_id], vector, atol=1e-6)
-    assert [row["id"] for row in metadata.read_all(root / "merged", 1)] == list(range(len(training_rows)))
+    assert [row["id"] for row in store.read_rows(root / "merged", 1)] == list(range(len(training_rows)))
     row = training_rows[7]
     expected = Index.open(root / "single", device="cpu").query(
         row["instruction"], row["output"], top_k=5, explain=0
