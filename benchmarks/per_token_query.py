@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from build_throughput import docstring_rows
 
-from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index
+from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index, retrieval
 from rapidin_index import index as vector_index
 from rapidin_index.gradients import collate
 from rapidin_index.tiny_models import save_lora_adapter, save_tiny_model
@@ -78,7 +78,7 @@ def measure(name: str, folder: Path, rows: list[dict], args) -> dict:
     prompt = rows[0]["instruction"]
     prepared = index.prepare(prompt, response)
     # the per-token vectors of both methods must agree before anything is timed
-    vectors, _ = index._sketch_all([prepared], per_token=True)
+    vectors, _ = retrieval.sketch_queries(index, [prepared], per_token=True)
     reference = copies_method(index, prepared, args.top_k)
     error = float(np.abs(vectors - reference).max() / np.abs(reference).max())
     assert error < 1e-4, f"{name}: per-token vectors differ from the copies method by {error:.2e}"

@@ -56,6 +56,7 @@ from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.data import load_examples
 from rapidin_index.gradients import collate, normalize_flat, reference_gradient
 from rapidin_index.models import ModelSettings
+from rapidin_index.query import PreparedQuery, prepare_row
 from rapidin_index.sketch import SketchSettings
 from rapidin_index.tiny_models import save_tiny_model
 
@@ -308,20 +309,23 @@ def measure_search(args: argparse.Namespace) -> dict:
 
 
 class StageClock:
-    """Wraps the retrieval stages (instance methods and the module's search) to add up their seconds."""
+    """Wraps the retrieval stages (public functions of `rapidin_index.retrieval`) to add up their seconds."""
+
+    STAGES = {"sketch": "sketch_queries", "search": "search", "join": "join_text", "explain": "explain_hits"}
 
     def __init__(self, index: retrieval.Index) -> None:
-        self.seconds = {"sketch": 0.0, "search": 0.0, "join": 0.0, "explain": 0.0}
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
         self.search_calls = 0
         self.vectors_searched = 0
-        index._sketch_all = self._wrap(index._sketch_all, "sketch")
-        index._join_text = self._wrap(index._join_text, "join")
-        index._explain = self._wrap(index._explain, "explain")
-        self._search = vector_index.search
-        vector_index.search = self._counted_search  # retrieval looks vector_index.search up at each call
+        self._originals = {name: getattr(retrieval, name) for name in self.STAGES.values()}
+        for stage, name in self.STAGES.items():
+            setattr(retrieval, name, self._wrap(self._originals[name], stage))
 
     def _wrap(self, function, stage):
         def wrapper(*args, **kwargs):
+            if stage == "search":
+                self.search_calls += 1
+                self.vectors_searched += len(args[1])
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
@@ -330,41 +334,29 @@ class StageClock:
 
         return wrapper
 
-    def _counted_search(self, index, queries, top_k):
-        self.search_calls += 1
-        self.vectors_searched += len(queries)
-        start = time.perf_counter()
-        try:
-            return self._search(index, queries, top_k)
-        finally:
-            self.seconds["search"] += time.perf_counter() - start
-
     def reset(self) -> None:
         self.seconds = dict.fromkeys(self.seconds, 0.0)
         self.search_calls = self.vectors_searched = 0
 
     def restore(self) -> None:
-        vector_index.search = self._search
+        for name, function in self._originals.items():
+            setattr(retrieval, name, function)
 
 
-def prepare_rows(index: retrieval.Index, rows: list[dict]) -> list[retrieval.PreparedQuery]:
+def prepare_rows(index: retrieval.Index, rows: list[dict]) -> list[PreparedQuery]:
     """``query_rows``'s own preparation (render with the index's template, tokenize)."""
-    prepared = []
-    for row in rows:
-        prompt, response = retrieval.render_row(row, index.loaded.tokenizer, index.template)
-        prepared.append(index._tokenize(row, prompt, response, None, False))
-    return prepared
+    return [prepare_row(row, index.loaded.tokenizer, index.manifest) for row in rows]
 
 
-def sketch_whole_only(index: retrieval.Index, prepared: list[retrieval.PreparedQuery]) -> None:
-    """What ``_sketch_all`` does for the whole-generation sequences alone (no per-token copies)."""
+def sketch_whole_only(index: retrieval.Index, prepared: list[PreparedQuery]) -> None:
+    """What ``sketch_queries(..., per_token=False)`` does: the whole-generation sequences alone."""
     sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in prepared]
     pad = index.loaded.tokenizer.pad_token_id
     for start in range(0, len(sequences), index.batch_size):
         index.sketcher.sketch(collate(sequences[start : start + index.batch_size], pad, index.device))
 
 
-def exact_direction(index: retrieval.Index, query: retrieval.PreparedQuery) -> torch.Tensor:
+def exact_direction(index: retrieval.Index, query: PreparedQuery) -> torch.Tensor:
     """The query's exact whole-generation gradient, layer-normalised: [D]."""
     pad = index.loaded.tokenizer.pad_token_id
     batch = collate([(query.input_ids, query.labels_for(query.hot_positions))], pad, "cpu")
@@ -540,7 +532,7 @@ def search_seconds_per_vector_row(results: dict, vectors: float) -> tuple[float,
     index, search = results["index"], results.get("search")
     if not search:
         case = next(c for c in index["cases"] if c["explain"] == 0)
-        per = case["stages_seconds"]["search"] / (case["vectors_searched"] / 2 * index["rows"])
+        per = case["stages_seconds"]["search"] / (case["vectors_searched"] * index["rows"])
         return per, f"the real index's own search (N = {index['rows']})"
     largest = max(cell["rows"] for cell in search["cells"])
     cell = min(

@@ -1,18 +1,19 @@
 """The retrieval stage: sketch a generation's gradient (whole and per token), search, join to the text.
 
 ``Index.open(path).query(prompt, response)`` is the Python face of ``rapidin-index query``. The query is
-rendered, masked, normalised and sketched exactly as the index's training rows were (all read from the
-manifest), after the model and tokenizer are checked against the manifest's fingerprints.
+prepared by `rapidin_index.query` exactly as the index's training rows were (template, tokenization and
+normalisation all read from the manifest), after the model and tokenizer are checked against the
+manifest's fingerprints. The stages are public functions over an opened `Index`, so that each can be
+timed on its own: `sketch_queries`, `search`, `collect_results`, `join_text`, `explain`.
 
 Per generated token j the query vector is the layer-normalised, sketched gradient of token j's loss alone
 (SPEC 2.4, Eq. 7); the whole generation uses the mean loss over the response tokens (or over the "hot"
-tokens only, when the query names some). All vectors of all queries are sketched in shared batches
-(one sequence copy per token, each with a single label) and searched in one FAISS call.
+tokens only, when the query names some). Per token, a query costs one forward pass and batched backward
+passes (`token_gradients`); every vector of every query is searched in one scan of the index.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,7 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
-from rapidin_index.data import (
-    IGNORE_INDEX,
-    Template,
-    Tokenized,
-    prompt_token_ids,
-    render_query,
-    render_row,
-    tokenize,
-    tokenize_example,
-)
+from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
 from rapidin_index.gradients import (
     GradientSketcher,
@@ -43,35 +35,11 @@ from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
+from rapidin_index.query import PreparedQuery, generation_prompt_ids, prepare, prepare_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.sketch import SketchSettings, make_projector
 from rapidin_index.token_attribution import training_token_scores
 from rapidin_index.token_gradients import sketch_loss_combinations
-
-
-@dataclass
-class PreparedQuery:
-    """One query, rendered and tokenized like a training row."""
-
-    prompt: str
-    response: str
-    rendered_prompt: str
-    input_ids: list[int]
-    labels: list[int]  # every response token labelled
-    response_positions: list[int]  # positions in input_ids whose label is scored
-    hot: list[bool]  # per response token: in the attributed set
-    hot_spec: object = None
-    generated: bool = False
-
-    def labels_for(self, positions: list[int]) -> list[int]:
-        kept = [IGNORE_INDEX] * len(self.labels)
-        for position in positions:
-            kept[position] = self.labels[position]
-        return kept
-
-    @property
-    def hot_positions(self) -> list[int]:
-        return [p for p, is_hot in zip(self.response_positions, self.hot, strict=True) if is_hot]
 
 
 class Index:
@@ -182,28 +150,20 @@ class Index:
         prepared = []
         for number, row in enumerate(rows):
             try:
-                rendered_prompt, response = render_row(row, self.loaded.tokenizer, self.template)
-                prepared.append(
-                    self._tokenize(
-                        _user_prompt(row, rendered_prompt), rendered_prompt, response, row.get("hot"), False
-                    )
-                )
+                prepared.append(prepare_row(row, self.loaded.tokenizer, self.manifest))
             except (RowError, QueryError) as error:
                 raise QueryError(f"query row {number}: {error}") from None
         return self.query_prepared(prepared, top_k, explain, per_token, token_top_k)
 
     def prepare(self, prompt: str, response: str, hot=None, generated: bool = False) -> PreparedQuery:
-        rendered_prompt, response = render_query(
-            prompt, response, self.loaded.tokenizer, self._query_template()
-        )
-        return self._tokenize(prompt, rendered_prompt, response, hot, generated)
+        return prepare(prompt, response, self.loaded.tokenizer, self.manifest, hot, generated)
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
         """Greedy generation by the indexed model."""
         tokenizer = self.loaded.tokenizer
-        rendered_prompt, _ = render_query(prompt, "", tokenizer, self._query_template())
-        # the same prompt ids as scoring uses (no second BOS after a chat template's own)
-        input_ids = torch.tensor([prompt_token_ids(rendered_prompt, tokenizer)], device=self.device)
+        input_ids = torch.tensor(
+            [generation_prompt_ids(prompt, tokenizer, self.manifest)], device=self.device
+        )
         with torch.no_grad():
             output = self.loaded.model.generate(
                 input_ids=input_ids,
@@ -217,8 +177,6 @@ class Index:
             raise QueryError("the model generated nothing for this prompt; give --response instead")
         return text
 
-    # ----------------------------------------------------------------------- the work
-
     def query_prepared(
         self,
         queries: list[PreparedQuery],
@@ -227,194 +185,129 @@ class Index:
         per_token: bool = True,
         token_top_k: int = 5,
     ) -> list[QueryResult]:
+        """Sketch, search (one scan), collect, join the text, explain the top hits."""
         if top_k < 1 or token_top_k < 1:
             raise QueryError(f"--top-k and --token-top-k must be at least 1, got {top_k} and {token_top_k}")
         top_k = min(top_k, self.manifest.row_count)
         token_top_k = min(token_top_k, self.manifest.row_count)
-        vectors, losses = self._sketch_all(queries, per_token)  # [sum(1 + tokens), K] or [queries, K]
-        # one scan gives both lists; per-token rows keep their own, shorter, count
-        found = vector_index.search_both(
-            self.faiss_index, vectors, max(top_k, token_top_k if per_token else 0)
-        )
-        results, row = [], 0
-        for query in queries:
-            count = 1 + len(query.response_positions) if per_token else 1
-            span = [part[row : row + count] for part in found]
-            results.append(
-                self._result(query, span, losses[row : row + count], top_k, token_top_k, per_token)
-            )
-            row += count
-        self._join_text(results)
+        vectors, losses = sketch_queries(self, queries, per_token)
+        found = search(self, vectors, max(top_k, token_top_k if per_token else 0))
+        results = collect_results(self, queries, found, losses, top_k, token_top_k, per_token)
+        join_text(self, results)
         if explain > 0:
             for query, result in zip(queries, results, strict=True):
-                self._explain(query, result, explain)
+                explain_hits(self, query, result, explain)
         return results
 
-    def _sketch_all(self, queries: list[PreparedQuery], per_token: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Each query's whole-generation vector, then (``per_token``) one vector per scored token.
 
-        Per token, one forward pass per query and batched backward passes over its token losses
-        (:mod:`rapidin_index.token_gradients`); whole-generation only, the queries share batches.
-        """
-        if not per_token:
-            return self._sketch_sequences(
-                [(query.input_ids, query.labels_for(query.hot_positions)) for query in queries]
-            )
-        vectors, losses = [], []
-        for query in queries:
-            example = collate(
-                [(query.input_ids, query.labels)], self.loaded.tokenizer.pad_token_id, self.device
-            )
-            hot = torch.tensor(query.hot, dtype=torch.float32)
-            weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
-            sketched = sketch_loss_combinations(self.sketcher, example, weights)
-            vectors.append(self._checked(sketched).vectors.cpu().numpy())
-            losses.append(sketched.losses.cpu().numpy())
-        return np.concatenate(vectors), np.concatenate(losses)
+# --------------------------------------------------------------------------- the stages
 
-    def _sketch_sequences(
-        self, sequences: list[tuple[list[int], list[int]]]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        vectors, losses = [], []
-        for start in range(0, len(sequences), self.batch_size):
-            batch = collate(
-                sequences[start : start + self.batch_size], self.loaded.tokenizer.pad_token_id, self.device
-            )
-            sketched = self._checked(self.sketcher.sketch(batch))
-            vectors.append(sketched.vectors.cpu().numpy())
-            losses.append(sketched.losses.cpu().numpy())
-        return np.concatenate(vectors), np.concatenate(losses)
 
-    @staticmethod
-    def _checked(sketched):
-        if not bool(sketched.finite.all()):
-            raise QueryError(
-                "the query's gradient has NaN or inf (fp16 overflow?); open the index with float32"
-            )
-        return sketched
+def sketch_queries(
+    index: Index, queries: list[PreparedQuery], per_token: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, losses): each query's whole-generation vector, then (``per_token``) one per scored token.
 
-    def _result(
-        self, query: PreparedQuery, found: list, losses, top_k: int, token_top_k: int, per_token: bool
-    ) -> QueryResult:
-        """``found``: (helpful scores, ids, harmful scores, ids), row 0 the whole generation, then tokens."""
-        helpful_scores, helpful_ids, harmful_scores, harmful_ids = found
-        tokenizer = self.loaded.tokenizer
-        tokens = []
-        for number, position in enumerate(query.response_positions):
-            token_id = query.input_ids[position]
-            row = 1 + number
-            tokens.append(
-                TokenHits(
-                    position=number,
-                    token=tokenizer.decode([token_id]),
-                    token_id=token_id,
-                    loss=float(losses[row]) if per_token else None,
-                    hot=query.hot[number],
-                    helpful=_hits(helpful_ids[row], helpful_scores[row], token_top_k) if per_token else [],
-                    harmful=_hits(harmful_ids[row], harmful_scores[row], token_top_k) if per_token else [],
-                )
-            )
-        return QueryResult(
-            prompt=query.prompt,
-            response=query.response,
-            rendered_prompt=query.rendered_prompt,
-            generated=query.generated,
-            hot=query.hot_spec,
-            index={
-                "path": str(self.path),
-                "row_count": self.manifest.row_count,
-                "sketch_dim": self.manifest.sketch["sketch_dim"],
-                "normalize": self.manifest.normalize,
-            },
-            tokens=tokens,
-            helpful=_hits(helpful_ids[0], helpful_scores[0], top_k),
-            harmful=_hits(harmful_ids[0], harmful_scores[0], top_k),
+    Per token, one forward pass per query and batched backward passes over its token losses
+    (:mod:`rapidin_index.token_gradients`): rows [1 + T] per query. Whole generation only, the queries
+    share batches: one row per query.
+    """
+    if not per_token:
+        sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in queries]
+        return _sketch_sequences(index, sequences)
+    vectors, losses = [], []
+    for query in queries:
+        example = collate(
+            [(query.input_ids, query.labels)], index.loaded.tokenizer.pad_token_id, index.device
         )
+        hot = torch.tensor(query.hot, dtype=torch.float32)
+        weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
+        sketched = _finite(sketch_loss_combinations(index.sketcher, example, weights))
+        vectors.append(sketched.vectors.cpu().numpy())
+        losses.append(sketched.losses.cpu().numpy())
+    return np.concatenate(vectors), np.concatenate(losses)
 
-    def _join_text(self, results: list[QueryResult]) -> None:
-        """Whole-generation hits get their row (prompt, response, source); per-token hits their text."""
-        token_hits = [hit for r in results for t in r.tokens for hit in t.helpful + t.harmful]
-        whole_hits = [hit for r in results for hit in r.helpful + r.harmful]
-        rows = metadata.read_rows(self.table, sorted({hit.id for hit in whole_hits + token_hits}))
-        for hit in whole_hits:
-            row = rows[hit.id]
-            hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]
-        for hit in token_hits:
-            hit.prompt, hit.response = rows[hit.id]["prompt"], rows[hit.id]["response"]
 
-    def _explain(self, query: PreparedQuery, result: QueryResult, count: int) -> None:
-        """Training-token scores (SPEC 2.4, Eq. 6) for the top ``count`` helpful and harmful hits."""
-        tokenizer = self.loaded.tokenizer
-        query_batch = collate(
-            [(query.input_ids, query.labels_for(query.hot_positions))], tokenizer.pad_token_id, self.device
+def _sketch_sequences(
+    index: Index, sequences: list[tuple[list[int], list[int]]]
+) -> tuple[np.ndarray, np.ndarray]:
+    vectors, losses = [], []
+    pad = index.loaded.tokenizer.pad_token_id
+    for start in range(0, len(sequences), index.batch_size):
+        batch = collate(sequences[start : start + index.batch_size], pad, index.device)
+        sketched = _finite(index.sketcher.sketch(batch))
+        vectors.append(sketched.vectors.cpu().numpy())
+        losses.append(sketched.losses.cpu().numpy())
+    return np.concatenate(vectors), np.concatenate(losses)
+
+
+def _finite(sketched):
+    if not bool(sketched.finite.all()):
+        raise QueryError("the query's gradient has NaN or inf (fp16 overflow?); open the index with float32")
+    return sketched
+
+
+def search(index: Index, vectors: np.ndarray, count: int) -> list[np.ndarray]:
+    """(helpful scores, ids, harmful scores, ids), ``count`` each per vector, from one scan of the index."""
+    return vector_index.search_both(index.faiss_index, vectors, count)
+
+
+def collect_results(
+    index: Index,
+    queries: list[PreparedQuery],
+    found: list[np.ndarray],
+    losses: np.ndarray,
+    top_k: int,
+    token_top_k: int,
+    per_token: bool,
+) -> list[QueryResult]:
+    """One `QueryResult` per query from the search's rows (without text: `join_text` adds it)."""
+    results, row = [], 0
+    for query in queries:
+        count = 1 + len(query.response_positions) if per_token else 1
+        span = [part[row : row + count] for part in found]
+        results.append(_result(index, query, span, losses[row : row + count], top_k, token_top_k, per_token))
+        row += count
+    return results
+
+
+def _result(
+    index: Index, query: PreparedQuery, found: list, losses, top_k: int, token_top_k: int, per_token: bool
+) -> QueryResult:
+    """``found``: (helpful scores, ids, harmful scores, ids), row 0 the whole generation, then tokens."""
+    helpful_scores, helpful_ids, harmful_scores, harmful_ids = found
+    tokenizer = index.loaded.tokenizer
+    tokens = []
+    for number, position in enumerate(query.response_positions):
+        token_id = query.input_ids[position]
+        row = 1 + number
+        tokens.append(
+            TokenHits(
+                position=number,
+                token=tokenizer.decode([token_id]),
+                token_id=token_id,
+                loss=float(losses[row]) if per_token else None,
+                hot=query.hot[number],
+                helpful=_hits(helpful_ids[row], helpful_scores[row], token_top_k) if per_token else [],
+                harmful=_hits(harmful_ids[row], harmful_scores[row], token_top_k) if per_token else [],
+            )
         )
-        raw = reference_gradient(self.loaded.model, self.blocks, query_batch)[None]
-        direction = normalize_flat(raw, self.blocks, self.manifest.normalize)[0]
-        per_block = [direction[b.offset : b.offset + b.numel] for b in self.blocks]
-        for hit in result.helpful[:count] + result.harmful[:count]:
-            input_ids, labels, _ = tokenize_example(
-                hit.prompt, hit.response, tokenizer, self.manifest.max_length, self.manifest.tokenization
-            )
-            batch = collate([(input_ids, labels)], tokenizer.pad_token_id, self.device)
-            scores = training_token_scores(
-                self.loaded.model, self.blocks, batch, per_block, self.manifest.normalize
-            )
-            hit.explanation = {
-                "tokens": [
-                    {"token": tokenizer.decode([token_id]), "token_id": token_id, "score": score}
-                    for token_id, score in zip(scores.token_ids, scores.scores, strict=True)
-                ],
-                "method": scores.method,
-                "normalization": scores.normalization,
-                # The exact (unsketched) whole score, which the token scores average to with the
-                # default normalisation; ``hit.score`` is its sketched estimate when K > 0.
-                "exact_score": float(np.mean(scores.scores)) if scores.scores else 0.0,
-            }
-
-    # ----------------------------------------------------------------------- helpers
-
-    def _query_template(self):
-        """For 'auto' indexes, the template most training rows resolved to (prompts render the same way)."""
-        if self.template.name != "auto" or not self.manifest.template_usage:
-            return self.template
-        dominant = max(self.manifest.template_usage.items(), key=lambda item: item[1])[0]
-        return Template(name=dominant)
-
-    def _tokenize(
-        self, prompt: str, rendered_prompt: str, response: str, hot, generated: bool
-    ) -> PreparedQuery:
-        tokenizer = self.loaded.tokenizer
-        try:
-            tokenized = tokenize(rendered_prompt, response, tokenizer, None, self.manifest.tokenization)
-        except RowError as error:
-            raise QueryError(str(error)) from None
-        max_length = self.manifest.max_length
-        if max_length is not None and len(tokenized.input_ids) > max_length:
-            raise QueryError(
-                f"the query is {len(tokenized.input_ids)} tokens, past the index's --max-length {max_length}; "
-                "shorten it"
-            )
-        positions = [p for p, label in enumerate(tokenized.labels) if label != IGNORE_INDEX]
-        hot_mask = resolve_hot(hot, response, tokenized, positions)
-        return PreparedQuery(
-            prompt,
-            response,
-            rendered_prompt,
-            tokenized.input_ids,
-            tokenized.labels,
-            positions,
-            hot_mask,
-            hot,
-            generated,
-        )
-
-
-def _user_prompt(row: dict, rendered_prompt: str) -> str:
-    """The prompt as the user wrote it in a query row (before the template), for the result."""
-    for field in ("prompt", "instruction"):
-        if isinstance(row.get(field), str):
-            return row[field]
-    return rendered_prompt
+    return QueryResult(
+        prompt=query.prompt,
+        response=query.response,
+        rendered_prompt=query.rendered_prompt,
+        generated=query.generated,
+        hot=query.hot_spec,
+        index={
+            "path": str(index.path),
+            "row_count": index.manifest.row_count,
+            "sketch_dim": index.manifest.sketch["sketch_dim"],
+            "normalize": index.manifest.normalize,
+        },
+        tokens=tokens,
+        helpful=_hits(helpful_ids[0], helpful_scores[0], top_k),
+        harmful=_hits(harmful_ids[0], harmful_scores[0], top_k),
+    )
 
 
 def _hits(ids: np.ndarray, scores: np.ndarray, count: int) -> list[Hit]:
@@ -425,53 +318,44 @@ def _hits(ids: np.ndarray, scores: np.ndarray, count: int) -> list[Hit]:
     ]
 
 
-def resolve_hot(hot, response: str, tokenized: Tokenized, positions: list[int]) -> list[bool]:
-    """Which scored tokens are attributed: all (hot=None), words (strings) or [start, end) token spans.
-
-    ``positions`` are the scored token positions (labels != -100), in order; a span counts over them. A
-    word marks every scored token whose characters overlap an occurrence of it in the response, found
-    through the joint tokenization's own offsets, so it lands on the right token whatever the
-    tokenizer adds (BOS or not) and wherever the prompt/response boundary falls.
-    """
-    if not hot:
-        return [True] * len(positions)
-    mask = [False] * len(positions)
-    for item in hot:
-        if isinstance(item, str):
-            for number in _word_tokens(item, response, tokenized, positions):
-                mask[number] = True
-        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, int) for v in item):
-            if not 0 <= item[0] < item[1] <= len(positions):
-                raise QueryError(f"hot span {list(item)} is outside the response's {len(positions)} tokens")
-            for number in range(item[0], item[1]):
-                mask[number] = True
-        else:
-            raise QueryError(f"hot entry {item!r}: give a word (string) or a [start, end) token span")
-    return mask
+def join_text(index: Index, results: list[QueryResult]) -> None:
+    """Whole-generation hits get their row (prompt, response, source); per-token hits their text."""
+    token_hits = [hit for r in results for t in r.tokens for hit in t.helpful + t.harmful]
+    whole_hits = [hit for r in results for hit in r.helpful + r.harmful]
+    rows = metadata.read_rows(index.table, sorted({hit.id for hit in whole_hits + token_hits}))
+    for hit in whole_hits:
+        row = rows[hit.id]
+        hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]
+    for hit in token_hits:
+        hit.prompt, hit.response = rows[hit.id]["prompt"], rows[hit.id]["response"]
 
 
-def _word_tokens(word: str, response: str, tokenized: Tokenized, positions: list[int]) -> list[int]:
-    """Numbers (over ``positions``) of the scored tokens that overlap any occurrence of ``word``."""
-    if not word:
-        raise QueryError("hot word is empty")
-    start = response.find(word)
-    if start < 0:
-        raise QueryError(f"hot word {word!r} does not occur in the response")
-    if tokenized.offsets is None:
-        raise QueryError(
-            "hot words need a fast (Rust) tokenizer with character offsets; give [start, end) token spans"
+def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count: int) -> None:
+    """Training-token scores (SPEC 2.4, Eq. 6) for the top ``count`` helpful and harmful hits."""
+    tokenizer, manifest, blocks = index.loaded.tokenizer, index.manifest, index.blocks
+    query_batch = collate(
+        [(query.input_ids, query.labels_for(query.hot_positions))], tokenizer.pad_token_id, index.device
+    )
+    raw = reference_gradient(index.loaded.model, blocks, query_batch)[None]
+    direction = normalize_flat(raw, blocks, manifest.normalize)[0]
+    per_block = [direction[b.offset : b.offset + b.numel] for b in blocks]
+    for hit in result.helpful[:count] + result.harmful[:count]:
+        input_ids, labels, _ = tokenize_example(
+            hit.prompt, hit.response, tokenizer, manifest.max_length, manifest.tokenization
         )
-    found = []
-    while start >= 0:
-        left, right = tokenized.prompt_length + start, tokenized.prompt_length + start + len(word)
-        for number, position in enumerate(positions):
-            token_start, token_end = tokenized.offsets[position]
-            if token_start < right and token_end > left:
-                found.append(number)
-        start = response.find(word, start + len(word))
-    if not found:
-        raise QueryError(f"hot word {word!r} falls on no scored token (cut by --max-length?)")
-    return found
+        batch = collate([(input_ids, labels)], tokenizer.pad_token_id, index.device)
+        scores = training_token_scores(index.loaded.model, blocks, batch, per_block, manifest.normalize)
+        hit.explanation = {
+            "tokens": [
+                {"token": tokenizer.decode([token_id]), "token_id": token_id, "score": score}
+                for token_id, score in zip(scores.token_ids, scores.scores, strict=True)
+            ],
+            "method": scores.method,
+            "normalization": scores.normalization,
+            # The exact (unsketched) whole score, which the token scores average to with the
+            # default normalisation; ``hit.score`` is its sketched estimate when K > 0.
+            "exact_score": float(np.mean(scores.scores)) if scores.scores else 0.0,
+        }
 
 
 def check_model(manifest: Manifest, loaded) -> None:

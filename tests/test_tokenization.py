@@ -13,7 +13,7 @@ from rapidin_index.data import (
     tokenize,
 )
 from rapidin_index.errors import QueryError
-from rapidin_index.retrieval import resolve_hot
+from rapidin_index.query import resolve_hot
 
 
 def scored_ids(tokenized) -> list[int]:
