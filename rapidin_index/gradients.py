@@ -28,8 +28,10 @@ from torch.func import functional_call
 
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import GradientError
+from rapidin_index.factored import OuterFactors, factored_is_cheaper, factors_gradient, squared_norms
 
 NORMALIZATIONS = ("layer", "none")
+FACTORED_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -211,8 +213,8 @@ def _owner_gradient(owner: _Owner, call: _Call, batch_size: int) -> torch.Tensor
         return (grad * _norm_direction(owner.module, call)).sum(dim=1)  # [batch, dim]
     inputs = _flat_tokens(call.args[0], batch_size)  # [batch, tokens, in]
     if owner.kind == "linear":
-        return torch.einsum("bto,bti->boi", grad, inputs)  # [batch, out, in]
-    return torch.einsum("bti,bto->bio", inputs, grad)  # conv1d: [batch, in, out]
+        return torch.bmm(grad.transpose(1, 2), inputs)  # [batch, out, in] (bmm: 2x einsum's speed)
+    return torch.bmm(inputs.transpose(1, 2), grad)  # conv1d: [batch, in, out]
 
 
 def _norm_direction(module: nn.Module, call: _Call) -> torch.Tensor:
@@ -325,23 +327,56 @@ class GradientCapture:
         mathematically zero gradient (softmax ignores a shift shared by all keys), and its round-off,
         scaled to unit norm by layer normalisation, would add a random cosine to every score.
         """
-        total = torch.zeros(batch_size, block.numel, device=block.parameter.device)
-        magnitude, terms = None, 0
+        total, magnitude, terms = None, None, 0
         for owner in self.owners[id(block.parameter)]:
             for call in owner.calls:
                 if call.output_grad is None:
                     continue  # this call's output did not reach the loss
                 if call.output_grad.shape[0] != batch_size:
                     raise GradientError(f"{block.name}: its module folds the batch axis")
-                total += _owner_gradient(owner, call, batch_size).reshape(batch_size, -1)
+                part = _owner_gradient(owner, call, batch_size).reshape(batch_size, -1)  # a new tensor
+                total = part if total is None else total.add_(part)
                 if owner.parameter_name == "bias" and owner.kind in ("linear", "conv1d"):
                     grad = _flat_tokens(call.output_grad, batch_size)  # [batch, tokens, out]
                     magnitude = grad.abs().sum(dim=1) + (0 if magnitude is None else magnitude)
                     terms += grad.shape[1]
+        if total is None:
+            return torch.zeros(batch_size, block.numel, device=block.parameter.device)
         if magnitude is not None:
             bound = terms * torch.finfo(torch.float32).eps * magnitude  # [batch, out]
             total = torch.where(total.abs() <= bound, torch.zeros_like(total), total)
         return total
+
+    def example_factors(self, block: GradientBlock, batch_size: int) -> list[OuterFactors] | None:
+        """The 2-D block's per-example gradient as outer-product factors (``factored.OuterFactors``).
+
+        None where some module using it is not a linear, Conv1D or embedding weight, or no call reached
+        the loss; those blocks are materialised by :meth:`example_gradients` instead.
+        """
+        if block.parameter.dim() != 2:
+            return None
+        factors = []
+        for owner in self.owners[id(block.parameter)]:
+            if owner.parameter_name != "weight" or owner.kind not in ("linear", "conv1d", "embedding"):
+                return None
+            for call in owner.calls:
+                if call.output_grad is None:
+                    continue
+                if call.output_grad.shape[0] != batch_size:
+                    raise GradientError(f"{block.name}: its module folds the batch axis")
+                grad = _flat_tokens(call.output_grad, batch_size)  # [batch, tokens, out]
+                if owner.kind == "embedding":
+                    ids = call.args[0].reshape(batch_size, -1)  # [batch, tokens]
+                    if owner.module.padding_idx is not None:  # that row's gradient is zeroed
+                        grad = grad * (ids != owner.module.padding_idx)[:, :, None]
+                    factors.append(OuterFactors(grad, ids=ids))
+                    continue
+                inputs = _flat_tokens(call.args[0], batch_size)  # [batch, tokens, in]
+                if owner.kind == "linear":
+                    factors.append(OuterFactors(inputs, rows=grad))  # dW = sum_t g_t x_t^T: [out, in]
+                else:
+                    factors.append(OuterFactors(grad, rows=inputs))  # conv1d: [in, out]
+        return factors or None
 
 
 # --------------------------------------------------------------------------- normalise + sketch
@@ -371,6 +406,10 @@ class GradientSketcher:
     batch checks itself: the hooked gradients of its first two rows are compared with plain backward
     passes, and any block that differs moves to the exact path, so no model is approximated in silence.
     ``exact=True`` puts every block on the exact path (the slow reference).
+
+    With a projector that sketches outer-product factors (rapidgrad-ts), a hooked 2-D block is sketched
+    from its factors, never materialised, where ``factored_is_cheaper`` says so (``factored="auto"``),
+    always, or never; ``factored_blocks`` names the blocks that took that path.
     """
 
     def __init__(
@@ -380,9 +419,14 @@ class GradientSketcher:
         projector,
         normalize: str = "layer",
         exact: bool = False,
+        factored: str = "auto",
     ) -> None:
         if normalize not in NORMALIZATIONS:
             raise GradientError(f"--normalize {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if factored not in FACTORED_MODES:
+            raise GradientError(f"factored={factored!r} is not one of {', '.join(FACTORED_MODES)}")
+        self.factored = factored if hasattr(projector, "project_factors") else "never"
+        self.factored_blocks: set[str] = set()
         self.model = model
         self.blocks = blocks
         self.projector = projector
@@ -420,12 +464,17 @@ class GradientSketcher:
             kept: dict[str, torch.Tensor] = {}
             for block in self.blocks:
                 if block.name in exact:
-                    gradients = exact[block.name]
-                else:
-                    gradients = self._hooked_gradients(batch, block)
-                    if check_rows:
-                        kept[block.name] = gradients[:check_rows].clone()
-                state.add(block, gradients, self.normalize)
+                    state.add(block, exact[block.name], self.normalize)
+                    continue
+                head = self.add_hooked(
+                    state,
+                    block,
+                    batch.size,
+                    check_rows,
+                    lambda block=block: self._hooked_gradients(batch, block),
+                )
+                if check_rows:
+                    kept[block.name] = head
         finally:
             self.capture.clear()
             self.model.zero_grad(set_to_none=True)
@@ -440,6 +489,53 @@ class GradientSketcher:
             losses = example_losses(self.model, batch)
             losses.sum().backward()
         return losses
+
+    def add_hooked(
+        self, state: _SketchState, block: GradientBlock, batch_size: int, head_rows: int = 0, materialise=None
+    ):
+        """Sketch one hooked block into ``state``, from its factors where that is the chosen path.
+
+        Returns the raw gradients of the first ``head_rows`` examples ([rows, numel], for the self-check),
+        or None. ``materialise()`` gives the [batch, numel] gradients (default: the capture's rule). A block
+        whose factored norm is not finite is materialised, so non-finite rows are flagged as before.
+        """
+        factors = self._factors(block, batch_size)
+        if factors is not None:
+            norms = squared_norms(factors)  # [batch] float64
+            if bool(torch.isfinite(norms).all()):
+                state.add_factored(block, factors, norms, self.normalize)
+                self.factored_blocks.add(block.name)
+                if not head_rows:
+                    return None
+                head = [
+                    OuterFactors(
+                        f.cols[:head_rows], *(None if t is None else t[:head_rows] for t in (f.rows, f.ids))
+                    )
+                    for f in factors
+                ]
+                return factors_gradient(head, tuple(block.parameter.shape))
+        if materialise is None:
+            gradients = self.capture.example_gradients(block, batch_size)
+        else:
+            gradients = materialise()
+        state.add(block, gradients, self.normalize)
+        return gradients[:head_rows].clone() if head_rows else None
+
+    def _factors(self, block: GradientBlock, batch_size: int) -> list[OuterFactors] | None:
+        if self.factored == "never" or block.parameter.dim() != 2:
+            return None
+        try:
+            factors = self.capture.example_factors(block, batch_size)
+        except GradientError:
+            return None  # the materialising rule raises it again and moves the block to the exact path
+        if factors is None:
+            return None
+        sketch_dim = self.projector.output_dim
+        if self.factored == "auto" and not factored_is_cheaper(
+            factors, tuple(block.parameter.shape), sketch_dim
+        ):
+            return None
+        return factors
 
     def _hooked_gradients(self, batch: Batch, block: GradientBlock) -> torch.Tensor:
         try:
@@ -541,6 +637,18 @@ class _SketchState:
             self.out.addcmul_(sketch, scale[:, None])
         else:
             self.projector.project_block(self.out, gradients * scale[:, None], block.offset)
+
+    def add_factored(
+        self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
+    ) -> None:
+        """A 2-D block given as outer-product factors with finite squared norms [batch] (from Gram matrices)."""
+        squared = squared_norms.to(self.out.device, torch.float32)
+        self.squared_norm += squared
+        scale = None
+        if normalize == "layer":
+            norms = squared.sqrt()
+            scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
+        self.projector.project_factors(self.out, factors, block.offset, scale)
 
     def result(self) -> SketchedBatch:
         return SketchedBatch(self.out, self.losses, self.squared_norm.sqrt(), self.finite)

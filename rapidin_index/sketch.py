@@ -16,6 +16,10 @@ position), so no sign vector is stored. They differ in the permutation (the mani
   (a product of a random subset of its prime factors, as in the reference code, capped at 2^18 so that no
   permutation is large). It mixes poorly at 7B scale (benchmarks/sketch_mixing.py: adjacent coordinates
   often share a bin); it is kept, bit for bit, so that indexes built with it keep opening.
+* ``rapidgrad-ts`` (:mod:`rapidin_index.factored`) hashes each 2-D parameter tensor with a tensor-product
+  count sketch, bin (h1(i) + h2(j)) mod K and sign s1(i) s2(j), so that a linear layer's per-example
+  gradient (a sum of outer products) is sketched from its factors by FFT, never materialised; every other
+  coordinate is hashed as rapidgrad-v2 hashes it. Its bins are not equal-sized (a plain count sketch).
 
 Two implementations of each live here:
 
@@ -38,7 +42,7 @@ import torch
 
 from rapidin_index.errors import SketchError
 
-SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1")
+SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1", "rapidgrad-ts")
 DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
 _MASK32 = 0xFFFFFFFF
 # Below this many coordinates the projector caches each block's bins and signs (5 bytes a coordinate).
@@ -69,7 +73,8 @@ class SketchSettings:
     seed: int = 42
     """Seed of the permutation and the signs."""
     algorithm: str = DEFAULT_SKETCH_ALGORITHM
-    """'rapidgrad-v2' (keyed pseudo-random permutation) or 'rapidgrad-v1' (the paper's block shuffles)."""
+    """'rapidgrad-v2' (keyed pseudo-random permutation), 'rapidgrad-v1' (the paper's block shuffles) or
+    'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors)."""
 
     def __post_init__(self) -> None:
         if self.sketch_dim < 0:
@@ -216,10 +221,13 @@ class KeyedPermutation:
         return positions.reshape(coordinates.shape)
 
 
-def reference_sketch(vectors: torch.Tensor, settings: SketchSettings) -> torch.Tensor:
+def reference_sketch(
+    vectors: torch.Tensor, settings: SketchSettings, blocks: list | None = None
+) -> torch.Tensor:
     """The slow, literal RapidGrad of ``settings.algorithm``: explicit padding, permutation, signs, bins.
 
     vectors: [batch, D] (or [D]); returns [batch, K] float32. O(D) memory; for tests and benchmarks.
+    ``blocks`` (the gradient's block list) matters to rapidgrad-ts only, which hashes 2-D blocks by shape.
     """
     squeeze = vectors.dim() == 1
     vectors = torch.atleast_2d(vectors).to(torch.float32)
@@ -228,6 +236,8 @@ def reference_sketch(vectors: torch.Tensor, settings: SketchSettings) -> torch.T
     batch, gradient_dim = vectors.shape
     total = padded_dim(gradient_dim, settings.sketch_dim)
     padded = torch.nn.functional.pad(vectors, (0, total - gradient_dim))  # [batch, total]
+    if settings.algorithm == "rapidgrad-ts":
+        return _reference_ts(vectors, settings, blocks, total, squeeze)
     if settings.algorithm == "rapidgrad-v1":
         shuffled = _reference_v1_shuffle(padded, settings)
     else:
@@ -237,6 +247,24 @@ def reference_sketch(vectors: torch.Tensor, settings: SketchSettings) -> torch.T
         shuffled[:, permutation] = padded
     signs = rademacher_signs(torch.arange(total, dtype=torch.int64), settings.seed)  # [total]
     sketched = (shuffled * signs).reshape(batch, settings.sketch_dim, -1).sum(dim=2)  # [batch, K]
+    return sketched[0] if squeeze else sketched
+
+
+def _reference_ts(vectors, settings: SketchSettings, blocks, total: int, squeeze: bool) -> torch.Tensor:
+    """rapidgrad-ts literally: v2's bin and sign per flat coordinate, the outer-sum hash on 2-D blocks."""
+    from rapidin_index.factored import matrix_blocks, matrix_hash
+
+    batch, gradient_dim = vectors.shape
+    positions = KeyedPermutation(total, settings.seed)(torch.arange(total))[:gradient_dim]
+    bins = positions // (total // settings.sketch_dim)  # [D]
+    signs = rademacher_signs(positions, settings.seed)  # [D]
+    for matrix in matrix_blocks(blocks):
+        h1, s1, h2, s2 = matrix_hash(
+            settings.seed, matrix.offset, matrix.rows, matrix.cols, settings.sketch_dim
+        )
+        bins[matrix.offset : matrix.end] = ((h1[:, None] + h2[None, :]) % settings.sketch_dim).reshape(-1)
+        signs[matrix.offset : matrix.end] = (s1[:, None] * s2[None, :]).reshape(-1)
+    sketched = torch.zeros(batch, settings.sketch_dim).index_add_(1, bins, vectors * signs)  # [batch, K]
     return sketched[0] if squeeze else sketched
 
 
@@ -428,13 +456,17 @@ def make_projector(
     device: torch.device | str = "cpu",
     blocks: list | None = None,
 ) -> RapidGradV2Projector | RapidGradProjector | ExactProjector:
-    """The projector of ``settings``: exact (K = 0), rapidgrad-v2 or rapidgrad-v1.
+    """The projector of ``settings``: exact (K = 0), rapidgrad-v2, rapidgrad-v1 or rapidgrad-ts.
 
     ``blocks`` (the `gradients.GradientBlock` list, in order) is for algorithms that hash by a block's
-    shape rather than by flat position; the flat ones ignore it.
+    shape rather than by flat position (rapidgrad-ts); the flat ones ignore it.
     """
     if settings.exact:
         return ExactProjector(gradient_dim, device)
+    if settings.algorithm == "rapidgrad-ts":
+        from rapidin_index.factored import RapidGradTSProjector
+
+        return RapidGradTSProjector(settings, gradient_dim, device, blocks=blocks)
     if settings.algorithm == "rapidgrad-v1":
         return RapidGradProjector(settings, gradient_dim, device)
     return RapidGradV2Projector(settings, gradient_dim, device)

@@ -7,7 +7,9 @@ output; ``torch.autograd.grad(..., is_grads_batched=True)`` sends every row of t
 at once (the rows play the batch axis); and each row's weight gradients are rebuilt from (input, row's
 output gradient) by the same per-example rules as the build (``gradients.GradientCapture``). A causal
 model's loss at j does not see later tokens, so this equals one truncated forward + backward per token,
-at the price of one forward. Exact-path tensors are differentiated directly (batched, too).
+at the price of one forward. Exact-path tensors are differentiated directly (batched, too). Under
+rapidgrad-ts the rows' matrix blocks are sketched from their factors as the build sketches examples
+(``GradientSketcher.add_hooked``), so query and index vectors share one sketch space.
 """
 
 from __future__ import annotations
@@ -96,10 +98,9 @@ def _sketch_rows(
     try:
         for block in sketcher.blocks:
             if block.name in exact_grads:
-                gradients = exact_grads[block.name]
-            else:
-                gradients = sketcher.capture.example_gradients(block, rows)
-            state.add(block, gradients, sketcher.normalize)
+                state.add(block, exact_grads[block.name], sketcher.normalize)
+            else:  # from the factors where the sketcher factors this block (rapidgrad-ts): same space
+                sketcher.add_hooked(state, block, rows)
     finally:
         for call, args in zip(calls, original_args, strict=True):  # the one example again
             call.args, call.output_grad = args, None

@@ -121,3 +121,30 @@ def test_weighted_rows_and_the_loop_fallback(tiny_model_dirs, monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
     _, looped = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 2, whole_and_tokens)
     torch.testing.assert_close(looped.vectors, batched.vectors, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_factored_per_token_rows_are_in_the_build_sketch_space(tiny_model_dirs, architecture):
+    """rapidgrad-ts with every matrix block factored: each row equals the sketch of HF's token gradient."""
+    from rapidin_index.sketch import reference_sketch
+
+    settings = ModelSettings(tiny_model_dirs[architecture])
+    loaded = load_model(settings)
+    selected = select_parameters(loaded.model, settings)
+    blocks = gradient_blocks(selected)
+    sketch_settings = SketchSettings(1024, algorithm="rapidgrad-ts")
+    projector = make_projector(sketch_settings, gradient_dim(blocks), blocks=blocks)
+    sketcher = GradientSketcher(loaded.model, blocks, projector, "layer", factored="always")
+    ids = loaded.tokenizer("What does str.upper do? Return a copy").input_ids + [
+        loaded.tokenizer.eos_token_id
+    ]
+    labels = [-100] * 3 + ids[3:]
+    example = collate([(ids, labels)], loaded.tokenizer.pad_token_id, "cpu")
+    result = sketch_loss_combinations(sketcher, example, torch.eye(len(ids) - 3), rows_per_pass=4)
+    assert sketcher.uses_hooks
+    assert sketcher.factored_blocks == {block.name for block in blocks if block.parameter.dim() == 2}
+    parameters = [p for _, p in selected]
+    expected = torch.stack([hf_token_gradient(loaded.model, parameters, ids, j) for j in range(3, len(ids))])
+    expected = reference_sketch(expected, sketch_settings, blocks)  # [tokens, K]
+    error = (result.vectors - expected).norm(dim=1) / expected.norm(dim=1)
+    assert float(error.max()) < 1e-4, error

@@ -1,0 +1,303 @@
+"""rapidgrad-ts: a tensor-product count sketch, so matrix blocks are sketched from their factors.
+
+A linear layer's per-example weight gradient is a sum over tokens of outer products,
+``dW = sum_t u_t v_t^T`` (u = output gradient and v = input for ``nn.Linear``; the reverse for GPT-2's
+``Conv1D``; u = one-hot(token id) for an embedding). rapidgrad-ts hashes a 2-D block of shape
+(rows, cols) at ``offset`` with a tensor-product count sketch (TensorSketch, Pham and Pagh 2013)::
+
+    bin(i, j) = (h1(i) + h2(j)) mod K        sign(i, j) = s1(i) * s2(j)
+
+h1, s1, h2, s2 are counter-based hashes of (seed, offset, index), so nothing is stored and every process
+derives the same ones. Distinct coordinates collide with probability 1/K and the signs are pairwise
+independent, so ``<sketch(x), sketch(y)>`` is an unbiased estimate of ``<x, y>``. The sketch of one
+outer product u v^T is the circular convolution of the two small count sketches CS1(u) and CS2(v), so
+
+    sketch(dW) = IFFT( sum_t FFT(CS1(u_t)) * FFT(CS2(v_t)) )            (``project_outer``)
+
+never materialises dW: it costs about T * K log K a call instead of T * rows * cols. An embedding's u_t
+is one-hot, so its sketch is a plain scatter of v_t at bins shifted by h1(id_t) (``project_rows``).
+The block's layer norm follows from the two token Gram matrices (``squared_norms``):
+``||sum_t u_t v_t^T||_F^2 = sum_{t,t'} (u_t . u_t')(v_t . v_t')``.
+
+Every other block (norm weights, biases; every block when no block list is given) is hashed by its
+flat position exactly as rapidgrad-v2 hashes it. ``project_block`` applies the same hash to a
+materialised [batch, numel] gradient: it is the slow reference of the factored methods, and the path
+the gradient stage takes where factoring costs more (small matrices, large K; see ``factored_is_cheaper``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rapidin_index.errors import SketchError
+from rapidin_index.sketch import (
+    _GOLDEN32,
+    _MASK32,
+    DEFAULT_CACHE_LIMIT,
+    RapidGradV2Projector,
+    SketchSettings,
+    _add_signed_bins,
+    _mix32,
+    padded_dim,
+)
+
+TS_ALGORITHM = "rapidgrad-ts"
+# Bound on batch x tokens x K float32 values held by one FFT step (64 MB).
+_FFT_ELEMENTS = 1 << 24
+# Cost model (nanoseconds, measured on one CPU thread; benchmarks/factored.py) for picking, per block,
+# the factored path or the materialised one: a multiply-add in a batched matmul, one scattered value,
+# and one token's FFT work per K log2 K (two count sketches, two rFFTs, one product).
+GEMM_NS = 0.02
+SCATTER_NS = 1.8
+FFT_NS = 0.45
+
+
+def _word(*values: int) -> int:
+    """A 32-bit hash of a tuple of Python integers (any size), via murmur3's finaliser."""
+    state = 0x2545F491
+    for value in values:
+        for shift in (0, 32):
+            word = ((value >> shift) & _MASK32) ^ ((state * _GOLDEN32) & _MASK32)
+            state = int(_mix32(_mix32(torch.tensor([word])) ^ 0x5BD1E995)[0])
+    return state
+
+
+def _index_hash(indices: torch.Tensor, key: int) -> torch.Tensor:
+    """A 32-bit hash (int64 in [0, 2^32)) of int64 indices in [0, 2^32), keyed."""
+    return _mix32(_mix32((indices ^ key) & _MASK32) ^ ((key * _GOLDEN32) & _MASK32))
+
+
+def matrix_hash(
+    seed: int, offset: int, rows: int, cols: int, sketch_dim: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h1 [rows] int64, s1 [rows] float32, h2 [cols], s2 [cols]) of the 2-D block at ``offset``."""
+    result = []
+    for role, size in ((1, rows), (2, cols)):
+        indices = torch.arange(size, dtype=torch.int64, device=device)
+        bins = (_index_hash(indices, _word(seed, offset, role, 0)) * sketch_dim) >> 32  # [0, K)
+        signs = 1.0 - 2.0 * (_index_hash(indices, _word(seed, offset, role, 1)) & 1).to(torch.float32)
+        result += [bins, signs]
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class MatrixBlock:
+    offset: int
+    rows: int
+    cols: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.rows * self.cols
+
+
+@dataclass
+class OuterFactors:
+    """One module call's share of a 2-D block's per-example gradient: ``sum_t u_t v_t^T`` per example.
+
+    Exactly one of ``rows`` ([batch, tokens, block rows], u dense) and ``ids`` ([batch, tokens] int64,
+    u = one-hot(id)) is set; ``cols`` is [batch, tokens, block cols]. Masked tokens carry v_t = 0.
+    """
+
+    cols: torch.Tensor
+    rows: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.cols.shape[1]
+
+
+def matrix_blocks(blocks: list | None) -> list[MatrixBlock]:
+    """The 2-D parameter tensors of a ``gradients.GradientBlock`` list, as (offset, rows, cols)."""
+    found = []
+    for block in blocks or []:
+        shape = tuple(block.parameter.shape)
+        if len(shape) == 2:
+            found.append(MatrixBlock(block.offset, shape[0], shape[1]))
+    return sorted(found, key=lambda matrix: matrix.offset)
+
+
+class RapidGradTSProjector:
+    """Fast rapidgrad-ts: ``project_block`` (materialised) and ``project_factors`` (factored) agree.
+
+    ``blocks`` is the gradient's block list; its 2-D tensors get the tensor-product hash, the rest of
+    the coordinates rapidgrad-v2's. Without blocks every coordinate is flat: this is rapidgrad-v2.
+    """
+
+    def __init__(
+        self,
+        settings: SketchSettings,
+        gradient_dim: int,
+        device: torch.device | str = "cpu",
+        blocks: list | None = None,
+        cache_limit: int = DEFAULT_CACHE_LIMIT,
+    ) -> None:
+        if settings.exact or settings.algorithm != TS_ALGORITHM:
+            raise SketchError(f"RapidGradTSProjector needs K > 0 and {TS_ALGORITHM}, got {settings}")
+        self.settings = settings
+        self.gradient_dim = gradient_dim
+        self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
+        self.device = torch.device(device)
+        self.output_dim = settings.sketch_dim
+        flat = SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, "rapidgrad-v2")
+        self.flat = RapidGradV2Projector(flat, gradient_dim, device, cache_limit=0)
+        self.matrices = matrix_blocks(blocks)
+        if self.matrices and self.matrices[-1].end > gradient_dim:
+            raise SketchError(f"a 2-D block ends at {self.matrices[-1].end}, past D = {gradient_dim}")
+        self._by_offset = {matrix.offset: matrix for matrix in self.matrices}
+        self._hashes: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if self.padded_dim <= cache_limit else None
+        )
+
+    def hashes(self, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h1, s1, h2, s2) of the 2-D block at ``offset``."""
+        if offset not in self._hashes:
+            matrix = self._by_offset.get(offset)
+            if matrix is None:
+                raise SketchError(f"no 2-D block starts at offset {offset}")
+            self._hashes[offset] = matrix_hash(
+                self.settings.seed, offset, matrix.rows, matrix.cols, self.output_dim, self.device
+            )
+        return self._hashes[offset]
+
+    def is_matrix(self, offset: int) -> bool:
+        return offset in self._by_offset
+
+    def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length) of the gradient."""
+        key = (start, length)
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        bins = torch.empty(length, dtype=torch.int32, device=self.device)
+        signs = torch.empty(length, dtype=torch.int8, device=self.device)
+        position, end = start, start + length
+        for matrix in self.matrices:
+            if matrix.end <= position or matrix.offset >= end:
+                continue
+            if matrix.offset > position:
+                self._flat_segment(bins, signs, start, position, matrix.offset)
+                position = matrix.offset
+            stop = min(end, matrix.end)
+            h1, s1, h2, s2 = self.hashes(matrix.offset)
+            local = torch.arange(position - matrix.offset, stop - matrix.offset, device=self.device)
+            row, col = local // matrix.cols, local % matrix.cols
+            bins[position - start : stop - start] = (h1[row] + h2[col]) % self.output_dim
+            signs[position - start : stop - start] = s1[row] * s2[col]
+            position = stop
+        if position < end:
+            self._flat_segment(bins, signs, start, position, end)
+        if self._cache is not None:
+            self._cache[key] = (bins, signs)
+        return bins, signs
+
+    def _flat_segment(self, bins, signs, start: int, first: int, stop: int) -> None:
+        flat_bins, flat_signs = self.flat.bins_and_signs(first, stop - first)
+        bins[first - start : stop - start] = flat_bins
+        signs[first - start : stop - start] = flat_signs
+
+    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
+        _add_signed_bins(out, block, offset, self.bins_and_signs)
+
+    def project_factors(
+        self,
+        out: torch.Tensor,
+        factors: list[OuterFactors],
+        offset: int,
+        scale: torch.Tensor | None = None,
+    ) -> None:
+        """out += scale[b] * sketch(sum of the factors' outer products) for the 2-D block at ``offset``."""
+        for factor in factors:
+            cols = factor.cols if scale is None else factor.cols * scale[:, None, None]
+            if factor.ids is not None:
+                self.project_rows(out, factor.ids, cols, offset)
+            else:
+                self.project_outer(out, factor.rows, cols, offset)
+
+    def project_outer(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += sketch(sum_t rows[:, t] cols[:, t]^T) by FFT (rows [b, T, R], cols [b, T, C])."""
+        h1, s1, h2, s2 = self.hashes(offset)
+        batch, tokens, sketch_dim = rows.shape[0], rows.shape[1], self.output_dim
+        step = max(1, _FFT_ELEMENTS // max(1, batch * sketch_dim))
+        spectrum = None
+        for first in range(0, tokens, step):
+            last = min(tokens, first + step)
+            left = torch.zeros(batch, last - first, sketch_dim, device=out.device)
+            left.index_add_(2, h1, rows[:, first:last].float() * s1)  # CS1(u_t): [batch, t, K]
+            right = torch.zeros_like(left)
+            right.index_add_(2, h2, cols[:, first:last].float() * s2)  # CS2(v_t): [batch, t, K]
+            product = (torch.fft.rfft(left) * torch.fft.rfft(right)).sum(dim=1)  # [batch, K/2 + 1]
+            spectrum = product if spectrum is None else spectrum + product
+        if spectrum is not None:
+            out += torch.fft.irfft(spectrum, n=sketch_dim)  # circular convolution: bins h1 + h2 mod K
+
+    def project_rows(self, out: torch.Tensor, ids: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += sketch(sum_t onehot(ids[:, t]) cols[:, t]^T): an embedding, no FFT."""
+        h1, s1, h2, s2 = self.hashes(offset)
+        batch, sketch_dim = cols.shape[0], self.output_dim
+        bins = (h1[ids][:, :, None] + h2) % sketch_dim  # [batch, T, C]
+        bins = bins + torch.arange(batch, device=out.device)[:, None, None] * sketch_dim
+        values = cols.float() * (s1[ids][:, :, None] * s2)  # [batch, T, C]
+        flat = out.view(-1)  # [batch * K]: every example scatters into its own row
+        flat.index_add_(0, bins.reshape(-1), values.reshape(-1))
+
+    def new_output(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
+
+
+# --------------------------------------------------------------------------- norms and costs
+
+
+def _row_gram(a: OuterFactors, b: OuterFactors) -> torch.Tensor:
+    """[batch, Ta, Tb] float64: u^a_t . u^b_t' (one-hot rows compare ids, or pick the dense entry)."""
+    if a.ids is not None and b.ids is not None:
+        return (a.ids[:, :, None] == b.ids[:, None, :]).double()
+    if a.ids is not None:
+        index = a.ids[:, None, :].expand(-1, b.tokens, -1)  # [batch, Tb, Ta]
+        return b.rows.gather(2, index).transpose(1, 2).double()  # u^b_t'[id^a_t]
+    if b.ids is not None:
+        return _row_gram(b, a).transpose(1, 2)
+    return torch.bmm(a.rows.double(), b.rows.double().transpose(1, 2))
+
+
+def squared_norms(factors: list[OuterFactors]) -> torch.Tensor:
+    """[batch] float64 ||sum of the factors' outer products||_F^2 from token Gram matrices, cross terms too."""
+    total = None
+    for first, a in enumerate(factors):
+        for second in range(first, len(factors)):
+            b = factors[second]
+            cols = torch.bmm(a.cols.double(), b.cols.double().transpose(1, 2))  # [batch, Ta, Tb]
+            term = (_row_gram(a, b) * cols).sum(dim=(1, 2)) * (1 if first == second else 2)
+            total = term if total is None else total + term
+    return total
+
+
+def factors_gradient(factors: list[OuterFactors], shape: tuple[int, int]) -> torch.Tensor:
+    """The materialised per-example gradient [batch, rows * cols] float32 of the factors (reference)."""
+    rows_count, cols_count = shape
+    batch = factors[0].cols.shape[0]
+    total = torch.zeros(batch, rows_count, cols_count, device=factors[0].cols.device)
+    for factor in factors:
+        cols = factor.cols.float()
+        if factor.ids is not None:
+            flat_ids = factor.ids + torch.arange(batch, device=cols.device)[:, None] * rows_count
+            total.view(-1, cols_count).index_add_(0, flat_ids.reshape(-1), cols.reshape(-1, cols_count))
+        else:
+            total += torch.bmm(factor.rows.float().transpose(1, 2), cols)  # [batch, R, C]
+    return total.reshape(batch, -1)
+
+
+def factored_is_cheaper(factors: list[OuterFactors], shape: tuple[int, int], sketch_dim: int) -> bool:
+    """Whether sketching from the factors costs less than materialising (cost model above, per example)."""
+    rows, cols = shape
+    tokens = sum(factor.tokens for factor in factors)
+    dense_tokens = sum(factor.tokens for factor in factors if factor.ids is None)
+    materialised = rows * cols * (dense_tokens * GEMM_NS + SCATTER_NS)
+    fft = dense_tokens * (sketch_dim * math.log2(max(2, sketch_dim)) * FFT_NS + (rows + cols) * SCATTER_NS)
+    gram = tokens * tokens * (rows + cols) * GEMM_NS
+    return fft + gram + tokens * cols * SCATTER_NS < materialised

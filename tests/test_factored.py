@@ -1,0 +1,224 @@
+"""rapidgrad-ts: factored sketches and Gram-matrix norms against the materialised reference."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_gradients import load, sequences
+
+from rapidin_index.factored import (
+    OuterFactors,
+    RapidGradTSProjector,
+    factored_is_cheaper,
+    factors_gradient,
+    matrix_hash,
+    squared_norms,
+)
+from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
+from rapidin_index.sketch import SketchSettings, make_projector, reference_sketch
+
+TS = "rapidgrad-ts"
+
+
+def blocks_of(*shapes):
+    return gradient_blocks(
+        [(f"p{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
+    )
+
+
+def materialised(projector, factors, shape, offset, batch):
+    out = projector.new_output(batch)
+    projector.project_block(out, factors_gradient(factors, shape), offset)
+    return out
+
+
+@pytest.mark.parametrize("sketch_dim", [64, 1000, 4096])
+def test_block_by_block_equals_the_literal_reference(sketch_dim):
+    blocks = blocks_of((30, 20), (7,), (50, 9), (3, 1))
+    dim = gradient_dim(blocks)
+    settings = SketchSettings(sketch_dim, algorithm=TS, seed=5)
+    projector = make_projector(settings, dim, blocks=blocks)
+    assert isinstance(projector, RapidGradTSProjector) and len(projector.matrices) == 3
+    vectors = torch.randn(3, dim)
+    out = projector.new_output(3)
+    bounds = [0, 111, 600, 607, 900, dim]  # arbitrary slices, across block boundaries
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        projector.project_block(out, vectors[:, start:end], start)
+    expected = reference_sketch(vectors, settings, blocks)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # the 2-D blocks really are hashed apart from rapidgrad-v2: same seed, different sketch
+    v2 = reference_sketch(vectors, SketchSettings(sketch_dim, seed=5))
+    assert not torch.allclose(expected, v2)
+    torch.testing.assert_close(reference_sketch(vectors, settings), v2)  # no blocks: all flat
+
+
+@pytest.mark.parametrize("sketch_dim", [64, 1000, 4096])
+def test_outer_product_sketch_by_fft_equals_materialised(sketch_dim):
+    torch.manual_seed(0)
+    blocks = blocks_of((40, 24), (24, 40))
+    projector = make_projector(SketchSettings(sketch_dim, algorithm=TS), gradient_dim(blocks), blocks=blocks)
+    for block, tokens in zip(blocks, (13, 1), strict=True):
+        rows, cols = block.parameter.shape
+        factors = [OuterFactors(torch.randn(4, tokens, cols), rows=torch.randn(4, tokens, rows))]
+        out = projector.new_output(4)
+        projector.project_factors(out, factors, block.offset)
+        expected = materialised(projector, factors, (rows, cols), block.offset, 4)
+        torch.testing.assert_close(out, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+
+
+def test_embedding_rows_and_tied_calls_equal_materialised_with_scale():
+    torch.manual_seed(1)
+    blocks = blocks_of((5,), (50, 9))
+    block = blocks[1]
+    projector = make_projector(SketchSettings(256, algorithm=TS), gradient_dim(blocks), blocks=blocks)
+    ids = torch.randint(0, 50, (3, 11))
+    ids[:, 3] = ids[:, 4]  # repeated ids sum into one row
+    factors = [
+        OuterFactors(torch.randn(3, 11, 9), ids=ids),  # an embedding call ...
+        OuterFactors(torch.randn(3, 6, 9), rows=torch.randn(3, 6, 50)),  # ... and a tied output layer
+    ]
+    scale = torch.tensor([0.5, 2.0, 1.0])
+    out = projector.new_output(3)
+    projector.project_factors(out, factors, block.offset, scale)
+    expected = materialised(projector, factors, (50, 9), block.offset, 3) * scale[:, None]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_gram_norms_equal_materialised_norms_with_cross_terms():
+    torch.manual_seed(2)
+    ids = torch.randint(0, 20, (2, 9))
+    ids[0, :4] = 7
+    factors = [
+        OuterFactors(torch.randn(2, 9, 6), ids=ids),
+        OuterFactors(torch.randn(2, 5, 6), rows=torch.randn(2, 5, 20)),
+        OuterFactors(torch.randn(2, 3, 6), ids=torch.randint(0, 20, (2, 3))),
+    ]
+    expected = factors_gradient(factors, (20, 6)).double().square().sum(dim=1)
+    torch.testing.assert_close(squared_norms(factors), expected, rtol=1e-6, atol=1e-6)
+    one = factors[1:2]
+    torch.testing.assert_close(
+        squared_norms(one), factors_gradient(one, (20, 6)).double().square().sum(1), rtol=1e-6, atol=1e-6
+    )
+    assert not torch.allclose(squared_norms(factors), sum(squared_norms([f]) for f in factors))
+
+
+def test_inner_products_are_unbiased_with_noise_of_order_one_over_sqrt_k():
+    # Low-rank gradients as a linear layer makes them; 200 independent hashes (seeds).
+    torch.manual_seed(3)
+    rows, cols, sketch_dim = 64, 48, 1024
+    u, v = torch.randn(2, 3, rows), torch.randn(2, 3, cols)
+    x = torch.einsum("tr,tc->rc", u[0], v[0]).reshape(-1)
+    y = (0.5 * x + torch.einsum("tr,tc->rc", u[1], v[1]).reshape(-1)) / 1.5
+    x, y = x / x.norm(), y / y.norm()
+    blocks = blocks_of((rows, cols))
+    estimates = []
+    for seed in range(200):
+        settings = SketchSettings(sketch_dim, seed=seed, algorithm=TS)
+        sx, sy = reference_sketch(torch.stack([x, y]), settings, blocks)
+        estimates.append(float(sx @ sy))
+    estimates = np.array(estimates)
+    true = float(x @ y)
+    assert abs(estimates.mean() - true) < 4 * estimates.std() / np.sqrt(len(estimates))
+    assert estimates.std() < 3 / np.sqrt(sketch_dim)
+    assert estimates.std() > 0.1 / np.sqrt(sketch_dim)  # it is a sketch: not exact
+
+
+def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
+    code = (
+        "import hashlib, torch; from rapidin_index.factored import matrix_hash;"
+        "h = matrix_hash(11, 12345, 300, 200, 4096);"
+        "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in h)).hexdigest())"
+    )
+    environment = {**os.environ, "PYTHONHASHSEED": "999"}
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
+    )
+    here = matrix_hash(11, 12345, 300, 200, 4096)
+    assert other.stdout.strip() == hashlib.sha256(b"".join(t.numpy().tobytes() for t in here)).hexdigest()
+    h1, s1, h2, s2 = here
+    assert int(h1.min()) >= 0 and int(h1.max()) < 4096 and set(s1.tolist()) == {-1.0, 1.0}
+    assert len(set(h1.tolist())) > 280  # spread over the bins
+    assert not torch.equal(matrix_hash(11, 0, 300, 200, 4096)[0], h1)  # another block, another hash
+    assert not torch.equal(matrix_hash(12, 12345, 300, 200, 4096)[0], h1)
+
+
+def test_cost_model_factors_big_matrices_and_embeddings_only():
+    dense = [OuterFactors(torch.zeros(1, 40, 4096), rows=torch.zeros(1, 40, 4096))]
+    assert factored_is_cheaper(dense, (4096, 4096), 65536)  # a 7B layer
+    small = [OuterFactors(torch.zeros(1, 40, 64), rows=torch.zeros(1, 40, 64))]
+    assert not factored_is_cheaper(small, (64, 64), 65536)
+    embedding = [OuterFactors(torch.zeros(1, 40, 64), ids=torch.zeros(1, 40, dtype=torch.long))]
+    assert factored_is_cheaper(embedding, (2000, 64), 65536)
+
+
+# --------------------------------------------------------------------------- on tiny models
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("normalize", ["layer", "none"])
+def test_factored_sketcher_equals_brute_force_on_a_tiny_model(
+    tiny_model_dirs, training_rows, architecture, normalize
+):
+    loaded, blocks = load(tiny_model_dirs, architecture, False)
+    settings = SketchSettings(2048, algorithm=TS)
+    pairs = sequences(loaded.tokenizer, training_rows[:4])
+    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
+    projector = make_projector(settings, gradient_dim(blocks), blocks=blocks)
+    sketcher = GradientSketcher(loaded.model, blocks, projector, normalize, factored="always")
+    result = sketcher.sketch(batch)
+    assert sketcher.uses_hooks
+    matrices = {block.name for block in blocks if block.parameter.dim() == 2}
+    assert sketcher.factored_blocks == matrices  # every weight matrix and embedding, tied GPT-2 wte too
+    reference = torch.stack([brute_force_ts(loaded, blocks, pair, settings, normalize) for pair in pairs])
+    tolerance = 1e-4 * float(reference.abs().max())
+    torch.testing.assert_close(result.vectors, reference, atol=tolerance, rtol=1e-4)
+    materialising = GradientSketcher(loaded.model, blocks, projector, normalize, factored="never")
+    again = materialising.sketch(batch)
+    assert not materialising.factored_blocks
+    torch.testing.assert_close(again.vectors, reference, atol=tolerance, rtol=1e-4)
+    torch.testing.assert_close(result.gradient_norms, again.gradient_norms, rtol=1e-5, atol=0)
+
+
+def brute_force_ts(loaded, blocks, pair, settings, normalize):
+    from rapidin_index.gradients import normalize_flat, reference_gradient
+
+    raw = reference_gradient(loaded.model, blocks, collate([pair], loaded.tokenizer.pad_token_id, "cpu"))
+    return reference_sketch(normalize_flat(raw[None], blocks, normalize), settings, blocks)[0]
+
+
+def test_non_finite_factored_block_is_flagged_as_before(tiny_model_dirs, training_rows):
+    loaded, blocks = load(tiny_model_dirs, "llama", False)
+    with torch.no_grad():
+        loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    projector = make_projector(SketchSettings(256, algorithm=TS), gradient_dim(blocks), blocks=blocks)
+    sketcher = GradientSketcher(loaded.model, blocks, projector, factored="always")
+    result = sketcher.sketch(collate(sequences(loaded.tokenizer, training_rows[:2]), 0, "cpu"))
+    assert not bool(result.finite.any())
+    assert bool(torch.isfinite(result.vectors).all())
+
+
+def test_build_and_query_end_to_end_with_rapidgrad_ts(
+    tmp_path, tiny_model_dirs, training_file, training_rows
+):
+    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.manifest import read_manifest
+    from rapidin_index.models import ModelSettings
+    from rapidin_index.retrieval import Index
+
+    settings = BuildSettings(
+        ModelSettings(tiny_model_dirs["gpt2"]), SketchSettings(4096, algorithm=TS), batch_size=4, device="cpu"
+    )
+    report = build_index(training_file, tmp_path / "index", settings, progress=False)
+    assert report.rows_indexed == len(training_rows)
+    assert read_manifest(tmp_path / "index").sketch["algorithm"] == TS
+    opened = Index.open(tmp_path / "index", device="cpu")
+    for row_id in (0, 7):
+        row = training_rows[row_id]
+        result = opened.query(row["instruction"], row["output"], top_k=3, explain=0, per_token=False)
+        assert result.helpful[0].id == row_id, [hit.id for hit in result.helpful]
