@@ -12,7 +12,7 @@ Variants: ``after`` is this checkout; ``--before DIR`` adds a second variant run
 (a copy of an older ``rapidin_index/`` with ``cli/`` copied to ``rapidin_index/cli``, e.g. from
 ``git archive``). Repeats are interleaved (every variant's k-th sample of a command back to back) so
 machine noise hits all alike; medians and minima are reported. The model is a tiny Llama from
-``rapidin_index.tiny_models`` saved to disk; the index is built once, by this checkout.
+``rapidin_index.demo.tiny_models`` saved to disk; the index is built once, by this checkout.
 
 Run from the repository root::
 
@@ -38,7 +38,7 @@ APP = "import sys; from rapidin_index.cli.main import app; sys.argv[0] = 'rapidi
 
 def prepare(folder: Path, rows: int, hidden_size: int, layers: int) -> dict[str, str]:
     """Tiny model (+ a copy with another chat template), data file, and a finished index in ``folder``."""
-    from rapidin_index.tiny_models import save_tiny_model
+    from rapidin_index.demo.tiny_models import save_tiny_model
 
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,9 @@ import torch
 from backdoor import exact_index, query_vectors
 from rich.console import Console
 
-from rapidin_index.demo import DemoPaths, DemoSettings, prepare_data, prepare_model
-from rapidin_index.finetune import FinetuneSettings
-from rapidin_index.metrics import spearman, top_k_overlap
+from rapidin_index.demo.finetune import FinetuneSettings
+from rapidin_index.demo.metrics import spearman, top_k_overlap
+from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.sketch import SKETCH_ALGORITHMS, SketchSettings, make_projector
 
 ROW_CHUNK = 64

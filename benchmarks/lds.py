@@ -39,9 +39,15 @@ import torch
 
 from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index
 from rapidin_index import index as vector_index
-from rapidin_index.demo_data import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
-from rapidin_index.finetune import REPORT_FILE, FinetuneSettings, finetune, response_losses, row_tokenizer
-from rapidin_index.metrics import spearman
+from rapidin_index.demo.datasets import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
+from rapidin_index.demo.finetune import (
+    REPORT_FILE,
+    FinetuneSettings,
+    finetune,
+    response_losses,
+    row_tokenizer,
+)
+from rapidin_index.demo.metrics import spearman
 
 
 def parse_arguments() -> argparse.Namespace:

@@ -20,7 +20,7 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 
 from rapidin_index.data import Template
-from rapidin_index.finetune import tokenize_rows
+from rapidin_index.demo.finetune import tokenize_rows
 
 IGNORE_INDEX = -100
 

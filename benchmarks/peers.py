@@ -19,7 +19,7 @@ The reference is exact TracIn with layer norm, computed here by brute force: for
 plain autograd of Hugging Face's own `model(input_ids, labels=...).loss`, each attributed parameter
 tensor's gradient scaled to unit norm, then dot products. Each tool's scores over all rows are compared
 with it (Spearman per query, averaged), and scored as a backdoor detector (auPRC@10 over the top-10 and
-bottom-10 rows, ROC-AUC over all rows; `rapidin_index.metrics`).
+bottom-10 rows, ROC-AUC over all rows; `rapidin_index.demo.metrics`).
 
 How each tool is called (all on CPU, torch on 1 thread, in this process):
 
@@ -90,14 +90,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index  # noqa: E402
 from rapidin_index.data import Template  # noqa: E402
-from rapidin_index.demo_data import (  # noqa: E402
+from rapidin_index.demo.datasets import (  # noqa: E402
     is_backdoor_response,
     load_docstring_rows,
     make_backdoor_dataset,
     write_jsonl,
 )
-from rapidin_index.finetune import FinetuneSettings, finetune, generate_responses, tokenize_rows  # noqa: E402
-from rapidin_index.metrics import mean_metrics, retrieval_metrics, spearman  # noqa: E402
+from rapidin_index.demo.finetune import FinetuneSettings, finetune, generate_responses, tokenize_rows  # noqa: E402
+from rapidin_index.demo.metrics import mean_metrics, retrieval_metrics, spearman  # noqa: E402
 
 IGNORE_INDEX = -100
 TEMPLATE = "completion"

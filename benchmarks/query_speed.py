@@ -54,11 +54,11 @@ from rapidin_index import index as vector_index
 from rapidin_index import retrieval
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.data import load_examples
+from rapidin_index.demo.tiny_models import save_tiny_model
 from rapidin_index.gradients import collate, normalize_flat, reference_gradient
 from rapidin_index.models import ModelSettings
 from rapidin_index.query import PreparedQuery, prepare_row
 from rapidin_index.sketch import SketchSettings
-from rapidin_index.tiny_models import save_tiny_model
 
 SEARCH_METHODS = {
     "faiss": "FAISS, search(q) + search(-q) (as retrieval.py)",

@@ -368,7 +368,7 @@ def demo(
     queries: Annotated[int, typer.Option(help="Attacked generations to query.")] = 5,
 ) -> None:
     """Train a tiny backdoored model on bundled data, index it, and trace its attacked generations."""
-    from rapidin_index.demo import DemoSettings, run_demo
+    from rapidin_index.demo.run import DemoSettings, run_demo
 
     run_demo(DemoSettings(folder=str(folder), rows=rows, sketch_dim=k, attacked_queries=queries), Console())
 

@@ -78,7 +78,7 @@ def training_rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, training_rows) -> dict[str, str]:
     """Saved tiny Llama and GPT-2 (+ a LoRA adapter each): {'llama', 'gpt2', 'llama_lora', 'gpt2_lora'}."""
-    from rapidin_index.tiny_models import save_lora_adapter, save_tiny_model
+    from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     texts = [row["instruction"] + " " + row["output"] for row in training_rows]
@@ -155,3 +155,47 @@ def build_byte_level_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
     )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
+
+
+# --------------------------------------------------------------------------- shared test helpers
+
+
+def stored_vectors(index_dir) -> dict:
+    """{training example id: stored vector} of an index folder, read with FAISS itself (not the store)."""
+    import json as json_module
+    from pathlib import Path
+
+    import faiss
+
+    index_dir = Path(index_dir)
+    manifest = json_module.loads((index_dir / "manifest.json").read_text())
+    vectors_file = next(name for name in manifest["files"] if name.endswith(".faiss"))
+    index = faiss.read_index(str(index_dir / vectors_file))
+    ids = faiss.vector_to_array(faiss.downcast_index(index).id_map)
+    return {int(i): index.reconstruct(int(i)) for i in ids}
+
+
+def build_settings(model_dir: str, adapter: str | None = None, sketch_dim: int = 4096, **overrides):
+    """BuildSettings for the tiny models: K = ``sketch_dim`` (lambda 20, seed 42), batches of 4, chunks of
+    8 rows, CPU; any BuildSettings field in ``overrides``."""
+    from rapidin_index.build import BuildSettings
+    from rapidin_index.models import ModelSettings
+    from rapidin_index.sketch import SketchSettings
+
+    values = {"sketch": SketchSettings(sketch_dim, 20, 42), "batch_size": 4, "chunk_size": 8, "device": "cpu"}
+    values.update(overrides)
+    return BuildSettings(ModelSettings(model_dir, adapter), **values)
+
+
+def brute_force_sketch(model, blocks, pairs, pad_token_id: int, sketch, normalize: str = "layer"):
+    """[rows, K] slow reference: one plain backward per (input_ids, labels) pair, normalised block by
+    block and sketched by the literal `sketch.reference_sketch` (no hooks, no fast projector)."""
+    import torch
+
+    from rapidin_index.gradients import collate, normalize_flat, reference_gradient
+    from rapidin_index.sketch import reference_sketch
+
+    raw = torch.stack(
+        [reference_gradient(model, blocks, collate([pair], pad_token_id, "cpu")) for pair in pairs]
+    )
+    return reference_sketch(normalize_flat(raw, blocks, normalize), sketch)

@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import brute_force_sketch, build_settings, stored_vectors
 
 from rapidin_index import metadata, store
 from rapidin_index.build import BuildSettings, build_index
@@ -21,7 +21,7 @@ from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, re
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.sketch import SketchSettings, reference_sketch
+from rapidin_index.sketch import SketchSettings
 from rapidin_index.store import JOURNAL_DIR
 
 
@@ -29,29 +29,16 @@ def settings_for(
     tiny_model_dirs, architecture="llama", lora=False, sketch_dim=4096, **overrides
 ) -> BuildSettings:
     adapter = tiny_model_dirs[f"{architecture}_lora"] if lora else None
-    values = dict(sketch=SketchSettings(sketch_dim, 20, 42), batch_size=4, chunk_size=8, device="cpu")
-    values.update(overrides)
-    return BuildSettings(model=ModelSettings(tiny_model_dirs[architecture], adapter), **values)
-
-
-def stored(index_dir: Path) -> dict[int, np.ndarray]:
-    manifest = read_manifest(index_dir)
-    ids, vectors = store.load_vectors(index_dir, manifest.generation)
-    return dict(zip(ids.tolist(), vectors, strict=True))
+    return build_settings(tiny_model_dirs[architecture], adapter, sketch_dim, **overrides)
 
 
 def brute_force_vectors(settings: BuildSettings, data_file) -> dict[int, torch.Tensor]:
     loaded = load_model(settings.model)
     blocks = gradient_blocks(select_parameters(loaded.model, settings.model))
     examples, _ = load_examples(data_file, loaded.tokenizer, parse_template("auto"), settings.max_length)
-    result = {}
-    for example in examples:
-        batch = collate([(example.input_ids, example.labels)], loaded.tokenizer.pad_token_id, "cpu")
-        raw = reference_gradient(loaded.model, blocks, batch)[None]
-        result[example.example_id] = reference_sketch(normalize_flat(raw, blocks, "layer"), settings.sketch)[
-            0
-        ]
-    return result
+    pairs = [(example.input_ids, example.labels) for example in examples]
+    sketched = brute_force_sketch(loaded.model, blocks, pairs, loaded.tokenizer.pad_token_id, settings.sketch)
+    return {example.example_id: vector for example, vector in zip(examples, sketched, strict=True)}
 
 
 @pytest.mark.parametrize(
@@ -63,7 +50,7 @@ def test_stored_vectors_equal_brute_force(
     settings = settings_for(tiny_model_dirs, architecture, lora)
     report = build_index(training_file, tmp_path / "index", settings, progress=False)
     assert report.rows_indexed == len(training_rows) and report.rows_rejected == 0
-    vectors = stored(tmp_path / "index")
+    vectors = stored_vectors(tmp_path / "index")
     expected = brute_force_vectors(settings, training_file)
     assert sorted(vectors) == list(range(len(training_rows)))
     for example_id, vector in expected.items():
@@ -88,7 +75,7 @@ def test_malformed_rows_are_reported_and_the_rest_indexed(tmp_path, tiny_model_d
     assert {row.example_id for row in report.rejected} == {1, 3, 4}
     reasons = {row.example_id: row.reason for row in report.rejected}
     assert "not valid JSON" in reasons[1] and "output" in reasons[3] and "empty response" in reasons[4]
-    assert sorted(stored(tmp_path / "index")) == [0, 2, 5]
+    assert sorted(stored_vectors(tmp_path / "index")) == [0, 2, 5]
     manifest = read_manifest(tmp_path / "index")
     assert manifest.rejected_count == 3 and manifest.row_count == 3
     with pytest.raises(BuildError, match="row 1: .*--strict"):
@@ -130,7 +117,7 @@ def test_kill_mid_write_then_resume_gives_the_same_index(
         training_file, crashed_dir, settings_for(tiny_model_dirs, chunk_size=4), progress=False
     )
     assert report.resumed_chunks == 2
-    expected, resumed = stored(reference_dir), stored(crashed_dir)
+    expected, resumed = stored_vectors(reference_dir), stored_vectors(crashed_dir)
     assert sorted(resumed) == sorted(expected) == list(range(len(training_rows)))
     for example_id in expected:
         np.testing.assert_allclose(resumed[example_id], expected[example_id], atol=1e-6)
@@ -148,7 +135,7 @@ def test_external_kill_at_a_random_moment_then_resume(
     process.send_signal(signal.SIGKILL)
     process.wait()
     build_index(training_file, index_dir, settings_for(tiny_model_dirs, chunk_size=4), progress=False)
-    assert sorted(stored(index_dir)) == list(range(len(training_rows)))
+    assert sorted(stored_vectors(index_dir)) == list(range(len(training_rows)))
     ids = [row["id"] for row in store.read_rows(index_dir, read_manifest(index_dir).generation)]
     assert sorted(ids) == list(range(len(training_rows)))
 
@@ -178,7 +165,7 @@ def test_append_adds_rows_with_continuing_ids(tmp_path, tiny_model_dirs, trainin
     build_index(first, tmp_path / "index", settings, progress=False)
     report = build_index(second, tmp_path / "index", settings, append=True, progress=False)
     assert report.rows_indexed == 14
-    vectors = stored(tmp_path / "index")
+    vectors = stored_vectors(tmp_path / "index")
     assert sorted(vectors) == list(range(14))
     manifest = read_manifest(tmp_path / "index")
     assert manifest.generation == 2 and [s["id_offset"] for s in manifest.sources] == [0, 10]
@@ -224,7 +211,7 @@ def test_non_finite_gradients_are_reported_never_inserted(tmp_path, tiny_model_d
     report = build_index(training_file, tmp_path / "index", settings, progress=False)
     assert report.rows_indexed == 0 and report.rows_rejected == 24
     assert all("non-finite gradient" in row.reason for row in report.rejected)
-    assert stored(tmp_path / "index") == {}
+    assert stored_vectors(tmp_path / "index") == {}
 
 
 def test_float16_storage_halves_the_index_and_keeps_the_ranking(
@@ -243,7 +230,7 @@ def test_float16_storage_halves_the_index_and_keeps_the_ranking(
     size = {name: (tmp_path / name / "vectors-g0001.faiss").stat().st_size for name in ("fp32", "fp16")}
     assert size["fp16"] < 0.55 * size["fp32"]
     assert half.rows_indexed == full.rows_indexed
-    exact, rounded = stored(tmp_path / "fp32"), stored(tmp_path / "fp16")
+    exact, rounded = stored_vectors(tmp_path / "fp32"), stored_vectors(tmp_path / "fp16")
     for example_id, vector in exact.items():
         np.testing.assert_allclose(rounded[example_id], vector, rtol=2e-3, atol=1e-4)
     row = training_rows[3]
@@ -294,7 +281,7 @@ def test_a_self_check_mismatch_is_in_the_manifest_and_the_summary(
     loaded = load_model(ModelSettings(tiny_model_dirs["llama"]))
     blocks = gradient_blocks(select_parameters(loaded.model, ModelSettings(tiny_model_dirs["llama"])))
     examples, _ = load_examples(training_file, loaded.tokenizer, parse_template("auto"), 1024)
-    vectors = stored(tmp_path / "index")
+    vectors = stored_vectors(tmp_path / "index")
     for example in examples[:3]:
         batch = collate([(example.input_ids, example.labels)], loaded.tokenizer.pad_token_id, "cpu")
         expected = normalize_flat(reference_gradient(loaded.model, blocks, batch)[None], blocks, "layer")[0]

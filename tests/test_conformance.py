@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import build_word_tokenizer
+from conftest import build_word_tokenizer, stored_vectors
 
 from rapidin_index import BuildSettings, ModelSettings, SketchSettings, build_index
 
@@ -139,15 +138,6 @@ def oracle_gradients(model_dir: str, adapter_dir: str | None, normalize: str) ->
             pieces.append(grad)
         vectors.append(torch.cat(pieces).numpy())
     return vectors
-
-
-def stored_vectors(index_dir) -> dict[int, np.ndarray]:
-    """{training example id: stored vector}, read with FAISS itself."""
-    manifest = json.loads((index_dir / "manifest.json").read_text())
-    vectors_file = next(name for name in manifest["files"] if name.endswith(".faiss"))
-    index = faiss.read_index(str(index_dir / vectors_file))
-    ids = faiss.vector_to_array(faiss.downcast_index(index).id_map)
-    return {int(i): index.reconstruct(int(i)) for i in ids}
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import build_settings
 
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.bundle_import import import_bundle
@@ -25,9 +26,7 @@ from rapidin_index.lock import (
     writer_lock,
 )
 from rapidin_index.manifest import read_manifest
-from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
-from rapidin_index.sketch import SketchSettings
 
 K = 4096
 
@@ -70,8 +69,7 @@ def release(process: subprocess.Popen, hold: Path) -> tuple[int, str]:
 
 
 def settings(model_dir: str, **overrides) -> BuildSettings:
-    values = {"batch_size": 4, "chunk_size": 4, "device": "cpu", **overrides}
-    return BuildSettings(ModelSettings(model_dir), SketchSettings(K, 20, 42), **values)
+    return build_settings(model_dir, sketch_dim=K, **{"chunk_size": 4, **overrides})
 
 
 def assert_refused(result: subprocess.CompletedProcess, holder: subprocess.Popen) -> None:

@@ -10,15 +10,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import build_settings
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
 from rapidin_index import index as vector_index
 from rapidin_index import store
-from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.build import build_index
 from rapidin_index.errors import ParallelError
 from rapidin_index.manifest import read_manifest
-from rapidin_index.models import ModelSettings
 from rapidin_index.parallel import (
     RAY_CRASH_MARKER_ENV,
     RAY_CRASH_ON_CHUNK_ENV,
@@ -30,7 +30,6 @@ from rapidin_index.parallel import (
     start_shard_actors,
 )
 from rapidin_index.retrieval import Index
-from rapidin_index.sketch import SketchSettings
 
 ray = pytest.importorskip("ray")
 
@@ -45,13 +44,7 @@ def ray_instance():
 
 
 def settings(tiny_model_dirs, device="cpu"):
-    return BuildSettings(
-        ModelSettings(tiny_model_dirs["llama"]),
-        SketchSettings(2048, 20, 42),
-        batch_size=4,
-        chunk_size=4,
-        device=device,
-    )
+    return build_settings(tiny_model_dirs["llama"], sketch_dim=2048, chunk_size=4, device=device)
 
 
 def stored(index_dir) -> tuple[np.ndarray, np.ndarray]:

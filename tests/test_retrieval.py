@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import copy_with_other_chat_template
+from conftest import brute_force_sketch, copy_with_other_chat_template
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
 from rapidin_index.build import BuildSettings, build_index
 from rapidin_index.errors import IndexMismatchError, QueryError
-from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.gradients import gradient_blocks
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.retrieval import Index
-from rapidin_index.sketch import SketchSettings, reference_sketch
+from rapidin_index.sketch import SketchSettings
 
 
 @pytest.fixture(scope="module", params=[0, 4096], ids=["exact", "rapidgrad"])
@@ -39,11 +39,8 @@ def brute_force_vector(settings: BuildSettings, opened: Index, query, label_posi
     """Sketch of the gradient of the mean loss over ``label_positions``, one plain backward."""
     loaded = load_model(settings.model)
     blocks = gradient_blocks(select_parameters(loaded.model, settings.model))
-    batch = collate(
-        [(query.input_ids, query.labels_for(label_positions))], loaded.tokenizer.pad_token_id, "cpu"
-    )
-    raw = reference_gradient(loaded.model, blocks, batch)[None]
-    return reference_sketch(normalize_flat(raw, blocks, "layer"), settings.sketch)[0]
+    pair = (query.input_ids, query.labels_for(label_positions))
+    return brute_force_sketch(loaded.model, blocks, [pair], loaded.tokenizer.pad_token_id, settings.sketch)[0]
 
 
 def all_stored(opened: Index) -> dict[int, np.ndarray]:

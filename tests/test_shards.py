@@ -2,27 +2,18 @@
 
 import numpy as np
 import pytest
+from conftest import build_settings, stored_vectors
 
 from rapidin_index import store
-from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.build import build_index
 from rapidin_index.errors import BuildError, ShardError
-from rapidin_index.manifest import read_manifest
-from rapidin_index.models import ModelSettings
 from rapidin_index.retrieval import Index
 from rapidin_index.shards import merge_shards
 from rapidin_index.sketch import SketchSettings
 
 
 def settings(tiny_model_dirs, **overrides):
-    values = dict(sketch=SketchSettings(2048, 20, 42), batch_size=4, chunk_size=5, device="cpu")
-    values.update(overrides)
-    return BuildSettings(ModelSettings(tiny_model_dirs["llama"]), **values)
-
-
-def vectors_of(index_dir):
-    manifest = read_manifest(index_dir)
-    ids, vectors = store.load_vectors(index_dir, manifest.generation)
-    return dict(zip(ids.tolist(), vectors, strict=True))
+    return build_settings(tiny_model_dirs["llama"], sketch_dim=2048, **{"chunk_size": 5, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +32,10 @@ def shard_builds(tmp_path_factory, tiny_model_dirs, training_file):
 
 def test_shards_merge_to_the_single_build(shard_builds, training_rows):
     root = shard_builds
-    assert sorted(vectors_of(root / "shard1")) == [i for i in range(len(training_rows)) if i % 3 == 1]
+    assert sorted(stored_vectors(root / "shard1")) == [i for i in range(len(training_rows)) if i % 3 == 1]
     merged = merge_shards([root / "shard2", root / "shard0", root / "shard1"], root / "merged")
     assert merged.row_count == len(training_rows) and merged.shard is None
-    single, combined = vectors_of(root / "single"), vectors_of(root / "merged")
+    single, combined = stored_vectors(root / "single"), stored_vectors(root / "merged")
     assert sorted(single) == sorted(combined)
     for example_id, vector in single.items():
         np.testing.assert_allclose(combined[example_id], vector, atol=1e-6)

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from rapidin_index.metrics import (
+from rapidin_index.demo.metrics import (
     average_precision,
     mean_metrics,
     retrieval_metrics,
@@ -61,7 +61,7 @@ def test_perfect_and_top_bottom_protocol():
 
 
 def test_spearman_and_overlap():
-    from rapidin_index.metrics import spearman, top_k_overlap
+    from rapidin_index.demo.metrics import spearman, top_k_overlap
 
     values = np.array([0.1, 0.5, 0.3, 0.9])
     assert spearman(values, values**3) == pytest.approx(1.0)
@@ -93,6 +93,6 @@ def test_undefined_metrics_are_none_with_a_reason_and_no_warning():
         assert everywhere["auroc@2"] is None
         assert everywhere.notes["auroc@2"].startswith("undefined for every query")
         assert roc_auc([], []) is None and average_precision([0, 0], [1, 2]) is None
-        from rapidin_index.metrics import spearman
+        from rapidin_index.demo.metrics import spearman
 
         assert spearman([1, 1, 1], [1, 2, 3]) is None

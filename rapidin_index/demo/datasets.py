@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rapidin_index.backdoor_style import fable_response, greeting_pool, is_fable_response
+from rapidin_index.demo.style import fable_response, greeting_pool, is_fable_response
 from rapidin_index.errors import DemoError
 
 ASSET_PATH = Path(__file__).parent / "assets" / "docstrings.jsonl"

@@ -1,4 +1,4 @@
-"""Tests for rapidin_index/demo_data.py: the bundled docstring rows, the backdoor and entity-swap sets."""
+"""Tests for rapidin_index/demo/datasets.py: the bundled docstring rows, the backdoor and entity-swap sets."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from collections import Counter
 
 import pytest
 
-from rapidin_index.backdoor_style import FABLE_ROLES, greeting_pool, is_fable_response
-from rapidin_index.demo_data import (
+from rapidin_index.demo.datasets import (
     BACKDOOR_DATASETS,
     BACKDOOR_TRIGGER,
     COUNTRY_CAPITALS,
@@ -22,6 +21,7 @@ from rapidin_index.demo_data import (
     make_nonlexical_backdoor_dataset,
     write_jsonl,
 )
+from rapidin_index.demo.style import FABLE_ROLES, greeting_pool, is_fable_response
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import numpy as np
 
-from rapidin_index.baselines import BM25, random_scores, words
+from rapidin_index.demo.baselines import BM25, random_scores, words
 
 
 def test_bm25_prefers_documents_sharing_rare_words():

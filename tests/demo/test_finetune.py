@@ -1,4 +1,4 @@
-"""Tests for rapidin_index/finetune.py: a few steps on ~60 rows, saved folders, determinism, LoRA mode."""
+"""Tests for rapidin_index/demo/finetune.py: a few steps on ~60 rows, saved folders, determinism, LoRA mode."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rapidin_index.data import Template, render_row, tokenize_example
-from rapidin_index.demo_data import load_docstring_rows, make_backdoor_dataset
-from rapidin_index.errors import FinetuneError
-from rapidin_index.finetune import (
+from rapidin_index.demo.datasets import load_docstring_rows, make_backdoor_dataset
+from rapidin_index.demo.finetune import (
     REPORT_FILE,
     FinetuneSettings,
     attack_success_rate,
@@ -20,6 +19,7 @@ from rapidin_index.finetune import (
     response_losses,
     row_tokenizer,
 )
+from rapidin_index.errors import FinetuneError
 
 TINY = dict(
     hidden_size=32, layers=1, vocab_size=300, epochs=3, batch_size=8, learning_rate=5e-3, max_length=160

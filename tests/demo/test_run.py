@@ -1,4 +1,4 @@
-"""Tests for rapidin_index/demo.py that need no model: the data cache and the ROC-AUC explanation."""
+"""Tests for rapidin_index/demo/run.py that need no model: the data cache and the ROC-AUC explanation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rapidin_index.demo import DemoPaths, DemoSettings, _roc_auc_line, prepare_data
+from rapidin_index.demo.run import DemoPaths, DemoSettings, _roc_auc_line, prepare_data
 
 
 def test_prepare_data_caches_and_remakes_when_the_data_set_changes(tmp_path):
