@@ -50,7 +50,7 @@ from rapidin_index.sketch import (
     reference_sketch,
     shuffle_plan,
 )
-from rapidin_index.tiny_models import save_lora_adapter, save_tiny_model
+from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
 
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
 TOLERANCE = 1e-4
