@@ -14,15 +14,18 @@ outer product u v^T is the circular convolution of the two small count sketches 
 
     sketch(dW) = IFFT( sum_t FFT(CS1(u_t)) * FFT(CS2(v_t)) )            (``project_outer``)
 
-never materialises dW: it costs about T * K log K a call instead of T * rows * cols. An embedding's u_t
-is one-hot, so its sketch is a plain scatter of v_t at bins shifted by h1(id_t) (``project_rows``).
-The block's layer norm follows from the two token Gram matrices (``squared_norms``):
-``||sum_t u_t v_t^T||_F^2 = sum_{t,t'} (u_t . u_t')(v_t . v_t')``.
+never materialises dW: it costs about T * K log K a call instead of T * rows * cols. Where that is
+more (small matrices, large K: ``fft_is_cheaper``), ``project_dense`` multiplies the signs into the
+factors (s1 into u, s2 into v: the sign is separable), forms dW with one batched matmul and scatters it
+into its bins, skipping the sign and normalisation passes over [batch, rows * cols]. An embedding's u_t is
+one-hot, so its sketch is a plain scatter of v_t at bins shifted by h1(id_t) (``project_rows``). The
+block's layer norm follows from the two token Gram matrices (``squared_norms``):
+``||sum_t u_t v_t^T||_F^2 = sum_{t,t'} (u_t . u_t')(v_t . v_t')``; the scale goes into v.
 
 Every other block (norm weights, biases; every block when no block list is given) is hashed by its
 flat position exactly as rapidgrad-v2 hashes it. ``project_block`` applies the same hash to a
-materialised [batch, numel] gradient: it is the slow reference of the factored methods, and the path
-the gradient stage takes where factoring costs more (small matrices, large K; see ``factored_is_cheaper``).
+materialised [batch, numel] gradient: the reference of the factored methods, and the path of every
+block the gradient stage cannot factor (exact-path blocks, norm weights, biases).
 """
 
 from __future__ import annotations
@@ -47,12 +50,15 @@ from rapidin_index.sketch import (
 TS_ALGORITHM = "rapidgrad-ts"
 # Bound on batch x tokens x K float32 values held by one FFT step (64 MB).
 _FFT_ELEMENTS = 1 << 24
-# Cost model (nanoseconds, measured on one CPU thread; benchmarks/factored.py) for picking, per block,
-# the factored path or the materialised one: a multiply-add in a batched matmul, one scattered value,
-# and one token's FFT work per K log2 K (two count sketches, two rFFTs, one product).
+# Cost model (nanoseconds on one CPU thread, from benchmarks/factored.py's micro-timings) for picking,
+# per module call, the FFT or the signed-factor matmul + scatter: a multiply-add in a batched matmul, one
+# scattered value, and one token's FFT work per K log2 K (two count sketches, two rFFTs, one product).
 GEMM_NS = 0.02
-SCATTER_NS = 1.8
+SCATTER_NS = 0.9
 FFT_NS = 0.45
+# Matrix blocks up to this many coordinates keep their int64 bins (8 bytes a coordinate) for project_dense.
+_BINS_CACHE_LIMIT = 1 << 24
+METHODS = ("auto", "fft", "dense")
 
 
 def _word(*values: int) -> int:
@@ -150,6 +156,9 @@ class RapidGradTSProjector:
             raise SketchError(f"a 2-D block ends at {self.matrices[-1].end}, past D = {gradient_dim}")
         self._by_offset = {matrix.offset: matrix for matrix in self.matrices}
         self._hashes: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._matrix_bins: dict[int, torch.Tensor] = {}
+        self.method = "auto"
+        """How ``project_factors`` sketches a dense factor: 'auto' (by ``fft_is_cheaper``), 'fft', 'dense'."""
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
             {} if self.padded_dim <= cache_limit else None
         )
@@ -212,12 +221,34 @@ class RapidGradTSProjector:
         scale: torch.Tensor | None = None,
     ) -> None:
         """out += scale[b] * sketch(sum of the factors' outer products) for the 2-D block at ``offset``."""
+        matrix = self._by_offset[offset]
         for factor in factors:
             cols = factor.cols if scale is None else factor.cols * scale[:, None, None]
             if factor.ids is not None:
                 self.project_rows(out, factor.ids, cols, offset)
-            else:
+            elif self.method == "fft" or (
+                self.method == "auto"
+                and fft_is_cheaper(factor.tokens, (matrix.rows, matrix.cols), self.output_dim)
+            ):
                 self.project_outer(out, factor.rows, cols, offset)
+            else:
+                self.project_dense(out, factor.rows, cols, offset)
+
+    def project_dense(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += sketch(sum_t rows[:, t] cols[:, t]^T) by one matmul of the signed factors."""
+        h1, s1, h2, s2 = self.hashes(offset)
+        signed = torch.bmm((rows.float() * s1).transpose(1, 2), cols.float() * s2)  # [batch, R, C]
+        out.index_add_(1, self.matrix_bins(offset), signed.reshape(out.shape[0], -1))
+
+    def matrix_bins(self, offset: int) -> torch.Tensor:
+        """[rows * cols] int64 bins (h1(i) + h2(j)) mod K of the 2-D block at ``offset``, row-major."""
+        if offset in self._matrix_bins:
+            return self._matrix_bins[offset]
+        h1, _, h2, _ = self.hashes(offset)
+        bins = ((h1[:, None] + h2[None, :]) % self.output_dim).reshape(-1)
+        if sum(b.numel() for b in self._matrix_bins.values()) + bins.numel() <= _BINS_CACHE_LIMIT:
+            self._matrix_bins[offset] = bins
+        return bins
 
     def project_outer(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
         """out: [batch, K] += sketch(sum_t rows[:, t] cols[:, t]^T) by FFT (rows [b, T, R], cols [b, T, C])."""
@@ -254,25 +285,29 @@ class RapidGradTSProjector:
 
 
 def _row_gram(a: OuterFactors, b: OuterFactors) -> torch.Tensor:
-    """[batch, Ta, Tb] float64: u^a_t . u^b_t' (one-hot rows compare ids, or pick the dense entry)."""
+    """[batch, Ta, Tb]: u^a_t . u^b_t' (one-hot rows compare ids, or pick the dense entry)."""
     if a.ids is not None and b.ids is not None:
-        return (a.ids[:, :, None] == b.ids[:, None, :]).double()
+        return (a.ids[:, :, None] == b.ids[:, None, :]).float()
     if a.ids is not None:
         index = a.ids[:, None, :].expand(-1, b.tokens, -1)  # [batch, Tb, Ta]
-        return b.rows.gather(2, index).transpose(1, 2).double()  # u^b_t'[id^a_t]
+        return b.rows.float().gather(2, index).transpose(1, 2)  # u^b_t'[id^a_t]
     if b.ids is not None:
         return _row_gram(b, a).transpose(1, 2)
-    return torch.bmm(a.rows.double(), b.rows.double().transpose(1, 2))
+    return torch.bmm(a.rows.float(), b.rows.float().transpose(1, 2))
 
 
 def squared_norms(factors: list[OuterFactors]) -> torch.Tensor:
-    """[batch] float64 ||sum of the factors' outer products||_F^2 from token Gram matrices, cross terms too."""
+    """[batch] float64 ||sum of the factors' outer products||_F^2 from token Gram matrices, cross terms too.
+
+    The Grams are float32 matmuls; their products are summed in float64, where terms of opposite signs
+    cancel (the squared norm of a sum of outer products).
+    """
     total = None
     for first, a in enumerate(factors):
         for second in range(first, len(factors)):
             b = factors[second]
-            cols = torch.bmm(a.cols.double(), b.cols.double().transpose(1, 2))  # [batch, Ta, Tb]
-            term = (_row_gram(a, b) * cols).sum(dim=(1, 2)) * (1 if first == second else 2)
+            cols = torch.bmm(a.cols.float(), b.cols.float().transpose(1, 2))  # [batch, Ta, Tb]
+            term = (_row_gram(a, b).double() * cols.double()).sum(dim=(1, 2)) * (1 if first == second else 2)
             total = term if total is None else total + term
     return total
 
@@ -292,12 +327,9 @@ def factors_gradient(factors: list[OuterFactors], shape: tuple[int, int]) -> tor
     return total.reshape(batch, -1)
 
 
-def factored_is_cheaper(factors: list[OuterFactors], shape: tuple[int, int], sketch_dim: int) -> bool:
-    """Whether sketching from the factors costs less than materialising (cost model above, per example)."""
+def fft_is_cheaper(tokens: int, shape: tuple[int, int], sketch_dim: int) -> bool:
+    """Whether one dense call's FFT sketch costs less than its signed matmul + scatter (per example)."""
     rows, cols = shape
-    tokens = sum(factor.tokens for factor in factors)
-    dense_tokens = sum(factor.tokens for factor in factors if factor.ids is None)
-    materialised = rows * cols * (dense_tokens * GEMM_NS + SCATTER_NS)
-    fft = dense_tokens * (sketch_dim * math.log2(max(2, sketch_dim)) * FFT_NS + (rows + cols) * SCATTER_NS)
-    gram = tokens * tokens * (rows + cols) * GEMM_NS
-    return fft + gram + tokens * cols * SCATTER_NS < materialised
+    dense = rows * cols * (tokens * GEMM_NS + SCATTER_NS)
+    fft = tokens * (sketch_dim * math.log2(max(2, sketch_dim)) * FFT_NS + (rows + cols) * SCATTER_NS)
+    return fft < dense

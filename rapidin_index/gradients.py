@@ -28,10 +28,10 @@ from torch.func import functional_call
 
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import OuterFactors, factored_is_cheaper, factors_gradient, squared_norms
+from rapidin_index.factored import OuterFactors, factors_gradient, squared_norms
 
 NORMALIZATIONS = ("layer", "none")
-FACTORED_MODES = ("auto", "always", "never")
+FACTORED_MODES = ("auto", "never")
 
 
 @dataclass(frozen=True)
@@ -407,9 +407,10 @@ class GradientSketcher:
     passes, and any block that differs moves to the exact path, so no model is approximated in silence.
     ``exact=True`` puts every block on the exact path (the slow reference).
 
-    With a projector that sketches outer-product factors (rapidgrad-ts), a hooked 2-D block is sketched
-    from its factors, never materialised, where ``factored_is_cheaper`` says so (``factored="auto"``),
-    always, or never; ``factored_blocks`` names the blocks that took that path.
+    With a projector that sketches outer-product factors (rapidgrad-ts), every hooked linear, Conv1D and
+    embedding weight is sketched from its factors (``factored="auto"``; the projector picks FFT or a
+    signed matmul per call by cost), or materialised like any other block (``"never"``);
+    ``factored_blocks`` names the blocks that took the factored path.
     """
 
     def __init__(
@@ -525,17 +526,9 @@ class GradientSketcher:
         if self.factored == "never" or block.parameter.dim() != 2:
             return None
         try:
-            factors = self.capture.example_factors(block, batch_size)
+            return self.capture.example_factors(block, batch_size)
         except GradientError:
             return None  # the materialising rule raises it again and moves the block to the exact path
-        if factors is None:
-            return None
-        sketch_dim = self.projector.output_dim
-        if self.factored == "auto" and not factored_is_cheaper(
-            factors, tuple(block.parameter.shape), sketch_dim
-        ):
-            return None
-        return factors
 
     def _hooked_gradients(self, batch: Batch, block: GradientBlock) -> torch.Tensor:
         try:

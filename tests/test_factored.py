@@ -15,8 +15,8 @@ from test_gradients import load, sequences
 from rapidin_index.factored import (
     OuterFactors,
     RapidGradTSProjector,
-    factored_is_cheaper,
     factors_gradient,
+    fft_is_cheaper,
     matrix_hash,
     squared_norms,
 )
@@ -66,10 +66,12 @@ def test_outer_product_sketch_by_fft_equals_materialised(sketch_dim):
     for block, tokens in zip(blocks, (13, 1), strict=True):
         rows, cols = block.parameter.shape
         factors = [OuterFactors(torch.randn(4, tokens, cols), rows=torch.randn(4, tokens, rows))]
-        out = projector.new_output(4)
-        projector.project_factors(out, factors, block.offset)
         expected = materialised(projector, factors, (rows, cols), block.offset, 4)
-        torch.testing.assert_close(out, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+        for method in ("fft", "dense"):
+            projector.method = method
+            out = projector.new_output(4)
+            projector.project_factors(out, factors, block.offset)
+            torch.testing.assert_close(out, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
 
 
 def test_embedding_rows_and_tied_calls_equal_materialised_with_scale():
@@ -148,29 +150,27 @@ def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
     assert not torch.equal(matrix_hash(12, 12345, 300, 200, 4096)[0], h1)
 
 
-def test_cost_model_factors_big_matrices_and_embeddings_only():
-    dense = [OuterFactors(torch.zeros(1, 40, 4096), rows=torch.zeros(1, 40, 4096))]
-    assert factored_is_cheaper(dense, (4096, 4096), 65536)  # a 7B layer
-    small = [OuterFactors(torch.zeros(1, 40, 64), rows=torch.zeros(1, 40, 64))]
-    assert not factored_is_cheaper(small, (64, 64), 65536)
-    embedding = [OuterFactors(torch.zeros(1, 40, 64), ids=torch.zeros(1, 40, dtype=torch.long))]
-    assert factored_is_cheaper(embedding, (2000, 64), 65536)
+def test_cost_model_picks_the_fft_for_big_matrices_only():
+    assert fft_is_cheaper(512, (4096, 4096), 4096)  # a 7B layer at K = 4096
+    assert not fft_is_cheaper(40, (384, 384), 65536)  # a tiny one
+    assert fft_is_cheaper(40, (2000, 384), 4096)  # a tiny model's output layer at a small K
 
 
 # --------------------------------------------------------------------------- on tiny models
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-@pytest.mark.parametrize("normalize", ["layer", "none"])
+@pytest.mark.parametrize("normalize,method", [("layer", "fft"), ("layer", "dense"), ("none", "auto")])
 def test_factored_sketcher_equals_brute_force_on_a_tiny_model(
-    tiny_model_dirs, training_rows, architecture, normalize
+    tiny_model_dirs, training_rows, architecture, normalize, method
 ):
     loaded, blocks = load(tiny_model_dirs, architecture, False)
     settings = SketchSettings(2048, algorithm=TS)
     pairs = sequences(loaded.tokenizer, training_rows[:4])
     batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
     projector = make_projector(settings, gradient_dim(blocks), blocks=blocks)
-    sketcher = GradientSketcher(loaded.model, blocks, projector, normalize, factored="always")
+    projector.method = method
+    sketcher = GradientSketcher(loaded.model, blocks, projector, normalize)
     result = sketcher.sketch(batch)
     assert sketcher.uses_hooks
     matrices = {block.name for block in blocks if block.parameter.dim() == 2}
@@ -197,7 +197,7 @@ def test_non_finite_factored_block_is_flagged_as_before(tiny_model_dirs, trainin
     with torch.no_grad():
         loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
     projector = make_projector(SketchSettings(256, algorithm=TS), gradient_dim(blocks), blocks=blocks)
-    sketcher = GradientSketcher(loaded.model, blocks, projector, factored="always")
+    sketcher = GradientSketcher(loaded.model, blocks, projector)
     result = sketcher.sketch(collate(sequences(loaded.tokenizer, training_rows[:2]), 0, "cpu"))
     assert not bool(result.finite.any())
     assert bool(torch.isfinite(result.vectors).all())

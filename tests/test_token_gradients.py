@@ -134,7 +134,8 @@ def test_factored_per_token_rows_are_in_the_build_sketch_space(tiny_model_dirs, 
     blocks = gradient_blocks(selected)
     sketch_settings = SketchSettings(1024, algorithm="rapidgrad-ts")
     projector = make_projector(sketch_settings, gradient_dim(blocks), blocks=blocks)
-    sketcher = GradientSketcher(loaded.model, blocks, projector, "layer", factored="always")
+    projector.method = "fft"  # the FFT path on every matrix (the cost model would pick the matmul here)
+    sketcher = GradientSketcher(loaded.model, blocks, projector, "layer")
     ids = loaded.tokenizer("What does str.upper do? Return a copy").input_ids + [
         loaded.tokenizer.eos_token_id
     ]
