@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.build import build_index
+from rapidin_index.settings import BuildSettings
 from rapidin_index.demo.baselines import BM25
 from rapidin_index.demo.datasets import make_entity_swap_dataset, write_jsonl
 from rapidin_index.demo.finetune import FinetuneSettings, finetune
-from rapidin_index.models import ModelSettings
+from rapidin_index.settings import ModelSettings
 from rapidin_index.retrieval import Index
 from rapidin_index.sketch import SketchSettings
 

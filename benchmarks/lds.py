@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index
+from rapidin_index import Index, SketchSettings, build_index
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index import index as vector_index
 from rapidin_index.demo.datasets import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
 from rapidin_index.demo.finetune import (

@@ -14,6 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
+from rapidin_index.settings import BuildSettings, ModelSettings, default_of
+
 app = typer.Typer(
     help="Which training examples, and which of their tokens, made a fine-tuned LLM say this? (RapidIn)",
     no_args_is_help=True,
@@ -95,7 +97,7 @@ def build(
     ] = None,
     adapter: Annotated[
         str | None, typer.Option(help="PEFT LoRA adapter folder; its tensors are attributed.")
-    ] = None,
+    ] = default_of(ModelSettings, "adapter"),
     k: Annotated[
         int, typer.Option("--k", help="RapidGrad sketch dimension K; 0 stores exact gradients.")
     ] = 65536,
@@ -112,37 +114,49 @@ def build(
     seed: Annotated[int, typer.Option(help="Seed of the RapidGrad shuffles and signs.")] = 42,
     normalize: Annotated[
         str, typer.Option(help="Per-tensor gradient normalisation: layer or none.")
-    ] = "layer",
-    batch_size: Annotated[int, typer.Option(help="Examples per forward/backward pass.")] = 8,
-    max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 1024,
+    ] = default_of(BuildSettings, "normalize"),
+    batch_size: Annotated[int, typer.Option(help="Examples per forward/backward pass.")] = default_of(
+        BuildSettings, "batch_size"
+    ),
+    max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = default_of(
+        BuildSettings, "max_length"
+    ),
     tokenization: Annotated[
         str,
         typer.Option(
             help="joint: prompt + response tokenized as one text, as TRL's trainers do; "
             "separate: each part on its own."
         ),
-    ] = "joint",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    ] = default_of(BuildSettings, "tokenization"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = default_of(BuildSettings, "device"),
     dtype: Annotated[
         str, typer.Option(help="Model weights dtype: float32, float16 or bfloat16.")
-    ] = "float32",
+    ] = default_of(ModelSettings, "dtype"),
     template: Annotated[
         str,
         typer.Option(help="auto, alpaca, completion, chat, plain, or a format string like '{question}\\n'."),
-    ] = "auto",
-    response_field: Annotated[str | None, typer.Option(help="Row field holding the response.")] = None,
+    ] = default_of(BuildSettings, "template"),
+    response_field: Annotated[str | None, typer.Option(help="Row field holding the response.")] = default_of(
+        BuildSettings, "response_field"
+    ),
     params: Annotated[
         str | None, typer.Option(help="Regex narrowing the attributed parameter names.")
-    ] = None,
-    strict: Annotated[bool, typer.Option(help="Fail on a malformed row instead of reporting it.")] = False,
-    chunk_size: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = 256,
+    ] = default_of(ModelSettings, "params"),
+    strict: Annotated[
+        bool, typer.Option(help="Fail on a malformed row instead of reporting it.")
+    ] = default_of(BuildSettings, "strict"),
+    chunk_size: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = default_of(
+        BuildSettings, "chunk_size"
+    ),
     vector_dtype: Annotated[
         str, typer.Option(help="Stored vectors: float32 (4K bytes a row) or float16 (2K; scores still fp32).")
-    ] = "float32",
+    ] = default_of(BuildSettings, "vector_dtype"),
     num_shards: Annotated[
         int, typer.Option(help="Static sharding: split the rows (id % N) across N independent builds.")
-    ] = 1,
-    shard_index: Annotated[int, typer.Option(help="Which shard this build indexes (0-based).")] = 0,
+    ] = default_of(BuildSettings, "num_shards"),
+    shard_index: Annotated[int, typer.Option(help="Which shard this build indexes (0-based).")] = default_of(
+        BuildSettings, "shard_index"
+    ),
     ray: Annotated[
         str | None,
         typer.Option(
@@ -157,8 +171,7 @@ def build(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Compute one RapidGrad sketch per training example and store it in a FAISS + LanceDB index."""
-    from rapidin_index.build import BuildSettings, build_index
-    from rapidin_index.models import ModelSettings
+    from rapidin_index.build import build_index
     from rapidin_index.sketch import SketchSettings
 
     if (data is None) == (append is None):

@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 # torch + transformers + lancedb before it needs them.
 _EXPORTS = {
     "BuildReport": "rapidin_index.build",
-    "BuildSettings": "rapidin_index.build",
+    "BuildSettings": "rapidin_index.settings",
     "build_index": "rapidin_index.build",
-    "ModelSettings": "rapidin_index.models",
+    "ModelSettings": "rapidin_index.settings",
     "Index": "rapidin_index.retrieval",
     "SketchSettings": "rapidin_index.sketch",
 }

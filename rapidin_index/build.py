@@ -22,15 +22,11 @@ from rapidin_index import index as vector_index
 from rapidin_index import store
 from rapidin_index.chunks import ChunkJob, LocalChunkRunner, group_by_chunk
 from rapidin_index.data import (
-    TOKENIZATIONS,
     RejectedRow,
     Template,
     load_examples,
     parse_template,
 )
-
-# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
-# no-op rebuild never need them (see preflight.py).
 from rapidin_index.errors import BuildError
 from rapidin_index.files import sha256_file
 from rapidin_index.journal import (
@@ -51,64 +47,12 @@ from rapidin_index.manifest import (
 from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
 
+# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
+# no-op rebuild never need them (see preflight.py).
+from rapidin_index.settings import BuildSettings
+
 if TYPE_CHECKING:
-    from rapidin_index.models import LoadedModel, ModelSettings
-    from rapidin_index.sketch import SketchSettings
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    """How to turn training rows into index entries."""
-
-    model: ModelSettings
-    sketch: SketchSettings = field(default_factory=lambda: _default_sketch())
-    normalize: str = "layer"
-    """Per-tensor gradient normalisation: 'layer' (RapidIn) or 'none' (plain TracIn)."""
-    template: str = "auto"
-    """Prompt template: auto, alpaca, completion, chat, plain, or a format string over the row's fields."""
-    response_field: str | None = None
-    """Field holding the response when the template cannot tell (custom templates)."""
-    max_length: int | None = 1024
-    """Sequences are truncated to this many tokens (counted in the build report)."""
-    tokenization: str = "joint"
-    """joint: prompt + response tokenized as one text, as TRL's trainers do (the tokens the model was
-    trained on); separate: each part on its own (an exact boundary, but SentencePiece tokenizers then
-    see another first response token)."""
-    batch_size: int = 8
-    device: str = "auto"
-    strict: bool = False
-    """Fail on the first malformed row instead of reporting it and indexing the rest."""
-    chunk_size: int = 256
-    """Rows per journal chunk: the unit of resumption."""
-    vector_dtype: str = "float32"
-    """How the index stores vectors: float32 (4K bytes a row) or float16 (2K bytes, scores still fp32)."""
-    num_shards: int = 1
-    """Static sharding: this build indexes only the rows whose id % num_shards == shard_index."""
-    shard_index: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.chunk_size < 1:
-            raise BuildError("--batch-size and --chunk-size must be at least 1")
-        if self.vector_dtype not in vector_index.VECTOR_DTYPES:
-            raise BuildError(f"--vector-dtype must be one of {', '.join(vector_index.VECTOR_DTYPES)}")
-        from rapidin_index.gradients import NORMALIZATIONS
-
-        if self.normalize not in NORMALIZATIONS:
-            raise BuildError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
-        if self.tokenization not in TOKENIZATIONS:
-            raise BuildError(f"--tokenization must be one of {', '.join(TOKENIZATIONS)}")
-        if not 0 <= self.shard_index < self.num_shards:
-            raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
-
-    @property
-    def shard(self) -> dict | None:
-        return None if self.num_shards == 1 else {"index": self.shard_index, "count": self.num_shards}
-
-
-def _default_sketch() -> SketchSettings:
-    from rapidin_index.sketch import SketchSettings
-
-    return SketchSettings()
+    from rapidin_index.models import LoadedModel
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 from rapidin_index.data import Example, RejectedRow
 
 if TYPE_CHECKING:
-    from rapidin_index.build import BuildSettings
+    from rapidin_index.settings import BuildSettings
     from rapidin_index.models import LoadedModel
 
 

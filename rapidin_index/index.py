@@ -9,8 +9,7 @@ import numpy as np
 
 from rapidin_index.errors import StoreError
 from rapidin_index.files import atomic_file
-
-VECTOR_DTYPES = ("float32", "float16")
+from rapidin_index.settings import VECTOR_DTYPES
 
 
 def new_index(dimension: int, vector_dtype: str = "float32") -> faiss.IndexIDMap2:

@@ -13,36 +13,9 @@ import torch
 from torch import nn
 
 from rapidin_index.errors import ModelError
+from rapidin_index.settings import DTYPE_NAMES, ModelSettings
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """Which model to attribute, and how to run it."""
-
-    model: str
-    """Local folder or hub id of a Hugging Face causal LM."""
-    adapter: str | None = None
-    """Folder of a PEFT LoRA adapter; its trainable tensors become the attributed parameters."""
-    dtype: str = "float32"
-    """Weights dtype: float32, float16 or bfloat16 (gradients are always accumulated in float32)."""
-    params: str | None = None
-    """Regular expression (re.search on parameter names) that narrows the attributed parameters."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ModelError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.params is not None:
-            try:
-                re.compile(self.params)
-            except re.error as error:
-                raise ModelError(
-                    f"--params {self.params!r} is not a valid regular expression: {error}"
-                ) from None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
 
 @dataclass

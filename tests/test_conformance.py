@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import build_word_tokenizer, stored_vectors
 
-from rapidin_index import BuildSettings, ModelSettings, SketchSettings, build_index
+from rapidin_index import SketchSettings, build_index
+from rapidin_index.settings import BuildSettings, ModelSettings
 
 ARCHITECTURES = [
     "llama", "mistral", "mixtral", "qwen2_moe", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",

@@ -14,14 +14,15 @@ from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
 from rapidin_index import store
-from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.build import build_index
+from rapidin_index.settings import BuildSettings
 from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
 from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError, IndexMismatchError
 from rapidin_index.export import export_index, read_parquet_export
 from rapidin_index.files import sha256_tree
 from rapidin_index.manifest import Manifest, read_manifest
-from rapidin_index.models import ModelSettings
+from rapidin_index.settings import ModelSettings
 from rapidin_index.retrieval import Index
 from rapidin_index.sketch import SketchSettings
 

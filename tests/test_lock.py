@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import build_settings
 
-from rapidin_index.build import BuildSettings, build_index
+from rapidin_index.build import build_index
+from rapidin_index.settings import BuildSettings
 from rapidin_index.bundle_import import import_bundle
 from rapidin_index.errors import IndexLockedError
 from rapidin_index.export import export_index

@@ -8,7 +8,8 @@ from conftest import copy_with_other_chat_template
 from transformers import AutoModelForCausalLM
 
 from rapidin_index.errors import ModelError
-from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.models import load_model, select_parameters
+from rapidin_index.settings import ModelSettings
 
 
 def test_selection_without_adapter_is_every_parameter_and_with_adapter_only_lora(tiny_model_dirs):

@@ -17,7 +17,8 @@ from rapidin_index.gradients import (
     normalize_flat,
     reference_gradient,
 )
-from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.models import load_model, select_parameters
+from rapidin_index.settings import ModelSettings
 from rapidin_index.token_attribution import reference_training_token_scores, training_token_scores
 
 VARIANTS = ["llama", "gpt2", "llama_lora", "gpt2_lora"]
