@@ -1,0 +1,199 @@
+"""The index folder (store.py): generation names, writing, reading and removing a generation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rapidin_index import metadata, store
+from rapidin_index.data import RejectedRow
+from rapidin_index.index import add_vectors, new_index
+
+DIMENSION = 8
+
+# --------------------------------------------------------------------------- names
+
+
+def test_file_and_table_names():
+    assert store.vector_file(3) == "vectors-g0003.faiss"
+    assert store.rejected_file(3) == "rejected-g0003.jsonl"
+    assert store.table_name(3) == "rows_g0003"
+    assert store.table_path("/some/index", 12) == Path("/some/index/metadata/rows_g0012.lance")
+
+
+@pytest.mark.parametrize(
+    ("name", "generation"),
+    [
+        ("vectors-g0003.faiss", 3),
+        ("rejected-g0042.jsonl", 42),
+        ("rows_g0007.lance", 7),
+        ("metadata/rows_g0007.lance", 7),
+        ("g0003", 3),  # a reader lease under .readers/
+        (".vectors-g0002.faiss.xyz.tmp", 2),  # a torn temporary of generation 2
+        ("manifest.json", None),
+        ("vectors.faiss", None),
+        ("vectors-g003.faiss", None),  # three digits
+        ("vectors-g00031.faiss", None),  # five digits
+        ("blog0003.txt", None),  # g not at the start of a name part
+        ("g0003x", None),
+    ],
+)
+def test_generation_of(name, generation):
+    assert store.generation_of(name) == generation
+
+
+# --------------------------------------------------------------------------- write and read
+
+
+def _row(example_id: int) -> dict:
+    return {
+        "id": example_id,
+        "source": json.dumps({"instruction": f"question {example_id}", "output": "answer"}),
+        "prompt": f"question {example_id}",
+        "response": "answer",
+        "num_tokens": 5 + example_id,
+        "num_response_tokens": 2,
+        "truncated": example_id == 2,
+        "loss": 0.5,
+        "gradient_norm": 1.5,
+        "content_hash": f"hash{example_id}",
+    }
+
+
+IDS = np.array([0, 2, 3])  # id 1 was rejected
+REJECTED = [{"id": 1, "reason": "empty response"}]
+
+
+def _write(index_dir: Path, generation: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    vectors = np.random.default_rng(seed).standard_normal((len(IDS), DIMENSION)).astype(np.float32)
+    faiss_index = new_index(DIMENSION)
+    add_vectors(faiss_index, vectors, IDS)
+    batches = [[_row(0), _row(2)], [], [_row(3)]]
+    files = store.write_generation(index_dir, generation, faiss_index, batches, REJECTED)
+    return vectors, files
+
+
+def test_a_written_generation_reads_back(tmp_path):
+    index_dir = tmp_path / "index"
+    vectors, _ = _write(index_dir, 1)
+    ids, loaded = store.load_vectors(index_dir, 1)
+    np.testing.assert_array_equal(ids, IDS)
+    np.testing.assert_array_equal(loaded, vectors)
+    assert store.load_faiss(index_dir, 1).ntotal == len(IDS)
+    rows = sorted(store.read_rows(index_dir, 1), key=lambda row: row["id"])
+    assert [row["id"] for row in rows] == [0, 2, 3]
+    assert rows[1]["source"] == _row(2)["source"] and rows[1]["truncated"] is True  # JSON text
+    assert store.count_rows(index_dir, 1) == 3
+    joined = metadata.read_rows(store.open_rows(index_dir, 1), [3, 0, 3])
+    assert sorted(joined) == [0, 3]
+    assert joined[3]["source"] == {"instruction": "question 3", "output": "answer"}  # decoded
+    assert store.read_rejected(index_dir, SimpleNamespace(generation=1)) == [
+        RejectedRow(example_id=1, reason="empty response")
+    ]
+
+
+def test_rows_are_read_before_vectors_and_rejected_rows_are_written(tmp_path):
+    faiss_index = new_index(DIMENSION)
+    rejected = []
+
+    def batches():  # as a build reading its journal: each batch adds its vectors and rejections
+        for example_id in (0, 1):
+            add_vectors(faiss_index, np.full((1, DIMENSION), example_id, np.float32), np.array([example_id]))
+            rejected.append({"id": 10 + example_id, "reason": "too long"})
+            yield [_row(example_id)]
+
+    store.write_generation(tmp_path, 2, faiss_index, batches(), rejected)
+    ids, _ = store.load_vectors(tmp_path, 2)
+    assert ids.tolist() == [0, 1]
+    manifest = SimpleNamespace(generation=2)
+    assert [row.example_id for row in store.read_rejected(tmp_path, manifest)] == [10, 11]
+
+
+def test_renamed_to_generation_renames_every_name_a_manifest_lists(tmp_path):
+    _, files = _write(tmp_path, 1)
+    renamed = sorted(store.renamed_to_generation(name, 12) for name in files)
+    assert renamed == ["metadata/rows_g0012.lance", "rejected-g0012.jsonl", "vectors-g0012.faiss"]
+    assert store.renamed_to_generation("manifest.json", 12) == "manifest.json"
+
+
+def test_no_rejected_file_means_no_rejected_rows(tmp_path):
+    assert store.read_rejected(tmp_path, SimpleNamespace(generation=5)) == []
+
+
+def _tree_sha256(folder: Path) -> str:
+    """The manifest's folder checksum, computed here from its definition: relative path + file sha256."""
+    paths = sorted(Path(root, name) for root, _, names in os.walk(folder) for name in names)
+    text = "".join(
+        f"{path.relative_to(folder).as_posix()}\n{hashlib.sha256(path.read_bytes()).hexdigest()}\n"
+        for path in paths
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_file_checksums_are_the_files_own(tmp_path):
+    _, files = _write(tmp_path, 1)
+    assert files == store.file_checksums(tmp_path, 1)
+    assert sorted(files) == ["metadata/rows_g0001.lance", "rejected-g0001.jsonl", "vectors-g0001.faiss"]
+    for name in ("rejected-g0001.jsonl", "vectors-g0001.faiss"):
+        data = (tmp_path / name).read_bytes()
+        assert files[name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    table = tmp_path / "metadata" / "rows_g0001.lance"
+    table_bytes = sum(path.stat().st_size for path in table.rglob("*") if path.is_file())
+    assert files["metadata/rows_g0001.lance"] == {"sha256": _tree_sha256(table), "bytes": table_bytes}
+    assert (tmp_path / "rejected-g0001.jsonl").read_text() == '{"id": 1, "reason": "empty response"}\n'
+
+
+# --------------------------------------------------------------------------- remove
+
+
+def test_remove_generation_removes_its_files_and_torn_temporaries_only(tmp_path):
+    _write(tmp_path, 1, seed=1)
+    _write(tmp_path, 2, seed=2)
+    torn = [tmp_path / ".vectors-g0002.faiss.xyz.tmp", tmp_path / ".rejected-g0002.jsonl.abc.tmp"]
+    other_torn = tmp_path / ".vectors-g0001.faiss.xyz.tmp"
+    for path in [*torn, other_torn]:
+        path.write_bytes(b"half")
+    (tmp_path / "manifest.json").write_text("{}")
+    assert set(store.generation_paths(tmp_path)) == {
+        *torn,
+        other_torn,
+        *(tmp_path / store.vector_file(g) for g in (1, 2)),
+        *(tmp_path / store.rejected_file(g) for g in (1, 2)),
+        *(store.table_path(tmp_path, g) for g in (1, 2)),
+    }
+    store.remove_generation(tmp_path, 2)
+    assert not any(path.exists() for path in torn)
+    assert not (tmp_path / store.vector_file(2)).exists()
+    assert not (tmp_path / store.rejected_file(2)).exists()
+    assert not store.table_path(tmp_path, 2).exists()
+    assert set(store.generation_paths(tmp_path)) == {
+        other_torn,
+        tmp_path / store.vector_file(1),
+        tmp_path / store.rejected_file(1),
+        store.table_path(tmp_path, 1),
+    }
+    assert (tmp_path / "manifest.json").exists()
+    assert store.count_rows(tmp_path, 1) == 3 and store.load_vectors(tmp_path, 1)[0].tolist() == [0, 2, 3]
+
+
+def test_remove_generation_of_a_missing_generation_is_a_no_op(tmp_path):
+    _write(tmp_path, 1)
+    store.remove_generation(tmp_path, 7)
+    assert len(store.generation_paths(tmp_path)) == 3
+
+
+def test_remove_journal(tmp_path):
+    journal = tmp_path / store.JOURNAL_DIR
+    journal.mkdir()
+    (journal / "plan.json").write_text("{}")
+    (tmp_path / "manifest.json").write_text("{}")
+    store.remove_journal(tmp_path)
+    assert not journal.exists() and (tmp_path / "manifest.json").exists()
+    store.remove_journal(tmp_path)  # already gone: no error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json"]
