@@ -29,26 +29,12 @@ from rapidin_index.files import refuse_newer
 from rapidin_index.manifest import SOFTWARE_NAME, Manifest, software_version, utc_now
 
 BUNDLE_FORMAT_VERSION = 1
-
-
 BUNDLE_NAME = "bundle.json"
-
-
 FORMATS = ("tar", "tar.gz", "zip", "parquet")
-
-
 PARQUET_MANIFEST_KEY = b"rapidin_index.manifest"
-
-
 PARQUET_BUNDLE_KEY = b"rapidin_index.bundle"
-
-
 PARQUET_REJECTED_KEY = b"rapidin_index.rejected"
-
-
 MAX_BUNDLE_JSON_BYTES = 64 << 20
-
-
 BLOCK = 1 << 20
 
 

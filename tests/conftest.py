@@ -178,8 +178,7 @@ def stored_vectors(index_dir) -> dict:
 def build_settings(model_dir: str, adapter: str | None = None, sketch_dim: int = 4096, **overrides):
     """BuildSettings for the tiny models: K = ``sketch_dim`` (lambda 20, seed 42), batches of 4, chunks of
     8 rows, CPU; any BuildSettings field in ``overrides``."""
-    from rapidin_index.settings import BuildSettings
-    from rapidin_index.settings import ModelSettings
+    from rapidin_index.settings import BuildSettings, ModelSettings
     from rapidin_index.sketch import SketchSettings
 
     values = {"sketch": SketchSettings(sketch_dim, 20, 42), "batch_size": 4, "chunk_size": 8, "device": "cpu"}
@@ -199,3 +198,26 @@ def brute_force_sketch(model, blocks, pairs, pad_token_id: int, sketch, normaliz
         [reference_gradient(model, blocks, collate([pair], pad_token_id, "cpu")) for pair in pairs]
     )
     return reference_sketch(normalize_flat(raw, blocks, normalize), sketch)
+
+
+@pytest.fixture(scope="module")
+def exported_index(tmp_path_factory, tiny_model_dirs, training_file):
+    """A tiny index (K = 1024) and its tar.gz bundle, built from a model that then moved: the receiving
+    team has it somewhere else. Namespace(index, model, bundle)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from rapidin_index.build import build_index
+    from rapidin_index.export import export_index
+
+    root = tmp_path_factory.mktemp("export")
+    model_at_build = root / "model-at-build"
+    shutil.copytree(tiny_model_dirs["llama"], model_at_build)
+    index_dir = root / "index"
+    build_index(
+        training_file, index_dir, build_settings(str(model_at_build), sketch_dim=1024), progress=False
+    )
+    moved = root / "model-moved"
+    model_at_build.rename(moved)
+    bundle = export_index(index_dir, root / "bundle.tar.gz")
+    return SimpleNamespace(index=index_dir, model=str(moved), bundle=bundle)

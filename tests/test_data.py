@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import build_metaspace_tokenizer
 
 from rapidin_index.data import (
     ALPACA_PROMPT_NO_INPUT,
@@ -23,6 +24,7 @@ from rapidin_index.data import (
     read_rows,
     render_query,
     render_row,
+    tokenize,
     tokenize_example,
 )
 from rapidin_index.errors import DataError, RowError
@@ -454,3 +456,38 @@ def test_parse_template_names_and_errors():
         parse_template("{} then {0}")
     with pytest.raises(DataError, match="bad --template"):
         parse_template("{question")
+
+
+# --------------------------------------------------------------------------- joint tokenization (TRL's)
+
+
+def scored_ids(tokenized) -> list[int]:
+    return [label for label in tokenized.labels if label != -100]
+
+
+@pytest.mark.parametrize(
+    "prompt,response", [("Question: what? Answer:", "Paris"), ("Question: what? Answer: ", "Paris")]
+)
+def test_joint_tokenization_gives_the_tokens_the_model_was_trained_on(prompt, response):
+    tokenizer = build_metaspace_tokenizer()
+    joint = tokenizer(prompt + response).input_ids  # what TRL's trainers feed the model
+    tokenized = tokenize(prompt, response, tokenizer, None)
+    assert tokenized.input_ids == [*joint, tokenizer.eos_token_id]
+    prompt_only = tokenizer(prompt).input_ids
+    common = 0  # the joint ids' first token that is not the prompt's own
+    while common < len(prompt_only) and prompt_only[common] == joint[common]:
+        common += 1
+    first_response = next(p for p, label in enumerate(tokenized.labels) if label != -100)
+    assert first_response == common and tokenized.input_ids[first_response] == joint[common]
+    assert tokenizer.decode(scored_ids(tokenized)).replace("▁", " ").strip().startswith("Paris")
+
+
+def test_separate_tokenization_is_still_there_and_differs_for_sentencepiece():
+    tokenizer = build_metaspace_tokenizer()
+    prompt, response = "Question: what? Answer:", "Paris"
+    joint = tokenize(prompt, response, tokenizer, None, "joint")
+    separate = tokenize(prompt, response, tokenizer, None, "separate")
+    # SentencePiece prepends "▁" to a text on its own: the separate response starts with "▁Paris",
+    # a token the model never saw after "Answer:" in training.
+    assert tokenizer.convert_ids_to_tokens(scored_ids(joint))[0] == "Paris"
+    assert tokenizer.convert_ids_to_tokens(scored_ids(separate))[0] == "▁Paris"
