@@ -221,18 +221,38 @@ class RapidGradTSProjector:
         scale: torch.Tensor | None = None,
     ) -> None:
         """out += scale[b] * sketch(sum of the factors' outer products) for the 2-D block at ``offset``."""
-        matrix = self._by_offset[offset]
         for factor in factors:
             cols = factor.cols if scale is None else factor.cols * scale[:, None, None]
             if factor.ids is not None:
                 self.project_rows(out, factor.ids, cols, offset)
-            elif self.method == "fft" or (
-                self.method == "auto"
-                and fft_is_cheaper(factor.tokens, (matrix.rows, matrix.cols), self.output_dim)
-            ):
+            elif self._uses_fft(factor, offset):
                 self.project_outer(out, factor.rows, cols, offset)
             else:
                 self.project_dense(out, factor.rows, cols, offset)
+
+    def sketch_factors(self, factors: list[OuterFactors], offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sketch [batch, K], squared Frobenius norms [batch] float64) of the factors' sum, unscaled.
+
+        One dense call on the matmul path takes its norm from the signed product it forms anyway (the
+        signs do not change it): one pass, where the Gram matrices cost tokens^2 (rows + cols).
+        """
+        factor = factors[0]
+        if len(factors) == 1 and factor.ids is None and not self._uses_fft(factor, offset):
+            _, s1, _, s2 = self.hashes(offset)
+            signed = torch.bmm((factor.rows.float() * s1).transpose(1, 2), factor.cols.float() * s2)
+            signed = signed.reshape(signed.shape[0], -1)  # [batch, R * C]
+            squared = torch.linalg.vector_norm(signed, dim=1).double().square()
+            sketch = self.new_output(signed.shape[0]).index_add_(1, self.matrix_bins(offset), signed)
+            return sketch, squared
+        sketch = self.new_output(factor.cols.shape[0])
+        self.project_factors(sketch, factors, offset)
+        return sketch, squared_norms(factors)
+
+    def _uses_fft(self, factor: OuterFactors, offset: int) -> bool:
+        if self.method != "auto":
+            return self.method == "fft"
+        matrix = self._by_offset[offset]
+        return fft_is_cheaper(factor.tokens, (matrix.rows, matrix.cols), self.output_dim)
 
     def project_dense(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
         """out: [batch, K] += sketch(sum_t rows[:, t] cols[:, t]^T) by one matmul of the signed factors."""

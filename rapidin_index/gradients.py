@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import OuterFactors, factors_gradient, squared_norms
+from rapidin_index.factored import OuterFactors, factors_gradient
 
 NORMALIZATIONS = ("layer", "none")
 FACTORED_MODES = ("auto", "never")
@@ -502,9 +502,9 @@ class GradientSketcher:
         """
         factors = self._factors(block, batch_size)
         if factors is not None:
-            norms = squared_norms(factors)  # [batch] float64
-            if bool(torch.isfinite(norms).all()):
-                state.add_factored(block, factors, norms, self.normalize)
+            sketch, squared = self.projector.sketch_factors(factors, block.offset)  # [batch, K], [batch]
+            if bool(torch.isfinite(squared).all()):
+                state.add_sketch(sketch, squared, self.normalize)
                 self.factored_blocks.add(block.name)
                 if not head_rows:
                     return None
@@ -631,17 +631,15 @@ class _SketchState:
         else:
             self.projector.project_block(self.out, gradients * scale[:, None], block.offset)
 
-    def add_factored(
-        self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
-    ) -> None:
-        """A 2-D block given as outer-product factors with finite squared norms [batch] (from Gram matrices)."""
+    def add_sketch(self, sketch: torch.Tensor, squared_norms: torch.Tensor, normalize: str) -> None:
+        """A block already sketched ([batch, K], unnormalised) with its finite squared norms [batch]."""
         squared = squared_norms.to(self.out.device, torch.float32)
         self.squared_norm += squared
-        scale = None
-        if normalize == "layer":
-            norms = squared.sqrt()
-            scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
-        self.projector.project_factors(self.out, factors, block.offset, scale)
+        if normalize != "layer":
+            self.out += sketch
+            return
+        norms = squared.sqrt()
+        self.out.addcmul_(sketch, (1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)))[:, None])
 
     def result(self) -> SketchedBatch:
         return SketchedBatch(self.out, self.losses, self.squared_norm.sqrt(), self.finite)

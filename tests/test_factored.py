@@ -72,6 +72,10 @@ def test_outer_product_sketch_by_fft_equals_materialised(sketch_dim):
             out = projector.new_output(4)
             projector.project_factors(out, factors, block.offset)
             torch.testing.assert_close(out, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+            sketch, squared = projector.sketch_factors(factors, block.offset)  # norm from M or the Grams
+            torch.testing.assert_close(sketch, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+            exact = factors_gradient(factors, (rows, cols)).double().square().sum(dim=1)
+            torch.testing.assert_close(squared, exact, rtol=1e-5, atol=0)
 
 
 def test_embedding_rows_and_tied_calls_equal_materialised_with_scale():
