@@ -1,0 +1,191 @@
+"""The index manifest (manifest.py): format version, round trips, differences, file checks, identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+
+import pytest
+
+from rapidin_index.errors import IntegrityError, ManifestError
+from rapidin_index.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    differences,
+    manifest_identity,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+
+
+def _manifest(**overrides) -> Manifest:
+    values = {
+        "model": {"name_or_path": "/models/tiny", "fingerprint": "model-sha", "dtype": "float32"},
+        "adapter": None,
+        "tokenizer": {"fingerprint": "tokenizer-sha", "chat_template_sha256": None},
+        "template": {"name": "alpaca"},
+        "max_length": 256,
+        "parameters": {"regex": ".*", "names": ["a"], "shapes": [[2, 2]], "gradient_dim": 4},
+        "normalize": "layer",
+        "sketch": {"sketch_dim": 4096, "seed": 42},
+        "vector_dtype": "float32",
+    }
+    values.update(overrides)
+    return Manifest(**values)
+
+
+# --------------------------------------------------------------------------- from and to dicts
+
+
+def test_to_dict_and_from_dict_round_trip_ignoring_unknown_keys():
+    manifest = _manifest(row_count=3, sources=[{"path": "a", "sha256": "x", "id_offset": 0, "rows": 5}])
+    value = json.loads(json.dumps(manifest.to_dict()))
+    assert value["format_version"] == FORMAT_VERSION and value["software"]["name"] == "rapidin-index"
+    assert Manifest.from_dict(value) == manifest
+    assert Manifest.from_dict({**value, "written_by_a_later_minor_version": 1}) == manifest
+
+
+def test_a_manifest_from_before_a_field_takes_its_default():
+    value = _manifest().to_dict()
+    del value["tokenization"]
+    assert Manifest.from_dict(value).tokenization == "separate"
+
+
+@pytest.mark.parametrize("version", [None, "1", 1.0])
+def test_from_dict_refuses_a_missing_or_non_integer_format_version(version):
+    value = _manifest().to_dict()
+    value["format_version"] = version
+    with pytest.raises(ManifestError, match="no integer format_version"):
+        Manifest.from_dict(value)
+
+
+def test_from_dict_refuses_a_newer_format_version():
+    value = {**_manifest().to_dict(), "format_version": FORMAT_VERSION + 1}
+    with pytest.raises(ManifestError, match=f"version {FORMAT_VERSION + 1} is newer .*upgrade"):
+        Manifest.from_dict(value)
+
+
+def test_total_rows_seen_counts_every_source():
+    sources = [{"path": p, "sha256": "x", "id_offset": 0, "rows": n} for p, n in (("a", 5), ("b", 7))]
+    assert _manifest(sources=sources).total_rows_seen == 12
+    assert _manifest().total_rows_seen == 0
+
+
+# --------------------------------------------------------------------------- on disk
+
+
+def test_write_then_read_manifest(tmp_path):
+    manifest = _manifest(created_at="2020-01-01T00:00:00+00:00", updated_at="2020-01-01T00:00:00+00:00")
+    write_manifest(tmp_path, manifest)
+    read = read_manifest(tmp_path)
+    assert read == manifest
+    assert read.updated_at != "2020-01-01T00:00:00+00:00"  # stamped at the write
+    assert read.created_at == "2020-01-01T00:00:00+00:00"
+
+
+def test_read_manifest_refuses_a_missing_or_damaged_one(tmp_path):
+    with pytest.raises(ManifestError, match="holds no finished index .*rapidin-index build"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ManifestError, match="is not valid JSON"):
+        read_manifest(tmp_path)
+
+
+# --------------------------------------------------------------------------- differences
+
+
+def test_differences_name_each_changed_key_by_its_path():
+    expected = {"sketch": {"sketch_dim": 4096, "seed": 42}, "normalize": "layer", "gone": 1}
+    actual = {"sketch": {"sketch_dim": 8192, "seed": 42}, "normalize": "layer", "new": [1]}
+    assert differences(expected, actual) == [
+        "gone: index has 1, asked for null",
+        "new: index has null, asked for [1]",
+        "sketch.sketch_dim: index has 4096, asked for 8192",
+    ]
+    assert differences(expected, expected) == []
+
+
+def test_differences_shorten_long_values():
+    (line,) = differences({"names": ["x" * 200]}, {"names": []})
+    shown = line.split("index has ")[1].split(", asked for")[0]
+    assert len(shown) == 80 and shown.endswith("...")
+
+
+# --------------------------------------------------------------------------- verify files
+
+
+def _with_files(index_dir) -> Manifest:
+    (index_dir / "vectors-g0001.faiss").write_bytes(b"vectors")
+    table = index_dir / "metadata" / "rows_g0001.lance"
+    table.mkdir(parents=True)
+    (table / "data.lance").write_bytes(b"rows")
+    entry = f"data.lance\n{hashlib.sha256(b'rows').hexdigest()}\n"
+    files = {
+        "vectors-g0001.faiss": {"sha256": hashlib.sha256(b"vectors").hexdigest(), "bytes": 7},
+        "metadata/rows_g0001.lance": {"sha256": hashlib.sha256(entry.encode()).hexdigest(), "bytes": 4},
+    }
+    return _manifest(files=files)
+
+
+def test_verify_files_accepts_the_files_it_lists(tmp_path):
+    assert verify_files(tmp_path, _with_files(tmp_path)) is None
+
+
+def test_verify_files_names_a_changed_file(tmp_path):
+    manifest = _with_files(tmp_path)
+    (tmp_path / "metadata" / "rows_g0001.lance" / "data.lance").write_bytes(b"ROWS")
+    with pytest.raises(IntegrityError, match="metadata/rows_g0001.lance does not match its checksum"):
+        verify_files(tmp_path, manifest)
+
+
+def test_verify_files_names_a_missing_file(tmp_path):
+    manifest = _with_files(tmp_path)
+    (tmp_path / "vectors-g0001.faiss").unlink()
+    with pytest.raises(IntegrityError, match="vectors-g0001.faiss is missing"):
+        verify_files(tmp_path, manifest)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_identity_ignores_counts_dates_files_and_where_the_model_lives():
+    manifest = _manifest()
+    other = replace(
+        manifest,
+        model={**manifest.model, "name_or_path": "/moved/tiny"},
+        row_count=9,
+        generation=4,
+        files={"vectors-g0004.faiss": {"sha256": "x", "bytes": 1}},
+        sources=[{"path": "b", "sha256": "y", "id_offset": 0, "rows": 9}],
+        created_at="2000-01-01",
+    )
+    assert manifest_identity(other) == manifest_identity(manifest)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": {"name_or_path": "/models/tiny", "fingerprint": "other", "dtype": "float32"}},
+        {"adapter": {"path": "/adapter", "fingerprint": "lora-sha"}},
+        {"tokenizer": {"fingerprint": "other", "chat_template_sha256": None}},
+        {"sketch": {"sketch_dim": 8192, "seed": 42}},
+        {"vector_dtype": "float16"},
+        {"tokenization": "joint"},
+        {"shard": {"index": 0, "count": 2}},
+        {"max_length": 512},
+        {"normalize": "none"},
+    ],
+)
+def test_identity_changes_with_what_makes_vectors_different(change):
+    assert manifest_identity(_manifest(**change)) != manifest_identity(_manifest())
+
+
+def test_identity_keeps_only_the_adapters_fingerprint():
+    one = _manifest(adapter={"path": "/a", "fingerprint": "lora-sha"})
+    moved = _manifest(adapter={"path": "/b", "fingerprint": "lora-sha"})
+    assert manifest_identity(one)["adapter"] == {"fingerprint": "lora-sha"}
+    assert manifest_identity(one) == manifest_identity(moved)
+    assert manifest_identity(_manifest())["adapter"] is None
