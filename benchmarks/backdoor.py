@@ -34,15 +34,14 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.demo.baselines import BM25, mean_hidden_states, random_scores, words
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS
 from rapidin_index.demo.finetune import attack_success_rate, finetune
 from rapidin_index.demo.metrics import mean_metrics, retrieval_metrics, spearman
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.gradients import collate
-from rapidin_index.settings import ModelSettings
 from rapidin_index.retrieval import Index
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index.sketch import DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings, make_projector
 
 

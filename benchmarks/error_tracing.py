@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.demo.baselines import BM25
 from rapidin_index.demo.datasets import make_entity_swap_dataset, write_jsonl
 from rapidin_index.demo.finetune import FinetuneSettings, finetune
-from rapidin_index.settings import ModelSettings
 from rapidin_index.retrieval import Index
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index.sketch import SketchSettings
 
 TOP_KS = (5, 10, 20)

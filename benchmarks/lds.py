@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from rapidin_index import Index, SketchSettings, build_index
-from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index import index as vector_index
 from rapidin_index.demo.datasets import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
 from rapidin_index.demo.finetune import (
@@ -49,6 +48,7 @@ from rapidin_index.demo.finetune import (
     row_tokenizer,
 )
 from rapidin_index.demo.metrics import spearman
+from rapidin_index.settings import BuildSettings, ModelSettings
 
 
 def parse_arguments() -> argparse.Namespace:

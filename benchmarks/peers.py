@@ -88,8 +88,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from rapidin_index import Index, SketchSettings, build_index
-from rapidin_index.settings import BuildSettings, ModelSettings  # noqa: E402
+from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index  # noqa: E402
 from rapidin_index.data import Template  # noqa: E402
 from rapidin_index.demo.datasets import (  # noqa: E402
     is_backdoor_response,

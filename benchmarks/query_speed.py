@@ -53,12 +53,11 @@ from build_throughput import docstring_rows
 from rapidin_index import index as vector_index
 from rapidin_index import retrieval
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.data import load_examples
 from rapidin_index.demo.tiny_models import save_tiny_model
 from rapidin_index.gradients import collate, normalize_flat, reference_gradient
-from rapidin_index.settings import ModelSettings
 from rapidin_index.query import PreparedQuery, prepare_row
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index.sketch import SketchSettings
 
 SEARCH_METHODS = {

@@ -33,13 +33,12 @@ import torch
 
 from rapidin_index import store
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.chunks import LocalChunkRunner
 from rapidin_index.demo.datasets import load_docstring_rows, write_jsonl
 from rapidin_index.demo.tiny_models import save_tiny_model
 from rapidin_index.manifest import read_manifest
-from rapidin_index.settings import ModelSettings
 from rapidin_index.parallel import RayChunkRunner
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index.sketch import SketchSettings
 
 CONFIGURATIONS = {

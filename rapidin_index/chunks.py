@@ -16,8 +16,8 @@ import numpy as np
 from rapidin_index.data import Example, RejectedRow
 
 if TYPE_CHECKING:
-    from rapidin_index.settings import BuildSettings
     from rapidin_index.models import LoadedModel
+    from rapidin_index.settings import BuildSettings
 
 
 def group_by_chunk(examples: list[Example], rejected: list[RejectedRow], chunk_size: int, total_rows: int):

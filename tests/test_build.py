@@ -15,14 +15,13 @@ from conftest import brute_force_sketch, build_settings, stored_vectors
 
 from rapidin_index import metadata, store
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.data import load_examples, parse_template
 from rapidin_index.errors import BuildError, JournalError
 from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import load_model, select_parameters
-from rapidin_index.settings import ModelSettings
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index.sketch import SketchSettings
 from rapidin_index.store import JOURNAL_DIR
 

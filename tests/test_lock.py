@@ -14,7 +14,6 @@ import pytest
 from conftest import build_settings
 
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.bundle_import import import_bundle
 from rapidin_index.errors import IndexLockedError
 from rapidin_index.export import export_index
@@ -28,6 +27,7 @@ from rapidin_index.lock import (
 )
 from rapidin_index.manifest import read_manifest
 from rapidin_index.retrieval import Index
+from rapidin_index.settings import BuildSettings
 
 K = 4096
 

@@ -10,12 +10,11 @@ from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.errors import IndexMismatchError, QueryError
 from rapidin_index.gradients import gradient_blocks
 from rapidin_index.models import load_model, select_parameters
-from rapidin_index.settings import ModelSettings
 from rapidin_index.retrieval import Index
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index.sketch import SketchSettings
 
 

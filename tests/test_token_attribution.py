@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -211,42 +209,3 @@ def test_bad_settings_and_directions_are_refused(llama, training_rows):
     )
     with pytest.raises(TokenAttributionError, match="no response token"):
         training_token_scores(model, blocks, no_response, direction)
-
-
-# --------------------------------------------------------------------------- timing (printed, not asserted)
-
-
-@pytest.mark.parametrize("variant", ["llama", "llama_lora"])
-def test_print_jvp_and_brute_force_timings(tiny_model_dirs, variant):
-    adapter = tiny_model_dirs[variant] if variant.endswith("_lora") else None
-    settings = ModelSettings(model=tiny_model_dirs["llama"], adapter=adapter)
-    model = load_model(settings).model
-    blocks = gradient_blocks(select_parameters(model, settings))
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(4, model.config.vocab_size, (50,), generator=generator).tolist()
-    example = collate([(input_ids, [IGNORE_INDEX] * 10 + input_ids[10:])], 0, "cpu")  # 40 response tokens
-    direction = query_direction(model, blocks, example, "layer")
-    runs = {
-        "jvp": lambda: training_token_scores(model, blocks, example, direction, method="jvp"),
-        "double-backward": lambda: training_token_scores(
-            model, blocks, example, direction, method="double-backward"
-        ),
-        "token (batched)": lambda: training_token_scores(
-            model, blocks, example, direction, normalization="token"
-        ),
-        "brute force": lambda: reference_training_token_scores(model, blocks, example, direction),
-    }
-    timings = {name: best_time(run) for name, run in runs.items()}
-    print(
-        f"\n{variant}, 40 response tokens: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items())
-    )
-
-
-def best_time(run, repeats: int = 2) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)

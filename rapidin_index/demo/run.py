@@ -23,16 +23,15 @@ from rich.console import Console
 from rich.table import Table
 
 from rapidin_index.build import build_index
-from rapidin_index.settings import BuildSettings
 from rapidin_index.demo.baselines import BM25
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS, load_docstring_rows, write_jsonl
 from rapidin_index.demo.finetune import FinetuneSettings, attack_success_rate, finetune
 from rapidin_index.demo.metrics import Metrics, mean_metrics, retrieval_metrics
 from rapidin_index.errors import DemoError
 from rapidin_index.models import load_model
-from rapidin_index.settings import ModelSettings
 from rapidin_index.report import render_terminal, write_results
 from rapidin_index.retrieval import Index
+from rapidin_index.settings import BuildSettings, ModelSettings
 from rapidin_index.sketch import SketchSettings
 
 
