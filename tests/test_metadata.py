@@ -1,0 +1,65 @@
+"""The LanceDB side of the index (metadata.py): one table of rows per name in a database folder."""
+
+from __future__ import annotations
+
+import json
+
+from rapidin_index import metadata
+
+
+def _row(example_id: int, **overrides) -> dict:
+    row = {
+        "id": example_id,
+        "source": json.dumps({"instruction": f"q{example_id}", "output": "a"}),
+        "prompt": f"q{example_id}",
+        "response": "a",
+        "num_tokens": 4,
+        "num_response_tokens": 1,
+        "truncated": False,
+        "loss": 0.25,
+        "gradient_norm": 2.0,
+        "content_hash": f"h{example_id}",
+    }
+    return {**row, **overrides}
+
+
+def test_the_schema_has_one_field_per_row_key():
+    assert metadata.SCHEMA.names == list(_row(0))
+
+
+def test_write_table_then_read_all_and_count(tmp_path):
+    database = tmp_path / "metadata"
+    written = metadata.write_table(database, "rows_g0001", iter([[_row(0), _row(1)], [], [_row(5)]]))
+    assert written == 3
+    rows = sorted(metadata.read_all(database, "rows_g0001"), key=lambda row: row["id"])
+    assert rows == [_row(0), _row(1), _row(5)]  # every field back as written, source as JSON text
+    assert metadata.count_rows(database, "rows_g0001") == 3
+    assert (database / "rows_g0001.lance").is_dir()
+
+
+def test_write_table_overwrites_a_partial_table(tmp_path):
+    metadata.write_table(tmp_path, "rows", [[_row(0), _row(1)]])
+    assert metadata.write_table(tmp_path, "rows", [[_row(7)]]) == 1
+    assert [row["id"] for row in metadata.read_all(tmp_path, "rows")] == [7]
+
+
+def test_an_empty_table_has_the_schema_and_no_rows(tmp_path):
+    assert metadata.write_table(tmp_path, "rows", []) == 0
+    assert metadata.count_rows(tmp_path, "rows") == 0
+    assert metadata.open_table(tmp_path, "rows").schema == metadata.SCHEMA
+
+
+def test_tables_of_one_database_are_separate(tmp_path):
+    metadata.write_table(tmp_path, "rows_g0001", [[_row(0)]])
+    metadata.write_table(tmp_path, "rows_g0002", [[_row(1), _row(2)]])
+    assert metadata.count_rows(tmp_path, "rows_g0001") == 1
+    assert metadata.count_rows(tmp_path, "rows_g0002") == 2
+
+
+def test_read_rows_joins_ids_and_decodes_the_source(tmp_path):
+    metadata.write_table(tmp_path, "rows", [[_row(i) for i in range(10)]])
+    table = metadata.open_table(tmp_path, "rows")
+    found = metadata.read_rows(table, [7, 2, 7, 99])
+    assert sorted(found) == [2, 7]  # duplicates once, an unknown id left out
+    assert found[7] == {**_row(7), "source": {"instruction": "q7", "output": "a"}}
+    assert metadata.read_rows(table, []) == {}
