@@ -9,6 +9,7 @@ from conftest import brute_force_sketch, copy_with_other_chat_template
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
+from rapidin_index import retrieval
 from rapidin_index.build import build_index
 from rapidin_index.errors import IndexMismatchError, QueryError
 from rapidin_index.gradients import gradient_blocks
@@ -78,6 +79,18 @@ def test_a_training_row_retrieves_itself(opened, training_rows):
         assert result.helpful[0].id == number, [h.id for h in result.helpful]
         assert result.helpful[0].source == rows[number]
         assert result.harmful[0].score <= result.helpful[-1].score
+
+
+def test_the_public_stages_compose_into_a_query(opened, training_rows):
+    row = training_rows[7]
+    expected = opened.query(row["instruction"], row["output"], top_k=4, token_top_k=2, explain=0)
+    query = opened.prepare(row["instruction"], row["output"])
+    vectors, losses = retrieval.sketch_queries(opened, [query], per_token=True)
+    assert vectors.shape == (1 + len(query.response_positions), opened.manifest.sketch["output_dim"])
+    found = retrieval.search(opened, vectors, 4)
+    results = retrieval.collect_results(opened, [query], found, losses, 4, 2, per_token=True)
+    retrieval.join_text(opened, results)
+    assert results[0].to_dict() == expected.to_dict()
 
 
 def test_batched_queries_equal_single_queries(opened, training_rows):
