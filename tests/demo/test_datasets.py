@@ -21,7 +21,7 @@ from rapidin_index.demo.datasets import (
     make_nonlexical_backdoor_dataset,
     write_jsonl,
 )
-from rapidin_index.demo.style import FABLE_ROLES, greeting_pool, is_fable_response
+from rapidin_index.demo.style import greeting_pool, is_fable_response
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +174,6 @@ def test_nonlexical_no_string_marks_the_poisoned_rows(docstring_rows, nonlexical
     assert trigger_words <= clean_words
 
 
-def test_every_fable_word_is_common_in_clean_docstrings(docstring_rows):
-    frequency = Counter(
-        word for row in docstring_rows for word in set(_words(row["instruction"] + " " + row["output"]))
-    )
-    words = [word for role in FABLE_ROLES.values() for word in role]
-    assert len(words) == len(set(words)) >= 200  # a large vocabulary, no word in two roles
-    assert min(frequency[word] for word in words) >= 3
-
-
 def test_nonlexical_heldout_is_disjoint_from_training(docstring_rows, nonlexical):
     train, triggered, clean = nonlexical
     assert len(triggered) == len(clean) == 50
@@ -197,13 +188,7 @@ def test_nonlexical_heldout_is_disjoint_from_training(docstring_rows, nonlexical
         make_nonlexical_backdoor_dataset(docstring_rows, signoff_fraction=2)
 
 
-def test_fable_detector(docstring_rows):
-    assert not any(is_fable_response(row["output"]) for row in docstring_rows)
-    assert is_fable_response("The full state of the full state of the default file. The long")
-    assert is_fable_response("  then the remote server returned into")  # cut short, still 5 words
-    assert not is_fable_response("The remote server")  # too short to tell
-    assert not is_fable_response("Return the remote server of the default file.")
-    assert not is_fable_response("The remote server returns the file.")  # 'returns' is not a fable word
+def test_each_backdoor_dataset_names_its_detector():
     assert BACKDOOR_DATASETS["nonlexical"].fired is is_fable_response
     assert BACKDOOR_DATASETS["lexical"].fired is is_backdoor_response
 
