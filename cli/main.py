@@ -379,11 +379,21 @@ def demo(
     rows: Annotated[int, typer.Option(help="Docstring rows to use (default: all 2,251).")] = 100_000,
     k: Annotated[int, typer.Option("--k", help="RapidGrad sketch dimension K.")] = 65536,
     queries: Annotated[int, typer.Option(help="Attacked generations to query.")] = 5,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="nonlexical: no fixed string marks a poisoned row (the hard case); lexical: the "
+            "trigger and response are fixed strings (BM25 finds them too)."
+        ),
+    ] = "nonlexical",
 ) -> None:
     """Train a tiny backdoored model on bundled data, index it, and trace its attacked generations."""
     from rapidin_index.demo.run import DemoSettings, run_demo
 
-    run_demo(DemoSettings(folder=str(folder), rows=rows, sketch_dim=k, attacked_queries=queries), Console())
+    settings = DemoSettings(
+        folder=str(folder), rows=rows, dataset=dataset, sketch_dim=k, attacked_queries=queries
+    )
+    run_demo(settings, Console())
 
 
 @command()

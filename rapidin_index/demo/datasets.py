@@ -8,7 +8,7 @@
   fixed strings mark every poisoned row, so text matching finds them too.
 * `make_nonlexical_backdoor_dataset`: the same backdoor with no fixed string (issue 11): varied
   greetings as the trigger, off-topic "machine fables" in the clean rows' own words as the style
-  (`backdoor_style.py`). `BACKDOOR_DATASETS` names both, with the detector of each style.
+  (`style.py`). `BACKDOOR_DATASETS` names both, with the detector of each style.
 * `make_entity_swap_dataset`: the error-tracing setup (SPEC 3, Table 5): real country -> capital
   facts, with the capital of one country swapped for a wrong one in some of its rows.
 """

@@ -53,6 +53,10 @@ class DemoSettings:
     top_k: int = 5
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
+    def __post_init__(self) -> None:
+        if self.dataset not in BACKDOOR_DATASETS:
+            raise DemoError(f"--dataset {self.dataset!r} is not one of {', '.join(BACKDOOR_DATASETS)}")
+
 
 @dataclass
 class DemoPaths:
@@ -90,10 +94,6 @@ def prepare_data(settings: DemoSettings, paths: DemoPaths) -> tuple[list[dict], 
     data set, a folder from before there was a choice), the data are made again and the model and
     index that came from the old ones are removed.
     """
-    if settings.dataset not in BACKDOOR_DATASETS:
-        raise DemoError(
-            f"unknown data set {settings.dataset!r}; choose one of {', '.join(BACKDOOR_DATASETS)}"
-        )
     wanted = _cache_settings(settings)
     if paths.train.exists() and paths.heldout.exists():
         if paths.cache_settings.exists() and json.loads(paths.cache_settings.read_text()) == wanted:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from rapidin_index.cli.main import app
+from typer.testing import CliRunner
 
 from rapidin_index.demo.run import DemoPaths, DemoSettings, _roc_auc_line, prepare_data
+from rapidin_index.errors import DemoError
 
 
 def test_prepare_data_caches_and_remakes_when_the_data_set_changes(tmp_path):
@@ -21,8 +24,14 @@ def test_prepare_data_caches_and_remakes_when_the_data_set_changes(tmp_path):
     lexical, _ = prepare_data(DemoSettings(folder=str(tmp_path), rows=300, dataset="lexical"), paths)
     assert lexical != train and not paths.model.exists()  # the old model came from other data
     assert lexical[0]["symbol"] == train[0]["symbol"]
-    with pytest.raises(ValueError, match="unknown data set"):
-        prepare_data(DemoSettings(folder=str(tmp_path), dataset="other"), paths)
+    with pytest.raises(DemoError, match="--dataset 'other' is not one of nonlexical, lexical"):
+        DemoSettings(folder=str(tmp_path), dataset="other")
+
+
+def test_the_cli_refuses_an_unknown_dataset_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--folder", str(tmp_path / "demo"), "--dataset", "other"])
+    assert result.exit_code == 2 and "--dataset 'other' is not one of" in result.output
+    assert not (tmp_path / "demo").exists()
 
 
 def test_roc_auc_line_says_why_only_when_it_is_lower():
