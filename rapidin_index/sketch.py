@@ -44,6 +44,8 @@ from rapidin_index.errors import SketchError
 
 SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1", "rapidgrad-ts")
 DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
+AUTO_ALGORITHM = "auto"
+"""Not an algorithm: a build resolves it (:func:`resolve_algorithm`) to one, which its manifest records."""
 _MASK32 = 0xFFFFFFFF
 # Below this many coordinates the projector caches each block's bins and signs (5 bytes a coordinate).
 DEFAULT_CACHE_LIMIT = 1 << 24
@@ -81,9 +83,10 @@ class SketchSettings:
             raise SketchError(f"sketch dimension K must be >= 0 (0 = exact), got {self.sketch_dim}")
         if self.shuffle_lambda < 0:
             raise SketchError(f"--shuffle-lambda must be >= 0, got {self.shuffle_lambda}")
-        if self.algorithm not in SKETCH_ALGORITHMS:
+        if self.algorithm not in SKETCH_ALGORITHMS and self.algorithm != AUTO_ALGORITHM:
             raise SketchError(
-                f"unknown sketch algorithm {self.algorithm!r}; known: {', '.join(SKETCH_ALGORITHMS)}"
+                f"unknown sketch algorithm {self.algorithm!r}; known: {', '.join(SKETCH_ALGORITHMS)}, or "
+                f"{AUTO_ALGORITHM!r}"
             )
 
     @property
@@ -111,6 +114,23 @@ class SketchSettings:
                 f"not implement (known: {', '.join(SKETCH_ALGORITHMS)}); upgrade rapidin-index"
             )
         return cls(int(values["sketch_dim"]), int(values["shuffle_lambda"]), int(values["seed"]), algorithm)
+
+
+def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
+    """Concrete settings for a build (its manifest records them): ``algorithm="auto"`` resolved.
+
+    'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``gradients.GradientBlock``
+    list and no LoRA tensor): there it built 1.2-1.3x faster than rapidgrad-v2 at the same fidelity
+    (BENCHMARKS.md, "Factored sketch (issue 14)"). Otherwise, and at K = 0, it is rapidgrad-v2 (K = 0
+    stores exact vectors, whatever the name). A named algorithm is kept as it is.
+    """
+    if settings.algorithm != AUTO_ALGORITHM:
+        return settings
+    full = any(block.parameter.dim() == 2 for block in blocks) and not any(
+        "lora_" in block.name for block in blocks
+    )
+    algorithm = "rapidgrad-ts" if full and not settings.exact else DEFAULT_SKETCH_ALGORITHM
+    return SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, algorithm)
 
 
 def padded_dim(gradient_dim: int, sketch_dim: int) -> int:
@@ -461,6 +481,8 @@ def make_projector(
     ``blocks`` (the `gradients.GradientBlock` list, in order) is for algorithms that hash by a block's
     shape rather than by flat position (rapidgrad-ts); the flat ones ignore it.
     """
+    if settings.algorithm == AUTO_ALGORITHM:
+        raise SketchError("sketch algorithm 'auto' must be resolved first (sketch.resolve_algorithm)")
     if settings.exact:
         return ExactProjector(gradient_dim, device)
     if settings.algorithm == "rapidgrad-ts":

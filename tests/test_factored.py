@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_gradients import load, sequences
 
+from rapidin_index.errors import SketchError
 from rapidin_index.factored import (
     OuterFactors,
     RapidGradTSProjector,
@@ -226,3 +227,25 @@ def test_build_and_query_end_to_end_with_rapidgrad_ts(
         row = training_rows[row_id]
         result = opened.query(row["instruction"], row["output"], top_k=3, explain=0, per_token=False)
         assert result.helpful[0].id == row_id, [hit.id for hit in result.helpful]
+
+
+def test_auto_resolves_to_ts_for_full_parameter_models_only():
+    from rapidin_index.sketch import AUTO_ALGORITHM, resolve_algorithm
+
+    full = blocks_of((8, 4), (4,))
+    lora = gradient_blocks(
+        [
+            ("q.lora_A.default.weight", torch.nn.Parameter(torch.zeros(2, 4))),
+            ("q.lora_B.default.weight", torch.nn.Parameter(torch.zeros(4, 2))),
+        ]
+    )
+    auto = SketchSettings(4096, 20, 7, AUTO_ALGORITHM)
+    assert resolve_algorithm(auto, full) == SketchSettings(4096, 20, 7, TS)
+    assert resolve_algorithm(auto, lora).algorithm == "rapidgrad-v2"
+    assert resolve_algorithm(auto, blocks_of((4,))).algorithm == "rapidgrad-v2"  # no weight matrix
+    assert resolve_algorithm(SketchSettings(0, algorithm=AUTO_ALGORITHM), full).algorithm == "rapidgrad-v2"
+    named = SketchSettings(4096, algorithm="rapidgrad-v1")
+    assert resolve_algorithm(named, full) is named
+    with pytest.raises(SketchError, match="resolved first"):
+        make_projector(auto, 36, blocks=full)
+    assert resolve_algorithm(auto, full).to_dict()["algorithm"] == TS  # what the manifest records

@@ -1,0 +1,196 @@
+"""Factored sketch (issue 14): rapidgrad-ts beside rapidgrad-v2 on a full-parameter tiny Llama, one run.
+
+On a tiny Llama built in-process (default hidden 384, 3 layers, a 2,000-token BPE: over 5M parameters,
+every one attributed), over the same tokenized docstring rows, in one run with the repeats interleaved,
+this times ``GradientSketcher.sketch`` over all batches for:
+
+* ``v2``               rapidgrad-v2, per-example gradients materialised (the default build);
+* ``ts``               rapidgrad-ts, every linear and embedding weight sketched from its factors (FFT
+                       or signed matmul, picked per call by ``factored.fft_is_cheaper``);
+* ``ts-materialised``  rapidgrad-ts with ``factored="never"``: the same hash, materialised (a check
+                       that the factored vectors are the same, and the cost of the hash alone);
+* ``floor``            the model's own batched forward + backward of the summed loss.
+
+at each K. Fidelity: held-out rows play the queries; each method's scores of every (query, training row)
+pair are compared with exact TracIn + layer norm (the same hooks with K = 0, i.e. uncompressed
+layer-normalised gradients) by Spearman per query, averaged. The model is randomly initialised (its
+gradients are as structured as a trained model's for this purpose: low-rank per example). CPU only;
+run from the repository root: ``.venv/bin/python benchmarks/factored.py --out .bench/factored.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from build_throughput import docstring_rows, run_floor, tokenized_rows
+
+from rapidin_index.demo.tiny_models import save_tiny_model
+from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
+from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.sketch import SketchSettings, make_projector
+
+METHODS = {  # name: (algorithm, factored mode)
+    "v2": ("rapidgrad-v2", "auto"),
+    "ts": ("rapidgrad-ts", "auto"),
+    "ts-materialised": ("rapidgrad-ts", "never"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=128, help="training rows")
+    parser.add_argument("--queries", type=int, default=8, help="held-out rows used as queries")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per batch (the build's default)")
+    parser.add_argument("--sketch-dims", default="4096,65536", help="comma-separated K values")
+    parser.add_argument("--hidden-size", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--vocab-size", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def sketch_all(sketcher: GradientSketcher, batches) -> torch.Tensor:
+    return torch.cat([sketcher.sketch(batch).vectors for batch in batches])
+
+
+def timed(function) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def exact_scores(model, blocks, train_batches, query_batches) -> np.ndarray:
+    """[queries, rows] exact TracIn + layer norm: uncompressed normalised gradients (K = 0), streamed."""
+    sketcher = GradientSketcher(model, blocks, make_projector(SketchSettings(0), gradient_dim(blocks)))
+    queries = sketch_all(sketcher, query_batches)  # [queries, D]
+    return torch.cat([queries @ sketcher.sketch(batch).vectors.T for batch in train_batches], dim=1).numpy()
+
+
+def mean_spearman(scores: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([spearman(scores[q], exact[q]) for q in range(exact.shape[0])]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sketch_dims = [int(k) for k in args.sketch_dims.split(",")]
+    rows = docstring_rows(args.rows + args.queries)
+    with tempfile.TemporaryDirectory() as tmp:
+        # the tokenizer learns from more rows than are sketched, so that its vocabulary (the embedding
+        # and output layers) reaches --vocab-size
+        texts = [row["instruction"] + " " + row["output"] for row in docstring_rows(512)]
+        folder = save_tiny_model(
+            Path(tmp) / "llama",
+            "llama",
+            texts,
+            args.vocab_size,
+            hidden_size=args.hidden_size,
+            layers=args.layers,
+        )
+        settings = ModelSettings(str(folder))
+        loaded = load_model(settings)
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    blocks = gradient_blocks(select_parameters(model, settings))
+    dim = gradient_dim(blocks)
+    sequences = tokenized_rows(rows, loaded.tokenizer)
+    train, queries = sequences[: args.rows], sequences[args.rows :]
+    step = args.batch_size
+    train_batches = [collate(train[i : i + step], pad, "cpu") for i in range(0, len(train), step)]
+    query_batches = [collate(queries[i : i + step], pad, "cpu") for i in range(0, len(queries), step)]
+    tokens = sum(len(ids) for ids, _ in train)
+
+    sketchers = {}
+    for k in sketch_dims:
+        for name, (algorithm, mode) in METHODS.items():
+            projector = make_projector(SketchSettings(k, algorithm=algorithm), dim, blocks=blocks)
+            sketchers[(name, k)] = GradientSketcher(model, blocks, projector, "layer", factored=mode)
+    for sketcher in sketchers.values():  # warm-up: self-check, bin caches
+        sketcher.sketch(train_batches[0])
+    run_floor(model, train_batches[:1])
+
+    times = {"floor": []} | {f"{name} K={k}": [] for name, k in sketchers}
+    vectors = {}
+    for repeat in range(args.repeats):
+        seconds, _ = timed(lambda: run_floor(model, train_batches))
+        times["floor"].append(seconds)
+        for (name, k), sketcher in sketchers.items():  # interleaved: machine noise hits all alike
+            seconds, result = timed(lambda sketcher=sketcher: sketch_all(sketcher, train_batches))
+            times[f"{name} K={k}"].append(seconds)
+            vectors[(name, k)] = result
+            print(f"  repeat {repeat}: {name} K={k}: {seconds:.2f} s", file=sys.stderr)
+
+    exact = exact_scores(model, blocks, train_batches, query_batches)
+    methods = []
+    for (name, k), sketcher in sketchers.items():
+        query_vectors = sketch_all(sketcher, query_batches)
+        scores = (query_vectors @ vectors[(name, k)].T).numpy()
+        label = f"{name} K={k}"
+        median = statistics.median(times[label])
+        methods.append(
+            {
+                "method": name,
+                "sketch_dim": k,
+                "median_seconds": median,
+                "seconds": times[label],
+                "share_of_floor_speed": statistics.median(times["floor"]) / median,
+                "spearman_vs_exact": mean_spearman(scores, exact),
+                "factored_blocks": len(sketcher.factored_blocks),
+            }
+        )
+    for k in sketch_dims:
+        ts, materialised = vectors[("ts", k)], vectors[("ts-materialised", k)]
+        difference = float((ts - materialised).abs().max() / materialised.abs().max())
+        for method in methods:
+            if method["sketch_dim"] == k:
+                method["ts_factored_vs_materialised_max_relative_difference"] = difference
+    results = {
+        "command": " ".join(["benchmarks/factored.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+        "settings": {key: str(value) for key, value in vars(args).items()},
+        "model": {"parameters": dim, "blocks": len(blocks), "rows": len(train), "tokens": tokens},
+        "floor_median_seconds": statistics.median(times["floor"]),
+        "methods": methods,
+    }
+    print("\n".join(table(results)))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def table(results: dict) -> list[str]:
+    by_key = {(m["method"], m["sketch_dim"]): m for m in results["methods"]}
+    lines = [
+        "| K | method | build s (median) | v2 s / this s | share of floor speed | Spearman vs exact TracIn+LN |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for method in results["methods"]:
+        v2 = by_key[("v2", method["sketch_dim"])]["median_seconds"]
+        lines.append(
+            f"| {method['sketch_dim']:,} | {method['method']} | {method['median_seconds']:.2f} "
+            f"| {v2 / method['median_seconds']:.2f}x | {method['share_of_floor_speed']:.2f} "
+            f"| {method['spearman_vs_exact']:.3f} |"
+        )
+    lines.append(f"\nfloor (batched forward + backward): {results['floor_median_seconds']:.2f} s")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
