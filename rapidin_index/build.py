@@ -198,6 +198,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     loaded = load_model(settings.model, device if runner_factory is None else "cpu")
     selected = select_parameters(loaded.model, settings.model)
     identity = index_identity(loaded, settings, selected, template)
+    _check_dimension(identity["sketch"]["output_dim"], settings)
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"])
     report.sketch_dim = identity["sketch"]["output_dim"]
     if existing is not None:
@@ -266,6 +267,16 @@ def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bo
         runner = (runner_factory or LocalChunkRunner)(run.loaded, run.selected, settings, run.device)
         runner.run(jobs, write, bar.advance)
     return _finalize(run, journal, total_rows)
+
+
+def _check_dimension(output_dim: int, settings: BuildSettings) -> None:
+    """FAISS reads back no index wider than 2^20 dimensions: refuse to build one (K = 0 stores D)."""
+    if output_dim > vector_index.MAX_DIMENSION:
+        raise BuildError(
+            f"--k 0 stores the exact gradient, {output_dim:,} dimensions a row, but FAISS opens indexes of "
+            f"at most {vector_index.MAX_DIMENSION:,}; sketch it (--k 65536) or attribute fewer parameters "
+            "(--params, or a LoRA adapter)"
+        )
 
 
 def _existing_manifest(index_dir: Path) -> Manifest | None:

@@ -9,7 +9,9 @@ import numpy as np
 
 from rapidin_index.errors import StoreError
 from rapidin_index.files import atomic_file
-from rapidin_index.settings import VECTOR_DTYPES
+from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
+
+MAX_DIMENSION = MAX_VECTOR_DIMENSION  # what faiss.read_index accepts back
 
 
 def new_index(dimension: int, vector_dtype: str = "float32") -> faiss.IndexIDMap2:
@@ -18,6 +20,8 @@ def new_index(dimension: int, vector_dtype: str = "float32") -> faiss.IndexIDMap
     float32: IndexFlatIP (4 bytes a dimension). float16: a flat IndexScalarQuantizer with QT_fp16 (2 bytes
     a dimension): still an exhaustive scan, scores accumulated in float32 over the stored fp16 values.
     """
+    if dimension > MAX_DIMENSION:
+        raise StoreError(f"{dimension:,} dimensions: FAISS reads back indexes of at most {MAX_DIMENSION:,}")
     if vector_dtype == "float32":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
     if vector_dtype == "float16":
@@ -77,6 +81,9 @@ def search_both(
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     top_k = min(top_k, index.ntotal)
+    if top_k < 1:  # an empty index (FAISS asserts k > 0)
+        empty = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
+        return (*empty, *empty)
     matrix = _flat_matrix(index)
     if matrix is None:
         scores, ids = index.search(np.concatenate([queries, -queries]), top_k)

@@ -189,6 +189,11 @@ class Index:
         """Sketch, search (one scan), collect, join the text, explain the top hits."""
         if top_k < 1 or token_top_k < 1:
             raise QueryError(f"--top-k and --token-top-k must be at least 1, got {top_k} and {token_top_k}")
+        if self.manifest.row_count == 0:
+            raise QueryError(
+                f"{self.path} holds no rows (all {self.manifest.rejected_count} were rejected; "
+                "`rapidin-index info` lists why): fix the data and rebuild"
+            )
         top_k = min(top_k, self.manifest.row_count)
         token_top_k = min(token_top_k, self.manifest.row_count)
         vectors, losses = sketch_queries(self, queries, per_token)

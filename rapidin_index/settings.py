@@ -22,6 +22,8 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 """Weights dtypes a model can be loaded in (`models.DTYPES` maps them to torch dtypes)."""
 VECTOR_DTYPES = ("float32", "float16")
 """How the index stores vectors."""
+MAX_VECTOR_DIMENSION = 1 << 20
+"""The widest vectors an index can hold: ``faiss.read_index`` refuses d > 2^20 when reading a file back."""
 
 
 def default_of(settings_class: type, name: str):
@@ -101,6 +103,11 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
             raise BuildError("--batch-size and --chunk-size must be at least 1")
+        if self.sketch.sketch_dim > MAX_VECTOR_DIMENSION:
+            raise BuildError(
+                f"--k {self.sketch.sketch_dim:,} is more than FAISS opens ({MAX_VECTOR_DIMENSION:,} dimensions); "
+                "use a smaller --k"
+            )
         if self.vector_dtype not in VECTOR_DTYPES:
             raise BuildError(f"--vector-dtype must be one of {', '.join(VECTOR_DTYPES)}")
         from rapidin_index.gradients import NORMALIZATIONS

@@ -13,10 +13,11 @@ import pytest
 import torch
 from conftest import brute_force_sketch, build_settings, stored_vectors
 
+from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
 from rapidin_index.build import build_index
 from rapidin_index.data import load_examples, parse_template
-from rapidin_index.errors import BuildError, JournalError
+from rapidin_index.errors import BuildError, JournalError, QueryError
 from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
 from rapidin_index.manifest import read_manifest
@@ -213,6 +214,10 @@ def test_non_finite_gradients_are_reported_never_inserted(tmp_path, tiny_model_d
     assert report.rows_indexed == 0 and report.rows_rejected == 24
     assert all("non-finite gradient" in row.reason for row in report.rejected)
     assert stored_vectors(tmp_path / "index") == {}
+    from rapidin_index.retrieval import Index
+
+    with pytest.raises(QueryError, match="holds no rows \\(all 24 were rejected"):
+        Index.open(tmp_path / "index", device="cpu").query("Q?", "A.")
 
 
 def test_float16_storage_halves_the_index_and_keeps_the_ranking(
@@ -287,3 +292,18 @@ def test_a_self_check_mismatch_is_in_the_manifest_and_the_summary(
         batch = collate([(example.input_ids, example.labels)], loaded.tokenizer.pad_token_id, "cpu")
         expected = normalize_flat(reference_gradient(loaded.model, blocks, batch)[None], blocks, "layer")[0]
         np.testing.assert_allclose(vectors[example.example_id], expected.numpy(), atol=3e-5)
+
+
+def test_an_index_faiss_could_not_open_is_refused_before_any_row(
+    tmp_path, tiny_model_dirs, training_file, monkeypatch
+):
+    with pytest.raises(BuildError, match="--k 2,097,152 is more than FAISS opens"):
+        settings_for(tiny_model_dirs, sketch_dim=1 << 21)
+    monkeypatch.setattr(vector_index, "MAX_DIMENSION", 1000)  # the tiny model's D is larger than this
+    with pytest.raises(
+        BuildError, match=r"--k 0 stores the exact gradient, [\d,]+ dimensions a row.*--params"
+    ):
+        build_index(
+            training_file, tmp_path / "index", settings_for(tiny_model_dirs, sketch_dim=0), progress=False
+        )
+    assert not (tmp_path / "index" / "manifest.json").exists()

@@ -155,11 +155,6 @@ def test_search_both_of_a_non_flat_index_uses_one_faiss_search():
     np.testing.assert_allclose(found[2], expected[2], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: search_both on an index with no rows calls FAISS search with k=0, which raises a bare "
-    "AssertionError instead of returning [q, 0] arrays (top_k = min(top_k, ntotal) = 0)",
-)
 @pytest.mark.parametrize("vector_dtype", ["float32", "float16"])
 def test_search_both_of_an_empty_index_finds_nothing(vector_dtype):
     index = vector_index.new_index(DIMENSION, vector_dtype)
