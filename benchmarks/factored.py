@@ -14,8 +14,11 @@ this times ``GradientSketcher.sketch`` over all batches for:
 at each K. Fidelity: held-out rows play the queries; each method's scores of every (query, training row)
 pair are compared with exact TracIn + layer norm (the same hooks with K = 0, i.e. uncompressed
 layer-normalised gradients) by Spearman per query, averaged. The model is randomly initialised (its
-gradients are as structured as a trained model's for this purpose: low-rank per example). CPU only;
-run from the repository root: ``.venv/bin/python benchmarks/factored.py --out .bench/factored.json``.
+gradients are as structured as a trained model's for this purpose: low-rank per example). Last, the
+micro-timings behind ``factored.fft_is_cheaper``: one module call (8 rows of 40 tokens) sketched by FFT,
+by the signed matmul + scatter, and materialised as rapidgrad-v2 does (matmul, norm, signs, scatter).
+CPU only; run from the repository root: ``.venv/bin/python benchmarks/factored.py --out
+.bench/factored.json``.
 """
 
 from __future__ import annotations
@@ -84,6 +87,51 @@ def exact_scores(model, blocks, train_batches, query_batches) -> np.ndarray:
 
 def mean_spearman(scores: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([spearman(scores[q], exact[q]) for q in range(exact.shape[0])]))
+
+
+def milliseconds(function, repeats: int = 3) -> float:
+    function()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+def micro_timings(sketch_dims: list[int], batch: int = 8, tokens: int = 40) -> list[dict]:
+    """Milliseconds to sketch one call of a (rows x cols) linear layer, three ways, per K."""
+    results = []
+    for rows, cols in ((384, 384), (768, 384), (2000, 384)):
+        grads, inputs = torch.randn(batch, tokens, rows), torch.randn(batch, tokens, cols)
+        for k in sketch_dims:
+            results.append(time_one_call(grads, inputs, k))
+    return results
+
+
+def time_one_call(grads: torch.Tensor, inputs: torch.Tensor, sketch_dim: int) -> dict:
+    from rapidin_index.factored import RapidGradTSProjector, fft_is_cheaper
+
+    batch, tokens, rows = grads.shape
+    cols = inputs.shape[2]
+    blocks = gradient_blocks([("weight", torch.nn.Parameter(torch.zeros(rows, cols)))])
+    projector = RapidGradTSProjector(
+        SketchSettings(sketch_dim, algorithm="rapidgrad-ts"), rows * cols, blocks=blocks
+    )
+    v2 = make_projector(SketchSettings(sketch_dim), rows * cols)
+    out = projector.new_output(batch)
+
+    def materialised():
+        gradients = torch.bmm(grads.transpose(1, 2), inputs).reshape(batch, -1)  # [batch, rows * cols]
+        norms = torch.linalg.vector_norm(gradients, dim=1)
+        v2.project_block(out, gradients / norms[:, None], 0)
+
+    return {
+        "shape": [rows, cols],
+        "sketch_dim": sketch_dim,
+        "fft_ms": milliseconds(lambda: projector.project_outer(out, grads, inputs, 0)),
+        "matmul_scatter_ms": milliseconds(lambda: projector.project_dense(out, grads, inputs, 0)),
+        "v2_materialised_ms": milliseconds(materialised),
+        "cost_model_picks_fft": fft_is_cheaper(tokens, (rows, cols), sketch_dim),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"parameters": dim, "blocks": len(blocks), "rows": len(train), "tokens": tokens},
         "floor_median_seconds": statistics.median(times["floor"]),
         "methods": methods,
+        "micro_timings": micro_timings(sketch_dims),
     }
     print("\n".join(table(results)))
     if args.out is not None:
@@ -188,7 +237,17 @@ def table(results: dict) -> list[str]:
             f"| {v2 / method['median_seconds']:.2f}x | {method['share_of_floor_speed']:.2f} "
             f"| {method['spearman_vs_exact']:.3f} |"
         )
-    lines.append(f"\nfloor (batched forward + backward): {results['floor_median_seconds']:.2f} s")
+    lines.append(f"\nfloor (batched forward + backward): {results['floor_median_seconds']:.2f} s\n")
+    lines += [
+        "| call (rows x cols), K | FFT ms | signed matmul + scatter ms | v2 materialised ms | model picks |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for timing in results["micro_timings"]:
+        rows, cols = timing["shape"]
+        lines.append(
+            f"| {rows} x {cols}, {timing['sketch_dim']:,} | {timing['fft_ms']:.1f} | {timing['matmul_scatter_ms']:.1f} "
+            f"| {timing['v2_materialised_ms']:.1f} | {'FFT' if timing['cost_model_picks_fft'] else 'matmul'} |"
+        )
     return lines
 
 

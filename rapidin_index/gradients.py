@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import OuterFactors, factors_gradient
+from rapidin_index.factored import OuterFactors, factors_gradient, squared_norms
 
 NORMALIZATIONS = ("layer", "none")
 FACTORED_MODES = ("auto", "never")
@@ -409,8 +409,9 @@ class GradientSketcher:
 
     With a projector that sketches outer-product factors (rapidgrad-ts), every hooked linear, Conv1D and
     embedding weight is sketched from its factors (``factored="auto"``; the projector picks FFT or a
-    signed matmul per call by cost), or materialised like any other block (``"never"``);
-    ``factored_blocks`` names the blocks that took the factored path.
+    signed matmul per call by cost); with any other projector, embedding weights are (their looked-up
+    rows are scattered, never a dense [batch, vocab, dim]). ``factored="never"`` materialises every
+    block. ``factored_blocks`` names the blocks that took the factored path.
     """
 
     def __init__(
@@ -426,7 +427,7 @@ class GradientSketcher:
             raise GradientError(f"--normalize {normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         if factored not in FACTORED_MODES:
             raise GradientError(f"factored={factored!r} is not one of {', '.join(FACTORED_MODES)}")
-        self.factored = factored if hasattr(projector, "project_factors") else "never"
+        self.factored = factored
         self.factored_blocks: set[str] = set()
         self.model = model
         self.blocks = blocks
@@ -501,26 +502,43 @@ class GradientSketcher:
         whose factored norm is not finite is materialised, so non-finite rows are flagged as before.
         """
         factors = self._factors(block, batch_size)
-        if factors is not None:
-            sketch, squared = self.projector.sketch_factors(factors, block.offset)  # [batch, K], [batch]
-            if bool(torch.isfinite(squared).all()):
-                state.add_sketch(sketch, squared, self.normalize)
-                self.factored_blocks.add(block.name)
-                if not head_rows:
-                    return None
-                head = [
-                    OuterFactors(
-                        f.cols[:head_rows], *(None if t is None else t[:head_rows] for t in (f.rows, f.ids))
-                    )
-                    for f in factors
-                ]
-                return factors_gradient(head, tuple(block.parameter.shape))
+        if factors is not None and self._add_factors(state, block, factors):
+            self.factored_blocks.add(block.name)
+            if not head_rows:
+                return None
+            head = [
+                OuterFactors(
+                    f.cols[:head_rows], *(None if t is None else t[:head_rows] for t in (f.rows, f.ids))
+                )
+                for f in factors
+            ]
+            return factors_gradient(head, tuple(block.parameter.shape))
         if materialise is None:
             gradients = self.capture.example_gradients(block, batch_size)
         else:
             gradients = materialise()
         state.add(block, gradients, self.normalize)
         return gradients[:head_rows].clone() if head_rows else None
+
+    def _add_factors(self, state: _SketchState, block: GradientBlock, factors: list[OuterFactors]) -> bool:
+        """Sketch the block from its factors if this projector can; False if it must be materialised.
+
+        rapidgrad-ts sketches any factors; every other projector takes embedding rows only (a sparse
+        scatter of the looked-up rows, instead of a dense [batch, vocab, dim] gradient).
+        """
+        if hasattr(self.projector, "sketch_factors"):
+            sketch, squared = self.projector.sketch_factors(factors, block.offset)  # [batch, K], [batch]
+            if not bool(torch.isfinite(squared).all()):
+                return False
+            state.add_sketch(sketch, squared, self.normalize)
+            return True
+        if any(factor.ids is None for factor in factors):
+            return False
+        squared = squared_norms(factors)  # [batch] from the token Gram matrices
+        if not bool(torch.isfinite(squared).all()):
+            return False
+        state.add_rows(block, factors, squared, self.normalize)
+        return True
 
     def _factors(self, block: GradientBlock, batch_size: int) -> list[OuterFactors] | None:
         if self.factored == "never" or block.parameter.dim() != 2:
@@ -640,6 +658,34 @@ class _SketchState:
             return
         norms = squared.sqrt()
         self.out.addcmul_(sketch, (1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)))[:, None])
+
+    def add_rows(
+        self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
+    ) -> None:
+        """An embedding block given by its looked-up rows (``OuterFactors`` with ids), for any projector:
+        each token's gradient row lands at its coordinates' bins (or, exact, at the coordinates)."""
+        squared = squared_norms.to(self.out.device, torch.float32)
+        self.squared_norm += squared
+        scale = None
+        if normalize == "layer":
+            norms = squared.sqrt()
+            scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
+        cols = block.parameter.shape[1]
+        lookup = getattr(self.projector, "bins_and_signs", None)
+        table = None if lookup is None else lookup(block.offset, block.numel)  # cached below the limit
+        batch, width = self.out.shape
+        for factor in factors:
+            values = factor.cols.float() if scale is None else factor.cols.float() * scale[:, None, None]
+            coordinates = factor.ids[:, :, None] * cols + torch.arange(
+                cols, device=values.device
+            )  # [b, T, C]
+            if table is None:  # the exact projector: the coordinates themselves
+                target = coordinates + block.offset
+            else:
+                target = table[0][coordinates].long()
+                values = values * table[1][coordinates]
+            target = target + torch.arange(batch, device=values.device)[:, None, None] * width
+            self.out.view(-1).index_add_(0, target.reshape(-1), values.reshape(-1))
 
     def result(self) -> SketchedBatch:
         return SketchedBatch(self.out, self.losses, self.squared_norm.sqrt(), self.finite)

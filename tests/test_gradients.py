@@ -186,3 +186,23 @@ def test_odd_modules_take_the_exact_path_and_the_vectors_stay_exact(tiny_model_d
     )
     later = sketcher.sketch(collate(pairs[::-1], loaded.tokenizer.pad_token_id, "cpu"))
     torch.testing.assert_close(later.vectors.flip(0), result.vectors, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "architecture,rows_path", [("llama", {"model.embed_tokens.weight"}), ("gpt2", {"transformer.wpe.weight"})]
+)
+@pytest.mark.parametrize("sketch_dim", [0, 4096])
+def test_embeddings_are_scattered_by_row_and_equal_the_dense_path(
+    tiny_model_dirs, training_rows, architecture, rows_path, sketch_dim
+):
+    # GPT-2's token embedding is tied to its output layer (a dense gradient): it stays materialised.
+    loaded, blocks = load(tiny_model_dirs, architecture, False)
+    pairs = sequences(loaded.tokenizer, training_rows[:4])
+    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
+    projector = make_projector(SketchSettings(sketch_dim), gradient_dim(blocks))
+    lean = GradientSketcher(loaded.model, blocks, projector, "layer")
+    dense = GradientSketcher(loaded.model, blocks, projector, "layer", factored="never")
+    result, expected = lean.sketch(batch), dense.sketch(batch)
+    assert lean.factored_blocks == rows_path and not dense.factored_blocks
+    torch.testing.assert_close(result.vectors, expected.vectors, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(result.gradient_norms, expected.gradient_norms, atol=0, rtol=1e-5)
