@@ -33,14 +33,22 @@ def build_word_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(
         TRAINING_SENTENCES, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS)
     )
-    bos_id = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
-    )
+    return wrap_tokenizer(tokenizer, bos=True)
+
+
+def wrap_tokenizer(tokenizer: Tokenizer, bos: bool, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A trained `tokenizers` backend as a transformers tokenizer: <s> prepended when ``bos``, the tests'
+    special tokens, and (``chat_template``) the tests' chat template."""
+    if bos:
+        bos_id = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
+        )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
-    wrapped.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
 
 
@@ -122,13 +130,7 @@ def build_metaspace_tokenizer() -> PreTrainedTokenizerFast:
         TRAINING_SENTENCES + ["Answer: Paris", "zParis qParis kParis"] * 4,
         trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False),
     )
-    bos_id = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return wrap_tokenizer(tokenizer, bos=True, chat_template=False)
 
 
 def build_byte_level_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
@@ -145,16 +147,7 @@ def build_byte_level_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
             show_progress=False,
         ),
     )
-    if bos:
-        bos_id = tokenizer.token_to_id("<s>")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
-        )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
+    return wrap_tokenizer(tokenizer, bos=bos)
 
 
 # --------------------------------------------------------------------------- shared test helpers
