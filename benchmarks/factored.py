@@ -13,12 +13,12 @@ this times ``GradientSketcher.sketch`` over all batches for:
 
 at each K. Fidelity: held-out rows play the queries; each method's scores of every (query, training row)
 pair are compared with exact TracIn + layer norm (the same hooks with K = 0, i.e. uncompressed
-layer-normalised gradients) by Spearman per query, averaged. The model is randomly initialised (its
-gradients are as structured as a trained model's for this purpose: low-rank per example). Last, the
-micro-timings behind ``factored.fft_is_cheaper``: one module call (8 rows of 40 tokens) sketched by FFT,
-by the signed matmul + scatter, and materialised as rapidgrad-v2 does (matmul, norm, signs, scatter).
-CPU only; run from the repository root: ``.venv/bin/python benchmarks/factored.py --out
-.bench/factored.json``.
+layer-normalised gradients) by Spearman per query, averaged. The model is a randomly initialised tiny
+Llama, or ``--model DIR`` (e.g. the fine-tuned ``.bench/peers/full/model`` that benchmarks/peers.py
+trains). Last, the micro-timings behind ``factored.fft_is_cheaper``: one module call (8 rows of 40
+tokens) sketched by FFT, by the signed matmul + scatter, and materialised as rapidgrad-v2 does (matmul,
+norm, signs, scatter). CPU only; run from the repository root:
+``.venv/bin/python benchmarks/factored.py --out .bench/factored.json``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--fidelity-seeds", default="1,2,3,4", help="more sketch seeds for v2 and ts, fidelity only (untimed)"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a saved model folder instead of a new random tiny Llama (e.g. peers.py's"
+        " fine-tuned .bench/peers/full/model)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -134,12 +143,34 @@ def time_one_call(grads: torch.Tensor, inputs: torch.Tensor, sketch_dim: int) ->
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    sketch_dims = [int(k) for k in args.sketch_dims.split(",")]
-    rows = docstring_rows(args.rows + args.queries)
+def seed_spread(model, blocks, args, sketch_dims, train_batches, query_batches, exact) -> list[dict]:
+    """Spearman vs exact of v2 and ts over the default seed (42) and ``--fidelity-seeds``: mean, std, all."""
+    seeds = [42] + [int(seed) for seed in args.fidelity_seeds.split(",") if seed]
+    spread = []
+    for k in sketch_dims:
+        for algorithm in ("rapidgrad-v2", "rapidgrad-ts"):
+            values = []
+            for seed in seeds:
+                settings = SketchSettings(k, seed=seed, algorithm=algorithm)
+                projector = make_projector(settings, gradient_dim(blocks), blocks=blocks)
+                sketcher = GradientSketcher(model, blocks, projector, "layer")
+                scores = sketch_all(sketcher, query_batches) @ sketch_all(sketcher, train_batches).T
+                values.append(mean_spearman(scores.numpy(), exact))
+            spread.append(
+                {
+                    "algorithm": algorithm,
+                    "sketch_dim": k,
+                    "seeds": seeds,
+                    "spearman": values,
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values)),
+                }
+            )
+    return spread
+
+
+def new_model(args: argparse.Namespace):
+    """A randomly initialised tiny Llama, saved and loaded as the build loads models."""
     with tempfile.TemporaryDirectory() as tmp:
         # the tokenizer learns from more rows than are sketched, so that its vocabulary (the embedding
         # and output layers) reaches --vocab-size
@@ -154,6 +185,20 @@ def main(argv: list[str] | None = None) -> dict:
         )
         settings = ModelSettings(str(folder))
         loaded = load_model(settings)
+    return settings, loaded
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    sketch_dims = [int(k) for k in args.sketch_dims.split(",")]
+    rows = docstring_rows(args.rows + args.queries)
+    if args.model is not None:
+        settings = ModelSettings(args.model)
+        loaded = load_model(settings)
+    else:
+        settings, loaded = new_model(args)
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
     blocks = gradient_blocks(select_parameters(model, settings))
     dim = gradient_dim(blocks)
@@ -202,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "factored_blocks": len(sketcher.factored_blocks),
             }
         )
+    seeds = seed_spread(model, blocks, args, sketch_dims, train_batches, query_batches, exact)
     for k in sketch_dims:
         ts, materialised = vectors[("ts", k)], vectors[("ts-materialised", k)]
         difference = float((ts - materialised).abs().max() / materialised.abs().max())
@@ -215,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"parameters": dim, "blocks": len(blocks), "rows": len(train), "tokens": tokens},
         "floor_median_seconds": statistics.median(times["floor"]),
         "methods": methods,
+        "fidelity_over_seeds": seeds,
         "micro_timings": micro_timings(sketch_dims),
     }
     print("\n".join(table(results)))
@@ -238,6 +285,14 @@ def table(results: dict) -> list[str]:
             f"| {method['spearman_vs_exact']:.3f} |"
         )
     lines.append(f"\nfloor (batched forward + backward): {results['floor_median_seconds']:.2f} s\n")
+    lines += ["| K | algorithm | Spearman vs exact, mean +- std over seeds | seeds |", "|---:|---|---:|---|"]
+    for spread in results["fidelity_over_seeds"]:
+        values = ", ".join(f"{value:.3f}" for value in spread["spearman"])
+        lines.append(
+            f"| {spread['sketch_dim']:,} | {spread['algorithm']} | {spread['mean']:.3f} +- {spread['std']:.3f} "
+            f"| {values} |"
+        )
+    lines.append("")
     lines += [
         "| call (rows x cols), K | FFT ms | signed matmul + scatter ms | v2 materialised ms | model picks |",
         "|---|---:|---:|---:|---|",

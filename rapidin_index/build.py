@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,6 +197,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     # With a distributed runner the workers load their own copies; the driver only fingerprints.
     loaded = load_model(settings.model, device if runner_factory is None else "cpu")
     selected = select_parameters(loaded.model, settings.model)
+    settings = _resolve_sketch(settings, selected, existing)  # the manifest never records 'auto'
     identity = index_identity(loaded, settings, selected, template)
     _check_dimension(identity["sketch"]["output_dim"], settings)
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"])
@@ -297,7 +298,10 @@ def _check_before_loading(
     """The checks that need no model: '' to go on; a message when there is nothing to do; raises when the
     request conflicts. "Nothing to do" without the model needs proof that the model is the one indexed:
     its files (and the adapter's) have the stat fingerprint recorded when the index was built from them."""
-    changed = differences(manifest_settings_identity(existing), settings_identity(settings, template))
+    requested = settings_identity(settings, template)
+    if settings.sketch.algorithm == "auto":  # an existing index keeps its algorithm (_resolve_sketch)
+        requested["sketch"]["algorithm"] = existing.sketch.get("algorithm")
+    changed = differences(manifest_settings_identity(existing), requested)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
     done = _data_status(existing, data_sha256, append, index_dir)
@@ -312,6 +316,19 @@ def _check_before_loading(
         changed = differences({"tokenizer": existing.tokenizer}, {"tokenizer": {"fingerprint": tokenizer}})
         raise BuildError(_other_settings(changed, append, index_dir))
     return ""
+
+
+def _resolve_sketch(settings: BuildSettings, selected, existing: Manifest | None) -> BuildSettings:
+    """Sketch algorithm 'auto' made concrete: the existing index's, else ``sketch.resolve_algorithm``'s."""
+    from rapidin_index.gradients import gradient_blocks
+    from rapidin_index.sketch import SketchSettings, resolve_algorithm
+
+    sketch = settings.sketch
+    if sketch.algorithm == "auto" and existing is not None and existing.sketch.get("algorithm"):
+        sketch = SketchSettings(
+            sketch.sketch_dim, sketch.shuffle_lambda, sketch.seed, existing.sketch["algorithm"]
+        )
+    return replace(settings, sketch=resolve_algorithm(sketch, gradient_blocks(selected)))
 
 
 def _check_existing(

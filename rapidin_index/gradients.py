@@ -15,6 +15,11 @@ per example, which is also :func:`reference_gradient`, the brute force the tests
 
 Each parameter tensor is one "block" of the flattened gradient; layer-wise normalisation scales every
 block to unit L2 norm before the block is sketched (SPEC 2.2), so the full gradient is never concatenated.
+
+A linear, Conv1D or embedding weight's per-example gradient is a sum of outer products over tokens, so
+it can be handed to the sketch as its factors (``GradientCapture.example_factors``) instead of
+materialised: rapidgrad-ts sketches any such block that way (:mod:`rapidin_index.factored`), every
+other projector the embeddings (their looked-up rows, scattered), with norms from token Gram matrices.
 """
 
 from __future__ import annotations

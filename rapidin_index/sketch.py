@@ -116,20 +116,28 @@ class SketchSettings:
         return cls(int(values["sketch_dim"]), int(values["shuffle_lambda"]), int(values["seed"]), algorithm)
 
 
+# rapidgrad-ts is picked by 'auto' from this K up: on a fine-tuned 5.5M-parameter Llama it built 1.13x
+# faster than rapidgrad-v2 with the same Spearman against exact scores (0.997, five seeds); at K = 4096 it
+# was 1.11x faster but 0.003 lower (0.968 against 0.971), its variance being somewhat higher (a tensor
+# sketch's collisions are correlated along rows and columns). BENCHMARKS.md, "Factored sketch (issue 14)".
+TS_AUTO_MIN_SKETCH_DIM = 1 << 16
+
+
 def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
     """Concrete settings for a build (its manifest records them): ``algorithm="auto"`` resolved.
 
     'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``gradients.GradientBlock``
-    list and no LoRA tensor): there it built 1.2-1.3x faster than rapidgrad-v2 at the same fidelity
-    (BENCHMARKS.md, "Factored sketch (issue 14)"). Otherwise, and at K = 0, it is rapidgrad-v2 (K = 0
-    stores exact vectors, whatever the name). A named algorithm is kept as it is.
+    list and no LoRA tensor) at K >= ``TS_AUTO_MIN_SKETCH_DIM``, where it measured faster at the same
+    fidelity, and rapidgrad-v2 otherwise (K = 0 stores exact vectors, whatever the name). A named
+    algorithm is kept as it is.
     """
     if settings.algorithm != AUTO_ALGORITHM:
         return settings
     full = any(block.parameter.dim() == 2 for block in blocks) and not any(
         "lora_" in block.name for block in blocks
     )
-    algorithm = "rapidgrad-ts" if full and not settings.exact else DEFAULT_SKETCH_ALGORITHM
+    factored = full and settings.sketch_dim >= TS_AUTO_MIN_SKETCH_DIM
+    algorithm = "rapidgrad-ts" if factored else DEFAULT_SKETCH_ALGORITHM
     return SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, algorithm)
 
 

@@ -239,8 +239,10 @@ def test_auto_resolves_to_ts_for_full_parameter_models_only():
             ("q.lora_B.default.weight", torch.nn.Parameter(torch.zeros(4, 2))),
         ]
     )
-    auto = SketchSettings(4096, 20, 7, AUTO_ALGORITHM)
-    assert resolve_algorithm(auto, full) == SketchSettings(4096, 20, 7, TS)
+    auto = SketchSettings(65536, 20, 7, AUTO_ALGORITHM)
+    assert resolve_algorithm(auto, full) == SketchSettings(65536, 20, 7, TS)
+    small = SketchSettings(4096, 20, 7, AUTO_ALGORITHM)  # where ts measured a little less faithful
+    assert resolve_algorithm(small, full) == SketchSettings(4096, 20, 7, "rapidgrad-v2")
     assert resolve_algorithm(auto, lora).algorithm == "rapidgrad-v2"
     assert resolve_algorithm(auto, blocks_of((4,))).algorithm == "rapidgrad-v2"  # no weight matrix
     assert resolve_algorithm(SketchSettings(0, algorithm=AUTO_ALGORITHM), full).algorithm == "rapidgrad-v2"
@@ -249,3 +251,28 @@ def test_auto_resolves_to_ts_for_full_parameter_models_only():
     with pytest.raises(SketchError, match="resolved first"):
         make_projector(auto, 36, blocks=full)
     assert resolve_algorithm(auto, full).to_dict()["algorithm"] == TS  # what the manifest records
+
+
+def test_a_build_with_auto_records_rapidgrad_ts_and_resumes(
+    tmp_path, tiny_model_dirs, training_file, training_rows
+):
+    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.manifest import read_manifest
+    from rapidin_index.models import ModelSettings
+    from rapidin_index.retrieval import Index
+
+    settings = BuildSettings(
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(65536, algorithm="auto"),
+        batch_size=8,
+        device="cpu",
+    )
+    build_index(training_file, tmp_path / "index", settings, progress=False)
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest.sketch["algorithm"] == TS  # resolved: a full-parameter model at K = 2^16
+    again = build_index(training_file, tmp_path / "index", settings, progress=False)  # nothing to do
+    assert again.nothing_to_do and read_manifest(tmp_path / "index").generation == manifest.generation
+    opened = Index.open(tmp_path / "index", device="cpu")
+    row = training_rows[3]
+    result = opened.query(row["instruction"], row["output"], top_k=2, explain=0, per_token=False)
+    assert result.helpful[0].id == 3
