@@ -276,3 +276,18 @@ def test_a_build_with_auto_records_rapidgrad_ts_and_resumes(
     row = training_rows[3]
     result = opened.query(row["instruction"], row["output"], top_k=2, explain=0, per_token=False)
     assert result.helpful[0].id == 3
+
+
+def test_ts_hash_is_pinned():
+    # rapidgrad-ts indexes must keep opening: any change to the hash is a new algorithm name.
+    h1, s1, h2, s2 = matrix_hash(42, 1000, 5, 4, 4096)
+    assert h1.tolist() == [3358, 3520, 51, 3145, 2986] and s1.tolist() == [1.0, 1.0, -1.0, -1.0, 1.0]
+    assert h2.tolist() == [161, 1059, 1063, 1282] and s2.tolist() == [1.0, 1.0, -1.0, -1.0]
+    blocks = blocks_of((3,), (5, 4))  # the flat block keeps rapidgrad-v2's bins
+    projector = make_projector(SketchSettings(64, seed=7, algorithm=TS), gradient_dim(blocks), blocks=blocks)
+    v2 = make_projector(SketchSettings(64, seed=7), gradient_dim(blocks))
+    bins, signs = projector.bins_and_signs(0, 3)
+    assert (
+        bins.tolist() == v2.bins_and_signs(0, 3)[0].tolist()
+        and signs.tolist() == v2.bins_and_signs(0, 3)[1].tolist()
+    )
