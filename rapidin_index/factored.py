@@ -9,7 +9,9 @@ A linear layer's per-example weight gradient is a sum over tokens of outer produ
 
 h1, s1, h2, s2 are counter-based hashes of (seed, offset, index), so nothing is stored and every process
 derives the same ones. Distinct coordinates collide with probability 1/K and the signs are pairwise
-independent, so ``<sketch(x), sketch(y)>`` is an unbiased estimate of ``<x, y>``. The sketch of one
+independent, so ``<sketch(x), sketch(y)>`` is an unbiased estimate of ``<x, y>``; its variance is
+somewhat above a fully random count sketch's, as (i, j), (i, j') collide exactly when (i', j), (i', j')
+do (BENCHMARKS.md, "Factored sketch (issue 14)", measures what that costs in fidelity). The sketch of one
 outer product u v^T is the circular convolution of the two small count sketches CS1(u) and CS2(v), so
 
     sketch(dW) = IFFT( sum_t FFT(CS1(u_t)) * FFT(CS2(v_t)) )            (``project_outer``)
@@ -53,6 +55,7 @@ _FFT_ELEMENTS = 1 << 24
 # Cost model (nanoseconds on one CPU thread, from benchmarks/factored.py's micro-timings) for picking,
 # per module call, the FFT or the signed-factor matmul + scatter: a multiply-add in a batched matmul, one
 # scattered value, and one token's FFT work per K log2 K (two count sketches, two rFFTs, one product).
+# Both give the same sketch, so a GPU (not measured) can only pick the slower one, never a wrong one.
 GEMM_NS = 0.02
 SCATTER_NS = 0.9
 FFT_NS = 0.45
