@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--build-rows",
+        type=int,
+        default=0,
+        help="also time build_index end to end on this many rows (0: skip)",
+    )
+    parser.add_argument(
         "--fidelity-seeds", default="1,2,3,4", help="more sketch seeds for v2 and ts, fidelity only (untimed)"
     )
     parser.add_argument(
@@ -169,23 +175,47 @@ def seed_spread(model, blocks, args, sketch_dims, train_batches, query_batches, 
     return spread
 
 
-def new_model(args: argparse.Namespace):
-    """A randomly initialised tiny Llama, saved and loaded as the build loads models."""
+def end_to_end(model_dir: str, args: argparse.Namespace, sketch_dims: list[int]) -> list[dict]:
+    """``build_index`` wall time (model loading and index writes included): v2 against 'auto', interleaved."""
+    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.manifest import read_manifest
+
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        # the tokenizer learns from more rows than are sketched, so that its vocabulary (the embedding
-        # and output layers) reaches --vocab-size
-        texts = [row["instruction"] + " " + row["output"] for row in docstring_rows(512)]
-        folder = save_tiny_model(
-            Path(tmp) / "llama",
-            "llama",
-            texts,
-            args.vocab_size,
-            hidden_size=args.hidden_size,
-            layers=args.layers,
-        )
-        settings = ModelSettings(str(folder))
-        loaded = load_model(settings)
-    return settings, loaded
+        data = Path(tmp) / "train.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in docstring_rows(args.build_rows)))
+        warm_up = BuildSettings(ModelSettings(model_dir), SketchSettings(sketch_dims[0]), device="cpu")
+        build_index(data, Path(tmp) / "warm-up", warm_up, progress=False)  # lazy imports, first loads
+        for k in sketch_dims:
+            times: dict[str, list[float]] = {"rapidgrad-v2": [], "auto": []}
+            resolved = ""
+            for repeat in range(args.repeats):
+                for algorithm in times:
+                    index_dir = Path(tmp) / f"index-{k}-{algorithm}-{repeat}"
+                    build = BuildSettings(
+                        ModelSettings(model_dir), SketchSettings(k, algorithm=algorithm), device="cpu"
+                    )
+                    seconds, _ = timed(lambda b=build, i=index_dir: build_index(data, i, b, progress=False))
+                    times[algorithm].append(seconds)
+                    if algorithm == "auto":
+                        resolved = read_manifest(index_dir).sketch["algorithm"]
+            medians = {name: statistics.median(values) for name, values in times.items()}
+            results.append(
+                {"sketch_dim": k, "seconds": times, "median_seconds": medians, "auto_resolved": resolved}
+            )
+    return results
+
+
+def new_model(args: argparse.Namespace, tmp: str):
+    """A randomly initialised tiny Llama, saved in ``tmp`` and loaded as the build loads models."""
+    # the tokenizer learns from more rows than are sketched, so that its vocabulary (the embedding and
+    # output layers) reaches --vocab-size
+    texts = [row["instruction"] + " " + row["output"] for row in docstring_rows(512)]
+    folder = save_tiny_model(
+        Path(tmp) / "llama", "llama", texts, args.vocab_size, hidden_size=args.hidden_size, layers=args.layers
+    )
+    settings = ModelSettings(str(folder))
+    return settings, load_model(settings)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -198,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = ModelSettings(args.model)
         loaded = load_model(settings)
     else:
-        settings, loaded = new_model(args)
+        workspace = tempfile.TemporaryDirectory()  # removed at exit; the end-to-end builds load from it
+        settings, loaded = new_model(args, workspace.name)
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
     blocks = gradient_blocks(select_parameters(model, settings))
     dim = gradient_dim(blocks)
@@ -263,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "methods": methods,
         "fidelity_over_seeds": seeds,
         "micro_timings": micro_timings(sketch_dims),
+        "end_to_end": end_to_end(settings.model, args, sketch_dims) if args.build_rows else [],
     }
     print("\n".join(table(results)))
     if args.out is not None:
@@ -293,6 +325,17 @@ def table(results: dict) -> list[str]:
             f"| {values} |"
         )
     lines.append("")
+    if results["end_to_end"]:
+        lines += [
+            "| K | build_index v2 s | build_index auto s | auto resolved to | v2 / auto |",
+            "|---:|---:|---:|---|---:|",
+        ]
+        for entry in results["end_to_end"]:
+            v2, auto = entry["median_seconds"]["rapidgrad-v2"], entry["median_seconds"]["auto"]
+            lines.append(
+                f"| {entry['sketch_dim']:,} | {v2:.2f} | {auto:.2f} | {entry['auto_resolved']} | {v2 / auto:.2f}x |"
+            )
+        lines.append("")
     lines += [
         "| call (rows x cols), K | FFT ms | signed matmul + scatter ms | v2 materialised ms | model picks |",
         "|---|---:|---:|---:|---|",
