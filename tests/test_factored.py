@@ -13,16 +13,15 @@ import torch
 from test_gradients import load, sequences
 
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import (
-    OuterFactors,
-    RapidGradTSProjector,
-    factors_gradient,
-    fft_is_cheaper,
-    matrix_hash,
-    squared_norms,
-)
+from rapidin_index.factored import OuterFactors, factors_gradient, fft_is_cheaper, squared_norms
 from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
-from rapidin_index.sketch import SketchSettings, make_projector, reference_sketch
+from rapidin_index.sketch import (
+    RapidGradTSProjector,
+    SketchSettings,
+    make_projector,
+    matrix_hash,
+    reference_sketch,
+)
 
 TS = "rapidgrad-ts"
 
@@ -138,7 +137,7 @@ def test_inner_products_are_unbiased_with_noise_of_order_one_over_sqrt_k():
 
 def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
     code = (
-        "import hashlib, torch; from rapidin_index.factored import matrix_hash;"
+        "import hashlib, torch; from rapidin_index.sketch import matrix_hash;"
         "h = matrix_hash(11, 12345, 300, 200, 4096);"
         "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in h)).hexdigest())"
     )
