@@ -41,8 +41,14 @@ from rapidin_index.demo.metrics import mean_metrics, retrieval_metrics, spearman
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.gradients import collate
 from rapidin_index.retrieval import Index
-from rapidin_index.settings import BuildSettings, ModelSettings
-from rapidin_index.sketch import DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings, make_projector
+from rapidin_index.settings import (
+    DEFAULT_SKETCH_ALGORITHM,
+    SKETCH_ALGORITHMS,
+    BuildSettings,
+    ModelSettings,
+    SketchSettings,
+)
+from rapidin_index.sketch import make_projector
 
 
 def parse_arguments() -> argparse.Namespace:

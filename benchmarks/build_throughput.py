@@ -31,6 +31,7 @@ import torch
 
 from rapidin_index import gradients as gradients_module
 from rapidin_index.data import Template, render_row, tokenize_example
+from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
 from rapidin_index.gradients import (
     Batch,
     GradientSketcher,
@@ -42,15 +43,8 @@ from rapidin_index.gradients import (
     reference_gradient,
 )
 from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.sketch import (
-    SketchSettings,
-    make_projector,
-    padded_dim,
-    rademacher_signs,
-    reference_sketch,
-    shuffle_plan,
-)
-from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
+from rapidin_index.settings import SketchSettings
+from rapidin_index.sketch import make_projector, padded_dim, rademacher_signs, reference_sketch, shuffle_plan
 
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
 TOLERANCE = 1e-4

@@ -22,8 +22,7 @@ from rapidin_index.demo.baselines import BM25
 from rapidin_index.demo.datasets import make_entity_swap_dataset, write_jsonl
 from rapidin_index.demo.finetune import FinetuneSettings, finetune
 from rapidin_index.retrieval import Index
-from rapidin_index.settings import BuildSettings, ModelSettings
-from rapidin_index.sketch import SketchSettings
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
 TOP_KS = (5, 10, 20)
 

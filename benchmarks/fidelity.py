@@ -30,7 +30,8 @@ from rich.console import Console
 from rapidin_index.demo.finetune import FinetuneSettings
 from rapidin_index.demo.metrics import spearman, top_k_overlap
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
-from rapidin_index.sketch import SKETCH_ALGORITHMS, SketchSettings, make_projector
+from rapidin_index.settings import SKETCH_ALGORITHMS, SketchSettings
+from rapidin_index.sketch import make_projector
 
 ROW_CHUNK = 64
 

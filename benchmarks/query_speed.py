@@ -57,8 +57,7 @@ from rapidin_index.data import load_examples
 from rapidin_index.demo.tiny_models import save_tiny_model
 from rapidin_index.gradients import collate, normalize_flat, reference_gradient
 from rapidin_index.query import PreparedQuery, prepare_row
-from rapidin_index.settings import BuildSettings, ModelSettings
-from rapidin_index.sketch import SketchSettings
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
 SEARCH_METHODS = {
     "faiss": "FAISS, search(q) + search(-q) (as retrieval.py)",

@@ -38,8 +38,7 @@ from rapidin_index.demo.datasets import load_docstring_rows, write_jsonl
 from rapidin_index.demo.tiny_models import save_tiny_model
 from rapidin_index.manifest import read_manifest
 from rapidin_index.parallel import RayChunkRunner
-from rapidin_index.settings import BuildSettings, ModelSettings
-from rapidin_index.sketch import SketchSettings
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
 CONFIGURATIONS = {
     "local-1t": {"threads": 1, "workers": None},

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from rapidin_index.settings import BuildSettings, ModelSettings, default_of
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings, default_of
 
 app = typer.Typer(
     help="Which training examples, and which of their tokens, made a fine-tuned LLM say this? (RapidIn)",
@@ -100,18 +100,22 @@ def build(
     ] = default_of(ModelSettings, "adapter"),
     k: Annotated[
         int, typer.Option("--k", help="RapidGrad sketch dimension K; 0 stores exact gradients.")
-    ] = 65536,
+    ] = default_of(BuildSettings, "sketch").sketch_dim,
     sketch: Annotated[
         str,
         typer.Option(
-            help="rapidgrad-v2 (a keyed random permutation of the whole gradient) or rapidgrad-v1 "
-            "(the paper's block shuffles, for reproduction)."
+            help="auto (rapidgrad-ts for full-parameter models at K >= 65536, else rapidgrad-v2), "
+            "rapidgrad-v2 (a keyed random permutation of the whole gradient), rapidgrad-ts (weight "
+            "matrices sketched from their factors, never materialised) or rapidgrad-v1 (the paper's "
+            "block shuffles, for reproduction)."
         ),
-    ] = "rapidgrad-v2",
+    ] = default_of(BuildSettings, "sketch").algorithm,
     shuffle_lambda: Annotated[
         int, typer.Option(help="Number of RapidGrad random shuffles (lambda; rapidgrad-v1 only).")
-    ] = 20,
-    seed: Annotated[int, typer.Option(help="Seed of the RapidGrad shuffles and signs.")] = 42,
+    ] = default_of(SketchSettings, "shuffle_lambda"),
+    seed: Annotated[int, typer.Option(help="Seed of the RapidGrad shuffles and signs.")] = default_of(
+        SketchSettings, "seed"
+    ),
     normalize: Annotated[
         str, typer.Option(help="Per-tensor gradient normalisation: layer or none.")
     ] = default_of(BuildSettings, "normalize"),
@@ -172,7 +176,6 @@ def build(
 ) -> None:
     """Compute one RapidGrad sketch per training example and store it in a FAISS + LanceDB index."""
     from rapidin_index.build import build_index
-    from rapidin_index.sketch import SketchSettings
 
     if (data is None) == (append is None):
         raise fail(ValueError("give exactly one of --data FILE (new index) or --append FILE (add rows)"))

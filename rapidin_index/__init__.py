@@ -14,7 +14,7 @@ _EXPORTS = {
     "build_index": "rapidin_index.build",
     "ModelSettings": "rapidin_index.settings",
     "Index": "rapidin_index.retrieval",
-    "SketchSettings": "rapidin_index.sketch",
+    "SketchSettings": "rapidin_index.settings",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -319,9 +319,9 @@ def _check_before_loading(
 
 
 def _resolve_sketch(settings: BuildSettings, selected, existing: Manifest | None) -> BuildSettings:
-    """Sketch algorithm 'auto' made concrete: the existing index's, else ``sketch.resolve_algorithm``'s."""
+    """Sketch algorithm 'auto' made concrete: the existing index's, else ``settings.resolve_algorithm``'s."""
     from rapidin_index.gradients import gradient_blocks
-    from rapidin_index.sketch import SketchSettings, resolve_algorithm
+    from rapidin_index.settings import SketchSettings, resolve_algorithm
 
     sketch = settings.sketch
     if sketch.algorithm == "auto" and existing is not None and existing.sketch.get("algorithm"):

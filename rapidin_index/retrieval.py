@@ -37,8 +37,8 @@ from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
 from rapidin_index.query import PreparedQuery, generation_prompt_ids, prepare, prepare_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
-from rapidin_index.settings import ModelSettings
-from rapidin_index.sketch import SketchSettings, make_projector
+from rapidin_index.settings import ModelSettings, SketchSettings
+from rapidin_index.sketch import make_projector
 from rapidin_index.token_attribution import training_token_scores
 from rapidin_index.token_gradients import sketch_loss_combinations
 

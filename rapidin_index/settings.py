@@ -1,7 +1,8 @@
-"""The settings of the model and the build, with no heavy imports: the CLI reads its defaults from here.
+"""The settings of the sketch, the model and the build, with no heavy imports: the CLI reads its defaults here.
 
-`ModelSettings` (which model, adapter, dtype and parameters) and `BuildSettings` (how rows become index
-entries) are frozen dataclasses, checked on construction; `SketchSettings` lives in `sketch`. A field's
+`SketchSettings` (how gradients are compressed), `ModelSettings` (which model, adapter, dtype and
+parameters) and `BuildSettings` (how rows become index entries) are frozen dataclasses, checked on
+construction. A field's
 default here is the default of the matching CLI option (`default_of`), so the two cannot drift apart.
 """
 
@@ -10,13 +11,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 from rapidin_index.data import TOKENIZATIONS
-from rapidin_index.errors import BuildError, ModelError
-
-if TYPE_CHECKING:
-    from rapidin_index.sketch import SketchSettings
+from rapidin_index.errors import BuildError, ModelError, SketchError
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 """Weights dtypes a model can be loaded in (`models.DTYPES` maps them to torch dtypes)."""
@@ -32,6 +29,90 @@ def default_of(settings_class: type, name: str):
     if found.default is not dataclasses.MISSING:
         return found.default
     return found.default_factory()
+
+
+SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1", "rapidgrad-ts")
+DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
+AUTO_ALGORITHM = "auto"
+"""Not an algorithm: a build resolves it (:func:`resolve_algorithm`) to one, which its manifest records."""
+
+
+@dataclass(frozen=True)
+class SketchSettings:
+    """How gradients are compressed. Recorded in the index manifest; a query must use the same."""
+
+    sketch_dim: int = 65536
+    """K, the sketch length. 0 stores the exact, uncompressed normalised gradient."""
+    shuffle_lambda: int = 20
+    """lambda, the number of random row+column shuffles of rapidgrad-v1. rapidgrad-v2 does not use it
+    (its permutation mixes the whole vector at once); it is only recorded."""
+    seed: int = 42
+    """Seed of the permutation and the signs."""
+    algorithm: str = DEFAULT_SKETCH_ALGORITHM
+    """'rapidgrad-v2' (keyed pseudo-random permutation), 'rapidgrad-v1' (the paper's block shuffles) or
+    'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors)."""
+
+    def __post_init__(self) -> None:
+        if self.sketch_dim < 0:
+            raise SketchError(f"sketch dimension K must be >= 0 (0 = exact), got {self.sketch_dim}")
+        if self.shuffle_lambda < 0:
+            raise SketchError(f"--shuffle-lambda must be >= 0, got {self.shuffle_lambda}")
+        if self.algorithm not in SKETCH_ALGORITHMS and self.algorithm != AUTO_ALGORITHM:
+            raise SketchError(
+                f"unknown sketch algorithm {self.algorithm!r}; known: {', '.join(SKETCH_ALGORITHMS)}, or "
+                f"{AUTO_ALGORITHM!r}"
+            )
+
+    @property
+    def exact(self) -> bool:
+        return self.sketch_dim == 0
+
+    def to_dict(self) -> dict:
+        return {
+            "algorithm": self.algorithm,
+            "sketch_dim": self.sketch_dim,
+            "shuffle_lambda": self.shuffle_lambda,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SketchSettings:
+        """The settings of a manifest's ``sketch`` dict (its gradient_dim, padded_dim, ... are ignored).
+
+        A dict without "algorithm" predates rapidgrad-v2 (every earlier manifest was rapidgrad-v1).
+        """
+        algorithm = values.get("algorithm", "rapidgrad-v1")
+        if algorithm not in SKETCH_ALGORITHMS:
+            raise SketchError(
+                f"index built with sketch algorithm {algorithm!r}, which this version of rapidin-index does "
+                f"not implement (known: {', '.join(SKETCH_ALGORITHMS)}); upgrade rapidin-index"
+            )
+        return cls(int(values["sketch_dim"]), int(values["shuffle_lambda"]), int(values["seed"]), algorithm)
+
+
+# rapidgrad-ts is picked by 'auto' from this K up: on a fine-tuned 5.5M-parameter Llama it built 1.13x
+# faster than rapidgrad-v2 with the same Spearman against exact scores (0.997, five seeds); at K = 4096 it
+# was 1.11x faster but 0.003 lower (0.968 against 0.971), its variance being somewhat higher (a tensor
+# sketch's collisions are correlated along rows and columns). BENCHMARKS.md, "Factored sketch (issue 14)".
+TS_AUTO_MIN_SKETCH_DIM = 1 << 16
+
+
+def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
+    """Concrete settings for a build (its manifest records them): ``algorithm="auto"`` resolved.
+
+    'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``gradients.GradientBlock``
+    list and no LoRA tensor) at K >= ``TS_AUTO_MIN_SKETCH_DIM``, where it measured faster at the same
+    fidelity, and rapidgrad-v2 otherwise (K = 0 stores exact vectors, whatever the name). A named
+    algorithm is kept as it is.
+    """
+    if settings.algorithm != AUTO_ALGORITHM:
+        return settings
+    full = any(block.parameter.dim() == 2 for block in blocks) and not any(
+        "lora_" in block.name for block in blocks
+    )
+    factored = full and settings.sketch_dim >= TS_AUTO_MIN_SKETCH_DIM
+    algorithm = "rapidgrad-ts" if factored else DEFAULT_SKETCH_ALGORITHM
+    return SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, algorithm)
 
 
 @dataclass(frozen=True)
@@ -62,18 +143,13 @@ class ModelSettings:
         return asdict(self)
 
 
-def _default_sketch() -> SketchSettings:
-    from rapidin_index.sketch import SketchSettings
-
-    return SketchSettings()
-
-
 @dataclass(frozen=True)
 class BuildSettings:
     """How to turn training rows into index entries."""
 
     model: ModelSettings
-    sketch: SketchSettings = field(default_factory=_default_sketch)
+    sketch: SketchSettings = field(default_factory=lambda: SketchSettings(algorithm=AUTO_ALGORITHM))
+    """The sketch; by default 'auto' (`resolve_algorithm` picks the algorithm once the model is loaded)."""
     normalize: str = "layer"
     """Per-tensor gradient normalisation: 'layer' (RapidIn) or 'none' (plain TracIn)."""
     template: str = "auto"

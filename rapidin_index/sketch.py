@@ -43,11 +43,8 @@ import torch
 
 from rapidin_index.errors import SketchError
 from rapidin_index.factored import OuterFactors, fft_is_cheaper, squared_norms
+from rapidin_index.settings import AUTO_ALGORITHM, SketchSettings
 
-SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1", "rapidgrad-ts")
-DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
-AUTO_ALGORITHM = "auto"
-"""Not an algorithm: a build resolves it (:func:`resolve_algorithm`) to one, which its manifest records."""
 _MASK32 = 0xFFFFFFFF
 # Below this many coordinates the projector caches each block's bins and signs (5 bytes a coordinate).
 DEFAULT_CACHE_LIMIT = 1 << 24
@@ -63,84 +60,6 @@ FEISTEL_ROUNDS = 6
 # v2's Feistel halves stay below 2^31: a half xor a 32-bit key is a valid ``_mix32`` input.
 MAX_PERMUTATION_SIZE = 1 << 62
 _GOLDEN32 = 0x9E3779B9
-
-
-@dataclass(frozen=True)
-class SketchSettings:
-    """How gradients are compressed. Recorded in the index manifest; a query must use the same."""
-
-    sketch_dim: int = 65536
-    """K, the sketch length. 0 stores the exact, uncompressed normalised gradient."""
-    shuffle_lambda: int = 20
-    """lambda, the number of random row+column shuffles of rapidgrad-v1. rapidgrad-v2 does not use it
-    (its permutation mixes the whole vector at once); it is only recorded."""
-    seed: int = 42
-    """Seed of the permutation and the signs."""
-    algorithm: str = DEFAULT_SKETCH_ALGORITHM
-    """'rapidgrad-v2' (keyed pseudo-random permutation), 'rapidgrad-v1' (the paper's block shuffles) or
-    'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors)."""
-
-    def __post_init__(self) -> None:
-        if self.sketch_dim < 0:
-            raise SketchError(f"sketch dimension K must be >= 0 (0 = exact), got {self.sketch_dim}")
-        if self.shuffle_lambda < 0:
-            raise SketchError(f"--shuffle-lambda must be >= 0, got {self.shuffle_lambda}")
-        if self.algorithm not in SKETCH_ALGORITHMS and self.algorithm != AUTO_ALGORITHM:
-            raise SketchError(
-                f"unknown sketch algorithm {self.algorithm!r}; known: {', '.join(SKETCH_ALGORITHMS)}, or "
-                f"{AUTO_ALGORITHM!r}"
-            )
-
-    @property
-    def exact(self) -> bool:
-        return self.sketch_dim == 0
-
-    def to_dict(self) -> dict:
-        return {
-            "algorithm": self.algorithm,
-            "sketch_dim": self.sketch_dim,
-            "shuffle_lambda": self.shuffle_lambda,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SketchSettings:
-        """The settings of a manifest's ``sketch`` dict (its gradient_dim, padded_dim, ... are ignored).
-
-        A dict without "algorithm" predates rapidgrad-v2 (every earlier manifest was rapidgrad-v1).
-        """
-        algorithm = values.get("algorithm", "rapidgrad-v1")
-        if algorithm not in SKETCH_ALGORITHMS:
-            raise SketchError(
-                f"index built with sketch algorithm {algorithm!r}, which this version of rapidin-index does "
-                f"not implement (known: {', '.join(SKETCH_ALGORITHMS)}); upgrade rapidin-index"
-            )
-        return cls(int(values["sketch_dim"]), int(values["shuffle_lambda"]), int(values["seed"]), algorithm)
-
-
-# rapidgrad-ts is picked by 'auto' from this K up: on a fine-tuned 5.5M-parameter Llama it built 1.13x
-# faster than rapidgrad-v2 with the same Spearman against exact scores (0.997, five seeds); at K = 4096 it
-# was 1.11x faster but 0.003 lower (0.968 against 0.971), its variance being somewhat higher (a tensor
-# sketch's collisions are correlated along rows and columns). BENCHMARKS.md, "Factored sketch (issue 14)".
-TS_AUTO_MIN_SKETCH_DIM = 1 << 16
-
-
-def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
-    """Concrete settings for a build (its manifest records them): ``algorithm="auto"`` resolved.
-
-    'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``gradients.GradientBlock``
-    list and no LoRA tensor) at K >= ``TS_AUTO_MIN_SKETCH_DIM``, where it measured faster at the same
-    fidelity, and rapidgrad-v2 otherwise (K = 0 stores exact vectors, whatever the name). A named
-    algorithm is kept as it is.
-    """
-    if settings.algorithm != AUTO_ALGORITHM:
-        return settings
-    full = any(block.parameter.dim() == 2 for block in blocks) and not any(
-        "lora_" in block.name for block in blocks
-    )
-    factored = full and settings.sketch_dim >= TS_AUTO_MIN_SKETCH_DIM
-    algorithm = "rapidgrad-ts" if factored else DEFAULT_SKETCH_ALGORITHM
-    return SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, algorithm)
 
 
 def padded_dim(gradient_dim: int, sketch_dim: int) -> int:
@@ -723,7 +642,7 @@ def make_projector(
     shape rather than by flat position (rapidgrad-ts); the flat ones ignore it.
     """
     if settings.algorithm == AUTO_ALGORITHM:
-        raise SketchError("sketch algorithm 'auto' must be resolved first (sketch.resolve_algorithm)")
+        raise SketchError("sketch algorithm 'auto' must be resolved first (settings.resolve_algorithm)")
     if settings.exact:
         return ExactProjector(gradient_dim, device)
     if settings.algorithm == "rapidgrad-ts":

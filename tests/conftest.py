@@ -171,8 +171,7 @@ def stored_vectors(index_dir) -> dict:
 def build_settings(model_dir: str, adapter: str | None = None, sketch_dim: int = 4096, **overrides):
     """BuildSettings for the tiny models: K = ``sketch_dim`` (lambda 20, seed 42), batches of 4, chunks of
     8 rows, CPU; any BuildSettings field in ``overrides``."""
-    from rapidin_index.settings import BuildSettings, ModelSettings
-    from rapidin_index.sketch import SketchSettings
+    from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
     values = {"sketch": SketchSettings(sketch_dim, 20, 42), "batch_size": 4, "chunk_size": 8, "device": "cpu"}
     values.update(overrides)

@@ -22,8 +22,7 @@ from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, re
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import load_model, select_parameters
-from rapidin_index.settings import BuildSettings, ModelSettings
-from rapidin_index.sketch import SketchSettings
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 from rapidin_index.store import JOURNAL_DIR
 
 

@@ -353,3 +353,21 @@ def test_bare_ray_means_a_local_ray(options, runner_arguments, monkeypatch, tmp_
     assert result.exit_code == 0, result.output
     assert made == ([] if runner_arguments is None else [runner_arguments])
     assert used == [None if runner_arguments is None else "factory"]
+
+
+def test_build_option_defaults_are_the_settings_defaults():
+    import typer.main
+
+    from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings, default_of
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["build"].params}
+    sketch = default_of(BuildSettings, "sketch")
+    assert sketch.algorithm == "auto" and params["sketch"] == "auto"  # resolved once the model loads
+    assert params["k"] == sketch.sketch_dim == default_of(SketchSettings, "sketch_dim")
+    assert (params["shuffle_lambda"], params["seed"]) == (sketch.shuffle_lambda, sketch.seed)
+    for name in ("normalize", "batch_size", "max_length", "tokenization", "device", "template", "strict"):
+        assert params[name] == default_of(BuildSettings, name), name
+    for name in ("chunk_size", "vector_dtype", "num_shards", "shard_index", "response_field"):
+        assert params[name] == default_of(BuildSettings, name), name
+    for name in ("dtype", "params", "adapter"):
+        assert params[name] == default_of(ModelSettings, name), name

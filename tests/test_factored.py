@@ -15,13 +15,8 @@ from test_gradients import load, sequences
 from rapidin_index.errors import SketchError
 from rapidin_index.factored import OuterFactors, factors_gradient, fft_is_cheaper, squared_norms
 from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
-from rapidin_index.sketch import (
-    RapidGradTSProjector,
-    SketchSettings,
-    make_projector,
-    matrix_hash,
-    reference_sketch,
-)
+from rapidin_index.settings import SketchSettings
+from rapidin_index.sketch import RapidGradTSProjector, make_projector, matrix_hash, reference_sketch
 
 TS = "rapidgrad-ts"
 
@@ -229,7 +224,7 @@ def test_build_and_query_end_to_end_with_rapidgrad_ts(
 
 
 def test_auto_resolves_to_ts_for_full_parameter_models_only():
-    from rapidin_index.sketch import AUTO_ALGORITHM, resolve_algorithm
+    from rapidin_index.settings import AUTO_ALGORITHM, resolve_algorithm
 
     full = blocks_of((8, 4), (4,))
     lora = gradient_blocks(

@@ -13,7 +13,8 @@ from rapidin_index.gradients import (
     reference_gradient,
 )
 from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.sketch import SketchSettings, make_projector, reference_sketch
+from rapidin_index.settings import SketchSettings
+from rapidin_index.sketch import make_projector, reference_sketch
 
 CONFIGS = [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
 

@@ -15,8 +15,7 @@ PACKAGE = Path(rapidin_index.__file__).parent
 def test_the_public_names_resolve_to_their_classes():
     from rapidin_index.build import build_index
     from rapidin_index.retrieval import Index
-    from rapidin_index.settings import BuildSettings, ModelSettings
-    from rapidin_index.sketch import SketchSettings
+    from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
     assert rapidin_index.build_index is build_index and rapidin_index.Index is Index
     assert rapidin_index.BuildSettings is BuildSettings and rapidin_index.ModelSettings is ModelSettings

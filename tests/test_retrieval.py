@@ -15,8 +15,7 @@ from rapidin_index.errors import IndexMismatchError, QueryError
 from rapidin_index.gradients import gradient_blocks
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.retrieval import Index
-from rapidin_index.settings import BuildSettings, ModelSettings
-from rapidin_index.sketch import SketchSettings
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
 
 @pytest.fixture(scope="module", params=[0, 4096], ids=["exact", "rapidgrad"])

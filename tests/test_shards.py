@@ -8,8 +8,8 @@ from rapidin_index import store
 from rapidin_index.build import build_index
 from rapidin_index.errors import BuildError, ShardError
 from rapidin_index.retrieval import Index
+from rapidin_index.settings import SketchSettings
 from rapidin_index.shards import merge_shards
-from rapidin_index.sketch import SketchSettings
 
 
 def settings(tiny_model_dirs, **overrides):

@@ -11,15 +11,13 @@ import pytest
 import torch
 
 from rapidin_index.errors import SketchError
+from rapidin_index.settings import DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings
 from rapidin_index.sketch import (
-    DEFAULT_SKETCH_ALGORITHM,
     MAX_DIVISOR,
-    SKETCH_ALGORITHMS,
     ExactProjector,
     KeyedPermutation,
     RapidGradProjector,
     RapidGradV2Projector,
-    SketchSettings,
     make_projector,
     padded_dim,
     prime_factors,

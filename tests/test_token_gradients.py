@@ -9,7 +9,8 @@ from test_conformance import tiny_config
 
 from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
 from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.sketch import SketchSettings, make_projector
+from rapidin_index.settings import SketchSettings
+from rapidin_index.sketch import make_projector
 from rapidin_index.token_gradients import sketch_loss_combinations
 
 # A block whose true gradient is zero (OPT's key-projection bias: softmax ignores a shift shared by all

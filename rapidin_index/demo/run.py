@@ -31,8 +31,7 @@ from rapidin_index.errors import DemoError
 from rapidin_index.models import load_model
 from rapidin_index.report import render_terminal, write_results
 from rapidin_index.retrieval import Index
-from rapidin_index.settings import BuildSettings, ModelSettings
-from rapidin_index.sketch import SketchSettings
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
 
 @dataclass(frozen=True)
