@@ -39,7 +39,7 @@ from rapidin_index.demo.datasets import BACKDOOR_DATASETS
 from rapidin_index.demo.finetune import attack_success_rate, finetune
 from rapidin_index.demo.metrics import mean_metrics, retrieval_metrics, spearman
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
-from rapidin_index.gradients import collate
+from rapidin_index.losses import collate
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import (
     DEFAULT_SKETCH_ALGORITHM,

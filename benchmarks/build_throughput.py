@@ -33,15 +33,13 @@ from rapidin_index import gradients as gradients_module
 from rapidin_index.data import Template, render_row, tokenize_example
 from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
 from rapidin_index.gradients import (
-    Batch,
     GradientSketcher,
-    collate,
-    example_losses,
     gradient_blocks,
     gradient_dim,
     normalize_flat,
     reference_gradient,
 )
+from rapidin_index.losses import Batch, collate, example_losses
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, padded_dim, rademacher_signs, reference_sketch, shuffle_plan

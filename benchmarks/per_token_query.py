@@ -32,7 +32,7 @@ from build_throughput import docstring_rows
 from rapidin_index import Index, SketchSettings, build_index, retrieval
 from rapidin_index import index as vector_index
 from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
-from rapidin_index.gradients import collate
+from rapidin_index.losses import collate
 from rapidin_index.settings import BuildSettings, ModelSettings
 
 

@@ -55,7 +55,8 @@ from rapidin_index import retrieval
 from rapidin_index.build import build_index
 from rapidin_index.data import load_examples
 from rapidin_index.demo.tiny_models import save_tiny_model
-from rapidin_index.gradients import collate, normalize_flat, reference_gradient
+from rapidin_index.gradients import normalize_flat, reference_gradient
+from rapidin_index.losses import collate
 from rapidin_index.query import PreparedQuery, prepare_row
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 

@@ -68,7 +68,7 @@ class ChunkSketcher:
         self.device = device
 
     def compute(self, job: ChunkJob, advance=lambda rows, tokens: None) -> tuple[dict, np.ndarray]:
-        from rapidin_index.gradients import collate
+        from rapidin_index.losses import collate
 
         results: dict[int, tuple[np.ndarray, dict]] = {}
         rejected = [{"id": row.example_id + job.id_offset, "reason": row.reason} for row in job.rejected]

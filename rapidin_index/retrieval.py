@@ -23,14 +23,9 @@ from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
-from rapidin_index.gradients import (
-    GradientSketcher,
-    collate,
-    gradient_blocks,
-    normalize_flat,
-    reference_gradient,
-)
+from rapidin_index.gradients import GradientSketcher, gradient_blocks, normalize_flat, reference_gradient
 from rapidin_index.lock import read_generation
+from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index

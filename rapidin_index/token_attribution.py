@@ -40,15 +40,10 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import TokenAttributionError
-from rapidin_index.gradients import (
-    IGNORE_INDEX,
-    NORMALIZATIONS,
-    Batch,
-    GradientBlock,
-    example_losses,
-    token_losses,
-)
+from rapidin_index.gradients import NORMALIZATIONS, GradientBlock
+from rapidin_index.losses import Batch, example_losses, token_losses
 
 TOKEN_NORMALIZATIONS = ("example", "token")
 METHODS = ("auto", "jvp", "double-backward")

@@ -17,15 +17,8 @@ from __future__ import annotations
 import torch
 
 from rapidin_index.errors import GradientError
-from rapidin_index.gradients import (
-    Batch,
-    GradientBlock,
-    GradientSketcher,
-    SketchedBatch,
-    _frozen,
-    _SketchState,
-    scored_token_losses,
-)
+from rapidin_index.gradients import GradientBlock, GradientSketcher, SketchedBatch, _frozen, _SketchState
+from rapidin_index.losses import Batch, scored_token_losses
 
 ROWS_PER_PASS = 32
 """Weight rows sent back per batched backward: memory is about this x every hooked output's size."""

@@ -183,13 +183,14 @@ def brute_force_sketch(model, blocks, pairs, pad_token_id: int, sketch, normaliz
     block and sketched by the literal `sketch.reference_sketch` (no hooks, no fast projector)."""
     import torch
 
-    from rapidin_index.gradients import collate, normalize_flat, reference_gradient
+    from rapidin_index.gradients import normalize_flat, reference_gradient
+    from rapidin_index.losses import collate
     from rapidin_index.sketch import reference_sketch
 
     raw = torch.stack(
         [reference_gradient(model, blocks, collate([pair], pad_token_id, "cpu")) for pair in pairs]
     )
-    return reference_sketch(normalize_flat(raw, blocks, normalize), sketch)
+    return reference_sketch(normalize_flat(raw, blocks, normalize), sketch, blocks)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from rapidin_index import metadata, store
 from rapidin_index.build import build_index
 from rapidin_index.data import load_examples, parse_template
 from rapidin_index.errors import BuildError, JournalError, QueryError
-from rapidin_index.gradients import collate, gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.gradients import gradient_blocks, normalize_flat, reference_gradient
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
+from rapidin_index.losses import collate
 from rapidin_index.manifest import read_manifest
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings

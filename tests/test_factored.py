@@ -10,11 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import brute_force_sketch
 from test_gradients import load, sequences
 
 from rapidin_index.errors import SketchError
 from rapidin_index.factored import OuterFactors, factors_gradient, fft_is_cheaper, squared_norms
-from rapidin_index.gradients import GradientSketcher, collate, gradient_blocks, gradient_dim
+from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
+from rapidin_index.losses import collate
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import RapidGradTSProjector, make_projector, matrix_hash, reference_sketch
 
@@ -185,10 +187,9 @@ def test_factored_sketcher_equals_brute_force_on_a_tiny_model(
 
 
 def brute_force_ts(loaded, blocks, pair, settings, normalize):
-    from rapidin_index.gradients import normalize_flat, reference_gradient
-
-    raw = reference_gradient(loaded.model, blocks, collate([pair], loaded.tokenizer.pad_token_id, "cpu"))
-    return reference_sketch(normalize_flat(raw[None], blocks, normalize), settings, blocks)[0]
+    return brute_force_sketch(
+        loaded.model, blocks, [pair], loaded.tokenizer.pad_token_id, settings, normalize
+    )[0]
 
 
 def test_non_finite_factored_block_is_flagged_as_before(tiny_model_dirs, training_rows):

@@ -2,19 +2,18 @@
 
 import pytest
 import torch
+from conftest import brute_force_sketch
 
 from rapidin_index.errors import GradientError
 from rapidin_index.gradients import (
     GradientSketcher,
-    collate,
     gradient_blocks,
     gradient_dim,
-    normalize_flat,
-    reference_gradient,
 )
+from rapidin_index.losses import collate
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.settings import SketchSettings
-from rapidin_index.sketch import make_projector, reference_sketch
+from rapidin_index.sketch import make_projector
 
 CONFIGS = [("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)]
 
@@ -36,11 +35,7 @@ def sequences(tokenizer, rows):
 
 
 def brute_force(loaded, blocks, pairs, settings: SketchSettings, normalize: str = "layer") -> torch.Tensor:
-    pad = loaded.tokenizer.pad_token_id
-    raw = torch.stack(
-        [reference_gradient(loaded.model, blocks, collate([pair], pad, "cpu")) for pair in pairs]
-    )
-    return reference_sketch(normalize_flat(raw, blocks, normalize), settings)
+    return brute_force_sketch(loaded.model, blocks, pairs, loaded.tokenizer.pad_token_id, settings, normalize)
 
 
 @pytest.mark.parametrize("architecture,lora", CONFIGS)

@@ -23,7 +23,7 @@ from rapidin_index.data import IGNORE_INDEX, Template, parse_template, render_ro
 from rapidin_index.demo.datasets import is_backdoor_response
 from rapidin_index.demo.tiny_models import make_tiny_model, train_tokenizer
 from rapidin_index.errors import FinetuneError, RowError
-from rapidin_index.gradients import collate, example_losses
+from rapidin_index.losses import collate, example_losses
 from rapidin_index.progress import RowProgress
 
 REPORT_FILE = "finetune_report.json"
