@@ -6,7 +6,8 @@ which every bin receives exactly ``padded_dim / K`` coordinates, so ``<sketch(x)
 unbiased estimate of ``<x, y>``. The sign of a coordinate is a counter-based hash of (seed, its final
 position), so no sign vector is stored. They differ in the permutation (the manifest names the one used):
 
-* ``rapidgrad-v2`` (the default) is a keyed pseudo-random permutation of the whole of [0, padded_dim): an
+* ``rapidgrad-v2`` (the default of ``SketchSettings``; a build's "auto" picks it except for full-parameter
+  models at K >= 65536) is a keyed pseudo-random permutation of the whole of [0, padded_dim): an
   unbalanced Feistel network on the smallest enclosing power of two, ``FEISTEL_ROUNDS`` rounds whose round
   function is murmur3's finaliser keyed by (seed, round), with cycle-walking back into [0, padded_dim). It
   is fixed by (seed, D, K); its whole state is the round keys, so a worker keeps O(1) memory at any D.
