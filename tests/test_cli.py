@@ -371,3 +371,27 @@ def test_build_option_defaults_are_the_settings_defaults():
         assert params[name] == default_of(BuildSettings, name), name
     for name in ("dtype", "params", "adapter"):
         assert params[name] == default_of(ModelSettings, name), name
+
+
+def test_query_and_demo_option_defaults_are_the_librarys():
+    import inspect
+
+    import typer.main
+
+    from rapidin_index.demo.run import DemoSettings
+    from rapidin_index.retrieval import Index
+    from rapidin_index.settings import default_of
+
+    commands = typer.main.get_command(app).commands
+    query = {p.name: p.default for p in commands["query"].params}
+    signature = inspect.signature(Index.query).parameters
+    for name in ("top_k", "token_top_k", "explain", "max_new_tokens"):
+        assert query[name] == signature[name].default, name
+    assert query["per_token"] == ("on" if signature["per_token"].default else "off")
+    demo = {p.name: p.default for p in commands["demo"].params}
+    assert str(demo["folder"]) == default_of(DemoSettings, "folder")
+    assert demo["rows"] == default_of(DemoSettings, "rows") and demo["dataset"] == default_of(
+        DemoSettings, "dataset"
+    )
+    assert demo["k"] == default_of(DemoSettings, "sketch_dim")
+    assert demo["queries"] == default_of(DemoSettings, "attacked_queries")

@@ -325,29 +325,6 @@ def test_settings_round_trip_through_a_manifest_dict():
     assert SketchSettings.from_dict({"sketch_dim": 2048, "shuffle_lambda": 20, "seed": 42}).algorithm == V1
 
 
-def test_bad_settings_are_refused():
-    with pytest.raises(SketchError, match="K must be >= 0"):
-        SketchSettings(-1)
-    with pytest.raises(SketchError, match="shuffle-lambda"):
-        SketchSettings(64, -2)
-    with pytest.raises(SketchError, match="'rapidgrad-v9'.*rapidgrad-v2, rapidgrad-v1"):
-        SketchSettings(64, algorithm="rapidgrad-v9")
-    with pytest.raises(
-        SketchError, match="built with sketch algorithm 'rapidgrad-v9'.*upgrade rapidin-index"
-    ):
-        SketchSettings.from_dict(
-            {"algorithm": "rapidgrad-v9", "sketch_dim": 64, "shuffle_lambda": 20, "seed": 1}
-        )
-    with pytest.raises(SketchError):
-        RapidGradProjector(SketchSettings(0), 10)
-    with pytest.raises(SketchError, match="rapidgrad-v1"):
-        RapidGradProjector(SketchSettings(64), 10)
-    with pytest.raises(SketchError):
-        RapidGradV2Projector(SketchSettings(64, algorithm=V1), 10)
-    with pytest.raises(SketchError, match="2\\^62"):
-        KeyedPermutation(1 << 63, 0)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_v2_positions_on_cuda_equal_cpu():
     permutation = KeyedPermutation(padded_dim(LLAMA_2_7B, 65536), 42)
@@ -362,3 +339,14 @@ def test_v2_positions_on_cuda_equal_cpu():
     torch.testing.assert_close(
         out.cpu(), reference_sketch(vectors, SketchSettings(4096)), atol=1e-4, rtol=1e-5
     )
+
+
+def test_projectors_refuse_settings_of_another_algorithm():
+    with pytest.raises(SketchError):
+        RapidGradProjector(SketchSettings(0), 10)
+    with pytest.raises(SketchError, match="rapidgrad-v1"):
+        RapidGradProjector(SketchSettings(64), 10)
+    with pytest.raises(SketchError):
+        RapidGradV2Projector(SketchSettings(64, algorithm=V1), 10)
+    with pytest.raises(SketchError, match="2\\^62"):
+        KeyedPermutation(1 << 63, 0)

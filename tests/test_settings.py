@@ -1,0 +1,92 @@
+"""The settings dataclasses: checked on construction, their defaults (the CLI's), and sketch 'auto'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rapidin_index.errors import BuildError, ModelError, SketchError
+from rapidin_index.gradients import gradient_blocks
+from rapidin_index.settings import (
+    AUTO_ALGORITHM,
+    MAX_VECTOR_DIMENSION,
+    BuildSettings,
+    ModelSettings,
+    SketchSettings,
+    default_of,
+    resolve_algorithm,
+)
+
+TS = "rapidgrad-ts"
+
+
+def blocks_of(*shapes):
+    return gradient_blocks(
+        [(f"p{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
+    )
+
+
+def test_default_of_reads_plain_defaults_and_calls_factories():
+    assert default_of(BuildSettings, "batch_size") == 8
+    assert default_of(ModelSettings, "dtype") == "float32"
+    assert default_of(BuildSettings, "sketch") == SketchSettings(algorithm=AUTO_ALGORITHM)
+    assert default_of(SketchSettings, "algorithm") == "rapidgrad-v2"  # bare sketch settings stay v2
+    with pytest.raises(KeyError):
+        default_of(BuildSettings, "no_such_field")
+
+
+def test_bad_build_and_model_settings_are_refused_naming_the_option():
+    model = ModelSettings("some/model")
+    with pytest.raises(BuildError, match="--batch-size and --chunk-size"):
+        BuildSettings(model, batch_size=0)
+    with pytest.raises(BuildError, match="--vector-dtype"):
+        BuildSettings(model, vector_dtype="int8")
+    with pytest.raises(BuildError, match="--normalize 'unit'"):
+        BuildSettings(model, normalize="unit")
+    with pytest.raises(BuildError, match="--tokenization"):
+        BuildSettings(model, tokenization="words")
+    with pytest.raises(BuildError, match=r"--shard-index must be in \[0, 2\)"):
+        BuildSettings(model, num_shards=2, shard_index=2)
+    with pytest.raises(BuildError, match="more than FAISS opens"):
+        BuildSettings(model, sketch=SketchSettings(MAX_VECTOR_DIMENSION + 1))
+    with pytest.raises(ModelError, match="--dtype 'float8'"):
+        ModelSettings("x", dtype="float8")
+    with pytest.raises(ModelError, match="regular expression"):
+        ModelSettings("x", params="(")
+    assert BuildSettings(model, num_shards=3, shard_index=1).shard == {"index": 1, "count": 3}
+    assert BuildSettings(model).shard is None
+
+
+def test_bad_sketch_settings_are_refused():
+    with pytest.raises(SketchError, match="K must be >= 0"):
+        SketchSettings(-1)
+    with pytest.raises(SketchError, match="shuffle-lambda"):
+        SketchSettings(64, -2)
+    with pytest.raises(SketchError, match="'rapidgrad-v9'.*rapidgrad-v2, rapidgrad-v1"):
+        SketchSettings(64, algorithm="rapidgrad-v9")
+    with pytest.raises(
+        SketchError, match="built with sketch algorithm 'rapidgrad-v9'.*upgrade rapidin-index"
+    ):
+        SketchSettings.from_dict(
+            {"algorithm": "rapidgrad-v9", "sketch_dim": 64, "shuffle_lambda": 20, "seed": 1}
+        )
+
+
+def test_auto_resolves_to_ts_for_full_parameter_models_only():
+    full = blocks_of((8, 4), (4,))
+    lora = gradient_blocks(
+        [
+            ("q.lora_A.default.weight", torch.nn.Parameter(torch.zeros(2, 4))),
+            ("q.lora_B.default.weight", torch.nn.Parameter(torch.zeros(4, 2))),
+        ]
+    )
+    auto = SketchSettings(65536, 20, 7, AUTO_ALGORITHM)
+    assert resolve_algorithm(auto, full) == SketchSettings(65536, 20, 7, TS)
+    small = SketchSettings(4096, 20, 7, AUTO_ALGORITHM)  # where ts measured a little less faithful
+    assert resolve_algorithm(small, full) == SketchSettings(4096, 20, 7, "rapidgrad-v2")
+    assert resolve_algorithm(auto, lora).algorithm == "rapidgrad-v2"
+    assert resolve_algorithm(auto, blocks_of((4,))).algorithm == "rapidgrad-v2"  # no weight matrix
+    assert resolve_algorithm(SketchSettings(0, algorithm=AUTO_ALGORITHM), full).algorithm == "rapidgrad-v2"
+    named = SketchSettings(4096, algorithm="rapidgrad-v1")
+    assert resolve_algorithm(named, full) is named
+    assert resolve_algorithm(auto, full).to_dict()["algorithm"] == TS  # what the manifest records
