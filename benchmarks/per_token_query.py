@@ -69,7 +69,10 @@ def measure(name: str, folder: Path, rows: list[dict], args) -> dict:
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     build_index(
-        data, index_dir, BuildSettings(model, SketchSettings(args.sketch_dim), device="cpu"), progress=False
+        data,
+        index_dir,
+        BuildSettings(model, SketchSettings(args.sketch_dim, algorithm=args.algorithm), device="cpu"),
+        progress=False,
     )
     index = Index.open(index_dir, device="cpu")
     tokenizer = index.loaded.tokenizer
@@ -102,6 +105,7 @@ def measure(name: str, folder: Path, rows: list[dict], args) -> dict:
         "attributed_parameters": index.manifest.parameters["gradient_dim"],
         "rows": index.manifest.row_count,
         "sketch_dim": args.sketch_dim,
+        "algorithm": index.manifest.sketch["algorithm"],
         "generated_tokens": len(prepared.response_positions),
         "max_relative_difference": error,
         "seconds": medians,
@@ -115,6 +119,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--sketch-dim", type=int, default=4096)
+    parser.add_argument(
+        "--algorithm", default="auto", help="sketch algorithm of the index (auto, rapidgrad-v2, ...)"
+    )
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", default="gpt2-lora,llama-full")
