@@ -41,8 +41,9 @@ from rapidin_index.gradients import (
 )
 from rapidin_index.losses import Batch, collate, example_losses
 from rapidin_index.models import ModelSettings, load_model, select_parameters
+from rapidin_index.rapidgrad import padded_dim, rademacher_signs, shuffle_plan
 from rapidin_index.settings import SketchSettings
-from rapidin_index.sketch import make_projector, padded_dim, rademacher_signs, reference_sketch, shuffle_plan
+from rapidin_index.sketch import make_projector, reference_sketch
 
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
 TOLERANCE = 1e-4

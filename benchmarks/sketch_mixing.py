@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
+from rapidin_index.rapidgrad import padded_dim, rademacher_signs
 from rapidin_index.settings import SketchSettings
-from rapidin_index.sketch import make_projector, padded_dim, rademacher_signs
+from rapidin_index.sketch import make_projector
 
 SKETCH_DIM = 1 << 16
 BLOCK = 4096

@@ -84,7 +84,7 @@ class BuildReport:
 def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, template: Template) -> dict:
     """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
     from rapidin_index.gradients import gradient_blocks, gradient_dim
-    from rapidin_index.sketch import padded_dim
+    from rapidin_index.rapidgrad import padded_dim
 
     blocks = gradient_blocks(selected)
     dim = gradient_dim(blocks)

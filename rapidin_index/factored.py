@@ -1,7 +1,9 @@
 """Per-example matrix gradients as outer-product factors, and rapidgrad-ts, which sketches them.
 
 This module holds the math on factors (``OuterFactors``: Gram-matrix norms, the materialised reference,
-the FFT-or-matmul cost model); the projector, ``sketch.RapidGradTSProjector``, lives with the others.
+the FFT-or-matmul cost model), the tensor-product hash (``matrix_hash``) and the projector
+(``RapidGradTSProjector``); its flat blocks reuse rapidgrad-v2 (`rapidgrad`). `sketch.make_projector`
+picks it.
 
 A linear layer's per-example weight gradient is a sum over tokens of outer products,
 ``dW = sum_t u_t v_t^T`` (u = output gradient and v = input for ``nn.Linear``; the reverse for GPT-2's
@@ -39,6 +41,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from rapidin_index.errors import SketchError
+from rapidin_index.rapidgrad import (
+    _GOLDEN32,
+    _MASK32,
+    DEFAULT_CACHE_LIMIT,
+    RapidGradV2Projector,
+    _add_signed_bins,
+    _mix32,
+    padded_dim,
+)
+from rapidin_index.settings import SketchSettings
 
 # Cost model (nanoseconds on one CPU thread, from benchmarks/factored.py's micro-timings) for picking,
 # per module call, the FFT or the signed-factor matmul + scatter: a multiply-add in a batched matmul, one
@@ -118,3 +132,240 @@ def fft_is_cheaper(tokens: int, shape: tuple[int, int], sketch_dim: int) -> bool
     dense = rows * cols * (tokens * GEMM_NS + SCATTER_NS)
     fft = tokens * (sketch_dim * math.log2(max(2, sketch_dim)) * FFT_NS + (rows + cols) * SCATTER_NS)
     return fft < dense
+
+
+TS_ALGORITHM = "rapidgrad-ts"
+
+
+# Bound on batch x tokens x K float32 values held by one FFT step of rapidgrad-ts (64 MB).
+_FFT_ELEMENTS = 1 << 24
+
+
+# Matrix blocks up to this many coordinates keep their int64 bins (8 bytes a coordinate) for project_dense.
+_BINS_CACHE_LIMIT = 1 << 24
+
+
+TS_METHODS = ("auto", "fft", "dense")
+
+
+def _word(*values: int) -> int:
+    """A 32-bit hash of a tuple of Python integers (any size), via murmur3's finaliser."""
+    state = 0x2545F491
+    for value in values:
+        for shift in (0, 32):
+            word = ((value >> shift) & _MASK32) ^ ((state * _GOLDEN32) & _MASK32)
+            state = int(_mix32(_mix32(torch.tensor([word])) ^ 0x5BD1E995)[0])
+    return state
+
+
+def _index_hash(indices: torch.Tensor, key: int) -> torch.Tensor:
+    """A 32-bit hash (int64 in [0, 2^32)) of int64 indices in [0, 2^32), keyed."""
+    return _mix32(_mix32((indices ^ key) & _MASK32) ^ ((key * _GOLDEN32) & _MASK32))
+
+
+def matrix_hash(
+    seed: int, offset: int, rows: int, cols: int, sketch_dim: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h1 [rows] int64, s1 [rows] float32, h2 [cols], s2 [cols]) of the 2-D block at ``offset``."""
+    result = []
+    for role, size in ((1, rows), (2, cols)):
+        indices = torch.arange(size, dtype=torch.int64, device=device)
+        bins = (_index_hash(indices, _word(seed, offset, role, 0)) * sketch_dim) >> 32  # [0, K)
+        signs = 1.0 - 2.0 * (_index_hash(indices, _word(seed, offset, role, 1)) & 1).to(torch.float32)
+        result += [bins, signs]
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class MatrixBlock:
+    offset: int
+    rows: int
+    cols: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.rows * self.cols
+
+
+def matrix_blocks(blocks: list | None) -> list[MatrixBlock]:
+    """The 2-D parameter tensors of a ``gradients.GradientBlock`` list, as (offset, rows, cols)."""
+    found = []
+    for block in blocks or []:
+        shape = tuple(block.parameter.shape)
+        if len(shape) == 2:
+            found.append(MatrixBlock(block.offset, shape[0], shape[1]))
+    return sorted(found, key=lambda matrix: matrix.offset)
+
+
+class RapidGradTSProjector:
+    """Fast rapidgrad-ts: ``project_block`` (materialised) and ``project_factors`` (factored) agree.
+
+    ``blocks`` is the gradient's block list; its 2-D tensors get the tensor-product hash, the rest of
+    the coordinates rapidgrad-v2's. Without blocks every coordinate is flat: this is rapidgrad-v2.
+    """
+
+    def __init__(
+        self,
+        settings: SketchSettings,
+        gradient_dim: int,
+        device: torch.device | str = "cpu",
+        blocks: list | None = None,
+        cache_limit: int = DEFAULT_CACHE_LIMIT,
+    ) -> None:
+        if settings.exact or settings.algorithm != TS_ALGORITHM:
+            raise SketchError(f"RapidGradTSProjector needs K > 0 and {TS_ALGORITHM}, got {settings}")
+        self.settings = settings
+        self.gradient_dim = gradient_dim
+        self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
+        self.device = torch.device(device)
+        self.output_dim = settings.sketch_dim
+        flat = SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, "rapidgrad-v2")
+        self.flat = RapidGradV2Projector(flat, gradient_dim, device, cache_limit=0)
+        self.matrices = matrix_blocks(blocks)
+        if self.matrices and self.matrices[-1].end > gradient_dim:
+            raise SketchError(f"a 2-D block ends at {self.matrices[-1].end}, past D = {gradient_dim}")
+        self._by_offset = {matrix.offset: matrix for matrix in self.matrices}
+        self._hashes: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._matrix_bins: dict[int, torch.Tensor] = {}
+        self.method = "auto"
+        """How ``project_factors`` sketches a dense factor: 'auto' (by ``fft_is_cheaper``), 'fft', 'dense'."""
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if self.padded_dim <= cache_limit else None
+        )
+
+    def hashes(self, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h1, s1, h2, s2) of the 2-D block at ``offset``."""
+        if offset not in self._hashes:
+            matrix = self._by_offset.get(offset)
+            if matrix is None:
+                raise SketchError(f"no 2-D block starts at offset {offset}")
+            self._hashes[offset] = matrix_hash(
+                self.settings.seed, offset, matrix.rows, matrix.cols, self.output_dim, self.device
+            )
+        return self._hashes[offset]
+
+    def is_matrix(self, offset: int) -> bool:
+        return offset in self._by_offset
+
+    def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length) of the gradient."""
+        key = (start, length)
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        bins = torch.empty(length, dtype=torch.int32, device=self.device)
+        signs = torch.empty(length, dtype=torch.int8, device=self.device)
+        position, end = start, start + length
+        for matrix in self.matrices:
+            if matrix.end <= position or matrix.offset >= end:
+                continue
+            if matrix.offset > position:
+                self._flat_segment(bins, signs, start, position, matrix.offset)
+                position = matrix.offset
+            stop = min(end, matrix.end)
+            h1, s1, h2, s2 = self.hashes(matrix.offset)
+            local = torch.arange(position - matrix.offset, stop - matrix.offset, device=self.device)
+            row, col = local // matrix.cols, local % matrix.cols
+            bins[position - start : stop - start] = (h1[row] + h2[col]) % self.output_dim
+            signs[position - start : stop - start] = s1[row] * s2[col]
+            position = stop
+        if position < end:
+            self._flat_segment(bins, signs, start, position, end)
+        if self._cache is not None:
+            self._cache[key] = (bins, signs)
+        return bins, signs
+
+    def _flat_segment(self, bins, signs, start: int, first: int, stop: int) -> None:
+        flat_bins, flat_signs = self.flat.bins_and_signs(first, stop - first)
+        bins[first - start : stop - start] = flat_bins
+        signs[first - start : stop - start] = flat_signs
+
+    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
+        _add_signed_bins(out, block, offset, self.bins_and_signs)
+
+    def project_factors(
+        self,
+        out: torch.Tensor,
+        factors: list[OuterFactors],
+        offset: int,
+        scale: torch.Tensor | None = None,
+    ) -> None:
+        """out += scale[b] * sketch(sum of the factors' outer products) for the 2-D block at ``offset``."""
+        for factor in factors:
+            cols = factor.cols if scale is None else factor.cols * scale[:, None, None]
+            if factor.ids is not None:
+                self.project_rows(out, factor.ids, cols, offset)
+            elif self._uses_fft(factor, offset):
+                self.project_outer(out, factor.rows, cols, offset)
+            else:
+                self.project_dense(out, factor.rows, cols, offset)
+
+    def sketch_factors(self, factors: list[OuterFactors], offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sketch [batch, K], squared Frobenius norms [batch] float64) of the factors' sum, unscaled.
+
+        One dense call on the matmul path takes its norm from the signed product it forms anyway (the
+        signs do not change it): one pass, where the Gram matrices cost tokens^2 (rows + cols).
+        """
+        factor = factors[0]
+        if len(factors) == 1 and factor.ids is None and not self._uses_fft(factor, offset):
+            _, s1, _, s2 = self.hashes(offset)
+            signed = torch.bmm((factor.rows.float() * s1).transpose(1, 2), factor.cols.float() * s2)
+            signed = signed.reshape(signed.shape[0], -1)  # [batch, R * C]
+            squared = torch.linalg.vector_norm(signed, dim=1).double().square()
+            sketch = self.new_output(signed.shape[0]).index_add_(1, self.matrix_bins(offset), signed)
+            return sketch, squared
+        sketch = self.new_output(factor.cols.shape[0])
+        self.project_factors(sketch, factors, offset)
+        return sketch, squared_norms(factors)
+
+    def _uses_fft(self, factor: OuterFactors, offset: int) -> bool:
+        if self.method != "auto":
+            return self.method == "fft"
+        matrix = self._by_offset[offset]
+        return fft_is_cheaper(factor.tokens, (matrix.rows, matrix.cols), self.output_dim)
+
+    def project_dense(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += sketch(sum_t rows[:, t] cols[:, t]^T) by one matmul of the signed factors."""
+        h1, s1, h2, s2 = self.hashes(offset)
+        signed = torch.bmm((rows.float() * s1).transpose(1, 2), cols.float() * s2)  # [batch, R, C]
+        out.index_add_(1, self.matrix_bins(offset), signed.reshape(out.shape[0], -1))
+
+    def matrix_bins(self, offset: int) -> torch.Tensor:
+        """[rows * cols] int64 bins (h1(i) + h2(j)) mod K of the 2-D block at ``offset``, row-major."""
+        if offset in self._matrix_bins:
+            return self._matrix_bins[offset]
+        h1, _, h2, _ = self.hashes(offset)
+        bins = ((h1[:, None] + h2[None, :]) % self.output_dim).reshape(-1)
+        if sum(b.numel() for b in self._matrix_bins.values()) + bins.numel() <= _BINS_CACHE_LIMIT:
+            self._matrix_bins[offset] = bins
+        return bins
+
+    def project_outer(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += sketch(sum_t rows[:, t] cols[:, t]^T) by FFT (rows [b, T, R], cols [b, T, C])."""
+        h1, s1, h2, s2 = self.hashes(offset)
+        batch, tokens, sketch_dim = rows.shape[0], rows.shape[1], self.output_dim
+        step = max(1, _FFT_ELEMENTS // max(1, batch * sketch_dim))
+        spectrum = None
+        for first in range(0, tokens, step):
+            last = min(tokens, first + step)
+            left = torch.zeros(batch, last - first, sketch_dim, device=out.device)
+            left.index_add_(2, h1, rows[:, first:last].float() * s1)  # CS1(u_t): [batch, t, K]
+            right = torch.zeros_like(left)
+            right.index_add_(2, h2, cols[:, first:last].float() * s2)  # CS2(v_t): [batch, t, K]
+            product = (torch.fft.rfft(left) * torch.fft.rfft(right)).sum(dim=1)  # [batch, K/2 + 1]
+            spectrum = product if spectrum is None else spectrum + product
+        if spectrum is not None:
+            out += torch.fft.irfft(spectrum, n=sketch_dim)  # circular convolution: bins h1 + h2 mod K
+
+    def project_rows(self, out: torch.Tensor, ids: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += sketch(sum_t onehot(ids[:, t]) cols[:, t]^T): an embedding, no FFT."""
+        h1, s1, h2, s2 = self.hashes(offset)
+        batch, sketch_dim = cols.shape[0], self.output_dim
+        bins = (h1[ids][:, :, None] + h2) % sketch_dim  # [batch, T, C]
+        bins = bins + torch.arange(batch, device=out.device)[:, None, None] * sketch_dim
+        values = cols.float() * (s1[ids][:, :, None] * s2)  # [batch, T, C]
+        flat = out.view(-1)  # [batch * K]: every example scatters into its own row
+        flat.index_add_(0, bins.reshape(-1), values.reshape(-1))
+
+    def new_output(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)

@@ -33,8 +33,8 @@ from torch.func import functional_call
 from rapidin_index.errors import GradientError
 from rapidin_index.factored import OuterFactors, factors_gradient, squared_norms
 from rapidin_index.losses import Batch, example_losses
+from rapidin_index.settings import NORMALIZATIONS
 
-NORMALIZATIONS = ("layer", "none")
 FACTORED_MODES = ("auto", "never")
 
 

@@ -19,6 +19,8 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 """Weights dtypes a model can be loaded in (`models.DTYPES` maps them to torch dtypes)."""
 VECTOR_DTYPES = ("float32", "float16")
 """How the index stores vectors."""
+NORMALIZATIONS = ("layer", "none")
+"""Per-tensor gradient normalisation: RapidIn's layer norm, or none (plain TracIn)."""
 MAX_VECTOR_DIMENSION = 1 << 20
 """The widest vectors an index can hold: ``faiss.read_index`` refuses d > 2^20 when reading a file back."""
 
@@ -186,8 +188,6 @@ class BuildSettings:
             )
         if self.vector_dtype not in VECTOR_DTYPES:
             raise BuildError(f"--vector-dtype must be one of {', '.join(VECTOR_DTYPES)}")
-        from rapidin_index.gradients import NORMALIZATIONS
-
         if self.normalize not in NORMALIZATIONS:
             raise BuildError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.tokenization not in TOKENIZATIONS:

@@ -42,8 +42,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import TokenAttributionError
-from rapidin_index.gradients import NORMALIZATIONS, GradientBlock
+from rapidin_index.gradients import GradientBlock
 from rapidin_index.losses import Batch, example_losses, token_losses
+from rapidin_index.settings import NORMALIZATIONS
 
 TOKEN_NORMALIZATIONS = ("example", "token")
 METHODS = ("auto", "jvp", "double-backward")

@@ -14,11 +14,18 @@ from conftest import brute_force_sketch
 from test_gradients import load, sequences
 
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import OuterFactors, factors_gradient, fft_is_cheaper, squared_norms
+from rapidin_index.factored import (
+    OuterFactors,
+    RapidGradTSProjector,
+    factors_gradient,
+    fft_is_cheaper,
+    matrix_hash,
+    squared_norms,
+)
 from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
 from rapidin_index.losses import collate
 from rapidin_index.settings import SketchSettings
-from rapidin_index.sketch import RapidGradTSProjector, make_projector, matrix_hash, reference_sketch
+from rapidin_index.sketch import make_projector, reference_sketch
 
 TS = "rapidgrad-ts"
 

@@ -11,20 +11,18 @@ import pytest
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.settings import DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings
-from rapidin_index.sketch import (
+from rapidin_index.rapidgrad import (
     MAX_DIVISOR,
-    ExactProjector,
     KeyedPermutation,
     RapidGradProjector,
     RapidGradV2Projector,
-    make_projector,
     padded_dim,
     prime_factors,
     rademacher_signs,
-    reference_sketch,
     shuffle_plan,
 )
+from rapidin_index.settings import DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings
+from rapidin_index.sketch import ExactProjector, make_projector, reference_sketch
 
 V1, V2 = "rapidgrad-v1", "rapidgrad-v2"
 LLAMA_2_7B = 6_738_415_616  # full fine-tuning: padded to 2^16 * 229 * 449 at K = 2^16
