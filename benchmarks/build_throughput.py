@@ -30,15 +30,10 @@ from pathlib import Path
 import torch
 
 from rapidin_index import gradients as gradients_module
+from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.data import Template, render_row, tokenize_example
 from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
-from rapidin_index.gradients import (
-    GradientSketcher,
-    gradient_blocks,
-    gradient_dim,
-    normalize_flat,
-    reference_gradient,
-)
+from rapidin_index.gradients import GradientSketcher, normalize_flat, reference_gradient
 from rapidin_index.losses import Batch, collate, example_losses
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.rapidgrad import padded_dim, rademacher_signs, shuffle_plan

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from build_throughput import docstring_rows, run_floor, tokenized_rows
 
+from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.demo.tiny_models import save_tiny_model
-from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
+from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.settings import SketchSettings

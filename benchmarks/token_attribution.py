@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.demo.datasets import load_docstring_rows
 from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
-from rapidin_index.gradients import gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.gradients import normalize_flat, reference_gradient
 from rapidin_index.losses import collate
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.settings import ModelSettings

@@ -83,7 +83,7 @@ class BuildReport:
 
 def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, template: Template) -> dict:
     """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
-    from rapidin_index.gradients import gradient_blocks, gradient_dim
+    from rapidin_index.capture import gradient_blocks, gradient_dim
     from rapidin_index.rapidgrad import padded_dim
 
     blocks = gradient_blocks(selected)
@@ -320,7 +320,7 @@ def _check_before_loading(
 
 def _resolve_sketch(settings: BuildSettings, selected, existing: Manifest | None) -> BuildSettings:
     """Sketch algorithm 'auto' made concrete: the existing index's, else ``settings.resolve_algorithm``'s."""
-    from rapidin_index.gradients import gradient_blocks
+    from rapidin_index.capture import gradient_blocks
     from rapidin_index.settings import SketchSettings, resolve_algorithm
 
     sketch = settings.sketch

@@ -57,7 +57,8 @@ class ChunkSketcher:
     """Sketch every example of a chunk; rows whose gradient is not finite join the rejected ones."""
 
     def __init__(self, loaded: LoadedModel, selected, settings: BuildSettings, device) -> None:
-        from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
+        from rapidin_index.capture import gradient_blocks, gradient_dim
+        from rapidin_index.gradients import GradientSketcher
         from rapidin_index.sketch import make_projector
 
         blocks = gradient_blocks(selected)

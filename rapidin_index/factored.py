@@ -188,7 +188,7 @@ class MatrixBlock:
 
 
 def matrix_blocks(blocks: list | None) -> list[MatrixBlock]:
-    """The 2-D parameter tensors of a ``gradients.GradientBlock`` list, as (offset, rows, cols)."""
+    """The 2-D parameter tensors of a ``capture.GradientBlock`` list, as (offset, rows, cols)."""
     found = []
     for block in blocks or []:
         shape = tuple(block.parameter.shape)

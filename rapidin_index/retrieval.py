@@ -21,9 +21,10 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
+from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
-from rapidin_index.gradients import GradientSketcher, gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.gradients import GradientSketcher, normalize_flat, reference_gradient
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files

@@ -102,7 +102,7 @@ TS_AUTO_MIN_SKETCH_DIM = 1 << 16
 def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
     """Concrete settings for a build (its manifest records them): ``algorithm="auto"`` resolved.
 
-    'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``gradients.GradientBlock``
+    'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``capture.GradientBlock``
     list and no LoRA tensor) at K >= ``TS_AUTO_MIN_SKETCH_DIM``, where it measured faster at the same
     fidelity, and rapidgrad-v2 otherwise (K = 0 stores exact vectors, whatever the name). A named
     algorithm is kept as it is.

@@ -136,7 +136,7 @@ def make_projector(
 ) -> RapidGradV2Projector | RapidGradProjector | ExactProjector:
     """The projector of ``settings``: exact (K = 0), rapidgrad-v2, rapidgrad-v1 or rapidgrad-ts.
 
-    ``blocks`` (the `gradients.GradientBlock` list, in order) is for algorithms that hash by a block's
+    ``blocks`` (the `capture.GradientBlock` list, in order) is for algorithms that hash by a block's
     shape rather than by flat position (rapidgrad-ts); the flat ones ignore it.
     """
     if settings.algorithm == AUTO_ALGORITHM:

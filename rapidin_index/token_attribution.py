@@ -40,9 +40,9 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rapidin_index.capture import GradientBlock
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import TokenAttributionError
-from rapidin_index.gradients import GradientBlock
 from rapidin_index.losses import Batch, example_losses, token_losses
 from rapidin_index.settings import NORMALIZATIONS
 

@@ -5,7 +5,7 @@ sketched gradient of a weighted sum of them: the whole generation is ``sum_j w_j
 over its count), token j is ``l_j`` alone. So one forward pass keeps each hooked module's input and
 output; ``torch.autograd.grad(..., is_grads_batched=True)`` sends every row of the weight matrix back
 at once (the rows play the batch axis); and each row's weight gradients are rebuilt from (input, row's
-output gradient) by the same per-example rules as the build (``gradients.GradientCapture``). A causal
+output gradient) by the same per-example rules as the build (``capture.GradientCapture``). A causal
 model's loss at j does not see later tokens, so this equals one truncated forward + backward per token,
 at the price of one forward. Exact-path tensors are differentiated directly (batched, too). Under
 rapidgrad-ts the rows' matrix blocks are sketched from their factors as the build sketches examples
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from rapidin_index.capture import GradientBlock
 from rapidin_index.errors import GradientError
-from rapidin_index.gradients import GradientBlock, GradientSketcher, SketchedBatch, _frozen, _SketchState
+from rapidin_index.gradients import GradientSketcher, SketchedBatch, _frozen, _SketchState
 from rapidin_index.losses import Batch, scored_token_losses
 
 ROWS_PER_PASS = 32

@@ -16,9 +16,10 @@ from conftest import brute_force_sketch, build_settings, stored_vectors
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
 from rapidin_index.build import build_index
+from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import load_examples, parse_template
 from rapidin_index.errors import BuildError, JournalError, QueryError
-from rapidin_index.gradients import gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.gradients import normalize_flat, reference_gradient
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
 from rapidin_index.losses import collate
 from rapidin_index.manifest import read_manifest

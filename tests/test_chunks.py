@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import brute_force_sketch, build_settings
 
+from rapidin_index.capture import gradient_blocks
 from rapidin_index.chunks import ChunkJob, ChunkSketcher, LocalChunkRunner, group_by_chunk
 from rapidin_index.data import RejectedRow, load_examples, parse_template
-from rapidin_index.gradients import gradient_blocks
 from rapidin_index.models import load_model, select_parameters
 
 

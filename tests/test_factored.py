@@ -13,6 +13,7 @@ import torch
 from conftest import brute_force_sketch
 from test_gradients import load, sequences
 
+from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.errors import SketchError
 from rapidin_index.factored import (
     OuterFactors,
@@ -22,7 +23,7 @@ from rapidin_index.factored import (
     matrix_hash,
     squared_norms,
 )
-from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
+from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch

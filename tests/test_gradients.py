@@ -4,12 +4,9 @@ import pytest
 import torch
 from conftest import brute_force_sketch
 
+from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.errors import GradientError
-from rapidin_index.gradients import (
-    GradientSketcher,
-    gradient_blocks,
-    gradient_dim,
-)
+from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.settings import SketchSettings

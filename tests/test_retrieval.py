@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from rapidin_index import retrieval
 from rapidin_index.build import build_index
+from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import IndexMismatchError, QueryError
-from rapidin_index.gradients import gradient_blocks
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings

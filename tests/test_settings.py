@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import BuildError, ModelError, SketchError
-from rapidin_index.gradients import gradient_blocks
 from rapidin_index.settings import (
     AUTO_ALGORITHM,
     MAX_VECTOR_DIMENSION,

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from rapidin_index import token_attribution
+from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import IGNORE_INDEX, tokenize_example
 from rapidin_index.errors import TokenAttributionError
-from rapidin_index.gradients import gradient_blocks, normalize_flat, reference_gradient
+from rapidin_index.gradients import normalize_flat, reference_gradient
 from rapidin_index.losses import collate
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.settings import ModelSettings

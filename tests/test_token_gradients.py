@@ -7,7 +7,8 @@ import torch
 from conftest import build_word_tokenizer
 from test_conformance import tiny_config
 
-from rapidin_index.gradients import GradientSketcher, gradient_blocks, gradient_dim
+from rapidin_index.capture import gradient_blocks, gradient_dim
+from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate
 from rapidin_index.models import ModelSettings, load_model, select_parameters
 from rapidin_index.settings import SketchSettings
