@@ -214,3 +214,14 @@ def exported_index(tmp_path_factory, tiny_model_dirs, training_file):
     model_at_build.rename(moved)
     bundle = export_index(index_dir, root / "bundle.tar.gz")
     return SimpleNamespace(index=index_dir, model=str(moved), bundle=bundle)
+
+
+def blocks_of(*shapes):
+    """Gradient blocks of zero parameters of these shapes, named p0, p1, ... (no model needed)."""
+    import torch
+
+    from rapidin_index.capture import gradient_blocks
+
+    return gradient_blocks(
+        [(f"p{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
+    )

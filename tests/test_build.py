@@ -96,8 +96,8 @@ def test_rerun_on_a_finished_index_does_nothing(tmp_path, tiny_model_dirs, train
 
 def run_build_process(index_dir, data, model_dir, env_extra=None) -> subprocess.Popen:
     code = (
-        "import sys; from rapidin_index.build import *; from rapidin_index.models import ModelSettings;"
-        "from rapidin_index.sketch import SketchSettings;"
+        "import sys; from rapidin_index.build import *; from rapidin_index.settings import ModelSettings;"
+        "from rapidin_index.settings import SketchSettings;"
         f"build_index({str(data)!r}, {str(index_dir)!r}, BuildSettings(ModelSettings({model_dir!r}),"
         " SketchSettings(4096, 20, 42), batch_size=4, chunk_size=4, device='cpu'), progress=False)"
     )

@@ -105,7 +105,7 @@ def test_build_resume_rebuild_query_append_across_processes(tmp_path, gpt2_with_
 def test_fingerprints_do_not_depend_on_the_hash_seed(gpt2_with_three_module_lora):
     model_dir, adapter_dir = gpt2_with_three_module_lora
     code = (
-        "import sys; from rapidin_index.models import ModelSettings, load_model;"
+        "import sys; from rapidin_index.models import load_model; from rapidin_index.settings import ModelSettings;"
         f"loaded = load_model(ModelSettings({model_dir!r}, {adapter_dir!r}));"
         "print(loaded.model_fingerprint, loaded.adapter_fingerprint, loaded.tokenizer_fingerprint);"
         "print(sorted(loaded.model.peft_config['default'].target_modules) != "

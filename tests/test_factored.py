@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import brute_force_sketch
+from conftest import blocks_of, brute_force_sketch
 from test_gradients import load, sequences
 
-from rapidin_index.capture import gradient_blocks, gradient_dim
+from rapidin_index.capture import gradient_dim
 from rapidin_index.errors import SketchError
 from rapidin_index.factored import (
     OuterFactors,
@@ -29,12 +29,6 @@ from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch
 
 TS = "rapidgrad-ts"
-
-
-def blocks_of(*shapes):
-    return gradient_blocks(
-        [(f"p{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
-    )
 
 
 def materialised(projector, factors, shape, offset, batch):
@@ -142,7 +136,7 @@ def test_inner_products_are_unbiased_with_noise_of_order_one_over_sqrt_k():
 
 def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
     code = (
-        "import hashlib, torch; from rapidin_index.sketch import matrix_hash;"
+        "import hashlib, torch; from rapidin_index.factored import matrix_hash;"
         "h = matrix_hash(11, 12345, 300, 200, 4096);"
         "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in h)).hexdigest())"
     )
@@ -214,10 +208,10 @@ def test_non_finite_factored_block_is_flagged_as_before(tiny_model_dirs, trainin
 def test_build_and_query_end_to_end_with_rapidgrad_ts(
     tmp_path, tiny_model_dirs, training_file, training_rows
 ):
-    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.build import build_index
     from rapidin_index.manifest import read_manifest
-    from rapidin_index.models import ModelSettings
     from rapidin_index.retrieval import Index
+    from rapidin_index.settings import BuildSettings, ModelSettings
 
     settings = BuildSettings(
         ModelSettings(tiny_model_dirs["gpt2"]), SketchSettings(4096, algorithm=TS), batch_size=4, device="cpu"
@@ -241,10 +235,10 @@ def test_auto_must_be_resolved_before_a_projector_is_made():
 def test_a_build_with_auto_records_rapidgrad_ts_and_resumes(
     tmp_path, tiny_model_dirs, training_file, training_rows
 ):
-    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.build import build_index
     from rapidin_index.manifest import read_manifest
-    from rapidin_index.models import ModelSettings
     from rapidin_index.retrieval import Index
+    from rapidin_index.settings import BuildSettings, ModelSettings
 
     settings = BuildSettings(
         ModelSettings(tiny_model_dirs["llama"]),

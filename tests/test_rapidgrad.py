@@ -149,7 +149,7 @@ def test_v2_vectorised_permutation_equals_plain_integers(size):
 
 def test_v2_permutation_depends_only_on_seed_and_size_across_processes():
     code = (
-        "import hashlib, torch; from rapidin_index.sketch import KeyedPermutation;"
+        "import hashlib, torch; from rapidin_index.rapidgrad import KeyedPermutation;"
         "p = KeyedPermutation(6_580_736, 9)(torch.arange(0, 6_580_736, 97));"
         "print(hashlib.sha256(p.numpy().tobytes()).hexdigest())"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import blocks_of
 
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import BuildError, ModelError, SketchError
@@ -18,12 +19,6 @@ from rapidin_index.settings import (
 )
 
 TS = "rapidgrad-ts"
-
-
-def blocks_of(*shapes):
-    return gradient_blocks(
-        [(f"p{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
-    )
 
 
 def test_default_of_reads_plain_defaults_and_calls_factories():

@@ -10,8 +10,8 @@ from test_conformance import tiny_config
 from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate
-from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.settings import SketchSettings
+from rapidin_index.models import load_model, select_parameters
+from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
 from rapidin_index.token_gradients import sketch_loss_combinations
 
