@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
+# no-op rebuild never need them (see preflight.py).
 from rapidin_index import index as vector_index
 from rapidin_index import store
 from rapidin_index.chunks import ChunkJob, LocalChunkRunner, group_by_chunk
@@ -46,10 +48,7 @@ from rapidin_index.manifest import (
 )
 from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
-
-# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
-# no-op rebuild never need them (see preflight.py).
-from rapidin_index.settings import BuildSettings
+from rapidin_index.settings import AUTO_ALGORITHM, BuildSettings
 
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel
@@ -199,7 +198,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     selected = select_parameters(loaded.model, settings.model)
     settings = _resolve_sketch(settings, selected, existing)  # the manifest never records 'auto'
     identity = index_identity(loaded, settings, selected, template)
-    _check_dimension(identity["sketch"]["output_dim"], settings)
+    _check_dimension(identity["sketch"]["output_dim"])
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"])
     report.sketch_dim = identity["sketch"]["output_dim"]
     if existing is not None:
@@ -270,7 +269,7 @@ def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bo
     return _finalize(run, journal, total_rows)
 
 
-def _check_dimension(output_dim: int, settings: BuildSettings) -> None:
+def _check_dimension(output_dim: int) -> None:
     """FAISS reads back no index wider than 2^20 dimensions: refuse to build one (K = 0 stores D)."""
     if output_dim > vector_index.MAX_DIMENSION:
         raise BuildError(
@@ -299,7 +298,7 @@ def _check_before_loading(
     request conflicts. "Nothing to do" without the model needs proof that the model is the one indexed:
     its files (and the adapter's) have the stat fingerprint recorded when the index was built from them."""
     requested = settings_identity(settings, template)
-    if settings.sketch.algorithm == "auto":  # an existing index keeps its algorithm (_resolve_sketch)
+    if settings.sketch.algorithm == AUTO_ALGORITHM:  # an existing index keeps its algorithm (_resolve_sketch)
         requested["sketch"]["algorithm"] = existing.sketch.get("algorithm")
     changed = differences(manifest_settings_identity(existing), requested)
     if changed:
@@ -321,13 +320,11 @@ def _check_before_loading(
 def _resolve_sketch(settings: BuildSettings, selected, existing: Manifest | None) -> BuildSettings:
     """Sketch algorithm 'auto' made concrete: the existing index's, else ``settings.resolve_algorithm``'s."""
     from rapidin_index.capture import gradient_blocks
-    from rapidin_index.settings import SketchSettings, resolve_algorithm
+    from rapidin_index.settings import resolve_algorithm
 
     sketch = settings.sketch
-    if sketch.algorithm == "auto" and existing is not None and existing.sketch.get("algorithm"):
-        sketch = SketchSettings(
-            sketch.sketch_dim, sketch.shuffle_lambda, sketch.seed, existing.sketch["algorithm"]
-        )
+    if sketch.algorithm == AUTO_ALGORITHM and existing is not None and existing.sketch.get("algorithm"):
+        sketch = replace(sketch, algorithm=existing.sketch["algorithm"])
     return replace(settings, sketch=resolve_algorithm(sketch, gradient_blocks(selected)))
 
 
@@ -376,9 +373,6 @@ def _finished_report(report: BuildReport, manifest: Manifest, started: float, me
     )
     report.elapsed_seconds = time.perf_counter() - started
     return report
-
-
-# --------------------------------------------------------------------------- gradients of one chunk
 
 
 # --------------------------------------------------------------------------- finalise
