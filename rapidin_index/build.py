@@ -393,7 +393,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     if existing is not None:
         ids, vectors = store.load_vectors(index_dir, existing.generation)
         vector_index.add_vectors(faiss_index, vectors, ids)
-        old_rows = store.read_rows(index_dir, existing.generation)
+        old_rows = store.read_all_rows(index_dir, existing.generation)
         rejected = [
             {"id": row.example_id, "reason": row.reason} for row in store.read_rejected(index_dir, existing)
         ]

@@ -202,7 +202,7 @@ class _ZipWriter:
 def _write_parquet(index_dir: Path, manifest: Manifest, path: Path, batch_rows: int = 4096) -> None:
     """One row per indexed example: id, vector (fixed_size_list<float32>[dim]), the LanceDB columns."""
     ids, vectors = store.load_vectors(index_dir, manifest.generation)
-    rows = {row["id"]: row for row in store.read_rows(index_dir, manifest.generation)}
+    rows = {row["id"]: row for row in store.read_all_rows(index_dir, manifest.generation)}
     if set(rows) != set(ids.tolist()):
         raise BundleError(f"{index_dir}: the FAISS ids and the LanceDB rows differ; the index is damaged")
     order = np.argsort(ids, kind="stable")

@@ -44,7 +44,7 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
         ids, vectors = store.load_vectors(shard_dir, manifest.generation)
         order = np.argsort(ids)
         vector_index.add_vectors(faiss_index, vectors[order], ids[order])
-        rows.extend(store.read_rows(shard_dir, manifest.generation))
+        rows.extend(store.read_all_rows(shard_dir, manifest.generation))
         rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
         seen.update(ids.tolist())
         seen.update(r["id"] for r in rejected[len(rejected) - manifest.rejected_count :])

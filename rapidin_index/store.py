@@ -90,7 +90,7 @@ def load_vectors(index_dir: str | Path, generation: int) -> tuple[np.ndarray, np
     return vector_index.stored_vectors(load_faiss(index_dir, generation))
 
 
-def read_rows(index_dir: str | Path, generation: int) -> list[dict]:
+def read_all_rows(index_dir: str | Path, generation: int) -> list[dict]:
     """Every metadata row of a generation (``source`` still JSON text)."""
     from rapidin_index import metadata
 

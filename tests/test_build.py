@@ -139,7 +139,7 @@ def test_external_kill_at_a_random_moment_then_resume(
     process.wait()
     build_index(training_file, index_dir, settings_for(tiny_model_dirs, chunk_size=4), progress=False)
     assert sorted(stored_vectors(index_dir)) == list(range(len(training_rows)))
-    ids = [row["id"] for row in store.read_rows(index_dir, read_manifest(index_dir).generation)]
+    ids = [row["id"] for row in store.read_all_rows(index_dir, read_manifest(index_dir).generation)]
     assert sorted(ids) == list(range(len(training_rows)))
 
 

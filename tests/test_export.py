@@ -81,7 +81,7 @@ def test_parquet_export_round_trips_vectors_ids_and_text(exported_index, tmp_pat
     np.testing.assert_array_equal(ids, stored_ids[order])
     np.testing.assert_array_equal(vectors, stored[order])
     assert vectors.dtype == np.float32 and vectors.shape == (24, 1024)
-    by_id = {row["id"]: row for row in store.read_rows(exported_index.index, 1)}
+    by_id = {row["id"]: row for row in store.read_all_rows(exported_index.index, 1)}
     assert rows == [by_id[i] for i in ids.tolist()]
     assert manifest == read_manifest(exported_index.index).to_dict()
     schema = pq.read_schema(path)

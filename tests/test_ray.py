@@ -87,8 +87,8 @@ def assert_same_index(found_dir, expected_dir, row_count):
     np.testing.assert_array_equal(found_ids, np.arange(row_count))
     np.testing.assert_array_equal(found_ids, expected_ids)
     np.testing.assert_allclose(found_vectors, expected_vectors, atol=1e-5)
-    found_rows = store.read_rows(found_dir, read_manifest(found_dir).generation)
-    expected_rows = store.read_rows(expected_dir, read_manifest(expected_dir).generation)
+    found_rows = store.read_all_rows(found_dir, read_manifest(found_dir).generation)
+    expected_rows = store.read_all_rows(expected_dir, read_manifest(expected_dir).generation)
     assert [row["id"] for row in found_rows] == list(range(row_count))
     for found, expected in zip(found_rows, expected_rows, strict=True):
         assert {k: v for k, v in found.items() if k not in ("loss", "gradient_norm")} == {

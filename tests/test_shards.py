@@ -39,7 +39,7 @@ def test_shards_merge_to_the_single_build(shard_builds, training_rows):
     assert sorted(single) == sorted(combined)
     for example_id, vector in single.items():
         np.testing.assert_allclose(combined[example_id], vector, atol=1e-6)
-    assert [row["id"] for row in store.read_rows(root / "merged", 1)] == list(range(len(training_rows)))
+    assert [row["id"] for row in store.read_all_rows(root / "merged", 1)] == list(range(len(training_rows)))
     row = training_rows[7]
     expected = Index.open(root / "single", device="cpu").query(
         row["instruction"], row["output"], top_k=5, explain=0

@@ -86,7 +86,7 @@ def test_a_written_generation_reads_back(tmp_path):
     np.testing.assert_array_equal(ids, IDS)
     np.testing.assert_array_equal(loaded, vectors)
     assert store.load_faiss(index_dir, 1).ntotal == len(IDS)
-    rows = sorted(store.read_rows(index_dir, 1), key=lambda row: row["id"])
+    rows = sorted(store.read_all_rows(index_dir, 1), key=lambda row: row["id"])
     assert [row["id"] for row in rows] == [0, 2, 3]
     assert rows[1]["source"] == _row(2)["source"] and rows[1]["truncated"] is True  # JSON text
     assert store.count_rows(index_dir, 1) == 3
