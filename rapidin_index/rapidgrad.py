@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.settings import SketchSettings
+from rapidin_index.settings import SketchSettings, resolve_algorithm
 
 _MASK32 = 0xFFFFFFFF
 
@@ -190,6 +190,7 @@ class RapidGradV2Projector:
         device: torch.device | str = "cpu",
         cache_limit: int = DEFAULT_CACHE_LIMIT,
     ) -> None:
+        settings = resolve_algorithm(settings, [])  # 'auto' without blocks is rapidgrad-v2
         if settings.exact or settings.algorithm != "rapidgrad-v2":
             raise SketchError(f"RapidGradV2Projector needs K > 0 and rapidgrad-v2, got {settings}")
         self.settings = settings

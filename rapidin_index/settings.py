@@ -50,9 +50,10 @@ class SketchSettings:
     (its permutation mixes the whole vector at once); it is only recorded."""
     seed: int = 42
     """Seed of the permutation and the signs."""
-    algorithm: str = DEFAULT_SKETCH_ALGORITHM
-    """'rapidgrad-v2' (keyed pseudo-random permutation), 'rapidgrad-v1' (the paper's block shuffles) or
-    'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors)."""
+    algorithm: str = AUTO_ALGORITHM
+    """'rapidgrad-v2' (keyed pseudo-random permutation), 'rapidgrad-v1' (the paper's block shuffles),
+    'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors), or 'auto'
+    (the default: :func:`resolve_algorithm` picks one from the attributed tensors; a manifest records it)."""
 
     def __post_init__(self) -> None:
         if self.sketch_dim < 0:
@@ -150,7 +151,7 @@ class BuildSettings:
     """How to turn training rows into index entries."""
 
     model: ModelSettings
-    sketch: SketchSettings = field(default_factory=lambda: SketchSettings(algorithm=AUTO_ALGORITHM))
+    sketch: SketchSettings = field(default_factory=SketchSettings)
     """The sketch; by default 'auto' (`resolve_algorithm` picks the algorithm once the model is loaded)."""
     normalize: str = "layer"
     """Per-tensor gradient normalisation: 'layer' (RapidIn) or 'none' (plain TracIn)."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import torch
 
-from rapidin_index.errors import SketchError
 from rapidin_index.factored import RapidGradTSProjector, matrix_blocks, matrix_hash
 from rapidin_index.rapidgrad import (
     KeyedPermutation,
@@ -48,7 +47,7 @@ from rapidin_index.rapidgrad import (
     rademacher_signs,
     shuffle_plan,
 )
-from rapidin_index.settings import AUTO_ALGORITHM, SketchSettings
+from rapidin_index.settings import SketchSettings, resolve_algorithm
 
 
 def reference_sketch(
@@ -57,8 +56,10 @@ def reference_sketch(
     """The slow, literal RapidGrad of ``settings.algorithm``: explicit padding, permutation, signs, bins.
 
     vectors: [batch, D] (or [D]); returns [batch, K] float32. O(D) memory; for tests and benchmarks.
-    ``blocks`` (the gradient's block list) matters to rapidgrad-ts only, which hashes 2-D blocks by shape.
+    ``blocks`` (the gradient's block list) matters to rapidgrad-ts only, which hashes 2-D blocks by shape;
+    'auto' resolves from them as a build resolves it (no blocks: rapidgrad-v2).
     """
+    settings = resolve_algorithm(settings, blocks or [])
     squeeze = vectors.dim() == 1
     vectors = torch.atleast_2d(vectors).to(torch.float32)
     if settings.exact:
@@ -137,10 +138,10 @@ def make_projector(
     """The projector of ``settings``: exact (K = 0), rapidgrad-v2, rapidgrad-v1 or rapidgrad-ts.
 
     ``blocks`` (the `capture.GradientBlock` list, in order) is for algorithms that hash by a block's
-    shape rather than by flat position (rapidgrad-ts); the flat ones ignore it.
+    shape rather than by flat position (rapidgrad-ts); the flat ones ignore it. 'auto' resolves from them
+    as a build resolves it (:func:`settings.resolve_algorithm`; no blocks: rapidgrad-v2).
     """
-    if settings.algorithm == AUTO_ALGORITHM:
-        raise SketchError("sketch algorithm 'auto' must be resolved first (settings.resolve_algorithm)")
+    settings = resolve_algorithm(settings, blocks or [])
     if settings.exact:
         return ExactProjector(gradient_dim, device)
     if settings.algorithm == "rapidgrad-ts":

@@ -14,7 +14,6 @@ from conftest import blocks_of, brute_force_sketch
 from test_gradients import load, sequences
 
 from rapidin_index.capture import gradient_dim
-from rapidin_index.errors import SketchError
 from rapidin_index.factored import (
     OuterFactors,
     RapidGradTSProjector,
@@ -25,6 +24,7 @@ from rapidin_index.factored import (
 )
 from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate
+from rapidin_index.rapidgrad import RapidGradV2Projector
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch
 
@@ -226,10 +226,17 @@ def test_build_and_query_end_to_end_with_rapidgrad_ts(
         assert result.helpful[0].id == row_id, [hit.id for hit in result.helpful]
 
 
-def test_auto_must_be_resolved_before_a_projector_is_made():
-    auto = SketchSettings(65536, 20, 7, "auto")
-    with pytest.raises(SketchError, match="resolved first"):
-        make_projector(auto, 36, blocks=blocks_of((8, 4), (4,)))
+def test_auto_resolves_from_the_blocks_a_projector_is_given():
+    blocks = blocks_of((8, 4), (4,))
+    auto = SketchSettings(65536, 20, 7)  # a bare SketchSettings is 'auto'
+    assert isinstance(make_projector(auto, 36, blocks=blocks), RapidGradTSProjector)
+    assert isinstance(make_projector(SketchSettings(4096, 20, 7), 36, blocks=blocks), RapidGradV2Projector)
+    assert isinstance(make_projector(auto, 36), RapidGradV2Projector)  # no blocks: flat
+    vectors = torch.randn(3, 36)
+    torch.testing.assert_close(
+        reference_sketch(vectors, auto, blocks),
+        reference_sketch(vectors, SketchSettings(65536, 20, 7, TS), blocks),
+    )
 
 
 def test_a_build_with_auto_records_rapidgrad_ts_and_resumes(
@@ -242,7 +249,7 @@ def test_a_build_with_auto_records_rapidgrad_ts_and_resumes(
 
     settings = BuildSettings(
         ModelSettings(tiny_model_dirs["llama"]),
-        SketchSettings(65536, algorithm="auto"),
+        SketchSettings(65536),  # a bare SketchSettings is "auto", as the CLI default is
         batch_size=8,
         device="cpu",
     )

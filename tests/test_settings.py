@@ -25,7 +25,8 @@ def test_default_of_reads_plain_defaults_and_calls_factories():
     assert default_of(BuildSettings, "batch_size") == 8
     assert default_of(ModelSettings, "dtype") == "float32"
     assert default_of(BuildSettings, "sketch") == SketchSettings(algorithm=AUTO_ALGORITHM)
-    assert default_of(SketchSettings, "algorithm") == "rapidgrad-v2"  # bare sketch settings stay v2
+    # a bare SketchSettings(K) is 'auto' too: a Python build with its own K resolves as the CLI's does
+    assert default_of(SketchSettings, "algorithm") == AUTO_ALGORITHM
     with pytest.raises(KeyError):
         default_of(BuildSettings, "no_such_field")
 

@@ -10,7 +10,7 @@ from rapidin_index.rapidgrad import (
     RapidGradV2Projector,
     padded_dim,
 )
-from rapidin_index.settings import DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings
+from rapidin_index.settings import AUTO_ALGORITHM, DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings
 from rapidin_index.sketch import ExactProjector, make_projector, reference_sketch
 
 V1, V2 = "rapidgrad-v1", "rapidgrad-v2"
@@ -95,14 +95,13 @@ def test_exact_mode_keeps_the_vector():
 
 
 def test_make_projector_follows_the_algorithm():
-    assert DEFAULT_SKETCH_ALGORITHM == V2 and SketchSettings().algorithm == V2
-    assert SketchSettings(4096, 20, 42) == SketchSettings(4096, 20, 42, V2)
-    assert isinstance(make_projector(SketchSettings(64), 1000), RapidGradV2Projector)
+    assert DEFAULT_SKETCH_ALGORITHM == V2 and SketchSettings().algorithm == AUTO_ALGORITHM
+    assert isinstance(make_projector(SketchSettings(64), 1000), RapidGradV2Projector)  # 'auto', no blocks
     assert isinstance(make_projector(SketchSettings(64, algorithm=V1), 1000), RapidGradProjector)
 
 
 def test_settings_round_trip_through_a_manifest_dict():
-    settings = SketchSettings(4096, 20, 42)
+    settings = SketchSettings(4096, 20, 42, V2)
     record = settings.to_dict()
     assert record == {"algorithm": V2, "sketch_dim": 4096, "shuffle_lambda": 20, "seed": 42}
     assert (
