@@ -148,6 +148,13 @@ _BINS_CACHE_LIMIT = 1 << 24
 TS_METHODS = ("auto", "fft", "dense")
 
 
+def _wrap(total: torch.Tensor, sketch_dim: int) -> torch.Tensor:
+    """``total % sketch_dim`` for a sum of two bins (each in [0, K)), without the integer division."""
+    if sketch_dim & (sketch_dim - 1) == 0:
+        return total & (sketch_dim - 1)
+    return torch.where(total >= sketch_dim, total - sketch_dim, total)
+
+
 def _word(*values: int) -> int:
     """A 32-bit hash of a tuple of Python integers (any size), via murmur3's finaliser."""
     state = 0x2545F491
@@ -265,7 +272,7 @@ class RapidGradTSProjector:
             h1, s1, h2, s2 = self.hashes(matrix.offset)
             local = torch.arange(position - matrix.offset, stop - matrix.offset, device=self.device)
             row, col = local // matrix.cols, local % matrix.cols
-            bins[position - start : stop - start] = (h1[row] + h2[col]) % self.output_dim
+            bins[position - start : stop - start] = _wrap(h1[row] + h2[col], self.output_dim)
             signs[position - start : stop - start] = s1[row] * s2[col]
             position = stop
         if position < end:
@@ -335,7 +342,7 @@ class RapidGradTSProjector:
         if offset in self._matrix_bins:
             return self._matrix_bins[offset]
         h1, _, h2, _ = self.hashes(offset)
-        bins = ((h1[:, None] + h2[None, :]) % self.output_dim).reshape(-1)
+        bins = _wrap(h1[:, None] + h2[None, :], self.output_dim).reshape(-1)
         if sum(b.numel() for b in self._matrix_bins.values()) + bins.numel() <= _BINS_CACHE_LIMIT:
             self._matrix_bins[offset] = bins
         return bins
@@ -361,7 +368,7 @@ class RapidGradTSProjector:
         """out: [batch, K] += sketch(sum_t onehot(ids[:, t]) cols[:, t]^T): an embedding, no FFT."""
         h1, s1, h2, s2 = self.hashes(offset)
         batch, sketch_dim = cols.shape[0], self.output_dim
-        bins = (h1[ids][:, :, None] + h2) % sketch_dim  # [batch, T, C]
+        bins = _wrap(h1[ids][:, :, None] + h2, sketch_dim)  # [batch, T, C]
         bins = bins + torch.arange(batch, device=out.device)[:, None, None] * sketch_dim
         values = cols.float() * (s1[ids][:, :, None] * s2)  # [batch, T, C]
         flat = out.view(-1)  # [batch * K]: every example scatters into its own row

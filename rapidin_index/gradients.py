@@ -219,14 +219,10 @@ class GradientSketcher:
         names = {block.name for block in blocks}
         others = [block.parameter for block in self.blocks if block.name not in names]
         with _frozen(others):  # a plain backward into these blocks only
-            raw = torch.stack(
-                [reference_gradient(self.model, blocks, _row(batch, i)) for i in range(batch.size)]
-            )
-        result, offset = {}, 0
-        for block in blocks:
-            result[block.name] = raw[:, offset : offset + block.numel]
-            offset += block.numel
-        return result
+            rows = [block_gradients(self.model, blocks, _row(batch, i)) for i in range(batch.size)]
+        return {  # block by block: never the whole [batch, D] at once
+            block.name: torch.stack([row[number] for row in rows]) for number, block in enumerate(blocks)
+        }
 
     def _self_check(self, batch: Batch, kept: dict[str, torch.Tensor], rows: int) -> bool:
         """Compare the hooked gradients of the first rows with plain backward passes; True if any moved."""
@@ -357,16 +353,20 @@ def _row(batch: Batch, index: int) -> Batch:
 
 def reference_gradient(model: nn.Module, blocks: list[GradientBlock], example: Batch) -> torch.Tensor:
     """The raw flattened gradient [D] of one example's loss: one plain backward, no tricks."""
+    return torch.cat(block_gradients(model, blocks, example))
+
+
+def block_gradients(model: nn.Module, blocks: list[GradientBlock], example: Batch) -> list[torch.Tensor]:
+    """One example's raw gradient block by block ([numel] float32 each): one plain backward."""
     if example.size != 1:
         raise GradientError("reference_gradient takes a batch of one example")
     parameters = [block.parameter for block in blocks]
     loss = example_losses(model, example)[0]
     grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-    flat = [
+    return [
         torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float()
         for p, g in zip(parameters, grads, strict=True)
     ]
-    return torch.cat(flat)
 
 
 def normalize_flat(flat: torch.Tensor, blocks: list[GradientBlock], normalize: str) -> torch.Tensor:
