@@ -14,6 +14,8 @@ rapidgrad-ts the rows' matrix blocks are sketched from their factors as the buil
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rapidin_index.capture import GradientBlock
@@ -45,16 +47,18 @@ def sketch_loss_combinations(
     capture = sketcher.capture
     capture.batch_size, capture.keep_outputs = 1, True
     hooked = [block.parameter for block in sketcher.blocks if block.name not in sketcher.exact_path]
+    head = _HeadWatch(sketcher.model, capture)
     try:
-        with capture, _frozen(hooked):
+        with capture, _frozen(hooked), head:
             losses, mask = scored_token_losses(sketcher.model, example)
         scored = losses[mask]  # [T]
         if weights.shape[1] != scored.shape[0]:
             raise GradientError(f"weights cover {weights.shape[1]} tokens, the example scores {len(scored)}")
         calls = capture.calls()
+        split = head_split(head, scored, calls, exact)
         weights = weights.to(scored.device, scored.dtype)
         pieces = [
-            _sketch_rows(sketcher, scored, calls, exact, weights[start : start + rows_per_pass])
+            _sketch_rows(sketcher, scored, calls, exact, weights[start : start + rows_per_pass], split)
             for start in range(0, weights.shape[0], rows_per_pass)
         ]
     finally:
@@ -73,10 +77,14 @@ def _sketch_rows(
     calls: list,
     exact: list[GradientBlock],
     weights: torch.Tensor,
+    split: HeadSplit | None = None,
 ) -> SketchedBatch:
     rows = weights.shape[0]
-    outputs = [call.output for call in calls]
-    grads = _batched_grad(scored, outputs + [block.parameter for block in exact], weights)
+    parameters = [block.parameter for block in exact]
+    if split is None:
+        grads = _batched_grad(scored, [call.output for call in calls] + parameters, weights)
+    else:
+        grads = split.batched_grads(calls, parameters, weights)
     original_args = [call.args for call in calls]
     for call, grad in zip(calls, grads[: len(calls)], strict=True):
         # the call as `rows` examples: its input shared, its output gradient one per row
@@ -99,6 +107,92 @@ def _sketch_rows(
         for call, args in zip(calls, original_args, strict=True):  # the one example again
             call.args, call.output_grad = args, None
     return state.result()
+
+
+class _HeadWatch:
+    """Context manager: keeps the output head's (input, output) of the forward, and which hooked calls
+    were recorded by the time the head ran (a call recorded later would not be upstream of its input)."""
+
+    def __init__(self, model, capture) -> None:
+        self.module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.capture = capture
+        self.seen: tuple | None = None  # (input, output, ids of the calls recorded so far)
+        self._handle = None
+
+    def __enter__(self) -> _HeadWatch:
+        if isinstance(self.module, torch.nn.Module):  # registered after the capture's: sees its output
+            self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module, args, output) -> None:
+        if (
+            self.seen is None
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and isinstance(output, torch.Tensor)
+        ):
+            self.seen = (args[0], output, {id(call) for call in self.capture.calls()})
+        else:
+            self.seen = (None, None, set())  # called twice, or not on one tensor: no split
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+@dataclass
+class HeadSplit:
+    """Token losses differentiated in two steps, at the output head's input h [1, T, H].
+
+    The head (``get_output_embeddings``) and the loss act on each position alone, so token j's loss
+    reaches h, and the head's output z, at its own position only: one plain backward of their sum gives
+    every token's gradient there at once. Each row's batched backward then starts at h (row r carries
+    ``sum_j weights[r, j]`` of them), not at the losses: the vocabulary-sized head is left out of the T
+    reverse passes. The head's own call gets its rows' output gradients directly.
+    """
+
+    hidden: torch.Tensor  # [1, T, H]
+    hidden_grad: torch.Tensor  # [1, T, H]: d (sum of token losses) / d h
+    head_calls: set[int]  # ids of the capture's calls of the head module
+    output_grad: torch.Tensor | None  # [1, T, V]: d (sum of token losses) / d z, if the head is hooked
+
+    def batched_grads(self, calls: list, parameters: list[torch.Tensor], weights: torch.Tensor) -> list:
+        """As ``_batched_grad(scored, outputs + parameters, weights)``, for the calls then the parameters."""
+        others = [index for index, call in enumerate(calls) if id(call) not in self.head_calls]
+        rows = weights[:, None, :, None]  # [rows, 1, T, 1]
+        found = _batched_grad(
+            self.hidden, [calls[i].output for i in others] + parameters, rows * self.hidden_grad
+        )
+        grads: list = [None] * len(calls)
+        for index, grad in zip(others, found, strict=False):
+            grads[index] = grad
+        for index, call in enumerate(calls):
+            if id(call) in self.head_calls:
+                grads[index] = rows * self.output_grad
+        return grads + found[len(others) :]
+
+
+def head_split(head: _HeadWatch, scored: torch.Tensor, calls: list, exact: list[GradientBlock]):
+    """The `HeadSplit` of this forward, or None where it does not apply exactly.
+
+    It needs the head run once, on one position per scored token (``logits_to_keep``), on a tensor in
+    the graph, after every other hooked call; no exact-path tensor of the head's own (a tied embedding
+    on the exact path also gets a gradient through the head, which a backward from h would miss).
+    """
+    if head.seen is None or head.seen[0] is None:
+        return None
+    hidden, output, recorded = head.seen
+    if not hidden.requires_grad or tuple(hidden.shape[:2]) != (1, scored.shape[0]):
+        return None
+    if any(id(call) not in recorded for call in calls):
+        return None
+    head_parameters = {id(parameter) for parameter in head.module.parameters()}
+    if any(id(block.parameter) in head_parameters for block in exact):
+        return None
+    head_calls = {id(call) for call in calls if call.output is output}
+    wanted = [hidden] + ([output] if head_calls else [])
+    found = torch.autograd.grad(scored.sum(), wanted, retain_graph=True)
+    return HeadSplit(hidden, found[0], head_calls, found[1] if head_calls else None)
 
 
 def _per_row(grad: torch.Tensor, output_shape: torch.Size, rows: int) -> torch.Tensor:

@@ -152,3 +152,36 @@ def test_factored_per_token_rows_are_in_the_build_sketch_space(tiny_model_dirs, 
     expected = reference_sketch(expected, sketch_settings, blocks)  # [tokens, K]
     error = (result.vectors - expected).norm(dim=1) / expected.norm(dim=1)
     assert float(error.max()) < 1e-4, error
+
+
+@pytest.mark.parametrize("architecture,lora", [("llama", False), ("gpt2", True)])
+def test_the_head_split_is_taken_and_changes_nothing(tiny_model_dirs, architecture, lora, monkeypatch):
+    """The backward from the head's input (HeadSplit) against the backward from the token losses."""
+    from rapidin_index import token_gradients
+
+    adapter = tiny_model_dirs[f"{architecture}_lora"] if lora else None
+    settings = ModelSettings(tiny_model_dirs[architecture], adapter)
+    loaded = load_model(settings)
+    selected = select_parameters(loaded.model, settings)
+    ids = loaded.tokenizer("What does str.upper do? Return a copy").input_ids + [
+        loaded.tokenizer.eos_token_id
+    ]
+
+    def whole_and_tokens(count):
+        return torch.cat([torch.full((1, count), 1.0 / count), torch.eye(count)])
+
+    splits = []
+    real_split = token_gradients.head_split
+
+    def recorded(*args):
+        splits.append(real_split(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(token_gradients, "head_split", recorded)
+    _, split = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 3, whole_and_tokens)
+    assert splits and all(found is not None for found in splits)
+    assert (splits[0].output_grad is not None) == (not lora)  # the head is attributed in the full model
+    monkeypatch.setattr(token_gradients, "head_split", lambda *args: None)
+    _, plain = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 3, whole_and_tokens)
+    torch.testing.assert_close(split.vectors, plain.vectors, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(split.losses, plain.losses)
