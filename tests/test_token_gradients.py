@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_word_tokenizer
-from test_conformance import tiny_config
+from test_conformance import ARCHITECTURES, tiny_config
 
 from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.gradients import GradientSketcher
@@ -93,6 +93,18 @@ def test_exact_path_tensors_and_flattened_modules_per_token():
         selected = list(model.named_parameters())
         sketcher = check_against_hf(model, tokenizer, selected, "The capital of France is Paris .")
         assert sketcher.exact_path, model_type
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_per_token_vectors_on_every_architecture(model_type):
+    """Every conformance architecture, all parameters: each token's vector against HF's one-label loss
+    (the head split applies to most; where it does not, the plain batched backward must be exact too)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_word_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer)).eval()
+    check_against_hf(model, tokenizer, list(model.named_parameters()), "The capital of France is Paris .")
 
 
 def test_weighted_rows_and_the_loop_fallback(tiny_model_dirs, monkeypatch):
