@@ -104,7 +104,8 @@ def build(
     sketch: Annotated[
         str,
         typer.Option(
-            help="auto (rapidgrad-ts for full-parameter models at K >= 65536, else rapidgrad-v2), "
+            help="auto (rapidgrad-ts for full-parameter models at K >= 65536 or above 2^24 parameters, else "
+            "rapidgrad-v2), "
             "rapidgrad-v2 (a keyed random permutation of the whole gradient), rapidgrad-ts (weight "
             "matrices sketched from their factors, never materialised) or rapidgrad-v1 (the paper's "
             "block shuffles, for reproduction)."

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.settings import SketchSettings, resolve_algorithm
+from rapidin_index.settings import MAPPING_CACHE_LIMIT, SketchSettings, resolve_algorithm
 
 _MASK32 = 0xFFFFFFFF
 
 
 # Below this many coordinates the projector caches each block's bins and signs (5 bytes a coordinate).
-DEFAULT_CACHE_LIMIT = 1 << 24
+DEFAULT_CACHE_LIMIT = MAPPING_CACHE_LIMIT
 
 
 # Coordinates mapped at a time, to bound the int64 temporaries of a huge block.

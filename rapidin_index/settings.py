@@ -98,6 +98,12 @@ class SketchSettings:
 # was 1.11x faster but 0.003 lower (0.968 against 0.971), its variance being somewhat higher (a tensor
 # sketch's collisions are correlated along rows and columns). BENCHMARKS.md, "Factored sketch (issue 14)".
 TS_AUTO_MIN_SKETCH_DIM = 1 << 16
+MAPPING_CACHE_LIMIT = 1 << 24
+"""rapidgrad-v1/v2 keep their coordinate -> (bin, sign) mapping up to this many padded coordinates; a
+larger gradient re-hashes every coordinate (about 100 ns each on a CPU core) for every batch of a build
+and every query. rapidgrad-ts hashes only each weight matrix's rows and columns, so 'auto' picks it for a
+full-parameter model of more than this many attributed parameters at any K: on a 20.7M-parameter Llama
+it built 2.5x faster than rapidgrad-v2 at K = 4096 (BENCHMARKS.md, "Factored sketch (issue 14)")."""
 
 
 def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
@@ -105,15 +111,17 @@ def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
 
     'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``capture.GradientBlock``
     list and no LoRA tensor) at K >= ``TS_AUTO_MIN_SKETCH_DIM``, where it measured faster at the same
-    fidelity, and rapidgrad-v2 otherwise (K = 0 stores exact vectors, whatever the name). A named
-    algorithm is kept as it is.
+    fidelity, or of more than ``MAPPING_CACHE_LIMIT`` parameters at any K, where rapidgrad-v2 would
+    re-hash every coordinate for every batch and query; rapidgrad-v2 otherwise (K = 0 stores exact
+    vectors, whatever the name). A named algorithm is kept as it is.
     """
     if settings.algorithm != AUTO_ALGORITHM:
         return settings
     full = any(block.parameter.dim() == 2 for block in blocks) and not any(
         "lora_" in block.name for block in blocks
     )
-    factored = full and settings.sketch_dim >= TS_AUTO_MIN_SKETCH_DIM
+    large = sum(block.parameter.numel() for block in blocks) > MAPPING_CACHE_LIMIT
+    factored = full and (settings.sketch_dim >= TS_AUTO_MIN_SKETCH_DIM or large)
     algorithm = "rapidgrad-ts" if factored else DEFAULT_SKETCH_ALGORITHM
     return SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, algorithm)
 

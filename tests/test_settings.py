@@ -10,6 +10,7 @@ from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import BuildError, ModelError, SketchError
 from rapidin_index.settings import (
     AUTO_ALGORITHM,
+    MAPPING_CACHE_LIMIT,
     MAX_VECTOR_DIMENSION,
     BuildSettings,
     ModelSettings,
@@ -86,3 +87,21 @@ def test_auto_resolves_to_ts_for_full_parameter_models_only():
     named = SketchSettings(4096, algorithm="rapidgrad-v1")
     assert resolve_algorithm(named, full) is named
     assert resolve_algorithm(auto, full).to_dict()["algorithm"] == TS  # what the manifest records
+
+
+def test_auto_resolves_to_ts_at_any_k_where_v2_could_not_cache_its_mapping():
+    def meta_blocks(*named_shapes):  # shapes only: nothing allocated
+        return gradient_blocks(
+            [(name, torch.nn.Parameter(torch.empty(shape, device="meta"))) for name, shape in named_shapes]
+        )
+
+    just_below = meta_blocks(("w", (MAPPING_CACHE_LIMIT // 4096, 4096)))
+    above = meta_blocks(("w", (MAPPING_CACHE_LIMIT // 4096, 4096)), ("norm", (1,)))
+    small_k = SketchSettings(4096, 20, 7, AUTO_ALGORITHM)
+    assert resolve_algorithm(small_k, just_below).algorithm == "rapidgrad-v2"
+    assert resolve_algorithm(small_k, above).algorithm == TS
+    big_lora = meta_blocks(("q.lora_A.default.weight", (MAPPING_CACHE_LIMIT, 2)))
+    assert resolve_algorithm(small_k, big_lora).algorithm == "rapidgrad-v2"  # adapters stay flat
+    from rapidin_index.rapidgrad import DEFAULT_CACHE_LIMIT
+
+    assert DEFAULT_CACHE_LIMIT == MAPPING_CACHE_LIMIT  # the rule follows the projector's real limit
