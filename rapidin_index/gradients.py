@@ -17,6 +17,7 @@ other projector the embeddings (their looked-up rows, scattered), with norms fro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,7 @@ class GradientSketcher:
 
     def _sketch(self, batch: Batch, check_rows: int) -> SketchedBatch:
         hooked = [block for block in self.blocks if block.name not in self.exact_path]
+        check = _SelfCheck(self, batch, hooked, check_rows) if check_rows and hooked else None
         losses = self._hooked_backward(batch) if hooked else None
         try:
             exact = self._exact_gradients(batch)
@@ -115,7 +117,6 @@ class GradientSketcher:
                 with torch.no_grad():
                     losses = example_losses(self.model, batch)
             state = _SketchState(self.projector, batch.size, losses.detach())
-            kept: dict[str, torch.Tensor] = {}
             for block in self.blocks:
                 if block.name in exact:
                     state.add(block, exact[block.name], self.normalize)
@@ -124,15 +125,15 @@ class GradientSketcher:
                     state,
                     block,
                     batch.size,
-                    check_rows,
+                    check_rows if check else 0,
                     lambda block=block: self._hooked_gradients(batch, block),
                 )
-                if check_rows:
-                    kept[block.name] = head
+                if check is not None:
+                    check.compare(block, head)  # block by block: no [rows, D] is ever kept
         finally:
             self.capture.clear()
             self.model.zero_grad(set_to_none=True)
-        if check_rows and self._self_check(batch, kept, check_rows):
+        if check is not None and check.move_failed():
             return self._sketch(batch, check_rows=0)  # some blocks moved to the exact path: redo
         return state.result()
 
@@ -224,30 +225,60 @@ class GradientSketcher:
             block.name: torch.stack([row[number] for row in rows]) for number, block in enumerate(blocks)
         }
 
-    def _self_check(self, batch: Batch, kept: dict[str, torch.Tensor], rows: int) -> bool:
-        """Compare the hooked gradients of the first rows with plain backward passes; True if any moved."""
-        checked = [block for block in self.blocks if block.name in kept]
-        if not checked:
-            return False
+
+class _SelfCheck:
+    """The first batch's check: its first rows' hooked gradients against plain backward passes.
+
+    The plain gradients are taken first (one backward per row, kept in the weights' dtype); each hooked
+    block is then compared as soon as it is sketched and both are dropped, so the check holds one plain
+    gradient per row and one block at a time, never [rows, D] twice in float32 (at 7B, 4 x 27 GB).
+    """
+
+    def __init__(self, sketcher: GradientSketcher, batch: Batch, blocks: list[GradientBlock], rows: int):
+        self.sketcher = sketcher
         head = Batch(batch.input_ids[:rows], batch.attention_mask[:rows], batch.labels[:rows])
-        reference = self._exact_gradients(head, checked)
-        tolerance = SELF_CHECK_TOLERANCE.get(checked[0].parameter.dtype, 1e-4)
+        names = {block.name for block in blocks}
+        others = [block.parameter for block in sketcher.blocks if block.name not in names]
+        with _frozen(others):  # a plain backward into these blocks only
+            per_row = [plain_gradients(sketcher.model, blocks, _row(head, i)) for i in range(rows)]
+        self.reference = {block.name: [row[n] for row in per_row] for n, block in enumerate(blocks)}
+        del per_row
+        self.tolerance = SELF_CHECK_TOLERANCE.get(blocks[0].parameter.dtype, 1e-4)
         # A block whose plain gradient is round-off (a mathematically zero gradient, which the hooks
         # return as zero) is measured against the largest block, not against its own noise.
-        floor = SELF_CHECK_ROUND_OFF * max(float(reference[block.name].norm()) for block in checked)
-        moved = False
-        for block in checked:
-            expected = reference[block.name]
-            difference = float((kept[block.name] - expected).norm())
-            scale = max(float(expected.norm()), floor)
-            relative = difference / scale if scale > 0 else difference
-            if relative > tolerance:
-                self.exact_path[block.name] = (
-                    f"self-check: hooked gradient differs from a plain backward (relative error {relative:.2g})"
-                )
-                moved = True
-        self._sync_capture()
-        return moved
+        largest = max(_norm(grads) for grads in self.reference.values())
+        self.floor = SELF_CHECK_ROUND_OFF * largest
+        self.failed: dict[str, float] = {}
+
+    def compare(self, block: GradientBlock, hooked: torch.Tensor | None) -> None:
+        """``hooked``: [rows, numel] of this block from the hooks (None: nothing to compare)."""
+        grads = self.reference.pop(block.name, None)
+        if grads is None or hooked is None:
+            return
+        expected = torch.stack(
+            [
+                torch.zeros(block.numel, device=hooked.device) if g is None else g.reshape(-1).float()
+                for g in grads
+            ]
+        )
+        difference = float((hooked.float() - expected).norm())
+        scale = max(float(expected.norm()), self.floor)
+        relative = difference / scale if scale > 0 else difference
+        if relative > self.tolerance:
+            self.failed[block.name] = relative
+
+    def move_failed(self) -> bool:
+        """Send the blocks that differed to the exact path; True if any did."""
+        for name, relative in self.failed.items():
+            self.sketcher.exact_path[name] = (
+                f"self-check: hooked gradient differs from a plain backward (relative error {relative:.2g})"
+            )
+        self.sketcher._sync_capture()
+        return bool(self.failed)
+
+
+def _norm(grads: list[torch.Tensor | None]) -> float:
+    return math.sqrt(sum(float(g.float().norm()) ** 2 for g in grads if g is not None))
 
 
 class _frozen:
@@ -358,15 +389,18 @@ def reference_gradient(model: nn.Module, blocks: list[GradientBlock], example: B
 
 def block_gradients(model: nn.Module, blocks: list[GradientBlock], example: Batch) -> list[torch.Tensor]:
     """One example's raw gradient block by block ([numel] float32 each): one plain backward."""
+    return [
+        torch.zeros(block.numel, device=block.parameter.device) if g is None else g.reshape(-1).float()
+        for block, g in zip(blocks, plain_gradients(model, blocks, example), strict=True)
+    ]
+
+
+def plain_gradients(model: nn.Module, blocks: list[GradientBlock], example: Batch) -> tuple:
+    """autograd's gradients of one example's loss for the blocks (the weights' dtype; None if unused)."""
     if example.size != 1:
         raise GradientError("reference_gradient takes a batch of one example")
-    parameters = [block.parameter for block in blocks]
     loss = example_losses(model, example)[0]
-    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-    return [
-        torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float()
-        for p, g in zip(parameters, grads, strict=True)
-    ]
+    return torch.autograd.grad(loss, [block.parameter for block in blocks], allow_unused=True)
 
 
 def normalize_flat(flat: torch.Tensor, blocks: list[GradientBlock], normalize: str) -> torch.Tensor:

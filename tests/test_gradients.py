@@ -199,3 +199,49 @@ def test_embeddings_are_scattered_by_row_and_equal_the_dense_path(
     assert lean.factored_blocks == rows_path and not dense.factored_blocks
     torch.testing.assert_close(result.vectors, expected.vectors, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(result.gradient_norms, expected.gradient_norms, atol=0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["rapidgrad-v2", "rapidgrad-ts"])
+def test_the_self_check_holds_one_hooked_block_at_a_time(
+    tiny_model_dirs, training_rows, algorithm, monkeypatch
+):
+    """Each hooked block's check rows are compared as soon as they are sketched and then dropped: at 7B a
+    check that kept every block's rows before comparing would hold [rows, D] float32 twice (4 x 27 GB)."""
+    import gc
+    import weakref
+
+    from rapidin_index import gradients
+
+    loaded, blocks = load(tiny_model_dirs, "llama", False)
+    sketcher = GradientSketcher(
+        loaded.model,
+        blocks,
+        make_projector(SketchSettings(64, algorithm=algorithm), gradient_dim(blocks), blocks=blocks),
+        "layer",
+    )
+    alive, most = weakref.WeakSet(), [0]
+    real_add = gradients.GradientSketcher.add_hooked
+
+    def tracked(self, *args, **kwargs):
+        gc.collect()
+        most[0] = max(most[0], len(alive))
+        head = real_add(self, *args, **kwargs)
+        if head is not None:
+            alive.add(head)
+        return head
+
+    compared = []
+    real_compare = gradients._SelfCheck.compare
+
+    def counting(self, block, hooked):
+        compared.append(block.name)
+        real_compare(self, block, hooked)
+        assert block.name not in self.reference  # its plain gradient is dropped too
+
+    monkeypatch.setattr(gradients.GradientSketcher, "add_hooked", tracked)
+    monkeypatch.setattr(gradients._SelfCheck, "compare", counting)
+    pairs = sequences(loaded.tokenizer, training_rows[:4])
+    sketcher.sketch(collate(pairs, loaded.tokenizer.pad_token_id, "cpu"))
+    assert compared == [block.name for block in blocks]  # every block was checked ...
+    assert most[0] <= 1  # ... with at most the previous block's rows still alive when the next is made
+    assert not sketcher.exact_path
