@@ -47,10 +47,9 @@ from rapidin_index.rapidgrad import (
     _GOLDEN32,
     _MASK32,
     DEFAULT_CACHE_LIMIT,
+    HashedProjector,
     RapidGradV2Projector,
-    _add_signed_bins,
     _mix32,
-    padded_dim,
 )
 from rapidin_index.settings import SketchSettings
 
@@ -204,7 +203,7 @@ def matrix_blocks(blocks: list | None) -> list[MatrixBlock]:
     return sorted(found, key=lambda matrix: matrix.offset)
 
 
-class RapidGradTSProjector:
+class RapidGradTSProjector(HashedProjector):
     """Fast rapidgrad-ts: ``project_block`` (materialised) and ``project_factors`` (factored) agree.
 
     ``blocks`` is the gradient's block list; its 2-D tensors get the tensor-product hash, the rest of
@@ -221,11 +220,7 @@ class RapidGradTSProjector:
     ) -> None:
         if settings.exact or settings.algorithm != TS_ALGORITHM:
             raise SketchError(f"RapidGradTSProjector needs K > 0 and {TS_ALGORITHM}, got {settings}")
-        self.settings = settings
-        self.gradient_dim = gradient_dim
-        self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
-        self.device = torch.device(device)
-        self.output_dim = settings.sketch_dim
+        super().__init__(settings, gradient_dim, device, cache_limit)
         flat = SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, "rapidgrad-v2")
         self.flat = RapidGradV2Projector(flat, gradient_dim, device, cache_limit=0)
         self.matrices = matrix_blocks(blocks)
@@ -236,9 +231,6 @@ class RapidGradTSProjector:
         self._matrix_bins: dict[int, torch.Tensor] = {}
         self.method = "auto"
         """How ``project_factors`` sketches a dense factor: 'auto' (by ``fft_is_cheaper``), 'fft', 'dense'."""
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
-            {} if self.padded_dim <= cache_limit else None
-        )
 
     def hashes(self, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h1, s1, h2, s2) of the 2-D block at ``offset``."""
@@ -254,11 +246,7 @@ class RapidGradTSProjector:
     def is_matrix(self, offset: int) -> bool:
         return offset in self._by_offset
 
-    def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length) of the gradient."""
-        key = (start, length)
-        if self._cache is not None and key in self._cache:
-            return self._cache[key]
+    def _map_bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         bins = torch.empty(length, dtype=torch.int32, device=self.device)
         signs = torch.empty(length, dtype=torch.int8, device=self.device)
         position, end = start, start + length
@@ -277,18 +265,12 @@ class RapidGradTSProjector:
             position = stop
         if position < end:
             self._flat_segment(bins, signs, start, position, end)
-        if self._cache is not None:
-            self._cache[key] = (bins, signs)
         return bins, signs
 
     def _flat_segment(self, bins, signs, start: int, first: int, stop: int) -> None:
         flat_bins, flat_signs = self.flat.bins_and_signs(first, stop - first)
         bins[first - start : stop - start] = flat_bins
         signs[first - start : stop - start] = flat_signs
-
-    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
-        """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
-        _add_signed_bins(out, block, offset, self.bins_and_signs)
 
     def project_factors(
         self,
@@ -373,6 +355,3 @@ class RapidGradTSProjector:
         values = cols.float() * (s1[ids][:, :, None] * s2)  # [batch, T, C]
         flat = out.view(-1)  # [batch * K]: every example scatters into its own row
         flat.index_add_(0, bins.reshape(-1), values.reshape(-1))
-
-    def new_output(self, batch: int) -> torch.Tensor:
-        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)

@@ -174,7 +174,48 @@ def _add_signed_bins(
         out.index_add_(1, bins.long(), chunk * signs.to(chunk.dtype))  # [batch, n] into [batch, K]
 
 
-class RapidGradV2Projector:
+class HashedProjector:
+    """What the hashing projectors share: dimensions, the (bin, sign) cache, ``project_block``.
+
+    A subclass maps coordinates in ``_map_bins_and_signs(start, length)``; ``bins_and_signs`` caches
+    each block's result (5 bytes a coordinate) while the padded gradient is at most ``cache_limit``.
+    """
+
+    def __init__(
+        self, settings: SketchSettings, gradient_dim: int, device: torch.device | str, cache_limit: int
+    ) -> None:
+        self.settings = settings
+        self.gradient_dim = gradient_dim
+        self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
+        self.bin_width = self.padded_dim // settings.sketch_dim
+        self.device = torch.device(device)
+        self.output_dim = settings.sketch_dim
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if self.padded_dim <= cache_limit else None
+        )
+
+    def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length) of the gradient."""
+        key = (start, length)
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        bins, signs = self._map_bins_and_signs(start, length)
+        if self._cache is not None:
+            self._cache[key] = (bins, signs)
+        return bins, signs
+
+    def _map_bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
+        _add_signed_bins(out, block, offset, self.bins_and_signs)
+
+    def new_output(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
+
+
+class RapidGradV2Projector(HashedProjector):
     """Fast rapidgrad-v2: projects gradient blocks into a [batch, K] sketch with O(1) state.
 
     ``project_block(out, block, offset)`` adds the sketch of ``block`` (a [batch, n] slice of the flattened
@@ -193,16 +234,8 @@ class RapidGradV2Projector:
         settings = resolve_algorithm(settings, [])  # 'auto' without blocks is rapidgrad-v2
         if settings.exact or settings.algorithm != "rapidgrad-v2":
             raise SketchError(f"RapidGradV2Projector needs K > 0 and rapidgrad-v2, got {settings}")
-        self.settings = settings
-        self.gradient_dim = gradient_dim
-        self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
-        self.bin_width = self.padded_dim // settings.sketch_dim
-        self.device = torch.device(device)
-        self.output_dim = settings.sketch_dim
+        super().__init__(settings, gradient_dim, device, cache_limit)
         self.permutation = KeyedPermutation(self.padded_dim, settings.seed)
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
-            {} if self.padded_dim <= cache_limit else None
-        )
 
     def map_positions(self, coordinates: torch.Tensor) -> torch.Tensor:
         """Final positions (int64) of int64 coordinates of the padded gradient."""
@@ -212,11 +245,7 @@ class RapidGradV2Projector:
         """Where coordinates [start, start + length) of the padded gradient land."""
         return self.map_positions(torch.arange(start, start + length, dtype=torch.int64, device=self.device))
 
-    def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length)."""
-        key = (start, length)
-        if self._cache is not None and key in self._cache:
-            return self._cache[key]
+    def _map_bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         bins = torch.empty(length, dtype=torch.int32, device=self.device)
         signs = torch.empty(length, dtype=torch.int8, device=self.device)
         # the Feistel rounds make ~100 passes over their int64 temporaries: keep them in a CPU's cache
@@ -226,19 +255,10 @@ class RapidGradV2Projector:
             positions = self.final_positions(start + chunk_start, chunk_end - chunk_start)
             bins[chunk_start:chunk_end] = positions // self.bin_width
             signs[chunk_start:chunk_end] = rademacher_signs(positions, self.settings.seed)
-        if self._cache is not None:
-            self._cache[key] = (bins, signs)
         return bins, signs
 
-    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
-        """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
-        _add_signed_bins(out, block, offset, self.bins_and_signs)
 
-    def new_output(self, batch: int) -> torch.Tensor:
-        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
-
-
-class RapidGradProjector:
+class RapidGradProjector(HashedProjector):
     """Fast rapidgrad-v1: projects gradient blocks into a [batch, K] sketch without O(D) state.
 
     ``project_block(out, block, offset)`` adds the sketch of ``block`` (a [batch, n] slice of the flattened
@@ -257,12 +277,7 @@ class RapidGradProjector:
             raise SketchError("RapidGradProjector needs K > 0; use ExactProjector for K = 0")
         if settings.algorithm != "rapidgrad-v1":
             raise SketchError(f"RapidGradProjector is rapidgrad-v1, got {settings.algorithm}")
-        self.settings = settings
-        self.gradient_dim = gradient_dim
-        self.padded_dim = padded_dim(gradient_dim, settings.sketch_dim)
-        self.bin_width = self.padded_dim // settings.sketch_dim
-        self.device = torch.device(device)
-        self.output_dim = settings.sketch_dim
+        super().__init__(settings, gradient_dim, device, cache_limit)
         # Forward maps (old index -> new index) of each step: the inverse of ``x[permutation]``.
         self._steps = [
             (
@@ -272,9 +287,6 @@ class RapidGradProjector:
             )
             for step in shuffle_plan(self.padded_dim, settings.shuffle_lambda, settings.seed)
         ]
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = (
-            {} if self.padded_dim <= cache_limit else None
-        )
 
     def map_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Where int64 coordinates of the padded gradient land after all shuffles."""
@@ -292,21 +304,8 @@ class RapidGradProjector:
         """Where coordinates [start, start + length) of the padded gradient land after all shuffles."""
         return self.map_positions(torch.arange(start, start + length, dtype=torch.int64, device=self.device))
 
-    def bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bin [n] int32, sign [n] int8) of coordinates [start, start + length): 5 bytes a coordinate."""
-        key = (start, length)
-        if self._cache is not None and key in self._cache:
-            return self._cache[key]
+    def _map_bins_and_signs(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = self.final_positions(start, length)
         bins = (positions // self.bin_width).to(torch.int32)
         signs = rademacher_signs(positions, self.settings.seed).to(torch.int8)
-        if self._cache is not None:
-            self._cache[key] = (bins, signs)
         return bins, signs
-
-    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
-        """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
-        _add_signed_bins(out, block, offset, self.bins_and_signs)
-
-    def new_output(self, batch: int) -> torch.Tensor:
-        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
