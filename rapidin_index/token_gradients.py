@@ -154,7 +154,8 @@ class HeadSplit:
     hidden: torch.Tensor  # [1, T, H]
     hidden_grad: torch.Tensor  # [1, T, H]: d (sum of token losses) / d h
     head_calls: set[int]  # ids of the capture's calls of the head module
-    output_grad: torch.Tensor | None  # [1, T, V]: d (sum of token losses) / d z, if the head is hooked
+    output_grad: torch.Tensor | None  # [1, T, V]: d (sum of token losses) / d z, if the head needs it
+    head_exact: dict[int, str]  # exact-path parameter index -> the head's "weight" or "bias"
 
     def batched_grads(self, calls: list, parameters: list[torch.Tensor], weights: torch.Tensor) -> list:
         """As ``_batched_grad(scored, outputs + parameters, weights)``, for the calls then the parameters."""
@@ -169,15 +170,29 @@ class HeadSplit:
         for index, call in enumerate(calls):
             if id(call) in self.head_calls:
                 grads[index] = rows * self.output_grad
-        return grads + found[len(others) :]
+        exact = found[len(others) :]
+        for index, name in self.head_exact.items():  # the head's own share, which a backward from h misses
+            share = self._head_share(name, weights).to(parameters[index].dtype)
+            exact[index] = share if exact[index] is None else exact[index] + share
+        return grads + exact
+
+    def _head_share(self, name: str, weights: torch.Tensor) -> torch.Tensor:
+        """d (weights @ losses)[r] / d the head's weight or bias through the head's own call:
+        z = h W^T + b at each position, so row r's is ``sum_j weights[r, j] dz_j h_j^T`` (bias: ``dz_j``)."""
+        weighted = weights[:, :, None] * self.output_grad[0].to(weights.dtype)  # [rows, T, V]
+        if name == "bias":
+            return weighted.sum(dim=1)  # [rows, V]
+        return weighted.transpose(1, 2) @ self.hidden[0].detach().to(weights.dtype)  # [rows, V, H]
 
 
 def head_split(head: _HeadWatch, scored: torch.Tensor, calls: list, exact: list[GradientBlock]):
     """The `HeadSplit` of this forward, or None where it does not apply exactly.
 
     It needs the head run once, on one position per scored token (``logits_to_keep``), on a tensor in
-    the graph, after every other hooked call; no exact-path tensor of the head's own (a tied embedding
-    on the exact path also gets a gradient through the head, which a backward from h would miss).
+    the graph, after every other hooked call. An exact-path tensor of the head's own (Gemma's, BioGPT's
+    and XGLM's scaled embedding, tied to the head) also gets a gradient through the head, which a
+    backward from h misses: that share is added from (dz, h), so the head must be a textbook
+    ``nn.Linear`` there.
     """
     if head.seen is None or head.seen[0] is None:
         return None
@@ -187,12 +202,29 @@ def head_split(head: _HeadWatch, scored: torch.Tensor, calls: list, exact: list[
     if any(id(call) not in recorded for call in calls):
         return None
     head_parameters = {id(parameter) for parameter in head.module.parameters()}
-    if any(id(block.parameter) in head_parameters for block in exact):
+    head_exact = {
+        index: _own_parameter_name(head.module, block.parameter)
+        for index, block in enumerate(exact)
+        if id(block.parameter) in head_parameters
+    }
+    if head_exact and (not _is_textbook_linear(head.module) or not output.requires_grad):
         return None
     head_calls = {id(call) for call in calls if call.output is output}
-    wanted = [hidden] + ([output] if head_calls else [])
+    needs_output = bool(head_calls or head_exact)
+    wanted = [hidden] + ([output] if needs_output else [])
     found = torch.autograd.grad(scored.sum(), wanted, retain_graph=True)
-    return HeadSplit(hidden, found[0], head_calls, found[1] if head_calls else None)
+    return HeadSplit(hidden, found[0], head_calls, found[1] if needs_output else None, head_exact)
+
+
+def _is_textbook_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+
+
+def _own_parameter_name(module: torch.nn.Module, parameter: torch.Tensor) -> str:
+    for name, own in module.named_parameters(recurse=False):
+        if own is parameter:
+            return name
+    return ""  # a submodule's: the head is then no textbook nn.Linear and the split is refused
 
 
 def _per_row(grad: torch.Tensor, output_shape: torch.Size, rows: int) -> torch.Tensor:

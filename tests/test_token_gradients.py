@@ -197,3 +197,37 @@ def test_the_head_split_is_taken_and_changes_nothing(tiny_model_dirs, architectu
     _, plain = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 3, whole_and_tokens)
     torch.testing.assert_close(split.vectors, plain.vectors, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(split.losses, plain.losses)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "biogpt", "xglm"])
+def test_the_head_split_adds_the_heads_share_of_a_tied_exact_embedding(model_type, monkeypatch):
+    """A scaled embedding tied to the head is on the exact path; its gradient through the head is added
+    from (dz, h). Split against unsplit, and every token against HF's one-label loss."""
+    from transformers import AutoModelForCausalLM
+
+    from rapidin_index import token_gradients
+
+    tokenizer = build_word_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer)).eval()
+    # XGLM's key bias has a zero true gradient (round-off only, see ROUND_OFF): left out of the comparison
+    selected = [(name, p) for name, p in model.named_parameters() if not name.endswith("k_proj.bias")]
+    splits = []
+    real_split = token_gradients.head_split
+
+    def recorded(*args):
+        splits.append(real_split(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(token_gradients, "head_split", recorded)
+    check_against_hf(model, tokenizer, selected, "The capital of France is Paris .")
+    assert splits and all(found is not None and found.head_exact for found in splits), model_type
+    ids = tokenizer("The capital of France is Paris .").input_ids + [tokenizer.eos_token_id]
+
+    def whole_and_tokens(count):
+        return torch.cat([torch.full((1, count), 1.0 / count), torch.eye(count)])
+
+    _, split = token_vectors(model, tokenizer, selected, ids, 3, whole_and_tokens)
+    monkeypatch.setattr(token_gradients, "head_split", lambda *args: None)
+    _, plain = token_vectors(model, tokenizer, selected, ids, 3, whole_and_tokens)
+    torch.testing.assert_close(split.vectors, plain.vectors, atol=2e-6, rtol=1e-5)
