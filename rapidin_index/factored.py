@@ -160,7 +160,7 @@ def _word(*values: int) -> int:
     for value in values:
         for shift in (0, 32):
             word = ((value >> shift) & _MASK32) ^ ((state * _GOLDEN32) & _MASK32)
-            state = int(_mix32(_mix32(torch.tensor([word])) ^ 0x5BD1E995)[0])
+            state = _mix32(_mix32(word) ^ 0x5BD1E995)  # on Python ints: no tensor per word
     return state
 
 

@@ -98,8 +98,9 @@ def shuffle_plan(total_dim: int, shuffle_lambda: int, seed: int) -> list[Shuffle
     return steps
 
 
-def _mix32(values: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2^32)."""
+def _mix32(values: torch.Tensor | int) -> torch.Tensor | int:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2^32), or on one Python int
+    there (the same bits: Python's product is exact, the tensor's wraps mod 2^64 above the kept 32)."""
     values = values ^ (values >> 16)
     values = (values * 0x85EBCA6B) & _MASK32  # wraps mod 2^64; the low 32 bits are exact
     values = values ^ (values >> 13)
@@ -131,7 +132,7 @@ class KeyedPermutation:
             raise SketchError(f"rapidgrad-v2 permutes 1 .. 2^62 coordinates, got {size}")
         self.size = size
         self.side = max(2, math.isqrt(size - 1) + 1)  # a: a^2 >= size, a < 2^31
-        seed_word = _mix32(torch.tensor([(seed >> 32) & _MASK32]))[0].item() ^ (seed & _MASK32)
+        seed_word = _mix32((seed >> 32) & _MASK32) ^ (seed & _MASK32)
         counters = (seed_word + _GOLDEN32 * torch.arange(1, rounds + 1, dtype=torch.int64)) & _MASK32
         # two passes, so that the keys of nearby seeds and rounds share no structure
         self.keys = [int(key) for key in _mix32(_mix32(counters) ^ 0x5BD1E995).tolist()]
