@@ -109,7 +109,7 @@ def _chunk_record(
         "templates": dict(Counter(e.template_name for e in examples)),
         "exact_path": dict(exact_path),
     }
-    return record, stacked.astype(np.float32)
+    return record, stacked.astype(np.float32, copy=False)  # already float32: no second copy
 
 
 def _metadata_row(example: Example, example_id: int, sketched, row: int) -> dict:

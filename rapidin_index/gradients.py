@@ -132,15 +132,16 @@ class GradientSketcher:
                     check.compare(block, head)  # block by block: no [rows, D] is ever kept
         finally:
             self.capture.clear()
-            self.model.zero_grad(set_to_none=True)
         if check is not None and check.move_failed():
             return self._sketch(batch, check_rows=0)  # some blocks moved to the exact path: redo
         return state.result()
 
     def _hooked_backward(self, batch: Batch) -> torch.Tensor:
-        self.model.zero_grad(set_to_none=True)
+        """One backward of the summed losses into the hooked outputs only: every parameter is frozen
+        (the first hooked output starts the graph), so no weight gradient is formed or accumulated,
+        not even for a trainable tensor outside the selection, and there is no ``.grad`` to clear."""
         self.capture.batch_size = batch.size
-        with self.capture, _frozen([block.parameter for block in self.blocks]):
+        with self.capture, _frozen(self.model.parameters()):
             losses = example_losses(self.model, batch)
             losses.sum().backward()
         return losses
@@ -284,7 +285,7 @@ def _norm(grads: list[torch.Tensor | None]) -> float:
 class _frozen:
     """Context manager: the parameters do not require grad inside (restored on exit)."""
 
-    def __init__(self, parameters: list[nn.Parameter]) -> None:
+    def __init__(self, parameters) -> None:
         self.parameters = [p for p in parameters if p.requires_grad]
 
     def __enter__(self) -> None:

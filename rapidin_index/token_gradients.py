@@ -64,7 +64,6 @@ def sketch_loss_combinations(
     finally:
         capture.keep_outputs = False
         capture.clear()
-        sketcher.model.zero_grad(set_to_none=True)
     return SketchedBatch(*(torch.cat([getattr(p, name) for p in pieces]) for name in _FIELDS))
 
 

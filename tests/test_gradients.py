@@ -245,3 +245,27 @@ def test_the_self_check_holds_one_hooked_block_at_a_time(
     assert compared == [block.name for block in blocks]  # every block was checked ...
     assert most[0] <= 1  # ... with at most the previous block's rows still alive when the next is made
     assert not sketcher.exact_path
+
+
+def test_a_partial_selection_forms_no_weight_gradient(tiny_model_dirs, training_rows, monkeypatch):
+    """With only the MLP attributed and the other tensors trainable (a model handed to the Python API as
+    training left it): the sketch equals the brute force, and the backward forms no ``.grad`` at all."""
+    loaded, blocks = load(tiny_model_dirs, "llama", False, params=r"mlp\.")
+    assert 0 < len(blocks) < len(list(loaded.model.parameters()))
+    for parameter in loaded.model.parameters():  # select_parameters froze them; a user's model may not be
+        parameter.requires_grad_(True)
+    pairs = sequences(loaded.tokenizer, training_rows[:4])
+    settings = SketchSettings(4096, 20, 42)
+    sketcher = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)), "layer")
+    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
+    sketcher.sketch(batch)  # the self-check's batch
+    accumulated = []
+    for parameter in loaded.model.parameters():
+        parameter.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
+    result = sketcher.sketch(batch)
+    assert not accumulated
+    assert all(p.grad is None for p in loaded.model.parameters())
+    assert all(p.requires_grad for p in loaded.model.parameters())  # restored
+    torch.testing.assert_close(
+        result.vectors, brute_force(loaded, blocks, pairs, settings), atol=2e-5, rtol=1e-4
+    )
