@@ -256,12 +256,7 @@ class _SelfCheck:
         grads = self.reference.pop(block.name, None)
         if grads is None or hooked is None:
             return
-        expected = torch.stack(
-            [
-                torch.zeros(block.numel, device=hooked.device) if g is None else g.reshape(-1).float()
-                for g in grads
-            ]
-        )
+        expected = torch.stack([_flat_float32(block, g) for g in grads]).to(hooked.device)
         difference = float((hooked.float() - expected).norm())
         scale = max(float(expected.norm()), self.floor)
         relative = difference / scale if scale > 0 else difference
@@ -391,9 +386,16 @@ def reference_gradient(model: nn.Module, blocks: list[GradientBlock], example: B
 def block_gradients(model: nn.Module, blocks: list[GradientBlock], example: Batch) -> list[torch.Tensor]:
     """One example's raw gradient block by block ([numel] float32 each): one plain backward."""
     return [
-        torch.zeros(block.numel, device=block.parameter.device) if g is None else g.reshape(-1).float()
+        _flat_float32(block, g)
         for block, g in zip(blocks, plain_gradients(model, blocks, example), strict=True)
     ]
+
+
+def _flat_float32(block: GradientBlock, grad: torch.Tensor | None) -> torch.Tensor:
+    """[numel] float32 of one autograd gradient; zeros where the block was unused (None)."""
+    if grad is None:
+        return torch.zeros(block.numel, device=block.parameter.device)
+    return grad.reshape(-1).float()
 
 
 def plain_gradients(model: nn.Module, blocks: list[GradientBlock], example: Batch) -> tuple:

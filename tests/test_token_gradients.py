@@ -55,6 +55,26 @@ def token_vectors(model, tokenizer, parameters_named, text_ids: list[int], promp
     return sketcher, sketch_loss_combinations(sketcher, example, weights_fn(scored), rows_per_pass=3)
 
 
+def whole_and_tokens(count: int) -> torch.Tensor:
+    """Loss weights [1 + count, count]: the whole generation's mean, then each token alone."""
+    return torch.cat([torch.full((1, count), 1.0 / count), torch.eye(count)])
+
+
+def record_head_splits(monkeypatch) -> list:
+    """Patch ``token_gradients.head_split`` to record what it returns (None where it refused)."""
+    from rapidin_index import token_gradients
+
+    splits = []
+    real_split = token_gradients.head_split
+
+    def recorded(*args):
+        splits.append(real_split(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(token_gradients, "head_split", recorded)
+    return splits
+
+
 def check_against_hf(model, tokenizer, selected, text: str, prompt_words: int = 2) -> GradientSketcher:
     ids = tokenizer(text).input_ids + [tokenizer.eos_token_id]
     prompt_length = 1 + prompt_words
@@ -112,9 +132,6 @@ def test_weighted_rows_and_the_loop_fallback(tiny_model_dirs, monkeypatch):
     loaded = load_model(settings)
     selected = select_parameters(loaded.model, settings)
     ids = loaded.tokenizer("Say hello. Hello world!").input_ids + [loaded.tokenizer.eos_token_id]
-
-    def whole_and_tokens(count):
-        return torch.cat([torch.full((1, count), 1.0 / count), torch.eye(count)])
 
     _, batched = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 2, whole_and_tokens)
     blocks = gradient_blocks(selected)
@@ -179,17 +196,7 @@ def test_the_head_split_is_taken_and_changes_nothing(tiny_model_dirs, architectu
         loaded.tokenizer.eos_token_id
     ]
 
-    def whole_and_tokens(count):
-        return torch.cat([torch.full((1, count), 1.0 / count), torch.eye(count)])
-
-    splits = []
-    real_split = token_gradients.head_split
-
-    def recorded(*args):
-        splits.append(real_split(*args))
-        return splits[-1]
-
-    monkeypatch.setattr(token_gradients, "head_split", recorded)
+    splits = record_head_splits(monkeypatch)
     _, split = token_vectors(loaded.model, loaded.tokenizer, selected, ids, 3, whole_and_tokens)
     assert splits and all(found is not None for found in splits)
     assert (splits[0].output_grad is not None) == (not lora)  # the head is attributed in the full model
@@ -212,20 +219,10 @@ def test_the_head_split_adds_the_heads_share_of_a_tied_exact_embedding(model_typ
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer)).eval()
     # XGLM's key bias has a zero true gradient (round-off only, see ROUND_OFF): left out of the comparison
     selected = [(name, p) for name, p in model.named_parameters() if not name.endswith("k_proj.bias")]
-    splits = []
-    real_split = token_gradients.head_split
-
-    def recorded(*args):
-        splits.append(real_split(*args))
-        return splits[-1]
-
-    monkeypatch.setattr(token_gradients, "head_split", recorded)
+    splits = record_head_splits(monkeypatch)
     check_against_hf(model, tokenizer, selected, "The capital of France is Paris .")
     assert splits and all(found is not None and found.head_exact for found in splits), model_type
     ids = tokenizer("The capital of France is Paris .").input_ids + [tokenizer.eos_token_id]
-
-    def whole_and_tokens(count):
-        return torch.cat([torch.full((1, count), 1.0 / count), torch.eye(count)])
 
     _, split = token_vectors(model, tokenizer, selected, ids, 3, whole_and_tokens)
     monkeypatch.setattr(token_gradients, "head_split", lambda *args: None)
