@@ -117,14 +117,23 @@ class Setting:
     rows: int
     """Training rows (100 more are drawn and held out, 50 of them triggered)."""
     finetune: FinetuneSettings
-    sketch_dims: tuple[int, ...]
-    """rapidin-index K values to build."""
+    sketch_dims: tuple[tuple[int, str | None], ...]
+    """rapidin-index (K, sketch algorithm or None for the default) pairs to build."""
     bergson_projection: int
     """bergson projection_dim (0: exact gradients; p: p x p per module)."""
 
     @property
     def lora(self) -> bool:
         return self.finetune.lora
+
+
+def sketch_choices(text: str) -> tuple[tuple[int, str | None], ...]:
+    """'4096,65536:rapidgrad-kron' -> ((4096, None), (65536, 'rapidgrad-kron')): K, and `--sketch` if named."""
+    choices = []
+    for entry in text.split(","):
+        k, _, algorithm = entry.partition(":")
+        choices.append((int(k), algorithm or None))
+    return tuple(choices)
 
 
 def settings_from(arguments: argparse.Namespace) -> list[Setting]:
@@ -142,7 +151,7 @@ def settings_from(arguments: argparse.Namespace) -> list[Setting]:
                 epochs=8,
                 base_epochs=12,
             ),
-            tuple(int(k) for k in arguments.lora_ks.split(",")),
+            sketch_choices(arguments.lora_ks),
             0,
         ),
         "full": Setting(
@@ -156,7 +165,7 @@ def settings_from(arguments: argparse.Namespace) -> list[Setting]:
                 epochs=10,
                 learning_rate=2e-3,
             ),
-            tuple(int(k) for k in arguments.full_ks.split(",")),
+            sketch_choices(arguments.full_ks),
             16,
         ),
     }
@@ -174,8 +183,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--full-rows", type=int, default=400)
     parser.add_argument("--full-hidden", type=int, default=384)
     parser.add_argument("--full-layers", type=int, default=3)
-    parser.add_argument("--lora-ks", default="0,4096", help="rapidin-index K values on the LoRA model")
-    parser.add_argument("--full-ks", default="4096", help="rapidin-index K values on the full model")
+    parser.add_argument(
+        "--lora-ks", default="0,4096", help="rapidin-index K values on the LoRA model (K or K:algorithm)"
+    )
+    parser.add_argument(
+        "--full-ks", default="4096", help="rapidin-index K values on the full model (K or K:algorithm)"
+    )
     parser.add_argument("--tools", default="rapidin-index," + ",".join(PEERS), help="comma-separated")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. which library snapshot)")
@@ -389,12 +402,17 @@ def has_per_token_option() -> bool:
     return "per_token" in inspect.signature(method).parameters
 
 
-def run_rapidin(prepared: Prepared, folder: Path, want_scores: bool, sketch_dim: int) -> Sample:
+def run_rapidin(
+    prepared: Prepared, folder: Path, want_scores: bool, sketch_dim: int, algorithm: str | None = None
+) -> Sample:
     sample = Sample()
     adapter = str(prepared.adapter_dir) if prepared.adapter_dir else None
+    sketch = SketchSettings(sketch_dim=sketch_dim)
+    if algorithm is not None:
+        sketch = SketchSettings(sketch_dim=sketch_dim, algorithm=algorithm)
     settings = BuildSettings(
         ModelSettings(str(prepared.model_dir), adapter=adapter),
-        SketchSettings(sketch_dim=sketch_dim),
+        sketch,
         template=TEMPLATE,
         device="cpu",
     )
@@ -689,12 +707,13 @@ class Tool:
 def tools_for(setting: Setting, wanted: set[str], status: dict) -> list[Tool]:
     tools = []
     if "rapidin-index" in wanted:
-        for k in setting.sketch_dims:
+        for k, algorithm in setting.sketch_dims:
 
-            def run(prepared, folder, want_scores, k=k):
-                return run_rapidin(prepared, folder, want_scores, k)
+            def run(prepared, folder, want_scores, k=k, algorithm=algorithm):
+                return run_rapidin(prepared, folder, want_scores, k, algorithm)
 
-            tools.append(Tool(f"rapidin-index {version('rapidin-index')}, `--k {k}` (Python API)", run))
+            options = f"`--k {k}`" + (f" `--sketch {algorithm}`" if algorithm else "")
+            tools.append(Tool(f"rapidin-index {version('rapidin-index')}, {options} (Python API)", run))
     p = setting.bergson_projection
     labels = {
         "bergson": f"bergson {version('bergson')}, "

@@ -177,8 +177,8 @@ class GradientSketcher:
     def _add_factors(self, state: _SketchState, block: GradientBlock, factors: list[OuterFactors]) -> bool:
         """Sketch the block from its factors if this projector can; False if it must be materialised.
 
-        rapidgrad-ts sketches any factors; every other projector takes embedding rows only (a sparse
-        scatter of the looked-up rows, instead of a dense [batch, vocab, dim] gradient).
+        rapidgrad-ts and rapidgrad-kron sketch any factors; every other projector takes embedding rows
+        only (a sparse scatter of the looked-up rows, instead of a dense [batch, vocab, dim] gradient).
         """
         if hasattr(self.projector, "sketch_factors"):
             sketch, squared = self.projector.sketch_factors(factors, block.offset)  # [batch, K], [batch]
@@ -186,12 +186,16 @@ class GradientSketcher:
                 return False
             state.add_sketch(sketch, squared, self.normalize)
             return True
-        if any(factor.ids is None for factor in factors):
+        dense = any(factor.ids is None for factor in factors)
+        if dense and not hasattr(self.projector, "project_factors"):
             return False
         squared = squared_norms(factors)  # [batch] from the token Gram matrices
         if not bool(torch.isfinite(squared).all()):
             return False
-        state.add_rows(block, factors, squared, self.normalize)
+        if hasattr(self.projector, "project_factors"):  # rapidgrad-kron: scaled, straight into the batch's
+            state.add_factors(block, factors, squared, self.normalize)
+        else:
+            state.add_rows(block, factors, squared, self.normalize)
         return True
 
     def _factors(self, block: GradientBlock, batch_size: int) -> list[OuterFactors] | None:
@@ -334,17 +338,28 @@ class _SketchState:
         norms = squared.sqrt()
         self.out.addcmul_(sketch, (1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)))[:, None])
 
+    def _add_norms(self, squared_norms: torch.Tensor, normalize: str) -> torch.Tensor | None:
+        """Count a factored block's finite squared norms [batch]; its layer-norm scale, or None."""
+        squared = squared_norms.to(self.out.device, torch.float32)
+        self.squared_norm += squared
+        if normalize != "layer":
+            return None
+        norms = squared.sqrt()
+        return 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
+
+    def add_factors(
+        self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
+    ) -> None:
+        """A block given by its factors, for a projector that adds their scaled sketch (rapidgrad-kron)."""
+        scale = self._add_norms(squared_norms, normalize)
+        self.projector.project_factors(self.out, factors, block.offset, scale)
+
     def add_rows(
         self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
     ) -> None:
         """An embedding block given by its looked-up rows (``OuterFactors`` with ids), for any projector:
         each token's gradient row lands at its coordinates' bins (or, exact, at the coordinates)."""
-        squared = squared_norms.to(self.out.device, torch.float32)
-        self.squared_norm += squared
-        scale = None
-        if normalize == "layer":
-            norms = squared.sqrt()
-            scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
+        scale = self._add_norms(squared_norms, normalize)
         cols = block.parameter.shape[1]
         lookup = getattr(self.projector, "bins_and_signs", None)
         table = None if lookup is None else lookup(block.offset, block.numel)  # cached below the limit

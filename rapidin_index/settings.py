@@ -33,7 +33,7 @@ def default_of(settings_class: type, name: str):
     return found.default_factory()
 
 
-SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1", "rapidgrad-ts")
+SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1", "rapidgrad-ts", "rapidgrad-kron")
 DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
 AUTO_ALGORITHM = "auto"
 """Not an algorithm: a build resolves it (:func:`resolve_algorithm`) to one, which its manifest records."""
@@ -52,7 +52,8 @@ class SketchSettings:
     """Seed of the permutation and the signs."""
     algorithm: str = AUTO_ALGORITHM
     """'rapidgrad-v2' (keyed pseudo-random permutation), 'rapidgrad-v1' (the paper's block shuffles),
-    'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors), or 'auto'
+    'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors),
+    'rapidgrad-kron' (a segment of bins per tensor, Kronecker count sketches of the weight matrices), or 'auto'
     (the default: :func:`resolve_algorithm` picks one from the attributed tensors; a manifest records it)."""
 
     def __post_init__(self) -> None:

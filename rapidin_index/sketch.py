@@ -39,6 +39,14 @@ from __future__ import annotations
 import torch
 
 from rapidin_index.factored import RapidGradTSProjector, matrix_blocks, matrix_hash
+from rapidin_index.kronecker import (
+    COL_SIDE,
+    KRON_ALGORITHM,
+    ROW_SIDE,
+    RapidGradKronProjector,
+    kron_layout,
+    side_hash,
+)
 from rapidin_index.rapidgrad import (
     KeyedPermutation,
     RapidGradProjector,
@@ -69,6 +77,9 @@ def reference_sketch(
     padded = torch.nn.functional.pad(vectors, (0, total - gradient_dim))  # [batch, total]
     if settings.algorithm == "rapidgrad-ts":
         return _reference_ts(vectors, settings, blocks, total, squeeze)
+    if settings.algorithm == KRON_ALGORITHM:
+        sketched = _reference_kron(vectors, settings, blocks)
+        return sketched[0] if squeeze else sketched
     if settings.algorithm == "rapidgrad-v1":
         shuffled = _reference_v1_shuffle(padded, settings)
     else:
@@ -95,6 +106,27 @@ def _reference_ts(vectors, settings: SketchSettings, blocks, total: int, squeeze
         signs[matrix.offset : matrix.end] = (s1[:, None] * s2[None, :]).reshape(-1)
     sketched = torch.zeros(batch, settings.sketch_dim).index_add_(1, bins, vectors * signs)  # [batch, K]
     return sketched[0] if squeeze else sketched
+
+
+def _reference_kron(vectors: torch.Tensor, settings: SketchSettings, blocks) -> torch.Tensor:
+    """rapidgrad-kron literally: per tensor and piece, C1^T X C2 with explicit signed 0/1 matrices."""
+    batch, gradient_dim = vectors.shape
+    shapes = [(block.offset, tuple(block.parameter.shape)) for block in blocks or []]
+    sketched = torch.zeros(batch, settings.sketch_dim)
+    for segment in kron_layout(shapes, gradient_dim, settings.sketch_dim):
+        a, b, width = segment.row_bins, segment.col_bins, segment.row_bins * segment.col_bins
+        matrix = vectors[:, segment.offset : segment.end].reshape(batch, segment.rows, segment.cols)
+        for piece in range(segment.pieces):
+            h1, s1 = side_hash(settings.seed, segment.offset, ROW_SIDE, piece, segment.rows, a)
+            h2, s2 = side_hash(settings.seed, segment.offset, COL_SIDE, piece, segment.cols, b)
+            left = torch.zeros(segment.rows, a)
+            left[torch.arange(segment.rows), h1] = s1 / segment.pieces**0.5
+            right = torch.zeros(segment.cols, b)
+            right[torch.arange(segment.cols), h2] = s2
+            product = left.T @ matrix @ right  # [batch, a, b]
+            bins = (segment.start + piece * width + torch.arange(width)) % settings.sketch_dim
+            sketched.index_add_(1, bins, product.reshape(batch, width))
+    return sketched
 
 
 def _reference_v1_shuffle(padded: torch.Tensor, settings: SketchSettings) -> torch.Tensor:
@@ -134,8 +166,10 @@ def make_projector(
     gradient_dim: int,
     device: torch.device | str = "cpu",
     blocks: list | None = None,
-) -> RapidGradV2Projector | RapidGradProjector | ExactProjector:
-    """The projector of ``settings``: exact (K = 0), rapidgrad-v2, rapidgrad-v1 or rapidgrad-ts.
+) -> (
+    RapidGradV2Projector | RapidGradProjector | RapidGradTSProjector | RapidGradKronProjector | ExactProjector
+):
+    """The projector of ``settings``: exact (K = 0), rapidgrad-v2, rapidgrad-v1, rapidgrad-ts or -kron.
 
     ``blocks`` (the `capture.GradientBlock` list, in order) is for algorithms that hash by a block's
     shape rather than by flat position (rapidgrad-ts); the flat ones ignore it. 'auto' resolves from them
@@ -146,6 +180,8 @@ def make_projector(
         return ExactProjector(gradient_dim, device)
     if settings.algorithm == "rapidgrad-ts":
         return RapidGradTSProjector(settings, gradient_dim, device, blocks=blocks)
+    if settings.algorithm == KRON_ALGORITHM:
+        return RapidGradKronProjector(settings, gradient_dim, device, blocks=blocks)
     if settings.algorithm == "rapidgrad-v1":
         return RapidGradProjector(settings, gradient_dim, device)
     return RapidGradV2Projector(settings, gradient_dim, device)

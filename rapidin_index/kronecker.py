@@ -1,0 +1,272 @@
+"""rapidgrad-kron: every parameter tensor gets its own bins, and a weight matrix a Kronecker count sketch.
+
+rapidgrad-ts (`factored`) spreads every weight matrix over all K bins, so a factored sketch of a linear
+layer costs a materialised matmul and a scatter of rows x cols values per example (or an FFT of K per
+token). rapidgrad-kron instead gives each parameter tensor a segment of the K bins of its own
+(``kron_layout``) and sketches a (rows, cols) block in it as ``pieces`` independent Kronecker count
+sketches of ``row_bins x col_bins`` each::
+
+    piece k:  bin(i, j) = start + k * a * b + h1_k(i) * b + h2_k(j)      sign = s1_k(i) * s2_k(j) / sqrt(p)
+
+with h1_k in [0, a), h2_k in [0, b) and the signs counter-based hashes of (seed, offset, side, k), so
+nothing is stored. A side that fits (a = rows, or b = cols) is not hashed at all (h is the identity), so a
+tensor whose segment holds all of it is stored exactly, up to signs. Distinct coordinates of a piece
+collide with probability at most 1/a or 1/b and their signs are independent, so ``<sketch(x), sketch(y)>``
+is an unbiased estimate of ``<x, y>``; the pieces average away most of the variance that a single
+Kronecker sketch pays for coordinates sharing a row or a column (BENCHMARKS.md, "Kronecker sketch").
+
+Piece k of an outer product u v^T is ``(C1_k u) (C2_k v)^T`` with C the signed 0/1 count-sketch matrices,
+so the sketch of a per-example gradient ``sum_t u_t v_t^T`` is two small matmuls per token and one
+[a, T] x [T, b] product per piece (``project_factors``): no [rows, cols] gradient is formed and nothing
+is scattered. The block's layer norm comes from the token Gram matrices (`factored.squared_norms`).
+A materialised block (``project_block``: exact-path tensors, norm weights, biases, the reference) is
+scattered coordinate by coordinate into the same bins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rapidin_index.errors import SketchError
+from rapidin_index.factored import OuterFactors, _index_hash, _word
+from rapidin_index.settings import SketchSettings
+
+KRON_ALGORITHM = "rapidgrad-kron"
+
+PIECE_SIDE = 16
+"""Rows (and columns) a piece hashes a matrix into: pieces of 16 x 16 bins. On a fine-tuned 5.5M-parameter
+Llama at K = 65536, Spearman against exact scores rose from 0.944 (one 53 x 53 piece per matrix) to
+0.971 (8 pieces of 18 x 18) and 0.980 (16 of 13 x 13); BENCHMARKS.md, "Kronecker sketch"."""
+
+# The signed count-sketch matrices of the factored path are kept up to this many float32 values in all
+# (64 MB); past that they are rebuilt from the hashes for every call (one scatter of rows values each).
+MATRIX_CACHE_LIMIT = 1 << 24
+
+# Materialised blocks are scattered this many coordinates at a time (their int64 bins are temporaries).
+_SCATTER_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class KronSegment:
+    """Where one parameter tensor, seen as (rows, cols), lands: ``pieces`` sketches of a x b bins each."""
+
+    offset: int
+    """Its first coordinate in the flattened gradient."""
+    rows: int
+    cols: int
+    start: int
+    """Its first bin; the segment is ``width`` bins from there, modulo K."""
+    row_bins: int
+    col_bins: int
+    pieces: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.rows * self.cols
+
+    @property
+    def width(self) -> int:
+        return self.pieces * self.row_bins * self.col_bins
+
+
+def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a parameter tensor: a vector is one row; a higher tensor is [shape[0], rest]."""
+    if len(shape) <= 1:
+        return 1, int(math.prod(shape))
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def _budgets(sizes: list[int], sketch_dim: int) -> list[int]:
+    """Bins per tensor: equal shares of K, where a tensor smaller than its share gets just its size and
+    leaves the rest to the others (water-filling); at least one bin each."""
+    budgets = [0] * len(sizes)
+    remaining, left = sketch_dim, len(sizes)
+    for number in sorted(range(len(sizes)), key=sizes.__getitem__):
+        budgets[number] = min(sizes[number], max(1, remaining // left))
+        remaining, left = max(0, remaining - budgets[number]), left - 1
+    return budgets
+
+
+def _piece_shape(rows: int, cols: int, budget: int) -> tuple[int, int, int]:
+    """(a, b, pieces) for a (rows, cols) tensor given ``budget`` bins."""
+    if rows * cols <= budget:
+        return rows, cols, 1  # the whole tensor, unhashed
+    if rows == 1:
+        return 1, budget, 1  # a vector: one count sketch into its bins
+    a = min(rows, PIECE_SIDE)
+    b = min(cols, max(1, (PIECE_SIDE * PIECE_SIDE) // a))
+    if a * b > budget:  # a small share: one piece as square as the share allows
+        a = min(rows, max(1, math.isqrt(budget)))
+        return a, min(cols, max(1, budget // a)), 1
+    return a, b, budget // (a * b)
+
+
+def kron_layout(
+    shapes: list[tuple[int, tuple[int, ...]]], gradient_dim: int, sketch_dim: int
+) -> list[KronSegment]:
+    """The segments of (offset, shape) tensors covering [0, gradient_dim); gaps become vector tensors.
+
+    Fixed by the shapes, offsets and K alone, so a query rebuilds the index's layout from its model.
+    """
+    tensors, position = [], 0
+    for offset, shape in sorted(shapes):
+        if offset < position:
+            raise SketchError(f"parameter tensors overlap at coordinate {offset}")
+        if offset > position:
+            tensors.append((position, (offset - position,)))
+        tensors.append((offset, shape))
+        position = offset + int(math.prod(shape))
+    if position > gradient_dim:
+        raise SketchError(f"the parameter tensors end at {position}, past D = {gradient_dim}")
+    if position < gradient_dim:
+        tensors.append((position, (gradient_dim - position,)))
+    matrices = [as_matrix(shape) for _, shape in tensors]
+    budgets = _budgets([rows * cols for rows, cols in matrices], sketch_dim)
+    segments, start = [], 0
+    for (offset, _), (rows, cols), budget in zip(tensors, matrices, budgets, strict=True):
+        a, b, pieces = _piece_shape(rows, cols, budget)
+        segments.append(KronSegment(offset, rows, cols, start % sketch_dim, a, b, pieces))
+        start += pieces * a * b
+    return segments
+
+
+def side_hash(seed: int, offset: int, side: int, piece: int, size: int, bins: int, device="cpu"):
+    """(bins [size] int64 in [0, bins), signs [size] float32) of one side of one piece of a tensor.
+
+    A side with as many bins as indices is the identity (unhashed), with hashed signs.
+    """
+    indices = torch.arange(size, dtype=torch.int64, device=device)
+    if bins >= size:
+        hashed = indices
+    else:
+        hashed = (_index_hash(indices, _word(seed, offset, side, piece, 0)) * bins) >> 32
+    signs = 1.0 - 2.0 * (_index_hash(indices, _word(seed, offset, side, piece, 1)) & 1).to(torch.float32)
+    return hashed, signs
+
+
+# Side keys, apart from rapidgrad-ts's 1 and 2.
+ROW_SIDE, COL_SIDE = 3, 4
+
+
+class RapidGradKronProjector:
+    """Fast rapidgrad-kron: ``project_block`` (materialised) and ``project_factors`` (factored) agree.
+
+    ``blocks`` is the gradient's `capture.GradientBlock` list; without it the whole gradient is one
+    vector tensor (one count sketch into K bins).
+    """
+
+    def __init__(
+        self,
+        settings: SketchSettings,
+        gradient_dim: int,
+        device: torch.device | str = "cpu",
+        blocks: list | None = None,
+    ) -> None:
+        if settings.exact or settings.algorithm != KRON_ALGORITHM:
+            raise SketchError(f"RapidGradKronProjector needs K > 0 and {KRON_ALGORITHM}, got {settings}")
+        self.settings = settings
+        self.gradient_dim = gradient_dim
+        self.output_dim = settings.sketch_dim
+        self.device = torch.device(device)
+        shapes = [(block.offset, tuple(block.parameter.shape)) for block in blocks or []]
+        self.segments = kron_layout(shapes, gradient_dim, settings.sketch_dim)
+        self._by_offset = {segment.offset: segment for segment in self.segments}
+        self._hashes: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self._matrices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def new_output(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
+
+    def segment(self, offset: int) -> KronSegment:
+        if offset not in self._by_offset:
+            raise SketchError(f"no parameter tensor starts at offset {offset}")
+        return self._by_offset[offset]
+
+    def hashes(
+        self, segment: KronSegment
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per piece: (h1 [rows], s1 [rows], h2 [cols], s2 [cols]); s1 carries the 1 / sqrt(pieces)."""
+        if segment.offset not in self._hashes:
+            seed, scale = self.settings.seed, 1.0 / math.sqrt(segment.pieces)
+            pieces = []
+            for piece in range(segment.pieces):
+                h1, s1 = side_hash(
+                    seed, segment.offset, ROW_SIDE, piece, segment.rows, segment.row_bins, self.device
+                )
+                h2, s2 = side_hash(
+                    seed, segment.offset, COL_SIDE, piece, segment.cols, segment.col_bins, self.device
+                )
+                pieces.append((h1, s1 * scale, h2, s2))
+            self._hashes[segment.offset] = pieces
+        return self._hashes[segment.offset]
+
+    def count_matrices(self, segment: KronSegment) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C1 [rows, pieces * a], C2 [cols, pieces * b]): every piece's signed count-sketch matrix."""
+        if segment.offset in self._matrices:
+            return self._matrices[segment.offset]
+        a, b, pieces = segment.row_bins, segment.col_bins, segment.pieces
+        left = torch.zeros(segment.rows, pieces * a, device=self.device)
+        right = torch.zeros(segment.cols, pieces * b, device=self.device)
+        rows, cols = (
+            torch.arange(segment.rows, device=self.device),
+            torch.arange(segment.cols, device=self.device),
+        )
+        for piece, (h1, s1, h2, s2) in enumerate(self.hashes(segment)):
+            left[rows, piece * a + h1] = s1
+            right[cols, piece * b + h2] = s2
+        held = sum(m.numel() for pair in self._matrices.values() for m in pair)
+        if held + left.numel() + right.numel() <= MATRIX_CACHE_LIMIT:
+            self._matrices[segment.offset] = (left, right)
+        return left, right
+
+    def project_factors(
+        self, out: torch.Tensor, factors: list[OuterFactors], offset: int, scale: torch.Tensor | None = None
+    ) -> None:
+        """out: [batch, K] += scale[b] * sketch(sum of the factors' outer products) of the tensor at offset."""
+        segment = self.segment(offset)
+        left, right = self.count_matrices(segment)
+        sketched_rows, sketched_cols = [], []
+        for factor in factors:
+            cols = factor.cols.float() if scale is None else factor.cols.float() * scale[:, None, None]
+            rows = left[factor.ids] if factor.ids is not None else factor.rows.float() @ left  # [b, T, p * a]
+            sketched_rows.append(rows)
+            sketched_cols.append(cols @ right)  # [b, T, p * b]
+        rows, cols = torch.cat(sketched_rows, dim=1), torch.cat(sketched_cols, dim=1)
+        batch, tokens = rows.shape[:2]
+        a, b, pieces = segment.row_bins, segment.col_bins, segment.pieces
+        rows = rows.view(batch, tokens, pieces, a).permute(0, 2, 3, 1).reshape(batch * pieces, a, tokens)
+        cols = cols.view(batch, tokens, pieces, b).transpose(1, 2).reshape(batch * pieces, tokens, b)
+        self._add_segment(out, torch.bmm(rows, cols).view(batch, -1), segment)  # [batch, p * a * b]
+
+    def _add_segment(self, out: torch.Tensor, sketch: torch.Tensor, segment: KronSegment) -> None:
+        if segment.start + segment.width <= self.output_dim:
+            out[:, segment.start : segment.start + segment.width] += sketch
+            return
+        bins = (segment.start + torch.arange(segment.width, device=out.device)) % self.output_dim
+        out.index_add_(1, bins, sketch)  # only when K is smaller than the tensors need: the bins wrap
+
+    def bins_and_signs(self, segment: KronSegment, piece: int, first: int, last: int):
+        """(bins [n] int64, signs [n] float32) of the tensor's coordinates [first, last) in one piece."""
+        h1, s1, h2, s2 = self.hashes(segment)[piece]
+        local = torch.arange(first, last, dtype=torch.int64, device=self.device)
+        row, col = local // segment.cols, local % segment.cols
+        width = segment.row_bins * segment.col_bins
+        bins = (segment.start + piece * width + h1[row] * segment.col_bins + h2[col]) % self.output_dim
+        return bins, s1[row] * s2[col]
+
+    def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += the sketch of ``block`` ([batch, n] at ``offset``), scattered piece by piece."""
+        end = offset + block.shape[1]
+        for segment in self.segments:
+            first, last = max(offset, segment.offset), min(end, segment.end)
+            for chunk in range(first, last, _SCATTER_CHUNK):
+                stop = min(last, chunk + _SCATTER_CHUNK)
+                values = block[:, chunk - offset : stop - offset].to(torch.float32)
+                for piece in range(segment.pieces):
+                    bins, signs = self.bins_and_signs(
+                        segment, piece, chunk - segment.offset, stop - segment.offset
+                    )
+                    out.index_add_(1, bins, values * signs)
