@@ -1,4 +1,4 @@
-"""Factored sketch (issue 14): rapidgrad-ts beside rapidgrad-v2 on a full-parameter tiny Llama, one run.
+"""Factored sketches (issue 14): rapidgrad-ts and -kron beside rapidgrad-v2 on a full-parameter tiny Llama.
 
 On a tiny Llama built in-process (default hidden 384, 3 layers, a 2,000-token BPE: over 5M parameters,
 every one attributed), over the same tokenized docstring rows, in one run with the repeats interleaved,
@@ -9,6 +9,8 @@ this times ``GradientSketcher.sketch`` over all batches for:
                        or signed matmul, picked per call by ``factored.fft_is_cheaper``);
 * ``ts-materialised``  rapidgrad-ts with ``factored="never"``: the same hash, materialised (a check
                        that the factored vectors are the same, and the cost of the hash alone);
+* ``kron``             rapidgrad-kron, every linear and embedding weight sketched from its factors as
+                       Kronecker count sketches in bins of its own (``kronecker``);
 * ``floor``            the model's own batched forward + backward of the summed loss.
 
 at each K. Fidelity: held-out rows play the queries; each method's scores of every (query, training row)
@@ -48,6 +50,7 @@ METHODS = {  # name: (algorithm, factored mode)
     "v2": ("rapidgrad-v2", "auto"),
     "ts": ("rapidgrad-ts", "auto"),
     "ts-materialised": ("rapidgrad-ts", "never"),
+    "kron": ("rapidgrad-kron", "auto"),
 }
 
 
@@ -153,11 +156,11 @@ def time_one_call(grads: torch.Tensor, inputs: torch.Tensor, sketch_dim: int) ->
 
 
 def seed_spread(model, blocks, args, sketch_dims, train_batches, query_batches, exact) -> list[dict]:
-    """Spearman vs exact of v2 and ts over the default seed (42) and ``--fidelity-seeds``: mean, std, all."""
+    """Spearman vs exact of v2, ts and kron over the default seed (42) and ``--fidelity-seeds``: mean, std, all."""
     seeds = [42] + [int(seed) for seed in args.fidelity_seeds.split(",") if seed]
     spread = []
     for k in sketch_dims:
-        for algorithm in ("rapidgrad-v2", "rapidgrad-ts"):
+        for algorithm in ("rapidgrad-v2", "rapidgrad-ts", "rapidgrad-kron"):
             values = []
             for seed in seeds:
                 settings = SketchSettings(k, seed=seed, algorithm=algorithm)

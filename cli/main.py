@@ -104,11 +104,12 @@ def build(
     sketch: Annotated[
         str,
         typer.Option(
-            help="auto (rapidgrad-ts for full-parameter models at K >= 65536 or above 2^24 parameters, else "
-            "rapidgrad-v2), "
-            "rapidgrad-v2 (a keyed random permutation of the whole gradient), rapidgrad-ts (weight "
-            "matrices sketched from their factors, never materialised) or rapidgrad-v1 (the paper's "
-            "block shuffles, for reproduction)."
+            help="auto (for full-parameter models at K >= 65536 or above 2^24 parameters: rapidgrad-kron "
+            "where K holds 2048 bins a weight matrix, else rapidgrad-ts; rapidgrad-v2 otherwise), "
+            "rapidgrad-v2 (a keyed random permutation of the whole gradient), rapidgrad-kron (bins of "
+            "its own for every tensor, weight matrices as Kronecker count sketches of their factors), "
+            "rapidgrad-ts (weight matrices hashed over all K bins, sketched from their factors) or "
+            "rapidgrad-v1 (the paper's block shuffles, for reproduction)."
         ),
     ] = default_of(BuildSettings, "sketch").algorithm,
     shuffle_lambda: Annotated[

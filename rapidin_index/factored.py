@@ -82,7 +82,30 @@ class OuterFactors:
 # --------------------------------------------------------------------------- norms and costs
 
 
-def _row_gram(a: OuterFactors, b: OuterFactors) -> torch.Tensor:
+class GramCache:
+    """Token Gram matrices ``x x^T`` of the tensors one batch's factors share (a layer's q, k and v
+    projections read the same input): each is formed once. It holds the tensors it keys on, so a freed
+    tensor's storage cannot come back under another tensor with the same key."""
+
+    def __init__(self) -> None:
+        self._grams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def gram(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[batch, T, T] of a [batch, T, features] tensor."""
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key not in self._grams:
+            values = tensor.float()
+            self._grams[key] = (tensor, torch.bmm(values, values.transpose(1, 2)))
+        return self._grams[key][1]
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor, same: bool, cache: GramCache | None) -> torch.Tensor:
+    if same and cache is not None:
+        return cache.gram(a)
+    return torch.bmm(a.float(), b.float().transpose(1, 2))
+
+
+def _row_gram(a: OuterFactors, b: OuterFactors, cache: GramCache | None = None) -> torch.Tensor:
     """[batch, Ta, Tb]: u^a_t . u^b_t' (one-hot rows compare ids, or pick the dense entry)."""
     if a.ids is not None and b.ids is not None:
         return (a.ids[:, :, None] == b.ids[:, None, :]).float()
@@ -91,21 +114,23 @@ def _row_gram(a: OuterFactors, b: OuterFactors) -> torch.Tensor:
         return b.rows.float().gather(2, index).transpose(1, 2)  # u^b_t'[id^a_t]
     if b.ids is not None:
         return _row_gram(b, a).transpose(1, 2)
-    return torch.bmm(a.rows.float(), b.rows.float().transpose(1, 2))
+    return _gram(a.rows, b.rows, a is b, cache)
 
 
-def squared_norms(factors: list[OuterFactors]) -> torch.Tensor:
+def squared_norms(factors: list[OuterFactors], cache: GramCache | None = None) -> torch.Tensor:
     """[batch] float64 ||sum of the factors' outer products||_F^2 from token Gram matrices, cross terms too.
 
     The Grams are float32 matmuls; their products are summed in float64, where terms of opposite signs
-    cancel (the squared norm of a sum of outer products).
+    cancel (the squared norm of a sum of outer products). ``cache`` shares Grams between blocks.
     """
     total = None
     for first, a in enumerate(factors):
         for second in range(first, len(factors)):
             b = factors[second]
-            cols = torch.bmm(a.cols.float(), b.cols.float().transpose(1, 2))  # [batch, Ta, Tb]
-            term = (_row_gram(a, b).double() * cols.double()).sum(dim=(1, 2)) * (1 if first == second else 2)
+            cols = _gram(a.cols, b.cols, a is b, cache)  # [batch, Ta, Tb]
+            term = (_row_gram(a, b, cache).double() * cols.double()).sum(dim=(1, 2)) * (
+                1 if first == second else 2
+            )
             total = term if total is None else total + term
     return total
 

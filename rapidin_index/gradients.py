@@ -25,7 +25,7 @@ from torch import nn
 
 from rapidin_index.capture import GradientBlock, GradientCapture
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import OuterFactors, factors_gradient, squared_norms
+from rapidin_index.factored import GramCache, OuterFactors, factors_gradient, squared_norms
 from rapidin_index.losses import Batch, example_losses
 from rapidin_index.settings import NORMALIZATIONS
 
@@ -189,7 +189,7 @@ class GradientSketcher:
         dense = any(factor.ids is None for factor in factors)
         if dense and not hasattr(self.projector, "project_factors"):
             return False
-        squared = squared_norms(factors)  # [batch] from the token Gram matrices
+        squared = squared_norms(factors, state.grams)  # [batch] from the token Gram matrices
         if not bool(torch.isfinite(squared).all()):
             return False
         if hasattr(self.projector, "project_factors"):  # rapidgrad-kron: scaled, straight into the batch's
@@ -305,6 +305,7 @@ class _SketchState:
         self.losses = losses.float()
         self.squared_norm = torch.zeros(batch_size, device=self.out.device)
         self.finite = torch.isfinite(self.losses).to(self.out.device)
+        self.grams = GramCache()  # blocks that read one input share its token Gram matrix
 
     def add(self, block: GradientBlock, gradients: torch.Tensor, normalize: str) -> None:
         """One pass over the block for its norms (a NaN or inf anywhere makes the norm non-finite),

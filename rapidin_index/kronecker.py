@@ -230,11 +230,12 @@ class RapidGradKronProjector:
         left, right = self.count_matrices(segment)
         sketched_rows, sketched_cols = [], []
         for factor in factors:
-            cols = factor.cols.float() if scale is None else factor.cols.float() * scale[:, None, None]
             rows = left[factor.ids] if factor.ids is not None else factor.rows.float() @ left  # [b, T, p * a]
             sketched_rows.append(rows)
-            sketched_cols.append(cols @ right)  # [b, T, p * b]
+            sketched_cols.append(factor.cols.float() @ right)  # [b, T, p * b]
         rows, cols = torch.cat(sketched_rows, dim=1), torch.cat(sketched_cols, dim=1)
+        if scale is not None:
+            cols = cols * scale[:, None, None]  # on the sketched side: p * b values a token, not cols
         batch, tokens = rows.shape[:2]
         a, b, pieces = segment.row_bins, segment.col_bins, segment.pieces
         rows = rows.view(batch, tokens, pieces, a).permute(0, 2, 3, 1).reshape(batch * pieces, a, tokens)

@@ -107,23 +107,33 @@ full-parameter model of more than this many attributed parameters at any K: on a
 it built 2.5x faster than rapidgrad-v2 at K = 4096 (BENCHMARKS.md, "Factored sketch (issue 14)")."""
 
 
+KRON_AUTO_BINS_PER_MATRIX = 2048
+"""'auto' picks rapidgrad-kron over rapidgrad-ts where K gives every weight matrix at least this many
+bins: on a fine-tuned 5.5M-parameter Llama at K = 65536 (2,700 bins a matrix) it built 1.5x faster than
+rapidgrad-ts at Spearman 0.974 against exact scores (ts: 0.986); with a few hundred bins a matrix its
+Spearman fell to 0.92-0.93 where a full mixing sketch keeps 0.97 (BENCHMARKS.md, "Kronecker sketch")."""
+
+
 def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
     """Concrete settings for a build (its manifest records them): ``algorithm="auto"`` resolved.
 
-    'auto' is rapidgrad-ts for a full-parameter model (a 2-D weight among the ``capture.GradientBlock``
-    list and no LoRA tensor) at K >= ``TS_AUTO_MIN_SKETCH_DIM``, where it measured faster at the same
-    fidelity, or of more than ``MAPPING_CACHE_LIMIT`` parameters at any K, where rapidgrad-v2 would
-    re-hash every coordinate for every batch and query; rapidgrad-v2 otherwise (K = 0 stores exact
-    vectors, whatever the name). A named algorithm is kept as it is.
+    'auto' sketches a full-parameter model (a 2-D weight among the ``capture.GradientBlock`` list and no
+    LoRA tensor) from its factors at K >= ``TS_AUTO_MIN_SKETCH_DIM``, where that measured faster at the
+    same fidelity, or at any K above ``MAPPING_CACHE_LIMIT`` parameters, where rapidgrad-v2 would
+    re-hash every coordinate for every batch and query: with rapidgrad-kron where K holds
+    ``KRON_AUTO_BINS_PER_MATRIX`` bins for every weight matrix, else with rapidgrad-ts. rapidgrad-v2
+    otherwise (K = 0 stores exact vectors, whatever the name). A named algorithm is kept as it is.
     """
     if settings.algorithm != AUTO_ALGORITHM:
         return settings
-    full = any(block.parameter.dim() == 2 for block in blocks) and not any(
-        "lora_" in block.name for block in blocks
-    )
+    matrices = sum(1 for block in blocks if block.parameter.dim() == 2)
+    full = matrices > 0 and not any("lora_" in block.name for block in blocks)
     large = sum(block.parameter.numel() for block in blocks) > MAPPING_CACHE_LIMIT
     factored = full and (settings.sketch_dim >= TS_AUTO_MIN_SKETCH_DIM or large)
-    algorithm = "rapidgrad-ts" if factored else DEFAULT_SKETCH_ALGORITHM
+    algorithm = DEFAULT_SKETCH_ALGORITHM
+    if factored:
+        roomy = settings.sketch_dim >= KRON_AUTO_BINS_PER_MATRIX * matrices
+        algorithm = "rapidgrad-kron" if roomy else "rapidgrad-ts"
     return SketchSettings(settings.sketch_dim, settings.shuffle_lambda, settings.seed, algorithm)
 
 

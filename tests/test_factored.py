@@ -227,19 +227,20 @@ def test_build_and_query_end_to_end_with_rapidgrad_ts(
 
 
 def test_auto_resolves_from_the_blocks_a_projector_is_given():
-    blocks = blocks_of((8, 4), (4,))
+    blocks = blocks_of(*[(8, 4)] * 40, (4,))  # 40 matrices: fewer than 2048 bins each at K = 65536
     auto = SketchSettings(65536, 20, 7)  # a bare SketchSettings is 'auto'
-    assert isinstance(make_projector(auto, 36, blocks=blocks), RapidGradTSProjector)
+    assert isinstance(make_projector(auto, 1284, blocks=blocks), RapidGradTSProjector)
+    blocks = blocks_of((8, 4), (4,))
     assert isinstance(make_projector(SketchSettings(4096, 20, 7), 36, blocks=blocks), RapidGradV2Projector)
     assert isinstance(make_projector(auto, 36), RapidGradV2Projector)  # no blocks: flat
     vectors = torch.randn(3, 36)
     torch.testing.assert_close(
         reference_sketch(vectors, auto, blocks),
-        reference_sketch(vectors, SketchSettings(65536, 20, 7, TS), blocks),
+        reference_sketch(vectors, SketchSettings(65536, 20, 7, "rapidgrad-kron"), blocks),
     )
 
 
-def test_a_build_with_auto_records_rapidgrad_ts_and_resumes(
+def test_a_build_with_auto_records_its_factored_sketch_and_resumes(
     tmp_path, tiny_model_dirs, training_file, training_rows
 ):
     from rapidin_index.build import build_index
@@ -255,7 +256,7 @@ def test_a_build_with_auto_records_rapidgrad_ts_and_resumes(
     )
     build_index(training_file, tmp_path / "index", settings, progress=False)
     manifest = read_manifest(tmp_path / "index")
-    assert manifest.sketch["algorithm"] == TS  # resolved: a full-parameter model at K = 2^16
+    assert manifest.sketch["algorithm"] == "rapidgrad-kron"  # resolved: a full-parameter model at K = 2^16
     again = build_index(training_file, tmp_path / "index", settings, progress=False)  # nothing to do
     assert again.nothing_to_do and read_manifest(tmp_path / "index").generation == manifest.generation
     opened = Index.open(tmp_path / "index", device="cpu")

@@ -10,6 +10,7 @@ from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import BuildError, ModelError, SketchError
 from rapidin_index.settings import (
     AUTO_ALGORITHM,
+    KRON_AUTO_BINS_PER_MATRIX,
     MAPPING_CACHE_LIMIT,
     MAX_VECTOR_DIMENSION,
     BuildSettings,
@@ -20,6 +21,7 @@ from rapidin_index.settings import (
 )
 
 TS = "rapidgrad-ts"
+KRON = "rapidgrad-kron"
 
 
 def test_default_of_reads_plain_defaults_and_calls_factories():
@@ -69,7 +71,7 @@ def test_bad_sketch_settings_are_refused():
         )
 
 
-def test_auto_resolves_to_ts_for_full_parameter_models_only():
+def test_auto_sketches_full_parameter_models_only_from_their_factors():
     full = blocks_of((8, 4), (4,))
     lora = gradient_blocks(
         [
@@ -78,7 +80,10 @@ def test_auto_resolves_to_ts_for_full_parameter_models_only():
         ]
     )
     auto = SketchSettings(65536, 20, 7, AUTO_ALGORITHM)
-    assert resolve_algorithm(auto, full) == SketchSettings(65536, 20, 7, TS)
+    assert resolve_algorithm(auto, full) == SketchSettings(65536, 20, 7, KRON)  # 65536 bins for 1 matrix
+    crowded = blocks_of(*[(8, 4)] * (65536 // KRON_AUTO_BINS_PER_MATRIX + 1))  # fewer than 2048 bins each
+    assert resolve_algorithm(auto, crowded) == SketchSettings(65536, 20, 7, TS)
+    assert resolve_algorithm(auto, crowded[:-1]).algorithm == KRON
     small = SketchSettings(4096, 20, 7, AUTO_ALGORITHM)  # where ts measured a little less faithful
     assert resolve_algorithm(small, full) == SketchSettings(4096, 20, 7, "rapidgrad-v2")
     assert resolve_algorithm(auto, lora).algorithm == "rapidgrad-v2"
@@ -86,10 +91,10 @@ def test_auto_resolves_to_ts_for_full_parameter_models_only():
     assert resolve_algorithm(SketchSettings(0, algorithm=AUTO_ALGORITHM), full).algorithm == "rapidgrad-v2"
     named = SketchSettings(4096, algorithm="rapidgrad-v1")
     assert resolve_algorithm(named, full) is named
-    assert resolve_algorithm(auto, full).to_dict()["algorithm"] == TS  # what the manifest records
+    assert resolve_algorithm(auto, full).to_dict()["algorithm"] == KRON  # what the manifest records
 
 
-def test_auto_resolves_to_ts_at_any_k_where_v2_could_not_cache_its_mapping():
+def test_auto_sketches_from_factors_at_any_k_where_v2_could_not_cache_its_mapping():
     def meta_blocks(*named_shapes):  # shapes only: nothing allocated
         return gradient_blocks(
             [(name, torch.nn.Parameter(torch.empty(shape, device="meta"))) for name, shape in named_shapes]
@@ -99,7 +104,10 @@ def test_auto_resolves_to_ts_at_any_k_where_v2_could_not_cache_its_mapping():
     above = meta_blocks(("w", (MAPPING_CACHE_LIMIT // 4096, 4096)), ("norm", (1,)))
     small_k = SketchSettings(4096, 20, 7, AUTO_ALGORITHM)
     assert resolve_algorithm(small_k, just_below).algorithm == "rapidgrad-v2"
-    assert resolve_algorithm(small_k, above).algorithm == TS
+    assert resolve_algorithm(small_k, above).algorithm == KRON  # 4096 bins for its one matrix
+    many = meta_blocks(("w", (MAPPING_CACHE_LIMIT // 4096, 4096)), ("v", (4, 4)), ("x", (4, 4)))
+    assert resolve_algorithm(small_k, many).algorithm == TS  # 2048 bins for each of 3 matrices: K < 6144
+
     big_lora = meta_blocks(("q.lora_A.default.weight", (MAPPING_CACHE_LIMIT, 2)))
     assert resolve_algorithm(small_k, big_lora).algorithm == "rapidgrad-v2"  # adapters stay flat
     from rapidin_index.rapidgrad import DEFAULT_CACHE_LIMIT
