@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import OuterFactors, _index_hash, _word
+from rapidin_index.factored import OuterFactors, _word
+from rapidin_index.rapidgrad import _GOLDEN32, _MASK32, _mix32
 from rapidin_index.settings import SketchSettings
 
 KRON_ALGORITHM = "rapidgrad-kron"
@@ -138,12 +139,26 @@ def side_hash(seed: int, offset: int, side: int, piece: int, size: int, bins: in
 
     A side with as many bins as indices is the identity (unhashed), with hashed signs.
     """
-    indices = torch.arange(size, dtype=torch.int64, device=device)
-    if bins >= size:
-        hashed = indices
-    else:
-        hashed = (_index_hash(indices, _word(seed, offset, side, piece, 0)) * bins) >> 32
-    signs = 1.0 - 2.0 * (_index_hash(indices, _word(seed, offset, side, piece, 1)) & 1).to(torch.float32)
+    hashed, signs = side_hashes(seed, offset, side, 1, size, bins, device, first_piece=piece)
+    return hashed[0], signs[0]
+
+
+def side_hashes(
+    seed: int, offset: int, side: int, pieces: int, size: int, bins: int, device="cpu", first_piece: int = 0
+):
+    """``side_hash`` of pieces first_piece, ..., first_piece + pieces - 1 at once: ([pieces, size] int64,
+    [pieces, size] float32); the same bits, in a few tensor ops instead of a dozen per piece."""
+    indices = torch.arange(size, dtype=torch.int64, device=device).expand(pieces, size)
+    numbers = range(first_piece, first_piece + pieces)
+
+    def keyed(role: int) -> torch.Tensor:  # factored._index_hash, with one key per piece (a row)
+        keys = [_word(seed, offset, side, piece, role) for piece in numbers]
+        key = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]
+        salt = [(k * _GOLDEN32) & _MASK32 for k in keys]
+        return _mix32(_mix32((indices ^ key) & _MASK32) ^ torch.tensor(salt, device=device)[:, None])
+
+    hashed = indices.clone() if bins >= size else (keyed(0) * bins) >> 32
+    signs = 1.0 - 2.0 * (keyed(1) & 1).to(torch.float32)
     return hashed, signs
 
 
@@ -190,17 +205,14 @@ class RapidGradKronProjector:
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per piece: (h1 [rows], s1 [rows], h2 [cols], s2 [cols]); s1 carries the 1 / sqrt(pieces)."""
         if segment.offset not in self._hashes:
-            seed, scale = self.settings.seed, 1.0 / math.sqrt(segment.pieces)
-            pieces = []
-            for piece in range(segment.pieces):
-                h1, s1 = side_hash(
-                    seed, segment.offset, ROW_SIDE, piece, segment.rows, segment.row_bins, self.device
-                )
-                h2, s2 = side_hash(
-                    seed, segment.offset, COL_SIDE, piece, segment.cols, segment.col_bins, self.device
-                )
-                pieces.append((h1, s1 * scale, h2, s2))
-            self._hashes[segment.offset] = pieces
+            seed, count, scale = self.settings.seed, segment.pieces, 1.0 / math.sqrt(segment.pieces)
+            h1, s1 = side_hashes(
+                seed, segment.offset, ROW_SIDE, count, segment.rows, segment.row_bins, self.device
+            )
+            h2, s2 = side_hashes(
+                seed, segment.offset, COL_SIDE, count, segment.cols, segment.col_bins, self.device
+            )
+            self._hashes[segment.offset] = list(zip(h1, s1 * scale, h2, s2, strict=True))
         return self._hashes[segment.offset]
 
     def count_matrices(self, segment: KronSegment) -> tuple[torch.Tensor, torch.Tensor]:
