@@ -6,8 +6,8 @@ which every bin receives exactly ``padded_dim / K`` coordinates, so ``<sketch(x)
 unbiased estimate of ``<x, y>``. The sign of a coordinate is a counter-based hash of (seed, its final
 position), so no sign vector is stored. They differ in the permutation (the manifest names the one used):
 
-* ``rapidgrad-v2`` (the default of ``SketchSettings``; a build's "auto" picks it except for full-parameter
-  models at K >= 65536) is a keyed pseudo-random permutation of the whole of [0, padded_dim): an
+* ``rapidgrad-v2`` (a build's "auto" picks it except for full-parameter models at K >= 65536 or above
+  2^24 parameters) is a keyed pseudo-random permutation of the whole of [0, padded_dim): an
   unbalanced Feistel network on the smallest enclosing power of two, ``FEISTEL_ROUNDS`` rounds whose round
   function is murmur3's finaliser keyed by (seed, round), with cycle-walking back into [0, padded_dim). It
   is fixed by (seed, D, K); its whole state is the round keys, so a worker keeps O(1) memory at any D.
@@ -22,6 +22,10 @@ position), so no sign vector is stored. They differ in the permutation (the mani
   count sketch, bin (h1(i) + h2(j)) mod K and sign s1(i) s2(j), so that a linear layer's per-example
   gradient (a sum of outer products) is sketched from its factors by FFT, never materialised; every other
   coordinate is hashed as rapidgrad-v2 hashes it. Its bins are not equal-sized (a plain count sketch).
+* ``rapidgrad-kron`` (:class:`RapidGradKronProjector`, :mod:`rapidin_index.kronecker`) gives every
+  parameter tensor bins of its own and sketches a weight matrix there as independent Kronecker count
+  sketches of its factors: two small matmuls per token, no scatter. 'auto' picks it over rapidgrad-ts
+  where K holds 2,048 bins a weight matrix.
 
 Two implementations of each exist:
 
