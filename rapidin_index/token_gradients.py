@@ -8,7 +8,7 @@ at once (the rows play the batch axis); and each row's weight gradients are rebu
 output gradient) by the same per-example rules as the build (``capture.GradientCapture``). A causal
 model's loss at j does not see later tokens, so this equals one truncated forward + backward per token,
 at the price of one forward. Exact-path tensors are differentiated directly (batched, too). Under
-rapidgrad-ts the rows' matrix blocks are sketched from their factors as the build sketches examples
+rapidgrad-ts and -kron the rows' matrix blocks are sketched from their factors as the build sketches examples
 (``GradientSketcher.add_hooked``), so query and index vectors share one sketch space.
 """
 
