@@ -238,3 +238,13 @@ def test_build_then_query_in_another_process_with_rapidgrad_kron(
         capture_output=True, text=True, env=environment, check=True,
     )  # fmt: skip
     assert other.stdout.strip().splitlines()[-1] == "[0, 7]"
+
+
+def test_non_finite_factored_block_is_flagged_as_before(tiny_model_dirs, training_rows):
+    loaded, blocks = load(tiny_model_dirs, "llama", False)
+    with torch.no_grad():
+        loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    sketcher = GradientSketcher(loaded.model, blocks, projector_for(blocks, 4096))
+    result = sketcher.sketch(collate(sequences(loaded.tokenizer, training_rows[:2]), 0, "cpu"))
+    assert not bool(result.finite.any())
+    assert bool(torch.isfinite(result.vectors).all())
