@@ -11,9 +11,9 @@ block to unit L2 norm before the block is sketched (SPEC 2.2), so the full gradi
 
 A linear, Conv1D or embedding weight's per-example gradient is a sum of outer products over tokens, so
 it can be handed to the sketch as its factors (``GradientCapture.example_factors``) instead of
-materialised: rapidgrad-ts and rapidgrad-kron sketch any such block that way (:mod:`rapidin_index.factored`,
-:mod:`rapidin_index.kronecker`), every
-other projector the embeddings (their looked-up rows, scattered), with norms from token Gram matrices.
+materialised: rapidgrad-ts and rapidgrad-kron sketch any such block that way
+(:mod:`rapidin_index.factored`, :mod:`rapidin_index.kronecker`), every other projector the embeddings
+(their looked-up rows, scattered), with norms from token Gram matrices.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ class GradientSketcher:
     ``exact=True`` puts every block on the exact path (the slow reference).
 
     With a projector that sketches outer-product factors (rapidgrad-ts, rapidgrad-kron), every hooked
-    linear, Conv1D and embedding weight is sketched from its factors (``factored="auto"``; ts picks FFT or
-    a signed matmul per call by cost, kron multiplies them by its count-sketch matrices); with any other projector, embedding weights are (their looked-up
-    rows are scattered, never a dense [batch, vocab, dim]). ``factored="never"`` materialises every
+    linear, Conv1D and embedding weight is sketched from its factors (``factored="auto"``; ts picks FFT
+    or a signed matmul per call by cost, kron multiplies them by its count-sketch matrices); with any
+    other projector, embedding weights are (their looked-up rows are scattered, never a dense
+    [batch, vocab, dim]). ``factored="never"`` materialises every
     block. ``factored_blocks`` names the blocks that took the factored path.
     """
 

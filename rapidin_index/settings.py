@@ -53,8 +53,9 @@ class SketchSettings:
     algorithm: str = AUTO_ALGORITHM
     """'rapidgrad-v2' (keyed pseudo-random permutation), 'rapidgrad-v1' (the paper's block shuffles),
     'rapidgrad-ts' (tensor-product hash of the weight matrices, sketched from their factors),
-    'rapidgrad-kron' (a segment of bins per tensor, Kronecker count sketches of the weight matrices), or 'auto'
-    (the default: :func:`resolve_algorithm` picks one from the attributed tensors; a manifest records it)."""
+    'rapidgrad-kron' (a segment of bins per tensor, Kronecker count sketches of the weight matrices),
+    or 'auto' (the default: :func:`resolve_algorithm` picks one from the attributed tensors; a manifest
+    records it)."""
 
     def __post_init__(self) -> None:
         if self.sketch_dim < 0:
