@@ -189,8 +189,11 @@ def _word(*values: int) -> int:
     return state
 
 
-def _index_hash(indices: torch.Tensor, key: int) -> torch.Tensor:
-    """A 32-bit hash (int64 in [0, 2^32)) of int64 indices in [0, 2^32), keyed."""
+def _index_hash(indices: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
+    """A 32-bit hash (int64 in [0, 2^32)) of int64 indices in [0, 2^32), keyed.
+
+    ``key`` is an int, or an int64 tensor of keys that broadcasts against ``indices`` (one key a row):
+    the same bits, as the tensor's product wraps mod 2^64 above the kept 32."""
     return _mix32(_mix32((indices ^ key) & _MASK32) ^ ((key * _GOLDEN32) & _MASK32))
 
 

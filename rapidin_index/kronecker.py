@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import OuterFactors, _word
-from rapidin_index.rapidgrad import _GOLDEN32, _MASK32, _mix32
+from rapidin_index.factored import OuterFactors, _index_hash, _word
 from rapidin_index.settings import SketchSettings
 
 KRON_ALGORITHM = "rapidgrad-kron"
@@ -151,11 +150,9 @@ def side_hashes(
     indices = torch.arange(size, dtype=torch.int64, device=device).expand(pieces, size)
     numbers = range(first_piece, first_piece + pieces)
 
-    def keyed(role: int) -> torch.Tensor:  # factored._index_hash, with one key per piece (a row)
+    def keyed(role: int) -> torch.Tensor:  # one key a piece (a row)
         keys = [_word(seed, offset, side, piece, role) for piece in numbers]
-        key = torch.tensor(keys, dtype=torch.int64, device=device)[:, None]
-        salt = [(k * _GOLDEN32) & _MASK32 for k in keys]
-        return _mix32(_mix32((indices ^ key) & _MASK32) ^ torch.tensor(salt, device=device)[:, None])
+        return _index_hash(indices, torch.tensor(keys, dtype=torch.int64, device=device)[:, None])
 
     hashed = indices.clone() if bins >= size else (keyed(0) * bins) >> 32
     signs = 1.0 - 2.0 * (keyed(1) & 1).to(torch.float32)
