@@ -25,6 +25,7 @@ scattered coordinate by coordinate into the same bins.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -186,6 +187,7 @@ class RapidGradKronProjector:
         shapes = [(block.offset, tuple(block.parameter.shape)) for block in blocks or []]
         self.segments = kron_layout(shapes, gradient_dim, settings.sketch_dim)
         self._by_offset = {segment.offset: segment for segment in self.segments}
+        self._ends = [segment.end for segment in self.segments]  # ascending: segments tile [0, D)
         self._hashes: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self._matrices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -270,7 +272,9 @@ class RapidGradKronProjector:
     def project_block(self, out: torch.Tensor, block: torch.Tensor, offset: int) -> None:
         """out: [batch, K] += the sketch of ``block`` ([batch, n] at ``offset``), scattered piece by piece."""
         end = offset + block.shape[1]
-        for segment in self.segments:
+        for segment in self.segments[bisect.bisect_right(self._ends, offset) :]:  # the first ending past it
+            if segment.offset >= end:
+                break
             first, last = max(offset, segment.offset), min(end, segment.end)
             for chunk in range(first, last, _SCATTER_CHUNK):
                 stop = min(last, chunk + _SCATTER_CHUNK)
