@@ -225,3 +225,48 @@ def blocks_of(*shapes):
     return gradient_blocks(
         [(f"p{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
     )
+
+
+def low_rank_sketch_estimates(algorithm: str, seeds: int = 200):
+    """(estimates [seeds], true <x, y>, K): sketched inner products of two unit low-rank matrices (as a
+    linear layer's gradients are) under ``seeds`` independent hashes; the true value from torch alone."""
+    import numpy as np
+    import torch
+
+    from rapidin_index.settings import SketchSettings
+    from rapidin_index.sketch import reference_sketch
+
+    torch.manual_seed(3)
+    rows, cols, sketch_dim = 64, 48, 1024
+    u, v = torch.randn(2, 3, rows), torch.randn(2, 3, cols)
+    x = torch.einsum("tr,tc->rc", u[0], v[0]).reshape(-1)
+    y = (0.5 * x + torch.einsum("tr,tc->rc", u[1], v[1]).reshape(-1)) / 1.5
+    x, y = x / x.norm(), y / y.norm()
+    blocks = blocks_of((rows, cols))
+    estimates = []
+    for seed in range(seeds):
+        settings = SketchSettings(sketch_dim, seed=seed, algorithm=algorithm)
+        sx, sy = reference_sketch(torch.stack([x, y]), settings, blocks)
+        estimates.append(float(sx @ sy))
+    return np.array(estimates), float(x @ y), sketch_dim
+
+
+def tensor_digest(tensors) -> str:
+    """sha256 over the bytes of a sequence of CPU tensors."""
+    import hashlib
+
+    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def digest_in_another_process(import_line: str, call: str) -> str:
+    """``tensor_digest`` of what ``call`` returns, computed in a subprocess with another PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"{import_line}; from conftest import tensor_digest; print(tensor_digest({call}))"
+    environment = {**os.environ, "PYTHONHASHSEED": "999", "PYTHONPATH": os.path.dirname(__file__)}
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
+    )
+    return other.stdout.strip()

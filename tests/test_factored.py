@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from conftest import blocks_of, brute_force_sketch
+from conftest import (
+    blocks_of,
+    brute_force_sketch,
+    digest_in_another_process,
+    low_rank_sketch_estimates,
+    tensor_digest,
+)
 from test_gradients import load, sequences
 
 from rapidin_index.capture import gradient_dim
@@ -114,38 +115,18 @@ def test_gram_norms_equal_materialised_norms_with_cross_terms():
 
 
 def test_inner_products_are_unbiased_with_noise_of_order_one_over_sqrt_k():
-    # Low-rank gradients as a linear layer makes them; 200 independent hashes (seeds).
-    torch.manual_seed(3)
-    rows, cols, sketch_dim = 64, 48, 1024
-    u, v = torch.randn(2, 3, rows), torch.randn(2, 3, cols)
-    x = torch.einsum("tr,tc->rc", u[0], v[0]).reshape(-1)
-    y = (0.5 * x + torch.einsum("tr,tc->rc", u[1], v[1]).reshape(-1)) / 1.5
-    x, y = x / x.norm(), y / y.norm()
-    blocks = blocks_of((rows, cols))
-    estimates = []
-    for seed in range(200):
-        settings = SketchSettings(sketch_dim, seed=seed, algorithm=TS)
-        sx, sy = reference_sketch(torch.stack([x, y]), settings, blocks)
-        estimates.append(float(sx @ sy))
-    estimates = np.array(estimates)
-    true = float(x @ y)
+    # Low-rank gradients as a linear layer makes them; 200 independent hashes (seeds); exact <x, y> by torch.
+    estimates, true, sketch_dim = low_rank_sketch_estimates(TS)
     assert abs(estimates.mean() - true) < 4 * estimates.std() / np.sqrt(len(estimates))
     assert estimates.std() < 3 / np.sqrt(sketch_dim)
     assert estimates.std() > 0.1 / np.sqrt(sketch_dim)  # it is a sketch: not exact
 
 
 def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
-    code = (
-        "import hashlib, torch; from rapidin_index.factored import matrix_hash;"
-        "h = matrix_hash(11, 12345, 300, 200, 4096);"
-        "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in h)).hexdigest())"
-    )
-    environment = {**os.environ, "PYTHONHASHSEED": "999"}
-    other = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
-    )
     here = matrix_hash(11, 12345, 300, 200, 4096)
-    assert other.stdout.strip() == hashlib.sha256(b"".join(t.numpy().tobytes() for t in here)).hexdigest()
+    assert digest_in_another_process(
+        "from rapidin_index.factored import matrix_hash", "matrix_hash(11, 12345, 300, 200, 4096)"
+    ) == tensor_digest(here)
     h1, s1, h2, s2 = here
     assert int(h1.min()) >= 0 and int(h1.max()) < 4096 and set(s1.tolist()) == {-1.0, 1.0}
     assert len(set(h1.tolist())) > 280  # spread over the bins
@@ -169,15 +150,21 @@ def test_factored_sketcher_equals_brute_force_on_a_tiny_model(
 ):
     loaded, blocks = load(tiny_model_dirs, architecture, False)
     settings = SketchSettings(2048, algorithm=TS)
-    pairs = sequences(loaded.tokenizer, training_rows[:4])
-    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
     projector = make_projector(settings, gradient_dim(blocks), blocks=blocks)
     projector.method = method
+    assert_factored_equals_brute_force(loaded, blocks, projector, training_rows[:4], normalize)
+
+
+def assert_factored_equals_brute_force(loaded, blocks, projector, rows, normalize: str) -> None:
+    """The sketcher's factored vectors, and its materialising ones, equal the literal brute force."""
+    pairs = sequences(loaded.tokenizer, rows)
+    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
     sketcher = GradientSketcher(loaded.model, blocks, projector, normalize)
     result = sketcher.sketch(batch)
     assert sketcher.uses_hooks
     matrices = {block.name for block in blocks if block.parameter.dim() == 2}
     assert sketcher.factored_blocks == matrices  # every weight matrix and embedding, tied GPT-2 wte too
+    settings = projector.settings
     reference = torch.stack([brute_force_ts(loaded, blocks, pair, settings, normalize) for pair in pairs])
     tolerance = 1e-4 * float(reference.abs().max())
     torch.testing.assert_close(result.vectors, reference, atol=tolerance, rtol=1e-4)
@@ -195,10 +182,15 @@ def brute_force_ts(loaded, blocks, pair, settings, normalize):
 
 
 def test_non_finite_factored_block_is_flagged_as_before(tiny_model_dirs, training_rows):
+    assert_non_finite_block_is_flagged(tiny_model_dirs, training_rows, SketchSettings(256, algorithm=TS))
+
+
+def assert_non_finite_block_is_flagged(tiny_model_dirs, training_rows, settings: SketchSettings) -> None:
+    """An inf weight makes both rows non-finite (rejected later), and no inf reaches the vectors."""
     loaded, blocks = load(tiny_model_dirs, "llama", False)
     with torch.no_grad():
         loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
-    projector = make_projector(SketchSettings(256, algorithm=TS), gradient_dim(blocks), blocks=blocks)
+    projector = make_projector(settings, gradient_dim(blocks), blocks=blocks)
     sketcher = GradientSketcher(loaded.model, blocks, projector)
     result = sketcher.sketch(collate(sequences(loaded.tokenizer, training_rows[:2]), 0, "cpu"))
     assert not bool(result.finite.any())

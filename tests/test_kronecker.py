@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,15 +9,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import blocks_of, brute_force_sketch
-from test_gradients import load, sequences
+from conftest import (
+    blocks_of,
+    digest_in_another_process,
+    low_rank_sketch_estimates,
+    tensor_digest,
+)
+from test_factored import assert_factored_equals_brute_force, assert_non_finite_block_is_flagged
+from test_gradients import load
 
 from rapidin_index.capture import gradient_dim
 from rapidin_index.errors import SketchError
 from rapidin_index.factored import OuterFactors, factors_gradient
-from rapidin_index.gradients import GradientSketcher
 from rapidin_index.kronecker import RapidGradKronProjector, kron_layout, side_hash
-from rapidin_index.losses import collate
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch
 
@@ -121,43 +124,17 @@ def test_a_tensor_that_fits_keeps_its_inner_products_exactly():
 
 def test_inner_products_are_unbiased_with_noise_of_order_one_over_sqrt_k():
     # Low-rank gradients as a linear layer makes them; 200 independent hashes (seeds); exact <x, y> by torch.
-    torch.manual_seed(3)
-    rows, cols, sketch_dim = 64, 48, 1024
-    u, v = torch.randn(2, 3, rows), torch.randn(2, 3, cols)
-    x = torch.einsum("tr,tc->rc", u[0], v[0]).reshape(-1)
-    y = (0.5 * x + torch.einsum("tr,tc->rc", u[1], v[1]).reshape(-1)) / 1.5
-    x, y = x / x.norm(), y / y.norm()
-    blocks = blocks_of((rows, cols))
-    estimates = np.array(
-        [
-            float(
-                torch.dot(
-                    *reference_sketch(
-                        torch.stack([x, y]), SketchSettings(sketch_dim, seed=seed, algorithm=KRON), blocks
-                    )
-                )
-            )
-            for seed in range(200)
-        ]
-    )
-    true = float(x @ y)
+    estimates, true, sketch_dim = low_rank_sketch_estimates(KRON)
     assert abs(estimates.mean() - true) < 4 * estimates.std() / np.sqrt(len(estimates))
     assert estimates.std() < 3 / np.sqrt(sketch_dim)
     assert estimates.std() > 0.1 / np.sqrt(sketch_dim)  # it is a sketch: not exact
 
 
 def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
-    code = (
-        "import hashlib, torch; from rapidin_index.kronecker import side_hash;"
-        "h = side_hash(11, 12345, 3, 2, 300, 16);"
-        "print(hashlib.sha256(b''.join(t.numpy().tobytes() for t in h)).hexdigest())"
-    )
-    environment = {**os.environ, "PYTHONHASHSEED": "999"}
-    other = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
-    )
     here = side_hash(11, 12345, 3, 2, 300, 16)
-    assert other.stdout.strip() == hashlib.sha256(b"".join(t.numpy().tobytes() for t in here)).hexdigest()
+    assert digest_in_another_process(
+        "from rapidin_index.kronecker import side_hash", "side_hash(11, 12345, 3, 2, 300, 16)"
+    ) == tensor_digest(here)
     bins, signs = here
     assert int(bins.min()) == 0 and int(bins.max()) == 15 and set(signs.tolist()) == {-1.0, 1.0}
     assert not torch.equal(side_hash(11, 12345, 3, 3, 300, 16)[0], bins)  # another piece, another hash
@@ -186,25 +163,8 @@ def test_factored_sketcher_equals_brute_force_on_a_tiny_model(
     tiny_model_dirs, training_rows, architecture, lora, normalize
 ):
     loaded, blocks = load(tiny_model_dirs, architecture, lora)
-    settings = SketchSettings(2048, algorithm=KRON)
-    pairs = sequences(loaded.tokenizer, training_rows[:4])
-    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
-    projector = make_projector(settings, gradient_dim(blocks), blocks=blocks)
-    sketcher = GradientSketcher(loaded.model, blocks, projector, normalize)
-    result = sketcher.sketch(batch)
-    assert sketcher.uses_hooks
-    matrices = {block.name for block in blocks if block.parameter.dim() == 2}
-    assert sketcher.factored_blocks == matrices  # every weight matrix and embedding, tied GPT-2 wte too
-    reference = brute_force_sketch(
-        loaded.model, blocks, pairs, loaded.tokenizer.pad_token_id, settings, normalize
-    )
-    tolerance = 1e-4 * float(reference.abs().max())
-    torch.testing.assert_close(result.vectors, reference, atol=tolerance, rtol=1e-4)
-    materialising = GradientSketcher(loaded.model, blocks, projector, normalize, factored="never")
-    again = materialising.sketch(batch)
-    assert not materialising.factored_blocks
-    torch.testing.assert_close(again.vectors, reference, atol=tolerance, rtol=1e-4)
-    torch.testing.assert_close(result.gradient_norms, again.gradient_norms, rtol=1e-5, atol=0)
+    projector = projector_for(blocks, 2048)
+    assert_factored_equals_brute_force(loaded, blocks, projector, training_rows[:4], normalize)
 
 
 def test_build_then_query_in_another_process_with_rapidgrad_kron(
@@ -241,10 +201,4 @@ def test_build_then_query_in_another_process_with_rapidgrad_kron(
 
 
 def test_non_finite_factored_block_is_flagged_as_before(tiny_model_dirs, training_rows):
-    loaded, blocks = load(tiny_model_dirs, "llama", False)
-    with torch.no_grad():
-        loaded.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
-    sketcher = GradientSketcher(loaded.model, blocks, projector_for(blocks, 4096))
-    result = sketcher.sketch(collate(sequences(loaded.tokenizer, training_rows[:2]), 0, "cpu"))
-    assert not bool(result.finite.any())
-    assert bool(torch.isfinite(result.vectors).all())
+    assert_non_finite_block_is_flagged(tiny_model_dirs, training_rows, SketchSettings(4096, algorithm=KRON))
