@@ -303,6 +303,13 @@ def query(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate with --generate.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check every index file's sha256, and the hooked gradients against plain backward passes "
+            "even where the build already checked them with these libraries."
+        ),
+    ] = False,
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
     from rapidin_index.data import read_rows
@@ -334,7 +341,7 @@ def query(
     check_tokenizer(manifest, model or manifest.model["name_or_path"])
     from rapidin_index.retrieval import Index
 
-    opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k)
+    opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k, verify=verify)
     if queries is not None:
         results = opened.query_rows(rows, **options)
     else:

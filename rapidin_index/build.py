@@ -390,6 +390,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     counts = {"tokens": 0, "truncated": 0}
     templates = Counter(existing.template_usage if existing else {})
     exact_path = dict(existing.exact_path if existing else {})
+    self_checks = list(existing.self_checks if existing else [])
     if existing is not None:
         ids, vectors = store.load_vectors(index_dir, existing.generation)
         vector_index.add_vectors(faiss_index, vectors, ids)
@@ -409,6 +410,9 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             counts["truncated"] += record["truncated"]
             templates.update(record["templates"])
             exact_path.update(record.get("exact_path", {}))
+            checked = record.get("self_checked")
+            if checked and checked not in self_checks:
+                self_checks.append(checked)
             yield record["rows"]
 
     files = store.write_generation(index_dir, generation, faiss_index, row_batches(), rejected)
@@ -422,6 +426,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.truncated_count = counts["truncated"]
     manifest.template_usage = dict(templates)
     manifest.exact_path = exact_path
+    manifest.self_checks = self_checks
     manifest.files = files
     pause_point("before-commit")
     write_manifest(index_dir, manifest)

@@ -90,15 +90,12 @@ class ChunkSketcher:
                     continue
                 results[example_id] = (vectors[row], _metadata_row(example, example_id, sketched, row))
             advance(len(batch_examples), sum(len(e.input_ids) for e in batch_examples))
-        return _chunk_record(
-            results, rejected, job.examples, self.sketcher.projector.output_dim, self.sketcher.exact_path
-        )
+        return _chunk_record(results, rejected, job.examples, self.sketcher)
 
 
-def _chunk_record(
-    results: dict, rejected: list[dict], examples: list[Example], dimension: int, exact_path: dict
-):
+def _chunk_record(results: dict, rejected: list[dict], examples: list[Example], sketcher):
     ids = sorted(results)
+    dimension = sketcher.projector.output_dim
     stacked = np.stack([results[i][0] for i in ids]) if ids else np.zeros((0, dimension), np.float32)
     record = {
         "ids": ids,
@@ -107,7 +104,8 @@ def _chunk_record(
         "tokens": sum(results[i][1]["num_tokens"] for i in ids),
         "truncated": sum(results[i][1]["truncated"] for i in ids),
         "templates": dict(Counter(e.template_name for e in examples)),
-        "exact_path": dict(exact_path),
+        "exact_path": dict(sketcher.exact_path),
+        "self_checked": sketcher.checked_in,  # where the hooks were checked (None: not by this worker)
     }
     return record, stacked.astype(np.float32, copy=False)  # already float32: no second copy
 

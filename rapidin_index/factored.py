@@ -94,14 +94,34 @@ class GramCache:
         """[batch, T, T] of a [batch, T, features] tensor."""
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if key not in self._grams:
-            values = tensor.float()
-            self._grams[key] = (tensor, torch.bmm(values, values.transpose(1, 2)))
+            self._grams[key] = (tensor, _gram(tensor, tensor, False, None))
         return self._grams[key][1]
+
+
+def shared_example(tensor: torch.Tensor) -> torch.Tensor | None:
+    """[1, ...]: the one example a tensor repeats over its batch axis (expanded, stride 0), else None.
+
+    A query's per-token rows share its forward pass: every row's module input is the same tensor.
+    """
+    if tensor.dim() and tensor.shape[0] > 1 and tensor.stride(0) == 0:
+        return tensor[:1]
+    return None
+
+
+def batched_matmul(tensor: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """[batch, T, n] float32 @ [n, m]; once for a tensor that repeats one example (``shared_example``)."""
+    one = shared_example(tensor)
+    if one is not None:
+        return (one.float() @ matrix).expand(tensor.shape[0], -1, -1)
+    return tensor.float() @ matrix
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor, same: bool, cache: GramCache | None) -> torch.Tensor:
     if same and cache is not None:
         return cache.gram(a)
+    one_a, one_b = shared_example(a), shared_example(b)
+    if one_a is not None and one_b is not None:  # both repeat one example: one Gram, repeated
+        return torch.bmm(one_a.float(), one_b.float().transpose(1, 2)).expand(a.shape[0], -1, -1)
     return torch.bmm(a.float(), b.float().transpose(1, 2))
 
 

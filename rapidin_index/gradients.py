@@ -4,7 +4,10 @@
 kind of module); the tensors no rule covers (or a module that folds the batch into another axis) take
 the exact path here: one backward per example, which is also :func:`reference_gradient`, the brute force
 the tests compare against. The first batch checks itself: two rows' hooked gradients against plain
-backward passes; a tensor that differs moves to the exact path.
+backward passes; a tensor that differs moves to the exact path. A build records where its check ran
+(:func:`check_environment`) and which tensors took the exact path, so that a query on the same
+weights, libraries, device type and dtype takes the build's verdict instead of checking again
+(``GradientSketcher.take_self_check``).
 
 Each parameter tensor is one "block" of the flattened gradient; layer-wise normalisation scales every
 block to unit L2 norm before the block is sketched (SPEC 2.2), so the full gradient is never concatenated.
@@ -18,6 +21,7 @@ materialised: rapidgrad-ts and rapidgrad-kron sketch any such block that way
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from dataclasses import dataclass
 
@@ -28,6 +32,7 @@ from rapidin_index.capture import GradientBlock, GradientCapture
 from rapidin_index.errors import GradientError
 from rapidin_index.factored import GramCache, OuterFactors, factors_gradient, squared_norms
 from rapidin_index.losses import Batch, example_losses
+from rapidin_index.manifest import software_version
 from rapidin_index.settings import NORMALIZATIONS
 
 FACTORED_MODES = ("auto", "never")
@@ -93,6 +98,7 @@ class GradientSketcher:
         if exact:
             self.exact_path = {block.name: "asked for the exact path" for block in blocks}
         self.self_checked = False
+        self.checked_in: dict | None = None  # check_environment() where this sketcher's own check ran
         self._sync_capture()
 
     @property
@@ -106,8 +112,19 @@ class GradientSketcher:
     def sketch(self, batch: Batch) -> SketchedBatch:
         if not self.self_checked and len(self.exact_path) < len(self.blocks):
             self.self_checked = True
+            self.checked_in = check_environment(self.model)
             return self._sketch(batch, check_rows=min(SELF_CHECK_ROWS, batch.size))
         return self._sketch(batch, check_rows=0)
+
+    def take_self_check(self, exact_path: dict) -> None:
+        """Skip this sketcher's own check: take an earlier one's verdict (its exact-path tensors) instead.
+
+        Only for the same weights, run where :func:`check_environment` says the earlier check ran.
+        """
+        names = {block.name for block in self.blocks}
+        self.exact_path.update({name: why for name, why in exact_path.items() if name in names})
+        self._sync_capture()
+        self.self_checked = True
 
     def _sketch(self, batch: Batch, check_rows: int) -> SketchedBatch:
         hooked = [block for block in self.blocks if block.name not in self.exact_path]
@@ -231,6 +248,26 @@ class GradientSketcher:
         return {  # block by block: never the whole [batch, D] at once
             block.name: torch.stack([row[number] for row in rows]) for number, block in enumerate(blocks)
         }
+
+
+def check_environment(model: nn.Module) -> dict:
+    """What a self-check's verdict rests on besides the weights: library versions, device type, dtype."""
+    parameter = next(model.parameters())
+    return {
+        "software": software_version(),
+        "torch": torch.__version__,
+        "transformers": _installed_version("transformers"),
+        "peft": _installed_version("peft"),
+        "device": parameter.device.type,
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+    }
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class _SelfCheck:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import OuterFactors, _index_hash, _word
+from rapidin_index.factored import OuterFactors, _index_hash, _word, batched_matmul, shared_example
 from rapidin_index.settings import SketchSettings
 
 KRON_ALGORITHM = "rapidgrad-kron"
@@ -241,9 +241,13 @@ class RapidGradKronProjector:
         left, right = self.count_matrices(segment)
         sketched_rows, sketched_cols = [], []
         for factor in factors:
-            rows = left[factor.ids] if factor.ids is not None else factor.rows.float() @ left  # [b, T, p * a]
+            if factor.ids is None:
+                rows = batched_matmul(factor.rows, left)  # [b, T, p * a]
+            else:
+                one = shared_example(factor.ids)
+                rows = left[factor.ids] if one is None else left[one].expand(len(factor.ids), -1, -1)
             sketched_rows.append(rows)
-            sketched_cols.append(factor.cols.float() @ right)  # [b, T, p * b]
+            sketched_cols.append(batched_matmul(factor.cols, right))  # [b, T, p * b]
         rows, cols = torch.cat(sketched_rows, dim=1), torch.cat(sketched_cols, dim=1)
         if scale is not None:
             cols = cols * scale[:, None, None]  # on the sketched side: p * b values a token, not cols

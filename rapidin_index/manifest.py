@@ -51,6 +51,9 @@ class Manifest:
     template_usage: dict = field(default_factory=dict)  # {resolved template name: rows}, e.g. {"alpaca": 24}
     sources: list = field(default_factory=list)  # [{path, sha256, id_offset, rows}]
     exact_path: dict = field(default_factory=dict)  # {parameter name: why it took plain backward passes}
+    # Where the build's self-check of the hooks ran (gradients.check_environment), one entry a place: a
+    # query run in one of them takes exact_path as the verdict instead of checking again.
+    self_checks: list = field(default_factory=list)
     # How prompt and response became tokens (data.TOKENIZATIONS). Indexes from before the field
     # tokenized the two parts separately.
     tokenization: str = "separate"

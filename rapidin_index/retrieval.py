@@ -24,7 +24,7 @@ from rapidin_index import metadata, store
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
-from rapidin_index.gradients import GradientSketcher, normalize_flat, reference_gradient
+from rapidin_index.gradients import GradientSketcher, check_environment, normalize_flat, reference_gradient
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
@@ -78,7 +78,12 @@ class Index:
         verify: bool = False,
         batch_size: int = 16,
     ) -> Index:
-        """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required)."""
+        """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required).
+
+        The first query checks the hooked gradients against plain backward passes, unless the build
+        already checked these weights with the same libraries, device type and dtype (the manifest's
+        ``self_checks``). ``verify=True`` checks every file's sha256 and always runs that check again.
+        """
         path = Path(path)
         # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
         # the files it names in place while this Index lives, whatever a writer commits meanwhile.
@@ -105,6 +110,8 @@ class Index:
         if [name for name, _ in selected] != manifest.parameters["names"]:
             raise IndexMismatchError("the model's attributed parameters differ from the index's (--params?)")
         opened = cls(path, manifest, loaded, selected, torch_device, batch_size)
+        if not verify and check_environment(loaded.model) in manifest.self_checks:
+            opened.sketcher.take_self_check(manifest.exact_path)  # the build checked these weights here
         opened.lease = lease  # released with the Index (lease.close() to release it sooner)
         return opened
 

@@ -155,18 +155,21 @@ def test_weighted_rows_and_the_loop_fallback(tiny_model_dirs, monkeypatch):
     torch.testing.assert_close(looped.vectors, batched.vectors, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["rapidgrad-ts", "rapidgrad-kron"])
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
-def test_factored_per_token_rows_are_in_the_build_sketch_space(tiny_model_dirs, architecture):
-    """rapidgrad-ts with every matrix block factored: each row equals the sketch of HF's token gradient."""
+def test_factored_per_token_rows_are_in_the_build_sketch_space(tiny_model_dirs, architecture, algorithm):
+    """Every matrix block factored (rapidgrad-ts, and rapidgrad-kron, which projects the rows' shared
+    module inputs once): each row equals the literal sketch of HF's token gradient."""
     from rapidin_index.sketch import reference_sketch
 
     settings = ModelSettings(tiny_model_dirs[architecture])
     loaded = load_model(settings)
     selected = select_parameters(loaded.model, settings)
     blocks = gradient_blocks(selected)
-    sketch_settings = SketchSettings(1024, algorithm="rapidgrad-ts")
+    sketch_settings = SketchSettings(1024, algorithm=algorithm)
     projector = make_projector(sketch_settings, gradient_dim(blocks), blocks=blocks)
-    projector.method = "fft"  # the FFT path on every matrix (the cost model would pick the matmul here)
+    if algorithm == "rapidgrad-ts":
+        projector.method = "fft"  # the FFT path on every matrix (the cost model would pick the matmul)
     sketcher = GradientSketcher(loaded.model, blocks, projector, "layer")
     ids = loaded.tokenizer("What does str.upper do? Return a copy").input_ids + [
         loaded.tokenizer.eos_token_id
