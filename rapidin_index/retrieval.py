@@ -320,11 +320,8 @@ def _result(
 
 
 def _hits(ids: np.ndarray, scores: np.ndarray, count: int) -> list[Hit]:
-    return [
-        Hit(id=int(i), rank=rank + 1, score=float(s))
-        for rank, (i, s) in enumerate(zip(ids[:count], scores[:count], strict=True))
-        if i >= 0
-    ]
+    pairs = zip(ids[:count].tolist(), scores[:count].tolist(), strict=True)  # Python numbers at once
+    return [Hit(id=i, rank=rank + 1, score=s) for rank, (i, s) in enumerate(pairs) if i >= 0]
 
 
 def join_text(index: Index, results: list[QueryResult]) -> None:
