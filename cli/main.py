@@ -461,11 +461,19 @@ def info(
         ("truncated rows", f"{manifest.truncated_count:,}"),
         ("sources", ", ".join(f"{s['path']} ({s['rows']} rows)" for s in manifest.sources)),
         ("bytes on disk", f"{sum(f['bytes'] for f in manifest.files.values()):,}"),
+        ("hooks self-checked with", _self_checks(manifest.self_checks)),
     ]:
         table.add_row(name, value)
     Console().print(table)
     _print_exact_path(manifest.exact_path)
     _print_rejected(rejected)
+
+
+def _self_checks(places: list[dict]) -> str:
+    if not places:
+        return "none recorded (the first query checks)"
+    keys = ("software", "torch", "transformers", "peft", "device", "dtype")
+    return "; ".join(", ".join(f"{key} {place.get(key)}" for key in keys) for place in places)
 
 
 @command()

@@ -32,8 +32,11 @@ def test_build_then_info(tmp_path, tiny_model_dirs, training_file):
     manifest = json.loads(info.stdout)
     assert manifest["row_count"] == 24 and manifest["sketch"]["sketch_dim"] == 1024
     assert manifest["adapter"]["fingerprint"] and manifest["rejected_rows"] == []
+    (checked,) = manifest["self_checks"]  # where the build checked its hooks; the LoRA build needs peft
+    assert checked["device"] == "cpu" and checked["dtype"] == "float32" and checked["peft"]
     table = runner.invoke(app, ["info", "--index", str(index_dir)])
     assert table.exit_code == 0 and "K = 1,024" in table.output
+    assert "self-checked" in table.output and f"torch {checked['torch']}" in " ".join(table.output.split())
 
 
 def test_errors_name_the_problem(tmp_path, tiny_model_dirs, training_file):
