@@ -58,6 +58,12 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     merged.token_count = sum(m.token_count for m in manifests)
     merged.truncated_count = sum(m.truncated_count for m in manifests)
     merged.template_usage = dict(sum((Counter(m.template_usage) for m in manifests), Counter()))
+    # Every shard's exact-path tensors and every place a shard's self-check ran: a query in one of those
+    # places takes the union, a superset of what its own place's check moved.
+    merged.exact_path, merged.self_checks = {}, []
+    for manifest in manifests:
+        merged.exact_path.update(manifest.exact_path)
+        merged.self_checks += [place for place in manifest.self_checks if place not in merged.self_checks]
     merged.files = files
     write_manifest(index_dir, merged)
     store.remove_journal(index_dir)

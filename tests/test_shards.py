@@ -80,3 +80,25 @@ def test_bad_merges_are_refused(shard_builds, tmp_path, tiny_model_dirs, trainin
             append=True,
             progress=False,
         )
+
+
+def test_a_merge_keeps_every_shards_exact_path_and_self_checks(shard_builds, tmp_path):
+    """A shard checked elsewhere moved a tensor to the exact path: the merged index names both places
+    and the tensor, so a query in either place takes a verdict that covers its own."""
+    import shutil
+
+    from rapidin_index.manifest import read_manifest, write_manifest
+
+    copies = [shutil.copytree(shard_builds / f"shard{n}", tmp_path / f"shard{n}") for n in range(3)]
+    first = read_manifest(copies[0])
+    assert first.self_checks and not first.exact_path  # the tiny Llama: every tensor hooked, here
+    elsewhere = {**first.self_checks[0], "device": "cuda", "dtype": "bfloat16"}
+    name = first.parameters["names"][1]
+    changed = read_manifest(copies[2])
+    changed.self_checks, changed.exact_path = [elsewhere], {name: "self-check: differs (simulated)"}
+    write_manifest(copies[2], changed)
+    merged = merge_shards(copies, tmp_path / "merged")
+    assert merged.self_checks == [first.self_checks[0], elsewhere]
+    assert merged.exact_path == {name: "self-check: differs (simulated)"}
+    opened = Index.open(tmp_path / "merged", device="cpu")
+    assert opened.sketcher.self_checked and name in opened.sketcher.exact_path
