@@ -42,6 +42,10 @@ How each tool is called (all on CPU, torch on 1 thread, in this process):
   training gradients), tracked modules as dattri's.
 * captum: `TracInCP` with `sample_wise_grads_per_batch=True` on the same linear layers; no build,
   `influence(k=None)` = query (plain TracIn, no normalisation).
+* floor (`--tools ...,floor`): no attribution, the model's own forward and backward with its weights
+  frozen (no weight gradient), from the input embeddings: over the training rows in batches of 8 (the
+  build's size, longest first; "build" includes loading the model), and over the queries in one batch
+  ("whole"). What any tool's build and whole query must at least pay.
 
 Timing: every tool builds into a fresh folder and queries, the tools interleaved (tool 1, tool 2, ...,
 then again), 3 repeats, medians. Build includes loading the model from disk; "open" (index and model
@@ -189,7 +193,11 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--full-ks", default="4096", help="rapidin-index K values on the full model (K or K:algorithm)"
     )
-    parser.add_argument("--tools", default="rapidin-index," + ",".join(PEERS), help="comma-separated")
+    parser.add_argument(
+        "--tools",
+        default="rapidin-index," + ",".join(PEERS),
+        help="comma-separated; 'floor' adds the model's own frozen forward + backward",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. which library snapshot)")
     return parser.parse_args()
@@ -496,6 +504,28 @@ def run_bergson(prepared: Prepared, folder: Path, want_scores: bool) -> Sample:
     return sample
 
 
+def run_floor(prepared: Prepared, folder: Path, want_scores: bool) -> Sample:
+    """The model's own frozen forward + backward over the rows, then over the queries (no scores)."""
+    sample = Sample()
+    started = time.perf_counter()
+    model, _ = load_hf_model(prepared.model_dir, prepared.adapter_dir)
+    model.requires_grad_(False)
+    ordered = sorted(prepared.train_sequences, key=lambda pair: len(pair[0]), reverse=True)
+    for start in range(0, len(ordered), 8):
+        frozen_forward_backward(model, collate(ordered[start : start + 8], prepared.pad_token_id))
+    sample.build = time.perf_counter() - started
+    started = time.perf_counter()
+    frozen_forward_backward(model, collate(prepared.query_sequences, prepared.pad_token_id))
+    sample.query_whole = time.perf_counter() - started
+    return sample
+
+
+def frozen_forward_backward(model, batch: dict) -> None:
+    embeddings = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], use_cache=False).logits
+    response_losses(logits, batch["labels"]).sum().backward()
+
+
 def run_dattri(prepared: Prepared, folder: Path, want_scores: bool) -> Sample:
     from dattri.algorithm.logra import LoGraAttributor
     from dattri.task import AttributionTask
@@ -728,6 +758,8 @@ def tools_for(setting: Setting, wanted: set[str], status: dict) -> list[Tool]:
         "kronfluence": run_kronfluence,
         "captum": run_captum,
     }
+    if "floor" in wanted:
+        tools.append(Tool("floor: the model's own frozen forward + backward (no attribution)", run_floor))
     for peer in PEERS:
         if peer in wanted:
             tools.append(Tool(labels[peer], runs[peer], status[peer]) if not status[peer] else
@@ -802,7 +834,8 @@ def run_setting(setting: Setting, arguments: argparse.Namespace, status: dict) -
             for key in ("build", "open", "query_whole", "query_per_token"):
                 row[f"{key}_s"] = median([getattr(s, key) for s in runs])
                 row[f"{key}_s_repeats"] = [getattr(s, key) for s in runs]
-            row.update(quality(runs[0].scores, exact, prepared.labels))
+            if runs[0].scores is not None:  # the floor computes none
+                row.update(quality(runs[0].scores, exact, prepared.labels))
             row["notes"] = {**row.get("notes", {}), **runs[0].notes}
         rows.append(row)
     return {
@@ -838,7 +871,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['tool']} | {cell(row.get('build_s'), 1)} | {cell(row.get('open_s'), 1)} "
             f"| {cell(row.get('query_whole_s'), 2)} | {cell(row.get('query_per_token_s'), 2)} "
-            f"| {cell(row['auprc@10'], 3)} | {cell(row['roc_auc'], 3)} | {cell(row['spearman'], 3)} |"
+            f"| {cell(row.get('auprc@10'), 3)} | {cell(row.get('roc_auc'), 3)} "
+            f"| {cell(row.get('spearman'), 3)} |"
         )
     return "\n".join(lines)
 
