@@ -1,6 +1,10 @@
-"""The query stage against brute force: whole-generation and per-token scores, hot tokens, refusals."""
+"""The query stage against brute force: whole-generation and per-token scores, hot tokens, refusals,
+and the build's self-check taken by the query."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,10 +13,11 @@ from conftest import brute_force_sketch, copy_with_other_chat_template
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
-from rapidin_index import retrieval
+from rapidin_index import gradients, retrieval
 from rapidin_index.build import build_index
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import IndexMismatchError, QueryError
+from rapidin_index.manifest import read_manifest, write_manifest
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
@@ -273,3 +278,122 @@ def test_one_scan_gives_the_same_lists_as_two_searches(opened, training_rows):
     np.testing.assert_array_equal(harmful_ids, negated_ids)
     np.testing.assert_allclose(helpful_scores, scores, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(harmful_scores, -negated_scores, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------- the build's self-check, taken by the query
+# A query that finds its environment among the manifest's ``self_checks`` runs no plain backward of its
+# own and puts the manifest's exact-path tensors on the exact path; anywhere else, or with ``verify``, it
+# checks again. Either way its vectors are the same.
+
+
+def squared_weight_forward(self, hidden_states):
+    """An RMSNorm that is not affine in its weight: the hooks' rule for it is wrong, the self-check says."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight**2 * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+@pytest.fixture
+def patched_norm(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", squared_weight_forward)
+
+
+@pytest.fixture(scope="module")
+def checked_index(tmp_path_factory, tiny_model_dirs, training_file) -> str:
+    index_dir = tmp_path_factory.mktemp("self-checked")
+    settings = BuildSettings(
+        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42), batch_size=8, device="cpu"
+    )
+    build_index(training_file, index_dir, settings, progress=False)
+    return str(index_dir)
+
+
+def count_plain_backwards(monkeypatch) -> list:
+    calls = []
+    original = gradients.plain_gradients
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gradients, "plain_gradients", counted)
+    return calls
+
+
+def query_vectors(opened: Index, row: dict) -> tuple[list[int], np.ndarray]:
+    result = opened.query(row["instruction"], row["output"], top_k=5, token_top_k=2, explain=0)
+    token_scores = [hit.score for token in result.tokens for hit in token.helpful]
+    return [hit.id for hit in result.helpful], np.array([hit.score for hit in result.helpful] + token_scores)
+
+
+def test_the_build_records_where_its_check_ran(checked_index, tiny_model_dirs):
+    manifest = read_manifest(checked_index)
+    opened = Index.open(checked_index, device="cpu")
+    assert manifest.self_checks == [gradients.check_environment(opened.loaded.model)]
+    entry = manifest.self_checks[0]
+    assert entry["device"] == "cpu" and entry["dtype"] == "float32" and entry["torch"] == torch.__version__
+    assert opened.sketcher.self_checked  # taken from the build: no check is pending
+
+
+def test_a_query_takes_the_builds_check_and_verify_checks_again(checked_index, training_rows, monkeypatch):
+    calls = count_plain_backwards(monkeypatch)
+    trusted = query_vectors(Index.open(checked_index, device="cpu"), training_rows[3])
+    assert not calls  # not one plain backward: the build checked these weights here
+    checked = query_vectors(Index.open(checked_index, device="cpu", verify=True), training_rows[3])
+    assert calls  # one plain backward a checked row (a query is one row)
+    assert trusted[0] == checked[0]
+    np.testing.assert_allclose(trusted[1], checked[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("torch", "0.0.1"), ("transformers", "0.0.1"), ("device", "cuda"), ("dtype", "bfloat16")]
+)
+def test_another_environment_checks_again(checked_index, tmp_path, training_rows, monkeypatch, field, value):
+    import shutil
+
+    copy = shutil.copytree(checked_index, tmp_path / "index")
+    manifest = read_manifest(copy)
+    manifest.self_checks = [{**manifest.self_checks[0], field: value}]
+    write_manifest(copy, manifest)
+    calls = count_plain_backwards(monkeypatch)
+    opened = Index.open(copy, device="cpu")
+    assert not opened.sketcher.self_checked
+    query_vectors(opened, training_rows[3])
+    assert calls  # one plain backward a checked row (a query is one row)
+
+
+def test_the_builds_exact_path_is_the_querys(tmp_path, tiny_model_dirs, training_file, patched_norm):
+    """The build moved the norms to the exact path; a query that takes its check moves them too, and
+    scores as one that checks again (where its own check moves them)."""
+    settings = BuildSettings(
+        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42), batch_size=8, device="cpu"
+    )
+    build_index(training_file, tmp_path / "index", settings, progress=False)
+    manifest = read_manifest(tmp_path / "index")
+    norms = {name for name in manifest.parameters["names"] if "norm" in name}
+    assert set(manifest.exact_path) == norms and manifest.self_checks
+    trusted = Index.open(tmp_path / "index", device="cpu")
+    assert norms <= set(trusted.sketcher.exact_path)
+    checked = Index.open(tmp_path / "index", device="cpu", verify=True)
+    rows = [json.loads(line) for line in open(training_file)][:2]
+    for row in rows:
+        ours, theirs = query_vectors(trusted, row), query_vectors(checked, row)
+        assert ours[0] == theirs[0]
+        np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
+    assert norms <= set(checked.sketcher.exact_path)
+
+
+def test_a_new_shell_takes_the_builds_check(checked_index):
+    """check_environment is the same in another process, whatever its hash seed."""
+    code = (
+        "import sys; from rapidin_index.retrieval import Index; "
+        "print(Index.open(sys.argv[1], device='cpu').sketcher.self_checked)"
+    )
+    for seed in (0, 7):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        done = subprocess.run(
+            [sys.executable, "-c", code, checked_index], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "True"
