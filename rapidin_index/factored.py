@@ -199,9 +199,16 @@ def _wrap(total: torch.Tensor, sketch_dim: int) -> torch.Tensor:
     return torch.where(total >= sketch_dim, total - sketch_dim, total)
 
 
+_WORD_START = 0x2545F491
+
+
 def _word(*values: int) -> int:
     """A 32-bit hash of a tuple of Python integers (any size), via murmur3's finaliser."""
-    state = 0x2545F491
+    return _word_after(_WORD_START, *values)
+
+
+def _word_after(state: int, *values: int) -> int:
+    """``_word(*prefix, *values)`` from ``state = _word(*prefix)``: a shared prefix is hashed once."""
     for value in values:
         for shift in (0, 32):
             word = ((value >> shift) & _MASK32) ^ ((state * _GOLDEN32) & _MASK32)

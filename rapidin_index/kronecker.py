@@ -32,7 +32,14 @@ from dataclasses import dataclass
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import OuterFactors, _index_hash, _word, batched_matmul, shared_example
+from rapidin_index.factored import (
+    OuterFactors,
+    _index_hash,
+    _word,
+    _word_after,
+    batched_matmul,
+    shared_example,
+)
 from rapidin_index.settings import SketchSettings
 
 KRON_ALGORITHM = "rapidgrad-kron"
@@ -151,8 +158,10 @@ def side_hashes(
     indices = torch.arange(size, dtype=torch.int64, device=device).expand(pieces, size)
     numbers = range(first_piece, first_piece + pieces)
 
-    def keyed(role: int) -> torch.Tensor:  # one key a piece (a row)
-        keys = [_word(seed, offset, side, piece, role) for piece in numbers]
+    prefix = _word(seed, offset, side)
+
+    def keyed(role: int) -> torch.Tensor:  # one key a piece (a row): _word(seed, offset, side, piece, role)
+        keys = [_word_after(prefix, piece, role) for piece in numbers]
         return _index_hash(indices, torch.tensor(keys, dtype=torch.int64, device=device)[:, None])
 
     hashed = indices.clone() if bins >= size else (keyed(0) * bins) >> 32
