@@ -270,3 +270,19 @@ def digest_in_another_process(import_line: str, call: str) -> str:
         [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
     )
     return other.stdout.strip()
+
+
+# The conformance matrix's models and rows (test_conformance.py, test_conformance_kron.py): module-scoped,
+# so each of the two files, which pytest-xdist's --dist loadfile runs side by side, saves its own copy.
+@pytest.fixture(scope="module")
+def conformance_models(tmp_path_factory) -> dict:
+    from test_conformance import save_models
+
+    return save_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def conformance_rows(tmp_path_factory) -> str:
+    from test_conformance import write_rows
+
+    return write_rows(tmp_path_factory)

@@ -67,16 +67,6 @@ def tiny_config(model_type: str, tokenizer):
     return AutoConfig.for_model(model_type, vocab_size=vocab, **sizes, **special)
 
 
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
-    return save_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_rows(tmp_path_factory)
-
-
 def save_models(tmp_path_factory) -> dict:
     """{model_type: (model folder, adapter folder)}, each a tiny random-init model saved to disk."""
     from peft import LoraConfig, get_peft_model
@@ -151,8 +141,10 @@ def oracle_gradients(model_dir: str, adapter_dir: str | None, normalize: str) ->
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_stored_vectors_equal_hugging_face_autograd(saved_models, data_file, tmp_path, model_type, lora):
-    model_dir, adapter_dir = saved_models[model_type]
+def test_stored_vectors_equal_hugging_face_autograd(
+    conformance_models, conformance_rows, tmp_path, model_type, lora
+):
+    model_dir, adapter_dir = conformance_models[model_type]
     adapter_dir = adapter_dir if lora else None
     for normalize in ("none", "layer"):
         settings = BuildSettings(
@@ -164,7 +156,7 @@ def test_stored_vectors_equal_hugging_face_autograd(saved_models, data_file, tmp
             batch_size=3,
         )
         index_dir = tmp_path / normalize
-        report = build_index(data_file, index_dir, settings, progress=False)
+        report = build_index(conformance_rows, index_dir, settings, progress=False)
         assert report.rows_indexed == len(ROWS) and report.rows_rejected == 0
         stored = stored_vectors(index_dir)
         for example_id, expected in enumerate(oracle_gradients(model_dir, adapter_dir, normalize)):

@@ -12,21 +12,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import stored_vectors
-from test_conformance import ARCHITECTURES, ROWS, oracle_gradients, save_models, write_rows
+from test_conformance import ARCHITECTURES, ROWS, oracle_gradients
 
 from rapidin_index import SketchSettings, build_index
 from rapidin_index.settings import BuildSettings, ModelSettings
-
-
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
-    return save_models(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_rows(tmp_path_factory)
-
 
 KRON_SKETCH_DIMS = (1 << 17, 512)  # every tensor in bins of its own (exact up to signs), and hashed
 
@@ -34,7 +23,7 @@ KRON_SKETCH_DIMS = (1 << 17, 512)  # every tensor in bins of its own (exact up t
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_rapidgrad_kron_scores_equal_hugging_face_autograd(
-    saved_models, data_file, tmp_path, model_type, lora
+    conformance_models, conformance_rows, tmp_path, model_type, lora
 ):
     """The factored Kronecker sketch on every architecture: where each tensor has bins of its own, the
     stored vectors' inner products are the oracle's exact scores; at a small K, the stored vectors are
@@ -43,7 +32,7 @@ def test_rapidgrad_kron_scores_equal_hugging_face_autograd(
 
     from rapidin_index.sketch import reference_sketch
 
-    model_dir, adapter_dir = saved_models[model_type]
+    model_dir, adapter_dir = conformance_models[model_type]
     adapter_dir = adapter_dir if lora else None
     expected = np.stack(oracle_gradients(model_dir, adapter_dir, "layer"))  # [rows, D]
     for sketch_dim in KRON_SKETCH_DIMS:
@@ -55,7 +44,7 @@ def test_rapidgrad_kron_scores_equal_hugging_face_autograd(
             max_length=None,
             batch_size=3,
         )
-        report = build_index(data_file, tmp_path / str(sketch_dim), settings, progress=False)
+        report = build_index(conformance_rows, tmp_path / str(sketch_dim), settings, progress=False)
         stored = stored_vectors(tmp_path / str(sketch_dim))
         actual = np.stack([stored[i] for i in range(len(ROWS))]).astype(np.float64)
         if sketch_dim > expected.shape[1]:
