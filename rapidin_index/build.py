@@ -41,6 +41,7 @@ from rapidin_index.lock import pause_point, remove_unread_generations, writer_lo
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
+    add_self_checks,
     differences,
     manifest_identity,
     read_manifest,
@@ -410,9 +411,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             counts["truncated"] += record["truncated"]
             templates.update(record["templates"])
             exact_path.update(record.get("exact_path", {}))
-            checked = record.get("self_checked")
-            if checked and checked not in self_checks:
-                self_checks.append(checked)
+            add_self_checks(self_checks, [record["self_checked"]] if record.get("self_checked") else [])
             yield record["rows"]
 
     files = store.write_generation(index_dir, generation, faiss_index, row_batches(), rejected)

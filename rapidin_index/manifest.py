@@ -83,6 +83,13 @@ class Manifest:
         return sum(source["rows"] for source in self.sources)
 
 
+def add_self_checks(places: list[dict], more: list[dict]) -> None:
+    """Append to ``places`` (a manifest's ``self_checks``) each place of ``more`` it does not hold yet."""
+    for place in more:
+        if place not in places:
+            places.append(place)
+
+
 def write_manifest(index_dir: str | Path, manifest: Manifest) -> None:
     manifest.updated_at = utc_now()
     atomic_write_json(Path(index_dir) / MANIFEST_NAME, manifest.to_dict())

@@ -16,7 +16,14 @@ from rapidin_index import index as vector_index
 from rapidin_index import store
 from rapidin_index.errors import ShardError
 from rapidin_index.lock import read_generation, writer_lock
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, manifest_identity, write_manifest
+from rapidin_index.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    add_self_checks,
+    differences,
+    manifest_identity,
+    write_manifest,
+)
 from rapidin_index.store import read_rejected
 
 
@@ -63,7 +70,7 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     merged.exact_path, merged.self_checks = {}, []
     for manifest in manifests:
         merged.exact_path.update(manifest.exact_path)
-        merged.self_checks += [place for place in manifest.self_checks if place not in merged.self_checks]
+        add_self_checks(merged.self_checks, manifest.self_checks)
     merged.files = files
     write_manifest(index_dir, merged)
     store.remove_journal(index_dir)
