@@ -130,8 +130,10 @@ def build(
     tokenization: Annotated[
         str,
         typer.Option(
-            help="joint: prompt + response tokenized as one text, as TRL's trainers do; "
-            "separate: each part on its own."
+            help="trl: labelled as TRL's SFT trainer labels the rows (joint tokenization, its prompt-prefix "
+            "rule, EOS after text rows but not after a chat template's end of turn); separate: as a plain "
+            "Trainer with the prompt masked (each part on its own, EOS appended); joint: the rule of indexes "
+            "built before trl."
         ),
     ] = default_of(BuildSettings, "tokenization"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = default_of(BuildSettings, "device"),
@@ -270,8 +272,15 @@ def query(
     ] = None,
     response: Annotated[str | None, typer.Option(help="The generation to explain.")] = None,
     generate: Annotated[
-        bool, typer.Option(help="Generate the response greedily with the indexed model.")
+        bool,
+        typer.Option(
+            help="Generate the response greedily with the indexed model (with --queries: for each row's "
+            "prompt); exactly the generated tokens are attributed."
+        ),
     ] = False,
+    system: Annotated[
+        str | None, typer.Option(help="A system turn before --prompt (indexes of chat rows).")
+    ] = None,
     queries: Annotated[
         Path | None, typer.Option(help="JSONL of queries in training-row form, each with optional 'hot'.")
     ] = None,
@@ -322,6 +331,9 @@ def query(
         raise fail(ValueError("give --prompt (with --response or --generate) or --queries FILE"))
     if prompt is not None and (response is None) == (not generate):
         raise fail(ValueError("with --prompt give exactly one of --response TEXT or --generate"))
+    if queries is not None and (response is not None or system is not None or hot):
+        raise fail(ValueError("--response, --system and --hot go with --prompt; a --queries row has its own"))
+    _check_query_numbers(top_k=top_k, token_top_k=token_top_k, explain=explain, max_new_tokens=max_new_tokens)
     if per_token not in ("on", "off"):
         raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
     options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
@@ -343,7 +355,7 @@ def query(
 
     opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k, verify=verify)
     if queries is not None:
-        results = opened.query_rows(rows, **options)
+        results = opened.query_rows(rows, generate=generate, max_new_tokens=max_new_tokens, **options)
     else:
         results = [
             opened.query(
@@ -351,6 +363,7 @@ def query(
                 response,
                 generate=generate,
                 hot=hot,
+                system=system,
                 max_new_tokens=max_new_tokens,
                 **options,
             )
@@ -366,6 +379,15 @@ def query(
         return
     write_results(values, out, output_format)
     console.print(f"wrote {len(values)} result(s) to {out}", highlight=False)
+
+
+def _check_query_numbers(**values: int) -> None:
+    """Refuse, before anything loads, a count that cannot work (--explain 0 is allowed: no explanation)."""
+    least = {"explain": 0}
+    for name, value in values.items():
+        if value < least.get(name, 1):
+            option = "--" + name.replace("_", "-")
+            raise fail(ValueError(f"{option} must be at least {least.get(name, 1)}, got {value}"))
 
 
 @command()

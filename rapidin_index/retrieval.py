@@ -22,7 +22,7 @@ import torch
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
 from rapidin_index.capture import gradient_blocks
-from rapidin_index.data import Template, tokenize_example
+from rapidin_index.data import Rendered, Template, render_row, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
 from rapidin_index.gradients import GradientSketcher, check_environment, normalize_flat, reference_gradient
 from rapidin_index.lock import read_generation
@@ -31,7 +31,13 @@ from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
-from rapidin_index.query import PreparedQuery, generation_prompt_ids, prepare, prepare_row
+from rapidin_index.query import (
+    PreparedQuery,
+    generation_prompt,
+    prepare,
+    prepare_generated,
+    prepare_row,
+)
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
@@ -124,6 +130,7 @@ class Index:
         *,
         generate: bool = False,
         hot: list | None = None,
+        system: str | None = None,
         top_k: int = 10,
         explain: int = 3,
         max_new_tokens: int = 64,
@@ -132,14 +139,17 @@ class Index:
     ) -> QueryResult:
         """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``).
 
-        ``top_k`` hits for the whole generation, ``token_top_k`` for each generated token (``per_token``;
-        off, the tokens are listed without hits and the query costs one backward pass).
+        The query is rendered as a training row of the index's form with this content (``system``: a
+        system turn, for chat indexes). ``top_k`` hits for the whole generation, ``token_top_k`` for
+        each generated token (``per_token``; off, the tokens are listed without hits and the query
+        costs one backward pass).
         """
         if generate:
-            response = self.generate(prompt, max_new_tokens)
+            prepared = self.prepare_generation(prompt, max_new_tokens, hot=hot, system=system)
         elif not response or not response.strip():
             raise QueryError("the query's response is empty; give --response TEXT or use --generate")
-        prepared = self.prepare(prompt, response, hot=hot, generated=generate)
+        else:
+            prepared = self.prepare(prompt, response, hot=hot, system=system)
         return self.query_prepared([prepared], top_k, explain, per_token, token_top_k)[0]
 
     def query_rows(
@@ -149,37 +159,67 @@ class Index:
         explain: int = 3,
         per_token: bool = True,
         token_top_k: int = 5,
+        generate: bool = False,
+        max_new_tokens: int = 64,
     ) -> list[QueryResult]:
-        """Queries in training-row form (any format the index's template reads), optional ``hot``."""
+        """Queries in training-row form (any form the index's rows take), each with an optional ``hot``.
+
+        ``generate``: each row gives a ``prompt`` (and optional ``system``) whose greedy continuation
+        is attributed.
+        """
         prepared = []
         for number, row in enumerate(rows):
             try:
-                prepared.append(prepare_row(row, self.loaded.tokenizer, self.manifest))
+                prepared.append(self._prepare_row(row, generate, max_new_tokens))
             except (RowError, QueryError) as error:
                 raise QueryError(f"query row {number}: {error}") from None
         return self.query_prepared(prepared, top_k, explain, per_token, token_top_k)
 
-    def prepare(self, prompt: str, response: str, hot=None, generated: bool = False) -> PreparedQuery:
-        return prepare(prompt, response, self.loaded.tokenizer, self.manifest, hot, generated)
+    def _prepare_row(self, row: dict, generate: bool, max_new_tokens: int) -> PreparedQuery:
+        if not generate:
+            return prepare_row(row, self.loaded.tokenizer, self.manifest)
+        if not isinstance(row.get("prompt"), str):
+            raise QueryError("with --generate every query row needs a text 'prompt'")
+        return self.prepare_generation(row["prompt"], max_new_tokens, row.get("hot"), row.get("system"))
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
-        """Greedy generation by the indexed model."""
+    def prepare(self, prompt: str, response: str, hot=None, system: str | None = None) -> PreparedQuery:
+        return prepare(prompt, response, self.loaded.tokenizer, self.manifest, hot, system)
+
+    def prepare_generation(
+        self, prompt: str, max_new_tokens: int = 64, hot=None, system: str | None = None
+    ) -> PreparedQuery:
+        """The model's greedy continuation of ``prompt``, labelled on exactly the ids it produced."""
         tokenizer = self.loaded.tokenizer
-        input_ids = torch.tensor(
-            [generation_prompt_ids(prompt, tokenizer, self.manifest)], device=self.device
+        rendered_prompt, prompt_ids = generation_prompt(prompt, tokenizer, self.manifest, system)
+        generated = self.generate_ids(prompt_ids, max_new_tokens)
+        return prepare_generated(
+            prompt, rendered_prompt, prompt_ids, generated, tokenizer, self.manifest, hot
         )
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, system: str | None = None) -> str:
+        """Greedy generation by the indexed model, as text (special tokens left out)."""
+        _, prompt_ids = generation_prompt(prompt, self.loaded.tokenizer, self.manifest, system)
+        generated = self.generate_ids(prompt_ids, max_new_tokens)
+        return self.loaded.tokenizer.decode(generated, skip_special_tokens=True)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64) -> list[int]:
+        """The ids greedy decoding appends to ``prompt_ids``, through the first stop id (kept: the model
+        generated it) and no further."""
+        if max_new_tokens < 1:
+            raise QueryError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        input_ids = torch.tensor([prompt_ids], device=self.device)
         with torch.no_grad():
             output = self.loaded.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=self.loaded.tokenizer.pad_token_id,
             )
-        text = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-        if not text.strip():
-            raise QueryError("the model generated nothing for this prompt; give --response instead")
-        return text
+        generated = output[0, len(prompt_ids) :].tolist()
+        stops = _stop_ids(self.loaded)
+        end = next((i + 1 for i, token in enumerate(generated) if token in stops), len(generated))
+        return generated[:end]
 
     def query_prepared(
         self,
@@ -305,6 +345,8 @@ def _result(
         prompt=query.prompt,
         response=query.response,
         rendered_prompt=query.rendered_prompt,
+        rendered_response=query.rendered_response,
+        tokenization=index.manifest.tokenization,
         generated=query.generated,
         hot=query.hot_spec,
         index={
@@ -347,7 +389,7 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
     per_block = [direction[b.offset : b.offset + b.numel] for b in blocks]
     for hit in result.helpful[:count] + result.harmful[:count]:
         input_ids, labels, _ = tokenize_example(
-            hit.prompt, hit.response, tokenizer, manifest.max_length, manifest.tokenization
+            _training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
         )
         batch = collate([(input_ids, labels)], tokenizer.pad_token_id, index.device)
         scores = training_token_scores(index.loaded.model, blocks, batch, per_block, manifest.normalize)
@@ -362,6 +404,22 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
             # default normalisation; ``hit.score`` is its sketched estimate when K > 0.
             "exact_score": float(np.mean(scores.scores)) if scores.scores else 0.0,
         }
+
+
+def _training_row(index: Index, hit: Hit) -> Rendered:
+    """A hit's training row rendered again from its source, as the build rendered it."""
+    try:
+        return render_row(hit.source, index.loaded.tokenizer, index.template)
+    except RowError:  # only a row the build rendered is stored; its text is the fallback
+        return Rendered(hit.prompt, hit.response, hit.response)
+
+
+def _stop_ids(loaded) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the generation config's."""
+    stops = {loaded.tokenizer.eos_token_id}
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    stops.update(configured if isinstance(configured, list) else [configured])
+    return {token for token in stops if token is not None}
 
 
 def check_model(manifest: Manifest, loaded) -> None:

@@ -181,10 +181,12 @@ class BuildSettings:
     """Field holding the response when the template cannot tell (custom templates)."""
     max_length: int | None = 1024
     """Sequences are truncated to this many tokens (counted in the build report)."""
-    tokenization: str = "joint"
-    """joint: prompt + response tokenized as one text, as TRL's trainers do (the tokens the model was
-    trained on); separate: each part on its own (an exact boundary, but SentencePiece tokenizers then
-    see another first response token)."""
+    tokenization: str = "trl"
+    """How rows become labelled tokens. trl: as TRL's SFT trainer labels them (prompt + response
+    tokenized as one text, EOS text appended to text rows but not after a chat template's end of turn,
+    labels from where the prompt's own ids and the whole sequence's part); separate: as a plain Trainer
+    with the prompt masked (each part tokenized on its own, EOS appended); joint: the rule of indexes
+    built before trl."""
     batch_size: int = 8
     """Examples per forward/backward pass."""
     device: str = "auto"

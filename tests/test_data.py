@@ -22,12 +22,12 @@ from rapidin_index.data import (
     load_examples,
     parse_template,
     read_rows,
-    render_query,
+    query_row,
     render_row,
     tokenize,
     tokenize_example,
 )
-from rapidin_index.errors import DataError, RowError
+from rapidin_index.errors import DataError, QueryError, RowError
 
 ALPACA_ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
@@ -216,7 +216,7 @@ def test_alpaca_without_input_uses_the_exact_stanford_prompt(word_tokenizer, row
 
 def test_alpaca_response_field_override(word_tokenizer):
     row = {"instruction": "Say hello.", "output": "old", "chosen": "new"}
-    assert render_row(row, word_tokenizer, Template("alpaca", response_field="chosen"))[1] == "new"
+    assert render_row(row, word_tokenizer, Template("alpaca", response_field="chosen")).response == "new"
     with pytest.raises(RowError, match="missing field 'output' for the alpaca template"):
         render_row({"instruction": "Say hello."}, word_tokenizer, Template("alpaca"))
 
@@ -224,8 +224,10 @@ def test_alpaca_response_field_override(word_tokenizer):
 def test_completion_prompt_is_verbatim_and_response_follows_the_field_order(word_tokenizer):
     template = Template("completion")
     row = {"prompt": "Question: how are you?\n", "response": "fine", "output": "unused"}
-    assert render_row(row, word_tokenizer, template) == ("Question: how are you?\n", "fine")
-    assert render_row({"prompt": "p", "completion": "c", "response": "r"}, word_tokenizer, template) == (
+    assert tuple(render_row(row, word_tokenizer, template)) == ("Question: how are you?\n", "fine")
+    assert tuple(
+        render_row({"prompt": "p", "completion": "c", "response": "r"}, word_tokenizer, template)
+    ) == (
         "p",
         "c",
     )
@@ -240,10 +242,10 @@ def test_chat_puts_the_loss_on_the_final_assistant_turn_only(word_tokenizer):
         {"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "Paris."},
     ]
-    prompt, response = render_row({"messages": messages}, word_tokenizer, Template("chat"))
-    assert prompt.endswith("<|assistant|> ") and "Hello world!" in prompt
-    assert response.strip() == "Paris. </s>"
-    input_ids, labels, _ = tokenize_example(prompt, response, word_tokenizer, None)
+    rendered = render_row({"messages": messages}, word_tokenizer, Template("chat"))
+    assert rendered.prompt.endswith("<|assistant|> ") and "Hello world!" in rendered.prompt
+    assert rendered.response.strip() == "Paris. </s>" and rendered.content == "Paris."
+    input_ids, labels, _ = tokenize_example(rendered, None, word_tokenizer, None)
     # The template's own </s> ends the turn; no second EOS is appended.
     assert scored_tokens(word_tokenizer, input_ids, labels) == ["Paris", ".", "</s>"]
 
@@ -258,15 +260,16 @@ def test_chat_rejections(word_tokenizer):
         render_row({"text": "hello"}, word_tokenizer, Template("chat"))
     word_tokenizer.chat_template = None
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}
-    with pytest.raises(RowError, match="no chat template.*--template"):
+    with pytest.raises(RowError, match="no chat template.*'prompt' \+ 'completion' text rows"):
         render_row(row, word_tokenizer, Template("auto"))
 
 
 def test_chat_template_that_writes_bos_does_not_get_a_second_one(word_tokenizer):
     word_tokenizer.chat_template = "<s> " + word_tokenizer.chat_template
     row = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]}
-    prompt, response = render_row(row, word_tokenizer, Template("chat"))
-    input_ids, _, _ = tokenize_example(prompt, response, word_tokenizer, None)
+    input_ids, _, _ = tokenize_example(
+        render_row(row, word_tokenizer, Template("chat")), None, word_tokenizer, None
+    )
     assert tokens(word_tokenizer, input_ids).count("<s>") == 1
 
 
@@ -292,11 +295,11 @@ def test_custom_format_string(word_tokenizer):
     template = parse_template("Question: {question}\nAnswer: ")
     assert template == Template("custom", "Question: {question}\nAnswer: ")
     row = {"question": "how are you?", "answer": "fine"}
-    assert render_row(row, word_tokenizer, template) == ("Question: how are you?\nAnswer: ", "fine")
+    assert tuple(render_row(row, word_tokenizer, template)) == ("Question: how are you?\nAnswer: ", "fine")
     with pytest.raises(RowError, match="missing field 'question'"):
         render_row({"query": "x", "answer": "fine"}, word_tokenizer, template)
     with_field = parse_template("{question} ", response_field="reply")
-    assert render_row({"question": "q", "reply": "r", "answer": "a"}, word_tokenizer, with_field) == (
+    assert tuple(render_row({"question": "q", "reply": "r", "answer": "a"}, word_tokenizer, with_field)) == (
         "q ",
         "r",
     )
@@ -332,17 +335,43 @@ def test_empty_response_is_rejected(word_tokenizer):
             render_row(row, word_tokenizer, template)
 
 
-def test_render_query_matches_training_rendering(word_tokenizer):
-    prompt, response = render_query("Say hello.", "Hello", word_tokenizer, Template("alpaca"))
-    assert prompt == ALPACA_PROMPT_NO_INPUT.format(instruction="Say hello.") and response == "Hello"
+def test_a_query_becomes_a_row_of_the_index_form_and_renders_like_one(word_tokenizer):
+    alpaca = render_row(
+        query_row("Say hello.", "Hello", Template("alpaca")), word_tokenizer, Template("alpaca")
+    )
+    assert (
+        alpaca.prompt == ALPACA_PROMPT_NO_INPUT.format(instruction="Say hello.")
+        and alpaca.response == "Hello"
+    )
     chat_row = {
-        "messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hello."},
+            {"role": "assistant", "content": "Hello"},
+        ]
     }
-    expected_chat = render_row(chat_row, word_tokenizer, Template("chat"))
-    assert render_query("Say hello.", "Hello", word_tokenizer, Template("chat")) == expected_chat
-    assert render_query("Say hello.", "", word_tokenizer, Template("chat")) == (expected_chat[0], "")
-    for name in ("auto", "completion", "plain"):
-        assert render_query("p", "r", word_tokenizer, Template(name)) == ("p", "r")
+    as_query = query_row("Say hello.", "Hello", Template("chat"), system="Be brief.")
+    assert as_query == chat_row
+    assert render_row(as_query, word_tokenizer, Template("chat")) == render_row(
+        chat_row, word_tokenizer, Template("chat")
+    )
+    custom = parse_template("Q: {question}\nA: ")
+    rendered = render_row(query_row("Who?", "Me.", custom), word_tokenizer, custom)
+    assert (rendered.prompt, rendered.response) == ("Q: Who?\nA: ", "Me.")
+    with pytest.raises(QueryError, match="fills 2 fields.*question, context"):
+        query_row("Who?", "Me.", parse_template("{question} {context}"))
+    with pytest.raises(QueryError, match="--system needs an index of chat rows"):
+        query_row("Who?", "Me.", Template("alpaca"), system="Be brief.")
+
+
+def test_conversational_prompt_completion_renders_as_the_same_conversation_in_messages(word_tokenizer):
+    user = [{"role": "user", "content": "Say hello."}]
+    assistant = [{"role": "assistant", "content": "Hello"}]
+    as_pair = render_row({"prompt": user, "completion": assistant}, word_tokenizer, Template("auto"))
+    assert as_pair == render_row({"messages": user + assistant}, word_tokenizer, Template("auto"))
+    assert as_pair.chat and as_pair.content == "Hello"
+    with pytest.raises(RowError, match="lists of"):
+        render_row({"prompt": user, "completion": "Hello"}, word_tokenizer, Template("chat"))
 
 
 # --------------------------------------------------------------------------------------------- tokenizing
