@@ -260,7 +260,7 @@ def test_chat_rejections(word_tokenizer):
         render_row({"text": "hello"}, word_tokenizer, Template("chat"))
     word_tokenizer.chat_template = None
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}
-    with pytest.raises(RowError, match="no chat template.*'prompt' \+ 'completion' text rows"):
+    with pytest.raises(RowError, match=r"no chat template.*'prompt' \+ 'completion' text rows"):
         render_row(row, word_tokenizer, Template("auto"))
 
 
