@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CHAT_TEMPLATE, build_byte_level_tokenizer, build_metaspace_tokenizer
+from conftest import CHAT_TEMPLATE, build_byte_level_tokenizer, build_metaspace_tokenizer, trl_labels
 
 from rapidin_index.data import Template, load_examples
 
@@ -38,29 +38,6 @@ CONVERSATIONAL_ROWS = [
         "completion": [{"role": "assistant", "content": "Hello world!"}],
     },
 ]
-
-
-def trl_labels(rows: list[dict], tokenizer, tmp_path) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per row as TRL's SFTTrainer (dataset preparation + collator) makes them."""
-    from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
-    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=1, **sizes)
-    arguments = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_length=None, use_cpu=True)
-    trainer = SFTTrainer(
-        model=LlamaForCausalLM(config),
-        args=arguments,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
-    sequences = []
-    for example in trainer.train_dataset:
-        batch = trainer.data_collator([example])
-        input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-        sequences.append((input_ids, [-100, *labels[1:]]))
-    return sequences
 
 
 def our_labels(rows: list[dict], tokenizer, tmp_path) -> list[tuple[list[int], list[int]]]:
