@@ -324,7 +324,9 @@ def query(
     from rapidin_index.data import read_rows
     from rapidin_index.errors import DataError
     from rapidin_index.manifest import read_manifest
+    from rapidin_index.data import query_row
     from rapidin_index.preflight import check_query, check_tokenizer
+    from rapidin_index.query import query_template
     from rapidin_index.report import write_results
 
     if (queries is None) == (prompt is None):
@@ -350,6 +352,8 @@ def query(
     # Cheap checks first (manifest, K, files, tokenizer), before torch, the vectors and the model load.
     manifest = read_manifest(index)
     check_query(index, manifest, k)
+    if system is not None:
+        query_row("", "", query_template(manifest), system)  # refuses a system turn for rows of no chat
     check_tokenizer(manifest, model or manifest.model["name_or_path"])
     from rapidin_index.retrieval import Index
 

@@ -186,7 +186,20 @@ ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line 
     "query: --format": (lambda p: _query(p, R, "x", "--format", "xml"), "--format 'xml'"),
     "query: html to stdout": (lambda p: _query(p, R, "x", "--format", "html"), "--format html needs --out"),
     "query: --per-token": (lambda p: _query(p, R, "x", "--per-token", "maybe"), "--per-token 'maybe'"),
-    "query: --top-k": (lambda p: _query(p, R, "x", "--top-k", "0"), "--top-k and --token-top-k must be"),
+    "query: --top-k": (lambda p: _query(p, R, "x", "--top-k", "0"), "--top-k must be at least 1, got 0"),
+    "query: --explain": (lambda p: _query(p, R, "x", "--explain", "-2"), "--explain must be at least 0, got -2"),
+    "query: --max-new-tokens": (
+        lambda p: ["query", "--index", p["index"], "--prompt", "p", "--generate", "--max-new-tokens", "0"],
+        "--max-new-tokens must be at least 1, got 0",
+    ),
+    "query: --system on alpaca rows": (
+        lambda p: _query(p, R, "x", "--system", "Be brief."),
+        "--system needs an index of chat rows; this index's rows use the alpaca template",
+    ),
+    "query: --system with --queries": (
+        lambda p: ["query", "--index", p["index"], "--queries", p["data"], "--system", "s"],
+        "a --queries row has its own",
+    ),
     "query: bad --queries row": (
         lambda p: ["query", "--index", p["index"], "--queries", str(p["root"] / "bad.jsonl")],
         "bad.jsonl: query row 1: ",
@@ -303,6 +316,8 @@ def test_refusals_come_before_the_model_loads(cli_index, monkeypatch):
     monkeypatch.setattr("rapidin_index.retrieval.load_model", no_model)
     for case in (
         "query: --k",
+        "query: --system on alpaca rows",
+        "query: --explain",
         "query: other tokenizer",
         "rebuild: other tokenizer",
         "rebuild: other settings",
