@@ -321,10 +321,9 @@ def query(
     ] = False,
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
-    from rapidin_index.data import read_rows
+    from rapidin_index.data import query_row, read_rows
     from rapidin_index.errors import DataError
     from rapidin_index.manifest import read_manifest
-    from rapidin_index.data import query_row
     from rapidin_index.preflight import check_query, check_tokenizer
     from rapidin_index.query import query_template
     from rapidin_index.report import write_results

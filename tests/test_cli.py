@@ -187,7 +187,10 @@ ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line 
     "query: html to stdout": (lambda p: _query(p, R, "x", "--format", "html"), "--format html needs --out"),
     "query: --per-token": (lambda p: _query(p, R, "x", "--per-token", "maybe"), "--per-token 'maybe'"),
     "query: --top-k": (lambda p: _query(p, R, "x", "--top-k", "0"), "--top-k must be at least 1, got 0"),
-    "query: --explain": (lambda p: _query(p, R, "x", "--explain", "-2"), "--explain must be at least 0, got -2"),
+    "query: --explain": (
+        lambda p: _query(p, R, "x", "--explain", "-2"),
+        "--explain must be at least 0, got -2",
+    ),
     "query: --max-new-tokens": (
         lambda p: ["query", "--index", p["index"], "--prompt", "p", "--generate", "--max-new-tokens", "0"],
         "--max-new-tokens must be at least 1, got 0",

@@ -19,7 +19,6 @@ from rapidin_index.manifest import Manifest
 from rapidin_index.query import (
     generation_prompt,
     prepare,
-    prepare_generated,
     prepare_row,
     query_template,
     resolve_hot,
