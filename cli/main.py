@@ -131,7 +131,8 @@ def build(
         str,
         typer.Option(
             help="trl: labelled as TRL's SFT trainer labels the rows (joint tokenization, its prompt-prefix "
-            "rule, EOS after text rows but not after a chat template's end of turn); separate: as a plain "
+            "rule, EOS after text rows but not after a chat template's end of turn); trl-assistant: TRL with "
+            "assistant_only_loss (the chat template's {% generation %} blocks); separate: as a plain "
             "Trainer with the prompt masked (each part on its own, EOS appended); joint: the rule of indexes "
             "built before trl."
         ),

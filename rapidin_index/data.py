@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the `model(labels=...)` convention for "no loss here"
-TOKENIZATIONS = ("trl", "separate", "joint")
+TOKENIZATIONS = ("trl", "trl-assistant", "separate", "joint")
 """How rows become labelled tokens (`tokenize`): TRL's SFT rule, a plain Trainer's, or the rule of
 indexes built before TRL's was followed."""
 TEMPLATE_NAMES = ("auto", "alpaca", "completion", "chat", "plain", "custom")
@@ -246,6 +246,10 @@ class Rendered:
     generation_prompt: str | None = None
     """Chat only: the prompt as the template renders it alone (``add_generation_prompt=True``), which
     TRL tokenizes to find where the completion starts; None where it equals ``prompt``."""
+    turns: tuple | None = None
+    """Chat only: (prompt turns, completion turns), for the template's assistant mask."""
+    whole_conversation: bool = False
+    """A `messages` row (TRL's language-modelling form), not a prompt/completion pair."""
 
     def __iter__(self):
         return iter((self.prompt, self.response))
@@ -291,22 +295,22 @@ def render_row(row: dict, tokenizer: PreTrainedTokenizerBase, template: Template
     return Rendered(prompt, response, response)
 
 
-def _conversation(row: dict) -> tuple[list, list]:
-    """(prompt turns, completion turns) of a chat row: `messages` (the loss on its final assistant turn,
-    as TRL labels the same conversation given as prompt + completion) or TRL's conversational
-    `prompt` + `completion` lists."""
+def _conversation(row: dict) -> tuple[list, list, bool]:
+    """(prompt turns, completion turns, whether a `messages` row) of a chat row: `messages` (the loss
+    on its final assistant turn, as TRL labels the same conversation given as prompt + completion) or
+    TRL's conversational `prompt` + `completion` lists."""
     if "messages" in row:
         messages = row["messages"]
         if not _is_conversation(messages):
             raise RowError("field 'messages' must be a list of {role, content} objects")
-        return messages[:-1], messages[-1:]
+        return messages[:-1], messages[-1:], True
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if not (_is_conversation(prompt) and _is_conversation(completion)):
             raise RowError(
                 "conversational rows need 'prompt' and 'completion' as lists of {role, content} objects"
             )
-        return prompt, completion
+        return prompt, completion, False
     raise RowError(
         "missing field 'messages' (or conversational 'prompt' + 'completion') for the chat template"
     )
@@ -364,10 +368,10 @@ def template_fields(template: Template) -> list[str]:
     return list(dict.fromkeys(field for _, field, _, _ in parsed if field))
 
 
-def _render_chat(turns: tuple[list, list], tokenizer: PreTrainedTokenizerBase) -> Rendered:
+def _render_chat(conversation: tuple[list, list, bool], tokenizer: PreTrainedTokenizerBase) -> Rendered:
     """TRL's conversational prompt/completion: the prompt turns rendered with the generation prompt, the
     completion the rest of the whole conversation's rendering (its end-of-turn text included)."""
-    prompt_turns, completion_turns = turns
+    prompt_turns, completion_turns, whole = conversation
     if completion_turns[-1]["role"] != "assistant":
         raise RowError("the last message must have role 'assistant' (its content is the response scored)")
     contents = [turn.get("content") for turn in completion_turns]
@@ -381,12 +385,13 @@ def _render_chat(turns: tuple[list, list], tokenizer: PreTrainedTokenizerBase) -
         full = tokenizer.apply_chat_template(prompt_turns + completion_turns, tokenize=False)
     except Exception as error:  # jinja templates raise anything, e.g. on roles out of order
         raise RowError(f"the chat template failed on this conversation: {error}") from error
+    turns = (prompt_turns, completion_turns)
     if full.startswith(prompt):
-        return Rendered(prompt, full[len(prompt) :], content, chat=True)
+        return Rendered(prompt, full[len(prompt) :], content, True, None, turns, whole)
     # The template renders the prompt alone otherwise (e.g. an empty thought block): the text splits
     # where the two renderings part, and tokenization starts the labels where TRL does.
     shared = len(os.path.commonprefix([prompt, full]))
-    return Rendered(full[:shared], full[shared:], content, chat=True, generation_prompt=prompt)
+    return Rendered(full[:shared], full[shared:], content, True, prompt, turns, whole)
 
 
 def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -459,7 +464,7 @@ def prompt_token_ids(
     """The prompt's ids as generation and scoring both see them. ``trl``: chat-template text without
     special tokens (the template wrote them), other text with the tokenizer's own (BOS); the older rules
     add them unless the text starts with the BOS text."""
-    special = not chat if tokenization == "trl" else _legacy_special_tokens(prompt, tokenizer)
+    special = not chat if tokenization.startswith("trl") else _legacy_special_tokens(prompt, tokenizer)
     return list(tokenizer(prompt, add_special_tokens=special).input_ids)
 
 
@@ -477,6 +482,9 @@ def tokenize(
     special tokens; chat-template text gets neither. The labels start where the prompt's own ids and the
     whole sequence's ids part (TRL's common-prefix rule: a token that spans the boundary is scored, and
     so is any prompt-end token the joined text tokenizes differently).
+    ``trl-assistant``: TRL with ``assistant_only_loss=True``: chat rows labelled where the template's
+    ``{% generation %}`` blocks mark assistant text (every assistant turn of a `messages` row; the
+    completion's of a prompt/completion pair); text rows as ``trl``.
     ``separate``: a plain Trainer with the prompt masked: each part tokenized on its own, EOS appended.
     ``joint``: the rule of indexes built before ``trl`` (the first token reaching past the prompt's
     characters starts the labels; an EOS id is appended after any text that does not end with one).
@@ -485,9 +493,13 @@ def tokenize(
     _check_settings(tokenizer, max_length)
     if tokenization not in TOKENIZATIONS:
         raise DataError(f"--tokenization {tokenization!r} is not one of {', '.join(TOKENIZATIONS)}")
-    split = {"trl": _trl_ids, "joint": _joint_ids, "separate": _separate_ids}[tokenization]
-    input_ids, offsets, prompt_count = split(rendered, tokenizer)
-    labels = [IGNORE_INDEX] * prompt_count + input_ids[prompt_count:]
+    split = {"trl": _trl_ids, "trl-assistant": _trl_assistant_ids, "joint": _joint_ids}
+    split["separate"] = _separate_ids
+    input_ids, offsets, scored = split[tokenization](rendered, tokenizer)
+    if isinstance(scored, int):  # one boundary: everything from it on is scored
+        scored = [position >= scored for position in range(len(input_ids))]
+    labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, scored, strict=True)]
+    prompt_count = scored.index(True) if True in scored else len(scored)
     # Position 0 is never predicted (nothing precedes it); masking it keeps num_response_tokens honest.
     labels[0] = IGNORE_INDEX
     truncated = max_length is not None and len(input_ids) > max_length
@@ -523,6 +535,26 @@ def _trl_ids(rendered: Rendered, tokenizer) -> tuple[list[int], list | None, int
     prompt_text = rendered.generation_prompt if rendered.generation_prompt is not None else rendered.prompt
     prompt_ids = prompt_token_ids(prompt_text, tokenizer, rendered.chat)
     return input_ids, offsets, common_prefix_length(prompt_ids, input_ids)
+
+
+def _trl_assistant_ids(rendered: Rendered, tokenizer) -> tuple[list[int], list | None, int | list[bool]]:
+    """TRL's tokenization with ``assistant_only_loss``: (ids, offsets, which tokens are scored)."""
+    input_ids, offsets, start = _trl_ids(rendered, tokenizer)
+    if not rendered.chat:
+        return input_ids, offsets, start
+    prompt_turns, completion_turns = rendered.turns
+    marked = tokenizer.apply_chat_template(
+        prompt_turns + completion_turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    mask = [bool(bit) for bit in marked["assistant_masks"]]
+    if list(marked["input_ids"]) != input_ids or not any(mask):
+        raise RowError(
+            "the chat template marks no assistant tokens (it has no {% generation %} block), so "
+            "--tokenization trl-assistant cannot label this row; use --tokenization trl"
+        )
+    if rendered.whole_conversation:  # TRL's language-modelling rows: every assistant turn
+        return input_ids, offsets, mask
+    return input_ids, offsets, [bit and position >= start for position, bit in enumerate(mask)]
 
 
 def _appended_eos(input_ids: list[int], offsets: list | None, text_length: int, tokenizer) -> None:

@@ -184,7 +184,9 @@ class BuildSettings:
     tokenization: str = "trl"
     """How rows become labelled tokens. trl: as TRL's SFT trainer labels them (prompt + response
     tokenized as one text, EOS text appended to text rows but not after a chat template's end of turn,
-    labels from where the prompt's own ids and the whole sequence's part); separate: as a plain Trainer
+    labels from where the prompt's own ids and the whole sequence's part); trl-assistant: TRL with
+    assistant_only_loss=True (chat rows labelled by the template's {% generation %} blocks); separate:
+    as a plain Trainer
     with the prompt masked (each part tokenized on its own, EOS appended); joint: the rule of indexes
     built before trl."""
     batch_size: int = 8

@@ -291,15 +291,18 @@ def conformance_rows(tmp_path_factory) -> str:
 # --------------------------------------------------------------------------- the TRL oracle and the real model
 
 
-def trl_labels(rows: list[dict], tokenizer, tmp_path) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per row as TRL's SFTTrainer (dataset preparation + collator) makes them."""
+def trl_labels(rows: list[dict], tokenizer, tmp_path, **sft_options) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row as TRL's SFTTrainer (dataset preparation + collator) makes them;
+    ``config``: more SFTConfig fields (e.g. assistant_only_loss=True)."""
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=1, **sizes)
-    arguments = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", max_length=None, use_cpu=True)
+    arguments = SFTConfig(
+        output_dir=str(tmp_path / "trl"), report_to="none", max_length=None, use_cpu=True, **sft_options
+    )
     trainer = SFTTrainer(
         model=LlamaForCausalLM(config),
         args=arguments,

@@ -40,10 +40,12 @@ CONVERSATIONAL_ROWS = [
 ]
 
 
-def our_labels(rows: list[dict], tokenizer, tmp_path) -> list[tuple[list[int], list[int]]]:
+def our_labels(
+    rows: list[dict], tokenizer, tmp_path, tokenization="trl"
+) -> list[tuple[list[int], list[int]]]:
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    examples, rejected = load_examples(path, tokenizer, Template("auto"))
+    examples, rejected = load_examples(path, tokenizer, Template("auto"), tokenization=tokenization)
     assert not rejected, rejected
     return [(example.input_ids, example.labels) for example in examples]
 
@@ -101,3 +103,33 @@ def test_plain_text_rows_are_labelled_as_trl_labels_language_modelling_rows(tmp_
     tokenizer = tokenizers()["byte-level-bos"]
     rows = [{"text": "The capital of France is Paris."}, {"text": "Hello world!"}]
     assert our_labels(rows, tokenizer, tmp_path) == trl_labels(rows, tokenizer, tmp_path)
+
+
+# Each assistant turn inside a {% generation %} block, as TRL's assistant_only_loss needs.
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }} </s>{% endgeneration %}{% else %}{{ message['content'] }}"
+    "{% endif %} {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@pytest.mark.parametrize("form", ["messages", "prompt-completion"])
+def test_trl_assistant_labels_what_trls_assistant_only_loss_labels(tmp_path, form):
+    tokenizer = tokenizers()["byte-level-bos"]
+    tokenizer.chat_template = GENERATION_TEMPLATE
+    rows = CONVERSATIONAL_ROWS
+    if form == "messages":
+        rows = [{"messages": row["prompt"] + row["completion"]} for row in CONVERSATIONAL_ROWS]
+    ours = our_labels(rows, tokenizer, tmp_path, "trl-assistant")
+    assert ours == trl_labels(rows, tokenizer, tmp_path, assistant_only_loss=True)
+    ids, labels = ours[2]  # the multi-turn row: an earlier assistant turn is scored only as `messages`
+    scored_text = tokenizer.decode([token for token, label in zip(ids, labels, strict=True) if label != -100])
+    assert ("Paris." in scored_text) == (form == "messages") and "Hello world!" in scored_text
+
+
+def test_trl_assistant_refuses_a_template_without_generation_blocks(tmp_path):
+    tokenizer = tokenizers()["byte-level-bos"]  # CHAT_TEMPLATE marks nothing
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(CONVERSATIONAL_ROWS[0]) + "\n")
+    _, rejected = load_examples(path, tokenizer, Template("auto"), tokenization="trl-assistant")
+    assert "no {% generation %} block" in rejected[0].reason
