@@ -95,10 +95,19 @@ def bare_ray_means_local(args: list[str]) -> list[str]:
 def build(
     model: Annotated[str, typer.Option(help="Local folder or hub id of the fine-tuned causal LM.")],
     index: Annotated[Path, typer.Option(help="Index folder to create (or resume, or append to).")],
-    data: Annotated[Path | None, typer.Option(help="Training data: JSONL, JSON, Parquet or CSV.")] = None,
-    append: Annotated[
-        Path | None, typer.Option(help="Add the rows of this file to the existing index (same settings).")
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training data: .jsonl, .json, .parquet, .csv or .txt (one text row a line), optionally .gz "
+            "or .zst; or a folder written by datasets' save_to_disk."
+        ),
     ] = None,
+    append: Annotated[
+        Path | None, typer.Option(help="Add the rows of this data to the existing index (same settings).")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="The split of a saved DatasetDict folder to index (if it has several).")
+    ] = default_of(BuildSettings, "split"),
     adapter: Annotated[
         str | None, typer.Option(help="PEFT LoRA adapter folder; its tensors are attributed.")
     ] = default_of(ModelSettings, "adapter"),
@@ -158,6 +167,16 @@ def build(
     strict: Annotated[
         bool, typer.Option(help="Fail on a malformed row instead of reporting it.")
     ] = default_of(BuildSettings, "strict"),
+    max_rejected_share: Annotated[
+        float,
+        typer.Option(
+            help="Fail (exit 2, the index still written) when more than this share of the rows is rejected; "
+            "a build that indexes no row always fails."
+        ),
+    ] = default_of(BuildSettings, "max_rejected_share"),
+    allow_duplicate_data: Annotated[
+        bool, typer.Option(help="Let --append add data the index already holds (same checksum) once more.")
+    ] = default_of(BuildSettings, "allow_duplicate_data"),
     chunk_size: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = default_of(
         BuildSettings, "chunk_size"
     ),
@@ -199,6 +218,9 @@ def build(
         batch_size=batch_size,
         device=device,
         strict=strict,
+        max_rejected_share=max_rejected_share,
+        split=split,
+        allow_duplicate_data=allow_duplicate_data,
         chunk_size=chunk_size,
         vector_dtype=vector_dtype,
         num_shards=num_shards,
@@ -260,13 +282,19 @@ def _print_exact_path(exact_path: dict, limit: int = 10) -> None:
         console.print(f"  ... and {len(exact_path) - limit} more (rapidin-index info --json)")
 
 
-def _print_rejected(rejected, limit: int = 20) -> None:
-    for row in rejected[:limit]:
-        console.print(
-            f"[yellow]rejected row {row.example_id}:[/] {row.reason}", highlight=False, soft_wrap=True
-        )
-    if len(rejected) > limit:
-        console.print(f"... and {len(rejected) - limit} more (see rapidin-index info --json)")
+def _print_rejected(rejected, limit: int = 10) -> None:
+    """One line per kind of reason (its count and first row ids), not one per row."""
+    from rapidin_index.rejections import describe_group, group_reasons
+
+    if not rejected:
+        return
+    groups = group_reasons(rejected)
+    console.print(f"[yellow]{len(rejected):,} row(s) rejected:[/]", highlight=False)
+    for group in groups[:limit]:
+        console.print(f"  {describe_group(group)}", highlight=False, soft_wrap=True)
+    if len(groups) > limit:
+        console.print(f"  ... and {len(groups) - limit} other reason(s)", highlight=False)
+    console.print("  every row and reason: rapidin-index info --json", highlight=False)
 
 
 @command()
@@ -326,11 +354,12 @@ def query(
     ] = False,
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
-    from rapidin_index.data import query_row, read_rows
+    from rapidin_index.data import query_row
     from rapidin_index.errors import DataError
     from rapidin_index.manifest import read_manifest
     from rapidin_index.preflight import check_query, check_tokenizer
     from rapidin_index.query import query_template
+    from rapidin_index.readers import read_rows
     from rapidin_index.report import write_results
 
     if (queries is None) == (prompt is None):

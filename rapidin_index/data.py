@@ -1,6 +1,6 @@
 """Training rows -> tokenized examples whose loss covers the response tokens only.
 
-Pipeline: `read_rows` (JSONL / JSON / Parquet / CSV, one id per row in file order) -> `render_row`
+Pipeline: `readers.read_rows` (every input format, one id per row in file order) -> `render_row`
 (prompt template -> prompt and response strings) -> `tokenize` (prompt + response tokenized jointly,
 as TRL's trainers do, into token ids plus labels with -100 on the prompt) -> `Example`. A row that cannot be used becomes a `RejectedRow` with its id and a
 reason; no row is ever dropped silently.
@@ -11,18 +11,17 @@ earlier assistant turns, is part of the prompt.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import string
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rapidin_index.errors import DataError, QueryError, RowError
+from rapidin_index.readers import read_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -143,87 +142,6 @@ class Example:
 class RejectedRow:
     example_id: int
     reason: str
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def read_rows(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """Yield (example_id, row, error) for every row in file order; exactly one of row / error is None.
-
-    .jsonl/.ndjson: one object per line, blank lines skipped without taking an id. .json: a list of
-    objects or {"data": [...]}. .parquet: via pyarrow. .csv: all values strings. In Parquet and CSV a
-    null or empty cell counts as a missing field, since those formats cannot tell the two apart.
-    """
-    path = Path(path)
-    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json}
-    readers |= {".parquet": _read_parquet, ".csv": _read_csv}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"cannot read {path}: unknown extension; use one of {', '.join(sorted(readers))}")
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    return reader(path)  # errors above surface at call time; rows stream lazily
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    example_id = 0
-    with path.open("rb") as file:  # bytes, so one bad UTF-8 line rejects that row, not the file
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)  # decodes the bytes itself, BOM included
-            except ValueError as error:  # bad JSON or bad UTF-8
-                yield example_id, None, f"line {line_number}: not valid JSON: {error}"
-            else:
-                yield example_id, *_expect_object(row, f"line {line_number}")
-            example_id += 1
-
-
-def _read_json(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON: {error}") from error
-    if isinstance(document, dict) and isinstance(document.get("data"), list):
-        document = document["data"]
-    if not isinstance(document, list):
-        raise DataError(f'{path} must hold a list of row objects or {{"data": [...]}}')
-    for example_id, item in enumerate(document):
-        yield example_id, *_expect_object(item, f"item {example_id}")
-
-
-def _expect_object(value: Any, where: str) -> tuple[dict | None, str | None]:
-    if isinstance(value, dict):
-        return value, None
-    return None, f"{where}: expected a JSON object, got {type(value).__name__}"
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    import pyarrow.parquet as parquet  # only needed for this format
-
-    example_id = 0
-    for batch in parquet.ParquetFile(path).iter_batches():
-        for record in batch.to_pylist():
-            row = {key: value for key, value in record.items() if value is not None}
-            # Parquet cells may hold dates, decimals or bytes; `source` must stay JSON-serialisable.
-            yield example_id, json.loads(json.dumps(row, default=str)), None
-            example_id += 1
-
-
-def _read_csv(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long responses exceed the 128 KiB default
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        try:
-            for example_id, record in enumerate(reader):
-                if None in record:  # DictReader files surplus cells under the key None
-                    yield example_id, None, f"line {reader.line_num}: more cells than the header has columns"
-                else:
-                    yield example_id, {key: value for key, value in record.items() if value}, None
-        except csv.Error as error:
-            raise DataError(f"{path}, line {reader.line_num}: {error}") from error
 
 
 # -------------------------------------------------------------------------------------------- rendering

@@ -195,6 +195,14 @@ class BuildSettings:
     """auto, cpu or cuda."""
     strict: bool = False
     """Fail on the first malformed row instead of reporting it and indexing the rest."""
+    max_rejected_share: float = 0.5
+    """The build fails (after committing the index, whose `info` lists every reason) when more than this
+    share of the data's rows is rejected, or when none is indexed; 1 accepts any share."""
+    split: str | None = None
+    """For a folder written by datasets' save_to_disk: the DatasetDict split to index (needed when it
+    holds more than one)."""
+    allow_duplicate_data: bool = False
+    """Let --append add data whose checksum an index source already has (its rows then appear twice)."""
     chunk_size: int = 256
     """Rows per journal chunk: the unit of resumption."""
     vector_dtype: str = "float32"
@@ -217,6 +225,8 @@ class BuildSettings:
             raise BuildError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.tokenization not in TOKENIZATIONS:
             raise BuildError(f"--tokenization must be one of {', '.join(TOKENIZATIONS)}")
+        if not 0 <= self.max_rejected_share <= 1:
+            raise BuildError(f"--max-rejected-share must be between 0 and 1, got {self.max_rejected_share}")
         if not 0 <= self.shard_index < self.num_shards:
             raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 

@@ -80,20 +80,6 @@ def scored_tokens(tokenizer, input_ids: list[int], labels: list[int]) -> list[st
 # ------------------------------------------------------------------------------------------ file formats
 
 
-@pytest.mark.parametrize("file_format", ["jsonl", "ndjson", "json_list", "json_data", "parquet", "csv"])
-def test_every_format_reads_the_same_rows(tmp_path, file_format):
-    read_back = list(read_rows(write_rows(tmp_path, file_format, ALPACA_ROWS)))
-    assert [example_id for example_id, _, _ in read_back] == [0, 1, 2]
-    assert [error for _, _, error in read_back] == [None, None, None]
-    # CSV cannot tell an empty cell from a missing one, so its empty `input` cells are missing.
-    assert [row for _, row, _ in read_back] == (EXPECTED_ROWS if file_format == "csv" else ALPACA_ROWS)
-
-
-def test_parquet_null_cells_are_missing_fields(tmp_path):
-    read_back = list(read_rows(write_rows(tmp_path, "parquet", EXPECTED_ROWS)))
-    assert [row for _, row, _ in read_back] == EXPECTED_ROWS
-
-
 @pytest.mark.parametrize("file_format", ["jsonl", "json_list", "parquet", "csv"])
 def test_every_format_gives_the_same_examples(tmp_path, word_tokenizer, file_format):
     path = write_rows(tmp_path, file_format, EXPECTED_ROWS)
@@ -104,24 +90,6 @@ def test_every_format_gives_the_same_examples(tmp_path, word_tokenizer, file_for
     assert rejected == []
     assert [example.input_ids for example in examples] == [example.input_ids for example in reference]
     assert [example.content_hash for example in examples] == [example.content_hash for example in reference]
-
-
-def test_jsonl_blank_lines_do_not_consume_ids(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_text('\n{"text": "a"}\n\n   \n{"text": "b"}\n\n', encoding="utf-8")
-    assert list(read_rows(path)) == [(0, {"text": "a"}, None), (1, {"text": "b"}, None)]
-
-
-def test_jsonl_byte_order_mark_is_skipped_and_bad_utf8_rejects_one_line(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "\xff"}\n{"text": "b"}\n')
-    read_back = list(read_rows(path))
-    assert [(example_id, row) for example_id, row, _ in read_back] == [
-        (0, {"text": "a"}),
-        (1, None),
-        (2, {"text": "b"}),
-    ]
-    assert read_back[1][2].startswith("line 2: not valid JSON")
 
 
 def test_malformed_rows_are_reported_with_their_ids_and_the_rest_kept(tmp_path, word_tokenizer):
@@ -153,34 +121,6 @@ def test_json_non_object_item_is_rejected(tmp_path, word_tokenizer):
     examples, rejected = load_examples(path, word_tokenizer, Template("alpaca"))
     assert [example.example_id for example in examples] == [0, 2]
     assert rejected == [RejectedRow(1, "item 1: expected a JSON object, got str")]
-
-
-def test_csv_row_with_surplus_cells_is_rejected(tmp_path):
-    path = tmp_path / "rows.csv"
-    path.write_text("text\nhello\nhello,extra\nworld\n", encoding="utf-8")
-    read_back = list(read_rows(path))
-    assert [(example_id, row) for example_id, row, _ in read_back] == [
-        (0, {"text": "hello"}),
-        (1, None),
-        (2, {"text": "world"}),
-    ]
-    assert "more cells than the header" in read_back[1][2]
-
-
-def test_whole_file_problems_raise_data_error(tmp_path):
-    with pytest.raises(DataError, match="unknown extension"):
-        read_rows(tmp_path / "rows.txt")
-    missing = tmp_path / "nowhere.jsonl"
-    with pytest.raises(DataError, match="nowhere.jsonl"):
-        read_rows(missing)
-    not_json = tmp_path / "bad.json"
-    not_json.write_text("{not json", encoding="utf-8")
-    with pytest.raises(DataError, match="not valid JSON"):
-        list(read_rows(not_json))
-    wrong_shape = tmp_path / "shape.json"
-    wrong_shape.write_text(json.dumps({"rows": []}), encoding="utf-8")
-    with pytest.raises(DataError, match="list of row objects"):
-        list(read_rows(wrong_shape))
 
 
 # ---------------------------------------------------------------------------------------------- templates
