@@ -63,9 +63,11 @@ def check_source(data: str | Path | DataSource, split: str | None = None) -> Dat
     path = Path(data)
     if path.is_dir():
         return DataSource(path, _resolve_split(path, split))
-    _file_format(path)
+    file_format, _ = _file_format(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    if file_format == ".parquet":
+        _open_parquet(path)  # reads the footer only: a file that is no Parquet is refused up front
     if split is not None:
         raise DataError(
             f"--split {split!r} applies to a folder written by datasets' save_to_disk; {path} is a file "
@@ -289,15 +291,20 @@ def _read_csv(path: Path, compression: str | None) -> Rows:
             raise DataError(f"{path}, line {reader.line_num}: {error}") from error
 
 
-def _read_parquet(path: Path) -> Rows:
+def _open_parquet(path: Path):
     import pyarrow
     import pyarrow.parquet as parquet  # only needed for this format
 
     try:
-        parquet_file = parquet.ParquetFile(path)
+        return parquet.ParquetFile(path)
     except (pyarrow.ArrowException, OSError) as error:
         raise DataError(f"cannot read {path}: not a valid Parquet file ({_one_line(error)})") from error
-    return _parquet_rows(path, parquet_file, pyarrow.ArrowException)
+
+
+def _read_parquet(path: Path) -> Rows:
+    import pyarrow
+
+    return _parquet_rows(path, _open_parquet(path), pyarrow.ArrowException)
 
 
 def _parquet_rows(path: Path, parquet_file, arrow_error: type[Exception]) -> Rows:

@@ -88,7 +88,8 @@ def cli_index(tmp_path_factory, tiny_model_dirs, training_file, training_rows) -
     damaged = shutil.copytree(paths["index"], root / "damaged_index")
     next(damaged.glob("vectors-g*.faiss")).unlink()
     (root / "bad.jsonl").write_text(json.dumps(training_rows[0]) + "\n{not json\n")
-    (root / "train.txt").write_text("rows")
+    (root / "train.xml").write_text("<rows/>")
+    (root / "train.parquet").write_text('{"text": "JSON under a Parquet name"}')
     (root / "a_file").write_text("")
     return paths
 
@@ -131,8 +132,17 @@ ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line 
     ),
     "build: no such data file": (lambda p: _with(p["build"], data="/nonexistent.jsonl"), "does not exist"),
     "build: unknown data format": (
-        lambda p: _with(p["build"], data=str(p["root"] / "train.txt"), index=str(p["root"] / "i3")),
+        lambda p: _with(p["build"], data=str(p["root"] / "train.xml"), index=str(p["root"] / "i3")),
         "unknown extension",
+    ),
+    "build: not a Parquet file": (
+        lambda p: _with(p["build"], data=str(p["root"] / "train.parquet"), index=str(p["root"] / "i7")),
+        "train.parquet: not a valid Parquet file",
+    ),
+    "build: --split on a file": (lambda p: [*p["build"], "--split", "train"], "is a file (drop --split)"),
+    "build: --max-rejected-share": (
+        lambda p: [*p["build"], "--max-rejected-share", "2"],
+        "--max-rejected-share must be between 0 and 1, got 2.0",
     ),
     "build: --normalize": (lambda p: [*p["build"], "--normalize", "batch"], "--normalize 'batch'"),
     "build: --k": (lambda p: _with(p["build"], k="-1"), "K must be >= 0"),
@@ -156,6 +166,20 @@ ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line 
     "rebuild: other data": (
         lambda p: _with(p["build"], data=str(p["root"] / "bad.jsonl")),
         "built from other data; use --append",
+    ),
+    "append: data already indexed": (
+        lambda p: [
+            "build",
+            "--model",
+            p["model"],
+            "--append",
+            p["data"],
+            "--index",
+            p["index"],
+            "--k",
+            "1024",
+        ],
+        "appending it again would index every row twice. To do that on purpose, pass --allow-duplicate-data",
     ),
     "append: no index": (
         lambda p: [
@@ -324,6 +348,8 @@ def test_refusals_come_before_the_model_loads(cli_index, monkeypatch):
         "query: other tokenizer",
         "rebuild: other tokenizer",
         "rebuild: other settings",
+        "build: not a Parquet file",
+        "append: data already indexed",
     ):
         arguments, expected = ERROR_CASES[case]
         assert_one_clear_error(runner.invoke(app, arguments(cli_index)), expected, lines=None)
@@ -388,7 +414,9 @@ def test_build_option_defaults_are_the_settings_defaults():
     assert (params["shuffle_lambda"], params["seed"]) == (sketch.shuffle_lambda, sketch.seed)
     for name in ("normalize", "batch_size", "max_length", "tokenization", "device", "template", "strict"):
         assert params[name] == default_of(BuildSettings, name), name
-    for name in ("chunk_size", "vector_dtype", "num_shards", "shard_index", "response_field"):
+    for name in ("chunk_size", "vector_dtype", "num_shards", "shard_index", "response_field", "split"):
+        assert params[name] == default_of(BuildSettings, name), name
+    for name in ("max_rejected_share", "allow_duplicate_data"):
         assert params[name] == default_of(BuildSettings, name), name
     for name in ("dtype", "params", "adapter"):
         assert params[name] == default_of(ModelSettings, name), name
@@ -416,3 +444,19 @@ def test_query_and_demo_option_defaults_are_the_librarys():
     )
     assert demo["k"] == default_of(DemoSettings, "sketch_dim")
     assert demo["queries"] == default_of(DemoSettings, "attacked_queries")
+
+
+# --------------------------------------------------------------------------- appending the same data
+
+
+def test_appending_indexed_data_again_needs_allow_duplicate_data(tmp_path, tiny_model_dirs, training_file):
+    build = ["build", "--model", tiny_model_dirs["llama"], "--index", str(tmp_path / "index"), "--k", "256"]
+    build += ["--quiet", "--device", "cpu"]
+    assert runner.invoke(app, [*build, "--data", training_file]).exit_code == 0
+    copy = shutil.copy(training_file, tmp_path / "same_rows.jsonl")  # another name, the same checksum
+    refused = runner.invoke(app, [*build, "--append", str(copy)])
+    assert_one_clear_error(refused, f"same sha256 as {training_file}, ids 0-23", "--allow-duplicate-data")
+    appended = runner.invoke(app, [*build, "--append", str(copy), "--allow-duplicate-data"])
+    assert appended.exit_code == 0, appended.output
+    manifest = json.loads(runner.invoke(app, ["info", "--index", str(tmp_path / "index"), "--json"]).stdout)
+    assert manifest["row_count"] == 48 and [s["id_offset"] for s in manifest["sources"]] == [0, 24]
