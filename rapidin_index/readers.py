@@ -86,11 +86,10 @@ def read_rows(data: str | Path | DataSource, split: str | None = None) -> Rows:
     if source.path.is_dir():
         return _read_dataset_folder(source)
     file_format, compression = _file_format(source.path)
-    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".txt": _read_text}
-    if file_format == ".parquet":
+    if file_format == ".parquet":  # its own errors are Arrow's, and it is never compressed outside
         return _read_parquet(source.path)
-    if file_format == ".csv":
-        return _guarded(source.path, compression, _read_csv(source.path, compression))
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".txt": _read_text}
+    readers[".csv"] = _read_csv
     return _guarded(source.path, compression, readers[file_format](source.path, compression))
 
 
