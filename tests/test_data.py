@@ -22,7 +22,6 @@ from rapidin_index.data import (
     load_examples,
     parse_template,
     query_row,
-    read_rows,
     render_row,
     tokenize,
     tokenize_example,
