@@ -307,8 +307,10 @@ def test_conversational_prompt_completion_renders_as_the_same_conversation_in_me
     user = [{"role": "user", "content": "Say hello."}]
     assistant = [{"role": "assistant", "content": "Hello"}]
     as_pair = render_row({"prompt": user, "completion": assistant}, word_tokenizer, Template("auto"))
-    assert as_pair == render_row({"messages": user + assistant}, word_tokenizer, Template("auto"))
+    as_messages = render_row({"messages": user + assistant}, word_tokenizer, Template("auto"))
+    assert tuple(as_pair) == tuple(as_messages) and as_pair.turns == as_messages.turns
     assert as_pair.chat and as_pair.content == "Hello"
+    assert as_messages.whole_conversation and not as_pair.whole_conversation  # for trl-assistant
     with pytest.raises(RowError, match="lists of"):
         render_row({"prompt": user, "completion": "Hello"}, word_tokenizer, Template("chat"))
 
