@@ -352,6 +352,17 @@ def query(
             "even where the build already checked them with these libraries."
         ),
     ] = False,
+    aggregate: Annotated[
+        str | None,
+        typer.Option(
+            help="With --queries: one list for the whole set. mean or sum (exact: one search with the "
+            "combined query vector), max or count (from each query's own top --depth rows)."
+        ),
+    ] = None,
+    depth: Annotated[
+        int,
+        typer.Option(help="Rows read from each query's own lists for --aggregate (appears_in, max, count)."),
+    ] = 100,
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
     from rapidin_index.data import query_row
@@ -368,13 +379,21 @@ def query(
         raise fail(ValueError("with --prompt give exactly one of --response TEXT or --generate"))
     if queries is not None and (response is not None or system is not None or hot):
         raise fail(ValueError("--response, --system and --hot go with --prompt; a --queries row has its own"))
-    _check_query_numbers(top_k=top_k, token_top_k=token_top_k, explain=explain, max_new_tokens=max_new_tokens)
+    _check_query_numbers(
+        top_k=top_k, token_top_k=token_top_k, explain=explain, max_new_tokens=max_new_tokens, depth=depth
+    )
+    if aggregate is not None and queries is None:
+        raise fail(ValueError("--aggregate needs --queries FILE (several generations)"))
+    if aggregate is not None and aggregate not in ("mean", "sum", "max", "count"):
+        raise fail(ValueError(f"--aggregate {aggregate!r} is not one of mean, sum, max, count"))
     if per_token not in ("on", "off"):
         raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
     options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
     output_format = format or (out.suffix.lstrip(".") if out is not None else "json")
     if output_format not in ("json", "jsonl", "html"):
         raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html"))
+    if output_format == "html" and aggregate is not None:
+        raise fail(ValueError("--format html shows queries one by one; write --aggregate results as json"))
     if output_format == "html" and out is None:
         raise fail(ValueError("--format html needs --out FILE.html"))
     rows = []
@@ -391,7 +410,9 @@ def query(
     from rapidin_index.retrieval import Index
 
     opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k, verify=verify)
-    if queries is not None:
+    if aggregate is not None:
+        results = [opened.aggregate(rows, aggregate, top_k, depth, generate, max_new_tokens)]
+    elif queries is not None:
         results = opened.query_rows(rows, generate=generate, max_new_tokens=max_new_tokens, **options)
     else:
         results = [

@@ -21,6 +21,7 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
+from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_queries
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Rendered, Template, render_row, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
@@ -70,6 +71,7 @@ class Index:
                 f"{path}: the FAISS file holds {cpu_index.ntotal} vectors of {cpu_index.d} dims, the manifest "
                 f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
             )
+        self.stored_index = cpu_index  # on the CPU: stored vectors by id (aggregate hits' per-query scores)
         self.faiss_index = search_index(cpu_index)
         self.table = store.open_rows(path, manifest.generation)  # kept open: joins are per query
 
@@ -167,13 +169,31 @@ class Index:
         ``generate``: each row gives a ``prompt`` (and optional ``system``) whose greedy continuation
         is attributed.
         """
+        prepared = self._prepare_rows(rows, generate, max_new_tokens)
+        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k)
+
+    def aggregate(
+        self,
+        rows: list[dict],
+        how: str = "mean",
+        top_k: int = 10,
+        depth: int = DEFAULT_DEPTH,
+        generate: bool = False,
+        max_new_tokens: int = 64,
+    ) -> AggregateResult:
+        """One helpful and harmful list for the whole set of query rows (`rapidin_index.aggregate`):
+        ``how`` is mean, sum (exact, by linearity), max or count (from each query's top ``depth``)."""
+        prepared = self._prepare_rows(rows, generate, max_new_tokens)
+        return aggregate_queries(self, prepared, how, top_k, depth)
+
+    def _prepare_rows(self, rows: list[dict], generate: bool, max_new_tokens: int) -> list[PreparedQuery]:
         prepared = []
         for number, row in enumerate(rows):
             try:
                 prepared.append(self._prepare_row(row, generate, max_new_tokens))
             except (RowError, QueryError) as error:
                 raise QueryError(f"query row {number}: {error}") from None
-        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k)
+        return prepared
 
     def _prepare_row(self, row: dict, generate: bool, max_new_tokens: int) -> PreparedQuery:
         if not generate:
