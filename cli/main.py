@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -334,7 +335,11 @@ def query(
     explain: Annotated[int, typer.Option(help="Score the training tokens of the top N hits.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Write the result here (default: JSON on stdout).")] = None,
     format: Annotated[
-        str | None, typer.Option(help="json, jsonl or html (default: from --out, else json).")
+        str | None,
+        typer.Option(
+            help="json, jsonl, html or text (default: from --out's extension; on a terminal the short "
+            "text view, piped JSON)."
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model path, if it moved since the build (same weights).")
@@ -371,7 +376,7 @@ def query(
     from rapidin_index.preflight import check_query, check_tokenizer
     from rapidin_index.query import query_template
     from rapidin_index.readers import read_rows
-    from rapidin_index.report import write_results
+    from rapidin_index.report import render_text, write_results
 
     if (queries is None) == (prompt is None):
         raise fail(ValueError("give --prompt (with --response or --generate) or --queries FILE"))
@@ -389,9 +394,9 @@ def query(
     if per_token not in ("on", "off"):
         raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
     options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
-    output_format = format or (out.suffix.lstrip(".") if out is not None else "json")
-    if output_format not in ("json", "jsonl", "html"):
-        raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html"))
+    output_format = format or _default_format(out)
+    if output_format not in ("json", "jsonl", "html", "text"):
+        raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html, text"))
     if output_format == "html" and aggregate is not None:
         raise fail(ValueError("--format html shows queries one by one; write --aggregate results as json"))
     if output_format == "html" and out is None:
@@ -410,6 +415,7 @@ def query(
     from rapidin_index.retrieval import Index
 
     opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k, verify=verify)
+    opened.progress = console.is_terminal  # a bar on stderr, never in piped output
     if aggregate is not None:
         results = [opened.aggregate(rows, aggregate, top_k, depth, generate, max_new_tokens)]
     elif queries is not None:
@@ -429,6 +435,10 @@ def query(
     values = [result.to_dict() for result in results]
     if output_format == "json" and len(values) > 1:
         output_format = "jsonl"
+    if out is None and output_format == "text":
+        for value in values:
+            render_text(value, Console())
+        return
     if out is None:
         lines = [
             json.dumps(v, ensure_ascii=False, indent=2 if output_format == "json" else None) for v in values
@@ -437,6 +447,14 @@ def query(
         return
     write_results(values, out, output_format)
     console.print(f"wrote {len(values)} result(s) to {out}", highlight=False)
+
+
+def _default_format(out: Path | None) -> str:
+    """From --out's extension (.txt: text); on a terminal the short text view; piped, JSON."""
+    if out is not None:
+        suffix = out.suffix.lstrip(".")
+        return "text" if suffix == "txt" else suffix
+    return "text" if sys.stdout.isatty() else "json"
 
 
 def _check_query_numbers(**values: int) -> None:

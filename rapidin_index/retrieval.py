@@ -32,6 +32,7 @@ from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
+from rapidin_index.progress import RowProgress
 from rapidin_index.query import (
     PreparedQuery,
     generation_prompt,
@@ -71,6 +72,7 @@ class Index:
                 f"{path}: the FAISS file holds {cpu_index.ntotal} vectors of {cpu_index.d} dims, the manifest "
                 f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
             )
+        self.progress = False  # a progress bar over the queries of a call (the CLI's, on a terminal)
         self.stored_index = cpu_index  # on the CPU: stored vectors by id (aggregate hits' per-query scores)
         self.faiss_index = search_index(cpu_index)
         self.table = store.open_rows(path, manifest.generation)  # kept open: joins are per query
@@ -285,15 +287,17 @@ def sketch_queries(
         sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in queries]
         return _sketch_sequences(index, sequences)
     vectors, losses = [], []
-    for query in queries:
-        example = collate(
-            [(query.input_ids, query.labels)], index.loaded.tokenizer.pad_token_id, index.device
-        )
-        hot = torch.tensor(query.hot, dtype=torch.float32)
-        weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
-        sketched = _finite(sketch_loss_combinations(index.sketcher, example, weights))
-        vectors.append(sketched.vectors.cpu().numpy())
-        losses.append(sketched.losses.cpu().numpy())
+    with RowProgress(len(queries), "per-token queries", enabled=index.progress) as bar:
+        for query in queries:
+            example = collate(
+                [(query.input_ids, query.labels)], index.loaded.tokenizer.pad_token_id, index.device
+            )
+            hot = torch.tensor(query.hot, dtype=torch.float32)
+            weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
+            sketched = _finite(sketch_loss_combinations(index.sketcher, example, weights))
+            vectors.append(sketched.vectors.cpu().numpy())
+            losses.append(sketched.losses.cpu().numpy())
+            bar.advance(1, len(query.response_positions))
     return np.concatenate(vectors), np.concatenate(losses)
 
 

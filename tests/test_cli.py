@@ -460,3 +460,17 @@ def test_appending_indexed_data_again_needs_allow_duplicate_data(tmp_path, tiny_
     assert appended.exit_code == 0, appended.output
     manifest = json.loads(runner.invoke(app, ["info", "--index", str(tmp_path / "index"), "--json"]).stdout)
     assert manifest["row_count"] == 48 and [s["id_offset"] for s in manifest["sources"]] == [0, 24]
+
+
+def test_query_output_is_json_when_piped_and_short_text_when_asked(cli_index, tmp_path):
+    piped = runner.invoke(app, _query(cli_index, "--response", "It upper-cases.", "--explain", "0"))
+    assert piped.exit_code == 0 and json.loads(piped.stdout)["helpful"]
+    text = runner.invoke(
+        app, _query(cli_index, "--response", "It upper-cases.", "--explain", "0", "--format", "text")
+    )
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("prompt") and "helpful" in lines and "harmful" in lines and len(lines) < 60
+    written = tmp_path / "result.txt"
+    to_file = runner.invoke(app, _query(cli_index, "--response", "It upper-cases.", "--out", str(written)))
+    assert to_file.exit_code == 0 and written.read_text().startswith("prompt")
