@@ -364,6 +364,13 @@ def query(
             "combined query vector), max or count (from each query's own top --depth rows)."
         ),
     ] = None,
+    rerank: Annotated[
+        int,
+        typer.Option(
+            help="Score the top and bottom M rows again without the sketch (exact, one backward a row) "
+            "and re-order them; their hits are marked exact."
+        ),
+    ] = 0,
     depth: Annotated[
         int,
         typer.Option(help="Rows read from each query's own lists for --aggregate (appears_in, max, count)."),
@@ -385,7 +392,12 @@ def query(
     if queries is not None and (response is not None or system is not None or hot):
         raise fail(ValueError("--response, --system and --hot go with --prompt; a --queries row has its own"))
     _check_query_numbers(
-        top_k=top_k, token_top_k=token_top_k, explain=explain, max_new_tokens=max_new_tokens, depth=depth
+        top_k=top_k,
+        token_top_k=token_top_k,
+        explain=explain,
+        max_new_tokens=max_new_tokens,
+        depth=depth,
+        rerank=rerank,
     )
     if aggregate is not None and queries is None:
         raise fail(ValueError("--aggregate needs --queries FILE (several generations)"))
@@ -394,6 +406,7 @@ def query(
     if per_token not in ("on", "off"):
         raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
     options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
+    options["rerank"] = rerank
     output_format = format or _default_format(out)
     if output_format not in ("json", "jsonl", "html", "text"):
         raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html, text"))
@@ -459,7 +472,7 @@ def _default_format(out: Path | None) -> str:
 
 def _check_query_numbers(**values: int) -> None:
     """Refuse, before anything loads, a count that cannot work (--explain 0 is allowed: no explanation)."""
-    least = {"explain": 0}
+    least = {"explain": 0, "rerank": 0}
     for name, value in values.items():
         if value < least.get(name, 1):
             option = "--" + name.replace("_", "-")

@@ -18,6 +18,7 @@ class Hit:
     response: str | None = None
     source: dict | None = None
     explanation: dict | None = None  # {"tokens": [{token, token_id, score}], "method", "normalization"}
+    exact: bool | None = None  # True when --rerank scored it without the sketch
 
     def to_dict(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}

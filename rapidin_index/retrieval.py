@@ -23,9 +23,9 @@ from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
 from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_queries
 from rapidin_index.capture import gradient_blocks
-from rapidin_index.data import Rendered, Template, render_row, tokenize_example
+from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
-from rapidin_index.gradients import GradientSketcher, check_environment, normalize_flat, reference_gradient
+from rapidin_index.gradients import GradientSketcher, check_environment
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
@@ -40,6 +40,7 @@ from rapidin_index.query import (
     prepare_generated,
     prepare_row,
 )
+from rapidin_index.rerank import exact_query_direction, rerank_hits, training_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
@@ -140,6 +141,7 @@ class Index:
         max_new_tokens: int = 64,
         per_token: bool = True,
         token_top_k: int = 5,
+        rerank: int = 0,
     ) -> QueryResult:
         """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``).
 
@@ -154,7 +156,7 @@ class Index:
             raise QueryError("the query's response is empty; give --response TEXT or use --generate")
         else:
             prepared = self.prepare(prompt, response, hot=hot, system=system)
-        return self.query_prepared([prepared], top_k, explain, per_token, token_top_k)[0]
+        return self.query_prepared([prepared], top_k, explain, per_token, token_top_k, rerank)[0]
 
     def query_rows(
         self,
@@ -165,6 +167,7 @@ class Index:
         token_top_k: int = 5,
         generate: bool = False,
         max_new_tokens: int = 64,
+        rerank: int = 0,
     ) -> list[QueryResult]:
         """Queries in training-row form (any form the index's rows take), each with an optional ``hot``.
 
@@ -172,7 +175,7 @@ class Index:
         is attributed.
         """
         prepared = self._prepare_rows(rows, generate, max_new_tokens)
-        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k)
+        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k, rerank)
 
     def aggregate(
         self,
@@ -250,8 +253,10 @@ class Index:
         explain: int,
         per_token: bool = True,
         token_top_k: int = 5,
+        rerank: int = 0,
     ) -> list[QueryResult]:
-        """Sketch, search (one scan), collect, join the text, explain the top hits."""
+        """Sketch, search (one scan), collect, join the text, re-rank (``rerank`` > 0: the top and
+        bottom ``rerank`` rows scored exactly, `rapidin_index.rerank`), explain the top hits."""
         if top_k < 1 or token_top_k < 1:
             raise QueryError(f"--top-k and --token-top-k must be at least 1, got {top_k} and {token_top_k}")
         if self.manifest.row_count == 0:
@@ -261,10 +266,15 @@ class Index:
             )
         top_k = min(top_k, self.manifest.row_count)
         token_top_k = min(token_top_k, self.manifest.row_count)
+        shortlist = max(top_k, min(rerank, self.manifest.row_count))
         vectors, losses = sketch_queries(self, queries, per_token)
-        found = search(self, vectors, max(top_k, token_top_k if per_token else 0))
-        results = collect_results(self, queries, found, losses, top_k, token_top_k, per_token)
+        found = search(self, vectors, max(shortlist, token_top_k if per_token else 0))
+        results = collect_results(self, queries, found, losses, shortlist, token_top_k, per_token)
         join_text(self, results)
+        for query, result in zip(queries, results, strict=True):
+            if rerank > 0:
+                rerank_hits(self, query, result, rerank, top_k)
+            result.helpful, result.harmful = result.helpful[:top_k], result.harmful[:top_k]
         if explain > 0:
             for query, result in zip(queries, results, strict=True):
                 explain_hits(self, query, result, explain)
@@ -405,15 +415,11 @@ def join_text(index: Index, results: list[QueryResult]) -> None:
 def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count: int) -> None:
     """Training-token scores (SPEC 2.4, Eq. 6) for the top ``count`` helpful and harmful hits."""
     tokenizer, manifest, blocks = index.loaded.tokenizer, index.manifest, index.blocks
-    query_batch = collate(
-        [(query.input_ids, query.labels_for(query.hot_positions))], tokenizer.pad_token_id, index.device
-    )
-    raw = reference_gradient(index.loaded.model, blocks, query_batch)[None]
-    direction = normalize_flat(raw, blocks, manifest.normalize)[0]
+    direction = exact_query_direction(index, query)
     per_block = [direction[b.offset : b.offset + b.numel] for b in blocks]
     for hit in result.helpful[:count] + result.harmful[:count]:
         input_ids, labels, _ = tokenize_example(
-            _training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
+            training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
         )
         batch = collate([(input_ids, labels)], tokenizer.pad_token_id, index.device)
         scores = training_token_scores(index.loaded.model, blocks, batch, per_block, manifest.normalize)
@@ -428,14 +434,6 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
             # default normalisation; ``hit.score`` is its sketched estimate when K > 0.
             "exact_score": float(np.mean(scores.scores)) if scores.scores else 0.0,
         }
-
-
-def _training_row(index: Index, hit: Hit) -> Rendered:
-    """A hit's training row rendered again from its source, as the build rendered it."""
-    try:
-        return render_row(hit.source, index.loaded.tokenizer, index.template)
-    except RowError:  # only a row the build rendered is stored; its text is the fallback
-        return Rendered(hit.prompt, hit.response, hit.response)
 
 
 def _stop_ids(loaded) -> set[int]:

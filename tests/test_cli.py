@@ -434,7 +434,7 @@ def test_query_and_demo_option_defaults_are_the_librarys():
     commands = typer.main.get_command(app).commands
     query = {p.name: p.default for p in commands["query"].params}
     signature = inspect.signature(Index.query).parameters
-    for name in ("top_k", "token_top_k", "explain", "max_new_tokens"):
+    for name in ("top_k", "token_top_k", "explain", "max_new_tokens", "rerank"):
         assert query[name] == signature[name].default, name
     assert query["per_token"] == ("on" if signature["per_token"].default else "off")
     demo = {p.name: p.default for p in commands["demo"].params}
