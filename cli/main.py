@@ -364,6 +364,13 @@ def query(
             "combined query vector), max or count (from each query's own top --depth rows)."
         ),
     ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Search only the rows this SQL filter over their fields keeps (LanceDB syntax), e.g. "
+            "\"source = 'forum' AND id < 5000\"; the top-k is exact over those rows."
+        ),
+    ] = None,
     rerank: Annotated[
         int,
         typer.Option(
@@ -407,6 +414,7 @@ def query(
         raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
     options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
     options["rerank"] = rerank
+    options["where"] = where
     output_format = format or _default_format(out)
     if output_format not in ("json", "jsonl", "html", "text"):
         raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html, text"))
@@ -430,7 +438,7 @@ def query(
     opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k, verify=verify)
     opened.progress = console.is_terminal  # a bar on stderr, never in piped output
     if aggregate is not None:
-        results = [opened.aggregate(rows, aggregate, top_k, depth, generate, max_new_tokens)]
+        results = [opened.aggregate(rows, aggregate, top_k, depth, generate, max_new_tokens, where)]
     elif queries is not None:
         results = opened.query_rows(rows, generate=generate, max_new_tokens=max_new_tokens, **options)
     else:

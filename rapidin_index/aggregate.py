@@ -61,20 +61,21 @@ class AggregateResult:
 
 
 def aggregate_queries(
-    index, prepared: list, how: str, top_k: int, depth: int = DEFAULT_DEPTH
+    index, prepared: list, how: str, top_k: int, depth: int = DEFAULT_DEPTH, among: list[int] | None = None
 ) -> AggregateResult:
-    """One ranked helpful and harmful list for a set of prepared queries (`query.PreparedQuery`)."""
-    from rapidin_index.retrieval import sketch_queries
+    """One ranked helpful and harmful list for a set of prepared queries (`query.PreparedQuery`), over the
+    rows whose ids are ``among`` (None: every row)."""
+    from rapidin_index.retrieval import search, sketch_queries
 
     if how not in AGGREGATIONS:
         raise QueryError(f"--aggregate {how!r} is not one of {', '.join(AGGREGATIONS)}")
     if not prepared:
         raise QueryError("--aggregate needs at least one query")
-    rows = index.manifest.row_count
+    rows = index.manifest.row_count if among is None else len(among)
     top_k, depth = min(top_k, rows), min(max(depth, top_k), rows)
     vectors, _ = sketch_queries(index, prepared, per_token=False)  # [queries, K]
     combined = vectors.sum(0) if how == "sum" else vectors.mean(0)
-    found = vector_index.search_both(index.faiss_index, np.concatenate([combined[None], vectors]), depth)
+    found = search(index, np.concatenate([combined[None], vectors]), depth, among)
     per_query = [part[1:] for part in found]  # each query's own lists
     if how in ("mean", "sum"):
         helpful = list(zip(found[1][0][:top_k].tolist(), found[0][0][:top_k].tolist(), strict=True))

@@ -77,6 +77,23 @@ def search(index: faiss.Index, queries: np.ndarray, top_k: int) -> tuple[np.ndar
 _SCAN_ROWS = 1 << 16  # stored vectors scored per matrix product: bounds the [queries, rows] temporary
 
 
+def search_both_among(
+    index: faiss.Index, queries: np.ndarray, top_k: int, among: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`search_both` over the rows whose ids are in ``among`` only: the exact top and bottom k of that
+    subset (never a filtered global top-k, which could hold fewer than k). ``index`` is the CPU one."""
+    among = np.unique(np.asarray(among, dtype=np.int64))
+    matrix = _flat_matrix(index)
+    if matrix is not None:
+        positions = np.nonzero(np.isin(faiss.vector_to_array(index.id_map), among))[0]
+        vectors, ids = matrix[positions], faiss.vector_to_array(index.id_map)[positions].astype(np.int64)
+    else:
+        vectors, ids = vectors_of(index, among.tolist()), among
+    subset = new_index(index.d)
+    add_vectors(subset, vectors, ids)
+    return search_both(subset, queries, top_k)
+
+
 def search_both(
     index: faiss.Index, queries: np.ndarray, top_k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

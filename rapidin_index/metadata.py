@@ -14,6 +14,8 @@ os.environ.setdefault("LANCEDB_LOG", "error")  # lance logs a WARN for every new
 import lancedb
 import pyarrow as pa
 
+from rapidin_index.errors import QueryError
+
 SCHEMA = pa.schema(
     [
         pa.field("id", pa.int64()),
@@ -34,19 +36,72 @@ def _connect(database: Path):
     return lancedb.connect(str(database))
 
 
+JSON_COLUMN = "_source"
+"""Where a table with metadata columns keeps each row's JSON: a row's own field may be named 'source'."""
+TEXT_FIELDS = frozenset(
+    {"messages", "instruction", "input", "output", "prompt", "completion", "response", "answer", "text"}
+)
+"""Row fields that are prompt or response text: kept in the row's JSON, not as metadata columns."""
+RESERVED = frozenset({field.name for field in SCHEMA if field.name != "source"} | {JSON_COLUMN})
+"""Column names of the package's own (a row field of one of these names stays in the row's JSON)."""
+
+
+def metadata_fields(sources: list[dict]) -> list[pa.Field]:
+    """A typed column for every scalar row field that is not prompt/response text (arrow infers the
+    type over all rows; a field of mixed types becomes a string), in first-seen order."""
+    names = [name for row in sources for name in row if name not in TEXT_FIELDS | RESERVED]
+    fields = []
+    for name in dict.fromkeys(names):
+        values = [row.get(name) for row in sources]
+        if not all(value is None or isinstance(value, (str, int, float, bool)) for value in values):
+            continue  # lists and objects stay in the row's JSON
+        try:
+            column = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            column = pa.array([None if value is None else str(value) for value in values])
+        fields.append(pa.field(name, column.type if column.type != pa.null() else pa.string()))
+    return fields
+
+
 def write_table(database: Path, name: str, row_batches) -> int:
-    """Write table ``name`` from an iterable of lists of row dicts (overwrites a partial one)."""
-    table = _connect(database).create_table(name, schema=SCHEMA, mode="overwrite")
-    written = 0
-    for rows in row_batches:
-        if rows:
-            table.add(pa.Table.from_pylist(rows, schema=SCHEMA))
-            written += len(rows)
-    return written
+    """Write table ``name`` from an iterable of lists of row dicts (overwrites a partial one); each row's
+    scalar metadata fields become typed columns (`metadata_fields`), filterable with SQL (`matching_ids`)."""
+    batches = [list(rows) for rows in row_batches if rows]
+    sources = [json.loads(row["source"]) for rows in batches for row in rows]
+    extra = metadata_fields(sources)
+    internal = [pa.field(JSON_COLUMN, pa.string()) if f.name == "source" else f for f in SCHEMA]
+    schema = pa.schema(internal + extra)
+    table = _connect(database).create_table(name, schema=schema, mode="overwrite")
+    position = 0
+    for rows in batches:
+        physical = []
+        for row in rows:
+            record = {key: value for key, value in row.items() if key != "source"}
+            record[JSON_COLUMN] = row["source"]
+            record.update({field.name: _cell(sources[position].get(field.name), field) for field in extra})
+            physical.append(record)
+            position += 1
+        table.add(pa.Table.from_pylist(physical, schema=schema))
+    return position
+
+
+def _cell(value, field: pa.Field):
+    return (
+        str(value)
+        if value is not None and field.type == pa.string() and not isinstance(value, str)
+        else value
+    )
+
+
+def _logical(row: dict) -> dict:
+    """A stored row as the rest of the package sees it: the `SCHEMA` columns, ``source`` the JSON."""
+    if JSON_COLUMN in row:
+        row["source"] = row.pop(JSON_COLUMN)
+    return {field.name: row[field.name] for field in SCHEMA}
 
 
 def read_all(database: Path, name: str) -> list[dict]:
-    return _connect(database).open_table(name).to_arrow().to_pylist()
+    return [_logical(row) for row in _connect(database).open_table(name).to_arrow().to_pylist()]
 
 
 def open_table(database: Path, name: str):
@@ -59,7 +114,23 @@ def read_rows(table, ids: list[int]) -> dict[int, dict]:
         return {}
     id_list = ", ".join(str(int(i)) for i in sorted(set(ids)))
     found = table.search().where(f"id IN ({id_list})").limit(len(set(ids))).to_arrow().to_pylist()
-    return {row["id"]: {**row, "source": json.loads(row["source"])} for row in found}
+    return {
+        row["id"]: {**(logical := _logical(row)), "source": json.loads(logical["source"])} for row in found
+    }
+
+
+def matching_ids(table, where: str, limit: int) -> list[int]:
+    """The ids of the rows an SQL filter over the table's columns keeps (LanceDB's own syntax)."""
+    if JSON_COLUMN not in table.schema.names:
+        raise QueryError(
+            "this index was built before rows kept their fields as columns; rebuild it to filter with --where"
+        )
+    try:
+        found = table.search().where(where).select(["id"]).limit(limit).to_arrow()
+    except Exception as error:  # lance reports a bad expression or an unknown column in its own types
+        columns = ", ".join(name for name in table.schema.names if name != JSON_COLUMN)
+        raise QueryError(f"--where {where!r}: {str(error).splitlines()[0]} (columns: {columns})") from None
+    return found["id"].to_pylist()
 
 
 def count_rows(database: Path, name: str) -> int:

@@ -142,6 +142,7 @@ class Index:
         per_token: bool = True,
         token_top_k: int = 5,
         rerank: int = 0,
+        where: str | None = None,
     ) -> QueryResult:
         """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``).
 
@@ -156,7 +157,7 @@ class Index:
             raise QueryError("the query's response is empty; give --response TEXT or use --generate")
         else:
             prepared = self.prepare(prompt, response, hot=hot, system=system)
-        return self.query_prepared([prepared], top_k, explain, per_token, token_top_k, rerank)[0]
+        return self.query_prepared([prepared], top_k, explain, per_token, token_top_k, rerank, where)[0]
 
     def query_rows(
         self,
@@ -168,6 +169,7 @@ class Index:
         generate: bool = False,
         max_new_tokens: int = 64,
         rerank: int = 0,
+        where: str | None = None,
     ) -> list[QueryResult]:
         """Queries in training-row form (any form the index's rows take), each with an optional ``hot``.
 
@@ -175,7 +177,7 @@ class Index:
         is attributed.
         """
         prepared = self._prepare_rows(rows, generate, max_new_tokens)
-        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k, rerank)
+        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k, rerank, where)
 
     def aggregate(
         self,
@@ -185,11 +187,12 @@ class Index:
         depth: int = DEFAULT_DEPTH,
         generate: bool = False,
         max_new_tokens: int = 64,
+        where: str | None = None,
     ) -> AggregateResult:
         """One helpful and harmful list for the whole set of query rows (`rapidin_index.aggregate`):
         ``how`` is mean, sum (exact, by linearity), max or count (from each query's top ``depth``)."""
         prepared = self._prepare_rows(rows, generate, max_new_tokens)
-        return aggregate_queries(self, prepared, how, top_k, depth)
+        return aggregate_queries(self, prepared, how, top_k, depth, rows_where(self, where))
 
     def _prepare_rows(self, rows: list[dict], generate: bool, max_new_tokens: int) -> list[PreparedQuery]:
         prepared = []
@@ -254,8 +257,10 @@ class Index:
         per_token: bool = True,
         token_top_k: int = 5,
         rerank: int = 0,
+        where: str | None = None,
     ) -> list[QueryResult]:
-        """Sketch, search (one scan), collect, join the text, re-rank (``rerank`` > 0: the top and
+        """Sketch, search (one scan; ``where``: among the rows an SQL filter keeps), collect, join the
+        text, re-rank (``rerank`` > 0: the top and
         bottom ``rerank`` rows scored exactly, `rapidin_index.rerank`), explain the top hits."""
         if top_k < 1 or token_top_k < 1:
             raise QueryError(f"--top-k and --token-top-k must be at least 1, got {top_k} and {token_top_k}")
@@ -264,14 +269,17 @@ class Index:
                 f"{self.path} holds no rows (all {self.manifest.rejected_count} were rejected; "
                 "`rapidin-index info` lists why): fix the data and rebuild"
             )
-        top_k = min(top_k, self.manifest.row_count)
-        token_top_k = min(token_top_k, self.manifest.row_count)
-        shortlist = max(top_k, min(rerank, self.manifest.row_count))
+        among = rows_where(self, where)
+        rows = self.manifest.row_count if among is None else len(among)
+        top_k, token_top_k = min(top_k, rows), min(token_top_k, rows)
+        shortlist = max(top_k, min(rerank, rows))
         vectors, losses = sketch_queries(self, queries, per_token)
-        found = search(self, vectors, max(shortlist, token_top_k if per_token else 0))
+        found = search(self, vectors, max(shortlist, token_top_k if per_token else 0), among)
         results = collect_results(self, queries, found, losses, shortlist, token_top_k, per_token)
         join_text(self, results)
         for query, result in zip(queries, results, strict=True):
+            if where is not None:
+                result.index["where"] = where
             if rerank > 0:
                 rerank_hits(self, query, result, rerank, top_k)
             result.helpful, result.harmful = result.helpful[:top_k], result.harmful[:top_k]
@@ -330,9 +338,22 @@ def _finite(sketched):
     return sketched
 
 
-def search(index: Index, vectors: np.ndarray, count: int) -> list[np.ndarray]:
-    """(helpful scores, ids, harmful scores, ids), ``count`` each per vector, from one scan of the index."""
-    return vector_index.search_both(index.faiss_index, vectors, count)
+def search(index: Index, vectors: np.ndarray, count: int, among: list[int] | None = None) -> list[np.ndarray]:
+    """(helpful scores, ids, harmful scores, ids), ``count`` each per vector, from one scan of the index
+    (``among``: of the rows with these ids only, exactly)."""
+    if among is None:
+        return vector_index.search_both(index.faiss_index, vectors, count)
+    return vector_index.search_both_among(index.stored_index, vectors, count, among)
+
+
+def rows_where(index: Index, where: str | None) -> list[int] | None:
+    """The ids an SQL filter over the rows' columns keeps (None: every row); refuses one that keeps none."""
+    if where is None:
+        return None
+    among = metadata.matching_ids(index.table, where, index.manifest.row_count)
+    if not among:
+        raise QueryError(f"--where {where!r} matches no row of the index")
+    return among
 
 
 def collect_results(

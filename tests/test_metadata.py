@@ -46,7 +46,8 @@ def test_write_table_overwrites_a_partial_table(tmp_path):
 def test_an_empty_table_has_the_schema_and_no_rows(tmp_path):
     assert metadata.write_table(tmp_path, "rows", []) == 0
     assert metadata.count_rows(tmp_path, "rows") == 0
-    assert metadata.open_table(tmp_path, "rows").schema == metadata.SCHEMA
+    stored = metadata.open_table(tmp_path, "rows").schema.names
+    assert stored == [metadata.JSON_COLUMN if name == "source" else name for name in metadata.SCHEMA.names]
 
 
 def test_tables_of_one_database_are_separate(tmp_path):
@@ -63,3 +64,32 @@ def test_read_rows_joins_ids_and_decodes_the_source(tmp_path):
     assert sorted(found) == [2, 7]  # duplicates once, an unknown id left out
     assert found[7] == {**_row(7), "source": {"instruction": "q7", "output": "a"}}
     assert metadata.read_rows(table, []) == {}
+
+
+def test_row_fields_become_typed_columns_an_sql_filter_selects_by(tmp_path):
+    fields = [{"source": "forum", "year": 2021, "score": 0.5}, {"source": "wiki", "year": 2019}]
+    fields += [{"source": "forum", "year": 2024, "tags": ["a"]}, {"source": "blog", "year": "unknown"}]
+    rows = []
+    for example_id, extra in enumerate(fields):
+        row_json = {"instruction": f"q{example_id}", "output": "a", **extra}
+        rows.append(_row(example_id, source=json.dumps(row_json)))
+    metadata.write_table(tmp_path, "rows", [rows])
+    table = metadata.open_table(tmp_path, "rows")
+    types = {field.name: str(field.type) for field in table.schema}
+    assert types["source"] == "string" and types["score"] == "double" and "tags" not in types
+    assert types["year"] == "string"  # an int and a string in one field: kept as text, never dropped
+    assert "instruction" not in types and "output" not in types  # the text stays in the row's JSON
+    assert sorted(metadata.matching_ids(table, "source = 'forum'", 10)) == [0, 2]
+    assert metadata.matching_ids(table, "source = 'forum' AND id > 0", 10) == [2]
+    assert metadata.matching_ids(table, "score > 0.1", 10) == [0]
+    assert sorted(metadata.read_all(tmp_path, "rows"), key=lambda row: row["id"]) == rows  # as written
+
+
+def test_a_bad_filter_names_the_columns(tmp_path):
+    import pytest
+
+    from rapidin_index.errors import QueryError
+
+    metadata.write_table(tmp_path, "rows", [[_row(0, source=json.dumps({"text": "a", "lang": "en"}))]])
+    with pytest.raises(QueryError, match="--where 'colour = 1'.*columns: id, .*lang"):
+        metadata.matching_ids(metadata.open_table(tmp_path, "rows"), "colour = 1", 10)
