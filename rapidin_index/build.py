@@ -26,6 +26,7 @@ from rapidin_index.chunks import ChunkJob, LocalChunkRunner, group_by_chunk
 from rapidin_index.data import (
     RejectedRow,
     Template,
+    check_template_fields,
     load_examples,
     parse_template,
 )
@@ -48,7 +49,7 @@ from rapidin_index.manifest import (
 )
 from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
-from rapidin_index.readers import DataSource, check_source, data_checksum
+from rapidin_index.readers import DataSource, check_source, data_checksum, read_rows
 from rapidin_index.rejections import check_rejected_share, source_outcome
 from rapidin_index.settings import AUTO_ALGORITHM, BuildSettings
 
@@ -182,6 +183,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     if append and settings.shard is not None:
         raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
     template = parse_template(settings.template, settings.response_field)
+    check_template_fields(read_rows(data), template)  # before the model loads
     data_sha256 = data_checksum(data)
     # Taken before the model loads, so that they can only describe the files that were loaded, or older.
     model_files = {"model": model_files_stat(settings.model.model), "adapter": None}

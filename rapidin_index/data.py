@@ -12,6 +12,7 @@ earlier assistant turns, is part of the prompt.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import string
@@ -284,6 +285,21 @@ def template_fields(template: Template) -> list[str]:
     """The row fields a custom template's format string fills, in order, once each."""
     parsed = string.Formatter().parse(template.format_string or "")
     return list(dict.fromkeys(field for _, field, _, _ in parsed if field))
+
+
+def check_template_fields(rows, template: Template, sample: int = 100) -> None:
+    """Refuse a custom template naming a field that none of the first ``sample`` rows has, before any
+    work: every row would be rejected for it."""
+    if template.name != "custom":
+        return
+    seen = [row for _, row, _ in itertools.islice(rows, sample) if row is not None]
+    missing = [name for name in template_fields(template) if seen and not any(name in row for row in seen)]
+    if missing:
+        found = ", ".join(sorted({field for row in seen for field in row}))
+        raise DataError(
+            f"--template {template.format_string!r} fills {', '.join(missing)}, which none of the first "
+            f"{len(seen)} rows has (their fields: {found}); name fields the rows have"
+        )
 
 
 def _render_chat(conversation: tuple[list, list, bool], tokenizer: PreTrainedTokenizerBase) -> Rendered:

@@ -474,3 +474,15 @@ def test_query_output_is_json_when_piped_and_short_text_when_asked(cli_index, tm
     written = tmp_path / "result.txt"
     to_file = runner.invoke(app, _query(cli_index, "--response", "It upper-cases.", "--out", str(written)))
     assert to_file.exit_code == 0 and written.read_text().startswith("prompt")
+
+
+def test_a_template_field_no_row_has_is_refused_before_the_model_loads(cli_index, monkeypatch, tmp_path):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    arguments = ["build", "--model", cli_index["model"], "--data", cli_index["data"]]
+    arguments += ["--index", str(tmp_path / "index"), "--template", "Q: {question}\nA: ", "--quiet"]
+    result = runner.invoke(app, arguments)
+    assert_one_clear_error(result, "fills question, which none of the first 24 rows has", "instruction")
+    assert not (tmp_path / "index" / "manifest.json").exists()
