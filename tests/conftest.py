@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -151,6 +154,38 @@ def build_byte_level_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
 
 
 # --------------------------------------------------------------------------- shared test helpers
+
+
+def write_rows(directory, file_format: str, rows: list[dict]) -> Path:
+    """Write `rows` in one of the supported layouts and return the file path."""
+    if file_format in ("jsonl", "ndjson"):
+        path = directory / f"rows.{file_format}"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    elif file_format == "json_list":
+        path = directory / "rows.json"
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif file_format == "json_data":
+        path = directory / "rows.json"
+        path.write_text(json.dumps({"data": rows}), encoding="utf-8")
+    elif file_format == "parquet":
+        path = directory / "rows.parquet"
+        columns = dict.fromkeys(key for row in rows for key in row)  # from_pylist keeps row 0's keys only
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({column: [row.get(column) for row in rows] for column in columns}), path)
+    elif file_format == "csv":
+        import csv
+
+        path = directory / "rows.csv"
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with path.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        raise ValueError(file_format)
+    return path
 
 
 def stored_vectors(index_dir) -> dict:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import build_metaspace_tokenizer
+from conftest import build_metaspace_tokenizer, write_rows
 
 from rapidin_index.data import (
     ALPACA_PROMPT_NO_INPUT,
@@ -36,35 +32,6 @@ ALPACA_ROWS = [
 # What every format should read back: an empty `input` cell counts as missing in CSV and Parquet,
 # so the rows are written without it where it is empty.
 EXPECTED_ROWS = [{key: value for key, value in row.items() if value} for row in ALPACA_ROWS]
-
-
-def write_rows(directory: Path, file_format: str, rows: list[dict]) -> Path:
-    """Write `rows` in one of the supported layouts and return the file path."""
-    if file_format in ("jsonl", "ndjson"):
-        path = directory / f"rows.{file_format}"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    elif file_format == "json_list":
-        path = directory / "rows.json"
-        path.write_text(json.dumps(rows), encoding="utf-8")
-    elif file_format == "json_data":
-        path = directory / "rows.json"
-        path.write_text(json.dumps({"data": rows}), encoding="utf-8")
-    elif file_format == "parquet":
-        path = directory / "rows.parquet"
-        columns = dict.fromkeys(
-            key for row in rows for key in row
-        )  # from_pylist would keep row 0's keys only
-        pq.write_table(pa.table({column: [row.get(column) for row in rows] for column in columns}), path)
-    elif file_format == "csv":
-        path = directory / "rows.csv"
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        with path.open("w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        raise ValueError(file_format)
-    return path
 
 
 def tokens(tokenizer, ids: list[int]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import shutil
@@ -10,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import zstandard
+from conftest import write_rows
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
@@ -44,33 +42,6 @@ CONVERSATIONAL_ROWS = [
     },
 ]
 COMPRESSORS = {"gz": gzip.compress, "zst": lambda data: zstandard.ZstdCompressor().compress(data)}
-
-
-def write_rows(directory: Path, file_format: str, rows: list[dict]) -> Path:
-    """Write `rows` in one of the supported layouts and return the file path."""
-    if file_format in ("jsonl", "ndjson"):
-        path = directory / f"rows.{file_format}"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    elif file_format == "json_list":
-        path = directory / "rows.json"
-        path.write_text(json.dumps(rows), encoding="utf-8")
-    elif file_format == "json_data":
-        path = directory / "rows.json"
-        path.write_text(json.dumps({"data": rows}), encoding="utf-8")
-    elif file_format == "parquet":
-        path = directory / "rows.parquet"
-        columns = dict.fromkeys(key for row in rows for key in row)  # from_pylist keeps row 0's keys only
-        pq.write_table(pa.table({column: [row.get(column) for row in rows] for column in columns}), path)
-    elif file_format == "csv":
-        path = directory / "rows.csv"
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        with path.open("w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        raise ValueError(file_format)
-    return path
 
 
 def compressed(path: Path, compression: str) -> Path:
