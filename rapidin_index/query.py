@@ -79,13 +79,17 @@ def prepare(
     system: str | None = None,
 ) -> PreparedQuery:
     """A (prompt, response) query rendered as a training row of the index's form with that content."""
+    rendered = _render_query(prompt, response, tokenizer, manifest, system)
+    return tokenize_query(prompt, rendered, tokenizer, manifest, hot)
+
+
+def _render_query(prompt: str, response: str, tokenizer, manifest: Manifest, system: str | None) -> Rendered:
     template = query_template(manifest)
     row = query_row(prompt, response, template, system)
     try:
-        rendered = render_row(row, tokenizer, _row_template(template))
+        return render_row(row, tokenizer, _row_template(template))
     except RowError as error:
         raise QueryError(str(error)) from None
-    return tokenize_query(prompt, rendered, tokenizer, manifest, hot)
 
 
 def prepare_row(row: dict, tokenizer: PreTrainedTokenizerBase, manifest: Manifest) -> PreparedQuery:
@@ -126,12 +130,7 @@ def generation_prompt(
 ) -> tuple[str, list[int]]:
     """(rendered prompt, its ids) that a generation continues: exactly the prefix a training row with
     this prompt has (TRL's prompt ids: a chat template's generation prompt, without a second BOS)."""
-    template = query_template(manifest)
-    row = query_row(prompt, "-", template, system)  # a placeholder response; only the prompt is kept
-    try:
-        rendered = render_row(row, tokenizer, _row_template(template))
-    except RowError as error:
-        raise QueryError(str(error)) from None
+    rendered = _render_query(prompt, "-", tokenizer, manifest, system)  # only the prompt is kept
     text = rendered.generation_prompt if rendered.generation_prompt is not None else rendered.prompt
     return text, prompt_token_ids(text, tokenizer, rendered.chat, manifest.tokenization)
 
