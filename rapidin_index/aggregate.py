@@ -60,22 +60,22 @@ class AggregateResult:
         }
 
 
-def aggregate_queries(
-    index, prepared: list, how: str, top_k: int, depth: int = DEFAULT_DEPTH, among: list[int] | None = None
-) -> AggregateResult:
-    """One ranked helpful and harmful list for a set of prepared queries (`query.PreparedQuery`), over the
-    rows whose ids are ``among`` (None: every row)."""
-    from rapidin_index.retrieval import search, sketch_queries
-
+def combined_vector(vectors: np.ndarray, how: str) -> np.ndarray:
+    """The set's query vector [K]: the sum of the queries' whole-generation vectors, or their mean
+    (also what max and count search beside each query's own)."""
     if how not in AGGREGATIONS:
         raise QueryError(f"--aggregate {how!r} is not one of {', '.join(AGGREGATIONS)}")
-    if not prepared:
+    if len(vectors) == 0:
         raise QueryError("--aggregate needs at least one query")
-    rows = index.manifest.row_count if among is None else len(among)
-    top_k, depth = min(top_k, rows), min(max(depth, top_k), rows)
-    vectors, _ = sketch_queries(index, prepared, per_token=False)  # [queries, K]
-    combined = vectors.sum(0) if how == "sum" else vectors.mean(0)
-    found = search(index, np.concatenate([combined[None], vectors]), depth, among)
+    return vectors.sum(0) if how == "sum" else vectors.mean(0)
+
+
+def aggregate_found(
+    index, prepared: list, vectors: np.ndarray, found: list, how: str, top_k: int, depth: int, rows: int
+) -> AggregateResult:
+    """One ranked helpful and harmful list for a set of prepared queries (`query.PreparedQuery`) from
+    one search (`retrieval.search`) of [combined vector, each query's vector] over ``rows`` rows."""
+    top_k = min(top_k, rows)
     per_query = [part[1:] for part in found]  # each query's own lists
     if how in ("mean", "sum"):
         helpful = list(zip(found[1][0][:top_k].tolist(), found[0][0][:top_k].tolist(), strict=True))

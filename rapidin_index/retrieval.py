@@ -21,7 +21,7 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
-from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_queries
+from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_found, combined_vector
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
@@ -192,7 +192,13 @@ class Index:
         """One helpful and harmful list for the whole set of query rows (`rapidin_index.aggregate`):
         ``how`` is mean, sum (exact, by linearity), max or count (from each query's top ``depth``)."""
         prepared = self._prepare_rows(rows, generate, max_new_tokens)
-        return aggregate_queries(self, prepared, how, top_k, depth, rows_where(self, where))
+        among = rows_where(self, where)
+        searched = self.manifest.row_count if among is None else len(among)
+        depth = min(max(depth, top_k), searched)
+        vectors, _ = sketch_queries(self, prepared, per_token=False)  # [queries, K]
+        combined = combined_vector(vectors, how)
+        found = search(self, np.concatenate([combined[None], vectors]), depth, among)
+        return aggregate_found(self, prepared, vectors, found, how, top_k, depth, searched)
 
     def _prepare_rows(self, rows: list[dict], generate: bool, max_new_tokens: int) -> list[PreparedQuery]:
         prepared = []
