@@ -30,7 +30,7 @@ from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
-from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
+from rapidin_index.preflight import check_model_sources, check_query, check_tokenizer, moved_model_hint
 from rapidin_index.query import PreparedQuery, generation_prompt_ids, prepare, prepare_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings
@@ -102,6 +102,7 @@ class Index:
         torch_device = resolve_device(device)
         check_tokenizer(manifest, settings.model)  # a tokenizer loads in a moment; the model may not
         try:
+            check_model_sources(settings)  # a moved adapter is named before the model loads
             loaded = load_model(settings, torch_device)
         except ModelError as error:
             raise ModelError(f"{error}\n{moved_model_hint(manifest)}") from None
