@@ -90,11 +90,11 @@ def _attach_adapter(model: nn.Module, adapter: str, model_name: str) -> nn.Modul
         if isinstance(error, RuntimeError) and "size mismatch" not in str(error):
             raise
         base = (read_config(adapter, ADAPTER_CONFIG_NAME) or {}).get("base_model_name_or_path")
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise ModelError(
             f"--adapter {adapter} does not fit --model {model_name}: the adapter was made for base model "
-            f"{base or '(not named in its adapter_config.json)'} ({first_line}); give the model it was "
-            "trained on"
+            f"{base or '(not named in its adapter_config.json)'} ({reason}); give the model it was trained on"
         ) from None
 
 
