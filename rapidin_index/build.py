@@ -49,12 +49,13 @@ from rapidin_index.manifest import (
 )
 from rapidin_index.model_identity import (
     adapter_identity,
+    check_model_sources,
     max_positions,
     model_identity,
     read_config,
     resolve_location,
 )
-from rapidin_index.preflight import check_model_sources, model_files_stat
+from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
 from rapidin_index.settings import AUTO_ALGORITHM, BuildSettings
 
@@ -372,7 +373,7 @@ def _cap_max_length(
         return settings
     if existing is not None and existing.max_length == requested:
         note = (
-            f"--max-length {requested:,} is past the model's {positions:,} positions; kept, as the index "
+            f"--max-length {requested} is past the model's {positions:,} positions; kept, as the index "
             "in this folder was built with it"
         )
         if note not in notes:

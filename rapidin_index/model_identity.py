@@ -1,5 +1,7 @@
 """Where a model or adapter is, and what it is in words another machine can check, with no torch.
 
+The folders are checked by stat before anything is hashed or loaded (:func:`check_model_sources`): a
+missing model or adapter folder, or one that is not what save_pretrained() writes, is refused by name.
 A build records, for the model and for the adapter, the path resolved (a local folder's absolute path, so
 a query from any directory finds it; a hub id as given) and a portable identity: the sha256 of its config
 (canonical JSON), the architecture, the hub id and revision where they can be known offline (a Hugging
@@ -16,6 +18,9 @@ import json
 import re
 from pathlib import Path
 
+from rapidin_index.errors import ModelError
+from rapidin_index.settings import ModelSettings
+
 CONFIG_NAME = "config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # Config keys that say which library wrote the file, not what the model is: a re-save with a newer
@@ -24,11 +29,70 @@ _WRITER_KEYS = ("transformers_version", "peft_version")
 # The hub cache's layout: models--{owner}--{name}/snapshots/{commit}; a repo id never holds "--".
 _CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+)/snapshots/([0-9a-f]{40})(?:/|$)")
 _HUB_REMOTE = re.compile(
-    r"url\s*=\s*https?://(?:[^/@]+@)?(?:www\.)?huggingface\.co/([^/\s]+/[^/\s]+?)(?:\.git)?/?\s*$"
+    r"^\s*url\s*=\s*https?://(?:[^/@\s]+@)?(?:www\.)?huggingface\.co/([^/\s]+/[^/\s]+?)(?:\.git)?/?\s*$",
+    re.MULTILINE,
 )
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 """Config keys that bound a model's context, in the order they are trusted (GPT-2 has n_positions)."""
+
+
+# Files of which a saved tokenizer has at least one (fast, SentencePiece, BPE and WordPiece ones).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# What the hub accepts as a repo id: "name" or "owner/name" of letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_model_sources(settings: ModelSettings) -> None:
+    """The model and adapter paths, by stat alone: run before anything is hashed or loaded."""
+    check_model_source(settings.model)
+    if settings.adapter is not None:
+        check_adapter_source(settings.adapter)
+
+
+def check_model_source(model: str) -> None:
+    """Refuse, by name, a --model that is neither a saved model folder nor something a hub id could be."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"cannot load model {model}: the folder holds no config.json, so it is not a saved Hugging "
+                "Face model; give the folder that save_pretrained() wrote (config.json, weights, tokenizer)"
+            )
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelError(
+                f"cannot load model {model}: the folder holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+                "save it beside the model with tokenizer.save_pretrained(FOLDER)"
+            )
+        return
+    if path.exists():
+        raise ModelError(
+            f"cannot load model {model}: it is a file; give the model's folder (with config.json) or a hub id"
+        )
+    if not _HUB_ID.match(model) or len(model) > 96 or "--" in model or ".." in model:
+        raise ModelError(
+            f"cannot load model {model}: no such folder, and it is not a hub id either (those look like "
+            "'owner/name'); check the path"
+        )
+    if path.parent != Path(".") and path.parent.is_dir():  # 'models/full' where ./models exists
+        raise ModelError(
+            f"cannot load model {model}: no such folder (though {path.parent} is one, so this is a path, not "
+            "a hub id); check the path"
+        )
+
+
+def check_adapter_source(adapter: str) -> None:
+    """Refuse an --adapter that is not a folder holding adapter_config.json, before any model loads."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"--adapter {adapter}: no such folder; give the folder PEFT's save_pretrained() wrote"
+        )
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json); give the folder "
+            "PEFT's save_pretrained() wrote"
+        )
 
 
 def resolve_location(name_or_path: str) -> str:

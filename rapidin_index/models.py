@@ -13,8 +13,12 @@ import torch
 from torch import nn
 
 from rapidin_index.errors import ModelError
-from rapidin_index.model_identity import ADAPTER_CONFIG_NAME, read_config
-from rapidin_index.preflight import check_adapter_source, check_model_source
+from rapidin_index.model_identity import (
+    ADAPTER_CONFIG_NAME,
+    check_adapter_source,
+    check_model_source,
+    read_config,
+)
 from rapidin_index.settings import DTYPE_NAMES, ModelSettings
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))

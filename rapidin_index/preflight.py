@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from importlib import metadata as package_metadata
 from pathlib import Path
 
 from rapidin_index.errors import IndexMismatchError, IntegrityError, ModelError
 from rapidin_index.manifest import Manifest
-from rapidin_index.settings import ModelSettings
 
 
 def check_files(index_dir: str | Path, manifest: Manifest) -> None:
@@ -52,66 +50,6 @@ def check_tokenizer(manifest: Manifest, model: str) -> None:
             f"refusing to query: tokenizer differs (vocabulary, special tokens or chat template) from the "
             f"one the index was built with (from {manifest.model['name_or_path']}); pass that model's "
             "folder with --model"
-        )
-
-
-# --------------------------------------------------------------------------- model and adapter sources
-
-# Files of which a saved tokenizer has at least one (fast, SentencePiece, BPE and WordPiece ones).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-# What the hub accepts as a repo id: "name" or "owner/name" of letters, digits, '-', '_' and '.'.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def check_model_sources(settings: ModelSettings) -> None:
-    """The model and adapter paths, by stat alone: run before anything is hashed or loaded."""
-    check_model_source(settings.model)
-    if settings.adapter is not None:
-        check_adapter_source(settings.adapter)
-
-
-def check_model_source(model: str) -> None:
-    """Refuse, by name, a --model that is neither a saved model folder nor something a hub id could be."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"cannot load model {model}: the folder holds no config.json, so it is not a saved Hugging "
-                "Face model; give the folder that save_pretrained() wrote (config.json, weights, tokenizer)"
-            )
-        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-            raise ModelError(
-                f"cannot load model {model}: the folder holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
-                "save it beside the model with tokenizer.save_pretrained(FOLDER)"
-            )
-        return
-    if path.exists():
-        raise ModelError(
-            f"cannot load model {model}: it is a file; give the model's folder (with config.json) or a hub id"
-        )
-    if not _HUB_ID.match(model) or len(model) > 96 or "--" in model or ".." in model:
-        raise ModelError(
-            f"cannot load model {model}: no such folder, and it is not a hub id either (those look like "
-            "'owner/name'); check the path"
-        )
-    if path.parent != Path(".") and path.parent.is_dir():  # 'models/full' where ./models exists
-        raise ModelError(
-            f"cannot load model {model}: no such folder (though {path.parent} is one, so this is a path, not "
-            "a hub id); check the path"
-        )
-
-
-def check_adapter_source(adapter: str) -> None:
-    """Refuse an --adapter that is not a folder holding adapter_config.json, before any model loads."""
-    path = Path(adapter).expanduser()
-    if not path.is_dir():
-        raise ModelError(
-            f"--adapter {adapter}: no such folder; give the folder PEFT's save_pretrained() wrote"
-        )
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(
-            f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json); give the folder "
-            "PEFT's save_pretrained() wrote"
         )
 
 

@@ -28,9 +28,10 @@ from rapidin_index.gradients import GradientSketcher, check_environment, normali
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
+from rapidin_index.model_identity import check_model_sources
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
-from rapidin_index.preflight import check_model_sources, check_query, check_tokenizer, moved_model_hint
+from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
 from rapidin_index.query import PreparedQuery, generation_prompt_ids, prepare, prepare_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings

@@ -244,3 +244,20 @@ def test_an_unknown_export_extension_is_refused_before_any_work(relative_build, 
     allowed = runner.invoke(app, [*arguments, "--format", "zip"])  # an explicit format wins
     assert allowed.exit_code == 1 and "the export started" in str(allowed.exception)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_index_from_before_the_cap_keeps_its_max_length(workspace, tmp_path):
+    work = workspace["work"]
+    settings = BuildSettings(ModelSettings(str(work / "model")), device="cpu", chunk_size=8)
+    first = build_index(work / "train.jsonl", tmp_path / "index", settings, progress=False)
+    assert any("--max-length 1024 capped at 512" in note for note in first.notes)  # tiny Llama: 512
+    manifest_path = tmp_path / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["max_length"] == 512
+    manifest["max_length"] = 1024  # as an index built before the cap recorded it
+    manifest_path.write_text(json.dumps(manifest))
+    again = build_index(work / "train.jsonl", tmp_path / "index", settings, progress=False)
+    assert again.nothing_to_do and any("kept, as the index in this folder" in note for note in again.notes)
+    (tmp_path / "more.jsonl").write_text((work / "train.jsonl").read_text().replace("What", "Which"))
+    appended = build_index(tmp_path / "more.jsonl", tmp_path / "index", settings, append=True, progress=False)
+    assert appended.rows_indexed == 48 and json.loads(manifest_path.read_text())["max_length"] == 1024

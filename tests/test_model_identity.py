@@ -79,7 +79,10 @@ def test_hub_id_and_revision_come_from_a_git_clone_of_the_hub(tmp_path, packed):
     folder = write_config(tmp_path / "clone")
     git = folder / ".git"
     (git / "refs" / "heads").mkdir(parents=True)
-    (git / "config").write_text('[remote "origin"]\n\turl = https://huggingface.co/SomeOrg/tiny-model\n')
+    (git / "config").write_text(
+        '[core]\n\tbare = false\n[remote "origin"]\n\turl = https://huggingface.co/SomeOrg/tiny-model\n'
+        '\tfetch = +refs/heads/*:refs/remotes/origin/*\n[branch "main"]\n\tremote = origin\n'
+    )
     (git / "HEAD").write_text("ref: refs/heads/main\n")
     if packed:
         (git / "packed-refs").write_text(
