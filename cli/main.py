@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +24,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+# Deprecation notices inside transformers and peft are theirs to act on, not the user's: every command
+# would otherwise start with them.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -91,10 +96,19 @@ def bare_ray_means_local(args: list[str]) -> list[str]:
 def build(
     model: Annotated[str, typer.Option(help="Local folder or hub id of the fine-tuned causal LM.")],
     index: Annotated[Path, typer.Option(help="Index folder to create (or resume, or append to).")],
-    data: Annotated[Path | None, typer.Option(help="Training data: JSONL, JSON, Parquet or CSV.")] = None,
-    append: Annotated[
-        Path | None, typer.Option(help="Add the rows of this file to the existing index (same settings).")
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training data: .jsonl, .json, .parquet, .csv or .txt (one text row a line), optionally .gz "
+            "or .zst; or a folder written by datasets' save_to_disk."
+        ),
     ] = None,
+    append: Annotated[
+        Path | None, typer.Option(help="Add the rows of this data to the existing index (same settings).")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="The split of a saved DatasetDict folder to index (if it has several).")
+    ] = default_of(BuildSettings, "split"),
     adapter: Annotated[
         str | None, typer.Option(help="PEFT LoRA adapter folder; its tensors are attributed.")
     ] = default_of(ModelSettings, "adapter"),
@@ -137,8 +151,11 @@ def build(
     tokenization: Annotated[
         str,
         typer.Option(
-            help="joint: prompt + response tokenized as one text, as TRL's trainers do; "
-            "separate: each part on its own."
+            help="trl: labelled as TRL's SFT trainer labels the rows (joint tokenization, its prompt-prefix "
+            "rule, EOS after text rows but not after a chat template's end of turn); trl-assistant: TRL with "
+            "assistant_only_loss (the chat template's {% generation %} blocks); separate: as a plain "
+            "Trainer with the prompt masked (each part on its own, EOS appended); joint: the rule of indexes "
+            "built before trl."
         ),
     ] = default_of(BuildSettings, "tokenization"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = default_of(BuildSettings, "device"),
@@ -158,6 +175,16 @@ def build(
     strict: Annotated[
         bool, typer.Option(help="Fail on a malformed row instead of reporting it.")
     ] = default_of(BuildSettings, "strict"),
+    max_rejected_share: Annotated[
+        float,
+        typer.Option(
+            help="Fail (exit 2, the index still written) when more than this share of the rows is rejected; "
+            "a build that indexes no row always fails."
+        ),
+    ] = default_of(BuildSettings, "max_rejected_share"),
+    allow_duplicate_data: Annotated[
+        bool, typer.Option(help="Let --append add data the index already holds (same checksum) once more.")
+    ] = default_of(BuildSettings, "allow_duplicate_data"),
     chunk_size: Annotated[int, typer.Option(help="Rows per resumable chunk.")] = default_of(
         BuildSettings, "chunk_size"
     ),
@@ -199,6 +226,9 @@ def build(
         batch_size=batch_size,
         device=device,
         strict=strict,
+        max_rejected_share=max_rejected_share,
+        split=split,
+        allow_duplicate_data=allow_duplicate_data,
         chunk_size=chunk_size,
         vector_dtype=vector_dtype,
         num_shards=num_shards,
@@ -262,13 +292,19 @@ def _print_exact_path(exact_path: dict, limit: int = 10) -> None:
         console.print(f"  ... and {len(exact_path) - limit} more (rapidin-index info --json)")
 
 
-def _print_rejected(rejected, limit: int = 20) -> None:
-    for row in rejected[:limit]:
-        console.print(
-            f"[yellow]rejected row {row.example_id}:[/] {row.reason}", highlight=False, soft_wrap=True
-        )
-    if len(rejected) > limit:
-        console.print(f"... and {len(rejected) - limit} more (see rapidin-index info --json)")
+def _print_rejected(rejected, limit: int = 10) -> None:
+    """One line per kind of reason (its count and first row ids), not one per row."""
+    from rapidin_index.rejections import describe_group, group_reasons
+
+    if not rejected:
+        return
+    groups = group_reasons(rejected)
+    console.print(f"[yellow]{len(rejected):,} row(s) rejected:[/]", highlight=False)
+    for group in groups[:limit]:
+        console.print(f"  {describe_group(group)}", highlight=False, soft_wrap=True)
+    if len(groups) > limit:
+        console.print(f"  ... and {len(groups) - limit} other reason(s)", highlight=False)
+    console.print("  every row and reason: rapidin-index info --json", highlight=False)
 
 
 @command()
@@ -279,8 +315,15 @@ def query(
     ] = None,
     response: Annotated[str | None, typer.Option(help="The generation to explain.")] = None,
     generate: Annotated[
-        bool, typer.Option(help="Generate the response greedily with the indexed model.")
+        bool,
+        typer.Option(
+            help="Generate the response greedily with the indexed model (with --queries: for each row's "
+            "prompt); exactly the generated tokens are attributed."
+        ),
     ] = False,
+    system: Annotated[
+        str | None, typer.Option(help="A system turn before --prompt (indexes of chat rows).")
+    ] = None,
     queries: Annotated[
         Path | None, typer.Option(help="JSONL of queries in training-row form, each with optional 'hot'.")
     ] = None,
@@ -301,7 +344,11 @@ def query(
     explain: Annotated[int, typer.Option(help="Score the training tokens of the top N hits.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Write the result here (default: JSON on stdout).")] = None,
     format: Annotated[
-        str | None, typer.Option(help="json, jsonl or html (default: from --out, else json).")
+        str | None,
+        typer.Option(
+            help="json, jsonl, html or text (default: from --out's extension; on a terminal the short "
+            "text view, piped JSON)."
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model path, if it moved since the build (same weights).")
@@ -319,24 +366,61 @@ def query(
             "even where the build already checked them with these libraries."
         ),
     ] = False,
+    aggregate: Annotated[
+        str | None,
+        typer.Option(
+            help="With --queries: one list for the whole set. mean or sum (exact: one search with the "
+            "combined query vector), max or count (from each query's own top --depth rows)."
+        ),
+    ] = None,
+    rerank: Annotated[
+        int,
+        typer.Option(
+            help="Score the top and bottom M rows again without the sketch (exact, one backward a row) "
+            "and re-order them; their hits are marked exact."
+        ),
+    ] = 0,
+    depth: Annotated[
+        int,
+        typer.Option(help="Rows read from each query's own lists for --aggregate (appears_in, max, count)."),
+    ] = 100,
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
-    from rapidin_index.data import read_rows
+    from rapidin_index.data import query_row
     from rapidin_index.errors import DataError
     from rapidin_index.manifest import read_manifest
     from rapidin_index.preflight import check_query, check_tokenizer
-    from rapidin_index.report import write_results
+    from rapidin_index.query import query_template
+    from rapidin_index.readers import read_rows
+    from rapidin_index.report import render_text, write_results
 
     if (queries is None) == (prompt is None):
         raise fail(ValueError("give --prompt (with --response or --generate) or --queries FILE"))
     if prompt is not None and (response is None) == (not generate):
         raise fail(ValueError("with --prompt give exactly one of --response TEXT or --generate"))
+    if queries is not None and (response is not None or system is not None or hot):
+        raise fail(ValueError("--response, --system and --hot go with --prompt; a --queries row has its own"))
+    _check_query_numbers(
+        top_k=top_k,
+        token_top_k=token_top_k,
+        explain=explain,
+        max_new_tokens=max_new_tokens,
+        depth=depth,
+        rerank=rerank,
+    )
+    if aggregate is not None and queries is None:
+        raise fail(ValueError("--aggregate needs --queries FILE (several generations)"))
+    if aggregate is not None and aggregate not in ("mean", "sum", "max", "count"):
+        raise fail(ValueError(f"--aggregate {aggregate!r} is not one of mean, sum, max, count"))
     if per_token not in ("on", "off"):
         raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
     options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
-    output_format = format or (out.suffix.lstrip(".") if out is not None else "json")
-    if output_format not in ("json", "jsonl", "html"):
-        raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html"))
+    options["rerank"] = rerank
+    output_format = format or _default_format(out)
+    if output_format not in ("json", "jsonl", "html", "text"):
+        raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html, text"))
+    if output_format == "html" and aggregate is not None:
+        raise fail(ValueError("--format html shows queries one by one; write --aggregate results as json"))
     if output_format == "html" and out is None:
         raise fail(ValueError("--format html needs --out FILE.html"))
     rows = []
@@ -347,12 +431,17 @@ def query(
     # Cheap checks first (manifest, K, files, tokenizer), before torch, the vectors and the model load.
     manifest = read_manifest(index)
     check_query(index, manifest, k)
+    if system is not None:
+        query_row("", "", query_template(manifest), system)  # refuses a system turn for rows of no chat
     check_tokenizer(manifest, model or manifest.model["name_or_path"])
     from rapidin_index.retrieval import Index
 
     opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k, verify=verify)
-    if queries is not None:
-        results = opened.query_rows(rows, **options)
+    opened.progress = console.is_terminal  # a bar on stderr, never in piped output
+    if aggregate is not None:
+        results = [opened.aggregate(rows, aggregate, top_k, depth, generate, max_new_tokens)]
+    elif queries is not None:
+        results = opened.query_rows(rows, generate=generate, max_new_tokens=max_new_tokens, **options)
     else:
         results = [
             opened.query(
@@ -360,6 +449,7 @@ def query(
                 response,
                 generate=generate,
                 hot=hot,
+                system=system,
                 max_new_tokens=max_new_tokens,
                 **options,
             )
@@ -367,6 +457,10 @@ def query(
     values = [result.to_dict() for result in results]
     if output_format == "json" and len(values) > 1:
         output_format = "jsonl"
+    if out is None and output_format == "text":
+        for value in values:
+            render_text(value, Console())
+        return
     if out is None:
         lines = [
             json.dumps(v, ensure_ascii=False, indent=2 if output_format == "json" else None) for v in values
@@ -375,6 +469,23 @@ def query(
         return
     write_results(values, out, output_format)
     console.print(f"wrote {len(values)} result(s) to {out}", highlight=False)
+
+
+def _default_format(out: Path | None) -> str:
+    """From --out's extension (.txt: text); on a terminal the short text view; piped, JSON."""
+    if out is not None:
+        suffix = out.suffix.lstrip(".")
+        return "text" if suffix == "txt" else suffix
+    return "text" if sys.stdout.isatty() else "json"
+
+
+def _check_query_numbers(**values: int) -> None:
+    """Refuse, before anything loads, a count that cannot work (--explain 0 is allowed: no explanation)."""
+    least = {"explain": 0, "rerank": 0}
+    for name, value in values.items():
+        if value < least.get(name, 1):
+            option = "--" + name.replace("_", "-")
+            raise fail(ValueError(f"{option} must be at least {least.get(name, 1)}, got {value}"))
 
 
 @command()

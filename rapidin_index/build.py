@@ -29,8 +29,7 @@ from rapidin_index.data import (
     load_examples,
     parse_template,
 )
-from rapidin_index.errors import BuildError
-from rapidin_index.files import sha256_file
+from rapidin_index.errors import BuildError, RejectedRowsError
 from rapidin_index.journal import (
     chunk_complete,
     open_journal,
@@ -57,6 +56,8 @@ from rapidin_index.model_identity import (
 )
 from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
+from rapidin_index.readers import DataSource, check_source, data_checksum
+from rapidin_index.rejections import check_rejected_share, source_outcome
 from rapidin_index.settings import AUTO_ALGORITHM, BuildSettings
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def manifest_settings_identity(manifest: Manifest) -> dict:
 
 
 def build_index(
-    data: str | Path,
+    data: str | Path | DataSource,
     index_dir: str | Path,
     settings: BuildSettings,
     append: bool = False,
@@ -166,14 +167,20 @@ def build_index(
 ) -> BuildReport:
     """Index every row of ``data`` into ``index_dir`` (or, with ``append``, add them to the index there).
 
+    ``data`` is a file or a ``datasets`` save_to_disk folder (`readers`; ``settings.split`` picks a
+    DatasetDict's split). Raises `RejectedRowsError`, once the index is committed, when the data gives no
+    indexed row or more than ``settings.max_rejected_share`` rejected ones.
+
     ``runner_factory(loaded, selected, settings, device)`` makes the object that computes the pending
     chunks (default: :class:`LocalChunkRunner`, in this process; :mod:`rapidin_index.parallel` has the
     Ray one). Whatever computes them, this process alone writes the journal and the index.
     """
     started = time.perf_counter()
-    data, index_dir = Path(data), Path(index_dir)
-    if not data.is_file():
-        raise BuildError(f"data file {data} does not exist (or is not a file)")
+    index_dir = Path(index_dir)
+    path = data.path if isinstance(data, DataSource) else Path(data)
+    if not path.exists():
+        raise BuildError(f"data file {path} does not exist")
+    data = check_source(path, data.split if isinstance(data, DataSource) else settings.split)
     with writer_lock(index_dir, "append" if append else "build"):  # refuses a second writer at once
         return _build_locked(data, index_dir, settings, append, progress, runner_factory, started)
 
@@ -189,7 +196,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     positions = max_positions(read_config(settings.model.model))  # cheap: config.json, where readable
     settings = _cap_max_length(settings, positions, existing, notes)
     template = parse_template(settings.template, settings.response_field)
-    data_sha256 = sha256_file(data)
+    data_sha256 = data_checksum(data)
     # Taken before the model loads, so that they can only describe the files that were loaded, or older.
     model_files = {"model": model_files_stat(settings.model.model), "adapter": None}
     if settings.model.adapter is not None:
@@ -202,7 +209,9 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
             store.remove_journal(index_dir)
             report = BuildReport(str(index_dir), gradient_dim=existing.sketch["gradient_dim"], notes=notes)
             report.sketch_dim = existing.sketch["output_dim"]
-            return _finished_report(report, existing, started, done)
+            return _checked(
+                _finished_report(report, existing, started, done), existing, data, data_sha256, settings
+            )
 
     from rapidin_index.models import load_model, select_parameters
     from rapidin_index.parallel import resolve_device
@@ -218,13 +227,15 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"], notes=notes)
     report.sketch_dim = identity["sketch"]["output_dim"]
     if existing is not None:
-        done = _check_existing(existing, identity, data_sha256, append, index_dir)
+        done = _check_existing(existing, identity, data_sha256, append, index_dir, settings)
         if done:
             store.remove_journal(index_dir)
-            return _finished_report(report, existing, started, done)
+            return _checked(
+                _finished_report(report, existing, started, done), existing, data, data_sha256, settings
+            )
     plan = {
         "kind": "append" if append else "build",
-        "data_path": str(data.resolve()),
+        "data_path": str(data.path.resolve()),
         "data_sha256": data_sha256,
         "identity": identity,
         "id_offset": existing.total_rows_seen if append else 0,
@@ -233,14 +244,27 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     }
     run = _Run(data, index_dir, settings, plan, existing, loaded, selected, device, model_files)
     manifest = _index_rows(run, template, report, progress, runner_factory)
-    return _finished_report(report, manifest, started, "")
+    return _checked(_finished_report(report, manifest, started, ""), manifest, data, data_sha256, settings)
+
+
+def _checked(report: BuildReport, manifest: Manifest, data, data_sha256: str, settings) -> BuildReport:
+    """``report``, unless the rows of ``data`` (the last source with its checksum) gave no indexed row or
+    too many rejected ones: then `RejectedRowsError`, also on a rerun that finds nothing to do."""
+    source = next(s for s in reversed(manifest.sources) if s["sha256"] == data_sha256)
+    indexed, rejected = source_outcome(manifest, source, report.rejected)
+    try:
+        check_rejected_share(indexed, rejected, settings.max_rejected_share, str(data), report.index_dir)
+    except RejectedRowsError as error:
+        error.report = report
+        raise
+    return report
 
 
 @dataclass
 class _Run:
     """What one build (or append) works with once its checks have passed."""
 
-    data: Path
+    data: DataSource
     index_dir: Path
     settings: BuildSettings
     plan: dict
@@ -321,7 +345,7 @@ def _check_before_loading(
     changed = differences(manifest_settings_identity(existing), requested)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
-    done = _data_status(existing, data_sha256, append, index_dir)
+    done = _data_status(existing, data_sha256, append, index_dir, settings.allow_duplicate_data)
     recorded = {"model": existing.model.get("files"), "adapter": (existing.adapter or {}).get("files")}
     proven = model_files["model"] is not None and (settings.model.adapter is None or model_files["adapter"])
     if done and proven and model_files == recorded:
@@ -387,13 +411,18 @@ def _cap_max_length(
 
 
 def _check_existing(
-    existing: Manifest, identity: dict, data_sha256: str, append: bool, index_dir: Path
+    existing: Manifest,
+    identity: dict,
+    data_sha256: str,
+    append: bool,
+    index_dir: Path,
+    settings: BuildSettings,
 ) -> str:
     """'' to go on; a message when there is nothing to do; raises when the request conflicts."""
     changed = differences(manifest_identity(existing), identity)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
-    return _data_status(existing, data_sha256, append, index_dir)
+    return _data_status(existing, data_sha256, append, index_dir, settings.allow_duplicate_data)
 
 
 def _other_settings(changed: list[str], append: bool, index_dir: Path) -> str:
@@ -405,9 +434,18 @@ def _other_settings(changed: list[str], append: bool, index_dir: Path) -> str:
     )
 
 
-def _data_status(existing: Manifest, data_sha256: str, append: bool, index_dir: Path) -> str:
-    seen = {source["sha256"] for source in existing.sources}
-    if data_sha256 in seen:
+def _data_status(
+    existing: Manifest, data_sha256: str, append: bool, index_dir: Path, allow_duplicate: bool
+) -> str:
+    same = [source for source in existing.sources if source["sha256"] == data_sha256]
+    if same and append and not allow_duplicate:
+        first, rows = same[-1]["id_offset"], same[-1]["rows"]
+        raise BuildError(
+            f"{index_dir} already holds the rows of this data (same sha256 as {same[-1]['path']}, ids "
+            f"{first}-{first + rows - 1}); appending it again would index every row twice. "
+            "To do that on purpose, pass --allow-duplicate-data"
+        )
+    if same and not append:
         return f"{index_dir} already holds every row of this data file; nothing to do"
     if not append:
         raise BuildError(
@@ -494,11 +532,13 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
 def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Manifest:
     identity = plan["identity"]
     source = {
-        "path": str(data),
+        "path": str(data.path),
         "sha256": plan["data_sha256"],
         "id_offset": plan["id_offset"],
         "rows": total_rows,
     }
+    if data.split is not None:
+        source["split"] = data.split
     model, adapter = settings.model.model, settings.model.adapter
     manifest = Manifest(
         # Resolved, so that a query from any directory finds them; the identity tells another machine.

@@ -1,6 +1,6 @@
 """Training rows -> tokenized examples whose loss covers the response tokens only.
 
-Pipeline: `read_rows` (JSONL / JSON / Parquet / CSV, one id per row in file order) -> `render_row`
+Pipeline: `readers.read_rows` (every input format, one id per row in file order) -> `render_row`
 (prompt template -> prompt and response strings) -> `tokenize` (prompt + response tokenized jointly,
 as TRL's trainers do, into token ids plus labels with -100 on the prompt) -> `Example`. A row that cannot be used becomes a `RejectedRow` with its id and a
 reason; no row is ever dropped silently.
@@ -11,23 +11,25 @@ earlier assistant turns, is part of the prompt.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import os
 import string
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rapidin_index.errors import DataError, RowError
+from rapidin_index.errors import DataError, QueryError, RowError
+from rapidin_index.readers import read_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the `model(labels=...)` convention for "no loss here"
-TOKENIZATIONS = ("joint", "separate")
+TOKENIZATIONS = ("trl", "trl-assistant", "separate", "joint")
+"""How rows become labelled tokens (`tokenize`): TRL's SFT rule, a plain Trainer's, or the rule of
+indexes built before TRL's was followed."""
 TEMPLATE_NAMES = ("auto", "alpaca", "completion", "chat", "plain", "custom")
 RESPONSE_FIELDS = ("output", "completion", "response", "answer")
 COMPLETION_RESPONSE_FIELDS = ("completion", "response", "output")
@@ -142,92 +144,39 @@ class RejectedRow:
     reason: str
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def read_rows(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """Yield (example_id, row, error) for every row in file order; exactly one of row / error is None.
-
-    .jsonl/.ndjson: one object per line, blank lines skipped without taking an id. .json: a list of
-    objects or {"data": [...]}. .parquet: via pyarrow. .csv: all values strings. In Parquet and CSV a
-    null or empty cell counts as a missing field, since those formats cannot tell the two apart.
-    """
-    path = Path(path)
-    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json}
-    readers |= {".parquet": _read_parquet, ".csv": _read_csv}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"cannot read {path}: unknown extension; use one of {', '.join(sorted(readers))}")
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    return reader(path)  # errors above surface at call time; rows stream lazily
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    example_id = 0
-    with path.open("rb") as file:  # bytes, so one bad UTF-8 line rejects that row, not the file
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)  # decodes the bytes itself, BOM included
-            except ValueError as error:  # bad JSON or bad UTF-8
-                yield example_id, None, f"line {line_number}: not valid JSON: {error}"
-            else:
-                yield example_id, *_expect_object(row, f"line {line_number}")
-            example_id += 1
-
-
-def _read_json(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON: {error}") from error
-    if isinstance(document, dict) and isinstance(document.get("data"), list):
-        document = document["data"]
-    if not isinstance(document, list):
-        raise DataError(f'{path} must hold a list of row objects or {{"data": [...]}}')
-    for example_id, item in enumerate(document):
-        yield example_id, *_expect_object(item, f"item {example_id}")
-
-
-def _expect_object(value: Any, where: str) -> tuple[dict | None, str | None]:
-    if isinstance(value, dict):
-        return value, None
-    return None, f"{where}: expected a JSON object, got {type(value).__name__}"
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    import pyarrow.parquet as parquet  # only needed for this format
-
-    example_id = 0
-    for batch in parquet.ParquetFile(path).iter_batches():
-        for record in batch.to_pylist():
-            row = {key: value for key, value in record.items() if value is not None}
-            # Parquet cells may hold dates, decimals or bytes; `source` must stay JSON-serialisable.
-            yield example_id, json.loads(json.dumps(row, default=str)), None
-            example_id += 1
-
-
-def _read_csv(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long responses exceed the 128 KiB default
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.DictReader(file)
-        try:
-            for example_id, record in enumerate(reader):
-                if None in record:  # DictReader files surplus cells under the key None
-                    yield example_id, None, f"line {reader.line_num}: more cells than the header has columns"
-                else:
-                    yield example_id, {key: value for key, value in record.items() if value}, None
-        except csv.Error as error:
-            raise DataError(f"{path}, line {reader.line_num}: {error}") from error
-
-
 # -------------------------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A row as text: the prompt the model reads, then the text its loss covers.
+
+    Unpacks as ``prompt, response = render_row(...)``. ``chat`` text was written by the tokenizer's chat
+    template: TRL tokenizes it without special tokens and appends no EOS (the template ends the turn).
+    """
+
+    prompt: str
+    response: str
+    """The rendered text after the prompt (a chat turn's content plus the template's end of turn)."""
+    content: str
+    """The response as the row gives it (a completion, an assistant turn's content)."""
+    chat: bool = False
+    generation_prompt: str | None = None
+    """Chat only: the prompt as the template renders it alone (``add_generation_prompt=True``), which
+    TRL tokenizes to find where the completion starts; None where it equals ``prompt``."""
+    turns: tuple | None = None
+    """Chat only: (prompt turns, completion turns), for the template's assistant mask."""
+    whole_conversation: bool = False
+    """A `messages` row (TRL's language-modelling form), not a prompt/completion pair."""
+
+    def __iter__(self):
+        return iter((self.prompt, self.response))
 
 
 def detect_template(row: dict) -> str:
     """The concrete template `auto` picks for a row."""
+    if _is_conversation(row.get("prompt")):
+        return "chat"  # TRL's conversational prompt/completion
     for field, name in AUTO_TEMPLATE_BY_FIELD.items():
         if field in row:
             return name
@@ -238,19 +187,21 @@ def detect_template(row: dict) -> str:
     )
 
 
-def render_row(row: dict, tokenizer: PreTrainedTokenizerBase, template: Template) -> tuple[str, str]:
-    """(prompt, response) strings for one row; RowError with the reason when the row does not fit."""
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def render_row(row: dict, tokenizer: PreTrainedTokenizerBase, template: Template) -> Rendered:
+    """The row as text; RowError with the reason when the row does not fit the template."""
     name = detect_template(row) if template.name == "auto" else template.name
+    if name == "chat":
+        return _render_chat(_conversation(row), tokenizer)
     if name == "alpaca":
         prompt = _alpaca_prompt(_text_field(row, "instruction", name), _optional_text(row, "input"))
         response = _text_field(row, template.response_field or "output", name)
     elif name == "completion":
         prompt = _text_field(row, "prompt", name)
         response = _response_text(row, template.response_field, COMPLETION_RESPONSE_FIELDS, name)
-    elif name == "chat":
-        if "messages" not in row:
-            raise RowError("missing field 'messages' for the chat template")
-        return _render_chat(row["messages"], tokenizer)
     elif name == "plain":
         prompt, response = "", _text_field(row, template.response_field or "text", name)
     elif name == "custom":
@@ -259,7 +210,28 @@ def render_row(row: dict, tokenizer: PreTrainedTokenizerBase, template: Template
     else:
         raise DataError(f"unknown template name {name!r}; expected one of {', '.join(TEMPLATE_NAMES)}")
     _check_response(response)
-    return prompt, response
+    return Rendered(prompt, response, response)
+
+
+def _conversation(row: dict) -> tuple[list, list, bool]:
+    """(prompt turns, completion turns, whether a `messages` row) of a chat row: `messages` (the loss
+    on its final assistant turn, as TRL labels the same conversation given as prompt + completion) or
+    TRL's conversational `prompt` + `completion` lists."""
+    if "messages" in row:
+        messages = row["messages"]
+        if not _is_conversation(messages):
+            raise RowError("field 'messages' must be a list of {role, content} objects")
+        return messages[:-1], messages[-1:], True
+    if "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if not (_is_conversation(prompt) and _is_conversation(completion)):
+            raise RowError(
+                "conversational rows need 'prompt' and 'completion' as lists of {role, content} objects"
+            )
+        return prompt, completion, False
+    raise RowError(
+        "missing field 'messages' (or conversational 'prompt' + 'completion') for the chat template"
+    )
 
 
 def _alpaca_prompt(instruction: str, input_text: str) -> str:
@@ -308,50 +280,74 @@ def _format_custom(row: dict, format_string: str) -> str:
         raise RowError(f"cannot fill the custom template {format_string!r} from this row: {error}") from error
 
 
-def _render_chat(messages: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """Loss on the final assistant turn only: everything before it, rendered with the generation prompt,
-    is the prompt; the rest of the fully rendered conversation is the response."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise RowError("field 'messages' must be a list of {role, content} objects")
-    if not messages or messages[-1]["role"] != "assistant":
+def template_fields(template: Template) -> list[str]:
+    """The row fields a custom template's format string fills, in order, once each."""
+    parsed = string.Formatter().parse(template.format_string or "")
+    return list(dict.fromkeys(field for _, field, _, _ in parsed if field))
+
+
+def _render_chat(conversation: tuple[list, list, bool], tokenizer: PreTrainedTokenizerBase) -> Rendered:
+    """TRL's conversational prompt/completion: the prompt turns rendered with the generation prompt, the
+    completion the rest of the whole conversation's rendering (its end-of-turn text included)."""
+    prompt_turns, completion_turns, whole = conversation
+    if completion_turns[-1]["role"] != "assistant":
         raise RowError("the last message must have role 'assistant' (its content is the response scored)")
-    final_content = messages[-1].get("content")
-    if not isinstance(final_content, str):
+    contents = [turn.get("content") for turn in completion_turns]
+    if not all(isinstance(content, str) for content in contents):
         raise RowError("the last assistant message must have text 'content'")
-    _check_response(final_content)
+    content = "".join(contents)
+    _check_response(content)
     _require_chat_template(tokenizer)
     try:
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = tokenizer.apply_chat_template(prompt_turns, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt_turns + completion_turns, tokenize=False)
     except Exception as error:  # jinja templates raise anything, e.g. on roles out of order
         raise RowError(f"the chat template failed on this conversation: {error}") from error
-    response = full[len(prompt) :] if full.startswith(prompt) else final_content
-    return prompt, response
+    turns = (prompt_turns, completion_turns)
+    if full.startswith(prompt):
+        return Rendered(prompt, full[len(prompt) :], content, True, None, turns, whole)
+    # The template renders the prompt alone otherwise (e.g. an empty thought block): the text splits
+    # where the two renderings part, and tokenization starts the labels where TRL does.
+    shared = len(os.path.commonprefix([prompt, full]))
+    return Rendered(full[:shared], full[shared:], content, True, prompt, turns, whole)
 
 
 def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if getattr(tokenizer, "chat_template", None) is None:
         raise RowError(
-            "the tokenizer has no chat template; pass --template alpaca, completion or a format string"
+            "the tokenizer has no chat template, so chat rows ('messages', or conversational 'prompt' + "
+            "'completion') cannot be rendered; give the model a tokenizer with a chat template, or turn the "
+            "rows into 'prompt' + 'completion' text rows"
         )
 
 
-def render_query(
-    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, template: Template
-) -> tuple[str, str]:
-    """Render a user's query as training rows were rendered: alpaca treats `prompt` as the instruction,
-    chat as a single user message; auto, completion, plain and custom use it verbatim. An empty
-    response gives the rendered prompt alone (for generation)."""
-    if template.name == "alpaca":
-        return _alpaca_prompt(prompt, ""), response
+def query_row(prompt: str, response: str, template: Template, system: str | None = None) -> dict:
+    """A user's (prompt, response) as a training row of the index's own form, so that it renders exactly
+    as a row with the same content did: a chat conversation (with the ``system`` turn), an Alpaca
+    instruction, a prompt/completion pair, or the single field a custom template fills."""
     if template.name == "chat":
-        if not response:
-            _require_chat_template(tokenizer)
-            user_turn = [{"role": "user", "content": prompt}]
-            return tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True), ""
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return _render_chat(messages, tokenizer)
-    return prompt, response
+        turns = [{"role": "system", "content": system}] if system is not None else []
+        turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return {"messages": turns}
+    if system is not None:
+        raise QueryError(
+            f"--system needs an index of chat rows; this index's rows use the {template.name} template "
+            "(put the system text into the prompt instead)"
+        )
+    if template.name == "alpaca":
+        return {"instruction": prompt, template.response_field or "output": response}
+    if template.name == "custom":
+        fields = template_fields(template)
+        if len(fields) != 1:
+            raise QueryError(
+                f"the index's template {template.format_string!r} fills {len(fields)} fields "
+                f"({', '.join(fields) or 'none'}); give the query as a --queries row with those fields and "
+                f"'{template.response_field or 'output'}'"
+            )
+        return {fields[0]: prompt, template.response_field or "output": response}
+    if template.name == "plain":
+        return {"prompt": prompt, "completion": response}  # the prompt as context, scored like a text row
+    return {"prompt": prompt, template.response_field or "completion": response}
 
 
 # ------------------------------------------------------------------------------------------- tokenizing
@@ -372,47 +368,60 @@ class Tokenized:
     """len(prompt) in characters: response character c is text character prompt_length + c."""
 
 
-def prompt_token_ids(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The prompt's ids as generation and scoring both see them (BOS added unless the text has it)."""
-    return list(tokenizer(prompt, add_special_tokens=_adds_special_tokens(prompt, tokenizer)).input_ids)
+def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    """How many leading ids two sequences share."""
+    count = 0
+    while count < min(len(ids), len(other_ids)) and ids[count] == other_ids[count]:
+        count += 1
+    return count
 
 
-def _adds_special_tokens(text: str, tokenizer: PreTrainedTokenizerBase) -> bool:
-    # Chat templates often write the BOS text themselves; adding another would double it.
-    bos_token = getattr(tokenizer, "bos_token", None)
-    return not (bos_token and text.startswith(bos_token))
+def prompt_token_ids(
+    prompt: str, tokenizer: PreTrainedTokenizerBase, chat: bool = False, tokenization: str = "trl"
+) -> list[int]:
+    """The prompt's ids as generation and scoring both see them. ``trl``: chat-template text without
+    special tokens (the template wrote them), other text with the tokenizer's own (BOS); the older rules
+    add them unless the text starts with the BOS text."""
+    special = not chat if tokenization.startswith("trl") else _legacy_special_tokens(prompt, tokenizer)
+    return list(tokenizer(prompt, add_special_tokens=special).input_ids)
 
 
 def tokenize(
-    prompt: str,
-    response: str,
+    prompt: str | Rendered,
+    response: str | None,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None,
-    tokenization: str = "joint",
+    tokenization: str = "trl",
 ) -> Tokenized:
-    """Token ids and response-only labels for one (prompt, response); the response ends with EOS (kept).
+    """Token ids and response-only labels for a rendered row (or a plain ``prompt``, ``response`` pair).
 
-    ``joint`` (default, as TRL's SFT trainers): ``prompt + response`` is tokenized as one text, so every
-    token is the one the fine-tuning saw; the response starts at the first token whose characters reach
-    past the prompt (a token that straddles the boundary predicts response text, so it is scored).
-    Tokenizers without offsets use the longest common prefix of the prompt's and the joint ids instead.
-    ``separate``: the two parts are tokenized on their own (exact boundary, but with SentencePiece-style
-    tokenizers the first response token may differ from training).
+    ``trl`` (default): labelled as TRL's SFT trainer labels the row. Text rows get the EOS text appended
+    unless the response ends with it, and ``prompt + response`` is tokenized with the tokenizer's
+    special tokens; chat-template text gets neither. The labels start where the prompt's own ids and the
+    whole sequence's ids part (TRL's common-prefix rule: a token that spans the boundary is scored, and
+    so is any prompt-end token the joined text tokenizes differently).
+    ``trl-assistant``: TRL with ``assistant_only_loss=True``: chat rows labelled where the template's
+    ``{% generation %}`` blocks mark assistant text (every assistant turn of a `messages` row; the
+    completion's of a prompt/completion pair); text rows as ``trl``.
+    ``separate``: a plain Trainer with the prompt masked: each part tokenized on its own, EOS appended.
+    ``joint``: the rule of indexes built before ``trl`` (the first token reaching past the prompt's
+    characters starts the labels; an EOS id is appended after any text that does not end with one).
     """
+    rendered = prompt if isinstance(prompt, Rendered) else Rendered(prompt, response or "", response or "")
     _check_settings(tokenizer, max_length)
     if tokenization not in TOKENIZATIONS:
         raise DataError(f"--tokenization {tokenization!r} is not one of {', '.join(TOKENIZATIONS)}")
-    split = _joint_ids if tokenization == "joint" else _separate_ids
-    input_ids, offsets, prompt_count = split(prompt, response, tokenizer)
-    if not input_ids or input_ids[-1] != tokenizer.eos_token_id:  # chat templates may have written it
-        input_ids.append(tokenizer.eos_token_id)
-        if offsets is not None:
-            offsets.append((len(prompt) + len(response),) * 2)
-    labels = [IGNORE_INDEX] * prompt_count + input_ids[prompt_count:]
+    split = {"trl": _trl_ids, "trl-assistant": _trl_assistant_ids, "joint": _joint_ids}
+    split["separate"] = _separate_ids
+    input_ids, offsets, scored = split[tokenization](rendered, tokenizer)
+    if isinstance(scored, int):  # one boundary: everything from it on is scored
+        scored = [position >= scored for position in range(len(input_ids))]
+    labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, scored, strict=True)]
+    prompt_count = scored.index(True) if True in scored else len(scored)
     # Position 0 is never predicted (nothing precedes it); masking it keeps num_response_tokens honest.
     labels[0] = IGNORE_INDEX
     truncated = max_length is not None and len(input_ids) > max_length
-    if truncated:
+    if truncated:  # TRL's default truncation keeps the start
         input_ids, labels = input_ids[:max_length], labels[:max_length]
         offsets = None if offsets is None else offsets[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
@@ -422,53 +431,97 @@ def tokenize(
         raise RowError(
             f"no response token to score: the sequence has {len(input_ids)} token(s), the loss needs 2"
         )
-    return Tokenized(input_ids, labels, truncated, offsets, len(prompt))
+    return Tokenized(input_ids, labels, truncated, offsets, len(rendered.prompt))
 
 
-def _joint_ids(prompt: str, response: str, tokenizer) -> tuple[list[int], list | None, int]:
-    """(ids of prompt + response, their offsets, how many ids belong to the prompt)."""
-    text = prompt + response
-    add_special_tokens = _adds_special_tokens(prompt, tokenizer)
+def _encode(text: str, tokenizer, add_special_tokens: bool) -> tuple[list[int], list | None]:
+    """(ids, character offsets, or None where a slow tokenizer has none)."""
     try:
         encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    except NotImplementedError:  # slow tokenizers have no offsets: TRL's common-prefix rule
-        full_ids = list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
-        prompt_ids = prompt_token_ids(prompt, tokenizer) if prompt else []
-        common = 0
-        while common < min(len(prompt_ids), len(full_ids)) and prompt_ids[common] == full_ids[common]:
-            common += 1
-        return full_ids, None, common
-    input_ids = list(encoded["input_ids"])
-    offsets = [tuple(pair) for pair in encoded["offset_mapping"]]
-    boundary = len(prompt)
-    first = next(
-        (i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), len(input_ids)
+    except NotImplementedError:
+        return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids), None
+    return list(encoded["input_ids"]), [tuple(pair) for pair in encoded["offset_mapping"]]
+
+
+def _trl_ids(rendered: Rendered, tokenizer) -> tuple[list[int], list | None, int]:
+    """TRL's SFT tokenization of one row: (ids, offsets, where the completion starts)."""
+    text = rendered.prompt + rendered.response
+    eos = tokenizer.eos_token
+    if not rendered.chat and not rendered.response.endswith(eos):  # TRL's add_eos, on the text
+        text += eos
+    input_ids, offsets = _encode(text, tokenizer, add_special_tokens=not rendered.chat)
+    prompt_text = rendered.generation_prompt if rendered.generation_prompt is not None else rendered.prompt
+    prompt_ids = prompt_token_ids(prompt_text, tokenizer, rendered.chat)
+    return input_ids, offsets, common_prefix_length(prompt_ids, input_ids)
+
+
+def _trl_assistant_ids(rendered: Rendered, tokenizer) -> tuple[list[int], list | None, int | list[bool]]:
+    """TRL's tokenization with ``assistant_only_loss``: (ids, offsets, which tokens are scored)."""
+    input_ids, offsets, start = _trl_ids(rendered, tokenizer)
+    if not rendered.chat:
+        return input_ids, offsets, start
+    prompt_turns, completion_turns = rendered.turns
+    marked = tokenizer.apply_chat_template(
+        prompt_turns + completion_turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
+    mask = [bool(bit) for bit in marked["assistant_masks"]]
+    if list(marked["input_ids"]) != input_ids or not any(mask):
+        raise RowError(
+            "the chat template marks no assistant tokens (it has no {% generation %} block), so "
+            "--tokenization trl-assistant cannot label this row; use --tokenization trl"
+        )
+    if rendered.whole_conversation:  # TRL's language-modelling rows: every assistant turn
+        return input_ids, offsets, mask
+    return input_ids, offsets, [bit and position >= start for position, bit in enumerate(mask)]
+
+
+def _appended_eos(input_ids: list[int], offsets: list | None, text_length: int, tokenizer) -> None:
+    if not input_ids or input_ids[-1] != tokenizer.eos_token_id:
+        input_ids.append(tokenizer.eos_token_id)
+        if offsets is not None:
+            offsets.append((text_length, text_length))
+
+
+def _legacy_special_tokens(text: str, tokenizer) -> bool:
+    bos_token = getattr(tokenizer, "bos_token", None)
+    return not (bos_token and text.startswith(bos_token))
+
+
+def _joint_ids(rendered: Rendered, tokenizer) -> tuple[list[int], list | None, int]:
+    """The ``joint`` rule of older indexes: (ids, offsets, first token reaching past the prompt)."""
+    prompt, text = rendered.prompt, rendered.prompt + rendered.response
+    special = _legacy_special_tokens(prompt, tokenizer)
+    input_ids, offsets = _encode(text, tokenizer, special)
+    if offsets is None:
+        first = common_prefix_length(list(tokenizer(prompt, add_special_tokens=special).input_ids), input_ids)
+    else:
+        ends = [end if end > start else -1 for start, end in offsets]
+        first = next((i for i, end in enumerate(ends) if end > len(prompt)), len(input_ids))
+    _appended_eos(input_ids, offsets, len(text), tokenizer)
     return input_ids, offsets, first
 
 
-def _separate_ids(prompt: str, response: str, tokenizer) -> tuple[list[int], list | None, int]:
-    add_special_tokens = _adds_special_tokens(prompt, tokenizer)
-    try:
-        prompt_part = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-        response_part = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        prompt_ids = prompt_token_ids(prompt, tokenizer)
-        response_ids = list(tokenizer(response, add_special_tokens=False).input_ids)
-        return prompt_ids + response_ids, None, len(prompt_ids)
-    shift = len(prompt)
-    offsets = [tuple(pair) for pair in prompt_part["offset_mapping"]]
-    offsets += [(start + shift, end + shift) for start, end in response_part["offset_mapping"]]
-    prompt_ids = list(prompt_part["input_ids"])
-    return prompt_ids + list(response_part["input_ids"]), offsets, len(prompt_ids)
+def _separate_ids(rendered: Rendered, tokenizer) -> tuple[list[int], list | None, int]:
+    """A plain Trainer's rule: the prompt and the response tokenized on their own, EOS appended."""
+    prompt, response = rendered.prompt, rendered.response
+    special = _legacy_special_tokens(prompt, tokenizer)
+    prompt_ids, prompt_offsets = _encode(prompt, tokenizer, special)
+    response_ids, response_offsets = _encode(response, tokenizer, False)
+    offsets = None
+    if prompt_offsets is not None and response_offsets is not None:
+        shift = len(prompt)
+        offsets = prompt_offsets + [(start + shift, end + shift) for start, end in response_offsets]
+    input_ids = prompt_ids + response_ids
+    _appended_eos(input_ids, offsets, len(prompt) + len(response), tokenizer)
+    return input_ids, offsets, len(prompt_ids)
 
 
 def tokenize_example(
-    prompt: str,
-    response: str,
+    prompt: str | Rendered,
+    response: str | None,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None,
-    tokenization: str = "joint",
+    tokenization: str = "trl",
 ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): :func:`tokenize` without the offsets."""
     tokenized = tokenize(prompt, response, tokenizer, max_length, tokenization)
@@ -489,7 +542,7 @@ def iter_examples(
     tokenizer: PreTrainedTokenizerBase,
     template: Template,
     max_length: int | None = None,
-    tokenization: str = "joint",
+    tokenization: str = "trl",
 ) -> Iterator[Example | RejectedRow]:
     """Stream every row of `path` as an Example or a RejectedRow, in file order."""
     _check_settings(tokenizer, max_length)  # whole-input problems surface at call time, before any row
@@ -511,15 +564,23 @@ def _generate_examples(
             continue
         try:
             template_name = detect_template(row) if template.name == "auto" else template.name
-            prompt, response = render_row(row, tokenizer, template)
+            rendered = render_row(row, tokenizer, template)
             input_ids, labels, truncated = tokenize_example(
-                prompt, response, tokenizer, max_length, tokenization
+                rendered, None, tokenizer, max_length, tokenization
             )
         except RowError as row_error:
             yield RejectedRow(example_id, str(row_error))
             continue
         yield Example(
-            example_id, input_ids, labels, prompt, response, row, truncated, content_hash(row), template_name
+            example_id,
+            input_ids,
+            labels,
+            rendered.prompt,
+            rendered.response,
+            row,
+            truncated,
+            content_hash(row),
+            template_name,
         )
 
 
@@ -528,7 +589,7 @@ def load_examples(
     tokenizer: PreTrainedTokenizerBase,
     template: Template,
     max_length: int | None = None,
-    tokenization: str = "joint",
+    tokenization: str = "trl",
 ) -> tuple[list[Example], list[RejectedRow]]:
     """Read, render and tokenize every row; malformed rows come back as RejectedRow(id, reason)."""
     examples: list[Example] = []

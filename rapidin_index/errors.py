@@ -92,6 +92,14 @@ class BuildError(RapidinIndexError, RuntimeError):
     """The build cannot proceed as asked; the message says what to change."""
 
 
+class RejectedRowsError(BuildError):
+    """The build indexed no row, or rejected more than ``--max-rejected-share`` of its rows. The index is
+    committed all the same, so that ``rapidin-index info --json`` lists every rejected row and its reason;
+    ``report`` is the build's report."""
+
+    report = None
+
+
 class JournalError(RapidinIndexError, RuntimeError):
     """The journal holds an unfinished build that this one must not be mixed into."""
 

@@ -61,6 +61,13 @@ def stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     return ids, vectors
 
 
+def vectors_of(index: faiss.Index, ids: list[int]) -> np.ndarray:
+    """The stored vectors [len(ids), dim] float32 of these training example ids (an IndexIDMap2)."""
+    if not ids:
+        return np.zeros((0, index.d), np.float32)
+    return np.stack([index.reconstruct(int(row_id)) for row_id in ids])
+
+
 def search(index: faiss.Index, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact k-NN by inner product: (scores [q, k] float32, ids [q, k] int64), best first."""
     top_k = min(top_k, index.ntotal)

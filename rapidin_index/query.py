@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 from rapidin_index.data import (
     IGNORE_INDEX,
+    Rendered,
     Template,
     Tokenized,
     prompt_token_ids,
-    render_query,
+    query_row,
     render_row,
     tokenize,
 )
@@ -33,7 +34,7 @@ class PreparedQuery:
     """One query, rendered and tokenized like a training row."""
 
     prompt: str
-    response: str
+    response: str  # the generation as given or generated (an assistant turn's content, a completion)
     rendered_prompt: str
     input_ids: list[int]
     labels: list[int]  # every response token labelled
@@ -41,6 +42,7 @@ class PreparedQuery:
     hot: list[bool]  # per response token: in the attributed set
     hot_spec: object = None
     generated: bool = False
+    rendered_response: str = ""  # the rendered text after the prompt (a chat template's end of turn too)
 
     def labels_for(self, positions: list[int]) -> list[int]:
         kept = [IGNORE_INDEX] * len(self.labels)
@@ -60,7 +62,12 @@ def query_template(manifest: Manifest) -> Template:
     if template.name != "auto" or not manifest.template_usage:
         return template
     dominant = max(manifest.template_usage.items(), key=lambda item: item[1])[0]
-    return Template(name=dominant)
+    return Template(name=dominant, response_field=template.response_field)
+
+
+def _row_template(template: Template) -> Template:
+    """How a row built by `data.query_row` renders: by its own fields (custom templates by theirs)."""
+    return template if template.name == "custom" else Template("auto", None, template.response_field)
 
 
 def prepare(
@@ -69,42 +76,115 @@ def prepare(
     tokenizer: PreTrainedTokenizerBase,
     manifest: Manifest,
     hot=None,
-    generated: bool = False,
+    system: str | None = None,
 ) -> PreparedQuery:
-    """A (prompt, response) query, rendered with `query_template`."""
-    rendered_prompt, response = render_query(prompt, response, tokenizer, query_template(manifest))
-    return tokenize_query(prompt, rendered_prompt, response, tokenizer, manifest, hot, generated)
+    """A (prompt, response) query rendered as a training row of the index's form with that content."""
+    template = query_template(manifest)
+    row = query_row(prompt, response, template, system)
+    try:
+        rendered = render_row(row, tokenizer, _row_template(template))
+    except RowError as error:
+        raise QueryError(str(error)) from None
+    return tokenize_query(prompt, rendered, tokenizer, manifest, hot)
 
 
 def prepare_row(row: dict, tokenizer: PreTrainedTokenizerBase, manifest: Manifest) -> PreparedQuery:
-    """A query in training-row form (any format the index's template reads), with an optional "hot"."""
-    rendered_prompt, response = render_row(row, tokenizer, Template.from_dict(manifest.template))
-    return tokenize_query(
-        _user_prompt(row, rendered_prompt), rendered_prompt, response, tokenizer, manifest, row.get("hot")
+    """A query in training-row form (any form the index's rows could take), with an optional "hot".
+
+    A text prompt + response row (``prompt`` with ``response``/``completion``/``output``, optional
+    ``system``) against an index of another form is recast in that form first, as `prepare` does.
+    """
+    try:
+        rendered = render_row(row, tokenizer, Template.from_dict(manifest.template))
+    except RowError as error:
+        pair = _text_pair(row)
+        if pair is None:
+            raise QueryError(
+                f"{error}; give the query in the form of the index's rows, or as text 'prompt' + 'response'"
+            ) from None
+        return prepare(*pair, tokenizer, manifest, row.get("hot"), row.get("system"))
+    if "system" in row:
+        raise QueryError(
+            "a query row's 'system' goes with a text 'prompt' + 'response' against a chat index; in a "
+            "'messages' row give it as a system turn"
+        )
+    return tokenize_query(_user_prompt(row, rendered.prompt), rendered, tokenizer, manifest, row.get("hot"))
+
+
+def _text_pair(row: dict) -> tuple[str, str] | None:
+    prompt = row.get("prompt")
+    response = next(
+        (row[f] for f in ("response", "completion", "output") if isinstance(row.get(f), str)), None
     )
+    if isinstance(prompt, str) and response is not None:
+        return prompt, response
+    return None
 
 
-def generation_prompt_ids(prompt: str, tokenizer: PreTrainedTokenizerBase, manifest: Manifest) -> list[int]:
-    """The prompt ids a generation continues: the same ids scoring uses (no second BOS after a chat
-    template's own)."""
-    rendered_prompt, _ = render_query(prompt, "", tokenizer, query_template(manifest))
-    return prompt_token_ids(rendered_prompt, tokenizer)
+def generation_prompt(
+    prompt: str, tokenizer: PreTrainedTokenizerBase, manifest: Manifest, system: str | None = None
+) -> tuple[str, list[int]]:
+    """(rendered prompt, its ids) that a generation continues: exactly the prefix a training row with
+    this prompt has (TRL's prompt ids: a chat template's generation prompt, without a second BOS)."""
+    template = query_template(manifest)
+    row = query_row(prompt, "-", template, system)  # a placeholder response; only the prompt is kept
+    try:
+        rendered = render_row(row, tokenizer, _row_template(template))
+    except RowError as error:
+        raise QueryError(str(error)) from None
+    text = rendered.generation_prompt if rendered.generation_prompt is not None else rendered.prompt
+    return text, prompt_token_ids(text, tokenizer, rendered.chat, manifest.tokenization)
 
 
 def tokenize_query(
     prompt: str,
-    rendered_prompt: str,
-    response: str,
+    rendered: Rendered,
     tokenizer: PreTrainedTokenizerBase,
     manifest: Manifest,
     hot=None,
-    generated: bool = False,
 ) -> PreparedQuery:
     """Tokenize a rendered query as the index's rows were (``manifest.tokenization``), check its length."""
     try:
-        tokenized = tokenize(rendered_prompt, response, tokenizer, None, manifest.tokenization)
+        tokenized = tokenize(rendered, None, tokenizer, None, manifest.tokenization)
     except RowError as error:
         raise QueryError(str(error)) from None
+    return _prepared(prompt, rendered.content, rendered.prompt, rendered.response, tokenized, manifest, hot)
+
+
+def prepare_generated(
+    prompt: str,
+    rendered_prompt: str,
+    prompt_ids: list[int],
+    generated_ids: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    manifest: Manifest,
+    hot=None,
+) -> PreparedQuery:
+    """A generated query: labelled on exactly the ids the model produced (an EOS only if it made one)."""
+    if not generated_ids:
+        raise QueryError("the model generated no token for this prompt; give --response instead")
+    input_ids = prompt_ids + generated_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + generated_ids
+    labels[0] = IGNORE_INDEX
+    text, offsets = _decoded_offsets(generated_ids, tokenizer)
+    tokenized = Tokenized(input_ids, labels, False, [(0, 0)] * len(prompt_ids) + offsets, 0)
+    content = tokenizer.decode(generated_ids, skip_special_tokens=True)
+    query = _prepared(prompt, content, rendered_prompt, text, tokenized, manifest, hot)
+    query.generated = True
+    return query
+
+
+def _decoded_offsets(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The ids' text and each id's [start, end) in it, by decoding growing prefixes."""
+    offsets, previous = [], 0
+    for count in range(1, len(ids) + 1):
+        length = len(tokenizer.decode(ids[:count]))
+        offsets.append((min(previous, length), length))
+        previous = length
+    return tokenizer.decode(ids), offsets
+
+
+def _prepared(prompt, content, rendered_prompt, rendered_response, tokenized, manifest, hot) -> PreparedQuery:
     max_length = manifest.max_length
     if max_length is not None and len(tokenized.input_ids) > max_length:
         raise QueryError(
@@ -114,14 +194,14 @@ def tokenize_query(
     positions = [p for p, label in enumerate(tokenized.labels) if label != IGNORE_INDEX]
     return PreparedQuery(
         prompt,
-        response,
+        content,
         rendered_prompt,
         tokenized.input_ids,
         tokenized.labels,
         positions,
-        resolve_hot(hot, response, tokenized, positions),
+        resolve_hot(hot, rendered_response, tokenized, positions),
         hot,
-        generated,
+        rendered_response=rendered_response,
     )
 
 
@@ -130,7 +210,9 @@ def _user_prompt(row: dict, rendered_prompt: str) -> str:
     for field in ("prompt", "instruction"):
         if isinstance(row.get(field), str):
             return row[field]
-    return rendered_prompt
+    turns = row.get("messages") or row.get("prompt")
+    users = [t.get("content") for t in turns or [] if isinstance(t, dict) and t.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else rendered_prompt
 
 
 # --------------------------------------------------------------------------- the hot mask

@@ -14,6 +14,7 @@ Hovering a generated token shows its own top training examples; clicking pins it
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 from pathlib import Path
@@ -24,7 +25,7 @@ from rich.text import Text
 from rapidin_index.errors import ReportError
 from rapidin_index.files import atomic_write_bytes
 
-FORMATS = ("json", "jsonl", "html")
+FORMATS = ("json", "jsonl", "html", "text")
 
 WHITE = (255, 255, 255)
 POSITIVE_RGB = (33, 102, 172)  # blue: the example helped (lowers the loss)
@@ -378,6 +379,52 @@ def render_terminal(result: dict, console: Console, top: int = 3) -> None:
     console.print(_terminal_legend())
 
 
+def _first_line(hit: dict, width: int = 72) -> str:
+    text = " ".join(str(hit.get("response") or hit.get("prompt") or "").split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _hit_lines(title: str, hits: list[dict], top: int) -> list[Text]:
+    lines = [Text(title, style="bold")]
+    for hit in hits[:top]:
+        seen = f"  in {hit['appears_in']} queries" if "appears_in" in hit else ""
+        line = Text(f"  {hit['rank']:>3}. id {hit['id']:<7} {_format_score(float(hit['score'])):>9}{seen}  ")
+        line.append(_first_line(hit), style="dim")
+        lines.append(line)
+    return lines
+
+
+def render_text(result: dict, console: Console, top: int = 10, tokens: int = 8) -> None:
+    """The short terminal view: the query, the top helpful and harmful rows (score, first line of
+    text), and the generated tokens whose own top hit scores highest."""
+    if "aggregate" in result:
+        heading = f"{result['aggregate']} over {len(result['queries'])} queries (depth {result['depth']})"
+        console.print(Text(heading, style="bold"))
+    else:
+        query = result.get("query", {})
+        console.print(Text.assemble(("prompt    ", "bold"), (query.get("prompt", ""), "dim")))
+        console.print(Text.assemble(("response  ", "bold"), query.get("response", "")))
+    for line in _hit_lines("helpful", result.get("helpful", []), top):
+        console.print(line)
+    for line in _hit_lines("harmful", result.get("harmful", []), top):
+        console.print(line)
+    ranked = [(found, token) for token in result.get("tokens", []) if (found := token_influence(token))]
+    if ranked:
+        console.print(Text("tokens (each with its own top hit)", style="bold"))
+        for (score, row_id), token in sorted(ranked, key=lambda pair: -abs(pair[0][0]))[:tokens]:
+            shown = _shown(token["token"])
+            console.print(f"  {shown!r:<16} id {row_id:<7} {_format_score(score):>9}", highlight=False)
+
+
+def text_report(results: list[dict], width: int = 120) -> str:
+    """`render_text` of every result as plain text (no colours), for a file."""
+    console = Console(record=True, width=width, color_system=None, file=io.StringIO())
+    for result in results:
+        render_text(result, console)
+        console.print()
+    return console.export_text()
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -390,6 +437,8 @@ def _serialise(results: list[dict], format: str, title: str) -> str:
         return "".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results)
     if format == "html":
         return render_html(results, title=title)
+    if format == "text":
+        return text_report(results)
     raise ReportError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
 
 

@@ -18,6 +18,7 @@ class Hit:
     response: str | None = None
     source: dict | None = None
     explanation: dict | None = None  # {"tokens": [{token, token_id, score}], "method", "normalization"}
+    exact: bool | None = None  # True when --rerank scored it without the sketch
 
     def to_dict(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -53,6 +54,10 @@ class QueryResult:
     tokens: list[TokenHits]
     helpful: list[Hit]
     harmful: list[Hit]
+    rendered_response: str = ""
+    """The rendered text after the prompt: the labelled tokens' text (a chat template's end of turn too)."""
+    tokenization: str = "trl"
+    """The labelling rule the index's rows (and so this query) were tokenized with."""
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +66,9 @@ class QueryResult:
                 "prompt": self.prompt,
                 "response": self.response,
                 "rendered_prompt": self.rendered_prompt,
+                "rendered_response": self.rendered_response,
+                "labelled_tokens": [token.token for token in self.tokens],
+                "tokenization": self.tokenization,
                 "generated": self.generated,
                 "hot": self.hot,
             },

@@ -21,10 +21,11 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
+from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_queries
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
-from rapidin_index.gradients import GradientSketcher, check_environment, normalize_flat, reference_gradient
+from rapidin_index.gradients import GradientSketcher, check_environment
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
@@ -32,7 +33,15 @@ from rapidin_index.model_identity import check_model_sources
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
-from rapidin_index.query import PreparedQuery, generation_prompt_ids, prepare, prepare_row
+from rapidin_index.progress import RowProgress
+from rapidin_index.query import (
+    PreparedQuery,
+    generation_prompt,
+    prepare,
+    prepare_generated,
+    prepare_row,
+)
+from rapidin_index.rerank import exact_query_direction, rerank_hits, training_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
@@ -65,6 +74,8 @@ class Index:
                 f"{path}: the FAISS file holds {cpu_index.ntotal} vectors of {cpu_index.d} dims, the manifest "
                 f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
             )
+        self.progress = False  # a progress bar over the queries of a call (the CLI's, on a terminal)
+        self.stored_index = cpu_index  # on the CPU: stored vectors by id (aggregate hits' per-query scores)
         self.faiss_index = search_index(cpu_index)
         self.table = store.open_rows(path, manifest.generation)  # kept open: joins are per query
 
@@ -126,23 +137,28 @@ class Index:
         *,
         generate: bool = False,
         hot: list | None = None,
+        system: str | None = None,
         top_k: int = 10,
         explain: int = 3,
         max_new_tokens: int = 64,
         per_token: bool = True,
         token_top_k: int = 5,
+        rerank: int = 0,
     ) -> QueryResult:
         """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``).
 
-        ``top_k`` hits for the whole generation, ``token_top_k`` for each generated token (``per_token``;
-        off, the tokens are listed without hits and the query costs one backward pass).
+        The query is rendered as a training row of the index's form with this content (``system``: a
+        system turn, for chat indexes). ``top_k`` hits for the whole generation, ``token_top_k`` for
+        each generated token (``per_token``; off, the tokens are listed without hits and the query
+        costs one backward pass).
         """
         if generate:
-            response = self.generate(prompt, max_new_tokens)
+            prepared = self.prepare_generation(prompt, max_new_tokens, hot=hot, system=system)
         elif not response or not response.strip():
             raise QueryError("the query's response is empty; give --response TEXT or use --generate")
-        prepared = self.prepare(prompt, response, hot=hot, generated=generate)
-        return self.query_prepared([prepared], top_k, explain, per_token, token_top_k)[0]
+        else:
+            prepared = self.prepare(prompt, response, hot=hot, system=system)
+        return self.query_prepared([prepared], top_k, explain, per_token, token_top_k, rerank)[0]
 
     def query_rows(
         self,
@@ -151,37 +167,86 @@ class Index:
         explain: int = 3,
         per_token: bool = True,
         token_top_k: int = 5,
+        generate: bool = False,
+        max_new_tokens: int = 64,
+        rerank: int = 0,
     ) -> list[QueryResult]:
-        """Queries in training-row form (any format the index's template reads), optional ``hot``."""
+        """Queries in training-row form (any form the index's rows take), each with an optional ``hot``.
+
+        ``generate``: each row gives a ``prompt`` (and optional ``system``) whose greedy continuation
+        is attributed.
+        """
+        prepared = self._prepare_rows(rows, generate, max_new_tokens)
+        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k, rerank)
+
+    def aggregate(
+        self,
+        rows: list[dict],
+        how: str = "mean",
+        top_k: int = 10,
+        depth: int = DEFAULT_DEPTH,
+        generate: bool = False,
+        max_new_tokens: int = 64,
+    ) -> AggregateResult:
+        """One helpful and harmful list for the whole set of query rows (`rapidin_index.aggregate`):
+        ``how`` is mean, sum (exact, by linearity), max or count (from each query's top ``depth``)."""
+        prepared = self._prepare_rows(rows, generate, max_new_tokens)
+        return aggregate_queries(self, prepared, how, top_k, depth)
+
+    def _prepare_rows(self, rows: list[dict], generate: bool, max_new_tokens: int) -> list[PreparedQuery]:
         prepared = []
         for number, row in enumerate(rows):
             try:
-                prepared.append(prepare_row(row, self.loaded.tokenizer, self.manifest))
+                prepared.append(self._prepare_row(row, generate, max_new_tokens))
             except (RowError, QueryError) as error:
                 raise QueryError(f"query row {number}: {error}") from None
-        return self.query_prepared(prepared, top_k, explain, per_token, token_top_k)
+        return prepared
 
-    def prepare(self, prompt: str, response: str, hot=None, generated: bool = False) -> PreparedQuery:
-        return prepare(prompt, response, self.loaded.tokenizer, self.manifest, hot, generated)
+    def _prepare_row(self, row: dict, generate: bool, max_new_tokens: int) -> PreparedQuery:
+        if not generate:
+            return prepare_row(row, self.loaded.tokenizer, self.manifest)
+        if not isinstance(row.get("prompt"), str):
+            raise QueryError("with --generate every query row needs a text 'prompt'")
+        return self.prepare_generation(row["prompt"], max_new_tokens, row.get("hot"), row.get("system"))
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
-        """Greedy generation by the indexed model."""
+    def prepare(self, prompt: str, response: str, hot=None, system: str | None = None) -> PreparedQuery:
+        return prepare(prompt, response, self.loaded.tokenizer, self.manifest, hot, system)
+
+    def prepare_generation(
+        self, prompt: str, max_new_tokens: int = 64, hot=None, system: str | None = None
+    ) -> PreparedQuery:
+        """The model's greedy continuation of ``prompt``, labelled on exactly the ids it produced."""
         tokenizer = self.loaded.tokenizer
-        input_ids = torch.tensor(
-            [generation_prompt_ids(prompt, tokenizer, self.manifest)], device=self.device
+        rendered_prompt, prompt_ids = generation_prompt(prompt, tokenizer, self.manifest, system)
+        generated = self.generate_ids(prompt_ids, max_new_tokens)
+        return prepare_generated(
+            prompt, rendered_prompt, prompt_ids, generated, tokenizer, self.manifest, hot
         )
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, system: str | None = None) -> str:
+        """Greedy generation by the indexed model, as text (special tokens left out)."""
+        _, prompt_ids = generation_prompt(prompt, self.loaded.tokenizer, self.manifest, system)
+        generated = self.generate_ids(prompt_ids, max_new_tokens)
+        return self.loaded.tokenizer.decode(generated, skip_special_tokens=True)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64) -> list[int]:
+        """The ids greedy decoding appends to ``prompt_ids``, through the first stop id (kept: the model
+        generated it) and no further."""
+        if max_new_tokens < 1:
+            raise QueryError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        input_ids = torch.tensor([prompt_ids], device=self.device)
         with torch.no_grad():
             output = self.loaded.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=self.loaded.tokenizer.pad_token_id,
             )
-        text = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-        if not text.strip():
-            raise QueryError("the model generated nothing for this prompt; give --response instead")
-        return text
+        generated = output[0, len(prompt_ids) :].tolist()
+        stops = _stop_ids(self.loaded)
+        end = next((i + 1 for i, token in enumerate(generated) if token in stops), len(generated))
+        return generated[:end]
 
     def query_prepared(
         self,
@@ -190,8 +255,10 @@ class Index:
         explain: int,
         per_token: bool = True,
         token_top_k: int = 5,
+        rerank: int = 0,
     ) -> list[QueryResult]:
-        """Sketch, search (one scan), collect, join the text, explain the top hits."""
+        """Sketch, search (one scan), collect, join the text, re-rank (``rerank`` > 0: the top and
+        bottom ``rerank`` rows scored exactly, `rapidin_index.rerank`), explain the top hits."""
         if top_k < 1 or token_top_k < 1:
             raise QueryError(f"--top-k and --token-top-k must be at least 1, got {top_k} and {token_top_k}")
         if self.manifest.row_count == 0:
@@ -201,10 +268,15 @@ class Index:
             )
         top_k = min(top_k, self.manifest.row_count)
         token_top_k = min(token_top_k, self.manifest.row_count)
+        shortlist = max(top_k, min(rerank, self.manifest.row_count))
         vectors, losses = sketch_queries(self, queries, per_token)
-        found = search(self, vectors, max(top_k, token_top_k if per_token else 0))
-        results = collect_results(self, queries, found, losses, top_k, token_top_k, per_token)
+        found = search(self, vectors, max(shortlist, token_top_k if per_token else 0))
+        results = collect_results(self, queries, found, losses, shortlist, token_top_k, per_token)
         join_text(self, results)
+        for query, result in zip(queries, results, strict=True):
+            if rerank > 0:
+                rerank_hits(self, query, result, rerank, top_k)
+            result.helpful, result.harmful = result.helpful[:top_k], result.harmful[:top_k]
         if explain > 0:
             for query, result in zip(queries, results, strict=True):
                 explain_hits(self, query, result, explain)
@@ -227,15 +299,17 @@ def sketch_queries(
         sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in queries]
         return _sketch_sequences(index, sequences)
     vectors, losses = [], []
-    for query in queries:
-        example = collate(
-            [(query.input_ids, query.labels)], index.loaded.tokenizer.pad_token_id, index.device
-        )
-        hot = torch.tensor(query.hot, dtype=torch.float32)
-        weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
-        sketched = _finite(sketch_loss_combinations(index.sketcher, example, weights))
-        vectors.append(sketched.vectors.cpu().numpy())
-        losses.append(sketched.losses.cpu().numpy())
+    with RowProgress(len(queries), "per-token queries", enabled=index.progress) as bar:
+        for query in queries:
+            example = collate(
+                [(query.input_ids, query.labels)], index.loaded.tokenizer.pad_token_id, index.device
+            )
+            hot = torch.tensor(query.hot, dtype=torch.float32)
+            weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
+            sketched = _finite(sketch_loss_combinations(index.sketcher, example, weights))
+            vectors.append(sketched.vectors.cpu().numpy())
+            losses.append(sketched.losses.cpu().numpy())
+            bar.advance(1, len(query.response_positions))
     return np.concatenate(vectors), np.concatenate(losses)
 
 
@@ -307,6 +381,8 @@ def _result(
         prompt=query.prompt,
         response=query.response,
         rendered_prompt=query.rendered_prompt,
+        rendered_response=query.rendered_response,
+        tokenization=index.manifest.tokenization,
         generated=query.generated,
         hot=query.hot_spec,
         index={
@@ -341,15 +417,11 @@ def join_text(index: Index, results: list[QueryResult]) -> None:
 def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count: int) -> None:
     """Training-token scores (SPEC 2.4, Eq. 6) for the top ``count`` helpful and harmful hits."""
     tokenizer, manifest, blocks = index.loaded.tokenizer, index.manifest, index.blocks
-    query_batch = collate(
-        [(query.input_ids, query.labels_for(query.hot_positions))], tokenizer.pad_token_id, index.device
-    )
-    raw = reference_gradient(index.loaded.model, blocks, query_batch)[None]
-    direction = normalize_flat(raw, blocks, manifest.normalize)[0]
+    direction = exact_query_direction(index, query)
     per_block = [direction[b.offset : b.offset + b.numel] for b in blocks]
     for hit in result.helpful[:count] + result.harmful[:count]:
         input_ids, labels, _ = tokenize_example(
-            hit.prompt, hit.response, tokenizer, manifest.max_length, manifest.tokenization
+            training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
         )
         batch = collate([(input_ids, labels)], tokenizer.pad_token_id, index.device)
         scores = training_token_scores(index.loaded.model, blocks, batch, per_block, manifest.normalize)
@@ -364,6 +436,14 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
             # default normalisation; ``hit.score`` is its sketched estimate when K > 0.
             "exact_score": float(np.mean(scores.scores)) if scores.scores else 0.0,
         }
+
+
+def _stop_ids(loaded) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the generation config's."""
+    stops = {loaded.tokenizer.eos_token_id}
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    stops.update(configured if isinstance(configured, list) else [configured])
+    return {token for token in stops if token is not None}
 
 
 def check_model(manifest: Manifest, loaded) -> None:

@@ -204,16 +204,28 @@ class BuildSettings:
     """Field holding the response when the template cannot tell (custom templates)."""
     max_length: int | None = 1024
     """Sequences are truncated to this many tokens (counted in the build report)."""
-    tokenization: str = "joint"
-    """joint: prompt + response tokenized as one text, as TRL's trainers do (the tokens the model was
-    trained on); separate: each part on its own (an exact boundary, but SentencePiece tokenizers then
-    see another first response token)."""
+    tokenization: str = "trl"
+    """How rows become labelled tokens. trl: as TRL's SFT trainer labels them (prompt + response
+    tokenized as one text, EOS text appended to text rows but not after a chat template's end of turn,
+    labels from where the prompt's own ids and the whole sequence's part); trl-assistant: TRL with
+    assistant_only_loss=True (chat rows labelled by the template's {% generation %} blocks); separate:
+    as a plain Trainer
+    with the prompt masked (each part tokenized on its own, EOS appended); joint: the rule of indexes
+    built before trl."""
     batch_size: int = 8
     """Examples per forward/backward pass."""
     device: str = "auto"
     """auto, cpu or cuda."""
     strict: bool = False
     """Fail on the first malformed row instead of reporting it and indexing the rest."""
+    max_rejected_share: float = 0.5
+    """The build fails (after committing the index, whose `info` lists every reason) when more than this
+    share of the data's rows is rejected, or when none is indexed; 1 accepts any share."""
+    split: str | None = None
+    """For a folder written by datasets' save_to_disk: the DatasetDict split to index (needed when it
+    holds more than one)."""
+    allow_duplicate_data: bool = False
+    """Let --append add data whose checksum an index source already has (its rows then appear twice)."""
     chunk_size: int = 256
     """Rows per journal chunk: the unit of resumption."""
     vector_dtype: str = "float32"
@@ -236,6 +248,8 @@ class BuildSettings:
             raise BuildError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.tokenization not in TOKENIZATIONS:
             raise BuildError(f"--tokenization must be one of {', '.join(TOKENIZATIONS)}")
+        if not 0 <= self.max_rejected_share <= 1:
+            raise BuildError(f"--max-rejected-share must be between 0 and 1, got {self.max_rejected_share}")
         if not 0 <= self.shard_index < self.num_shards:
             raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 

@@ -286,3 +286,44 @@ def conformance_rows(tmp_path_factory) -> str:
     from test_conformance import write_rows
 
     return write_rows(tmp_path_factory)
+
+
+# --------------------------------------------------------------------------- the TRL oracle and the real model
+
+
+def trl_labels(rows: list[dict], tokenizer, tmp_path, **sft_options) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row as TRL's SFTTrainer (dataset preparation + collator) makes them;
+    ``config``: more SFTConfig fields (e.g. assistant_only_loss=True)."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=1, **sizes)
+    arguments = SFTConfig(
+        output_dir=str(tmp_path / "trl"), report_to="none", max_length=None, use_cpu=True, **sft_options
+    )
+    trainer = SFTTrainer(
+        model=LlamaForCausalLM(config),
+        args=arguments,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    sequences = []
+    for example in trainer.train_dataset:
+        batch = trainer.data_collator([example])
+        input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        sequences.append((input_ids, [-100, *labels[1:]]))
+    return sequences
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct from the registry's GGUF wheel, as a cached model folder (tests/realmodel.py)."""
+    pytest.importorskip("gguf", reason="the real-model tests need gguf (pip install 'rapidin-index[dev]')")
+    from realmodel import smollm2_folder
+
+    try:
+        return str(smollm2_folder())
+    except RuntimeError as error:
+        pytest.skip(f"SmolLM2 is not available: {error}")

@@ -18,7 +18,7 @@ from rapidin_index import metadata, store
 from rapidin_index.build import build_index
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import load_examples, parse_template
-from rapidin_index.errors import BuildError, JournalError, QueryError
+from rapidin_index.errors import BuildError, JournalError, QueryError, RejectedRowsError
 from rapidin_index.gradients import normalize_flat, reference_gradient
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
 from rapidin_index.losses import collate
@@ -187,9 +187,11 @@ def test_append_adds_rows_with_continuing_ids(tmp_path, tiny_model_dirs, trainin
             append=True,
             progress=False,
         )
+    fourth = tmp_path / "fourth.jsonl"  # new rows: the same ones again are refused for that (test_cli)
+    fourth.write_text(json.dumps(training_rows[15]) + "\n")
     with pytest.raises(BuildError, match="model.fingerprint"):
         build_index(
-            second, tmp_path / "index", settings_for(tiny_model_dirs, "gpt2"), append=True, progress=False
+            fourth, tmp_path / "index", settings_for(tiny_model_dirs, "gpt2"), append=True, progress=False
         )
     with pytest.raises(BuildError, match="--append needs a finished index"):
         build_index(second, tmp_path / "missing", settings, append=True, progress=False)
@@ -211,7 +213,9 @@ def test_non_finite_gradients_are_reported_never_inserted(tmp_path, tiny_model_d
     settings = BuildSettings(
         ModelSettings(str(broken)), SketchSettings(256), batch_size=4, chunk_size=8, device="cpu"
     )
-    report = build_index(training_file, tmp_path / "index", settings, progress=False)
+    with pytest.raises(RejectedRowsError, match="no row of .* could be indexed") as raised:
+        build_index(training_file, tmp_path / "index", settings, progress=False)
+    report = raised.value.report  # the index is committed all the same, and its report comes with the error
     assert report.rows_indexed == 0 and report.rows_rejected == 24
     assert all("non-finite gradient" in row.reason for row in report.rejected)
     assert stored_vectors(tmp_path / "index") == {}

@@ -88,7 +88,8 @@ def cli_index(tmp_path_factory, tiny_model_dirs, training_file, training_rows) -
     damaged = shutil.copytree(paths["index"], root / "damaged_index")
     next(damaged.glob("vectors-g*.faiss")).unlink()
     (root / "bad.jsonl").write_text(json.dumps(training_rows[0]) + "\n{not json\n")
-    (root / "train.txt").write_text("rows")
+    (root / "train.xml").write_text("<rows/>")
+    (root / "train.parquet").write_text('{"text": "JSON under a Parquet name"}')
     (root / "a_file").write_text("")
     return paths
 
@@ -131,8 +132,17 @@ ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line 
     ),
     "build: no such data file": (lambda p: _with(p["build"], data="/nonexistent.jsonl"), "does not exist"),
     "build: unknown data format": (
-        lambda p: _with(p["build"], data=str(p["root"] / "train.txt"), index=str(p["root"] / "i3")),
+        lambda p: _with(p["build"], data=str(p["root"] / "train.xml"), index=str(p["root"] / "i3")),
         "unknown extension",
+    ),
+    "build: not a Parquet file": (
+        lambda p: _with(p["build"], data=str(p["root"] / "train.parquet"), index=str(p["root"] / "i7")),
+        "train.parquet: not a valid Parquet file",
+    ),
+    "build: --split on a file": (lambda p: [*p["build"], "--split", "train"], "is a file (drop --split)"),
+    "build: --max-rejected-share": (
+        lambda p: [*p["build"], "--max-rejected-share", "2"],
+        "--max-rejected-share must be between 0 and 1, got 2.0",
     ),
     "build: --normalize": (lambda p: [*p["build"], "--normalize", "batch"], "--normalize 'batch'"),
     "build: --k": (lambda p: _with(p["build"], k="-1"), "K must be >= 0"),
@@ -156,6 +166,20 @@ ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line 
     "rebuild: other data": (
         lambda p: _with(p["build"], data=str(p["root"] / "bad.jsonl")),
         "built from other data; use --append",
+    ),
+    "append: data already indexed": (
+        lambda p: [
+            "build",
+            "--model",
+            p["model"],
+            "--append",
+            p["data"],
+            "--index",
+            p["index"],
+            "--k",
+            "1024",
+        ],
+        "appending it again would index every row twice. To do that on purpose, pass --allow-duplicate-data",
     ),
     "append: no index": (
         lambda p: [
@@ -186,7 +210,23 @@ ERROR_CASES = {  # name: (arguments from the fixture's paths, what the one line 
     "query: --format": (lambda p: _query(p, R, "x", "--format", "xml"), "--format 'xml'"),
     "query: html to stdout": (lambda p: _query(p, R, "x", "--format", "html"), "--format html needs --out"),
     "query: --per-token": (lambda p: _query(p, R, "x", "--per-token", "maybe"), "--per-token 'maybe'"),
-    "query: --top-k": (lambda p: _query(p, R, "x", "--top-k", "0"), "--top-k and --token-top-k must be"),
+    "query: --top-k": (lambda p: _query(p, R, "x", "--top-k", "0"), "--top-k must be at least 1, got 0"),
+    "query: --explain": (
+        lambda p: _query(p, R, "x", "--explain", "-2"),
+        "--explain must be at least 0, got -2",
+    ),
+    "query: --max-new-tokens": (
+        lambda p: ["query", "--index", p["index"], "--prompt", "p", "--generate", "--max-new-tokens", "0"],
+        "--max-new-tokens must be at least 1, got 0",
+    ),
+    "query: --system on alpaca rows": (
+        lambda p: _query(p, R, "x", "--system", "Be brief."),
+        "--system needs an index of chat rows; this index's rows use the alpaca template",
+    ),
+    "query: --system with --queries": (
+        lambda p: ["query", "--index", p["index"], "--queries", p["data"], "--system", "s"],
+        "a --queries row has its own",
+    ),
     "query: bad --queries row": (
         lambda p: ["query", "--index", p["index"], "--queries", str(p["root"] / "bad.jsonl")],
         "bad.jsonl: query row 1: ",
@@ -303,9 +343,13 @@ def test_refusals_come_before_the_model_loads(cli_index, monkeypatch):
     monkeypatch.setattr("rapidin_index.retrieval.load_model", no_model)
     for case in (
         "query: --k",
+        "query: --system on alpaca rows",
+        "query: --explain",
         "query: other tokenizer",
         "rebuild: other tokenizer",
         "rebuild: other settings",
+        "build: not a Parquet file",
+        "append: data already indexed",
     ):
         arguments, expected = ERROR_CASES[case]
         assert_one_clear_error(runner.invoke(app, arguments(cli_index)), expected, lines=None)
@@ -370,7 +414,9 @@ def test_build_option_defaults_are_the_settings_defaults():
     assert (params["shuffle_lambda"], params["seed"]) == (sketch.shuffle_lambda, sketch.seed)
     for name in ("normalize", "batch_size", "max_length", "tokenization", "device", "template", "strict"):
         assert params[name] == default_of(BuildSettings, name), name
-    for name in ("chunk_size", "vector_dtype", "num_shards", "shard_index", "response_field"):
+    for name in ("chunk_size", "vector_dtype", "num_shards", "shard_index", "response_field", "split"):
+        assert params[name] == default_of(BuildSettings, name), name
+    for name in ("max_rejected_share", "allow_duplicate_data"):
         assert params[name] == default_of(BuildSettings, name), name
     for name in ("dtype", "params", "adapter"):
         assert params[name] == default_of(ModelSettings, name), name
@@ -388,7 +434,7 @@ def test_query_and_demo_option_defaults_are_the_librarys():
     commands = typer.main.get_command(app).commands
     query = {p.name: p.default for p in commands["query"].params}
     signature = inspect.signature(Index.query).parameters
-    for name in ("top_k", "token_top_k", "explain", "max_new_tokens"):
+    for name in ("top_k", "token_top_k", "explain", "max_new_tokens", "rerank"):
         assert query[name] == signature[name].default, name
     assert query["per_token"] == ("on" if signature["per_token"].default else "off")
     demo = {p.name: p.default for p in commands["demo"].params}
@@ -398,3 +444,33 @@ def test_query_and_demo_option_defaults_are_the_librarys():
     )
     assert demo["k"] == default_of(DemoSettings, "sketch_dim")
     assert demo["queries"] == default_of(DemoSettings, "attacked_queries")
+
+
+# --------------------------------------------------------------------------- appending the same data
+
+
+def test_appending_indexed_data_again_needs_allow_duplicate_data(tmp_path, tiny_model_dirs, training_file):
+    build = ["build", "--model", tiny_model_dirs["llama"], "--index", str(tmp_path / "index"), "--k", "256"]
+    build += ["--quiet", "--device", "cpu"]
+    assert runner.invoke(app, [*build, "--data", training_file]).exit_code == 0
+    copy = shutil.copy(training_file, tmp_path / "same_rows.jsonl")  # another name, the same checksum
+    refused = runner.invoke(app, [*build, "--append", str(copy)])
+    assert_one_clear_error(refused, f"same sha256 as {training_file}, ids 0-23", "--allow-duplicate-data")
+    appended = runner.invoke(app, [*build, "--append", str(copy), "--allow-duplicate-data"])
+    assert appended.exit_code == 0, appended.output
+    manifest = json.loads(runner.invoke(app, ["info", "--index", str(tmp_path / "index"), "--json"]).stdout)
+    assert manifest["row_count"] == 48 and [s["id_offset"] for s in manifest["sources"]] == [0, 24]
+
+
+def test_query_output_is_json_when_piped_and_short_text_when_asked(cli_index, tmp_path):
+    piped = runner.invoke(app, _query(cli_index, "--response", "It upper-cases.", "--explain", "0"))
+    assert piped.exit_code == 0 and json.loads(piped.stdout)["helpful"]
+    text = runner.invoke(
+        app, _query(cli_index, "--response", "It upper-cases.", "--explain", "0", "--format", "text")
+    )
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("prompt") and "helpful" in lines and "harmful" in lines and len(lines) < 60
+    written = tmp_path / "result.txt"
+    to_file = runner.invoke(app, _query(cli_index, "--response", "It upper-cases.", "--out", str(written)))
+    assert to_file.exit_code == 0 and written.read_text().startswith("prompt")

@@ -94,7 +94,7 @@ def test_build_resume_rebuild_query_append_across_processes(tmp_path, gpt2_with_
     assert appended.returncode == 0, appended.stderr
     info = json.loads(cli(["info", "--index", index_dir, "--json"], 6).stdout)
     assert info["row_count"] == len(TEXTS) + len(MORE_TEXTS)
-    assert info["tokenization"] == "joint"
+    assert info["tokenization"] == "trl"
 
     requery = cli([*query[:-2], "--top-k", str(len(TEXTS) + len(MORE_TEXTS))], 7)
     assert requery.returncode == 0, requery.stderr

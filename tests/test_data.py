@@ -21,13 +21,12 @@ from rapidin_index.data import (
     iter_examples,
     load_examples,
     parse_template,
-    read_rows,
-    render_query,
+    query_row,
     render_row,
     tokenize,
     tokenize_example,
 )
-from rapidin_index.errors import DataError, RowError
+from rapidin_index.errors import DataError, QueryError, RowError
 
 ALPACA_ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
@@ -80,20 +79,6 @@ def scored_tokens(tokenizer, input_ids: list[int], labels: list[int]) -> list[st
 # ------------------------------------------------------------------------------------------ file formats
 
 
-@pytest.mark.parametrize("file_format", ["jsonl", "ndjson", "json_list", "json_data", "parquet", "csv"])
-def test_every_format_reads_the_same_rows(tmp_path, file_format):
-    read_back = list(read_rows(write_rows(tmp_path, file_format, ALPACA_ROWS)))
-    assert [example_id for example_id, _, _ in read_back] == [0, 1, 2]
-    assert [error for _, _, error in read_back] == [None, None, None]
-    # CSV cannot tell an empty cell from a missing one, so its empty `input` cells are missing.
-    assert [row for _, row, _ in read_back] == (EXPECTED_ROWS if file_format == "csv" else ALPACA_ROWS)
-
-
-def test_parquet_null_cells_are_missing_fields(tmp_path):
-    read_back = list(read_rows(write_rows(tmp_path, "parquet", EXPECTED_ROWS)))
-    assert [row for _, row, _ in read_back] == EXPECTED_ROWS
-
-
 @pytest.mark.parametrize("file_format", ["jsonl", "json_list", "parquet", "csv"])
 def test_every_format_gives_the_same_examples(tmp_path, word_tokenizer, file_format):
     path = write_rows(tmp_path, file_format, EXPECTED_ROWS)
@@ -104,24 +89,6 @@ def test_every_format_gives_the_same_examples(tmp_path, word_tokenizer, file_for
     assert rejected == []
     assert [example.input_ids for example in examples] == [example.input_ids for example in reference]
     assert [example.content_hash for example in examples] == [example.content_hash for example in reference]
-
-
-def test_jsonl_blank_lines_do_not_consume_ids(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_text('\n{"text": "a"}\n\n   \n{"text": "b"}\n\n', encoding="utf-8")
-    assert list(read_rows(path)) == [(0, {"text": "a"}, None), (1, {"text": "b"}, None)]
-
-
-def test_jsonl_byte_order_mark_is_skipped_and_bad_utf8_rejects_one_line(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "\xff"}\n{"text": "b"}\n')
-    read_back = list(read_rows(path))
-    assert [(example_id, row) for example_id, row, _ in read_back] == [
-        (0, {"text": "a"}),
-        (1, None),
-        (2, {"text": "b"}),
-    ]
-    assert read_back[1][2].startswith("line 2: not valid JSON")
 
 
 def test_malformed_rows_are_reported_with_their_ids_and_the_rest_kept(tmp_path, word_tokenizer):
@@ -153,34 +120,6 @@ def test_json_non_object_item_is_rejected(tmp_path, word_tokenizer):
     examples, rejected = load_examples(path, word_tokenizer, Template("alpaca"))
     assert [example.example_id for example in examples] == [0, 2]
     assert rejected == [RejectedRow(1, "item 1: expected a JSON object, got str")]
-
-
-def test_csv_row_with_surplus_cells_is_rejected(tmp_path):
-    path = tmp_path / "rows.csv"
-    path.write_text("text\nhello\nhello,extra\nworld\n", encoding="utf-8")
-    read_back = list(read_rows(path))
-    assert [(example_id, row) for example_id, row, _ in read_back] == [
-        (0, {"text": "hello"}),
-        (1, None),
-        (2, {"text": "world"}),
-    ]
-    assert "more cells than the header" in read_back[1][2]
-
-
-def test_whole_file_problems_raise_data_error(tmp_path):
-    with pytest.raises(DataError, match="unknown extension"):
-        read_rows(tmp_path / "rows.txt")
-    missing = tmp_path / "nowhere.jsonl"
-    with pytest.raises(DataError, match="nowhere.jsonl"):
-        read_rows(missing)
-    not_json = tmp_path / "bad.json"
-    not_json.write_text("{not json", encoding="utf-8")
-    with pytest.raises(DataError, match="not valid JSON"):
-        list(read_rows(not_json))
-    wrong_shape = tmp_path / "shape.json"
-    wrong_shape.write_text(json.dumps({"rows": []}), encoding="utf-8")
-    with pytest.raises(DataError, match="list of row objects"):
-        list(read_rows(wrong_shape))
 
 
 # ---------------------------------------------------------------------------------------------- templates
@@ -216,7 +155,7 @@ def test_alpaca_without_input_uses_the_exact_stanford_prompt(word_tokenizer, row
 
 def test_alpaca_response_field_override(word_tokenizer):
     row = {"instruction": "Say hello.", "output": "old", "chosen": "new"}
-    assert render_row(row, word_tokenizer, Template("alpaca", response_field="chosen"))[1] == "new"
+    assert render_row(row, word_tokenizer, Template("alpaca", response_field="chosen")).response == "new"
     with pytest.raises(RowError, match="missing field 'output' for the alpaca template"):
         render_row({"instruction": "Say hello."}, word_tokenizer, Template("alpaca"))
 
@@ -224,8 +163,10 @@ def test_alpaca_response_field_override(word_tokenizer):
 def test_completion_prompt_is_verbatim_and_response_follows_the_field_order(word_tokenizer):
     template = Template("completion")
     row = {"prompt": "Question: how are you?\n", "response": "fine", "output": "unused"}
-    assert render_row(row, word_tokenizer, template) == ("Question: how are you?\n", "fine")
-    assert render_row({"prompt": "p", "completion": "c", "response": "r"}, word_tokenizer, template) == (
+    assert tuple(render_row(row, word_tokenizer, template)) == ("Question: how are you?\n", "fine")
+    assert tuple(
+        render_row({"prompt": "p", "completion": "c", "response": "r"}, word_tokenizer, template)
+    ) == (
         "p",
         "c",
     )
@@ -240,10 +181,10 @@ def test_chat_puts_the_loss_on_the_final_assistant_turn_only(word_tokenizer):
         {"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "Paris."},
     ]
-    prompt, response = render_row({"messages": messages}, word_tokenizer, Template("chat"))
-    assert prompt.endswith("<|assistant|> ") and "Hello world!" in prompt
-    assert response.strip() == "Paris. </s>"
-    input_ids, labels, _ = tokenize_example(prompt, response, word_tokenizer, None)
+    rendered = render_row({"messages": messages}, word_tokenizer, Template("chat"))
+    assert rendered.prompt.endswith("<|assistant|> ") and "Hello world!" in rendered.prompt
+    assert rendered.response.strip() == "Paris. </s>" and rendered.content == "Paris."
+    input_ids, labels, _ = tokenize_example(rendered, None, word_tokenizer, None)
     # The template's own </s> ends the turn; no second EOS is appended.
     assert scored_tokens(word_tokenizer, input_ids, labels) == ["Paris", ".", "</s>"]
 
@@ -258,15 +199,16 @@ def test_chat_rejections(word_tokenizer):
         render_row({"text": "hello"}, word_tokenizer, Template("chat"))
     word_tokenizer.chat_template = None
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}
-    with pytest.raises(RowError, match="no chat template.*--template"):
+    with pytest.raises(RowError, match=r"no chat template.*'prompt' \+ 'completion' text rows"):
         render_row(row, word_tokenizer, Template("auto"))
 
 
 def test_chat_template_that_writes_bos_does_not_get_a_second_one(word_tokenizer):
     word_tokenizer.chat_template = "<s> " + word_tokenizer.chat_template
     row = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]}
-    prompt, response = render_row(row, word_tokenizer, Template("chat"))
-    input_ids, _, _ = tokenize_example(prompt, response, word_tokenizer, None)
+    input_ids, _, _ = tokenize_example(
+        render_row(row, word_tokenizer, Template("chat")), None, word_tokenizer, None
+    )
     assert tokens(word_tokenizer, input_ids).count("<s>") == 1
 
 
@@ -292,11 +234,11 @@ def test_custom_format_string(word_tokenizer):
     template = parse_template("Question: {question}\nAnswer: ")
     assert template == Template("custom", "Question: {question}\nAnswer: ")
     row = {"question": "how are you?", "answer": "fine"}
-    assert render_row(row, word_tokenizer, template) == ("Question: how are you?\nAnswer: ", "fine")
+    assert tuple(render_row(row, word_tokenizer, template)) == ("Question: how are you?\nAnswer: ", "fine")
     with pytest.raises(RowError, match="missing field 'question'"):
         render_row({"query": "x", "answer": "fine"}, word_tokenizer, template)
     with_field = parse_template("{question} ", response_field="reply")
-    assert render_row({"question": "q", "reply": "r", "answer": "a"}, word_tokenizer, with_field) == (
+    assert tuple(render_row({"question": "q", "reply": "r", "answer": "a"}, word_tokenizer, with_field)) == (
         "q ",
         "r",
     )
@@ -332,17 +274,45 @@ def test_empty_response_is_rejected(word_tokenizer):
             render_row(row, word_tokenizer, template)
 
 
-def test_render_query_matches_training_rendering(word_tokenizer):
-    prompt, response = render_query("Say hello.", "Hello", word_tokenizer, Template("alpaca"))
-    assert prompt == ALPACA_PROMPT_NO_INPUT.format(instruction="Say hello.") and response == "Hello"
+def test_a_query_becomes_a_row_of_the_index_form_and_renders_like_one(word_tokenizer):
+    alpaca = render_row(
+        query_row("Say hello.", "Hello", Template("alpaca")), word_tokenizer, Template("alpaca")
+    )
+    assert (
+        alpaca.prompt == ALPACA_PROMPT_NO_INPUT.format(instruction="Say hello.")
+        and alpaca.response == "Hello"
+    )
     chat_row = {
-        "messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hello."},
+            {"role": "assistant", "content": "Hello"},
+        ]
     }
-    expected_chat = render_row(chat_row, word_tokenizer, Template("chat"))
-    assert render_query("Say hello.", "Hello", word_tokenizer, Template("chat")) == expected_chat
-    assert render_query("Say hello.", "", word_tokenizer, Template("chat")) == (expected_chat[0], "")
-    for name in ("auto", "completion", "plain"):
-        assert render_query("p", "r", word_tokenizer, Template(name)) == ("p", "r")
+    as_query = query_row("Say hello.", "Hello", Template("chat"), system="Be brief.")
+    assert as_query == chat_row
+    assert render_row(as_query, word_tokenizer, Template("chat")) == render_row(
+        chat_row, word_tokenizer, Template("chat")
+    )
+    custom = parse_template("Q: {question}\nA: ")
+    rendered = render_row(query_row("Who?", "Me.", custom), word_tokenizer, custom)
+    assert (rendered.prompt, rendered.response) == ("Q: Who?\nA: ", "Me.")
+    with pytest.raises(QueryError, match="fills 2 fields.*question, context"):
+        query_row("Who?", "Me.", parse_template("{question} {context}"))
+    with pytest.raises(QueryError, match="--system needs an index of chat rows"):
+        query_row("Who?", "Me.", Template("alpaca"), system="Be brief.")
+
+
+def test_conversational_prompt_completion_renders_as_the_same_conversation_in_messages(word_tokenizer):
+    user = [{"role": "user", "content": "Say hello."}]
+    assistant = [{"role": "assistant", "content": "Hello"}]
+    as_pair = render_row({"prompt": user, "completion": assistant}, word_tokenizer, Template("auto"))
+    as_messages = render_row({"messages": user + assistant}, word_tokenizer, Template("auto"))
+    assert tuple(as_pair) == tuple(as_messages) and as_pair.turns == as_messages.turns
+    assert as_pair.chat and as_pair.content == "Hello"
+    assert as_messages.whole_conversation and not as_pair.whole_conversation  # for trl-assistant
+    with pytest.raises(RowError, match="lists of"):
+        render_row({"prompt": user, "completion": "Hello"}, word_tokenizer, Template("chat"))
 
 
 # --------------------------------------------------------------------------------------------- tokenizing

@@ -6,11 +6,18 @@ from __future__ import annotations
 import pytest
 from conftest import build_byte_level_tokenizer
 
-from rapidin_index.data import ALPACA_PROMPT_NO_INPUT, Template, prompt_token_ids, render_query, tokenize
+from rapidin_index.data import (
+    ALPACA_PROMPT_NO_INPUT,
+    Rendered,
+    Template,
+    query_row,
+    render_row,
+    tokenize,
+)
 from rapidin_index.errors import QueryError
 from rapidin_index.manifest import Manifest
 from rapidin_index.query import (
-    generation_prompt_ids,
+    generation_prompt,
     prepare,
     prepare_row,
     query_template,
@@ -27,19 +34,19 @@ RENDERED_PROMPTS = {
 
 @pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
 @pytest.mark.parametrize("template", ["plain", "completion", "alpaca", "chat"])
-@pytest.mark.parametrize("tokenization", ["joint", "separate"])
+@pytest.mark.parametrize("tokenization", ["trl", "joint", "separate"])
 def test_hot_words_mark_exactly_their_tokens(template, bos, tokenization):
     tokenizer = build_byte_level_tokenizer(bos=bos)
     response = (
         " The capital of France is Paris." if template != "plain" else "The capital of France is Paris."
     )
     if template == "chat":
-        prompt, response = render_query(
-            "What is the capital of France?", response, tokenizer, Template("chat")
-        )
+        row = query_row("What is the capital of France?", response, Template("chat"))
+        rendered = render_row(row, tokenizer, Template("chat"))
     else:
-        prompt = RENDERED_PROMPTS[template]
-    tokenized = tokenize(prompt, response, tokenizer, None, tokenization)
+        rendered = Rendered(RENDERED_PROMPTS[template], response, response)
+    response = rendered.response
+    tokenized = tokenize(rendered, None, tokenizer, None, tokenization)
     positions = [p for p, label in enumerate(tokenized.labels) if label != -100]
     mask = resolve_hot(["Paris"], response, tokenized, positions)
     hot_text = "".join(
@@ -80,9 +87,9 @@ def test_generation_and_scoring_share_the_prompt_ids(bos_in_template):
     tokenizer = build_byte_level_tokenizer(bos=True)
     if bos_in_template:
         tokenizer.chat_template = "<s>" + tokenizer.chat_template
-    prompt, _ = render_query("Say hello.", "", tokenizer, Template("chat"))
-    generation_ids = prompt_token_ids(prompt, tokenizer)
-    scored = tokenize(prompt, " Hello world!", tokenizer, None)
+    manifest = manifest_for({"name": "chat", "format": None, "response_field": None})
+    _, generation_ids = generation_prompt("Say hello.", tokenizer, manifest)
+    scored = prepare("Say hello.", " Hello world!", tokenizer, manifest)
     assert scored.input_ids[: len(generation_ids)] == generation_ids
     assert tokenizer.convert_ids_to_tokens(generation_ids).count("<s>") == 1
 
@@ -122,9 +129,10 @@ def test_an_auto_index_renders_queries_with_its_most_used_template():
 def test_a_query_past_the_index_max_length_is_refused_naming_both():
     tokenizer = build_byte_level_tokenizer(bos=True)
     manifest = manifest_for({"name": "plain", "format": None, "response_field": None}, max_length=8)
+    long_answer = " a long answer that runs on and on"
     with pytest.raises(QueryError, match=r"the query is \d+ tokens, past the index's --max-length 8"):
-        tokenize_query("Q:", " a long answer that runs on and on", "Q:", tokenizer, manifest)
-    short = tokenize_query("Q:", "Q:", " Yes.", tokenizer, manifest)
+        tokenize_query("Q:", Rendered("Q:", long_answer, long_answer), tokenizer, manifest)
+    short = tokenize_query("Q:", Rendered("Q:", " Yes.", " Yes."), tokenizer, manifest)
     assert len(short.input_ids) <= 8 and short.hot == [True] * len(short.response_positions)
 
 
@@ -152,6 +160,6 @@ def test_a_query_row_keeps_the_prompt_the_user_wrote_and_its_hot_words():
 def test_generation_continues_the_ids_that_scoring_uses():
     tokenizer = build_byte_level_tokenizer(bos=True)
     manifest = manifest_for({"name": "completion", "format": None, "response_field": None})
-    ids = generation_prompt_ids("Say hello.", tokenizer, manifest)
+    _, ids = generation_prompt("Say hello.", tokenizer, manifest)
     scored = prepare("Say hello.", " Hello!", tokenizer, manifest)
     assert scored.input_ids[: len(ids)] == ids

@@ -17,6 +17,7 @@ from rapidin_index.report import (
     WHITE,
     render_html,
     render_terminal,
+    render_text,
     score_rgb,
     token_influence,
     write_results,
@@ -219,6 +220,21 @@ def test_render_terminal_prints_coloured_tokens(results):
     assert "Return a copy in uppercase." in plain
     assert "Returns it upper." in plain and "Text with " + UNSAFE in plain
     assert "48;2;" in text  # truecolor backgrounds
+
+
+def test_the_text_view_is_short_and_names_the_top_rows(results, tmp_path):
+    console = Console(record=True, width=120, color_system=None)
+    render_text(results[0], console, top=2)
+    lines = console.export_text().splitlines()
+    first = results[0]
+    assert lines[0].startswith("prompt") and first["query"]["prompt"] in lines[0]
+    helpful = lines.index("helpful")
+    for offset, hit in enumerate(first["helpful"][:2], start=1):
+        assert f"id {hit['id']}" in lines[helpful + offset]
+        assert " ".join(hit["response"].split())[:40] in lines[helpful + offset]
+    assert "harmful" in lines and len(lines) < 40
+    written = write_results(results, tmp_path / "report.txt", "text").read_text()
+    assert written.count("helpful") == 2 and "\x1b[" not in written
 
 
 def test_write_results_round_trips(tmp_path, results):

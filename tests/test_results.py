@@ -69,6 +69,9 @@ def test_a_query_result_is_the_documented_json():
         "prompt": "What does str.upper do?",
         "response": "Return a copy.",
         "rendered_prompt": "### Instruction: What does str.upper do?",
+        "rendered_response": "",
+        "labelled_tokens": [" Return"],
+        "tokenization": "trl",
         "generated": False,
         "hot": None,
     }

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from rapidin_index.data import IGNORE_INDEX, Template, parse_template, render_row, tokenize_example
+from rapidin_index.data import (
+    IGNORE_INDEX,
+    Template,
+    parse_template,
+    prompt_token_ids,
+    render_row,
+    tokenize_example,
+)
 from rapidin_index.demo.datasets import is_backdoor_response
 from rapidin_index.demo.tiny_models import make_tiny_model, train_tokenizer
 from rapidin_index.errors import FinetuneError, RowError
@@ -223,8 +230,9 @@ def tokenize_rows(rows: list[dict], tokenizer, template: Template, max_length: i
     sequences = []
     for example_id, row in enumerate(rows):
         try:
-            prompt, response = render_row(row, tokenizer, template)
-            input_ids, labels, _ = tokenize_example(prompt, response, tokenizer, max_length)
+            input_ids, labels, _ = tokenize_example(
+                render_row(row, tokenizer, template), None, tokenizer, max_length
+            )
         except RowError as error:
             raise FinetuneError(f"row {example_id} cannot be trained on: {error}") from error
         sequences.append((input_ids, labels))
@@ -285,10 +293,9 @@ def generate_responses(
 def _generate(model, tokenizer, rows, max_new_tokens, template, batch_size):
     responses = []
     for start in range(0, len(rows), batch_size):
-        prompts = [render_row(row, tokenizer, template)[0] for row in rows[start : start + batch_size]]
-        bos = tokenizer.bos_token  # as tokenize_example: no second BOS when the template wrote one
-        encoded = [
-            tokenizer(p, add_special_tokens=not (bos and p.startswith(bos))).input_ids for p in prompts
+        rendered = [render_row(row, tokenizer, template) for row in rows[start : start + batch_size]]
+        encoded = [  # the prompt ids a training row has (TRL's rule, as the index tokenizes)
+            prompt_token_ids(r.generation_prompt or r.prompt, tokenizer, r.chat) for r in rendered
         ]
         length = max(len(ids) for ids in encoded)
         pad = tokenizer.pad_token_id
