@@ -113,7 +113,14 @@ def build(
         str | None, typer.Option(help="PEFT LoRA adapter folder; its tensors are attributed.")
     ] = default_of(ModelSettings, "adapter"),
     k: Annotated[
-        int, typer.Option("--k", help="RapidGrad sketch dimension K; 0 stores exact gradients.")
+        int | None,
+        typer.Option(
+            "--k",
+            help="RapidGrad sketch dimension K; 0 stores exact gradients. Default: 65536, or exact (0) where "
+            "the attributed gradient has at most 65536 dimensions (often so with LoRA); an existing index's "
+            "K when appending or resuming.",
+            show_default=False,
+        ),
     ] = default_of(BuildSettings, "sketch").sketch_dim,
     sketch: Annotated[
         str,
@@ -247,6 +254,8 @@ def build(
 def _print_build_report(report) -> None:
     if report.nothing_to_do:
         console.print(f"[green]{report.message}[/]", highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     table = Table(title=f"index {report.index_dir}", show_header=False)
     rows = [
         ("rows indexed", f"{report.rows_indexed:,}"),
@@ -536,6 +545,7 @@ def info(
 ) -> None:
     """Print an index's manifest and counts, and the rows it rejected."""
     from rapidin_index.manifest import read_manifest
+    from rapidin_index.model_identity import describe as describe_identity
     from rapidin_index.store import read_rejected
 
     manifest = read_manifest(index)
@@ -555,11 +565,17 @@ def info(
             "model",
             f"{manifest.model['name_or_path']} ({manifest.model['dtype']}, {manifest.model['fingerprint'][:12]})",
         ),
+        ("model identity", describe_identity(manifest.model.get("identity"))),
         (
             "adapter",
             "none"
             if manifest.adapter is None
             else f"{manifest.adapter['path']} ({manifest.adapter['fingerprint'][:12]})",
+        ),
+        *(
+            []
+            if manifest.adapter is None
+            else [("adapter identity", describe_identity(manifest.adapter.get("identity")))]
         ),
         ("tokenizer", manifest.tokenizer["fingerprint"][:12]),
         ("template", json.dumps(manifest.template)),
@@ -608,14 +624,35 @@ def export(
     from rapidin_index.bundle import format_for
     from rapidin_index.export import export_index
     from rapidin_index.files import sha256_file
+    from rapidin_index.manifest import read_manifest
 
-    written = export_index(index, out, format)
+    bundle_format = format_for(out, format)  # an unknown extension is refused before any work
+    written = export_index(index, out, bundle_format)
     console.print(
-        f"wrote {written} ({format_for(out, format)}, {written.stat().st_size:,} bytes)\n"
-        f"sha256 {sha256_file(written)}  (publish it beside the bundle so recipients can check it)",
+        f"wrote {written} ({bundle_format}, {written.stat().st_size:,} bytes)\n"
+        f"sha256 {sha256_file(written)}  (publish it beside the bundle so recipients can check it)\n"
+        + built_with(read_manifest(index).to_dict()),
         highlight=False,
         soft_wrap=True,
     )
+
+
+def built_with(facts: dict) -> str:
+    """Which model (and adapter) an index needs, in words a receiving team can act on: path and identity."""
+    from rapidin_index.model_identity import describe
+
+    model = facts["model"]
+    text = (
+        f"built with model {model['name_or_path']} (fingerprint {model['fingerprint'][:12]}; "
+        f"{describe(model.get('identity'))})"
+    )
+    adapter = facts.get("adapter")
+    if adapter:
+        text += (
+            f" and adapter {adapter['path']} (fingerprint {adapter['fingerprint'][:12]}; "
+            f"{describe(adapter.get('identity'))})"
+        )
+    return text
 
 
 @command("import")
@@ -640,10 +677,7 @@ def import_(
         facts = import_bundle(bundle, index, force=force).to_dict()
     done = f"{bundle} verifies" if check else f"imported {bundle} into {index}"
     console.print(
-        f"{done}: {facts['row_count']:,} rows, built with model {facts['model']['name_or_path']} "
-        f"(fingerprint {facts['model']['fingerprint'][:12]})",
-        highlight=False,
-        soft_wrap=True,
+        f"{done}: {facts['row_count']:,} rows, {built_with(facts)}", highlight=False, soft_wrap=True
     )
     if not check:
         console.print(

@@ -47,6 +47,14 @@ from rapidin_index.manifest import (
     read_manifest,
     write_manifest,
 )
+from rapidin_index.model_identity import (
+    adapter_identity,
+    check_model_sources,
+    max_positions,
+    model_identity,
+    read_config,
+    resolve_location,
+)
 from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
 from rapidin_index.readers import DataSource, check_source, data_checksum, read_rows
@@ -74,6 +82,8 @@ class BuildReport:
     message: str = ""
     exact_path: dict = field(default_factory=dict)
     """{parameter name: why} for tensors whose gradients took one plain backward per example."""
+    notes: list[str] = field(default_factory=list)
+    """What the build decided for the user, said once: a K chosen for them, --max-length capped."""
 
     @property
     def compression_ratio(self) -> float:
@@ -182,6 +192,10 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         raise BuildError(f"--append needs a finished index in {index_dir}; build one first with --data")
     if append and settings.shard is not None:
         raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
+    check_model_sources(settings.model)  # a wrong path fails now, not after hashing data and loading
+    notes: list[str] = []
+    positions = max_positions(read_config(settings.model.model))  # cheap: config.json, where readable
+    settings = _cap_max_length(settings, positions, existing, notes)
     template = parse_template(settings.template, settings.response_field)
     check_template_fields(read_rows(data), template)  # before the model loads
     data_sha256 = data_checksum(data)
@@ -195,7 +209,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         )
         if done:
             store.remove_journal(index_dir)
-            report = BuildReport(str(index_dir), gradient_dim=existing.sketch["gradient_dim"])
+            report = BuildReport(str(index_dir), gradient_dim=existing.sketch["gradient_dim"], notes=notes)
             report.sketch_dim = existing.sketch["output_dim"]
             return _checked(
                 _finished_report(report, existing, started, done), existing, data, data_sha256, settings
@@ -208,10 +222,11 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     # With a distributed runner the workers load their own copies; the driver only fingerprints.
     loaded = load_model(settings.model, device if runner_factory is None else "cpu")
     selected = select_parameters(loaded.model, settings.model)
-    settings = _resolve_sketch(settings, selected, existing)  # the manifest never records 'auto'
+    settings = _cap_max_length(settings, max_positions(loaded.model.config.to_dict()), existing, notes)
+    settings = _resolve_sketch(settings, selected, existing, notes)  # never 'auto' or no K in a manifest
     identity = index_identity(loaded, settings, selected, template)
     _check_dimension(identity["sketch"]["output_dim"])
-    report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"])
+    report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"], notes=notes)
     report.sketch_dim = identity["sketch"]["output_dim"]
     if existing is not None:
         done = _check_existing(existing, identity, data_sha256, append, index_dir, settings)
@@ -327,6 +342,8 @@ def _check_before_loading(
     requested = settings_identity(settings, template)
     if settings.sketch.algorithm == AUTO_ALGORITHM:  # an existing index keeps its algorithm (_resolve_sketch)
         requested["sketch"]["algorithm"] = existing.sketch.get("algorithm")
+    if settings.sketch.sketch_dim is None:  # ... and its K, where none is given
+        requested["sketch"]["sketch_dim"] = existing.sketch["sketch_dim"]
     changed = differences(manifest_settings_identity(existing), requested)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
@@ -344,15 +361,55 @@ def _check_before_loading(
     return ""
 
 
-def _resolve_sketch(settings: BuildSettings, selected, existing: Manifest | None) -> BuildSettings:
-    """Sketch algorithm 'auto' made concrete: the existing index's, else ``settings.resolve_algorithm``'s."""
-    from rapidin_index.capture import gradient_blocks
-    from rapidin_index.settings import resolve_algorithm
+def _resolve_sketch(
+    settings: BuildSettings, selected, existing: Manifest | None, notes: list
+) -> BuildSettings:
+    """K not given and sketch algorithm 'auto' made concrete: the existing index's, else the settings
+    module's choice for this gradient (`resolve_sketch_dim`, then `resolve_algorithm`)."""
+    from rapidin_index.capture import gradient_blocks, gradient_dim
+    from rapidin_index.settings import DEFAULT_SKETCH_DIM, resolve_algorithm, resolve_sketch_dim
 
     sketch = settings.sketch
+    if existing is not None and sketch.sketch_dim is None:
+        sketch = replace(sketch, sketch_dim=existing.sketch["sketch_dim"])
     if sketch.algorithm == AUTO_ALGORITHM and existing is not None and existing.sketch.get("algorithm"):
         sketch = replace(sketch, algorithm=existing.sketch["algorithm"])
-    return replace(settings, sketch=resolve_algorithm(sketch, gradient_blocks(selected)))
+    blocks = gradient_blocks(selected)
+    dim = gradient_dim(blocks)
+    resolved = resolve_algorithm(resolve_sketch_dim(sketch, dim), blocks)
+    if sketch.sketch_dim is None and resolved.exact:
+        notes.append(
+            f"--k not given and the attributed gradient has only D = {dim:,} <= {DEFAULT_SKETCH_DIM:,} "
+            "dimensions: the index stores exact vectors (K = 0: no larger than a sketch, and no sketch noise); "
+            "--k N forces a sketch"
+        )
+    return replace(settings, sketch=resolved)
+
+
+def _cap_max_length(
+    settings: BuildSettings, positions, existing: Manifest | None, notes: list
+) -> BuildSettings:
+    """``max_length`` capped at the model's context (``positions``, from its config; None: unknown).
+
+    A model with learned positions (GPT-2's n_positions) fails on a longer row. An index built before this
+    cap with a longer max_length keeps it, so that appending to it truncates as it did.
+    """
+    requested = settings.max_length
+    if positions is None or (requested is not None and requested <= positions):
+        return settings
+    if existing is not None and existing.max_length == requested:
+        note = (
+            f"--max-length {requested} is past the model's {positions:,} positions; kept, as the index "
+            "in this folder was built with it"
+        )
+        if note not in notes:
+            notes.append(note)
+        return settings
+    notes.append(
+        f"--max-length {requested if requested is not None else 'none'} capped at {positions:,}, the "
+        "model's maximum positions: longer rows are truncated (counted as truncated rows)"
+    )
+    return replace(settings, max_length=positions)
 
 
 def _check_existing(
@@ -484,11 +541,21 @@ def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Man
     }
     if data.split is not None:
         source["split"] = data.split
+    model, adapter = settings.model.model, settings.model.adapter
     manifest = Manifest(
-        model={"name_or_path": settings.model.model, **identity["model"]},
+        # Resolved, so that a query from any directory finds them; the identity tells another machine.
+        model={
+            "name_or_path": resolve_location(model),
+            **identity["model"],
+            "identity": model_identity(model),
+        },
         adapter=None
         if identity["adapter"] is None
-        else {"path": settings.model.adapter, **identity["adapter"]},
+        else {
+            "path": resolve_location(adapter),
+            **identity["adapter"],
+            "identity": adapter_identity(adapter),
+        },
         tokenizer=identity["tokenizer"],
         template=identity["template"],
         max_length=identity["max_length"],

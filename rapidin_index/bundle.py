@@ -43,7 +43,8 @@ READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.erro
 
 
 def format_for(out: str | Path, format: str | None = None) -> str:
-    """The bundle format: ``format`` if given, else from the extension (.tar, .tar.gz/.tgz, .zip, .parquet)."""
+    """The bundle format: ``format`` if given, else from the extension (.tar, .tar.gz/.tgz, .zip, .parquet;
+    none: tar.gz). Another extension is refused: writing a tar.gz named .rar or .7z would mislead."""
     if format is not None:
         if format not in FORMATS:
             raise BundleError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
@@ -52,7 +53,14 @@ def format_for(out: str | Path, format: str | None = None) -> str:
     for suffix, found in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar", "tar"), (".zip", "zip")):
         if name.endswith(suffix):
             return found
-    return "parquet" if name.endswith(".parquet") else "tar.gz"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if Path(name).suffix:
+        raise BundleError(
+            f"--out {out}: unknown extension {Path(name).suffix!r}; use .tar, .tar.gz (.tgz), .zip or "
+            ".parquet, or give --format"
+        )
+    return "tar.gz"
 
 
 def manifest_facts(manifest: Manifest) -> dict:

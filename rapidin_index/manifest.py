@@ -33,8 +33,10 @@ def utc_now() -> str:
 class Manifest:
     """Everything needed to query, verify or extend an index. Field groups are plain dicts (JSON)."""
 
-    model: dict  # {name_or_path, fingerprint, dtype}
-    adapter: dict | None  # {path, fingerprint} or None
+    # {name_or_path (a folder's absolute path since issue 26; earlier indexes: as typed), fingerprint, dtype,
+    # files (stat fingerprint), identity (model_identity.model_identity: config sha256, hub id, revision)}
+    model: dict
+    adapter: dict | None  # {path, fingerprint, files, identity (model_identity.adapter_identity)} or None
     tokenizer: dict  # {fingerprint, chat_template_sha256}
     template: dict  # data.Template.to_dict()
     max_length: int | None

@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 from rapidin_index.errors import ModelError
+from rapidin_index.model_identity import (
+    ADAPTER_CONFIG_NAME,
+    check_adapter_source,
+    check_model_source,
+    read_config,
+)
 from rapidin_index.settings import DTYPE_NAMES, ModelSettings
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
@@ -39,7 +45,7 @@ def load_model(settings: ModelSettings, device: torch.device | str = "cpu") -> L
     model_fingerprint = fingerprint_module(model)
     adapter_fingerprint = None
     if settings.adapter:
-        model = _attach_adapter(model, settings.adapter)
+        model = _attach_adapter(model, settings.adapter, settings.model)
         adapter_fingerprint = fingerprint_adapter(model)
     model.eval()
     model.to(device)
@@ -65,38 +71,6 @@ def load_tokenizer(model: str):
     return tokenizer
 
 
-# Files of which a saved tokenizer has at least one (fast, SentencePiece, BPE and WordPiece ones).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-# What the hub accepts as a repo id: "name" or "owner/name" of letters, digits, '-', '_' and '.'.
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def check_model_source(model: str) -> None:
-    """Refuse, by name, a --model that is neither a saved model folder nor something a hub id could be."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"cannot load model {model}: the folder holds no config.json, so it is not a saved Hugging "
-                "Face model; give the folder that save_pretrained() wrote (config.json, weights, tokenizer)"
-            )
-        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-            raise ModelError(
-                f"cannot load model {model}: the folder holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
-                "save it beside the model with tokenizer.save_pretrained(FOLDER)"
-            )
-        return
-    if path.exists():
-        raise ModelError(
-            f"cannot load model {model}: it is a file; give the model's folder (with config.json) or a hub id"
-        )
-    if not _HUB_ID.match(model) or len(model) > 96 or "--" in model or ".." in model:
-        raise ModelError(
-            f"cannot load model {model}: no such folder, and it is not a hub id either (those look like "
-            "'owner/name'); check the path"
-        )
-
-
 def _load_failure(model: str, part: str, error: Exception) -> str:
     if Path(model).expanduser().is_dir():
         return f"cannot load model {model} ({part}): {error}"
@@ -106,18 +80,26 @@ def _load_failure(model: str, part: str, error: Exception) -> str:
     )
 
 
-def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
+def _attach_adapter(model: nn.Module, adapter: str, model_name: str) -> nn.Module:
     try:
         from peft import PeftModel
     except ImportError:
         raise ModelError("--adapter needs the peft package: pip install 'rapidin-index[peft]'") from None
-    if not Path(adapter).expanduser().is_dir():
+    check_adapter_source(adapter)
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except (ValueError, RuntimeError, KeyError) as error:
+        # PEFT's NoMatchingPeftModuleError (a ValueError) when the adapter's target modules are not in
+        # this model; torch's "size mismatch" RuntimeError when they are, with other shapes.
+        if isinstance(error, RuntimeError) and "size mismatch" not in str(error):
+            raise
+        base = (read_config(adapter, ADAPTER_CONFIG_NAME) or {}).get("base_model_name_or_path")
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise ModelError(
-            f"--adapter {adapter}: no such folder; give the folder PEFT's save_pretrained() wrote"
-        )
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise ModelError(f"--adapter {adapter!r} is not a PEFT adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            f"--adapter {adapter} does not fit --model {model_name}: the adapter was made for base model "
+            f"{base or '(not named in its adapter_config.json)'} ({reason}); give the model it was trained on"
+        ) from None
 
 
 def select_parameters(model: nn.Module, settings: ModelSettings) -> list[tuple[str, nn.Parameter]]:

@@ -103,10 +103,14 @@ class RayChunkRunner:
     def __init__(
         self, loaded, selected, settings, device, *, address: str | None = None, workers: int | None = None
     ):
-        del loaded, selected, device  # every actor loads its own copy; placement comes from the cluster
+        del loaded, device  # every actor loads its own copy; placement comes from the cluster
         if workers is not None and workers < 1:
             raise ParallelError(f"--workers must be at least 1, got {workers}")
         self.settings = settings
+        # A row's vector: K wide, or D with exact vectors (K = 0, the default for a short gradient).
+        self.vector_width = settings.sketch.sketch_dim or sum(
+            parameter.numel() for _, parameter in selected or []
+        )
         self.address = address
         self.workers = workers
         self.timings: dict[str, float] = {}
@@ -170,7 +174,7 @@ class RayChunkRunner:
     def _object_store_bytes(self, workers: int) -> int:
         """Room for every chunk in flight, twice; beyond that Ray spills to disk (slower, still correct)."""
         in_flight = JOBS_IN_FLIGHT_PER_WORKER * workers * self.settings.chunk_size
-        return max(LOCAL_OBJECT_STORE_BYTES, 2 * in_flight * self.settings.sketch.sketch_dim * 4)
+        return max(LOCAL_OBJECT_STORE_BYTES, 2 * in_flight * self.vector_width * 4)
 
     def _placement(self, ray) -> tuple[int, str, dict]:
         """(number of actors, their device, their Ray options) for this cluster and ``--device``."""

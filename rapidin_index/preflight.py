@@ -13,7 +13,7 @@ import time
 from importlib import metadata as package_metadata
 from pathlib import Path
 
-from rapidin_index.errors import IndexMismatchError, IntegrityError
+from rapidin_index.errors import IndexMismatchError, IntegrityError, ModelError
 from rapidin_index.manifest import Manifest
 
 
@@ -39,7 +39,6 @@ def check_query(index_dir: str | Path, manifest: Manifest, sketch_dim: int | Non
 
 def check_tokenizer(manifest: Manifest, model: str) -> None:
     """Load only the tokenizer of ``model`` and refuse it if it is not the one the index was built with."""
-    from rapidin_index.errors import ModelError
     from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
 
     try:

@@ -29,6 +29,7 @@ from rapidin_index.gradients import GradientSketcher, check_environment
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
+from rapidin_index.model_identity import check_model_sources
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
@@ -113,6 +114,7 @@ class Index:
         torch_device = resolve_device(device)
         check_tokenizer(manifest, settings.model)  # a tokenizer loads in a moment; the model may not
         try:
+            check_model_sources(settings)  # a moved adapter is named before the model loads
             loaded = load_model(settings, torch_device)
         except ModelError as error:
             raise ModelError(f"{error}\n{moved_model_hint(manifest)}") from None

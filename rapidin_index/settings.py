@@ -33,6 +33,8 @@ def default_of(settings_class: type, name: str):
     return found.default_factory()
 
 
+DEFAULT_SKETCH_DIM = 1 << 16
+"""K where none is given and the gradient is longer (the paper's 2^16); see :func:`resolve_sketch_dim`."""
 SKETCH_ALGORITHMS = ("rapidgrad-v2", "rapidgrad-v1", "rapidgrad-ts", "rapidgrad-kron")
 DEFAULT_SKETCH_ALGORITHM = "rapidgrad-v2"
 AUTO_ALGORITHM = "auto"
@@ -43,8 +45,10 @@ AUTO_ALGORITHM = "auto"
 class SketchSettings:
     """How gradients are compressed. Recorded in the index manifest; a query must use the same."""
 
-    sketch_dim: int = 65536
-    """K, the sketch length. 0 stores the exact, uncompressed normalised gradient."""
+    sketch_dim: int | None = None
+    """K, the sketch length. 0 stores the exact, uncompressed normalised gradient. None (the default):
+    ``DEFAULT_SKETCH_DIM``, or exact where the gradient is no longer than that (:func:`resolve_sketch_dim`;
+    a manifest records the value)."""
     shuffle_lambda: int = 20
     """lambda, the number of random row+column shuffles of rapidgrad-v1. rapidgrad-v2 does not use it
     (its permutation mixes the whole vector at once); it is only recorded."""
@@ -58,7 +62,7 @@ class SketchSettings:
     records it)."""
 
     def __post_init__(self) -> None:
-        if self.sketch_dim < 0:
+        if self.sketch_dim is not None and self.sketch_dim < 0:
             raise SketchError(f"sketch dimension K must be >= 0 (0 = exact), got {self.sketch_dim}")
         if self.shuffle_lambda < 0:
             raise SketchError(f"--shuffle-lambda must be >= 0, got {self.shuffle_lambda}")
@@ -115,6 +119,21 @@ rapidgrad-ts at Spearman 0.974 against exact scores (ts: 0.986); with a few hund
 Spearman fell to 0.92-0.93 where a full mixing sketch keeps 0.97 (BENCHMARKS.md, "Kronecker sketch")."""
 
 
+def resolve_sketch_dim(settings: SketchSettings, gradient_dim: int) -> SketchSettings:
+    """Concrete settings with a K (a build's manifest records it): a given K is kept; none given means
+    ``DEFAULT_SKETCH_DIM`` for a longer gradient, else 0, exact vectors.
+
+    Exact rather than the largest power of two below D: with D <= 65,536 (a LoRA adapter's gradient often
+    is a few thousand long) exact vectors are no wider than the default sketch, carry no estimation noise
+    (a sketch adds about 1/sqrt(K) in cosine units) and cost no hashing; a power of two below D would save
+    at most half the bytes for that noise.
+    """
+    if settings.sketch_dim is not None:
+        return settings
+    sketch_dim = DEFAULT_SKETCH_DIM if gradient_dim > DEFAULT_SKETCH_DIM else 0
+    return dataclasses.replace(settings, sketch_dim=sketch_dim)
+
+
 def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
     """Concrete settings for a build (its manifest records them): ``algorithm="auto"`` resolved.
 
@@ -125,6 +144,10 @@ def resolve_algorithm(settings: SketchSettings, blocks: list) -> SketchSettings:
     ``KRON_AUTO_BINS_PER_MATRIX`` bins for every weight matrix, else with rapidgrad-ts. rapidgrad-v2
     otherwise (K = 0 stores exact vectors, whatever the name). A named algorithm is kept as it is.
     """
+    if settings.sketch_dim is None:  # K first: the algorithm depends on it
+        if not blocks:
+            raise SketchError("K was not given and no gradient blocks tell D: call resolve_sketch_dim first")
+        settings = resolve_sketch_dim(settings, sum(block.parameter.numel() for block in blocks))
     if settings.algorithm != AUTO_ALGORITHM:
         return settings
     matrices = sum(1 for block in blocks if block.parameter.dim() == 2)
@@ -214,7 +237,7 @@ class BuildSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
             raise BuildError("--batch-size and --chunk-size must be at least 1")
-        if self.sketch.sketch_dim > MAX_VECTOR_DIMENSION:
+        if (self.sketch.sketch_dim or 0) > MAX_VECTOR_DIMENSION:
             raise BuildError(
                 f"--k {self.sketch.sketch_dim:,} is more than FAISS opens ({MAX_VECTOR_DIMENSION:,} dimensions); "
                 "use a smaller --k"

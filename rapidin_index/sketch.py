@@ -59,7 +59,7 @@ from rapidin_index.rapidgrad import (
     rademacher_signs,
     shuffle_plan,
 )
-from rapidin_index.settings import SketchSettings, resolve_algorithm
+from rapidin_index.settings import SketchSettings, resolve_algorithm, resolve_sketch_dim
 
 
 def reference_sketch(
@@ -71,9 +71,9 @@ def reference_sketch(
     ``blocks`` (the gradient's block list) matters to rapidgrad-ts only, which hashes 2-D blocks by shape;
     'auto' resolves from them as a build resolves it (no blocks: rapidgrad-v2).
     """
-    settings = resolve_algorithm(settings, blocks or [])
     squeeze = vectors.dim() == 1
     vectors = torch.atleast_2d(vectors).to(torch.float32)
+    settings = resolve_algorithm(resolve_sketch_dim(settings, vectors.shape[1]), blocks or [])
     if settings.exact:
         return vectors[0] if squeeze else vectors
     batch, gradient_dim = vectors.shape
@@ -179,7 +179,7 @@ def make_projector(
     shape rather than by flat position (rapidgrad-ts); the flat ones ignore it. 'auto' resolves from them
     as a build resolves it (:func:`settings.resolve_algorithm`; no blocks: rapidgrad-v2).
     """
-    settings = resolve_algorithm(settings, blocks or [])
+    settings = resolve_algorithm(resolve_sketch_dim(settings, gradient_dim), blocks or [])
     if settings.exact:
         return ExactProjector(gradient_dim, device)
     if settings.algorithm == "rapidgrad-ts":

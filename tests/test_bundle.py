@@ -58,3 +58,12 @@ def test_bundle_json_checks_itself_and_any_edit_breaks_it(exported_index):
     assert description["index"] == manifest_facts(manifest)
     edited = {**description, "index": {**description["index"], "row_count": 1}}
     assert self_checksum(edited) != description["bundle_sha256"]
+
+
+@pytest.mark.parametrize("name", ["bundle.rar", "team.7z", "index.tar.bz2", "rows.csv"])
+def test_an_unknown_extension_is_refused_unless_a_format_is_given(name):
+    with pytest.raises(
+        BundleError, match=r"unknown extension .*use \.tar, \.tar\.gz \(\.tgz\), \.zip or \.parquet"
+    ):
+        format_for(name)
+    assert format_for(name, "zip") == "zip"

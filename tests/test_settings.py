@@ -113,3 +113,30 @@ def test_auto_sketches_from_factors_at_any_k_where_v2_could_not_cache_its_mappin
     from rapidin_index.rapidgrad import DEFAULT_CACHE_LIMIT
 
     assert DEFAULT_CACHE_LIMIT == MAPPING_CACHE_LIMIT  # the rule follows the projector's real limit
+
+
+def test_k_not_given_is_exact_up_to_the_default_k_and_the_default_past_it():
+    from rapidin_index.settings import DEFAULT_SKETCH_DIM, resolve_sketch_dim
+    from rapidin_index.sketch import ExactProjector, make_projector, reference_sketch
+
+    not_given = SketchSettings()
+    assert not_given.sketch_dim is None and default_of(SketchSettings, "sketch_dim") is None
+    assert resolve_sketch_dim(not_given, 4096).sketch_dim == 0  # a LoRA-sized gradient: exact vectors
+    assert resolve_sketch_dim(not_given, DEFAULT_SKETCH_DIM).sketch_dim == 0
+    assert resolve_sketch_dim(not_given, DEFAULT_SKETCH_DIM + 1).sketch_dim == DEFAULT_SKETCH_DIM == 65536
+    forced = SketchSettings(65536)
+    assert resolve_sketch_dim(forced, 4096) is forced  # a given K is kept, even past D
+    # resolve_algorithm resolves K first (the algorithm depends on it), from the blocks' D
+    wide = resolve_algorithm(not_given, blocks_of((300, 300)))  # D = 90,000 > 65,536
+    assert (wide.sketch_dim, wide.algorithm) == (DEFAULT_SKETCH_DIM, KRON)
+    assert resolve_algorithm(not_given, blocks_of((64, 64))).exact
+    with pytest.raises(SketchError, match="resolve_sketch_dim"):
+        resolve_algorithm(not_given, [])
+    # the projector and the slow reference resolve it the same way
+    assert isinstance(make_projector(not_given, 100), ExactProjector)
+    vectors = torch.randn(2, 100)
+    assert torch.equal(reference_sketch(vectors, not_given), vectors)
+    assert reference_sketch(torch.randn(2, DEFAULT_SKETCH_DIM + 1), not_given).shape == (
+        2,
+        DEFAULT_SKETCH_DIM,
+    )

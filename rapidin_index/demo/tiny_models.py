@@ -48,9 +48,15 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2000):
 
 
 def make_tiny_model(
-    architecture: str, vocab_size: int, hidden_size: int = 32, layers: int = 2, seed: int = 0
+    architecture: str,
+    vocab_size: int,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    positions: int = 512,
 ):
-    """A randomly initialised 'llama' or 'gpt2' causal LM with a few thousand parameters a layer."""
+    """A randomly initialised 'llama' or 'gpt2' causal LM with a few thousand parameters a layer, and a
+    context of ``positions`` tokens (GPT-2's are learned: a longer sequence fails)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -62,7 +68,7 @@ def make_tiny_model(
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=512,
+            max_position_embeddings=positions,
             bos_token_id=2,
             eos_token_id=3,
             pad_token_id=0,
@@ -75,7 +81,7 @@ def make_tiny_model(
             n_embd=hidden_size,
             n_layer=layers,
             n_head=4,
-            n_positions=512,
+            n_positions=positions,
             bos_token_id=2,
             eos_token_id=3,
             resid_pdrop=0.1,  # dropout on, so the tests prove that the model runs in eval mode
