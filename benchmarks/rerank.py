@@ -70,7 +70,11 @@ def timed(index: Index, queries, count: int, repeats: int) -> dict:
                 index.query(prompt, response, per_token=False, explain=0, rerank=shortlist)
             seconds[shortlist].append((time.perf_counter() - started) / len(queries))
     plain, with_rerank = statistics.median(seconds[0]), statistics.median(seconds[count])
-    return {"seconds_per_query": plain, "seconds_per_query_reranked": with_rerank, "ratio": with_rerank / plain}
+    return {
+        "seconds_per_query": plain,
+        "seconds_per_query_reranked": with_rerank,
+        "ratio": with_rerank / plain,
+    }
 
 
 def main() -> None:
