@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from rapidin_index import metadata
 from rapidin_index.errors import RapidinIndexError, RequestError, ServeError
-from rapidin_index.server_requests import Limits, parse_query_request, prepare_queries
+from rapidin_index.server_requests import Limits, QueryRequest, parse_query_request, prepare_queries
 
 try:  # the `serve` extra; the rest of the package runs without it
     import uvicorn
@@ -51,6 +51,7 @@ except ImportError as missing:
 if TYPE_CHECKING:
     from starlette.requests import Request
 
+    from rapidin_index.results import QueryResult
     from rapidin_index.retrieval import Index
 
 log = logging.getLogger("rapidin_index.server")
@@ -61,47 +62,12 @@ LARGEST_ROW_ID = 2**63 - 1  # LanceDB's int64 id column
 
 def create_app(index: Index, limits: Limits | None = None) -> Starlette:
     """The ASGI app answering for ``index`` (opened once, by the caller) within ``limits``."""
-    limits = limits or Limits()
-    page = page_html()
-    query_lock = threading.Lock()  # one query at a time: the sketcher's hooks hold per-query state
-    summary = index_summary(index, limits)
-
-    async def show_page(request: Request) -> HTMLResponse:
-        return HTMLResponse(page)
-
-    async def info(request: Request) -> JSONResponse:
-        return JSONResponse(summary)
-
-    async def query(request: Request) -> JSONResponse:
-        body = await read_json_body(request, limits.max_body_bytes)
-        parsed = parse_query_request(body, limits)
-
-        def answer():
-            with query_lock:
-                prepared = prepare_queries(index, parsed, limits)
-                options = parsed.options
-                return index.query_prepared(
-                    prepared, options.top_k, options.explain, options.per_token, options.token_top_k
-                )
-
-        values = [result.to_dict() for result in await run_in_threadpool(answer)]
-        return JSONResponse({"results": values} if parsed.several else values[0])
-
-    async def row(request: Request) -> JSONResponse:
-        training_example_id = parse_row_id(request.path_params["id"])
-        found = await run_in_threadpool(metadata.read_rows, index.table, [training_example_id])
-        if training_example_id not in found:
-            raise RequestError(
-                f"no training row {training_example_id} in this index (rejected at build, or past its ids)",
-                404,
-            )
-        return JSONResponse({key: found[training_example_id][key] for key in ROW_FIELDS})
-
+    endpoints = Endpoints(index, limits or Limits())
     routes = [
-        Route("/", show_page, methods=["GET"]),
-        Route("/api/info", answers_json(info), methods=["GET"]),
-        Route("/api/query", answers_json(query), methods=["POST"]),
-        Route("/api/rows/{id}", answers_json(row), methods=["GET"]),
+        Route("/", endpoints.page, methods=["GET"]),
+        Route("/api/info", answers_json(endpoints.info), methods=["GET"]),
+        Route("/api/query", answers_json(endpoints.query), methods=["POST"]),
+        Route("/api/rows/{id}", answers_json(endpoints.row), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -109,8 +75,50 @@ def create_app(index: Index, limits: Limits | None = None) -> Starlette:
         middleware=[Middleware(RequestLog)],
     )
     app.state.index = index  # for tests and embedding applications: the one Index this app answers with
-    app.state.limits = limits
+    app.state.limits = endpoints.limits
     return app
+
+
+class Endpoints:
+    """The routes' handlers around one opened index."""
+
+    def __init__(self, index: Index, limits: Limits):
+        self.index = index
+        self.limits = limits
+        self.page_text = page_html()
+        self.summary = index_summary(index, limits)
+        self.query_lock = threading.Lock()  # one query at a time: the sketcher's hooks hold per-query state
+
+    async def page(self, request: Request) -> HTMLResponse:
+        return HTMLResponse(self.page_text)
+
+    async def info(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.summary)
+
+    async def query(self, request: Request) -> JSONResponse:
+        body = await read_json_body(request, self.limits.max_body_bytes)
+        parsed = parse_query_request(body, self.limits)  # refused here, before any work
+        results = await run_in_threadpool(self.answer, parsed)  # the event loop stays free meanwhile
+        values = [result.to_dict() for result in results]
+        return JSONResponse({"results": values} if parsed.several else values[0])
+
+    def answer(self, parsed: QueryRequest) -> list[QueryResult]:
+        with self.query_lock:
+            prepared = prepare_queries(self.index, parsed, self.limits)
+            options = parsed.options
+            return self.index.query_prepared(
+                prepared, options.top_k, options.explain, options.per_token, options.token_top_k
+            )
+
+    async def row(self, request: Request) -> JSONResponse:
+        training_example_id = parse_row_id(request.path_params["id"])
+        found = await run_in_threadpool(metadata.read_rows, self.index.table, [training_example_id])
+        if training_example_id not in found:
+            raise RequestError(
+                f"no training row {training_example_id} in this index (rejected at build, or past its ids)",
+                404,
+            )
+        return JSONResponse({key: found[training_example_id][key] for key in ROW_FIELDS})
 
 
 # --------------------------------------------------------------------------- errors and the log
