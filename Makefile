@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, so that no resolver pulls the CUDA wheels
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e ".[dev,peft,notebooks]"
+	$(PIP) install -q -e ".[dev,peft,notebooks,serve]"
 	touch $@
 
 install: $(VENV)/.installed

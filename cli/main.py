@@ -497,6 +497,29 @@ def _check_query_numbers(**values: int) -> None:
 
 
 @command()
+def serve(
+    index: Annotated[Path, typer.Option(help="Index folder.")],
+    model: Annotated[
+        str | None, typer.Option(help="Model path, if it moved since the build (same weights).")
+    ] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter path, if it moved since the build.")] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on: 127.0.0.1 keeps the server to this machine; 0.0.0.0 opens it to "
+            "any that can reach it (there is no authentication)."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Load an index and its model once and answer queries over HTTP: a JSON API and a page at /."""
+    from rapidin_index.server import serve_index  # needs the `serve` extra; says so when it is missing
+
+    serve_index(index, model=model, adapter=adapter, host=host, port=port, device=device)
+
+
+@command()
 def merge(
     shards: Annotated[list[Path], typer.Argument(help="The shard index folders, all N of them.")],
     index: Annotated[Path, typer.Option(help="New index folder for the merged index.")],

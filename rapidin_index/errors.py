@@ -110,3 +110,18 @@ class IndexLockedError(RapidinIndexError, RuntimeError):
 
 class ParallelError(RapidinIndexError, RuntimeError):
     """Distributed work that cannot start or finish; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class ServeError(RapidinIndexError, RuntimeError):
+    """The server cannot start as asked (its extra is not installed, the port is taken)."""
+
+
+class RequestError(RapidinIndexError, ValueError):
+    """An HTTP request the server refuses; ``status`` is the 4xx code it answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status

@@ -221,7 +221,7 @@ def render_html(results: list[dict], title: str = "rapidin-index report") -> str
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
         f'<header><h1>{_esc(title)}</h1><p class="muted">{len(results)} '
         f'quer{"y" if len(results) == 1 else "ies"} · <b class="pos">blue</b>: the training example '
         '<i>helped</i> (training on it lowers the loss) · <b class="neg">orange</b>: it <i>hurt</i>'
@@ -230,7 +230,8 @@ def render_html(results: list[dict], title: str = "rapidin-index report") -> str
     )
 
 
-_CSS = """
+# The report's styles; the server's page (assets/serve.html) is drawn with them too.
+CSS = """
 body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1b1b;background:#f6f7f9}
 header,main{max-width:1160px;margin:0 auto;padding:0 20px}header{padding-top:12px}
 h1{font-size:22px;margin:8px 0 0}h2{font-size:18px;margin:0 0 2px}h3{font-size:14px;margin:0 0 8px;color:#444}

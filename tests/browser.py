@@ -23,6 +23,9 @@ FLAGS = (
     "--disable-sync",
 )
 
+# For Playwright, which starts Chromium headless itself.
+PLAYWRIGHT_FLAGS = [flag for flag in FLAGS if flag != "--headless"]
+
 
 def find_chromium() -> str | None:
     """The path of a Chromium / Chrome binary, or None when none is installed."""

@@ -1,0 +1,1 @@
+"""Static files of the server: serve.html, the page at `/`."""
