@@ -195,7 +195,7 @@ CAP_REFUSALS = {
         422,
         "tokens, over this server's cap of 40",
     ),
-    "query tokens": ({"prompt": "x " * 300, "response": "ok"}, 422, "over this server's cap of 200"),
+    "query tokens": ({"prompt": "x " * 120, "response": "ok"}, 422, "over this server's cap of 200"),
     "generated query tokens": ({"prompt": "x " * 300, "generate": True}, 422, "with max_new_tokens 8"),
     "body": ({"prompt": "x" * 30_000, "response": "ok"}, 413, "bytes, over this server's cap of 20,000"),
 }
