@@ -194,6 +194,17 @@ class Index:
         """One helpful and harmful list for the whole set of query rows (`rapidin_index.aggregate`):
         ``how`` is mean, sum (exact, by linearity), max or count (from each query's top ``depth``)."""
         prepared = self._prepare_rows(rows, generate, max_new_tokens)
+        return self.aggregate_prepared(prepared, how, top_k, depth, where)
+
+    def aggregate_prepared(
+        self,
+        prepared: list[PreparedQuery],
+        how: str = "mean",
+        top_k: int = 10,
+        depth: int = DEFAULT_DEPTH,
+        where: str | None = None,
+    ) -> AggregateResult:
+        """`aggregate` over queries already prepared (`prepare`, `prepare_row`, `prepare_generation`)."""
         among = rows_where(self, where)
         searched = self.manifest.row_count if among is None else len(among)
         depth = min(max(depth, top_k), searched)

@@ -51,7 +51,6 @@ except ImportError as missing:
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from rapidin_index.results import QueryResult
     from rapidin_index.retrieval import Index
 
 log = logging.getLogger("rapidin_index.server")
@@ -100,14 +99,27 @@ class Endpoints:
         parsed = parse_query_request(body, self.limits)  # refused here, before any work
         results = await run_in_threadpool(self.answer, parsed)  # the event loop stays free meanwhile
         values = [result.to_dict() for result in results]
-        return JSONResponse({"results": values} if parsed.several else values[0])
+        several = parsed.several and parsed.options.aggregate is None  # an aggregate is one answer
+        return JSONResponse({"results": values} if several else values[0])
 
-    def answer(self, parsed: QueryRequest) -> list[QueryResult]:
+    def answer(self, parsed: QueryRequest) -> list:
+        """The results: one per query, or one `AggregateResult` for the set (``aggregate``)."""
         with self.query_lock:
             prepared = prepare_queries(self.index, parsed, self.limits)
             options = parsed.options
+            if options.aggregate is not None:
+                found = self.index.aggregate_prepared(
+                    prepared, options.aggregate, options.top_k, where=options.where
+                )
+                return [found]
             return self.index.query_prepared(
-                prepared, options.top_k, options.explain, options.per_token, options.token_top_k
+                prepared,
+                options.top_k,
+                options.explain,
+                options.per_token,
+                options.token_top_k,
+                options.rerank,
+                options.where,
             )
 
     async def row(self, request: Request) -> JSONResponse:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rapidin_index.aggregate import AGGREGATIONS
 from rapidin_index.errors import RapidinIndexError, RequestError
 from rapidin_index.query import PreparedQuery, generation_prompt, prepare_generated, prepare_row
 
@@ -37,6 +38,10 @@ class Limits:
     """Tokens one ``generate`` may produce."""
     max_response_tokens: int = 256
     """Labelled (scored) tokens of one query: per token, a query costs a backward pass each."""
+    max_rerank: int = 50
+    """Top and bottom rows a query may re-score exactly (one backward pass each)."""
+    max_where_characters: int = 2000
+    """Length of a ``where`` filter."""
     max_query_tokens: int = 2048
     """Tokens of one query's whole sequence, prompt and response (for a generation: prompt + max_new_tokens)."""
 
@@ -51,6 +56,9 @@ class QueryOptions:
     max_new_tokens: int = 64
     per_token: bool = True
     generate: bool = False
+    rerank: int = 0
+    where: str | None = None
+    aggregate: str | None = None
 
 
 @dataclass
@@ -69,7 +77,9 @@ COUNTS = {
     "token_top_k": (1, "max_token_top_k"),
     "explain": (0, "max_explain"),
     "max_new_tokens": (1, "max_new_tokens"),
+    "rerank": (0, "max_rerank"),
 }
+CHOICES = ("where", "aggregate")
 SWITCHES = ("per_token", "generate")
 
 
@@ -80,11 +90,13 @@ def _shown(value) -> str:
 
 def parse_query_request(body: dict, limits: Limits) -> QueryRequest:
     """Check a ``POST /api/query`` body (field names, types, counts against ``limits``)."""
-    unknown = sorted(set(body) - set(TEXT_FIELDS) - set(COUNTS) - set(SWITCHES) - {"queries"})
+    unknown = sorted(set(body) - set(TEXT_FIELDS) - set(COUNTS) - set(SWITCHES) - set(CHOICES) - {"queries"})
     if unknown:
-        known = ", ".join([*TEXT_FIELDS, *COUNTS, *SWITCHES, "queries"])
+        known = ", ".join([*TEXT_FIELDS, *COUNTS, *SWITCHES, *CHOICES, "queries"])
         raise RequestError(f"unknown field(s) {', '.join(unknown)}; a query takes {known}")
     options = parse_options(body, limits)
+    if options.aggregate is not None and "queries" not in body:
+        raise RequestError("'aggregate' needs 'queries' (several generations)")
     if "queries" not in body:
         return QueryRequest([_text_query(body, options.generate)], several=False, options=options)
     given = [name for name in TEXT_FIELDS if name in body]
@@ -105,12 +117,31 @@ def parse_options(body: dict, limits: Limits) -> QueryOptions:
         setattr(
             options, name, _count(name, body[name], least, cap) if given else min(getattr(options, name), cap)
         )
+    _parse_choices(body, options, limits)
     for name in SWITCHES:
         if name in body:
             if not isinstance(body[name], bool):
                 raise RequestError(f"'{name}' must be true or false, got {_shown(body[name])}")
             setattr(options, name, body[name])
     return options
+
+
+def _parse_choices(body: dict, options: QueryOptions, limits: Limits) -> None:
+    """``where`` (an SQL filter over the rows' columns) and ``aggregate`` (mean, sum, max or count)."""
+    where = body.get("where")
+    if where is not None:
+        if not isinstance(where, str) or not where.strip():
+            raise RequestError(f"'where' must be an SQL filter (text), got {_shown(where)}")
+        if len(where) > limits.max_where_characters:
+            raise RequestError(
+                f"'where' is {len(where):,} characters, over this server's cap of {limits.max_where_characters:,}",
+                422,
+            )
+        options.where = where
+    aggregate = body.get("aggregate")
+    if aggregate is not None and aggregate not in AGGREGATIONS:
+        raise RequestError(f"'aggregate' must be one of {', '.join(AGGREGATIONS)}, got {_shown(aggregate)}")
+    options.aggregate = aggregate
 
 
 def _count(name: str, value, least: int, cap: int) -> int:

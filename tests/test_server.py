@@ -151,6 +151,25 @@ def test_several_queries_answer_one_result_each(served, training_rows):
     assert all(token["loss"] is None and not token["helpful"] for r in results for token in r["tokens"])
 
 
+def test_filters_rerank_and_aggregation_answer_as_the_library_does(served, opened, training_rows):
+    body = {"prompt": PROMPT, "response": RESPONSE, "per_token": False, "explain": 0, "top_k": 5}
+    filtered = post(served, {**body, "where": "id < 8", "rerank": 3}).json()
+    direct = opened.query(PROMPT, RESPONSE, per_token=False, explain=0, top_k=5, where="id < 8", rerank=3)
+    assert [hit["id"] for hit in filtered["helpful"]] == [hit.id for hit in direct.helpful]
+    assert all(hit["id"] < 8 for hit in filtered["helpful"]) and filtered["helpful"][0]["exact"]
+    assert filtered["index"]["where"] == "id < 8"
+    rows = [training_rows[2], {"prompt": PROMPT, "response": RESPONSE}]
+    aggregated = post(served, {"queries": rows, "aggregate": "mean", "top_k": 3}).json()
+    assert aggregated["aggregate"] == "mean" and len(aggregated["helpful"]) == 3
+    assert [hit["id"] for hit in aggregated["helpful"]] == [
+        hit.id for hit in opened.aggregate(rows, "mean", 3).helpful
+    ]
+    refused = post(served, {"prompt": PROMPT, "response": RESPONSE, "aggregate": "mean"})
+    assert refused.status_code == 400 and "'aggregate' needs 'queries'" in refused.json()["error"]
+    unknown = post(served, {**body, "where": "colour = 'red'"})
+    assert unknown.status_code == 422 and "columns: id" in unknown.json()["error"]
+
+
 def test_a_second_query_reloads_nothing(served, opened, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the server loaded a model or opened the index again")
