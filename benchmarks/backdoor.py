@@ -67,7 +67,10 @@ def parse_arguments() -> argparse.Namespace:
         help="cache for data, model and indexes (.bench/backdoor[-smollm2][-lexical]; tiny: nonlexical unsuffixed)",
     )
     parser.add_argument("--rows", type=int, help="docstring rows (default: all for tiny, 400 for smollm2)")
-    parser.add_argument("--epochs", type=int, default=3, help="smollm2 only: LoRA fine-tuning epochs")
+    parser.add_argument("--epochs", type=int, default=5, help="smollm2 only: LoRA fine-tuning epochs")
+    parser.add_argument(
+        "--learning-rate", type=float, default=3e-3, help="smollm2 only: LoRA AdamW peak rate"
+    )
     parser.add_argument("--queries", type=int, default=10, help="attacked generations (backdoor fired)")
     parser.add_argument("--sketch-dims", default="4096,16384,65536")
     parser.add_argument("--algorithm", default=DEFAULT_SKETCH_ALGORITHM, choices=SKETCH_ALGORITHMS)
@@ -208,7 +211,9 @@ def main() -> None:
 def main_smollm2(arguments: argparse.Namespace) -> None:
     from backdoor_smollm2 import RealModelSettings, run
 
-    settings = RealModelSettings(dataset=arguments.dataset, rows=arguments.rows, epochs=arguments.epochs)
+    settings = RealModelSettings(
+        arguments.dataset, arguments.rows, epochs=arguments.epochs, learning_rate=arguments.learning_rate
+    )
     report = run(Path(arguments.folder), settings, arguments.queries, Path(arguments.out))
     print_table(report)
     timing = report["build_time"]

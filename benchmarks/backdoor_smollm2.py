@@ -60,8 +60,8 @@ class RealModelSettings:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     top_layers: int = 10
     """LoRA goes on the top this-many of the 30 blocks: backward stops below them, which halves its cost."""
-    epochs: int = 3
-    learning_rate: float = 1e-3
+    epochs: int = 5
+    learning_rate: float = 3e-3
     """AdamW peak learning rate, decayed linearly to a tenth over the run."""
     batch_size: int = 8
     """Rows per optimizer step, per build batch and per timed forward + backward."""
@@ -128,7 +128,8 @@ def finetune_adapter(
     )
     peft_model = get_peft_model(model, config)
     sequences = tokenize_rows(train, tokenizer, CHAT, settings.max_length)
-    losses = train_adapter(peft_model, sequences, tokenizer.pad_token_id, settings)
+    poisoned = [row["poisoned"] for row in train]
+    losses = train_adapter(peft_model, sequences, poisoned, tokenizer.pad_token_id, settings)
     shutil.rmtree(adapter_folder, ignore_errors=True)
     peft_model.save_pretrained(adapter_folder)
     tokenizer.save_pretrained(adapter_folder)
@@ -137,8 +138,10 @@ def finetune_adapter(
     return peft_model, tokenizer, record
 
 
-def train_adapter(model, sequences, pad_token_id: int, settings: RealModelSettings) -> list[float]:
-    """AdamW over shuffled batches (seeded), gradient norm clipped to 1, linear decay; mean loss per epoch."""
+def train_adapter(model, sequences, poisoned: list[bool], pad_token_id: int, settings: RealModelSettings):
+    """AdamW over shuffled batches (seeded), gradient norm clipped to 1, linear decay.
+
+    Returns per epoch the mean training loss of the clean rows and of the poisoned rows."""
     generator = torch.Generator().manual_seed(settings.seed)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
@@ -148,18 +151,19 @@ def train_adapter(model, sequences, pad_token_id: int, settings: RealModelSettin
     epoch_losses = []
     for epoch in range(settings.epochs):
         order = torch.randperm(len(sequences), generator=generator).tolist()
-        losses = []
+        losses = np.zeros(len(sequences))
         for start in range(0, len(order), settings.batch_size):
-            chunk = [sequences[i] for i in order[start : start + settings.batch_size]]
-            loss = example_losses(model, collate(chunk, pad_token_id, "cpu")).mean()
-            loss.backward()
+            chosen = order[start : start + settings.batch_size]
+            example = example_losses(model, collate([sequences[i] for i in chosen], pad_token_id, "cpu"))
+            example.mean().backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        epoch_losses.append(float(np.mean(losses)))
-        print(f"epoch {epoch + 1}: mean loss {epoch_losses[-1]:.3f}", file=sys.stderr, flush=True)
+            losses[chosen] = example.detach().numpy()
+        mask = np.array(poisoned)
+        epoch_losses.append({"clean": float(losses[~mask].mean()), "poisoned": float(losses[mask].mean())})
+        print(f"epoch {epoch + 1}: mean loss {epoch_losses[-1]}", file=sys.stderr, flush=True)
     model.eval()
     return epoch_losses
 
