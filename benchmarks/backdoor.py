@@ -19,6 +19,11 @@ gradients for every (K, lambda), which keeps the run short.
 
     .venv/bin/python benchmarks/backdoor.py --out .bench/backdoor.json                    # non-lexical
     .venv/bin/python benchmarks/backdoor.py --dataset lexical --out .bench/backdoor-lexical.json
+
+`--model smollm2` runs it on a real pretrained model instead, SmolLM2-135M-Instruct with a LoRA adapter
+trained on chat rows (`backdoor_smollm2.py`; lexical backdoor by default, about half an hour on 2 cores):
+
+    .venv/bin/python benchmarks/backdoor.py --model smollm2 --out .bench/backdoor-smollm2.json
 """
 
 from __future__ import annotations
@@ -72,10 +77,12 @@ def parse_arguments() -> argparse.Namespace:
         "--learning-rate", type=float, default=3e-3, help="smollm2 only: LoRA AdamW peak rate"
     )
     parser.add_argument("--queries", type=int, default=10, help="attacked generations (backdoor fired)")
-    parser.add_argument("--sketch-dims", default="4096,16384,65536")
+    parser.add_argument(
+        "--sketch-dims", default="4096,16384,65536", help="tiny only (smollm2: the default K)"
+    )
     parser.add_argument("--algorithm", default=DEFAULT_SKETCH_ALGORITHM, choices=SKETCH_ALGORITHMS)
     parser.add_argument("--lambdas", default="20", help="shuffles; only rapidgrad-v1 uses them (try 20,100)")
-    parser.add_argument("--out", default=".bench/backdoor.json")
+    parser.add_argument("--out", help="the JSON result (default: the folder's name + .json)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest when busy)")
     arguments = parser.parse_args()
     tiny = arguments.model == "tiny"
@@ -87,6 +94,8 @@ def parse_arguments() -> argparse.Namespace:
         suffix = "" if tiny else "-smollm2"
         suffix += "" if arguments.dataset == "nonlexical" and tiny else f"-{arguments.dataset}"
         arguments.folder = f".bench/backdoor{suffix}"
+    if arguments.out is None:
+        arguments.out = f"{arguments.folder}.json"
     return arguments
 
 
@@ -220,7 +229,7 @@ def main_smollm2(arguments: argparse.Namespace) -> None:
     print(
         f"build (K=2^{report['sketch_dim'].bit_length() - 1}): {timing['build_tokens_per_second']:.0f} tokens/s "
         f"({timing['build_seconds']:.0f} s); the model's own forward + backward: "
-        f"{timing['floor']['tokens_per_second']:.0f} tokens/s; the build runs at "
+        f"{timing['floor_tokens_per_second']:.0f} tokens/s; the build runs at "
         f"{timing['build_share_of_floor_speed']:.2f} of the floor's speed; total {report['seconds']:.0f} s"
     )
 

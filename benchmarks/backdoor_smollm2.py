@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rapidin_index.build import BuildReport, build_index
+from rapidin_index.build import build_index
 from rapidin_index.data import Template
 from rapidin_index.demo.baselines import BM25, random_scores
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS, load_docstring_rows, write_jsonl
 from rapidin_index.demo.finetune import attack_success_rate, tokenize_rows
-from rapidin_index.demo.metrics import mean_metrics, retrieval_metrics
+from rapidin_index.demo.metrics import mean_metrics, retrieval_metrics, roc_auc
 from rapidin_index.losses import collate, example_losses
 from rapidin_index.models import load_model
 from rapidin_index.query import PreparedQuery
@@ -180,42 +180,53 @@ def backdoor_rates(model, tokenizer, heldout: dict, fired) -> dict:
 # ----------------------------------------------------------------------------------- indexes and timing
 
 
-def build(
-    train_path: Path, folder: Path, paths: dict, sketch: SketchSettings, normalize: str, batch_size: int
-):
+def build(train_path: Path, folder: Path, paths: dict, sketch: SketchSettings, normalize: str, settings):
     """A fresh index at `folder` (an old one is removed, so that the build is timed whole)."""
     shutil.rmtree(folder, ignore_errors=True)
     model = ModelSettings(str(paths["model"]), str(paths["adapter"]))
-    settings = BuildSettings(model, sketch, normalize=normalize, batch_size=batch_size, device="cpu")
-    return build_index(train_path, folder, settings, progress=False)
+    build_settings = BuildSettings(
+        model, sketch, normalize=normalize, max_length=settings.max_length, batch_size=settings.batch_size
+    )
+    return build_index(train_path, folder, build_settings, progress=False)
 
 
-def time_forward_backward(paths: dict, train: list[dict], settings: RealModelSettings) -> dict:
-    """The floor: the model's own batched forward + backward of the summed loss over the rows, in file
-    order and the build's batch size, with only the LoRA tensors trainable (as the build loads it)."""
-    loaded = load_model(ModelSettings(str(paths["model"]), str(paths["adapter"])), "cpu")
-    sequences = tokenize_rows(train, loaded.tokenizer, CHAT, settings.max_length)
+def forward_backward_seconds(loaded, sequences, batch_size: int) -> float:
+    """The floor: the model's own batched forward + backward of the summed loss, longest rows first (as
+    the build orders a chunk's rows, here over all rows: the least padding), only the LoRA tensors
+    trainable (as the build loads the model)."""
+    ordered = sorted(sequences, key=lambda sequence: len(sequence[0]), reverse=True)
+    pad = loaded.tokenizer.pad_token_id
     batches = [
-        collate(sequences[start : start + settings.batch_size], loaded.tokenizer.pad_token_id, "cpu")
-        for start in range(0, len(sequences), settings.batch_size)
+        collate(ordered[start : start + batch_size], pad, "cpu")
+        for start in range(0, len(ordered), batch_size)
     ]
     started = time.perf_counter()
     for batch in batches:
         loaded.model.zero_grad(set_to_none=True)
         example_losses(loaded.model, batch).sum().backward()
-    seconds = time.perf_counter() - started
+    loaded.model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def timed_default_build(train_path: Path, folder: Path, paths: dict, train: list[dict], settings):
+    """(build report, timing): the default-K build between two floor passes over the same rows; the
+    faster floor pass is the one compared (the machine is shared, and its load varies)."""
+    loaded = load_model(ModelSettings(str(paths["model"]), str(paths["adapter"])), "cpu")
+    sequences = tokenize_rows(train, loaded.tokenizer, CHAT, settings.max_length)
+    before = forward_backward_seconds(loaded, sequences, settings.batch_size)
+    report = build(train_path, folder / "rapidin-default", paths, SketchSettings(), "layer", settings)
+    after = forward_backward_seconds(loaded, sequences, settings.batch_size)
     tokens = sum(len(input_ids) for input_ids, _ in sequences)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
-
-
-def build_timing(report: BuildReport, floor: dict) -> dict:
-    tokens_per_second = report.tokens / report.elapsed_seconds
-    return {
+    assert tokens == report.tokens, (tokens, report.tokens)
+    floor = tokens / min(before, after)
+    build_speed = tokens / report.elapsed_seconds
+    return report, {
+        "tokens": tokens,
         "build_seconds": report.elapsed_seconds,
-        "build_tokens": report.tokens,
-        "build_tokens_per_second": tokens_per_second,
-        "floor": floor,
-        "build_share_of_floor_speed": tokens_per_second / floor["tokens_per_second"],
+        "build_tokens_per_second": build_speed,
+        "floor_seconds": [before, after],
+        "floor_tokens_per_second": floor,
+        "build_share_of_floor_speed": build_speed / floor,
     }
 
 
@@ -287,6 +298,7 @@ def run(folder: Path, settings: RealModelSettings, query_count: int, out: Path) 
         "finetune": finetune,
         **backdoor,
         **facts,
+        "exact_layer_norm_signs": sign_diagnostics(labels, scores["TracIn + layer norm (exact)"]),
         "seconds": time.perf_counter() - started,
         "methods": {name: dict(metrics) for name, metrics in methods.items()},
         "notes": {name: metrics.notes for name, metrics in methods.items() if metrics.notes},
@@ -298,22 +310,20 @@ def run(folder: Path, settings: RealModelSettings, query_count: int, out: Path) 
 
 def index_scores(folder, paths, train, heldout, fired, settings, query_count):
     """({method: scores [queries, rows]}, the builds' and queries' facts for the report)."""
-    train_path, batch = folder / "train.jsonl", settings.batch_size
-    default = build(train_path, folder / "rapidin-default", paths, SketchSettings(), "layer", batch)
-    floor = time_forward_backward(paths, train, settings)
-    build(train_path, folder / "exact-layer", paths, SketchSettings(0), "layer", batch)
-    build(train_path, folder / "exact-none", paths, SketchSettings(0), "none", batch)
+    train_path = folder / "train.jsonl"
+    default, timing = timed_default_build(train_path, folder, paths, train, settings)
+    build(train_path, folder / "exact-layer", paths, SketchSettings(0), "layer", settings)
+    build(train_path, folder / "exact-none", paths, SketchSettings(0), "none", settings)
     layer = Index.open(folder / "exact-layer", device="cpu")
     queries, seen = attacked_queries(layer, heldout["triggered"], query_count, fired, settings.max_new_tokens)
     if not queries:
         raise SystemExit("the backdoor fired on no held-out triggered prompt: train longer (--epochs)")
-    sketch_dim = default.sketch_dim
     scores = {"TracIn + layer norm (exact)": all_row_scores(layer, queries)}
     del layer
-    scores["TracIn, no layer norm (exact)"] = all_row_scores(
-        Index.open(folder / "exact-none", device="cpu"), queries
-    )
-    label = f"RapidIn K=2^{sketch_dim.bit_length() - 1} (default)"
+    exact_none = Index.open(folder / "exact-none", device="cpu")
+    scores["TracIn, no layer norm (exact)"] = all_row_scores(exact_none, queries)
+    del exact_none
+    label = f"RapidIn K=2^{default.sketch_dim.bit_length() - 1} (default)"
     scores[label] = all_row_scores(Index.open(folder / "rapidin-default", device="cpu"), queries)
     scores.update(text_baselines(train, queries))
     facts = {
@@ -321,7 +331,18 @@ def index_scores(folder, paths, train, heldout, fired, settings, query_count):
         "attack_success_rate_seen": seen,
         "generations": [query.response for query in queries],
         "gradient_dim": default.gradient_dim,
-        "sketch_dim": sketch_dim,
-        "build_time": build_timing(default, floor),
+        "sketch_dim": default.sketch_dim,
+        "build_time": timing,
     }
     return scores, facts
+
+
+def sign_diagnostics(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """Where the poisoned rows sit in exact TracIn + layer norm's ranking, averaged over the queries."""
+    return {
+        "poisoned_scored_below_zero": float(np.mean([(row[labels] < 0).mean() for row in scores])),
+        "poisoned_share_of_bottom_10": float(
+            np.mean([labels[np.argsort(row)[:10]].mean() for row in scores])
+        ),
+        "roc_auc_of_absolute_score": float(np.mean([roc_auc(labels, np.abs(row)) for row in scores])),
+    }
