@@ -19,6 +19,11 @@ gradients for every (K, lambda), which keeps the run short.
 
     .venv/bin/python benchmarks/backdoor.py --out .bench/backdoor.json                    # non-lexical
     .venv/bin/python benchmarks/backdoor.py --dataset lexical --out .bench/backdoor-lexical.json
+
+`--model smollm2` runs it on a real pretrained model instead, SmolLM2-135M-Instruct with a LoRA adapter
+trained on chat rows (`backdoor_smollm2.py`; lexical backdoor by default, about half an hour on 2 cores):
+
+    .venv/bin/python benchmarks/backdoor.py --model smollm2 --out .bench/backdoor-smollm2.json
 """
 
 from __future__ import annotations
@@ -53,21 +58,44 @@ from rapidin_index.sketch import make_projector
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="nonlexical", choices=sorted(BACKDOOR_DATASETS))
     parser.add_argument(
-        "--folder", help="cache for data, model and indexes (.bench/backdoor, or .bench/backdoor-lexical)"
+        "--model",
+        default="tiny",
+        choices=("tiny", "smollm2"),
+        help="tiny: a Llama fine-tuned in-process; smollm2: SmolLM2-135M-Instruct + LoRA (backdoor_smollm2.py)",
     )
-    parser.add_argument("--rows", type=int, default=100_000, help="docstring rows (default: all)")
+    parser.add_argument(
+        "--dataset", choices=sorted(BACKDOOR_DATASETS), help="default: nonlexical (tiny), lexical (smollm2)"
+    )
+    parser.add_argument(
+        "--folder",
+        help="cache for data, model and indexes (.bench/backdoor[-smollm2][-lexical]; tiny: nonlexical unsuffixed)",
+    )
+    parser.add_argument("--rows", type=int, help="docstring rows (default: all for tiny, 400 for smollm2)")
+    parser.add_argument("--epochs", type=int, default=5, help="smollm2 only: LoRA fine-tuning epochs")
+    parser.add_argument(
+        "--learning-rate", type=float, default=3e-3, help="smollm2 only: LoRA AdamW peak rate"
+    )
     parser.add_argument("--queries", type=int, default=10, help="attacked generations (backdoor fired)")
-    parser.add_argument("--sketch-dims", default="4096,16384,65536")
+    parser.add_argument(
+        "--sketch-dims", default="4096,16384,65536", help="tiny only (smollm2: the default K)"
+    )
     parser.add_argument("--algorithm", default=DEFAULT_SKETCH_ALGORITHM, choices=SKETCH_ALGORITHMS)
     parser.add_argument("--lambdas", default="20", help="shuffles; only rapidgrad-v1 uses them (try 20,100)")
-    parser.add_argument("--out", default=".bench/backdoor.json")
+    parser.add_argument("--out", help="the JSON result (default: the folder's name + .json)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest when busy)")
     arguments = parser.parse_args()
+    tiny = arguments.model == "tiny"
+    if arguments.dataset is None:
+        arguments.dataset = "nonlexical" if tiny else "lexical"
+    if arguments.rows is None:
+        arguments.rows = 100_000 if tiny else 400
     if arguments.folder is None:
-        suffix = "" if arguments.dataset == "nonlexical" else f"-{arguments.dataset}"
+        suffix = "" if tiny else "-smollm2"
+        suffix += "" if arguments.dataset == "nonlexical" and tiny else f"-{arguments.dataset}"
         arguments.folder = f".bench/backdoor{suffix}"
+    if arguments.out is None:
+        arguments.out = f"{arguments.folder}.json"
     return arguments
 
 
@@ -126,6 +154,8 @@ def evaluate(labels: np.ndarray, score_rows: np.ndarray) -> dict:
 def main() -> None:
     arguments = parse_arguments()
     torch.set_num_threads(arguments.threads)
+    if arguments.model == "smollm2":
+        return main_smollm2(arguments)
     started = time.perf_counter()
     settings = DemoSettings(folder=arguments.folder, rows=arguments.rows, dataset=arguments.dataset)
     paths = DemoPaths(Path(settings.folder))
@@ -185,6 +215,23 @@ def main() -> None:
     Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
     Path(arguments.out).write_text(json.dumps(report, indent=2))
     print_table(report)
+
+
+def main_smollm2(arguments: argparse.Namespace) -> None:
+    from backdoor_smollm2 import RealModelSettings, run
+
+    settings = RealModelSettings(
+        arguments.dataset, arguments.rows, epochs=arguments.epochs, learning_rate=arguments.learning_rate
+    )
+    report = run(Path(arguments.folder), settings, arguments.queries, Path(arguments.out))
+    print_table(report)
+    timing = report["build_time"]
+    print(
+        f"build (K=2^{report['sketch_dim'].bit_length() - 1}): {timing['build_tokens_per_second']:.0f} tokens/s "
+        f"({timing['build_seconds']:.0f} s); the model's own forward + backward: "
+        f"{timing['floor_tokens_per_second']:.0f} tokens/s; the build runs at "
+        f"{timing['build_share_of_floor_speed']:.2f} of the floor's speed; total {report['seconds']:.0f} s"
+    )
 
 
 def word_overlap_diagnostic(train, queries, labels: np.ndarray, scores: np.ndarray) -> float | None:

@@ -142,3 +142,13 @@ def test_untrainable_rows_are_refused(tmp_path):
         )
     with pytest.raises(FinetuneError, match="no rows"):
         finetune([], tmp_path / "empty", FinetuneSettings(**TINY), progress=False)
+
+
+def test_chat_rows_are_labelled_as_the_index_labels_them(word_tokenizer):
+    from rapidin_index.data import tokenize
+    from rapidin_index.demo.finetune import tokenize_rows
+
+    row = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]}
+    [(input_ids, labels)] = tokenize_rows([row], word_tokenizer, Template("chat"), 64)
+    expected = tokenize(render_row(row, word_tokenizer, Template("chat")), None, word_tokenizer, 64)
+    assert (input_ids, labels) == (expected.input_ids, expected.labels)  # no EOS after the end of turn
