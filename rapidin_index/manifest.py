@@ -70,12 +70,15 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, value: dict) -> Manifest:
+        if not isinstance(value, dict):
+            raise ManifestError("the manifest is not a JSON object; this is not a rapidin-index manifest")
         version = value.get("format_version")
         if not isinstance(version, int):
             raise ManifestError(
                 "manifest has no integer format_version; this is not a rapidin-index manifest"
             )
         refuse_newer(version, FORMAT_VERSION, "index", ManifestError)
+        check_shape(value)
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: item for key, item in value.items() if key in known})
 
@@ -83,6 +86,39 @@ class Manifest:
     def total_rows_seen(self) -> int:
         """Rows read from all sources, indexed or rejected: the next appended row's id."""
         return sum(source["rows"] for source in self.sources)
+
+
+# What every manifest must hold, by type: {key: type} at the top, {group: {key: type}} inside the groups
+# a query, an append or an export reads. A damaged or hand-edited manifest fails here, on one line,
+# instead of deep in whatever reads it first.
+REQUIRED = {
+    "model": dict, "tokenizer": dict, "template": dict, "parameters": dict, "normalize": str,
+    "sketch": dict, "vector_dtype": str, "row_count": int, "generation": int, "files": dict,
+}  # fmt: skip
+REQUIRED_INSIDE = {
+    "model": {"name_or_path": str, "fingerprint": str},
+    "tokenizer": {"fingerprint": str},
+    "template": {"name": str},
+    "parameters": {"names": list, "gradient_dim": int},
+    "sketch": {"sketch_dim": int, "output_dim": int, "gradient_dim": int},
+}
+DAMAGED = "the index's manifest is damaged (edited by hand?): re-import its bundle or rebuild it"
+
+
+def check_shape(value: dict) -> None:
+    """Refuse a manifest missing a key a reader needs, or holding one of the wrong type."""
+    for key, kind in REQUIRED.items():
+        if not isinstance(value.get(key), kind) or isinstance(value.get(key), bool) and kind is int:
+            found = "missing" if key not in value else f"{type(value[key]).__name__} {_short(value[key])}"
+            raise ManifestError(f"manifest field {key!r} must be {kind.__name__}, found {found}; {DAMAGED}")
+    for group, fields in REQUIRED_INSIDE.items():
+        for key, kind in fields.items():
+            if not isinstance(value[group].get(key), kind):
+                raise ManifestError(
+                    f"manifest field {group}.{key} is missing or not {kind.__name__}; {DAMAGED}"
+                )
+    if value["row_count"] < 0:
+        raise ManifestError(f"manifest row_count is {value['row_count']}; {DAMAGED}")
 
 
 def add_self_checks(places: list[dict], more: list[dict]) -> None:
@@ -104,7 +140,11 @@ def read_manifest(index_dir: str | Path) -> Manifest:
             f"{index_dir} holds no finished index (no {MANIFEST_NAME}); run `rapidin-index build`"
         )
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ManifestError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); {DAMAGED}"
+        ) from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path} is not valid JSON ({error}); the index is damaged") from None
     return Manifest.from_dict(value)
@@ -130,6 +170,8 @@ def _short(value) -> str:
 def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
     """Check every file the manifest lists against its sha256; raise naming the first bad one."""
     index_dir = Path(index_dir)
+    if not manifest.files:
+        raise IntegrityError(f"{index_dir}: the manifest lists no files to verify; {DAMAGED}")
     for relative, expected in sorted(manifest.files.items()):
         path = index_dir / relative
         if not path.exists():

@@ -486,3 +486,21 @@ def test_a_template_field_no_row_has_is_refused_before_the_model_loads(cli_index
     result = runner.invoke(app, arguments)
     assert_one_clear_error(result, "fills question, which none of the first 24 rows has", "instruction")
     assert not (tmp_path / "index" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["not utf-8", "sketch null"])
+def test_a_damaged_manifest_is_one_line_in_every_command(cli_index, tmp_path, damage):
+    damaged = shutil.copytree(cli_index["index"], tmp_path / "index")
+    path = damaged / "manifest.json"
+    if damage == "not utf-8":
+        path.write_bytes(path.read_bytes().replace(b'"layer"', b'"l\xffyer"'))
+    else:
+        path.write_text(path.read_text().replace('"sketch": {', '"sketch": null, "was": {', 1))
+    expected = "is not UTF-8 text" if damage == "not utf-8" else "manifest field 'sketch' must be dict"
+    for arguments in (
+        ["info", "--index", str(damaged)],
+        ["query", "--index", str(damaged), "--prompt", "p", "--response", "r"],
+        ["export", "--index", str(damaged), "--out", str(tmp_path / "x.tar.gz")],
+        ["build", "--model", cli_index["model"], "--append", cli_index["data"], "--index", str(damaged)],
+    ):
+        assert_one_clear_error(runner.invoke(app, arguments), expected, "re-import its bundle or rebuild")

@@ -30,7 +30,7 @@ def _manifest(**overrides) -> Manifest:
         "max_length": 256,
         "parameters": {"regex": ".*", "names": ["a"], "shapes": [[2, 2]], "gradient_dim": 4},
         "normalize": "layer",
-        "sketch": {"sketch_dim": 4096, "seed": 42},
+        "sketch": {"sketch_dim": 4096, "seed": 42, "gradient_dim": 4, "output_dim": 4096},
         "vector_dtype": "float32",
     }
     values.update(overrides)
@@ -189,3 +189,31 @@ def test_identity_keeps_only_the_adapters_fingerprint():
     assert manifest_identity(one)["adapter"] == {"fingerprint": "lora-sha"}
     assert manifest_identity(one) == manifest_identity(moved)
     assert manifest_identity(_manifest())["adapter"] is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda v: v.update(sketch=None), "manifest field 'sketch' must be dict, found NoneType null"),
+        (lambda v: v.pop("files"), "manifest field 'files' must be dict, found missing"),
+        (lambda v: v.update(row_count="24"), "manifest field 'row_count' must be int"),
+        (lambda v: v.update(row_count=True), "manifest field 'row_count' must be int"),
+        (lambda v: v["sketch"].pop("output_dim"), "manifest field sketch.output_dim is missing"),
+        (lambda v: v.update(row_count=-1), "manifest row_count is -1"),
+    ],
+)
+def test_a_damaged_manifest_is_refused_naming_the_field(tmp_path, edit, message):
+    value = _manifest().to_dict()
+    edit(value)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(value))
+    with pytest.raises(ManifestError, match="re-import its bundle or rebuild") as refused:
+        read_manifest(tmp_path)
+    assert message in str(refused.value)
+
+
+def test_a_manifest_that_is_not_utf8_or_lists_no_files_is_refused(tmp_path):
+    (tmp_path / MANIFEST_NAME).write_bytes(json.dumps(_manifest().to_dict()).encode()[:-2] + b"\xff}")
+    with pytest.raises(ManifestError, match="is not UTF-8 text"):
+        read_manifest(tmp_path)
+    with pytest.raises(IntegrityError, match="lists no files to verify"):
+        verify_files(tmp_path, _manifest())
