@@ -7,7 +7,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rapidin_index.errors import StoreError
+from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_file
 from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
 
@@ -50,7 +50,15 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
 
 
 def load_index(path: str | Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+    """The FAISS file; a truncated, empty or overwritten one is refused on one line, not FAISS's trace."""
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as error:
+        reason = next((line for line in str(error).splitlines() if "Error" in line), str(error)).strip()
+        raise IntegrityError(
+            f"{path} cannot be read by FAISS ({reason[:160]}): the index is damaged; re-import its bundle "
+            "or rebuild it"
+        ) from None
 
 
 def stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:

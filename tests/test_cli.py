@@ -504,3 +504,17 @@ def test_a_damaged_manifest_is_one_line_in_every_command(cli_index, tmp_path, da
         ["build", "--model", cli_index["model"], "--append", cli_index["data"], "--index", str(damaged)],
     ):
         assert_one_clear_error(runner.invoke(app, arguments), expected, "re-import its bundle or rebuild")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_faiss_file_is_one_line(cli_index, tmp_path, damage):
+    damaged = shutil.copytree(cli_index["index"], tmp_path / "index")
+    vectors = next(damaged.glob("vectors-g*.faiss"))
+    vectors.write_bytes(vectors.read_bytes()[: 100 if damage == "truncated" else 0])
+    for arguments, expected in (
+        (["query", "--index", str(damaged), "--prompt", "p", "--response", "r"], "the index is damaged"),
+        (["export", "--index", str(damaged), "--out", str(tmp_path / "x.parquet")], "checksum"),
+    ):
+        result = runner.invoke(app, arguments)
+        assert_one_clear_error(result, "vectors-g", expected, lines=None)
+        assert len(result.output.strip().splitlines()) <= 2  # one message (a long path may wrap it)
