@@ -5,6 +5,7 @@ A codec over a database folder and a table name; `store` knows which folder and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ os.environ.setdefault("LANCEDB_LOG", "error")  # lance logs a WARN for every new
 import lancedb
 import pyarrow as pa
 
-from rapidin_index.errors import QueryError
+from rapidin_index.errors import IntegrityError, QueryError
 
 SCHEMA = pa.schema(
     [
@@ -100,8 +101,22 @@ def _logical(row: dict) -> dict:
     return {field.name: row[field.name] for field in SCHEMA}
 
 
+@contextlib.contextmanager
+def _readable(name: str):
+    """A LanceDB file cut short or overwritten is refused on one line, not lance's Rust trace."""
+    try:
+        yield
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0].split(", /rustc")[0][:200]
+        raise IntegrityError(
+            f"the LanceDB table {name} cannot be read ({reason}): the index is damaged; re-import its "
+            "bundle or rebuild it"
+        ) from None
+
+
 def read_all(database: Path, name: str) -> list[dict]:
-    return [_logical(row) for row in _connect(database).open_table(name).to_arrow().to_pylist()]
+    with _readable(name):
+        return [_logical(row) for row in _connect(database).open_table(name).to_arrow().to_pylist()]
 
 
 def open_table(database: Path, name: str):
@@ -113,7 +128,8 @@ def read_rows(table, ids: list[int]) -> dict[int, dict]:
     if not ids:
         return {}
     id_list = ", ".join(str(int(i)) for i in sorted(set(ids)))
-    found = table.search().where(f"id IN ({id_list})").limit(len(set(ids))).to_arrow().to_pylist()
+    with _readable(table.name):
+        found = table.search().where(f"id IN ({id_list})").limit(len(set(ids))).to_arrow().to_pylist()
     return {
         row["id"]: {**(logical := _logical(row)), "source": json.loads(logical["source"])} for row in found
     }

@@ -518,3 +518,14 @@ def test_a_damaged_faiss_file_is_one_line(cli_index, tmp_path, damage):
         result = runner.invoke(app, arguments)
         assert_one_clear_error(result, "vectors-g", expected, lines=None)
         assert len(result.output.strip().splitlines()) <= 2  # one message (a long path may wrap it)
+
+
+def test_a_damaged_lancedb_file_is_one_line(cli_index, tmp_path):
+    damaged = shutil.copytree(cli_index["index"], tmp_path / "index")
+    for data_file in damaged.glob("metadata/rows_g*.lance/data/*.lance"):
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    result = runner.invoke(
+        app, _query({**cli_index, "index": str(damaged)}, "--response", "x", "--explain", "0")
+    )
+    assert_one_clear_error(result, "cannot be read", "the index is damaged", lines=None)
+    assert "rustc" not in result.output and len(result.output.strip().splitlines()) <= 2

@@ -93,3 +93,18 @@ def test_a_bad_filter_names_the_columns(tmp_path):
     metadata.write_table(tmp_path, "rows", [[_row(0, source=json.dumps({"text": "a", "lang": "en"}))]])
     with pytest.raises(QueryError, match="--where 'colour = 1'.*columns: id, .*lang"):
         metadata.matching_ids(metadata.open_table(tmp_path, "rows"), "colour = 1", 10)
+
+
+def test_a_damaged_table_file_is_refused_on_one_line(tmp_path):
+    import pytest
+
+    from rapidin_index.errors import IntegrityError
+
+    metadata.write_table(tmp_path, "rows", [[_row(i) for i in range(50)]])
+    (data_file,) = (tmp_path / "rows.lance" / "data").glob("*.lance")
+    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    with pytest.raises(IntegrityError, match="the LanceDB table rows cannot be read .*re-import") as refused:
+        metadata.read_all(tmp_path, "rows")
+    assert "rustc" not in str(refused.value)
+    with pytest.raises(IntegrityError, match="the index is damaged"):
+        metadata.read_rows(metadata.open_table(tmp_path, "rows"), [1, 2])
