@@ -36,13 +36,13 @@ NEUTRAL = tempfile.gettempdir()
 APP = "import sys; from rapidin_index.cli.main import app; sys.argv[0] = 'rapidin-index'; app()"
 
 
-def prepare(folder: Path, rows: int, hidden_size: int, layers: int) -> dict[str, str]:
-    """Tiny model (+ a copy with another chat template), data file, and a finished index in ``folder``."""
+def tiny_model_and_data(folder: Path, rows: int, hidden_size: int, layers: int) -> tuple[Path, Path]:
+    """(model folder, data file) in ``folder``: the first ``rows`` bundled docstring rows and a tiny
+    Llama whose tokenizer was trained on them (kept when already there)."""
     from rapidin_index.demo.tiny_models import save_tiny_model
 
-    folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    assets = Path(__file__).resolve().parents[1] / "rapidin_index" / "assets" / "docstrings.jsonl"
+    assets = Path(__file__).resolve().parents[1] / "rapidin_index" / "demo" / "assets" / "docstrings.jsonl"
     lines = assets.read_text().splitlines()[:rows]
     data = folder / "train.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -51,6 +51,13 @@ def prepare(folder: Path, rows: int, hidden_size: int, layers: int) -> dict[str,
         texts = [" ".join(json.loads(line).values()) for line in lines]
         save_tiny_model(model, "llama", texts, vocab_size=2000, hidden_size=hidden_size, layers=layers)
         time.sleep(2.1)  # the build records the model files' stat only once they have settled
+    return model, data
+
+
+def prepare(folder: Path, rows: int, hidden_size: int, layers: int) -> dict[str, str]:
+    """Tiny model (+ a copy with another chat template), data file, and a finished index in ``folder``."""
+    folder = folder.resolve()
+    model, data = tiny_model_and_data(folder, rows, hidden_size, layers)
     other = folder / "model-other-tokenizer"
     if not other.exists():
         shutil.copytree(model, other)

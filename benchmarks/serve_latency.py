@@ -30,7 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-APP = "import sys; from rapidin_index.cli.main import app; sys.argv[0] = 'rapidin-index'; app()"
+from cli_latency import APP, tiny_model_and_data
+
 PROMPT = "What does the `DeprecationWarning` class do?"
 RESPONSE = "Base class for warnings about deprecated features."
 SETTINGS = {
@@ -45,20 +46,10 @@ SETTINGS = {
 def prepare(folder: Path, rows: int, hidden_size: int, layers: int, sketch_dim: int) -> Path:
     """A tiny Llama over the first ``rows`` docstring rows, and its index; returns the index folder."""
     from rapidin_index.build import build_index
-    from rapidin_index.demo.tiny_models import save_tiny_model
     from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
     folder = folder.resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    assets = Path(__file__).resolve().parents[1] / "rapidin_index" / "demo" / "assets" / "docstrings.jsonl"
-    lines = assets.read_text().splitlines()[:rows]
-    data = folder / "train.jsonl"
-    data.write_text("\n".join(lines) + "\n")
-    model = folder / "model"
-    if not (model / "config.json").exists():
-        texts = [" ".join(json.loads(line).values()) for line in lines]
-        save_tiny_model(model, "llama", texts, vocab_size=2000, hidden_size=hidden_size, layers=layers)
-        time.sleep(2.1)  # the build records the model files' stat only once they have settled
+    model, data = tiny_model_and_data(folder, rows, hidden_size, layers)
     index = folder / "index"
     settings = BuildSettings(ModelSettings(str(model)), SketchSettings(sketch_dim), device="cpu")
     build_index(data, index, settings, progress=False)  # "nothing to do" when it is already built
