@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rapidin_index import store
 from rapidin_index.errors import IndexLockedError, ManifestError
-from rapidin_index.manifest import Manifest, read_manifest, utc_now
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, read_manifest, utc_now
 
 LOCK_NAME = ".lock"
 READERS_DIR = ".readers"
@@ -55,6 +55,7 @@ def writer_lock(index_dir: str | Path, action: str) -> Iterator[None]:
     created = not index_dir.exists()
     descriptor = _acquire(index_dir, action)
     try:
+        remove_debris(index_dir)
         pause_point("locked")
         yield
     finally:
@@ -62,6 +63,19 @@ def writer_lock(index_dir: str | Path, action: str) -> Iterator[None]:
         os.close(descriptor)
         if created:
             _remove_if_empty(index_dir)
+
+
+def remove_debris(index_dir: Path) -> list[str]:
+    """What a killed writer left (temporaries, an uncommitted generation), removed by the next writer
+    (`store.remove_debris`); a manifest that cannot be read leaves every generation in place."""
+    manifest_path = index_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return store.remove_debris(index_dir, None)
+    try:
+        committed = read_manifest(index_dir).generation
+    except (ManifestError, OSError, ValueError):
+        return store.remove_debris(index_dir, None, generations=False)
+    return store.remove_debris(index_dir, committed)
 
 
 def _acquire(index_dir: Path, action: str) -> int:
