@@ -29,7 +29,7 @@ from rapidin_index.bundle import (
     self_checksum,
 )
 from rapidin_index.errors import BundleError, IntegrityError, ManifestError
-from rapidin_index.files import atomic_write_json, sha256_file, tree_bytes, writing
+from rapidin_index.files import atomic_write_json, no_space, sha256_file, tree_bytes, writing
 from rapidin_index.lock import LOCK_FILES, pause_point, remove_unread_generations, writer_lock
 from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, verify_files
 
@@ -296,11 +296,10 @@ def _read_description(file, size: int) -> dict:
 
 
 def _check_free_space(destination: Path, needed: int) -> None:
-    free = shutil.disk_usage(destination).free
-    if needed > free:
-        raise BundleError(
-            f"the bundle unpacks to {needed:,} bytes but only {free:,} are free beside {destination}"
-        )
+    """Refused before a byte is written: the folder that holds ``destination`` (the import's target's
+    parent, or the scratch folder of --check) has less free space than the bundle unpacks to."""
+    if needed > shutil.disk_usage(destination).free:
+        raise no_space(destination.parent, needed)
 
 
 def _extract_member(file, size: int, entry: dict, target: Path) -> None:

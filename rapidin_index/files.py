@@ -46,7 +46,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 # OS errors that mean the disk refused a write, not a bug: the user can fix them by freeing space or
 # choosing another folder.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
 # How the writers in other languages say so: FAISS's C++ ("write error in ...: No space left on device")
 # and lance's Rust ("LanceError(IO): ... (os error 28)"), raised as RuntimeError or errno-less OSError.
 _WRITE_ERROR_TEXTS = ("write error", "No space left", "Disk quota", "LanceError(IO)", "os error 28")
@@ -67,6 +67,11 @@ def writing(folder: str | Path, needed_bytes: int | Callable[[], int]) -> Iterat
         raise WriteError(_write_message(Path(folder), error, needed)) from None
 
 
+def no_space(folder: str | Path, needed: int) -> WriteError:
+    """The `WriteError` for a write refused before it starts: ``needed`` bytes do not fit in ``folder``."""
+    return WriteError(_write_message(Path(folder), OSError(errno.ENOSPC, "No space left on device"), needed))
+
+
 def _refused_write(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno is not None:
         return error.errno in WRITE_ERRNOS
@@ -74,11 +79,16 @@ def _refused_write(error: BaseException) -> bool:
 
 
 def _write_message(folder: Path, error: BaseException, needed: int) -> str:
+    text = str(error)
     if isinstance(error, OSError) and error.errno is not None:
         reason = os.strerror(error.errno).lower()
-    else:
-        line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        reason = line.strip()[:160]
+    elif "No space left" in text or "os error 28" in text:
+        reason = "no space left on device"
+    elif "Disk quota" in text:
+        reason = "disk quota exceeded"
+    else:  # the first line, without the writer's source location
+        line = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
+        reason = line.split(", /")[0].strip()[:160]
     place = folder
     while not place.exists() and place != place.parent:
         place = place.parent
