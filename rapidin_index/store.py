@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rapidin_index.data import RejectedRow
-from rapidin_index.errors import StoreError
+from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_write_bytes, sha256_path, tree_bytes, writing
 
 if TYPE_CHECKING:
@@ -106,6 +106,21 @@ def open_rows(index_dir: str | Path, generation: int):
     return metadata.open_table(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
+def rows_of_hits(index_dir: str | Path, table, ids: list[int]) -> dict[int, dict]:
+    """{id: row} of the hits FAISS found (`metadata.read_rows`); a hit whose row the LanceDB table lost
+    is refused on one line naming the index, never answered without its text (or with a KeyError)."""
+    from rapidin_index import metadata
+
+    rows = metadata.read_rows(table, ids)
+    missing = sorted(set(ids) - set(rows))
+    if missing:
+        raise IntegrityError(
+            f"{index_dir}: row {missing[0]} is in the FAISS file but not in the LanceDB table {table.name} "
+            f"({len(missing)} such rows): the index is damaged; re-import its bundle or rebuild it"
+        )
+    return rows
+
+
 def count_rows(index_dir: str | Path, generation: int) -> int:
     from rapidin_index import metadata
 
@@ -116,8 +131,24 @@ def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow
     path = Path(index_dir) / rejected_file(manifest.generation)
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [RejectedRow(example_id=row["id"], reason=row["reason"]) for row in rows]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{path} is damaged (not UTF-8): {_DAMAGED_FIX}") from None
+    return [_rejected_row(path, number, line) for number, line in enumerate(lines, 1) if line]
+
+
+_DAMAGED_FIX = "re-import the index's bundle or rebuild it"
+
+
+def _rejected_row(path: Path, number: int, line: str) -> RejectedRow:
+    try:
+        row = json.loads(line)
+        return RejectedRow(example_id=int(row["id"]), reason=str(row["reason"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise IntegrityError(
+            f"{path}, line {number} is damaged ({type(error).__name__}): {_DAMAGED_FIX}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- write

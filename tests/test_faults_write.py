@@ -435,3 +435,93 @@ def test_an_import_killed_while_moving_its_files_is_recovered(tmp_path, referenc
         Path(name).name for name in manifest.files if "/" not in name
     )
     assert stored_vectors(target).keys() == stored_vectors(reference / "index").keys()
+
+
+# --------------------------------------------------------------------------- item 5: damaged rows, bad input
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        (b'{"id": 3, "reason": "too long"}\n{"id": 4, "rea', "line 2"),
+        (b"\xff\xfe\n", "not UTF-8"),
+        (b'{"id": 3}\n', "line 1"),
+    ],
+    ids=["cut-short", "not-utf8", "no-reason"],
+)
+def test_a_damaged_rejected_file_is_one_line_naming_it(tmp_path, reference, text, where):
+    index_dir = tmp_path / "index"
+    shutil.copytree(reference / "index", index_dir)
+    (index_dir / "rejected-g0001.jsonl").write_bytes(text)
+    shown = cli("info", "--index", str(index_dir), "--json")
+    assert shown.returncode == 2
+    line = one_error_line(shown.stderr)
+    assert str(index_dir / "rejected-g0001.jsonl") in line and where in line and "rebuild" in line
+
+
+def test_a_hit_on_a_row_lancedb_lost_is_one_line_naming_the_index(
+    tmp_path, tiny_model_dirs, training_rows, reference
+):
+    """The FAISS file finds row 0, whose LanceDB row is gone (the manifest's checksums made to match, so
+    that only the join can notice): one line naming the index and the fix, not `KeyError: 0`."""
+    from rapidin_index import metadata
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(reference / "index", index_dir)
+    rows = store.read_all_rows(index_dir, 1)
+    metadata.write_table(index_dir / store.DATABASE_DIR, store.table_name(1), [[r for r in rows if r["id"]]])
+    manifest = read_manifest(index_dir)
+    manifest.files = store.file_checksums(index_dir, 1)
+    write_manifest(index_dir, manifest)
+    row = training_rows[0]
+    asked = cli(
+        "query", "--index", str(index_dir), "--model", tiny_model_dirs["llama"], "--device", "cpu",
+        "--prompt", row["instruction"], "--response", row["output"], "--top-k", str(len(training_rows)),
+        "--explain", "0", "--format", "json",
+    )  # fmt: skip
+    assert asked.returncode == 2, asked.stderr
+    line = one_error_line(asked.stderr)
+    assert f"{index_dir}: row 0 is in the FAISS file but not in the LanceDB table rows_g0001" in line
+    assert "re-import its bundle or rebuild it" in line
+
+
+def test_damaged_parquet_data_is_one_data_error_naming_the_file(tmp_path):
+    """Seeded byte flips anywhere in a Parquet file (footer, schema, pages): a DataError naming it, or
+    rows, never Arrow's or Python's own exception (ArrowInvalid, UnicodeDecodeError)."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    from rapidin_index.errors import DataError
+    from rapidin_index.readers import check_source, read_rows
+
+    good = tmp_path / "good.parquet"
+    rows = [{"instruction": f"question {i} " * 3, "output": f"answer {i} " * 4, "n": i} for i in range(200)]
+    parquet.write_table(pa.Table.from_pylist(rows), good, compression="none")
+    data = good.read_bytes()
+    refused = 0
+    for seed in range(150):
+        generator = np.random.default_rng(seed)
+        damaged = bytearray(data)
+        for position in generator.integers(4, len(data) - 4, size=3):
+            damaged[position] ^= int(generator.integers(1, 256))
+        path = tmp_path / f"damaged-{seed}.parquet"
+        path.write_bytes(bytes(damaged))
+        try:
+            list(read_rows(check_source(path, None)))
+        except DataError as error:
+            assert str(path) in str(error)
+            refused += 1
+    assert refused > 50  # most flips are noticed; the rest land in text and change it
+
+
+def test_a_garbage_parquet_file_and_a_negative_explain_are_one_line(tmp_path, tiny_model_dirs, reference):
+    garbage = tmp_path / "rows.parquet"
+    garbage.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
+    built = cli(*build_arguments(tiny_model_dirs["llama"], garbage, tmp_path / "index"))
+    assert built.returncode == 2
+    assert f"cannot read {garbage}: not a valid Parquet file" in one_error_line(built.stderr)
+    asked = cli(
+        "query", "--index", str(reference / "index"), "--prompt", "q", "--response", "a", "--explain", "-1"
+    )
+    assert asked.returncode == 2
+    assert "--explain must be at least 0, got -1" in one_error_line(asked.stderr)
