@@ -31,6 +31,7 @@ from rapidin_index.data import (
     parse_template,
 )
 from rapidin_index.errors import BuildError, IntegrityError, RejectedRowsError, StoreError
+from rapidin_index.files import writing
 from rapidin_index.journal import (
     chunk_problem,
     open_journal,
@@ -541,7 +542,8 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.self_checks = self_checks
     manifest.files = files
     pause_point("before-commit")
-    write_manifest(index_dir, manifest)
+    with writing(index_dir, 1 << 16):  # uncommitted files left by a failure here go with the next writer
+        write_manifest(index_dir, manifest)
     remove_unread_generations(index_dir, generation)
     store.remove_journal(index_dir)
     return manifest

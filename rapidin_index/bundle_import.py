@@ -60,12 +60,17 @@ def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False
         _check_target(index_dir, force)
         staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=_staging_prefix(index_dir)))
         os.chmod(staging, 0o755)  # mkdtemp makes 0700; an index is meant to be shared
-        try:
-            with writing(index_dir.parent, lambda: max(bundle.stat().st_size, tree_bytes(staging))):
+        unpacked = []  # bytes unpacked when a write failed: the free space is reported after the cleanup
+        with writing(index_dir.parent, lambda: max(bundle.stat().st_size, *unpacked)):
+            try:
                 _, manifest = _extract_verified(bundle, staging)
                 _move_into_place(staging, index_dir, manifest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            except BaseException:
+                unpacked.append(tree_bytes(staging))
+                roll_back_import(index_dir)  # a move that failed half-way: no partial folder
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return read_manifest(index_dir)
 
 

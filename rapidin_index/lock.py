@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rapidin_index import store
 from rapidin_index.errors import IndexLockedError, ManifestError
+from rapidin_index.files import writing
 from rapidin_index.manifest import MANIFEST_NAME, Manifest, read_manifest, utc_now
 
 LOCK_NAME = ".lock"
@@ -94,7 +95,12 @@ def _acquire(index_dir: Path, action: str) -> int:
                 raise
             raise IndexLockedError(_locked_message(index_dir, path)) from None
         if _same_file(descriptor, path):
-            _write_holder(descriptor, action)
+            try:
+                with writing(index_dir, 4096):  # a full disk refuses even the holder's record
+                    _write_holder(descriptor, action)
+            except BaseException:
+                os.close(descriptor)
+                raise
             return descriptor
         os.close(descriptor)  # we locked a lock file its holder had just removed: take the new one
     raise IndexLockedError(f"{index_dir}: could not take the writer lock {path}; retry")

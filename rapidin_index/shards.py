@@ -15,6 +15,7 @@ import numpy as np
 from rapidin_index import index as vector_index
 from rapidin_index import store
 from rapidin_index.errors import ShardError
+from rapidin_index.files import writing
 from rapidin_index.lock import read_generation, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
@@ -75,7 +76,8 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
         merged.exact_path.update(manifest.exact_path)
         add_self_checks(merged.self_checks, manifest.self_checks)
     merged.files = files
-    write_manifest(index_dir, merged)
+    with writing(index_dir, 1 << 16):
+        write_manifest(index_dir, merged)
     store.remove_journal(index_dir)
     return merged
 

@@ -190,8 +190,8 @@ def write_generation(
     def needed() -> int:  # what this generation takes on disk, about: vectors, row text, rejected rows
         return 4 * faiss_index.ntotal * faiss_index.d + 2 * text_bytes[0] + 64 * len(rejected) + (1 << 16)
 
-    try:
-        with writing(index_dir, needed):
+    with writing(index_dir, needed):  # outermost: the free space it reports is after the cleanup
+        try:
             metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
             if expected_ids is not None:
                 vector_ids = faiss.vector_to_array(faiss_index.id_map).tolist()
@@ -205,9 +205,9 @@ def write_generation(
             text = "".join(json.dumps(row) + "\n" for row in rejected)
             atomic_write_bytes(index_dir / rejected_file(generation), text.encode())
             return file_checksums(index_dir, generation)
-    except BaseException:
-        remove_generation(index_dir, generation)
-        raise
+        except BaseException:
+            remove_generation(index_dir, generation)
+            raise
 
 
 def row_id_problem(

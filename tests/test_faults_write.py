@@ -332,12 +332,14 @@ def test_a_real_full_disk_build_export_and_import(tmp_path, tiny_model_dirs, tra
     mount.mkdir()
     run = f"{sys.executable} -c 'from rapidin_index.cli.main import app; app()'"
     build = " ".join(build_arguments(tiny_model_dirs["llama"], training_file, mount / "index"))
+    build_step = "{run} {build} 2>{tmp}/{step}.err; echo {step}=$? >>{tmp}/codes; ls -A {mount}/index > {tmp}/{step}.left"
     script = "\n".join(
         [
             "set -u",
-            f"mount -t tmpfs -o size=160k tmpfs {mount}",
-            f"{run} {build} 2>{tmp_path}/build.err; echo build=$? >>{tmp_path}/codes",
-            f"ls -A {mount}/index > {tmp_path}/build.left",
+            f"mount -t tmpfs -o size=24k tmpfs {mount}",  # room for the plan, not for a chunk
+            build_step.format(run=run, build=build, tmp=tmp_path, step="journal", mount=mount),
+            f"umount {mount} && mount -t tmpfs -o size=160k tmpfs {mount}",  # the journal fits, the index not
+            build_step.format(run=run, build=build, tmp=tmp_path, step="build", mount=mount),
             f"umount {mount} && mount -t tmpfs -o size=64k tmpfs {mount}",
             f"{run} export --index {reference}/index --out {mount}/b.tar.gz 2>{tmp_path}/export.err;"
             f" echo export=$? >>{tmp_path}/codes",
@@ -349,13 +351,15 @@ def test_a_real_full_disk_build_export_and_import(tmp_path, tiny_model_dirs, tra
     )
     subprocess.run(["unshare", "-m", "sh", "-c", script], check=True, timeout=600)
     codes = dict(line.split("=") for line in (tmp_path / "codes").read_text().split())
-    assert codes == {"build": "2", "export": "2", "import": "2"}, codes
-    for step in ("build", "export", "import"):
+    assert codes == {"journal": "2", "build": "2", "export": "2", "import": "2"}, codes
+    for step, folder in [("journal", mount / "index" / JOURNAL_DIR), ("build", mount / "index")]:
         line = one_error_line((tmp_path / f"{step}.err").read_text())
-        assert f"cannot write to {mount}" in line and "no space left on device" in line, line
-        assert "needs about" in line
-    assert "manifest.json" not in (tmp_path / "build.left").read_text()
-    assert not [n for n in (tmp_path / "build.left").read_text().split() if n.endswith(".tmp")]
+        assert f"cannot write to {folder}: no space left on device" in line and "needs about" in line, line
+        left = (tmp_path / f"{step}.left").read_text().split()
+        assert "manifest.json" not in left and not [name for name in left if name.endswith(".tmp")]
+    for step in ("export", "import"):
+        line = one_error_line((tmp_path / f"{step}.err").read_text())
+        assert f"cannot write to {mount}: no space left on device" in line and "needs about" in line, line
     assert (tmp_path / "export.left").read_text().split() == []
     assert (tmp_path / "import.left").read_text().split() == []
 
