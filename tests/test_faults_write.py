@@ -115,16 +115,27 @@ def reference(tmp_path_factory, tiny_model_dirs, training_file):
     return root
 
 
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory, tiny_model_dirs, training_file):
+    """An index folder whose build was killed (SIGKILL) after chunk 5's vectors: chunks 0-4 whole, 5 torn."""
+    index_dir = tmp_path_factory.mktemp("crashed") / "index"
+    killed = cli(
+        *build_arguments(tiny_model_dirs["llama"], training_file, index_dir),
+        env={CRASH_AFTER_VECTORS_ENV: "5"},
+    )
+    assert killed.returncode == -signal.SIGKILL
+    return index_dir
+
+
 # --------------------------------------------------------------------------- item 2: journal checksums
 
 
 def test_a_damaged_journal_is_recomputed_on_resume_and_the_resume_says_so(
-    tmp_path, tiny_model_dirs, training_file, training_rows, reference
+    tmp_path, tiny_model_dirs, training_file, training_rows, reference, crashed
 ):
     index_dir = tmp_path / "index"
+    shutil.copytree(crashed, index_dir)
     arguments = build_arguments(tiny_model_dirs["llama"], training_file, index_dir)
-    crashed = cli(*arguments, env={CRASH_AFTER_VECTORS_ENV: "5"})
-    assert crashed.returncode == -signal.SIGKILL
     journal = index_dir / JOURNAL_DIR
     # chunk 0: one digit of its ids changed, still valid JSON; chunk 1: one byte of a vector flipped;
     # chunk 2: its record cut in half; chunk 3: its vectors gone; chunk 4 whole; chunk 5 torn by the kill.
@@ -158,14 +169,10 @@ def test_a_damaged_journal_is_recomputed_on_resume_and_the_resume_says_so(
 
 
 def test_a_damaged_plan_restarts_the_journal(
-    tmp_path, tiny_model_dirs, training_file, training_rows, reference
+    tmp_path, tiny_model_dirs, training_file, training_rows, reference, crashed
 ):
     index_dir = tmp_path / "index"
-    crashed = cli(
-        *build_arguments(tiny_model_dirs["llama"], training_file, index_dir),
-        env={CRASH_AFTER_VECTORS_ENV: "2"},
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    shutil.copytree(crashed, index_dir)
     (index_dir / JOURNAL_DIR / "plan.json").write_bytes(b'{"kind": "build", "data_pa')
     report = build_index(training_file, index_dir, settings(tiny_model_dirs), progress=False)
     assert report.resumed_chunks == 0
@@ -186,16 +193,12 @@ def test_row_id_problem_names_the_first_row_wrong():
 
 
 def test_a_commit_refuses_a_journal_that_holds_a_row_twice(
-    tmp_path, tiny_model_dirs, training_file, training_rows, reference
+    tmp_path, tiny_model_dirs, training_file, training_rows, reference, crashed
 ):
     """A chunk whose record and checksums agree but whose ids overlap another chunk's (as a buggy
     worker could write): the build refuses to commit, clears the journal, and a rerun is whole."""
     index_dir = tmp_path / "index"
-    crashed = cli(
-        *build_arguments(tiny_model_dirs["llama"], training_file, index_dir),
-        env={CRASH_AFTER_VECTORS_ENV: "5"},
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    shutil.copytree(crashed, index_dir)
     journal = index_dir / JOURNAL_DIR
     record, vectors = read_chunk(journal, 1)
     record["ids"][0] = 0  # row 0 is chunk 0's: now twice, and row 4 nowhere
@@ -235,9 +238,10 @@ def test_append_refuses_a_generation_whose_lancedb_lost_rows(
 
 
 def test_a_full_disk_while_writing_the_vectors_ends_in_one_line_and_the_rerun_resumes(
-    tmp_path, tiny_model_dirs, training_file, training_rows, reference
+    tmp_path, tiny_model_dirs, training_file, training_rows, reference, crashed
 ):
     index_dir = tmp_path / "index"
+    shutil.copytree(crashed, index_dir)
     prelude = (
         "import faiss\n"
         "def write_index(index, path):\n"
@@ -380,14 +384,12 @@ def _plant_temporaries(index_dir: Path) -> list[Path]:
 
 
 def test_the_next_writer_removes_a_killed_builds_debris(
-    tmp_path, tiny_model_dirs, training_file, training_rows, reference
+    tmp_path, tiny_model_dirs, training_file, training_rows, reference, crashed
 ):
     index_dir = tmp_path / "index"
-    builder = paused(
-        build_arguments(tiny_model_dirs["llama"], training_file, index_dir),
-        "before-commit",
-        tmp_path / "hold",
-    )
+    shutil.copytree(crashed, index_dir)  # the resume computes one chunk, then stops before its commit
+    arguments = build_arguments(tiny_model_dirs["llama"], training_file, index_dir)
+    builder = paused(arguments, "before-commit", tmp_path / "hold")
     kill(builder)  # generation 1 written, its manifest not
     assert (index_dir / "vectors-g0001.faiss").exists() and not (index_dir / "manifest.json").exists()
     planted = _plant_temporaries(index_dir)
