@@ -138,9 +138,9 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
     marker = index_dir / MOVING_NAME
     if not (index_dir / MANIFEST_NAME).is_file():
         atomic_write_json(marker, {"files": sorted(manifest.files)})
-        for relative in manifest.files:
+        for moved, relative in enumerate(manifest.files, 1):
             _move(staging / relative, index_dir / relative)
-            pause_point("import-moving")
+            pause_point(f"import-moved-{moved}")  # test-only: a kill after each move
         os.replace(staging / MANIFEST_NAME, index_dir / MANIFEST_NAME)
         marker.unlink()
         return
@@ -150,9 +150,9 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
         store.renamed_to_generation(relative, generation): entry for relative, entry in manifest.files.items()
     }
     atomic_write_json(marker, {"files": sorted(files)})
-    for relative, renamed in zip(manifest.files, files, strict=True):
+    for moved, (relative, renamed) in enumerate(zip(manifest.files, files, strict=True), 1):
         _move(staging / relative, index_dir / renamed)
-        pause_point("import-moving")
+        pause_point(f"import-moved-{moved}")
     manifest.files, manifest.generation = files, generation
     atomic_write_json(index_dir / MANIFEST_NAME, manifest.to_dict())
     marker.unlink()

@@ -36,7 +36,8 @@ READERS_DIR = ".readers"
 # Names of the lock files a writer and readers keep in an index folder (an import's target may hold them).
 LOCK_FILES = (LOCK_NAME, READERS_DIR)
 # Test-only: "POINT:PATH" makes a writer that reaches pause POINT ("locked": the writer lock was just
-# taken; "before-commit": a build wrote its new generation, not yet its manifest) create PATH.paused and
+# taken; "before-commit": a build wrote its new generation, not yet its manifest; "import-moved-N": an
+# import moved its Nth file into place, not yet its manifest) create PATH.paused and
 # wait while PATH exists (at most two minutes). The tests use it to hold a writer still at that point.
 PAUSE_ENV = "RAPIDIN_INDEX_TEST_PAUSE"
 

@@ -420,15 +420,20 @@ def test_a_killed_append_leaves_nothing_the_next_writer_keeps(
     verify_files(index_dir, read_manifest(index_dir))
 
 
+@pytest.mark.parametrize("moved", [1, 2, 3], ids=lambda n: f"killed-after-{n}-moves")
 @pytest.mark.parametrize("over_an_index", [False, True], ids=["new-folder", "force"])
-def test_an_import_killed_while_moving_its_files_is_recovered(tmp_path, reference, over_an_index):
+def test_an_import_killed_while_moving_its_files_is_recovered(tmp_path, reference, over_an_index, moved):
+    """Killed after each of its three moves (the manifest not yet in place): the next import, plain or
+    --force, rolls the moved files back and imports; an index it was replacing answers meanwhile."""
     target = tmp_path / "imported"
     arguments = ["import", str(reference / "bundle.tar.gz"), "--index", str(target)]
     if over_an_index:
         shutil.copytree(reference / "index", target)
         arguments.append("--force")
-    importer = paused(arguments, "import-moving", tmp_path / "hold")
-    kill(importer)  # one file moved in, the others still in the staging folder
+    importer = paused(arguments, f"import-moved-{moved}", tmp_path / "hold")
+    kill(importer)
+    if moved == 2 and not over_an_index:
+        arguments.append("--force")  # recovers a half-moved import into a new folder too
     assert (target / MOVING_NAME).exists() and debris(target)
     if over_an_index:
         verify_files(target, read_manifest(target))  # the old index still answers meanwhile
