@@ -268,15 +268,20 @@ def remove_journal(index_dir: Path) -> None:
 
 def remove_debris(index_dir: Path, committed: int | None, generations: bool = True) -> list[str]:
     """Remove what a killed writer left in ``index_dir``: `files.atomic_file` temporaries
-    (``.NAME.XXXX.tmp``) in the folder, its metadata and its journal, and (``generations``) every file
+    (``.NAME.XXXX.tmp``) of the manifest, a generation's files and the journal, and (``generations``) every file
     and table of a generation newer than ``committed`` (the manifest's; None: no manifest, so every
     generation is uncommitted). Call with the writer lock held. Returns the names removed."""
     removed = []
-    for folder in (index_dir, index_dir / DATABASE_DIR, index_dir / JOURNAL_DIR):
-        for path in folder.glob(".*.tmp"):
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path.relative_to(index_dir).as_posix())
+    temporaries = [
+        *index_dir.glob(".manifest.json.*.tmp"),
+        *index_dir.glob(".import-moving.json.*.tmp"),
+        *index_dir.glob(".*-g[0-9][0-9][0-9][0-9].*.tmp"),
+        *(index_dir / JOURNAL_DIR).glob(".*.tmp"),
+    ]  # only the names of our own files: an export may be writing its bundle into this folder
+    for path in temporaries:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.relative_to(index_dir).as_posix())
     for path in generation_paths(index_dir) if generations else []:
         generation = generation_of(path.name)
         if generation is not None and (committed is None or generation > committed):

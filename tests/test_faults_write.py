@@ -383,6 +383,31 @@ def _plant_temporaries(index_dir: Path) -> list[Path]:
     return planted
 
 
+def test_remove_debris_keeps_the_committed_generation_and_files_not_ours(tmp_path):
+    names = [
+        "vectors-g0001.faiss", "rejected-g0001.jsonl", "vectors-g0002.faiss", ".vectors-g0002.faiss.ab12.tmp",
+        ".manifest.json.cd34.tmp", ".bundle.tar.gz.ef56.tmp", "notes.txt", f"{JOURNAL_DIR}/.chunk-000001.npy.x.tmp",
+        f"{store.DATABASE_DIR}/rows_g0001.lance/data.bin", f"{store.DATABASE_DIR}/rows_g0002.lance/data.bin",
+    ]  # fmt: skip
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    removed = store.remove_debris(tmp_path, committed=1)
+    assert sorted(removed) == sorted(
+        [
+            ".vectors-g0002.faiss.ab12.tmp", ".manifest.json.cd34.tmp", f"{JOURNAL_DIR}/.chunk-000001.npy.x.tmp",
+            "vectors-g0002.faiss", f"{store.DATABASE_DIR}/rows_g0002.lance",
+        ]
+    )  # fmt: skip
+    kept = ["vectors-g0001.faiss", "rejected-g0001.jsonl", ".bundle.tar.gz.ef56.tmp", "notes.txt"]
+    assert all((tmp_path / name).exists() for name in kept)
+    assert (tmp_path / store.DATABASE_DIR / "rows_g0001.lance" / "data.bin").exists()
+    assert sorted(store.remove_debris(tmp_path, committed=None)) == sorted(
+        ["vectors-g0001.faiss", "rejected-g0001.jsonl", f"{store.DATABASE_DIR}/rows_g0001.lance"]
+    )  # no manifest: nothing is committed
+    assert not (tmp_path / store.DATABASE_DIR).exists()
+
+
 def test_the_next_writer_removes_a_killed_builds_debris(
     tmp_path, tiny_model_dirs, training_file, training_rows, reference, crashed
 ):
