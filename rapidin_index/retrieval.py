@@ -448,7 +448,7 @@ def join_text(index: Index, results: list[QueryResult]) -> None:
     """Whole-generation hits get their row (prompt, response, source); per-token hits their text."""
     token_hits = [hit for r in results for t in r.tokens for hit in t.helpful + t.harmful]
     whole_hits = [hit for r in results for hit in r.helpful + r.harmful]
-    rows = metadata.read_rows(index.table, sorted({hit.id for hit in whole_hits + token_hits}))
+    rows = store.rows_of_hits(index.path, index.table, sorted({hit.id for hit in whole_hits + token_hits}))
     for hit in whole_hits:
         row = rows[hit.id]
         hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]
