@@ -28,24 +28,31 @@ from rapidin_index.bundle import (
     manifest_facts,
     self_checksum,
 )
+from rapidin_index.bundle_check import check_members, check_signature
 from rapidin_index.errors import BundleError, IntegrityError, ManifestError
 from rapidin_index.files import atomic_write_json, sha256_file
 from rapidin_index.lock import LOCK_FILES, remove_unread_generations, writer_lock
 from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, verify_files
 
 
-def verify_bundle(bundle: str | Path) -> dict:
+def verify_bundle(bundle: str | Path, require_signature: str | Path | None = None) -> dict:
     """Every import check, in a scratch folder that is then removed; returns bundle.json."""
     with tempfile.TemporaryDirectory(prefix="rapidin-verify-") as scratch:
-        description, _ = _extract_verified(Path(bundle), Path(scratch) / "index")
+        description, _ = _extract_verified(Path(bundle), Path(scratch) / "index", require_signature)
     return description
 
 
-def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False) -> Manifest:
+def import_bundle(
+    bundle: str | Path,
+    index_dir: str | Path,
+    force: bool = False,
+    require_signature: str | Path | None = None,
+) -> Manifest:
     """Verify ``bundle`` while extracting it beside ``index_dir``, then move it into place.
 
     ``index_dir`` must not exist or be empty; with ``force`` it may hold an index, which is replaced only
-    once the bundle has verified. On any refusal nothing in ``index_dir`` changes. The folder's writer
+    once the bundle has verified. On any refusal nothing in ``index_dir`` changes. ``require_signature``:
+    an ed25519 public key file; the bundle must be signed by it (`bundle_check`). The folder's writer
     lock is held throughout (lock.py), and the manifest is moved in last: it is the commit point, as in a
     build. A replaced index's files stay until no reader holds them.
     """
@@ -57,7 +64,7 @@ def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False
         staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}.import-"))
         os.chmod(staging, 0o755)  # mkdtemp makes 0700; an index is meant to be shared
         try:
-            _, manifest = _extract_verified(bundle, staging)
+            _, manifest = _extract_verified(bundle, staging, require_signature)
             _move_into_place(staging, index_dir, manifest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -109,7 +116,9 @@ def _move(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
-def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
+def _extract_verified(
+    bundle: Path, destination: Path, require_signature: str | Path | None = None
+) -> tuple[dict, Manifest]:
     """Extract ``bundle`` into ``destination`` (created), checking everything; raise BundleError naming why."""
     if not bundle.is_file():
         raise BundleError(f"bundle {bundle} does not exist")
@@ -130,6 +139,7 @@ def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
                         "not a rapidin-index bundle (or one repacked by hand)"
                     )
                 description = _read_description(reader(), size)
+                check_signature(description, require_signature)
                 listed = {entry["path"]: entry for entry in description["members"]}
                 _check_free_space(destination, sum(entry["bytes"] for entry in listed.values()))
             elif relative not in listed:
@@ -155,7 +165,9 @@ def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
         raise BundleError(
             f"member {missing[0]!r}{more} listed in {BUNDLE_NAME} is missing from the bundle (truncated?)"
         )
-    return description, _check_manifest(destination, description, extracted)
+    manifest = _check_manifest(destination, description, extracted)
+    check_members(destination, manifest)  # opened as a query opens them, before the target is touched
+    return description, manifest
 
 
 def _archive_members(bundle: Path):

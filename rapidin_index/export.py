@@ -51,6 +51,7 @@ from rapidin_index.bundle import (
     format_for,
     header,
 )
+from rapidin_index.bundle_check import load_private_key
 from rapidin_index.errors import BundleError
 from rapidin_index.files import atomic_file, sha256_file, sha256_tree
 from rapidin_index.manifest import (
@@ -63,10 +64,21 @@ from rapidin_index.store import read_rejected
 # --------------------------------------------------------------------------- export
 
 
-def export_index(index_dir: str | Path, out: str | Path, format: str | None = None) -> Path:
-    """Write the index in ``index_dir`` to ``out`` atomically (temporary file beside it, then rename)."""
+def export_index(
+    index_dir: str | Path, out: str | Path, format: str | None = None, sign_with: str | Path | None = None
+) -> Path:
+    """Write the index in ``index_dir`` to ``out`` atomically (temporary file beside it, then rename).
+
+    ``sign_with``: an ed25519 private key file; bundle.json then carries its signature (`bundle_check`).
+    """
     index_dir, out = Path(index_dir), Path(out)
     format = format_for(out, format)
+    if sign_with is not None:
+        if format == "parquet":
+            raise BundleError(
+                "--sign signs tar and zip bundles; a Parquet export is for analysis, not import"
+            )
+        load_private_key(sign_with)  # a bad key is refused before any work
     read_manifest(index_dir)  # its errors say what is wrong with the folder
     manifest_bytes = (index_dir / MANIFEST_NAME).read_bytes()  # exported as read, even if a build replaces it
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
@@ -82,7 +94,7 @@ def export_index(index_dir: str | Path, out: str | Path, format: str | None = No
                 {"path": name, "sha256": _sha256(p), "bytes": p.stat().st_size} for name, p in members
             ]
             _verify_index(index_dir, manifest, {entry["path"]: entry["sha256"] for entry in entries})
-            description = describe(manifest, entries, format)
+            description = describe(manifest, entries, format, sign_with)
             members = [(MANIFEST_NAME, manifest_bytes), *members]
             _write_archive(temporary, format, description, members, entries)
     return out
