@@ -28,7 +28,7 @@ from rapidin_index.files import BLOCK_BYTES, atomic_write_json
 FAST = "xxh3_128"
 STAMP_NAME = ".verified.json"
 STAMP_VERSION = 1
-FIX = "the index is damaged: re-import its bundle or rebuild it (or build again with --force)"
+FIX = "the index is damaged: re-import its bundle (import --force) or rebuild it"
 
 
 # --------------------------------------------------------------------------- checksums
