@@ -2,10 +2,11 @@
 
 Checksums prove a bundle arrived as it was written, not that it can be read, nor who wrote it. Before an
 import writes anything to its target (and on ``import --check``), `check_members` opens the unpacked index
-as a query would: each FAISS file's header is read by hand first (count, dimension and metric must equal
-the manifest's, and the file must be large enough to hold what it claims, so a header claiming 2^40
-vectors is refused without allocating), then the file is loaded and its ids compared with the LanceDB
-table's (same count, same ids, each once) and the rejected rows'.
+as a query would: every file's xxh3 checksum (the one each open checks) against the manifest; each FAISS
+file's header read by hand (count, dimension and metric must equal the manifest's, and the file must be
+large enough to hold what it claims, so a header claiming 2^40 vectors is refused without allocating);
+then the file loaded and its ids compared with the LanceDB table's (same count, same ids, each once) and
+the rejected rows'.
 
 Signatures (optional): ``export --sign KEY`` adds an ed25519 signature to bundle.json, over its canonical
 JSON without ``signature`` and ``bundle_sha256``. bundle.json already holds the manifest's and every
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from rapidin_index.errors import BundleError, RapidinIndexError
 from rapidin_index.manifest import Manifest
+from rapidin_index.verify import FAST, checksum
 
 SIGNATURE_KEY = "signature"
 FAISS_HEADER_BYTES = 37  # fourcc, d int32, ntotal int64, two int64, is_trained u8, metric int32
@@ -36,6 +38,11 @@ BYTES_PER_DIMENSION = {b"IxFI": 4, b"IxSQ": 2}  # flat float32, flat fp16 scalar
 
 def check_members(folder: Path, manifest: Manifest) -> None:
     """Open every FAISS file and the LanceDB table of ``folder`` as a query will; BundleError on any doubt."""
+    for relative, entry in sorted(manifest.files.items()):  # what every open checks (sha256 is checked)
+        if isinstance(entry.get(FAST), str) and checksum(folder / relative, FAST) != entry[FAST]:
+            raise BundleError(
+                f"bundle refused: {relative} does not match its {FAST} in the manifest (edited)"
+            )
     faiss_ids = None
     for relative in sorted(manifest.files):
         if relative.endswith(".faiss"):
