@@ -57,15 +57,23 @@ def check_members(folder: Path, manifest: Manifest) -> None:
     _check_rejected(folder, manifest, set(table_ids))
 
 
-def check_faiss_header(path: Path, manifest: Manifest) -> None:
-    """The FAISS file's own header (and its inner index's) against the manifest, before FAISS reads it."""
-    name = path.name
-    size = path.stat().st_size
+def read_faiss_header(path: Path) -> tuple[dict, dict] | None:
+    """The headers of an id-mapped FAISS file and of its inner index ({fourcc, dimension, count, metric}),
+    read without FAISS; None for a file too short to hold them."""
     with open(path, "rb") as file:
         head = file.read(2 * FAISS_HEADER_BYTES)
     if len(head) < 2 * FAISS_HEADER_BYTES:
+        return None
+    return _header(head[:FAISS_HEADER_BYTES]), _header(head[FAISS_HEADER_BYTES:])
+
+
+def check_faiss_header(path: Path, manifest: Manifest) -> None:
+    """The FAISS file's own header (and its inner index's) against the manifest, before FAISS reads it."""
+    name, size = path.name, path.stat().st_size
+    headers = read_faiss_header(path)
+    if headers is None:
         raise BundleError(f"bundle refused: {name} is {size} bytes, too short for a FAISS index")
-    outer, inner = _header(head[:FAISS_HEADER_BYTES]), _header(head[FAISS_HEADER_BYTES:])
+    outer, inner = headers
     if outer["fourcc"] != b"IxM2":
         raise BundleError(
             f"bundle refused: {name} is not a FAISS id-mapped index (starts {outer['fourcc']!r})"

@@ -51,14 +51,10 @@ from rapidin_index.bundle import (
     format_for,
     header,
 )
-from rapidin_index.bundle_check import load_private_key
-from rapidin_index.errors import BundleError
+from rapidin_index.bundle_check import load_private_key, read_faiss_header
+from rapidin_index.errors import BundleError, IntegrityError
 from rapidin_index.files import atomic_file, sha256_file, sha256_tree
-from rapidin_index.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    read_manifest,
-)
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, check_listed, read_manifest
 from rapidin_index.store import read_rejected
 
 # --------------------------------------------------------------------------- export
@@ -108,8 +104,13 @@ def _sha256(path: Path) -> str:
 
 
 def _verify_index(index_dir: Path, manifest: Manifest, known: dict[str, str] | None = None) -> None:
-    """The index's files against its manifest; ``known`` holds checksums already computed (no re-read)."""
+    """The index's files against its manifest; ``known`` holds checksums already computed (no re-read).
+    Then the counts, read from the files themselves: a manifest edited after the build is not exported."""
     known = known or {}
+    try:
+        check_listed(index_dir, manifest)
+    except IntegrityError as error:
+        raise BundleError(f"refusing to export: {error}") from None
     for relative, expected in sorted(manifest.files.items()):
         path = index_dir / relative
         if relative in known:
@@ -123,6 +124,38 @@ def _verify_index(index_dir: Path, manifest: Manifest, known: dict[str, str] | N
                 f"refusing to export {index_dir}: {relative} does not match its checksum in the manifest "
                 "(corrupted or edited; rebuild the index)"
             )
+    _check_counts(index_dir, manifest)
+
+
+def _check_counts(index_dir: Path, manifest: Manifest) -> None:
+    """row_count against the FAISS header and the LanceDB table, rejected_count against its file."""
+    generation = manifest.generation
+    headers = read_faiss_header(index_dir / store.vector_file(generation))
+    counts = {
+        store.vector_file(generation): None if headers is None else headers[1]["count"],
+        store.table_name(generation): _table_count(index_dir, generation),
+    }
+    rejected = index_dir / store.rejected_file(generation)
+    for name, count in counts.items():
+        if count != manifest.row_count:
+            raise BundleError(
+                f"refusing to export {index_dir}: its manifest says row_count {manifest.row_count:,} but {name} "
+                f"holds {count if count is not None else 'no readable count of'} rows (the manifest was edited?); "
+                "rebuild the index"
+            )
+    lines = sum(1 for line in rejected.read_bytes().splitlines() if line.strip())
+    if lines != manifest.rejected_count:
+        raise BundleError(
+            f"refusing to export {index_dir}: its manifest says rejected_count {manifest.rejected_count:,} but "
+            f"{rejected.name} holds {lines:,} rows (the manifest was edited?); rebuild the index"
+        )
+
+
+def _table_count(index_dir: Path, generation: int) -> int | None:
+    try:
+        return store.count_rows(index_dir, generation)
+    except Exception:  # lance reports a damaged table in its own (Rust) types: named by the caller
+        return None
 
 
 def _member_files(index_dir: Path, manifest: Manifest) -> list[tuple[str, Path]]:

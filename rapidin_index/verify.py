@@ -24,6 +24,7 @@ import xxhash
 
 from rapidin_index.errors import IntegrityError
 from rapidin_index.files import BLOCK_BYTES, atomic_write_json
+from rapidin_index.manifest import check_listed
 
 FAST = "xxh3_128"
 STAMP_NAME = ".verified.json"
@@ -90,6 +91,7 @@ def check_files(index_dir: str | Path, manifest, full: bool = False) -> None:
     index_dir = Path(index_dir)
     if not manifest.files:
         raise IntegrityError(f"{index_dir}: the manifest lists no files to verify; {FIX}")
+    check_listed(index_dir, manifest)
     stamps = {} if full else read_stamps(index_dir)
     fresh, changed = {}, False
     for relative, expected in sorted(manifest.files.items()):

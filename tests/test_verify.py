@@ -18,31 +18,35 @@ from rapidin_index.files import sha256_path
 def folder(tmp_path):
     """An index-like folder: one file and one folder (as a LanceDB table is), and its manifest's files."""
     index = tmp_path / "index"
-    (index / "metadata" / "rows.lance" / "data").mkdir(parents=True)
-    (index / "vectors.faiss").write_bytes(os.urandom(300_000))
-    (index / "metadata" / "rows.lance" / "data" / "a.lance").write_bytes(os.urandom(5000))
-    (index / "metadata" / "rows.lance" / "_latest.manifest").write_bytes(b"version 1")
-    files = {name: verify.file_entry(index / name) for name in ("vectors.faiss", "metadata/rows.lance")}
-    return SimpleNamespace(path=index, manifest=SimpleNamespace(files=files))
+    (index / "metadata" / "rows_g0001.lance" / "data").mkdir(parents=True)
+    (index / "vectors-g0001.faiss").write_bytes(os.urandom(300_000))
+    (index / "metadata" / "rows_g0001.lance" / "data" / "a.lance").write_bytes(os.urandom(5000))
+    (index / "metadata" / "rows_g0001.lance" / "_latest.manifest").write_bytes(b"version 1")
+    (index / "rejected-g0001.jsonl").write_bytes(b"")
+    names = ("vectors-g0001.faiss", "metadata/rows_g0001.lance", "rejected-g0001.jsonl")
+    files = {name: verify.file_entry(index / name) for name in names}
+    return SimpleNamespace(path=index, manifest=SimpleNamespace(files=files, generation=1))
 
 
 def test_entries_hold_the_sha256_the_xxh3_and_the_size(folder):
-    data = (folder.path / "vectors.faiss").read_bytes()
-    entry = folder.manifest.files["vectors.faiss"]
+    data = (folder.path / "vectors-g0001.faiss").read_bytes()
+    entry = folder.manifest.files["vectors-g0001.faiss"]
     assert entry == {
         "sha256": hashlib.sha256(data).hexdigest(),
         "xxh3_128": xxhash.xxh3_128(data).hexdigest(),
         "bytes": len(data),
     }
-    tree = folder.manifest.files["metadata/rows.lance"]
-    assert tree["sha256"] == sha256_path(folder.path / "metadata/rows.lance")  # the format of old manifests
+    tree = folder.manifest.files["metadata/rows_g0001.lance"]
+    assert tree["sha256"] == sha256_path(
+        folder.path / "metadata/rows_g0001.lance"
+    )  # the format of old manifests
     assert tree["bytes"] == 5000 + len(b"version 1")
 
 
 def test_an_unchanged_file_is_hashed_once_then_only_stated(folder, monkeypatch):
     verify.check_files(folder.path, folder.manifest)
     stamps = json.loads((folder.path / verify.STAMP_NAME).read_text())
-    assert set(stamps["files"]) == {"vectors.faiss", "metadata/rows.lance"}
+    assert set(stamps["files"]) == set(folder.manifest.files)
 
     def no_hashing(*args):
         raise AssertionError("hashed a file whose stamp fits")
@@ -65,7 +69,7 @@ def flip(path, offset=1000):
     assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
 
 
-@pytest.mark.parametrize("name", ["vectors.faiss", "metadata/rows.lance/data/a.lance"])
+@pytest.mark.parametrize("name", ["vectors-g0001.faiss", "metadata/rows_g0001.lance/data/a.lance"])
 def test_a_flipped_byte_is_refused_even_with_size_and_mtime_put_back(folder, name):
     verify.check_files(folder.path, folder.manifest)  # stamps written
     flip(folder.path / name)
@@ -78,12 +82,12 @@ def test_a_flipped_byte_is_refused_even_with_size_and_mtime_put_back(folder, nam
 
 def test_a_file_added_to_a_listed_folder_or_a_missing_file_is_refused(folder):
     verify.check_files(folder.path, folder.manifest)
-    (folder.path / "metadata/rows.lance/data/b.lance").write_bytes(b"more")
-    with pytest.raises(IntegrityError, match="rows.lance does not match"):
+    (folder.path / "metadata/rows_g0001.lance/data/b.lance").write_bytes(b"more")
+    with pytest.raises(IntegrityError, match="rows_g0001.lance does not match"):
         verify.check_files(folder.path, folder.manifest)
-    (folder.path / "metadata/rows.lance/data/b.lance").unlink()
-    (folder.path / "vectors.faiss").unlink()
-    with pytest.raises(IntegrityError, match="vectors.faiss is missing"):
+    (folder.path / "metadata/rows_g0001.lance/data/b.lance").unlink()
+    (folder.path / "vectors-g0001.faiss").unlink()
+    with pytest.raises(IntegrityError, match="vectors-g0001.faiss is missing"):
         verify.check_files(folder.path, folder.manifest)
 
 
@@ -91,24 +95,24 @@ def test_a_damaged_or_foreign_stamp_file_is_never_trusted(folder):
     verify.check_files(folder.path, folder.manifest)
     stamp_file = folder.path / verify.STAMP_NAME
     good = json.loads(stamp_file.read_text())
-    flip(folder.path / "vectors.faiss")
+    flip(folder.path / "vectors-g0001.faiss")
     # a stamp whose stat is refreshed to the damaged file's, but written for another folder: ignored
     forged = json.loads(json.dumps(good))
-    forged["files"]["vectors.faiss"]["stat"] = verify.stat_key(folder.path / "vectors.faiss")
+    forged["files"]["vectors-g0001.faiss"]["stat"] = verify.stat_key(folder.path / "vectors-g0001.faiss")
     forged["index"] = "/somewhere/else"
     stamp_file.write_text(json.dumps(forged))
-    with pytest.raises(IntegrityError, match="vectors.faiss does not match"):
+    with pytest.raises(IntegrityError, match="vectors-g0001.faiss does not match"):
         verify.check_files(folder.path, folder.manifest)
     for damaged in (b"\xff\xfe not json", b"[]", b'{"version": 1, "files": 3}'):
         stamp_file.write_bytes(damaged)
-        with pytest.raises(IntegrityError, match="vectors.faiss does not match"):
+        with pytest.raises(IntegrityError, match="vectors-g0001.faiss does not match"):
             verify.check_files(folder.path, folder.manifest)
 
 
 def test_a_stamp_counts_only_for_the_digest_it_was_written_for(folder):
     verify.check_files(folder.path, folder.manifest)
-    folder.manifest.files["vectors.faiss"]["xxh3_128"] = "0" * 32  # a new manifest, same file
-    with pytest.raises(IntegrityError, match="vectors.faiss does not match"):
+    folder.manifest.files["vectors-g0001.faiss"]["xxh3_128"] = "0" * 32  # a new manifest, same file
+    with pytest.raises(IntegrityError, match="vectors-g0001.faiss does not match"):
         verify.check_files(folder.path, folder.manifest)
 
 
@@ -116,8 +120,8 @@ def test_an_old_manifest_without_xxh3_is_checked_by_sha256(folder):
     for entry in folder.manifest.files.values():
         del entry["xxh3_128"]
     verify.check_files(folder.path, folder.manifest)
-    flip(folder.path / "vectors.faiss")
-    with pytest.raises(IntegrityError, match="vectors.faiss does not match"):
+    flip(folder.path / "vectors-g0001.faiss")
+    with pytest.raises(IntegrityError, match="vectors-g0001.faiss does not match"):
         verify.check_files(folder.path, folder.manifest)
 
 
@@ -127,9 +131,15 @@ def test_a_read_only_index_keeps_its_stamps_in_the_cache(folder, tmp_path, monke
     verify.check_files(folder.path, folder.manifest)
     assert not (folder.path / verify.STAMP_NAME).exists()
     (cached,) = (tmp_path / "cache" / "rapidin-index" / "verified").iterdir()
-    assert set(json.loads(cached.read_text())["files"]) == {"vectors.faiss", "metadata/rows.lance"}
+    assert set(json.loads(cached.read_text())["files"]) == set(folder.manifest.files)
 
 
 def test_no_files_listed_is_refused(folder):
     with pytest.raises(IntegrityError, match="lists no files"):
-        verify.check_files(folder.path, SimpleNamespace(files={}))
+        verify.check_files(folder.path, SimpleNamespace(files={}, generation=1))
+
+
+def test_a_generation_whose_files_are_not_listed_is_refused(folder):
+    folder.manifest.generation = 2
+    with pytest.raises(IntegrityError, match="generation 2 but does not list its vectors-g0002.faiss"):
+        verify.check_files(folder.path, folder.manifest)
