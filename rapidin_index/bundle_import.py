@@ -30,9 +30,16 @@ from rapidin_index.bundle import (
 )
 from rapidin_index.bundle_check import check_members, check_signature
 from rapidin_index.errors import BundleError, IntegrityError, ManifestError
-from rapidin_index.files import atomic_write_json, sha256_file
+from rapidin_index.files import sha256_file
 from rapidin_index.lock import LOCK_FILES, remove_unread_generations, writer_lock
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, verify_files
+from rapidin_index.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    differences,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 
 
 def verify_bundle(bundle: str | Path, require_signature: str | Path | None = None) -> dict:
@@ -104,7 +111,7 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
         _move(staging / relative, index_dir / renamed)
         files[renamed] = entry
     manifest.files, manifest.generation = files, generation
-    atomic_write_json(index_dir / MANIFEST_NAME, manifest.to_dict())
+    write_manifest(index_dir, manifest)  # sealed with its own checksum
     store.remove_journal(index_dir)  # an unfinished build of the old index
     remove_unread_generations(index_dir, generation)
 

@@ -6,6 +6,7 @@ by rename). An index folder without ``manifest.json`` holds no finished index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -178,9 +179,22 @@ def add_self_checks(places: list[dict], more: list[dict]) -> None:
             places.append(place)
 
 
+CHECKSUM_KEY = "self_sha256"
+"""The manifest's checksum of itself: sha256 of its canonical JSON without this key. A flipped byte in the
+manifest (a sketch seed, a template) would change every answer in silence; manifests written before it
+have none and are read as they are."""
+
+
+def sealed(value: dict) -> dict:
+    """``value`` (a manifest's dict) with its own checksum under `CHECKSUM_KEY`."""
+    body = {key: item for key, item in value.items() if key != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return {**body, CHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest()}
+
+
 def write_manifest(index_dir: str | Path, manifest: Manifest) -> None:
     manifest.updated_at = utc_now()
-    atomic_write_json(Path(index_dir) / MANIFEST_NAME, manifest.to_dict())
+    atomic_write_json(Path(index_dir) / MANIFEST_NAME, sealed(manifest.to_dict()))
 
 
 def read_manifest(index_dir: str | Path) -> Manifest:
@@ -196,8 +210,11 @@ def read_manifest(index_dir: str | Path) -> Manifest:
             f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); {DAMAGED}"
         ) from None
     except json.JSONDecodeError as error:
-        raise ManifestError(f"{path} is not valid JSON ({error}); the index is damaged") from None
-    return Manifest.from_dict(value)
+        raise ManifestError(f"{path} is not valid JSON ({error}); {DAMAGED}") from None
+    manifest = Manifest.from_dict(value)  # first: a newer format is named as such
+    if CHECKSUM_KEY in value and sealed(value) != value:
+        raise ManifestError(f"{path} does not match its own checksum ({CHECKSUM_KEY}); {DAMAGED}")
+    return manifest
 
 
 def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:

@@ -16,7 +16,7 @@ from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError, IndexMismatchError
 from rapidin_index.export import export_index
 from rapidin_index.files import sha256_tree
-from rapidin_index.manifest import Manifest
+from rapidin_index.manifest import Manifest, sealed
 from rapidin_index.retrieval import Index
 
 runner = CliRunner()
@@ -85,6 +85,7 @@ def reseal(members, /, facts=False, **changes):
 def edit_manifest(members, change, seal=True, facts=False):
     manifest = json.loads(payloads(members)["manifest.json"])
     change(manifest)
+    manifest = sealed(manifest) if seal else manifest  # a forger recomputes the manifest's own checksum too
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # as the build writes it
     edited = replace(members, "manifest.json", text.encode())
     return reseal(edited, facts=facts) if seal else edited

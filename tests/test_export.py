@@ -15,7 +15,7 @@ from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
 from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError
 from rapidin_index.export import export_index, read_parquet_export
-from rapidin_index.manifest import read_manifest
+from rapidin_index.manifest import read_manifest, sealed
 from rapidin_index.retrieval import Index
 
 runner = CliRunner()
@@ -113,7 +113,7 @@ def edited_copy(exported_index, tmp_path, change):
     shutil.copytree(exported_index.index, copy)
     value = json.loads((copy / "manifest.json").read_text())
     change(value)
-    (copy / "manifest.json").write_text(json.dumps(value))
+    (copy / "manifest.json").write_text(json.dumps(sealed(value)))
     return copy
 
 

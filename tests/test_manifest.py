@@ -243,3 +243,19 @@ def test_a_manifest_that_is_not_utf8_or_lists_no_files_is_refused(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(IntegrityError, match="lists no files to verify"):
         verify_files(tmp_path, _manifest())
+
+
+def test_a_manifest_checks_its_own_checksum(tmp_path):
+    """A flipped byte that keeps the JSON valid (seed 42 -> 43) would change every answer: refused.
+    A manifest from before the checksum has none and is read as it is."""
+    manifest = _manifest(files={"vectors-g0001.faiss": {"sha256": "x", "bytes": 1}})
+    write_manifest(tmp_path, manifest)
+    text = (tmp_path / MANIFEST_NAME).read_text()
+    assert '"self_sha256"' in text and read_manifest(tmp_path).sketch["seed"] == 42
+    (tmp_path / MANIFEST_NAME).write_text(text.replace('"seed": 42', '"seed": 43'))
+    with pytest.raises(ManifestError, match="does not match its own checksum.*re-import its bundle"):
+        read_manifest(tmp_path)
+    old = json.loads(text.replace('"seed": 42', '"seed": 43'))
+    del old["self_sha256"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(old))
+    assert read_manifest(tmp_path).sketch["seed"] == 43
