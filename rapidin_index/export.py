@@ -13,11 +13,12 @@ the bundle format version; bundle.json's own checksum; every member is a regular
 name (no absolute path, '..', backslash, symlink, hard link, device or fifo) and appears once; the
 members are exactly those bundle.json lists, each with its size and sha256 (and fit in the free space);
 manifest.json matches bundle.json's manifest_sha256 and key facts; every file the manifest lists is
-present and matches the manifest's checksum, and nothing else is in the bundle. This catches
-corruption, truncation and careless or partial edits. It does not prove who made a bundle: someone who
-edits a file and recomputes every checksum (manifest, bundle.json) produces a bundle that verifies.
-Changed vector counts or model fingerprints then still fail at ``Index.open``; to rule out forgery,
-compare the bundle file's sha256 (printed by ``export``) with one published through a channel you trust.
+present and matches the manifest's checksum, and nothing else is in the bundle; then every member is
+opened as a query opens it (`bundle_check`: FAISS header, LanceDB ids). This catches corruption,
+truncation and careless or partial edits. Checksums do not prove who made a bundle: someone who edits a
+file and recomputes every checksum (manifest, bundle.json) produces a bundle that verifies. To rule out
+forgery, sign bundles (``export --sign KEY``) and import with ``--require-signature PUBKEY``, or compare
+the bundle file's sha256 (printed by ``export``) with one published through a channel you trust.
 
 The Parquet export is for analysis (pandas, DuckDB, Spark), not for import: one row per indexed
 example with its vector and text, the manifest in the schema metadata.

@@ -24,7 +24,8 @@ FAISS_MEMBER = "vectors-g0001.faiss"
 
 
 def test_forged_but_consistent_bundle_imports_then_the_model_check_refuses(exported_index, tmp_path):
-    """Recomputing every checksum is not detectable without a trusted signature; the fingerprint still is."""
+    """Recomputing every checksum is not detectable without a signature (see the signature tests below);
+    the model fingerprint still is."""
 
     def forge(members):
         return edit_manifest(members, lambda m: m["model"].update(fingerprint="0" * 64), facts=True)
