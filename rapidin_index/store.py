@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rapidin_index.data import RejectedRow
+from rapidin_index.errors import IntegrityError
 from rapidin_index.files import atomic_write_bytes
 from rapidin_index.verify import file_entry
 
@@ -115,8 +116,14 @@ def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow
     path = Path(index_dir) / rejected_file(manifest.generation)
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [RejectedRow(example_id=row["id"], reason=row["reason"]) for row in rows]
+    try:
+        rows = [json.loads(line) for line in path.read_bytes().decode("utf-8").splitlines() if line]
+        return [RejectedRow(example_id=int(row["id"]), reason=str(row["reason"])) for row in rows]
+    except (ValueError, TypeError, KeyError) as error:  # JSON, UTF-8, a missing key, a non-integer id
+        raise IntegrityError(
+            f"{path} is damaged ({type(error).__name__}: {str(error)[:80]}): re-import the index's bundle "
+            "(import --force) or rebuild it"
+        ) from None
 
 
 # --------------------------------------------------------------------------- write

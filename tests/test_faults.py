@@ -145,6 +145,18 @@ def test_a_damaged_file_is_refused_in_a_separate_process(campaign, tmp_path):
     assert "rows_g0001.lance does not match its checksum" in line and "re-import its bundle" in line
 
 
+def test_info_on_damaged_rejected_rows_is_one_line(campaign, tmp_path):
+    """`info` lists rejected rows without verifying checksums: a cut-off line is one line, not a
+    JSONDecodeError."""
+    damaged = shutil.copytree(campaign.clean, tmp_path / "damaged")
+    rejected = damaged / "rejected-g0001.jsonl"
+    rejected.write_bytes(rejected.read_bytes()[:-9])
+    result = runner.invoke(app, ["info", "--index", str(damaged)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "rejected-g0001.jsonl is damaged" in errors[0] and "rebuild" in errors[0]
+
+
 @pytest.mark.parametrize("kind", ["FAISS", "LanceDB data file"])
 def test_append_onto_a_damaged_index_is_refused_before_any_work(campaign, tmp_path, kind):
     damaged = shutil.copytree(campaign.clean, tmp_path / "damaged")
