@@ -512,11 +512,21 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Raise or lower one request cap, NAME=VALUE (repeatable), e.g. max_response_tokens=1024; "
+            "docs/serve-api.md lists the caps."
+        ),
+    ] = None,
 ) -> None:
     """Load an index and its model once and answer queries over HTTP: a JSON API and a page at /."""
+    from rapidin_index.server_requests import limits_from
+
+    limits = limits_from(limit or [])  # checked before anything loads
     from rapidin_index.server import serve_index  # needs the `serve` extra; says so when it is missing
 
-    serve_index(index, model=model, adapter=adapter, host=host, port=port, device=device)
+    serve_index(index, model=model, adapter=adapter, host=host, port=port, device=device, limits=limits)
 
 
 @command()

@@ -54,7 +54,7 @@ from rapidin_index.bundle import (
 )
 from rapidin_index.bundle_check import load_private_key, read_faiss_header
 from rapidin_index.errors import BundleError, IntegrityError
-from rapidin_index.files import atomic_file, sha256_file, sha256_tree
+from rapidin_index.files import atomic_file, sha256_file, sha256_tree, writing
 from rapidin_index.manifest import MANIFEST_NAME, Manifest, check_listed, read_manifest
 from rapidin_index.store import read_rejected
 
@@ -79,7 +79,8 @@ def export_index(
     read_manifest(index_dir)  # its errors say what is wrong with the folder
     manifest_bytes = (index_dir / MANIFEST_NAME).read_bytes()  # exported as read, even if a build replaces it
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
-    with atomic_file(out) as temporary:
+    needed = len(manifest_bytes) + sum(entry.get("bytes", 0) for entry in manifest.files.values())
+    with writing(out.parent, needed), atomic_file(out) as temporary:  # a full disk: one line (files.py)
         if format == "parquet":
             _verify_index(index_dir, manifest)
             _write_parquet(index_dir, manifest, temporary)
