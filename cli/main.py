@@ -652,6 +652,12 @@ def export(
         str | None,
         typer.Option(help="tar, tar.gz, zip or parquet (default: from --out's extension, else tar.gz)."),
     ] = None,
+    sign: Annotated[
+        Path | None,
+        typer.Option(
+            help="Sign the bundle with this ed25519 private key (PEM or raw; `rapidin-index keygen`)."
+        ),
+    ] = None,
 ) -> None:
     """Write the index as one portable, checksummed bundle (or a Parquet file of vectors and rows)."""
     from rapidin_index.bundle import format_for
@@ -660,7 +666,7 @@ def export(
     from rapidin_index.manifest import read_manifest
 
     bundle_format = format_for(out, format)  # an unknown extension is refused before any work
-    written = export_index(index, out, bundle_format)
+    written = export_index(index, out, bundle_format, sign_with=sign)
     console.print(
         f"wrote {written} ({bundle_format}, {written.stat().st_size:,} bytes)\n"
         f"sha256 {sha256_file(written)}  (publish it beside the bundle so recipients can check it)\n"
@@ -698,16 +704,20 @@ def import_(
         bool, typer.Option(help="Replace the index in --index, once the bundle has verified.")
     ] = False,
     check: Annotated[bool, typer.Option(help="Only verify the bundle; write nothing.")] = False,
+    require_signature: Annotated[
+        Path | None,
+        typer.Option(help="Refuse the bundle unless it is signed by this ed25519 public key (PEM or raw)."),
+    ] = None,
 ) -> None:
-    """Verify a bundle (checksums, sizes, safe paths, manifest) and unpack it as an index folder."""
+    """Verify a bundle (checksums, sizes, safe paths, manifest, every member opened) and unpack it."""
     from rapidin_index.bundle_import import import_bundle, verify_bundle
 
     if (index is None) != check:
         raise fail(ValueError("give --index DIR to import, or --check to only verify"))
     if check:
-        facts = verify_bundle(bundle)["index"]
+        facts = verify_bundle(bundle, require_signature)["index"]
     else:
-        facts = import_bundle(bundle, index, force=force).to_dict()
+        facts = import_bundle(bundle, index, force=force, require_signature=require_signature).to_dict()
     done = f"{bundle} verifies" if check else f"imported {bundle} into {index}"
     console.print(
         f"{done}: {facts['row_count']:,} rows, {built_with(facts)}", highlight=False, soft_wrap=True
@@ -718,6 +728,24 @@ def import_(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@command()
+def keygen(
+    out: Annotated[
+        Path, typer.Option(help="Private key file to write (PEM, mode 0600); OUT.pub gets the public key.")
+    ],
+) -> None:
+    """Make an ed25519 key pair for `export --sign` and `import --require-signature`."""
+    from rapidin_index.bundle_check import generate_key_pair
+
+    private, public = generate_key_pair(out)
+    console.print(
+        f"wrote {private} (private: keep it; export --sign {private}) and {public} (public: give it to "
+        f"recipients; import --require-signature {public})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 if __name__ == "__main__":

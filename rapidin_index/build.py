@@ -61,6 +61,7 @@ from rapidin_index.progress import RowProgress
 from rapidin_index.readers import DataSource, check_source, data_checksum, read_rows
 from rapidin_index.rejections import check_rejected_share, source_outcome
 from rapidin_index.settings import AUTO_ALGORITHM, BuildSettings
+from rapidin_index.verify import check_files
 
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel
@@ -193,6 +194,8 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         raise BuildError(f"--append needs a finished index in {index_dir}; build one first with --data")
     if append and settings.shard is not None:
         raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
+    if append:
+        check_files(index_dir, existing, full=True)  # the new generation carries the old one's files
     check_model_sources(settings.model)  # a wrong path fails now, not after hashing data and loading
     notes: list[str] = []
     positions = max_positions(read_config(settings.model.model))  # cheap: config.json, where readable

@@ -3,7 +3,8 @@
 Bundle layout (members at the archive root, in this order; regular files only)::
 
     bundle.json                 bundle format version, software, export date, the manifest's key facts,
-                                manifest_sha256, {path, sha256, bytes} of every other member, and its
+                                manifest_sha256, {path, sha256, bytes} of every other member, an
+                                optional ed25519 signature (export --sign; `bundle_check`), and its
                                 own checksum (bundle_sha256, over its JSON without that key)
     manifest.json               the index's manifest, unchanged
     metadata/rows_gNNNN.lance/  every file of the LanceDB table, sorted
@@ -94,9 +95,16 @@ def header(manifest: Manifest, format: str) -> dict:
     }
 
 
-def describe(manifest: Manifest, entries: list[dict], format: str) -> dict:
-    """bundle.json: the header, the manifest's and every member's checksum, then its own checksum."""
+def describe(
+    manifest: Manifest, entries: list[dict], format: str, sign_with: str | Path | None = None
+) -> dict:
+    """bundle.json: the header, the manifest's and every member's checksum, the optional ed25519
+    signature of all that (`bundle_check.sign`), then its own checksum."""
     description = {**header(manifest, format), "manifest_sha256": entries[0]["sha256"], "members": entries}
+    if sign_with is not None:
+        from rapidin_index.bundle_check import SIGNATURE_KEY, sign
+
+        description[SIGNATURE_KEY] = sign(description, sign_with)
     description["bundle_sha256"] = self_checksum(description)
     return description
 

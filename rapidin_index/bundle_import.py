@@ -28,27 +28,41 @@ from rapidin_index.bundle import (
     manifest_facts,
     self_checksum,
 )
+from rapidin_index.bundle_check import check_members, check_signature
 from rapidin_index.errors import BundleError, IntegrityError, ManifestError
 from rapidin_index.files import atomic_write_json, no_space, sha256_file, tree_bytes, writing
 from rapidin_index.lock import LOCK_FILES, pause_point, remove_unread_generations, writer_lock
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, verify_files
+from rapidin_index.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    differences,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 
 MOVING_NAME = ".import-moving.json"
 """In an import's target while its files are moved in: which ones (`roll_back_import`)."""
 
 
-def verify_bundle(bundle: str | Path) -> dict:
+def verify_bundle(bundle: str | Path, require_signature: str | Path | None = None) -> dict:
     """Every import check, in a scratch folder that is then removed; returns bundle.json."""
     with tempfile.TemporaryDirectory(prefix="rapidin-verify-") as scratch:
-        description, _ = _extract_verified(Path(bundle), Path(scratch) / "index")
+        description, _ = _extract_verified(Path(bundle), Path(scratch) / "index", require_signature)
     return description
 
 
-def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False) -> Manifest:
+def import_bundle(
+    bundle: str | Path,
+    index_dir: str | Path,
+    force: bool = False,
+    require_signature: str | Path | None = None,
+) -> Manifest:
     """Verify ``bundle`` while extracting it beside ``index_dir``, then move it into place.
 
     ``index_dir`` must not exist or be empty; with ``force`` it may hold an index, which is replaced only
-    once the bundle has verified. On any refusal nothing in ``index_dir`` changes. The folder's writer
+    once the bundle has verified. On any refusal nothing in ``index_dir`` changes. ``require_signature``:
+    an ed25519 public key file; the bundle must be signed by it (`bundle_check`). The folder's writer
     lock is held throughout (lock.py), and the manifest is moved in last: it is the commit point, as in a
     build. A replaced index's files stay until no reader holds them.
     """
@@ -63,7 +77,7 @@ def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False
         unpacked = []  # bytes unpacked when a write failed: the free space is reported after the cleanup
         with writing(index_dir.parent, lambda: max(bundle.stat().st_size, *unpacked)):
             try:
-                _, manifest = _extract_verified(bundle, staging)
+                _, manifest = _extract_verified(bundle, staging, require_signature)
                 _move_into_place(staging, index_dir, manifest)
             except BaseException:
                 unpacked.append(tree_bytes(staging))
@@ -154,7 +168,7 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
         _move(staging / relative, index_dir / renamed)
         pause_point(f"import-moved-{moved}")
     manifest.files, manifest.generation = files, generation
-    atomic_write_json(index_dir / MANIFEST_NAME, manifest.to_dict())
+    write_manifest(index_dir, manifest)  # sealed with its own checksum
     marker.unlink()
     store.remove_journal(index_dir)  # an unfinished build of the old index
     remove_unread_generations(index_dir, generation)
@@ -167,7 +181,9 @@ def _move(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
-def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
+def _extract_verified(
+    bundle: Path, destination: Path, require_signature: str | Path | None = None
+) -> tuple[dict, Manifest]:
     """Extract ``bundle`` into ``destination`` (created), checking everything; raise BundleError naming why."""
     if not bundle.is_file():
         raise BundleError(f"bundle {bundle} does not exist")
@@ -188,6 +204,7 @@ def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
                         "not a rapidin-index bundle (or one repacked by hand)"
                     )
                 description = _read_description(reader(), size)
+                check_signature(description, require_signature)
                 listed = {entry["path"]: entry for entry in description["members"]}
                 _check_free_space(destination, sum(entry["bytes"] for entry in listed.values()))
             elif relative not in listed:
@@ -213,7 +230,9 @@ def _extract_verified(bundle: Path, destination: Path) -> tuple[dict, Manifest]:
         raise BundleError(
             f"member {missing[0]!r}{more} listed in {BUNDLE_NAME} is missing from the bundle (truncated?)"
         )
-    return description, _check_manifest(destination, description, extracted)
+    manifest = _check_manifest(destination, description, extracted)
+    check_members(destination, manifest)  # opened as a query opens them, before the target is touched
+    return description, manifest
 
 
 def _archive_members(bundle: Path):

@@ -13,11 +13,12 @@ the bundle format version; bundle.json's own checksum; every member is a regular
 name (no absolute path, '..', backslash, symlink, hard link, device or fifo) and appears once; the
 members are exactly those bundle.json lists, each with its size and sha256 (and fit in the free space);
 manifest.json matches bundle.json's manifest_sha256 and key facts; every file the manifest lists is
-present and matches the manifest's checksum, and nothing else is in the bundle. This catches
-corruption, truncation and careless or partial edits. It does not prove who made a bundle: someone who
-edits a file and recomputes every checksum (manifest, bundle.json) produces a bundle that verifies.
-Changed vector counts or model fingerprints then still fail at ``Index.open``; to rule out forgery,
-compare the bundle file's sha256 (printed by ``export``) with one published through a channel you trust.
+present and matches the manifest's checksum, and nothing else is in the bundle; then every member is
+opened as a query opens it (`bundle_check`: FAISS header, LanceDB ids). This catches corruption,
+truncation and careless or partial edits. Checksums do not prove who made a bundle: someone who edits a
+file and recomputes every checksum (manifest, bundle.json) produces a bundle that verifies. To rule out
+forgery, sign bundles (``export --sign KEY``) and import with ``--require-signature PUBKEY``, or compare
+the bundle file's sha256 (printed by ``export``) with one published through a channel you trust.
 
 The Parquet export is for analysis (pandas, DuckDB, Spark), not for import: one row per indexed
 example with its vector and text, the manifest in the schema metadata.
@@ -51,22 +52,30 @@ from rapidin_index.bundle import (
     format_for,
     header,
 )
-from rapidin_index.errors import BundleError
+from rapidin_index.bundle_check import load_private_key, read_faiss_header
+from rapidin_index.errors import BundleError, IntegrityError
 from rapidin_index.files import atomic_file, sha256_file, sha256_tree, writing
-from rapidin_index.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    read_manifest,
-)
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, check_listed, read_manifest
 from rapidin_index.store import read_rejected
 
 # --------------------------------------------------------------------------- export
 
 
-def export_index(index_dir: str | Path, out: str | Path, format: str | None = None) -> Path:
-    """Write the index in ``index_dir`` to ``out`` atomically (temporary file beside it, then rename)."""
+def export_index(
+    index_dir: str | Path, out: str | Path, format: str | None = None, sign_with: str | Path | None = None
+) -> Path:
+    """Write the index in ``index_dir`` to ``out`` atomically (temporary file beside it, then rename).
+
+    ``sign_with``: an ed25519 private key file; bundle.json then carries its signature (`bundle_check`).
+    """
     index_dir, out = Path(index_dir), Path(out)
     format = format_for(out, format)
+    if sign_with is not None:
+        if format == "parquet":
+            raise BundleError(
+                "--sign signs tar and zip bundles; a Parquet export is for analysis, not import"
+            )
+        load_private_key(sign_with)  # a bad key is refused before any work
     read_manifest(index_dir)  # its errors say what is wrong with the folder
     manifest_bytes = (index_dir / MANIFEST_NAME).read_bytes()  # exported as read, even if a build replaces it
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
@@ -83,7 +92,7 @@ def export_index(index_dir: str | Path, out: str | Path, format: str | None = No
                 {"path": name, "sha256": _sha256(p), "bytes": p.stat().st_size} for name, p in members
             ]
             _verify_index(index_dir, manifest, {entry["path"]: entry["sha256"] for entry in entries})
-            description = describe(manifest, entries, format)
+            description = describe(manifest, entries, format, sign_with)
             members = [(MANIFEST_NAME, manifest_bytes), *members]
             _write_archive(temporary, format, description, members, entries)
     return out
@@ -97,8 +106,13 @@ def _sha256(path: Path) -> str:
 
 
 def _verify_index(index_dir: Path, manifest: Manifest, known: dict[str, str] | None = None) -> None:
-    """The index's files against its manifest; ``known`` holds checksums already computed (no re-read)."""
+    """The index's files against its manifest; ``known`` holds checksums already computed (no re-read).
+    Then the counts, read from the files themselves: a manifest edited after the build is not exported."""
     known = known or {}
+    try:
+        check_listed(index_dir, manifest)
+    except IntegrityError as error:
+        raise BundleError(f"refusing to export: {error}") from None
     for relative, expected in sorted(manifest.files.items()):
         path = index_dir / relative
         if relative in known:
@@ -112,6 +126,38 @@ def _verify_index(index_dir: Path, manifest: Manifest, known: dict[str, str] | N
                 f"refusing to export {index_dir}: {relative} does not match its checksum in the manifest "
                 "(corrupted or edited; rebuild the index)"
             )
+    _check_counts(index_dir, manifest)
+
+
+def _check_counts(index_dir: Path, manifest: Manifest) -> None:
+    """row_count against the FAISS header and the LanceDB table, rejected_count against its file."""
+    generation = manifest.generation
+    headers = read_faiss_header(index_dir / store.vector_file(generation))
+    counts = {
+        store.vector_file(generation): None if headers is None else headers[1]["count"],
+        store.table_name(generation): _table_count(index_dir, generation),
+    }
+    rejected = index_dir / store.rejected_file(generation)
+    for name, count in counts.items():
+        if count != manifest.row_count:
+            raise BundleError(
+                f"refusing to export {index_dir}: its manifest says row_count {manifest.row_count:,} but {name} "
+                f"holds {count if count is not None else 'no readable count of'} rows (the manifest was edited?); "
+                "rebuild the index"
+            )
+    lines = sum(1 for line in rejected.read_bytes().splitlines() if line.strip())
+    if lines != manifest.rejected_count:
+        raise BundleError(
+            f"refusing to export {index_dir}: its manifest says rejected_count {manifest.rejected_count:,} but "
+            f"{rejected.name} holds {lines:,} rows (the manifest was edited?); rebuild the index"
+        )
+
+
+def _table_count(index_dir: Path, generation: int) -> int | None:
+    try:
+        return store.count_rows(index_dir, generation)
+    except Exception:  # lance reports a damaged table in its own (Rust) types: named by the caller
+        return None
 
 
 def _member_files(index_dir: Path, manifest: Manifest) -> list[tuple[str, Path]]:

@@ -6,6 +6,7 @@ by rename). An index folder without ``manifest.json`` holds no finished index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -88,37 +89,87 @@ class Manifest:
         return sum(source["rows"] for source in self.sources)
 
 
-# What every manifest must hold, by type: {key: type} at the top, {group: {key: type}} inside the groups
-# a query, an append or an export reads. A damaged or hand-edited manifest fails here, on one line,
-# instead of deep in whatever reads it first.
+# The manifest's schema. REQUIRED: what every manifest must hold, by type; OPTIONAL: keys older manifests
+# may lack (they take the dataclass default) but no manifest may hold with another type; REQUIRED_INSIDE:
+# {group: {key: type}} inside the groups a query, an append or an export reads. A damaged or hand-edited
+# manifest fails here, on one line naming the field, instead of deep in whatever reads it first.
+NONE = type(None)
 REQUIRED = {
     "model": dict, "tokenizer": dict, "template": dict, "parameters": dict, "normalize": str,
     "sketch": dict, "vector_dtype": str, "row_count": int, "generation": int, "files": dict,
 }  # fmt: skip
+OPTIONAL = {
+    "adapter": (dict, NONE), "max_length": (int, NONE), "shard": (dict, NONE), "rejected_count": int,
+    "token_count": int, "truncated_count": int, "template_usage": dict, "sources": list, "exact_path": dict,
+    "self_checks": list, "tokenization": str, "software": dict, "created_at": str, "updated_at": str,
+}  # fmt: skip
 REQUIRED_INSIDE = {
-    "model": {"name_or_path": str, "fingerprint": str},
+    "model": {"name_or_path": str, "fingerprint": str, "dtype": str},
     "tokenizer": {"fingerprint": str},
     "template": {"name": str},
     "parameters": {"names": list, "gradient_dim": int},
-    "sketch": {"sketch_dim": int, "output_dim": int, "gradient_dim": int},
+    "sketch": {"sketch_dim": int, "shuffle_lambda": int, "seed": int, "output_dim": int, "gradient_dim": int},
 }
 DAMAGED = "the index's manifest is damaged (edited by hand?): re-import its bundle or rebuild it"
 
 
 def check_shape(value: dict) -> None:
     """Refuse a manifest missing a key a reader needs, or holding one of the wrong type."""
-    for key, kind in REQUIRED.items():
-        if not isinstance(value.get(key), kind) or isinstance(value.get(key), bool) and kind is int:
+    for key, kind in [*REQUIRED.items(), *((k, t) for k, t in OPTIONAL.items() if k in value)]:
+        if not _is(value.get(key), kind):
             found = "missing" if key not in value else f"{type(value[key]).__name__} {_short(value[key])}"
-            raise ManifestError(f"manifest field {key!r} must be {kind.__name__}, found {found}; {DAMAGED}")
+            raise ManifestError(f"manifest field {key!r} must be {_name(kind)}, found {found}; {DAMAGED}")
     for group, fields in REQUIRED_INSIDE.items():
         for key, kind in fields.items():
-            if not isinstance(value[group].get(key), kind):
+            if not _is(value[group].get(key), kind):
                 raise ManifestError(
                     f"manifest field {group}.{key} is missing or not {kind.__name__}; {DAMAGED}"
                 )
-    if value["row_count"] < 0:
-        raise ManifestError(f"manifest row_count is {value['row_count']}; {DAMAGED}")
+    for key in ("row_count", "rejected_count", "token_count", "truncated_count", "generation"):
+        if value.get(key, 0) < 0:
+            raise ManifestError(f"manifest {key} is {value[key]}; {DAMAGED}")
+    for relative, entry in value["files"].items():
+        parts = relative.replace("\\", "/").split("/")
+        well_formed = (
+            isinstance(entry, dict) and _is(entry.get("sha256"), str) and _is(entry.get("bytes"), int)
+        )
+        if relative.startswith("/") or ".." in parts or not well_formed or entry["bytes"] < 0:
+            raise ManifestError(
+                f"manifest files entry {relative[:80]!r} is malformed or outside the index folder; {DAMAGED}"
+            )
+    if not all(
+        isinstance(source, dict) and _is(source.get("rows"), int) for source in value.get("sources", [])
+    ):
+        raise ManifestError(f"manifest sources must be objects with an integer 'rows'; {DAMAGED}")
+
+
+def _is(item, kind) -> bool:
+    """isinstance, where a bool is not an int (JSON true is no row count)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(item, kinds) and not (isinstance(item, bool) and bool not in kinds)
+
+
+def _name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is NONE else k.__name__ for k in kinds)
+
+
+def check_listed(index_dir: str | Path, manifest: Manifest) -> None:
+    """Every file of the manifest's generation (vectors, rows, rejected rows) is listed in its ``files``."""
+    from rapidin_index import store
+
+    generation = manifest.generation
+    names = [
+        store.vector_file(generation),
+        store.table_path(".", generation).as_posix(),
+        store.rejected_file(generation),
+    ]
+    unlisted = [name for name in names if name not in manifest.files]
+    if unlisted:
+        raise IntegrityError(
+            f"{index_dir}: the manifest names generation {generation} but does not list its "
+            f"{', '.join(unlisted)} (it lists {', '.join(sorted(manifest.files)) or 'nothing'}); {DAMAGED}"
+        )
 
 
 def add_self_checks(places: list[dict], more: list[dict]) -> None:
@@ -128,9 +179,22 @@ def add_self_checks(places: list[dict], more: list[dict]) -> None:
             places.append(place)
 
 
+CHECKSUM_KEY = "self_sha256"
+"""The manifest's checksum of itself: sha256 of its canonical JSON without this key. A flipped byte in the
+manifest (a sketch seed, a template) would change every answer in silence; manifests written before it
+have none and are read as they are."""
+
+
+def sealed(value: dict) -> dict:
+    """``value`` (a manifest's dict) with its own checksum under `CHECKSUM_KEY`."""
+    body = {key: item for key, item in value.items() if key != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return {**body, CHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest()}
+
+
 def write_manifest(index_dir: str | Path, manifest: Manifest) -> None:
     manifest.updated_at = utc_now()
-    atomic_write_json(Path(index_dir) / MANIFEST_NAME, manifest.to_dict())
+    atomic_write_json(Path(index_dir) / MANIFEST_NAME, sealed(manifest.to_dict()))
 
 
 def read_manifest(index_dir: str | Path) -> Manifest:
@@ -146,8 +210,11 @@ def read_manifest(index_dir: str | Path) -> Manifest:
             f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); {DAMAGED}"
         ) from None
     except json.JSONDecodeError as error:
-        raise ManifestError(f"{path} is not valid JSON ({error}); the index is damaged") from None
-    return Manifest.from_dict(value)
+        raise ManifestError(f"{path} is not valid JSON ({error}); {DAMAGED}") from None
+    manifest = Manifest.from_dict(value)  # first: a newer format is named as such
+    if CHECKSUM_KEY in value and sealed(value) != value:
+        raise ManifestError(f"{path} does not match its own checksum ({CHECKSUM_KEY}); {DAMAGED}")
+    return manifest
 
 
 def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:

@@ -47,6 +47,7 @@ from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
 from rapidin_index.token_attribution import training_token_scores
 from rapidin_index.token_gradients import sketch_loss_combinations
+from rapidin_index.verify import check_files
 
 
 class Index:
@@ -104,6 +105,8 @@ class Index:
         check_query(path, manifest, sketch_dim)  # K, files present: cheap checks first
         if verify:
             verify_files(path, manifest)
+        else:  # the fast checksums; a file unchanged since it last verified is only stat'ed
+            check_files(path, manifest)
         adapter = adapter or (manifest.adapter or {}).get("path")
         settings = ModelSettings(
             model or manifest.model["name_or_path"],

@@ -26,6 +26,7 @@ from rapidin_index.manifest import (
     write_manifest,
 )
 from rapidin_index.store import read_rejected
+from rapidin_index.verify import check_files
 
 
 def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:
@@ -49,6 +50,7 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     faiss_index = vector_index.new_index(manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
     rows, rejected, vector_ids = [], [], []
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
+        check_files(shard_dir, manifest, full=True)
         ids, vectors = store.load_vectors(shard_dir, manifest.generation)
         order = np.argsort(ids)
         vector_index.add_vectors(faiss_index, vectors[order], ids[order])

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 from rapidin_index.data import RejectedRow
 from rapidin_index.errors import IntegrityError, StoreError
-from rapidin_index.files import atomic_write_bytes, sha256_path, tree_bytes, writing
+from rapidin_index.files import atomic_write_bytes, writing
+from rapidin_index.verify import file_entry
 
 if TYPE_CHECKING:
     import faiss
@@ -248,10 +249,7 @@ def file_checksums(index_dir: Path, generation: int) -> dict:
         index_dir / rejected_file(generation),
         table_path(index_dir, generation),
     ):
-        files[path.relative_to(index_dir).as_posix()] = {
-            "sha256": sha256_path(path),
-            "bytes": tree_bytes(path),
-        }
+        files[path.relative_to(index_dir).as_posix()] = file_entry(path)  # sha256, xxh3_128, bytes
     return files
 
 

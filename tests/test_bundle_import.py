@@ -12,11 +12,11 @@ from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
 from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
-from rapidin_index.bundle_import import import_bundle
+from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError, IndexMismatchError, WriteError
 from rapidin_index.export import export_index
 from rapidin_index.files import sha256_tree
-from rapidin_index.manifest import Manifest
+from rapidin_index.manifest import Manifest, sealed
 from rapidin_index.retrieval import Index
 
 runner = CliRunner()
@@ -24,7 +24,8 @@ FAISS_MEMBER = "vectors-g0001.faiss"
 
 
 def test_forged_but_consistent_bundle_imports_then_the_model_check_refuses(exported_index, tmp_path):
-    """Recomputing every checksum is not detectable without a trusted signature; the fingerprint still is."""
+    """Recomputing every checksum is not detectable without a signature (see the signature tests below);
+    the model fingerprint still is."""
 
     def forge(members):
         return edit_manifest(members, lambda m: m["model"].update(fingerprint="0" * 64), facts=True)
@@ -85,6 +86,7 @@ def reseal(members, /, facts=False, **changes):
 def edit_manifest(members, change, seal=True, facts=False):
     manifest = json.loads(payloads(members)["manifest.json"])
     change(manifest)
+    manifest = sealed(manifest) if seal else manifest  # a forger recomputes the manifest's own checksum too
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # as the build writes it
     edited = replace(members, "manifest.json", text.encode())
     return reseal(edited, facts=facts) if seal else edited
@@ -275,3 +277,193 @@ def test_cli_errors_exit_2_with_the_reason(exported_index, tmp_path):
     assert not_an_index.exit_code == 2 and "no finished index" in not_an_index.output
     missing = runner.invoke(app, ["import", str(tmp_path / "nope.tar.gz"), "--check"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+# --------------------------------------------------------------------------- members opened as a query opens them
+
+
+def faiss_edited(members, change):
+    """The FAISS member rebuilt by FAISS itself after ``change(ids [n], vectors [n, d])`` edits its contents."""
+    import faiss
+    import numpy as np
+
+    index = faiss.deserialize_index(np.frombuffer(payloads(members)[FAISS_MEMBER], np.uint8))
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    vectors = faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal)
+    ids, vectors = change(ids.copy(), vectors.copy())
+    rebuilt = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    rebuilt.add_with_ids(vectors, ids)
+    return replace(members, FAISS_MEMBER, faiss.serialize_index(rebuilt).tobytes())
+
+
+def resealed_index(members):
+    """Every checksum recomputed after a member changed: the manifest's files entries, then bundle.json."""
+    import xxhash
+
+    from rapidin_index.verify import FAST
+
+    data = payloads(members)
+
+    def update(manifest):
+        entry = manifest["files"][FAISS_MEMBER]
+        entry["sha256"] = hashlib.sha256(data[FAISS_MEMBER]).hexdigest()
+        entry[FAST] = xxhash.xxh3_128(data[FAISS_MEMBER]).hexdigest()
+        entry["bytes"] = len(data[FAISS_MEMBER])
+
+    return edit_manifest(members, update, facts=True)
+
+
+def huge_header(members, manifest_too: bool):
+    """The FAISS header (outer and inner index) claims 2^40 vectors; with ``manifest_too`` so does the
+    manifest, every checksum recomputed."""
+    data = bytearray(payloads(members)[FAISS_MEMBER])
+    for offset in (8, 37 + 8):  # ntotal of IndexIDMap2, then of its IndexFlatIP
+        data[offset : offset + 8] = (1 << 40).to_bytes(8, "little")
+    edited = replace(members, FAISS_MEMBER, bytes(data))
+    if not manifest_too:
+        return resealed_index(edited)
+    return edit_manifest(resealed_index(edited), lambda m: m.update(row_count=1 << 40), facts=True)
+
+
+OPEN_CASES = {
+    "FAISS header claims 2^40 vectors": (
+        lambda m: huge_header(m, False),
+        [FAISS_MEMBER, "header claims count 1,099,511,627,776, the manifest says 24"],
+    ),
+    "FAISS header and manifest claim 2^40 vectors": (
+        lambda m: huge_header(m, True),
+        [FAISS_MEMBER, "claims 1,099,511,627,776 vectors of 1,024 dims", "but holds 98,586 bytes"],
+    ),
+    "FAISS ids other than the LanceDB rows'": (
+        lambda m: resealed_index(faiss_edited(m, lambda ids, v: (ids + 1000, v))),
+        ["the FAISS ids and the LanceDB rows differ"],
+    ),
+    "FAISS file one vector short": (
+        lambda m: resealed_index(faiss_edited(m, lambda ids, v: (ids[:-1], v[:-1]))),
+        [FAISS_MEMBER, "header claims count 23, the manifest says 24"],
+    ),
+    "sha256 recomputed but not xxh3": (
+        lambda m: edit_manifest(
+            resealed_index(faiss_edited(m, lambda ids, v: (ids, -v))),
+            lambda v: v["files"][FAISS_MEMBER].update(xxh3_128="0" * 32),
+            facts=True,
+        ),
+        [FAISS_MEMBER, "does not match its xxh3_128"],
+    ),
+    "rejected rows not JSON": (
+        lambda m: edit_manifest(
+            replace(m, "rejected-g0001.jsonl", b"{not json\n"),
+            lambda v: v["files"]["rejected-g0001.jsonl"].update(
+                sha256=hashlib.sha256(b"{not json\n").hexdigest(), bytes=10, xxh3_128=None
+            ),
+            facts=True,
+        ),
+        ["rejected-g0001.jsonl is not readable JSON lines"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OPEN_CASES), ids=list(OPEN_CASES))
+def test_import_and_check_open_every_member_before_writing(exported_index, tmp_path, case):
+    """Bundles whose every checksum is consistent but whose members a query could not open (or would read
+    wrong) are refused by import and by import --check, naming the member, with nothing written."""
+    edit, message_parts = OPEN_CASES[case]
+    bundle = rewrite(exported_index.bundle, tmp_path / "tampered.tar.gz", edit)
+    untouched_after_refusal(tmp_path, bundle, message_parts)
+    with pytest.raises(BundleError) as checked:
+        verify_bundle(bundle)
+    assert all(part in str(checked.value) for part in message_parts), str(checked.value)
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from rapidin_index.bundle_check import generate_key_pair
+
+    root = tmp_path_factory.mktemp("keys")
+    (private, public), (_, other) = generate_key_pair(root / "team"), generate_key_pair(root / "other")
+    return SimpleNamespace(private=private, public=public, other_public=other)
+
+
+@pytest.fixture(scope="module")
+def signed_bundle(exported_index, keys, tmp_path_factory):
+    return export_index(
+        exported_index.index, tmp_path_factory.mktemp("signed") / "signed.tar.gz", sign_with=keys.private
+    )
+
+
+def test_a_signed_bundle_imports_under_its_public_key(signed_bundle, keys, tmp_path):
+    assert import_bundle(signed_bundle, tmp_path / "i", require_signature=keys.public).row_count == 24
+    assert verify_bundle(signed_bundle, keys.public)["signature"]["algorithm"] == "ed25519"
+    assert import_bundle(signed_bundle, tmp_path / "j").row_count == 24  # a signature asked of no one
+
+
+def test_unsigned_wrong_key_and_forged_bundles_are_refused_under_a_required_signature(
+    exported_index, signed_bundle, keys, tmp_path
+):
+    target = tmp_path / "i"
+    with pytest.raises(BundleError, match="not signed.*--require-signature"):
+        import_bundle(exported_index.bundle, target, require_signature=keys.public)
+    with pytest.raises(BundleError, match="signed by another key"):
+        import_bundle(signed_bundle, target, require_signature=keys.other_public)
+    # forged vectors, every checksum recomputed (manifest, bundle.json): the signature no longer verifies
+    forged = rewrite(
+        signed_bundle,
+        tmp_path / "forged.tar.gz",
+        lambda m: resealed_index(faiss_edited(m, lambda i, v: (i, -v))),
+    )
+    with pytest.raises(BundleError, match="signature does not verify"):
+        import_bundle(forged, target, require_signature=keys.public)
+    with pytest.raises(BundleError, match="signature does not verify"):
+        import_bundle(forged, target)  # a signature that is there is always checked
+    assert not target.exists()
+    assert (
+        import_bundle(
+            rewrite(
+                exported_index.bundle,
+                tmp_path / "unsigned-forged.tar.gz",
+                lambda m: resealed_index(faiss_edited(m, lambda i, v: (i, -v))),
+            ),
+            target,
+        ).row_count
+        == 24
+    )  # without a signature such a forgery is undetectable: why signatures exist
+
+
+def test_cli_keygen_sign_and_require(exported_index, tmp_path):
+    made = runner.invoke(app, ["keygen", "--out", str(tmp_path / "k")])
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    again = runner.invoke(app, ["keygen", "--out", str(tmp_path / "k")])
+    assert again.exit_code == 2 and "exists" in again.output
+    bundle = tmp_path / "b.tar.gz"
+    signed = runner.invoke(
+        app,
+        ["export", "--index", str(exported_index.index), "--out", str(bundle), "--sign", str(tmp_path / "k")],
+    )
+    assert signed.exit_code == 0, signed.output
+    checked = runner.invoke(
+        app, ["import", str(bundle), "--check", "--require-signature", str(tmp_path / "k.pub")]
+    )
+    assert checked.exit_code == 0 and "verifies" in checked.output, checked.output
+    (tmp_path / "not-a-key").write_text("hello")
+    bad_key = runner.invoke(
+        app,
+        [
+            "export",
+            "--index",
+            str(exported_index.index),
+            "--out",
+            str(tmp_path / "c.tar.gz"),
+            "--sign",
+            str(tmp_path / "not-a-key"),
+        ],
+    )
+    assert bad_key.exit_code == 2 and "not an unencrypted ed25519 private key" in bad_key.output
+    assert not (tmp_path / "c.tar.gz").exists()
+    unsigned = runner.invoke(
+        app, ["import", str(exported_index.bundle), "--check", "--require-signature", str(tmp_path / "k.pub")]
+    )
+    assert unsigned.exit_code == 2 and "not signed" in unsigned.output

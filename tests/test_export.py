@@ -15,7 +15,7 @@ from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
 from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError
 from rapidin_index.export import export_index, read_parquet_export
-from rapidin_index.manifest import read_manifest
+from rapidin_index.manifest import read_manifest, sealed
 from rapidin_index.retrieval import Index
 
 runner = CliRunner()
@@ -105,6 +105,36 @@ def test_export_refuses_a_damaged_index_and_leaves_nothing(exported_index, tmp_p
     with pytest.raises(BundleError, match=f"refusing to export .*{FAISS_MEMBER}"):
         export_index(damaged, out / "bundle.zip")
     assert list(out.iterdir()) == []
+
+
+def edited_copy(exported_index, tmp_path, change):
+    """A copy of the index whose manifest.json ``change`` edited by hand (its files untouched)."""
+    copy = tmp_path / "edited"
+    shutil.copytree(exported_index.index, copy)
+    value = json.loads((copy / "manifest.json").read_text())
+    change(value)
+    (copy / "manifest.json").write_text(json.dumps(sealed(value)))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda v: v.update(row_count=25), "row_count 25 but vectors-g0001.faiss holds 24 rows"),
+        (lambda v: v.update(row_count=0), "row_count 0 but vectors-g0001.faiss holds 24 rows"),
+        (lambda v: v.update(rejected_count=3), "rejected_count 3 but rejected-g0001.jsonl holds 0 rows"),
+        (lambda v: v.update(generation=2), "generation 2 but does not list its vectors-g0002.faiss"),
+        (lambda v: v["files"].pop("rejected-g0001.jsonl"), "does not list its rejected-g0001.jsonl"),
+    ],
+)
+def test_export_derives_counts_from_the_files_not_the_manifest(exported_index, tmp_path, change, message):
+    """A manifest edited after the build (counts, generation, files list) is refused, not exported."""
+    edited = edited_copy(exported_index, tmp_path, change)
+    for name in ("bundle.tar.gz", "rows.parquet"):
+        with pytest.raises(BundleError, match="refusing to export") as refused:
+            export_index(edited, tmp_path / name)
+        assert message in str(refused.value)
+        assert not (tmp_path / name).exists()
 
 
 # --------------------------------------------------------------------------- CLI

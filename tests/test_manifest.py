@@ -30,7 +30,13 @@ def _manifest(**overrides) -> Manifest:
         "max_length": 256,
         "parameters": {"regex": ".*", "names": ["a"], "shapes": [[2, 2]], "gradient_dim": 4},
         "normalize": "layer",
-        "sketch": {"sketch_dim": 4096, "seed": 42, "gradient_dim": 4, "output_dim": 4096},
+        "sketch": {
+            "sketch_dim": 4096,
+            "shuffle_lambda": 20,
+            "seed": 42,
+            "gradient_dim": 4,
+            "output_dim": 4096,
+        },
         "vector_dtype": "float32",
     }
     values.update(overrides)
@@ -200,6 +206,26 @@ def test_identity_keeps_only_the_adapters_fingerprint():
         (lambda v: v.update(row_count=True), "manifest field 'row_count' must be int"),
         (lambda v: v["sketch"].pop("output_dim"), "manifest field sketch.output_dim is missing"),
         (lambda v: v.update(row_count=-1), "manifest row_count is -1"),
+        (lambda v: v.update(generation=-2), "manifest generation is -2"),
+        (lambda v: v["sketch"].update(seed="42"), "manifest field sketch.seed is missing or not int"),
+        (lambda v: v["sketch"].pop("shuffle_lambda"), "manifest field sketch.shuffle_lambda is missing"),
+        (lambda v: v["model"].update(dtype=None), "manifest field model.dtype is missing or not str"),
+        (lambda v: v.update(adapter="lora"), "manifest field 'adapter' must be dict or null, found str"),
+        (lambda v: v.update(max_length=1.5), "manifest field 'max_length' must be int or null, found float"),
+        (lambda v: v.update(sources={}), "manifest field 'sources' must be list, found dict"),
+        (
+            lambda v: v.update(sources=[{"rows": "5"}]),
+            "manifest sources must be objects with an integer 'rows'",
+        ),
+        (
+            lambda v: v.update(rejected_count=None),
+            "manifest field 'rejected_count' must be int, found NoneType",
+        ),
+        (lambda v: v.update(files={"a.faiss": {"bytes": 1}}), "manifest files entry 'a.faiss' is malformed"),
+        (lambda v: v.update(files={"../a": {"sha256": "x", "bytes": 1}}), "manifest files entry '../a'"),
+        (lambda v: v.update(files={"/etc/a": {"sha256": "x", "bytes": 1}}), "files entry '/etc/a'"),
+        (lambda v: v.update(files={"a": {"sha256": "x", "bytes": -1}}), "files entry 'a' is malformed"),
+        (lambda v: v.update(files={"a": "x"}), "files entry 'a' is malformed"),
     ],
 )
 def test_a_damaged_manifest_is_refused_naming_the_field(tmp_path, edit, message):
@@ -217,3 +243,19 @@ def test_a_manifest_that_is_not_utf8_or_lists_no_files_is_refused(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(IntegrityError, match="lists no files to verify"):
         verify_files(tmp_path, _manifest())
+
+
+def test_a_manifest_checks_its_own_checksum(tmp_path):
+    """A flipped byte that keeps the JSON valid (seed 42 -> 43) would change every answer: refused.
+    A manifest from before the checksum has none and is read as it is."""
+    manifest = _manifest(files={"vectors-g0001.faiss": {"sha256": "x", "bytes": 1}})
+    write_manifest(tmp_path, manifest)
+    text = (tmp_path / MANIFEST_NAME).read_text()
+    assert '"self_sha256"' in text and read_manifest(tmp_path).sketch["seed"] == 42
+    (tmp_path / MANIFEST_NAME).write_text(text.replace('"seed": 42', '"seed": 43'))
+    with pytest.raises(ManifestError, match="does not match its own checksum.*re-import its bundle"):
+        read_manifest(tmp_path)
+    old = json.loads(text.replace('"seed": 42', '"seed": 43'))
+    del old["self_sha256"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(old))
+    assert read_manifest(tmp_path).sketch["seed"] == 43

@@ -17,7 +17,7 @@ from rapidin_index import gradients, retrieval
 from rapidin_index.build import build_index
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import IndexMismatchError, QueryError
-from rapidin_index.manifest import read_manifest, write_manifest
+from rapidin_index.manifest import read_manifest, sealed, write_manifest
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
@@ -236,7 +236,7 @@ def test_an_unknown_sketch_or_format_is_refused_by_name(built, tmp_path, field, 
         manifest["sketch"]["algorithm"] = value
     else:
         manifest[field] = value
-    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    (index_dir / "manifest.json").write_text(json.dumps(sealed(manifest)))  # as if written so
     with pytest.raises(ValueError, match=message):
         Index.open(index_dir, device="cpu")
     refused = CliRunner().invoke(

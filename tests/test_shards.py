@@ -102,3 +102,19 @@ def test_a_merge_keeps_every_shards_exact_path_and_self_checks(shard_builds, tmp
     assert merged.exact_path == {name: "self-check: differs (simulated)"}
     opened = Index.open(tmp_path / "merged", device="cpu")
     assert opened.sketcher.self_checked and name in opened.sketcher.exact_path
+
+
+def test_a_damaged_shard_is_refused_before_the_merge_reads_it(shard_builds, tmp_path):
+    """merge re-hashes every file it reads (issue 25), stamps or not: a flipped byte names the file."""
+    import shutil
+
+    from rapidin_index.errors import IntegrityError
+
+    copies = [shutil.copytree(shard_builds / f"shard{n}", tmp_path / f"shard{n}") for n in range(3)]
+    vectors = copies[1] / "vectors-g0001.faiss"
+    data = bytearray(vectors.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    vectors.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="shard1/vectors-g0001.faiss does not match its checksum"):
+        merge_shards(copies, tmp_path / "merged")
+    assert not (tmp_path / "merged" / "manifest.json").exists()

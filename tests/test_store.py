@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import xxhash
 
 from rapidin_index import metadata, store
 from rapidin_index.data import RejectedRow
@@ -126,14 +127,13 @@ def test_no_rejected_file_means_no_rejected_rows(tmp_path):
     assert store.read_rejected(tmp_path, SimpleNamespace(generation=5)) == []
 
 
-def _tree_sha256(folder: Path) -> str:
+def _tree_sha256(folder: Path, new=hashlib.sha256) -> str:
     """The manifest's folder checksum, computed here from its definition: relative path + file sha256."""
     paths = sorted(Path(root, name) for root, _, names in os.walk(folder) for name in names)
     text = "".join(
-        f"{path.relative_to(folder).as_posix()}\n{hashlib.sha256(path.read_bytes()).hexdigest()}\n"
-        for path in paths
+        f"{path.relative_to(folder).as_posix()}\n{new(path.read_bytes()).hexdigest()}\n" for path in paths
     )
-    return hashlib.sha256(text.encode()).hexdigest()
+    return new(text.encode()).hexdigest()
 
 
 def test_file_checksums_are_the_files_own(tmp_path):
@@ -142,10 +142,15 @@ def test_file_checksums_are_the_files_own(tmp_path):
     assert sorted(files) == ["metadata/rows_g0001.lance", "rejected-g0001.jsonl", "vectors-g0001.faiss"]
     for name in ("rejected-g0001.jsonl", "vectors-g0001.faiss"):
         data = (tmp_path / name).read_bytes()
-        assert files[name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        digests = {"sha256": hashlib.sha256(data).hexdigest(), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+        assert files[name] == {**digests, "bytes": len(data)}
     table = tmp_path / "metadata" / "rows_g0001.lance"
     table_bytes = sum(path.stat().st_size for path in table.rglob("*") if path.is_file())
-    assert files["metadata/rows_g0001.lance"] == {"sha256": _tree_sha256(table), "bytes": table_bytes}
+    assert files["metadata/rows_g0001.lance"] == {
+        "sha256": _tree_sha256(table),
+        "xxh3_128": _tree_sha256(table, xxhash.xxh3_128),
+        "bytes": table_bytes,
+    }
     assert (tmp_path / "rejected-g0001.jsonl").read_text() == '{"id": 1, "reason": "empty response"}\n'
 
 
