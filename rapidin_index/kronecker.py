@@ -151,11 +151,24 @@ def side_hash(seed: int, offset: int, side: int, piece: int, size: int, bins: in
 
 
 def side_hashes(
-    seed: int, offset: int, side: int, pieces: int, size: int, bins: int, device="cpu", first_piece: int = 0
+    seed: int,
+    offset: int,
+    side: int,
+    pieces: int,
+    size: int,
+    bins: int,
+    device="cpu",
+    first_piece: int = 0,
+    indices: torch.Tensor | None = None,
 ):
     """``side_hash`` of pieces first_piece, ..., first_piece + pieces - 1 at once: ([pieces, size] int64,
-    [pieces, size] float32); the same bits, in a few tensor ops instead of a dozen per piece."""
-    indices = torch.arange(size, dtype=torch.int64, device=device).expand(pieces, size)
+    [pieces, size] float32); the same bits, in a few tensor ops instead of a dozen per piece.
+
+    ``indices`` (int64 [n], each in [0, size)) hashes those indices alone: ([pieces, n], [pieces, n]).
+    """
+    if indices is None:
+        indices = torch.arange(size, dtype=torch.int64, device=device)
+    indices = indices.to(device=device, dtype=torch.int64).expand(pieces, -1)
     numbers = range(first_piece, first_piece + pieces)
 
     prefix = _word(seed, offset, side)
@@ -227,35 +240,74 @@ class RapidGradKronProjector:
         """(C1 [rows, pieces * a], C2 [cols, pieces * b]): every piece's signed count-sketch matrix."""
         if segment.offset in self._matrices:
             return self._matrices[segment.offset]
-        a, b, pieces = segment.row_bins, segment.col_bins, segment.pieces
-        left = torch.zeros(segment.rows, pieces * a, device=self.device)
-        right = torch.zeros(segment.cols, pieces * b, device=self.device)
-        rows, cols = (
-            torch.arange(segment.rows, device=self.device),
-            torch.arange(segment.cols, device=self.device),
-        )
-        for piece, (h1, s1, h2, s2) in enumerate(self.hashes(segment)):
-            left[rows, piece * a + h1] = s1
-            right[cols, piece * b + h2] = s2
+        left, right = self.side_matrix(segment, ROW_SIDE), self.side_matrix(segment, COL_SIDE)
         held = sum(m.numel() for pair in self._matrices.values() for m in pair)
         if held + left.numel() + right.numel() <= MATRIX_CACHE_LIMIT:
             self._matrices[segment.offset] = (left, right)
         return left, right
+
+    def side_matrix(
+        self, segment: KronSegment, side: int, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """C1 (``ROW_SIDE``) or C2 of ``count_matrices``, or just its rows ``indices``: [n, pieces * bins].
+
+        Hashes only the rows asked for, so a 262,144-row embedding costs what its looked-up ids cost.
+        """
+        rows = side == ROW_SIDE
+        size = segment.rows if rows else segment.cols
+        bins = segment.row_bins if rows else segment.col_bins
+        pieces = segment.pieces
+        hashed, signs = side_hashes(
+            self.settings.seed, segment.offset, side, pieces, size, bins, self.device, indices=indices
+        )  # [pieces, n] each
+        if rows:
+            signs = signs * (1.0 / math.sqrt(pieces))  # as ``hashes``: s1 carries 1 / sqrt(pieces)
+        columns = hashed + torch.arange(pieces, device=self.device)[:, None] * bins  # [pieces, n]
+        matrix = torch.zeros(hashed.shape[1], pieces * bins, device=self.device)
+        return matrix.scatter_(1, columns.T.contiguous(), signs.T.contiguous())
+
+    def _large_rows(self, segment: KronSegment) -> bool:
+        """Whether C1 is too large to form whole (a vocabulary's rows times many pieces)."""
+        return (
+            segment.offset not in self._matrices
+            and segment.rows * segment.pieces * segment.row_bins > MATRIX_CACHE_LIMIT
+        )
+
+    def _sketch_rows(self, segment: KronSegment, factor: OuterFactors, left: torch.Tensor | None):
+        """[b, T, pieces * a]: every token's u_t times C1 (``left``, or C1 hashed a row range at a time)."""
+        if factor.ids is not None:
+            one = shared_example(factor.ids)
+            ids = factor.ids if one is None else one
+            if left is None:  # only the distinct looked-up rows of C1
+                unique, inverse = torch.unique(ids, return_inverse=True)
+                rows = self.side_matrix(segment, ROW_SIDE, unique)[inverse]
+            else:
+                rows = left[ids]
+            return rows if one is None else rows.expand(len(factor.ids), -1, -1)
+        if left is not None:
+            return batched_matmul(factor.rows, left)  # [b, T, p * a]
+        width = segment.pieces * segment.row_bins
+        step = max(1, MATRIX_CACHE_LIMIT // (4 * width))
+        total = None
+        for first in range(0, segment.rows, step):
+            last = min(segment.rows, first + step)
+            part = self.side_matrix(segment, ROW_SIDE, torch.arange(first, last, device=self.device))
+            product = batched_matmul(factor.rows[:, :, first:last], part)  # [b, T, p * a]
+            total = product if total is None else total + product
+        return total
 
     def project_factors(
         self, out: torch.Tensor, factors: list[OuterFactors], offset: int, scale: torch.Tensor | None = None
     ) -> None:
         """out: [batch, K] += scale[b] * sketch(sum of the factors' outer products) of the tensor at offset."""
         segment = self.segment(offset)
-        left, right = self.count_matrices(segment)
+        if self._large_rows(segment):  # a large vocabulary: C1 by the rows the factors touch
+            left, right = None, self.side_matrix(segment, COL_SIDE)
+        else:
+            left, right = self.count_matrices(segment)
         sketched_rows, sketched_cols = [], []
         for factor in factors:
-            if factor.ids is None:
-                rows = batched_matmul(factor.rows, left)  # [b, T, p * a]
-            else:
-                one = shared_example(factor.ids)
-                rows = left[factor.ids] if one is None else left[one].expand(len(factor.ids), -1, -1)
-            sketched_rows.append(rows)
+            sketched_rows.append(self._sketch_rows(segment, factor, left))  # [b, T, p * a]
             sketched_cols.append(batched_matmul(factor.cols, right))  # [b, T, p * b]
         rows, cols = torch.cat(sketched_rows, dim=1), torch.cat(sketched_cols, dim=1)
         if scale is not None:
