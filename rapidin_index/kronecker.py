@@ -53,6 +53,10 @@ Llama at K = 65536, Spearman against exact scores rose from 0.944 (one 53 x 53 p
 # (64 MB); past that they are rebuilt from the hashes for every call (one scatter of rows values each).
 MATRIX_CACHE_LIMIT = 1 << 24
 
+# A C1 too large to keep (``MATRIX_CACHE_LIMIT``) keeps its hashes instead, 1 or 2 bytes a row and piece,
+# up to this many bytes in all (128 MB).
+ROW_CODE_CACHE_LIMIT = 1 << 27
+
 # Materialised blocks are scattered this many coordinates at a time (their int64 bins are temporaries).
 _SCATTER_CHUNK = 1 << 22
 
@@ -212,6 +216,7 @@ class RapidGradKronProjector:
         self._ends = [segment.end for segment in self.segments]  # ascending: segments tile [0, D)
         self._hashes: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self._matrices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._codes: dict[int, torch.Tensor] = {}  # large C1s' hashes, compact (``_row_codes``)
 
     def new_output(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
@@ -257,14 +262,44 @@ class RapidGradKronProjector:
         size = segment.rows if rows else segment.cols
         bins = segment.row_bins if rows else segment.col_bins
         pieces = segment.pieces
-        hashed, signs = side_hashes(
-            self.settings.seed, segment.offset, side, pieces, size, bins, self.device, indices=indices
-        )  # [pieces, n] each
+        codes = self._row_codes(segment) if rows and self._large_rows(segment) else None
+        if codes is not None:  # hashed once: h1 * 2 + (s1 < 0), [rows, pieces]
+            chosen = (codes if indices is None else codes[indices.to(codes.device)]).T.long()  # [pieces, n]
+            hashed, signs = chosen >> 1, 1.0 - 2.0 * (chosen & 1).to(torch.float32)
+        else:
+            hashed, signs = side_hashes(
+                self.settings.seed, segment.offset, side, pieces, size, bins, self.device, indices=indices
+            )  # [pieces, n] each
         if rows:
             signs = signs * (1.0 / math.sqrt(pieces))  # as ``hashes``: s1 carries 1 / sqrt(pieces)
         columns = hashed + torch.arange(pieces, device=self.device)[:, None] * bins  # [pieces, n]
         matrix = torch.zeros(hashed.shape[1], pieces * bins, device=self.device)
         return matrix.scatter_(1, columns.T.contiguous(), signs.T.contiguous())
+
+    def _row_codes(self, segment: KronSegment) -> torch.Tensor | None:
+        """[rows, pieces] int8 / int16 codes h1 * 2 + (s1 < 0) of a large C1, hashed once, a row range at a
+        time (a 262,144-row embedding in 256 pieces: 67 MB, where hashing it costs seconds every batch);
+        None past ``ROW_CODE_CACHE_LIMIT`` bytes."""
+        if segment.offset in self._codes:
+            return self._codes[segment.offset]
+        dtype = torch.int8 if segment.row_bins < 64 else torch.int16 if segment.row_bins < 1 << 14 else None
+        if dtype is None:
+            return None
+        size = segment.rows * segment.pieces * torch.tensor([], dtype=dtype).element_size()
+        if size + sum(c.numel() * c.element_size() for c in self._codes.values()) > ROW_CODE_CACHE_LIMIT:
+            return None
+        codes = torch.empty(segment.rows, segment.pieces, dtype=dtype, device=self.device)
+        step = max(1, _SCATTER_CHUNK // segment.pieces)
+        for first in range(0, segment.rows, step):
+            last = min(segment.rows, first + step)
+            indices = torch.arange(first, last, device=self.device)
+            hashed, signs = side_hashes(
+                self.settings.seed, segment.offset, ROW_SIDE, segment.pieces, segment.rows,
+                segment.row_bins, self.device, indices=indices,
+            )  # fmt: skip
+            codes[first:last] = (hashed * 2 + (signs < 0)).T.to(dtype)
+        self._codes[segment.offset] = codes
+        return codes
 
     def _large_rows(self, segment: KronSegment) -> bool:
         """Whether C1 is too large to form whole (a vocabulary's rows times many pieces)."""

@@ -150,6 +150,20 @@ def test_sparse_row_hashing_gives_the_bits_of_the_whole_block():
         assert torch.equal(signs, table_signs[coordinates].float())
 
 
+def test_kron_hashes_kept_as_codes_give_the_same_count_matrix(monkeypatch):
+    """A C1 too large to keep is rebuilt from compact codes: the bits of the hashes themselves."""
+    monkeypatch.setattr(kronecker, "MATRIX_CACHE_LIMIT", 1000)
+    blocks = gradient_blocks([("weight", torch.nn.Parameter(torch.zeros(900, 40)))])
+    projector = make_projector(SketchSettings(4096, 20, 3, "rapidgrad-kron"), 900 * 40, blocks=blocks)
+    segment = projector.segments[0]
+    expected = torch.zeros(segment.rows, segment.pieces * segment.row_bins)
+    for piece, (h1, s1, _, _) in enumerate(projector.hashes(segment)):  # side_hashes, no codes
+        expected[torch.arange(segment.rows), piece * segment.row_bins + h1] = s1
+    rows = torch.tensor([5, 0, 899, 5])
+    assert torch.equal(projector.side_matrix(segment, kronecker.ROW_SIDE, rows), expected[rows])
+    assert segment.offset in projector._codes  # it did take the codes
+
+
 def test_kron_row_matrix_is_the_count_matrix_rows():
     blocks = gradient_blocks([("weight", torch.nn.Parameter(torch.zeros(900, 40)))])
     projector = make_projector(SketchSettings(4096, 20, 3, "rapidgrad-kron"), 900 * 40, blocks=blocks)
