@@ -56,6 +56,7 @@ MATRIX_CACHE_LIMIT = 1 << 24
 # A C1 too large to keep (``MATRIX_CACHE_LIMIT``) keeps its hashes instead, 1 or 2 bytes a row and piece,
 # up to this many bytes in all (128 MB).
 ROW_CODE_CACHE_LIMIT = 1 << 27
+_CODE_CHUNK = 1 << 19  # (row, piece) pairs hashed at a time into the codes
 
 # Materialised blocks are scattered this many coordinates at a time (their int64 bins are temporaries).
 _SCATTER_CHUNK = 1 << 22
@@ -289,7 +290,7 @@ class RapidGradKronProjector:
         if size + sum(c.numel() * c.element_size() for c in self._codes.values()) > ROW_CODE_CACHE_LIMIT:
             return None
         codes = torch.empty(segment.rows, segment.pieces, dtype=dtype, device=self.device)
-        step = max(1, _SCATTER_CHUNK // segment.pieces)
+        step = max(1, _CODE_CHUNK // segment.pieces)  # the hashes' int64 temporaries stay small
         for first in range(0, segment.rows, step):
             last = min(segment.rows, first + step)
             indices = torch.arange(first, last, device=self.device)
