@@ -5,7 +5,8 @@ hook on its output keeps the gradient flowing back into it. After one backward o
 per-example losses, each example's weight gradient is rebuilt from its own rows of (input, output grad):
 
 * ``nn.Linear``          dW[b] = sum_t G[b,t]^T A[b,t]     (transformers' GPT-2 ``Conv1D``: the transpose)
-* ``nn.Embedding``       dW[b] = scatter-add of G[b,t] into the rows of the token ids
+* ``nn.Embedding``       dW[b] = scatter-add of G[b,t] into the rows of the token ids (times ``embed_scale``
+                         for the scaled embeddings of Gemma and BART, whose forward multiplies the rows)
 * norm layers            dw[b] = sum_t G[b,t] * (f(w=1) - f(w=0))[b,t]; a norm's output is affine in its
                          elementwise weight, so that difference is the exact derivative
 
@@ -54,6 +55,30 @@ def gradient_dim(blocks: list[GradientBlock]) -> int:
 # nn.Linear subclasses whose own forward we have read and which compute exactly x @ W^T + b.
 _LINEAR_EQUIVALENTS = frozenset({"FalconLinear"})
 
+# nn.Embedding subclasses whose own forward we have read and which compute exactly
+# ``nn.Embedding.forward(ids) * embed_scale`` (a float, or a 0-d buffer cast to the weight's dtype first).
+_SCALED_EMBEDDINGS = frozenset(
+    {
+        "GemmaTextScaledWordEmbedding",
+        "Gemma3TextScaledWordEmbedding",
+        "Gemma4TextScaledWordEmbedding",
+        "VaultGemmaTextScaledWordEmbedding",
+        "BartScaledWordEmbedding",
+        "MBartScaledWordEmbedding",
+        "BioGptScaledWordEmbedding",
+    }
+)
+
+
+def embedding_scale(module: nn.Module) -> float:
+    """The factor a (scaled) embedding multiplies its looked-up rows by, as its forward rounds it."""
+    scale = getattr(module, "embed_scale", None) if type(module).__name__ in _SCALED_EMBEDDINGS else None
+    if scale is None:
+        return 1.0
+    if isinstance(scale, torch.Tensor):
+        return float(scale.to(module.weight.dtype))
+    return float(scale)
+
 
 def _module_kind(module: nn.Module, parameter_name: str, parameter: nn.Parameter) -> str | None:
     """The per-example rule that rebuilds this parameter's gradient exactly, or None (exact path).
@@ -70,10 +95,10 @@ def _module_kind(module: nn.Module, parameter_name: str, parameter: nn.Parameter
         return "conv1d"  # GPT-2's transposed linear layer
     if (
         isinstance(module, nn.Embedding)
-        and module_class.forward is nn.Embedding.forward
+        and (module_class.forward is nn.Embedding.forward or module_class.__name__ in _SCALED_EMBEDDINGS)
         and parameter_name == "weight"
     ):
-        return "embedding"
+        return "embedding"  # a scaled one: its rows' gradient is the output gradient times the scale
     if (
         "norm" in module_class.__name__.lower()
         and parameter.dim() == 1
@@ -108,6 +133,7 @@ def _owner_gradient(owner: _Owner, call: _Call, batch_size: int) -> torch.Tensor
     grad = _flat_tokens(call.output_grad, batch_size)  # [batch, tokens, out]
     if owner.kind == "embedding":
         ids = call.args[0].reshape(batch_size, -1)  # [batch, tokens]
+        grad = grad * embedding_scale(owner.module)
         weight = owner.module.weight
         result = torch.zeros(batch_size * weight.shape[0], weight.shape[1], device=grad.device)
         flat_ids = ids + torch.arange(batch_size, device=ids.device)[:, None] * weight.shape[0]
@@ -276,6 +302,7 @@ class GradientCapture:
                 grad = _flat_tokens(call.output_grad, batch_size)  # [batch, tokens, out]
                 if owner.kind == "embedding":
                     ids = call.args[0].reshape(batch_size, -1)  # [batch, tokens]
+                    grad = grad * embedding_scale(owner.module)
                     if owner.module.padding_idx is not None:  # that row's gradient is zeroed
                         grad = grad * (ids != owner.module.padding_idx)[:, :, None]
                     factors.append(OuterFactors(grad, ids=ids))

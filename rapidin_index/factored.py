@@ -170,6 +170,22 @@ def factors_gradient(factors: list[OuterFactors], shape: tuple[int, int]) -> tor
     return total.reshape(batch, -1)
 
 
+def factors_gradient_rows(
+    factors: list[OuterFactors], cols_count: int, first: int, last: int
+) -> torch.Tensor:
+    """Rows [first, last) of :func:`factors_gradient`: [batch, (last - first) * cols] float32."""
+    batch = factors[0].cols.shape[0]
+    total = torch.zeros(batch, last - first, cols_count, device=factors[0].cols.device)
+    for factor in factors:
+        if factor.ids is not None:
+            example, token = ((factor.ids >= first) & (factor.ids < last)).nonzero(as_tuple=True)
+            flat = example * (last - first) + factor.ids[example, token] - first
+            total.view(-1, cols_count).index_add_(0, flat, factor.cols[example, token].float())
+        else:
+            total += torch.bmm(factor.rows[:, :, first:last].float().transpose(1, 2), factor.cols.float())
+    return total.reshape(batch, -1)
+
+
 def fft_is_cheaper(tokens: int, shape: tuple[int, int], sketch_dim: int) -> bool:
     """Whether one dense call's FFT sketch costs less than its signed matmul + scatter (per example)."""
     rows, cols = shape
@@ -366,6 +382,8 @@ class RapidGradTSProjector(HashedProjector):
         if self.method != "auto":
             return self.method == "fft"
         matrix = self._by_offset[offset]
+        if factor.cols.shape[0] * matrix.rows * matrix.cols > _BINS_CACHE_LIMIT:
+            return True  # the matmul would materialise a [batch, rows, cols] larger than the bound
         return fft_is_cheaper(factor.tokens, (matrix.rows, matrix.cols), self.output_dim)
 
     def project_dense(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: int) -> None:

@@ -30,7 +30,13 @@ from torch import nn
 
 from rapidin_index.capture import GradientBlock, GradientCapture
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import GramCache, OuterFactors, factors_gradient, squared_norms
+from rapidin_index.factored import (
+    GramCache,
+    OuterFactors,
+    factors_gradient,
+    factors_gradient_rows,
+    squared_norms,
+)
 from rapidin_index.losses import Batch, example_losses
 from rapidin_index.manifest import software_version
 from rapidin_index.settings import NORMALIZATIONS
@@ -54,6 +60,12 @@ class SketchedBatch:
 SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 SELF_CHECK_ROWS = 2
 SELF_CHECK_ROUND_OFF = 1e-6
+# A hooked block above this many coordinates (a 150k-260k vocabulary's embedding or head) is not
+# self-checked: its plain backward alone would materialise [vocab, dim] per row, the memory the hooks avoid.
+# Only nn.Linear / nn.Embedding rules reach that size; tests/test_large_vocab.py holds them to autograd.
+SELF_CHECK_MAX_NUMEL = 1 << 24
+# Float32 values a large block's row chunk holds when it must be materialised (16 MB).
+ROW_CHUNK_ELEMENTS = 1 << 22
 
 
 class GradientSketcher:
@@ -128,7 +140,8 @@ class GradientSketcher:
 
     def _sketch(self, batch: Batch, check_rows: int) -> SketchedBatch:
         hooked = [block for block in self.blocks if block.name not in self.exact_path]
-        check = _SelfCheck(self, batch, hooked, check_rows) if check_rows and hooked else None
+        checked = [block for block in hooked if block.numel <= SELF_CHECK_MAX_NUMEL]
+        check = _SelfCheck(self, batch, checked, check_rows) if check_rows and checked else None
         losses = self._hooked_backward(batch) if hooked else None
         try:
             exact = self._exact_gradients(batch)
@@ -144,7 +157,7 @@ class GradientSketcher:
                     state,
                     block,
                     batch.size,
-                    check_rows if check else 0,
+                    check_rows if check and block.numel <= SELF_CHECK_MAX_NUMEL else 0,
                     lambda block=block: self._hooked_gradients(batch, block),
                 )
                 if check is not None:
@@ -206,13 +219,16 @@ class GradientSketcher:
             state.add_sketch(sketch, squared, self.normalize)
             return True
         dense = any(factor.ids is None for factor in factors)
-        if dense and not hasattr(self.projector, "project_factors"):
+        large = block.numel > SELF_CHECK_MAX_NUMEL
+        if dense and not large and not hasattr(self.projector, "project_factors"):
             return False
         squared = squared_norms(factors, state.grams)  # [batch] from the token Gram matrices
         if not bool(torch.isfinite(squared).all()):
             return False
         if hasattr(self.projector, "project_factors"):  # rapidgrad-kron: scaled, straight into the batch's
             state.add_factors(block, factors, squared, self.normalize)
+        elif dense:  # a tied head under v1, v2 or exact
+            state.add_row_chunks(block, factors, squared, self.normalize)
         else:
             state.add_rows(block, factors, squared, self.normalize)
         return True
@@ -400,22 +416,24 @@ class _SketchState:
         """An embedding block given by its looked-up rows (``OuterFactors`` with ids), for any projector:
         each token's gradient row lands at its coordinates' bins (or, exact, at the coordinates)."""
         scale = self._add_norms(squared_norms, normalize)
-        cols = block.parameter.shape[1]
-        lookup = getattr(self.projector, "bins_and_signs", None)
-        table = None if lookup is None else lookup(block.offset, block.numel)  # cached below the limit
-        batch, width = self.out.shape
-        for factor in factors:
+        for factor in factors:  # only the looked-up rows are hashed: never [vocab, dim] coordinates
             values = factor.cols.float() if scale is None else factor.cols.float() * scale[:, None, None]
-            coordinates = factor.ids[:, :, None] * cols + torch.arange(
-                cols, device=values.device
-            )  # [b, T, C]
-            if table is None:  # the exact projector: the coordinates themselves
-                target = coordinates + block.offset
-            else:
-                target = table[0][coordinates].long()
-                values = values * table[1][coordinates]
-            target = target + torch.arange(batch, device=values.device)[:, None, None] * width
-            self.out.view(-1).index_add_(0, target.reshape(-1), values.reshape(-1))
+            self.projector.project_rows(self.out, factor.ids, values, block.offset)
+
+    def add_row_chunks(
+        self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
+    ) -> None:
+        """A large block with a dense factor (a tied head), for a projector that cannot sketch factors:
+        materialised a few of its rows at a time, so memory is bounded by the batch, not [vocab, dim]."""
+        scale = self._add_norms(squared_norms, normalize)
+        rows, cols = block.parameter.shape
+        step = max(1, ROW_CHUNK_ELEMENTS // max(1, self.out.shape[0] * cols))
+        for first in range(0, rows, step):
+            last = min(rows, first + step)
+            piece = factors_gradient_rows(factors, cols, first, last)  # [batch, (last - first) * cols]
+            if scale is not None:
+                piece *= scale[:, None]
+            self.projector.project_block(self.out, piece, block.offset + first * cols)
 
     def result(self) -> SketchedBatch:
         return SketchedBatch(self.out, self.losses, self.squared_norm.sqrt(), self.finite)

@@ -53,6 +53,11 @@ Llama at K = 65536, Spearman against exact scores rose from 0.944 (one 53 x 53 p
 # (64 MB); past that they are rebuilt from the hashes for every call (one scatter of rows values each).
 MATRIX_CACHE_LIMIT = 1 << 24
 
+# A C1 too large to keep (``MATRIX_CACHE_LIMIT``) keeps its hashes instead, 1 or 2 bytes a row and piece,
+# up to this many bytes in all (128 MB).
+ROW_CODE_CACHE_LIMIT = 1 << 27
+_CODE_CHUNK = 1 << 19  # (row, piece) pairs hashed at a time into the codes
+
 # Materialised blocks are scattered this many coordinates at a time (their int64 bins are temporaries).
 _SCATTER_CHUNK = 1 << 22
 
@@ -151,11 +156,24 @@ def side_hash(seed: int, offset: int, side: int, piece: int, size: int, bins: in
 
 
 def side_hashes(
-    seed: int, offset: int, side: int, pieces: int, size: int, bins: int, device="cpu", first_piece: int = 0
+    seed: int,
+    offset: int,
+    side: int,
+    pieces: int,
+    size: int,
+    bins: int,
+    device="cpu",
+    first_piece: int = 0,
+    indices: torch.Tensor | None = None,
 ):
     """``side_hash`` of pieces first_piece, ..., first_piece + pieces - 1 at once: ([pieces, size] int64,
-    [pieces, size] float32); the same bits, in a few tensor ops instead of a dozen per piece."""
-    indices = torch.arange(size, dtype=torch.int64, device=device).expand(pieces, size)
+    [pieces, size] float32); the same bits, in a few tensor ops instead of a dozen per piece.
+
+    ``indices`` (int64 [n], each in [0, size)) hashes those indices alone: ([pieces, n], [pieces, n]).
+    """
+    if indices is None:
+        indices = torch.arange(size, dtype=torch.int64, device=device)
+    indices = indices.to(device=device, dtype=torch.int64).expand(pieces, -1)
     numbers = range(first_piece, first_piece + pieces)
 
     prefix = _word(seed, offset, side)
@@ -199,6 +217,7 @@ class RapidGradKronProjector:
         self._ends = [segment.end for segment in self.segments]  # ascending: segments tile [0, D)
         self._hashes: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self._matrices: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._codes: dict[int, torch.Tensor] = {}  # large C1s' hashes, compact (``_row_codes``)
 
     def new_output(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
@@ -227,35 +246,104 @@ class RapidGradKronProjector:
         """(C1 [rows, pieces * a], C2 [cols, pieces * b]): every piece's signed count-sketch matrix."""
         if segment.offset in self._matrices:
             return self._matrices[segment.offset]
-        a, b, pieces = segment.row_bins, segment.col_bins, segment.pieces
-        left = torch.zeros(segment.rows, pieces * a, device=self.device)
-        right = torch.zeros(segment.cols, pieces * b, device=self.device)
-        rows, cols = (
-            torch.arange(segment.rows, device=self.device),
-            torch.arange(segment.cols, device=self.device),
-        )
-        for piece, (h1, s1, h2, s2) in enumerate(self.hashes(segment)):
-            left[rows, piece * a + h1] = s1
-            right[cols, piece * b + h2] = s2
+        left, right = self.side_matrix(segment, ROW_SIDE), self.side_matrix(segment, COL_SIDE)
         held = sum(m.numel() for pair in self._matrices.values() for m in pair)
         if held + left.numel() + right.numel() <= MATRIX_CACHE_LIMIT:
             self._matrices[segment.offset] = (left, right)
         return left, right
+
+    def side_matrix(
+        self, segment: KronSegment, side: int, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """C1 (``ROW_SIDE``) or C2 of ``count_matrices``, or just its rows ``indices``: [n, pieces * bins].
+
+        Hashes only the rows asked for, so a 262,144-row embedding costs what its looked-up ids cost.
+        """
+        rows = side == ROW_SIDE
+        size = segment.rows if rows else segment.cols
+        bins = segment.row_bins if rows else segment.col_bins
+        pieces = segment.pieces
+        codes = self._row_codes(segment) if rows and self._large_rows(segment) else None
+        if codes is not None:  # hashed once: h1 * 2 + (s1 < 0), [rows, pieces]
+            chosen = (codes if indices is None else codes[indices.to(codes.device)]).T.long()  # [pieces, n]
+            hashed, signs = chosen >> 1, 1.0 - 2.0 * (chosen & 1).to(torch.float32)
+        else:
+            hashed, signs = side_hashes(
+                self.settings.seed, segment.offset, side, pieces, size, bins, self.device, indices=indices
+            )  # [pieces, n] each
+        if rows:
+            signs = signs * (1.0 / math.sqrt(pieces))  # as ``hashes``: s1 carries 1 / sqrt(pieces)
+        columns = hashed + torch.arange(pieces, device=self.device)[:, None] * bins  # [pieces, n]
+        matrix = torch.zeros(hashed.shape[1], pieces * bins, device=self.device)
+        return matrix.scatter_(1, columns.T.contiguous(), signs.T.contiguous())
+
+    def _row_codes(self, segment: KronSegment) -> torch.Tensor | None:
+        """[rows, pieces] int8 / int16 codes h1 * 2 + (s1 < 0) of a large C1, hashed once, a row range at a
+        time (a 262,144-row embedding in 256 pieces: 67 MB, where hashing it costs seconds every batch);
+        None past ``ROW_CODE_CACHE_LIMIT`` bytes."""
+        if segment.offset in self._codes:
+            return self._codes[segment.offset]
+        dtype = torch.int8 if segment.row_bins < 64 else torch.int16 if segment.row_bins < 1 << 14 else None
+        if dtype is None:
+            return None
+        size = segment.rows * segment.pieces * torch.tensor([], dtype=dtype).element_size()
+        if size + sum(c.numel() * c.element_size() for c in self._codes.values()) > ROW_CODE_CACHE_LIMIT:
+            return None
+        codes = torch.empty(segment.rows, segment.pieces, dtype=dtype, device=self.device)
+        step = max(1, _CODE_CHUNK // segment.pieces)  # the hashes' int64 temporaries stay small
+        for first in range(0, segment.rows, step):
+            last = min(segment.rows, first + step)
+            indices = torch.arange(first, last, device=self.device)
+            hashed, signs = side_hashes(
+                self.settings.seed, segment.offset, ROW_SIDE, segment.pieces, segment.rows,
+                segment.row_bins, self.device, indices=indices,
+            )  # fmt: skip
+            codes[first:last] = (hashed * 2 + (signs < 0)).T.to(dtype)
+        self._codes[segment.offset] = codes
+        return codes
+
+    def _large_rows(self, segment: KronSegment) -> bool:
+        """Whether C1 is too large to form whole (a vocabulary's rows times many pieces)."""
+        return (
+            segment.offset not in self._matrices
+            and segment.rows * segment.pieces * segment.row_bins > MATRIX_CACHE_LIMIT
+        )
+
+    def _sketch_rows(self, segment: KronSegment, factor: OuterFactors, left: torch.Tensor | None):
+        """[b, T, pieces * a]: every token's u_t times C1 (``left``, or C1 hashed a row range at a time)."""
+        if factor.ids is not None:
+            one = shared_example(factor.ids)
+            ids = factor.ids if one is None else one
+            if left is None:  # only the distinct looked-up rows of C1
+                unique, inverse = torch.unique(ids, return_inverse=True)
+                rows = self.side_matrix(segment, ROW_SIDE, unique)[inverse]
+            else:
+                rows = left[ids]
+            return rows if one is None else rows.expand(len(factor.ids), -1, -1)
+        if left is not None:
+            return batched_matmul(factor.rows, left)  # [b, T, p * a]
+        width = segment.pieces * segment.row_bins
+        step = max(1, MATRIX_CACHE_LIMIT // (4 * width))
+        total = None
+        for first in range(0, segment.rows, step):
+            last = min(segment.rows, first + step)
+            part = self.side_matrix(segment, ROW_SIDE, torch.arange(first, last, device=self.device))
+            product = batched_matmul(factor.rows[:, :, first:last], part)  # [b, T, p * a]
+            total = product if total is None else total + product
+        return total
 
     def project_factors(
         self, out: torch.Tensor, factors: list[OuterFactors], offset: int, scale: torch.Tensor | None = None
     ) -> None:
         """out: [batch, K] += scale[b] * sketch(sum of the factors' outer products) of the tensor at offset."""
         segment = self.segment(offset)
-        left, right = self.count_matrices(segment)
+        if self._large_rows(segment):  # a large vocabulary: C1 by the rows the factors touch
+            left, right = None, self.side_matrix(segment, COL_SIDE)
+        else:
+            left, right = self.count_matrices(segment)
         sketched_rows, sketched_cols = [], []
         for factor in factors:
-            if factor.ids is None:
-                rows = batched_matmul(factor.rows, left)  # [b, T, p * a]
-            else:
-                one = shared_example(factor.ids)
-                rows = left[factor.ids] if one is None else left[one].expand(len(factor.ids), -1, -1)
-            sketched_rows.append(rows)
+            sketched_rows.append(self._sketch_rows(segment, factor, left))  # [b, T, p * a]
             sketched_cols.append(batched_matmul(factor.cols, right))  # [b, T, p * b]
         rows, cols = torch.cat(sketched_rows, dim=1), torch.cat(sketched_cols, dim=1)
         if scale is not None:

@@ -212,6 +212,35 @@ class HashedProjector:
         """out: [batch, K] float32, updated in place; block: [batch, n] at ``offset`` in the gradient."""
         _add_signed_bins(out, block, offset, self.bins_and_signs)
 
+    def coordinate_bins_and_signs(self, coordinates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bins int64, signs float32) of any int64 coordinates of the gradient: the bits of
+        ``bins_and_signs`` at those coordinates, computed for them alone."""
+        flat = coordinates.reshape(-1)
+        bins = torch.empty_like(flat)
+        signs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+        step = _PERMUTE_CHUNK_CPU if self.device.type == "cpu" else _MAP_CHUNK
+        for first in range(0, flat.numel(), step):
+            positions = self.map_positions(flat[first : first + step])
+            bins[first : first + step] = positions // self.bin_width
+            signs[first : first + step] = rademacher_signs(positions, self.settings.seed)
+        return bins.view(coordinates.shape), signs.view(coordinates.shape)
+
+    def project_rows(self, out: torch.Tensor, ids: torch.Tensor, cols: torch.Tensor, offset: int) -> None:
+        """out: [batch, K] += the sketch of an embedding's gradient given by its looked-up rows: token t's
+        ``cols[:, t]`` ([batch, T, C]) added to row ``ids[:, t]`` of the [vocab, C] block at ``offset``.
+
+        Only the coordinates of the distinct ids are hashed (never vocab x C of them), and every token is
+        scattered into its bins as the materialised block's coordinates would be: the same sketch.
+        """
+        width = cols.shape[-1]
+        unique, inverse = torch.unique(ids, return_inverse=True)  # [U], [batch, T]
+        columns = torch.arange(width, device=ids.device)
+        bins, signs = self.coordinate_bins_and_signs(offset + unique[:, None] * width + columns)  # [U, C]
+        batch, sketch_dim = out.shape
+        target = bins[inverse] + torch.arange(batch, device=out.device)[:, None, None] * sketch_dim
+        values = cols.float() * signs[inverse]  # [batch, T, C]
+        out.view(-1).index_add_(0, target.reshape(-1), values.reshape(-1))
+
     def new_output(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.output_dim, dtype=torch.float32, device=self.device)
 

@@ -45,7 +45,7 @@ from rapidin_index.rerank import exact_query_direction, rerank_hits, training_ro
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
-from rapidin_index.token_attribution import training_token_scores
+from rapidin_index.token_attribution import score_examples
 from rapidin_index.token_gradients import sketch_loss_combinations
 from rapidin_index.verify import check_files
 
@@ -464,12 +464,17 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
     tokenizer, manifest, blocks = index.loaded.tokenizer, index.manifest, index.blocks
     direction = exact_query_direction(index, query)
     per_block = [direction[b.offset : b.offset + b.numel] for b in blocks]
-    for hit in result.helpful[:count] + result.harmful[:count]:
-        input_ids, labels, _ = tokenize_example(
+    hits = result.helpful[:count] + result.harmful[:count]
+    examples = [
+        tokenize_example(
             training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
-        )
-        batch = collate([(input_ids, labels)], tokenizer.pad_token_id, index.device)
-        scores = training_token_scores(index.loaded.model, blocks, batch, per_block, manifest.normalize)
+        )[:2]
+        for hit in hits
+    ]  # all hits in one batch: one hooked backward and one forward-mode pass
+    every_scores = score_examples(
+        index.loaded.model, blocks, examples, per_block, manifest.normalize, tokenizer.pad_token_id
+    )
+    for hit, scores in zip(hits, every_scores, strict=True):
         hit.explanation = {
             "tokens": [
                 {"token": tokenizer.decode([token_id]), "token_id": token_id, "score": score}

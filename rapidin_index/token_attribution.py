@@ -40,10 +40,12 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rapidin_index.capture import GradientBlock
+from rapidin_index.capture import GradientBlock, GradientCapture, embedding_scale
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import TokenAttributionError
-from rapidin_index.losses import Batch, example_losses, token_losses
+from rapidin_index.factored import squared_norms
+from rapidin_index.gradients import _frozen
+from rapidin_index.losses import Batch, collate, example_losses, token_losses
 from rapidin_index.settings import NORMALIZATIONS
 
 TOKEN_NORMALIZATIONS = ("example", "token")
@@ -128,6 +130,188 @@ def reference_training_token_scores(
         scores.append(score)
     scores = torch.stack(scores)
     return _result(example, scores, token_loss_values.detach(), "per-token-backward", normalization)
+
+
+# --------------------------------------------------------------------------- many examples at once
+
+
+def score_examples(
+    model: nn.Module,
+    blocks: list[GradientBlock],
+    examples: list[tuple[list[int], list[int]]],
+    query_direction: list[torch.Tensor],
+    normalize: str = "layer",
+    pad_token_id: int = 0,
+) -> list[TokenScores]:
+    """``training_token_scores`` of several (input_ids, labels) examples against one query direction:
+    all at once (:func:`batched_training_token_scores`), or one by one where that does not apply."""
+    if not examples:
+        return []
+    device = blocks[0].parameter.device if blocks else "cpu"
+    batch = collate(examples, pad_token_id, device)
+    scores = batched_training_token_scores(model, blocks, batch, query_direction, normalize)
+    if scores is not None:
+        return scores
+    return [
+        training_token_scores(
+            model, blocks, collate([example], pad_token_id, device), query_direction, normalize
+        )
+        for example in examples
+    ]
+
+
+def batched_training_token_scores(
+    model: nn.Module,
+    blocks: list[GradientBlock],
+    examples: Batch,
+    query_direction: list[torch.Tensor],
+    normalize: str = "layer",
+) -> list[TokenScores] | None:
+    """``training_token_scores`` (example normalisation) of every row of ``examples`` at once, or None
+    where some attributed tensor's module has no per-example rule (`capture`): then score them one by one.
+
+    One hooked backward of the batch gives every row's block norms ||grad_b L(s)|| (``normalize="layer"``;
+    none with ``"none"``), and one forward-mode pass gives every row's token scores: each attributed
+    module's output gets ``eps * c[s, b] * (d output / d theta_b . q_b)`` (the module is affine in its
+    tensor, which is what its rule says), c = 1 / ||grad_b L(s)||, so d L_i(s) / d eps at eps = 0 is
+    ``sum_b <grad_b L_i(s), q_b> / ||grad_b L(s)||``: a JVP in one scalar, for all rows together.
+    """
+    capture = GradientCapture(model, blocks)
+    if capture.unsupported or not blocks:
+        return None
+    for block, direction in zip(blocks, query_direction, strict=True):
+        if direction.numel() != block.numel:
+            raise TokenAttributionError(f"query_direction for {block.name} has {direction.numel()} values")
+    scales = _batched_block_scales(capture, model, blocks, examples, normalize)  # [batch, blocks]
+    perturbation = _Perturbation(capture, blocks, query_direction, scales)
+    try:
+        losses, derivatives = perturbation.jvp(model, examples)
+        method = "jvp"
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # an op without a forward-AD formula: the double-backward trick on eps
+        losses, derivatives = perturbation.double_backward(model, examples)
+        method = "double-backward"
+    _, mask = losses
+    results = []
+    for row in range(examples.size):
+        keep = int(examples.attention_mask[row].sum())
+        one = Batch(
+            examples.input_ids[row : row + 1, :keep],
+            examples.attention_mask[row : row + 1, :keep],
+            examples.labels[row : row + 1, :keep],
+        )
+        chosen = mask[row]
+        results.append(_result(one, derivatives[row][chosen], losses[0][row][chosen], method, "example"))
+    return results
+
+
+def _batched_block_scales(
+    capture: GradientCapture, model: nn.Module, blocks: list[GradientBlock], examples: Batch, normalize: str
+) -> torch.Tensor:
+    """[batch, blocks] 1 / ||grad_b L(s)|| (1 where zero, or with ``normalize="none"``): one hooked backward."""
+    device = examples.input_ids.device
+    if normalize != "layer":
+        return torch.ones(examples.size, len(blocks), device=device)
+    capture.batch_size = examples.size
+    try:
+        with capture, _frozen(model.parameters()):  # the hooked outputs start the graph
+            example_losses(model, examples).sum().backward()
+        norms = []
+        for block in blocks:
+            factors = capture.example_factors(block, examples.size)
+            if factors is not None:
+                squared = squared_norms(factors).float()  # from the token Gram matrices
+            else:
+                squared = capture.example_gradients(block, examples.size).square().sum(dim=1)
+            norms.append(squared.sqrt().to(device))
+    finally:
+        capture.clear()
+    norms = torch.stack(norms, dim=1)  # [batch, blocks]
+    return 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+class _Perturbation:
+    """Forward hooks adding ``eps * c[:, b] * (d output / d theta_b . q_b)`` to each attributed module."""
+
+    def __init__(self, capture: GradientCapture, blocks, query_direction, scales: torch.Tensor) -> None:
+        self.terms = {}  # id(module): [(module, kind, parameter name, direction, scale [batch])]
+        for number, block in enumerate(blocks):
+            direction = query_direction[number].to(block.parameter.device, block.parameter.dtype)
+            direction = direction.reshape(block.parameter.shape)
+            for owner in capture.owners[id(block.parameter)]:
+                entry = (owner.module, owner.kind, owner.parameter_name, direction, scales[:, number])
+                self.terms.setdefault(id(owner.module), []).append(entry)
+        self.eps = None
+        self.inside = False
+
+    def _hook(self, module, args, kwargs, output):
+        if not isinstance(output, torch.Tensor) or self.inside:
+            return None  # inside: a norm's own calls for its direction
+        self.inside = True
+        try:
+            for _, kind, name, direction, scale in self.terms[id(module)]:
+                change = _directional_output(module, kind, name, direction, args, kwargs, output)
+                shape = (-1,) + (1,) * (change.dim() - 1)
+                output = output + self.eps * scale.to(change.dtype).reshape(shape) * change
+        finally:
+            self.inside = False
+        return output
+
+    def _losses(self, model: nn.Module, examples: Batch, eps: torch.Tensor):
+        self.eps = eps
+        modules = {key: terms[0][0] for key, terms in self.terms.items()}
+        handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in modules.values()]
+        try:
+            losses, mask = token_losses(model, examples)  # [batch, tokens - 1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return losses, mask
+
+    def jvp(self, model: nn.Module, examples: Batch):
+        device = examples.input_ids.device
+        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+        mask_holder = []
+
+        def losses_of(eps):
+            losses, mask = self._losses(model, examples, eps)
+            mask_holder.append(mask)
+            return losses
+
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            losses, derivatives = jvp(losses_of, (zero,), (one,))
+        return (losses, mask_holder[-1]), derivatives
+
+    def double_backward(self, model: nn.Module, examples: Batch):
+        eps = torch.zeros((), device=examples.input_ids.device, requires_grad=True)
+        with sdpa_kernel([SDPBackend.MATH]):
+            losses, mask = self._losses(model, examples, eps)
+            weights = torch.zeros_like(losses, requires_grad=True)  # v: J^T v is linear in it
+            (gradient,) = torch.autograd.grad(losses, eps, grad_outputs=weights, create_graph=True)
+            (derivatives,) = torch.autograd.grad(gradient, weights)
+        return (losses.detach(), mask), derivatives
+
+
+def _directional_output(module, kind: str, name: str, direction, args, kwargs, output) -> torch.Tensor:
+    """d module(args) / d (its tensor ``name``) . direction; the module is affine in that tensor."""
+    inputs = args[0]
+    if kind == "embedding":
+        rows = nn.functional.embedding(inputs, direction) * embedding_scale(module)
+        if module.padding_idx is not None:  # that row's gradient is zero: so is its derivative here
+            rows = rows * (inputs != module.padding_idx)[..., None]
+        return rows
+    if name == "bias":
+        return direction.expand_as(output)
+    if kind == "linear":
+        return nn.functional.linear(inputs, direction)
+    if kind == "conv1d":
+        return inputs @ direction  # GPT-2's Conv1D: x @ W + b
+    overrides = {name: direction}  # a norm: f(w = q) - f(w = 0), any bias zeroed
+    zeros = {name: torch.zeros_like(direction)}
+    if name != "bias" and getattr(module, "bias", None) is not None:
+        overrides["bias"] = zeros["bias"] = torch.zeros_like(module.bias)
+    return functional_call(module, overrides, args, kwargs) - functional_call(module, zeros, args, kwargs)
 
 
 # --------------------------------------------------------------------------- checks and shared pieces

@@ -205,3 +205,52 @@ def test_bad_settings_and_directions_are_refused(llama, training_rows):
     )
     with pytest.raises(TokenAttributionError, match="no response token"):
         training_token_scores(model, blocks, no_response, direction)
+
+
+@pytest.mark.parametrize("normalize", ["layer", "none"])
+@pytest.mark.parametrize("method", ["jvp", "double-backward"])
+def test_hits_scored_in_one_batch_equal_one_by_one(attributed, training_rows, normalize, method, monkeypatch):
+    """--explain scores all hits at once (one hooked backward, one forward-mode pass): the same scores
+    as today's one call per hit, for rows of different lengths (right-padded together)."""
+    model, blocks, tokenizer = attributed
+    query = make_example(tokenizer, training_rows[7])
+    direction = query_direction(model, blocks, query, normalize)
+    rows = [training_rows[i] for i in (3, 0, 12, 5)]
+    examples = [tokenize_example(r["instruction"], r["output"], tokenizer, max_length=None)[:2] for r in rows]
+    assert len({len(ids) for ids, _ in examples}) > 1  # padding is exercised
+    if method == "double-backward":  # as if an op had no forward-AD formula
+        monkeypatch.setattr(token_attribution, "jvp", _no_forward_mode)
+    batched = token_attribution.score_examples(
+        model, blocks, examples, direction, normalize, tokenizer.pad_token_id
+    )
+    for (input_ids, labels), fast in zip(examples, batched, strict=True):
+        example = collate([(input_ids, labels)], tokenizer.pad_token_id, "cpu")
+        slow = reference_training_token_scores(model, blocks, example, direction, normalize=normalize)
+        assert fast.method == method
+        assert_scores_close(fast, slow)
+
+
+def _no_forward_mode(*args, **kwargs):
+    raise NotImplementedError("no forward-AD formula (simulated)")
+
+
+def test_hits_of_a_module_without_a_rule_are_scored_one_by_one(llama, training_rows, monkeypatch):
+    model, blocks, tokenizer = llama
+    query = make_example(tokenizer, training_rows[7])
+    direction = query_direction(model, blocks, query, "layer")
+    examples = [
+        tokenize_example(r["instruction"], r["output"], tokenizer, max_length=None)[:2]
+        for r in training_rows[:2]
+    ]
+    monkeypatch.setattr("rapidin_index.capture._module_kind", lambda *args: None)  # no rule anywhere
+    calls = []
+    original = token_attribution.training_token_scores
+    monkeypatch.setattr(
+        token_attribution, "training_token_scores", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    scores = token_attribution.score_examples(
+        model, blocks, examples, direction, "layer", tokenizer.pad_token_id
+    )
+    assert len(calls) == 2 and [s.method for s in scores] == ["jvp", "jvp"]
+    example = collate([examples[1]], tokenizer.pad_token_id, "cpu")
+    assert_scores_close(scores[1], reference_training_token_scores(model, blocks, example, direction))

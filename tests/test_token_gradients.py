@@ -103,11 +103,11 @@ def test_per_token_vectors_equal_one_backward_per_token(tiny_model_dirs, archite
 
 
 def test_exact_path_tensors_and_flattened_modules_per_token():
-    """Gemma's scaled embedding (exact path) and OPT's fc1 on [tokens, features] (hooked, batch of one)."""
+    """XGLM's scaled embedding (exact path) and OPT's fc1 on [tokens, features] (hooked, batch of one)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_word_tokenizer()
-    for model_type in ("gemma", "opt"):
+    for model_type in ("xglm", "opt"):  # Gemma's scaled embedding has a rule now (capture._SCALED_EMBEDDINGS)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer)).eval()
         selected = list(model.named_parameters())
@@ -209,7 +209,8 @@ def test_the_head_split_is_taken_and_changes_nothing(tiny_model_dirs, architectu
     torch.testing.assert_close(split.losses, plain.losses)
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "biogpt", "xglm"])
+# Gemma, Gemma-3 and BioGPT's scaled embeddings have a per-example rule (hooked, not exact): not here.
+@pytest.mark.parametrize("model_type", ["gemma2", "xglm"])
 def test_the_head_split_adds_the_heads_share_of_a_tied_exact_embedding(model_type, monkeypatch):
     """A scaled embedding tied to the head is on the exact path; its gradient through the head is added
     from (dz, h). Split against unsplit, and every token against HF's one-label loss."""
