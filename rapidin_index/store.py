@@ -77,10 +77,19 @@ def generation_paths(index_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- read
 
 
-def load_faiss(index_dir: str | Path, generation: int) -> faiss.Index:
+def load_faiss(index_dir: str | Path, generation: int, mapped: bool = False) -> faiss.Index:
+    """The generation's FAISS index; ``mapped``: its vectors mapped from the file, not read (FAISS's
+    ``IO_FLAG_MMAP_IFC``)."""
     from rapidin_index import index as vector_index
 
-    return vector_index.load_index(Path(index_dir) / vector_file(generation))
+    return vector_index.load_index(Path(index_dir) / vector_file(generation), mapped)
+
+
+def open_vectors(index_dir: str | Path, generation: int, max_memory: int | None = None):
+    """The generation's vectors file read in place (`vector_file.StoredVectors`)."""
+    from rapidin_index.vector_file import StoredVectors
+
+    return StoredVectors(Path(index_dir) / vector_file(generation), max_memory)
 
 
 def load_vectors(index_dir: str | Path, generation: int) -> tuple[np.ndarray, np.ndarray]:
