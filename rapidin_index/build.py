@@ -59,7 +59,7 @@ from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
 from rapidin_index.readers import DataSource, check_source, data_checksum, read_rows
 from rapidin_index.rejections import check_rejected_share, source_outcome
-from rapidin_index.settings import AUTO_ALGORITHM, BuildSettings
+from rapidin_index.settings import AUTO_ALGORITHM, DEFAULT_VECTOR_DTYPE, BuildSettings
 
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel
@@ -193,6 +193,8 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     if append and settings.shard is not None:
         raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
     check_model_sources(settings.model)  # a wrong path fails now, not after hashing data and loading
+    if settings.vector_dtype is None:  # an index keeps its own; a new one gets the default
+        settings = replace(settings, vector_dtype=existing.vector_dtype if existing else DEFAULT_VECTOR_DTYPE)
     notes: list[str] = []
     positions = max_positions(read_config(settings.model.model))  # cheap: config.json, where readable
     settings = _cap_max_length(settings, positions, existing, notes)
@@ -482,7 +484,11 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     generation = plan["base_generation"] + 1
     identity = plan["identity"]
     chunk_count = -(-total_rows // settings.chunk_size)
-    faiss_index = vector_index.new_index(identity["sketch"]["output_dim"], identity["vector_dtype"])
+    # The vectors go to the new file as a stream (the old generation's copied block by block, then each
+    # journal chunk's): memory holds one chunk, whatever the index's size.
+    writer = store.vector_writer(
+        index_dir, generation, identity["sketch"]["output_dim"], identity["vector_dtype"]
+    )
     old_rows: list[dict] = []
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
@@ -490,8 +496,6 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     exact_path = dict(existing.exact_path if existing else {})
     self_checks = list(existing.self_checks if existing else [])
     if existing is not None:
-        ids, vectors = store.load_vectors(index_dir, existing.generation)
-        vector_index.add_vectors(faiss_index, vectors, ids)
         old_rows = store.read_all_rows(index_dir, existing.generation)
         rejected = [
             {"id": row.example_id, "reason": row.reason} for row in store.read_rejected(index_dir, existing)
@@ -499,10 +503,14 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
         counts = {"tokens": existing.token_count, "truncated": existing.truncated_count}
 
     def row_batches():
+        if existing is not None:
+            old_vectors = store.open_vectors(index_dir, existing.generation)
+            old_vectors.drop_pages = True  # read once: its pages need not stay
+            old_vectors.copy_rows_to(writer)
         yield old_rows
         for chunk_number in range(chunk_count):
             record, vectors = read_chunk(journal, chunk_number)
-            vector_index.add_vectors(faiss_index, vectors, np.asarray(record["ids"], dtype=np.int64))
+            writer.add(vectors, np.asarray(record["ids"], dtype=np.int64))
             rejected.extend(record["rejected"])
             counts["tokens"] += record["tokens"]
             counts["truncated"] += record["truncated"]
@@ -511,12 +519,12 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             add_self_checks(self_checks, [record["self_checked"]] if record.get("self_checked") else [])
             yield record["rows"]
 
-    files = store.write_generation(index_dir, generation, faiss_index, row_batches(), rejected)
+    files = store.write_generation(index_dir, generation, writer, row_batches(), rejected)
     manifest = _new_manifest(existing, plan, settings, generation, run.data, total_rows)
     manifest.model["files"] = run.model_files["model"]  # for a no-op rebuild that skips the model
     if manifest.adapter is not None:
         manifest.adapter["files"] = run.model_files["adapter"]
-    manifest.row_count = faiss_index.ntotal
+    manifest.row_count = writer.count
     manifest.rejected_count = len(rejected)
     manifest.token_count = counts["tokens"]
     manifest.truncated_count = counts["truncated"]

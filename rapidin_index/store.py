@@ -4,6 +4,7 @@ Layout of an index folder (generation g, four digits; the manifest names the cur
 
     manifest.json                 the commit point: written last, atomically (`manifest`)
     vectors-gNNNN.faiss           FAISS exact inner-product index of the sketches, ids = example ids
+                                  (read in place and written as a stream: `vector_file`)
     rejected-gNNNN.jsonl          {"id", "reason"} of every row that could not be indexed
     metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`metadata.SCHEMA`)
     .build/                       the journal of an unfinished build (`journal`)
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from rapidin_index.manifest import Manifest
+    from rapidin_index.vector_file import VectorWriter
 
 JOURNAL_DIR = ".build"
 DATABASE_DIR = "metadata"
@@ -130,24 +132,39 @@ def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow
 # --------------------------------------------------------------------------- write
 
 
+def vector_writer(index_dir: Path, generation: int, dimension: int, vector_dtype: str) -> VectorWriter:
+    """A streaming writer of the generation's vectors file (`vector_file.VectorWriter`), for
+    `write_generation`."""
+    from rapidin_index.vector_file import VectorWriter
+
+    return VectorWriter(Path(index_dir) / vector_file(generation), dimension, vector_dtype)
+
+
 def write_generation(
     index_dir: Path,
     generation: int,
-    faiss_index: faiss.Index,
+    vectors: faiss.Index | VectorWriter,
     row_batches: Iterable[list[dict]],
     rejected: list[dict],
 ) -> dict:
     """Write a generation's three parts; returns the manifest's ``files`` (path: sha256, bytes).
 
-    ``row_batches`` is consumed first (it may add to ``faiss_index`` and ``rejected`` as it goes, as a
-    build reading its journal does); the vectors and the rejected rows are written after it.
+    ``row_batches`` is consumed first (it may add to ``vectors`` and ``rejected`` as it goes, as a build
+    reading its journal does); the rejected rows are written after it. ``vectors``: a FAISS index (saved
+    whole) or a `vector_writer` (not yet entered: it is open while ``row_batches`` runs, so rows reach
+    the file chunk by chunk, and complete once they are consumed).
     """
     from rapidin_index import index as vector_index
     from rapidin_index import metadata
+    from rapidin_index.vector_file import VectorWriter
 
     index_dir.mkdir(parents=True, exist_ok=True)
-    metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), row_batches)
-    vector_index.save_index(faiss_index, index_dir / vector_file(generation))
+    if isinstance(vectors, VectorWriter):
+        with vectors:
+            metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), row_batches)
+    else:
+        metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), row_batches)
+        vector_index.save_index(vectors, index_dir / vector_file(generation))
     text = "".join(json.dumps(row) + "\n" for row in rejected)
     atomic_write_bytes(index_dir / rejected_file(generation), text.encode())
     return file_checksums(index_dir, generation)
