@@ -192,7 +192,7 @@ def build(
         str | None,
         typer.Option(
             help="Stored vectors: float16 (2K bytes a row; scores still fp32) or float32 (4K). "
-            "[default: an existing index's own, else float16]"
+            "[default: an existing index's own, else float16 (float32 with --k 0)]"
         ),
     ] = default_of(BuildSettings, "vector_dtype"),
     num_shards: Annotated[

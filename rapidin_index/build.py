@@ -193,8 +193,8 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     if append and settings.shard is not None:
         raise BuildError("--append works on whole indexes: merge the shards first (rapidin-index merge)")
     check_model_sources(settings.model)  # a wrong path fails now, not after hashing data and loading
-    if settings.vector_dtype is None:  # an index keeps its own; a new one gets the default
-        settings = replace(settings, vector_dtype=existing.vector_dtype if existing else DEFAULT_VECTOR_DTYPE)
+    if settings.vector_dtype is None and existing is not None:  # an index keeps its own dtype
+        settings = replace(settings, vector_dtype=existing.vector_dtype)
     notes: list[str] = []
     positions = max_positions(read_config(settings.model.model))  # cheap: config.json, where readable
     settings = _cap_max_length(settings, positions, existing, notes)
@@ -226,6 +226,10 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     selected = select_parameters(loaded.model, settings.model)
     settings = _cap_max_length(settings, max_positions(loaded.model.config.to_dict()), existing, notes)
     settings = _resolve_sketch(settings, selected, existing, notes)  # never 'auto' or no K in a manifest
+    if settings.vector_dtype is None:  # a new index: float16 sketches; exact vectors (K = 0) stay exact
+        settings = replace(
+            settings, vector_dtype="float32" if settings.sketch.exact else DEFAULT_VECTOR_DTYPE
+        )
     identity = index_identity(loaded, settings, selected, template)
     _check_dimension(identity["sketch"]["output_dim"])
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"], notes=notes)

@@ -31,6 +31,7 @@ def built(request, tmp_path_factory, tiny_model_dirs, training_file):
         SketchSettings(request.param, 20, 42),
         batch_size=8,
         device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, index_dir, settings, progress=False)
     return index_dir, settings
@@ -208,7 +209,10 @@ def test_an_index_opens_with_the_sketch_it_was_built_with(
 ):
     """A rapidgrad-v1 index keeps querying with v1 now that v2 is the default: a row finds itself."""
     settings = BuildSettings(
-        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42, "rapidgrad-v1"), device="cpu"
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(1024, 20, 42, "rapidgrad-v1"),
+        device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, tmp_path / "v1", settings, progress=False)
     opened = Index.open(tmp_path / "v1", device="cpu")
@@ -303,7 +307,11 @@ def patched_norm(monkeypatch):
 def checked_index(tmp_path_factory, tiny_model_dirs, training_file) -> str:
     index_dir = tmp_path_factory.mktemp("self-checked")
     settings = BuildSettings(
-        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42), batch_size=8, device="cpu"
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(1024, 20, 42),
+        batch_size=8,
+        device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, index_dir, settings, progress=False)
     return str(index_dir)
@@ -367,7 +375,11 @@ def test_the_builds_exact_path_is_the_querys(tmp_path, tiny_model_dirs, training
     """The build moved the norms to the exact path; a query that takes its check moves them too, and
     scores as one that checks again (where its own check moves them)."""
     settings = BuildSettings(
-        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42), batch_size=8, device="cpu"
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(1024, 20, 42),
+        batch_size=8,
+        device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, tmp_path / "index", settings, progress=False)
     manifest = read_manifest(tmp_path / "index")
