@@ -409,3 +409,45 @@ def test_a_new_shell_takes_the_builds_check(checked_index):
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "True"
+
+
+def test_open_maps_the_vectors_file_and_searches_it_as_faiss_would(built, opened, training_rows):
+    """Index.open reads the ids, not the vectors (no FAISS index until one is asked for); the blocked scan
+    of the mapped file gives FAISS's own lists."""
+    from rapidin_index import index as vector_index
+    from rapidin_index.vector_file import StoredVectors
+
+    fresh = Index.open(built[0], device="cpu")
+    assert isinstance(fresh.stored_index, StoredVectors) and fresh._faiss_index is None
+    assert not fresh.stored_index.drop_pages and fresh.stored_index.count == fresh.manifest.row_count
+    queries = np.random.default_rng(3).standard_normal((4, fresh.stored_index.dimension)).astype(np.float32)
+    scores, ids = vector_index.search(fresh.faiss_index, queries, 6)  # FAISS, its vectors mapped
+    negated_scores, negated_ids = vector_index.search(fresh.faiss_index, -queries, 6)
+    found = retrieval.search(fresh, queries, 6)
+    np.testing.assert_array_equal(found[1], ids)
+    np.testing.assert_array_equal(found[3], negated_ids)
+    np.testing.assert_allclose(found[0], scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(found[2], -negated_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_max_memory_caps_the_scan_or_refuses_on_one_line(built, training_rows):
+    index_dir, _ = built
+    row = training_rows[3]
+    args = ["query", "--index", str(index_dir), "--prompt", row["instruction"], "--response", row["output"]]
+    args += ["--top-k", "3", "--explain", "0", "--device", "cpu", "--per-token", "off"]
+    stored = Index.open(index_dir, device="cpu").stored_index
+    blocks_of_three_rows = 16 * stored.count + 2 * 3 * (4 * stored.dimension + 8 * 64)  # bytes
+    runner = CliRunner()
+    free = runner.invoke(app, args)
+    capped = runner.invoke(app, [*args, "--max-memory", str(blocks_of_three_rows)])
+    assert free.exit_code == capped.exit_code == 0, capped.output
+    capped_hits, free_hits = json.loads(capped.stdout)["helpful"], json.loads(free.stdout)["helpful"]
+    assert [hit["id"] for hit in capped_hits] == [hit["id"] for hit in free_hits]
+    np.testing.assert_allclose(  # other block shapes: float32 sums in another order
+        [hit["score"] for hit in capped_hits], [hit["score"] for hit in free_hits], rtol=1e-5
+    )
+    refused = runner.invoke(app, [*args, "--max-memory", "200B"])
+    assert refused.exit_code == 2 and "--max-memory 200B is too small for" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    unreadable = runner.invoke(app, [*args, "--max-memory", "lots"])
+    assert unreadable.exit_code == 2 and "--max-memory 'lots' is not a size" in unreadable.output
