@@ -150,8 +150,18 @@ def search_both(
     return _scan_both(blocks, queries, top_k)
 
 
+_FAISS_PRODUCT_QUERIES = 20
+"""From this many query vectors on, a block is scored by FAISS's blocked matrix product and heaps
+(`faiss.knn_inner_product`, queries and negations together); below, by one SIMD pass per query over a
+cache-sized block (`faiss.fvec_inner_products_ny`). Both read float32 rows in place, aligned or not (a
+mapped FAISS file's rows are not 4-byte aligned, and numpy would copy them)."""
+
+
 def _block_rows(dimension: int, queries: int, block_bytes: int) -> int:
-    """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2)."""
+    """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2); an
+    eighth of that for fewer than `_FAISS_PRODUCT_QUERIES` vectors (the block is re-read per vector)."""
+    if queries < _FAISS_PRODUCT_QUERIES:
+        block_bytes //= 8
     return max(1, block_bytes // (4 * dimension + 8 * queries))
 
 
@@ -161,20 +171,51 @@ def _file_blocks(stored: StoredVectors, queries: int):
     buffer = np.empty((min(step, stored.count), stored.dimension), np.float32)
     for start in range(0, stored.count, step):
         stop = min(start + step, stored.count)
-        yield stored.read(start, stop, buffer), stored.ids[start:stop]
+        yield stored.block(start, stop, buffer), stored.ids[start:stop]
         stored.release(start, stop)
 
 
 def _scan_both(blocks, queries: np.ndarray, top_k: int):
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best, worst = _TopK(len(queries), top_k), _TopK(len(queries), top_k)
+    both = np.concatenate([queries, -queries])  # [2q, d]: harmful = helpful of the negation
     for vectors, ids in blocks:
-        scores = queries @ vectors.T  # [q, rows] float32
-        best.offer(scores, ids)
-        worst.offer(np.negative(scores, out=scores), ids)
+        _offer_block(queries, both, vectors, ids, best, worst)
     helpful_scores, helpful_ids = best.result()
     harmful_scores, harmful_ids = worst.result()
     return helpful_scores, helpful_ids, -harmful_scores, harmful_ids
+
+
+def _offer_block(queries, both, vectors: np.ndarray, ids: np.ndarray, best: _TopK, worst: _TopK) -> None:
+    """Score one block ``vectors`` [rows, d] float32 (C-contiguous, any alignment) with every query and
+    offer the scores to the running helpful (``best``) and harmful (``worst``, negated keys) top-k."""
+    rows, dimension = vectors.shape
+    pointer = faiss.swig_ptr(vectors)
+    if len(queries) < _FAISS_PRODUCT_QUERIES:
+        scores = np.empty((len(queries), rows), np.float32)  # [q, rows]
+        for number, query in enumerate(queries):
+            faiss.fvec_inner_products_ny(
+                faiss.swig_ptr(scores[number]), faiss.swig_ptr(query), pointer, dimension, rows
+            )
+        best.offer(scores, ids)
+        worst.offer(np.negative(scores, out=scores), ids)
+        return
+    k = min(best.k, rows)
+    scores = np.empty((len(both), k), np.float32)  # [2q, k]: the block's own top k, by FAISS
+    found = np.empty((len(both), k), np.int64)
+    faiss.knn_inner_product(
+        faiss.swig_ptr(both),
+        pointer,
+        dimension,
+        len(both),
+        rows,
+        k,
+        faiss.swig_ptr(scores),
+        faiss.swig_ptr(found),
+    )
+    found_ids, count = ids[found], len(queries)  # k <= rows: every slot found
+    best.offer(scores[:count], found_ids[:count])
+    worst.offer(scores[count:], found_ids[count:])  # <-q, x> = -<q, x>: the harmful keys
 
 
 class _TopK:
@@ -193,7 +234,8 @@ class _TopK:
         self.threshold = np.full((queries, 1), -np.inf, np.float32)
 
     def offer(self, keys: np.ndarray, ids: np.ndarray) -> None:
-        """``keys`` [q, rows] and the rows' ``ids`` [rows]."""
+        """``keys`` [q, rows] and the rows' ``ids`` [rows] (or [q, rows], one list per query)."""
+        ids = np.broadcast_to(ids, keys.shape)
         above = keys > self.threshold  # [q, rows]
         passing = int(np.count_nonzero(above))
         if passing == 0:
@@ -201,16 +243,14 @@ class _TopK:
         if passing * 4 > keys.size:  # dense: the block's own top k of each row
             if keys.shape[1] > self.k:
                 part = np.argpartition(keys, keys.shape[1] - self.k, axis=1)[:, -self.k :]
-                keys, ids = np.take_along_axis(keys, part, 1), ids[part]
-            else:
-                ids = np.broadcast_to(ids, keys.shape)
+                keys, ids = np.take_along_axis(keys, part, 1), np.take_along_axis(ids, part, 1)
         else:  # sparse: the passing keys, padded to the widest row
             rows, columns = np.nonzero(above)
             counts = np.bincount(rows, minlength=len(keys))
             slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
             gathered = np.full((len(keys), counts.max()), -np.inf, np.float32)
             gathered_ids = np.full((len(keys), counts.max()), -1, np.int64)
-            gathered[rows, slots], gathered_ids[rows, slots] = keys[rows, columns], ids[columns]
+            gathered[rows, slots], gathered_ids[rows, slots] = keys[rows, columns], ids[rows, columns]
             keys, ids = gathered, gathered_ids
         keys, ids = np.concatenate([self.keys, keys], 1), np.concatenate([self.ids, ids], 1)
         if keys.shape[1] > self.k:

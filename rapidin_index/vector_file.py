@@ -99,6 +99,13 @@ class StoredVectors:
         """Rows [start, stop) as float32 [rows, d] (a fresh array, or ``out``'s first rows)."""
         return self._decode(self._codes[start:stop], out)
 
+    def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows [start, stop) for a scan: float32 files give a view of the mapping (rows not 4-byte
+        aligned: for FAISS's kernels, not numpy's); float16 ones are converted into ``out``."""
+        if self.vector_dtype == "float32":
+            return self._codes[start:stop].view(np.float32)  # [rows, d], in place
+        return self._decode(self._codes[start:stop], out)
+
     def read_positions(self, positions: np.ndarray) -> np.ndarray:
         """The rows at these (sorted) positions, as float32 [len(positions), d]."""
         return self._decode(self._codes[positions], None)

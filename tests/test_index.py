@@ -223,12 +223,16 @@ def test_stored_vectors_read_the_file_in_place(tmp_path, vector_dtype):
 @pytest.mark.parametrize("vector_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("top_k", [1, 10, 500, 600])
 @pytest.mark.parametrize("block_rows", [3, 64, 1000])
-def test_search_of_the_file_in_place_equals_numpy_brute_force(tmp_path, vector_dtype, top_k, block_rows):
-    """Blocks of 3 rows force the sparse merge (few candidates pass the running threshold)."""
+@pytest.mark.parametrize("query_count", [7, 25])
+def test_search_of_the_file_in_place_equals_numpy_brute_force(
+    tmp_path, vector_dtype, top_k, block_rows, query_count
+):
+    """Blocks of 3 rows force the sparse merge (few candidates pass the running threshold); 25 query
+    vectors take FAISS's matrix product and heaps, 7 one SIMD pass each."""
     path, ids, vectors = _written(tmp_path, vector_dtype)
     stored = StoredVectors(path)
-    queries = _queries(7)
-    stored.max_block_bytes = block_rows * (4 * DIMENSION + 8 * len(queries))
+    queries = _queries(query_count)
+    stored.max_block_bytes = block_rows * (4 * DIMENSION + 8 * len(queries)) * (8 if query_count < 20 else 1)
     found = vector_index.search_both(stored, queries, top_k)
     expected = _brute_force_both(queries, ids, vectors, top_k)
     np.testing.assert_array_equal(found[1], expected[1])
