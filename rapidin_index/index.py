@@ -168,7 +168,9 @@ def _block_rows(dimension: int, queries: int, block_bytes: int) -> int:
 def _file_blocks(stored: StoredVectors, queries: int):
     """(vectors [rows, d] float32, ids [rows]) of a vectors file, block after block, in one buffer."""
     step = _block_rows(stored.dimension, queries, stored.max_block_bytes)
-    buffer = np.empty((min(step, stored.count), stored.dimension), np.float32)
+    buffer = None  # float32 rows are read in place; float16 ones converted into this
+    if stored.vector_dtype == "float16":
+        buffer = np.empty((min(step, stored.count), stored.dimension), np.float32)
     for start in range(0, stored.count, step):
         stop = min(start + step, stored.count)
         yield stored.block(start, stop, buffer), stored.ids[start:stop]
@@ -281,9 +283,11 @@ def _flat_codes(index: faiss.Index) -> tuple[np.ndarray, str] | None:
 
 
 def _decode(codes: np.ndarray, dtype: str, dimension: int) -> np.ndarray:
-    """Rows in byte form [n, bytes a row] -> float32 [n, d] (a view where already aligned float32)."""
-    if dtype == "float32" and codes.ctypes.data % 4 == 0 and codes.flags.c_contiguous:
+    """Rows in byte form [n, bytes a row] -> float32 [n, d]: float32 a view (aligned or not: only FAISS's
+    kernels read it, `_offer_block`), float16 converted."""
+    codes = np.ascontiguousarray(codes)
+    if dtype == "float32":
         return codes.view(np.float32).reshape(len(codes), dimension)
-    aligned = np.empty((len(codes), codes.shape[1]), np.uint8)  # a byte copy: mapped files are unaligned
-    aligned[:] = codes
-    return aligned.view(np.float32 if dtype == "float32" else np.float16).astype(np.float32, copy=False)
+    if codes.ctypes.data % 2:
+        codes = codes.copy()
+    return codes.view(np.float16).astype(np.float32)

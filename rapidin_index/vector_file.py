@@ -99,7 +99,7 @@ class StoredVectors:
         """Rows [start, stop) as float32 [rows, d] (a fresh array, or ``out``'s first rows)."""
         return self._decode(self._codes[start:stop], out)
 
-    def block(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+    def block(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) for a scan: float32 files give a view of the mapping (rows not 4-byte
         aligned: for FAISS's kernels, not numpy's); float16 ones are converted into ``out``."""
         if self.vector_dtype == "float32":
