@@ -10,7 +10,7 @@ import numpy as np
 from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_file
 from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
-from rapidin_index.vector_file import SCAN_BLOCK_BYTES, StoredVectors
+from rapidin_index.vector_file import SCAN_BLOCK_BYTES, StoredVectors, half_to_float
 
 MAX_DIMENSION = MAX_VECTOR_DIMENSION  # what faiss.read_index accepts back
 
@@ -288,6 +288,4 @@ def _decode(codes: np.ndarray, dtype: str, dimension: int) -> np.ndarray:
     codes = np.ascontiguousarray(codes)
     if dtype == "float32":
         return codes.view(np.float32).reshape(len(codes), dimension)
-    if codes.ctypes.data % 2:
-        codes = codes.copy()
-    return codes.view(np.float16).astype(np.float32)
+    return half_to_float(codes, np.empty((len(codes), dimension), np.float32))

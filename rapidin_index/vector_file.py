@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import faiss
@@ -34,6 +35,21 @@ A query holds one such block, its float32 copy (float16) and the [vectors, rows]
 _INNER_KINDS = {b"IxFI": "float32", b"IxSQ": "float16"}
 _INNER_HEADER_AT = 37  # the IxM2 fourcc (4) and index header (d 4, ntotal 8, 2 x 8 unused, 1, metric 4)
 _PAGE = mmap.PAGESIZE
+
+
+def half_to_float(codes: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float16 rows in byte form [n, 2d] -> ``out`` [n, d] float32 (exact). torch's conversion is
+    vectorised (F16C); numpy's, here, converts 3x slower than torch and 5x slower than a float32 product."""
+    import torch
+
+    if codes.ctypes.data % 2:  # float16 rows start 2-byte aligned in files FAISS writes; be safe
+        codes = codes.copy()
+    half = np.ascontiguousarray(codes).view(np.float16)
+    with warnings.catch_warnings():  # a read-only mapping: torch warns that it could write; it only reads
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(half)
+    torch.from_numpy(out).copy_(source)
+    return out
 
 
 def format_bytes(count: int) -> str:
@@ -117,10 +133,8 @@ class StoredVectors:
         out = out[:rows]
         if self.vector_dtype == "float32":  # a byte copy: the file's rows are not 4-byte aligned
             out.reshape(-1).view(np.uint8)[:] = codes.reshape(-1)
-        elif codes.ctypes.data % 2 == 0:  # float16 rows start 2-byte aligned in files FAISS writes
-            np.copyto(out, codes.view(np.float16))  # float16 -> float32, exact
         else:
-            out[:] = codes.copy().view(np.float16)
+            half_to_float(codes, out)
         return out
 
     def release(self, start: int, stop: int) -> None:
