@@ -150,17 +150,16 @@ def search_both(
     return _scan_both(blocks, queries, top_k)
 
 
-_FAISS_PRODUCT_QUERIES = 20
-"""From this many query vectors on, a block is scored by FAISS's blocked matrix product and heaps
-(`faiss.knn_inner_product`, queries and negations together); below, by one SIMD pass per query over a
-cache-sized block (`faiss.fvec_inner_products_ny`). Both read float32 rows in place, aligned or not (a
-mapped FAISS file's rows are not 4-byte aligned, and numpy would copy them)."""
+_PRODUCT_QUERIES = 20
+"""Blocks are scored by one matrix product (numpy/BLAS), except rows read in place from a mapped float32
+file (not 4-byte aligned: BLAS would need a copy) for fewer than this many query vectors: one SIMD pass per
+vector over a cache-sized block (`faiss.fvec_inner_products_ny`, which reads unaligned rows)."""
 
 
 def _block_rows(dimension: int, queries: int, block_bytes: int) -> int:
     """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2); an
-    eighth of that for fewer than `_FAISS_PRODUCT_QUERIES` vectors (the block is re-read per vector)."""
-    if queries < _FAISS_PRODUCT_QUERIES:
+    eighth of that for fewer than `_PRODUCT_QUERIES` vectors (the block is re-read per vector)."""
+    if queries < _PRODUCT_QUERIES:
         block_bytes //= 8
     return max(1, block_bytes // (4 * dimension + 8 * queries))
 
@@ -180,44 +179,33 @@ def _file_blocks(stored: StoredVectors, queries: int):
 def _scan_both(blocks, queries: np.ndarray, top_k: int):
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best, worst = _TopK(len(queries), top_k), _TopK(len(queries), top_k)
-    both = np.concatenate([queries, -queries])  # [2q, d]: harmful = helpful of the negation
     for vectors, ids in blocks:
-        _offer_block(queries, both, vectors, ids, best, worst)
+        _offer_block(queries, vectors, ids, best, worst)
     helpful_scores, helpful_ids = best.result()
     harmful_scores, harmful_ids = worst.result()
     return helpful_scores, helpful_ids, -harmful_scores, harmful_ids
 
 
-def _offer_block(queries, both, vectors: np.ndarray, ids: np.ndarray, best: _TopK, worst: _TopK) -> None:
+def _offer_block(queries, vectors: np.ndarray, ids: np.ndarray, best: _TopK, worst: _TopK) -> None:
     """Score one block ``vectors`` [rows, d] float32 (C-contiguous, any alignment) with every query and
     offer the scores to the running helpful (``best``) and harmful (``worst``, negated keys) top-k."""
     rows, dimension = vectors.shape
-    pointer = faiss.swig_ptr(vectors)
-    if len(queries) < _FAISS_PRODUCT_QUERIES:
+    aligned = vectors.ctypes.data % 4 == 0
+    if not aligned and len(queries) < _PRODUCT_QUERIES:  # one SIMD pass per vector, the block in cache
         scores = np.empty((len(queries), rows), np.float32)  # [q, rows]
+        pointer = faiss.swig_ptr(vectors)
         for number, query in enumerate(queries):
             faiss.fvec_inner_products_ny(
                 faiss.swig_ptr(scores[number]), faiss.swig_ptr(query), pointer, dimension, rows
             )
-        best.offer(scores, ids)
-        worst.offer(np.negative(scores, out=scores), ids)
-        return
-    k = min(best.k, rows)
-    scores = np.empty((len(both), k), np.float32)  # [2q, k]: the block's own top k, by FAISS
-    found = np.empty((len(both), k), np.int64)
-    faiss.knn_inner_product(
-        faiss.swig_ptr(both),
-        pointer,
-        dimension,
-        len(both),
-        rows,
-        k,
-        faiss.swig_ptr(scores),
-        faiss.swig_ptr(found),
-    )
-    found_ids, count = ids[found], len(queries)  # k <= rows: every slot found
-    best.offer(scores[:count], found_ids[:count])
-    worst.offer(scores[count:], found_ids[count:])  # <-q, x> = -<q, x>: the harmful keys
+    else:  # one matrix product (BLAS wants aligned rows: many vectors make a copy of a mapped block pay)
+        if not aligned:
+            copied = np.empty((rows, dimension), np.float32)
+            copied.reshape(-1).view(np.uint8)[:] = vectors.reshape(-1).view(np.uint8)
+            vectors = copied
+        scores = queries @ vectors.T  # [q, rows]
+    best.offer(scores, ids)
+    worst.offer(np.negative(scores, out=scores), ids)
 
 
 class _TopK:
