@@ -532,6 +532,13 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Raise or lower one request cap, NAME=VALUE (repeatable), e.g. max_response_tokens=1024; "
+            "docs/serve-api.md lists the caps."
+        ),
+    ] = None,
     max_memory: Annotated[
         str | None,
         typer.Option(
@@ -542,8 +549,12 @@ def serve(
     ] = None,
 ) -> None:
     """Load an index and its model once and answer queries over HTTP: a JSON API and a page at /."""
+    from rapidin_index.server_requests import limits_from
+
+    limits = limits_from(limit or [])  # checked before anything loads
     from rapidin_index.server import serve_index  # needs the `serve` extra; says so when it is missing
 
+    max_memory_bytes = parse_memory(max_memory)  # checked before anything loads
     serve_index(
         index,
         model=model,
@@ -551,7 +562,8 @@ def serve(
         host=host,
         port=port,
         device=device,
-        max_memory=parse_memory(max_memory),
+        limits=limits,
+        max_memory=max_memory_bytes,
     )
 
 

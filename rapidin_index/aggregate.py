@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rapidin_index import index as vector_index
-from rapidin_index import metadata
+from rapidin_index import store
 from rapidin_index.errors import QueryError
 
 AGGREGATIONS = ("mean", "sum", "max", "count")
@@ -126,7 +126,7 @@ def _hits(index, ranked: list, vectors: np.ndarray, own_lists: np.ndarray) -> li
 
 
 def _join_text(index, hits: list[AggregateHit]) -> None:
-    rows = metadata.read_rows(index.table, sorted({hit.id for hit in hits}))
+    rows = store.rows_of_hits(index.path, index.table, sorted({hit.id for hit in hits}))
     for hit in hits:
         row = rows[hit.id]
         hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]

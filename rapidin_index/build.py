@@ -30,9 +30,10 @@ from rapidin_index.data import (
     load_examples,
     parse_template,
 )
-from rapidin_index.errors import BuildError, RejectedRowsError
+from rapidin_index.errors import BuildError, IntegrityError, RejectedRowsError, StoreError
+from rapidin_index.files import writing
 from rapidin_index.journal import (
-    chunk_complete,
+    chunk_problem,
     open_journal,
     read_chunk,
     write_chunk,
@@ -286,7 +287,7 @@ class _Run:
 def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bool, runner_factory):
     """Sketch every row not yet in the journal, then write the new generation."""
     settings, plan = run.settings, run.plan
-    journal = open_journal(run.index_dir, plan)
+    journal = open_journal(run.index_dir, plan, report.notes)
     examples, rejected = load_examples(
         run.data, run.loaded.tokenizer, template, settings.max_length, settings.tokenization
     )
@@ -303,10 +304,13 @@ def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bo
     jobs = []
     with RowProgress(total_rows, enabled=progress) as bar:
         for chunk_number, (chunk_examples, chunk_rejected) in enumerate(by_chunk):
-            if chunk_complete(journal, chunk_number):
+            problem = chunk_problem(journal, chunk_number)
+            if problem is None:
                 report.resumed_chunks += 1
                 bar.advance(len(chunk_examples) + len(chunk_rejected), 0)
             else:
+                if problem:  # a torn or damaged chunk is recomputed, never trusted: say which and why
+                    report.notes.append(f"journal chunk {chunk_number} is recomputed: {problem}")
                 jobs.append(ChunkJob(chunk_number, chunk_examples, chunk_rejected, plan["id_offset"]))
 
         def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
@@ -504,6 +508,8 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
         rejected = [
             {"id": row.example_id, "reason": row.reason} for row in store.read_rejected(index_dir, existing)
         ]
+        old_ids = store.open_vectors(index_dir, existing.generation).ids  # the ids only: vectors stay mapped
+        _check_existing_rows(index_dir, existing, old_ids, old_rows, rejected)
         counts = {"tokens": existing.token_count, "truncated": existing.truncated_count}
 
     def row_batches():
@@ -523,7 +529,17 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             add_self_checks(self_checks, [record["self_checked"]] if record.get("self_checked") else [])
             yield record["rows"]
 
-    files = store.write_generation(index_dir, generation, writer, row_batches(), rejected)
+    if settings.shard is None:
+        expected_ids = range(plan["id_offset"] + total_rows)
+    else:
+        expected_ids = range(settings.shard_index, total_rows, settings.num_shards)
+    try:
+        files = store.write_generation(index_dir, generation, writer, row_batches(), rejected, expected_ids)
+    except StoreError as error:  # the journal's chunks do not add up: recompute them rather than guess
+        store.remove_journal(index_dir)
+        raise BuildError(
+            f"{error}; the journal was cleared: rerun the same command to recompute it"
+        ) from None
     manifest = _new_manifest(existing, plan, settings, generation, run.data, total_rows)
     manifest.model["files"] = run.model_files["model"]  # for a no-op rebuild that skips the model
     if manifest.adapter is not None:
@@ -537,10 +553,26 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.self_checks = self_checks
     manifest.files = files
     pause_point("before-commit")
-    write_manifest(index_dir, manifest)
+    with writing(index_dir, 1 << 16):  # uncommitted files left by a failure here go with the next writer
+        write_manifest(index_dir, manifest)
     remove_unread_generations(index_dir, generation)
     store.remove_journal(index_dir)
     return manifest
+
+
+def _check_existing_rows(index_dir: Path, existing: Manifest, ids, rows: list[dict], rejected: list) -> None:
+    """The generation an append builds on holds every row once in FAISS and LanceDB, or nothing is appended."""
+    problem = store.row_id_problem(
+        ids.tolist(),
+        [row["id"] for row in rows],
+        [row["id"] for row in rejected],
+        range(existing.total_rows_seen),
+    )
+    if problem:
+        raise IntegrityError(
+            f"{index_dir}: generation {existing.generation} is damaged ({problem}); nothing was appended: "
+            "re-import its bundle or rebuild the index"
+        )
 
 
 def _new_manifest(existing, plan, settings, generation, data, total_rows) -> Manifest:

@@ -29,9 +29,12 @@ from rapidin_index.bundle import (
     self_checksum,
 )
 from rapidin_index.errors import BundleError, IntegrityError, ManifestError
-from rapidin_index.files import atomic_write_json, sha256_file
-from rapidin_index.lock import LOCK_FILES, remove_unread_generations, writer_lock
+from rapidin_index.files import atomic_write_json, no_space, sha256_file, tree_bytes, writing
+from rapidin_index.lock import LOCK_FILES, pause_point, remove_unread_generations, writer_lock
 from rapidin_index.manifest import MANIFEST_NAME, Manifest, differences, read_manifest, verify_files
+
+MOVING_NAME = ".import-moving.json"
+"""In an import's target while its files are moved in: which ones (`roll_back_import`)."""
 
 
 def verify_bundle(bundle: str | Path) -> dict:
@@ -53,20 +56,67 @@ def import_bundle(bundle: str | Path, index_dir: str | Path, force: bool = False
     _check_target(index_dir, force)
     index_dir.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(index_dir, "import"):
+        roll_back_import(index_dir)
         _check_target(index_dir, force)
-        staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=f".{index_dir.name}.import-"))
+        staging = Path(tempfile.mkdtemp(dir=index_dir.parent, prefix=_staging_prefix(index_dir)))
         os.chmod(staging, 0o755)  # mkdtemp makes 0700; an index is meant to be shared
-        try:
-            _, manifest = _extract_verified(bundle, staging)
-            _move_into_place(staging, index_dir, manifest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        unpacked = []  # bytes unpacked when a write failed: the free space is reported after the cleanup
+        with writing(index_dir.parent, lambda: max(bundle.stat().st_size, *unpacked)):
+            try:
+                _, manifest = _extract_verified(bundle, staging)
+                _move_into_place(staging, index_dir, manifest)
+            except BaseException:
+                unpacked.append(tree_bytes(staging))
+                roll_back_import(index_dir)  # a move that failed half-way: no partial folder
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return read_manifest(index_dir)
+
+
+def _staging_prefix(index_dir: Path) -> str:
+    return f".{index_dir.name}.import-"
+
+
+def roll_back_import(index_dir: Path) -> list[str]:
+    """Undo what a killed import left (call with the writer lock held): its staging folders beside
+    ``index_dir``, and the files a half-finished move brought in that no manifest names yet (listed in
+    the `MOVING_NAME` marker). Returns what was removed."""
+    removed = []
+    prefix = _staging_prefix(index_dir)
+    for staging in index_dir.parent.iterdir():
+        if staging.name.startswith(prefix) and staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging.name)
+    marker = index_dir / MOVING_NAME
+    if not marker.is_file():
+        return removed
+    try:
+        moved = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        moved = []  # a torn marker: it was written before any move
+    committed = read_manifest(index_dir).generation if (index_dir / MANIFEST_NAME).is_file() else None
+    for relative in moved:
+        generation = store.generation_of(Path(relative).name)
+        path = index_dir / relative
+        if committed is None or (generation is not None and generation > committed):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            removed.append(relative)
+    database = index_dir / store.DATABASE_DIR
+    if committed is None and database.is_dir() and not any(database.iterdir()):
+        database.rmdir()
+    marker.unlink()
+    return removed
 
 
 def _check_target(index_dir: Path, force: bool) -> None:
     if not index_dir.exists() or (index_dir.is_dir() and not _entries(index_dir)):
         return
+    if (index_dir / MOVING_NAME).is_file():
+        return  # a half-moved import: rolled back under the writer lock (`roll_back_import`)
     if not (index_dir / MANIFEST_NAME).is_file():
         raise BundleError(f"{index_dir} is not empty and holds no index; import into a new or empty folder")
     if not force:
@@ -83,21 +133,29 @@ def _entries(index_dir: Path) -> list[Path]:
 
 def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None:
     """Move the verified files in, manifest last. Over an existing index they become its next generation
-    (renamed), so the old one's files stay intact for its readers until the new manifest is in place."""
+    (renamed), so the old one's files stay intact for its readers until the new manifest is in place.
+    The `MOVING_NAME` marker lists what is being moved, so that a killed move is rolled back."""
+    marker = index_dir / MOVING_NAME
     if not (index_dir / MANIFEST_NAME).is_file():
+        atomic_write_json(marker, {"files": sorted(manifest.files)})
         for relative in manifest.files:
             _move(staging / relative, index_dir / relative)
+            pause_point("import-moving")
         os.replace(staging / MANIFEST_NAME, index_dir / MANIFEST_NAME)
+        marker.unlink()
         return
     generation = read_manifest(index_dir).generation + 1
     store.remove_generation(index_dir, generation)  # torn files of an unfinished build
-    files = {}
-    for relative, entry in manifest.files.items():
-        renamed = store.renamed_to_generation(relative, generation)
+    files = {
+        store.renamed_to_generation(relative, generation): entry for relative, entry in manifest.files.items()
+    }
+    atomic_write_json(marker, {"files": sorted(files)})
+    for relative, renamed in zip(manifest.files, files, strict=True):
         _move(staging / relative, index_dir / renamed)
-        files[renamed] = entry
+        pause_point("import-moving")
     manifest.files, manifest.generation = files, generation
     atomic_write_json(index_dir / MANIFEST_NAME, manifest.to_dict())
+    marker.unlink()
     store.remove_journal(index_dir)  # an unfinished build of the old index
     remove_unread_generations(index_dir, generation)
 
@@ -243,11 +301,10 @@ def _read_description(file, size: int) -> dict:
 
 
 def _check_free_space(destination: Path, needed: int) -> None:
-    free = shutil.disk_usage(destination).free
-    if needed > free:
-        raise BundleError(
-            f"the bundle unpacks to {needed:,} bytes but only {free:,} are free beside {destination}"
-        )
+    """Refused before a byte is written: the folder that holds ``destination`` (the import's target's
+    parent, or the scratch folder of --check) has less free space than the bundle unpacks to."""
+    if needed > shutil.disk_usage(destination).free:
+        raise no_space(destination.parent, needed)
 
 
 def _extract_member(file, size: int, entry: dict, target: Path) -> None:

@@ -104,6 +104,11 @@ class JournalError(RapidinIndexError, RuntimeError):
     """The journal holds an unfinished build that this one must not be mixed into."""
 
 
+class WriteError(RapidinIndexError, OSError):
+    """The disk refused a write (full, over quota, read-only, failing); the message names the folder and
+    about how much space the write needs. Nothing was committed: what was there before is untouched."""
+
+
 class IndexLockedError(RapidinIndexError, RuntimeError):
     """Another process is writing the index folder; the message names it and says what to do."""
 

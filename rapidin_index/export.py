@@ -52,7 +52,7 @@ from rapidin_index.bundle import (
     header,
 )
 from rapidin_index.errors import BundleError
-from rapidin_index.files import atomic_file, sha256_file, sha256_tree
+from rapidin_index.files import atomic_file, sha256_file, sha256_tree, writing
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -70,7 +70,8 @@ def export_index(index_dir: str | Path, out: str | Path, format: str | None = No
     read_manifest(index_dir)  # its errors say what is wrong with the folder
     manifest_bytes = (index_dir / MANIFEST_NAME).read_bytes()  # exported as read, even if a build replaces it
     manifest = Manifest.from_dict(json.loads(manifest_bytes))
-    with atomic_file(out) as temporary:
+    needed = len(manifest_bytes) + sum(entry.get("bytes", 0) for entry in manifest.files.values())
+    with writing(out.parent, needed), atomic_file(out) as temporary:  # a full disk: one line (files.py)
         if format == "parquet":
             _verify_index(index_dir, manifest)
             _write_parquet(index_dir, manifest, temporary)

@@ -7,15 +7,17 @@ the temporary file, so a reader sees the old file or the new one, never half of 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rapidin_index.errors import RapidinIndexError
+from rapidin_index.errors import RapidinIndexError, WriteError
 
 BLOCK_BYTES = 1 << 20
 
@@ -40,6 +42,74 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+# OS errors that mean the disk refused a write, not a bug: the user can fix them by freeing space or
+# choosing another folder.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+# How the writers in other languages say so: FAISS's C++ ("write error in ...: No space left on device")
+# and lance's Rust ("LanceError(IO): ... (os error 28)"), raised as RuntimeError or errno-less OSError.
+_WRITE_ERROR_TEXTS = ("write error", "No space left", "Disk quota", "LanceError(IO)", "os error 28")
+
+
+@contextmanager
+def writing(folder: str | Path, needed_bytes: int | Callable[[], int]) -> Iterator[None]:
+    """Turn a write that the disk refuses inside the block into one `WriteError` naming ``folder`` and
+    about how many bytes the write needs (``needed_bytes``, or a function giving it once known).
+
+    The one place that maps OSError(ENOSPC, EDQUOT, EIO, ...) and FAISS / LanceDB write failures."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RapidinIndexError) or not _refused_write(error):
+            raise
+        needed = needed_bytes() if callable(needed_bytes) else needed_bytes
+        raise WriteError(_write_message(Path(folder), error, needed)) from None
+
+
+def no_space(folder: str | Path, needed: int) -> WriteError:
+    """The `WriteError` for a write refused before it starts: ``needed`` bytes do not fit in ``folder``."""
+    return WriteError(_write_message(Path(folder), OSError(errno.ENOSPC, "No space left on device"), needed))
+
+
+def _refused_write(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in WRITE_ERRNOS
+    return any(text in str(error) for text in _WRITE_ERROR_TEXTS)
+
+
+def _write_message(folder: Path, error: BaseException, needed: int) -> str:
+    text = str(error)
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = os.strerror(error.errno).lower()
+    elif "No space left" in text or "os error 28" in text:
+        reason = "no space left on device"
+    elif "Disk quota" in text:
+        reason = "disk quota exceeded"
+    else:  # the first line, without the writer's source location
+        line = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
+        reason = line.split(", /")[0].strip()[:160]
+    place = folder
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = f", {_size(shutil.disk_usage(place).free)} free"
+    except OSError:
+        free = ""
+    return (
+        f"cannot write to {folder}: {reason}; this step needs about {_size(needed)} there{free}. "
+        "Nothing was committed (what was there before is untouched): free some space, or choose another "
+        "folder, and rerun"
+    )
+
+
+def _size(count: float) -> str:
+    if count < 1024:
+        return f"{int(count):,} bytes"
+    for unit in ("KB", "MB", "GB"):
+        count /= 1024
+        if count < 1024 or unit == "GB":
+            return f"{count:,.1f} {unit}"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

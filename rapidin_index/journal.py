@@ -1,12 +1,16 @@
 """The build journal: a folder of finished chunks that lets a killed build resume where it stopped.
 
-``plan.json`` records the build's arguments; a resume with other arguments is refused. Each chunk is
-two files written atomically: the vectors (``.npy``) first, then a JSON record holding their sha256,
-so a chunk counts as finished only when its record exists and matches the vectors on disk.
+``plan.json`` records the build's arguments; a resume with other arguments is refused, and a plan that
+cannot be read is replaced by this build's (its chunks, which cannot be matched to it, are recomputed).
+Each chunk is two files written atomically: the vectors (``.npy``) first, then a JSON record holding
+their sha256 and a sha256 of the record itself. A chunk counts as finished only when both checksums
+match; any other chunk (torn by a kill, damaged on disk, or written before records had a checksum) is
+recomputed, never trusted, and the build says which and why (`chunk_problem`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,30 +20,44 @@ from pathlib import Path
 import numpy as np
 
 from rapidin_index.errors import JournalError
-from rapidin_index.files import atomic_write_bytes, atomic_write_json, sha256_file
+from rapidin_index.files import atomic_write_bytes, atomic_write_json, writing
 from rapidin_index.manifest import differences
 from rapidin_index.store import JOURNAL_DIR
 
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
 CRASH_AFTER_VECTORS_ENV = "RAPIDIN_INDEX_CRASH_AFTER_VECTORS"
+PLAN_NAME = "plan.json"
 
 
-def open_journal(index_dir: Path, plan: dict) -> Path:
-    """The journal folder of this build; an unfinished build with a different plan is not mixed in."""
+def open_journal(index_dir: Path, plan: dict, notes: list[str] | None = None) -> Path:
+    """The journal folder of this build; an unfinished build with a different plan is not mixed in.
+
+    A ``plan.json`` that cannot be read starts the journal over, with a line in ``notes`` saying so."""
     journal = index_dir / JOURNAL_DIR
-    plan_path = journal / "plan.json"
+    plan_path = journal / PLAN_NAME
     if plan_path.exists():
-        previous = json.loads(plan_path.read_text())
-        changed = differences(previous, plan)
-        if changed:
-            raise JournalError(
-                f"{journal} holds an unfinished build with other arguments:\n  "
-                + "\n  ".join(changed)
-                + f"\nRerun with the original arguments to finish it, or delete {journal} to start over."
-            )
-        return journal
+        previous, damage = _read_json(plan_path)
+        if damage or not isinstance(previous, dict):
+            chunks = len(list(journal.glob("chunk-*.json")))
+            for path in journal.glob("chunk-*"):
+                path.unlink(missing_ok=True)
+            if notes is not None:
+                notes.append(
+                    f"the journal's {plan_path} is damaged ({damage or 'not a JSON object'}): its {chunks} "
+                    "finished chunk(s) cannot be matched to this build and are recomputed"
+                )
+        else:
+            changed = differences(previous, plan)
+            if changed:
+                raise JournalError(
+                    f"{journal} holds an unfinished build with other arguments:\n  "
+                    + "\n  ".join(changed)
+                    + f"\nRerun with the original arguments to finish it, or delete {journal} to start over."
+                )
+            return journal
     journal.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan_path, plan)
+    with writing(journal, len(json.dumps(plan))):
+        atomic_write_json(plan_path, plan)
     return journal
 
 
@@ -48,12 +66,53 @@ def _chunk_paths(journal: Path, chunk_number: int) -> tuple[Path, Path]:
     return stem.with_suffix(".npy"), stem.with_suffix(".json")
 
 
-def chunk_complete(journal: Path, chunk_number: int) -> bool:
+def _record_checksum(record: dict) -> str:
+    """sha256 of the record's canonical JSON (sorted keys, no spaces), its own checksum left out."""
+    body = {key: value for key, value in record.items() if key != "record_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_json(path: Path) -> tuple[object, str]:
+    """(value, '') or (None, why it cannot be read)."""
+    try:
+        return json.loads(path.read_bytes()), ""
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"not valid JSON: {str(error)[:80]}"
+
+
+def _load_checked(journal: Path, chunk_number: int) -> tuple[dict | None, np.ndarray | None, str]:
+    """(record, vectors, '') of a finished chunk; (None, None, why) for any other one ('' if unwritten)."""
     vectors_path, record_path = _chunk_paths(journal, chunk_number)
-    if not record_path.exists() or not vectors_path.exists():
-        return False
-    record = json.loads(record_path.read_text())
-    return record["vectors_sha256"] == sha256_file(vectors_path)
+    if not record_path.exists():
+        torn = vectors_path.exists()  # a build stopped between the two writes
+        return None, None, "its record is missing (the build was stopped while writing it)" if torn else ""
+    record, damage = _read_json(record_path)
+    if damage:
+        return None, None, f"its record is {damage}"
+    if not isinstance(record, dict) or "record_sha256" not in record:
+        return None, None, "its record has no checksum (written by an older rapidin-index)"
+    if record["record_sha256"] != _record_checksum(record):
+        return None, None, "its record does not match its checksum (ids or rows changed on disk)"
+    if not vectors_path.exists():
+        return None, None, "its vectors file is missing"
+    data = vectors_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record.get("vectors_sha256"):
+        return None, None, "its vectors do not match their checksum"
+    vectors = np.load(io.BytesIO(data), allow_pickle=False)
+    if "ids" in record and vectors.shape[0] != len(record["ids"]):
+        return None, None, f"it holds {vectors.shape[0]} vectors for {len(record['ids'])} ids"
+    return record, vectors, ""
+
+
+def chunk_problem(journal: Path, chunk_number: int) -> str | None:
+    """None if the chunk is finished and whole; else why it must be (re)computed ('' if never written)."""
+    record, _, problem = _load_checked(journal, chunk_number)
+    return None if record is not None else problem
+
+
+def chunk_complete(journal: Path, chunk_number: int) -> bool:
+    return chunk_problem(journal, chunk_number) is None
 
 
 def write_chunk(journal: Path, chunk_number: int, record: dict, vectors: np.ndarray) -> None:
@@ -61,13 +120,24 @@ def write_chunk(journal: Path, chunk_number: int, record: dict, vectors: np.ndar
     vectors_path, record_path = _chunk_paths(journal, chunk_number)
     buffer = io.BytesIO()
     np.save(buffer, vectors, allow_pickle=False)
-    atomic_write_bytes(vectors_path, buffer.getvalue())
-    if os.environ.get(CRASH_AFTER_VECTORS_ENV) == str(chunk_number):
-        os.kill(os.getpid(), signal.SIGKILL)
-    record["vectors_sha256"] = sha256_file(vectors_path)
-    atomic_write_json(record_path, record)
+    data = buffer.getvalue()
+    with writing(journal, 2 * len(data)):
+        atomic_write_bytes(vectors_path, data)
+        if os.environ.get(CRASH_AFTER_VECTORS_ENV) == str(chunk_number):
+            os.kill(os.getpid(), signal.SIGKILL)
+        record["vectors_sha256"] = hashlib.sha256(data).hexdigest()
+        record["record_sha256"] = _record_checksum(record)
+        atomic_write_json(record_path, record)
 
 
 def read_chunk(journal: Path, chunk_number: int) -> tuple[dict, np.ndarray]:
-    vectors_path, record_path = _chunk_paths(journal, chunk_number)
-    return json.loads(record_path.read_text()), np.load(vectors_path, allow_pickle=False)
+    """A finished chunk, checked again as it is read; a chunk damaged since is removed and refused."""
+    record, vectors, problem = _load_checked(journal, chunk_number)
+    if record is None:
+        for path in _chunk_paths(journal, chunk_number):
+            path.unlink(missing_ok=True)
+        raise JournalError(
+            f"journal chunk {chunk_number} in {journal} changed after it was checked "
+            f"({problem or 'it is gone'}); it was removed: rerun the same command to recompute it"
+        )
+    return record, vectors

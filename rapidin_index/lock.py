@@ -28,7 +28,8 @@ from pathlib import Path
 
 from rapidin_index import store
 from rapidin_index.errors import IndexLockedError, ManifestError
-from rapidin_index.manifest import Manifest, read_manifest, utc_now
+from rapidin_index.files import writing
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, read_manifest, utc_now
 
 LOCK_NAME = ".lock"
 READERS_DIR = ".readers"
@@ -55,6 +56,7 @@ def writer_lock(index_dir: str | Path, action: str) -> Iterator[None]:
     created = not index_dir.exists()
     descriptor = _acquire(index_dir, action)
     try:
+        remove_debris(index_dir)
         pause_point("locked")
         yield
     finally:
@@ -62,6 +64,19 @@ def writer_lock(index_dir: str | Path, action: str) -> Iterator[None]:
         os.close(descriptor)
         if created:
             _remove_if_empty(index_dir)
+
+
+def remove_debris(index_dir: Path) -> list[str]:
+    """What a killed writer left (temporaries, an uncommitted generation), removed by the next writer
+    (`store.remove_debris`); a manifest that cannot be read leaves every generation in place."""
+    manifest_path = index_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return store.remove_debris(index_dir, None)
+    try:
+        committed = read_manifest(index_dir).generation
+    except (ManifestError, OSError, ValueError):
+        return store.remove_debris(index_dir, None, generations=False)
+    return store.remove_debris(index_dir, committed)
 
 
 def _acquire(index_dir: Path, action: str) -> int:
@@ -80,7 +95,12 @@ def _acquire(index_dir: Path, action: str) -> int:
                 raise
             raise IndexLockedError(_locked_message(index_dir, path)) from None
         if _same_file(descriptor, path):
-            _write_holder(descriptor, action)
+            try:
+                with writing(index_dir, 4096):  # a full disk refuses even the holder's record
+                    _write_holder(descriptor, action)
+            except BaseException:
+                os.close(descriptor)
+                raise
             return descriptor
         os.close(descriptor)  # we locked a lock file its holder had just removed: take the new one
     raise IndexLockedError(f"{index_dir}: could not take the writer lock {path}; retry")

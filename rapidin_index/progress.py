@@ -45,5 +45,7 @@ class RowProgress:
         self.rows += rows
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        rates = f"{self.rows / elapsed:.1f} rows/s, {self.tokens / elapsed:,.0f} tokens/s"
+        rates = f"{self.rows / elapsed:.1f} rows/s" + (
+            f", {self.tokens / elapsed:,.0f} tokens/s" if self.tokens else ""
+        )
         self._progress.update(self._task, advance=rows, rates=rates)

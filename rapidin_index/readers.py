@@ -296,7 +296,7 @@ def _open_parquet(path: Path):
 
     try:
         return parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as error:
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as error:  # a damaged footer or schema
         raise DataError(f"cannot read {path}: not a valid Parquet file ({_one_line(error)})") from error
 
 
@@ -313,7 +313,7 @@ def _parquet_rows(path: Path, parquet_file, arrow_error: type[Exception]) -> Row
             for record in batch.to_pylist():
                 yield example_id, _plain_row(record), None
                 example_id += 1
-    except (arrow_error, OSError) as error:  # a damaged page part-way through
+    except (arrow_error, OSError, UnicodeDecodeError) as error:  # a damaged page part-way through
         raise DataError(f"cannot read {path}: damaged Parquet data ({_one_line(error)})") from error
 
 

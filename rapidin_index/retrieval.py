@@ -344,25 +344,29 @@ def sketch_queries(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(vectors, losses): each query's whole-generation vector, then (``per_token``) one per scored token.
 
-    Per token, one forward pass per query and batched backward passes over its token losses
-    (:mod:`rapidin_index.token_gradients`): rows [1 + T] per query. Whole generation only, the queries
-    share batches: one row per query.
+    Per token, batched backward passes over each query's token losses, each on the prefix its rows need
+    (:mod:`rapidin_index.token_gradients`): rows [1 + T] per query, the progress bar counting them. Whole
+    generation only, the queries share batches: one row per query.
     """
     if not per_token:
         sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in queries]
         return _sketch_sequences(index, sequences)
     vectors, losses = [], []
-    with RowProgress(len(queries), "per-token queries", enabled=index.progress) as bar:
+    total = sum(1 + len(query.hot) for query in queries)
+    with RowProgress(total, "per-token vectors", enabled=index.progress) as bar:
         for query in queries:
             example = collate(
                 [(query.input_ids, query.labels)], index.loaded.tokenizer.pad_token_id, index.device
             )
             hot = torch.tensor(query.hot, dtype=torch.float32)
             weights = torch.cat([(hot / hot.sum())[None], torch.eye(len(query.hot))])  # [1 + T, T]
-            sketched = _finite(sketch_loss_combinations(index.sketcher, example, weights))
+            sketched = _finite(
+                sketch_loss_combinations(
+                    index.sketcher, example, weights, advance=lambda rows: bar.advance(rows, 0)
+                )
+            )
             vectors.append(sketched.vectors.cpu().numpy())
             losses.append(sketched.losses.cpu().numpy())
-            bar.advance(1, len(query.response_positions))
     return np.concatenate(vectors), np.concatenate(losses)
 
 
@@ -474,7 +478,7 @@ def join_text(index: Index, results: list[QueryResult]) -> None:
     """Whole-generation hits get their row (prompt, response, source); per-token hits their text."""
     token_hits = [hit for r in results for t in r.tokens for hit in t.helpful + t.harmful]
     whole_hits = [hit for r in results for hit in r.helpful + r.harmful]
-    rows = metadata.read_rows(index.table, sorted({hit.id for hit in whole_hits + token_hits}))
+    rows = store.rows_of_hits(index.path, index.table, sorted({hit.id for hit in whole_hits + token_hits}))
     for hit in whole_hits:
         row = rows[hit.id]
         hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]

@@ -9,7 +9,7 @@ HTTP status: 400 for a malformed request, 422 for one over a cap.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from rapidin_index.aggregate import AGGREGATIONS
@@ -44,6 +44,27 @@ class Limits:
     """Length of a ``where`` filter."""
     max_query_tokens: int = 2048
     """Tokens of one query's whole sequence, prompt and response (for a generation: prompt + max_new_tokens)."""
+
+
+def limits_from(settings: list[str]) -> Limits:
+    """`Limits` with ``NAME=VALUE`` settings (``serve --limit max_response_tokens=1024``) over the defaults."""
+    names = {field.name for field in fields(Limits)}
+    values = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in names:
+            raise RequestError(
+                f"--limit {setting!r}: no cap named {name!r}; the caps are {', '.join(sorted(names))}"
+            )
+        try:
+            number = int(value.replace("_", "").replace(",", ""))
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise RequestError(f"--limit {setting!r}: give a whole number of at least 1, as in {name}=100")
+        values[name] = number
+    return Limits(**values)
 
 
 @dataclass

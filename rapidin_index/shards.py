@@ -14,6 +14,7 @@ import numpy as np
 
 from rapidin_index import store
 from rapidin_index.errors import ShardError
+from rapidin_index.files import writing
 from rapidin_index.lock import read_generation, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
@@ -45,14 +46,17 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     _check_compatible(shard_dirs, manifests)
     total_rows = manifests[0].total_rows_seen
     writer = store.vector_writer(index_dir, 1, manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
-    rows, rejected, seen = [], [], Counter()
+    rows, rejected, vector_ids = [], [], []
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
         ids = store.open_vectors(shard_dir, manifest.generation).ids
         rows.extend(store.read_all_rows(shard_dir, manifest.generation))
         rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
-        seen.update(ids.tolist())
-        seen.update(r["id"] for r in rejected[len(rejected) - manifest.rejected_count :])
-    _check_every_row_once(seen, total_rows)
+        vector_ids.extend(ids.tolist())
+    problem = store.row_id_problem(
+        vector_ids, [row["id"] for row in rows], [row["id"] for row in rejected], range(total_rows)
+    )
+    if problem:
+        raise ShardError(f"cannot merge {', '.join(map(str, shard_dirs))}: {problem}")
     rows.sort(key=lambda row: row["id"])
     rejected.sort(key=lambda row: row["id"])
     files = store.write_generation(
@@ -71,7 +75,8 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
         merged.exact_path.update(manifest.exact_path)
         add_self_checks(merged.self_checks, manifest.self_checks)
     merged.files = files
-    write_manifest(index_dir, merged)
+    with writing(index_dir, 1 << 16):
+        write_manifest(index_dir, merged)
     store.remove_journal(index_dir)
     return merged
 
@@ -99,15 +104,6 @@ def _check_compatible(shard_dirs: list[Path], manifests: list[Manifest]) -> None
         raise ShardError(
             f"shard {missing[0]} of {count} is missing; build it with --shard-index {missing[0]}"
         )
-
-
-def _check_every_row_once(seen: Counter, total_rows: int) -> None:
-    twice = sorted(i for i, n in seen.items() if n > 1)
-    missing = sorted(set(range(total_rows)) - set(seen))
-    if twice:
-        raise ShardError(f"row {twice[0]} is present in more than one shard ({len(twice)} such rows)")
-    if missing:
-        raise ShardError(f"row {missing[0]} is in no shard ({len(missing)} rows missing)")
 
 
 def _merged_vectors(shard_dirs: list[Path], manifests: list[Manifest], writer, rows: list[dict]):

@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rapidin_index.data import RejectedRow
-from rapidin_index.files import atomic_write_bytes, sha256_path, tree_bytes
+from rapidin_index.errors import IntegrityError, StoreError
+from rapidin_index.files import atomic_write_bytes, sha256_path, tree_bytes, writing
 
 if TYPE_CHECKING:
     import faiss
@@ -115,6 +117,21 @@ def open_rows(index_dir: str | Path, generation: int):
     return metadata.open_table(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
+def rows_of_hits(index_dir: str | Path, table, ids: list[int]) -> dict[int, dict]:
+    """{id: row} of the hits FAISS found (`metadata.read_rows`); a hit whose row the LanceDB table lost
+    is refused on one line naming the index, never answered without its text (or with a KeyError)."""
+    from rapidin_index import metadata
+
+    rows = metadata.read_rows(table, ids)
+    missing = sorted(set(ids) - set(rows))
+    if missing:
+        raise IntegrityError(
+            f"{index_dir}: row {missing[0]} is in the FAISS file but not in the LanceDB table {table.name} "
+            f"({len(missing)} such rows): the index is damaged; re-import its bundle or rebuild it"
+        )
+    return rows
+
+
 def count_rows(index_dir: str | Path, generation: int) -> int:
     from rapidin_index import metadata
 
@@ -125,8 +142,24 @@ def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow
     path = Path(index_dir) / rejected_file(manifest.generation)
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [RejectedRow(example_id=row["id"], reason=row["reason"]) for row in rows]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{path} is damaged (not UTF-8): {_DAMAGED_FIX}") from None
+    return [_rejected_row(path, number, line) for number, line in enumerate(lines, 1) if line]
+
+
+_DAMAGED_FIX = "re-import the index's bundle or rebuild it"
+
+
+def _rejected_row(path: Path, number: int, line: str) -> RejectedRow:
+    try:
+        row = json.loads(line)
+        return RejectedRow(example_id=int(row["id"]), reason=str(row["reason"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise IntegrityError(
+            f"{path}, line {number} is damaged ({type(error).__name__}): {_DAMAGED_FIX}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- write
@@ -146,28 +179,99 @@ def write_generation(
     vectors: faiss.Index | VectorWriter,
     row_batches: Iterable[list[dict]],
     rejected: list[dict],
+    expected_ids: Iterable[int] | None = None,
 ) -> dict:
     """Write a generation's three parts; returns the manifest's ``files`` (path: sha256, bytes).
 
     ``row_batches`` is consumed first (it may add to ``vectors`` and ``rejected`` as it goes, as a build
     reading its journal does); the rejected rows are written after it. ``vectors``: a FAISS index (saved
     whole) or a `vector_writer` (not yet entered: it is open while ``row_batches`` runs, so rows reach
-    the file chunk by chunk, and complete once they are consumed).
+    the file chunk by chunk, and complete once they are consumed). With ``expected_ids``, every one of
+    them must then be in exactly one place (`row_id_problem`). A write the disk refuses ends in one
+    `WriteError` naming the folder; on any failure the new generation's files are removed again (the
+    manifest does not name them yet, so nothing committed is touched).
     """
+    import faiss
+
     from rapidin_index import index as vector_index
     from rapidin_index import metadata
     from rapidin_index.vector_file import VectorWriter
 
     index_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(vectors, VectorWriter):
-        with vectors:
-            metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), row_batches)
-    else:
-        metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), row_batches)
-        vector_index.save_index(vectors, index_dir / vector_file(generation))
-    text = "".join(json.dumps(row) + "\n" for row in rejected)
-    atomic_write_bytes(index_dir / rejected_file(generation), text.encode())
-    return file_checksums(index_dir, generation)
+    row_ids: list[int] = []
+    text_bytes = [0]
+
+    def counted():
+        for rows in row_batches:
+            row_ids.extend(row["id"] for row in rows)
+            text_bytes[0] += sum(
+                len(row["source"]) + len(row["prompt"]) + len(row["response"]) for row in rows
+            )
+            yield rows
+
+    streamed = isinstance(vectors, VectorWriter)
+
+    def needed() -> int:  # what this generation takes on disk, about: vectors, row text, rejected rows
+        vector_bytes = vectors.count * vectors.row_bytes if streamed else 4 * vectors.ntotal * vectors.d
+        return vector_bytes + 2 * text_bytes[0] + 64 * len(rejected) + (1 << 16)
+
+    def check(vector_ids: list[int]) -> None:
+        if expected_ids is None:
+            return
+        problem = row_id_problem(vector_ids, row_ids, [row["id"] for row in rejected], expected_ids)
+        if problem:
+            raise StoreError(
+                f"{index_dir}: generation {generation} would not hold every row exactly once "
+                f"({problem}); nothing was committed"
+            )
+
+    with writing(index_dir, needed):  # outermost: the free space it reports is after the cleanup
+        try:
+            if streamed:
+                with vectors:  # the file is complete (and in place) once the block ends cleanly
+                    metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
+                    check(vectors.written_ids().tolist())
+            else:
+                metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
+                check(faiss.vector_to_array(vectors.id_map).tolist())
+                vector_index.save_index(vectors, index_dir / vector_file(generation))
+            text = "".join(json.dumps(row) + "\n" for row in rejected)
+            atomic_write_bytes(index_dir / rejected_file(generation), text.encode())
+            return file_checksums(index_dir, generation)
+        except BaseException:
+            remove_generation(index_dir, generation)
+            raise
+
+
+def row_id_problem(
+    vector_ids: Iterable[int], row_ids: Iterable[int] | None, rejected_ids: Iterable[int], expected_ids
+) -> str:
+    """'' when every id of ``expected_ids`` is in exactly one place (the vectors, and then also the rows,
+    or the rejected rows) and no other id is anywhere; else the first thing wrong, naming a row.
+
+    The check every commit makes (build, append, merge) before it writes its manifest."""
+    vector_ids = list(vector_ids)
+    seen = Counter(vector_ids)
+    seen.update(rejected_ids)
+    twice = sorted(i for i, n in seen.items() if n > 1)
+    if twice:
+        return f"row {twice[0]} is present more than once ({len(twice)} such rows)"
+    expected = set(expected_ids)
+    missing = sorted(expected - set(seen))
+    if missing:
+        return f"row {missing[0]} is missing ({len(missing)} rows missing)"
+    unknown = sorted(set(seen) - expected)
+    if unknown:
+        return f"row {unknown[0]} is not a row of this index's data ({len(unknown)} such rows)"
+    if row_ids is not None:
+        rows = Counter(row_ids)
+        if rows != Counter(vector_ids):
+            odd = sorted(set(rows.items()) ^ set(Counter(vector_ids).items()))[0][0]
+            return (
+                f"LanceDB holds {sum(rows.values())} rows and FAISS {len(vector_ids)} vectors; row {odd} "
+                "is not once in each"
+            )
+    return ""
 
 
 def file_checksums(index_dir: Path, generation: int) -> dict:
@@ -193,3 +297,28 @@ def remove_generation(index_dir: Path, generation: int) -> None:
 
 def remove_journal(index_dir: Path) -> None:
     shutil.rmtree(index_dir / JOURNAL_DIR, ignore_errors=True)
+
+
+def remove_debris(index_dir: Path, committed: int | None, generations: bool = True) -> list[str]:
+    """Remove what a killed writer left in ``index_dir``: `files.atomic_file` temporaries
+    (``.NAME.XXXX.tmp``) in the folder, its metadata and its journal, and (``generations``) every file
+    and table of a generation newer than ``committed`` (the manifest's; None: no manifest, so every
+    generation is uncommitted). Call with the writer lock held. Returns the names removed."""
+    removed = []
+    for folder in (index_dir, index_dir / DATABASE_DIR, index_dir / JOURNAL_DIR):
+        for path in folder.glob(".*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path.relative_to(index_dir).as_posix())
+    for path in generation_paths(index_dir) if generations else []:
+        generation = generation_of(path.name)
+        if generation is not None and (committed is None or generation > committed):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.relative_to(index_dir).as_posix())
+    database = index_dir / DATABASE_DIR
+    if committed is None and database.is_dir() and not any(database.iterdir()):
+        database.rmdir()
+    return removed

@@ -1,15 +1,20 @@
-"""Per-token query gradients (SPEC 2.4, the paper's Eq. 7) from one forward pass and batched backward passes.
+"""Per-token query gradients (SPEC 2.4, the paper's Eq. 7) from batched backward passes over prefixes.
 
 A query of T scored tokens has T token losses ``l_j``. Every vector a query needs is the normalised,
 sketched gradient of a weighted sum of them: the whole generation is ``sum_j w_j l_j`` (w = the hot mask
-over its count), token j is ``l_j`` alone. So one forward pass keeps each hooked module's input and
-output; ``torch.autograd.grad(..., is_grads_batched=True)`` sends every row of the weight matrix back
-at once (the rows play the batch axis); and each row's weight gradients are rebuilt from (input, row's
-output gradient) by the same per-example rules as the build (``capture.GradientCapture``). A causal
-model's loss at j does not see later tokens, so this equals one truncated forward + backward per token,
-at the price of one forward. Exact-path tensors are differentiated directly (batched, too). Under
-rapidgrad-ts and -kron the rows' matrix blocks are sketched from their factors as the build sketches examples
-(``GradientSketcher.add_hooked``), so query and index vectors share one sketch space.
+over its count), token j is ``l_j`` alone. A causal model's ``l_j`` does not see the tokens after j's
+label, so a row is differentiated on the prefix through its last weighted token: the rows go in order
+of that token, in passes bounded by ``ROW_TOKENS_PER_PASS`` (rows x prefix tokens). A pass runs one
+forward over its prefix, keeping each hooked module's input and output;
+``torch.autograd.grad(..., is_grads_batched=True)`` sends every row of the pass back at once (the rows
+play the batch axis); and each row's weight gradients are rebuilt from (input, row's output gradient)
+by the same per-example rules as the build (``capture.GradientCapture``). This equals one truncated
+forward + backward per token, at the price of one forward a pass; the work is token j's own reverse
+pass over its j-token prefix, so a per-token query of T tokens costs sum_j (j x the per-position cost,
+plus j^2 in attention), and its memory is one pass's. Exact-path tensors are differentiated directly
+(batched, too). Under rapidgrad-ts and -kron the rows' matrix blocks are sketched from their factors as
+the build sketches examples (``GradientSketcher.add_hooked``), so query and index vectors share one
+sketch space.
 """
 
 from __future__ import annotations
@@ -19,22 +24,35 @@ from dataclasses import dataclass
 import torch
 
 from rapidin_index.capture import GradientBlock
+from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import GradientError
 from rapidin_index.gradients import GradientSketcher, SketchedBatch, _frozen, _SketchState
 from rapidin_index.losses import Batch, scored_token_losses
 
-ROWS_PER_PASS = 32
-"""Weight rows sent back per batched backward: memory is about this x every hooked output's size."""
+ROWS_PER_PASS = 64
+"""Most weight rows sent back in one batched backward."""
+ROW_TOKENS_PER_PASS = 1 << 14
+"""Bound on rows x prefix tokens in one batched backward: a pass holds about this many positions' output
+gradients of every hooked module (plus the pass's own forward), whatever the response's length."""
 _EXACT_ELEMENTS_PER_PASS = 1 << 26
 """Bound on rows x exact-path parameter elements held at once (their gradients are dense)."""
 
 
 def sketch_loss_combinations(
-    sketcher: GradientSketcher, example: Batch, weights: torch.Tensor, rows_per_pass: int = ROWS_PER_PASS
+    sketcher: GradientSketcher,
+    example: Batch,
+    weights: torch.Tensor,
+    rows_per_pass: int = ROWS_PER_PASS,
+    row_tokens_per_pass: int = ROW_TOKENS_PER_PASS,
+    advance=lambda rows: None,
 ) -> SketchedBatch:
     """Row r: the normalised, sketched gradient of ``sum_j weights[r, j] * l_j`` for one example.
 
-    ``weights``: [rows, T] over the example's scored tokens (labels != -100) in order.
+    ``weights``: [rows, T] over the example's scored tokens (labels != -100) in order. A causal model's
+    ``l_j`` depends on the tokens through j's label only, so a row whose last non-zero weight is token j
+    is differentiated on that prefix alone: rows go in order of their last token, in passes of at most
+    ``rows_per_pass`` rows and ``row_tokens_per_pass`` rows x prefix tokens, each pass one forward over
+    its prefix and one batched backward. ``advance(rows)`` is called after each pass.
     """
     if example.size != 1:
         raise GradientError("sketch_loss_combinations takes a batch of one example")
@@ -44,6 +62,48 @@ def sketch_loss_combinations(
     if exact:
         largest = max(block.numel for block in exact)
         rows_per_pass = max(1, min(rows_per_pass, _EXACT_ELEMENTS_PER_PASS // largest))
+    scored_at = (example.labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)  # logits p predict label p+1
+    if weights.shape[1] != len(scored_at):
+        raise GradientError(f"weights cover {weights.shape[1]} tokens, the example scores {len(scored_at)}")
+    last = _last_weighted(weights)  # [rows]: the last scored token each row needs
+    pieces: list[tuple[torch.Tensor, SketchedBatch]] = []
+    for rows in _passes(last, scored_at + 2, rows_per_pass, row_tokens_per_pass):
+        kept = int(last[rows].max()) + 1  # scored tokens of this pass's prefix
+        length = int(scored_at[kept - 1]) + 2  # through the label of the last one
+        prefix = Batch(
+            *(tensor[:, :length] for tensor in (example.input_ids, example.attention_mask, example.labels))
+        )
+        pieces.append((rows, _sketch_prefix(sketcher, prefix, exact, weights[rows, :kept])))
+        advance(len(rows))
+    order = torch.cat([rows for rows, _ in pieces]).argsort()  # back to the rows' own order
+    return SketchedBatch(*(torch.cat([getattr(p, name) for _, p in pieces])[order] for name in _FIELDS))
+
+
+def _last_weighted(weights: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last non-zero weight (0 for a row of zeros)."""
+    nonzero = (weights != 0).flip(1).int()
+    return torch.where(nonzero.any(1), weights.shape[1] - 1 - nonzero.argmax(1), 0)
+
+
+def _passes(last: torch.Tensor, lengths: torch.Tensor, most_rows: int, most_row_tokens: int) -> list:
+    """Row indices grouped into passes, by their last token: each pass at most ``most_rows`` rows and
+    ``most_row_tokens`` rows x the prefix length (``lengths[last]``) its longest row needs (one row
+    always goes, whatever its length)."""
+    passes: list[list[int]] = []
+    for row in last.argsort(stable=True).tolist():
+        need = int(lengths[last[row]])
+        current = passes[-1] if passes else None
+        if current is None or len(current) >= most_rows or (len(current) + 1) * need > most_row_tokens:
+            passes.append([row])
+        else:
+            current.append(row)
+    return [torch.tensor(rows, dtype=torch.long) for rows in passes]
+
+
+def _sketch_prefix(
+    sketcher: GradientSketcher, example: Batch, exact: list[GradientBlock], weights: torch.Tensor
+) -> SketchedBatch:
+    """One forward over ``example`` with the hooks keeping every call, then its rows' batched backward."""
     capture = sketcher.capture
     capture.batch_size, capture.keep_outputs = 1, True
     hooked = [block.parameter for block in sketcher.blocks if block.name not in sketcher.exact_path]
@@ -52,19 +112,12 @@ def sketch_loss_combinations(
         with capture, _frozen(hooked), head:
             losses, mask = scored_token_losses(sketcher.model, example)
         scored = losses[mask]  # [T]
-        if weights.shape[1] != scored.shape[0]:
-            raise GradientError(f"weights cover {weights.shape[1]} tokens, the example scores {len(scored)}")
         calls = capture.calls()
         split = head_split(head, scored, calls, exact)
-        weights = weights.to(scored.device, scored.dtype)
-        pieces = [
-            _sketch_rows(sketcher, scored, calls, exact, weights[start : start + rows_per_pass], split)
-            for start in range(0, weights.shape[0], rows_per_pass)
-        ]
+        return _sketch_rows(sketcher, scored, calls, exact, weights.to(scored.device, scored.dtype), split)
     finally:
         capture.keep_outputs = False
         capture.clear()
-    return SketchedBatch(*(torch.cat([getattr(p, name) for p in pieces]) for name in _FIELDS))
 
 
 _FIELDS = ("vectors", "losses", "gradient_norms", "finite")

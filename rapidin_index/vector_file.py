@@ -255,6 +255,10 @@ class VectorWriter:
         self._ids.append(np.asarray(ids, dtype=np.int64).copy())
         self.count += len(ids)
 
+    def written_ids(self) -> np.ndarray:
+        """The ids added so far [count] int64, in order."""
+        return np.concatenate([np.zeros(0, np.int64), *self._ids])
+
     def __exit__(self, kind, value, traceback) -> None:
         try:
             if kind is None:
@@ -265,7 +269,7 @@ class VectorWriter:
 
     def _finish(self) -> None:
         unit = 4 if self.vector_dtype == "float32" else 1
-        ids = np.concatenate([np.zeros(0, np.int64), *self._ids])
+        ids = self.written_ids()
         self._file.write(struct.pack("<Q", len(ids)))
         self._file.write(ids.tobytes())
         header = self._header

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
 from rapidin_index.bundle_import import import_bundle
-from rapidin_index.errors import BundleError, IndexMismatchError
+from rapidin_index.errors import BundleError, IndexMismatchError, WriteError
 from rapidin_index.export import export_index
 from rapidin_index.files import sha256_tree
 from rapidin_index.manifest import Manifest
@@ -123,10 +123,10 @@ def unsafe_case(name, kind=tarfile.REGTYPE, linkname=""):
     return lambda m: reseal([*m, extra(name, kind, linkname=linkname)])
 
 
-def untouched_after_refusal(tmp_path, bundle, message_parts):
+def untouched_after_refusal(tmp_path, bundle, message_parts, error=BundleError):
     target = tmp_path / "imported"
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(BundleError) as refused:
+    with pytest.raises(error) as refused:
         import_bundle(bundle, target)
     for part in message_parts:
         assert part in str(refused.value), str(refused.value)
@@ -237,7 +237,8 @@ def test_a_bundle_larger_than_the_free_space_is_refused(exported_index, tmp_path
     monkeypatch.setattr(
         "rapidin_index.bundle_import.shutil.disk_usage", lambda path: SimpleNamespace(free=1000)
     )
-    untouched_after_refusal(tmp_path, exported_index.bundle, ["unpacks to", "only 1,000 are free"])
+    parts = [f"cannot write to {tmp_path}: no space left on device", "1,000 bytes free"]
+    untouched_after_refusal(tmp_path, exported_index.bundle, parts, WriteError)
 
 
 def test_an_existing_index_is_kept_unless_forced_and_the_bundle_verifies(exported_index, tmp_path):

@@ -14,6 +14,7 @@ from rapidin_index.errors import JournalError
 from rapidin_index.journal import (
     CRASH_AFTER_VECTORS_ENV,
     chunk_complete,
+    chunk_problem,
     open_journal,
     read_chunk,
     write_chunk,
@@ -100,3 +101,73 @@ def test_a_kill_after_the_vectors_leaves_a_torn_chunk(tmp_path):
     assert not chunk_complete(journal, 3)
     write_chunk(journal, 3, {"rows": 1}, np.ones((1, 4), np.float32))  # the resume writes it again
     assert chunk_complete(journal, 3)
+
+
+# --------------------------------------------------------------------------- damaged records (issue 25)
+
+
+def _written(tmp_path):
+    journal = open_journal(tmp_path, PLAN)
+    write_chunk(journal, 0, {"ids": [0, 1, 2], "rows": [{"id": i} for i in range(3)]}, _vectors())
+    assert chunk_problem(journal, 0) is None
+    return journal, journal / "chunk-000000.json", journal / "chunk-000000.npy"
+
+
+def test_a_record_with_one_digit_changed_in_its_ids_is_not_trusted(tmp_path):
+    journal, record_path, _ = _written(tmp_path)
+    record_path.write_text(
+        record_path.read_text().replace('"ids": [\n    0,\n    1,', '"ids": [\n    0,\n    7,')
+    )
+    assert json.loads(record_path.read_text())["ids"] == [0, 7, 2]  # still valid JSON, same vectors checksum
+    assert "does not match its checksum" in chunk_problem(journal, 0)
+    with pytest.raises(JournalError, match="chunk 0 .* rerun the same command"):
+        read_chunk(journal, 0)
+    assert not record_path.exists()  # removed, so that the rerun recomputes it
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda record, vectors: record.write_bytes(record.read_bytes()[:40]), "not valid JSON"),
+        (lambda record, vectors: record.write_bytes(b"\xff\xfe" + record.read_bytes()), "not valid JSON"),
+        (lambda record, vectors: vectors.unlink(), "vectors file is missing"),
+        (lambda record, vectors: record.unlink(), "record is missing"),
+        (
+            lambda record, vectors: vectors.write_bytes(
+                vectors.read_bytes()[:-5] + bytes([vectors.read_bytes()[-5] ^ 1]) + vectors.read_bytes()[-4:]
+            ),
+            "vectors do not match",
+        ),
+    ],
+    ids=["truncated-record", "not-utf8", "vectors-gone", "record-gone", "flipped-vector-byte"],
+)
+def test_every_damaged_chunk_names_why(tmp_path, damage, reason):
+    journal, record_path, vectors_path = _written(tmp_path)
+    damage(record_path, vectors_path)
+    assert reason in chunk_problem(journal, 0)
+    assert not chunk_complete(journal, 0)
+
+
+def test_a_record_without_a_checksum_is_recomputed(tmp_path):
+    """A journal written before records had their own checksum: safe to recompute, not to trust."""
+    journal, record_path, _ = _written(tmp_path)
+    record = json.loads(record_path.read_text())
+    del record["record_sha256"]
+    record_path.write_text(json.dumps(record))
+    assert "no checksum" in chunk_problem(journal, 0)
+
+
+def test_an_unwritten_chunk_has_no_problem_to_report(tmp_path):
+    journal = open_journal(tmp_path, PLAN)
+    assert chunk_problem(journal, 5) == ""
+
+
+@pytest.mark.parametrize("text", [b'{"data_sha256": "ab', b"\xff\x00", b"[1, 2]"])
+def test_a_damaged_plan_starts_the_journal_over_and_says_so(tmp_path, text):
+    journal, _, _ = _written(tmp_path)
+    (journal / "plan.json").write_bytes(text)
+    notes: list[str] = []
+    assert open_journal(tmp_path, PLAN, notes) == journal
+    assert json.loads((journal / "plan.json").read_text()) == PLAN
+    assert len(notes) == 1 and "plan.json is damaged" in notes[0] and "1 finished chunk(s)" in notes[0]
+    assert not list(journal.glob("chunk-*"))  # chunks that cannot be matched to a plan are recomputed

@@ -324,10 +324,15 @@ def test_the_serve_command_loads_once_logs_each_request_and_stops_on_ctrl_c(inde
         str(port),
         "--device",
         "cpu",
+        "--limit",
+        "max_top_k=7",
+        "--limit",
+        "max-response-tokens=1_000",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(f"http://127.0.0.1:{port}/api/info", process)
+        limits = httpx.get(f"http://127.0.0.1:{port}/api/info").json()["limits"]
         page = httpx.get(f"http://127.0.0.1:{port}/")
         body = {"prompt": PROMPT, "response": RESPONSE, "per_token": False, "explain": 0}
         answers = [httpx.post(f"http://127.0.0.1:{port}/api/query", json=body, timeout=120) for _ in range(2)]
@@ -339,10 +344,29 @@ def test_the_serve_command_loads_once_logs_each_request_and_stops_on_ctrl_c(inde
     assert page.status_code == 200 and "<title>rapidin-index</title>" in page.text
     assert "/* REPORT_CSS */" not in page.text and ".gen-token" in page.text  # the report's styles, inlined
     assert [answer.status_code for answer in answers] == [200, 200]
+    assert limits["max_top_k"] == 7 and limits["max_response_tokens"] == 1000 and limits["max_queries"] == 16
     assert log.count(" opened ") == 1 and f"serving on http://127.0.0.1:{port}/" in log
     assert log.count("POST /api/query 200 ") == 2 and "GET / 200 " in log
     assert busy.returncode == 2 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:")
     assert busy.stderr.count("\n") == 1 and "opened" not in busy.stderr
+
+
+@pytest.mark.parametrize(
+    "setting,reason",
+    [
+        ("max_topk=5", "no cap named 'max_topk'; the caps are "),
+        ("max_top_k=0", "a whole number of at least 1"),
+    ],
+)
+def test_a_bad_limit_is_refused_on_one_line_before_anything_loads(tmp_path, setting, reason):
+    done = subprocess.run(
+        [sys.executable, "-c", APP, "serve", "--index", str(tmp_path / "none"), "--limit", setting],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.startswith(f"error: --limit '{setting}': ")
+    assert reason in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_serve_without_its_extra_names_the_install_command(tmp_path):

@@ -231,3 +231,46 @@ def test_the_head_split_adds_the_heads_share_of_a_tied_exact_embedding(model_typ
     monkeypatch.setattr(token_gradients, "head_split", lambda *args: None)
     _, plain = token_vectors(model, tokenizer, selected, ids, 3, whole_and_tokens)
     torch.testing.assert_close(split.vectors, plain.vectors, atol=2e-6, rtol=1e-5)
+
+
+def test_passes_run_on_the_prefixes_their_rows_need_within_the_budget(tiny_model_dirs):
+    """Rows in any order, a row of zeros, a small rows x tokens budget: every forward runs on a prefix
+    no longer than its pass needs, within the budget, and each row comes back where it was, equal to the
+    row computed alone on the whole sequence (one row a pass, no budget)."""
+    settings = ModelSettings(tiny_model_dirs["llama"], tiny_model_dirs["llama_lora"])
+    loaded = load_model(settings)
+    selected = select_parameters(loaded.model, settings)
+    ids = loaded.tokenizer("What does str.upper do? Return a copy in upper case").input_ids
+    ids = ids + [loaded.tokenizer.eos_token_id]
+    prompt = 3
+    labels = [-100] * prompt + ids[prompt:]
+    example = collate([(ids, labels)], loaded.tokenizer.pad_token_id, "cpu")
+    count = len(ids) - prompt
+    weights = torch.cat([whole_and_tokens(count), torch.zeros(1, count)])[torch.randperm(count + 2)]
+    blocks = gradient_blocks(selected)
+    sketcher = GradientSketcher(
+        loaded.model, blocks, make_projector(SketchSettings(0), gradient_dim(blocks)), "layer"
+    )
+    sketcher.sketch(example)  # the self-check, outside the recorded forwards
+
+    lengths, passes = [], []
+    hook = loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        budget = 3 * len(ids)
+        result = sketch_loss_combinations(
+            sketcher, example, weights, row_tokens_per_pass=budget, advance=passes.append
+        )
+    finally:
+        hook.remove()
+    assert sum(passes) == len(weights) and len(passes) == len(lengths)
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1] == len(ids)
+    assert all(rows * length <= budget or rows == 1 for rows, length in zip(passes, lengths, strict=True))
+
+    alone = torch.cat(
+        [sketch_loss_combinations(sketcher, example, row[None], rows_per_pass=1).vectors for row in weights]
+    )
+    torch.testing.assert_close(result.vectors, alone, atol=2e-6, rtol=1e-5)
+    zero = int((weights == 0).all(1).nonzero())
+    assert float(result.vectors[zero].abs().max()) == 0.0
