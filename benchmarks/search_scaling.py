@@ -250,28 +250,14 @@ def table(results: list[dict]) -> str:
             f"{old100['end']['VmHWM'] / mb if old else float('nan'):.0f} "
             f"| {e['search_capped_100']['search_s']:.3f}, {e['search_capped_100']['end']['VmHWM'] / mb:.0f} |"
         )
-    lines += [
-        "",
-        "| rows | dtype | append 1,000 new: s, peak MB | old: s, peak MB | top-k: scan / bare (1, 100) new | old |",
-    ]
-    lines.append("|---" * 6 + "|")
+    lines += ["", "| rows | dtype | append 1,000 rows new: s, peak RSS MB | old: s, peak RSS MB |"]
+    lines.append("|---" * 4 + "|")
     for e in results:
         new, old = e["append_new"], e.get("append_old")
-        ratios = "-"
-        old_ratios = "-"
-        if "bare_1" in e:
-            ratios = " , ".join(
-                f"{e[f'bare_{q}']['scan_in_ram_s'] / e[f'bare_{q}']['search_s']:.2f}" for q in (1, 100)
-            )
-            if "old_scan_in_ram_s" in e["bare_1"]:
-                old_ratios = " , ".join(
-                    f"{e[f'bare_{q}']['old_scan_in_ram_s'] / e[f'bare_{q}']['search_s']:.2f}"
-                    for q in (1, 100)
-                )
+        old_text = f"{old['append_s']:.2f}, {old['end']['VmHWM'] / mb:.0f}" if old else "-"
         lines.append(
             f"| {e['rows']:,} | {e['vector_dtype']} | {new['append_s']:.2f}, {new['end']['VmHWM'] / mb:.0f} "
-            f"| {old['append_s'] if old else float('nan'):.2f}, {old['end']['VmHWM'] / mb if old else float('nan'):.0f} "
-            f"| {ratios} | {old_ratios} |"
+            f"| {old_text} |"
         )
     return "\n".join(lines)
 

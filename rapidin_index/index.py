@@ -135,12 +135,12 @@ def search_both(
         empty = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
         return (*empty, *empty)
     if isinstance(index, StoredVectors):
+        if index.vector_dtype == "float16" and len(queries) <= _FUSED_HALF_QUERIES and not index.drop_pages:
+            return _search_stacked(index.faiss_index(), queries, top_k)
         return _scan_both(_file_blocks(index, len(queries)), queries, top_k)
     codes = _flat_codes(index)
     if codes is None:
-        scores, ids = index.search(np.concatenate([queries, -queries]), top_k)
-        count = len(queries)
-        return scores[:count], ids[:count], -scores[count:], ids[count:]
+        return _search_stacked(index, queries, top_k)
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
     step = _block_rows(index.d, len(queries), SCAN_BLOCK_BYTES)
     blocks = (
@@ -149,6 +149,18 @@ def search_both(
     )
     return _scan_both(blocks, queries, top_k)
 
+
+def _search_stacked(index: faiss.Index, queries: np.ndarray, top_k: int):
+    """One FAISS search of the queries stacked with their negations."""
+    scores, ids = index.search(np.concatenate([queries, -queries]), top_k)
+    count = len(queries)
+    return scores[:count], ids[:count], -scores[count:], ids[count:]
+
+
+_FUSED_HALF_QUERIES = 2
+"""Up to this many vectors, a float16 file is searched by FAISS's own scalar-quantizer scan of the mapped
+file (float16 decoded in registers, one pass per vector and per negation): faster than converting blocks
+to float32 (measured in BENCHMARKS.md, issue 27) until the passes add up."""
 
 _PRODUCT_QUERIES = 20
 """Blocks are scored by one matrix product (numpy/BLAS), except rows read in place from a mapped float32

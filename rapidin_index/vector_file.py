@@ -90,6 +90,7 @@ class StoredVectors:
         ids_at = self._codes_at + self.count * self.row_bytes + 8
         self.ids = raw[ids_at : ids_at + 8 * self.count].copy().view(np.int64)  # [n]
         self._positions: np.ndarray | None = None
+        self._faiss: faiss.Index | None = None
         self.max_block_bytes = SCAN_BLOCK_BYTES
         if max_memory is not None:
             self.max_block_bytes = min(SCAN_BLOCK_BYTES, self._block_within(max_memory))
@@ -145,6 +146,14 @@ class StoredVectors:
         first -= first % _PAGE
         last = self._codes_at + stop * self.row_bytes
         self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def faiss_index(self) -> faiss.Index:
+        """The file as a FAISS index, its vectors mapped (read once, kept: its ids and their reverse map)."""
+        if self._faiss is None:
+            from rapidin_index.index import load_index
+
+            self._faiss = load_index(self.path, mapped=True)
+        return self._faiss
 
     def positions_of(self, ids: np.ndarray) -> np.ndarray:
         """Row positions of these training example ids (-1 where absent)."""
