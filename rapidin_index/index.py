@@ -168,17 +168,18 @@ file (not 4-byte aligned: BLAS would need a copy) for fewer than this many query
 vector over a cache-sized block (`faiss.fvec_inner_products_ny`, which reads unaligned rows)."""
 
 
-def _block_rows(dimension: int, queries: int, block_bytes: int) -> int:
-    """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2); an
-    eighth of that for fewer than `_PRODUCT_QUERIES` vectors (the block is re-read per vector)."""
-    if queries < _PRODUCT_QUERIES:
+def _block_rows(dimension: int, queries: int, block_bytes: int, cache_sized: bool = False) -> int:
+    """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2).
+    ``cache_sized``: an eighth of that for fewer than `_PRODUCT_QUERIES` vectors, where the block is
+    re-read once per vector (or converted from float16 just before its product)."""
+    if cache_sized and queries < _PRODUCT_QUERIES:
         block_bytes //= 8
     return max(1, block_bytes // (4 * dimension + 8 * queries))
 
 
 def _file_blocks(stored: StoredVectors, queries: int):
     """(vectors [rows, d] float32, ids [rows]) of a vectors file, block after block, in one buffer."""
-    step = _block_rows(stored.dimension, queries, stored.max_block_bytes)
+    step = _block_rows(stored.dimension, queries, stored.max_block_bytes, cache_sized=True)
     buffer = None  # float32 rows are read in place; float16 ones converted into this
     if stored.vector_dtype == "float16":
         buffer = np.empty((min(step, stored.count), stored.dimension), np.float32)

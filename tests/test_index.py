@@ -234,6 +234,10 @@ def test_search_of_the_file_in_place_equals_numpy_brute_force(
     stored = StoredVectors(path)
     queries = _queries(query_count)
     stored.max_block_bytes = block_rows * (4 * DIMENSION + 8 * len(queries)) * (8 if query_count < 20 else 1)
+    assert (
+        vector_index._block_rows(DIMENSION, query_count, stored.max_block_bytes, cache_sized=True)
+        == block_rows
+    )
     found = vector_index.search_both(stored, queries, top_k)
     expected = _brute_force_both(queries, ids, vectors, top_k)
     np.testing.assert_array_equal(found[1], expected[1])
