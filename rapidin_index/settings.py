@@ -232,7 +232,7 @@ class BuildSettings:
     """Rows per journal chunk: the unit of resumption."""
     vector_dtype: str | None = None
     """How the index stores vectors: float16 (2K bytes a row; scores accumulate in float32 over the
-    stored values, searched as fast per byte as float32) or float32 (4K bytes). Not given: an existing
+    stored values; per row searched about as fast as float32, BENCHMARKS.md issue 27) or float32 (4K bytes). Not given: an existing
     index's own (appends, rebuilds), else float16 (`DEFAULT_VECTOR_DTYPE`) for sketches and float32 for
     exact vectors (K = 0: kept exact, for checks against brute force)."""
     num_shards: int = 1
