@@ -426,8 +426,9 @@ def test_open_maps_the_vectors_file_and_searches_it_as_faiss_would(built, opened
     found = retrieval.search(fresh, queries, 6)
     np.testing.assert_array_equal(found[1], ids)
     np.testing.assert_array_equal(found[3], negated_ids)
-    np.testing.assert_allclose(found[0], scores, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(found[2], -negated_scores, rtol=1e-5, atol=1e-6)
+    # float32 sums in another order (scores near 10 lose 1e-5 absolute where they nearly cancel)
+    np.testing.assert_allclose(found[0], scores, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(found[2], -negated_scores, rtol=1e-5, atol=1e-4)
 
 
 def test_cli_max_memory_caps_the_scan_or_refuses_on_one_line(built, training_rows):
