@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings, default_of
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings, default_of, parse_memory
 
 app = typer.Typer(
     help="Which training examples, and which of their tokens, made a fine-tuned LLM say this? (RapidIn)",
@@ -189,7 +189,11 @@ def build(
         BuildSettings, "chunk_size"
     ),
     vector_dtype: Annotated[
-        str, typer.Option(help="Stored vectors: float32 (4K bytes a row) or float16 (2K; scores still fp32).")
+        str | None,
+        typer.Option(
+            help="Stored vectors: float16 (2K bytes a row; scores still fp32) or float32 (4K). "
+            "[default: an existing index's own, else float16 (float32 with --k 0)]"
+        ),
     ] = default_of(BuildSettings, "vector_dtype"),
     num_shards: Annotated[
         int, typer.Option(help="Static sharding: split the rows (id % N) across N independent builds.")
@@ -359,6 +363,14 @@ def query(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate with --generate.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Cap on what a search holds in memory, mapped pages of the vectors file included "
+            "(e.g. 4GB, 512MiB): smaller blocks, each released after it is scanned. [default: no cap; "
+            "a block of 32 MiB, and the pages read stay mapped]"
+        ),
+    ] = None,
     verify: Annotated[
         bool,
         typer.Option(
@@ -444,7 +456,15 @@ def query(
     check_tokenizer(manifest, model or manifest.model["name_or_path"])
     from rapidin_index.retrieval import Index
 
-    opened = Index.open(index, model=model, adapter=adapter, device=device, sketch_dim=k, verify=verify)
+    opened = Index.open(
+        index,
+        model=model,
+        adapter=adapter,
+        device=device,
+        sketch_dim=k,
+        verify=verify,
+        max_memory=parse_memory(max_memory),
+    )
     opened.progress = console.is_terminal  # a bar on stderr, never in piped output
     if aggregate is not None:
         results = [opened.aggregate(rows, aggregate, top_k, depth, generate, max_new_tokens, where)]
@@ -519,6 +539,14 @@ def serve(
             "docs/serve-api.md lists the caps."
         ),
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Cap on what a search holds in memory, mapped pages of the vectors file included "
+            "(e.g. 4GB, 512MiB): smaller blocks, each released after it is scanned. [default: no cap; "
+            "a block of 32 MiB, and the pages read stay mapped]"
+        ),
+    ] = None,
 ) -> None:
     """Load an index and its model once and answer queries over HTTP: a JSON API and a page at /."""
     from rapidin_index.server_requests import limits_from
@@ -526,7 +554,17 @@ def serve(
     limits = limits_from(limit or [])  # checked before anything loads
     from rapidin_index.server import serve_index  # needs the `serve` extra; says so when it is missing
 
-    serve_index(index, model=model, adapter=adapter, host=host, port=port, device=device, limits=limits)
+    max_memory_bytes = parse_memory(max_memory)  # checked before anything loads
+    serve_index(
+        index,
+        model=model,
+        adapter=adapter,
+        host=host,
+        port=port,
+        device=device,
+        limits=limits,
+        max_memory=max_memory_bytes,
+    )
 
 
 @command()

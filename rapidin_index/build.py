@@ -60,7 +60,7 @@ from rapidin_index.preflight import model_files_stat
 from rapidin_index.progress import RowProgress
 from rapidin_index.readers import DataSource, check_source, data_checksum, read_rows
 from rapidin_index.rejections import check_rejected_share, source_outcome
-from rapidin_index.settings import AUTO_ALGORITHM, BuildSettings
+from rapidin_index.settings import AUTO_ALGORITHM, DEFAULT_VECTOR_DTYPE, BuildSettings
 from rapidin_index.verify import check_files
 
 if TYPE_CHECKING:
@@ -197,6 +197,8 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     if append:
         check_files(index_dir, existing, full=True)  # the new generation carries the old one's files
     check_model_sources(settings.model)  # a wrong path fails now, not after hashing data and loading
+    if settings.vector_dtype is None and existing is not None:  # an index keeps its own dtype
+        settings = replace(settings, vector_dtype=existing.vector_dtype)
     notes: list[str] = []
     positions = max_positions(read_config(settings.model.model))  # cheap: config.json, where readable
     settings = _cap_max_length(settings, positions, existing, notes)
@@ -228,6 +230,10 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     selected = select_parameters(loaded.model, settings.model)
     settings = _cap_max_length(settings, max_positions(loaded.model.config.to_dict()), existing, notes)
     settings = _resolve_sketch(settings, selected, existing, notes)  # never 'auto' or no K in a manifest
+    if settings.vector_dtype is None:  # a new index: float16 sketches; exact vectors (K = 0) stay exact
+        settings = replace(
+            settings, vector_dtype="float32" if settings.sketch.exact else DEFAULT_VECTOR_DTYPE
+        )
     identity = index_identity(loaded, settings, selected, template)
     _check_dimension(identity["sketch"]["output_dim"])
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"], notes=notes)
@@ -489,7 +495,11 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     generation = plan["base_generation"] + 1
     identity = plan["identity"]
     chunk_count = -(-total_rows // settings.chunk_size)
-    faiss_index = vector_index.new_index(identity["sketch"]["output_dim"], identity["vector_dtype"])
+    # The vectors go to the new file as a stream (the old generation's copied block by block, then each
+    # journal chunk's): memory holds one chunk, whatever the index's size.
+    writer = store.vector_writer(
+        index_dir, generation, identity["sketch"]["output_dim"], identity["vector_dtype"]
+    )
     old_rows: list[dict] = []
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
@@ -497,20 +507,23 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     exact_path = dict(existing.exact_path if existing else {})
     self_checks = list(existing.self_checks if existing else [])
     if existing is not None:
-        ids, vectors = store.load_vectors(index_dir, existing.generation)
-        vector_index.add_vectors(faiss_index, vectors, ids)
         old_rows = store.read_all_rows(index_dir, existing.generation)
         rejected = [
             {"id": row.example_id, "reason": row.reason} for row in store.read_rejected(index_dir, existing)
         ]
-        _check_existing_rows(index_dir, existing, ids, old_rows, rejected)
+        old_ids = store.open_vectors(index_dir, existing.generation).ids  # the ids only: vectors stay mapped
+        _check_existing_rows(index_dir, existing, old_ids, old_rows, rejected)
         counts = {"tokens": existing.token_count, "truncated": existing.truncated_count}
 
     def row_batches():
+        if existing is not None:
+            old_vectors = store.open_vectors(index_dir, existing.generation)
+            old_vectors.drop_pages = True  # read once: its pages need not stay
+            old_vectors.copy_rows_to(writer)
         yield old_rows
         for chunk_number in range(chunk_count):
             record, vectors = read_chunk(journal, chunk_number)
-            vector_index.add_vectors(faiss_index, vectors, np.asarray(record["ids"], dtype=np.int64))
+            writer.add(vectors, np.asarray(record["ids"], dtype=np.int64))
             rejected.extend(record["rejected"])
             counts["tokens"] += record["tokens"]
             counts["truncated"] += record["truncated"]
@@ -524,9 +537,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     else:
         expected_ids = range(settings.shard_index, total_rows, settings.num_shards)
     try:
-        files = store.write_generation(
-            index_dir, generation, faiss_index, row_batches(), rejected, expected_ids
-        )
+        files = store.write_generation(index_dir, generation, writer, row_batches(), rejected, expected_ids)
     except StoreError as error:  # the journal's chunks do not add up: recompute them rather than guess
         store.remove_journal(index_dir)
         raise BuildError(
@@ -536,7 +547,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.model["files"] = run.model_files["model"]  # for a no-op rebuild that skips the model
     if manifest.adapter is not None:
         manifest.adapter["files"] = run.model_files["adapter"]
-    manifest.row_count = faiss_index.ntotal
+    manifest.row_count = writer.count
     manifest.rejected_count = len(rejected)
     manifest.token_count = counts["tokens"]
     manifest.truncated_count = counts["truncated"]

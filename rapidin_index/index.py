@@ -10,6 +10,7 @@ import numpy as np
 from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_file
 from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
+from rapidin_index.vector_file import SCAN_BLOCK_BYTES, StoredVectors, half_to_float
 
 MAX_DIMENSION = MAX_VECTOR_DIMENSION  # what faiss.read_index accepts back
 
@@ -49,10 +50,13 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
         faiss.write_index(index, str(temporary))
 
 
-def load_index(path: str | Path) -> faiss.Index:
-    """The FAISS file; a truncated, empty or overwritten one is refused on one line, not FAISS's trace."""
+def load_index(path: str | Path, mapped: bool = False) -> faiss.Index:
+    """The FAISS file; a truncated, empty or overwritten one is refused on one line, not FAISS's trace.
+
+    ``mapped``: the flat vectors stay in the file, memory-mapped read-only (``IO_FLAG_MMAP_IFC``)."""
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), flags)
     except RuntimeError as error:
         reason = next((line for line in str(error).splitlines() if "Error" in line), str(error)).strip()
         raise IntegrityError(
@@ -69,8 +73,11 @@ def stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     return ids, vectors
 
 
-def vectors_of(index: faiss.Index, ids: list[int]) -> np.ndarray:
-    """The stored vectors [len(ids), dim] float32 of these training example ids (an IndexIDMap2)."""
+def vectors_of(index, ids: list[int]) -> np.ndarray:
+    """The stored vectors [len(ids), dim] float32 of these training example ids (an IndexIDMap2 or a
+    `StoredVectors`)."""
+    if isinstance(index, StoredVectors):
+        return index.vectors_of(ids)
     if not ids:
         return np.zeros((0, index.d), np.float32)
     return np.stack([index.reconstruct(int(row_id)) for row_id in ids])
@@ -82,73 +89,204 @@ def search(index: faiss.Index, queries: np.ndarray, top_k: int) -> tuple[np.ndar
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), top_k)
 
 
-_SCAN_ROWS = 1 << 16  # stored vectors scored per matrix product: bounds the [queries, rows] temporary
-
-
 def search_both_among(
-    index: faiss.Index, queries: np.ndarray, top_k: int, among: list[int]
+    index, queries: np.ndarray, top_k: int, among: list[int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`search_both` over the rows whose ids are in ``among`` only: the exact top and bottom k of that
-    subset (never a filtered global top-k, which could hold fewer than k). ``index`` is the CPU one."""
+    subset (never a filtered global top-k, which could hold fewer than k). ``index``: a `StoredVectors`
+    or a CPU FAISS index."""
     among = np.unique(np.asarray(among, dtype=np.int64))
-    matrix = _flat_matrix(index)
-    if matrix is not None:
-        positions = np.nonzero(np.isin(faiss.vector_to_array(index.id_map), among))[0]
-        vectors, ids = matrix[positions], faiss.vector_to_array(index.id_map)[positions].astype(np.int64)
+    if isinstance(index, StoredVectors):
+        positions = np.sort(index.positions_of(among))
+        positions = positions[positions >= 0]
+        step = _block_rows(index.dimension, len(queries), index.max_block_bytes)
+        blocks = (
+            (
+                index.read_positions(positions[start : start + step]),
+                index.ids[positions[start : start + step]],
+            )
+            for start in range(0, len(positions), step)
+        )
+        return _scan_both(blocks, queries, min(top_k, len(positions)))
+    codes = _flat_codes(index)
+    if codes is not None:
+        all_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        positions = np.nonzero(np.isin(all_ids, among))[0]
+        vectors, ids = _decode(codes[0][positions], codes[1], index.d), all_ids[positions]
     else:
         vectors, ids = vectors_of(index, among.tolist()), among
-    subset = new_index(index.d)
-    add_vectors(subset, vectors, ids)
-    return search_both(subset, queries, top_k)
+    return _scan_both([(vectors, ids)], queries, min(top_k, len(ids)))
 
 
 def search_both(
-    index: faiss.Index, queries: np.ndarray, top_k: int
+    index, queries: np.ndarray, top_k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top-k and bottom-k by inner product in one scan: (helpful scores, ids, harmful scores, ids).
 
-    Helpful are best first, harmful most negative first; [q, k] each. A CPU float32 flat index is scanned
-    with one matrix product per block of stored rows (its vectors read in place, never copied); any other
-    index (float16, GPU, sharded) answers one FAISS search of the queries stacked with their negations.
+    Helpful are best first, harmful most negative first; [q, k] each. A `StoredVectors` (a vectors file
+    read in place) or a CPU flat FAISS index, float32 or float16, is scanned in blocks of rows: each block
+    read (float16: converted to float32), one matrix product with every query, a running top and bottom k
+    (`_TopK`). Scores accumulate in float32 over the stored values. Any other index (GPU, sharded)
+    answers one FAISS search of the queries stacked with their negations.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    top_k = min(top_k, index.ntotal)
+    top_k = min(top_k, len(index.ids) if isinstance(index, StoredVectors) else index.ntotal)
     if top_k < 1:  # an empty index (FAISS asserts k > 0)
         empty = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
         return (*empty, *empty)
-    matrix = _flat_matrix(index)
-    if matrix is None:
-        scores, ids = index.search(np.concatenate([queries, -queries]), top_k)
-        count = len(queries)
-        return scores[:count], ids[:count], -scores[count:], ids[count:]
+    if isinstance(index, StoredVectors):
+        if index.vector_dtype == "float16" and len(queries) <= _FUSED_HALF_QUERIES and not index.drop_pages:
+            return _search_stacked(index.faiss_index(), queries, top_k)
+        return _scan_both(_file_blocks(index, len(queries)), queries, top_k)
+    codes = _flat_codes(index)
+    if codes is None:
+        return _search_stacked(index, queries, top_k)
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    best = [np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int64)]
-    worst = [np.full((len(queries), 0), np.inf, np.float32), np.zeros((len(queries), 0), np.int64)]
-    for start in range(0, len(ids), _SCAN_ROWS):
-        scores = queries @ matrix[start : start + _SCAN_ROWS].T  # [q, rows]
-        rows = np.broadcast_to(ids[start : start + _SCAN_ROWS], scores.shape)
-        best = _keep(np.concatenate([best[0], scores], 1), np.concatenate([best[1], rows], 1), top_k, True)
-        worst = _keep(
-            np.concatenate([worst[0], scores], 1), np.concatenate([worst[1], rows], 1), top_k, False
-        )
-    return best[0], best[1], worst[0], worst[1]
+    step = _block_rows(index.d, len(queries), SCAN_BLOCK_BYTES)
+    blocks = (
+        (_decode(codes[0][start : start + step], codes[1], index.d), ids[start : start + step])
+        for start in range(0, len(ids), step)
+    )
+    return _scan_both(blocks, queries, top_k)
 
 
-def _keep(scores: np.ndarray, ids: np.ndarray, top_k: int, largest: bool) -> list[np.ndarray]:
-    """The ``top_k`` largest (or smallest) scores of each row, sorted, with their ids."""
-    keyed = -scores if largest else scores
-    if keyed.shape[1] > top_k:
-        part = np.argpartition(keyed, top_k - 1, axis=1)[:, :top_k]
-        keyed, scores, ids = (np.take_along_axis(a, part, 1) for a in (keyed, scores, ids))
-    order = np.argsort(keyed, axis=1, kind="stable")
-    return [np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)]
+def _search_stacked(index: faiss.Index, queries: np.ndarray, top_k: int):
+    """One FAISS search of the queries stacked with their negations."""
+    scores, ids = index.search(np.concatenate([queries, -queries]), top_k)
+    count = len(queries)
+    return scores[:count], ids[:count], -scores[count:], ids[count:]
 
 
-def _flat_matrix(index: faiss.Index) -> np.ndarray | None:
-    """The [n, d] float32 vectors of a CPU IndexIDMap2(IndexFlatIP), as a view; None for other kinds."""
+_FUSED_HALF_QUERIES = 2
+"""Up to this many vectors, a float16 file is searched by FAISS's own scalar-quantizer scan of the mapped
+file (float16 decoded in registers, one pass per vector and per negation): faster than converting blocks
+to float32 (measured in BENCHMARKS.md, issue 27) until the passes add up."""
+
+_PRODUCT_QUERIES = 20
+"""Blocks are scored by one matrix product (numpy/BLAS), except rows read in place from a mapped float32
+file (not 4-byte aligned: BLAS would need a copy) for fewer than this many query vectors: one SIMD pass per
+vector over a cache-sized block (`faiss.fvec_inner_products_ny`, which reads unaligned rows)."""
+
+
+def _block_rows(dimension: int, queries: int, block_bytes: int, cache_sized: bool = False) -> int:
+    """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2).
+    ``cache_sized``: an eighth of that for fewer than `_PRODUCT_QUERIES` vectors, where the block is
+    re-read once per vector (or converted from float16 just before its product)."""
+    if cache_sized and queries < _PRODUCT_QUERIES:
+        block_bytes //= 8
+    return max(1, block_bytes // (4 * dimension + 8 * queries))
+
+
+def _file_blocks(stored: StoredVectors, queries: int):
+    """(vectors [rows, d] float32, ids [rows]) of a vectors file, block after block, in one buffer."""
+    step = _block_rows(stored.dimension, queries, stored.max_block_bytes, cache_sized=True)
+    buffer = None  # float32 rows are read in place; float16 ones converted into this
+    if stored.vector_dtype == "float16":
+        buffer = np.empty((min(step, stored.count), stored.dimension), np.float32)
+    for start in range(0, stored.count, step):
+        stop = min(start + step, stored.count)
+        yield stored.block(start, stop, buffer), stored.ids[start:stop]
+        stored.release(start, stop)
+
+
+def _scan_both(blocks, queries: np.ndarray, top_k: int):
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best, worst = _TopK(len(queries), top_k), _TopK(len(queries), top_k)
+    for vectors, ids in blocks:
+        _offer_block(queries, vectors, ids, best, worst)
+    helpful_scores, helpful_ids = best.result()
+    harmful_scores, harmful_ids = worst.result()
+    return helpful_scores, helpful_ids, -harmful_scores, harmful_ids
+
+
+def _offer_block(queries, vectors: np.ndarray, ids: np.ndarray, best: _TopK, worst: _TopK) -> None:
+    """Score one block ``vectors`` [rows, d] float32 (C-contiguous, any alignment) with every query and
+    offer the scores to the running helpful (``best``) and harmful (``worst``, negated keys) top-k."""
+    rows, dimension = vectors.shape
+    aligned = vectors.ctypes.data % 4 == 0
+    if not aligned and len(queries) < _PRODUCT_QUERIES:  # one SIMD pass per vector, the block in cache
+        scores = np.empty((len(queries), rows), np.float32)  # [q, rows]
+        pointer = faiss.swig_ptr(vectors)
+        for number, query in enumerate(queries):
+            faiss.fvec_inner_products_ny(
+                faiss.swig_ptr(scores[number]), faiss.swig_ptr(query), pointer, dimension, rows
+            )
+    else:  # one matrix product (BLAS wants aligned rows: many vectors make a copy of a mapped block pay)
+        if not aligned:
+            copied = np.empty((rows, dimension), np.float32)
+            copied.reshape(-1).view(np.uint8)[:] = vectors.reshape(-1).view(np.uint8)
+            vectors = copied
+        scores = queries @ vectors.T  # [q, rows]
+    best.offer(scores, ids)
+    worst.offer(np.negative(scores, out=scores), ids)
+
+
+class _TopK:
+    """The ``k`` largest keys of each query row seen so far, kept over blocks of columns.
+
+    A block first meets the running threshold (each row's k-th largest key so far): only the keys above it
+    are candidates. While most keys pass (the first blocks), the block is partitioned row by row
+    (argpartition) and merged; once few pass, only those are gathered and merged. The sort happens once,
+    in `result`.
+    """
+
+    def __init__(self, queries: int, k: int):
+        self.k = k
+        self.keys = np.full((queries, 0), -np.inf, np.float32)
+        self.ids = np.zeros((queries, 0), np.int64)
+        self.threshold = np.full((queries, 1), -np.inf, np.float32)
+
+    def offer(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        """``keys`` [q, rows] and the rows' ``ids`` [rows] (or [q, rows], one list per query)."""
+        ids = np.broadcast_to(ids, keys.shape)
+        above = keys > self.threshold  # [q, rows]
+        passing = int(np.count_nonzero(above))
+        if passing == 0:
+            return
+        if passing * 4 > keys.size:  # dense: the block's own top k of each row
+            if keys.shape[1] > self.k:
+                part = np.argpartition(keys, keys.shape[1] - self.k, axis=1)[:, -self.k :]
+                keys, ids = np.take_along_axis(keys, part, 1), np.take_along_axis(ids, part, 1)
+        else:  # sparse: the passing keys, padded to the widest row
+            rows, columns = np.nonzero(above)
+            counts = np.bincount(rows, minlength=len(keys))
+            slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+            gathered = np.full((len(keys), counts.max()), -np.inf, np.float32)
+            gathered_ids = np.full((len(keys), counts.max()), -1, np.int64)
+            gathered[rows, slots], gathered_ids[rows, slots] = keys[rows, columns], ids[rows, columns]
+            keys, ids = gathered, gathered_ids
+        keys, ids = np.concatenate([self.keys, keys], 1), np.concatenate([self.ids, ids], 1)
+        if keys.shape[1] > self.k:
+            part = np.argpartition(keys, keys.shape[1] - self.k, axis=1)[:, -self.k :]
+            keys, ids = np.take_along_axis(keys, part, 1), np.take_along_axis(ids, part, 1)
+        self.keys, self.ids = keys, ids
+        if keys.shape[1] == self.k:
+            self.threshold = keys.min(axis=1, keepdims=True)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, ids) [q, k], largest first; equal keys by id."""
+        order = np.lexsort((self.ids, -self.keys), axis=-1)
+        return np.take_along_axis(self.keys, order, 1), np.take_along_axis(self.ids, order, 1)
+
+
+def _flat_codes(index: faiss.Index) -> tuple[np.ndarray, str] | None:
+    """(codes [n, bytes a row] uint8, dtype) of a CPU IndexIDMap2 over a flat index, as a view; None for
+    other kinds (GPU, sharded, IndexIDMap) and empty ones."""
     if not isinstance(index, faiss.IndexIDMap2):
         return None
     flat = faiss.downcast_index(index.index)
-    if not isinstance(flat, faiss.IndexFlatIP) or flat.ntotal == 0:
+    if not isinstance(flat, (faiss.IndexFlatIP, faiss.IndexScalarQuantizer)) or flat.ntotal == 0:
         return None
-    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+    dtype = vector_dtype_of(index)
+    row_bytes = flat.d * (4 if dtype == "float32" else 2)
+    codes = faiss.rev_swig_ptr(flat.codes.data(), flat.ntotal * row_bytes)
+    return codes.reshape(flat.ntotal, row_bytes), dtype
+
+
+def _decode(codes: np.ndarray, dtype: str, dimension: int) -> np.ndarray:
+    """Rows in byte form [n, bytes a row] -> float32 [n, d]: float32 a view (aligned or not: only FAISS's
+    kernels read it, `_offer_block`), float16 converted."""
+    codes = np.ascontiguousarray(codes)
+    if dtype == "float32":
+        return codes.view(np.float32).reshape(len(codes), dimension)
+    return half_to_float(codes, np.empty((len(codes), dimension), np.float32))

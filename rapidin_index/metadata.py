@@ -51,9 +51,12 @@ def metadata_fields(sources: list[dict]) -> list[pa.Field]:
     """A typed column for every scalar row field that is not prompt/response text (arrow infers the
     type over all rows; a field of mixed types becomes a string), in first-seen order."""
     names = [name for row in sources for name in row if name not in TEXT_FIELDS | RESERVED]
+    return _typed_fields({name: [row.get(name) for row in sources] for name in dict.fromkeys(names)})
+
+
+def _typed_fields(columns: dict[str, list]) -> list[pa.Field]:
     fields = []
-    for name in dict.fromkeys(names):
-        values = [row.get(name) for row in sources]
+    for name, values in columns.items():
         if not all(value is None or isinstance(value, (str, int, float, bool)) for value in values):
             continue  # lists and objects stay in the row's JSON
         try:
@@ -66,23 +69,33 @@ def metadata_fields(sources: list[dict]) -> list[pa.Field]:
 
 def write_table(database: Path, name: str, row_batches) -> int:
     """Write table ``name`` from an iterable of lists of row dicts (overwrites a partial one); each row's
-    scalar metadata fields become typed columns (`metadata_fields`), filterable with SQL (`matching_ids`)."""
-    batches = [list(rows) for rows in row_batches if rows]
-    sources = [json.loads(row["source"]) for rows in batches for row in rows]
-    extra = metadata_fields(sources)
-    internal = [pa.field(JSON_COLUMN, pa.string()) if f.name == "source" else f for f in SCHEMA]
-    schema = pa.schema(internal + extra)
-    table = _connect(database).create_table(name, schema=schema, mode="overwrite")
-    position = 0
-    for rows in batches:
-        physical = []
-        for row in rows:
-            record = {key: value for key, value in row.items() if key != "source"}
-            record[JSON_COLUMN] = row["source"]
-            record.update({field.name: _cell(sources[position].get(field.name), field) for field in extra})
-            physical.append(record)
-            position += 1
-        table.add(pa.Table.from_pylist(physical, schema=schema))
+    scalar metadata fields become typed columns (`metadata_fields`), filterable with SQL (`matching_ids`).
+
+    One LanceDB write (one version, whatever the number of batches). Each batch is turned into an arrow
+    batch as it comes (compact text, not Python dicts); only the metadata fields' values are kept as
+    Python values until their types are known."""
+    internal = pa.schema([pa.field(JSON_COLUMN, pa.string()) if f.name == "source" else f for f in SCHEMA])
+    parts, columns, position = [], {}, 0
+    for rows in row_batches:
+        if not rows:
+            continue
+        sources = [json.loads(row["source"]) for row in rows]
+        for field_name in (n for source in sources for n in source if n not in TEXT_FIELDS | RESERVED):
+            columns.setdefault(field_name, [None] * position)
+        for field_name, values in columns.items():
+            values.extend(source.get(field_name) for source in sources)
+        physical = [
+            {**{key: value for key, value in row.items() if key != "source"}, JSON_COLUMN: row["source"]}
+            for row in rows
+        ]
+        parts.append(pa.RecordBatch.from_pylist(physical, schema=internal))
+        position += len(rows)
+    table = pa.Table.from_batches(parts, schema=internal)
+    for field in _typed_fields(columns):
+        table = table.append_column(
+            field, pa.array([_cell(v, field) for v in columns[field.name]], field.type)
+        )
+    _connect(database).create_table(name, data=table, schema=table.schema, mode="overwrite")
     return position
 
 

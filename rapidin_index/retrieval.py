@@ -31,7 +31,7 @@ from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.model_identity import check_model_sources
 from rapidin_index.models import load_model, select_parameters
-from rapidin_index.parallel import resolve_device, search_index
+from rapidin_index.parallel import faiss_gpu_count, resolve_device, search_index
 from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
 from rapidin_index.progress import RowProgress
 from rapidin_index.query import (
@@ -54,7 +54,14 @@ class Index:
     """An opened index: manifest, FAISS vectors, LanceDB rows, and the model that made them."""
 
     def __init__(
-        self, path: Path, manifest: Manifest, loaded, selected, device: torch.device, batch_size: int
+        self,
+        path: Path,
+        manifest: Manifest,
+        loaded,
+        selected,
+        device: torch.device,
+        batch_size: int,
+        max_memory: int | None = None,
     ):
         self.path = path
         self.manifest = manifest
@@ -69,16 +76,31 @@ class Index:
             SketchSettings.from_dict(sketch), sketch["gradient_dim"], device, blocks=self.blocks
         )
         self.sketcher = GradientSketcher(loaded.model, self.blocks, projector, manifest.normalize)
-        cpu_index = store.load_faiss(path, manifest.generation)
-        if cpu_index.d != sketch["output_dim"] or cpu_index.ntotal != manifest.row_count:
+        stored = store.open_vectors(path, manifest.generation, max_memory)  # mapped, not read
+        if stored.dimension != sketch["output_dim"] or stored.count != manifest.row_count:
             raise IndexMismatchError(
-                f"{path}: the FAISS file holds {cpu_index.ntotal} vectors of {cpu_index.d} dims, the manifest "
+                f"{path}: the FAISS file holds {stored.count} vectors of {stored.dimension} dims, the manifest "
                 f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
             )
         self.progress = False  # a progress bar over the queries of a call (the CLI's, on a terminal)
-        self.stored_index = cpu_index  # on the CPU: stored vectors by id (aggregate hits' per-query scores)
-        self.faiss_index = search_index(cpu_index)
+        self.stored_index = stored  # the vectors file read in place: searched on the CPU, vectors by id
+        self._faiss_index = None
+        self.searches_faiss = faiss_gpu_count() > 0  # GPUs: the index is resident there (`search_index`)
+        if self.searches_faiss:
+            self._faiss_index = search_index(store.load_faiss(path, manifest.generation))
         self.table = store.open_rows(path, manifest.generation)  # kept open: joins are per query
+
+    @property
+    def faiss_index(self):
+        """The FAISS index (read on first use, its vectors mapped from the file: `store.load_faiss`);
+        assigning one (a `parallel.ShardedSearch`, a GPU index) makes queries search it."""
+        if self._faiss_index is None:
+            self._faiss_index = store.load_faiss(self.path, self.manifest.generation, mapped=True)
+        return self._faiss_index
+
+    @faiss_index.setter
+    def faiss_index(self, value) -> None:
+        self._faiss_index, self.searches_faiss = value, True
 
     @classmethod
     def open(
@@ -90,12 +112,18 @@ class Index:
         sketch_dim: int | None = None,
         verify: bool = False,
         batch_size: int = 16,
+        max_memory: int | None = None,
     ) -> Index:
         """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required).
 
         The first query checks the hooked gradients against plain backward passes, unless the build
         already checked these weights with the same libraries, device type and dtype (the manifest's
         ``self_checks``). ``verify=True`` checks every file's sha256 and always runs that check again.
+
+        The vectors file is mapped, not read (`vector_file.StoredVectors`): opening costs its ids (8 bytes a
+        row), and a search reads it in blocks of `vector_file.SCAN_BLOCK_BYTES`. ``max_memory`` (bytes)
+        caps what a search holds, the mapped pages included: smaller blocks, each block's pages released
+        after it; an index whose ids alone do not fit is refused.
         """
         path = Path(path)
         # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
@@ -125,7 +153,7 @@ class Index:
         selected = select_parameters(loaded.model, settings)
         if [name for name, _ in selected] != manifest.parameters["names"]:
             raise IndexMismatchError("the model's attributed parameters differ from the index's (--params?)")
-        opened = cls(path, manifest, loaded, selected, torch_device, batch_size)
+        opened = cls(path, manifest, loaded, selected, torch_device, batch_size, max_memory)
         if not verify and check_environment(loaded.model) in manifest.self_checks:
             opened.sketcher.take_self_check(manifest.exact_path)  # the build checked these weights here
         opened.lease = lease  # released with the Index (lease.close() to release it sooner)
@@ -367,8 +395,10 @@ def _finite(sketched):
 def search(index: Index, vectors: np.ndarray, count: int, among: list[int] | None = None) -> list[np.ndarray]:
     """(helpful scores, ids, harmful scores, ids), ``count`` each per vector, from one scan of the index
     (``among``: of the rows with these ids only, exactly)."""
-    if among is None:
+    if among is None and index.searches_faiss:
         return vector_index.search_both(index.faiss_index, vectors, count)
+    if among is None:
+        return vector_index.search_both(index.stored_index, vectors, count)
     return vector_index.search_both_among(index.stored_index, vectors, count, among)
 
 

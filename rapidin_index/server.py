@@ -272,14 +272,16 @@ def serve_index(
     port: int = 8000,
     device: str = "auto",
     limits: Limits | None = None,
+    max_memory: int | None = None,
 ) -> None:
-    """Open the index and its model once, then answer on http://host:port/ until interrupted."""
+    """Open the index and its model once, then answer on http://host:port/ until interrupted
+    (``max_memory``: `retrieval.Index.open`'s cap on what a search holds)."""
     from rapidin_index.retrieval import Index
 
     log_to_stderr()
     check_port_free(host, port)  # before the model loads: a taken port should not cost a minute
     started = time.perf_counter()
-    index = Index.open(index_path, model=model, adapter=adapter, device=device)
+    index = Index.open(index_path, model=model, adapter=adapter, device=device, max_memory=max_memory)
     log.info(
         "opened %s (%s rows, model %s, %s) in %.1f s",
         index_path,

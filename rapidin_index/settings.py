@@ -13,11 +13,13 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from rapidin_index.data import TOKENIZATIONS
-from rapidin_index.errors import BuildError, ModelError, SketchError
+from rapidin_index.errors import BuildError, ModelError, QueryError, SketchError
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 """Weights dtypes a model can be loaded in (`models.DTYPES` maps them to torch dtypes)."""
 VECTOR_DTYPES = ("float32", "float16")
+DEFAULT_VECTOR_DTYPE = "float16"
+"""A new index's vector dtype (float32 until issue 27; the manifest records each index's own)."""
 """How the index stores vectors."""
 NORMALIZATIONS = ("layer", "none")
 """Per-tensor gradient normalisation: RapidIn's layer norm, or none (plain TracIn)."""
@@ -228,8 +230,11 @@ class BuildSettings:
     """Let --append add data whose checksum an index source already has (its rows then appear twice)."""
     chunk_size: int = 256
     """Rows per journal chunk: the unit of resumption."""
-    vector_dtype: str = "float32"
-    """How the index stores vectors: float32 (4K bytes a row) or float16 (2K bytes, scores still fp32)."""
+    vector_dtype: str | None = None
+    """How the index stores vectors: float16 (2K bytes a row; scores accumulate in float32 over the
+    stored values; per row searched about as fast as float32, BENCHMARKS.md issue 27) or float32 (4K bytes). Not given: an existing
+    index's own (appends, rebuilds), else float16 (`DEFAULT_VECTOR_DTYPE`) for sketches and float32 for
+    exact vectors (K = 0: kept exact, for checks against brute force)."""
     num_shards: int = 1
     """Static sharding: this build indexes only the rows whose id % num_shards == shard_index."""
     shard_index: int = 0
@@ -242,7 +247,7 @@ class BuildSettings:
                 f"--k {self.sketch.sketch_dim:,} is more than FAISS opens ({MAX_VECTOR_DIMENSION:,} dimensions); "
                 "use a smaller --k"
             )
-        if self.vector_dtype not in VECTOR_DTYPES:
+        if self.vector_dtype is not None and self.vector_dtype not in VECTOR_DTYPES:
             raise BuildError(f"--vector-dtype must be one of {', '.join(VECTOR_DTYPES)}")
         if self.normalize not in NORMALIZATIONS:
             raise BuildError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
@@ -256,3 +261,18 @@ class BuildSettings:
     @property
     def shard(self) -> dict | None:
         return None if self.num_shards == 1 else {"index": self.shard_index, "count": self.num_shards}
+
+
+_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_MEMORY_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_memory(text: str | None, option: str = "--max-memory") -> int | None:
+    """A size as a user writes it (``4GB``, ``512MiB``, ``1.5GB``, ``100000`` bytes) in bytes; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _MEMORY_UNITS or float(match.group(1)) <= 0:
+        raise QueryError(f"{option} {text!r} is not a size: give e.g. 4GB, 512MB or a number of bytes")
+    return int(float(match.group(1)) * _MEMORY_UNITS[unit])

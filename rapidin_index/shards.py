@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rapidin_index import index as vector_index
 from rapidin_index import store
 from rapidin_index.errors import ShardError
 from rapidin_index.files import writing
@@ -47,13 +46,11 @@ def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifes
 def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -> Manifest:
     _check_compatible(shard_dirs, manifests)
     total_rows = manifests[0].total_rows_seen
-    faiss_index = vector_index.new_index(manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
+    writer = store.vector_writer(index_dir, 1, manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
     rows, rejected, vector_ids = [], [], []
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
         check_files(shard_dir, manifest, full=True)
-        ids, vectors = store.load_vectors(shard_dir, manifest.generation)
-        order = np.argsort(ids)
-        vector_index.add_vectors(faiss_index, vectors[order], ids[order])
+        ids = store.open_vectors(shard_dir, manifest.generation).ids
         rows.extend(store.read_all_rows(shard_dir, manifest.generation))
         rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
         vector_ids.extend(ids.tolist())
@@ -64,10 +61,12 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
         raise ShardError(f"cannot merge {', '.join(map(str, shard_dirs))}: {problem}")
     rows.sort(key=lambda row: row["id"])
     rejected.sort(key=lambda row: row["id"])
-    files = store.write_generation(index_dir, 1, faiss_index, [rows], rejected)
+    files = store.write_generation(
+        index_dir, 1, writer, _merged_vectors(shard_dirs, manifests, writer, rows), rejected
+    )
     merged = Manifest.from_dict(manifests[0].to_dict())
     merged.shard, merged.generation = None, 1
-    merged.row_count, merged.rejected_count = faiss_index.ntotal, len(rejected)
+    merged.row_count, merged.rejected_count = writer.count, len(rejected)
     merged.token_count = sum(m.token_count for m in manifests)
     merged.truncated_count = sum(m.truncated_count for m in manifests)
     merged.template_usage = dict(sum((Counter(m.template_usage) for m in manifests), Counter()))
@@ -107,3 +106,19 @@ def _check_compatible(shard_dirs: list[Path], manifests: list[Manifest]) -> None
         raise ShardError(
             f"shard {missing[0]} of {count} is missing; build it with --shard-index {missing[0]}"
         )
+
+
+def _merged_vectors(shard_dirs: list[Path], manifests: list[Manifest], writer, rows: list[dict]):
+    """Each shard's vectors in id order into ``writer``, a block at a time (never a whole shard), then
+    the rows for `store.write_generation`."""
+    from rapidin_index.vector_file import SCAN_BLOCK_BYTES
+
+    for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
+        stored = store.open_vectors(shard_dir, manifest.generation)
+        stored.drop_pages = True
+        order = np.argsort(stored.ids, kind="stable")
+        step = max(1, SCAN_BLOCK_BYTES // max(stored.row_bytes, 1))
+        for start in range(0, len(order), step):
+            positions = order[start : start + step]
+            writer.add(stored.read_positions(positions), stored.ids[positions])
+    yield rows

@@ -4,6 +4,7 @@ Layout of an index folder (generation g, four digits; the manifest names the cur
 
     manifest.json                 the commit point: written last, atomically (`manifest`)
     vectors-gNNNN.faiss           FAISS exact inner-product index of the sketches, ids = example ids
+                                  (read in place and written as a stream: `vector_file`)
     rejected-gNNNN.jsonl          {"id", "reason"} of every row that could not be indexed
     metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`metadata.SCHEMA`)
     .build/                       the journal of an unfinished build (`journal`)
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from rapidin_index.manifest import Manifest
+    from rapidin_index.vector_file import VectorWriter
 
 JOURNAL_DIR = ".build"
 DATABASE_DIR = "metadata"
@@ -80,10 +82,19 @@ def generation_paths(index_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- read
 
 
-def load_faiss(index_dir: str | Path, generation: int) -> faiss.Index:
+def load_faiss(index_dir: str | Path, generation: int, mapped: bool = False) -> faiss.Index:
+    """The generation's FAISS index; ``mapped``: its vectors mapped from the file, not read (FAISS's
+    ``IO_FLAG_MMAP_IFC``)."""
     from rapidin_index import index as vector_index
 
-    return vector_index.load_index(Path(index_dir) / vector_file(generation))
+    return vector_index.load_index(Path(index_dir) / vector_file(generation), mapped)
+
+
+def open_vectors(index_dir: str | Path, generation: int, max_memory: int | None = None):
+    """The generation's vectors file read in place (`vector_file.StoredVectors`)."""
+    from rapidin_index.vector_file import StoredVectors
+
+    return StoredVectors(Path(index_dir) / vector_file(generation), max_memory)
 
 
 def load_vectors(index_dir: str | Path, generation: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,26 +166,37 @@ def _rejected_row(path: Path, number: int, line: str) -> RejectedRow:
 # --------------------------------------------------------------------------- write
 
 
+def vector_writer(index_dir: Path, generation: int, dimension: int, vector_dtype: str) -> VectorWriter:
+    """A streaming writer of the generation's vectors file (`vector_file.VectorWriter`), for
+    `write_generation`."""
+    from rapidin_index.vector_file import VectorWriter
+
+    return VectorWriter(Path(index_dir) / vector_file(generation), dimension, vector_dtype)
+
+
 def write_generation(
     index_dir: Path,
     generation: int,
-    faiss_index: faiss.Index,
+    vectors: faiss.Index | VectorWriter,
     row_batches: Iterable[list[dict]],
     rejected: list[dict],
     expected_ids: Iterable[int] | None = None,
 ) -> dict:
     """Write a generation's three parts; returns the manifest's ``files`` (path: sha256, bytes).
 
-    ``row_batches`` is consumed first (it may add to ``faiss_index`` and ``rejected`` as it goes, as a
-    build reading its journal does); the vectors and the rejected rows are written after it. With
-    ``expected_ids``, every one of them must then be in exactly one place (`row_id_problem`). A write the
-    disk refuses ends in one `WriteError` naming the folder; on any failure the new generation's files
-    are removed again (the manifest does not name them yet, so nothing committed is touched).
+    ``row_batches`` is consumed first (it may add to ``vectors`` and ``rejected`` as it goes, as a build
+    reading its journal does); the rejected rows are written after it. ``vectors``: a FAISS index (saved
+    whole) or a `vector_writer` (not yet entered: it is open while ``row_batches`` runs, so rows reach
+    the file chunk by chunk, and complete once they are consumed). With ``expected_ids``, every one of
+    them must then be in exactly one place (`row_id_problem`). A write the disk refuses ends in one
+    `WriteError` naming the folder; on any failure the new generation's files are removed again (the
+    manifest does not name them yet, so nothing committed is touched).
     """
     import faiss
 
     from rapidin_index import index as vector_index
     from rapidin_index import metadata
+    from rapidin_index.vector_file import VectorWriter
 
     index_dir.mkdir(parents=True, exist_ok=True)
     row_ids: list[int] = []
@@ -188,21 +210,32 @@ def write_generation(
             )
             yield rows
 
+    streamed = isinstance(vectors, VectorWriter)
+
     def needed() -> int:  # what this generation takes on disk, about: vectors, row text, rejected rows
-        return 4 * faiss_index.ntotal * faiss_index.d + 2 * text_bytes[0] + 64 * len(rejected) + (1 << 16)
+        vector_bytes = vectors.count * vectors.row_bytes if streamed else 4 * vectors.ntotal * vectors.d
+        return vector_bytes + 2 * text_bytes[0] + 64 * len(rejected) + (1 << 16)
+
+    def check(vector_ids: list[int]) -> None:
+        if expected_ids is None:
+            return
+        problem = row_id_problem(vector_ids, row_ids, [row["id"] for row in rejected], expected_ids)
+        if problem:
+            raise StoreError(
+                f"{index_dir}: generation {generation} would not hold every row exactly once "
+                f"({problem}); nothing was committed"
+            )
 
     with writing(index_dir, needed):  # outermost: the free space it reports is after the cleanup
         try:
-            metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
-            if expected_ids is not None:
-                vector_ids = faiss.vector_to_array(faiss_index.id_map).tolist()
-                problem = row_id_problem(vector_ids, row_ids, [row["id"] for row in rejected], expected_ids)
-                if problem:
-                    raise StoreError(
-                        f"{index_dir}: generation {generation} would not hold every row exactly once "
-                        f"({problem}); nothing was committed"
-                    )
-            vector_index.save_index(faiss_index, index_dir / vector_file(generation))
+            if streamed:
+                with vectors:  # the file is complete (and in place) once the block ends cleanly
+                    metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
+                    check(vectors.written_ids().tolist())
+            else:
+                metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
+                check(faiss.vector_to_array(vectors.id_map).tolist())
+                vector_index.save_index(vectors, index_dir / vector_file(generation))
             text = "".join(json.dumps(row) + "\n" for row in rejected)
             atomic_write_bytes(index_dir / rejected_file(generation), text.encode())
             return file_checksums(index_dir, generation)

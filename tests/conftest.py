@@ -209,6 +209,7 @@ def build_settings(model_dir: str, adapter: str | None = None, sketch_dim: int =
     from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
     values = {"sketch": SketchSettings(sketch_dim, 20, 42), "batch_size": 4, "chunk_size": 8, "device": "cpu"}
+    values["vector_dtype"] = "float32"  # exact scores to compare with brute force (the default is float16)
     values.update(overrides)
     return BuildSettings(ModelSettings(model_dir, adapter), **values)
 

@@ -99,7 +99,8 @@ def run_build_process(index_dir, data, model_dir, env_extra=None) -> subprocess.
         "import sys; from rapidin_index.build import *; from rapidin_index.settings import ModelSettings;"
         "from rapidin_index.settings import SketchSettings;"
         f"build_index({str(data)!r}, {str(index_dir)!r}, BuildSettings(ModelSettings({model_dir!r}),"
-        " SketchSettings(4096, 20, 42), batch_size=4, chunk_size=4, device='cpu'), progress=False)"
+        " SketchSettings(4096, 20, 42), batch_size=4, chunk_size=4, device='cpu', vector_dtype='float32'),"
+        " progress=False)"
     )
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env_extra or {})})
 

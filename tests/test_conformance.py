@@ -154,6 +154,7 @@ def test_stored_vectors_equal_hugging_face_autograd(
             template="completion",
             max_length=None,
             batch_size=3,
+            vector_dtype="float32",
         )
         index_dir = tmp_path / normalize
         report = build_index(conformance_rows, index_dir, settings, progress=False)

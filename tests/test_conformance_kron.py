@@ -43,6 +43,7 @@ def test_rapidgrad_kron_scores_equal_hugging_face_autograd(
             template="completion",
             max_length=None,
             batch_size=3,
+            vector_dtype="float32",
         )
         report = build_index(conformance_rows, tmp_path / str(sketch_dim), settings, progress=False)
         stored = stored_vectors(tmp_path / str(sketch_dim))

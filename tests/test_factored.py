@@ -206,7 +206,11 @@ def test_build_and_query_end_to_end_with_rapidgrad_ts(
     from rapidin_index.settings import BuildSettings, ModelSettings
 
     settings = BuildSettings(
-        ModelSettings(tiny_model_dirs["gpt2"]), SketchSettings(4096, algorithm=TS), batch_size=4, device="cpu"
+        ModelSettings(tiny_model_dirs["gpt2"]),
+        SketchSettings(4096, algorithm=TS),
+        batch_size=4,
+        device="cpu",
+        vector_dtype="float32",
     )
     report = build_index(training_file, tmp_path / "index", settings, progress=False)
     assert report.rows_indexed == len(training_rows)
@@ -245,6 +249,7 @@ def test_a_build_with_auto_records_its_factored_sketch_and_resumes(
         SketchSettings(65536),  # a bare SketchSettings is "auto", as the CLI default is
         batch_size=8,
         device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, tmp_path / "index", settings, progress=False)
     manifest = read_manifest(tmp_path / "index")

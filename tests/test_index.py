@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from rapidin_index import index as vector_index
-from rapidin_index.errors import StoreError
+from rapidin_index.errors import IntegrityError, StoreError
+from rapidin_index.vector_file import StoredVectors, VectorWriter
 
 DIMENSION = 16
 ROWS = 40
@@ -132,9 +133,9 @@ def test_search_both_equals_brute_force(vector_dtype, top_k):
 
 @pytest.mark.parametrize("scan_rows", [1, 7, ROWS - 1])
 def test_search_both_merges_blocks_of_rows_exactly(monkeypatch, scan_rows):
-    """The float32 scan keeps a running top-k over blocks; small blocks force the merge path."""
+    """The scan keeps a running top-k over blocks; small blocks force the merge path."""
     index, ids, vectors = _filled("float32")
-    monkeypatch.setattr(vector_index, "_SCAN_ROWS", scan_rows)
+    monkeypatch.setattr(vector_index, "SCAN_BLOCK_BYTES", scan_rows * (4 * DIMENSION + 8 * 5))
     queries = _queries()
     found = vector_index.search_both(index, queries, 5)
     expected = _brute_force_both(queries, ids, vectors, 5)
@@ -160,3 +161,142 @@ def test_search_both_of_an_empty_index_finds_nothing(vector_dtype):
     index = vector_index.new_index(DIMENSION, vector_dtype)
     found = vector_index.search_both(index, _queries(3), 5)
     assert [array.shape for array in found] == [(3, 0)] * 4
+
+
+# --------------------------------------------------------------------------- the vectors file in place
+
+
+def _written(tmp_path, vector_dtype: str, rows: int = 500, seed: int = 3):
+    """(path, ids, stored float32 vectors): a vectors file written by FAISS, ids shuffled (not positions)."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((rows, DIMENSION)).astype(np.float32)
+    ids = rng.permutation(10 * rows)[:rows].astype(np.int64)
+    index = vector_index.new_index(DIMENSION, vector_dtype)
+    vector_index.add_vectors(index, vectors, ids)
+    path = tmp_path / f"{vector_dtype}.faiss"
+    vector_index.save_index(index, path)
+    return path, ids, vector_index.stored_vectors(index)[1]
+
+
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows", [0, 1, 300])
+def test_vector_writer_writes_the_bytes_faiss_writes(tmp_path, vector_dtype, rows):
+    """Chunked, streamed writing gives the file faiss.write_index gives (float16: FAISS's own rounding)."""
+    rng = np.random.default_rng(rows)
+    vectors = rng.standard_normal((rows, DIMENSION)).astype(np.float32)
+    vectors[:, 0] = np.float32(
+        -0.66137695
+    )  # an exact float16 tie: FAISS rounds away from zero, numpy to even
+    ids = rng.permutation(4 * rows + 1)[:rows]
+    reference = vector_index.new_index(DIMENSION, vector_dtype)
+    vector_index.add_vectors(reference, vectors, ids)
+    vector_index.save_index(reference, tmp_path / "faiss.faiss")
+    with VectorWriter(tmp_path / "streamed.faiss", DIMENSION, vector_dtype) as writer:
+        for start in range(0, rows, 7):
+            writer.add(vectors[start : start + 7], ids[start : start + 7])
+    assert (tmp_path / "streamed.faiss").read_bytes() == (tmp_path / "faiss.faiss").read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_vector_writer_leaves_nothing_behind_on_an_error(tmp_path):
+    with pytest.raises(StoreError, match="vectors for 2 ids"):
+        with VectorWriter(tmp_path / "v.faiss", DIMENSION, "float32") as writer:
+            writer.add(np.zeros((3, DIMENSION)), np.arange(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16"])
+def test_stored_vectors_read_the_file_in_place(tmp_path, vector_dtype):
+    path, ids, vectors = _written(tmp_path, vector_dtype)
+    stored = StoredVectors(path)
+    assert (stored.count, stored.dimension, stored.vector_dtype) == (len(ids), DIMENSION, vector_dtype)
+    np.testing.assert_array_equal(stored.ids, ids)
+    np.testing.assert_array_equal(stored.read(0, len(ids)), vectors)  # float16 -> float32 is exact
+    np.testing.assert_array_equal(stored.vectors_of([int(ids[9]), int(ids[2])]), vectors[[9, 2]])
+    with pytest.raises(StoreError, match="no vector with id -5"):
+        stored.vectors_of([-5])
+    mapped = vector_index.load_index(path, mapped=True)  # FAISS's own mmap read of the same file
+    assert not faiss.downcast_index(mapped.index).codes.is_owned
+    np.testing.assert_array_equal(vector_index.stored_vectors(mapped)[1], vectors)
+
+
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("top_k", [1, 10, 500, 600])
+@pytest.mark.parametrize("block_rows", [3, 64, 1000])
+@pytest.mark.parametrize("query_count", [1, 7, 25])
+def test_search_of_the_file_in_place_equals_numpy_brute_force(
+    tmp_path, vector_dtype, top_k, block_rows, query_count
+):
+    """Blocks of 3 rows force the sparse merge (few candidates pass the running threshold); 25 query
+    vectors take one matrix product a block, 7 one SIMD pass each over float32 rows in place; 1 vector
+    over float16 rows FAISS's own scan of the mapped file."""
+    path, ids, vectors = _written(tmp_path, vector_dtype)
+    stored = StoredVectors(path)
+    queries = _queries(query_count)
+    stored.max_block_bytes = block_rows * (4 * DIMENSION + 8 * len(queries)) * (8 if query_count < 20 else 1)
+    assert (
+        vector_index._block_rows(DIMENSION, query_count, stored.max_block_bytes, cache_sized=True)
+        == block_rows
+    )
+    found = vector_index.search_both(stored, queries, top_k)
+    expected = _brute_force_both(queries, ids, vectors, top_k)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[3], expected[3])
+    np.testing.assert_allclose(found[0], expected[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(found[2], expected[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16"])
+def test_search_among_of_the_file_in_place_equals_brute_force_over_the_subset(tmp_path, vector_dtype):
+    path, ids, vectors = _written(tmp_path, vector_dtype)
+    stored = StoredVectors(path)
+    stored.max_block_bytes = 5 * (4 * DIMENSION + 8 * 5)
+    among = ids[::4][:60]
+    kept = np.isin(ids, among)
+    found = vector_index.search_both_among(stored, _queries(), 9, among.tolist())
+    expected = _brute_force_both(_queries(), ids[kept], vectors[kept], 9)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[3], expected[3])
+
+
+def test_a_memory_cap_scans_in_smaller_blocks_with_the_same_hits(tmp_path):
+    path, ids, vectors = _written(tmp_path, "float32", rows=2000)
+    capped = StoredVectors(path, max_memory=16 * 2000 + 2 * 40 * (4 * DIMENSION + 8 * 5))
+    assert capped.drop_pages and capped.max_block_bytes < 2000 * 4 * DIMENSION
+    found = vector_index.search_both(capped, _queries(), 5)
+    expected = _brute_force_both(_queries(), ids, vectors, 5)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[3], expected[3])
+
+
+def test_a_memory_cap_below_the_ids_is_refused_on_one_line(tmp_path):
+    path, _, _ = _written(tmp_path, "float32", rows=2000)
+    with pytest.raises(StoreError, match=r"--max-memory 1.0KB is too small for .*give at least") as error:
+        StoredVectors(path, max_memory=1024)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("cut", [0, 20, 100, -8])
+def test_a_damaged_vectors_file_is_refused_on_one_line(tmp_path, cut):
+    path, _, _ = _written(tmp_path, "float32")
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    with pytest.raises(IntegrityError, match="cannot be read by FAISS .*re-import its bundle or rebuild it"):
+        StoredVectors(path)
+
+
+def test_float16_storage_finds_the_float32_hits():
+    """Unit-norm rows and queries, as sketches are: the same top-10, scores within float16's rounding."""
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((3000, 256)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:5] + 0.5 * rng.standard_normal((5, 256)).astype(np.float32) / 16
+    found = {}
+    for vector_dtype in ("float32", "float16"):
+        index = vector_index.new_index(256, vector_dtype)
+        vector_index.add_vectors(index, vectors, np.arange(3000))
+        found[vector_dtype] = vector_index.search_both(index, queries, 10)
+    exact, half = found["float32"], found["float16"]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact[1], half[1], strict=True)])
+    assert overlap >= 0.9
+    assert np.abs(exact[0] - half[0]).max() < 2e-3 and np.abs(exact[2] - half[2]).max() < 2e-3

@@ -179,6 +179,7 @@ def test_build_then_query_in_another_process_with_rapidgrad_kron(
         SketchSettings(4096, algorithm=KRON),
         batch_size=4,
         device="cpu",
+        vector_dtype="float32",
     )
     report = build_index(training_file, tmp_path / "index", settings, progress=False)
     assert report.rows_indexed == len(training_rows)

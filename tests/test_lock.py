@@ -47,6 +47,7 @@ def build_arguments(model_dir: str, data, index_dir) -> list[str]:
     return [
         "build", "--model", model_dir, "--data", str(data), "--index", str(index_dir),
         "--k", str(K), "--batch-size", "4", "--chunk-size", "4", "--device", "cpu", "--quiet",
+        "--vector-dtype", "float32",  # as conftest's build_settings
     ]  # fmt: skip
 
 

@@ -37,6 +37,15 @@ def test_write_table_then_read_all_and_count(tmp_path):
     assert (database / "rows_g0001.lance").is_dir()
 
 
+def test_write_table_writes_one_version_whatever_the_number_of_batches(tmp_path):
+    """A build's chunks once made one LanceDB version each (a _versions folder growing with N)."""
+    batches = [[_row(i, source=json.dumps({"text": "t", "lang": ["en", 3][i % 2]}))] for i in range(20)]
+    assert metadata.write_table(tmp_path, "rows", iter(batches)) == 20
+    table = metadata.open_table(tmp_path, "rows")
+    assert table.version == 1 and len(table.list_versions()) == 1
+    assert table.to_arrow()["lang"].to_pylist() == ["en", "3"] * 10  # mixed types: a string column
+
+
 def test_write_table_overwrites_a_partial_table(tmp_path):
     metadata.write_table(tmp_path, "rows", [[_row(0), _row(1)]])
     assert metadata.write_table(tmp_path, "rows", [[_row(7)]]) == 1

@@ -31,6 +31,7 @@ def built(request, tmp_path_factory, tiny_model_dirs, training_file):
         SketchSettings(request.param, 20, 42),
         batch_size=8,
         device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, index_dir, settings, progress=False)
     return index_dir, settings
@@ -208,7 +209,10 @@ def test_an_index_opens_with_the_sketch_it_was_built_with(
 ):
     """A rapidgrad-v1 index keeps querying with v1 now that v2 is the default: a row finds itself."""
     settings = BuildSettings(
-        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42, "rapidgrad-v1"), device="cpu"
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(1024, 20, 42, "rapidgrad-v1"),
+        device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, tmp_path / "v1", settings, progress=False)
     opened = Index.open(tmp_path / "v1", device="cpu")
@@ -303,7 +307,11 @@ def patched_norm(monkeypatch):
 def checked_index(tmp_path_factory, tiny_model_dirs, training_file) -> str:
     index_dir = tmp_path_factory.mktemp("self-checked")
     settings = BuildSettings(
-        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42), batch_size=8, device="cpu"
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(1024, 20, 42),
+        batch_size=8,
+        device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, index_dir, settings, progress=False)
     return str(index_dir)
@@ -367,7 +375,11 @@ def test_the_builds_exact_path_is_the_querys(tmp_path, tiny_model_dirs, training
     """The build moved the norms to the exact path; a query that takes its check moves them too, and
     scores as one that checks again (where its own check moves them)."""
     settings = BuildSettings(
-        ModelSettings(tiny_model_dirs["llama"]), SketchSettings(1024, 20, 42), batch_size=8, device="cpu"
+        ModelSettings(tiny_model_dirs["llama"]),
+        SketchSettings(1024, 20, 42),
+        batch_size=8,
+        device="cpu",
+        vector_dtype="float32",
     )
     build_index(training_file, tmp_path / "index", settings, progress=False)
     manifest = read_manifest(tmp_path / "index")
@@ -397,3 +409,46 @@ def test_a_new_shell_takes_the_builds_check(checked_index):
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "True"
+
+
+def test_open_maps_the_vectors_file_and_searches_it_as_faiss_would(built, opened, training_rows):
+    """Index.open reads the ids, not the vectors (no FAISS index until one is asked for); the blocked scan
+    of the mapped file gives FAISS's own lists."""
+    from rapidin_index import index as vector_index
+    from rapidin_index.vector_file import StoredVectors
+
+    fresh = Index.open(built[0], device="cpu")
+    assert isinstance(fresh.stored_index, StoredVectors) and fresh._faiss_index is None
+    assert not fresh.stored_index.drop_pages and fresh.stored_index.count == fresh.manifest.row_count
+    queries = np.random.default_rng(3).standard_normal((4, fresh.stored_index.dimension)).astype(np.float32)
+    scores, ids = vector_index.search(fresh.faiss_index, queries, 6)  # FAISS, its vectors mapped
+    negated_scores, negated_ids = vector_index.search(fresh.faiss_index, -queries, 6)
+    found = retrieval.search(fresh, queries, 6)
+    np.testing.assert_array_equal(found[1], ids)
+    np.testing.assert_array_equal(found[3], negated_ids)
+    # float32 sums in another order (scores near 10 lose 1e-5 absolute where they nearly cancel)
+    np.testing.assert_allclose(found[0], scores, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(found[2], -negated_scores, rtol=1e-5, atol=1e-4)
+
+
+def test_cli_max_memory_caps_the_scan_or_refuses_on_one_line(built, training_rows):
+    index_dir, _ = built
+    row = training_rows[3]
+    args = ["query", "--index", str(index_dir), "--prompt", row["instruction"], "--response", row["output"]]
+    args += ["--top-k", "3", "--explain", "0", "--device", "cpu", "--per-token", "off"]
+    stored = Index.open(index_dir, device="cpu").stored_index
+    blocks_of_three_rows = 16 * stored.count + 2 * 3 * (4 * stored.dimension + 8 * 64)  # bytes
+    runner = CliRunner()
+    free = runner.invoke(app, args)
+    capped = runner.invoke(app, [*args, "--max-memory", str(blocks_of_three_rows)])
+    assert free.exit_code == capped.exit_code == 0, capped.output
+    capped_hits, free_hits = json.loads(capped.stdout)["helpful"], json.loads(free.stdout)["helpful"]
+    assert [hit["id"] for hit in capped_hits] == [hit["id"] for hit in free_hits]
+    np.testing.assert_allclose(  # other block shapes: float32 sums in another order
+        [hit["score"] for hit in capped_hits], [hit["score"] for hit in free_hits], rtol=1e-5
+    )
+    refused = runner.invoke(app, [*args, "--max-memory", "200B"])
+    assert refused.exit_code == 2 and "--max-memory 200B is too small for" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    unreadable = runner.invoke(app, [*args, "--max-memory", "lots"])
+    assert unreadable.exit_code == 2 and "--max-memory 'lots' is not a size" in unreadable.output
