@@ -98,10 +98,12 @@ def prepare_row(row: dict, tokenizer: PreTrainedTokenizerBase, manifest: Manifes
     A text prompt + response row (``prompt`` with ``response``/``completion``/``output``, optional
     ``system``) against an index of another form is recast in that form first, as `prepare` does.
     """
+    pair = _text_pair(row)
+    if pair is not None and _recast(row, manifest):  # as `prepare`: the form most of the rows have
+        return prepare(*pair, tokenizer, manifest, row.get("hot"), row.get("system"))
     try:
         rendered = render_row(row, tokenizer, Template.from_dict(manifest.template))
     except RowError as error:
-        pair = _text_pair(row)
         if pair is None:
             raise QueryError(
                 f"{error}; give the query in the form of the index's rows, or as text 'prompt' + 'response'"
@@ -113,6 +115,15 @@ def prepare_row(row: dict, tokenizer: PreTrainedTokenizerBase, manifest: Manifes
             "'messages' row give it as a system turn"
         )
     return tokenize_query(_user_prompt(row, rendered.prompt), rendered, tokenizer, manifest, row.get("hot"))
+
+
+def _recast(row: dict, manifest: Manifest) -> bool:
+    """Whether a text prompt + response row renders in another form than its own on this index: an
+    'auto' index whose rows are mostly chat, Alpaca or plain text (a row with those forms' own fields,
+    or a custom template's, renders as it is)."""
+    template = Template.from_dict(manifest.template)
+    own_fields = {"messages", "instruction", "input", "text", "conversations"}
+    return template.name == "auto" and query_template(manifest).name != "auto" and not own_fields & set(row)
 
 
 def _text_pair(row: dict) -> tuple[str, str] | None:

@@ -157,6 +157,23 @@ def test_a_query_row_keeps_the_prompt_the_user_wrote_and_its_hot_words():
     assert query.hot_spec == ["Paris"] and sum(query.hot) >= 1
 
 
+@pytest.mark.parametrize("response_key", ["response", "completion", "output"])
+def test_a_text_pair_query_row_is_recast_in_the_form_most_rows_have(response_key):
+    """An auto index of Alpaca rows: a {"prompt", "response"} query row renders as `--prompt/--response`
+    does (an Alpaca instruction), not as a plain prompt/completion pair."""
+    tokenizer = build_byte_level_tokenizer(bos=True)
+    auto = {"name": "auto", "format": None, "response_field": None}
+    manifest = manifest_for(auto, template_usage={"alpaca": 9, "completion": 1})
+    row = {"prompt": "Name the capital of France.", response_key: " Paris.", "hot": ["Paris"]}
+    from_row = prepare_row(row, tokenizer, manifest)
+    from_options = prepare("Name the capital of France.", " Paris.", tokenizer, manifest, hot=["Paris"])
+    assert from_row.input_ids == from_options.input_ids and from_row.labels == from_options.labels
+    assert "### Instruction" in from_row.rendered_prompt and from_row.hot == from_options.hot
+    completions = manifest_for(auto, template_usage={"completion": 9})
+    as_is = prepare_row(row, tokenizer, completions)
+    assert as_is.rendered_prompt == "Name the capital of France."
+
+
 def test_generation_continues_the_ids_that_scoring_uses():
     tokenizer = build_byte_level_tokenizer(bos=True)
     manifest = manifest_for({"name": "completion", "format": None, "response_field": None})
