@@ -23,9 +23,9 @@ import os
 import struct
 from pathlib import Path
 
+from rapidin_index.checksums import FAST, checksum
 from rapidin_index.errors import BundleError, RapidinIndexError
 from rapidin_index.manifest import Manifest
-from rapidin_index.verify import FAST, checksum
 
 SIGNATURE_KEY = "signature"
 FAISS_HEADER_BYTES = 37  # fourcc, d int32, ntotal int64, two int64, is_trained u8, metric int32

@@ -55,8 +55,8 @@ from rapidin_index.bundle import (
 from rapidin_index.bundle_check import load_private_key, read_faiss_header
 from rapidin_index.errors import BundleError, IntegrityError
 from rapidin_index.files import atomic_file, sha256_file, sha256_tree, writing
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, check_listed, read_manifest
-from rapidin_index.store import read_rejected
+from rapidin_index.manifest import MANIFEST_NAME, Manifest, read_manifest
+from rapidin_index.store import check_listed, read_rejected
 
 # --------------------------------------------------------------------------- export
 

@@ -7,28 +7,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_file
-from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
+
+# The FAISS file's own primitives live beside its reader (vector_file), re-exported here for callers.
+from rapidin_index.vector_file import MAX_DIMENSION as MAX_DIMENSION  # noqa: E402
 from rapidin_index.vector_file import SCAN_BLOCK_BYTES, StoredVectors, half_to_float
-
-MAX_DIMENSION = MAX_VECTOR_DIMENSION  # what faiss.read_index accepts back
-
-
-def new_index(dimension: int, vector_dtype: str = "float32") -> faiss.IndexIDMap2:
-    """Exact, brute-force inner-product search whose ids are the training example ids.
-
-    float32: IndexFlatIP (4 bytes a dimension). float16: a flat IndexScalarQuantizer with QT_fp16 (2 bytes
-    a dimension): still an exhaustive scan, scores accumulated in float32 over the stored fp16 values.
-    """
-    if dimension > MAX_DIMENSION:
-        raise StoreError(f"{dimension:,} dimensions: FAISS reads back indexes of at most {MAX_DIMENSION:,}")
-    if vector_dtype == "float32":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
-    if vector_dtype == "float16":
-        quantizer = faiss.ScalarQuantizer.QT_fp16
-        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dimension, quantizer, faiss.METRIC_INNER_PRODUCT))
-    raise StoreError(f"vector dtype {vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
+from rapidin_index.vector_file import load_index as load_index  # noqa: E402
+from rapidin_index.vector_file import new_index as new_index  # noqa: E402
 
 
 def vector_dtype_of(index: faiss.Index) -> str:
@@ -48,21 +33,6 @@ def save_index(index: faiss.Index, path: str | Path) -> None:
     """Atomic (`files.atomic_file`): a reader sees the old file or the new one."""
     with atomic_file(path) as temporary:
         faiss.write_index(index, str(temporary))
-
-
-def load_index(path: str | Path, mapped: bool = False) -> faiss.Index:
-    """The FAISS file; a truncated, empty or overwritten one is refused on one line, not FAISS's trace.
-
-    ``mapped``: the flat vectors stay in the file, memory-mapped read-only (``IO_FLAG_MMAP_IFC``)."""
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0
-    try:
-        return faiss.read_index(str(path), flags)
-    except RuntimeError as error:
-        reason = next((line for line in str(error).splitlines() if "Error" in line), str(error)).strip()
-        raise IntegrityError(
-            f"{path} cannot be read by FAISS ({reason[:160]}): the index is damaged; re-import its bundle "
-            "or rebuild it"
-        ) from None
 
 
 def stored_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:

@@ -154,24 +154,6 @@ def _name(kind) -> str:
     return " or ".join("null" if k is NONE else k.__name__ for k in kinds)
 
 
-def check_listed(index_dir: str | Path, manifest: Manifest) -> None:
-    """Every file of the manifest's generation (vectors, rows, rejected rows) is listed in its ``files``."""
-    from rapidin_index import store
-
-    generation = manifest.generation
-    names = [
-        store.vector_file(generation),
-        store.table_path(".", generation).as_posix(),
-        store.rejected_file(generation),
-    ]
-    unlisted = [name for name in names if name not in manifest.files]
-    if unlisted:
-        raise IntegrityError(
-            f"{index_dir}: the manifest names generation {generation} but does not list its "
-            f"{', '.join(unlisted)} (it lists {', '.join(sorted(manifest.files)) or 'nothing'}); {DAMAGED}"
-        )
-
-
 def add_self_checks(places: list[dict], more: list[dict]) -> None:
     """Append to ``places`` (a manifest's ``self_checks``) each place of ``more`` it does not hold yet."""
     for place in more:

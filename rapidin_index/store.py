@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rapidin_index.checksums import file_entry
 from rapidin_index.data import RejectedRow
 from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_write_bytes, writing
-from rapidin_index.verify import file_entry
 
 if TYPE_CHECKING:
     import faiss
@@ -61,6 +61,24 @@ def table_name(generation: int) -> str:
 
 def table_path(index_dir: str | Path, generation: int) -> Path:
     return Path(index_dir) / DATABASE_DIR / f"{table_name(generation)}.lance"
+
+
+def check_listed(index_dir: str | Path, manifest: Manifest) -> None:
+    """Every file of the manifest's generation (vectors, rows, rejected rows) is listed in its ``files``."""
+    from rapidin_index.manifest import DAMAGED
+
+    generation = manifest.generation
+    names = [
+        vector_file(generation),
+        table_path(".", generation).as_posix(),
+        rejected_file(generation),
+    ]
+    unlisted = [name for name in names if name not in manifest.files]
+    if unlisted:
+        raise IntegrityError(
+            f"{index_dir}: the manifest names generation {generation} but does not list its "
+            f"{', '.join(unlisted)} (it lists {', '.join(sorted(manifest.files)) or 'nothing'}); {DAMAGED}"
+        )
 
 
 def generation_of(name: str) -> int | None:

@@ -27,6 +27,9 @@ import numpy as np
 
 from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_file
+from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
+
+MAX_DIMENSION = MAX_VECTOR_DIMENSION  # what faiss.read_index accepts back
 
 SCAN_BLOCK_BYTES = 32 << 20
 """Stored bytes read per block of a scan (32 MiB: 2,048 rows at K = 4,096 in float32, 4,096 in float16).
@@ -152,8 +155,6 @@ class StoredVectors:
     def faiss_index(self) -> faiss.Index:
         """The file as a FAISS index, its vectors mapped (read once, kept: its ids and their reverse map)."""
         if self._faiss is None:
-            from rapidin_index.index import load_index
-
             self._faiss = load_index(self.path, mapped=True)
         return self._faiss
 
@@ -226,8 +227,6 @@ class VectorWriter:
     """
 
     def __init__(self, path: str | Path, dimension: int, vector_dtype: str):
-        from rapidin_index.index import new_index
-
         self.path = Path(path)
         self.dimension = dimension
         self.vector_dtype = vector_dtype
@@ -288,3 +287,34 @@ class VectorWriter:
         struct.pack_into("<q", header, _INNER_HEADER_AT + 8, self.count)  # the inner index's
         self._file.seek(0)
         self._file.write(header + struct.pack("<Q", self.count * self.row_bytes // unit))
+
+
+def new_index(dimension: int, vector_dtype: str = "float32") -> faiss.IndexIDMap2:
+    """Exact, brute-force inner-product search whose ids are the training example ids.
+
+    float32: IndexFlatIP (4 bytes a dimension). float16: a flat IndexScalarQuantizer with QT_fp16 (2 bytes
+    a dimension): still an exhaustive scan, scores accumulated in float32 over the stored fp16 values.
+    """
+    if dimension > MAX_DIMENSION:
+        raise StoreError(f"{dimension:,} dimensions: FAISS reads back indexes of at most {MAX_DIMENSION:,}")
+    if vector_dtype == "float32":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+    if vector_dtype == "float16":
+        quantizer = faiss.ScalarQuantizer.QT_fp16
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dimension, quantizer, faiss.METRIC_INNER_PRODUCT))
+    raise StoreError(f"vector dtype {vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
+
+
+def load_index(path: str | Path, mapped: bool = False) -> faiss.Index:
+    """The FAISS file; a truncated, empty or overwritten one is refused on one line, not FAISS's trace.
+
+    ``mapped``: the flat vectors stay in the file, memory-mapped read-only (``IO_FLAG_MMAP_IFC``)."""
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mapped else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as error:
+        reason = next((line for line in str(error).splitlines() if "Error" in line), str(error)).strip()
+        raise IntegrityError(
+            f"{path} cannot be read by FAISS ({reason[:160]}): the index is damaged; re-import its bundle "
+            "or rebuild it"
+        ) from None

@@ -20,63 +20,15 @@ import json
 import os
 from pathlib import Path
 
-import xxhash
-
+from rapidin_index.checksums import FAST, checksum, file_entry, tree_files
 from rapidin_index.errors import IntegrityError
-from rapidin_index.files import BLOCK_BYTES, atomic_write_json
-from rapidin_index.manifest import check_listed
+from rapidin_index.files import atomic_write_json
+from rapidin_index.store import check_listed
 
-FAST = "xxh3_128"
+__all__ = ["FAST", "check_files", "checksum", "file_entry"]
 STAMP_NAME = ".verified.json"
 STAMP_VERSION = 1
 FIX = "the index is damaged: re-import its bundle (import --force) or rebuild it"
-
-
-# --------------------------------------------------------------------------- checksums
-
-
-def file_entry(path: str | Path) -> dict:
-    """A manifest ``files`` entry for ``path`` (a file or a folder): sha256, xxh3_128, bytes; one read."""
-    path = Path(path)
-    if not path.is_dir():
-        digests = _file_digests(path, ("sha256", FAST))
-        return {"sha256": digests["sha256"], FAST: digests[FAST], "bytes": path.stat().st_size}
-    tree = {"sha256": hashlib.sha256(), FAST: xxhash.xxh3_128()}
-    size = 0
-    for relative, file in _tree_files(path):
-        digests = _file_digests(file, ("sha256", FAST))
-        for name, digest in tree.items():
-            digest.update(f"{relative}\n{digests[name]}\n".encode())
-        size += file.stat().st_size
-    return {"sha256": tree["sha256"].hexdigest(), FAST: tree[FAST].hexdigest(), "bytes": size}
-
-
-def checksum(path: str | Path, algorithm: str) -> str:
-    """``algorithm`` (sha256 or xxh3_128) of a file, or of a folder as a tree (as in `file_entry`)."""
-    path = Path(path)
-    if not path.is_dir():
-        return _file_digests(path, (algorithm,))[algorithm]
-    tree = _new(algorithm)
-    for relative, file in _tree_files(path):
-        tree.update(f"{relative}\n{_file_digests(file, (algorithm,))[algorithm]}\n".encode())
-    return tree.hexdigest()
-
-
-def _new(algorithm: str):
-    return xxhash.xxh3_128() if algorithm == FAST else hashlib.new(algorithm)
-
-
-def _file_digests(path: Path, algorithms: tuple[str, ...]) -> dict[str, str]:
-    digests = {name: _new(name) for name in algorithms}
-    with open(path, "rb") as file:
-        while block := file.read(BLOCK_BYTES):
-            for digest in digests.values():
-                digest.update(block)
-    return {name: digest.hexdigest() for name, digest in digests.items()}
-
-
-def _tree_files(folder: Path) -> list[tuple[str, Path]]:
-    return sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file())
 
 
 # --------------------------------------------------------------------------- checks
@@ -122,7 +74,7 @@ def stat_key(path: Path) -> list | None:
     try:
         if not path.is_dir():
             return [_stat_row(".", path.stat())]
-        return [_stat_row(relative, file.stat()) for relative, file in _tree_files(path)]
+        return [_stat_row(relative, file.stat()) for relative, file in tree_files(path)]
     except FileNotFoundError:
         return None
 
