@@ -293,7 +293,6 @@ def fit_index(
             "rank": rank,
             "kept_eigenpairs": int(sum(len(b.eigenvalues) for b in blocks)),
             "rows": len(vectors),
-            "generation": manifest.generation,
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_manifest(index_dir, manifest)
