@@ -107,8 +107,9 @@ def fit_fisher(
 
 def _fit_block(part: np.ndarray, start: int, stop: int, damping: float, rank: int) -> FisherBlock:
     rows, width = part.shape
-    part = part.astype(np.float64)
-    trace = float(np.einsum("ij,ij->", part, part)) / rows  # trace(F_b)
+    # A wide block stays in its stored float32 (its N x N Gram is accumulated by BLAS); a dense one is small.
+    part = part.astype(np.float64) if width <= DENSE_LIMIT else np.asarray(part, dtype=np.float32)
+    trace = float(np.square(np.linalg.norm(part, axis=1).astype(np.float64)).sum()) / rows  # trace(F_b)
     mean = trace / width
     lam = damping * mean if mean > 0 else damping  # an all-zero block: any lambda is the same
     if width <= DENSE_LIMIT:
@@ -125,16 +126,17 @@ def _top_eigenpairs(part: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray
     """The top ``rank`` eigenpairs of part^T part / N without forming it ([rank], [width, rank])."""
     rows = part.shape[0]
     if rows <= GRAM_ROW_LIMIT:
-        values, left = np.linalg.eigh(part @ part.T / rows)  # [N], [N, N]: same nonzero eigenvalues
+        gram = (part @ part.T).astype(np.float64) / rows  # [N, N]: F's nonzero eigenvalues
+        values, left = np.linalg.eigh(gram)
         order = np.argsort(values)[::-1][:rank]
         values, left = np.clip(values[order], 0.0, None), left[:, order]
         keep = values > values.max(initial=0.0) * 1e-12
         values, left = values[keep], left[:, keep]
-        vectors = part.T @ left / np.sqrt(rows * values)  # unit columns: F v = lambda v
+        vectors = (part.T @ left.astype(part.dtype)) / np.sqrt(rows * values)  # unit columns: F v = lambda v
         return values, vectors
     import torch
 
-    matrix = torch.from_numpy(part)
+    matrix = torch.from_numpy(np.ascontiguousarray(part))
     _, singular, right = torch.svd_lowrank(matrix, q=min(rank + 10, min(part.shape)), niter=4)
     values = singular.numpy()[:rank] ** 2 / rows
     return values, right.numpy()[:, :rank]

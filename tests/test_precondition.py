@@ -118,10 +118,10 @@ def test_the_low_rank_path_keeps_the_top_eigenpairs_and_damps_the_rest_by_their_
         lam = 0.1 * np.trace(fisher) / 300
         approximated = basis @ np.diag(np.r_[values[:kept], np.full(300 - kept, rest)]) @ basis.T
         expected = np.linalg.solve(approximated + lam * np.eye(300), queries.T).T
-        np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-4, atol=1e-5)  # float32 fit
         if rank >= 30:
             dense = np.linalg.solve(fisher + lam * np.eye(300), queries.T).T
-            np.testing.assert_allclose(block.apply(queries), dense, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(block.apply(queries), dense, rtol=1e-4, atol=1e-5)
 
 
 def test_export_import_keeps_the_fit_and_append_drops_it(tmp_path, tiny_model_dirs, training_rows):
