@@ -14,10 +14,11 @@ Structure (``structure="auto"``):
   exact vectors (K = 0: each tensor's own coordinates);
 * one block over all K coordinates otherwise (rapidgrad-v1/v2/ts mix every tensor into every bin).
 
-Each block of width w is a dense eigendecomposition of ``F_b`` when w <= ``DENSE_LIMIT``, else its top
-``rank`` eigenpairs (from the N x N Gram matrix, or a randomized SVD when N is large), never a dense
-w x w matrix: the directions left out are given the mean of the eigenvalues left out (the trace's rest),
-so that a truncated block still damps them like a dense one would on average.
+Each block of width w is a dense eigendecomposition of ``F_b`` when w <= ``DENSE_LIMIT`` and w <= N;
+otherwise its top ``rank`` eigenpairs (from the N x N Gram matrix, or a randomized SVD when N is large),
+never a dense w x w matrix. F_b has at most N nonzero eigenvalues, so with N <= rank this is exact; when
+eigenpairs are left out, their directions are given the mean of the eigenvalues left out (the trace's
+rest), so that a truncated block still damps them like a dense one would on average.
 
 Damping: ``lambda_b = damping x mean eigenvalue of F_b`` (= damping x trace(F_b) / w), ``damping`` 0.1 by
 default (``fit --damping``). The fit is stored as ``fisher-gNNNN.npz`` (versioned; listed with its
@@ -41,7 +42,7 @@ DEFAULT_DAMPING = 0.1
 DEFAULT_RANK = 512
 """Eigenpairs kept per block wider than DENSE_LIMIT (at most N, the rows)."""
 DENSE_LIMIT = 4096
-"""A block at most this wide gets a dense eigendecomposition (w x w doubles: 134 MB at 4096)."""
+"""A block at most this wide (and no wider than the rows) gets a dense eigendecomposition (w x w doubles)."""
 STRUCTURES = ("auto", "tensor", "whole")
 PRECONDITIONS = ("none", "fisher")
 GRAM_ROW_LIMIT = 8192
@@ -108,11 +109,11 @@ def fit_fisher(
 def _fit_block(part: np.ndarray, start: int, stop: int, damping: float, rank: int) -> FisherBlock:
     rows, width = part.shape
     # A wide block stays in its stored float32 (its N x N Gram is accumulated by BLAS); a dense one is small.
-    part = part.astype(np.float64) if width <= DENSE_LIMIT else np.asarray(part, dtype=np.float32)
+    part = part.astype(np.float64) if width <= min(DENSE_LIMIT, rows) else np.asarray(part, dtype=np.float32)
     trace = float(np.square(np.linalg.norm(part, axis=1).astype(np.float64)).sum()) / rows  # trace(F_b)
     mean = trace / width
     lam = damping * mean if mean > 0 else damping  # an all-zero block: any lambda is the same
-    if width <= DENSE_LIMIT:
+    if width <= min(DENSE_LIMIT, rows):
         values, vectors = np.linalg.eigh(part.T @ part / rows)  # ascending
         values = np.clip(values, 0.0, None)
         return FisherBlock(start, stop, vectors.astype(np.float32), values, 0.0, lam)

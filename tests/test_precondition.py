@@ -207,3 +207,15 @@ def test_the_cli_fits_and_queries_with_and_without_it(tmp_path, lora_index):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: --precondition 'both' is not one of none, fisher"
     ]
+
+
+def test_a_block_with_more_rows_than_coordinates_is_decomposed_densely():
+    generator = np.random.default_rng(1)
+    vectors = generator.standard_normal((80, 40)) * np.linspace(2, 0.01, 40)
+    queries = generator.standard_normal((3, 40))
+    (block,) = precondition.fit_fisher(vectors, [(0, 40)], damping=0.3, rank=4)
+    assert block.eigenvectors.shape == (40, 40) and block.rest == 0  # every eigenpair, whatever the rank
+    fisher = vectors.T @ vectors / 80
+    lam = 0.3 * np.trace(fisher) / 40
+    expected = np.linalg.solve(fisher + lam * np.eye(40), queries.T).T
+    np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-5, atol=1e-6)
