@@ -84,6 +84,18 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--lambdas", default="20", help="shuffles; only rapidgrad-v1 uses them (try 20,100)")
     parser.add_argument("--out", help="the JSON result (default: the folder's name + .json)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest when busy)")
+    parser.add_argument(
+        "--variants",
+        default="on",
+        choices=("on", "off"),
+        help="tiny: issue 23's optimizer-state / Fisher rows",
+    )
+    parser.add_argument(
+        "--baselines",
+        default="on",
+        choices=("on", "off"),
+        help="tiny: off skips the clean-model embeddings (a second fine-tune) and the K = 2^16 build check",
+    )
     arguments = parser.parse_args()
     tiny = arguments.model == "tiny"
     if arguments.dataset is None:
@@ -99,7 +111,7 @@ def parse_arguments() -> argparse.Namespace:
     return arguments
 
 
-DERIVED_FOLDERS = ("exact-layer", "exact-none", "rapidin-65536", "model-clean")
+DERIVED_FOLDERS = ("exact-layer", "exact-none", "exact-layer-adam", "rapidin-65536", "model-clean")
 
 
 def exact_index(paths: DemoPaths, normalize: str) -> Index:
@@ -191,11 +203,17 @@ def main() -> None:
             if arguments.algorithm == "rapidgrad-v1":
                 label += f", lambda={shuffle_lambda}"
             results[label] = evaluate(labels, scores)
+    if arguments.variants == "on":
+        from backdoor_variants import variant_results  # beside this file
+
+        results.update(variant_results(paths, layer, queries, query_exact, train_vectors, labels, evaluate))
     results.update(text_baselines(layer, train, queries, labels))
-    results["embedding similarity, model without the poisoned rows"] = clean_model_embeddings(
-        paths, settings, train, queries, labels
-    )
-    check = check_against_real_build(paths, queries, query_exact, train_vectors)
+    check = None
+    if arguments.baselines == "on":
+        results["embedding similarity, model without the poisoned rows"] = clean_model_embeddings(
+            paths, settings, train, queries, labels
+        )
+        check = check_against_real_build(paths, queries, query_exact, train_vectors)
     report = {
         "dataset": arguments.dataset,
         "rows": len(train),
