@@ -71,6 +71,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--dampings", default="0.01,0.1,1", help="Fisher damping multiples to try")
     parser.add_argument("--structures", default="auto,whole", help="Fisher block structures to try")
     parser.add_argument("--variants", default="on", choices=("on", "off"), help="issue 23 variants")
+    parser.add_argument("--costs", default="on", choices=("on", "off"), help="issue 23 variants' timings")
     parser.add_argument("--out", default=".bench/lds.json")
     return parser.parse_args()
 

@@ -73,7 +73,7 @@ def run_variants(folder: Path, queries, masks, losses, arguments, results: dict,
                         record(f"{name}, whitened cosine", whitened_cosine(blocks, pair))
     pair = stored_pair(folder, SketchSettings(65536), "none", True)
     record("+optimizer state, no layer norm, K=2^16", pair["queries"].astype(np.float64) @ pair["train"].T)
-    return costs(folder, queries)
+    return costs(folder, queries) if arguments.costs == "on" else {}
 
 
 def _hashable(fit: tuple[str, list]) -> tuple[str, tuple]:
