@@ -24,7 +24,7 @@ from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
 SKETCH = SketchSettings(65536, 20, 42, "rapidgrad-v2")
-DAMPINGS = (0.01, 0.1, 1.0)
+DAMPINGS = (0.1, 0.5, 1.0)
 
 
 def variant_results(paths, layer, queries, query_exact, train_vectors, labels, evaluate) -> dict:
@@ -55,7 +55,9 @@ def variant_results(paths, layer, queries, query_exact, train_vectors, labels, e
 def fisher_scores(rows: np.ndarray, queries: np.ndarray):
     """(damping, [queries, rows] scores) with the Fisher of ``rows`` fitted once, damped each way."""
     (block,) = fit_fisher(rows, [(0, rows.shape[1])], DEFAULT_DAMPING)
-    mean_eigenvalue = block.damping / DEFAULT_DAMPING
+    width = rows.shape[1]
+    trace = float(block.eigenvalues.sum()) + block.rest * (width - len(block.eigenvalues))
+    mean_eigenvalue = trace / min(len(rows), width)  # the damping rule: precondition.py's docstring
     for damping in DAMPINGS:
         damped = dataclasses.replace(block, damping=damping * mean_eigenvalue)
         yield damping, Preconditioner([damped], {}).apply(queries) @ rows.T

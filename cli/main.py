@@ -560,8 +560,11 @@ def serve(
 def fit(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     damping: Annotated[
-        float, typer.Option(help="lambda as a multiple of the mean eigenvalue of each block's Fisher.")
-    ] = 0.1,
+        float,
+        typer.Option(
+            help="lambda as a multiple of each block's mean nonzero eigenvalue, trace(F_b) / min(rows, width)."
+        ),
+    ] = 0.5,
     rank: Annotated[
         int, typer.Option(help="Eigenpairs kept per block wider than 4096 (at most the rows).")
     ] = 512,
@@ -579,7 +582,7 @@ def fit(
     record = fit_index(index, damping=damping, rank=rank, structure=structure)
     console.print(
         f"fitted the Fisher of {record['rows']:,} rows ({record['structure']}: {record['blocks']} block(s), "
-        f"{record['kept_eigenpairs']:,} eigenpairs, damping {record['damping']} x mean eigenvalue) in "
+        f"{record['kept_eigenpairs']:,} eigenpairs, damping {record['damping']} x mean nonzero eigenvalue) in "
         f"{record['seconds']:.1f} s; queries now use it (--precondition none to turn it off)",
         highlight=False,
     )

@@ -20,8 +20,10 @@ never a dense w x w matrix. F_b has at most N nonzero eigenvalues, so with N <= 
 eigenpairs are left out, their directions are given the mean of the eigenvalues left out (the trace's
 rest), so that a truncated block still damps them like a dense one would on average.
 
-Damping: ``lambda_b = damping x mean eigenvalue of F_b`` (= damping x trace(F_b) / w), ``damping`` 0.1 by
-default (``fit --damping``). The fit is stored as ``fisher-gNNNN.npz`` (versioned; listed with its
+Damping: ``lambda_b = damping x trace(F_b) / min(N, w)``, the mean of F_b's nonzero eigenvalues (F_b has
+at most min(N, w)), ``damping`` 0.5 by default (``fit --damping``). Relative to the mean over all w
+eigenvalues, the best damping depended on the block's width (LDS, BENCHMARKS.md issue 23: 3 per tensor,
+30-100 for one 65,536-wide block, at N = 650); relative to the nonzero ones both optima sit near 0.5. The fit is stored as ``fisher-gNNNN.npz`` (versioned; listed with its
 sha256 in the manifest's files, so export, import and verify treat it like the vectors); an append or
 a merge writes a generation without it and says so (``rapidin-index fit`` again, or ``build --fit
 fisher``).
@@ -37,8 +39,8 @@ import numpy as np
 from rapidin_index.errors import PreconditionError
 
 FORMAT_VERSION = 1
-DEFAULT_DAMPING = 0.1
-"""lambda = DEFAULT_DAMPING x the mean eigenvalue of the (block's) Fisher: see BENCHMARKS.md, issue 23."""
+DEFAULT_DAMPING = 0.5
+"""lambda = DEFAULT_DAMPING x trace(F_b) / min(N, w): see the module docstring and BENCHMARKS.md, issue 23."""
 DEFAULT_RANK = 512
 """Eigenpairs kept per block wider than DENSE_LIMIT (at most N, the rows)."""
 DENSE_LIMIT = 4096
@@ -111,7 +113,7 @@ def _fit_block(part: np.ndarray, start: int, stop: int, damping: float, rank: in
     # A wide block stays in its stored float32 (its N x N Gram is accumulated by BLAS); a dense one is small.
     part = part.astype(np.float64) if width <= min(DENSE_LIMIT, rows) else np.asarray(part, dtype=np.float32)
     trace = float(np.square(np.linalg.norm(part, axis=1).astype(np.float64)).sum()) / rows  # trace(F_b)
-    mean = trace / width
+    mean = trace / min(rows, width)  # the mean of F_b's (at most N) nonzero eigenvalues, if all are equal
     lam = damping * mean if mean > 0 else damping  # an all-zero block: any lambda is the same
     if width <= min(DENSE_LIMIT, rows):
         values, vectors = np.linalg.eigh(part.T @ part / rows)  # ascending
@@ -292,7 +294,7 @@ def fit_index(
             "structure": kind,
             "blocks": len(blocks),
             "damping": damping,
-            "damping_rule": "lambda = damping x mean eigenvalue of each block's Fisher",
+            "damping_rule": "lambda = damping x trace(F_b) / min(rows, width) for each block b",
             "rank": rank,
             "kept_eigenpairs": int(sum(len(b.eigenvalues) for b in blocks)),
             "rows": len(vectors),

@@ -42,13 +42,14 @@ def stored_matrix(index_dir) -> np.ndarray:
 
 
 def brute_force(vectors: np.ndarray, queries: np.ndarray, spans, damping: float) -> np.ndarray:
-    """Scores [queries, N]: each block's (G_b^T G_b / N + lambda_b I)^-1 q_b, lambda_b = damping x mean eigenvalue."""
+    """Scores [queries, N]: each block's (G_b^T G_b / N + lambda_b I)^-1 q_b, lambda_b = damping x
+    trace / min(N, width)."""
     rows = len(vectors)
     out = np.zeros_like(queries, dtype=np.float64)
     for start, stop in spans:
         part = vectors[:, start:stop]
         fisher = part.T @ part / rows
-        lam = damping * np.trace(fisher) / (stop - start)
+        lam = damping * np.trace(fisher) / min(rows, stop - start)  # the mean nonzero eigenvalue
         out[:, start:stop] = np.linalg.solve(fisher + lam * np.eye(stop - start), queries[:, start:stop].T).T
     return out @ vectors.T
 
@@ -115,7 +116,7 @@ def test_the_low_rank_path_keeps_the_top_eigenpairs_and_damps_the_rest_by_their_
         values, basis = values[::-1], basis[:, ::-1]
         kept = min(rank, 30)
         rest = values[kept:].sum() / (300 - kept)
-        lam = 0.1 * np.trace(fisher) / 300
+        lam = 0.1 * np.trace(fisher) / 30  # min(rows, width)
         approximated = basis @ np.diag(np.r_[values[:kept], np.full(300 - kept, rest)]) @ basis.T
         expected = np.linalg.solve(approximated + lam * np.eye(300), queries.T).T
         np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-4, atol=1e-5)  # float32 fit
@@ -216,6 +217,6 @@ def test_a_block_with_more_rows_than_coordinates_is_decomposed_densely():
     (block,) = precondition.fit_fisher(vectors, [(0, 40)], damping=0.3, rank=4)
     assert block.eigenvectors.shape == (40, 40) and block.rest == 0  # every eigenpair, whatever the rank
     fisher = vectors.T @ vectors / 80
-    lam = 0.3 * np.trace(fisher) / 40
+    lam = 0.3 * np.trace(fisher) / 40  # min(rows, width)
     expected = np.linalg.solve(fisher + lam * np.eye(40), queries.T).T
     np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-5, atol=1e-6)
