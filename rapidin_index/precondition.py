@@ -67,12 +67,13 @@ class FisherBlock:
     damping: float  # lambda of this block
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
-        """(F_b + lambda I)^-1 q_b for queries [n, width] (float64)."""
+        """(F_b + lambda I)^-1 q_b for queries [n, width], in float32 (the eigenvectors' own dtype: no copy
+        of them per query)."""
         inverse_rest = 1.0 / (self.rest + self.damping)
-        vectors = self.eigenvectors.astype(np.float64)
-        inside = queries @ vectors  # [n, rank]
-        kept = inside * (1.0 / (self.eigenvalues + self.damping) - inverse_rest)
-        return queries * inverse_rest + kept @ vectors.T
+        queries = np.asarray(queries, dtype=np.float32)
+        inside = queries @ self.eigenvectors  # [n, rank]
+        factors = (1.0 / (self.eigenvalues + self.damping) - inverse_rest).astype(np.float32)
+        return queries * np.float32(inverse_rest) + (inside * factors) @ self.eigenvectors.T
 
 
 @dataclass
@@ -82,11 +83,10 @@ class Preconditioner:
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
         """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32."""
-        queries = np.asarray(queries, dtype=np.float64)
-        out = queries.copy()
+        out = np.array(queries, dtype=np.float32)
         for block in self.blocks:
-            out[:, block.start : block.stop] = block.apply(queries[:, block.start : block.stop])
-        return out.astype(np.float32)
+            out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
+        return out
 
 
 # --------------------------------------------------------------------------- fitting

@@ -219,4 +219,4 @@ def test_a_block_with_more_rows_than_coordinates_is_decomposed_densely():
     fisher = vectors.T @ vectors / 80
     lam = 0.3 * np.trace(fisher) / 40  # min(rows, width)
     expected = np.linalg.solve(fisher + lam * np.eye(40), queries.T).T
-    np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-4, atol=1e-5)  # float32
