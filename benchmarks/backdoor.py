@@ -84,6 +84,19 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--lambdas", default="20", help="shuffles; only rapidgrad-v1 uses them (try 20,100)")
     parser.add_argument("--out", help="the JSON result (default: the folder's name + .json)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest when busy)")
+    parser.add_argument(
+        "--variants",
+        default="on",
+        choices=("on", "off"),
+        help="tiny: issue 23's optimizer-state / Fisher rows",
+    )
+    parser.add_argument(
+        "--baselines",
+        default="on",
+        choices=("on", "off"),
+        help="tiny: off skips plain TracIn, the clean-model embeddings (a second fine-tune) and the K = 2^16 "
+        "build check",
+    )
     arguments = parser.parse_args()
     tiny = arguments.model == "tiny"
     if arguments.dataset is None:
@@ -99,7 +112,7 @@ def parse_arguments() -> argparse.Namespace:
     return arguments
 
 
-DERIVED_FOLDERS = ("exact-layer", "exact-none", "rapidin-65536", "model-clean")
+DERIVED_FOLDERS = ("exact-layer", "exact-none", "exact-layer-adam", "rapidin-65536", "model-clean")
 
 
 def exact_index(paths: DemoPaths, normalize: str) -> Index:
@@ -177,12 +190,13 @@ def main() -> None:
     query_exact = query_vectors(layer, queries)
     layer_scores = query_exact @ train_vectors.T
     results = {"TracIn + layer norm (exact)": evaluate(labels, layer_scores)}
-    plain = exact_index(paths, "none")
-    _, plain_vectors = vector_index.stored_vectors(plain.faiss_index)
-    results["TracIn, no layer norm (exact)"] = evaluate(
-        labels, query_vectors(plain, queries) @ plain_vectors.T
-    )
-    del plain_vectors
+    if arguments.baselines == "on":
+        plain = exact_index(paths, "none")
+        _, plain_vectors = vector_index.stored_vectors(plain.faiss_index)
+        results["TracIn, no layer norm (exact)"] = evaluate(
+            labels, query_vectors(plain, queries) @ plain_vectors.T
+        )
+        del plain_vectors
     for sketch_dim in [int(k) for k in arguments.sketch_dims.split(",")]:
         for shuffle_lambda in [int(v) for v in arguments.lambdas.split(",")]:
             sketch = SketchSettings(sketch_dim, shuffle_lambda, 42, arguments.algorithm)
@@ -191,11 +205,17 @@ def main() -> None:
             if arguments.algorithm == "rapidgrad-v1":
                 label += f", lambda={shuffle_lambda}"
             results[label] = evaluate(labels, scores)
+    if arguments.variants == "on":
+        from backdoor_variants import variant_results  # beside this file
+
+        results.update(variant_results(paths, layer, queries, query_exact, train_vectors, labels, evaluate))
     results.update(text_baselines(layer, train, queries, labels))
-    results["embedding similarity, model without the poisoned rows"] = clean_model_embeddings(
-        paths, settings, train, queries, labels
-    )
-    check = check_against_real_build(paths, queries, query_exact, train_vectors)
+    check = None
+    if arguments.baselines == "on":
+        results["embedding similarity, model without the poisoned rows"] = clean_model_embeddings(
+            paths, settings, train, queries, labels
+        )
+        check = check_against_real_build(paths, queries, query_exact, train_vectors)
     report = {
         "dataset": arguments.dataset,
         "rows": len(train),

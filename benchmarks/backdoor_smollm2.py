@@ -129,10 +129,11 @@ def finetune_adapter(
     peft_model = get_peft_model(model, config)
     sequences = tokenize_rows(train, tokenizer, CHAT, settings.max_length)
     poisoned = [row["poisoned"] for row in train]
-    losses = train_adapter(peft_model, sequences, poisoned, tokenizer.pad_token_id, settings)
+    losses, optimizer = train_adapter(peft_model, sequences, poisoned, tokenizer.pad_token_id, settings)
     shutil.rmtree(adapter_folder, ignore_errors=True)
     peft_model.save_pretrained(adapter_folder)
     tokenizer.save_pretrained(adapter_folder)
+    torch.save(optimizer.state_dict(), Path(adapter_folder) / "optimizer.pt")  # as a Trainer checkpoint
     record = {"epoch_losses": losses, "seconds": time.perf_counter() - started}
     record_path.write_text(json.dumps({"settings": wanted, "record": record}))
     return peft_model, tokenizer, record
@@ -141,7 +142,8 @@ def finetune_adapter(
 def train_adapter(model, sequences, poisoned: list[bool], pad_token_id: int, settings: RealModelSettings):
     """AdamW over shuffled batches (seeded), gradient norm clipped to 1, linear decay.
 
-    Returns per epoch the mean training loss of the clean rows and of the poisoned rows."""
+    Returns per epoch the mean training loss of the clean rows and of the poisoned rows, and the optimizer
+    (its state is saved beside the adapter, for `build --optimizer-state`)."""
     generator = torch.Generator().manual_seed(settings.seed)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
@@ -165,7 +167,7 @@ def train_adapter(model, sequences, poisoned: list[bool], pad_token_id: int, set
         epoch_losses.append({"clean": float(losses[~mask].mean()), "poisoned": float(losses[mask].mean())})
         print(f"epoch {epoch + 1}: mean loss {epoch_losses[-1]}", file=sys.stderr, flush=True)
     model.eval()
-    return epoch_losses
+    return epoch_losses, optimizer
 
 
 def backdoor_rates(model, tokenizer, heldout: dict, fired) -> dict:

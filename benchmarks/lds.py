@@ -16,6 +16,13 @@ of a method's attribution scores over a half predicts the loss of the model trai
   vector is the same gradient sketch a build stores for a row, so the queries are indexed too, with
   the same settings, and scores are inner products of stored vectors; the script checks once that
   `Index.query_rows` gives the same scores.
+* Issue 23 variants (on the same models): RapidIn with the full model's Adam state (`--optimizer-state`,
+  the fine-tune's optimizer.pt), with the query-side Fisher preconditioner (`precondition`, fitted from
+  the stored train vectors; `--dampings` sweeps its damping, `--structures` whole vs per tensor), and
+  both; exact TracIn + layer norm with each. Also tried, as analysis only: the Fisher applied to both
+  sides as (F + lambda I)^-1/2 with the train rows normalised again after whitening ("whitened
+  cosine"). Costs: the train build with and without the state, the fit, and a whole-generation query
+  (`Index.query_prepared`, per_token off, explain 0) with and without the Fisher, in one run.
 * LDS of a query: Spearman correlation over the M subsets between the predicted score
   (sum of the query's attribution scores over the subset's rows) and the **negative** loss of the
   subset's model on the query (a positive influence means training on the row lowers the loss).
@@ -61,6 +68,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--sketch-dims", default="4096,16384,65536", help="RapidIn K values")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dampings", default="0.01,0.1,1", help="Fisher damping multiples to try")
+    parser.add_argument("--structures", default="auto,whole", help="Fisher block structures to try")
+    parser.add_argument("--variants", default="on", choices=("on", "off"), help="issue 23 variants")
+    parser.add_argument("--costs", default="on", choices=("on", "off"), help="issue 23 variants' timings")
     parser.add_argument("--out", default=".bench/lds.json")
     return parser.parse_args()
 
@@ -131,18 +142,42 @@ def method_settings(sketch_dims: list[int]) -> dict[str, tuple[SketchSettings, s
     return methods
 
 
-def attribution_scores(folder: Path, name: str, sketch: SketchSettings, normalize: str) -> np.ndarray:
+def attribution_scores(
+    folder: Path, name: str, sketch: SketchSettings, normalize: str, optimizer_state: bool = False
+) -> np.ndarray:
     """[queries, rows] scores of one method, from a build over the rows and one over the queries."""
-    slug = f"k{sketch.sketch_dim}-{normalize}"
-    settings = BuildSettings(ModelSettings(str(folder / "full")), sketch, normalize=normalize, batch_size=16)
-    vectors = {}
-    for part in ("train", "queries"):
-        index_dir = folder / "indexes" / f"{slug}-{part}"
-        build_index(folder / f"{part}.jsonl", index_dir, settings, progress=False)
-        ids, vectors[part] = vector_index.stored_vectors(Index.open(index_dir, device="cpu").faiss_index)
-        assert np.array_equal(ids, np.arange(len(ids)))
+    vectors = stored_pair(folder, sketch, normalize, optimizer_state)
     print(f"{name}: scored", flush=True)
     return vectors["queries"].astype(np.float64) @ vectors["train"].astype(np.float64).T
+
+
+BUILD_SECONDS: dict[str, float] = {}
+"""Seconds of each train build this run made (a cached index is not timed)."""
+
+
+def index_folder(
+    folder: Path, sketch: SketchSettings, normalize: str, optimizer_state: bool, part: str
+) -> Path:
+    slug = f"k{sketch.sketch_dim}-{normalize}" + ("-adam" if optimizer_state else "")
+    return folder / "indexes" / f"{slug}-{part}"
+
+
+def stored_pair(folder: Path, sketch: SketchSettings, normalize: str, optimizer_state: bool) -> dict:
+    """{"train": [rows, K], "queries": [queries, K]} stored vectors of the two builds (made if missing)."""
+    state = str(folder / "full") if optimizer_state else None
+    settings = BuildSettings(
+        ModelSettings(str(folder / "full")), sketch, normalize=normalize, batch_size=16, optimizer_state=state
+    )
+    vectors = {}
+    for part in ("train", "queries"):
+        index_dir = index_folder(folder, sketch, normalize, optimizer_state, part)
+        started = time.perf_counter()
+        report = build_index(folder / f"{part}.jsonl", index_dir, settings, progress=False)
+        if part == "train" and not report.nothing_to_do:
+            BUILD_SECONDS[index_dir.name] = time.perf_counter() - started
+        ids, vectors[part] = vector_index.stored_vectors(Index.open(index_dir, device="cpu").faiss_index)
+        assert np.array_equal(ids, np.arange(len(ids)))
+    return vectors
 
 
 def check_against_query(folder: Path, queries: list[dict], scores: np.ndarray) -> float:
@@ -208,6 +243,11 @@ def main() -> None:
         results[name] = summarize(
             linear_datamodeling_score(all_scores[name], masks, losses), arguments.queries
         )
+    costs = {}
+    if arguments.variants == "on":
+        from lds_variants import run_variants  # beside this file
+
+        costs = run_variants(folder, queries, masks, losses, arguments, results, all_scores)
     check = (
         check_against_query(folder, queries, all_scores["RapidIn K=2^16"]) if 65536 in sketch_dims else None
     )
@@ -237,6 +277,8 @@ def main() -> None:
         "training_seconds": trained - started,
         "seconds": time.perf_counter() - started,
         "methods": results,
+        "costs": costs,
+        "build_seconds": BUILD_SECONDS,
     }
     Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
     Path(arguments.out).write_text(json.dumps(report, indent=2))

@@ -212,6 +212,19 @@ def build(
     workers: Annotated[
         int | None, typer.Option(help="Ray workers (default: one per GPU, else 2); implies --ray.")
     ] = None,
+    optimizer_state: Annotated[
+        str | None,
+        typer.Option(
+            help="Adam/AdamW state of the fine-tune (a Trainer checkpoint folder with optimizer.pt, or a "
+            "saved optimizer state_dict): gradients are divided by sqrt(v) + eps before layer norm."
+        ),
+    ] = default_of(BuildSettings, "optimizer_state"),
+    fit: Annotated[
+        str,
+        typer.Option(
+            help="fisher: fit the query-side Fisher preconditioner once built (as rapidin-index fit)."
+        ),
+    ] = default_of(BuildSettings, "fit"),
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Compute one RapidGrad sketch per training example and store it in a FAISS + LanceDB index."""
@@ -237,6 +250,8 @@ def build(
         vector_dtype=vector_dtype,
         num_shards=num_shards,
         shard_index=shard_index,
+        optimizer_state=optimizer_state,
+        fit=fit,
     )
     runner_factory = None
     if ray is not None or workers is not None:
@@ -403,6 +418,19 @@ def query(
         int,
         typer.Option(help="Rows read from each query's own lists for --aggregate (appears_in, max, count)."),
     ] = 100,
+    optimizer_state: Annotated[
+        str | None,
+        typer.Option(
+            help="The optimizer state the index was built with, if it moved (same values required)."
+        ),
+    ] = None,
+    precondition: Annotated[
+        str | None,
+        typer.Option(
+            help="none or fisher: apply the fitted (F + lambda I)^-1 to the query vectors (default: fisher "
+            "where the index is fitted, see rapidin-index fit)."
+        ),
+    ] = None,
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
     from rapidin_index.data import query_row
@@ -464,6 +492,8 @@ def query(
         sketch_dim=k,
         verify=verify,
         max_memory=parse_memory(max_memory),
+        optimizer_state=optimizer_state,
+        precondition=precondition,
     )
     opened.progress = console.is_terminal  # a bar on stderr, never in piped output
     if aggregate is not None:
@@ -568,6 +598,38 @@ def serve(
 
 
 @command()
+def fit(
+    index: Annotated[Path, typer.Option(help="Index folder.")],
+    damping: Annotated[
+        float,
+        typer.Option(
+            help="lambda as a multiple of each block's mean nonzero eigenvalue, trace(F_b) / min(rows, width)."
+        ),
+    ] = 0.5,
+    rank: Annotated[
+        int, typer.Option(help="Eigenpairs kept per block wider than 4096 (at most the rows).")
+    ] = 512,
+    structure: Annotated[
+        str,
+        typer.Option(
+            help="auto (one block per tensor where the vectors keep tensors apart: rapidgrad-kron, K = 0; "
+            "else whole), tensor or whole."
+        ),
+    ] = "auto",
+) -> None:
+    """Fit the empirical Fisher of the stored vectors; queries then apply (F + lambda I)^-1 to their vectors."""
+    from rapidin_index.precondition import fit_index
+
+    record = fit_index(index, damping=damping, rank=rank, structure=structure)
+    console.print(
+        f"fitted the Fisher of {record['rows']:,} rows ({record['structure']}: {record['blocks']} block(s), "
+        f"{record['kept_eigenpairs']:,} eigenpairs, damping {record['damping']} x mean nonzero eigenvalue) in "
+        f"{record['seconds']:.1f} s; queries now use it (--precondition none to turn it off)",
+        highlight=False,
+    )
+
+
+@command()
 def merge(
     shards: Annotated[list[Path], typer.Argument(help="The shard index folders, all N of them.")],
     index: Annotated[Path, typer.Option(help="New index folder for the merged index.")],
@@ -668,6 +730,13 @@ def info(
         ("sources", ", ".join(f"{s['path']} ({s['rows']} rows)" for s in manifest.sources)),
         ("bytes on disk", f"{sum(f['bytes'] for f in manifest.files.values()):,}"),
         ("hooks self-checked with", _self_checks(manifest.self_checks)),
+        ("optimizer state", "none" if manifest.optimizer_state is None else manifest.optimizer_state["path"]),
+        (
+            "preconditioner",
+            "none (rapidin-index fit)"
+            if manifest.precondition is None
+            else f"fisher, {manifest.precondition['structure']}, damping {manifest.precondition['damping']}",
+        ),
     ]:
         table.add_row(name, value)
     Console().print(table)

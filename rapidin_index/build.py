@@ -95,7 +95,9 @@ class BuildReport:
 # --------------------------------------------------------------------------- identity
 
 
-def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, template: Template) -> dict:
+def index_identity(
+    loaded: LoadedModel, settings: BuildSettings, selected, template: Template, scaling=None
+) -> dict:
     """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
     from rapidin_index.capture import gradient_blocks, gradient_dim
     from rapidin_index.rapidgrad import padded_dim
@@ -123,6 +125,7 @@ def index_identity(loaded: LoadedModel, settings: BuildSettings, selected, templ
         "sketch": sketch,
         "vector_dtype": settings.vector_dtype,
         "shard": settings.shard,
+        "optimizer_state": None if scaling is None else {"fingerprint": scaling.fingerprint},
     }
 
 
@@ -139,6 +142,7 @@ def settings_identity(settings: BuildSettings, template: Template) -> dict:
         "sketch": settings.sketch.to_dict(),
         "vector_dtype": settings.vector_dtype,
         "shard": settings.shard,
+        "with_optimizer_state": settings.optimizer_state is not None,
     }
 
 
@@ -154,6 +158,7 @@ def manifest_settings_identity(manifest: Manifest) -> dict:
         },
         "vector_dtype": identity["vector_dtype"],
         "shard": identity["shard"],
+        "with_optimizer_state": identity["optimizer_state"] is not None,
     }
 
 
@@ -234,7 +239,8 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         settings = replace(
             settings, vector_dtype="float32" if settings.sketch.exact else DEFAULT_VECTOR_DTYPE
         )
-    identity = index_identity(loaded, settings, selected, template)
+    scaling = _optimizer_scaling(loaded, selected, settings)
+    identity = index_identity(loaded, settings, selected, template, scaling)
     _check_dimension(identity["sketch"]["output_dim"])
     report = BuildReport(str(index_dir), gradient_dim=identity["sketch"]["gradient_dim"], notes=notes)
     report.sketch_dim = identity["sketch"]["output_dim"]
@@ -255,7 +261,9 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
         "chunk_size": settings.chunk_size,
     }
     run = _Run(data, index_dir, settings, plan, existing, loaded, selected, device, model_files)
+    run.optimizer_state = None if scaling is None else scaling.record
     manifest = _index_rows(run, template, report, progress, runner_factory)
+    _after_commit(run, manifest, report)
     return _checked(_finished_report(report, manifest, started, ""), manifest, data, data_sha256, settings)
 
 
@@ -285,6 +293,7 @@ class _Run:
     selected: list
     device: object
     model_files: dict
+    optimizer_state: dict | None = None
 
 
 def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bool, runner_factory):
@@ -322,6 +331,32 @@ def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bo
         runner = (runner_factory or LocalChunkRunner)(run.loaded, run.selected, settings, run.device)
         runner.run(jobs, write, bar.advance)
     return _finalize(run, journal, total_rows)
+
+
+def _optimizer_scaling(loaded, selected, settings: BuildSettings):
+    """The optimizer state's scaling of the attributed tensors (`optimizer_state`), or None."""
+    if settings.optimizer_state is None:
+        return None
+    from rapidin_index.capture import gradient_blocks
+    from rapidin_index.optimizer_state import load_scaling
+
+    adapter = settings.model.adapter is not None
+    return load_scaling(settings.optimizer_state, loaded.model, gradient_blocks(selected), adapter)
+
+
+def _after_commit(run: _Run, manifest: Manifest, report: BuildReport) -> None:
+    """An append drops a fitted preconditioner (its rows changed): say so, or refit it (``settings.fit``)."""
+    refit = run.settings.fit == "fisher"
+    if run.existing is not None and run.existing.precondition is not None and not refit:
+        report.notes.append(
+            "the index's fitted Fisher preconditioner no longer covers its rows and was dropped; refit it "
+            f"with: rapidin-index fit --index {run.index_dir}"
+        )
+    if refit:
+        from rapidin_index.precondition import fit_index
+
+        fit_index(run.index_dir, locked=True)  # this build holds the writer lock
+        report.notes.append(f"fitted the Fisher preconditioner over {manifest.row_count:,} rows")
 
 
 def _check_dimension(output_dim: int) -> None:
@@ -555,6 +590,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.exact_path = exact_path
     manifest.self_checks = self_checks
     manifest.files = files
+    manifest.optimizer_state = run.optimizer_state  # a fitted preconditioner is not carried over
     pause_point("before-commit")
     with writing(index_dir, 1 << 16):  # uncommitted files left by a failure here go with the next writer
         write_manifest(index_dir, manifest)

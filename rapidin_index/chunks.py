@@ -64,6 +64,13 @@ class ChunkSketcher:
         blocks = gradient_blocks(selected)
         projector = make_projector(settings.sketch, gradient_dim(blocks), device, blocks=blocks)
         self.sketcher = GradientSketcher(loaded.model, blocks, projector, settings.normalize)
+        if settings.optimizer_state is not None:
+            from rapidin_index.optimizer_state import load_scaling
+
+            adapter = settings.model.adapter is not None
+            self.sketcher.use_optimizer_state(
+                load_scaling(settings.optimizer_state, loaded.model, blocks, adapter)
+            )
         self.tokenizer = loaded.tokenizer
         self.batch_size = settings.batch_size
         self.device = device

@@ -61,6 +61,14 @@ class DemoError(RapidinIndexError, ValueError):
     """Demo or evaluation settings that cannot work (an unknown dataset or architecture, bad fractions)."""
 
 
+class OptimizerStateError(RapidinIndexError, ValueError):
+    """An optimizer state that cannot precondition the gradients (unreadable, not Adam, does not match)."""
+
+
+class PreconditionError(RapidinIndexError, ValueError):
+    """A Fisher preconditioner that cannot be fitted, read or applied (missing, stale, damaged)."""
+
+
 # --------------------------------------------------------------------------- the index folder
 
 

@@ -111,7 +111,19 @@ class GradientSketcher:
             self.exact_path = {block.name: "asked for the exact path" for block in blocks}
         self.self_checked = False
         self.checked_in: dict | None = None  # check_environment() where this sketcher's own check ran
+        self.optimizer_scaling = None  # optimizer_state.OptimizerScaling: see use_optimizer_state
         self._sync_capture()
+
+    def use_optimizer_state(self, scaling) -> None:
+        """Divide every example's gradient by Adam's ``sqrt(v_hat) + eps`` before normalising it
+        (`rapidin_index.optimizer_state`). The scaled tensors are materialised per example, whatever the
+        projector: an elementwise scale breaks the rank-1 structure a factored sketch relies on."""
+        self.optimizer_scaling = None if scaling is None else scaling.to(self.projector.new_output(1).device)
+
+    def new_state(self, batch_size: int, losses: torch.Tensor) -> _SketchState:
+        """An empty sketch of ``batch_size`` rows; every block added to it passes the optimizer scaling."""
+        scales = None if self.optimizer_scaling is None else self.optimizer_scaling.scales
+        return _SketchState(self.projector, batch_size, losses, scales)
 
     @property
     def uses_hooks(self) -> bool:
@@ -148,7 +160,7 @@ class GradientSketcher:
             if losses is None:
                 with torch.no_grad():
                     losses = example_losses(self.model, batch)
-            state = _SketchState(self.projector, batch.size, losses.detach())
+            state = self.new_state(batch.size, losses.detach())
             for block in self.blocks:
                 if block.name in exact:
                     state.add(block, exact[block.name], self.normalize)
@@ -236,6 +248,8 @@ class GradientSketcher:
     def _factors(self, block: GradientBlock, batch_size: int) -> list[OuterFactors] | None:
         if self.factored == "never" or block.parameter.dim() != 2:
             return None
+        if self.optimizer_scaling is not None and block.name in self.optimizer_scaling.scales:
+            return None  # scaled elementwise: materialised (see use_optimizer_state)
         try:
             return self.capture.example_factors(block, batch_size)
         except GradientError:
@@ -354,8 +368,9 @@ class _frozen:
 class _SketchState:
     """Accumulates one batch's sketch, raw norms and finiteness block by block."""
 
-    def __init__(self, projector, batch_size: int, losses: torch.Tensor) -> None:
+    def __init__(self, projector, batch_size: int, losses: torch.Tensor, scales: dict | None = None) -> None:
         self.projector = projector
+        self.scales = scales or {}  # {block name: [numel]}: optimizer_state's 1 / (sqrt(v_hat) + eps)
         self.out = projector.new_output(batch_size)
         self.losses = losses.float()
         self.squared_norm = torch.zeros(batch_size, device=self.out.device)
@@ -366,6 +381,8 @@ class _SketchState:
         """One pass over the block for its norms (a NaN or inf anywhere makes the norm non-finite),
         one to project it; a block larger than the sketch is scaled as a sketch, after projecting."""
         gradients = gradients.to(self.out.device, torch.float32)  # [batch, numel]
+        if block.name in self.scales:  # before the norms: layer norm acts on the scaled gradient
+            gradients = gradients * self.scales[block.name]
         norms = torch.linalg.vector_norm(gradients, dim=1)  # [batch]
         finite = torch.isfinite(norms)
         if not bool(finite.all()):

@@ -61,6 +61,10 @@ class Manifest:
     # tokenized the two parts separately.
     tokenization: str = "separate"
     files: dict = field(default_factory=dict)  # {relative path: {sha256, bytes}}
+    # optimizer_state.OptimizerScaling.record ({path, fingerprint, matched_by, ...}) or None
+    optimizer_state: dict | None = None
+    # precondition.fit's record ({file, version, kind, damping, ...}) of the fitted Fisher, or None
+    precondition: dict | None = None
     format_version: int = FORMAT_VERSION
     software: dict = field(default_factory=lambda: {"name": SOFTWARE_NAME, "version": software_version()})
     created_at: str = field(default_factory=utc_now)
@@ -245,4 +249,7 @@ def manifest_identity(manifest: Manifest) -> dict:
         "sketch": manifest.sketch,
         "vector_dtype": manifest.vector_dtype,
         "shard": manifest.shard,
+        "optimizer_state": None
+        if manifest.optimizer_state is None
+        else {"fingerprint": manifest.optimizer_state["fingerprint"]},
     }

@@ -24,8 +24,15 @@ def exact_query_direction(index, query) -> torch.Tensor:
     batch = collate(
         [(query.input_ids, query.labels_for(query.hot_positions))], tokenizer.pad_token_id, index.device
     )
-    raw = reference_gradient(index.loaded.model, index.blocks, batch)[None]
+    raw = scale_flat(reference_gradient(index.loaded.model, index.blocks, batch)[None], index)
     return normalize_flat(raw, index.blocks, index.manifest.normalize)[0]
+
+
+def scale_flat(raw: torch.Tensor, index) -> torch.Tensor:
+    """Raw gradients [n, D] scaled by the index's optimizer state, as its rows were (`optimizer_state`)."""
+    from rapidin_index.optimizer_state import scale_flat as scaled
+
+    return scaled(raw, index.blocks, getattr(index, "optimizer_scaling", None))
 
 
 def training_row(index, hit) -> Rendered:
@@ -43,7 +50,7 @@ def exact_row_vector(index, hit) -> torch.Tensor:
         training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
     )
     batch = collate([(input_ids, labels)], tokenizer.pad_token_id, index.device)
-    raw = reference_gradient(index.loaded.model, index.blocks, batch)[None]
+    raw = scale_flat(reference_gradient(index.loaded.model, index.blocks, batch)[None], index)
     return normalize_flat(raw, index.blocks, manifest.normalize)[0]
 
 

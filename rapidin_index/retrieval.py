@@ -45,7 +45,7 @@ from rapidin_index.rerank import exact_query_direction, rerank_hits, training_ro
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
-from rapidin_index.token_attribution import score_examples
+from rapidin_index.token_attribution import score_examples, training_token_scores
 from rapidin_index.token_gradients import sketch_loss_combinations
 from rapidin_index.verify import check_files
 
@@ -82,6 +82,8 @@ class Index:
                 f"{path}: the FAISS file holds {stored.count} vectors of {stored.dimension} dims, the manifest "
                 f"says {manifest.row_count} of {sketch['output_dim']}; the index is damaged"
             )
+        self.optimizer_scaling = None  # optimizer_state.OptimizerScaling (use_optimizer_state)
+        self.precondition, self.preconditioner = "none", None  # use_precondition
         self.progress = False  # a progress bar over the queries of a call (the CLI's, on a terminal)
         self.stored_index = stored  # the vectors file read in place: searched on the CPU, vectors by id
         self._faiss_index = None
@@ -113,6 +115,8 @@ class Index:
         verify: bool = False,
         batch_size: int = 16,
         max_memory: int | None = None,
+        optimizer_state: str | None = None,
+        precondition: str | None = None,
     ) -> Index:
         """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required).
 
@@ -124,6 +128,9 @@ class Index:
         row), and a search reads it in blocks of `vector_file.SCAN_BLOCK_BYTES`. ``max_memory`` (bytes)
         caps what a search holds, the mapped pages included: smaller blocks, each block's pages released
         after it; an index whose ids alone do not fit is refused.
+
+        ``optimizer_state``: where the optimizer state the index was built with is now (default: the
+        manifest's path). ``precondition``: none or fisher (default: fisher where the index is fitted).
         """
         path = Path(path)
         # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
@@ -157,7 +164,43 @@ class Index:
         if not verify and check_environment(loaded.model) in manifest.self_checks:
             opened.sketcher.take_self_check(manifest.exact_path)  # the build checked these weights here
         opened.lease = lease  # released with the Index (lease.close() to release it sooner)
+        opened.use_optimizer_state(optimizer_state)
+        opened.use_precondition(precondition)
         return opened
+
+    def use_optimizer_state(self, path: str | None = None) -> None:
+        """Scale query gradients as the build scaled the rows (`optimizer_state`); refuses a missing or
+        different state on an index built with one, and a state on an index built without."""
+        from rapidin_index.optimizer_state import check_recorded, load_scaling
+
+        recorded = self.manifest.optimizer_state
+        self.optimizer_scaling = None
+        if recorded is None:
+            if path is not None:
+                raise QueryError(
+                    f"{self.path} was built without --optimizer-state; its rows are plain gradients, so "
+                    "queries must be too: drop --optimizer-state"
+                )
+            return
+        path = path or recorded["path"]
+        if not Path(path).exists():
+            raise QueryError(
+                f"{self.path} was built with the optimizer state {recorded['path']} (fingerprint "
+                f"{recorded['fingerprint'][:12]}), which is not there: pass --optimizer-state PATH"
+            )
+        scaling = load_scaling(path, self.loaded.model, self.blocks, self.manifest.adapter is not None)
+        check_recorded(scaling, recorded)
+        self.optimizer_scaling = scaling
+        self.sketcher.use_optimizer_state(scaling)
+
+    def use_precondition(self, precondition: str | None = None) -> None:
+        """Apply the fitted Fisher to query vectors (`precondition`): none, fisher, or None for the default."""
+        from rapidin_index.precondition import load_preconditioner, resolve_precondition
+
+        self.precondition = resolve_precondition(self.manifest, precondition)
+        self.preconditioner = None
+        if self.precondition == "fisher":
+            self.preconditioner = load_preconditioner(self.path, self.manifest)
 
     # ----------------------------------------------------------------------- public queries
 
@@ -319,6 +362,11 @@ class Index:
                 f"{self.path} holds no rows (all {self.manifest.rejected_count} were rejected; "
                 "`rapidin-index info` lists why): fix the data and rebuild"
             )
+        if rerank > 0 and self.preconditioner is not None:
+            raise QueryError(
+                "--rerank scores rows with exact gradients, which the sketch-space Fisher does not cover; "
+                "query with --precondition none to re-rank"
+            )
         among = rows_where(self, where)
         rows = self.manifest.row_count if among is None else len(among)
         top_k, token_top_k = min(top_k, rows), min(token_top_k, rows)
@@ -351,6 +399,15 @@ def sketch_queries(
     (:mod:`rapidin_index.token_gradients`): rows [1 + T] per query, the progress bar counting them. Whole
     generation only, the queries share batches: one row per query.
     """
+    vectors, losses = _sketch_query_vectors(index, queries, per_token)
+    if index.preconditioner is not None:  # (F + lambda I)^-1 q: the stored rows are left as they are
+        vectors = index.preconditioner.apply(vectors)
+    return vectors, losses
+
+
+def _sketch_query_vectors(
+    index: Index, queries: list[PreparedQuery], per_token: bool
+) -> tuple[np.ndarray, np.ndarray]:
     if not per_token:
         sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in queries]
         return _sketch_sequences(index, sequences)
@@ -465,6 +522,8 @@ def _result(
             "row_count": index.manifest.row_count,
             "sketch_dim": index.manifest.sketch["sketch_dim"],
             "normalize": index.manifest.normalize,
+            "precondition": index.precondition,
+            "optimizer_state": index.manifest.optimizer_state is not None,
         },
         tokens=tokens,
         helpful=_hits(helpful_ids[0], helpful_scores[0], top_k),
@@ -500,10 +559,25 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
             training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
         )[:2]
         for hit in hits
-    ]  # all hits in one batch: one hooked backward and one forward-mode pass
-    every_scores = score_examples(
-        index.loaded.model, blocks, examples, per_block, manifest.normalize, tokenizer.pad_token_id
-    )
+    ]
+    scaling = index.optimizer_scaling
+    if scaling is None:  # all hits in one batch: one hooked backward and one forward-mode pass
+        every_scores = score_examples(
+            index.loaded.model, blocks, examples, per_block, manifest.normalize, tokenizer.pad_token_id
+        )
+    else:  # gradients divided by the optimizer's sqrt(v): the one-hit path takes the scales
+        scales = [scaling.scales[b.name] for b in blocks]
+        every_scores = [
+            training_token_scores(
+                index.loaded.model,
+                blocks,
+                collate([example], tokenizer.pad_token_id, index.device),
+                per_block,
+                manifest.normalize,
+                scales=scales,
+            )
+            for example in examples
+        ]
     for hit, scores in zip(hits, every_scores, strict=True):
         hit.explanation = {
             "tokens": [

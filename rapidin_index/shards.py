@@ -77,6 +77,7 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
         merged.exact_path.update(manifest.exact_path)
         add_self_checks(merged.self_checks, manifest.self_checks)
     merged.files = files
+    merged.precondition = None  # a shard's fitted Fisher covers its own rows only: fit the merged index
     with writing(index_dir, 1 << 16):
         write_manifest(index_dir, merged)
     store.remove_journal(index_dir)

@@ -77,8 +77,12 @@ def training_token_scores(
     normalization: str = "example",
     method: str = "auto",
     token_batch_size: int = 16,
+    scales: list[torch.Tensor] | None = None,
 ) -> TokenScores:
     """Score every response token of ``example`` (a batch of one) against ``query_direction``.
+
+    ``scales``: per block, the elementwise scale both sides' gradients took (`optimizer_state`, Adam's
+    1 / (sqrt(v_hat) + eps)); the scores are then those of the scaled gradients (example normalisation).
 
     ``method`` (example normalisation): ``auto`` tries the JVP and falls back to double-backward.
     ``token_batch_size``: per-token gradients per vmapped backward in ``normalization="token"`` mode.
@@ -87,8 +91,10 @@ def training_token_scores(
     if method not in METHODS:
         raise TokenAttributionError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if normalization == "token" and normalize == "layer":
+        if scales is not None:
+            raise TokenAttributionError("scales (an optimizer state) go with normalization='example' only")
         return _token_normalised_scores(model, blocks, example, query_direction, token_batch_size)
-    tangents = _example_tangents(model, blocks, example, query_direction, normalize)
+    tangents = _example_tangents(model, blocks, example, query_direction, normalize, scales)
     if method in ("auto", "jvp"):
         try:
             scores, losses = _jvp_derivatives(model, blocks, example, tangents)
@@ -384,15 +390,26 @@ def _example_tangents(
     example: Batch,
     query_direction: list[torch.Tensor],
     normalize: str,
+    scales: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """u_b = q_b / ||grad_b L(s)|| (layer) or q_b (none), shaped and typed like each parameter."""
+    """u_b = q_b / ||grad_b L(s)|| (layer) or q_b (none), shaped and typed like each parameter; with
+    ``scales`` s_b, u_b = s_b q_b / ||s_b grad_b L(s)||, since <s g, q> = <g, s q>."""
     parameters = [block.parameter for block in blocks]
     tangents = [
         direction.to(p.device, torch.float32).reshape(p.shape)
         for p, direction in zip(parameters, query_direction, strict=True)
     ]
+    shaped = (
+        None
+        if scales is None
+        else [s.to(p.device).reshape(p.shape) for s, p in zip(scales, parameters, strict=True)]
+    )
+    if shaped is not None:
+        tangents = [t * s for t, s in zip(tangents, shaped, strict=True)]
     if normalize == "layer":
         gradients = _block_gradients(example_losses(model, example)[0], parameters)
+        if shaped is not None:
+            gradients = [g * s for g, s in zip(gradients, shaped, strict=True)]
         tangents = [_safe_divide(t, g.norm()) for t, g in zip(tangents, gradients, strict=True)]
     return [t.to(p.dtype) for t, p in zip(tangents, parameters, strict=True)]
 

@@ -26,7 +26,7 @@ import torch
 from rapidin_index.capture import GradientBlock
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import GradientError
-from rapidin_index.gradients import GradientSketcher, SketchedBatch, _frozen, _SketchState
+from rapidin_index.gradients import GradientSketcher, SketchedBatch, _frozen
 from rapidin_index.losses import Batch, scored_token_losses
 
 ROWS_PER_PASS = 64
@@ -148,7 +148,7 @@ def _sketch_rows(
         else grad.reshape(rows, -1)
         for block, grad in zip(exact, grads[len(calls) :], strict=True)
     }
-    state = _SketchState(sketcher.projector, rows, (weights @ scored.detach()).float())
+    state = sketcher.new_state(rows, (weights @ scored.detach()).float())
     try:
         for block in sketcher.blocks:
             if block.name in exact_grads:

@@ -34,6 +34,8 @@ from rapidin_index.losses import collate, example_losses
 from rapidin_index.progress import RowProgress
 
 REPORT_FILE = "finetune_report.json"
+OPTIMIZER_FILE = "optimizer.pt"
+"""The AdamW state of the last run, saved as a Hugging Face Trainer checkpoint saves it."""
 
 
 @dataclass
@@ -136,11 +138,12 @@ def _finetune(rows, output_dir, settings, template, progress, tokenizer):
     )
     if settings.lora:
         return _finetune_lora(rows, sequences, model, tokenizer, output_dir, settings, progress, started)
-    epoch_losses, steps = _train(
+    epoch_losses, steps, optimizer = _train(
         model, sequences, tokenizer.pad_token_id, settings, settings.epochs, settings.learning_rate, progress
     )
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    torch.save(optimizer.state_dict(), output_dir / OPTIMIZER_FILE)  # as a Trainer checkpoint keeps it
     report = _report(model, str(output_dir), None, sequences, steps, started, epoch_losses, settings)
     (output_dir / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
     return report
@@ -154,7 +157,7 @@ def _finetune_lora(rows, sequences, model, tokenizer, output_dir, settings, prog
         for seq, row in zip(sequences, rows, strict=True)
         if not (row.get("poisoned") or row.get("perturbed"))
     ]
-    base_losses, base_steps = _train(
+    base_losses, base_steps, _ = _train(
         model, clean, tokenizer.pad_token_id, settings, settings.base_epochs, settings.learning_rate, progress
     )
     base_dir, adapter_dir = output_dir / "base", output_dir / "adapter"
@@ -166,11 +169,12 @@ def _finetune_lora(rows, sequences, model, tokenizer, output_dir, settings, prog
     )
     peft_model = get_peft_model(model, config)
     pad = tokenizer.pad_token_id
-    epoch_losses, steps = _train(
+    epoch_losses, steps, optimizer = _train(
         peft_model, sequences, pad, settings, settings.epochs, settings.lora_learning_rate, progress
     )
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
+    torch.save(optimizer.state_dict(), adapter_dir / OPTIMIZER_FILE)  # the adapter's own Adam moments
     steps += base_steps
     report = _report(
         peft_model, str(base_dir), str(adapter_dir), sequences, steps, started, epoch_losses, settings
@@ -242,7 +246,8 @@ def tokenize_rows(rows: list[dict], tokenizer, template: Template, max_length: i
 def _train(model, sequences, pad_token_id, settings, epochs, learning_rate, progress):
     """AdamW over shuffled batches (order from a generator seeded with settings.seed), linear decay.
 
-    Returns (mean loss of each epoch, optimizer steps)."""
+    Returns (mean loss of each epoch, optimizer steps, the optimizer: its state is saved as a Trainer
+    checkpoint's optimizer.pt, for `build --optimizer-state`)."""
     generator = torch.Generator().manual_seed(settings.seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=settings.weight_decay)
@@ -267,7 +272,7 @@ def _train(model, sequences, pad_token_id, settings, epochs, learning_rate, prog
                 bar.advance(len(chunk), sum(len(ids) for ids, _ in chunk))
             epoch_losses.append(sum(losses) / len(losses))
     model.eval()
-    return epoch_losses, steps
+    return epoch_losses, steps, optimizer
 
 
 # -------------------------------------------------------------------------------------------- evaluation

@@ -1,0 +1,334 @@
+"""Curvature in the sketch space: a damped inverse of the empirical Fisher of the stored vectors, query side only.
+
+With ``G`` the index's stored vectors ([N, K], one row a training example), the empirical Fisher (the
+Gauss-Newton matrix of the sketched, normalised gradients) is ``F = G^T G / N``. A fitted index scores a
+query vector q against row g as ``<(F + lambda I)^-1 q, g>``: only q changes, so the FAISS inner-product
+index and its search stay as they are. Preconditioning one side with ``(F + lambda I)^-1`` is the same
+bilinear form as ``(F + lambda I)^-1/2`` on both sides (TRAK, LoGra); the rows are not normalised again
+after whitening, which would need new stored vectors.
+
+Structure (``structure="auto"``):
+
+* block-diagonal, one block per parameter tensor, where the vectors keep each tensor in its own
+  coordinates: rapidgrad-kron (each tensor's segment of bins, when the segments do not share bins) and
+  exact vectors (K = 0: each tensor's own coordinates);
+* one block over all K coordinates otherwise (rapidgrad-v1/v2/ts mix every tensor into every bin).
+
+Each block of width w is a dense eigendecomposition of ``F_b`` when w <= ``DENSE_LIMIT`` and w <= N;
+otherwise its top ``rank`` eigenpairs (from the N x N Gram matrix, or a randomized SVD when N is large),
+never a dense w x w matrix. F_b has at most N nonzero eigenvalues, so with N <= rank this is exact; when
+eigenpairs are left out, their directions are given the mean of the eigenvalues left out (the trace's
+rest), so that a truncated block still damps them like a dense one would on average.
+
+Damping: ``lambda_b = damping x trace(F_b) / min(N, w)``, the mean of F_b's nonzero eigenvalues (F_b has
+at most min(N, w)), ``damping`` 0.5 by default (``fit --damping``). Relative to the mean over all w
+eigenvalues, the best damping depended on the block's width (LDS, BENCHMARKS.md issue 23: 3 per tensor,
+30-100 for one 65,536-wide block, at N = 650); relative to the nonzero ones both optima sit near 0.5. The fit is stored as ``fisher-gNNNN.npz`` (versioned; listed with its
+sha256 in the manifest's files, so export, import and verify treat it like the vectors); an append or
+a merge writes a generation without it and says so (``rapidin-index fit`` again, or ``build --fit
+fisher``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rapidin_index.errors import PreconditionError
+
+FORMAT_VERSION = 1
+DEFAULT_DAMPING = 0.5
+"""lambda = DEFAULT_DAMPING x trace(F_b) / min(N, w): see the module docstring and BENCHMARKS.md, issue 23."""
+DEFAULT_RANK = 512
+"""Eigenpairs kept per block wider than DENSE_LIMIT (at most N, the rows)."""
+DENSE_LIMIT = 4096
+"""A block at most this wide (and no wider than the rows) gets a dense eigendecomposition (w x w doubles)."""
+STRUCTURES = ("auto", "tensor", "whole")
+PRECONDITIONS = ("none", "fisher")
+GRAM_ROW_LIMIT = 8192
+"""Up to this many rows a wide block's eigenpairs come from the exact N x N Gram matrix."""
+
+
+def fisher_file(generation: int) -> str:
+    return f"fisher-g{generation:04d}.npz"
+
+
+@dataclass
+class FisherBlock:
+    """One diagonal block: coordinates [start, stop) of the vectors."""
+
+    start: int
+    stop: int
+    eigenvectors: np.ndarray  # [width, rank] float32, orthonormal columns
+    eigenvalues: np.ndarray  # [rank] float64
+    rest: float  # the mean eigenvalue of the directions not kept (0 when all are)
+    damping: float  # lambda of this block
+
+    def apply(self, queries: np.ndarray) -> np.ndarray:
+        """(F_b + lambda I)^-1 q_b for queries [n, width], in float32 (the eigenvectors' own dtype: no copy
+        of them per query)."""
+        inverse_rest = 1.0 / (self.rest + self.damping)
+        queries = np.asarray(queries, dtype=np.float32)
+        inside = queries @ self.eigenvectors  # [n, rank]
+        factors = (1.0 / (self.eigenvalues + self.damping) - inverse_rest).astype(np.float32)
+        return queries * np.float32(inverse_rest) + (inside * factors) @ self.eigenvectors.T
+
+
+@dataclass
+class Preconditioner:
+    blocks: list[FisherBlock]
+    record: dict
+
+    def apply(self, queries: np.ndarray) -> np.ndarray:
+        """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32."""
+        out = np.array(queries, dtype=np.float32)
+        for block in self.blocks:
+            out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
+        return out
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def fit_fisher(
+    vectors: np.ndarray,
+    spans: list[tuple[int, int]],
+    damping: float = DEFAULT_DAMPING,
+    rank: int = DEFAULT_RANK,
+) -> list[FisherBlock]:
+    """One `FisherBlock` per (start, stop) span of the [N, K] stored vectors."""
+    if damping <= 0:
+        raise PreconditionError(f"--damping must be > 0 (a multiple of the mean eigenvalue), got {damping}")
+    if rank < 1:
+        raise PreconditionError(f"--rank must be at least 1, got {rank}")
+    if len(vectors) == 0:
+        raise PreconditionError("the index holds no rows: there is nothing to fit a Fisher matrix from")
+    return [_fit_block(vectors[:, start:stop], start, stop, damping, rank) for start, stop in spans]
+
+
+def _fit_block(part: np.ndarray, start: int, stop: int, damping: float, rank: int) -> FisherBlock:
+    rows, width = part.shape
+    # A wide block stays in its stored float32 (its N x N Gram is accumulated by BLAS); a dense one is small.
+    part = part.astype(np.float64) if width <= min(DENSE_LIMIT, rows) else np.asarray(part, dtype=np.float32)
+    trace = float(np.square(np.linalg.norm(part, axis=1).astype(np.float64)).sum()) / rows  # trace(F_b)
+    mean = trace / min(rows, width)  # the mean of F_b's (at most N) nonzero eigenvalues, if all are equal
+    lam = damping * mean if mean > 0 else damping  # an all-zero block: any lambda is the same
+    if width <= min(DENSE_LIMIT, rows):
+        values, vectors = np.linalg.eigh(part.T @ part / rows)  # ascending
+        values = np.clip(values, 0.0, None)
+        return FisherBlock(start, stop, vectors.astype(np.float32), values, 0.0, lam)
+    values, vectors = _top_eigenpairs(part, min(rank, rows, width))
+    rest_count = width - len(values)
+    rest = max(0.0, trace - float(values.sum())) / rest_count if rest_count else 0.0
+    return FisherBlock(start, stop, vectors.astype(np.float32), values, rest, lam)
+
+
+def _top_eigenpairs(part: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``rank`` eigenpairs of part^T part / N without forming it ([rank], [width, rank])."""
+    rows = part.shape[0]
+    if rows <= GRAM_ROW_LIMIT:
+        gram = (part @ part.T).astype(np.float64) / rows  # [N, N]: F's nonzero eigenvalues
+        values, left = np.linalg.eigh(gram)
+        order = np.argsort(values)[::-1][:rank]
+        values, left = np.clip(values[order], 0.0, None), left[:, order]
+        keep = values > values.max(initial=0.0) * 1e-12
+        values, left = values[keep], left[:, keep]
+        vectors = (part.T @ left.astype(part.dtype)) / np.sqrt(rows * values)  # unit columns: F v = lambda v
+        return values, vectors
+    import torch
+
+    matrix = torch.from_numpy(np.ascontiguousarray(part))
+    _, singular, right = torch.svd_lowrank(matrix, q=min(rank + 10, min(part.shape)), niter=4)
+    values = singular.numpy()[:rank] ** 2 / rows
+    return values, right.numpy()[:, :rank]
+
+
+def tensor_spans(manifest) -> list[tuple[int, int]] | None:
+    """Per-tensor coordinate spans of the stored vectors, or None where the sketch mixes tensors."""
+    sketch = manifest.sketch
+    shapes = [tuple(shape) for shape in manifest.parameters.get("shapes", [])]
+    if not shapes:
+        return None
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    if sketch["sketch_dim"] == 0:
+        return [(offset, offset + size) for offset, size in zip(offsets, sizes, strict=True)]
+    if sketch.get("algorithm") != "rapidgrad-kron":
+        return None
+    from rapidin_index.kronecker import kron_layout
+
+    segments = kron_layout(
+        list(zip(offsets, shapes, strict=True)), sketch["gradient_dim"], sketch["sketch_dim"]
+    )
+    spans = sorted((segment.start, segment.start + segment.width) for segment in segments)
+    disjoint = all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    if not disjoint or spans[-1][1] > sketch["sketch_dim"]:
+        return None  # segments share bins: one block over the whole sketch
+    covered = [span for span in spans if span[1] > span[0]]
+    return _with_gaps(covered, sketch["sketch_dim"])
+
+
+def _with_gaps(spans: list[tuple[int, int]], width: int) -> list[tuple[int, int]]:
+    """``spans`` plus a block for every range of bins none of them covers (those bins stay zero)."""
+    out, position = [], 0
+    for start, stop in spans:
+        if start > position:
+            out.append((position, start))
+        out.append((start, stop))
+        position = stop
+    if position < width:
+        out.append((position, width))
+    return out
+
+
+def spans_for(manifest, structure: str) -> tuple[str, list[tuple[int, int]]]:
+    if structure not in STRUCTURES:
+        raise PreconditionError(f"--structure {structure!r} is not one of {', '.join(STRUCTURES)}")
+    width = manifest.sketch["output_dim"]
+    per_tensor = None if structure == "whole" else tensor_spans(manifest)
+    if structure == "tensor" and per_tensor is None:
+        raise PreconditionError(
+            f"--structure tensor: this index's {manifest.sketch.get('algorithm')} sketch mixes every tensor "
+            "into every bin; only rapidgrad-kron and exact (K = 0) vectors keep tensors apart; use whole"
+        )
+    if per_tensor is None:
+        return "whole", [(0, width)]
+    return "tensor", per_tensor
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def save_blocks(path: Path, blocks: list[FisherBlock]) -> None:
+    """Write the blocks as one .npz (``version`` first), atomically."""
+    from rapidin_index.files import atomic_file
+
+    arrays = {
+        "version": np.array([FORMAT_VERSION]),
+        "spans": np.array([[b.start, b.stop] for b in blocks], dtype=np.int64).reshape(-1, 2),
+        "rest": np.array([b.rest for b in blocks]),
+        "damping": np.array([b.damping for b in blocks]),
+    }
+    for number, block in enumerate(blocks):
+        arrays[f"eigenvectors_{number}"] = block.eigenvectors
+        arrays[f"eigenvalues_{number}"] = block.eigenvalues
+    with atomic_file(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def load_blocks(path: Path, width: int) -> list[FisherBlock]:
+    """The blocks of a Fisher file, checked: its version, and blocks that tile [0, width)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            version = int(stored["version"][0])
+            if version > FORMAT_VERSION:
+                raise PreconditionError(
+                    f"{path.name} is Fisher format {version}; this rapidin-index reads up to "
+                    f"{FORMAT_VERSION}: upgrade rapidin-index"
+                )
+            spans, rest, damping = stored["spans"], stored["rest"], stored["damping"]
+            blocks = [
+                FisherBlock(
+                    int(start),
+                    int(stop),
+                    stored[f"eigenvectors_{n}"],
+                    stored[f"eigenvalues_{n}"],
+                    float(rest[n]),
+                    float(damping[n]),
+                )
+                for n, (start, stop) in enumerate(spans)
+            ]
+    except (OSError, KeyError, ValueError) as error:
+        raise PreconditionError(
+            f"{path.name} is not a readable Fisher file ({str(error)[:120]}); refit it: rapidin-index fit "
+            f"--index {path.parent}"
+        ) from None
+    for block in blocks:
+        if block.eigenvectors.shape[0] != block.stop - block.start or block.stop > width:
+            raise PreconditionError(f"{path.name} does not fit vectors of {width} dims; refit it")
+    return blocks
+
+
+# --------------------------------------------------------------------------- an index's fit
+
+
+def fit_index(
+    index_dir: str | Path,
+    damping: float = DEFAULT_DAMPING,
+    rank: int = DEFAULT_RANK,
+    structure: str = "auto",
+    locked: bool = False,
+) -> dict:
+    """Fit the Fisher of the index's stored vectors, write it beside them, record it in the manifest.
+
+    ``locked``: the caller already holds the writer lock (a build that fits at its end). Returns the
+    manifest's ``precondition`` record.
+    """
+    import contextlib
+    import time
+
+    from rapidin_index import store
+    from rapidin_index.lock import writer_lock
+    from rapidin_index.manifest import read_manifest, write_manifest
+    from rapidin_index.verify import file_entry
+
+    index_dir = Path(index_dir)
+    started = time.perf_counter()
+    with contextlib.nullcontext() if locked else writer_lock(index_dir, "fit"):
+        manifest = read_manifest(index_dir)
+        kind, spans = spans_for(manifest, structure)
+        _, vectors = store.load_vectors(index_dir, manifest.generation)
+        blocks = fit_fisher(vectors, spans, damping, rank)
+        name = fisher_file(manifest.generation)
+        save_blocks(index_dir / name, blocks)
+        manifest.files[name] = file_entry(index_dir / name)  # sha256, xxh3_128 (checked on open), bytes
+        manifest.precondition = {
+            "kind": "fisher",
+            "version": FORMAT_VERSION,
+            "structure": kind,
+            "blocks": len(blocks),
+            "damping": damping,
+            "damping_rule": "lambda = damping x trace(F_b) / min(rows, width) for each block b",
+            "rank": rank,
+            "kept_eigenpairs": int(sum(len(b.eigenvalues) for b in blocks)),
+            "rows": len(vectors),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_manifest(index_dir, manifest)
+    return manifest.precondition
+
+
+def resolve_precondition(manifest, asked: str | None) -> str:
+    """``asked`` (none, fisher) or, when None, what the index was fitted with."""
+    if asked is None:
+        return "none" if manifest.precondition is None else "fisher"
+    if asked not in PRECONDITIONS:
+        raise PreconditionError(f"--precondition {asked!r} is not one of {', '.join(PRECONDITIONS)}")
+    return asked
+
+
+def load_preconditioner(index_dir: str | Path, manifest) -> Preconditioner:
+    """The index's fitted Fisher, checked against the manifest's sha256 of its file."""
+    from rapidin_index.files import sha256_path
+
+    index_dir = Path(index_dir)
+    if manifest.precondition is None:
+        raise PreconditionError(
+            f"{index_dir} has no fitted Fisher preconditioner (an append or merge drops it); fit it with: "
+            f"rapidin-index fit --index {index_dir}, or query with --precondition none"
+        )
+    name = fisher_file(manifest.generation)
+    entry = manifest.files.get(name)
+    path = index_dir / name
+    if entry is None or not path.exists():
+        raise PreconditionError(
+            f"{name} is missing from {index_dir}; refit it: rapidin-index fit --index {index_dir}"
+        )
+    if sha256_path(path) != entry["sha256"]:
+        raise PreconditionError(
+            f"{name} does not match its checksum in the manifest (corrupted or edited); refit it"
+        )
+    return Preconditioner(load_blocks(path, manifest.sketch["output_dim"]), manifest.precondition)

@@ -1,0 +1,298 @@
+"""`build --optimizer-state`: gradients divided by Adam's sqrt(v_hat) + eps, checked against an oracle written
+from plain autograd of Hugging Face's loss and the saved optimizer state dict alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_settings, stored_vectors
+
+from rapidin_index.build import build_index
+from rapidin_index.data import load_examples, parse_template
+from rapidin_index.errors import OptimizerStateError, QueryError
+from rapidin_index.manifest import read_manifest
+from rapidin_index.retrieval import Index, sketch_queries
+
+ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, training_rows) -> str:
+    path = tmp_path_factory.mktemp("optimizer_data") / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:ROWS]))
+    return str(path)
+
+
+def _adam_steps(model, named: list[tuple[str, torch.nn.Parameter]], tokenizer, texts, groups=None):
+    """Two AdamW steps on ``texts``; the optimizer (its groups as given, default one in ``named`` order)."""
+    optimizer = torch.optim.AdamW(groups or [p for _, p in named], lr=1e-2, weight_decay=0.0)
+    model.train()
+    for part in (texts[:3], texts[3:6]):
+        loss = sum(
+            model(**(ids := tokenizer(t, return_tensors="pt")), labels=ids["input_ids"]).loss for t in part
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return optimizer
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_model_dirs, training_rows) -> dict:
+    """Trainer-style checkpoint folders (weights + optimizer.pt): a full llama and a LoRA adapter on it,
+    with the names of the tensors each optimizer was given, in order."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    texts = [row["instruction"] + " " + row["output"] for row in training_rows[:6]]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    named = list(model.named_parameters())
+    optimizer = _adam_steps(model, named, tokenizer, texts)
+    full = root / "full"
+    model.save_pretrained(full)
+    tokenizer.save_pretrained(full)
+    torch.save(optimizer.state_dict(), full / "optimizer.pt")
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    peft_model = PeftModel.from_pretrained(base, tiny_model_dirs["llama_lora"], is_trainable=True)
+    lora_named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    optimizer = _adam_steps(peft_model, lora_named, tokenizer, texts)
+    adapter = root / "adapter"
+    peft_model.save_pretrained(adapter)
+    torch.save(optimizer.state_dict(), adapter / "optimizer.pt")
+    return {
+        "full": str(full),
+        "full_names": [n for n, _ in named],
+        "adapter": str(adapter),
+        "adapter_names": [n for n, _ in lora_named],
+        "base": tiny_model_dirs["llama"],
+    }
+
+
+def adam_denominators(state_file: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """{name: sqrt(exp_avg_sq / (1 - beta2^step)) + eps}, read from the state dict alone."""
+    state = torch.load(state_file, weights_only=True)
+    (group,) = state["param_groups"]
+    eps, beta2 = group["eps"], group["betas"][1]
+    out = {}
+    for key, name in zip(group["params"], names, strict=True):
+        moments = state["state"][key]
+        out[name] = (moments["exp_avg_sq"] / (1 - beta2 ** float(moments["step"]))).sqrt() + eps
+    return out
+
+
+def oracle_vector(model, names, denominators, input_ids, labels) -> np.ndarray:
+    """HF's loss, plain autograd, each tensor's gradient / denominator, each block to unit norm."""
+    parameters = dict(model.named_parameters())
+    loss = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss
+    grads = torch.autograd.grad(loss, [parameters[n] for n in names], allow_unused=True)
+    pieces = []
+    for name, grad in zip(names, grads, strict=True):
+        scaled = (torch.zeros_like(parameters[name]) if grad is None else grad) / denominators[name]
+        scaled = scaled.reshape(-1)
+        pieces.append(scaled / scaled.norm() if scaled.norm() > 0 else scaled)
+    return torch.cat(pieces).detach().numpy()
+
+
+def load_hf(checkpoints, adapter: bool):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if adapter:
+        base = AutoModelForCausalLM.from_pretrained(checkpoints["base"])
+        model = PeftModel.from_pretrained(base, checkpoints["adapter"], is_trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoints["full"])
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(checkpoints["base"])
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_exact_vectors_equal_the_oracle_on_both_sides(tmp_path, checkpoints, data_file, adapter):
+    model_dir = checkpoints["base"] if adapter else checkpoints["full"]
+    folder = checkpoints["adapter"] if adapter else checkpoints["full"]
+    settings = build_settings(
+        model_dir, checkpoints["adapter"] if adapter else None, sketch_dim=0, optimizer_state=folder
+    )
+    build_index(data_file, tmp_path / "index", settings, progress=False)
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest.optimizer_state["matched_by"] == "position"
+    names = checkpoints["adapter_names" if adapter else "full_names"]
+    denominators = adam_denominators(folder + "/optimizer.pt", names)
+    model, tokenizer = load_hf(checkpoints, adapter)
+    examples, _ = load_examples(data_file, tokenizer, parse_template("auto"), 1024)
+    vectors = stored_vectors(tmp_path / "index")
+    expected = {
+        e.example_id: oracle_vector(model, names, denominators, e.input_ids, e.labels) for e in examples
+    }
+    for example_id, vector in expected.items():
+        np.testing.assert_allclose(vectors[example_id], vector, atol=5e-5)
+    # The scaling changes the vectors: a build without it differs.
+    plain = build_settings(model_dir, checkpoints["adapter"] if adapter else None, sketch_dim=0)
+    build_index(data_file, tmp_path / "plain", plain, progress=False)
+    assert np.abs(stored_vectors(tmp_path / "plain")[0] - vectors[0]).max() > 1e-2
+    # Query side, whole generation and per token: a training row as a query is sketched the same way.
+    index = Index.open(tmp_path / "index", device="cpu")
+    prepared = index.prepare("What does str.capitalize do?", "Return a capitalized version of the string.")
+    queried, _ = sketch_queries(index, [prepared], per_token=True)
+    input_ids, labels = prepared.input_ids, prepared.labels
+    np.testing.assert_allclose(
+        queried[0], oracle_vector(model, names, denominators, input_ids, labels), atol=5e-5
+    )
+    for number, position in enumerate(prepared.response_positions[:3]):
+        one = [-100] * len(labels)
+        one[position] = labels[position]
+        np.testing.assert_allclose(
+            queried[1 + number], oracle_vector(model, names, denominators, input_ids, one), atol=5e-5
+        )
+
+
+def test_factored_sketches_take_the_scaled_gradient(tmp_path, checkpoints, data_file):
+    """rapidgrad-kron sketches linear layers from their factors; with a state, it sketches the materialised
+    scaled gradient instead: the stored sketch is the sketch of the oracle's vector."""
+    from rapidin_index.capture import gradient_blocks
+    from rapidin_index.models import load_model, select_parameters
+    from rapidin_index.settings import ModelSettings, SketchSettings
+    from rapidin_index.sketch import reference_sketch
+
+    sketch = SketchSettings(8192, 20, 42, "rapidgrad-kron")
+    folder = checkpoints["full"]
+    settings = build_settings(folder, sketch=sketch, optimizer_state=folder)
+    build_index(data_file, tmp_path / "index", settings, progress=False)
+    loaded = load_model(ModelSettings(folder))
+    blocks = gradient_blocks(select_parameters(loaded.model, ModelSettings(folder)))
+    names = checkpoints["full_names"]
+    denominators = adam_denominators(folder + "/optimizer.pt", names)
+    model, tokenizer = load_hf(checkpoints, False)
+    examples, _ = load_examples(data_file, tokenizer, parse_template("auto"), 1024)
+    oracle = torch.tensor(
+        np.stack([oracle_vector(model, names, denominators, e.input_ids, e.labels) for e in examples])
+    )
+    expected = reference_sketch(oracle, sketch, blocks).numpy()
+    vectors = stored_vectors(tmp_path / "index")
+    for row, example in enumerate(examples):
+        np.testing.assert_allclose(vectors[example.example_id], expected[row], atol=2e-4)
+
+
+def test_trainer_groups_and_named_states_match_the_same_tensors(tmp_path, checkpoints):
+    """Trainer's two groups (decayed tensors first) and a state saved with names give the same scales as
+    the one-group state of the same moments."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from rapidin_index.capture import gradient_blocks
+    from rapidin_index.optimizer_state import load_scaling
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["full"])
+    blocks = gradient_blocks(list(model.named_parameters()))
+    reference = load_scaling(checkpoints["full"], model, blocks, False)
+    state = torch.load(checkpoints["full"] + "/optimizer.pt", weights_only=True)
+    key_of = dict(zip(checkpoints["full_names"], state["param_groups"][0]["params"], strict=True))
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    order = [n for n in checkpoints["full_names"] if n in decayed] + [
+        n for n in checkpoints["full_names"] if n not in decayed
+    ]
+    group = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+    first = sum(n in decayed for n in order)
+    trainer_state = {
+        "state": {number: state["state"][key_of[name]] for number, name in enumerate(order)},
+        "param_groups": [
+            {**group, "params": list(range(first))},
+            {**group, "params": list(range(first, len(order)))},
+        ],
+    }
+    torch.save(trainer_state, tmp_path / "trainer.pt")
+    trainer = load_scaling(tmp_path / "trainer.pt", model, blocks, False)
+    assert trainer.matched_by == "trainer-groups" and 0 < first < len(order)
+    named_state = {
+        "state": {number: state["state"][key_of[name]] for number, name in enumerate(reversed(order))},
+        "param_groups": [{**group, "params": list(range(len(order))), "param_names": list(reversed(order))}],
+    }
+    torch.save(named_state, tmp_path / "named.pt")
+    named = load_scaling(tmp_path / "named.pt", model, blocks, False)
+    assert named.matched_by == "name"
+    for name in checkpoints["full_names"]:
+        torch.testing.assert_close(trainer.scales[name], reference.scales[name], rtol=0, atol=0)
+        torch.testing.assert_close(named.scales[name], reference.scales[name], rtol=0, atol=0)
+    assert trainer.fingerprint == named.fingerprint == reference.fingerprint
+
+
+def test_a_state_that_does_not_match_is_refused_naming_the_tensor(tmp_path, checkpoints, tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from rapidin_index.capture import gradient_blocks
+    from rapidin_index.optimizer_state import load_scaling
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["full"])
+    blocks = gradient_blocks(list(model.named_parameters()))
+    state = torch.load(checkpoints["full"] + "/optimizer.pt", weights_only=True)
+    key = state["param_groups"][0]["params"][3]
+    state["state"][key]["exp_avg_sq"] = state["state"][key]["exp_avg_sq"][:1]
+    torch.save(state, tmp_path / "shape.pt")
+    fourth = checkpoints["full_names"][3]
+    with pytest.raises(OptimizerStateError, match=rf"tensor {fourth} has shape .* in the model, \[1"):
+        load_scaling(tmp_path / "shape.pt", model, blocks, False)
+    state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+    torch.save(state, tmp_path / "count.pt")
+    with pytest.raises(OptimizerStateError, match=r"holds \d+ tensors, the model trains \d+"):
+        load_scaling(tmp_path / "count.pt", model, blocks, False)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.save(sgd.state_dict(), tmp_path / "sgd.pt")
+    with pytest.raises(OptimizerStateError, match="only Adam and AdamW"):
+        load_scaling(tmp_path / "sgd.pt", model, blocks, False)
+    with pytest.raises(OptimizerStateError, match="holds no optimizer.pt"):
+        load_scaling(tiny_model_dirs["llama"], model, blocks, False)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(OptimizerStateError, match="junk.pt is not a readable torch optimizer state"):
+        load_scaling(tmp_path / "junk.pt", model, blocks, False)
+
+
+def test_a_query_without_the_state_or_with_another_is_refused(tmp_path, checkpoints, data_file):
+    moved = tmp_path / "checkpoint"
+    shutil.copytree(checkpoints["full"], moved)
+    settings = build_settings(str(moved), sketch_dim=0, optimizer_state=str(moved))
+    build_index(data_file, tmp_path / "index", settings, progress=False)
+    (moved / "optimizer.pt").rename(tmp_path / "elsewhere.pt")
+    with pytest.raises(
+        QueryError, match=r"built with the optimizer state .*optimizer.pt .* pass --optimizer-state"
+    ):
+        Index.open(tmp_path / "index", device="cpu")
+    Index.open(tmp_path / "index", device="cpu", optimizer_state=str(tmp_path / "elsewhere.pt"))
+    state = torch.load(tmp_path / "elsewhere.pt", weights_only=True)
+    first = next(iter(state["state"].values()))
+    first["exp_avg_sq"] = first["exp_avg_sq"] * 2
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(OptimizerStateError, match="differs from the state the index was built with"):
+        Index.open(tmp_path / "index", device="cpu", optimizer_state=str(tmp_path / "other.pt"))
+    plain = build_settings(str(moved), sketch_dim=0)
+    build_index(data_file, tmp_path / "plain", plain, progress=False)
+    with pytest.raises(QueryError, match="built without --optimizer-state"):
+        Index.open(tmp_path / "plain", device="cpu", optimizer_state=str(tmp_path / "elsewhere.pt"))
+
+
+def test_the_cli_builds_with_a_state_and_refuses_a_wrong_one_on_one_line(tmp_path, checkpoints, data_file):
+    executable = [sys.executable, "-m", "rapidin_index.cli.main"]
+    build = executable + ["build", "--model", checkpoints["full"], "--data", data_file, "--k", "0"]
+    build += ["--quiet", "--device", "cpu"]
+    done = subprocess.run(
+        build + ["--index", str(tmp_path / "index"), "--optimizer-state", checkpoints["full"]],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert read_manifest(tmp_path / "index").optimizer_state["tensors"] == len(checkpoints["full_names"])
+    wrong = build + ["--index", str(tmp_path / "wrong"), "--optimizer-state", checkpoints["adapter"]]
+    done = subprocess.run(wrong, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: --optimizer-state ") and "holds" in line and "the model trains" in line

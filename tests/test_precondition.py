@@ -1,0 +1,222 @@
+"""The query-side Fisher preconditioner: scores against brute-force numpy (G^T G / N + lambda I)^-1, and the
+fitted file through fit, export/import, append, merge and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import build_settings, stored_vectors
+
+from rapidin_index import precondition
+from rapidin_index.build import build_index
+from rapidin_index.bundle_import import import_bundle
+from rapidin_index.errors import PreconditionError
+from rapidin_index.export import export_index
+from rapidin_index.manifest import read_manifest
+from rapidin_index.precondition import fit_index
+from rapidin_index.retrieval import Index, sketch_queries
+
+QUERIES = [
+    {"prompt": "What does str.upper do?", "response": "Return a copy of the string converted to uppercase."},
+    {"prompt": "What does list.sort do?", "response": "Sort the list in ascending order and return None."},
+]
+
+
+@pytest.fixture(scope="module")
+def lora_index(tmp_path_factory, tiny_model_dirs, training_file) -> str:
+    """An exact (K = 0) index of the LoRA adapter's gradients: D = a few thousand, 24 rows."""
+    folder = tmp_path_factory.mktemp("fisher") / "index"
+    settings = build_settings(tiny_model_dirs["llama"], tiny_model_dirs["llama_lora"], sketch_dim=0)
+    build_index(training_file, folder, settings, progress=False)
+    return str(folder)
+
+
+def stored_matrix(index_dir) -> np.ndarray:
+    """[N, K] float64 stored vectors by id, read with FAISS itself."""
+    vectors = stored_vectors(index_dir)
+    return np.stack([vectors[i] for i in sorted(vectors)]).astype(np.float64)
+
+
+def brute_force(vectors: np.ndarray, queries: np.ndarray, spans, damping: float) -> np.ndarray:
+    """Scores [queries, N]: each block's (G_b^T G_b / N + lambda_b I)^-1 q_b, lambda_b = damping x
+    trace / min(N, width)."""
+    rows = len(vectors)
+    out = np.zeros_like(queries, dtype=np.float64)
+    for start, stop in spans:
+        part = vectors[:, start:stop]
+        fisher = part.T @ part / rows
+        lam = damping * np.trace(fisher) / min(rows, stop - start)  # the mean nonzero eigenvalue
+        out[:, start:stop] = np.linalg.solve(fisher + lam * np.eye(stop - start), queries[:, start:stop].T).T
+    return out @ vectors.T
+
+
+def tensor_spans_of(manifest) -> list[tuple[int, int]]:
+    """Each attributed tensor's coordinates in an exact (K = 0) vector, from the manifest's shapes."""
+    ends = np.cumsum([int(np.prod(shape)) for shape in manifest.parameters["shapes"]])
+    return list(zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True))
+
+
+def scores_of(index: Index) -> np.ndarray:
+    """[queries, N] scores of QUERIES' whole generations from the index's own search, by id."""
+    prepared = [index.prepare(q["prompt"], q["response"]) for q in QUERIES]
+    results = index.query_prepared(prepared, index.manifest.row_count, explain=0, per_token=False)
+    scores = np.zeros((len(QUERIES), index.manifest.row_count))
+    for number, result in enumerate(results):
+        for hit in result.helpful:
+            scores[number, hit.id] = hit.score
+    return scores
+
+
+def plain_queries(index_dir) -> np.ndarray:
+    index = Index.open(index_dir, device="cpu", precondition="none")
+    prepared = [index.prepare(q["prompt"], q["response"]) for q in QUERIES]
+    return sketch_queries(index, prepared, per_token=False)[0].astype(np.float64)
+
+
+@pytest.mark.parametrize("structure", ["whole", "tensor"])
+def test_preconditioned_scores_equal_brute_force(tmp_path, lora_index, structure):
+    import shutil
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(lora_index, index_dir)
+    record = fit_index(index_dir, damping=0.5, structure=structure)
+    manifest = read_manifest(index_dir)
+    assert record["structure"] == structure and manifest.precondition == record
+    assert precondition.fisher_file(manifest.generation) in manifest.files
+    vectors = stored_matrix(index_dir)
+    if structure == "whole":
+        spans = [(0, vectors.shape[1])]
+    else:
+        spans = tensor_spans_of(manifest)
+        assert record["blocks"] == len(manifest.parameters["names"]) > 1
+    expected = brute_force(vectors, plain_queries(index_dir), spans, 0.5)
+    got = scores_of(Index.open(index_dir, device="cpu"))  # default: fitted, so fisher
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    # --precondition none gives the plain inner products, and the two rank the rows differently
+    plain = scores_of(Index.open(index_dir, device="cpu", precondition="none"))
+    np.testing.assert_allclose(plain, plain_queries(index_dir) @ vectors.T, rtol=1e-4, atol=1e-5)
+    assert not np.array_equal(np.argsort(-plain[0]), np.argsort(-got[0]))
+
+
+def test_the_low_rank_path_keeps_the_top_eigenpairs_and_damps_the_rest_by_their_mean(monkeypatch):
+    """A block wider than DENSE_LIMIT: its top-r eigenpairs, the rest at their mean eigenvalue; with r at
+    least the rows, exactly the dense inverse (the rest is 0)."""
+    generator = np.random.default_rng(0)
+    vectors = generator.standard_normal((30, 300)) @ np.diag(np.linspace(3, 0.1, 300))
+    queries = generator.standard_normal((4, 300))
+    monkeypatch.setattr(precondition, "DENSE_LIMIT", 50)
+    for rank in (8, 64):
+        (block,) = precondition.fit_fisher(vectors, [(0, 300)], damping=0.1, rank=rank)
+        fisher = vectors.T @ vectors / 30
+        values, basis = np.linalg.eigh(fisher)
+        values, basis = values[::-1], basis[:, ::-1]
+        kept = min(rank, 30)
+        rest = values[kept:].sum() / (300 - kept)
+        lam = 0.1 * np.trace(fisher) / 30  # min(rows, width)
+        approximated = basis @ np.diag(np.r_[values[:kept], np.full(300 - kept, rest)]) @ basis.T
+        expected = np.linalg.solve(approximated + lam * np.eye(300), queries.T).T
+        np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-4, atol=1e-5)  # float32 fit
+        if rank >= 30:
+            dense = np.linalg.solve(fisher + lam * np.eye(300), queries.T).T
+            np.testing.assert_allclose(block.apply(queries), dense, rtol=1e-4, atol=1e-5)
+
+
+def test_export_import_keeps_the_fit_and_append_drops_it(tmp_path, tiny_model_dirs, training_rows):
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:8]))
+    second.write_text("".join(json.dumps(row) + "\n" for row in training_rows[8:12]))
+    settings = build_settings(
+        tiny_model_dirs["llama"], tiny_model_dirs["llama_lora"], sketch_dim=0, fit="fisher"
+    )
+    report = build_index(first, tmp_path / "index", settings, progress=False)
+    assert any("fitted the Fisher" in note for note in report.notes)
+    fitted = scores_of(Index.open(tmp_path / "index", device="cpu"))
+    bundle = export_index(tmp_path / "index", tmp_path / "bundle.tar")
+    import_bundle(bundle, tmp_path / "imported")
+    imported = read_manifest(tmp_path / "imported")
+    assert imported.precondition is not None
+    np.testing.assert_allclose(scores_of(Index.open(tmp_path / "imported", device="cpu")), fitted, rtol=1e-5)
+    # A damaged file is refused on one line that says how to fix it.
+    name = precondition.fisher_file(imported.generation)
+    (tmp_path / "imported" / name).write_bytes(b"damaged")
+    with pytest.raises(PreconditionError, match=f"{name} does not match its checksum.*refit"):
+        Index.open(tmp_path / "imported", device="cpu")
+    # An append drops the fit and says so; asking for fisher then is refused; fit makes it current again.
+    plain = build_settings(tiny_model_dirs["llama"], tiny_model_dirs["llama_lora"], sketch_dim=0)
+    report = build_index(second, tmp_path / "index", plain, append=True, progress=False)
+    assert any("no longer covers its rows and was dropped" in note for note in report.notes)
+    manifest = read_manifest(tmp_path / "index")
+    assert manifest.precondition is None and not any(f.startswith("fisher-") for f in manifest.files)
+    assert Index.open(tmp_path / "index", device="cpu").precondition == "none"
+    with pytest.raises(PreconditionError, match="has no fitted Fisher preconditioner.*rapidin-index fit"):
+        Index.open(tmp_path / "index", device="cpu", precondition="fisher")
+    fit_index(tmp_path / "index")
+    assert read_manifest(tmp_path / "index").precondition["rows"] == 12
+
+
+def test_a_merge_drops_the_shards_fits(tmp_path, tiny_model_dirs, training_rows):
+    from rapidin_index.shards import merge_shards
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:6]))
+    for shard in range(2):
+        settings = build_settings(
+            tiny_model_dirs["llama"],
+            tiny_model_dirs["llama_lora"],
+            sketch_dim=0,
+            num_shards=2,
+            shard_index=shard,
+        )
+        build_index(data, tmp_path / f"shard{shard}", settings, progress=False)
+        fit_index(tmp_path / f"shard{shard}")
+    merged = merge_shards([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    assert merged.precondition is None and not any(f.startswith("fisher-") for f in merged.files)
+
+
+def test_the_cli_fits_and_queries_with_and_without_it(tmp_path, lora_index):
+    import shutil
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(lora_index, index_dir)
+    executable = [sys.executable, "-m", "rapidin_index.cli.main"]
+    done = subprocess.run(
+        executable + ["fit", "--index", str(index_dir), "--damping", "0.5"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fitted the Fisher of 24 rows" in done.stderr  # the console writes to stderr
+    query = executable + ["query", "--index", str(index_dir), "--device", "cpu", "--explain", "0"]
+    query += ["--prompt", QUERIES[0]["prompt"], "--response", QUERIES[0]["response"], "--per-token", "off"]
+    query += ["--format", "json", "--top-k", "24"]
+    results = {}
+    for option in ("fisher", "none"):
+        done = subprocess.run(query + ["--precondition", option], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        value = json.loads(done.stdout)
+        assert value["index"]["precondition"] == option
+        results[option] = {hit["id"]: hit["score"] for hit in value["helpful"]}
+    vectors = stored_matrix(index_dir)
+    spans = tensor_spans_of(read_manifest(index_dir))  # auto: per tensor, as K = 0 keeps tensors apart
+    assert read_manifest(index_dir).precondition["structure"] == "tensor"
+    expected = brute_force(vectors, plain_queries(index_dir)[:1], spans, 0.5)[0]
+    got = np.array([results["fisher"][i] for i in range(24)])
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    done = subprocess.run(query + ["--precondition", "both"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --precondition 'both' is not one of none, fisher"
+    ]
+
+
+def test_a_block_with_more_rows_than_coordinates_is_decomposed_densely():
+    generator = np.random.default_rng(1)
+    vectors = generator.standard_normal((80, 40)) * np.linspace(2, 0.01, 40)
+    queries = generator.standard_normal((3, 40))
+    (block,) = precondition.fit_fisher(vectors, [(0, 40)], damping=0.3, rank=4)
+    assert block.eigenvectors.shape == (40, 40) and block.rest == 0  # every eigenpair, whatever the rank
+    fisher = vectors.T @ vectors / 80
+    lam = 0.3 * np.trace(fisher) / 40  # min(rows, width)
+    expected = np.linalg.solve(fisher + lam * np.eye(40), queries.T).T
+    np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-4, atol=1e-5)  # float32
