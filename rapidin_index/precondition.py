@@ -271,9 +271,9 @@ def fit_index(
     import time
 
     from rapidin_index import store
+    from rapidin_index.checksums import file_entry
     from rapidin_index.lock import writer_lock
     from rapidin_index.manifest import read_manifest, write_manifest
-    from rapidin_index.verify import file_entry
 
     index_dir = Path(index_dir)
     started = time.perf_counter()
