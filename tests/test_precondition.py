@@ -14,7 +14,7 @@ from conftest import build_settings, stored_vectors
 from rapidin_index import precondition
 from rapidin_index.build import build_index
 from rapidin_index.bundle_import import import_bundle
-from rapidin_index.errors import PreconditionError
+from rapidin_index.errors import IntegrityError, PreconditionError
 from rapidin_index.export import export_index
 from rapidin_index.manifest import read_manifest
 from rapidin_index.precondition import fit_index
@@ -140,10 +140,11 @@ def test_export_import_keeps_the_fit_and_append_drops_it(tmp_path, tiny_model_di
     imported = read_manifest(tmp_path / "imported")
     assert imported.precondition is not None
     np.testing.assert_allclose(scores_of(Index.open(tmp_path / "imported", device="cpu")), fitted, rtol=1e-5)
-    # A damaged file is refused on one line that says how to fix it.
+    # A damaged file is refused on one line that says how to fix it (by the open's check of every listed
+    # file, before the fit is read)
     name = precondition.fisher_file(imported.generation)
     (tmp_path / "imported" / name).write_bytes(b"damaged")
-    with pytest.raises(PreconditionError, match=f"{name} does not match its checksum.*refit"):
+    with pytest.raises(IntegrityError, match=f"{name} does not match its checksum.*re-import"):
         Index.open(tmp_path / "imported", device="cpu")
     # An append drops the fit and says so; asking for fisher then is refused; fit makes it current again.
     plain = build_settings(tiny_model_dirs["llama"], tiny_model_dirs["llama_lora"], sketch_dim=0)
