@@ -15,6 +15,7 @@ passes (`token_gradients`); every vector of every query is searched in one scan 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -550,10 +551,28 @@ def join_text(index: Index, results: list[QueryResult]) -> None:
 
 def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count: int) -> None:
     """Training-token scores (SPEC 2.4, Eq. 6) for the top ``count`` helpful and harmful hits."""
+    hits = result.helpful[:count] + result.harmful[:count]
+    for hit, explanation in zip(hits, explanations(index, query, hits), strict=True):
+        hit.explanation = explanation
+
+
+def explain_row(index: Index, query: PreparedQuery, training_example_id: int) -> dict:
+    """The training-token scores of one stored row against ``query``, as `explain_hits` gives a hit
+    (the server's page asks for a hit outside the top ``explain``)."""
+    row = store.rows_of_hits(index.path, index.table, [training_example_id])[training_example_id]
+    hit = SimpleNamespace(
+        id=training_example_id, source=row["source"], prompt=row["prompt"], response=row["response"]
+    )
+    return explanations(index, query, [hit])[0]
+
+
+def explanations(index: Index, query: PreparedQuery, hits: list) -> list[dict]:
+    """Each hit's ``explanation``: its training tokens scored against the query's exact direction."""
+    if not hits:
+        return []
     tokenizer, manifest, blocks = index.loaded.tokenizer, index.manifest, index.blocks
     direction = exact_query_direction(index, query)
     per_block = [direction[b.offset : b.offset + b.numel] for b in blocks]
-    hits = result.helpful[:count] + result.harmful[:count]
     examples = [
         tokenize_example(
             training_row(index, hit), None, tokenizer, manifest.max_length, manifest.tokenization
@@ -578,8 +597,8 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
             )
             for example in examples
         ]
-    for hit, scores in zip(hits, every_scores, strict=True):
-        hit.explanation = {
+    return [
+        {
             "tokens": [
                 {"token": tokenizer.decode([token_id]), "token_id": token_id, "score": score}
                 for token_id, score in zip(scores.token_ids, scores.scores, strict=True)
@@ -590,6 +609,8 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
             # default normalisation; ``hit.score`` is its sketched estimate when K > 0.
             "exact_score": float(np.mean(scores.scores)) if scores.scores else 0.0,
         }
+        for scores in every_scores
+    ]
 
 
 def _stop_ids(loaded) -> set[int]:

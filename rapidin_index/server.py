@@ -67,6 +67,7 @@ def create_app(index: Index, limits: Limits | None = None) -> Starlette:
         Route("/api/info", answers_json(endpoints.info), methods=["GET"]),
         Route("/api/query", answers_json(endpoints.query), methods=["POST"]),
         Route("/api/rows/{id}", answers_json(endpoints.row), methods=["GET"]),
+        Route("/api/explain", answers_json(endpoints.explain), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
@@ -121,6 +122,32 @@ class Endpoints:
                 options.rerank,
                 options.where,
             )
+
+    async def explain(self, request: Request) -> JSONResponse:
+        """One training row's token scores against a query (a hit outside the top ``explain``)."""
+        body = await read_json_body(request, self.limits.max_body_bytes)
+        row_id = body.pop("id", None)
+        if isinstance(row_id, bool) or not isinstance(row_id, int) or row_id < 0:
+            raise RequestError(f"'id' is the training row to explain, a whole number from 0, got {row_id!r}")
+        parsed = parse_query_request(body, self.limits)  # refused here, before any work
+        if parsed.several or parsed.options.generate:
+            raise RequestError(
+                "explain takes one query with its response: 'prompt' and 'response' (no generate)"
+            )
+        explanation = await run_in_threadpool(self.explanation, parsed, parse_row_id(str(row_id)))
+        return JSONResponse({"id": row_id, "explanation": explanation})
+
+    def explanation(self, parsed: QueryRequest, training_example_id: int) -> dict:
+        from rapidin_index.retrieval import explain_row
+
+        with self.query_lock:
+            if training_example_id not in metadata.read_rows(self.index.table, [training_example_id]):
+                raise RequestError(
+                    f"no training row {training_example_id} in this index (rejected at build, or past its ids)",
+                    404,
+                )
+            prepared = prepare_queries(self.index, parsed, self.limits)[0]
+            return explain_row(self.index, prepared, training_example_id)
 
     async def row(self, request: Request) -> JSONResponse:
         training_example_id = parse_row_id(request.path_params["id"])

@@ -134,6 +134,42 @@ def test_a_query_answers_the_cli_schema_with_the_library_s_numbers(served, opene
     assert_sorted(result)
 
 
+def test_explain_scores_one_more_row_as_the_query_s_explain_does(served):
+    """POST /api/explain: a hit outside the top `explain` gets the token scores the query itself gives
+    when `explain` reaches it."""
+    result = post(served, {"prompt": PROMPT, "response": RESPONSE, "top_k": 3, "explain": 3}).json()
+    for hit in (result["helpful"][2], result["harmful"][1]):
+        answer = served.post("/api/explain", json={"prompt": PROMPT, "response": RESPONSE, "id": hit["id"]})
+        assert answer.status_code == 200, answer.text
+        explanation = answer.json()["explanation"]
+        assert answer.json()["id"] == hit["id"]
+        assert [t["token"] for t in explanation["tokens"]] == [
+            t["token"] for t in hit["explanation"]["tokens"]
+        ]
+        assert [t["score"] for t in explanation["tokens"]] == pytest.approx(
+            [t["score"] for t in hit["explanation"]["tokens"]], rel=1e-4, abs=1e-6
+        )
+        assert explanation["exact_score"] == pytest.approx(
+            hit["explanation"]["exact_score"], rel=1e-4, abs=1e-6
+        )
+
+
+@pytest.mark.parametrize(
+    "body,status,reason",
+    [
+        ({"prompt": PROMPT, "response": RESPONSE}, 400, "'id' is the training row to explain"),
+        ({"prompt": PROMPT, "response": RESPONSE, "id": -1}, 400, "a whole number from 0"),
+        ({"prompt": PROMPT, "response": RESPONSE, "id": "7"}, 400, "a whole number from 0"),
+        ({"prompt": PROMPT, "response": RESPONSE, "id": 10**9}, 404, "no training row 1000000000"),
+        ({"prompt": PROMPT, "generate": True, "id": 0}, 400, "explain takes one query with its response"),
+        ({"prompt": PROMPT, "response": RESPONSE, "id": 0, "colour": 1}, 400, "unknown field(s) colour"),
+    ],
+)
+def test_explain_refuses_what_it_cannot_answer(served, body, status, reason):
+    answer = served.post("/api/explain", json=body)
+    assert answer.status_code == status and reason in answer.json()["error"], answer.text
+
+
 def test_generate_attributes_the_model_s_own_continuation(served, opened):
     result = post(served, {"prompt": PROMPT, "generate": True, "max_new_tokens": 6, "explain": 0}).json()
     assert result["query"]["generated"] is True
@@ -436,6 +472,18 @@ def test_the_page_answers_a_query_and_opens_a_token_and_a_hit(page, served):
     assert heat == [token["token"] for token in top["explanation"]["tokens"]]
     assert "whole generation: helpful #1" in page.text_content("#detail-scores")
     assert page.text_content("#detail-response") == served.get(f"/api/rows/{top['id']}").json()["response"]
+
+    page.locator("#helpful .example-card").nth(5).click()  # past the top 'explain': scored on request
+    sixth = expected["helpful"][5]
+    page.wait_for_selector(f"#detail[data-loaded][data-id='{sixth['id']}']")
+    assert "explanation" not in sixth and page.locator("#detail-heatmap .train-token").count() == 0
+    page.click("#detail-heatmap .explain-one")
+    page.wait_for_selector("#detail-heatmap .train-token", timeout=120_000)
+    heat = page.locator("#detail-heatmap .train-token").evaluate_all("nodes => nodes.map(n => n.textContent)")
+    asked = {"prompt": PROMPT, "response": RESPONSE, "id": sixth["id"]}
+    direct = served.post("/api/explain", json=asked).json()["explanation"]
+    assert heat == [token["token"] for token in direct["tokens"]]
+    assert "whole generation: helpful #6" in page.text_content("#detail-scores")
     assert page.console_errors == []
 
 
