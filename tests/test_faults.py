@@ -183,9 +183,17 @@ def _build_in_child(data: str, index_dir: str, settings, append: bool) -> None:
     build_index(data, index_dir, settings, append=append, progress=False)
 
 
+def _children():
+    """Children forked from a fork server that imported the build and nothing else: a fork of the test
+    worker itself (torch's and LanceDB's threads running) can crash in the child (seen in CI: SIGSEGV)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "rapidin_index.build", "rapidin_index.models"])
+    return context
+
+
 def run_child(data: Path, index_dir: Path, settings, append: bool, kill_after: float | None) -> float:
-    """Run a build in a forked child; SIGKILL it after ``kill_after`` seconds (if still running)."""
-    context = multiprocessing.get_context("fork")
+    """Run a build in a child (`_children`); SIGKILL it after ``kill_after`` seconds (if still running)."""
+    context = _children()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lancedb's note that its fork support is experimental
         child = context.Process(target=_build_in_child, args=(str(data), str(index_dir), settings, append))
