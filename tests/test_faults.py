@@ -176,9 +176,12 @@ def test_append_onto_a_damaged_index_is_refused_before_any_work(campaign, tmp_pa
 # --------------------------------------------------------------------------- killed writers
 
 
-def _build_in_child(data: str, index_dir: str, settings, append: bool) -> None:
+def _build_in_child(data: str, index_dir: str, settings, append: bool, environment: dict) -> None:
     import torch
 
+    for name in [name for name in os.environ if name.startswith("RAPIDIN_INDEX_")]:
+        del os.environ[name]  # the fork server's environment is the one it started with, not the test's
+    os.environ.update(environment)
     torch.set_num_threads(1)
     build_index(data, index_dir, settings, append=append, progress=False)
 
@@ -196,7 +199,9 @@ def run_child(data: Path, index_dir: Path, settings, append: bool, kill_after: f
     context = _children()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lancedb's note that its fork support is experimental
-        child = context.Process(target=_build_in_child, args=(str(data), str(index_dir), settings, append))
+        environment = {name: value for name, value in os.environ.items() if name.startswith("RAPIDIN_INDEX_")}
+        arguments = (str(data), str(index_dir), settings, append, environment)
+        child = context.Process(target=_build_in_child, args=arguments)
         started = time.perf_counter()
         child.start()
     child.join(kill_after if kill_after is not None else 120)
