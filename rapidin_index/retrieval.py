@@ -46,7 +46,7 @@ from rapidin_index.rerank import exact_query_direction, rerank_hits, training_ro
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, SketchSettings
 from rapidin_index.sketch import make_projector
-from rapidin_index.token_attribution import score_examples, training_token_scores
+from rapidin_index.token_attribution import score_examples
 from rapidin_index.token_gradients import sketch_loss_combinations
 from rapidin_index.verify import check_files
 
@@ -579,24 +579,11 @@ def explanations(index: Index, query: PreparedQuery, hits: list) -> list[dict]:
         )[:2]
         for hit in hits
     ]
-    scaling = index.optimizer_scaling
-    if scaling is None:  # all hits in one batch: one hooked backward and one forward-mode pass
-        every_scores = score_examples(
-            index.loaded.model, blocks, examples, per_block, manifest.normalize, tokenizer.pad_token_id
-        )
-    else:  # gradients divided by the optimizer's sqrt(v): the one-hit path takes the scales
-        scales = [scaling.scales[b.name] for b in blocks]
-        every_scores = [
-            training_token_scores(
-                index.loaded.model,
-                blocks,
-                collate([example], tokenizer.pad_token_id, index.device),
-                per_block,
-                manifest.normalize,
-                scales=scales,
-            )
-            for example in examples
-        ]
+    scaling = index.optimizer_scaling  # all hits in one batch, unless the optimizer's scales apply
+    scales = None if scaling is None else [scaling.scales[b.name] for b in blocks]
+    every_scores = score_examples(
+        index.loaded.model, blocks, examples, per_block, manifest.normalize, tokenizer.pad_token_id, scales
+    )
     return [
         {
             "tokens": [

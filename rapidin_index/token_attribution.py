@@ -148,19 +148,27 @@ def score_examples(
     query_direction: list[torch.Tensor],
     normalize: str = "layer",
     pad_token_id: int = 0,
+    scales: list[torch.Tensor] | None = None,
 ) -> list[TokenScores]:
     """``training_token_scores`` of several (input_ids, labels) examples against one query direction:
-    all at once (:func:`batched_training_token_scores`), or one by one where that does not apply."""
+    all at once (:func:`batched_training_token_scores`), or one by one where that does not apply (a
+    module without a per-example rule, or ``scales``: gradients divided by an optimizer's sqrt(v))."""
     if not examples:
         return []
     device = blocks[0].parameter.device if blocks else "cpu"
-    batch = collate(examples, pad_token_id, device)
-    scores = batched_training_token_scores(model, blocks, batch, query_direction, normalize)
-    if scores is not None:
-        return scores
+    if scales is None:
+        batch = collate(examples, pad_token_id, device)
+        scores = batched_training_token_scores(model, blocks, batch, query_direction, normalize)
+        if scores is not None:
+            return scores
     return [
         training_token_scores(
-            model, blocks, collate([example], pad_token_id, device), query_direction, normalize
+            model,
+            blocks,
+            collate([example], pad_token_id, device),
+            query_direction,
+            normalize,
+            scales=scales,
         )
         for example in examples
     ]
