@@ -36,9 +36,11 @@ from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
 from rapidin_index.gradients import GradientSketcher, normalize_flat, reference_gradient
 from rapidin_index.losses import Batch, collate, example_losses
 from rapidin_index.models import ModelSettings, load_model, select_parameters
-from rapidin_index.rapidgrad import padded_dim, rademacher_signs, shuffle_plan
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch
+from rapidin_index.sketch.hashed import padded_dim
+from rapidin_index.sketch.hashing import rademacher_signs
+from rapidin_index.sketch.v1 import shuffle_plan
 
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
 TOLERANCE = 1e-4

@@ -129,7 +129,7 @@ def micro_timings(sketch_dims: list[int], batch: int = 8, tokens: int = 40) -> l
 
 
 def time_one_call(grads: torch.Tensor, inputs: torch.Tensor, sketch_dim: int) -> dict:
-    from rapidin_index.factored import RapidGradTSProjector, fft_is_cheaper
+    from rapidin_index.sketch.ts import RapidGradTSProjector, fft_is_cheaper
 
     batch, tokens, rows = grads.shape
     cols = inputs.shape[2]

@@ -29,7 +29,7 @@ import torch
 from build_throughput import docstring_rows, tokenized_rows
 from factored import exact_scores, mean_spearman, sketch_all, timed
 
-import rapidin_index.kronecker as kronecker
+import rapidin_index.sketch.kron as kronecker
 from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate

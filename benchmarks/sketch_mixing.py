@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
-from rapidin_index.rapidgrad import padded_dim, rademacher_signs
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector
+from rapidin_index.sketch.hashed import padded_dim
+from rapidin_index.sketch.hashing import rademacher_signs
 
 SKETCH_DIM = 1 << 16
 BLOCK = 4096

@@ -100,7 +100,7 @@ def index_identity(
 ) -> dict:
     """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
     from rapidin_index.capture import gradient_blocks, gradient_dim
-    from rapidin_index.rapidgrad import padded_dim
+    from rapidin_index.sketch.hashed import padded_dim
 
     blocks = gradient_blocks(selected)
     dim = gradient_dim(blocks)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import OuterFactors
+from rapidin_index.factors import OuterFactors
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ class GradientCapture:
         return total
 
     def example_factors(self, block: GradientBlock, batch_size: int) -> list[OuterFactors] | None:
-        """The 2-D block's per-example gradient as outer-product factors (``factored.OuterFactors``).
+        """The 2-D block's per-example gradient as outer-product factors (``factors.OuterFactors``).
 
         None where some module using it is not a linear, Conv1D or embedding weight, or no call reached
         the loss; those blocks are materialised by :meth:`example_gradients` instead.

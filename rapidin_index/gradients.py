@@ -15,7 +15,7 @@ block to unit L2 norm before the block is sketched (SPEC 2.2), so the full gradi
 A linear, Conv1D or embedding weight's per-example gradient is a sum of outer products over tokens, so
 it can be handed to the sketch as its factors (``GradientCapture.example_factors``) instead of
 materialised: rapidgrad-ts and rapidgrad-kron sketch any such block that way
-(:mod:`rapidin_index.factored`, :mod:`rapidin_index.kronecker`), every other projector the embeddings
+(:mod:`rapidin_index.sketch.ts`, :mod:`rapidin_index.sketch.kron`; the factors are :mod:`rapidin_index.factors`), every other projector the embeddings
 (their looked-up rows, scattered), with norms from token Gram matrices.
 """
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from rapidin_index.capture import GradientBlock, GradientCapture
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import (
+from rapidin_index.factors import (
     GramCache,
     OuterFactors,
     factors_gradient,
@@ -40,6 +40,7 @@ from rapidin_index.factored import (
 from rapidin_index.losses import Batch, example_losses
 from rapidin_index.manifest import software_version
 from rapidin_index.settings import NORMALIZATIONS
+from rapidin_index.sketch.projectors import FactorProjector, NormingFactorProjector
 
 FACTORED_MODES = ("auto", "never")
 
@@ -224,7 +225,7 @@ class GradientSketcher:
         rapidgrad-ts and rapidgrad-kron sketch any factors; every other projector takes embedding rows
         only (a sparse scatter of the looked-up rows, instead of a dense [batch, vocab, dim] gradient).
         """
-        if hasattr(self.projector, "sketch_factors"):
+        if isinstance(self.projector, NormingFactorProjector):
             sketch, squared = self.projector.sketch_factors(factors, block.offset)  # [batch, K], [batch]
             if not bool(torch.isfinite(squared).all()):
                 return False
@@ -232,12 +233,12 @@ class GradientSketcher:
             return True
         dense = any(factor.ids is None for factor in factors)
         large = block.numel > SELF_CHECK_MAX_NUMEL
-        if dense and not large and not hasattr(self.projector, "project_factors"):
+        if dense and not large and not isinstance(self.projector, FactorProjector):
             return False
         squared = squared_norms(factors, state.grams)  # [batch] from the token Gram matrices
         if not bool(torch.isfinite(squared).all()):
             return False
-        if hasattr(self.projector, "project_factors"):  # rapidgrad-kron: scaled, straight into the batch's
+        if isinstance(self.projector, FactorProjector):  # rapidgrad-kron: scaled, straight into the batch's
             state.add_factors(block, factors, squared, self.normalize)
         elif dense:  # a tied head under v1, v2 or exact
             state.add_row_chunks(block, factors, squared, self.normalize)

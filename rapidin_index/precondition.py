@@ -157,7 +157,7 @@ def tensor_spans(manifest) -> list[tuple[int, int]] | None:
         return [(offset, offset + size) for offset, size in zip(offsets, sizes, strict=True)]
     if sketch.get("algorithm") != "rapidgrad-kron":
         return None
-    from rapidin_index.kronecker import kron_layout
+    from rapidin_index.sketch.kron import kron_layout
 
     segments = kron_layout(
         list(zip(offsets, shapes, strict=True)), sketch["gradient_dim"], sketch["sketch_dim"]

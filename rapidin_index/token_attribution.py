@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rapidin_index.capture import GradientBlock, GradientCapture, embedding_scale
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import TokenAttributionError
-from rapidin_index.factored import squared_norms
+from rapidin_index.factors import squared_norms
 from rapidin_index.gradients import _frozen
 from rapidin_index.losses import Batch, collate, example_losses, token_losses
 from rapidin_index.settings import NORMALIZATIONS

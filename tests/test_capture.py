@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rapidin_index.capture import GradientCapture, _module_kind, gradient_blocks, gradient_dim
 from rapidin_index.errors import GradientError
-from rapidin_index.factored import factors_gradient
+from rapidin_index.factors import factors_gradient
 
 
 class OwnForwardLinear(nn.Linear):

@@ -37,8 +37,25 @@ def test_importing_the_package_and_the_cli_pays_for_no_heavy_library():
     assert loaded == "[]"
 
 
+def module_name(path: Path) -> str:
+    """rapidin_index.sketch.v2 for rapidin_index/sketch/v2.py; a package is its __init__.py."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def product_files() -> list[Path]:
+    """Every module of the product, subpackages included (the demo is not the product)."""
+    return sorted(
+        path for path in PACKAGE.rglob("*.py") if "demo" not in path.relative_to(PACKAGE).parts and path != PACKAGE / "__init__.py"
+    )
+
+
 def product_modules() -> list[str]:
-    return sorted(f"rapidin_index.{path.stem}" for path in PACKAGE.glob("*.py") if path.stem != "__init__")
+    return [module_name(path) for path in product_files()]
+
+
+def test_the_walk_reaches_the_subpackages():
+    assert {"rapidin_index.sketch", "rapidin_index.sketch.v2", "rapidin_index.sketch.kron"} <= set(product_modules())
 
 
 def test_the_product_never_imports_the_demo():
@@ -66,7 +83,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 def test_no_two_product_modules_import_each_other_in_a_cycle():
-    graph = {f"rapidin_index.{p.stem}": imports_of(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {module_name(path): imports_of(path) for path in product_files()}
     graph = {module: {d for d in deps if d in graph} for module, deps in graph.items()}
     for start in graph:
         stack, seen = [(start, [start])], set()

@@ -21,11 +21,12 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from rapidin_index import gradients, kronecker
+from rapidin_index import gradients
 from rapidin_index.capture import GradientCapture, gradient_blocks, gradient_dim
 from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import Batch
 from rapidin_index.settings import SketchSettings
+from rapidin_index.sketch import kron as kronecker
 from rapidin_index.sketch import make_projector
 
 ALGORITHMS = [

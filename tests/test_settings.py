@@ -110,14 +110,15 @@ def test_auto_sketches_from_factors_at_any_k_where_v2_could_not_cache_its_mappin
 
     big_lora = meta_blocks(("q.lora_A.default.weight", (MAPPING_CACHE_LIMIT, 2)))
     assert resolve_algorithm(small_k, big_lora).algorithm == "rapidgrad-v2"  # adapters stay flat
-    from rapidin_index.rapidgrad import DEFAULT_CACHE_LIMIT
+    from rapidin_index.sketch.hashed import DEFAULT_CACHE_LIMIT
 
     assert DEFAULT_CACHE_LIMIT == MAPPING_CACHE_LIMIT  # the rule follows the projector's real limit
 
 
 def test_k_not_given_is_exact_up_to_the_default_k_and_the_default_past_it():
     from rapidin_index.settings import DEFAULT_SKETCH_DIM, resolve_sketch_dim
-    from rapidin_index.sketch import ExactProjector, make_projector, reference_sketch
+    from rapidin_index.sketch import make_projector, reference_sketch
+    from rapidin_index.sketch.exact import ExactProjector
 
     not_given = SketchSettings()
     assert not_given.sketch_dim is None and default_of(SketchSettings, "sketch_dim") is None

@@ -15,15 +15,15 @@ from conftest import (
     low_rank_sketch_estimates,
     tensor_digest,
 )
-from test_factored import assert_factored_equals_brute_force, assert_non_finite_block_is_flagged
 from test_gradients import load
+from test_ts import assert_factored_equals_brute_force, assert_non_finite_block_is_flagged
 
 from rapidin_index.capture import gradient_dim
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import OuterFactors, factors_gradient
-from rapidin_index.kronecker import RapidGradKronProjector, kron_layout, side_hash
+from rapidin_index.factors import OuterFactors, factors_gradient
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch
+from rapidin_index.sketch.kron import RapidGradKronProjector, kron_layout, side_hash
 
 KRON = "rapidgrad-kron"
 
@@ -133,7 +133,7 @@ def test_inner_products_are_unbiased_with_noise_of_order_one_over_sqrt_k():
 def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
     here = side_hash(11, 12345, 3, 2, 300, 16)
     assert digest_in_another_process(
-        "from rapidin_index.kronecker import side_hash", "side_hash(11, 12345, 3, 2, 300, 16)"
+        "from rapidin_index.sketch.kron import side_hash", "side_hash(11, 12345, 3, 2, 300, 16)"
     ) == tensor_digest(here)
     bins, signs = here
     assert int(bins.min()) == 0 and int(bins.max()) == 15 and set(signs.tolist()) == {-1.0, 1.0}

@@ -1,4 +1,4 @@
-"""rapidgrad-v1 and rapidgrad-v2 (rapidgrad.py): their permutations, signs and caches, pinned outputs,
+"""rapidgrad-v1 and rapidgrad-v2 (sketch/v1.py, sketch/v2.py): their permutations, signs and caches, pinned outputs,
 mixing, and the fast projectors against the literal reference."""
 
 import math
@@ -9,18 +9,12 @@ import torch
 from conftest import digest_in_another_process, tensor_digest
 
 from rapidin_index.errors import SketchError
-from rapidin_index.rapidgrad import (
-    MAX_DIVISOR,
-    KeyedPermutation,
-    RapidGradProjector,
-    RapidGradV2Projector,
-    padded_dim,
-    prime_factors,
-    rademacher_signs,
-    shuffle_plan,
-)
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch
+from rapidin_index.sketch.hashed import padded_dim
+from rapidin_index.sketch.hashing import rademacher_signs
+from rapidin_index.sketch.v1 import MAX_DIVISOR, RapidGradV1Projector, prime_factors, shuffle_plan
+from rapidin_index.sketch.v2 import KeyedPermutation, RapidGradV2Projector
 
 V1, V2 = "rapidgrad-v1", "rapidgrad-v2"
 LLAMA_2_7B = 6_738_415_616  # full fine-tuning: padded to 2^16 * 229 * 449 at K = 2^16
@@ -56,7 +50,7 @@ def test_v2_transform_is_determined_by_seed_dim_k_only():
 
 def test_v1_outputs_are_unchanged():
     # Pinned from rapidgrad-v1 before rapidgrad-v2 existed: indexes built with v1 must keep opening.
-    projector = RapidGradProjector(SketchSettings(64, 20, 7, V1), 1000)
+    projector = RapidGradV1Projector(SketchSettings(64, 20, 7, V1), 1000)
     positions = projector.final_positions(0, projector.padded_dim)
     assert positions[:8].tolist() == [443, 431, 435, 432, 426, 444, 439, 437]
     assert int((positions * torch.arange(1024)).sum()) == 239483040
@@ -66,7 +60,7 @@ def test_v1_outputs_are_unchanged():
     vector = torch.arange(1000, dtype=torch.float32).sin()
     expected = [3.7547755241394043, 0.6393808126449585, 0.8052871823310852, -0.5618718266487122]
     assert reference_sketch(vector, SketchSettings(64, 20, 7, V1))[:4].tolist() == pytest.approx(expected)
-    at_7b = RapidGradProjector(SketchSettings(65536, 20, 42, V1), LLAMA_2_7B)
+    at_7b = RapidGradV1Projector(SketchSettings(65536, 20, 42, V1), LLAMA_2_7B)
     assert at_7b.final_positions(1_000_000_000, 4).tolist() == [
         4744450611,
         4744525670,
@@ -146,7 +140,7 @@ def test_v2_vectorised_permutation_equals_plain_integers(size):
 
 def test_v2_permutation_depends_only_on_seed_and_size_across_processes():
     call = "[KeyedPermutation(6_580_736, 9)(torch.arange(0, 6_580_736, 97))]"
-    import_line = "import torch; from rapidin_index.rapidgrad import KeyedPermutation"
+    import_line = "import torch; from rapidin_index.sketch.v2 import KeyedPermutation"
     here = KeyedPermutation(6_580_736, 9)(torch.arange(0, 6_580_736, 97))
     assert digest_in_another_process(import_line, call) == tensor_digest([here])
 
@@ -209,7 +203,9 @@ def test_v2_variance_of_a_structured_block_matches_a_random_permutation():
     assert 0.7 < np.var(estimates) / ideal < 1.35
 
 
-@pytest.mark.parametrize("projector_class,algorithm", [(RapidGradProjector, V1), (RapidGradV2Projector, V2)])
+@pytest.mark.parametrize(
+    "projector_class,algorithm", [(RapidGradV1Projector, V1), (RapidGradV2Projector, V2)]
+)
 def test_projector_caches_bins_below_the_limit_only(projector_class, algorithm):
     settings = SketchSettings(64, 2, 0, algorithm)
     small = projector_class(settings, 1000)
@@ -236,9 +232,9 @@ def test_v2_positions_on_cuda_equal_cpu():
 
 def test_projectors_refuse_settings_of_another_algorithm():
     with pytest.raises(SketchError):
-        RapidGradProjector(SketchSettings(0), 10)
+        RapidGradV1Projector(SketchSettings(0), 10)
     with pytest.raises(SketchError, match="rapidgrad-v1"):
-        RapidGradProjector(SketchSettings(64), 10)
+        RapidGradV1Projector(SketchSettings(64), 10)
     with pytest.raises(SketchError):
         RapidGradV2Projector(SketchSettings(64, algorithm=V1), 10)
     with pytest.raises(SketchError, match="2\\^62"):

@@ -1,6 +1,6 @@
 """rapidgrad-kron: every parameter tensor gets its own bins, and a weight matrix a Kronecker count sketch.
 
-rapidgrad-ts (`factored`) spreads every weight matrix over all K bins, so a factored sketch of a linear
+rapidgrad-ts (`sketch.ts`) spreads every weight matrix over all K bins, so a factored sketch of a linear
 layer costs a materialised matmul and a scatter of rows x cols values per example (or an FFT of K per
 token). rapidgrad-kron instead gives each parameter tensor a segment of the K bins of its own
 (``kron_layout``) and sketches a (rows, cols) block in it as ``pieces`` independent Kronecker count
@@ -18,7 +18,7 @@ Kronecker sketch pays for coordinates sharing a row or a column (BENCHMARKS.md, 
 Piece k of an outer product u v^T is ``(C1_k u) (C2_k v)^T`` with C the signed 0/1 count-sketch matrices,
 so the sketch of a per-example gradient ``sum_t u_t v_t^T`` is two small matmuls per token and one
 [a, T] x [T, b] product per piece (``project_factors``): no [rows, cols] gradient is formed and nothing
-is scattered. The block's layer norm comes from the token Gram matrices (`factored.squared_norms`).
+is scattered. The block's layer norm comes from the token Gram matrices (`factors.squared_norms`).
 A materialised block (``project_block``: exact-path tensors, norm weights, biases, the reference) is
 scattered coordinate by coordinate into the same bins.
 """
@@ -32,15 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.factored import (
-    OuterFactors,
-    _index_hash,
-    _word,
-    _word_after,
-    batched_matmul,
-    shared_example,
-)
+from rapidin_index.factors import OuterFactors, batched_matmul, shared_example
 from rapidin_index.settings import SketchSettings
+from rapidin_index.sketch.hashing import index_hash, word, word_after
 
 KRON_ALGORITHM = "rapidgrad-kron"
 
@@ -176,11 +170,11 @@ def side_hashes(
     indices = indices.to(device=device, dtype=torch.int64).expand(pieces, -1)
     numbers = range(first_piece, first_piece + pieces)
 
-    prefix = _word(seed, offset, side)
+    prefix = word(seed, offset, side)
 
-    def keyed(role: int) -> torch.Tensor:  # one key a piece (a row): _word(seed, offset, side, piece, role)
-        keys = [_word_after(prefix, piece, role) for piece in numbers]
-        return _index_hash(indices, torch.tensor(keys, dtype=torch.int64, device=device)[:, None])
+    def keyed(role: int) -> torch.Tensor:  # one key a piece (a row): word(seed, offset, side, piece, role)
+        keys = [word_after(prefix, piece, role) for piece in numbers]
+        return index_hash(indices, torch.tensor(keys, dtype=torch.int64, device=device)[:, None])
 
     hashed = indices.clone() if bins >= size else (keyed(0) * bins) >> 32
     signs = 1.0 - 2.0 * (keyed(1) & 1).to(torch.float32)
@@ -361,7 +355,7 @@ class RapidGradKronProjector:
         bins = (segment.start + torch.arange(segment.width, device=out.device)) % self.output_dim
         out.index_add_(1, bins, sketch)  # only when K is smaller than the tensors need: the bins wrap
 
-    def bins_and_signs(self, segment: KronSegment, piece: int, first: int, last: int):
+    def piece_bins_and_signs(self, segment: KronSegment, piece: int, first: int, last: int):
         """(bins [n] int64, signs [n] float32) of the tensor's coordinates [first, last) in one piece."""
         h1, s1, h2, s2 = self.hashes(segment)[piece]
         local = torch.arange(first, last, dtype=torch.int64, device=self.device)
@@ -381,7 +375,7 @@ class RapidGradKronProjector:
                 stop = min(last, chunk + _SCATTER_CHUNK)
                 values = block[:, chunk - offset : stop - offset].to(torch.float32)
                 for piece in range(segment.pieces):
-                    bins, signs = self.bins_and_signs(
+                    bins, signs = self.piece_bins_and_signs(
                         segment, piece, chunk - segment.offset, stop - segment.offset
                     )
                     out.index_add_(1, bins, values * signs)

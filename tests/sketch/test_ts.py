@@ -15,19 +15,13 @@ from conftest import (
 from test_gradients import load, sequences
 
 from rapidin_index.capture import gradient_dim
-from rapidin_index.factored import (
-    OuterFactors,
-    RapidGradTSProjector,
-    factors_gradient,
-    fft_is_cheaper,
-    matrix_hash,
-    squared_norms,
-)
+from rapidin_index.factors import OuterFactors, factors_gradient, squared_norms
 from rapidin_index.gradients import GradientSketcher
 from rapidin_index.losses import collate
-from rapidin_index.rapidgrad import RapidGradV2Projector
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector, reference_sketch
+from rapidin_index.sketch.ts import RapidGradTSProjector, fft_is_cheaper, matrix_hash
+from rapidin_index.sketch.v2 import RapidGradV2Projector
 
 TS = "rapidgrad-ts"
 
@@ -125,7 +119,7 @@ def test_inner_products_are_unbiased_with_noise_of_order_one_over_sqrt_k():
 def test_hash_is_fixed_by_seed_offset_and_shape_across_processes():
     here = matrix_hash(11, 12345, 300, 200, 4096)
     assert digest_in_another_process(
-        "from rapidin_index.factored import matrix_hash", "matrix_hash(11, 12345, 300, 200, 4096)"
+        "from rapidin_index.sketch.ts import matrix_hash", "matrix_hash(11, 12345, 300, 200, 4096)"
     ) == tensor_digest(here)
     h1, s1, h2, s2 = here
     assert int(h1.min()) >= 0 and int(h1.max()) < 4096 and set(s1.tolist()) == {-1.0, 1.0}

@@ -1,9 +1,8 @@
-"""Per-example matrix gradients as outer-product factors, and rapidgrad-ts, which sketches them.
+"""rapidgrad-ts: a tensor-product count sketch of each weight matrix, projected from its factors.
 
-This module holds the math on factors (``OuterFactors``: Gram-matrix norms, the materialised reference,
-the FFT-or-matmul cost model), the tensor-product hash (``matrix_hash``) and the projector
-(``RapidGradTSProjector``); its flat blocks reuse rapidgrad-v2 (`rapidgrad`). `sketch.make_projector`
-picks it.
+This module holds the FFT-or-matmul cost model, the tensor-product hash (``matrix_hash``) and the projector
+(``RapidGradTSProjector``); its flat blocks reuse rapidgrad-v2 (`sketch.v2`), the factors and their norms
+are `rapidin_index.factors`. `sketch.make_projector` picks it.
 
 A linear layer's per-example weight gradient is a sum over tokens of outer products,
 ``dW = sum_t u_t v_t^T`` (u = output gradient and v = input for ``nn.Linear``; the reverse for GPT-2's
@@ -43,15 +42,11 @@ from dataclasses import dataclass
 import torch
 
 from rapidin_index.errors import SketchError
-from rapidin_index.rapidgrad import (
-    _GOLDEN32,
-    _MASK32,
-    DEFAULT_CACHE_LIMIT,
-    HashedProjector,
-    RapidGradV2Projector,
-    _mix32,
-)
+from rapidin_index.factors import OuterFactors, squared_norms
 from rapidin_index.settings import SketchSettings
+from rapidin_index.sketch.hashed import DEFAULT_CACHE_LIMIT, HashedProjector
+from rapidin_index.sketch.hashing import index_hash, word
+from rapidin_index.sketch.v2 import RapidGradV2Projector
 
 # Cost model (nanoseconds on one CPU thread, from benchmarks/factored.py's micro-timings) for picking,
 # per module call, the FFT or the signed-factor matmul + scatter: a multiply-add in a batched matmul, one
@@ -60,130 +55,6 @@ from rapidin_index.settings import SketchSettings
 GEMM_NS = 0.02
 SCATTER_NS = 0.9
 FFT_NS = 0.45
-
-
-@dataclass
-class OuterFactors:
-    """One module call's share of a 2-D block's per-example gradient: ``sum_t u_t v_t^T`` per example.
-
-    Exactly one of ``rows`` ([batch, tokens, block rows], u dense) and ``ids`` ([batch, tokens] int64,
-    u = one-hot(id)) is set; ``cols`` is [batch, tokens, block cols]. Masked tokens carry v_t = 0.
-    """
-
-    cols: torch.Tensor
-    rows: torch.Tensor | None = None
-    ids: torch.Tensor | None = None
-
-    @property
-    def tokens(self) -> int:
-        return self.cols.shape[1]
-
-
-# --------------------------------------------------------------------------- norms and costs
-
-
-class GramCache:
-    """Token Gram matrices ``x x^T`` of the tensors one batch's factors share (a layer's q, k and v
-    projections read the same input): each is formed once. It holds the tensors it keys on, so a freed
-    tensor's storage cannot come back under another tensor with the same key."""
-
-    def __init__(self) -> None:
-        self._grams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def gram(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[batch, T, T] of a [batch, T, features] tensor."""
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        if key not in self._grams:
-            self._grams[key] = (tensor, _gram(tensor, tensor, False, None))
-        return self._grams[key][1]
-
-
-def shared_example(tensor: torch.Tensor) -> torch.Tensor | None:
-    """[1, ...]: the one example a tensor repeats over its batch axis (expanded, stride 0), else None.
-
-    A query's per-token rows share its forward pass: every row's module input is the same tensor.
-    """
-    if tensor.dim() and tensor.shape[0] > 1 and tensor.stride(0) == 0:
-        return tensor[:1]
-    return None
-
-
-def batched_matmul(tensor: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """[batch, T, n] float32 @ [n, m]; once for a tensor that repeats one example (``shared_example``)."""
-    one = shared_example(tensor)
-    if one is not None:
-        return (one.float() @ matrix).expand(tensor.shape[0], -1, -1)
-    return tensor.float() @ matrix
-
-
-def _gram(a: torch.Tensor, b: torch.Tensor, same: bool, cache: GramCache | None) -> torch.Tensor:
-    if same and cache is not None:
-        return cache.gram(a)
-    one_a, one_b = shared_example(a), shared_example(b)
-    if one_a is not None and one_b is not None:  # both repeat one example: one Gram, repeated
-        return torch.bmm(one_a.float(), one_b.float().transpose(1, 2)).expand(a.shape[0], -1, -1)
-    return torch.bmm(a.float(), b.float().transpose(1, 2))
-
-
-def _row_gram(a: OuterFactors, b: OuterFactors, cache: GramCache | None = None) -> torch.Tensor:
-    """[batch, Ta, Tb]: u^a_t . u^b_t' (one-hot rows compare ids, or pick the dense entry)."""
-    if a.ids is not None and b.ids is not None:
-        return (a.ids[:, :, None] == b.ids[:, None, :]).float()
-    if a.ids is not None:
-        index = a.ids[:, None, :].expand(-1, b.tokens, -1)  # [batch, Tb, Ta]
-        return b.rows.float().gather(2, index).transpose(1, 2)  # u^b_t'[id^a_t]
-    if b.ids is not None:
-        return _row_gram(b, a).transpose(1, 2)
-    return _gram(a.rows, b.rows, a is b, cache)
-
-
-def squared_norms(factors: list[OuterFactors], cache: GramCache | None = None) -> torch.Tensor:
-    """[batch] float64 ||sum of the factors' outer products||_F^2 from token Gram matrices, cross terms too.
-
-    The Grams are float32 matmuls; their products are summed in float64, where terms of opposite signs
-    cancel (the squared norm of a sum of outer products). ``cache`` shares Grams between blocks.
-    """
-    total = None
-    for first, a in enumerate(factors):
-        for second in range(first, len(factors)):
-            b = factors[second]
-            cols = _gram(a.cols, b.cols, a is b, cache)  # [batch, Ta, Tb]
-            term = (_row_gram(a, b, cache).double() * cols.double()).sum(dim=(1, 2)) * (
-                1 if first == second else 2
-            )
-            total = term if total is None else total + term
-    return total
-
-
-def factors_gradient(factors: list[OuterFactors], shape: tuple[int, int]) -> torch.Tensor:
-    """The materialised per-example gradient [batch, rows * cols] float32 of the factors (reference)."""
-    rows_count, cols_count = shape
-    batch = factors[0].cols.shape[0]
-    total = torch.zeros(batch, rows_count, cols_count, device=factors[0].cols.device)
-    for factor in factors:
-        cols = factor.cols.float()
-        if factor.ids is not None:
-            flat_ids = factor.ids + torch.arange(batch, device=cols.device)[:, None] * rows_count
-            total.view(-1, cols_count).index_add_(0, flat_ids.reshape(-1), cols.reshape(-1, cols_count))
-        else:
-            total += torch.bmm(factor.rows.float().transpose(1, 2), cols)  # [batch, R, C]
-    return total.reshape(batch, -1)
-
-
-def factors_gradient_rows(
-    factors: list[OuterFactors], cols_count: int, first: int, last: int
-) -> torch.Tensor:
-    """Rows [first, last) of :func:`factors_gradient`: [batch, (last - first) * cols] float32."""
-    batch = factors[0].cols.shape[0]
-    total = torch.zeros(batch, last - first, cols_count, device=factors[0].cols.device)
-    for factor in factors:
-        if factor.ids is not None:
-            example, token = ((factor.ids >= first) & (factor.ids < last)).nonzero(as_tuple=True)
-            flat = example * (last - first) + factor.ids[example, token] - first
-            total.view(-1, cols_count).index_add_(0, flat, factor.cols[example, token].float())
-        else:
-            total += torch.bmm(factor.rows[:, :, first:last].float().transpose(1, 2), factor.cols.float())
-    return total.reshape(batch, -1)
 
 
 def fft_is_cheaper(tokens: int, shape: tuple[int, int], sketch_dim: int) -> bool:
@@ -215,31 +86,6 @@ def _wrap(total: torch.Tensor, sketch_dim: int) -> torch.Tensor:
     return torch.where(total >= sketch_dim, total - sketch_dim, total)
 
 
-_WORD_START = 0x2545F491
-
-
-def _word(*values: int) -> int:
-    """A 32-bit hash of a tuple of Python integers (any size), via murmur3's finaliser."""
-    return _word_after(_WORD_START, *values)
-
-
-def _word_after(state: int, *values: int) -> int:
-    """``_word(*prefix, *values)`` from ``state = _word(*prefix)``: a shared prefix is hashed once."""
-    for value in values:
-        for shift in (0, 32):
-            word = ((value >> shift) & _MASK32) ^ ((state * _GOLDEN32) & _MASK32)
-            state = _mix32(_mix32(word) ^ 0x5BD1E995)  # on Python ints: no tensor per word
-    return state
-
-
-def _index_hash(indices: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
-    """A 32-bit hash (int64 in [0, 2^32)) of int64 indices in [0, 2^32), keyed.
-
-    ``key`` is an int, or an int64 tensor of keys that broadcasts against ``indices`` (one key a row):
-    the same bits, as the tensor's product wraps mod 2^64 above the kept 32."""
-    return _mix32(_mix32((indices ^ key) & _MASK32) ^ ((key * _GOLDEN32) & _MASK32))
-
-
 def matrix_hash(
     seed: int, offset: int, rows: int, cols: int, sketch_dim: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,8 +93,8 @@ def matrix_hash(
     result = []
     for role, size in ((1, rows), (2, cols)):
         indices = torch.arange(size, dtype=torch.int64, device=device)
-        bins = (_index_hash(indices, _word(seed, offset, role, 0)) * sketch_dim) >> 32  # [0, K)
-        signs = 1.0 - 2.0 * (_index_hash(indices, _word(seed, offset, role, 1)) & 1).to(torch.float32)
+        bins = (index_hash(indices, word(seed, offset, role, 0)) * sketch_dim) >> 32  # [0, K)
+        signs = 1.0 - 2.0 * (index_hash(indices, word(seed, offset, role, 1)) & 1).to(torch.float32)
         result += [bins, signs]
     return tuple(result)
 

@@ -1,17 +1,16 @@
-"""The sketch stage (sketch.py): every algorithm's projector against its literal reference, and the
+"""The sketch stage (the sketch package): every algorithm's projector against its literal reference, and the
 sketch's statistical promises (unbiased inner products, noise of order 1/sqrt(K))."""
 
 import numpy as np
 import pytest
 import torch
 
-from rapidin_index.rapidgrad import (
-    RapidGradProjector,
-    RapidGradV2Projector,
-    padded_dim,
-)
 from rapidin_index.settings import AUTO_ALGORITHM, DEFAULT_SKETCH_ALGORITHM, SKETCH_ALGORITHMS, SketchSettings
-from rapidin_index.sketch import ExactProjector, make_projector, reference_sketch
+from rapidin_index.sketch import make_projector, reference_sketch
+from rapidin_index.sketch.exact import ExactProjector
+from rapidin_index.sketch.hashed import padded_dim
+from rapidin_index.sketch.v1 import RapidGradV1Projector
+from rapidin_index.sketch.v2 import RapidGradV2Projector
 
 V1, V2 = "rapidgrad-v1", "rapidgrad-v2"
 LLAMA_2_7B = 6_738_415_616  # full fine-tuning: padded to 2^16 * 229 * 449 at K = 2^16
@@ -97,7 +96,7 @@ def test_exact_mode_keeps_the_vector():
 def test_make_projector_follows_the_algorithm():
     assert DEFAULT_SKETCH_ALGORITHM == V2 and SketchSettings().algorithm == AUTO_ALGORITHM
     assert isinstance(make_projector(SketchSettings(64), 1000), RapidGradV2Projector)  # 'auto', no blocks
-    assert isinstance(make_projector(SketchSettings(64, algorithm=V1), 1000), RapidGradProjector)
+    assert isinstance(make_projector(SketchSettings(64, algorithm=V1), 1000), RapidGradV1Projector)
 
 
 def test_settings_round_trip_through_a_manifest_dict():
