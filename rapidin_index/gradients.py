@@ -186,7 +186,7 @@ class GradientSketcher:
         (the first hooked output starts the graph), so no weight gradient is formed or accumulated,
         not even for a trainable tensor outside the selection, and there is no ``.grad`` to clear."""
         self.capture.batch_size = batch.size
-        with self.capture, _frozen(self.model.parameters()):
+        with self.capture, frozen(self.model.parameters()):
             losses = example_losses(self.model, batch)
             losses.sum().backward()
         return losses
@@ -274,7 +274,7 @@ class GradientSketcher:
             return {}
         names = {block.name for block in blocks}
         others = [block.parameter for block in self.blocks if block.name not in names]
-        with _frozen(others):  # a plain backward into these blocks only
+        with frozen(others):  # a plain backward into these blocks only
             rows = [block_gradients(self.model, blocks, _row(batch, i)) for i in range(batch.size)]
         return {  # block by block: never the whole [batch, D] at once
             block.name: torch.stack([row[number] for row in rows]) for number, block in enumerate(blocks)
@@ -314,7 +314,7 @@ class _SelfCheck:
         head = Batch(batch.input_ids[:rows], batch.attention_mask[:rows], batch.labels[:rows])
         names = {block.name for block in blocks}
         others = [block.parameter for block in sketcher.blocks if block.name not in names]
-        with _frozen(others):  # a plain backward into these blocks only
+        with frozen(others):  # a plain backward into these blocks only
             per_row = [plain_gradients(sketcher.model, blocks, _row(head, i)) for i in range(rows)]
         self.reference = {block.name: [row[n] for row in per_row] for n, block in enumerate(blocks)}
         del per_row
@@ -347,11 +347,18 @@ class _SelfCheck:
         return bool(self.failed)
 
 
+def layer_norm_scale(norms: torch.Tensor) -> torch.Tensor:
+    """SPEC 2.2's per-tensor scaling: 1 / norm, elementwise, and 1 where a block's gradient is zero (it
+    stays zero). Every path that layer-normalises (build, query, per-token rows, heatmaps, the brute-force
+    reference) scales through this one function."""
+    return 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
 def _norm(grads: list[torch.Tensor | None]) -> float:
     return math.sqrt(sum(float(g.float().norm()) ** 2 for g in grads if g is not None))
 
 
-class _frozen:
+class frozen:
     """Context manager: the parameters do not require grad inside (restored on exit)."""
 
     def __init__(self, parameters) -> None:
@@ -394,7 +401,7 @@ class _SketchState:
         if normalize != "layer":
             self.projector.project_block(self.out, gradients, block.offset)
             return
-        scale = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
+        scale = layer_norm_scale(norms)  # [batch]
         if gradients.shape[1] > self.out.shape[1]:
             sketch = self.projector.new_output(gradients.shape[0])  # [batch, K]
             self.projector.project_block(sketch, gradients, block.offset)
@@ -409,8 +416,7 @@ class _SketchState:
         if normalize != "layer":
             self.out += sketch
             return
-        norms = squared.sqrt()
-        self.out.addcmul_(sketch, (1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)))[:, None])
+        self.out.addcmul_(sketch, layer_norm_scale(squared.sqrt())[:, None])
 
     def _add_norms(self, squared_norms: torch.Tensor, normalize: str) -> torch.Tensor | None:
         """Count a factored block's finite squared norms [batch]; its layer-norm scale, or None."""
@@ -418,8 +424,7 @@ class _SketchState:
         self.squared_norm += squared
         if normalize != "layer":
             return None
-        norms = squared.sqrt()
-        return 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))  # [batch]
+        return layer_norm_scale(squared.sqrt())  # [batch]
 
     def add_factors(
         self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
@@ -504,6 +509,5 @@ def normalize_flat(flat: torch.Tensor, blocks: list[GradientBlock], normalize: s
     pieces = []
     for block in blocks:
         piece = flat[:, block.offset : block.offset + block.numel]
-        norms = piece.norm(dim=1, keepdim=True)
-        pieces.append(piece / torch.where(norms > 0, norms, torch.ones_like(norms)))
+        pieces.append(piece * layer_norm_scale(piece.norm(dim=1, keepdim=True)))
     return torch.cat(pieces, dim=1)

@@ -44,7 +44,7 @@ from rapidin_index.capture import GradientBlock, GradientCapture, embedding_scal
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import TokenAttributionError
 from rapidin_index.factors import squared_norms
-from rapidin_index.gradients import _frozen
+from rapidin_index.gradients import frozen, layer_norm_scale
 from rapidin_index.losses import Batch, collate, example_losses, token_losses
 from rapidin_index.settings import NORMALIZATIONS
 
@@ -229,7 +229,7 @@ def _batched_block_scales(
         return torch.ones(examples.size, len(blocks), device=device)
     capture.batch_size = examples.size
     try:
-        with capture, _frozen(model.parameters()):  # the hooked outputs start the graph
+        with capture, frozen(model.parameters()):  # the hooked outputs start the graph
             example_losses(model, examples).sum().backward()
         norms = []
         for block in blocks:
@@ -241,8 +241,7 @@ def _batched_block_scales(
             norms.append(squared.sqrt().to(device))
     finally:
         capture.clear()
-    norms = torch.stack(norms, dim=1)  # [batch, blocks]
-    return 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return layer_norm_scale(torch.stack(norms, dim=1))  # [batch, blocks]
 
 
 class _Perturbation:
@@ -378,7 +377,7 @@ def _result(
 
 
 def _safe_divide(values: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    return values / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return values * layer_norm_scale(norms)
 
 
 def _block_gradients(

@@ -26,7 +26,7 @@ import torch
 from rapidin_index.capture import GradientBlock
 from rapidin_index.data import IGNORE_INDEX
 from rapidin_index.errors import GradientError
-from rapidin_index.gradients import GradientSketcher, SketchedBatch, _frozen
+from rapidin_index.gradients import GradientSketcher, SketchedBatch, frozen
 from rapidin_index.losses import Batch, scored_token_losses
 
 ROWS_PER_PASS = 64
@@ -109,7 +109,7 @@ def _sketch_prefix(
     hooked = [block.parameter for block in sketcher.blocks if block.name not in sketcher.exact_path]
     head = _HeadWatch(sketcher.model, capture)
     try:
-        with capture, _frozen(hooked), head:
+        with capture, frozen(hooked), head:
             losses, mask = scored_token_losses(sketcher.model, example)
         scored = losses[mask]  # [T]
         calls = capture.calls()
