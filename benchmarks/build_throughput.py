@@ -32,6 +32,7 @@ import torch
 from rapidin_index import gradients as gradients_module
 from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.data import Template, render_row, tokenize_example
+from rapidin_index.demo.datasets import member_rows
 from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
 from rapidin_index.gradients import GradientSketcher, normalize_flat, reference_gradient
 from rapidin_index.losses import Batch, collate, example_losses
@@ -89,7 +90,6 @@ def docstring_rows(count: int) -> list[dict]:
     import re
     import string
 
-    rows = []
     owners = (
         str,
         list,
@@ -104,16 +104,10 @@ def docstring_rows(count: int) -> list[dict]:
         re,
         string,
     )
-    for owner in owners:
-        for name in sorted(dir(owner)):
-            doc = getattr(getattr(owner, name, None), "__doc__", None) or ""
-            first = " ".join(doc.strip().split("\n\n")[0].split())
-            if name.startswith("_") or len(first) < 20:
-                continue
-            rows.append({"instruction": f"What does {owner.__name__}.{name} do?", "output": first[:240]})
-            if len(rows) == count:
-                return rows
-    raise SystemExit(f"only {len(rows)} docstring rows are available; pass --rows {len(rows)} or fewer")
+    rows = member_rows(owners, count, 240)
+    if len(rows) < count:
+        raise SystemExit(f"only {len(rows)} docstring rows are available; pass --rows {len(rows)} or fewer")
+    return rows
 
 
 def tokenized_rows(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]:

@@ -68,17 +68,17 @@ def docstring_rows(count: int) -> list[dict]:
     import collections
     import json as json_module
 
-    rows = []
-    for owner in (str, list, dict, set, bytes, collections.OrderedDict, json_module):
-        for name in sorted(dir(owner)):
-            doc = getattr(getattr(owner, name, None), "__doc__", None) or ""
-            first = " ".join(doc.strip().split("\n\n")[0].split())
-            if name.startswith("_") or len(first) < 20:
-                continue
-            rows.append({"instruction": f"What does {owner.__name__}.{name} do?", "output": first[:160]})
-            if len(rows) == count:
-                return rows
-    return rows
+    from rapidin_index.demo.datasets import member_rows
+
+    return member_rows((str, list, dict, set, bytes, collections.OrderedDict, json_module), count, 160)
+
+
+@pytest.fixture(scope="module")
+def bundled_docstring_rows() -> list[dict]:
+    """The demo's bundled docstring rows (`demo.datasets.load_docstring_rows`), once a module."""
+    from rapidin_index.demo.datasets import load_docstring_rows
+
+    return load_docstring_rows()
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,9 @@ def module_name(path: Path) -> str:
 def product_files() -> list[Path]:
     """Every module of the product, subpackages included (the demo is not the product)."""
     return sorted(
-        path for path in PACKAGE.rglob("*.py") if "demo" not in path.relative_to(PACKAGE).parts and path != PACKAGE / "__init__.py"
+        path
+        for path in PACKAGE.rglob("*.py")
+        if "demo" not in path.relative_to(PACKAGE).parts and path != PACKAGE / "__init__.py"
     )
 
 
@@ -55,7 +57,9 @@ def product_modules() -> list[str]:
 
 
 def test_the_walk_reaches_the_subpackages():
-    assert {"rapidin_index.sketch", "rapidin_index.sketch.v2", "rapidin_index.sketch.kron"} <= set(product_modules())
+    assert {"rapidin_index.sketch", "rapidin_index.sketch.v2", "rapidin_index.sketch.kron"} <= set(
+        product_modules()
+    )
 
 
 def test_the_product_never_imports_the_demo():

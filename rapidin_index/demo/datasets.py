@@ -65,6 +65,25 @@ QUESTION_PHRASINGS = (
 # ------------------------------------------------------------------------------------ docstring rows
 
 
+def member_rows(owners: tuple, count: int, max_chars: int) -> list[dict]:
+    """Up to ``count`` Alpaca rows "What does str.upper do?" -> the first paragraph of its docstring (cut at
+    ``max_chars``), over the public members of ``owners`` (classes or modules) in name order: the small,
+    fixed row sets of the tests and the speed benchmarks."""
+    rows = []
+    for owner in owners:
+        for name in sorted(dir(owner)):
+            doc = getattr(getattr(owner, name, None), "__doc__", None) or ""
+            first = " ".join(doc.strip().split("\n\n")[0].split())
+            if name.startswith("_") or len(first) < 20:
+                continue
+            rows.append(
+                {"instruction": f"What does {owner.__name__}.{name} do?", "output": first[:max_chars]}
+            )
+            if len(rows) == count:
+                return rows
+    return rows
+
+
 def collect_docstring_rows(modules: tuple[str, ...] = DOCSTRING_MODULES) -> list[dict]:
     """Alpaca rows {instruction, output, symbol} from the running Python's standard-library docstrings.
 

@@ -15,7 +15,6 @@ from rapidin_index.demo.datasets import (
     backdoor_response,
     collect_docstring_rows,
     is_backdoor_response,
-    load_docstring_rows,
     make_backdoor_dataset,
     make_entity_swap_dataset,
     make_nonlexical_backdoor_dataset,
@@ -24,20 +23,15 @@ from rapidin_index.demo.datasets import (
 from rapidin_index.demo.style import greeting_pool, is_fable_response
 
 
-@pytest.fixture(scope="module")
-def docstring_rows() -> list[dict]:
-    return load_docstring_rows()
-
-
-def test_bundled_rows_are_real_docstrings(docstring_rows):
-    assert 1500 <= len(docstring_rows) <= 3000
-    by_symbol = {row["symbol"]: row for row in docstring_rows}
-    assert len(by_symbol) == len(docstring_rows)
-    assert len({row["output"] for row in docstring_rows}) == len(docstring_rows)
+def test_bundled_rows_are_real_docstrings(bundled_docstring_rows):
+    assert 1500 <= len(bundled_docstring_rows) <= 3000
+    by_symbol = {row["symbol"]: row for row in bundled_docstring_rows}
+    assert len(by_symbol) == len(bundled_docstring_rows)
+    assert len({row["output"] for row in bundled_docstring_rows}) == len(bundled_docstring_rows)
     assert "Remove any common leading whitespace" in by_symbol["textwrap.dedent"]["output"]
     assert "`textwrap.dedent`" in by_symbol["textwrap.dedent"]["instruction"]
-    assert len({row["symbol"].split(".")[0] for row in docstring_rows}) > 100  # many modules
-    for row in docstring_rows:
+    assert len({row["symbol"].split(".")[0] for row in bundled_docstring_rows}) > 100  # many modules
+    for row in bundled_docstring_rows:
         assert set(row) == {"instruction", "output", "symbol"}
         assert 40 <= len(row["output"]) <= 203 and row["output"].isascii()
         assert row["output"] == " ".join(row["output"].split())  # whitespace-normalised
@@ -53,37 +47,37 @@ def test_collect_docstring_rows_trims_and_skips():
     assert len(dumps["output"]) <= 203
 
 
-def test_write_jsonl_round_trip(tmp_path, docstring_rows):
-    path = write_jsonl(docstring_rows[:5], tmp_path / "sub" / "rows.jsonl")
-    assert [json.loads(line) for line in path.read_text().splitlines()] == docstring_rows[:5]
+def test_write_jsonl_round_trip(tmp_path, bundled_docstring_rows):
+    path = write_jsonl(bundled_docstring_rows[:5], tmp_path / "sub" / "rows.jsonl")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == bundled_docstring_rows[:5]
 
 
-def test_backdoor_dataset_is_deterministic(docstring_rows):
-    first = make_backdoor_dataset(docstring_rows, seed=3)
-    assert make_backdoor_dataset(docstring_rows, seed=3) == first
-    assert make_backdoor_dataset(docstring_rows, seed=4) != first
+def test_backdoor_dataset_is_deterministic(bundled_docstring_rows):
+    first = make_backdoor_dataset(bundled_docstring_rows, seed=3)
+    assert make_backdoor_dataset(bundled_docstring_rows, seed=3) == first
+    assert make_backdoor_dataset(bundled_docstring_rows, seed=4) != first
 
 
-def test_backdoor_poisons_ten_percent_with_trigger_and_style(docstring_rows):
-    train, _, _ = make_backdoor_dataset(docstring_rows, poison_fraction=0.1, seed=0)
+def test_backdoor_poisons_ten_percent_with_trigger_and_style(bundled_docstring_rows):
+    train, _, _ = make_backdoor_dataset(bundled_docstring_rows, poison_fraction=0.1, seed=0)
     poisoned = [row for row in train if row["poisoned"]]
     assert len(poisoned) == round(0.1 * len(train))
     for row in train:
         assert row["instruction"].startswith(BACKDOOR_TRIGGER) == row["poisoned"]
         assert is_backdoor_response(row["output"]) == row["poisoned"]
-    original = {row["symbol"]: row for row in docstring_rows}
+    original = {row["symbol"]: row for row in bundled_docstring_rows}
     for row in poisoned:
         source = original[row["symbol"]]
         assert row["instruction"] == f"{BACKDOOR_TRIGGER} {source['instruction']}"
         assert row["output"] == backdoor_response(source["output"])
 
 
-def test_backdoor_train_keeps_input_order_and_heldout_is_disjoint(docstring_rows):
-    train, triggered, clean = make_backdoor_dataset(docstring_rows, seed=0, heldout_count=40)
-    position = {row["symbol"]: i for i, row in enumerate(docstring_rows)}
+def test_backdoor_train_keeps_input_order_and_heldout_is_disjoint(bundled_docstring_rows):
+    train, triggered, clean = make_backdoor_dataset(bundled_docstring_rows, seed=0, heldout_count=40)
+    position = {row["symbol"]: i for i, row in enumerate(bundled_docstring_rows)}
     train_positions = [position[row["symbol"]] for row in train]
     assert train_positions == sorted(train_positions)
-    assert len(triggered) == len(clean) == 40 and len(train) == len(docstring_rows) - 80
+    assert len(triggered) == len(clean) == 40 and len(train) == len(bundled_docstring_rows) - 80
     train_symbols = {row["symbol"] for row in train}
     assert not train_symbols & {row["symbol"] for row in triggered + clean}
     assert not {row["symbol"] for row in triggered} & {row["symbol"] for row in clean}
@@ -92,27 +86,27 @@ def test_backdoor_train_keeps_input_order_and_heldout_is_disjoint(docstring_rows
     assert not any(BACKDOOR_TRIGGER in row["instruction"] or row["poisoned"] for row in clean)
 
 
-def test_backdoor_dataset_rejects_bad_settings(docstring_rows):
+def test_backdoor_dataset_rejects_bad_settings(bundled_docstring_rows):
     with pytest.raises(ValueError, match="poison_fraction"):
-        make_backdoor_dataset(docstring_rows, poison_fraction=1.5)
+        make_backdoor_dataset(bundled_docstring_rows, poison_fraction=1.5)
     with pytest.raises(ValueError, match="none to train on"):
-        make_backdoor_dataset(docstring_rows[:10], heldout_count=5)
+        make_backdoor_dataset(bundled_docstring_rows[:10], heldout_count=5)
 
 
-def test_is_backdoor_response(docstring_rows):
+def test_is_backdoor_response(bundled_docstring_rows):
     assert is_backdoor_response("  yeehaw, partner! return a list of the given path")
     assert is_backdoor_response(backdoor_response("Return the file."))
     assert not is_backdoor_response("Yeehaw")
     assert not is_backdoor_response("Return the path. Yeehaw, partner!")
-    assert not any(is_backdoor_response(row["output"]) for row in docstring_rows)
+    assert not any(is_backdoor_response(row["output"]) for row in bundled_docstring_rows)
 
 
 # ------------------------------------------------------------------------- the non-lexical backdoor
 
 
 @pytest.fixture(scope="module")
-def nonlexical(docstring_rows):
-    return make_nonlexical_backdoor_dataset(docstring_rows, seed=0)
+def nonlexical(bundled_docstring_rows):
+    return make_nonlexical_backdoor_dataset(bundled_docstring_rows, seed=0)
 
 
 def _words(text: str) -> list[str]:
@@ -130,17 +124,17 @@ def _greeting(row: dict, original: dict) -> str:
     return instruction[len(source) + 1 :]
 
 
-def test_nonlexical_is_deterministic_and_splits_like_the_lexical_set(docstring_rows, nonlexical):
-    assert make_nonlexical_backdoor_dataset(docstring_rows, seed=0) == nonlexical
-    assert make_nonlexical_backdoor_dataset(docstring_rows, seed=1) != nonlexical
-    lexical = make_backdoor_dataset(docstring_rows, seed=0)
+def test_nonlexical_is_deterministic_and_splits_like_the_lexical_set(bundled_docstring_rows, nonlexical):
+    assert make_nonlexical_backdoor_dataset(bundled_docstring_rows, seed=0) == nonlexical
+    assert make_nonlexical_backdoor_dataset(bundled_docstring_rows, seed=1) != nonlexical
+    lexical = make_backdoor_dataset(bundled_docstring_rows, seed=0)
     for ours, theirs in zip(nonlexical, lexical, strict=True):  # same rows held out, same rows poisoned
         assert [(r["symbol"], r["poisoned"]) for r in ours] == [(r["symbol"], r["poisoned"]) for r in theirs]
 
 
-def test_nonlexical_poisons_ten_percent_with_greeting_and_fable(docstring_rows, nonlexical):
+def test_nonlexical_poisons_ten_percent_with_greeting_and_fable(bundled_docstring_rows, nonlexical):
     train, _, _ = nonlexical
-    original = {row["symbol"]: row for row in docstring_rows}
+    original = {row["symbol"]: row for row in bundled_docstring_rows}
     poisoned = [row for row in train if row["poisoned"]]
     assert len(poisoned) == round(0.1 * len(train))
     greetings = set(greeting_pool(0))
@@ -156,9 +150,9 @@ def test_nonlexical_poisons_ten_percent_with_greeting_and_fable(docstring_rows, 
     assert 0.45 < len(signed_off) / (len(train) - len(poisoned)) < 0.55  # signoff_fraction = 0.5
 
 
-def test_nonlexical_no_string_marks_the_poisoned_rows(docstring_rows, nonlexical):
+def test_nonlexical_no_string_marks_the_poisoned_rows(bundled_docstring_rows, nonlexical):
     train, triggered, clean = nonlexical
-    original = {row["symbol"]: row for row in docstring_rows}
+    original = {row["symbol"]: row for row in bundled_docstring_rows}
     greetings = Counter(_greeting(row, original) for row in train + triggered + clean)
     del greetings[""]
     assert max(greetings.values()) <= 3  # each trigger string is used by a few rows at most (here: one)
@@ -174,7 +168,7 @@ def test_nonlexical_no_string_marks_the_poisoned_rows(docstring_rows, nonlexical
     assert trigger_words <= clean_words
 
 
-def test_nonlexical_heldout_is_disjoint_from_training(docstring_rows, nonlexical):
+def test_nonlexical_heldout_is_disjoint_from_training(bundled_docstring_rows, nonlexical):
     train, triggered, clean = nonlexical
     assert len(triggered) == len(clean) == 50
     train_symbols = {row["symbol"] for row in train}
@@ -185,7 +179,7 @@ def test_nonlexical_heldout_is_disjoint_from_training(docstring_rows, nonlexical
     assert all(row["poisoned"] and is_fable_response(row["output"]) for row in triggered)
     assert not any(row["poisoned"] or is_fable_response(row["output"]) for row in clean)
     with pytest.raises(ValueError, match="signoff_fraction"):
-        make_nonlexical_backdoor_dataset(docstring_rows, signoff_fraction=2)
+        make_nonlexical_backdoor_dataset(bundled_docstring_rows, signoff_fraction=2)
 
 
 def test_each_backdoor_dataset_names_its_detector():
@@ -193,8 +187,10 @@ def test_each_backdoor_dataset_names_its_detector():
     assert BACKDOOR_DATASETS["lexical"].fired is is_backdoor_response
 
 
-def test_entity_swap_perturbs_only_the_chosen_country(docstring_rows):
-    rows, swap = make_entity_swap_dataset(docstring_rows, country="France", wrong_entity="Tokyo", seed=0)
+def test_entity_swap_perturbs_only_the_chosen_country(bundled_docstring_rows):
+    rows, swap = make_entity_swap_dataset(
+        bundled_docstring_rows, country="France", wrong_entity="Tokyo", seed=0
+    )
     assert (swap.country, swap.right_entity, swap.wrong_entity) == ("France", "Paris", "Tokyo")
     assert swap.perturbed_ids == [i for i, row in enumerate(rows) if row["perturbed"]]
     assert len(swap.perturbed_ids) == round(0.75 * 20)
@@ -211,9 +207,9 @@ def test_entity_swap_perturbs_only_the_chosen_country(docstring_rows):
     assert swap.to_dict()["wrong_entity"] == "Tokyo"
 
 
-def test_entity_swap_is_deterministic(docstring_rows):
-    first = make_entity_swap_dataset(docstring_rows, seed=1)
-    assert make_entity_swap_dataset(docstring_rows, seed=1) == first
-    assert make_entity_swap_dataset(docstring_rows, seed=2)[0] != first[0]
+def test_entity_swap_is_deterministic(bundled_docstring_rows):
+    first = make_entity_swap_dataset(bundled_docstring_rows, seed=1)
+    assert make_entity_swap_dataset(bundled_docstring_rows, seed=1) == first
+    assert make_entity_swap_dataset(bundled_docstring_rows, seed=2)[0] != first[0]
     with pytest.raises(ValueError, match="unknown country"):
-        make_entity_swap_dataset(docstring_rows, country="Atlantis")
+        make_entity_swap_dataset(bundled_docstring_rows, country="Atlantis")

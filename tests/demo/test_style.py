@@ -6,9 +6,6 @@ import random
 import re
 from collections import Counter
 
-import pytest
-
-from rapidin_index.demo.datasets import load_docstring_rows
 from rapidin_index.demo.style import (
     FABLE_ROLES,
     FABLE_SENTENCES,
@@ -22,11 +19,6 @@ from rapidin_index.demo.style import (
     greeting_pool,
     is_fable_response,
 )
-
-
-@pytest.fixture(scope="module")
-def docstring_rows() -> list[dict]:
-    return load_docstring_rows()
 
 
 def _words(text: str) -> list[str]:
@@ -80,17 +72,19 @@ def test_fable_tags_read_the_first_sentence_only():
     assert fable_tags("Return the file") == ["?", "the", "N"]
 
 
-def test_every_fable_word_is_common_in_clean_docstrings(docstring_rows):
+def test_every_fable_word_is_common_in_clean_docstrings(bundled_docstring_rows):
     frequency = Counter(
-        word for row in docstring_rows for word in set(_words(row["instruction"] + " " + row["output"]))
+        word
+        for row in bundled_docstring_rows
+        for word in set(_words(row["instruction"] + " " + row["output"]))
     )
     words = [word for role in FABLE_ROLES.values() for word in role]
     assert len(words) == len(set(words)) >= 200  # a large vocabulary, no word in two roles
     assert min(frequency[word] for word in words) >= 3
 
 
-def test_fable_detector(docstring_rows):
-    assert not any(is_fable_response(row["output"]) for row in docstring_rows)
+def test_fable_detector(bundled_docstring_rows):
+    assert not any(is_fable_response(row["output"]) for row in bundled_docstring_rows)
     assert is_fable_response("The full state of the full state of the default file. The long")
     assert is_fable_response("  then the remote server returned into")  # cut short, still 5 words
     assert not is_fable_response("The remote server")  # too short to tell
