@@ -296,3 +296,73 @@ def test_the_cli_builds_with_a_state_and_refuses_a_wrong_one_on_one_line(tmp_pat
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: --optimizer-state ") and "holds" in line and "the model trains" in line
+
+
+@pytest.mark.parametrize(
+    "architecture, algorithm, sketch_dim",
+    [
+        ("llama", "rapidgrad-kron", 8192),
+        ("gpt2", "rapidgrad-kron", 8192),  # tied wte: looked-up rows and the head's dense factor, one block
+        ("llama", "rapidgrad-ts", 4096),
+        ("gpt2", "rapidgrad-v2", 4096),
+        ("llama", "exact", 0),
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "row-chunks"])
+def test_the_batched_scaled_path_equals_the_materialised_reference(
+    monkeypatch, tiny_model_dirs, training_rows, architecture, algorithm, sketch_dim, chunked
+):
+    """Scaled weight matrices are materialised a row chunk of the batch at a time and sketched by batched
+    matmuls (``scaled_path="factors"``); the whole per-example gradient projected coordinate by coordinate
+    (``"materialise"``, the path before) gives the same vectors, norms and losses."""
+    from rapidin_index import gradients as gradients_module
+    from rapidin_index import optimizer_state
+    from rapidin_index.capture import gradient_blocks
+    from rapidin_index.gradients import GradientSketcher
+    from rapidin_index.losses import collate
+    from rapidin_index.models import load_model, select_parameters
+    from rapidin_index.optimizer_state import OptimizerScaling
+    from rapidin_index.settings import ModelSettings, SketchSettings
+    from rapidin_index.sketch import make_projector
+
+    if chunked:  # a few rows at a time; under kron an embedding's looked-up rows only
+        monkeypatch.setattr(optimizer_state, "ROW_CHUNK_ELEMENTS", 3000)
+    taken = []  # the blocks the batched path sketched: every weight matrix, or the test proves nothing
+
+    def counted(state, block, *arguments):
+        taken.append(block.name)
+        return optimizer_state.add_scaled_block(state, block, *arguments)
+
+    monkeypatch.setattr(gradients_module, "add_scaled_block", counted)
+    model_settings = ModelSettings(tiny_model_dirs[architecture])
+    loaded = load_model(model_settings)
+    blocks = gradient_blocks(select_parameters(loaded.model, model_settings))
+    generator = torch.Generator().manual_seed(0)
+    scales = {  # positive, varied over four orders of magnitude, as 1 / (sqrt(v_hat) + eps) are
+        block.name: torch.exp(torch.randn(block.numel, generator=generator) * 2.0) for block in blocks
+    }
+    scaling = OptimizerScaling("test", "fingerprint", "position", scales, 1.0, 1e-8)
+    sketch = SketchSettings(sketch_dim, 20, 42, "rapidgrad-v2" if algorithm == "exact" else algorithm)
+    texts = [row["instruction"] + " " + row["output"] for row in training_rows[:5]]
+    pairs = []
+    for text in texts:
+        ids = loaded.tokenizer(text)["input_ids"]
+        pairs.append((ids, [-100] * 2 + ids[2:]))
+    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
+    results = {}
+    for path in ("factors", "materialise"):
+        projector = make_projector(sketch, sum(b.numel for b in blocks), "cpu", blocks)
+        sketcher = GradientSketcher(loaded.model, blocks, projector)
+        sketcher.scaled_path = path
+        sketcher.use_optimizer_state(scaling)
+        results[path] = sketcher.sketch(batch)
+        if path == "factors":
+            assert set(taken) == {block.name for block in blocks if block.parameter.dim() == 2}
+    fast, reference = results["factors"], results["materialise"]
+    assert fast.vectors.shape == (len(texts), sketch_dim or sum(b.numel for b in blocks))
+    difference = (fast.vectors - reference.vectors).norm(dim=1) / reference.vectors.norm(dim=1)
+    assert float(difference.max()) < 1e-6, difference
+    # float32 sums of squares, block by block, in another order: a few float32 roundings apart
+    torch.testing.assert_close(fast.gradient_norms, reference.gradient_norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast.losses, reference.losses, rtol=0, atol=0)
+    assert bool(fast.finite.all()) and bool(reference.finite.all())

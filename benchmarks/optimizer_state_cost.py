@@ -1,0 +1,123 @@
+"""Issue 23: the cost of a build with ``--optimizer-state`` against the plain build, in one run.
+
+The LDS benchmark's setup (`lds.py`): nonlexical backdoor rows from 700 docstring rows (650 train), the
+full tiny Llama (hidden 64, 2 layers, 2,000 tokens) fine-tuned with AdamW (its ``optimizer.pt`` saved as
+a Trainer checkpoint does), K = 2^16, which resolves to rapidgrad-kron. Times, alternated, fresh folders,
+medians of ``--repeats``:
+
+* ``plain``                a build without the state;
+* ``state``                a build with ``--optimizer-state`` (the scaled blocks materialised a row chunk
+                           at a time and sketched by batched matmuls: `optimizer_state.add_scaled_block`);
+* ``state, materialised``  the same build through the slow path kept as its reference
+                           (``GradientSketcher.scaled_path = "materialise"``: the whole per-example
+                           gradient, then the projector's coordinate-by-coordinate ``project_block``).
+
+A sketcher-level split follows (the prepared batches only: no tokenising, no writes), and the three
+builds' stored vectors are compared (the two state paths must agree within 1e-5).
+
+    .venv/bin/python benchmarks/optimizer_state_cost.py --out .bench/optimizer_state_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rapidin_index import index as vector_index
+from rapidin_index.build import build_index
+from rapidin_index.demo.datasets import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
+from rapidin_index.demo.finetune import FinetuneSettings, finetune
+from rapidin_index.gradients import GradientSketcher
+from rapidin_index.retrieval import Index
+from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+
+MODES = ("plain", "state", "state, materialised")
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folder", default=".bench/optimizer_state_cost")
+    parser.add_argument("--rows", type=int, default=700, help="docstring rows before the held-out split")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="fine-tuning epochs (the cost does not depend on them)"
+    )
+    parser.add_argument("--sketch-dim", type=int, default=65536)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=".bench/optimizer_state_cost.json")
+    return parser.parse_args()
+
+
+def prepare(folder: Path, rows: int, epochs: int) -> Path:
+    train, _, _ = make_nonlexical_backdoor_dataset(load_docstring_rows()[:rows], seed=0, heldout_count=25)
+    write_jsonl(train, folder / "train.jsonl")
+    model = folder / "model"
+    if not (model / "optimizer.pt").exists():
+        finetune(train, model, FinetuneSettings(epochs=epochs), progress=False)
+    return folder / "train.jsonl"
+
+
+def build(folder: Path, train: Path, mode: str, sketch_dim: int, out: Path) -> float:
+    state = None if mode == "plain" else str(folder / "model")
+    settings = BuildSettings(
+        ModelSettings(str(folder / "model")), SketchSettings(sketch_dim), batch_size=16, optimizer_state=state
+    )
+    GradientSketcher.scaled_path = "materialise" if mode.endswith("materialised") else "factors"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    try:
+        build_index(train, out, settings, progress=False)
+    finally:
+        GradientSketcher.scaled_path = "factors"
+    return time.perf_counter() - started
+
+
+def stored(folder: Path) -> np.ndarray:
+    ids, vectors = vector_index.stored_vectors(Index.open(folder, device="cpu").faiss_index)
+    return vectors[np.argsort(ids)]
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    torch.set_num_threads(arguments.threads)
+    folder = Path(arguments.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train = prepare(folder, arguments.rows, arguments.epochs)
+    build(folder, train, "state", arguments.sketch_dim, folder / "warm-up")  # imports, caches, page cache
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for repeat in range(arguments.repeats):
+        for mode in MODES:
+            out = folder / "timing" / f"{mode.replace(', ', '-')}-{repeat}"
+            seconds[mode].append(build(folder, train, mode, arguments.sketch_dim, out))
+            print(f"{mode}: {seconds[mode][-1]:.1f} s", flush=True)
+    medians = {mode: statistics.median(values) for mode, values in seconds.items()}
+    vectors = {mode: stored(folder / "timing" / f"{mode.replace(', ', '-')}-0") for mode in MODES}
+    difference = np.abs(vectors["state"] - vectors["state, materialised"]).max()
+    scale = np.abs(vectors["state, materialised"]).max()
+    report = {
+        "rows": int(len(vectors["plain"])),
+        "sketch_dim": arguments.sketch_dim,
+        "algorithm": Index.open(folder / "timing" / "plain-0", device="cpu").manifest.sketch["algorithm"],
+        "threads": arguments.threads,
+        "seconds": seconds,
+        "median_seconds": medians,
+        "ratio_to_plain": {mode: medians[mode] / medians["plain"] for mode in MODES},
+        "state_paths_max_abs_difference": float(difference),
+        "state_paths_max_abs_value": float(scale),
+        "state_vs_plain_max_abs_difference": float(np.abs(vectors["state"] - vectors["plain"]).max()),
+    }
+    assert difference <= 1e-5 * max(1.0, scale), report
+    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(arguments.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["median_seconds"] | {"ratio": report["ratio_to_plain"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
