@@ -366,3 +366,77 @@ def test_the_batched_scaled_path_equals_the_materialised_reference(
     torch.testing.assert_close(fast.gradient_norms, reference.gradient_norms, rtol=1e-5, atol=0)
     torch.testing.assert_close(fast.losses, reference.losses, rtol=0, atol=0)
     assert bool(fast.finite.all()) and bool(reference.finite.all())
+
+
+def oracle_token_scores(model, names, denominators, input_ids, labels, query_vector: np.ndarray):
+    """(token ids, scores): each response token's loss alone (HF's loss with only its label kept), plain
+    autograd, divided by the denominators, against the query vector, over the example's scaled block norms."""
+    parameters = dict(model.named_parameters())
+
+    def scaled_gradients(kept_labels: list[int]) -> list[torch.Tensor]:
+        loss = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([kept_labels])).loss
+        grads = torch.autograd.grad(loss, [parameters[n] for n in names], allow_unused=True)
+        return [
+            (torch.zeros_like(parameters[n]) if g is None else g).reshape(-1) / denominators[n].reshape(-1)
+            for n, g in zip(names, grads, strict=True)
+        ]
+
+    norms = [gradient.norm() for gradient in scaled_gradients(labels)]
+    query, blocks, start = torch.tensor(query_vector), [], 0
+    for name in names:
+        blocks.append(query[start : start + parameters[name].numel()])
+        start += parameters[name].numel()
+    token_ids, scores = [], []
+    for position in range(1, len(labels)):  # HF shifts: label i is predicted at i - 1; nothing predicts 0
+        if labels[position] == -100:
+            continue
+        one = [-100] * len(labels)
+        one[position] = labels[position]
+        gradients = scaled_gradients(one)
+        score = sum(
+            float(g @ q) / float(n) for g, q, n in zip(gradients, blocks, norms, strict=True) if n > 0
+        )
+        token_ids.append(labels[position])
+        scores.append(score)
+    return token_ids, np.array(scores)
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_the_heatmap_with_a_state_equals_the_oracle(tmp_path, checkpoints, data_file, adapter):
+    """`query --explain` on an index built with a state: every hit's token scores are those of the scaled
+    gradients, from HF's loss of each token alone, plain autograd and the state dict (the oracle above)."""
+    model_dir = checkpoints["base"] if adapter else checkpoints["full"]
+    folder = checkpoints["adapter"] if adapter else checkpoints["full"]
+    settings = build_settings(
+        model_dir, checkpoints["adapter"] if adapter else None, sketch_dim=0, optimizer_state=folder
+    )
+    build_index(data_file, tmp_path / "index", settings, progress=False)
+    index = Index.open(tmp_path / "index", device="cpu")
+    prompt, response = "What does str.capitalize do?", "Return a capitalized version of the string."
+    result = index.query(prompt, response, top_k=2, explain=2, per_token=False)
+    names = checkpoints["adapter_names" if adapter else "full_names"]
+    denominators = adam_denominators(folder + "/optimizer.pt", names)
+    model, tokenizer = load_hf(checkpoints, adapter)
+    examples, _ = load_examples(data_file, tokenizer, parse_template("auto"), 1024)
+    by_id = {example.example_id: example for example in examples}
+    prepared = index.prepare(prompt, response)
+    query = oracle_vector(model, names, denominators, prepared.input_ids, prepared.labels)
+    ones = {name: torch.ones_like(value) for name, value in denominators.items()}
+    unscaled_query = oracle_vector(model, names, ones, prepared.input_ids, prepared.labels)
+    assert len(result.helpful) == 2
+    for number, hit in enumerate(result.helpful):
+        example = by_id[hit.id]
+        token_ids, expected = oracle_token_scores(
+            model, names, denominators, example.input_ids, example.labels, query
+        )
+        explained = hit.explanation["tokens"]
+        assert [token["token_id"] for token in explained] == token_ids
+        scores = np.array([token["score"] for token in explained])
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        # the token scores average to the exact whole score, the stored vectors' inner product
+        np.testing.assert_allclose(scores.mean(), hit.score, rtol=1e-4, atol=1e-5)
+        if number == 0:  # the scaling shows: without it, the oracle's scores differ
+            _, unscaled = oracle_token_scores(
+                model, names, ones, example.input_ids, example.labels, unscaled_query
+            )
+            assert np.abs(unscaled - expected).max() > 1e-2 * np.abs(expected).max()
