@@ -330,11 +330,12 @@ def _gradient_rows(factors: list, rows_count: int, cols_count: int, rows: torch.
             left = factor.rows if rows is None else factor.rows.index_select(2, rows)  # [batch, T, n]
             total.baddbmm_(left.float().transpose(1, 2), cols)
             continue
+        ids = factor.ids.contiguous()  # [batch, T]
         if rows is None:
-            position, kept = factor.ids, torch.ones_like(factor.ids, dtype=torch.bool)
+            position, kept = ids, torch.ones_like(ids, dtype=torch.bool)
         else:  # where each token's id sits among the chunk's rows, if it does
-            position = torch.searchsorted(rows, factor.ids).clamp(max=count - 1)
-            kept = rows[position] == factor.ids
+            position = torch.searchsorted(rows, ids).clamp(max=count - 1)
+            kept = rows[position] == ids
         example, token = kept.nonzero(as_tuple=True)
         flat = example * count + position[example, token]
         total.view(-1, cols_count).index_add_(0, flat, cols[example, token])
