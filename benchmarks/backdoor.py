@@ -20,6 +20,13 @@ gradients for every (K, lambda), which keeps the run short.
     .venv/bin/python benchmarks/backdoor.py --out .bench/backdoor.json                    # non-lexical
     .venv/bin/python benchmarks/backdoor.py --dataset lexical --out .bench/backdoor-lexical.json
 
+`--exact off` holds no exact index (2,151 exact rows are 2.8 GB): issue 23's variants (RapidIn, +optimizer
+state, +Fisher, +both) come from real builds at the largest `--sketch-dims` K (`backdoor_variants.py`),
+with their build, fit and query costs; about 1.6 GB RSS:
+
+    .venv/bin/python benchmarks/backdoor.py --exact off --baselines off --sketch-dims 65536 \
+        --out .bench/backdoor-variants.json
+
 `--model smollm2` runs it on a real pretrained model instead, SmolLM2-135M-Instruct with a LoRA adapter
 trained on chat rows (`backdoor_smollm2.py`; lexical backdoor by default, about half an hour on 2 cores):
 

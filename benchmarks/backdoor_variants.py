@@ -7,6 +7,10 @@ and its queries from that index's own sketcher. The Fisher is fitted once per se
 (`precondition.fit_fisher`, one block: v2 mixes every tensor into every bin) and applied to the query
 vectors at each damping. The exact (K = 0) variants are left out here: 2,151 exact rows with the state
 would hold a second 2.8 GB matrix beside the first.
+
+With `backdoor.py --exact off` (`built_variant_results`) there is no exact index: every variant is a real
+build at K (the build's default algorithm: rapidgrad-kron on this model), fitted by `fit_index`, scored
+from its stored vectors and its own query vectors; the builds, the fit and a preconditioned query are timed.
 """
 
 from __future__ import annotations
