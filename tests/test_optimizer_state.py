@@ -441,3 +441,21 @@ def test_the_heatmap_with_a_state_equals_the_oracle(tmp_path, checkpoints, data_
     # the scaling shows: without it, a whole score (the tokens' mean) differs (the query's own row, a
     # hit, has cosine 1 in every block either way)
     assert max(differences) > 1e-2, differences
+
+
+def test_per_token_query_vectors_take_the_batched_scaled_path_too(tmp_path, checkpoints, data_file):
+    """A query's per-token rows share one forward (their factors repeat one example): under rapidgrad-kron
+    with a state, the batched scaled path gives the per-token and whole vectors of the materialised one."""
+    from rapidin_index.settings import SketchSettings
+
+    folder = checkpoints["full"]
+    sketch = SketchSettings(8192, 20, 42, "rapidgrad-kron")
+    build_index(data_file, tmp_path / "index", build_settings(folder, sketch=sketch, optimizer_state=folder))
+    index = Index.open(tmp_path / "index", device="cpu")
+    prepared = index.prepare("What does str.capitalize do?", "Return a capitalized version of the string.")
+    fast, _ = sketch_queries(index, [prepared], per_token=True)
+    index.sketcher.scaled_path = "materialise"
+    reference, _ = sketch_queries(index, [prepared], per_token=True)
+    assert fast.shape == reference.shape and len(fast) > 3  # the whole generation, then one row a token
+    difference = np.linalg.norm(fast - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    assert difference.max() < 1e-5, difference
