@@ -7,7 +7,7 @@ run with the repeats interleaved, this times:
                 (``reference_gradient``), layer-normalised (``normalize_flat``), compressed with the literal
                 RapidGrad ``reference_sketch`` (which re-derives its shuffle plan and sign vector each call);
 (a*) same loop, with the shuffle plan and sign vector built once, as the paper's code keeps them in memory;
-(b)  batched    ``GradientSketcher.sketch`` over batches, with the fast ``RapidGradProjector``;
+(b)  batched    ``GradientSketcher.sketch`` over batches, with the fast ``RapidGradV1Projector``;
 (c)  floor      the model's own batched forward + backward of the summed loss, nothing else.
 
 Before timing, (b)'s and (a*)'s vectors on the first batch must equal (a)'s within 1e-4; that batch is also

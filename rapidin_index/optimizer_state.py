@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rapidin_index.errors import OptimizerStateError
+from rapidin_index.sketch.kron import RapidGradKronProjector
 
 CHECKPOINT_FILE = "optimizer.pt"
 """The file a Hugging Face Trainer checkpoint folder keeps its optimizer state in."""
@@ -265,7 +266,7 @@ ROW_CHUNK_ELEMENTS = 1 << 22
 
 
 def add_scaled_block(state, block, factors: list, scale: torch.Tensor, normalize: str) -> bool:
-    """Sketch a hooked 2-D block given by its outer-product factors (`factored.OuterFactors`), times
+    """Sketch a hooked 2-D block given by its outer-product factors (`factors.OuterFactors`), times
     ``scale`` ([numel], Adam's ``1 / (sqrt(v_hat) + eps)``), into ``state`` (`gradients._SketchState`).
     False, with nothing added, where a squared norm is not finite: the caller then materialises the
     block the slow way, which flags those rows.
@@ -279,7 +280,7 @@ def add_scaled_block(state, block, factors: list, scale: torch.Tensor, normalize
     rows_count, cols_count = block.parameter.shape
     scale = scale.view(rows_count, cols_count)
     batch = factors[0].cols.shape[0]
-    kron = hasattr(projector, "sketch_matrix")
+    kron = isinstance(projector, RapidGradKronProjector)
     squared = torch.zeros(batch, dtype=torch.float64, device=state.out.device)
     sketch = None if kron else projector.new_output(batch)
     for rows in _row_chunks(factors, rows_count, batch * cols_count, kron):
