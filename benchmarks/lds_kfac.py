@@ -1,0 +1,120 @@
+"""Issue 23: LDS of every query-side preconditioner on `lds.py`'s cached models (Fisher, K-FAC, EK-FAC, ...).
+
+Run `benchmarks/lds.py` first (it trains the models in --folder); this script builds the K = 2^16 indexes it
+still lacks (train rows and queries, with and without layer norm and the optimizer state, through
+`lds.stored_pair`), fits each preconditioner once with the library's own code (`precondition.fit_fisher`,
+`kfac.fit_kronecker`) and scores the held-out queries at each damping:
+
+* fisher: the empirical Fisher of the stored rows per tensor (at most N directions a block);
+* kfac / ekfac: Kronecker factors of each rapidgrad-kron piece (`kfac`), eigenvalues from the factors or
+  refitted from the rows;
+* the same with the query's per-tensor gradient norms put back (the rows stay layer-normalised: scores
+  weigh each tensor by how strongly the query's loss pulls on it), and on indexes without layer norm;
+* "both sides": (F + lambda I)^-1/2 on the query and the rows, the rows normalised again (analysis only).
+
+    .venv/bin/python benchmarks/lds_kfac.py --folder .bench/lds --out .bench/lds-kfac.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from lds import index_folder, linear_datamodeling_score, stored_pair, subset_masks, summarize
+
+from rapidin_index import SketchSettings
+from rapidin_index.kfac import fit_kronecker, layouts
+from rapidin_index.manifest import read_manifest
+from rapidin_index.precondition import Preconditioner, fit_fisher, spans_for
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folder", default=".bench/lds")
+    parser.add_argument("--dampings", default="0.1,0.3,1,3")
+    parser.add_argument("--kinds", default="fisher,kfac,ekfac")
+    parser.add_argument("--sides", default="query,query-norms,none")
+    parser.add_argument("--adam", default="off,on")
+    parser.add_argument("--out", default=".bench/lds-kfac.json")
+    return parser.parse_args()
+
+
+def losses_and_masks(folder: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    stamp = json.loads((folder / "settings.json").read_text())
+    rows = sum(1 for _ in open(folder / "train.jsonl"))
+    masks = subset_masks(rows, stamp["models"], stamp["fraction"])
+    losses = np.array(
+        [
+            json.loads((folder / "subsets" / f"{n:03d}" / "query_losses.json").read_text())
+            for n in range(stamp["models"])
+        ]
+    )
+    return masks, losses, stamp["queries"]
+
+
+def fit(kind: str, train: np.ndarray, manifest, damping: float) -> list:
+    if kind == "fisher":
+        return fit_fisher(train, spans_for(manifest, "auto")[1], damping)
+    return fit_kronecker(train, layouts(manifest), kind, damping, 512)
+
+
+def redamp(blocks: list, factor: float) -> list:
+    return [dataclasses.replace(block, damping=block.damping * factor) for block in blocks]
+
+
+def query_norms(folder: Path, adam: bool, manifest) -> np.ndarray:
+    """[queries, K] factors that turn layer-normalised query sketches into plain ones: with rapidgrad-kron
+    each tensor keeps its own bins, so the plain sketch of a tensor is its norm times the normalised one."""
+    plain = stored_pair(folder, SketchSettings(65536), "none", adam)["queries"]
+    layer = stored_pair(folder, SketchSettings(65536), "layer", adam)["queries"]
+    factors = np.ones_like(layer, dtype=np.float64)
+    for segment in layouts(manifest):
+        block = slice(segment.start, segment.stop)
+        norm_plain = np.linalg.norm(plain[:, block].astype(np.float64), axis=1)
+        norm_layer = np.linalg.norm(layer[:, block].astype(np.float64), axis=1)
+        factors[:, block] = (norm_plain / np.maximum(norm_layer, 1e-30))[:, None]
+    return factors
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    torch.set_num_threads(1)
+    folder = Path(arguments.folder)
+    masks, losses, count = losses_and_masks(folder)
+    dampings = [float(d) for d in arguments.dampings.split(",")]
+    out = {}
+
+    def record(name: str, scores: np.ndarray, extra: dict | None = None) -> None:
+        result = summarize(linear_datamodeling_score(scores, masks, losses), count)
+        out[name] = {key: result[key] for key in ("lds", "lds_triggered", "lds_clean")} | (extra or {})
+        print(f"{name}: {out[name]['lds']:.3f}", flush=True)
+
+    for adam in [value == "on" for value in arguments.adam.split(",")]:
+        for side in arguments.sides.split(","):
+            normalize = "none" if side == "none" else "layer"
+            pair = stored_pair(folder, SketchSettings(65536), normalize, adam)
+            manifest = read_manifest(index_folder(folder, SketchSettings(65536), normalize, adam, "train"))
+            train = pair["train"].astype(np.float32)
+            queries = pair["queries"].astype(np.float64)
+            if side == "query-norms":
+                queries = queries * query_norms(folder, adam, manifest)
+            label = f"{'adam, ' if adam else ''}{side}"
+            record(f"no preconditioner ({label})", queries @ train.T.astype(np.float64))
+            for kind in arguments.kinds.split(","):
+                started = time.perf_counter()
+                fitted = fit(kind, train, manifest, 1.0)
+                seconds = time.perf_counter() - started
+                for damping in dampings:
+                    preconditioner = Preconditioner(redamp(fitted, damping), {})
+                    scores = preconditioner.apply(queries).astype(np.float64) @ train.T.astype(np.float64)
+                    record(f"{kind}, damping {damping} ({label})", scores, {"fit_seconds": seconds})
+    Path(arguments.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
