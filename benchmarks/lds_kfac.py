@@ -40,6 +40,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--kinds", default="fisher,kfac,ekfac")
     parser.add_argument("--sides", default="query,query-norms,none")
     parser.add_argument("--adam", default="off,on")
+    parser.add_argument("--sketch-dim", type=int, default=65536, help="K of the indexes (0: exact vectors)")
+    parser.add_argument("--tensors", default="all", help="all, or linear: score the weight matrices alone")
     parser.add_argument("--out", default=".bench/lds-kfac.json")
     return parser.parse_args()
 
@@ -67,11 +69,11 @@ def redamp(blocks: list, factor: float) -> list:
     return [dataclasses.replace(block, damping=block.damping * factor) for block in blocks]
 
 
-def query_norms(folder: Path, adam: bool, manifest) -> np.ndarray:
+def query_norms(folder: Path, adam: bool, manifest, sketch_dim: int) -> np.ndarray:
     """[queries, K] factors that turn layer-normalised query sketches into plain ones: with rapidgrad-kron
     each tensor keeps its own bins, so the plain sketch of a tensor is its norm times the normalised one."""
-    plain = stored_pair(folder, SketchSettings(65536), "none", adam)["queries"]
-    layer = stored_pair(folder, SketchSettings(65536), "layer", adam)["queries"]
+    plain = stored_pair(folder, SketchSettings(sketch_dim), "none", adam)["queries"]
+    layer = stored_pair(folder, SketchSettings(sketch_dim), "layer", adam)["queries"]
     factors = np.ones_like(layer, dtype=np.float64)
     for segment in layouts(manifest):
         block = slice(segment.start, segment.stop)
@@ -81,10 +83,21 @@ def query_norms(folder: Path, adam: bool, manifest) -> np.ndarray:
     return factors
 
 
+def linear_mask(manifest) -> np.ndarray:
+    """[K] 1 on the bins of 2-D weights other than the embedding (kronfluence's nn.Linear modules), else 0."""
+    mask = np.zeros(manifest.sketch["output_dim"])
+    names, shapes = manifest.parameters["names"], manifest.parameters["shapes"]
+    for segment, name, shape in zip(layouts(manifest), names, shapes, strict=False):  # a trailing pad last
+        if len(shape) == 2 and "embed" not in name:
+            mask[segment.start : segment.stop] = 1.0
+    return mask
+
+
 def main() -> None:
     arguments = parse_arguments()
     torch.set_num_threads(1)
     folder = Path(arguments.folder)
+    sketch_dim = arguments.sketch_dim
     masks, losses, count = losses_and_masks(folder)
     dampings = [float(d) for d in arguments.dampings.split(",")]
     out = {}
@@ -97,12 +110,16 @@ def main() -> None:
     for adam in [value == "on" for value in arguments.adam.split(",")]:
         for side in arguments.sides.split(","):
             normalize = "none" if side == "none" else "layer"
-            pair = stored_pair(folder, SketchSettings(65536), normalize, adam)
-            manifest = read_manifest(index_folder(folder, SketchSettings(65536), normalize, adam, "train"))
+            pair = stored_pair(folder, SketchSettings(sketch_dim), normalize, adam)
+            manifest = read_manifest(
+                index_folder(folder, SketchSettings(sketch_dim), normalize, adam, "train")
+            )
             train = pair["train"].astype(np.float32)
             queries = pair["queries"].astype(np.float64)
             if side == "query-norms":
-                queries = queries * query_norms(folder, adam, manifest)
+                queries = queries * query_norms(folder, adam, manifest, sketch_dim)
+            if arguments.tensors == "linear":
+                queries = queries * linear_mask(manifest)
             label = f"{'adam, ' if adam else ''}{side}"
             record(f"no preconditioner ({label})", queries @ train.T.astype(np.float64))
             for kind in arguments.kinds.split(","):

@@ -108,7 +108,10 @@ def layouts(manifest) -> list[Layout] | None:
     segments = kron_layout(
         list(zip(offsets, shapes, strict=True)), sketch["gradient_dim"], sketch["sketch_dim"]
     )
-    out = sorted(Layout(s.start, s.pieces, s.row_bins, s.col_bins) for s in segments if s.width > 0)
+    out = sorted(
+        (Layout(s.start, s.pieces, s.row_bins, s.col_bins) for s in segments if s.width > 0),
+        key=lambda s: s.start,
+    )
     if (
         any(a.stop > b.start for a, b in zip(out, out[1:], strict=False))
         or out[-1].stop > sketch["sketch_dim"]
