@@ -625,11 +625,20 @@ def fit(
             "else whole), tensor or whole (fisher only)."
         ),
     ] = "auto",
+    query_norms: Annotated[
+        bool,
+        typer.Option(
+            help="Queries keep their per-tensor gradient norms (the rows stay layer-normalised): each tensor "
+            "counts by how strongly the query's loss pulls on it."
+        ),
+    ] = True,
 ) -> None:
     """Fit a curvature preconditioner of the stored vectors; queries then apply (F + lambda I)^-1 to theirs."""
     from rapidin_index.precondition import fit_index
 
-    record = fit_index(index, damping=damping, rank=rank, structure=structure, kind=kind)
+    record = fit_index(
+        index, damping=damping, rank=rank, structure=structure, kind=kind, query_norms=query_norms
+    )
     name = {"fisher": "the Fisher", "kfac": "K-FAC", "ekfac": "EK-FAC"}[record["kind"]]
     console.print(
         f"fitted {name} of {record['rows']:,} rows ({record['structure']}: {record['blocks']} block(s), "

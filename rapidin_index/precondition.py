@@ -289,9 +289,13 @@ def fit_index(
     structure: str = "auto",
     locked: bool = False,
     kind: str = DEFAULT_KIND,
+    query_norms: bool = True,
 ) -> dict:
     """Fit ``kind`` (fisher, kfac, ekfac) from the index's stored vectors, write it beside them, record it in
-    the manifest. ``damping`` None: the kind's default (``DEFAULT_DAMPINGS``).
+    the manifest. ``damping`` None: the kind's default (``DEFAULT_DAMPINGS``). ``query_norms``: on a
+    layer-normalised index, the query's vector keeps its per-tensor gradient norms (`Index.use_precondition`
+    sketches it with ``normalize none``), so each tensor's preconditioned cosine counts by how strongly the
+    query's loss pulls on it (LDS 0.476 -> 0.53; BENCHMARKS.md, issue 23).
 
     ``locked``: the caller already holds the writer lock (a build that fits at its end). Returns the
     manifest's ``precondition`` record.
@@ -324,6 +328,7 @@ def fit_index(
             "blocks": len(blocks),
             "damping": damping,
             "damping_rule": DAMPING_RULES[kind],
+            "query_norms": bool(query_norms and manifest.normalize == "layer"),
             "rank": rank,
             "kept_eigenpairs": int(sum(b.eigenvalues.size for b in blocks)),
             "rows": len(vectors),

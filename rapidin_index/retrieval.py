@@ -201,8 +201,11 @@ class Index:
 
         self.precondition = resolve_precondition(self.manifest, precondition)
         self.preconditioner = None
+        self.sketcher.normalize = self.manifest.normalize
         if self.precondition != "none":
             self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
+            if self.preconditioner.record.get("query_norms"):  # the query keeps its per-tensor norms
+                self.sketcher.normalize = "none"
 
     # ----------------------------------------------------------------------- public queries
 

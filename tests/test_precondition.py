@@ -71,6 +71,24 @@ def scores_of(index: Index) -> np.ndarray:
     return scores
 
 
+def raw_queries(index_dir) -> np.ndarray:
+    """[queries, D] each query's raw gradient (no layer norm) of Hugging Face's own loss, by plain autograd
+    over the index's attributed parameters in its order: what a fit with query_norms scores, on K = 0."""
+    import torch
+
+    index = Index.open(index_dir, device="cpu", precondition="none")
+    parameters = dict(index.loaded.model.named_parameters())
+    attributed = [parameters[name] for name in index.manifest.parameters["names"]]
+    out = []
+    for query in QUERIES:
+        prepared = index.prepare(query["prompt"], query["response"])
+        loss = index.loaded.model(
+            input_ids=torch.tensor([prepared.input_ids]), labels=torch.tensor([prepared.labels])
+        ).loss
+        out.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, attributed)]).numpy())
+    return np.stack(out).astype(np.float64)
+
+
 def plain_queries(index_dir) -> np.ndarray:
     index = Index.open(index_dir, device="cpu", precondition="none")
     prepared = [index.prepare(q["prompt"], q["response"]) for q in QUERIES]
@@ -83,9 +101,11 @@ def test_preconditioned_scores_equal_brute_force(tmp_path, lora_index, structure
 
     index_dir = tmp_path / "index"
     shutil.copytree(lora_index, index_dir)
-    record = fit_index(index_dir, damping=0.5, structure=structure)
+    # per tensor: the query keeps its per-tensor norms (the default); whole: it is layer-normalised too
+    record = fit_index(index_dir, damping=0.5, structure=structure, query_norms=structure == "tensor")
     manifest = read_manifest(index_dir)
     assert record["structure"] == structure and manifest.precondition == record
+    assert record["query_norms"] == (structure == "tensor")
     assert precondition.fisher_file(manifest.generation) in manifest.files
     vectors = stored_matrix(index_dir)
     if structure == "whole":
@@ -93,7 +113,8 @@ def test_preconditioned_scores_equal_brute_force(tmp_path, lora_index, structure
     else:
         spans = tensor_spans_of(manifest)
         assert record["blocks"] == len(manifest.parameters["names"]) > 1
-    expected = brute_force(vectors, plain_queries(index_dir), spans, 0.5)
+    queries = raw_queries(index_dir) if structure == "tensor" else plain_queries(index_dir)
+    expected = brute_force(vectors, queries, spans, 0.5)
     got = scores_of(Index.open(index_dir, device="cpu"))  # default: fitted, so fisher
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
     # --precondition none gives the plain inner products, and the two rank the rows differently
@@ -202,7 +223,7 @@ def test_the_cli_fits_and_queries_with_and_without_it(tmp_path, lora_index):
     vectors = stored_matrix(index_dir)
     spans = tensor_spans_of(read_manifest(index_dir))  # auto: per tensor, as K = 0 keeps tensors apart
     assert read_manifest(index_dir).precondition["structure"] == "tensor"
-    expected = brute_force(vectors, plain_queries(index_dir)[:1], spans, 0.5)[0]
+    expected = brute_force(vectors, raw_queries(index_dir)[:1], spans, 0.5)[0]
     got = np.array([results["fisher"][i] for i in range(24)])
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
     done = subprocess.run(query + ["--precondition", "both"], capture_output=True, text=True)
@@ -268,10 +289,10 @@ def test_kfac_scores_equal_brute_force_on_exact_vectors(tmp_path, lora_index, ki
     starts = np.concatenate([[0], np.cumsum([a * b for a, b in shapes])[:-1]])
     pieces_of = [(int(start), 1, a, b) for start, (a, b) in zip(starts, shapes, strict=True)]
     vectors = stored_matrix(index_dir)
-    expected = kronecker_brute_force(vectors, plain_queries(index_dir), pieces_of, kind, 0.3)
+    expected = kronecker_brute_force(vectors, raw_queries(index_dir), pieces_of, kind, 0.3)
     got = scores_of(Index.open(index_dir, device="cpu"))  # default: the fitted kind
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
-    fisher = brute_force(vectors, plain_queries(index_dir), tensor_spans_of(manifest), 0.3)
+    fisher = brute_force(vectors, raw_queries(index_dir), tensor_spans_of(manifest), 0.3)
     assert not np.allclose(got, fisher, rtol=1e-2)  # not the empirical Fisher under another name
 
 
@@ -297,7 +318,7 @@ def test_ekfac_on_kron_pieces_equals_brute_force_and_survives_export(tmp_path, k
 
     index_dir = tmp_path / "index"
     shutil.copytree(kron_index, index_dir)
-    fit_index(index_dir, kind="ekfac", damping=1.0)
+    fit_index(index_dir, kind="ekfac", damping=1.0, query_norms=False)
     manifest = read_manifest(index_dir)
     sizes = [int(np.prod(shape)) for shape in manifest.parameters["shapes"]]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
