@@ -42,6 +42,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--adam", default="off,on")
     parser.add_argument("--sketch-dim", type=int, default=65536, help="K of the indexes (0: exact vectors)")
     parser.add_argument("--tensors", default="all", help="all, or linear: score the weight matrices alone")
+    parser.add_argument(
+        "--ekfac-scores", help="kronfluence's EK-FAC scores [queries, rows] (.npy) on these models"
+    )
+    parser.add_argument("--costs", default="off", choices=("on", "off"), help="time build, fits and queries")
     parser.add_argument("--out", default=".bench/lds-kfac.json")
     return parser.parse_args()
 
@@ -130,7 +134,49 @@ def main() -> None:
                     preconditioner = Preconditioner(redamp(fitted, damping), {})
                     scores = preconditioner.apply(queries).astype(np.float64) @ train.T.astype(np.float64)
                     record(f"{kind}, damping {damping} ({label})", scores, {"fit_seconds": seconds})
-    Path(arguments.out).write_text(json.dumps(out, indent=2))
+    if arguments.ekfac_scores:
+        record("kronfluence EK-FAC (weight space, every nn.Linear)", np.load(arguments.ekfac_scores))
+    report = {"methods": out, "costs": costs(folder) if arguments.costs == "on" else None}
+    Path(arguments.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["costs"], indent=2))
+
+
+def costs(folder: Path) -> dict:
+    """Seconds of a plain K = 2^16 build of the train rows, of each kind's fit on it, and of the 50 held-out
+    whole-generation queries without and with each fit (medians of 3, one warm-up), in this run."""
+    import shutil
+
+    from rapidin_index.build import build_index
+    from rapidin_index.precondition import fit_index
+    from rapidin_index.retrieval import Index
+    from rapidin_index.settings import BuildSettings, ModelSettings
+
+    index_dir = folder / "timing-kinds"
+    shutil.rmtree(index_dir, ignore_errors=True)
+    settings = BuildSettings(ModelSettings(str(folder / "full")), SketchSettings(65536), batch_size=16)
+    started = time.perf_counter()
+    build_index(folder / "train.jsonl", index_dir, settings, progress=False)
+    seconds = {"build": time.perf_counter() - started}
+    queries = [json.loads(line) for line in open(folder / "queries.jsonl")]
+    for kind in ("none", "fisher", "kfac", "ekfac"):
+        if kind != "none":
+            started = time.perf_counter()
+            fit_index(index_dir, kind=kind)
+            seconds[f"fit {kind}"] = time.perf_counter() - started
+        index = Index.open(index_dir, device="cpu", precondition=kind)
+        prepared = [index.prepare(row["instruction"], row["output"]) for row in queries]
+        index.query_prepared(prepared[:2], 10, explain=0, per_token=False)  # warm-up
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            index.query_prepared(prepared, 10, explain=0, per_token=False)
+            runs.append(time.perf_counter() - started)
+        seconds[f"query {kind}"] = float(np.median(runs))
+    ratios = {key: value / seconds["build"] for key, value in seconds.items() if key.startswith("fit")}
+    ratios |= {
+        key: value / seconds["query none"] for key, value in seconds.items() if key.startswith("query")
+    }
+    return {"seconds": seconds, "ratios": ratios}
 
 
 if __name__ == "__main__":

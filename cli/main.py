@@ -612,7 +612,7 @@ def fit(
         float | None,
         typer.Option(
             help="lambda as a multiple of each block's mean eigenvalue: fisher trace(F_b) / min(rows, width) "
-            "(default 0.5), kfac and ekfac trace(F_b) / width (default 1)."
+            "(default 0.5), kfac and ekfac trace(F_b) / width (default 0.01)."
         ),
     ] = None,
     rank: Annotated[

@@ -7,6 +7,12 @@ index and its search stay as they are. Preconditioning one side with ``(F + lamb
 bilinear form as ``(F + lambda I)^-1/2`` on both sides (TRAK, LoGra); the rows are not normalised again
 after whitening, which would need new stored vectors.
 
+``fit_index(kind=...)``: ``fisher`` (this module, the default: the best LDS measured), or ``kfac`` /
+``ekfac`` (`kfac`: Kronecker factors of each rapidgrad-kron tensor's row x column bins, full rank), stored
+in the same file (format 2 tells the block kinds apart). With ``query_norms`` (the default) a query on a
+layer-normalised index keeps its per-tensor gradient norms: the rows stay normalised, and each tensor's
+preconditioned cosine counts by the query's gradient norm there (`Index.use_precondition`).
+
 Structure (``structure="auto"``):
 
 * block-diagonal, one block per parameter tensor, where the vectors keep each tensor in its own
@@ -43,7 +49,7 @@ FORMAT_VERSION = 2
 DEFAULT_DAMPING = 0.5
 """fisher: lambda = DEFAULT_DAMPING x trace(F_b) / min(N, w): see the module docstring and BENCHMARKS.md, issue 23."""
 DEFAULT_KIND = "fisher"
-DEFAULT_DAMPINGS = {"fisher": DEFAULT_DAMPING, "kfac": 1.0, "ekfac": 1.0}
+DEFAULT_DAMPINGS = {"fisher": DEFAULT_DAMPING, "kfac": 0.01, "ekfac": 0.01}
 """Each kind's damping multiple (kfac, ekfac: of the mean eigenvalue trace(F_b) / w; BENCHMARKS.md issue 23)."""
 DEFAULT_RANK = 512
 """Eigenpairs kept per block wider than DENSE_LIMIT (at most N, the rows)."""
