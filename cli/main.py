@@ -754,7 +754,9 @@ def info(
             "preconditioner",
             "none (rapidin-index fit)"
             if manifest.precondition is None
-            else f"fisher, {manifest.precondition['structure']}, damping {manifest.precondition['damping']}",
+            else f"{manifest.precondition.get('kind', 'fisher')}, {manifest.precondition['structure']}, damping "
+            f"{manifest.precondition['damping']}"
+            + (", query norms" if manifest.precondition.get("query_norms") else ""),
         ),
     ]:
         table.add_row(name, value)

@@ -395,3 +395,11 @@ def test_kfac_refusals_are_one_line(tmp_path, tiny_model_dirs, training_file, lo
     ]
     with pytest.raises(PreconditionError, match="--kind 'shampoo' is not one of fisher, kfac, ekfac"):
         fit_index(fitted, kind="shampoo")
+    # the fix the refusal names works: the CLI refits it with EK-FAC, which queries then take by default
+    done = subprocess.run(
+        executable + ["fit", "--index", str(fitted), "--kind", "ekfac"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "fitted EK-FAC of 24 rows" in done.stderr, done.stderr
+    record = read_manifest(fitted).precondition
+    assert record["kind"] == "ekfac" and record["damping"] == precondition.DEFAULT_DAMPINGS["ekfac"]
+    assert record["query_norms"] is True and Index.open(fitted, device="cpu").precondition == "ekfac"
