@@ -46,6 +46,7 @@ def parse_arguments() -> argparse.Namespace:
         "--ekfac-scores", help="kronfluence's EK-FAC scores [queries, rows] (.npy) on these models"
     )
     parser.add_argument("--costs", default="off", choices=("on", "off"), help="time build, fits and queries")
+    parser.add_argument("--end-to-end", default="off", choices=("on", "off"), help="LDS through fit + Index")
     parser.add_argument("--out", default=".bench/lds-kfac.json")
     return parser.parse_args()
 
@@ -137,8 +138,35 @@ def main() -> None:
     if arguments.ekfac_scores:
         record("kronfluence EK-FAC (weight space, every nn.Linear)", np.load(arguments.ekfac_scores))
     report = {"methods": out, "costs": costs(folder) if arguments.costs == "on" else None}
+    if arguments.end_to_end == "on":  # after costs: it refits the index costs built
+        report["end_to_end"] = end_to_end(folder, masks, losses, count)
     Path(arguments.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report["costs"], indent=2))
+
+
+def end_to_end(folder: Path, masks, losses, count: int) -> dict:
+    """LDS of each kind's default fit through the library alone: `fit_index` on the costs' index, queries
+    sketched and preconditioned by `Index` (query norms included), scored against its stored rows."""
+    from rapidin_index import index as vector_index
+    from rapidin_index.precondition import fit_index
+    from rapidin_index.retrieval import Index, sketch_queries
+
+    index_dir = folder / "timing-kinds"
+    rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
+    out = {}
+    for kind in ("fisher", "kfac", "ekfac"):
+        fit_index(index_dir, kind=kind)
+        index = Index.open(index_dir, device="cpu")
+        ids, train = vector_index.stored_vectors(index.faiss_index)
+        assert np.array_equal(ids, np.arange(len(ids)))
+        prepared = [index.prepare(row["instruction"], row["output"]) for row in rows]
+        vectors = sketch_queries(index, prepared, per_token=False)[0].astype(np.float64)
+        result = summarize(
+            linear_datamodeling_score(vectors @ train.T.astype(np.float64), masks, losses), count
+        )
+        out[f"{kind} (fit defaults, through Index)"] = result["lds"]
+        print(f"end to end, {kind}: {result['lds']:.3f}", flush=True)
+    return out
 
 
 def costs(folder: Path) -> dict:
