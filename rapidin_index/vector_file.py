@@ -35,6 +35,13 @@ SCAN_BLOCK_BYTES = 32 << 20
 """Stored bytes read per block of a scan (32 MiB: 2,048 rows at K = 4,096 in float32, 4,096 in float16).
 A query holds one such block, its float32 copy (float16) and the [vectors, rows] scores, plus the ids
 (8 bytes a row), whatever the number of rows."""
+HALF_CHUNK_BYTES = 1 << 20
+"""float32 bytes of float16 rows converted at once before their product with few query vectors (1 MiB:
+64 rows at K = 4,096). The converted rows stay in the core's L2 cache for the product: converting into a
+cache-sized buffer costs 0.12-0.24 ns a value here, into a 32 MiB block 1.1-1.5 ns (BENCHMARKS.md, issue 27
+item 3), as much as the product itself."""
+FLOAT_CHUNK_BYTES = SCAN_BLOCK_BYTES // 8
+"""float32 rows scored at once with few query vectors (4 MiB): re-read from cache once per vector."""
 _INNER_KINDS = {b"IxFI": "float32", b"IxSQ": "float16"}
 _INNER_HEADER_AT = 37  # the IxM2 fourcc (4) and index header (d 4, ntotal 8, 2 x 8 unused, 1, metric 4)
 _PAGE = mmap.PAGESIZE
@@ -43,16 +50,68 @@ _PAGE = mmap.PAGESIZE
 def half_to_float(codes: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float16 rows in byte form [n, 2d] -> ``out`` [n, d] float32 (exact). torch's conversion is
     vectorised (F16C); numpy's, here, converts 3x slower than torch and 5x slower than a float32 product."""
+    torch_from_numpy(out).copy_(_as_half_tensor(codes))
+    return out
+
+
+def score_codes(
+    codes: np.ndarray, vector_dtype: str, queries: np.ndarray, out: np.ndarray, chunk_bytes: int
+) -> None:
+    """``out`` [q, n] = ``queries`` [q, d] float32 x rows ``codes`` [n, bytes a row] (a file's byte form)
+    transposed, accumulated in float32 over the stored values, ``chunk_bytes`` of float32 rows at a time.
+
+    float16 rows are converted chunk by chunk into one cache-sized buffer just before their product (see
+    `HALF_CHUNK_BYTES`); float32 rows are read in place: 4-byte aligned ones (in RAM) by one matrix product,
+    unaligned ones (a mapped file) by FAISS's SIMD inner products, one pass per vector over each chunk.
+    """
+    step = max(1, chunk_bytes // (4 * queries.shape[1]))
+    if vector_dtype == "float16":
+        _score_half(codes, queries, out, step)
+        return
+    for start in range(0, len(codes), step):
+        chunk = codes[start : start + step]
+        rows = len(chunk)
+        if chunk.ctypes.data % 4 == 0:
+            np.matmul(queries, chunk.view(np.float32).T, out=out[:, start : start + rows])  # [q, rows]
+            continue
+        pointer = faiss.swig_ptr(chunk.view(np.float32))  # not 4-byte aligned (a mapped file): FAISS reads it
+        for number, query in enumerate(queries):
+            scores = faiss.swig_ptr(out[number, start : start + rows])
+            faiss.fvec_inner_products_ny(scores, faiss.swig_ptr(query), pointer, queries.shape[1], rows)
+
+
+def _score_half(codes: np.ndarray, queries: np.ndarray, out: np.ndarray, step: int) -> None:
+    """`score_codes` of float16 rows: ``step`` rows at a time converted into one float32 buffer (in cache)
+    and multiplied there; torch does both (its conversion is vectorised, F16C; one dispatch per chunk)."""
     import torch
 
-    if codes.ctypes.data % 2:  # float16 rows start 2-byte aligned in files FAISS writes; be safe
-        codes = codes.copy()
-    half = np.ascontiguousarray(codes).view(np.float16)
-    with warnings.catch_warnings():  # a read-only mapping: torch warns that it could write; it only reads
+    query = torch.from_numpy(queries)  # [q, d]
+    buffer = torch.empty((min(step, len(codes)), queries.shape[1]), dtype=torch.float32)
+    scores = torch_from_numpy(out).split(step, dim=1)  # [q, step] views of out
+    for rows, into in zip(_as_half_tensor(codes).split(step), scores, strict=True):
+        block = buffer if len(rows) == len(buffer) else buffer[: len(rows)]
+        block.copy_(rows)  # exact
+        if len(query) == 1:
+            torch.mv(block, query[0], out=into[0])
+        else:
+            torch.mm(query, block.T, out=into)
+
+
+def torch_from_numpy(array: np.ndarray):
+    """``torch.from_numpy`` of a possibly read-only array (a mapping): torch warns that it could write
+    there; it only reads."""
+    import torch
+
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(half)
-    torch.from_numpy(out).copy_(source)
-    return out
+        return torch.from_numpy(array)
+
+
+def _as_half_tensor(codes: np.ndarray):
+    """float16 rows in byte form [n, 2d] as a torch float16 tensor [n, d] over the same memory."""
+    if codes.ctypes.data % 2 or not codes.flags.c_contiguous:  # FAISS writes them 2-byte aligned
+        codes = codes.copy()
+    return torch_from_numpy(codes.view(np.float16))
 
 
 def format_bytes(count: int) -> str:
@@ -72,9 +131,7 @@ class StoredVectors:
     ``drop_pages``: after each block, the mapping's pages are released (``madvise(DONTNEED)``), so that
     the process's resident set stays at one block whatever the file's size (a scan then reads from the
     page cache each time); without it the mapped pages stay resident, shared with every other process
-    that maps the file, and a second scan finds them mapped. Searches of a float16 file with one or two
-    vectors (uncapped) go through `faiss_index`, FAISS's own reading of the mapped file, which also holds
-    FAISS's id maps (O(N), tens of bytes a row).
+    that maps the file, and a second scan finds them mapped.
     """
 
     def __init__(self, path: str | Path, max_memory: int | None = None):
@@ -95,7 +152,6 @@ class StoredVectors:
         ids_at = self._codes_at + self.count * self.row_bytes + 8
         self.ids = raw[ids_at : ids_at + 8 * self.count].copy().view(np.int64)  # [n]
         self._positions: np.ndarray | None = None
-        self._faiss: faiss.Index | None = None
         self.max_block_bytes = SCAN_BLOCK_BYTES
         if max_memory is not None:
             self.max_block_bytes = min(SCAN_BLOCK_BYTES, self._block_within(max_memory))
@@ -128,6 +184,25 @@ class StoredVectors:
             return self._codes[start:stop].view(np.float32)  # [rows, d], in place
         return self._decode(self._codes[start:stop], out)
 
+    def scores(self, queries: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+        """``out`` [q, stop - start] = the queries [q, d] float32 x rows [start, stop) (`score_codes`), read
+        in chunks that fit ``max_block_bytes`` (with ``drop_pages``, each block's pages released after)."""
+        chunk = HALF_CHUNK_BYTES if self.vector_dtype == "float16" else FLOAT_CHUNK_BYTES
+        chunk = max(1, min(chunk, self.max_block_bytes // 2))
+        step = stop - start
+        if self.drop_pages:
+            step = max(1, chunk // (4 * self.dimension))
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            score_codes(
+                self._codes[first:last],
+                self.vector_dtype,
+                queries,
+                out[:, first - start : last - start],
+                chunk,
+            )
+            self.release(first, last)
+
     def read_positions(self, positions: np.ndarray) -> np.ndarray:
         """The rows at these (sorted) positions, as float32 [len(positions), d]."""
         return self._decode(self._codes[positions], None)
@@ -151,12 +226,6 @@ class StoredVectors:
         first -= first % _PAGE
         last = self._codes_at + stop * self.row_bytes
         self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-    def faiss_index(self) -> faiss.Index:
-        """The file as a FAISS index, its vectors mapped (read once, kept: its ids and their reverse map)."""
-        if self._faiss is None:
-            self._faiss = load_index(self.path, mapped=True)
-        return self._faiss
 
     def positions_of(self, ids: np.ndarray) -> np.ndarray:
         """Row positions of these training example ids (-1 where absent)."""
