@@ -32,9 +32,10 @@ from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
 MAX_DIMENSION = MAX_VECTOR_DIMENSION  # what faiss.read_index accepts back
 
 SCAN_BLOCK_BYTES = 32 << 20
-"""Stored bytes read per block of a scan (32 MiB: 2,048 rows at K = 4,096 in float32, 4,096 in float16).
-A query holds one such block, its float32 copy (float16) and the [vectors, rows] scores, plus the ids
-(8 bytes a row), whatever the number of rows."""
+"""Stored bytes read per block of a scan with many query vectors (32 MiB: 2,048 rows at K = 4,096 in
+float32, 4,096 in float16). A query holds one such block, its float32 copy (float16) and the [vectors, rows]
+scores, plus the ids (8 bytes a row), whatever the number of rows; with few vectors, one chunk
+(`HALF_CHUNK_BYTES`, `FLOAT_CHUNK_BYTES`) and a span of scores (`index.SPAN_BYTES`) instead."""
 HALF_CHUNK_BYTES = 1 << 20
 """float32 bytes of float16 rows converted at once before their product with few query vectors (1 MiB:
 64 rows at K = 4,096). The converted rows stay in the core's L2 cache for the product: converting into a
