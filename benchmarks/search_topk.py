@@ -3,7 +3,8 @@
 In one process (numpy/BLAS, torch and FAISS on one thread), for each K and number of query vectors: an
 in-RAM float32 matrix of unit-norm rows (about ``--matrix-mb``), the bare product ``queries @ rows.T`` over
 blocks of it (nothing kept: the floor the search cannot beat), then `search_both` over flat FAISS indexes
-holding the same rows in float32 and in float16 (helpful and harmful top-k), by this code and, with
+holding the same rows in float32 and in float16 (``--source file``: the vectors files of those indexes, read
+in place by each code's `StoredVectors`; helpful and harmful top-k), by this code and, with
 ``--baseline COMMIT``, by that commit's `index.py` + `vector_file.py` (loaded beside this one) and, with
 ``--old-index FILE``, by an older `index.py` alone. The runs are interleaved (bare, new, baseline, ... then
 again) and each timing is the median of ``--repeats`` after one warm-up, so that a busy machine slows all of
@@ -30,6 +31,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rapidin_index import index as vector_index  # noqa: E402
+from rapidin_index.vector_file import StoredVectors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,19 +81,27 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baseline", default=None, help="a commit whose search code runs beside this one")
     parser.add_argument("--old-index", default=None, help="an older index.py (file) run beside this one")
+    parser.add_argument(
+        "--source", choices=("ram", "file"), default="ram", help="flat FAISS indexes in RAM, or vectors files"
+    )
+    parser.add_argument(
+        "--folder", default=None, help="where --source file writes them (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(1)
     import torch
 
     torch.set_num_threads(1)
-    others = {}
+    others, readers = {}, {"new": StoredVectors}
     if args.baseline:
-        others["baseline"] = load_baseline(args.baseline)[1]
+        base_file, others["baseline"] = load_baseline(args.baseline)
+        readers["baseline"] = base_file.StoredVectors
     if args.old_index:
         spec = importlib.util.spec_from_file_location("old_index", args.old_index)
         others["old"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(others["old"])
     rng = np.random.default_rng(0)
+    folder = tempfile.TemporaryDirectory(dir=args.folder)
     results = []
     for dimension in (int(d) for d in args.sketch_dims.split(",")):
         rows = args.matrix_mb * 10**6 // (4 * dimension)
@@ -101,8 +111,19 @@ def main(argv=None) -> None:
         for vector_dtype in ("float32", "float16"):
             flats[vector_dtype] = vector_index.new_index(dimension, vector_dtype)
             vector_index.add_vectors(flats[vector_dtype], matrix, np.arange(rows))
+            if args.source == "file":
+                path = Path(folder.name) / f"vectors-{dimension}-{vector_dtype}.faiss"
+                vector_index.save_index(flats[vector_dtype], path)
+                if vector_dtype == "float16":
+                    flats[vector_dtype] = None
         view = vector_index._flat_codes(flats["float32"])[0].view(np.float32)  # the index's own rows
         del matrix
+        sources = {name: flats for name in ["new", *others]}
+        if args.source == "file":  # each code's own reader of the same files (mapped)
+            sources = {
+                name: {t: readers[name](Path(folder.name) / f"vectors-{dimension}-{t}.faiss") for t in flats}
+                for name in ["new", *others]
+            }
         for count in (int(q) for q in args.queries.split(",")):
             queries = rng.standard_normal((count, dimension), dtype=np.float32)
             step = vector_index._block_rows(dimension, count, vector_index.SCAN_BLOCK_BYTES)
@@ -114,7 +135,7 @@ def main(argv=None) -> None:
             for top_k in (int(k) for k in args.top_k.split(",")):
                 functions = {"bare": bare}
                 for name, module in {"new": vector_index, **others}.items():
-                    for vector_dtype, flat in flats.items():
+                    for vector_dtype, flat in sources[name].items():
                         functions[f"{name}_{vector_dtype}"] = lambda m=module, f=flat, q=queries, k=top_k: (
                             m.search_both(f, q, k)
                         )
@@ -124,6 +145,8 @@ def main(argv=None) -> None:
                 )
                 print(json.dumps(entry), flush=True)
                 results.append(entry)
+    folder.cleanup()
+    print(f"\nsource: {args.source}")
     print(table(results, ["new", *others]))
 
 
