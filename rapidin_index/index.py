@@ -15,6 +15,7 @@ from rapidin_index.vector_file import (
     StoredVectors,
     half_to_float,
     score_codes,
+    torch_from_numpy,
 )
 
 # The FAISS file's own primitives live beside its reader (vector_file), re-exported here for callers.
@@ -236,11 +237,12 @@ def _scan_both(blocks, queries: np.ndarray, top_k: int):
 def _offer_block(queries, vectors: np.ndarray, ids: np.ndarray, best: _TopK, worst: _TopK) -> None:
     """Score one block ``vectors`` [rows, d] float32 (C-contiguous, any alignment) with many queries and
     offer the scores to the running helpful (``best``) and harmful (``worst``, negated keys) top-k."""
-    if vectors.ctypes.data % 4:  # rows in place in a mapped file: BLAS wants them aligned
-        copied = np.empty(vectors.shape, np.float32)
-        copied.reshape(-1).view(np.uint8)[:] = vectors.reshape(-1).view(np.uint8)
-        vectors = copied
-    scores = queries @ vectors.T  # [q, rows]
+    if vectors.ctypes.data % 4:  # rows in place in a mapped file, not 4-byte aligned: numpy would copy
+        import torch  # them for BLAS (1.7x the product); torch's BLAS reads them where they are
+
+        scores = torch.mm(torch.from_numpy(queries), torch_from_numpy(vectors).T).numpy()  # [q, rows]
+    else:
+        scores = queries @ vectors.T  # [q, rows]
     best.offer(scores, ids)
     worst.offer(np.negative(scores, out=scores), ids)
 
