@@ -7,8 +7,8 @@ holding the same rows in float32 and in float16 (``--source file``: the vectors 
 in place by each code's `StoredVectors`; helpful and harmful top-k), by this code and, with
 ``--baseline COMMIT``, by that commit's `index.py` + `vector_file.py` (loaded beside this one) and, with
 ``--old-index FILE``, by an older `index.py` alone. The runs are interleaved (bare, new, baseline, ... then
-again) and each timing is the median of ``--repeats`` after one warm-up, so that a busy machine slows all of
-them alike; ratios are against the bare product measured in the same process.
+again) and each timing is the median of ``--repeats`` CPU times (one thread: a busy machine's waits for a
+core are left out) after one warm-up; ratios are against the bare product measured in the same process.
 """
 
 from __future__ import annotations
@@ -60,15 +60,16 @@ def load_baseline(commit: str):
 
 
 def interleaved(functions: dict, repeats: int) -> dict:
-    """Median seconds of each function, run in turn ``repeats`` times after one warm-up each."""
+    """Median CPU seconds of each function (this process's, on one thread: time spent waiting for a core of
+    the shared machine does not count; memory stalls do), run in turn ``repeats`` times after a warm-up."""
     for function in functions.values():
         function()
     times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            started = time.perf_counter()
+            started = time.process_time()
             function()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(time.process_time() - started)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
