@@ -41,8 +41,8 @@ HALF_CHUNK_BYTES = 1 << 20
 64 rows at K = 4,096). The converted rows stay in the core's L2 cache for the product: converting into a
 cache-sized buffer costs 0.12-0.24 ns a value here, into a 32 MiB block 1.1-1.5 ns (BENCHMARKS.md, issue 27
 item 3), as much as the product itself."""
-FLOAT_CHUNK_BYTES = SCAN_BLOCK_BYTES // 8
-"""float32 rows scored at once with few query vectors (4 MiB): re-read from cache once per vector."""
+FLOAT_CHUNK_BYTES = SCAN_BLOCK_BYTES
+"""float32 rows scored at once with few query vectors: read in place, one product (BLAS blocks it)."""
 _INNER_KINDS = {b"IxFI": "float32", b"IxSQ": "float16"}
 _INNER_HEADER_AT = 37  # the IxM2 fourcc (4) and index header (d 4, ntotal 8, 2 x 8 unused, 1, metric 4)
 _PAGE = mmap.PAGESIZE
@@ -62,40 +62,26 @@ def score_codes(
     transposed, accumulated in float32 over the stored values, ``chunk_bytes`` of float32 rows at a time.
 
     float16 rows are converted chunk by chunk into one cache-sized buffer just before their product (see
-    `HALF_CHUNK_BYTES`); float32 rows are read in place: 4-byte aligned ones (in RAM) by one matrix product,
-    unaligned ones (a mapped file) by FAISS's SIMD inner products, one pass per vector over each chunk.
+    `HALF_CHUNK_BYTES`); float32 rows are multiplied where they are, aligned or not (a mapped file's rows
+    are not 4-byte aligned: torch's BLAS reads them in place, where numpy's would need a copy).
     """
-    step = max(1, chunk_bytes // (4 * queries.shape[1]))
-    if vector_dtype == "float16":
-        _score_half(codes, queries, out, step)
-        return
-    for start in range(0, len(codes), step):
-        chunk = codes[start : start + step]
-        rows = len(chunk)
-        if chunk.ctypes.data % 4 == 0:
-            np.matmul(queries, chunk.view(np.float32).T, out=out[:, start : start + rows])  # [q, rows]
-            continue
-        pointer = faiss.swig_ptr(chunk.view(np.float32))  # not 4-byte aligned (a mapped file): FAISS reads it
-        for number, query in enumerate(queries):
-            scores = faiss.swig_ptr(out[number, start : start + rows])
-            faiss.fvec_inner_products_ny(scores, faiss.swig_ptr(query), pointer, queries.shape[1], rows)
-
-
-def _score_half(codes: np.ndarray, queries: np.ndarray, out: np.ndarray, step: int) -> None:
-    """`score_codes` of float16 rows: ``step`` rows at a time converted into one float32 buffer (in cache)
-    and multiplied there; torch does both (its conversion is vectorised, F16C; one dispatch per chunk)."""
     import torch
 
+    step = max(1, chunk_bytes // (4 * queries.shape[1]))
     query = torch.from_numpy(queries)  # [q, d]
-    buffer = torch.empty((min(step, len(codes)), queries.shape[1]), dtype=torch.float32)
     scores = torch_from_numpy(out).split(step, dim=1)  # [q, step] views of out
-    for rows, into in zip(_as_half_tensor(codes).split(step), scores, strict=True):
-        block = buffer if len(rows) == len(buffer) else buffer[: len(rows)]
-        block.copy_(rows)  # exact
+    if vector_dtype == "float16":
+        rows = _as_half_tensor(codes)
+        buffer = torch.empty((min(step, len(codes)), queries.shape[1]), dtype=torch.float32)
+    else:
+        rows, buffer = torch_from_numpy(codes.view(np.float32)), None  # [n, d] in place
+    for chunk, into in zip(rows.split(step), scores, strict=True):
+        if buffer is not None:
+            chunk = (buffer if len(chunk) == len(buffer) else buffer[: len(chunk)]).copy_(chunk)  # exact
         if len(query) == 1:
-            torch.mv(block, query[0], out=into[0])
+            torch.mv(chunk, query[0], out=into[0])
         else:
-            torch.mm(query, block.T, out=into)
+            torch.mm(query, chunk.T, out=into)
 
 
 def torch_from_numpy(array: np.ndarray):
