@@ -15,7 +15,6 @@ from rapidin_index.vector_file import (
     StoredVectors,
     half_to_float,
     score_codes,
-    torch_from_numpy,
 )
 
 # The FAISS file's own primitives live beside its reader (vector_file), re-exported here for callers.
@@ -114,30 +113,27 @@ def search_both(
     if top_k < 1:  # an empty index (FAISS asserts k > 0)
         empty = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
         return (*empty, *empty)
+    few = len(queries) < _PRODUCT_QUERIES
     if isinstance(index, StoredVectors):
-        if len(queries) < _PRODUCT_QUERIES:
-            return _scan_spans(index.scores, index.ids, queries, top_k, index.max_block_bytes)
-        return _scan_both(_file_blocks(index, len(queries)), queries, top_k)
-    codes = _flat_codes(index)
-    if codes is None:
-        return _search_stacked(index, queries, top_k)
-    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    if len(queries) < _PRODUCT_QUERIES:
-        rows, dtype = codes
-        chunk = HALF_CHUNK_BYTES if dtype == "float16" else FLOAT_CHUNK_BYTES
+        dimension, budget, ids = index.dimension, index.max_block_bytes, index.ids
 
         def scores(queries, start, stop, out):
-            score_codes(rows[start:stop], dtype, queries, out, chunk)
+            index.scores(queries, start, stop, out, None if few else _many_chunk_bytes(dimension))
 
-        return _scan_spans(scores, ids, queries, top_k, SCAN_BLOCK_BYTES)
-    step = _block_rows(index.d, len(queries), SCAN_BLOCK_BYTES)
-    if codes[1] == "float16":
-        step = _half_block_rows(index.d, step)
-    blocks = (
-        (_decode(codes[0][start : start + step], codes[1], index.d), ids[start : start + step])
-        for start in range(0, len(ids), step)
-    )
-    return _scan_both(blocks, queries, top_k)
+    else:
+        codes = _flat_codes(index)
+        if codes is None:
+            return _search_stacked(index, queries, top_k)
+        (rows, dtype), dimension, budget = codes, index.d, SCAN_BLOCK_BYTES
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        chunk = (HALF_CHUNK_BYTES if dtype == "float16" else FLOAT_CHUNK_BYTES) if few else None
+
+        def scores(queries, start, stop, out):
+            score_codes(rows[start:stop], dtype, queries, out, chunk or _many_chunk_bytes(dimension))
+
+    if few:
+        return _scan_spans(scores, ids, queries, top_k, budget)
+    return _scan_blocks(scores, ids, queries, top_k, budget)
 
 
 def _search_stacked(index: faiss.Index, queries: np.ndarray, top_k: int):
@@ -163,25 +159,28 @@ def _block_rows(dimension: int, queries: int, block_bytes: int) -> int:
     return max(1, block_bytes // (4 * dimension + 8 * queries))
 
 
-def _half_block_rows(dimension: int, rows: int) -> int:
-    """Rows of a float16 block for many vectors: 4 MiB once converted, so that they are still in cache for
-    the product (converting into a 32 MiB block cost 0.2x the product more), but at least 128 (a shorter
-    product re-reads the queries more than its rows: at K = 65,536 it is slower)."""
-    return min(rows, max((4 << 20) // (4 * dimension), 128))
+def _many_chunk_bytes(dimension: int) -> int:
+    """float32 bytes of rows multiplied at once with many vectors: 4 MiB, so that float16 rows converted
+    into it are still in cache for the product (a 32 MiB block cost 0.2x the product more), but at least
+    128 rows (a shorter product re-reads the queries more than its rows: slower at K = 65,536)."""
+    return max(4 << 20, 128 * 4 * dimension)
 
 
-def _file_blocks(stored: StoredVectors, queries: int):
-    """(vectors [rows, d] float32, ids [rows]) of a vectors file, block after block, in one buffer."""
-    step = _block_rows(stored.dimension, queries, stored.max_block_bytes)
-    if stored.vector_dtype == "float16":
-        step = _half_block_rows(stored.dimension, step)
-    buffer = None  # float32 rows are read in place; float16 ones converted into this
-    if stored.vector_dtype == "float16":
-        buffer = np.empty((min(step, stored.count), stored.dimension), np.float32)
-    for start in range(0, stored.count, step):
-        stop = min(start + step, stored.count)
-        yield stored.block(start, stop, buffer), stored.ids[start:stop]
-        stored.release(start, stop)
+def _scan_blocks(scores_of, ids: np.ndarray, queries: np.ndarray, top_k: int, budget: int):
+    """Helpful and harmful top-k of many ``queries``: ``scores_of`` fills blocks of scores [q, rows] (rows
+    and scores within ``budget``, `_block_rows`), each offered to a running top and bottom k (`_TopK`)."""
+    step = _block_rows(queries.shape[1], len(queries), budget)
+    scores = np.empty((len(queries), min(step, len(ids))), np.float32)
+    best, worst = _TopK(len(queries), top_k), _TopK(len(queries), top_k)
+    for start in range(0, len(ids), step):
+        stop = min(start + step, len(ids))
+        block = scores[:, : stop - start]
+        scores_of(queries, start, stop, block)
+        best.offer(block, ids[start:stop])
+        worst.offer(np.negative(block, out=block), ids[start:stop])
+    helpful_scores, helpful_ids = best.result()
+    harmful_scores, harmful_ids = worst.result()
+    return helpful_scores, helpful_ids, -harmful_scores, harmful_ids
 
 
 def _scan_spans(scores_of, ids: np.ndarray, queries: np.ndarray, top_k: int, budget: int):
@@ -246,14 +245,9 @@ def _scan_both(blocks, queries: np.ndarray, top_k: int):
 
 
 def _offer_block(queries, vectors: np.ndarray, ids: np.ndarray, best: _TopK, worst: _TopK) -> None:
-    """Score one block ``vectors`` [rows, d] float32 (C-contiguous, any alignment) with many queries and
-    offer the scores to the running helpful (``best``) and harmful (``worst``, negated keys) top-k."""
-    if vectors.ctypes.data % 4:  # rows in place in a mapped file, not 4-byte aligned: numpy would copy
-        import torch  # them for BLAS (1.7x the product); torch's BLAS reads them where they are
-
-        scores = torch.mm(torch.from_numpy(queries), torch_from_numpy(vectors).T).numpy()  # [q, rows]
-    else:
-        scores = queries @ vectors.T  # [q, rows]
+    """Score one block ``vectors`` [rows, d] float32 with every query and offer the scores to the running
+    helpful (``best``) and harmful (``worst``, negated keys) top-k."""
+    scores = queries @ vectors.T  # [q, rows]
     best.offer(scores, ids)
     worst.offer(np.negative(scores, out=scores), ids)
 
@@ -321,8 +315,8 @@ def _flat_codes(index: faiss.Index) -> tuple[np.ndarray, str] | None:
 
 
 def _decode(codes: np.ndarray, dtype: str, dimension: int) -> np.ndarray:
-    """Rows in byte form [n, bytes a row] -> float32 [n, d]: float32 a view (aligned or not: only FAISS's
-    kernels read it, `_offer_block`), float16 converted."""
+    """Rows in byte form [n, bytes a row] (a fresh, aligned copy: `search_both_among`) -> float32 [n, d]:
+    float32 a view, float16 converted."""
     codes = np.ascontiguousarray(codes)
     if dtype == "float32":
         return codes.view(np.float32).reshape(len(codes), dimension)

@@ -164,30 +164,21 @@ class StoredVectors:
         """Rows [start, stop) as float32 [rows, d] (a fresh array, or ``out``'s first rows)."""
         return self._decode(self._codes[start:stop], out)
 
-    def block(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [start, stop) for a scan: float32 files give a view of the mapping (rows not 4-byte
-        aligned: for FAISS's kernels, not numpy's); float16 ones are converted into ``out``."""
-        if self.vector_dtype == "float32":
-            return self._codes[start:stop].view(np.float32)  # [rows, d], in place
-        return self._decode(self._codes[start:stop], out)
-
-    def scores(self, queries: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+    def scores(
+        self, queries: np.ndarray, start: int, stop: int, out: np.ndarray, chunk_bytes: int | None = None
+    ) -> None:
         """``out`` [q, stop - start] = the queries [q, d] float32 x rows [start, stop) (`score_codes`), read
-        in chunks that fit ``max_block_bytes`` (with ``drop_pages``, each block's pages released after)."""
-        chunk = HALF_CHUNK_BYTES if self.vector_dtype == "float16" else FLOAT_CHUNK_BYTES
+        in chunks of ``chunk_bytes`` (default: `HALF_CHUNK_BYTES` or `FLOAT_CHUNK_BYTES`) that fit
+        ``max_block_bytes`` (with ``drop_pages``, each chunk's pages released after it)."""
+        chunk = chunk_bytes or (HALF_CHUNK_BYTES if self.vector_dtype == "float16" else FLOAT_CHUNK_BYTES)
         chunk = max(1, min(chunk, self.max_block_bytes // 2))
         step = stop - start
         if self.drop_pages:
             step = max(1, chunk // (4 * self.dimension))
         for first in range(start, stop, step):
             last = min(first + step, stop)
-            score_codes(
-                self._codes[first:last],
-                self.vector_dtype,
-                queries,
-                out[:, first - start : last - start],
-                chunk,
-            )
+            rows = self._codes[first:last]
+            score_codes(rows, self.vector_dtype, queries, out[:, first - start : last - start], chunk)
             self.release(first, last)
 
     def read_positions(self, positions: np.ndarray) -> np.ndarray:
