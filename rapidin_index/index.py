@@ -101,10 +101,11 @@ def search_both(
     """Top-k and bottom-k by inner product in one scan: (helpful scores, ids, harmful scores, ids).
 
     Helpful are best first, harmful most negative first; [q, k] each. A `StoredVectors` (a vectors file
-    read in place) or a CPU flat FAISS index, float32 or float16, is scanned once. Few vectors (fewer than
-    `_PRODUCT_QUERIES`): rows scored chunk by chunk into a span of scores (float16 converted in cache,
-    `vector_file.score_codes`), each span's two ends taken by one partition (`_TopBoth`). More: blocks of
-    rows (float16 converted to float32), one matrix product each, a running top and bottom k (`_TopK`).
+    read in place) or a CPU flat FAISS index, float32 or float16, is scanned once, scored chunk by chunk
+    (`vector_file.score_codes`: float16 converted in cache just before its product). Few vectors (fewer
+    than `_PRODUCT_QUERIES`): into spans of scores whose two ends one partition takes (`_TopBoth`); more:
+    into blocks of scores offered to a running top and bottom k (`_TopK`). One or two vectors over a
+    float16 file: FAISS's fused scan of it (`_FUSED_HALF_QUERIES`).
     Scores accumulate in float32 over the stored values. Any other index (GPU, sharded) answers one FAISS
     search of the queries stacked with their negations.
     """
@@ -114,6 +115,14 @@ def search_both(
         empty = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
         return (*empty, *empty)
     few = len(queries) < _PRODUCT_QUERIES
+    fused = len(queries) <= _FUSED_HALF_QUERIES
+    if (
+        isinstance(index, StoredVectors)
+        and index.vector_dtype == "float16"
+        and fused
+        and not index.drop_pages
+    ):
+        return _search_stacked(index.faiss_index(), queries, top_k)
     if isinstance(index, StoredVectors):
         dimension, budget, ids = index.dimension, index.max_block_bytes, index.ids
 
@@ -142,6 +151,11 @@ def _search_stacked(index: faiss.Index, queries: np.ndarray, top_k: int):
     count = len(queries)
     return scores[:count], ids[:count], -scores[count:], ids[count:]
 
+
+_FUSED_HALF_QUERIES = 2
+"""Up to this many vectors, a float16 file is searched by FAISS's own scalar-quantizer scan of the mapped
+file (float16 decoded in registers, one pass per vector and per negation): 5-20% faster here than converting
+it chunk by chunk for one product (BENCHMARKS.md, issue 27 item 3) until the passes add up."""
 
 _PRODUCT_QUERIES = 20
 """Fewer query vectors than this are scored chunk by chunk into a span of scores (`vector_file.score_codes`:

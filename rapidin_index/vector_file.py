@@ -118,7 +118,9 @@ class StoredVectors:
     ``drop_pages``: after each block, the mapping's pages are released (``madvise(DONTNEED)``), so that
     the process's resident set stays at one block whatever the file's size (a scan then reads from the
     page cache each time); without it the mapped pages stay resident, shared with every other process
-    that maps the file, and a second scan finds them mapped.
+    that maps the file, and a second scan finds them mapped. Searches of a float16 file with one or two
+    vectors (uncapped) go through `faiss_index`, FAISS's own reading of the mapped file, which also holds
+    FAISS's id maps (O(N), tens of bytes a row).
     """
 
     def __init__(self, path: str | Path, max_memory: int | None = None):
@@ -139,6 +141,7 @@ class StoredVectors:
         ids_at = self._codes_at + self.count * self.row_bytes + 8
         self.ids = raw[ids_at : ids_at + 8 * self.count].copy().view(np.int64)  # [n]
         self._positions: np.ndarray | None = None
+        self._faiss: faiss.Index | None = None
         self.max_block_bytes = SCAN_BLOCK_BYTES
         if max_memory is not None:
             self.max_block_bytes = min(SCAN_BLOCK_BYTES, self._block_within(max_memory))
@@ -204,6 +207,12 @@ class StoredVectors:
         first -= first % _PAGE
         last = self._codes_at + stop * self.row_bytes
         self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def faiss_index(self) -> faiss.Index:
+        """The file as a FAISS index, its vectors mapped (read once, kept: its ids and their reverse map)."""
+        if self._faiss is None:
+            self._faiss = load_index(self.path, mapped=True)
+        return self._faiss
 
     def positions_of(self, ids: np.ndarray) -> np.ndarray:
         """Row positions of these training example ids (-1 where absent)."""
