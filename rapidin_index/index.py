@@ -115,13 +115,8 @@ def search_both(
         empty = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
         return (*empty, *empty)
     few = len(queries) < _PRODUCT_QUERIES
-    fused = len(queries) <= _FUSED_HALF_QUERIES
-    if (
-        isinstance(index, StoredVectors)
-        and index.vector_dtype == "float16"
-        and fused
-        and not index.drop_pages
-    ):
+    fused = len(queries) <= _FUSED_HALF_QUERIES and getattr(index, "vector_dtype", "") == "float16"
+    if isinstance(index, StoredVectors) and fused and not index.drop_pages:
         return _search_stacked(index.faiss_index(), queries, top_k)
     if isinstance(index, StoredVectors):
         dimension, budget, ids = index.dimension, index.max_block_bytes, index.ids
@@ -158,10 +153,8 @@ file (float16 decoded in registers, one pass per vector and per negation): 5-20%
 it chunk by chunk for one product (BENCHMARKS.md, issue 27 item 3) until the passes add up."""
 
 _PRODUCT_QUERIES = 20
-"""Fewer query vectors than this are scored chunk by chunk into a span of scores (`vector_file.score_codes`:
-float16 rows converted in cache, unaligned float32 rows read by FAISS's SIMD kernel), and the span's top and
-bottom k taken at once (`_TopBoth`); more are compute-bound: blocks of rows, one matrix product each, and a
-running-threshold top-k (`_TopK`)."""
+"""Fewer query vectors than this are scored into spans of scores whose top and bottom k are taken at once
+(`_TopBoth`); more are compute-bound: blocks of scores and a running-threshold top-k (`_TopK`)."""
 
 SPAN_BYTES = 4 << 20
 """Scores kept before their top-k is taken, with fewer than `_PRODUCT_QUERIES` vectors (4 MiB: a million
