@@ -38,9 +38,9 @@ scores, plus the ids (8 bytes a row), whatever the number of rows; with few vect
 (`HALF_CHUNK_BYTES`, `FLOAT_CHUNK_BYTES`) and a span of scores (`index.SPAN_BYTES`) instead."""
 HALF_CHUNK_BYTES = 1 << 20
 """float32 bytes of float16 rows converted at once before their product with few query vectors (1 MiB:
-64 rows at K = 4,096). The converted rows stay in the core's L2 cache for the product: converting into a
-cache-sized buffer costs 0.12-0.24 ns a value here, into a 32 MiB block 1.1-1.5 ns (BENCHMARKS.md, issue 27
-item 3), as much as the product itself."""
+64 rows at K = 4,096). The converted rows are still in cache for the product: converting into such a
+buffer cost 0.78-0.88x the float32 product of the same rows, into a 32 MiB block 1.5-2.3x (CPU time,
+`benchmarks/search_profile.py`; BENCHMARKS.md, issue 27 item 3)."""
 FLOAT_CHUNK_BYTES = SCAN_BLOCK_BYTES
 """float32 rows scored at once with few query vectors: read in place, one product (BLAS blocks it)."""
 _INNER_KINDS = {b"IxFI": "float32", b"IxSQ": "float16"}
