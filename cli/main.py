@@ -222,7 +222,8 @@ def build(
     fit: Annotated[
         str,
         typer.Option(
-            help="fisher: fit the query-side Fisher preconditioner once built (as rapidin-index fit)."
+            help="fisher, kfac or ekfac: fit that query-side preconditioner once built (as rapidin-index fit "
+            "--kind)."
         ),
     ] = default_of(BuildSettings, "fit"),
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -427,8 +428,8 @@ def query(
     precondition: Annotated[
         str | None,
         typer.Option(
-            help="none or fisher: apply the fitted (F + lambda I)^-1 to the query vectors (default: fisher "
-            "where the index is fitted, see rapidin-index fit)."
+            help="none, or the fitted kind (fisher, kfac, ekfac): apply the fitted (F + lambda I)^-1 to the "
+            "query vectors (default: the fitted kind where the index is fitted, see rapidin-index fit)."
         ),
     ] = None,
 ) -> None:
@@ -600,30 +601,48 @@ def serve(
 @command()
 def fit(
     index: Annotated[Path, typer.Option(help="Index folder.")],
-    damping: Annotated[
-        float,
+    kind: Annotated[
+        str,
         typer.Option(
-            help="lambda as a multiple of each block's mean nonzero eigenvalue, trace(F_b) / min(rows, width)."
+            help="fisher (the empirical Fisher of the stored vectors), kfac or ekfac (Kronecker factors of "
+            "each tensor's row x column bins: rapidgrad-kron or K = 0 only)."
         ),
-    ] = 0.5,
+    ] = "fisher",
+    damping: Annotated[
+        float | None,
+        typer.Option(
+            help="lambda as a multiple of each block's mean eigenvalue: fisher trace(F_b) / min(rows, width) "
+            "(default 0.5), kfac and ekfac trace(F_b) / width (default 0.01)."
+        ),
+    ] = None,
     rank: Annotated[
-        int, typer.Option(help="Eigenpairs kept per block wider than 4096 (at most the rows).")
+        int, typer.Option(help="Eigenpairs kept per Fisher block wider than 4096 (at most the rows).")
     ] = 512,
     structure: Annotated[
         str,
         typer.Option(
             help="auto (one block per tensor where the vectors keep tensors apart: rapidgrad-kron, K = 0; "
-            "else whole), tensor or whole."
+            "else whole), tensor or whole (fisher only)."
         ),
     ] = "auto",
+    query_norms: Annotated[
+        bool,
+        typer.Option(
+            help="Queries keep their per-tensor gradient norms (the rows stay layer-normalised): each tensor "
+            "counts by how strongly the query's loss pulls on it."
+        ),
+    ] = True,
 ) -> None:
-    """Fit the empirical Fisher of the stored vectors; queries then apply (F + lambda I)^-1 to their vectors."""
+    """Fit a curvature preconditioner of the stored vectors; queries then apply (F + lambda I)^-1 to theirs."""
     from rapidin_index.precondition import fit_index
 
-    record = fit_index(index, damping=damping, rank=rank, structure=structure)
+    record = fit_index(
+        index, damping=damping, rank=rank, structure=structure, kind=kind, query_norms=query_norms
+    )
+    name = {"fisher": "the Fisher", "kfac": "K-FAC", "ekfac": "EK-FAC"}[record["kind"]]
     console.print(
-        f"fitted the Fisher of {record['rows']:,} rows ({record['structure']}: {record['blocks']} block(s), "
-        f"{record['kept_eigenpairs']:,} eigenpairs, damping {record['damping']} x mean nonzero eigenvalue) in "
+        f"fitted {name} of {record['rows']:,} rows ({record['structure']}: {record['blocks']} block(s), "
+        f"{record['kept_eigenpairs']:,} eigenvalues, damping {record['damping']} x mean eigenvalue) in "
         f"{record['seconds']:.1f} s; queries now use it (--precondition none to turn it off)",
         highlight=False,
     )
@@ -735,7 +754,9 @@ def info(
             "preconditioner",
             "none (rapidin-index fit)"
             if manifest.precondition is None
-            else f"fisher, {manifest.precondition['structure']}, damping {manifest.precondition['damping']}",
+            else f"{manifest.precondition.get('kind', 'fisher')}, {manifest.precondition['structure']}, damping "
+            f"{manifest.precondition['damping']}"
+            + (", query norms" if manifest.precondition.get("query_norms") else ""),
         ),
     ]:
         table.add_row(name, value)

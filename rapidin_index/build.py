@@ -346,17 +346,18 @@ def _optimizer_scaling(loaded, selected, settings: BuildSettings):
 
 def _after_commit(run: _Run, manifest: Manifest, report: BuildReport) -> None:
     """An append drops a fitted preconditioner (its rows changed): say so, or refit it (``settings.fit``)."""
-    refit = run.settings.fit == "fisher"
+    refit = run.settings.fit != "none"
     if run.existing is not None and run.existing.precondition is not None and not refit:
         report.notes.append(
-            "the index's fitted Fisher preconditioner no longer covers its rows and was dropped; refit it "
+            "the index's fitted preconditioner no longer covers its rows and was dropped; refit it "
             f"with: rapidin-index fit --index {run.index_dir}"
         )
     if refit:
         from rapidin_index.precondition import fit_index
 
-        fit_index(run.index_dir, locked=True)  # this build holds the writer lock
-        report.notes.append(f"fitted the Fisher preconditioner over {manifest.row_count:,} rows")
+        fit_index(run.index_dir, locked=True, kind=run.settings.fit)  # this build holds the writer lock
+        name = {"fisher": "Fisher", "kfac": "K-FAC", "ekfac": "EK-FAC"}[run.settings.fit]
+        report.notes.append(f"fitted the {name} preconditioner over {manifest.row_count:,} rows")
 
 
 def _check_dimension(output_dim: int) -> None:

@@ -7,6 +7,12 @@ index and its search stay as they are. Preconditioning one side with ``(F + lamb
 bilinear form as ``(F + lambda I)^-1/2`` on both sides (TRAK, LoGra); the rows are not normalised again
 after whitening, which would need new stored vectors.
 
+``fit_index(kind=...)``: ``fisher`` (this module, the default: the best LDS measured), or ``kfac`` /
+``ekfac`` (`kfac`: Kronecker factors of each rapidgrad-kron tensor's row x column bins, full rank), stored
+in the same file (format 2 tells the block kinds apart). With ``query_norms`` (the default) a query on a
+layer-normalised index keeps its per-tensor gradient norms: the rows stay normalised, and each tensor's
+preconditioned cosine counts by the query's gradient norm there (`Index.use_precondition`).
+
 Structure (``structure="auto"``):
 
 * block-diagonal, one block per parameter tensor, where the vectors keep each tensor in its own
@@ -38,15 +44,21 @@ import numpy as np
 
 from rapidin_index.errors import PreconditionError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: Fisher eigen blocks only; 2: also `kfac.KroneckerBlock` blocks (``block_kinds``)."""
 DEFAULT_DAMPING = 0.5
-"""lambda = DEFAULT_DAMPING x trace(F_b) / min(N, w): see the module docstring and BENCHMARKS.md, issue 23."""
+"""fisher: lambda = DEFAULT_DAMPING x trace(F_b) / min(N, w): see the module docstring and BENCHMARKS.md, issue 23."""
+DEFAULT_KIND = "fisher"
+DEFAULT_DAMPINGS = {"fisher": DEFAULT_DAMPING, "kfac": 0.01, "ekfac": 0.01}
+"""Each kind's damping multiple (kfac, ekfac: of the mean eigenvalue trace(F_b) / w; BENCHMARKS.md issue 23)."""
 DEFAULT_RANK = 512
 """Eigenpairs kept per block wider than DENSE_LIMIT (at most N, the rows)."""
 DENSE_LIMIT = 4096
 """A block at most this wide (and no wider than the rows) gets a dense eigendecomposition (w x w doubles)."""
 STRUCTURES = ("auto", "tensor", "whole")
-PRECONDITIONS = ("none", "fisher")
+KINDS = ("fisher", "kfac", "ekfac")
+"""What `fit --kind` fits: the empirical Fisher of the stored rows, or `kfac`'s (E)K-FAC factors."""
+PRECONDITIONS = ("none", *KINDS)
 GRAM_ROW_LIMIT = 8192
 """Up to this many rows a wide block's eigenpairs come from the exact N x N Gram matrix."""
 
@@ -201,54 +213,75 @@ def spans_for(manifest, structure: str) -> tuple[str, list[tuple[int, int]]]:
 # --------------------------------------------------------------------------- the file
 
 
-def save_blocks(path: Path, blocks: list[FisherBlock]) -> None:
+def save_blocks(path: Path, blocks: list) -> None:
     """Write the blocks as one .npz (``version`` first), atomically."""
     from rapidin_index.files import atomic_file
+    from rapidin_index.kfac import KroneckerBlock
 
     arrays = {
         "version": np.array([FORMAT_VERSION]),
         "spans": np.array([[b.start, b.stop] for b in blocks], dtype=np.int64).reshape(-1, 2),
-        "rest": np.array([b.rest for b in blocks]),
+        "block_kinds": np.array([int(isinstance(b, KroneckerBlock)) for b in blocks], dtype=np.int64),
+        "rest": np.array([getattr(b, "rest", 0.0) for b in blocks]),
         "damping": np.array([b.damping for b in blocks]),
     }
     for number, block in enumerate(blocks):
-        arrays[f"eigenvectors_{number}"] = block.eigenvectors
+        if isinstance(block, KroneckerBlock):
+            arrays[f"left_{number}"], arrays[f"right_{number}"] = block.left, block.right
+        else:
+            arrays[f"eigenvectors_{number}"] = block.eigenvectors
         arrays[f"eigenvalues_{number}"] = block.eigenvalues
     with atomic_file(path) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
 
 
-def load_blocks(path: Path, width: int) -> list[FisherBlock]:
-    """The blocks of a Fisher file, checked: its version, and blocks that tile [0, width)."""
+def _read_block(stored, number: int, start: int, stop: int) -> object:
+    from rapidin_index.kfac import KroneckerBlock
+
+    damping = float(stored["damping"][number])
+    kinds = stored["block_kinds"] if "block_kinds" in stored else None  # version 1: Fisher blocks only
+    if kinds is not None and kinds[number] == 1:
+        block = KroneckerBlock(
+            start,
+            stop,
+            stored[f"left_{number}"],
+            stored[f"right_{number}"],
+            stored[f"eigenvalues_{number}"],
+            damping,
+        )
+        pieces, rows, cols = block.eigenvalues.shape
+        if block.left.shape != (pieces, rows, rows) or block.right.shape != (pieces, cols, cols):
+            raise ValueError(f"block {number}'s factors do not match its eigenvalues")
+        if pieces * rows * cols != stop - start:
+            raise ValueError(f"block {number} does not cover its span")
+        return block
+    vectors = stored[f"eigenvectors_{number}"]
+    if vectors.shape[0] != stop - start:
+        raise ValueError(f"block {number} does not cover its span")
+    return FisherBlock(
+        start, stop, vectors, stored[f"eigenvalues_{number}"], float(stored["rest"][number]), damping
+    )
+
+
+def load_blocks(path: Path, width: int) -> list:
+    """The blocks of a preconditioner file, checked: its version, and blocks that tile [0, width)."""
     try:
         with np.load(path, allow_pickle=False) as stored:
             version = int(stored["version"][0])
             if version > FORMAT_VERSION:
                 raise PreconditionError(
-                    f"{path.name} is Fisher format {version}; this rapidin-index reads up to "
+                    f"{path.name} is preconditioner format {version}; this rapidin-index reads up to "
                     f"{FORMAT_VERSION}: upgrade rapidin-index"
                 )
-            spans, rest, damping = stored["spans"], stored["rest"], stored["damping"]
-            blocks = [
-                FisherBlock(
-                    int(start),
-                    int(stop),
-                    stored[f"eigenvectors_{n}"],
-                    stored[f"eigenvalues_{n}"],
-                    float(rest[n]),
-                    float(damping[n]),
-                )
-                for n, (start, stop) in enumerate(spans)
-            ]
+            blocks = [_read_block(stored, n, int(a), int(b)) for n, (a, b) in enumerate(stored["spans"])]
     except (OSError, KeyError, ValueError) as error:
         raise PreconditionError(
-            f"{path.name} is not a readable Fisher file ({str(error)[:120]}); refit it: rapidin-index fit "
-            f"--index {path.parent}"
+            f"{path.name} is not a readable preconditioner file ({str(error)[:120]}); refit it: rapidin-index "
+            f"fit --index {path.parent}"
         ) from None
-    for block in blocks:
-        if block.eigenvectors.shape[0] != block.stop - block.start or block.stop > width:
-            raise PreconditionError(f"{path.name} does not fit vectors of {width} dims; refit it")
+    if any(block.stop > width for block in blocks):
+        raise PreconditionError(f"{path.name} does not fit vectors of {width} dims; refit it")
     return blocks
 
 
@@ -257,12 +290,18 @@ def load_blocks(path: Path, width: int) -> list[FisherBlock]:
 
 def fit_index(
     index_dir: str | Path,
-    damping: float = DEFAULT_DAMPING,
+    damping: float | None = None,
     rank: int = DEFAULT_RANK,
     structure: str = "auto",
     locked: bool = False,
+    kind: str = DEFAULT_KIND,
+    query_norms: bool = True,
 ) -> dict:
-    """Fit the Fisher of the index's stored vectors, write it beside them, record it in the manifest.
+    """Fit ``kind`` (fisher, kfac, ekfac) from the index's stored vectors, write it beside them, record it in
+    the manifest. ``damping`` None: the kind's default (``DEFAULT_DAMPINGS``). ``query_norms``: on a
+    layer-normalised index, the query's vector keeps its per-tensor gradient norms (`Index.use_precondition`
+    sketches it with ``normalize none``), so each tensor's preconditioned cosine counts by how strongly the
+    query's loss pulls on it (LDS 0.476 -> 0.53; BENCHMARKS.md, issue 23).
 
     ``locked``: the caller already holds the writer lock (a build that fits at its end). Returns the
     manifest's ``precondition`` record.
@@ -275,25 +314,29 @@ def fit_index(
     from rapidin_index.lock import writer_lock
     from rapidin_index.manifest import read_manifest, write_manifest
 
+    if kind not in KINDS:
+        raise PreconditionError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+    damping = DEFAULT_DAMPINGS[kind] if damping is None else damping
     index_dir = Path(index_dir)
     started = time.perf_counter()
     with contextlib.nullcontext() if locked else writer_lock(index_dir, "fit"):
         manifest = read_manifest(index_dir)
-        kind, spans = spans_for(manifest, structure)
+        layout, spans = _structure(manifest, structure, kind)
         _, vectors = store.load_vectors(index_dir, manifest.generation)
-        blocks = fit_fisher(vectors, spans, damping, rank)
+        blocks = _fit(vectors, kind, manifest, spans, damping, rank)
         name = fisher_file(manifest.generation)
         save_blocks(index_dir / name, blocks)
         manifest.files[name] = file_entry(index_dir / name)  # sha256, xxh3_128 (checked on open), bytes
         manifest.precondition = {
-            "kind": "fisher",
+            "kind": kind,
             "version": FORMAT_VERSION,
-            "structure": kind,
+            "structure": layout,
             "blocks": len(blocks),
             "damping": damping,
-            "damping_rule": "lambda = damping x trace(F_b) / min(rows, width) for each block b",
+            "damping_rule": DAMPING_RULES[kind],
+            "query_norms": bool(query_norms and manifest.normalize == "layer"),
             "rank": rank,
-            "kept_eigenpairs": int(sum(len(b.eigenvalues) for b in blocks)),
+            "kept_eigenpairs": int(sum(b.eigenvalues.size for b in blocks)),
             "rows": len(vectors),
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -301,24 +344,69 @@ def fit_index(
     return manifest.precondition
 
 
+DAMPING_RULES = {
+    "fisher": "lambda = damping x trace(F_b) / min(rows, width) for each block b",
+    "kfac": "lambda = damping x trace(F_b) / width for each tensor's block b",
+    "ekfac": "lambda = damping x trace(F_b) / width for each tensor's block b",
+}
+
+
+def _structure(manifest, structure: str, kind: str) -> tuple[str, list[tuple[int, int]]]:
+    """(structure, spans) of the fit; (E)K-FAC needs the sketch's per-tensor (row x col bins) blocks."""
+    if kind == "fisher":
+        return spans_for(manifest, structure)
+    from rapidin_index.kfac import layouts
+
+    if structure == "whole" or layouts(manifest) is None:
+        raise PreconditionError(
+            f"--kind {kind} needs each tensor in its own bins as row x column blocks (rapidgrad-kron, or K = 0); "
+            f"this index's {manifest.sketch.get('algorithm')} sketch mixes every tensor into every bin"
+            + (" and --structure whole asks for one block" if structure == "whole" else "")
+            + ": use --kind fisher"
+        )
+    return "tensor", []
+
+
+def _fit(vectors: np.ndarray, kind: str, manifest, spans, damping: float, rank: int) -> list:
+    if kind == "fisher":
+        return fit_fisher(vectors, spans, damping, rank)
+    from rapidin_index.kfac import fit_kronecker, layouts
+
+    if damping <= 0:
+        raise PreconditionError(f"--damping must be > 0 (a multiple of the mean eigenvalue), got {damping}")
+    if len(vectors) == 0:
+        raise PreconditionError(f"the index holds no rows: there is nothing to fit {kind} from")
+    return fit_kronecker(vectors, layouts(manifest), kind, damping, rank)
+
+
 def resolve_precondition(manifest, asked: str | None) -> str:
-    """``asked`` (none, fisher) or, when None, what the index was fitted with."""
+    """``asked`` (none, fisher, kfac, ekfac) or, when None, what the index was fitted with; a kind other
+    than the fitted one is refused with the fit that makes it."""
+    fitted = None if manifest.precondition is None else manifest.precondition.get("kind", "fisher")
     if asked is None:
-        return "none" if manifest.precondition is None else "fisher"
+        return fitted or "none"
     if asked not in PRECONDITIONS:
         raise PreconditionError(f"--precondition {asked!r} is not one of {', '.join(PRECONDITIONS)}")
+    if asked != "none" and fitted is not None and asked != fitted:
+        raise PreconditionError(
+            f"--precondition {asked}: this index is fitted with {fitted}; refit it with: rapidin-index fit "
+            f"--kind {asked} (or query with --precondition {fitted} or none)"
+        )
     return asked
 
 
-def load_preconditioner(index_dir: str | Path, manifest) -> Preconditioner:
-    """The index's fitted Fisher, checked against the manifest's sha256 of its file."""
+def load_preconditioner(index_dir: str | Path, manifest, kind: str = DEFAULT_KIND) -> Preconditioner:
+    """The index's fitted preconditioner, checked against the manifest's sha256 of its file."""
     from rapidin_index.files import sha256_path
 
     index_dir = Path(index_dir)
     if manifest.precondition is None:
+        name = (
+            "Fisher" if kind == "fisher" else kind.upper().replace("EKFAC", "EK-FAC").replace("KFAC", "K-FAC")
+        )
         raise PreconditionError(
-            f"{index_dir} has no fitted Fisher preconditioner (an append or merge drops it); fit it with: "
-            f"rapidin-index fit --index {index_dir}, or query with --precondition none"
+            f"{index_dir} has no fitted {name} preconditioner (an append or merge drops it); fit it with: "
+            f"rapidin-index fit --index {index_dir} --kind {kind}, or query with --precondition none"
         )
     name = fisher_file(manifest.generation)
     entry = manifest.files.get(name)

@@ -131,7 +131,7 @@ class Index:
         after it; an index whose ids alone do not fit is refused.
 
         ``optimizer_state``: where the optimizer state the index was built with is now (default: the
-        manifest's path). ``precondition``: none or fisher (default: fisher where the index is fitted).
+        manifest's path). ``precondition``: none or the fitted kind (default: the fitted kind where the index is fitted).
         """
         path = Path(path)
         # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
@@ -195,13 +195,17 @@ class Index:
         self.sketcher.use_optimizer_state(scaling)
 
     def use_precondition(self, precondition: str | None = None) -> None:
-        """Apply the fitted Fisher to query vectors (`precondition`): none, fisher, or None for the default."""
+        """Apply the fitted preconditioner to query vectors (`precondition`): none, fisher, kfac, ekfac (the
+        fitted kind), or None for the default."""
         from rapidin_index.precondition import load_preconditioner, resolve_precondition
 
         self.precondition = resolve_precondition(self.manifest, precondition)
         self.preconditioner = None
-        if self.precondition == "fisher":
-            self.preconditioner = load_preconditioner(self.path, self.manifest)
+        self.sketcher.normalize = self.manifest.normalize
+        if self.precondition != "none":
+            self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
+            if self.preconditioner.record.get("query_norms"):  # the query keeps its per-tensor norms
+                self.sketcher.normalize = "none"
 
     # ----------------------------------------------------------------------- public queries
 

@@ -243,8 +243,8 @@ class BuildSettings:
     optimizer state_dict): each gradient is divided elementwise by sqrt(v_hat) + eps before layer
     normalisation, on both sides (`optimizer_state`); the manifest records its path and fingerprint."""
     fit: str = "none"
-    """'fisher': fit the query-side Fisher preconditioner (`precondition`) once the build is written;
-    'none' (the default): fit it later with `rapidin-index fit`."""
+    """'fisher', 'kfac' or 'ekfac': fit that query-side preconditioner (`precondition`) once the build is
+    written; 'none' (the default): fit it later with `rapidin-index fit`."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
@@ -262,8 +262,8 @@ class BuildSettings:
             raise BuildError(f"--tokenization must be one of {', '.join(TOKENIZATIONS)}")
         if not 0 <= self.max_rejected_share <= 1:
             raise BuildError(f"--max-rejected-share must be between 0 and 1, got {self.max_rejected_share}")
-        if self.fit not in ("none", "fisher"):
-            raise BuildError(f"--fit must be none or fisher, got {self.fit!r}")
+        if self.fit not in ("none", "fisher", "kfac", "ekfac"):
+            raise BuildError(f"--fit must be none, fisher, kfac or ekfac, got {self.fit!r}")
         if not 0 <= self.shard_index < self.num_shards:
             raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 

@@ -71,6 +71,24 @@ def scores_of(index: Index) -> np.ndarray:
     return scores
 
 
+def raw_queries(index_dir) -> np.ndarray:
+    """[queries, D] each query's raw gradient (no layer norm) of Hugging Face's own loss, by plain autograd
+    over the index's attributed parameters in its order: what a fit with query_norms scores, on K = 0."""
+    import torch
+
+    index = Index.open(index_dir, device="cpu", precondition="none")
+    parameters = dict(index.loaded.model.named_parameters())
+    attributed = [parameters[name] for name in index.manifest.parameters["names"]]
+    out = []
+    for query in QUERIES:
+        prepared = index.prepare(query["prompt"], query["response"])
+        loss = index.loaded.model(
+            input_ids=torch.tensor([prepared.input_ids]), labels=torch.tensor([prepared.labels])
+        ).loss
+        out.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, attributed)]).numpy())
+    return np.stack(out).astype(np.float64)
+
+
 def plain_queries(index_dir) -> np.ndarray:
     index = Index.open(index_dir, device="cpu", precondition="none")
     prepared = [index.prepare(q["prompt"], q["response"]) for q in QUERIES]
@@ -83,9 +101,11 @@ def test_preconditioned_scores_equal_brute_force(tmp_path, lora_index, structure
 
     index_dir = tmp_path / "index"
     shutil.copytree(lora_index, index_dir)
-    record = fit_index(index_dir, damping=0.5, structure=structure)
+    # per tensor: the query keeps its per-tensor norms (the default); whole: it is layer-normalised too
+    record = fit_index(index_dir, damping=0.5, structure=structure, query_norms=structure == "tensor")
     manifest = read_manifest(index_dir)
     assert record["structure"] == structure and manifest.precondition == record
+    assert record["query_norms"] == (structure == "tensor")
     assert precondition.fisher_file(manifest.generation) in manifest.files
     vectors = stored_matrix(index_dir)
     if structure == "whole":
@@ -93,7 +113,8 @@ def test_preconditioned_scores_equal_brute_force(tmp_path, lora_index, structure
     else:
         spans = tensor_spans_of(manifest)
         assert record["blocks"] == len(manifest.parameters["names"]) > 1
-    expected = brute_force(vectors, plain_queries(index_dir), spans, 0.5)
+    queries = raw_queries(index_dir) if structure == "tensor" else plain_queries(index_dir)
+    expected = brute_force(vectors, queries, spans, 0.5)
     got = scores_of(Index.open(index_dir, device="cpu"))  # default: fitted, so fisher
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
     # --precondition none gives the plain inner products, and the two rank the rows differently
@@ -202,12 +223,12 @@ def test_the_cli_fits_and_queries_with_and_without_it(tmp_path, lora_index):
     vectors = stored_matrix(index_dir)
     spans = tensor_spans_of(read_manifest(index_dir))  # auto: per tensor, as K = 0 keeps tensors apart
     assert read_manifest(index_dir).precondition["structure"] == "tensor"
-    expected = brute_force(vectors, plain_queries(index_dir)[:1], spans, 0.5)[0]
+    expected = brute_force(vectors, raw_queries(index_dir)[:1], spans, 0.5)[0]
     got = np.array([results["fisher"][i] for i in range(24)])
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
     done = subprocess.run(query + ["--precondition", "both"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: --precondition 'both' is not one of none, fisher"
+        "error: --precondition 'both' is not one of none, fisher, kfac, ekfac"
     ]
 
 
@@ -221,3 +242,164 @@ def test_a_block_with_more_rows_than_coordinates_is_decomposed_densely():
     lam = 0.3 * np.trace(fisher) / 40  # min(rows, width)
     expected = np.linalg.solve(fisher + lam * np.eye(40), queries.T).T
     np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-4, atol=1e-5)  # float32
+
+
+# --------------------------------------------------------------------------- K-FAC and EK-FAC
+
+
+def kronecker_brute_force(vectors, queries, pieces_of, kind: str, damping: float) -> np.ndarray:
+    """Scores [queries, N] with each tensor's (E)K-FAC inverse built densely: per piece (a x b matrices S_n
+    of the vectors), L = mean S S^T, R = mean S^T S; K-FAC F = kron(L, R) / trace(L); EK-FAC F = U diag(d) U^T
+    with U = kron(U_L, U_R) and d the mean squared coordinates of the rows in U; lambda = damping x
+    trace(F_segment) / width. ``pieces_of``: [(start, pieces, a, b)] per tensor; other bins stay as they are."""
+    rows = len(vectors)
+    out = queries.astype(np.float64).copy()
+    for start, pieces, a, b in pieces_of:
+        width = pieces * a * b
+        lam = damping * np.sum(vectors[:, start : start + width] ** 2) / rows / width
+        for piece in range(pieces):
+            first = start + piece * a * b
+            matrices = vectors[:, first : first + a * b].reshape(rows, a, b)
+            left = sum(m @ m.T for m in matrices) / rows
+            right = sum(m.T @ m for m in matrices) / rows
+            if not np.trace(left) > 0:
+                continue  # rows all zero here (a tensor without gradient): no score to change
+            if kind == "kfac":
+                fisher = np.kron(left, right) / np.trace(left)
+            else:
+                basis = np.kron(np.linalg.eigh(left)[1], np.linalg.eigh(right)[1])
+                fisher = basis @ np.diag(((matrices.reshape(rows, -1) @ basis) ** 2).mean(0)) @ basis.T
+            part = queries[:, first : first + a * b].T
+            out[:, first : first + a * b] = np.linalg.solve(fisher + lam * np.eye(a * b), part).T
+    return out @ vectors.T
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kfac_scores_equal_brute_force_on_exact_vectors(tmp_path, lora_index, kind):
+    """K = 0: each LoRA matrix is one (rows x cols) piece of its own coordinates."""
+    import shutil
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(lora_index, index_dir)
+    record = fit_index(index_dir, kind=kind, damping=0.3)
+    manifest = read_manifest(index_dir)
+    assert record["kind"] == kind and record["structure"] == "tensor"
+    shapes = [tuple(shape) for shape in manifest.parameters["shapes"]]
+    assert all(len(shape) == 2 and min(shape) > 1 for shape in shapes)  # real Kronecker factors
+    starts = np.concatenate([[0], np.cumsum([a * b for a, b in shapes])[:-1]])
+    pieces_of = [(int(start), 1, a, b) for start, (a, b) in zip(starts, shapes, strict=True)]
+    vectors = stored_matrix(index_dir)
+    expected = kronecker_brute_force(vectors, raw_queries(index_dir), pieces_of, kind, 0.3)
+    got = scores_of(Index.open(index_dir, device="cpu"))  # default: the fitted kind
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    fisher = brute_force(vectors, raw_queries(index_dir), tensor_spans_of(manifest), 0.3)
+    assert not np.allclose(got, fisher, rtol=1e-2)  # not the empirical Fisher under another name
+
+
+@pytest.fixture(scope="module")
+def kron_index(tmp_path_factory, tiny_model_dirs, training_file) -> str:
+    """A full tiny Llama sketched by rapidgrad-kron at K = 16384: 4 hashed 16 x 16 pieces a larger tensor."""
+    from rapidin_index.settings import SketchSettings
+
+    folder = tmp_path_factory.mktemp("kron") / "index"
+    settings = build_settings(
+        tiny_model_dirs["llama"], sketch=SketchSettings(16384, algorithm="rapidgrad-kron")
+    )
+    build_index(training_file, folder, settings, progress=False)
+    return str(folder)
+
+
+def test_ekfac_on_kron_pieces_equals_brute_force_and_survives_export(tmp_path, kron_index):
+    """Pieces laid out as the sketch lays them (`kronecker.kron_layout`), fitted apart; the format-2 file
+    goes through export and import."""
+    import shutil
+
+    from rapidin_index.kronecker import kron_layout
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(kron_index, index_dir)
+    fit_index(index_dir, kind="ekfac", damping=1.0, query_norms=False)
+    manifest = read_manifest(index_dir)
+    sizes = [int(np.prod(shape)) for shape in manifest.parameters["shapes"]]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+    tensors = list(zip(offsets, [tuple(s) for s in manifest.parameters["shapes"]], strict=True))
+    segments = kron_layout(tensors, manifest.sketch["gradient_dim"], 16384)
+    assert max(segment.pieces for segment in segments) > 1
+    pieces_of = [(s.start, s.pieces, s.row_bins, s.col_bins) for s in segments if s.width]
+    vectors = stored_matrix(index_dir)
+    queries = plain_queries(index_dir)
+    covered = np.zeros(16384, bool)
+    for start, pieces, a, b in pieces_of:
+        covered[start : start + pieces * a * b] = True
+    expected = kronecker_brute_force(vectors, queries, pieces_of, "ekfac", 1.0)
+    assert not covered.all() and not vectors[:, ~covered].any()  # bins no tensor reaches stay zero
+    got = scores_of(Index.open(index_dir, device="cpu"))
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    bundle = export_index(index_dir, tmp_path / "bundle.tar")
+    import_bundle(bundle, tmp_path / "imported")
+    imported = Index.open(tmp_path / "imported", device="cpu")
+    assert imported.precondition == "ekfac"
+    np.testing.assert_allclose(scores_of(imported), got, rtol=1e-5)
+
+
+def test_a_version_1_fisher_file_still_reads(tmp_path):
+    generator = np.random.default_rng(2)
+    vectors = generator.standard_normal((20, 12))
+    blocks = precondition.fit_fisher(vectors, [(0, 5), (5, 12)], damping=0.5)
+    arrays = {
+        "version": np.array([1]),
+        "spans": np.array([[0, 5], [5, 12]]),
+        "rest": np.array([b.rest for b in blocks]),
+        "damping": np.array([b.damping for b in blocks]),
+    }
+    for number, block in enumerate(blocks):
+        arrays[f"eigenvectors_{number}"] = block.eigenvectors
+        arrays[f"eigenvalues_{number}"] = block.eigenvalues
+    np.savez(tmp_path / "fisher-g0001.npz", **arrays)
+    loaded = precondition.Preconditioner(precondition.load_blocks(tmp_path / "fisher-g0001.npz", 12), {})
+    queries = generator.standard_normal((3, 12))
+    np.testing.assert_allclose(loaded.apply(queries), precondition.Preconditioner(blocks, {}).apply(queries))
+
+
+def test_kfac_refusals_are_one_line(tmp_path, tiny_model_dirs, training_file, lora_index):
+    """kfac on a sketch that mixes tensors (rapidgrad-v2), and a query asking for a kind the index is not
+    fitted with: one line each, naming the fix."""
+    from rapidin_index.settings import SketchSettings
+
+    mixed = tmp_path / "mixed"
+    settings = build_settings(
+        tiny_model_dirs["llama"],
+        tiny_model_dirs["llama_lora"],
+        sketch=SketchSettings(256, algorithm="rapidgrad-v2"),
+    )
+    build_index(training_file, mixed, settings, progress=False)
+    executable = [sys.executable, "-m", "rapidin_index.cli.main"]
+    done = subprocess.run(
+        executable + ["fit", "--index", str(mixed), "--kind", "kfac"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --kind kfac needs each tensor in its own bins as row x column blocks (rapidgrad-kron, or K = 0); "
+        "this index's rapidgrad-v2 sketch mixes every tensor into every bin: use --kind fisher"
+    ]
+    import shutil
+
+    fitted = tmp_path / "fitted"
+    shutil.copytree(lora_index, fitted)
+    fit_index(fitted, kind="fisher")
+    query = executable + ["query", "--index", str(fitted), "--device", "cpu", "--precondition", "ekfac"]
+    query += ["--prompt", QUERIES[0]["prompt"], "--response", QUERIES[0]["response"]]
+    done = subprocess.run(query, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --precondition ekfac: this index is fitted with fisher; refit it with: rapidin-index fit "
+        "--kind ekfac (or query with --precondition fisher or none)"
+    ]
+    with pytest.raises(PreconditionError, match="--kind 'shampoo' is not one of fisher, kfac, ekfac"):
+        fit_index(fitted, kind="shampoo")
+    # the fix the refusal names works: the CLI refits it with EK-FAC, which queries then take by default
+    done = subprocess.run(
+        executable + ["fit", "--index", str(fitted), "--kind", "ekfac"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "fitted EK-FAC of 24 rows" in done.stderr, done.stderr
+    record = read_manifest(fitted).precondition
+    assert record["kind"] == "ekfac" and record["damping"] == precondition.DEFAULT_DAMPINGS["ekfac"]
+    assert record["query_norms"] is True and Index.open(fitted, device="cpu").precondition == "ekfac"
