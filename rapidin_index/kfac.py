@@ -93,7 +93,7 @@ def fit_block(part: np.ndarray, layout: Layout, damping: float, kind: str) -> Kr
 def layouts(manifest) -> list[Layout] | None:
     """Each attributed tensor's (pieces, row_bins, col_bins) segment, or None where the vectors mix tensors
     (rapidgrad-v1/v2/ts) or segments share bins."""
-    from rapidin_index.kronecker import as_matrix, kron_layout
+    from rapidin_index.sketch.kron import as_matrix, kron_layout
 
     sketch = manifest.sketch
     shapes = [tuple(shape) for shape in manifest.parameters.get("shapes", [])]

@@ -314,7 +314,7 @@ def test_ekfac_on_kron_pieces_equals_brute_force_and_survives_export(tmp_path, k
     goes through export and import."""
     import shutil
 
-    from rapidin_index.kronecker import kron_layout
+    from rapidin_index.sketch.kron import kron_layout
 
     index_dir = tmp_path / "index"
     shutil.copytree(kron_index, index_dir)
