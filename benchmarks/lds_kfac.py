@@ -3,7 +3,7 @@
 Run `benchmarks/lds.py` first (it trains the models in --folder); this script builds the K = 2^16 indexes it
 still lacks (train rows and queries, with and without layer norm and the optimizer state, through
 `lds.stored_pair`), fits each preconditioner once with the library's own code (`precondition.fit_fisher`,
-`kfac.fit_kronecker`) and scores the held-out queries at each damping:
+`precondition.fit_kronecker`) and scores the held-out queries at each damping:
 
 * fisher: the empirical Fisher of the stored rows per tensor (at most N directions a block);
 * kfac / ekfac: Kronecker factors of each rapidgrad-kron piece (`kfac`), eigenvalues from the factors or
@@ -28,9 +28,9 @@ import torch
 from lds import index_folder, linear_datamodeling_score, stored_pair, subset_masks, summarize
 
 from rapidin_index import SketchSettings
-from rapidin_index.kfac import fit_kronecker, layouts
+from rapidin_index.kfac import layouts
 from rapidin_index.manifest import read_manifest
-from rapidin_index.precondition import Preconditioner, fit_fisher, spans_for
+from rapidin_index.precondition import Preconditioner, fit_fisher, fit_kronecker, spans_for
 
 
 def parse_arguments() -> argparse.Namespace:

@@ -629,9 +629,10 @@ def fit(
         bool,
         typer.Option(
             help="Queries keep their per-tensor gradient norms (the rows stay layer-normalised): each tensor "
-            "counts by how strongly the query's loss pulls on it."
+            "counts by how strongly the query's loss pulls on it. Better at predicting retraining (LDS 0.53 "
+            "against 0.48), worse at finding a backdoor's rows (auPRC@10 0.965 against 1.000): off by default."
         ),
-    ] = True,
+    ] = False,
 ) -> None:
     """Fit a curvature preconditioner of the stored vectors; queries then apply (F + lambda I)^-1 to theirs."""
     from rapidin_index.precondition import fit_index

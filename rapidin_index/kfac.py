@@ -120,18 +120,11 @@ def layouts(manifest) -> list[Layout] | None:
     return out
 
 
-def fit_kronecker(vectors: np.ndarray, segments: list[Layout], kind: str, damping: float, rank: int) -> list:
-    """One block per segment of the [N, K] stored vectors (a `KroneckerBlock`, or the empirical Fisher's
-    `precondition.FisherBlock` for a side past ``SIDE_LIMIT``) and a Fisher block per range of bins that no
-    segment covers."""
-    from rapidin_index.precondition import _with_gaps, fit_fisher
-
-    by_start = {segment.start: segment for segment in segments}
-    blocks = []
-    for start, stop in _with_gaps([(s.start, s.stop) for s in segments], vectors.shape[1]):
-        segment = by_start.get(start)
-        if segment is None or max(segment.row_bins, segment.col_bins) > SIDE_LIMIT:
-            blocks += fit_fisher(vectors, [(start, stop)], damping, rank)
-        else:
-            blocks.append(fit_block(vectors[:, start:stop], segment, damping, kind))
-    return blocks
+def fit_kronecker_blocks(vectors: np.ndarray, segments: list[Layout], kind: str, damping: float) -> dict:
+    """{segment start: `KroneckerBlock`} of the [N, K] stored vectors, for every segment whose sides are
+    within ``SIDE_LIMIT``; `precondition.fit_kronecker` fits the empirical Fisher on the rest."""
+    return {
+        segment.start: fit_block(vectors[:, segment.start : segment.stop], segment, damping, kind)
+        for segment in segments
+        if max(segment.row_bins, segment.col_bins) <= SIDE_LIMIT
+    }

@@ -9,8 +9,8 @@ after whitening, which would need new stored vectors.
 
 ``fit_index(kind=...)``: ``fisher`` (this module, the default: the best LDS measured), or ``kfac`` /
 ``ekfac`` (`kfac`: Kronecker factors of each rapidgrad-kron tensor's row x column bins, full rank), stored
-in the same file (format 2 tells the block kinds apart). With ``query_norms`` (the default) a query on a
-layer-normalised index keeps its per-tensor gradient norms: the rows stay normalised, and each tensor's
+in the same file (format 2 tells the block kinds apart). With ``query_norms`` (off by default: it costs the
+backdoor retrieval at the top, auPRC@10 1.000 -> 0.965, for LDS 0.476 -> 0.532) a query on a layer-normalised index keeps its per-tensor gradient norms: the rows stay normalised, and each tensor's
 preconditioned cosine counts by the query's gradient norm there (`Index.use_precondition`).
 
 Structure (``structure="auto"``):
@@ -252,13 +252,13 @@ def _read_block(stored, number: int, start: int, stop: int) -> object:
         )
         pieces, rows, cols = block.eigenvalues.shape
         if block.left.shape != (pieces, rows, rows) or block.right.shape != (pieces, cols, cols):
-            raise ValueError(f"block {number}'s factors do not match its eigenvalues")
+            raise PreconditionError(f"block {number}'s factors do not match its eigenvalues")
         if pieces * rows * cols != stop - start:
-            raise ValueError(f"block {number} does not cover its span")
+            raise PreconditionError(f"block {number} does not cover its span")
         return block
     vectors = stored[f"eigenvectors_{number}"]
     if vectors.shape[0] != stop - start:
-        raise ValueError(f"block {number} does not cover its span")
+        raise PreconditionError(f"block {number} does not cover its span")
     return FisherBlock(
         start, stop, vectors, stored[f"eigenvalues_{number}"], float(stored["rest"][number]), damping
     )
@@ -295,7 +295,7 @@ def fit_index(
     structure: str = "auto",
     locked: bool = False,
     kind: str = DEFAULT_KIND,
-    query_norms: bool = True,
+    query_norms: bool = False,
 ) -> dict:
     """Fit ``kind`` (fisher, kfac, ekfac) from the index's stored vectors, write it beside them, record it in
     the manifest. ``damping`` None: the kind's default (``DEFAULT_DAMPINGS``). ``query_norms``: on a
@@ -370,13 +370,29 @@ def _structure(manifest, structure: str, kind: str) -> tuple[str, list[tuple[int
 def _fit(vectors: np.ndarray, kind: str, manifest, spans, damping: float, rank: int) -> list:
     if kind == "fisher":
         return fit_fisher(vectors, spans, damping, rank)
-    from rapidin_index.kfac import fit_kronecker, layouts
+    from rapidin_index.kfac import layouts
 
     if damping <= 0:
         raise PreconditionError(f"--damping must be > 0 (a multiple of the mean eigenvalue), got {damping}")
     if len(vectors) == 0:
         raise PreconditionError(f"the index holds no rows: there is nothing to fit {kind} from")
     return fit_kronecker(vectors, layouts(manifest), kind, damping, rank)
+
+
+def fit_kronecker(vectors: np.ndarray, segments: list, kind: str, damping: float, rank: int) -> list:
+    """One block per `kfac.Layout` segment of the [N, K] stored vectors (a `kfac.KroneckerBlock`, or the
+    empirical Fisher's `FisherBlock` for a side past ``kfac.SIDE_LIMIT``) and a Fisher block per range of
+    bins that no segment covers."""
+    from rapidin_index.kfac import fit_kronecker_blocks
+
+    kronecker = fit_kronecker_blocks(vectors, segments, kind, damping)
+    blocks = []
+    for start, stop in _with_gaps([(s.start, s.stop) for s in segments], vectors.shape[1]):
+        if start in kronecker:
+            blocks.append(kronecker[start])
+        else:
+            blocks += fit_fisher(vectors, [(start, stop)], damping, rank)
+    return blocks
 
 
 def resolve_precondition(manifest, asked: str | None) -> str:

@@ -206,7 +206,9 @@ def test_the_cli_fits_and_queries_with_and_without_it(tmp_path, lora_index):
     shutil.copytree(lora_index, index_dir)
     executable = [sys.executable, "-m", "rapidin_index.cli.main"]
     done = subprocess.run(
-        executable + ["fit", "--index", str(index_dir), "--damping", "0.5"], capture_output=True, text=True
+        executable + ["fit", "--index", str(index_dir), "--damping", "0.5", "--query-norms"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert "fitted the Fisher of 24 rows" in done.stderr  # the console writes to stderr
@@ -281,7 +283,7 @@ def test_kfac_scores_equal_brute_force_on_exact_vectors(tmp_path, lora_index, ki
 
     index_dir = tmp_path / "index"
     shutil.copytree(lora_index, index_dir)
-    record = fit_index(index_dir, kind=kind, damping=0.3)
+    record = fit_index(index_dir, kind=kind, damping=0.3, query_norms=True)
     manifest = read_manifest(index_dir)
     assert record["kind"] == kind and record["structure"] == "tensor"
     shapes = [tuple(shape) for shape in manifest.parameters["shapes"]]
@@ -402,4 +404,6 @@ def test_kfac_refusals_are_one_line(tmp_path, tiny_model_dirs, training_file, lo
     assert done.returncode == 0 and "fitted EK-FAC of 24 rows" in done.stderr, done.stderr
     record = read_manifest(fitted).precondition
     assert record["kind"] == "ekfac" and record["damping"] == precondition.DEFAULT_DAMPINGS["ekfac"]
-    assert record["query_norms"] is True and Index.open(fitted, device="cpu").precondition == "ekfac"
+    assert (
+        record["query_norms"] is False and Index.open(fitted, device="cpu").precondition == "ekfac"
+    )  # default
