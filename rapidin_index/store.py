@@ -129,6 +129,21 @@ def read_all_rows(index_dir: str | Path, generation: int) -> list[dict]:
     return metadata.read_all(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
+def read_row_ids(index_dir: str | Path, generation: int) -> np.ndarray:
+    """The ids [n] of a generation's LanceDB rows, in table order (the text is not read)."""
+    from rapidin_index import metadata
+
+    return metadata.read_ids(Path(index_dir) / DATABASE_DIR, table_name(generation))
+
+
+def iter_rows(index_dir: str | Path, generation: int, order=None) -> Iterable[list[dict]]:
+    """A generation's metadata rows a page at a time (`metadata.iter_rows`): in table order, or in the
+    order of the table positions ``order``; what an append or merge copies into its new generation."""
+    from rapidin_index import metadata
+
+    return metadata.iter_rows(Path(index_dir) / DATABASE_DIR, table_name(generation), order)
+
+
 def open_rows(index_dir: str | Path, generation: int):
     """The generation's LanceDB table, for `metadata.read_rows` joins."""
     from rapidin_index import metadata
@@ -232,7 +247,7 @@ def write_generation(
 
     def needed() -> int:  # what this generation takes on disk, about: vectors, row text, rejected rows
         vector_bytes = vectors.count * vectors.row_bytes if streamed else 4 * vectors.ntotal * vectors.d
-        return vector_bytes + 2 * text_bytes[0] + 64 * len(rejected) + (1 << 16)
+        return vector_bytes + 3 * text_bytes[0] + 64 * len(rejected) + (1 << 16)  # text: spill + table
 
     def check(vector_ids: list[int]) -> None:
         if expected_ids is None:
@@ -244,14 +259,16 @@ def write_generation(
                 f"({problem}); nothing was committed"
             )
 
+    database, name = index_dir / DATABASE_DIR, table_name(generation)
+    spill = index_dir / f".rows-g{generation:04d}.arrow.tmp"  # a killed write's is debris (remove_debris)
     with writing(index_dir, needed):  # outermost: the free space it reports is after the cleanup
         try:
             if streamed:
                 with vectors:  # the file is complete (and in place) once the block ends cleanly
-                    metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
+                    metadata.write_table(database, name, counted(), spill)
                     check(vectors.written_ids().tolist())
             else:
-                metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
+                metadata.write_table(database, name, counted(), spill)
                 check(faiss.vector_to_array(vectors.id_map).tolist())
                 vector_index.save_index(vectors, index_dir / vector_file(generation))
             text = "".join(json.dumps(row) + "\n" for row in rejected)
