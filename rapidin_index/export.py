@@ -1,4 +1,4 @@
-"""Portable bundles: export an index to one checksummed tar / tar.gz / zip file, verify it, import it.
+"""Portable bundles: export an index to one checksummed tar / tar.gz / tar.zst / zip file, verify it, import it.
 
 The bundle layout and format version are in `rapidin_index.bundle`.
 
@@ -44,9 +44,11 @@ from rapidin_index import metadata, store
 from rapidin_index.bundle import (
     BLOCK,
     BUNDLE_NAME,
+    GZIP_LEVEL,
     PARQUET_BUNDLE_KEY,
     PARQUET_MANIFEST_KEY,
     PARQUET_REJECTED_KEY,
+    ZSTD_LEVEL,
     check_version,
     describe,
     format_for,
@@ -207,9 +209,20 @@ class _HashingReader:
 
 
 class _TarWriter:
+    """A tar, tar.gz or tar.zst written in one pass: each member goes through the compressor as it is read."""
+
     def __init__(self, path: Path, format: str, stamp: int):
-        self.archive = tarfile.open(path, "w:gz" if format == "tar.gz" else "w", format=tarfile.PAX_FORMAT)
-        self.stamp = stamp
+        self.stamp, self.compressed = stamp, None
+        if format == "tar.zst":
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
+            self.compressed = compressor.stream_writer(open(path, "wb"), closefd=True)
+            self.archive = tarfile.open(fileobj=self.compressed, mode="w|", format=tarfile.PAX_FORMAT)
+        elif format == "tar.gz":
+            self.archive = tarfile.open(path, "w:gz", compresslevel=GZIP_LEVEL, format=tarfile.PAX_FORMAT)
+        else:
+            self.archive = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
 
     def add(self, name: str, file, size: int) -> None:
         info = tarfile.TarInfo(name)
@@ -220,7 +233,11 @@ class _TarWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.archive.close()
+        try:
+            self.archive.close()
+        finally:
+            if self.compressed is not None:
+                self.compressed.close()  # ends the zstd frame (its checksum) and closes the file
 
 
 class _ZipWriter:
