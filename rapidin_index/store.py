@@ -6,7 +6,9 @@ Layout of an index folder (generation g, four digits; the manifest names the cur
     vectors-gNNNN.faiss           FAISS exact inner-product index of the sketches, ids = example ids
                                   (read in place and written as a stream: `vector_file`)
     rejected-gNNNN.jsonl          {"id", "reason"} of every row that could not be indexed
-    metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`metadata.SCHEMA`)
+    metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`metadata.SCHEMA`), written
+                                  as a stream through .rows-gNNNN.arrow.tmp (its rows until their column
+                                  types are known; removed once the table is written)
     .build/                       the journal of an unfinished build (`journal`)
     .lock, .readers/gNNNN         the writer lock and reader leases (`lock`)
 
