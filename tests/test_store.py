@@ -202,3 +202,33 @@ def test_remove_journal(tmp_path):
     assert not journal.exists() and (tmp_path / "manifest.json").exists()
     store.remove_journal(tmp_path)  # already gone: no error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_a_generation_is_copied_page_by_page_in_any_id_order(tmp_path):
+    """What append and merge read from an old generation: its ids alone, then its rows a page at a time."""
+    _write(tmp_path, 1)
+    assert store.read_row_ids(tmp_path, 1).tolist() == [0, 2, 3]
+    assert [row for page in store.iter_rows(tmp_path, 1) for row in page] == store.read_all_rows(tmp_path, 1)
+    reverse = [row["id"] for page in store.iter_rows(tmp_path, 1, np.array([2, 1, 0])) for row in page]
+    assert reverse == [3, 2, 0]
+
+
+def test_the_rows_spill_beside_the_generation_and_a_killed_write_leaves_them_as_debris(tmp_path):
+    """The rows wait in .rows-gNNNN.arrow.tmp while their column types are found: present while the
+    batches are read, gone once the table is written; one a killed writer left is removed as debris."""
+    spill = tmp_path / ".rows-g0001.arrow.tmp"
+    seen = []
+
+    def batches():
+        for example_id in (0, 2, 3):
+            yield [_row(example_id)]
+            seen.append(spill.exists())
+
+    faiss_index = new_index(DIMENSION)
+    add_vectors(faiss_index, np.zeros((3, DIMENSION), np.float32), IDS)
+    store.write_generation(tmp_path, 1, faiss_index, batches(), REJECTED)
+    assert seen == [True, True, True] and not spill.exists()
+    assert len(metadata.open_table(tmp_path / store.DATABASE_DIR, "rows_g0001").list_versions()) == 1
+    torn = tmp_path / ".rows-g0002.arrow.tmp"
+    torn.write_bytes(b"partial")
+    assert ".rows-g0002.arrow.tmp" in store.remove_debris(tmp_path, committed=1) and not torn.exists()
