@@ -46,6 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--table", default=None, help="print the Markdown tables of a results JSON file")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: append,merge,export,build")
+    parser.add_argument(
+        "--old-exports", default="tar.gz,parquet", help="formats exported by the old code too"
+    )
+    parser.add_argument(
+        "--old-parquet-max",
+        type=int,
+        default=65536,
+        help="no old Parquet export above (it holds 3x the index)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--paths", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -229,9 +238,9 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
         codes["old"] = str(Path(args.old).resolve())
     skip = set(args.skip.split(","))
     model = tiny_model(folder)
-    template = template_manifest(folder, model)
+    template = template_manifest(folder, model) if any(r for r in args.rows.split(",")) else None
     results = {"synthetic": [], "build": []}
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in (int(r) for r in args.rows.split(",") if r):
         index_dir = folder / f"index-{rows}"
         started = time.perf_counter()
         synthetic_index(index_dir, template, rows)
@@ -240,7 +249,9 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
             if "append" not in skip:
                 entry[f"append_{name}"] = run_child("append", code, index_dir)
             if "export" not in skip:
-                formats = ["tar.gz", "parquet"] + (["tar.zst"] if name == "new" else [])
+                formats = ["tar.gz", "tar.zst", "parquet"] if name == "new" else args.old_exports.split(",")
+                if name == "old" and rows > args.old_parquet_max:
+                    formats = [f for f in formats if f != "parquet"]
                 for bundle_format in formats:
                     out = folder / f"bundle.{bundle_format}"
                     entry[f"export_{bundle_format}_{name}"] = run_child("export", code, index_dir, out)

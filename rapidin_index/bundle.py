@@ -39,8 +39,9 @@ PARQUET_BUNDLE_KEY = b"rapidin_index.bundle"
 PARQUET_REJECTED_KEY = b"rapidin_index.rejected"
 MAX_BUNDLE_JSON_BYTES = 64 << 20
 BLOCK = 1 << 20
-GZIP_LEVEL = 6
-"""zlib's own default: level 9 (tarfile's) takes longer for the same size on vectors (BENCHMARKS.md)."""
+GZIP_LEVEL = 9
+"""tarfile's default. The vectors hardly compress, and levels 1-9 took the same time within noise here;
+.tar.zst is the fast choice (BENCHMARKS.md, issue 27 item 2)."""
 ZSTD_LEVEL = 3
 """zstd's own default; a .tar.zst is written and read in one stream, on every core."""
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
