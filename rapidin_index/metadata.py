@@ -116,6 +116,9 @@ def _with_fields(batch: pa.RecordBatch, fields: list[pa.Field]) -> pa.RecordBatc
     return pa.RecordBatch.from_arrays([*batch.columns, *columns], schema=pa.schema([*batch.schema, *fields]))
 
 
+_KINDS = {str: "str", int: "int", float: "float", bool: "bool"}
+
+
 class _FieldTypes:
     """The metadata fields of a stream of rows and their types, as `metadata_fields` would find them over
     every row at once, from a few values per field: the first of each Python type in the order the types
@@ -127,28 +130,30 @@ class _FieldTypes:
         self.position = 0
 
     def update(self, sources) -> None:
+        samples, skipped = self.samples, TEXT_FIELDS | RESERVED
         for source in sources:
+            present = 0
             for name, value in source.items():
-                if name in TEXT_FIELDS | RESERVED:
+                if name in skipped:
                     continue
-                if name not in self.samples:
-                    self.samples[name] = {"missing": [None]} if self.position else {}
-                self._add(self.samples[name], value)
-            for name, samples in self.samples.items():
-                if name not in source:
-                    samples.setdefault("missing", [None])
+                if name not in samples:
+                    samples[name] = {"missing": [None]} if self.position else {}
+                present += 1
+                kind = "missing" if value is None else _KINDS.get(type(value), "other")
+                field = samples[name]
+                if kind == "int" and "int" in field:
+                    bounds = field["int"]  # [smallest, largest]
+                    if value < bounds[0]:
+                        bounds[0] = value
+                    elif value > bounds[1]:
+                        bounds[1] = value
+                elif kind not in field:
+                    field[kind] = [value, value] if kind == "int" else [value]
+            if present < len(samples):  # a field this row lacks: a None in its column
+                for name, field in samples.items():
+                    if name not in source:
+                        field.setdefault("missing", [None])
             self.position += 1
-
-    @staticmethod
-    def _add(samples: dict, value) -> None:
-        kind = type(value).__name__ if isinstance(value, (str, int, float, bool)) else "other"
-        if value is None:
-            kind = "missing"
-        if kind == "int" and kind in samples:
-            low, high = samples["int"]
-            samples["int"] = [min(low, value), max(high, value)]
-        elif kind not in samples:
-            samples[kind] = [value, value] if kind == "int" else [value]
 
     def fields(self) -> list[pa.Field]:
         return _typed_fields(
@@ -167,11 +172,14 @@ def _cell(value, field: pa.Field):
     )
 
 
+_NAMES = tuple(SCHEMA.names)
+
+
 def _logical(row: dict) -> dict:
     """A stored row as the rest of the package sees it: the `SCHEMA` columns, ``source`` the JSON."""
     if JSON_COLUMN in row:
         row["source"] = row.pop(JSON_COLUMN)
-    return {field.name: row[field.name] for field in SCHEMA}
+    return {name: row[name] for name in _NAMES}
 
 
 @contextlib.contextmanager
