@@ -601,8 +601,8 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
 def _check_existing_rows(index_dir: Path, existing: Manifest, ids, row_ids, rejected: list) -> None:
     """The generation an append builds on holds every row once in FAISS and LanceDB, or nothing is appended."""
     problem = store.row_id_problem(
-        ids.tolist(),
-        row_ids.tolist(),
+        ids,
+        row_ids,
         [row["id"] for row in rejected],
         range(existing.total_rows_seen),
     )

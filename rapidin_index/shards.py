@@ -55,9 +55,12 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
         ids = store.open_vectors(shard_dir, manifest.generation).ids
         row_ids.append(store.read_row_ids(shard_dir, manifest.generation))
         rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
-        vector_ids.extend(ids.tolist())
+        vector_ids.append(ids)
     problem = store.row_id_problem(
-        vector_ids, np.concatenate(row_ids).tolist(), [row["id"] for row in rejected], range(total_rows)
+        np.concatenate(vector_ids),
+        np.concatenate(row_ids),
+        [row["id"] for row in rejected],
+        range(total_rows),
     )
     if problem:
         raise ShardError(f"cannot merge {', '.join(map(str, shard_dirs))}: {problem}")
@@ -141,4 +144,5 @@ def _merged_vectors(shard_dirs: list[Path], manifests: list[Manifest], writer, r
         for start in range(0, len(order), step):
             positions = order[start : start + step]
             writer.add(stored.read_positions(positions), stored.ids[positions])
+            stored.release(int(positions.min()), int(positions.max()) + 1)  # read once: drop its pages
     yield from rows
