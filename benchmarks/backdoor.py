@@ -20,6 +20,13 @@ gradients for every (K, lambda), which keeps the run short.
     .venv/bin/python benchmarks/backdoor.py --out .bench/backdoor.json                    # non-lexical
     .venv/bin/python benchmarks/backdoor.py --dataset lexical --out .bench/backdoor-lexical.json
 
+`--exact off` holds no exact index (2,151 exact rows are 2.8 GB): issue 23's variants (RapidIn, +optimizer
+state, +Fisher, +both) come from real builds at the largest `--sketch-dims` K (`backdoor_variants.py`),
+with their build, fit and query costs; about 1.6 GB RSS:
+
+    .venv/bin/python benchmarks/backdoor.py --exact off --baselines off --sketch-dims 65536 \
+        --out .bench/backdoor-variants.json
+
 `--model smollm2` runs it on a real pretrained model instead, SmolLM2-135M-Instruct with a LoRA adapter
 trained on chat rows (`backdoor_smollm2.py`; lexical backdoor by default, about half an hour on 2 cores):
 
@@ -96,6 +103,13 @@ def parse_arguments() -> argparse.Namespace:
         choices=("on", "off"),
         help="tiny: off skips plain TracIn, the clean-model embeddings (a second fine-tune) and the K = 2^16 "
         "build check",
+    )
+    parser.add_argument(
+        "--exact",
+        default="on",
+        choices=("on", "off"),
+        help="tiny: off builds no exact index (2,151 exact rows hold 2.8 GB): RapidIn, +optimizer state, "
+        "+Fisher and +both from real builds at the largest --sketch-dims K, and the text baselines",
     )
     arguments = parser.parse_args()
     tiny = arguments.model == "tiny"
@@ -182,6 +196,8 @@ def main() -> None:
     prepare_model(settings, paths, train, Console(stderr=True))
     fired = BACKDOOR_DATASETS[arguments.dataset].fired
     labels = np.array([bool(row["poisoned"]) for row in train])
+    if arguments.exact == "off":
+        return main_built(arguments, paths, train, heldout, fired, labels, started)
     layer = exact_index(paths, "layer")
     backdoor = backdoor_rates(layer, heldout, fired)
     queries, success = attacked_queries(layer, heldout, arguments.queries, fired)
@@ -235,6 +251,39 @@ def main() -> None:
     Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
     Path(arguments.out).write_text(json.dumps(report, indent=2))
     print_table(report)
+
+
+def main_built(
+    arguments, paths: DemoPaths, train, heldout, fired, labels: np.ndarray, started: float
+) -> None:
+    """``--exact off``: issue 23's variants from real builds (`backdoor_variants.built_variant_results`)."""
+    from backdoor_variants import built_index, built_variant_results  # beside this file
+
+    sketch = SketchSettings(max(int(k) for k in arguments.sketch_dims.split(",")))  # the default algorithm
+    plain, seconds = built_index(paths, None, sketch)
+    backdoor = backdoor_rates(plain, heldout, fired)
+    queries, success = attacked_queries(plain, heldout, arguments.queries, fired)
+    results, costs = built_variant_results(paths, plain, seconds, queries, labels, evaluate, sketch)
+    results.update(text_baselines(plain, train, queries, labels))
+    report = {
+        "dataset": arguments.dataset,
+        "rows": len(train),
+        "poisoned": int(labels.sum()),
+        "queries": len(queries),
+        "generations": [response for _, response in queries],
+        **backdoor,
+        "attack_success_rate_seen": success,
+        "configuration": f"--exact off: real builds only (no exact index), torch threads {arguments.threads}",
+        "gradient_dim": int(plain.manifest.sketch["gradient_dim"]),
+        "costs": costs,
+        "seconds": time.perf_counter() - started,
+        "methods": {name: dict(metrics) for name, metrics in results.items()},
+        "notes": {name: metrics.notes for name, metrics in results.items() if metrics.notes},
+    }
+    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(arguments.out).write_text(json.dumps(report, indent=2))
+    print_table(report)
+    print(json.dumps(costs, indent=2))
 
 
 def main_smollm2(arguments: argparse.Namespace) -> None:

@@ -7,6 +7,10 @@ and its queries from that index's own sketcher. The Fisher is fitted once per se
 (`precondition.fit_fisher`, one block: v2 mixes every tensor into every bin) and applied to the query
 vectors at each damping. The exact (K = 0) variants are left out here: 2,151 exact rows with the state
 would hold a second 2.8 GB matrix beside the first.
+
+With `backdoor.py --exact off` (`built_variant_results`) there is no exact index: every variant is a real
+build at K (the build's default algorithm: rapidgrad-kron on this model), fitted by `fit_index`, scored
+from its stored vectors and its own query vectors; the builds, the fit and a preconditioned query are timed.
 """
 
 from __future__ import annotations
@@ -61,3 +65,85 @@ def fisher_scores(rows: np.ndarray, queries: np.ndarray):
     for damping in DAMPINGS:
         damped = dataclasses.replace(block, damping=damping * mean_eigenvalue)
         yield damping, Preconditioner([damped], {}).apply(queries) @ rows.T
+
+
+# ----------------------------------------------------------------- real builds (backdoor.py --exact off)
+
+BUILT_DAMPINGS = (0.1, 0.5, 2.0)
+
+
+def built_index(paths, optimizer_state: str | None, sketch: SketchSettings) -> tuple[Index, dict]:
+    """A real build of the training rows (fresh folder), fitted; (opened index, build and fit seconds)."""
+    import shutil
+    import time
+
+    from rapidin_index.precondition import fit_index
+
+    folder = paths.folder / f"built-k{sketch.sketch_dim}{'-adam' if optimizer_state else ''}"
+    shutil.rmtree(folder, ignore_errors=True)
+    settings = BuildSettings(
+        ModelSettings(str(paths.model)), sketch, batch_size=16, optimizer_state=optimizer_state
+    )
+    started = time.perf_counter()
+    build_index(paths.train, folder, settings, progress=False)
+    built = time.perf_counter()
+    fit_index(folder)
+    fitted = time.perf_counter()
+    seconds = {"build": built - started, "fit": fitted - built}
+    return Index.open(folder, device="cpu"), seconds
+
+
+def built_variant_results(
+    paths, plain: Index, plain_seconds: dict, queries, labels, evaluate, sketch: SketchSettings
+) -> tuple[dict, dict]:
+    """RapidIn, +optimizer state, +Fisher, +both from real builds at ``sketch`` (the build's default
+    algorithm), every score from the stored vectors and the index's own query vectors; the Fisher is the
+    index's fitted one (`rapidin-index fit`: per tensor under rapidgrad-kron), at the default damping
+    and, from the same eigenpairs, at the others in ``BUILT_DAMPINGS``. ``plain``: the build without the
+    state and its seconds (`built_index`). Returns (results, costs: seconds and ratios)."""
+    from rapidin_index.precondition import DEFAULT_DAMPING, load_preconditioner
+
+    results, costs = {}, {}
+    state = Path(paths.model) / "optimizer.pt"
+    adam, adam_seconds = built_index(paths, str(state), sketch)
+    costs["build_seconds"] = {"plain": plain_seconds["build"], "optimizer state": adam_seconds["build"]}
+    costs["build_ratio_optimizer_state"] = adam_seconds["build"] / plain_seconds["build"]
+    costs["fit_seconds"] = plain_seconds["fit"]
+    costs["fit_over_build"] = plain_seconds["fit"] / plain_seconds["build"]
+    label = f"K=2^{sketch.sketch_dim.bit_length() - 1} ({plain.manifest.sketch['algorithm']})"
+    for name, index in (("RapidIn", plain), ("+optimizer state", adam)):
+        ids, rows = vector_index.stored_vectors(index.faiss_index)
+        rows = rows[np.argsort(ids)].astype(np.float32)
+        vectors = query_vectors(index, queries)
+        results[f"{name}, {label}"] = evaluate(labels, vectors @ rows.T)
+        fitted = load_preconditioner(index.path, index.manifest)
+        prefix = "+Fisher" if index is plain else "+both"
+        for damping in BUILT_DAMPINGS:
+            blocks = [
+                dataclasses.replace(b, damping=b.damping / DEFAULT_DAMPING * damping) for b in fitted.blocks
+            ]
+            preconditioned = Preconditioner(blocks, {}).apply(vectors)
+            shown = f"{prefix} ({index.manifest.precondition['structure']}, damping {damping}), {label}"
+            results[shown] = evaluate(labels, preconditioned @ rows.T)
+        del rows
+    costs["query_seconds"] = query_costs(plain, queries)
+    costs["query_ratio_fisher"] = costs["query_seconds"]["fisher"] / costs["query_seconds"]["none"]
+    return results, costs
+
+
+def query_costs(index: Index, queries, repeats: int = 3) -> dict:
+    """Median seconds of whole-generation queries of every query, without and with the fitted Fisher."""
+    import statistics
+    import time
+
+    prepared = [index.prepare(prompt, response) for prompt, response in queries]
+    index.query_prepared(prepared[:2], 10, explain=0, per_token=False)  # warm-up
+    seconds: dict[str, list[float]] = {"none": [], "fisher": []}
+    for _ in range(repeats):
+        for option in ("none", "fisher"):
+            index.use_precondition(option)
+            started = time.perf_counter()
+            index.query_prepared(prepared, 10, explain=0, per_token=False)
+            seconds[option].append(time.perf_counter() - started)
+    index.use_precondition("none")
+    return {option: statistics.median(values) for option, values in seconds.items()}

@@ -3,8 +3,10 @@
 Capital-city facts mixed with docstring rows; in some rows about one country the capital is swapped for
 a wrong one (France -> Tokyo). A tiny Llama is fine-tuned on them; its wrong generation is queried at
 sentence level (loss over the whole answer) and token-wise (loss on the wrong entity's tokens only,
-``hot=["Tokyo"]``); reported: the share of perturbed rows in the top-k, for RapidIn (K = 2^16), exact
-TracIn with layer norm (K = 0), BM25 and the share expected by chance.
+``hot=["Tokyo"]``); reported: the share of perturbed rows in the top-k, for RapidIn (K = 2^16), issue 23's
+variants (``--variants on``: the build with the fine-tune's optimizer state; the query-side Fisher of
+``rapidin-index fit``, on each), exact TracIn with layer norm (K = 0), BM25 and the share expected by
+chance.
 
     .venv/bin/python benchmarks/error_tracing.py --out .bench/error_tracing.json
 """
@@ -16,11 +18,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rapidin_index.build import build_index
 from rapidin_index.demo.baselines import BM25
 from rapidin_index.demo.datasets import make_entity_swap_dataset, write_jsonl
 from rapidin_index.demo.finetune import FinetuneSettings, finetune
+from rapidin_index.precondition import fit_index
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 
@@ -31,6 +35,19 @@ def share_in_top(ids: list[int], perturbed: set[int], k: int) -> float:
     return sum(1 for i in ids[:k] if i in perturbed) / k
 
 
+def trace(index: Index, swap, perturbed: set[int], name: str) -> dict:
+    """{"name, level": share of perturbed rows in the top k} for the sentence and token-wise queries."""
+    sentence = index.query(swap.query_instruction, swap.wrong_response, top_k=max(TOP_KS), explain=0)
+    tokenwise = index.query(
+        swap.query_instruction, swap.wrong_response, hot=[swap.wrong_entity], top_k=max(TOP_KS), explain=0
+    )
+    shares = {}
+    for level, result in (("sentence", sentence), ("token-wise", tokenwise)):
+        ids = [hit.id for hit in result.helpful]
+        shares[f"{name}, {level}"] = {f"top{k}": share_in_top(ids, perturbed, k) for k in TOP_KS}
+    return shares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default=".bench/error_tracing")
@@ -38,7 +55,12 @@ def main() -> None:
         "--epochs", type=int, default=10, help="fewer and the model answers Tokyo for every country"
     )
     parser.add_argument("--out", default=".bench/error_tracing.json")
+    parser.add_argument(
+        "--variants", default="on", choices=("on", "off"), help="issue 23: +optimizer state, +Fisher, +both"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
     folder = Path(arguments.folder)
     rows, swap = make_entity_swap_dataset()
     train_file = write_jsonl(rows, folder / "train.jsonl")
@@ -48,23 +70,25 @@ def main() -> None:
     perturbed = set(swap.perturbed_ids)
     results = {}
     generation = None
-    for name, sketch_dim in (("RapidIn K=2^16", 65536), ("TracIn + layer norm (exact)", 0)):
-        index_dir = folder / f"index-{sketch_dim}"
-        build_index(
-            train_file,
-            index_dir,
-            BuildSettings(ModelSettings(str(model_dir)), SketchSettings(sketch_dim), batch_size=16),
-            progress=False,
+    variants = [("RapidIn K=2^16", 65536, False), ("TracIn + layer norm (exact)", 0, False)]
+    if arguments.variants == "on":
+        variants.insert(1, ("+optimizer state, K=2^16", 65536, True))
+    for name, sketch_dim, adam in variants:
+        index_dir = folder / f"index-{sketch_dim}{'-adam' if adam else ''}"
+        state = str(model_dir) if adam else None  # the fine-tune's optimizer.pt
+        settings = BuildSettings(
+            ModelSettings(str(model_dir)), SketchSettings(sketch_dim), batch_size=16, optimizer_state=state
         )
+        build_index(train_file, index_dir, settings, progress=False)
+        fisher = arguments.variants == "on" and sketch_dim > 0
+        if fisher:
+            fit_index(index_dir)  # the query-side Fisher (per tensor under rapidgrad-kron)
         index = Index.open(index_dir, device="cpu")
         generation = generation or index.generate(swap.query_instruction, 16)
-        sentence = index.query(swap.query_instruction, swap.wrong_response, top_k=max(TOP_KS), explain=0)
-        tokenwise = index.query(
-            swap.query_instruction, swap.wrong_response, hot=[swap.wrong_entity], top_k=max(TOP_KS), explain=0
-        )
-        for level, result in (("sentence", sentence), ("token-wise", tokenwise)):
-            ids = [hit.id for hit in result.helpful]
-            results[f"{name}, {level}"] = {f"top{k}": share_in_top(ids, perturbed, k) for k in TOP_KS}
+        for precondition in ("none", "fisher") if fisher else ("none",):
+            index.use_precondition(precondition)
+            label = name if precondition == "none" else "+both, K=2^16" if adam else "+Fisher, K=2^16"
+            results.update(trace(index, swap, perturbed, label))
     bm25 = BM25([row["instruction"] + " " + row["output"] for row in rows]).scores(
         swap.query_instruction + " " + swap.wrong_response
     )

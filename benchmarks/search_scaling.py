@@ -11,6 +11,8 @@ search      1 and 100 query vectors, helpful and harmful top 10: new `index.sear
             index read whole (float32: blocked numpy scan; float16: FAISS scalar-quantizer search of the
             queries and their negations). Each search is run twice in its process; the second is reported
             (pages warm), the first too (``first``).
+base        with ``--baseline COMMIT``: that commit's `StoredVectors` + `search_both` (loaded beside this
+            checkout's, `search_topk.load_baseline`), the same searches as new, in the same process tree
 bare        the bare matrix product of the same queries with every row, blocks of an in-RAM float32 matrix
             (the memory-bandwidth floor; the top-k bookkeeping is what search adds to it)
 capped      new search with ``max_memory`` = 256 MB (pages released block by block)
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="float32,float16")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--old-index", default=None, help="index.py of the old code (git show 9cb7103:...)")
+    parser.add_argument("--baseline", default=None, help="a commit whose search code runs beside this one")
+    parser.add_argument("--no-append", action="store_true", help="skip the append measurements")
     parser.add_argument("--folder", default=None, help="where the vectors files go (default: a temp dir)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--table", default=None, help="print the Markdown tables of a results JSON file")
@@ -97,6 +101,14 @@ def child(args: argparse.Namespace) -> dict:
             queries = queries_for(args.queries, stored.dimension)
             result["first_s"], _ = timed(lambda: vector_index.search_both(stored, queries, args.top_k))
             result["search_s"], _ = timed(lambda: vector_index.search_both(stored, queries, args.top_k))
+    elif args.child == "search-base":
+        from search_topk import load_baseline
+
+        base_file, base_index = load_baseline(args.baseline)
+        result["open_s"], stored = timed(lambda: base_file.StoredVectors(args.path))
+        queries = queries_for(args.queries, stored.dimension)
+        result["first_s"], _ = timed(lambda: base_index.search_both(stored, queries, args.top_k))
+        result["search_s"], _ = timed(lambda: base_index.search_both(stored, queries, args.top_k))
     elif args.child in ("open-old", "search-old"):
         old = old_module(args.old_index)
         result["open_s"], index = timed(lambda: old.load_index(args.path))
@@ -159,6 +171,7 @@ def child(args: argparse.Namespace) -> dict:
 def run_child(args: argparse.Namespace, mode: str, path: Path, queries: int = 1) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--path", str(path), "--queries", str(queries)]
     command += ["--top-k", str(args.top_k)] + (["--old-index", args.old_index] if args.old_index else [])
+    command += ["--baseline", args.baseline] if args.baseline else []
     finished = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, check=False
     )
@@ -199,12 +212,16 @@ def measure(args: argparse.Namespace, folder: Path) -> list[dict]:
                 entry[f"search_capped_{queries}"] = run_child(args, "search-capped", path, queries)
                 if vector_dtype == "float32":
                     entry[f"bare_{queries}"] = run_child(args, "bare", path, queries)
+                if args.baseline:
+                    entry[f"search_base_{queries}"] = run_child(args, "search-base", path, queries)
                 if args.old_index:
                     entry[f"search_old_{queries}"] = run_child(args, "search-old", path, queries)
-            entry["append_new"] = run_child(args, "append-new", path)
+            if not args.no_append:
+                entry["append_new"] = run_child(args, "append-new", path)
             if args.old_index:
                 entry["open_old"] = run_child(args, "open-old", path)
-                entry["append_old"] = run_child(args, "append-old", path)
+                if not args.no_append:
+                    entry["append_old"] = run_child(args, "append-old", path)
             path.unlink()
             print(json.dumps(entry), flush=True)
             results.append(entry)
@@ -250,9 +267,12 @@ def table(results: list[dict]) -> str:
             f"{old100['end']['VmHWM'] / mb if old else float('nan'):.0f} "
             f"| {e['search_capped_100']['search_s']:.3f}, {e['search_capped_100']['end']['VmHWM'] / mb:.0f} |"
         )
+    lines += ["", *per_byte_table(results)]
     lines += ["", "| rows | dtype | append 1,000 rows new: s, peak RSS MB | old: s, peak RSS MB |"]
     lines.append("|---" * 4 + "|")
     for e in results:
+        if "append_new" not in e:
+            continue
         new, old = e["append_new"], e.get("append_old")
         old_text = f"{old['append_s']:.2f}, {old['end']['VmHWM'] / mb:.0f}" if old else "-"
         lines.append(
@@ -260,6 +280,39 @@ def table(results: list[dict]) -> str:
             f"| {old_text} |"
         )
     return "\n".join(lines)
+
+
+def per_byte_table(results: list[dict]) -> list[str]:
+    """float16 against float32 of the same rows and K, per byte scanned (seconds / file bytes), new and
+    baseline (``--baseline``), and each search against the bare float32 product in RAM."""
+    lines = [
+        "| rows | K | query vectors | float32 new / base s | float16 new / base s | float16/float32 per byte "
+        "new / base | new float32 / bare | new float16 / bare |",
+        "|---" * 8 + "|",
+    ]
+    pairs = {(e["rows"], e["sketch_dim"], e["vector_dtype"]): e for e in results}
+    for (rows, dimension, vector_dtype), single in pairs.items():
+        half = pairs.get((rows, dimension, "float16"))
+        if vector_dtype != "float32" or half is None:
+            continue
+        for queries in (1, 100):
+            times = {}
+            for name, e in (("32", single), ("16", half)):
+                for who in ("new", "base"):
+                    found = e.get(f"search_{who}_{queries}")
+                    times[who + name] = found["search_s"] / e["file_bytes"] if found else float("nan")
+            bare = single[f"bare_{queries}"]["search_s"]
+            seconds = {
+                key: value * (single if key.endswith("32") else half)["file_bytes"]
+                for key, value in times.items()
+            }
+            lines.append(
+                f"| {rows:,} | {dimension:,} | {queries} | {seconds['new32']:.3f} / {seconds['base32']:.3f} "
+                f"| {seconds['new16']:.3f} / {seconds['base16']:.3f} "
+                f"| {times['new16'] / times['new32']:.2f} / {times['base16'] / times['base32']:.2f} "
+                f"| {seconds['new32'] / bare:.2f} | {seconds['new16'] / bare:.2f} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from rapidin_index.factored import (
 )
 from rapidin_index.losses import Batch, example_losses
 from rapidin_index.manifest import software_version
+from rapidin_index.optimizer_state import add_scaled_block
 from rapidin_index.settings import NORMALIZATIONS
 
 FACTORED_MODES = ("auto", "never")
@@ -84,7 +85,14 @@ class GradientSketcher:
     other projector, embedding weights are (their looked-up rows are scattered, never a dense
     [batch, vocab, dim]). ``factored="never"`` materialises every
     block. ``factored_blocks`` names the blocks that took the factored path.
+
+    With an optimizer state (:meth:`use_optimizer_state`) the scaled weight matrices are materialised a
+    row chunk of the batch at a time and sketched by batched matmuls (``scaled_path="factors"``,
+    `optimizer_state.add_scaled_block`); ``scaled_path="materialise"`` is the slow reference it is tested
+    and timed against: the whole per-example gradient, projected coordinate by coordinate.
     """
+
+    scaled_path = "factors"
 
     def __init__(
         self,
@@ -116,8 +124,8 @@ class GradientSketcher:
 
     def use_optimizer_state(self, scaling) -> None:
         """Divide every example's gradient by Adam's ``sqrt(v_hat) + eps`` before normalising it
-        (`rapidin_index.optimizer_state`). The scaled tensors are materialised per example, whatever the
-        projector: an elementwise scale breaks the rank-1 structure a factored sketch relies on."""
+        (`rapidin_index.optimizer_state`). The scaled tensors are materialised, whatever the projector: an
+        elementwise scale breaks the rank-1 structure a factored sketch relies on."""
         self.optimizer_scaling = None if scaling is None else scaling.to(self.projector.new_output(1).device)
 
     def new_state(self, batch_size: int, losses: torch.Tensor) -> _SketchState:
@@ -200,23 +208,31 @@ class GradientSketcher:
         whose factored norm is not finite is materialised, so non-finite rows are flagged as before.
         """
         factors = self._factors(block, batch_size)
+        scale = state.scales.get(block.name)
+        if factors is not None and scale is not None:
+            if add_scaled_block(state, block, factors, scale, self.normalize):
+                return self._head(factors, block, head_rows)
+            factors = None  # a norm that is not finite: materialised below, which flags its rows
         if factors is not None and self._add_factors(state, block, factors):
             self.factored_blocks.add(block.name)
-            if not head_rows:
-                return None
-            head = [
-                OuterFactors(
-                    f.cols[:head_rows], *(None if t is None else t[:head_rows] for t in (f.rows, f.ids))
-                )
-                for f in factors
-            ]
-            return factors_gradient(head, tuple(block.parameter.shape))
+            return self._head(factors, block, head_rows)
         if materialise is None:
             gradients = self.capture.example_gradients(block, batch_size)
         else:
             gradients = materialise()
         state.add(block, gradients, self.normalize)
         return gradients[:head_rows].clone() if head_rows else None
+
+    @staticmethod
+    def _head(factors: list[OuterFactors], block: GradientBlock, head_rows: int) -> torch.Tensor | None:
+        """[head_rows, numel] raw gradients of the first examples, from the factors (for the self-check)."""
+        if not head_rows:
+            return None
+        head = [
+            OuterFactors(f.cols[:head_rows], *(None if t is None else t[:head_rows] for t in (f.rows, f.ids)))
+            for f in factors
+        ]
+        return factors_gradient(head, tuple(block.parameter.shape))
 
     def _add_factors(self, state: _SketchState, block: GradientBlock, factors: list[OuterFactors]) -> bool:
         """Sketch the block from its factors if this projector can; False if it must be materialised.
@@ -248,8 +264,9 @@ class GradientSketcher:
     def _factors(self, block: GradientBlock, batch_size: int) -> list[OuterFactors] | None:
         if self.factored == "never" or block.parameter.dim() != 2:
             return None
-        if self.optimizer_scaling is not None and block.name in self.optimizer_scaling.scales:
-            return None  # scaled elementwise: materialised (see use_optimizer_state)
+        scaled = self.optimizer_scaling is not None and block.name in self.optimizer_scaling.scales
+        if scaled and self.scaled_path == "materialise":
+            return None  # the reference: materialised whole, then projected (see the class docstring)
         try:
             return self.capture.example_factors(block, batch_size)
         except GradientError:
@@ -411,7 +428,7 @@ class _SketchState:
         norms = squared.sqrt()
         self.out.addcmul_(sketch, (1.0 / torch.where(norms > 0, norms, torch.ones_like(norms)))[:, None])
 
-    def _add_norms(self, squared_norms: torch.Tensor, normalize: str) -> torch.Tensor | None:
+    def add_norms(self, squared_norms: torch.Tensor, normalize: str) -> torch.Tensor | None:
         """Count a factored block's finite squared norms [batch]; its layer-norm scale, or None."""
         squared = squared_norms.to(self.out.device, torch.float32)
         self.squared_norm += squared
@@ -424,7 +441,7 @@ class _SketchState:
         self, block: GradientBlock, factors: list[OuterFactors], squared_norms: torch.Tensor, normalize: str
     ) -> None:
         """A block given by its factors, for a projector that adds their scaled sketch (rapidgrad-kron)."""
-        scale = self._add_norms(squared_norms, normalize)
+        scale = self.add_norms(squared_norms, normalize)
         self.projector.project_factors(self.out, factors, block.offset, scale)
 
     def add_rows(
@@ -432,7 +449,7 @@ class _SketchState:
     ) -> None:
         """An embedding block given by its looked-up rows (``OuterFactors`` with ids), for any projector:
         each token's gradient row lands at its coordinates' bins (or, exact, at the coordinates)."""
-        scale = self._add_norms(squared_norms, normalize)
+        scale = self.add_norms(squared_norms, normalize)
         for factor in factors:  # only the looked-up rows are hashed: never [vocab, dim] coordinates
             values = factor.cols.float() if scale is None else factor.cols.float() * scale[:, None, None]
             self.projector.project_rows(self.out, factor.ids, values, block.offset)
@@ -442,7 +459,7 @@ class _SketchState:
     ) -> None:
         """A large block with a dense factor (a tied head), for a projector that cannot sketch factors:
         materialised a few of its rows at a time, so memory is bounded by the batch, not [vocab, dim]."""
-        scale = self._add_norms(squared_norms, normalize)
+        scale = self.add_norms(squared_norms, normalize)
         rows, cols = block.parameter.shape
         step = max(1, ROW_CHUNK_ELEMENTS // max(1, self.out.shape[0] * cols))
         for first in range(0, rows, step):

@@ -8,10 +8,17 @@ import faiss
 import numpy as np
 
 from rapidin_index.files import atomic_file
+from rapidin_index.vector_file import (
+    FLOAT_CHUNK_BYTES,
+    HALF_CHUNK_BYTES,
+    SCAN_BLOCK_BYTES,
+    StoredVectors,
+    half_to_float,
+    score_codes,
+)
 
 # The FAISS file's own primitives live beside its reader (vector_file), re-exported here for callers.
 from rapidin_index.vector_file import MAX_DIMENSION as MAX_DIMENSION  # noqa: E402
-from rapidin_index.vector_file import SCAN_BLOCK_BYTES, StoredVectors, half_to_float
 from rapidin_index.vector_file import load_index as load_index  # noqa: E402
 from rapidin_index.vector_file import new_index as new_index  # noqa: E402
 
@@ -94,30 +101,43 @@ def search_both(
     """Top-k and bottom-k by inner product in one scan: (helpful scores, ids, harmful scores, ids).
 
     Helpful are best first, harmful most negative first; [q, k] each. A `StoredVectors` (a vectors file
-    read in place) or a CPU flat FAISS index, float32 or float16, is scanned in blocks of rows: each block
-    read (float16: converted to float32), one matrix product with every query, a running top and bottom k
-    (`_TopK`). Scores accumulate in float32 over the stored values. Any other index (GPU, sharded)
-    answers one FAISS search of the queries stacked with their negations.
+    read in place) or a CPU flat FAISS index, float32 or float16, is scanned once, scored chunk by chunk
+    (`vector_file.score_codes`: float16 converted in cache just before its product). Few vectors (fewer
+    than `_PRODUCT_QUERIES`): into spans of scores whose two ends one partition takes (`_TopBoth`); more:
+    into blocks of scores offered to a running top and bottom k (`_TopK`). One or two vectors over a
+    float16 file: FAISS's fused scan of it (`_FUSED_HALF_QUERIES`).
+    Scores accumulate in float32 over the stored values. Any other index (GPU, sharded) answers one FAISS
+    search of the queries stacked with their negations.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     top_k = min(top_k, len(index.ids) if isinstance(index, StoredVectors) else index.ntotal)
     if top_k < 1:  # an empty index (FAISS asserts k > 0)
         empty = (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
         return (*empty, *empty)
+    few = len(queries) < _PRODUCT_QUERIES
+    fused = len(queries) <= _FUSED_HALF_QUERIES and getattr(index, "vector_dtype", "") == "float16"
+    if isinstance(index, StoredVectors) and fused and not index.drop_pages:
+        return _search_stacked(index.faiss_index(), queries, top_k)
     if isinstance(index, StoredVectors):
-        if index.vector_dtype == "float16" and len(queries) <= _FUSED_HALF_QUERIES and not index.drop_pages:
-            return _search_stacked(index.faiss_index(), queries, top_k)
-        return _scan_both(_file_blocks(index, len(queries)), queries, top_k)
-    codes = _flat_codes(index)
-    if codes is None:
-        return _search_stacked(index, queries, top_k)
-    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    step = _block_rows(index.d, len(queries), SCAN_BLOCK_BYTES)
-    blocks = (
-        (_decode(codes[0][start : start + step], codes[1], index.d), ids[start : start + step])
-        for start in range(0, len(ids), step)
-    )
-    return _scan_both(blocks, queries, top_k)
+        dimension, budget, ids = index.dimension, index.max_block_bytes, index.ids
+
+        def scores(queries, start, stop, out):
+            index.scores(queries, start, stop, out, None if few else _many_chunk_bytes(dimension))
+
+    else:
+        codes = _flat_codes(index)
+        if codes is None:
+            return _search_stacked(index, queries, top_k)
+        (rows, dtype), dimension, budget = codes, index.d, SCAN_BLOCK_BYTES
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        chunk = (HALF_CHUNK_BYTES if dtype == "float16" else FLOAT_CHUNK_BYTES) if few else None
+
+        def scores(queries, start, stop, out):
+            score_codes(rows[start:stop], dtype, queries, out, chunk or _many_chunk_bytes(dimension))
+
+    if few:
+        return _scan_spans(scores, ids, queries, top_k, budget)
+    return _scan_blocks(scores, ids, queries, top_k, budget)
 
 
 def _search_stacked(index: faiss.Index, queries: np.ndarray, top_k: int):
@@ -129,34 +149,96 @@ def _search_stacked(index: faiss.Index, queries: np.ndarray, top_k: int):
 
 _FUSED_HALF_QUERIES = 2
 """Up to this many vectors, a float16 file is searched by FAISS's own scalar-quantizer scan of the mapped
-file (float16 decoded in registers, one pass per vector and per negation): faster than converting blocks
-to float32 (measured in BENCHMARKS.md, issue 27) until the passes add up."""
+file (float16 decoded in registers, one pass per vector and per negation): 5-20% faster here than converting
+it chunk by chunk for one product (BENCHMARKS.md, issue 27 item 3) until the passes add up."""
 
 _PRODUCT_QUERIES = 20
-"""Blocks are scored by one matrix product (numpy/BLAS), except rows read in place from a mapped float32
-file (not 4-byte aligned: BLAS would need a copy) for fewer than this many query vectors: one SIMD pass per
-vector over a cache-sized block (`faiss.fvec_inner_products_ny`, which reads unaligned rows)."""
+"""Fewer query vectors than this are scored into spans of scores whose top and bottom k are taken at once
+(`_TopBoth`); more are compute-bound: blocks of scores and a running-threshold top-k (`_TopK`)."""
+
+SPAN_BYTES = 4 << 20
+"""Scores kept before their top-k is taken, with fewer than `_PRODUCT_QUERIES` vectors (4 MiB: a million
+rows for one vector): the bookkeeping then costs one partition per span, not two per block."""
 
 
-def _block_rows(dimension: int, queries: int, block_bytes: int, cache_sized: bool = False) -> int:
-    """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2).
-    ``cache_sized``: an eighth of that for fewer than `_PRODUCT_QUERIES` vectors, where the block is
-    re-read once per vector (or converted from float16 just before its product)."""
-    if cache_sized and queries < _PRODUCT_QUERIES:
-        block_bytes //= 8
+def _block_rows(dimension: int, queries: int, block_bytes: int) -> int:
+    """Rows a block holds: ``block_bytes`` of float32 rows and their [queries, rows] scores (x2)."""
     return max(1, block_bytes // (4 * dimension + 8 * queries))
 
 
-def _file_blocks(stored: StoredVectors, queries: int):
-    """(vectors [rows, d] float32, ids [rows]) of a vectors file, block after block, in one buffer."""
-    step = _block_rows(stored.dimension, queries, stored.max_block_bytes, cache_sized=True)
-    buffer = None  # float32 rows are read in place; float16 ones converted into this
-    if stored.vector_dtype == "float16":
-        buffer = np.empty((min(step, stored.count), stored.dimension), np.float32)
-    for start in range(0, stored.count, step):
-        stop = min(start + step, stored.count)
-        yield stored.block(start, stop, buffer), stored.ids[start:stop]
-        stored.release(start, stop)
+def _many_chunk_bytes(dimension: int) -> int:
+    """float32 bytes of rows multiplied at once with many vectors: 4 MiB, so that float16 rows converted
+    into it are still in cache for the product (a 32 MiB block cost 0.2x the product more), but at least
+    128 rows (a shorter product re-reads the queries more than its rows: slower at K = 65,536)."""
+    return max(4 << 20, 128 * 4 * dimension)
+
+
+def _scan_blocks(scores_of, ids: np.ndarray, queries: np.ndarray, top_k: int, budget: int):
+    """Helpful and harmful top-k of many ``queries``: ``scores_of`` fills blocks of scores [q, rows] (rows
+    and scores within ``budget``, `_block_rows`), each offered to a running top and bottom k (`_TopK`)."""
+    step = _block_rows(queries.shape[1], len(queries), budget)
+    scores = np.empty((len(queries), min(step, len(ids))), np.float32)
+    best, worst = _TopK(len(queries), top_k), _TopK(len(queries), top_k)
+    for start in range(0, len(ids), step):
+        stop = min(start + step, len(ids))
+        block = scores[:, : stop - start]
+        scores_of(queries, start, stop, block)
+        best.offer(block, ids[start:stop])
+        worst.offer(np.negative(block, out=block), ids[start:stop])
+    helpful_scores, helpful_ids = best.result()
+    harmful_scores, harmful_ids = worst.result()
+    return helpful_scores, helpful_ids, -harmful_scores, harmful_ids
+
+
+def _scan_spans(scores_of, ids: np.ndarray, queries: np.ndarray, top_k: int, budget: int):
+    """Helpful and harmful top-k of few ``queries``: ``scores_of(queries, start, stop, out)`` fills a span of
+    scores [q, rows] (at most half of ``budget`` bytes, see `SPAN_BYTES`), then `_TopBoth` takes its ends."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    span = max(1, min(SPAN_BYTES, budget // 2) // (4 * len(queries)))
+    scores = np.empty((len(queries), min(span, len(ids))), np.float32)
+    both = _TopBoth(len(queries), top_k)
+    for start in range(0, len(ids), span):
+        stop = min(start + span, len(ids))
+        scores_of(queries, start, stop, scores[:, : stop - start])
+        both.offer(scores[:, : stop - start], ids[start:stop])
+    return both.result()
+
+
+class _TopBoth:
+    """The ``k`` largest and ``k`` smallest scores of each query row, kept over spans of columns: each span
+    is partitioned once at both ends (argpartition with two kth), its 2k ends merged with the 2k kept."""
+
+    def __init__(self, queries: int, k: int):
+        self.k = k
+        self.scores = np.zeros((queries, 0), np.float32)
+        self.ids = np.zeros((queries, 0), np.int64)
+
+    def offer(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        """``scores`` [q, rows] and the rows' ``ids`` [rows] (or [q, rows])."""
+        scores, ids = self._ends(scores, np.broadcast_to(ids, scores.shape))
+        self.scores, self.ids = self._ends(
+            np.concatenate([self.scores, scores], 1), np.concatenate([self.ids, ids], 1)
+        )
+
+    def _ends(self, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, width = self.k, scores.shape[1]
+        if width <= 2 * k:
+            return np.array(scores), np.array(ids)
+        part = np.argpartition(scores, (k - 1, width - k), axis=1)  # [:, :k] smallest, [:, -k:] largest
+        part = np.concatenate([part[:, :k], part[:, width - k :]], 1)  # [q, 2k]
+        return np.take_along_axis(scores, part, 1), np.take_along_axis(ids, part, 1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(helpful scores, ids, harmful scores, ids) [q, k]: largest first, smallest first; ties by id."""
+        down = np.lexsort((self.ids, -self.scores), axis=-1)[:, : self.k]
+        up = np.lexsort((self.ids, self.scores), axis=-1)[:, : self.k]
+        take = np.take_along_axis
+        return (
+            take(self.scores, down, 1),
+            take(self.ids, down, 1),
+            take(self.scores, up, 1),
+            take(self.ids, up, 1),
+        )
 
 
 def _scan_both(blocks, queries: np.ndarray, top_k: int):
@@ -170,23 +252,9 @@ def _scan_both(blocks, queries: np.ndarray, top_k: int):
 
 
 def _offer_block(queries, vectors: np.ndarray, ids: np.ndarray, best: _TopK, worst: _TopK) -> None:
-    """Score one block ``vectors`` [rows, d] float32 (C-contiguous, any alignment) with every query and
-    offer the scores to the running helpful (``best``) and harmful (``worst``, negated keys) top-k."""
-    rows, dimension = vectors.shape
-    aligned = vectors.ctypes.data % 4 == 0
-    if not aligned and len(queries) < _PRODUCT_QUERIES:  # one SIMD pass per vector, the block in cache
-        scores = np.empty((len(queries), rows), np.float32)  # [q, rows]
-        pointer = faiss.swig_ptr(vectors)
-        for number, query in enumerate(queries):
-            faiss.fvec_inner_products_ny(
-                faiss.swig_ptr(scores[number]), faiss.swig_ptr(query), pointer, dimension, rows
-            )
-    else:  # one matrix product (BLAS wants aligned rows: many vectors make a copy of a mapped block pay)
-        if not aligned:
-            copied = np.empty((rows, dimension), np.float32)
-            copied.reshape(-1).view(np.uint8)[:] = vectors.reshape(-1).view(np.uint8)
-            vectors = copied
-        scores = queries @ vectors.T  # [q, rows]
+    """Score one block ``vectors`` [rows, d] float32 with every query and offer the scores to the running
+    helpful (``best``) and harmful (``worst``, negated keys) top-k."""
+    scores = queries @ vectors.T  # [q, rows]
     best.offer(scores, ids)
     worst.offer(np.negative(scores, out=scores), ids)
 
@@ -254,8 +322,8 @@ def _flat_codes(index: faiss.Index) -> tuple[np.ndarray, str] | None:
 
 
 def _decode(codes: np.ndarray, dtype: str, dimension: int) -> np.ndarray:
-    """Rows in byte form [n, bytes a row] -> float32 [n, d]: float32 a view (aligned or not: only FAISS's
-    kernels read it, `_offer_block`), float16 converted."""
+    """Rows in byte form [n, bytes a row] (a fresh, aligned copy: `search_both_among`) -> float32 [n, d]:
+    float32 a view, float16 converted."""
     codes = np.ascontiguousarray(codes)
     if dtype == "float32":
         return codes.view(np.float32).reshape(len(codes), dimension)

@@ -354,6 +354,44 @@ class RapidGradKronProjector:
         cols = cols.view(batch, tokens, pieces, b).transpose(1, 2).reshape(batch * pieces, tokens, b)
         self._add_segment(out, torch.bmm(rows, cols).view(batch, -1), segment)  # [batch, p * a * b]
 
+    def sketch_matrix(
+        self, matrix: torch.Tensor, offset: int, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[batch, width] sketch of a materialised part of the 2-D tensor at ``offset``: ``matrix``
+        [batch, n, cols] holds its rows ``rows`` (int64 [n]; default all), every other row is zero.
+
+        The same sketch as ``project_block``, by two batched matmuls with the count-sketch matrices
+        (C1^T M C2, piece by piece) instead of a scatter a coordinate and piece; add it with
+        ``add_segment_sketch``. For an optimizer-scaled block (`optimizer_state.add_scaled_block`).
+        """
+        segment = self.segment(offset)
+        if self._large_rows(segment):
+            everything = torch.arange(segment.rows, device=self.device)
+            left = self.side_matrix(segment, ROW_SIDE, everything if rows is None else rows)
+            right = self.side_matrix(segment, COL_SIDE)
+        else:
+            left, right = self.count_matrices(segment)  # [rows, p * a], [cols, p * b]
+            left = left if rows is None else left[rows.to(self.device)]
+        batch, count, cols = matrix.shape
+        a, b, pieces = segment.row_bins, segment.col_bins, segment.pieces
+        if a * cols <= count * b:  # rows first: the smaller intermediate
+            flat = matrix.float().permute(1, 0, 2).reshape(count, batch * cols)  # [n, batch * cols]
+            reduced = (left.T @ flat).view(pieces, a, batch, cols).transpose(1, 2)  # [p, batch, a, cols]
+            pieces_right = right.view(cols, pieces, b).transpose(0, 1)  # [p, cols, b]
+            sketch = torch.bmm(reduced.reshape(pieces, batch * a, cols), pieces_right)  # [p, batch * a, b]
+            return sketch.view(pieces, batch, a * b).transpose(0, 1).reshape(batch, -1)
+        reduced = matrix.float().reshape(batch * count, cols) @ right  # [batch * n, p * b]
+        reduced = reduced.view(batch, count, pieces, b).permute(2, 1, 0, 3).reshape(pieces, count, -1)
+        left = left.view(count, pieces, a).permute(1, 2, 0)  # [p, a, n]
+        sketch = torch.bmm(left, reduced).view(pieces, a, batch, b)  # [p, a, batch, b]
+        return sketch.permute(2, 0, 1, 3).reshape(batch, -1)
+
+    def add_segment_sketch(
+        self, out: torch.Tensor, sketch: torch.Tensor, offset: int, scale: torch.Tensor | None = None
+    ) -> None:
+        """out: [batch, K] += scale[b] * sketch ([batch, width] of ``sketch_matrix``) in the tensor's bins."""
+        self._add_segment(out, sketch if scale is None else sketch * scale[:, None], self.segment(offset))
+
     def _add_segment(self, out: torch.Tensor, sketch: torch.Tensor, segment: KronSegment) -> None:
         if segment.start + segment.width <= self.output_dim:
             out[:, segment.start : segment.start + segment.width] += sketch

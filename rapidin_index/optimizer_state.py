@@ -258,3 +258,85 @@ def scale_flat(flat: torch.Tensor, blocks: list, scaling: OptimizerScaling | Non
         scale = scaling.scales.get(block.name)
         pieces.append(piece if scale is None else piece * scale.to(piece.device))
     return torch.cat(pieces, dim=1)
+
+
+# Float32 values of one materialised row chunk of a scaled block, over the batch (16 MB).
+ROW_CHUNK_ELEMENTS = 1 << 22
+
+
+def add_scaled_block(state, block, factors: list, scale: torch.Tensor, normalize: str) -> bool:
+    """Sketch a hooked 2-D block given by its outer-product factors (`factored.OuterFactors`), times
+    ``scale`` ([numel], Adam's ``1 / (sqrt(v_hat) + eps)``), into ``state`` (`gradients._SketchState`).
+    False, with nothing added, where a squared norm is not finite: the caller then materialises the
+    block the slow way, which flags those rows.
+
+    The elementwise scale breaks the factors' rank-1 structure, so the gradient is materialised a row
+    chunk of the whole batch at a time (one batched matmul; of an embedding, only the looked-up rows under
+    rapidgrad-kron), scaled, and sketched: by rapidgrad-kron's two batched matmuls with its count-sketch
+    matrices (``sketch_matrix``), by any other projector's ``project_block``.
+    """
+    projector = state.projector
+    rows_count, cols_count = block.parameter.shape
+    scale = scale.view(rows_count, cols_count)
+    batch = factors[0].cols.shape[0]
+    kron = hasattr(projector, "sketch_matrix")
+    squared = torch.zeros(batch, dtype=torch.float64, device=state.out.device)
+    sketch = None if kron else projector.new_output(batch)
+    for rows in _row_chunks(factors, rows_count, batch * cols_count, kron):
+        piece = _gradient_rows(factors, rows_count, cols_count, rows)  # [batch, n, cols]
+        piece *= scale if rows is None else scale[rows]
+        squared += torch.linalg.vector_norm(piece, dim=(1, 2)).double().square().to(squared.device)
+        if kron:
+            part = projector.sketch_matrix(piece, block.offset, rows)  # [batch, segment width]
+            sketch = part if sketch is None else sketch + part
+        else:  # the chunks are contiguous ranges here
+            first = 0 if rows is None else int(rows[0])
+            projector.project_block(sketch, piece.reshape(batch, -1), block.offset + first * cols_count)
+    if not bool(torch.isfinite(squared).all()):
+        return False
+    if not kron:
+        state.add_sketch(sketch, squared, normalize)
+        return True
+    layer_scale = state.add_norms(squared, normalize)
+    if sketch is not None:  # None: no row was looked up
+        projector.add_segment_sketch(state.out, sketch, block.offset, layer_scale)
+    return True
+
+
+def _row_chunks(factors: list, rows_count: int, row_width: int, looked_up_only: bool):
+    """The rows to materialise at a time: None (all of them), or int64 [n] ascending indices."""
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, row_width))
+    device = factors[0].cols.device
+    if looked_up_only and all(factor.ids is not None for factor in factors):
+        rows = torch.unique(torch.cat([factor.ids.reshape(-1) for factor in factors]))  # sorted
+        for first in range(0, len(rows), step):
+            yield rows[first : first + step]
+        return
+    if step >= rows_count:
+        yield None
+        return
+    for first in range(0, rows_count, step):
+        yield torch.arange(first, min(rows_count, first + step), device=device)
+
+
+def _gradient_rows(factors: list, rows_count: int, cols_count: int, rows: torch.Tensor | None):
+    """[batch, n, cols] float32: rows ``rows`` (None: all) of the per-example gradient of the factors."""
+    batch = factors[0].cols.shape[0]
+    count = rows_count if rows is None else len(rows)
+    total = torch.zeros(batch, count, cols_count, device=factors[0].cols.device)
+    for factor in factors:
+        cols = factor.cols.float()  # [batch, T, cols]
+        if factor.ids is None:
+            left = factor.rows if rows is None else factor.rows.index_select(2, rows)  # [batch, T, n]
+            total.baddbmm_(left.float().transpose(1, 2), cols)
+            continue
+        ids = factor.ids.contiguous()  # [batch, T]
+        if rows is None:
+            position, kept = ids, torch.ones_like(ids, dtype=torch.bool)
+        else:  # where each token's id sits among the chunk's rows, if it does
+            position = torch.searchsorted(rows, ids).clamp(max=count - 1)
+            kept = rows[position] == ids
+        example, token = kept.nonzero(as_tuple=True)
+        flat = example * count + position[example, token]
+        total.view(-1, cols_count).index_add_(0, flat, cols[example, token])
+    return total

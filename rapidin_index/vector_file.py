@@ -32,9 +32,17 @@ from rapidin_index.settings import MAX_VECTOR_DIMENSION, VECTOR_DTYPES
 MAX_DIMENSION = MAX_VECTOR_DIMENSION  # what faiss.read_index accepts back
 
 SCAN_BLOCK_BYTES = 32 << 20
-"""Stored bytes read per block of a scan (32 MiB: 2,048 rows at K = 4,096 in float32, 4,096 in float16).
-A query holds one such block, its float32 copy (float16) and the [vectors, rows] scores, plus the ids
-(8 bytes a row), whatever the number of rows."""
+"""Stored bytes read per block of a scan with many query vectors (32 MiB: 2,048 rows at K = 4,096 in
+float32, 4,096 in float16). A query holds one such block, its float32 copy (float16) and the [vectors, rows]
+scores, plus the ids (8 bytes a row), whatever the number of rows; with few vectors, one chunk
+(`HALF_CHUNK_BYTES`, `FLOAT_CHUNK_BYTES`) and a span of scores (`index.SPAN_BYTES`) instead."""
+HALF_CHUNK_BYTES = 1 << 20
+"""float32 bytes of float16 rows converted at once before their product with few query vectors (1 MiB:
+64 rows at K = 4,096). The converted rows are still in cache for the product: converting into such a
+buffer cost 0.78-0.88x the float32 product of the same rows, into a 32 MiB block 1.5-2.3x (CPU time,
+`benchmarks/search_profile.py`; BENCHMARKS.md, issue 27 item 3)."""
+FLOAT_CHUNK_BYTES = SCAN_BLOCK_BYTES
+"""float32 rows scored at once with few query vectors: read in place, one product (BLAS blocks it)."""
 _INNER_KINDS = {b"IxFI": "float32", b"IxSQ": "float16"}
 _INNER_HEADER_AT = 37  # the IxM2 fourcc (4) and index header (d 4, ntotal 8, 2 x 8 unused, 1, metric 4)
 _PAGE = mmap.PAGESIZE
@@ -43,16 +51,54 @@ _PAGE = mmap.PAGESIZE
 def half_to_float(codes: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float16 rows in byte form [n, 2d] -> ``out`` [n, d] float32 (exact). torch's conversion is
     vectorised (F16C); numpy's, here, converts 3x slower than torch and 5x slower than a float32 product."""
+    torch_from_numpy(out).copy_(_as_half_tensor(codes))
+    return out
+
+
+def score_codes(
+    codes: np.ndarray, vector_dtype: str, queries: np.ndarray, out: np.ndarray, chunk_bytes: int
+) -> None:
+    """``out`` [q, n] = ``queries`` [q, d] float32 x rows ``codes`` [n, bytes a row] (a file's byte form)
+    transposed, accumulated in float32 over the stored values, ``chunk_bytes`` of float32 rows at a time.
+
+    float16 rows are converted chunk by chunk into one cache-sized buffer just before their product (see
+    `HALF_CHUNK_BYTES`); float32 rows are multiplied where they are, aligned or not (a mapped file's rows
+    are not 4-byte aligned: torch's BLAS reads them in place, where numpy's would need a copy).
+    """
     import torch
 
-    if codes.ctypes.data % 2:  # float16 rows start 2-byte aligned in files FAISS writes; be safe
-        codes = codes.copy()
-    half = np.ascontiguousarray(codes).view(np.float16)
-    with warnings.catch_warnings():  # a read-only mapping: torch warns that it could write; it only reads
+    step = max(1, chunk_bytes // (4 * queries.shape[1]))
+    query = torch.from_numpy(queries)  # [q, d]
+    scores = torch_from_numpy(out).split(step, dim=1)  # [q, step] views of out
+    if vector_dtype == "float16":
+        rows = _as_half_tensor(codes)
+        buffer = torch.empty((min(step, len(codes)), queries.shape[1]), dtype=torch.float32)
+    else:
+        rows, buffer = torch_from_numpy(codes.view(np.float32)), None  # [n, d] in place
+    for chunk, into in zip(rows.split(step), scores, strict=True):
+        if buffer is not None:
+            chunk = (buffer if len(chunk) == len(buffer) else buffer[: len(chunk)]).copy_(chunk)  # exact
+        if len(query) == 1:
+            torch.mv(chunk, query[0], out=into[0])
+        else:
+            torch.mm(query, chunk.T, out=into)
+
+
+def torch_from_numpy(array: np.ndarray):
+    """``torch.from_numpy`` of a possibly read-only array (a mapping): torch warns that it could write
+    there; it only reads."""
+    import torch
+
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(half)
-    torch.from_numpy(out).copy_(source)
-    return out
+        return torch.from_numpy(array)
+
+
+def _as_half_tensor(codes: np.ndarray):
+    """float16 rows in byte form [n, 2d] as a torch float16 tensor [n, d] over the same memory."""
+    if codes.ctypes.data % 2 or not codes.flags.c_contiguous:  # FAISS writes them 2-byte aligned
+        codes = codes.copy()
+    return torch_from_numpy(codes.view(np.float16))
 
 
 def format_bytes(count: int) -> str:
@@ -121,12 +167,22 @@ class StoredVectors:
         """Rows [start, stop) as float32 [rows, d] (a fresh array, or ``out``'s first rows)."""
         return self._decode(self._codes[start:stop], out)
 
-    def block(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [start, stop) for a scan: float32 files give a view of the mapping (rows not 4-byte
-        aligned: for FAISS's kernels, not numpy's); float16 ones are converted into ``out``."""
-        if self.vector_dtype == "float32":
-            return self._codes[start:stop].view(np.float32)  # [rows, d], in place
-        return self._decode(self._codes[start:stop], out)
+    def scores(
+        self, queries: np.ndarray, start: int, stop: int, out: np.ndarray, chunk_bytes: int | None = None
+    ) -> None:
+        """``out`` [q, stop - start] = the queries [q, d] float32 x rows [start, stop) (`score_codes`), read
+        in chunks of ``chunk_bytes`` (default: `HALF_CHUNK_BYTES` or `FLOAT_CHUNK_BYTES`) that fit
+        ``max_block_bytes`` (with ``drop_pages``, each chunk's pages released after it)."""
+        chunk = chunk_bytes or (HALF_CHUNK_BYTES if self.vector_dtype == "float16" else FLOAT_CHUNK_BYTES)
+        chunk = max(1, min(chunk, self.max_block_bytes // 2))
+        step = stop - start
+        if self.drop_pages:
+            step = max(1, chunk // (4 * self.dimension))
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            rows = self._codes[first:last]
+            score_codes(rows, self.vector_dtype, queries, out[:, first - start : last - start], chunk)
+            self.release(first, last)
 
     def read_positions(self, positions: np.ndarray) -> np.ndarray:
         """The rows at these (sorted) positions, as float32 [len(positions), d]."""

@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 from conftest import build_settings, stored_vectors
+from processes import cli, start_paused
 
 from rapidin_index import store
 from rapidin_index.build import build_index
@@ -25,7 +26,7 @@ from rapidin_index.bundle_import import MOVING_NAME, import_bundle
 from rapidin_index.errors import BuildError, IntegrityError, WriteError
 from rapidin_index.export import export_index
 from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV, read_chunk, write_chunk
-from rapidin_index.lock import PAUSE_ENV, writer_lock
+from rapidin_index.lock import writer_lock
 from rapidin_index.manifest import read_manifest, verify_files, write_manifest
 from rapidin_index.store import JOURNAL_DIR
 
@@ -37,41 +38,12 @@ LANCE_FULL = (
 )
 
 
-def cli(*arguments: str, env: dict | None = None, wait: bool = True, prelude: str = ""):
-    """`rapidin-index ARGUMENTS` in a new interpreter; ``prelude`` runs first (to inject a fault)."""
-    code = f"{prelude}\nfrom rapidin_index.cli.main import app\napp()"
-    command = [sys.executable, "-c", code, *arguments]
-    environment = {**os.environ, **(env or {})}
-    if not wait:
-        return subprocess.Popen(
-            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-
-
 def build_arguments(model_dir: str, data, index_dir, *extra: str) -> list[str]:
-    return [
-        "build", "--model", model_dir, "--data", str(data), "--index", str(index_dir), "--k", str(K),
-        "--batch-size", "4", "--chunk-size", str(CHUNK), "--device", "cpu", "--quiet",
-        "--vector-dtype", "float32", *extra,  # as conftest's build_settings, which resumes these builds
-    ]  # fmt: skip
+    return processes.build_arguments(model_dir, data, index_dir, K, CHUNK, *extra)
 
 
 def settings(tiny_model_dirs):
     return build_settings(tiny_model_dirs["llama"], sketch_dim=K, chunk_size=CHUNK)
-
-
-def paused(arguments: list[str], point: str, hold: Path) -> subprocess.Popen:
-    """A writer held at pause ``point`` (lock.py's test hook)."""
-    hold.write_text("")
-    process = cli(*arguments, env={PAUSE_ENV: f"{point}:{hold}"}, wait=False)
-    deadline = time.monotonic() + 300
-    while not Path(f"{hold}.paused").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"the writer never reached {point}: {process.communicate()}")
-        time.sleep(0.05)
-    return process
 
 
 def kill(process: subprocess.Popen) -> None:
@@ -414,7 +386,7 @@ def test_the_next_writer_removes_a_killed_builds_debris(
     index_dir = tmp_path / "index"
     shutil.copytree(crashed, index_dir)  # the resume computes one chunk, then stops before its commit
     arguments = build_arguments(tiny_model_dirs["llama"], training_file, index_dir)
-    builder = paused(arguments, "before-commit", tmp_path / "hold")
+    builder = start_paused(arguments, "before-commit", tmp_path / "hold")
     kill(builder)  # generation 1 written, its manifest not
     assert (index_dir / "vectors-g0001.faiss").exists() and not (index_dir / "manifest.json").exists()
     planted = _plant_temporaries(index_dir)
@@ -436,7 +408,7 @@ def test_a_killed_append_leaves_nothing_the_next_writer_keeps(
     more.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:3]))
     arguments = build_arguments(tiny_model_dirs["llama"], more, index_dir)
     arguments[arguments.index("--data")] = "--append"
-    appender = paused(arguments, "before-commit", tmp_path / "hold")
+    appender = start_paused(arguments, "before-commit", tmp_path / "hold")
     kill(appender)
     assert (index_dir / "vectors-g0002.faiss").exists()
     with writer_lock(index_dir, "test"):
@@ -455,7 +427,7 @@ def test_an_import_killed_while_moving_its_files_is_recovered(tmp_path, referenc
     if over_an_index:
         shutil.copytree(reference / "index", target)
         arguments.append("--force")
-    importer = paused(arguments, f"import-moved-{moved}", tmp_path / "hold")
+    importer = start_paused(arguments, f"import-moved-{moved}", tmp_path / "hold")
     kill(importer)
     if moved == 2 and not over_an_index:
         arguments.append("--force")  # recovers a half-moved import into a new folder too

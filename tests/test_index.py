@@ -227,17 +227,17 @@ def test_stored_vectors_read_the_file_in_place(tmp_path, vector_dtype):
 def test_search_of_the_file_in_place_equals_numpy_brute_force(
     tmp_path, vector_dtype, top_k, block_rows, query_count
 ):
-    """Blocks of 3 rows force the sparse merge (few candidates pass the running threshold); 25 query
-    vectors take one matrix product a block, 7 one SIMD pass each over float32 rows in place; 1 vector
-    over float16 rows FAISS's own scan of the mapped file."""
+    """25 query vectors take one matrix product a block of ``block_rows`` (3 rows force the sparse merge:
+    few candidates pass the running threshold); 1 and 7 are scored in chunks of ``block_rows`` into spans
+    of 16 x block_rows / vectors scores (float32 rows in place by FAISS's kernel, float16 converted)."""
     path, ids, vectors = _written(tmp_path, vector_dtype)
     stored = StoredVectors(path)
     queries = _queries(query_count)
-    stored.max_block_bytes = block_rows * (4 * DIMENSION + 8 * len(queries)) * (8 if query_count < 20 else 1)
-    assert (
-        vector_index._block_rows(DIMENSION, query_count, stored.max_block_bytes, cache_sized=True)
-        == block_rows
-    )
+    if query_count < 20:
+        stored.max_block_bytes = 2 * block_rows * 4 * DIMENSION  # chunks: half of it; spans: half of it
+    else:
+        stored.max_block_bytes = block_rows * (4 * DIMENSION + 8 * len(queries))
+        assert vector_index._block_rows(DIMENSION, query_count, stored.max_block_bytes) == block_rows
     found = vector_index.search_both(stored, queries, top_k)
     expected = _brute_force_both(queries, ids, vectors, top_k)
     np.testing.assert_array_equal(found[1], expected[1])

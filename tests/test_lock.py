@@ -6,12 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
+import processes
 import pytest
 from conftest import build_settings
+from processes import cli, release, start_paused
 
 from rapidin_index.build import build_index
 from rapidin_index.bundle_import import import_bundle
@@ -19,7 +19,6 @@ from rapidin_index.errors import IndexLockedError
 from rapidin_index.export import export_index
 from rapidin_index.lock import (
     LOCK_NAME,
-    PAUSE_ENV,
     generations_on_disk,
     read_generation,
     remove_unread_generations,
@@ -32,42 +31,8 @@ from rapidin_index.settings import BuildSettings
 K = 4096
 
 
-def cli(*arguments: str, env: dict | None = None, wait: bool = True):
-    """The real `rapidin-index` entry point in a new process."""
-    command = [sys.executable, "-m", "rapidin_index.cli.main", *arguments]
-    environment = {**os.environ, **(env or {})}
-    if not wait:
-        return subprocess.Popen(
-            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-
-
 def build_arguments(model_dir: str, data, index_dir) -> list[str]:
-    return [
-        "build", "--model", model_dir, "--data", str(data), "--index", str(index_dir),
-        "--k", str(K), "--batch-size", "4", "--chunk-size", "4", "--device", "cpu", "--quiet",
-        "--vector-dtype", "float32",  # as conftest's build_settings
-    ]  # fmt: skip
-
-
-def start_paused(arguments: list[str], point: str, hold: Path) -> subprocess.Popen:
-    """A writer process held at pause ``point`` (lock.py's test hook) until ``hold`` is removed."""
-    hold.write_text("")
-    process = cli(*arguments, env={PAUSE_ENV: f"{point}:{hold}"}, wait=False)
-    deadline = time.monotonic() + 300
-    while not Path(f"{hold}.paused").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"the writer never reached {point}: {process.communicate()}")
-        time.sleep(0.05)
-    return process
-
-
-def release(process: subprocess.Popen, hold: Path) -> tuple[int, str]:
-    hold.unlink()
-    _, stderr = process.communicate(timeout=600)
-    return process.returncode, stderr
+    return processes.build_arguments(model_dir, data, index_dir, K, 4)
 
 
 def settings(model_dir: str, **overrides) -> BuildSettings:

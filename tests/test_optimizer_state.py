@@ -296,3 +296,166 @@ def test_the_cli_builds_with_a_state_and_refuses_a_wrong_one_on_one_line(tmp_pat
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: --optimizer-state ") and "holds" in line and "the model trains" in line
+
+
+@pytest.mark.parametrize(
+    "architecture, algorithm, sketch_dim",
+    [
+        ("llama", "rapidgrad-kron", 8192),
+        ("gpt2", "rapidgrad-kron", 8192),  # tied wte: looked-up rows and the head's dense factor, one block
+        ("llama", "rapidgrad-ts", 4096),
+        ("gpt2", "rapidgrad-v2", 4096),
+        ("llama", "exact", 0),
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "row-chunks"])
+def test_the_batched_scaled_path_equals_the_materialised_reference(
+    monkeypatch, tiny_model_dirs, training_rows, architecture, algorithm, sketch_dim, chunked
+):
+    """Scaled weight matrices are materialised a row chunk of the batch at a time and sketched by batched
+    matmuls (``scaled_path="factors"``); the whole per-example gradient projected coordinate by coordinate
+    (``"materialise"``, the path before) gives the same vectors, norms and losses."""
+    from rapidin_index import gradients as gradients_module
+    from rapidin_index import optimizer_state
+    from rapidin_index.capture import gradient_blocks
+    from rapidin_index.gradients import GradientSketcher
+    from rapidin_index.losses import collate
+    from rapidin_index.models import load_model, select_parameters
+    from rapidin_index.optimizer_state import OptimizerScaling
+    from rapidin_index.settings import ModelSettings, SketchSettings
+    from rapidin_index.sketch import make_projector
+
+    if chunked:  # a few rows at a time; under kron an embedding's looked-up rows only
+        monkeypatch.setattr(optimizer_state, "ROW_CHUNK_ELEMENTS", 3000)
+    taken = []  # the blocks the batched path sketched: every weight matrix, or the test proves nothing
+
+    def counted(state, block, *arguments):
+        taken.append(block.name)
+        return optimizer_state.add_scaled_block(state, block, *arguments)
+
+    monkeypatch.setattr(gradients_module, "add_scaled_block", counted)
+    model_settings = ModelSettings(tiny_model_dirs[architecture])
+    loaded = load_model(model_settings)
+    blocks = gradient_blocks(select_parameters(loaded.model, model_settings))
+    generator = torch.Generator().manual_seed(0)
+    scales = {  # positive, varied over four orders of magnitude, as 1 / (sqrt(v_hat) + eps) are
+        block.name: torch.exp(torch.randn(block.numel, generator=generator) * 2.0) for block in blocks
+    }
+    scaling = OptimizerScaling("test", "fingerprint", "position", scales, 1.0, 1e-8)
+    sketch = SketchSettings(sketch_dim, 20, 42, "rapidgrad-v2" if algorithm == "exact" else algorithm)
+    texts = [row["instruction"] + " " + row["output"] for row in training_rows[:5]]
+    pairs = []
+    for text in texts:
+        ids = loaded.tokenizer(text)["input_ids"]
+        pairs.append((ids, [-100] * 2 + ids[2:]))
+    batch = collate(pairs, loaded.tokenizer.pad_token_id, "cpu")
+    results = {}
+    for path in ("factors", "materialise"):
+        projector = make_projector(sketch, sum(b.numel for b in blocks), "cpu", blocks)
+        sketcher = GradientSketcher(loaded.model, blocks, projector)
+        sketcher.scaled_path = path
+        sketcher.use_optimizer_state(scaling)
+        results[path] = sketcher.sketch(batch)
+        if path == "factors":
+            assert set(taken) == {block.name for block in blocks if block.parameter.dim() == 2}
+    fast, reference = results["factors"], results["materialise"]
+    assert fast.vectors.shape == (len(texts), sketch_dim or sum(b.numel for b in blocks))
+    difference = (fast.vectors - reference.vectors).norm(dim=1) / reference.vectors.norm(dim=1)
+    assert float(difference.max()) < 1e-6, difference
+    # float32 sums of squares, block by block, in another order: a few float32 roundings apart
+    torch.testing.assert_close(fast.gradient_norms, reference.gradient_norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast.losses, reference.losses, rtol=0, atol=0)
+    assert bool(fast.finite.all()) and bool(reference.finite.all())
+
+
+def oracle_token_scores(model, names, denominators, input_ids, labels, query_vector: np.ndarray):
+    """(token ids, scores): each response token's loss alone (HF's loss with only its label kept), plain
+    autograd, divided by the denominators, against the query vector, over the example's scaled block norms."""
+    parameters = dict(model.named_parameters())
+
+    def scaled_gradients(kept_labels: list[int]) -> list[torch.Tensor]:
+        loss = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([kept_labels])).loss
+        grads = torch.autograd.grad(loss, [parameters[n] for n in names], allow_unused=True)
+        return [
+            (torch.zeros_like(parameters[n]) if g is None else g).reshape(-1) / denominators[n].reshape(-1)
+            for n, g in zip(names, grads, strict=True)
+        ]
+
+    norms = [gradient.norm() for gradient in scaled_gradients(labels)]
+    query, blocks, start = torch.tensor(query_vector), [], 0
+    for name in names:
+        blocks.append(query[start : start + parameters[name].numel()])
+        start += parameters[name].numel()
+    token_ids, scores = [], []
+    for position in range(1, len(labels)):  # HF shifts: label i is predicted at i - 1; nothing predicts 0
+        if labels[position] == -100:
+            continue
+        one = [-100] * len(labels)
+        one[position] = labels[position]
+        gradients = scaled_gradients(one)
+        score = sum(
+            float(g @ q) / float(n) for g, q, n in zip(gradients, blocks, norms, strict=True) if n > 0
+        )
+        token_ids.append(labels[position])
+        scores.append(score)
+    return token_ids, np.array(scores)
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_the_heatmap_with_a_state_equals_the_oracle(tmp_path, checkpoints, data_file, adapter):
+    """`query --explain` on an index built with a state: every hit's token scores are those of the scaled
+    gradients, from HF's loss of each token alone, plain autograd and the state dict (the oracle above)."""
+    model_dir = checkpoints["base"] if adapter else checkpoints["full"]
+    folder = checkpoints["adapter"] if adapter else checkpoints["full"]
+    settings = build_settings(
+        model_dir, checkpoints["adapter"] if adapter else None, sketch_dim=0, optimizer_state=folder
+    )
+    build_index(data_file, tmp_path / "index", settings, progress=False)
+    index = Index.open(tmp_path / "index", device="cpu")
+    prompt, response = "What does str.capitalize do?", "Return a capitalized version of the string."
+    result = index.query(prompt, response, top_k=2, explain=2, per_token=False)
+    names = checkpoints["adapter_names" if adapter else "full_names"]
+    denominators = adam_denominators(folder + "/optimizer.pt", names)
+    model, tokenizer = load_hf(checkpoints, adapter)
+    examples, _ = load_examples(data_file, tokenizer, parse_template("auto"), 1024)
+    by_id = {example.example_id: example for example in examples}
+    prepared = index.prepare(prompt, response)
+    query = oracle_vector(model, names, denominators, prepared.input_ids, prepared.labels)
+    ones = {name: torch.ones_like(value) for name, value in denominators.items()}
+    unscaled_query = oracle_vector(model, names, ones, prepared.input_ids, prepared.labels)
+    assert len(result.helpful) == 2
+    differences = []
+    for hit in result.helpful:
+        example = by_id[hit.id]
+        token_ids, expected = oracle_token_scores(
+            model, names, denominators, example.input_ids, example.labels, query
+        )
+        explained = hit.explanation["tokens"]
+        assert [token["token_id"] for token in explained] == token_ids
+        scores = np.array([token["score"] for token in explained])
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        # the token scores average to the exact whole score, the stored vectors' inner product
+        np.testing.assert_allclose(scores.mean(), hit.score, rtol=1e-4, atol=1e-5)
+        unscaled = oracle_vector(model, names, ones, example.input_ids, example.labels) @ unscaled_query
+        differences.append(abs(unscaled - scores.mean()) / abs(scores.mean()))
+    # the scaling shows: without it, a whole score (the tokens' mean) differs (the query's own row, a
+    # hit, has cosine 1 in every block either way)
+    assert max(differences) > 1e-2, differences
+
+
+def test_per_token_query_vectors_take_the_batched_scaled_path_too(tmp_path, checkpoints, data_file):
+    """A query's per-token rows share one forward (their factors repeat one example): under rapidgrad-kron
+    with a state, the batched scaled path gives the per-token and whole vectors of the materialised one."""
+    from rapidin_index.settings import SketchSettings
+
+    folder = checkpoints["full"]
+    sketch = SketchSettings(8192, 20, 42, "rapidgrad-kron")
+    build_index(data_file, tmp_path / "index", build_settings(folder, sketch=sketch, optimizer_state=folder))
+    index = Index.open(tmp_path / "index", device="cpu")
+    prepared = index.prepare("What does str.capitalize do?", "Return a capitalized version of the string.")
+    fast, _ = sketch_queries(index, [prepared], per_token=True)
+    index.sketcher.scaled_path = "materialise"
+    reference, _ = sketch_queries(index, [prepared], per_token=True)
+    assert fast.shape == reference.shape and len(fast) > 3  # the whole generation, then one row a token
+    difference = np.linalg.norm(fast - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    assert difference.max() < 1e-5, difference
