@@ -776,10 +776,14 @@ def _self_checks(places: list[dict]) -> str:
 @command()
 def export(
     index: Annotated[Path, typer.Option(help="Index folder.")],
-    out: Annotated[Path, typer.Option(help="Bundle to write: .tar, .tar.gz/.tgz, .zip or .parquet.")],
+    out: Annotated[
+        Path, typer.Option(help="Bundle to write: .tar, .tar.gz/.tgz, .tar.zst/.tzst, .zip or .parquet.")
+    ],
     format: Annotated[
         str | None,
-        typer.Option(help="tar, tar.gz, zip or parquet (default: from --out's extension, else tar.gz)."),
+        typer.Option(
+            help="tar, tar.gz, tar.zst, zip or parquet (default: from --out's extension, else tar.gz)."
+        ),
     ] = None,
     sign: Annotated[
         Path | None,

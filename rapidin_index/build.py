@@ -531,24 +531,23 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     generation = plan["base_generation"] + 1
     identity = plan["identity"]
     chunk_count = -(-total_rows // settings.chunk_size)
-    # The vectors go to the new file as a stream (the old generation's copied block by block, then each
-    # journal chunk's): memory holds one chunk, whatever the index's size.
+    # The vectors and rows go to the new files as a stream (the old generation's copied block by block and
+    # page by page, then each journal chunk's): memory holds one chunk, whatever the index's size.
     writer = store.vector_writer(
         index_dir, generation, identity["sketch"]["output_dim"], identity["vector_dtype"]
     )
-    old_rows: list[dict] = []
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
     templates = Counter(existing.template_usage if existing else {})
     exact_path = dict(existing.exact_path if existing else {})
     self_checks = list(existing.self_checks if existing else [])
     if existing is not None:
-        old_rows = store.read_all_rows(index_dir, existing.generation)
         rejected = [
             {"id": row.example_id, "reason": row.reason} for row in store.read_rejected(index_dir, existing)
         ]
         old_ids = store.open_vectors(index_dir, existing.generation).ids  # the ids only: vectors stay mapped
-        _check_existing_rows(index_dir, existing, old_ids, old_rows, rejected)
+        old_row_ids = store.read_row_ids(index_dir, existing.generation)  # its text is copied page by page
+        _check_existing_rows(index_dir, existing, old_ids, old_row_ids, rejected)
         counts = {"tokens": existing.token_count, "truncated": existing.truncated_count}
 
     def row_batches():
@@ -556,7 +555,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             old_vectors = store.open_vectors(index_dir, existing.generation)
             old_vectors.drop_pages = True  # read once: its pages need not stay
             old_vectors.copy_rows_to(writer)
-        yield old_rows
+            yield from store.iter_rows(index_dir, existing.generation)
         for chunk_number in range(chunk_count):
             record, vectors = read_chunk(journal, chunk_number)
             writer.add(vectors, np.asarray(record["ids"], dtype=np.int64))
@@ -600,11 +599,11 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     return manifest
 
 
-def _check_existing_rows(index_dir: Path, existing: Manifest, ids, rows: list[dict], rejected: list) -> None:
+def _check_existing_rows(index_dir: Path, existing: Manifest, ids, row_ids, rejected: list) -> None:
     """The generation an append builds on holds every row once in FAISS and LanceDB, or nothing is appended."""
     problem = store.row_id_problem(
-        ids.tolist(),
-        [row["id"] for row in rows],
+        ids,
+        row_ids,
         [row["id"] for row in rejected],
         range(existing.total_rows_seen),
     )

@@ -25,41 +25,57 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import zstandard
+
 from rapidin_index.errors import BundleError
 from rapidin_index.files import refuse_newer
 from rapidin_index.manifest import SOFTWARE_NAME, Manifest, software_version, utc_now
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_NAME = "bundle.json"
-FORMATS = ("tar", "tar.gz", "zip", "parquet")
+FORMATS = ("tar", "tar.gz", "tar.zst", "zip", "parquet")
 PARQUET_MANIFEST_KEY = b"rapidin_index.manifest"
 PARQUET_BUNDLE_KEY = b"rapidin_index.bundle"
 PARQUET_REJECTED_KEY = b"rapidin_index.rejected"
 MAX_BUNDLE_JSON_BYTES = 64 << 20
 BLOCK = 1 << 20
+GZIP_LEVEL = 9
+"""tarfile's default. The vectors hardly compress, and levels 1-9 took the same time within noise here;
+.tar.zst is the fast choice (BENCHMARKS.md, issue 27 item 2)."""
+ZSTD_LEVEL = 3
+"""zstd's own default; a .tar.zst is written and read in one stream, on every core."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 # What a damaged or truncated archive raises while it is read (our own write errors are not among them).
-READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError)
+READ_ERRORS = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    gzip.BadGzipFile,
+    zlib.error,
+    zstandard.ZstdError,
+    EOFError,
+)
 
 
 def format_for(out: str | Path, format: str | None = None) -> str:
-    """The bundle format: ``format`` if given, else from the extension (.tar, .tar.gz/.tgz, .zip, .parquet;
-    none: tar.gz). Another extension is refused: writing a tar.gz named .rar or .7z would mislead."""
+    """The bundle format: ``format`` if given, else from the extension (.tar, .tar.gz/.tgz, .tar.zst/.tzst,
+    .zip, .parquet; none: tar.gz). Another extension is refused: a tar.gz named .rar or .7z would mislead."""
     if format is not None:
         if format not in FORMATS:
             raise BundleError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
         return format
     name = Path(out).name.lower()
-    for suffix, found in ((".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar", "tar"), (".zip", "zip")):
+    suffixes = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar.zst": "tar.zst", ".tzst": "tar.zst"}
+    for suffix, found in (*suffixes.items(), (".tar", "tar"), (".zip", "zip")):
         if name.endswith(suffix):
             return found
     if name.endswith(".parquet"):
         return "parquet"
     if Path(name).suffix:
         raise BundleError(
-            f"--out {out}: unknown extension {Path(name).suffix!r}; use .tar, .tar.gz (.tgz), .zip or "
-            ".parquet, or give --format"
+            f"--out {out}: unknown extension {Path(name).suffix!r}; use .tar, .tar.gz (.tgz), .tar.zst "
+            "(.tzst), .zip or .parquet, or give --format"
         )
     return "tar.gz"
 

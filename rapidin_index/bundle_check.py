@@ -107,7 +107,7 @@ def _faiss_ids(path: Path, manifest: Manifest) -> list[int]:
     from rapidin_index import index as vector_index
 
     try:
-        loaded = vector_index.load_index(path)
+        loaded = vector_index.load_index(path, mapped=True)  # as a query opens it: vectors not read into RAM
     except RapidinIndexError as error:
         raise BundleError(f"bundle refused: {error}") from None
     if loaded.ntotal != manifest.row_count or loaded.d != manifest.sketch["output_dim"]:

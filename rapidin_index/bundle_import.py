@@ -24,6 +24,7 @@ from rapidin_index.bundle import (
     BUNDLE_NAME,
     MAX_BUNDLE_JSON_BYTES,
     READ_ERRORS,
+    ZSTD_MAGIC,
     check_version,
     manifest_facts,
     self_checksum,
@@ -248,7 +249,18 @@ def _archive_members(bundle: Path):
             for info in infos:
                 yield info.filename, _zip_kind(info), info.file_size, lambda info=info: archive.open(info)
         return
-    with tarfile.open(bundle, "r|*") as archive:
+    if magic == ZSTD_MAGIC:
+        import zstandard
+
+        with open(bundle, "rb") as file, zstandard.ZstdDecompressor().stream_reader(file) as stream:
+            yield from _tar_members(tarfile.open(fileobj=stream, mode="r|"))
+        return
+    yield from _tar_members(tarfile.open(bundle, "r|*"))
+
+
+def _tar_members(archive: tarfile.TarFile):
+    """(name, kind, size, open reader) per member of a tar read as a stream (plain, gzip or zstd)."""
+    with archive:
         for member in archive:
             yield member.name, _tar_kind(member), member.size, lambda m=member: archive.extractfile(m)
 

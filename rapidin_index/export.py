@@ -1,4 +1,4 @@
-"""Portable bundles: export an index to one checksummed tar / tar.gz / zip file, verify it, import it.
+"""Portable bundles: export an index to one checksummed tar / tar.gz / tar.zst / zip file, verify it, import it.
 
 The bundle layout and format version are in `rapidin_index.bundle`.
 
@@ -44,9 +44,11 @@ from rapidin_index import metadata, store
 from rapidin_index.bundle import (
     BLOCK,
     BUNDLE_NAME,
+    GZIP_LEVEL,
     PARQUET_BUNDLE_KEY,
     PARQUET_MANIFEST_KEY,
     PARQUET_REJECTED_KEY,
+    ZSTD_LEVEL,
     check_version,
     describe,
     format_for,
@@ -207,9 +209,20 @@ class _HashingReader:
 
 
 class _TarWriter:
+    """A tar, tar.gz or tar.zst written in one pass: each member goes through the compressor as it is read."""
+
     def __init__(self, path: Path, format: str, stamp: int):
-        self.archive = tarfile.open(path, "w:gz" if format == "tar.gz" else "w", format=tarfile.PAX_FORMAT)
-        self.stamp = stamp
+        self.stamp, self.compressed = stamp, None
+        if format == "tar.zst":
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
+            self.compressed = compressor.stream_writer(open(path, "wb"), closefd=True)
+            self.archive = tarfile.open(fileobj=self.compressed, mode="w|", format=tarfile.PAX_FORMAT)
+        elif format == "tar.gz":
+            self.archive = tarfile.open(path, "w:gz", compresslevel=GZIP_LEVEL, format=tarfile.PAX_FORMAT)
+        else:
+            self.archive = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
 
     def add(self, name: str, file, size: int) -> None:
         info = tarfile.TarInfo(name)
@@ -220,7 +233,11 @@ class _TarWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.archive.close()
+        try:
+            self.archive.close()
+        finally:
+            if self.compressed is not None:
+                self.compressed.close()  # ends the zstd frame (its checksum) and closes the file
 
 
 class _ZipWriter:
@@ -246,15 +263,19 @@ class _ZipWriter:
 # --------------------------------------------------------------------------- parquet
 
 
-def _write_parquet(index_dir: Path, manifest: Manifest, path: Path, batch_rows: int = 4096) -> None:
-    """One row per indexed example: id, vector (fixed_size_list<float32>[dim]), the LanceDB columns."""
-    ids, vectors = store.load_vectors(index_dir, manifest.generation)
-    rows = {row["id"]: row for row in store.read_all_rows(index_dir, manifest.generation)}
-    if set(rows) != set(ids.tolist()):
+def _write_parquet(index_dir: Path, manifest: Manifest, path: Path) -> None:
+    """One row per indexed example, in id order: id, vector (fixed_size_list<float32>[dim]), the LanceDB
+    columns. Written a page of `metadata.ROW_BATCH` rows at a time: the vectors read in place, the rows'
+    text paged from LanceDB, so memory does not grow with the index."""
+    stored = store.open_vectors(index_dir, manifest.generation)
+    stored.drop_pages = True  # read once: its pages need not stay
+    vector_order = np.argsort(stored.ids, kind="stable")
+    row_ids = store.read_row_ids(index_dir, manifest.generation)
+    row_order = np.argsort(row_ids, kind="stable")
+    ids = stored.ids[vector_order]  # [n], ascending
+    if not np.array_equal(ids, row_ids[row_order]):
         raise BundleError(f"{index_dir}: the FAISS ids and the LanceDB rows differ; the index is damaged")
-    order = np.argsort(ids, kind="stable")
-    ids, vectors = ids[order], vectors[order]  # [n], [n, dim]
-    dimension = vectors.shape[1]
+    dimension = stored.dimension
     columns = [field for field in metadata.SCHEMA if field.name != "id"]
     rejected = [{"id": row.example_id, "reason": row.reason} for row in read_rejected(index_dir, manifest)]
     schema = pa.schema(
@@ -265,16 +286,20 @@ def _write_parquet(index_dir: Path, manifest: Manifest, path: Path, batch_rows: 
             PARQUET_REJECTED_KEY: json.dumps(rejected),
         },
     )
+    pages = store.iter_rows(index_dir, manifest.generation, row_order)
     with pq.ParquetWriter(path, schema) as writer:
-        for start in range(0, max(len(ids), 1), batch_rows):
-            chunk = slice(start, start + batch_rows)
-            flat = pa.array(np.ascontiguousarray(vectors[chunk]).reshape(-1), pa.float32())
+        if len(ids) == 0:
+            writer.write_table(schema.empty_table())
+        for start, rows in zip(range(0, len(ids), metadata.ROW_BATCH), pages, strict=True):
+            positions = vector_order[start : start + len(rows)]
+            flat = pa.array(stored.read_positions(positions).reshape(-1), pa.float32())  # [rows * dim]
+            stored.release(int(positions.min()), int(positions.max()) + 1)
             batch = {
-                "id": pa.array(ids[chunk], pa.int64()),
+                "id": pa.array(ids[start : start + len(rows)], pa.int64()),
                 "vector": pa.FixedSizeListArray.from_arrays(flat, dimension),
             }
             for field in columns:
-                batch[field.name] = pa.array([rows[i][field.name] for i in ids[chunk].tolist()], field.type)
+                batch[field.name] = pa.array([row[field.name] for row in rows], field.type)
             writer.write_table(pa.table(batch, schema=schema))
 
 

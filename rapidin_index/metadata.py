@@ -67,36 +67,101 @@ def _typed_fields(columns: dict[str, list]) -> list[pa.Field]:
     return fields
 
 
-def write_table(database: Path, name: str, row_batches) -> int:
+ROW_BATCH = 4096
+"""Rows per arrow batch when a table is copied or read in pages (memory: one page of text)."""
+
+
+def write_table(database: Path, name: str, row_batches, spill: Path | None = None) -> int:
     """Write table ``name`` from an iterable of lists of row dicts (overwrites a partial one); each row's
     scalar metadata fields become typed columns (`metadata_fields`), filterable with SQL (`matching_ids`).
 
-    One LanceDB write (one version, whatever the number of batches). Each batch is turned into an arrow
-    batch as it comes (compact text, not Python dicts); only the metadata fields' values are kept as
-    Python values until their types are known."""
+    One LanceDB write (one version, whatever the number of batches), in a stream: memory holds one batch,
+    whatever the table's size. A column's type is known only once every row is seen, so the rows are
+    first spilled to ``spill`` (an arrow IPC stream, removed afterwards; default: beside the table) while
+    the types are inferred (`_FieldTypes`), then read back batch by batch into LanceDB with the typed
+    columns added."""
+    database.mkdir(parents=True, exist_ok=True)
+    spill = spill or database / f".{name}.spill.arrow"
     internal = pa.schema([pa.field(JSON_COLUMN, pa.string()) if f.name == "source" else f for f in SCHEMA])
-    parts, columns, position = [], {}, 0
-    for rows in row_batches:
-        if not rows:
-            continue
-        sources = [json.loads(row["source"]) for row in rows]
-        for field_name in (n for source in sources for n in source if n not in TEXT_FIELDS | RESERVED):
-            columns.setdefault(field_name, [None] * position)
-        for field_name, values in columns.items():
-            values.extend(source.get(field_name) for source in sources)
-        physical = [
-            {**{key: value for key, value in row.items() if key != "source"}, JSON_COLUMN: row["source"]}
-            for row in rows
-        ]
-        parts.append(pa.RecordBatch.from_pylist(physical, schema=internal))
-        position += len(rows)
-    table = pa.Table.from_batches(parts, schema=internal)
-    for field in _typed_fields(columns):
-        table = table.append_column(
-            field, pa.array([_cell(v, field) for v in columns[field.name]], field.type)
-        )
-    _connect(database).create_table(name, data=table, schema=table.schema, mode="overwrite")
+    types, position = _FieldTypes(), 0
+    try:
+        with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_stream(sink, internal) as spilled:
+            for rows in row_batches:
+                if not rows:
+                    continue
+                types.update(json.loads(row["source"]) for row in rows)
+                physical = [
+                    {**{k: v for k, v in row.items() if k != "source"}, JSON_COLUMN: row["source"]}
+                    for row in rows
+                ]
+                spilled.write_batch(pa.RecordBatch.from_pylist(physical, schema=internal))
+                position += len(rows)
+        fields = types.fields()
+        schema = pa.schema([*internal, *fields])
+        with pa.OSFile(str(spill), "rb") as source:  # read, not mapped: its pages do not stay resident
+            batches = (_with_fields(batch, fields) for batch in pa.ipc.open_stream(source))
+            reader = pa.RecordBatchReader.from_batches(schema, batches)
+            _connect(database).create_table(name, data=reader, schema=schema, mode="overwrite")
+    finally:
+        spill.unlink(missing_ok=True)
     return position
+
+
+def _with_fields(batch: pa.RecordBatch, fields: list[pa.Field]) -> pa.RecordBatch:
+    """``batch`` with a typed column per metadata field, read back from each row's JSON."""
+    if not fields:
+        return batch
+    sources = [json.loads(text) for text in batch.column(JSON_COLUMN).to_pylist()]
+    columns = [pa.array([_cell(s.get(f.name), f) for s in sources], f.type) for f in fields]
+    return pa.RecordBatch.from_arrays([*batch.columns, *columns], schema=pa.schema([*batch.schema, *fields]))
+
+
+_KINDS = {str: "str", int: "int", float: "float", bool: "bool"}
+
+
+class _FieldTypes:
+    """The metadata fields of a stream of rows and their types, as `metadata_fields` would find them over
+    every row at once, from a few values per field: the first of each Python type in the order the types
+    first appear (arrow's inference depends on that order), the smallest and largest int (overflow), and
+    a None where a row lacks the field."""
+
+    def __init__(self):
+        self.samples: dict[str, dict] = {}  # field -> {kind: sample values}, in first-seen order
+        self.position = 0
+
+    def update(self, sources) -> None:
+        samples, skipped = self.samples, TEXT_FIELDS | RESERVED
+        for source in sources:
+            present = 0
+            for name, value in source.items():
+                if name in skipped:
+                    continue
+                if name not in samples:
+                    samples[name] = {"missing": [None]} if self.position else {}
+                present += 1
+                kind = "missing" if value is None else _KINDS.get(type(value), "other")
+                field = samples[name]
+                if kind == "int" and "int" in field:
+                    bounds = field["int"]  # [smallest, largest]
+                    if value < bounds[0]:
+                        bounds[0] = value
+                    elif value > bounds[1]:
+                        bounds[1] = value
+                elif kind not in field:
+                    field[kind] = [value, value] if kind == "int" else [value]
+            if present < len(samples):  # a field this row lacks: a None in its column
+                for name, field in samples.items():
+                    if name not in source:
+                        field.setdefault("missing", [None])
+            self.position += 1
+
+    def fields(self) -> list[pa.Field]:
+        return _typed_fields(
+            {
+                name: [v for values in samples.values() for v in values]
+                for name, samples in self.samples.items()
+            }
+        )
 
 
 def _cell(value, field: pa.Field):
@@ -107,11 +172,14 @@ def _cell(value, field: pa.Field):
     )
 
 
+_NAMES = tuple(SCHEMA.names)
+
+
 def _logical(row: dict) -> dict:
     """A stored row as the rest of the package sees it: the `SCHEMA` columns, ``source`` the JSON."""
     if JSON_COLUMN in row:
         row["source"] = row.pop(JSON_COLUMN)
-    return {field.name: row[field.name] for field in SCHEMA}
+    return {name: row[name] for name in _NAMES}
 
 
 @contextlib.contextmanager
@@ -130,6 +198,41 @@ def _readable(name: str):
 def read_all(database: Path, name: str) -> list[dict]:
     with _readable(name):
         return [_logical(row) for row in _connect(database).open_table(name).to_arrow().to_pylist()]
+
+
+def read_ids(database: Path, name: str):
+    """The table's ids [n] int64, in table order (8 bytes a row: the text is not read)."""
+    import numpy as np
+
+    with _readable(name):
+        table = _connect(database).open_table(name)
+        ids = table.search().select(["id"]).limit(None).to_arrow()["id"]
+    return np.asarray(ids.to_numpy(), dtype=np.int64)
+
+
+def iter_rows(database: Path, name: str, order=None, batch_rows: int = ROW_BATCH):
+    """Lists of at most ``batch_rows`` rows (as `read_all` gives them), in table order or in the order
+    of the table positions ``order``: memory holds one page of text, whatever the table's size."""
+    import numpy as np
+
+    with _readable(name):
+        table = _connect(database).open_table(name)
+        order = np.arange(table.count_rows()) if order is None else np.asarray(order, dtype=np.int64)
+    columns = [
+        JSON_COLUMN if f.name == "source" and JSON_COLUMN in table.schema.names else f.name for f in SCHEMA
+    ]
+    for start in range(0, len(order), batch_rows):
+        page = order[start : start + batch_rows]
+        wanted = np.sort(page)  # LanceDB answers in table order
+        with _readable(name):
+            found = table.take_offsets(wanted.tolist()).select(columns).to_arrow().to_pylist()
+        if len(found) != len(page):
+            raise IntegrityError(
+                f"the LanceDB table {name} answered {len(found)} of {len(page)} rows: the index is damaged; "
+                "re-import its bundle or rebuild it"
+            )
+        at = {int(offset): row for offset, row in zip(wanted.tolist(), found, strict=True)}
+        yield [_logical(at[int(offset)]) for offset in page]
 
 
 def open_table(database: Path, name: str):

@@ -7,6 +7,8 @@ twice; the merged index is written like any build (generation 1, manifest last).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -47,19 +49,22 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     _check_compatible(shard_dirs, manifests)
     total_rows = manifests[0].total_rows_seen
     writer = store.vector_writer(index_dir, 1, manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
-    rows, rejected, vector_ids = [], [], []
+    row_ids, rejected, vector_ids = [], [], []  # ids only: the rows' text is copied page by page
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
         check_files(shard_dir, manifest, full=True)
         ids = store.open_vectors(shard_dir, manifest.generation).ids
-        rows.extend(store.read_all_rows(shard_dir, manifest.generation))
+        row_ids.append(store.read_row_ids(shard_dir, manifest.generation))
         rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
-        vector_ids.extend(ids.tolist())
+        vector_ids.append(ids)
     problem = store.row_id_problem(
-        vector_ids, [row["id"] for row in rows], [row["id"] for row in rejected], range(total_rows)
+        np.concatenate(vector_ids),
+        np.concatenate(row_ids),
+        [row["id"] for row in rejected],
+        range(total_rows),
     )
     if problem:
         raise ShardError(f"cannot merge {', '.join(map(str, shard_dirs))}: {problem}")
-    rows.sort(key=lambda row: row["id"])
+    rows = _rows_by_id(shard_dirs, manifests, row_ids)
     rejected.sort(key=lambda row: row["id"])
     files = store.write_generation(
         index_dir, 1, writer, _merged_vectors(shard_dirs, manifests, writer, rows), rejected
@@ -109,9 +114,26 @@ def _check_compatible(shard_dirs: list[Path], manifests: list[Manifest]) -> None
         )
 
 
-def _merged_vectors(shard_dirs: list[Path], manifests: list[Manifest], writer, rows: list[dict]):
+def _rows_by_id(shard_dirs: list[Path], manifests: list[Manifest], row_ids: list[np.ndarray]):
+    """Every shard's rows in one id order, in pages of `metadata.ROW_BATCH`: each shard is read a page at
+    a time in its own id order and the shards are interleaved (a heap merge), never a whole shard."""
+    from rapidin_index.metadata import ROW_BATCH
+
+    def shard_rows(shard_dir: Path, manifest: Manifest, ids: np.ndarray):
+        for page in store.iter_rows(shard_dir, manifest.generation, np.argsort(ids, kind="stable")):
+            yield from page
+
+    merged = heapq.merge(
+        *(shard_rows(*shard) for shard in zip(shard_dirs, manifests, row_ids, strict=True)),
+        key=lambda row: row["id"],
+    )
+    while page := list(itertools.islice(merged, ROW_BATCH)):
+        yield page
+
+
+def _merged_vectors(shard_dirs: list[Path], manifests: list[Manifest], writer, rows):
     """Each shard's vectors in id order into ``writer``, a block at a time (never a whole shard), then
-    the rows for `store.write_generation`."""
+    the rows (pages of `_rows_by_id`) for `store.write_generation`."""
     from rapidin_index.vector_file import SCAN_BLOCK_BYTES
 
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
@@ -122,4 +144,5 @@ def _merged_vectors(shard_dirs: list[Path], manifests: list[Manifest], writer, r
         for start in range(0, len(order), step):
             positions = order[start : start + step]
             writer.add(stored.read_positions(positions), stored.ids[positions])
-    yield rows
+            stored.release(int(positions.min()), int(positions.max()) + 1)  # read once: drop its pages
+    yield from rows

@@ -6,7 +6,9 @@ Layout of an index folder (generation g, four digits; the manifest names the cur
     vectors-gNNNN.faiss           FAISS exact inner-product index of the sketches, ids = example ids
                                   (read in place and written as a stream: `vector_file`)
     rejected-gNNNN.jsonl          {"id", "reason"} of every row that could not be indexed
-    metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`metadata.SCHEMA`)
+    metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`metadata.SCHEMA`), written
+                                  as a stream through .rows-gNNNN.arrow.tmp (its rows until their column
+                                  types are known; removed once the table is written)
     .build/                       the journal of an unfinished build (`journal`)
     .lock, .readers/gNNNN         the writer lock and reader leases (`lock`)
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +130,21 @@ def read_all_rows(index_dir: str | Path, generation: int) -> list[dict]:
     return metadata.read_all(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
+def read_row_ids(index_dir: str | Path, generation: int) -> np.ndarray:
+    """The ids [n] of a generation's LanceDB rows, in table order (the text is not read)."""
+    from rapidin_index import metadata
+
+    return metadata.read_ids(Path(index_dir) / DATABASE_DIR, table_name(generation))
+
+
+def iter_rows(index_dir: str | Path, generation: int, order=None) -> Iterable[list[dict]]:
+    """A generation's metadata rows a page at a time (`metadata.iter_rows`): in table order, or in the
+    order of the table positions ``order``; what an append or merge copies into its new generation."""
+    from rapidin_index import metadata
+
+    return metadata.iter_rows(Path(index_dir) / DATABASE_DIR, table_name(generation), order)
+
+
 def open_rows(index_dir: str | Path, generation: int):
     """The generation's LanceDB table, for `metadata.read_rows` joins."""
     from rapidin_index import metadata
@@ -232,9 +248,9 @@ def write_generation(
 
     def needed() -> int:  # what this generation takes on disk, about: vectors, row text, rejected rows
         vector_bytes = vectors.count * vectors.row_bytes if streamed else 4 * vectors.ntotal * vectors.d
-        return vector_bytes + 2 * text_bytes[0] + 64 * len(rejected) + (1 << 16)
+        return vector_bytes + 3 * text_bytes[0] + 64 * len(rejected) + (1 << 16)  # text: spill + table
 
-    def check(vector_ids: list[int]) -> None:
+    def check(vector_ids) -> None:
         if expected_ids is None:
             return
         problem = row_id_problem(vector_ids, row_ids, [row["id"] for row in rejected], expected_ids)
@@ -244,14 +260,16 @@ def write_generation(
                 f"({problem}); nothing was committed"
             )
 
+    database, name = index_dir / DATABASE_DIR, table_name(generation)
+    spill = index_dir / f".rows-g{generation:04d}.arrow.tmp"  # a killed write's is debris (remove_debris)
     with writing(index_dir, needed):  # outermost: the free space it reports is after the cleanup
         try:
             if streamed:
                 with vectors:  # the file is complete (and in place) once the block ends cleanly
-                    metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
-                    check(vectors.written_ids().tolist())
+                    metadata.write_table(database, name, counted(), spill)
+                    check(vectors.written_ids())
             else:
-                metadata.write_table(index_dir / DATABASE_DIR, table_name(generation), counted())
+                metadata.write_table(database, name, counted(), spill)
                 check(faiss.vector_to_array(vectors.id_map).tolist())
                 vector_index.save_index(vectors, index_dir / vector_file(generation))
             text = "".join(json.dumps(row) + "\n" for row in rejected)
@@ -268,29 +286,42 @@ def row_id_problem(
     """'' when every id of ``expected_ids`` is in exactly one place (the vectors, and then also the rows,
     or the rejected rows) and no other id is anywhere; else the first thing wrong, naming a row.
 
-    The check every commit makes (build, append, merge) before it writes its manifest."""
-    vector_ids = list(vector_ids)
-    seen = Counter(vector_ids)
-    seen.update(rejected_ids)
-    twice = sorted(i for i, n in seen.items() if n > 1)
-    if twice:
+    The check every commit makes (build, append, merge) before it writes its manifest. In numpy (8 bytes
+    an id, sorted), not Python sets: it runs over every id of the index."""
+    import numpy as np
+
+    vector_ids = _id_array(vector_ids)
+    seen, counts = np.unique(np.concatenate([vector_ids, _id_array(rejected_ids)]), return_counts=True)
+    twice = seen[counts > 1]
+    if len(twice):
         return f"row {twice[0]} is present more than once ({len(twice)} such rows)"
-    expected = set(expected_ids)
-    missing = sorted(expected - set(seen))
-    if missing:
+    expected = np.unique(_id_array(expected_ids))
+    missing = np.setdiff1d(expected, seen, assume_unique=True)
+    if len(missing):
         return f"row {missing[0]} is missing ({len(missing)} rows missing)"
-    unknown = sorted(set(seen) - expected)
-    if unknown:
+    unknown = np.setdiff1d(seen, expected, assume_unique=True)
+    if len(unknown):
         return f"row {unknown[0]} is not a row of this index's data ({len(unknown)} such rows)"
     if row_ids is not None:
-        rows = Counter(row_ids)
-        if rows != Counter(vector_ids):
-            odd = sorted(set(rows.items()) ^ set(Counter(vector_ids).items()))[0][0]
+        row_ids = _id_array(row_ids)
+        if not np.array_equal(np.sort(row_ids), np.sort(vector_ids)):
+            everything = np.union1d(row_ids, vector_ids)
+            in_rows = np.bincount(np.searchsorted(everything, row_ids), minlength=len(everything))
+            in_vectors = np.bincount(np.searchsorted(everything, vector_ids), minlength=len(everything))
+            odd = everything[np.flatnonzero(in_rows != in_vectors)[0]]
             return (
-                f"LanceDB holds {sum(rows.values())} rows and FAISS {len(vector_ids)} vectors; row {odd} "
+                f"LanceDB holds {len(row_ids)} rows and FAISS {len(vector_ids)} vectors; row {odd} "
                 "is not once in each"
             )
     return ""
+
+
+def _id_array(ids) -> np.ndarray:
+    import numpy as np
+
+    if isinstance(ids, range):
+        return np.arange(ids.start, ids.stop, ids.step, dtype=np.int64)
+    return np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).reshape(-1)
 
 
 def file_checksums(index_dir: Path, generation: int) -> dict:

@@ -25,6 +25,8 @@ from rapidin_index.manifest import read_manifest
         ("team.tar.gz", "tar.gz"),
         ("TEAM.TGZ", "tar.gz"),
         ("a.tar", "tar"),
+        ("team.tar.zst", "tar.zst"),
+        ("TEAM.TZST", "tar.zst"),
         ("a.zip", "zip"),
         ("rows.parquet", "parquet"),
         ("no-extension", "tar.gz"),
@@ -36,7 +38,7 @@ def test_the_format_follows_the_extension(name, expected):
 
 def test_an_asked_format_wins_and_an_unknown_one_is_refused_by_name():
     assert format_for("bundle.zip", "tar") == "tar"
-    with pytest.raises(BundleError, match="--format 'rar' is not one of tar, tar.gz, zip, parquet"):
+    with pytest.raises(BundleError, match="--format 'rar' is not one of tar, tar.gz, tar.zst, zip, parquet"):
         format_for("bundle.rar", "rar")
 
 
@@ -63,7 +65,8 @@ def test_bundle_json_checks_itself_and_any_edit_breaks_it(exported_index):
 @pytest.mark.parametrize("name", ["bundle.rar", "team.7z", "index.tar.bz2", "rows.csv"])
 def test_an_unknown_extension_is_refused_unless_a_format_is_given(name):
     with pytest.raises(
-        BundleError, match=r"unknown extension .*use \.tar, \.tar\.gz \(\.tgz\), \.zip or \.parquet"
+        BundleError,
+        match=r"unknown extension .*use \.tar, \.tar\.gz \(\.tgz\), \.tar\.zst \(\.tzst\), \.zip or \.parquet",
     ):
         format_for(name)
     assert format_for(name, "zip") == "zip"

@@ -220,6 +220,39 @@ def test_truncated_archives_are_refused(exported_index, tmp_path):
     untouched_after_refusal(tmp_path, tmp_path / "cut.zip", ["truncated or corrupted"])
 
 
+@pytest.fixture(scope="module")
+def zstd_bundle(exported_index, tmp_path_factory):
+    return export_index(exported_index.index, tmp_path_factory.mktemp("zst") / "bundle.tar.zst")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_a_truncated_tar_zst_is_refused_on_one_line(zstd_bundle, tmp_path, keep):
+    """Cut inside a member, or inside the zstd frame's last block (every member may be whole, the frame's
+    end and checksum are not): refused, the target untouched."""
+    data = zstd_bundle.read_bytes()
+    cut = tmp_path / "cut.tar.zst"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    message = untouched_after_refusal(tmp_path, cut, ["cut.tar.zst is truncated or corrupted"])
+    assert "\n" not in message and "Traceback" not in message
+    refused = runner.invoke(app, ["import", str(cut), "--check"])
+    assert refused.exit_code == 2 and "truncated or corrupted" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1, refused.output
+
+
+def test_bit_rot_in_a_tar_zst_is_refused(zstd_bundle, tmp_path):
+    """A flipped bit in the compressed stream: zstd's frame checksum, the tar headers or the member's
+    sha256 refuse it, whichever sees it first; never a traceback, never a partial import."""
+    data = bytearray(zstd_bundle.read_bytes())
+    for position in (0.3, 0.6, 0.9):
+        rotten = bytearray(data)
+        rotten[int(len(rotten) * position)] ^= 0x10
+        bundle = tmp_path / "rot.tar.zst"
+        bundle.write_bytes(bytes(rotten))
+        message = untouched_after_refusal(tmp_path, bundle, [])
+        assert any(part in message for part in ("truncated or corrupted", "does not match")), message
+        bundle.unlink()
+
+
 def test_bit_rot_in_a_plain_tar_or_zip_names_the_member(exported_index, tmp_path):
     for name in ("rot.tar", "rot.zip"):
         bundle = export_index(exported_index.index, tmp_path / name)

@@ -43,7 +43,7 @@ def original(exported_index, training_rows):
 # --------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("name", ["bundle.tar.gz", "bundle.zip", "bundle.tar"])
+@pytest.mark.parametrize("name", ["bundle.tar.gz", "bundle.zip", "bundle.tar", "bundle.tar.zst"])
 def test_imported_bundle_answers_like_the_original(exported_index, original, training_rows, tmp_path, name):
     bundle = export_index(exported_index.index, tmp_path / name)
     target = tmp_path / "imported"
@@ -71,6 +71,28 @@ def test_bundle_describes_itself_in_a_fixed_member_order(exported_index):
     assert facts["model"]["fingerprint"] == manifest.model["fingerprint"] and facts["row_count"] == 24
     assert facts["sketch"]["sketch_dim"] == 1024 and facts["created_at"] == manifest.created_at
     assert verify_bundle(exported_index.bundle) == description
+
+
+def test_a_tar_zst_bundle_is_one_zstd_stream_of_the_same_tar(exported_index, tmp_path):
+    """Read with zstandard and tarfile alone (not our reader): the members, in the tar.gz's order, each
+    with the size and sha256 its bundle.json lists; the frame carries a content checksum."""
+    import hashlib
+
+    import zstandard
+
+    bundle = export_index(exported_index.index, tmp_path / "team.tar.zst")
+    with open(bundle, "rb") as file:
+        assert zstandard.get_frame_parameters(file.read(18)).has_checksum
+    with open(bundle, "rb") as file, zstandard.ZstdDecompressor().stream_reader(file) as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            members = {member.name: archive.extractfile(member).read() for member in archive}
+    description = json.loads(members[BUNDLE_NAME])
+    assert description["archive_format"] == "tar.zst"
+    with tarfile.open(exported_index.bundle) as archive:
+        assert list(members) == archive.getnames()
+    for entry in description["members"]:
+        data = members[entry["path"]]
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
 
 
 def test_parquet_export_round_trips_vectors_ids_and_text(exported_index, tmp_path):
@@ -138,6 +160,26 @@ def test_export_derives_counts_from_the_files_not_the_manifest(exported_index, t
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def test_cli_exports_and_imports_a_tar_zst_in_separate_processes(exported_index, tmp_path):
+    """As a user runs it: `export --out x.tar.zst`, `import --check`, `import`, each its own process."""
+    import subprocess
+    import sys
+
+    def cli(*arguments):
+        command = [sys.executable, "-m", "rapidin_index.cli.main", *arguments]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stdout + done.stderr  # the console writes to stderr
+
+    bundle = tmp_path / "team.tar.zst"
+    exported = cli("export", "--index", str(exported_index.index), "--out", str(bundle))
+    assert exported[0] == 0 and "(tar.zst," in exported[1], exported[1]
+    checked = cli("import", str(bundle), "--check")
+    assert checked[0] == 0 and "verifies: 24 rows" in checked[1], checked[1]
+    imported = cli("import", str(bundle), "--index", str(tmp_path / "imported"))
+    assert imported[0] == 0, imported[1]
+    assert read_manifest(tmp_path / "imported").to_dict() == read_manifest(exported_index.index).to_dict()
 
 
 def test_cli_export_check_import(exported_index, tmp_path):

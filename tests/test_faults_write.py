@@ -242,8 +242,10 @@ def test_a_full_disk_during_append_leaves_the_previous_generation_untouched(
 
     write_table = metadata.write_table
 
-    def full_after_some_rows(database, name, row_batches):
-        write_table(database, name, row_batches)  # a partial table on disk, as a real full disk leaves
+    def full_after_some_rows(database, name, row_batches, *spill):
+        write_table(
+            database, name, row_batches, *spill
+        )  # a partial table on disk, as a real full disk leaves
         raise RuntimeError(LANCE_FULL)
 
     monkeypatch.setattr(metadata, "write_table", full_after_some_rows)

@@ -117,3 +117,78 @@ def test_a_damaged_table_file_is_refused_on_one_line(tmp_path):
     assert "rustc" not in str(refused.value)
     with pytest.raises(IntegrityError, match="the index is damaged"):
         metadata.read_rows(metadata.open_table(tmp_path, "rows"), [1, 2])
+
+
+def test_column_types_found_in_a_stream_equal_those_found_over_every_row_at_once():
+    """`write_table` infers types batch by batch from a few samples a field; the reference is arrow's
+    own inference over every value of the field at once (`metadata_fields`)."""
+    import random
+
+    generator = random.Random(0)
+    pools = [[1, -3, 2**40], [0.5, float("nan")], [True, False], ["x", "2021"], [None], [2**63, -(2**63) - 1]]
+    pools += [[["a"]], [{"k": 1}]]
+    for _ in range(400):
+        kinds = generator.sample(pools, generator.randint(1, 3))
+        sources = []
+        for _ in range(generator.randint(1, 12)):
+            row = {"text": "t"}
+            if generator.random() < 0.8:
+                row["field"] = generator.choice(generator.choice(kinds))
+            if generator.random() < 0.3:
+                row["other"] = generator.choice(generator.choice(kinds))
+            sources.append(row)
+        streamed = metadata._FieldTypes()
+        for start in range(0, len(sources), 3):
+            streamed.update(sources[start : start + 3])
+        assert streamed.fields() == metadata.metadata_fields(sources), sources
+
+
+def test_a_type_that_changes_in_a_late_batch_types_the_whole_column(tmp_path):
+    """The first batches are in LanceDB's stream before the last is seen: an int field that turns to text
+    in the last batch still makes one string column, its early values as text."""
+    batches = ([_row(i, source=json.dumps({"text": "t", "year": 2000 + i}))] for i in range(5))
+    last = [_row(5, source=json.dumps({"text": "t", "year": "unknown", "late": 1.5}))]
+    assert metadata.write_table(tmp_path, "rows", iter([*batches, last])) == 6
+    table = metadata.open_table(tmp_path, "rows").to_arrow()
+    assert (
+        str(table.schema.field("year").type) == "string" and str(table.schema.field("late").type) == "double"
+    )
+    assert table["year"].to_pylist() == ["2000", "2001", "2002", "2003", "2004", "unknown"]
+    assert table["late"].to_pylist() == [None] * 5 + [1.5]
+    assert list(tmp_path.iterdir()) == [tmp_path / "rows.lance"]  # the spilled rows are gone
+
+
+def test_write_table_pulls_batches_as_it_goes_and_leaves_nothing_when_a_batch_fails(tmp_path):
+    pulled = []
+
+    def batches():
+        for i in range(3):
+            pulled.append(i)
+            yield [_row(i)]
+        raise RuntimeError("the journal broke")
+
+    import pytest
+
+    with pytest.raises(RuntimeError, match="journal broke"):
+        metadata.write_table(tmp_path, "rows", batches(), spill=tmp_path / ".spill.tmp")
+    assert pulled == [0, 1, 2] and not (tmp_path / ".spill.tmp").exists()
+
+
+def test_iter_rows_pages_the_table_in_its_order_or_a_given_one(tmp_path):
+    rows = [_row(i) for i in (5, 3, 9, 1, 7, 0, 8)]
+    metadata.write_table(tmp_path, "rows", [rows[:4], rows[4:]])
+    assert metadata.read_ids(tmp_path, "rows").tolist() == [5, 3, 9, 1, 7, 0, 8]
+    pages = list(metadata.iter_rows(tmp_path, "rows", batch_rows=3))
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [row for page in pages for row in page] == rows == metadata.read_all(tmp_path, "rows")
+    by_id = metadata.read_ids(tmp_path, "rows").argsort()
+    pages = list(metadata.iter_rows(tmp_path, "rows", order=by_id, batch_rows=2))
+    assert [row for page in pages for row in page] == sorted(rows, key=lambda row: row["id"])
+
+
+def test_iter_rows_reads_pages_of_thousands(tmp_path):
+    rows = [_row(i) for i in range(5000)]
+    metadata.write_table(tmp_path, "rows", [rows[:2500], rows[2500:]])
+    pages = list(metadata.iter_rows(tmp_path, "rows"))
+    assert [len(page) for page in pages] == [metadata.ROW_BATCH, 5000 - metadata.ROW_BATCH]
+    assert [row["id"] for page in pages for row in page] == list(range(5000))

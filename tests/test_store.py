@@ -202,3 +202,72 @@ def test_remove_journal(tmp_path):
     assert not journal.exists() and (tmp_path / "manifest.json").exists()
     store.remove_journal(tmp_path)  # already gone: no error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_a_generation_is_copied_page_by_page_in_any_id_order(tmp_path):
+    """What append and merge read from an old generation: its ids alone, then its rows a page at a time."""
+    _write(tmp_path, 1)
+    assert store.read_row_ids(tmp_path, 1).tolist() == [0, 2, 3]
+    assert [row for page in store.iter_rows(tmp_path, 1) for row in page] == store.read_all_rows(tmp_path, 1)
+    reverse = [row["id"] for page in store.iter_rows(tmp_path, 1, np.array([2, 1, 0])) for row in page]
+    assert reverse == [3, 2, 0]
+
+
+def test_the_rows_spill_beside_the_generation_and_a_killed_write_leaves_them_as_debris(tmp_path):
+    """The rows wait in .rows-gNNNN.arrow.tmp while their column types are found: present while the
+    batches are read, gone once the table is written; one a killed writer left is removed as debris."""
+    spill = tmp_path / ".rows-g0001.arrow.tmp"
+    seen = []
+
+    def batches():
+        for example_id in (0, 2, 3):
+            yield [_row(example_id)]
+            seen.append(spill.exists())
+
+    faiss_index = new_index(DIMENSION)
+    add_vectors(faiss_index, np.zeros((3, DIMENSION), np.float32), IDS)
+    store.write_generation(tmp_path, 1, faiss_index, batches(), REJECTED)
+    assert seen == [True, True, True] and not spill.exists()
+    assert len(metadata.open_table(tmp_path / store.DATABASE_DIR, "rows_g0001").list_versions()) == 1
+    torn = tmp_path / ".rows-g0002.arrow.tmp"
+    torn.write_bytes(b"partial")
+    assert ".rows-g0002.arrow.tmp" in store.remove_debris(tmp_path, committed=1) and not torn.exists()
+
+
+def _row_id_problem_reference(vector_ids, row_ids, rejected_ids, expected_ids) -> str:
+    """The exactly-once check in plain Python sets and counters (what `store.row_id_problem` computes
+    in numpy)."""
+    from collections import Counter
+
+    seen = Counter([*vector_ids, *rejected_ids])
+    twice = sorted(i for i, n in seen.items() if n > 1)
+    if twice:
+        return f"row {twice[0]} is present more than once ({len(twice)} such rows)"
+    missing = sorted(set(expected_ids) - set(seen))
+    if missing:
+        return f"row {missing[0]} is missing ({len(missing)} rows missing)"
+    unknown = sorted(set(seen) - set(expected_ids))
+    if unknown:
+        return f"row {unknown[0]} is not a row of this index's data ({len(unknown)} such rows)"
+    if row_ids is not None and Counter(row_ids) != Counter(vector_ids):
+        odd = sorted(set(Counter(row_ids).items()) ^ set(Counter(vector_ids).items()))[0][0]
+        return f"LanceDB holds {len(row_ids)} rows and FAISS {len(vector_ids)} vectors; row {odd} is not once in each"
+    return ""
+
+
+def test_the_exactly_once_check_equals_a_plain_python_reference():
+    generator = np.random.default_rng(0)
+    for _ in range(300):
+        total = int(generator.integers(1, 12))
+        ids = generator.permutation(total + 2)[: total + int(generator.integers(-2, 3))].tolist()
+        cut = int(generator.integers(0, len(ids) + 1))
+        vector_ids, rejected = ids[:cut], ids[cut:]
+        if generator.random() < 0.3 and vector_ids:
+            vector_ids.append(int(generator.choice(vector_ids)))  # a duplicate
+        row_ids = list(vector_ids)
+        if generator.random() < 0.4 and row_ids:
+            row_ids[int(generator.integers(len(row_ids)))] = int(generator.integers(total + 2))
+        for rows in (row_ids, None):
+            arguments = (vector_ids, rows, rejected, range(total))
+            assert store.row_id_problem(*arguments) == _row_id_problem_reference(*arguments), arguments
+    assert store.row_id_problem(np.array([1, 0]), np.array([0, 1]), [], range(2)) == ""
