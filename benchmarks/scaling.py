@@ -272,26 +272,48 @@ def build_child(args: argparse.Namespace) -> dict:
     }
 
 
+def time_open_stages() -> dict:
+    """Time the parts of `Index.open` (patched in for this process): {stage: seconds}, filled as they run:
+    check_files (the xxh3 check of every file, or its stat), check_tokenizer, load_model, open_vectors
+    (the vectors file mapped, its ids read), open_rows (the LanceDB table)."""
+    from rapidin_index import retrieval, store
+
+    stages = {}
+
+    def timed(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            value = real(*args, **kwargs)
+            stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
+            return value
+
+        setattr(module, name, wrapper)
+
+    for module, name in [
+        (retrieval, "check_files"),
+        (retrieval, "check_tokenizer"),
+        (retrieval, "load_model"),
+    ]:
+        timed(module, name)
+    for name in ("open_vectors", "open_rows"):
+        timed(store, name)
+    return stages
+
+
 def query_child(args: argparse.Namespace) -> dict:
     """Open the index and run one whole-generation query twice in this (fresh) process, stage by stage."""
     from rapidin_index import retrieval
 
     torch.set_num_threads(1)
-    loading = {}
-    real_load = retrieval.load_model
-
-    def timed_load(*load_args, **load_kwargs):
-        started = time.perf_counter()
-        loaded = real_load(*load_args, **load_kwargs)
-        loading["model_load_s"] = time.perf_counter() - started
-        return loaded
-
-    retrieval.load_model = timed_load
+    stages = time_open_stages()
     result = {"before": memory()}
     started = time.perf_counter()
     index = retrieval.Index.open(args.index, device="cpu")
     result["open_s"] = time.perf_counter() - started
-    result["model_load_s"] = loading["model_load_s"]
+    result["model_load_s"] = stages["load_model"]
+    result["open_stages"] = stages
     result["after_open"] = memory()
     for run in ("first", "second"):
         stages = {}
@@ -391,7 +413,7 @@ def growth_tables(results: list[dict]) -> str:
         )
     lines += [
         "",
-        "| rows | open | open s (model load s) | sketch s | search s | join s | warm: sketch / search / join s "
+        "| rows | open | open s (tokenizer check; model load; files checked; vectors mapped s) | sketch s | search s | join s | warm: sketch / search / join s "
         "| query peak RSS MB (anon) | process s |",
         "|---" * 9 + "|",
     ]
@@ -399,9 +421,12 @@ def growth_tables(results: list[dict]) -> str:
         for name in ("query_first_open", "query_second_open"):
             q = e[name]
             first, second = q["first"], q["second"]
+            stages, nan = q.get("open_stages", {}), float("nan")
             lines.append(
                 f"| {e['rows']:,} | {'first' if name == 'query_first_open' else 'second'} "
-                f"| {q['open_s']:.2f} ({q['model_load_s']:.2f}) | {first['sketch_s']:.3f} | {first['search_s']:.3f} "
+                f"| {q['open_s']:.2f} ({stages.get('check_tokenizer', nan):.2f}; {q['model_load_s']:.2f}; "
+                f"{stages.get('check_files', nan):.2f}; "
+                f"{stages.get('open_vectors', nan):.4f}) | {first['sketch_s']:.3f} | {first['search_s']:.3f} "
                 f"| {first['join_s']:.3f} | {second['sketch_s']:.3f} / {second['search_s']:.3f} / "
                 f"{second['join_s']:.3f} | {q['end']['VmHWM'] / mb:,.0f} ({q['end']['RssAnon'] / mb:,.0f}) "
                 f"| {q['process_s']:.1f} |"

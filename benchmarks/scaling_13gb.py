@@ -1,0 +1,359 @@
+"""A 13 GB index on one machine (issue 27 item 4): open time, query memory and search time at the paper's scale.
+
+Building 100,000 rows at K = 65,536 with a model takes hours on 2 CPU cores, so the index is made in two
+steps, both through the project's own code:
+
+seed     a real index of ``--seed-rows`` synthetic rows built with the tiny Llama of `scaling.py --growth`
+         at K = ``--sketch-dim`` in ``--dtype`` (`scaling.py`'s build child, a fresh process): its manifest,
+         model fingerprints, self-check and LanceDB schema are the real ones.
+grow     generation 2 of that index written as a build's finalise writes one (`store.vector_writer` +
+         `store.write_generation`: the vectors file streamed block by block, LanceDB in one write, the
+         checksums), with ``--rows`` random unit-norm rows (stored as
+         ``--dtype``) and ``--rows`` synthetic text rows, then the manifest committed with the new
+         generation, its files and row count. `Index.open` and the `query` CLI take it as any index.
+         The rows are random sign vectors +-1/sqrt(K) by default (unit norm, and exact in float16 at
+         K = 4^n; random bits cost a seventh of normal draws on this machine: ``--row-kind normal``
+         for normalised Gaussian rows); a search's cost does not depend on the values.
+
+Then each measurement is a fresh process (torch, BLAS and FAISS on one thread) on the real query path:
+`Index.open` (model load timed on its own), a whole-generation query's vector (1) or a per-token query's
+(1 + its tokens, about 20), sketched by the model, then `retrieval.search` twice: ``first`` after the
+vectors file's pages were dropped from the page cache (``posix_fadvise(DONTNEED)`` on that file only: a
+cold read from disk), ``second`` right after (warm, as far as the page cache kept it); uncapped and with
+``max_memory`` = ``--max-memory`` (the CLI's ``--max-memory``). Each reports its peak RSS (VmHWM) split
+into private memory (RssAnon) and mapped file pages (RssFile, shared with the page cache). Last, one
+``rapidin-index query --max-memory`` process through the CLI (``/usr/bin/time -v``: wall and max RSS).
+
+The index (``--rows`` x K x 2 bytes in float16: 13.1 GB at the defaults) is deleted at the end unless
+``--keep``. Results go to ``--out`` as JSON; ``--table FILE`` prints them as Markdown. Run from the
+repository root; disk: the index once (plus its LanceDB rows, a few MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scaling  # noqa: E402  (the tiny model, the synthetic rows, the build child, memory())
+
+ONE_THREAD = scaling.ONE_THREAD
+# A response of 17 tokens of the tiny tokenizer: 1 + 17 = 18 per-token vectors (the child reports the count)
+PER_TOKEN_RESPONSE = " the number of items in the list is returned as an integer value for each element"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--sketch-dim", type=int, default=65_536, help="K")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--seed-rows", type=int, default=64, help="rows of the real (model-built) seed index")
+    parser.add_argument("--max-memory", default="2GB", help="the capped runs' --max-memory")
+    parser.add_argument("--block-rows", type=int, default=256, help="rows written per block")
+    parser.add_argument(
+        "--row-kind",
+        default="signs",
+        choices=("signs", "normal"),
+        help="signs: random +-1/sqrt(K) rows (random bits); normal: normalised Gaussian rows (7x the CPU)",
+    )
+    parser.add_argument(
+        "--folder", type=Path, default=None, help="where the index goes (default: a temp dir)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the index (default: deleted at the end)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--table", type=Path, default=None, help="print the Markdown tables of a results file"
+    )
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--vectors", default="whole", help=argparse.SUPPRESS)
+    parser.add_argument("--capped", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- grow (a child process)
+
+
+def grow(args: argparse.Namespace) -> dict:
+    """Write generation g + 1 of the seed index with ``--rows`` random rows, as a build's finalise does."""
+    import numpy as np
+
+    from rapidin_index import store
+    from rapidin_index.files import writing
+    from rapidin_index.lock import remove_unread_generations
+    from rapidin_index.manifest import read_manifest, write_manifest
+
+    index_dir = args.index
+    manifest = read_manifest(index_dir)
+    seed_rows = store.read_all_rows(index_dir, manifest.generation)
+    texts = scaling.synthetic_rows(args.rows, seed=args.rows)
+    generation = manifest.generation + 1
+    dimension = manifest.sketch["output_dim"]
+    writer = store.vector_writer(index_dir, generation, dimension, manifest.vector_dtype)
+    rng = np.random.default_rng(0)
+    timings = {"random_s": 0.0}
+
+    def row_batches():
+        for start in range(0, args.rows, args.block_rows):
+            count = min(args.block_rows, args.rows - start)
+            started = time.perf_counter()
+            ids = np.arange(start, start + count)
+            if args.row_kind == "normal":
+                block = rng.standard_normal((count, dimension), dtype=np.float32)
+                block /= np.linalg.norm(block, axis=1, keepdims=True)
+                timings["random_s"] += time.perf_counter() - started
+                writer.add(block, ids)
+            else:  # random signs times 1/sqrt(K): each float16 code is that value's bits with a random sign bit
+                words = np.frombuffer(rng.bytes(2 * count * dimension), np.uint16).reshape(count, dimension)
+                value = np.array(dimension**-0.5, dtype=np.dtype(manifest.vector_dtype))
+                if manifest.vector_dtype == "float16":
+                    codes = (words & np.uint16(0x8000)) | value.view(np.uint16)
+                    timings["random_s"] += time.perf_counter() - started
+                    writer.add_codes(codes.view(np.uint8), ids)  # [count, 2K] bytes: the file's own form
+                else:
+                    block = np.where(words & np.uint16(0x8000), -value, value)
+                    timings["random_s"] += time.perf_counter() - started
+                    writer.add(block, ids)
+            rows = []
+            for number in range(start, start + count):
+                text, like = texts[number], seed_rows[number % len(seed_rows)]
+                rows.append(
+                    {
+                        **like,
+                        "id": number,
+                        "source": json.dumps(text),
+                        "prompt": text["prompt"],
+                        "response": text["completion"],
+                        "content_hash": f"synthetic-{number}",
+                    }
+                )
+            yield rows
+
+    started = time.perf_counter()
+    files = store.write_generation(index_dir, generation, writer, row_batches(), [], range(args.rows))
+    timings["write_generation_s"] = time.perf_counter() - started
+    per_row = manifest.token_count / max(1, manifest.row_count)
+    manifest.generation = generation
+    manifest.row_count = args.rows
+    manifest.rejected_count = 0
+    manifest.token_count = int(per_row * args.rows)
+    manifest.files = files
+    manifest.sources = [{**manifest.sources[0], "rows": args.rows, "id_offset": 0}]
+    manifest.template_usage = {name: args.rows for name in manifest.template_usage}
+    with writing(index_dir, 1 << 16):
+        write_manifest(index_dir, manifest)
+    remove_unread_generations(index_dir, generation)
+    return {
+        **timings,
+        "vectors_bytes": files[store.vector_file(generation)]["bytes"],
+        "end": scaling.memory(),
+    }
+
+
+# --------------------------------------------------------------------------- measure (a child process)
+
+
+def drop_file_pages(path: Path) -> None:
+    """Drop this one file's pages from the page cache (a cold read next; other files untouched)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Open, sketch one query's vectors, search them cold then warm; times and memory of this process."""
+    import torch
+
+    from rapidin_index import retrieval, store
+    from rapidin_index.settings import parse_memory
+
+    torch.set_num_threads(1)
+    stages = scaling.time_open_stages()
+    result = {"before": scaling.memory()}
+    cap = parse_memory(args.max_memory) if args.capped else None
+    started = time.perf_counter()
+    index = retrieval.Index.open(args.index, device="cpu", max_memory=cap)
+    result["open_s"] = time.perf_counter() - started
+    result["model_load_s"] = stages["load_model"]
+    result["open_stages"] = stages
+    result["after_open"] = scaling.memory()
+    per_token = args.vectors == "per-token"
+    response = PER_TOKEN_RESPONSE if per_token else scaling.QUERY["response"]
+    prepared = [index.prepare(scaling.QUERY["prompt"], response)]
+    started = time.perf_counter()
+    vectors, _ = retrieval.sketch_queries(index, prepared, per_token=per_token)
+    result["sketch_s"] = time.perf_counter() - started
+    result["vectors"] = len(vectors)
+    result["after_sketch"] = scaling.memory()
+    drop_file_pages(args.index / store.vector_file(index.manifest.generation))
+    for run in ("first", "second"):
+        started = time.perf_counter()
+        found = retrieval.search(index, vectors, 10)
+        result[f"{run}_s"] = time.perf_counter() - started
+        result[f"after_{run}"] = scaling.memory()
+    assert (found[1][:, 0] >= 0).all(), "a search found no row"
+    result["scanned_bytes"] = index.stored_index.nbytes
+    return result
+
+
+def run_child(args: argparse.Namespace, mode: str, *extra: str) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--index",
+        str(args.index_dir),
+        "--rows",
+        str(args.rows),
+    ]
+    command += [
+        "--max-memory",
+        args.max_memory,
+        "--block-rows",
+        str(args.block_rows),
+        "--row-kind",
+        args.row_kind,
+    ]
+    command += extra
+    started = time.perf_counter()
+    finished = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, check=False
+    )
+    if finished.returncode != 0:
+        raise SystemExit(f"{mode} {extra} failed:\n{finished.stderr[-3000:]}")
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - started
+    result["load_average"] = os.getloadavg()[0]
+    print(f"{mode} {' '.join(extra)}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def cli_query(args: argparse.Namespace) -> dict:
+    """One `rapidin-index query` through the CLI with --max-memory: wall time and max RSS (/usr/bin/time -v)."""
+    cli = Path(sys.executable).with_name("rapidin-index")
+    command = ["/usr/bin/time", "-v", str(cli), "query", "--index", str(args.index_dir)]
+    command += ["--prompt", scaling.QUERY["prompt"], "--response", PER_TOKEN_RESPONSE, "--explain", "0"]
+    command += ["--device", "cpu", "--max-memory", args.max_memory, "--format", "json"]
+    started = time.perf_counter()
+    finished = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, check=False
+    )
+    wall = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise SystemExit(f"the CLI query failed:\n{finished.stderr[-3000:]}")
+    result = json.loads(finished.stdout)
+    peak_kb = next(
+        int(line.split()[-1]) for line in finished.stderr.splitlines() if "Maximum resident" in line
+    )
+    return {
+        "wall_s": wall,
+        "max_rss_bytes": peak_kb * 1024,
+        "helpful": len(result["helpful"]),
+        "tokens": len(result["tokens"]),
+        "row_count": result["index"]["row_count"],
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return {}
+    if args.child == "grow":
+        print(json.dumps(grow(args)))
+        return {}
+    if args.child == "measure":
+        print(json.dumps(measure(args)))
+        return {}
+    root = Path(tempfile.mkdtemp(prefix="rapidin-13gb-", dir=args.folder))
+    args.index_dir = root / "index"
+    results = {"arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    try:
+        model_dir = root / "model"
+        texts = [r["instruction"] + " " + r["output"] for r in scaling.load_docstring_rows()]
+        scaling.save_tiny_model(model_dir, "llama", texts, vocab_size=2000, hidden_size=128, layers=4)
+        data = scaling.write_jsonl(scaling.synthetic_rows(args.seed_rows, seed=1), root / "seed.jsonl")
+        build_args = argparse.Namespace(sketch_dim=args.sketch_dim, batch_size=8, chunk_size=256)
+        seed = scaling.run_growth_child(build_args, "build", data=data, model=model_dir, index=args.index_dir)
+        if seed["vector_dtype"] != args.dtype:
+            raise SystemExit(f"the seed index stores {seed['vector_dtype']}, not {args.dtype}")
+        results["seed_build"] = seed
+        results["grow"] = run_child(args, "grow")
+        results["index_bytes"] = scaling.folder_bytes(args.index_dir)
+        results["runs"] = {}
+        for capped in (False, True):
+            for vectors in ("whole", "per-token"):
+                name = f"{vectors}{'-capped' if capped else ''}"
+                extra = ["--vectors", vectors] + (["--capped"] if capped else [])
+                results["runs"][name] = run_child(args, "measure", *extra)
+        results["cli_query_capped"] = cli_query(args)
+        results["machine"] = {
+            "cpus": os.cpu_count(),
+            "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+        }
+        results["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    finally:
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(table(results))
+    return results
+
+
+def table(results: dict) -> str:
+    """The results as Markdown (MB = 10^6 bytes, GB = 10^9)."""
+    mb, gb = 1e6, 1e9
+    grow_result = results["grow"]
+    lines = [
+        f"Index: {results['arguments']['rows']:,} rows x K = {results['arguments']['sketch_dim']:,} "
+        f"{results['arguments']['dtype']}, vectors file {grow_result['vectors_bytes'] / gb:.2f} GB, folder "
+        f"{results['index_bytes'] / gb:.2f} GB; written in {grow_result['write_generation_s']:.0f} s "
+        f"({grow_result['random_s']:.0f} s of it drawing the random rows), writer peak RSS "
+        f"{grow_result['end']['VmHWM'] / mb:,.0f} MB.",
+        "",
+        "| query | cap | vectors | open s (tokenizer check; model load; files checked; vectors mapped) | RSS after open MB | sketch s | search cold s (GB/s) "
+        "| search warm s (GB/s) | peak RSS MB: total (private / mapped file) |",
+        "|---" * 9 + "|",
+    ]
+    for name, run in results["runs"].items():
+        size = run["scanned_bytes"] / gb
+        end, stages = run["after_second"], run["open_stages"]
+        lines.append(
+            f"| {name.replace('-capped', '')} | {results['arguments']['max_memory'] if 'capped' in name else '-'} "
+            f"| {run['vectors']} | {run['open_s']:.2f} ({stages['check_tokenizer']:.2f}; {run['model_load_s']:.2f}; "
+            f"{stages['check_files']:.2f}; {stages['open_vectors']:.4f}) "
+            f"| {run['after_open']['VmRSS'] / mb:,.0f} | {run['sketch_s']:.2f} "
+            f"| {run['first_s']:.1f} ({size / run['first_s']:.2f}) | {run['second_s']:.1f} ({size / run['second_s']:.2f}) "
+            f"| {end['VmHWM'] / mb:,.0f} ({end['RssAnon'] / mb:,.0f} / {end['RssFile'] / mb:,.0f}) |"
+        )
+    if "cli_query_capped" in results:
+        cli = results["cli_query_capped"]
+        lines += [
+            "",
+            f"CLI `query --max-memory {results['arguments']['max_memory']} --explain 0` (per token, "
+            f"{cli['tokens']} tokens, {cli['row_count']:,} rows): {cli['wall_s']:.1f} s wall, max RSS "
+            f"{cli['max_rss_bytes'] / mb:,.0f} MB.",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
