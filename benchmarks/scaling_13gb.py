@@ -72,6 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--table", type=Path, default=None, help="print the Markdown tables of a results file"
     )
+    parser.add_argument(
+        "--project",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="print the paper-scale projection from a results file of this script and `scaling.py --growth` "
+        "JSON-lines files (sizes at K = 4096 and a K = 65,536 / K = 4096 pair at one size)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--vectors", default="whole", help=argparse.SUPPRESS)
@@ -273,6 +281,13 @@ def main(argv=None) -> dict:
     if args.table is not None:
         print(table(json.loads(args.table.read_text())))
         return {}
+    if args.project is not None:
+        measured = json.loads(args.project[0].read_text())
+        growth = [
+            json.loads(line) for path in args.project[1:] for line in path.read_text().splitlines() if line
+        ]
+        print(projection(measured, growth))
+        return {}
     if args.child == "grow":
         print(json.dumps(grow(args)))
         return {}
@@ -352,6 +367,72 @@ def table(results: dict) -> str:
             f"{cli['tokens']} tokens, {cli['row_count']:,} rows): {cli['wall_s']:.1f} s wall, max RSS "
             f"{cli['max_rss_bytes'] / mb:,.0f} MB.",
         ]
+    return "\n".join(lines)
+
+
+PROJECTED_ROWS = (52_000, 1_000_000, 10_000_000)
+
+
+def projection(measured: dict, growth: list[dict]) -> str:
+    """Build hours, disk, search seconds and RAM at 52K, 1M and 10M rows x K = 65,536 and 4,096 (float16).
+
+    From the measured costs, each scaled linearly in what it reads or computes:
+
+    * build s a row at K = 4096: the largest ``scaling.py --growth`` build's build_s / rows (its fixed
+      costs included); at K = 65,536 times the ratio of two 1,000-row builds at the two K in one run;
+    * disk: N x K x 2 bytes (float16) + 8 bytes a row (ids) + the LanceDB bytes a row of the largest build;
+    * search: a scan of B bytes with q vectors costs B x (a + b q); a and b from the 13 GB index's warm
+      1-vector and per-token (q vectors) searches; an index that does not fit in the page cache is read
+      at the cold rate instead (the cold 1-vector search's bytes/s) when that is slower;
+    * RAM: private = the query process's private memory after its search (model, torch, one block) + 16
+      bytes a row (ids and their order); mapped = the vectors file (page cache, shared, evictable) or
+      at most ``--max-memory``.
+    """
+    gb, hour = 1e9, 3600.0
+    runs = measured["runs"]
+    scanned = runs["whole"]["scanned_bytes"]
+    one_warm = runs["whole"]["second_s"] / scanned  # s a byte, 1 vector
+    many = runs["per-token"]
+    per_vector = max(0.0, (many["second_s"] / scanned - one_warm) / (many["vectors"] - 1))  # b
+    base = one_warm - per_vector  # a
+    cold = runs["whole"]["first_s"] / scanned  # s a byte from disk (1 vector)
+    private = max(
+        run["after_second"]["RssAnon"] - 16 * measured["arguments"]["rows"] for run in runs.values()
+    )
+    memory_bytes = measured.get("machine", {}).get("memory_bytes", 24 * 2**30)
+    at_4096 = max((e for e in growth if e["sketch_dim"] == 4096), key=lambda e: e["rows"])
+    per_row = {4096: at_4096["build"]["build_s"] / at_4096["build"]["rows"]}
+    pair = {e["sketch_dim"]: e for e in growth if e["rows"] == 1000 and e["sketch_dim"] in (4096, 65536)}
+    k_ratio = (
+        pair[65536]["build"]["build_s"] / pair[4096]["build"]["build_s"] if len(pair) == 2 else float("nan")
+    )
+    per_row[65536] = per_row[4096] * k_ratio
+    lance_per_row = at_4096["disk"]["lancedb_bytes"] / at_4096["rows"]
+    q = many["vectors"]
+    lines = [
+        f"Measured: build {1000 * per_row[4096]:.1f} ms a row at K = 4096 ({at_4096['rows']:,}-row build), x "
+        f"{k_ratio:.2f} at K = 65,536; search a = {base * gb:.3f} s/GB + b = {per_vector * gb:.3f} s/GB per "
+        f"vector (warm), cold {1 / cold / gb:.2f} GB/s; private query memory {private / 1e6:,.0f} MB + 16 B a row; "
+        f"LanceDB {lance_per_row:,.0f} B a row.",
+        "",
+        f"| rows | K | build h (this CPU, 1 process) | disk GB (vectors + LanceDB) | fits page cache "
+        f"({memory_bytes / 2**30:.0f} GiB) | search s: 1 vector | {q} vectors | + per vector | RAM: private MB "
+        "+ mapped GB |",
+        "|---" * 9 + "|",
+    ]
+    for rows in PROJECTED_ROWS:
+        for sketch_dim in (65536, 4096):
+            vectors = rows * sketch_dim * 2 + 8 * rows
+            fits = vectors < 0.8 * memory_bytes
+            rate_one = one_warm if fits else max(one_warm, cold)
+            one = vectors * rate_one
+            several = vectors * max(base + per_vector * q, rate_one if not fits else 0.0)
+            lines.append(
+                f"| {rows:,} | {sketch_dim:,} | {rows * per_row[sketch_dim] / hour:,.1f} "
+                f"| {(vectors + rows * lance_per_row) / gb:,.1f} | {'yes' if fits else 'no: disk rate'} "
+                f"| {one:,.1f} | {several:,.1f} | {vectors * per_vector:,.2f} "
+                f"| {(private + 16 * rows) / 1e6:,.0f} + {vectors / gb:,.1f} (or the cap) |"
+            )
     return "\n".join(lines)
 
 
