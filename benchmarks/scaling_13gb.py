@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--folder", type=Path, default=None, help="where the index goes (default: a temp dir)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the index (default: deleted at the end)")
+    parser.add_argument("--no-cli", action="store_true", help="skip the CLI query at the end")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--table", type=Path, default=None, help="print the Markdown tables of a results file"
@@ -180,6 +181,7 @@ def drop_file_pages(path: Path) -> None:
 
 def measure(args: argparse.Namespace) -> dict:
     """Open, sketch one query's vectors, search them cold then warm; times and memory of this process."""
+    import numpy as np
     import torch
 
     from rapidin_index import retrieval, store
@@ -210,6 +212,11 @@ def measure(args: argparse.Namespace) -> dict:
         result[f"{run}_s"] = time.perf_counter() - started
         result[f"after_{run}"] = scaling.memory()
     assert (found[1][:, 0] >= 0).all(), "a search found no row"
+    started = time.perf_counter()  # the join: the hits' text from LanceDB, as a query does it
+    results = retrieval.collect_results(index, prepared, found, np.zeros(len(vectors)), 10, 5, per_token)
+    retrieval.join_text(index, results)
+    result["join_s"] = time.perf_counter() - started
+    assert results[0].helpful[0].response, "the join found no text"
     result["scanned_bytes"] = index.stored_index.nbytes
     return result
 
@@ -315,7 +322,8 @@ def main(argv=None) -> dict:
                 name = f"{vectors}{'-capped' if capped else ''}"
                 extra = ["--vectors", vectors] + (["--capped"] if capped else [])
                 results["runs"][name] = run_child(args, "measure", *extra)
-        results["cli_query_capped"] = cli_query(args)
+        if not args.no_cli:
+            results["cli_query_capped"] = cli_query(args)
         results["machine"] = {
             "cpus": os.cpu_count(),
             "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
@@ -345,8 +353,8 @@ def table(results: dict) -> str:
         f"{grow_result['end']['VmHWM'] / mb:,.0f} MB.",
         "",
         "| query | cap | vectors | open s (tokenizer check; model load; files checked; vectors mapped) | RSS after open MB | sketch s | search cold s (GB/s) "
-        "| search warm s (GB/s) | peak RSS MB: total (private / mapped file) |",
-        "|---" * 9 + "|",
+        "| search warm s (GB/s) | join s | peak RSS MB: total (private / mapped file) |",
+        "|---" * 10 + "|",
     ]
     for name, run in results["runs"].items():
         size = run["scanned_bytes"] / gb
@@ -356,7 +364,8 @@ def table(results: dict) -> str:
             f"| {run['vectors']} | {run['open_s']:.2f} ({stages['check_tokenizer']:.2f}; {run['model_load_s']:.2f}; "
             f"{stages['check_files']:.2f}; {stages['open_vectors']:.4f}) "
             f"| {run['after_open']['VmRSS'] / mb:,.0f} | {run['sketch_s']:.2f} "
-            f"| {run['first_s']:.1f} ({size / run['first_s']:.2f}) | {run['second_s']:.1f} ({size / run['second_s']:.2f}) "
+            f"| {run['first_s']:.2f} ({size / run['first_s']:.2f}) | {run['second_s']:.2f} ({size / run['second_s']:.2f}) "
+            f"| {run.get('join_s', float('nan')):.3f} "
             f"| {end['VmHWM'] / mb:,.0f} ({end['RssAnon'] / mb:,.0f} / {end['RssFile'] / mb:,.0f}) |"
         )
     if "cli_query_capped" in results:
