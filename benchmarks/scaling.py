@@ -399,31 +399,31 @@ def growth_tables(results: list[dict]) -> str:
     """The --growth results as Markdown tables (MB = 10^6 bytes)."""
     mb = 1e6
     lines = [
-        "| rows | tokens/row | build s | ms/row | build peak RSS MB | index MB (vectors / LanceDB / _versions) "
+        "| rows | K | tokens/row | build s | ms/row | build peak RSS MB | index MB (vectors / LanceDB / _versions) "
         "| load avg |",
-        "|---" * 7 + "|",
+        "|---" * 8 + "|",
     ]
-    for e in sorted(results, key=lambda e: e["rows"]):
+    for e in sorted(results, key=lambda e: (e["rows"], e["sketch_dim"])):
         b, d = e["build"], e["disk"]
         lines.append(
-            f"| {e['rows']:,} | {b['tokens'] / b['rows']:.1f} | {b['build_s']:,.1f} | {1000 * b['build_s'] / b['rows']:.2f} "
+            f"| {e['rows']:,} | {e['sketch_dim']:,} | {b['tokens'] / b['rows']:.1f} | {b['build_s']:,.1f} | {1000 * b['build_s'] / b['rows']:.2f} "
             f"| {b['end']['VmHWM'] / mb:,.0f} | {d['index_bytes'] / mb:,.1f} ({d['vectors_bytes'] / mb:,.1f} / "
             f"{d['lancedb_bytes'] / mb:,.1f} / {d['versions_bytes'] / 1e3:,.1f} kB) "
             f"| {b['load_average'][0]:.1f}-{b['load_average'][1]:.1f} |"
         )
     lines += [
         "",
-        "| rows | open | open s (tokenizer check; model load; files checked; vectors mapped s) | sketch s | search s | join s | warm: sketch / search / join s "
+        "| rows | K | open | open s (tokenizer check; model load; files checked; vectors mapped s) | sketch s | search s | join s | warm: sketch / search / join s "
         "| query peak RSS MB (anon) | process s |",
-        "|---" * 9 + "|",
+        "|---" * 10 + "|",
     ]
-    for e in sorted(results, key=lambda e: e["rows"]):
+    for e in sorted(results, key=lambda e: (e["rows"], e["sketch_dim"])):
         for name in ("query_first_open", "query_second_open"):
             q = e[name]
             first, second = q["first"], q["second"]
             stages, nan = q.get("open_stages", {}), float("nan")
             lines.append(
-                f"| {e['rows']:,} | {'first' if name == 'query_first_open' else 'second'} "
+                f"| {e['rows']:,} | {e['sketch_dim']:,} | {'first' if name == 'query_first_open' else 'second'} "
                 f"| {q['open_s']:.2f} ({stages.get('check_tokenizer', nan):.2f}; {q['model_load_s']:.2f}; "
                 f"{stages.get('check_files', nan):.2f}; "
                 f"{stages.get('open_vectors', nan):.4f}) | {first['sketch_s']:.3f} | {first['search_s']:.3f} "
