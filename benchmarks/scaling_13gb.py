@@ -78,8 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         type=Path,
         default=None,
-        help="print the paper-scale projection from a results file of this script and `scaling.py --growth` "
-        "JSON-lines files (sizes at K = 4096 and a K = 65,536 / K = 4096 pair at one size)",
+        help="print the paper-scale projection from two results files of this script (the 13 GB index, then "
+        "one that fits the page cache) and `scaling.py --growth` JSON-lines files (sizes at K = 4096 and a "
+        "K = 65,536 / K = 4096 pair of 1,000 rows)",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=Path, default=None, help=argparse.SUPPRESS)
@@ -291,11 +292,11 @@ def main(argv=None) -> dict:
         print(table(json.loads(args.table.read_text())))
         return {}
     if args.project is not None:
-        measured = json.loads(args.project[0].read_text())
+        large, small = (json.loads(path.read_text()) for path in args.project[:2])
         growth = [
-            json.loads(line) for path in args.project[1:] for line in path.read_text().splitlines() if line
+            json.loads(line) for path in args.project[2:] for line in path.read_text().splitlines() if line
         ]
-        print(projection(measured, growth))
+        print(projection(large, small, growth))
         return {}
     if args.child == "grow":
         print(json.dumps(grow(args)))
@@ -384,66 +385,71 @@ def table(results: dict) -> str:
 PROJECTED_ROWS = (52_000, 1_000_000, 10_000_000)
 
 
-def projection(measured: dict, growth: list[dict]) -> str:
+def search_costs(runs: dict, capped: bool) -> tuple[float, float, int]:
+    """(a, b, q): a scan of B bytes with q vectors costs B x (a + b q) seconds, from the warm 1-vector and
+    per-token (q vectors) searches, both capped or both not."""
+    suffix = "-capped" if capped else ""
+    whole, many = runs[f"whole{suffix}"], runs[f"per-token{suffix}"]
+    one = whole["second_s"] / whole["scanned_bytes"]
+    per_vector = max(0.0, (many["second_s"] / many["scanned_bytes"] - one) / (many["vectors"] - 1))
+    return one - per_vector, per_vector, many["vectors"]
+
+
+def projection(large: dict, small: dict, growth: list[dict]) -> str:
     """Build hours, disk, search seconds and RAM at 52K, 1M and 10M rows x K = 65,536 and 4,096 (float16).
 
     From the measured costs, each scaled linearly in what it reads or computes:
 
     * build s a row at K = 4096: the largest ``scaling.py --growth`` build's build_s / rows (its fixed
       costs included); at K = 65,536 times the ratio of two 1,000-row builds at the two K in one run;
+      build memory: the largest build's peak RSS + the growth a row between the smallest and largest;
     * disk: N x K x 2 bytes (float16) + 8 bytes a row (ids) + the LanceDB bytes a row of the largest build;
-    * search: a scan of B bytes with q vectors costs B x (a + b q); a and b from the 13 GB index's warm
-      1-vector and per-token (q vectors) searches; an index that does not fit in the page cache is read
-      at the cold rate instead (the cold 1-vector search's bytes/s) when that is slower;
-    * RAM: private = the query process's private memory after its search (model, torch, one block) + 16
-      bytes a row (ids and their order); mapped = the vectors file (page cache, shared, evictable) or
-      at most ``--max-memory``.
+    * search: a scan of B bytes with q vectors costs B x (a + b q). An index under half this machine's RAM
+      (shared: the page cache keeps it): a and b from ``small``'s warm uncapped searches (1 vector and per
+      token); a larger one is read from disk each time: a and b from ``large``'s capped searches (the
+      13 GB index, whose pages this shared machine's page cache did not keep);
+    * RAM of a query: private = the query process's largest private memory (model, torch, one block) + 16
+      bytes a row (ids and their order); mapped = the vectors file (page cache, shared, evictable), or at
+      most ``--max-memory``.
     """
     gb, hour = 1e9, 3600.0
-    runs = measured["runs"]
-    whole = runs.get("whole", runs.get("whole-capped"))  # uncapped where it ran, else the capped run
-    many = runs.get("per-token", runs.get("per-token-capped"))
-    scanned = whole["scanned_bytes"]
-    one_warm = whole["second_s"] / scanned  # s a byte, 1 vector
-    per_vector = max(0.0, (many["second_s"] / scanned - one_warm) / (many["vectors"] - 1))  # b
-    base = one_warm - per_vector  # a
-    cold = whole["first_s"] / scanned  # s a byte from disk (1 vector)
-    private = max(
-        run["after_second"]["RssAnon"] - 16 * measured["arguments"]["rows"] for run in runs.values()
+    cached, disk = search_costs(small["runs"], False), search_costs(large["runs"], True)
+    q = cached[2]
+    runs = list(large["runs"].values()) + list(small["runs"].values())
+    private = max(run["after_second"]["RssAnon"] for run in runs)
+    memory_bytes = large.get("machine", {}).get("memory_bytes", 24 * 2**30)
+    sizes = sorted((e for e in growth if e["sketch_dim"] == 4096), key=lambda e: e["rows"])
+    first, last = sizes[0], sizes[-1]
+    per_row = {4096: last["build"]["build_s"] / last["build"]["rows"]}
+    memory_per_row = (last["build"]["end"]["VmHWM"] - first["build"]["end"]["VmHWM"]) / (
+        last["rows"] - first["rows"]
     )
-    memory_bytes = measured.get("machine", {}).get("memory_bytes", 24 * 2**30)
-    at_4096 = max((e for e in growth if e["sketch_dim"] == 4096), key=lambda e: e["rows"])
-    per_row = {4096: at_4096["build"]["build_s"] / at_4096["build"]["rows"]}
     pair = {e["sketch_dim"]: e for e in growth if e["rows"] == 1000 and e["sketch_dim"] in (4096, 65536)}
-    k_ratio = (
-        pair[65536]["build"]["build_s"] / pair[4096]["build"]["build_s"] if len(pair) == 2 else float("nan")
-    )
+    k_ratio = pair[65536]["build"]["build_s"] / pair[4096]["build"]["build_s"]
     per_row[65536] = per_row[4096] * k_ratio
-    lance_per_row = at_4096["disk"]["lancedb_bytes"] / at_4096["rows"]
-    q = many["vectors"]
+    lance_per_row = last["disk"]["lancedb_bytes"] / last["rows"]
     lines = [
-        f"Measured: build {1000 * per_row[4096]:.1f} ms a row at K = 4096 ({at_4096['rows']:,}-row build), x "
-        f"{k_ratio:.2f} at K = 65,536; search a = {base * gb:.3f} s/GB + b = {per_vector * gb:.3f} s/GB per "
-        f"vector (warm), cold {1 / cold / gb:.2f} GB/s; private query memory {private / 1e6:,.0f} MB + 16 B a row; "
-        f"LanceDB {lance_per_row:,.0f} B a row.",
+        f"Measured: build {1000 * per_row[4096]:.1f} ms a row at K = 4096 ({last['rows']:,}-row build), x "
+        f"{k_ratio:.2f} at K = 65,536; build peak RSS {last['build']['end']['VmHWM'] / 1e6:,.0f} MB + "
+        f"{memory_per_row / 1e3:.1f} kB a row; search in the page cache a = {cached[0] * gb:.3f} + b = "
+        f"{cached[1] * gb:.3f} s/GB a vector, from disk a = {disk[0] * gb:.3f} + b = {disk[1] * gb:.3f} s/GB a "
+        f"vector; private query memory {private / 1e6:,.0f} MB + 16 B a row; LanceDB {lance_per_row:,.0f} B a row.",
         "",
-        f"| rows | K | build h (this CPU, 1 process) | disk GB (vectors + LanceDB) | fits page cache "
-        f"({memory_bytes / 2**30:.0f} GiB) | search s: 1 vector | {q} vectors | + per vector | RAM: private MB "
-        "+ mapped GB |",
-        "|---" * 9 + "|",
+        "| rows | K | build h (this CPU, 1 process) | build peak RSS GB | disk GB (vectors + LanceDB) "
+        f"| read from | search s: 1 vector | {q} vectors | + s a vector | query RAM: private GB + mapped GB |",
+        "|---" * 10 + "|",
     ]
     for rows in PROJECTED_ROWS:
         for sketch_dim in (65536, 4096):
             vectors = rows * sketch_dim * 2 + 8 * rows
-            fits = vectors < 0.8 * memory_bytes
-            rate_one = one_warm if fits else max(one_warm, cold)
-            one = vectors * rate_one
-            several = vectors * max(base + per_vector * q, rate_one if not fits else 0.0)
+            fits = vectors < 0.5 * memory_bytes
+            a, b, _ = cached if fits else disk
+            build_memory = last["build"]["end"]["VmHWM"] + memory_per_row * (rows - last["rows"])
             lines.append(
-                f"| {rows:,} | {sketch_dim:,} | {rows * per_row[sketch_dim] / hour:,.1f} "
-                f"| {(vectors + rows * lance_per_row) / gb:,.1f} | {'yes' if fits else 'no: disk rate'} "
-                f"| {one:,.1f} | {several:,.1f} | {vectors * per_vector:,.2f} "
-                f"| {(private + 16 * rows) / 1e6:,.0f} + {vectors / gb:,.1f} (or the cap) |"
+                f"| {rows:,} | {sketch_dim:,} | {rows * per_row[sketch_dim] / hour:,.1f} | {build_memory / gb:,.1f} "
+                f"| {(vectors + rows * lance_per_row) / gb:,.1f} | {'page cache' if fits else 'disk'} "
+                f"| {vectors * (a + b):,.1f} | {vectors * (a + b * q):,.1f} | {vectors * b:,.2f} "
+                f"| {(private + 16 * rows) / gb:,.2f} + {vectors / gb:,.1f} (or the cap) |"
             )
     return "\n".join(lines)
 
