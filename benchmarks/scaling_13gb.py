@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the index (default: deleted at the end)")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI query at the end")
+    parser.add_argument(
+        "--child-timeout",
+        type=int,
+        default=None,
+        help="stop a measurement after this many seconds (recorded)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--table", type=Path, default=None, help="print the Markdown tables of a results file"
@@ -245,9 +251,18 @@ def run_child(args: argparse.Namespace, mode: str, *extra: str) -> dict:
     ]
     command += extra
     started = time.perf_counter()
-    finished = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, check=False
-    )
+    try:
+        finished = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **ONE_THREAD},
+            check=False,
+            timeout=args.child_timeout if mode == "measure" else None,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"{mode} {' '.join(extra)}: stopped after {args.child_timeout} s", file=sys.stderr, flush=True)
+        return {"timed_out_s": args.child_timeout, "load_average": os.getloadavg()[0]}
     if finished.returncode != 0:
         raise SystemExit(f"{mode} {extra} failed:\n{finished.stderr[-3000:]}")
     result = json.loads(finished.stdout.strip().splitlines()[-1])
@@ -324,7 +339,11 @@ def main(argv=None) -> dict:
             for vectors in ("whole", "per-token"):
                 name = f"{vectors}{'-capped' if capped else ''}"
                 extra = ["--vectors", vectors] + (["--capped"] if capped else [])
-                results["runs"][name] = run_child(args, "measure", *extra)
+                measured = run_child(args, "measure", *extra)
+                if "timed_out_s" in measured:  # e.g. a cold uncapped scan that the page cache cannot hold
+                    results.setdefault("timed_out", {})[name] = measured
+                else:
+                    results["runs"][name] = measured
         if not args.no_cli:
             results["cli_query_capped"] = cli_query(args)
         results["machine"] = {
@@ -370,6 +389,10 @@ def table(results: dict) -> str:
             f"| {run['first_s']:.2f} ({size / run['first_s']:.2f}) | {run['second_s']:.2f} ({size / run['second_s']:.2f}) "
             f"| {run.get('join_s', float('nan')):.3f} "
             f"| {end['VmHWM'] / mb:,.0f} ({end['RssAnon'] / mb:,.0f} / {end['RssFile'] / mb:,.0f}) |"
+        )
+    for name, stopped in results.get("timed_out", {}).items():
+        lines.append(
+            f"| {name} | stopped after {stopped['timed_out_s']} s (load {stopped['load_average']:.1f}) |"
         )
     if "cli_query_capped" in results:
         cli = results["cli_query_capped"]
