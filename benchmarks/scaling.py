@@ -13,6 +13,17 @@ Per build it reports the wall time of the whole `build_index` call (model load i
 chunks, finalising the FAISS + LanceDB files) and of the chunk phase alone (``runner.run``); for Ray, the
 chunk phase splits into startup (Ray started, every actor's model loaded) and compute. Every build's
 vectors must equal local-1t's within 1e-5. CPU only; run from the repository root.
+
+``--growth 1000,4000,...`` (issue 27 item 4) measures instead how one build and one query grow with the
+index: per size, in FRESH processes (torch, BLAS and FAISS on one thread), a build of that many synthetic
+rows of about 30 tokens (words drawn from the docstring rows) with the tiny Llama at ``--sketch-dim``
+(K = 4096 there): wall time, time per row, peak RSS (VmHWM of the build process), the index on disk (the
+vectors file, LanceDB, its ``_versions``); then two query processes on that index (the first open after
+the build hashes every file once; the second finds them verified), each timing `Index.open` (with the
+model load on its own), one whole-generation query split into sketch (its gradient), search and join
+(LanceDB text of the hits), then the same query again warm, and the query process's peak RSS. Each size's
+results are appended as one JSON line to ``--out`` as soon as it finishes (run sizes as separate commands
+to run them in the background); ``--table FILE`` prints the Markdown tables of such a file.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported")
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=CONFIGURATIONS)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--growth", default=None, help="comma-separated row counts: the growth benchmark")
+    parser.add_argument("--folder", type=Path, default=None, help="growth: where models and indexes go")
+    parser.add_argument("--keep", action="store_true", help="growth: keep each index (default: deleted)")
+    parser.add_argument("--table", type=Path, default=None, help="print the tables of a --growth --out file")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -125,6 +145,15 @@ def summarise(samples: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.table is not None:
+        print(growth_tables([json.loads(line) for line in args.table.read_text().splitlines() if line]))
+        return {}
+    if args.child is not None:
+        result = build_child(args) if args.child == "build" else query_child(args)
+        print(json.dumps(result))
+        return result
+    if args.growth is not None:
+        return growth(args)
     root = Path(tempfile.mkdtemp(prefix="rapidin-scaling-"))
     rows = load_docstring_rows()[: args.rows]
     data = write_jsonl(rows, root / "train.jsonl")
@@ -175,6 +204,234 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.write_text(json.dumps(results, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     return results
+
+
+# --------------------------------------------------------------------------- growth (issue 27 item 4)
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+QUERY = {
+    "prompt": "Return the number of items in the list",
+    "response": " the length of the list as an integer",
+}
+
+
+def memory() -> dict:
+    """This process's VmHWM (peak resident), VmRSS, RssAnon (private) and RssFile (mapped files), bytes."""
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def synthetic_rows(count: int, seed: int) -> list[dict]:
+    """``count`` prompt/completion rows of about 30 tokens: 5-9 + 10-17 words drawn from the 600 commonest
+    alphabetic words of the docstring rows (the tiny tokenizer's own text, so mostly one token a word)."""
+    counts: dict[str, int] = {}
+    for row in load_docstring_rows():
+        for word in (row["instruction"] + " " + row["output"]).split():
+            if word.isalpha():
+                counts[word] = counts.get(word, 0) + 1
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:600]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        prompt = " ".join(rng.choice(words, int(rng.integers(5, 10))))
+        completion = " " + " ".join(rng.choice(words, int(rng.integers(10, 18))))
+        rows.append({"prompt": prompt, "completion": completion})
+    return rows
+
+
+def build_child(args: argparse.Namespace) -> dict:
+    """One build in this (fresh) process: wall time, the report's counts, this process's memory."""
+    torch.set_num_threads(1)
+    settings = BuildSettings(
+        ModelSettings(str(args.model)),
+        SketchSettings(args.sketch_dim, 20, 42),
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        device="cpu",
+    )
+    before = memory()
+    started = time.perf_counter()
+    report = build_index(args.data, args.index, settings, progress=False)
+    wall = time.perf_counter() - started
+    manifest = read_manifest(args.index)
+    return {
+        "build_s": wall,
+        "rows": report.rows_indexed,
+        "tokens": report.tokens,
+        "gradient_dim": report.gradient_dim,
+        "algorithm": manifest.sketch["algorithm"],
+        "vector_dtype": manifest.vector_dtype,
+        "before": before,
+        "end": memory(),
+    }
+
+
+def time_open_stages() -> dict:
+    """Time the parts of `Index.open` (patched in for this process): {stage: seconds}, filled as they run:
+    check_files (the xxh3 check of every file, or its stat), check_tokenizer, load_model, open_vectors
+    (the vectors file mapped, its ids read), open_rows (the LanceDB table)."""
+    from rapidin_index import retrieval, store
+
+    stages = {}
+
+    def timed(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            value = real(*args, **kwargs)
+            stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
+            return value
+
+        setattr(module, name, wrapper)
+
+    for module, name in [
+        (retrieval, "check_files"),
+        (retrieval, "check_tokenizer"),
+        (retrieval, "load_model"),
+    ]:
+        timed(module, name)
+    for name in ("open_vectors", "open_rows"):
+        timed(store, name)
+    return stages
+
+
+def query_child(args: argparse.Namespace) -> dict:
+    """Open the index and run one whole-generation query twice in this (fresh) process, stage by stage."""
+    from rapidin_index import retrieval
+
+    torch.set_num_threads(1)
+    stages = time_open_stages()
+    result = {"before": memory()}
+    started = time.perf_counter()
+    index = retrieval.Index.open(args.index, device="cpu")
+    result["open_s"] = time.perf_counter() - started
+    result["model_load_s"] = stages["load_model"]
+    result["open_stages"] = stages
+    result["after_open"] = memory()
+    for run in ("first", "second"):
+        stages = {}
+        started = time.perf_counter()
+        prepared = [index.prepare(QUERY["prompt"], QUERY["response"])]
+        vectors, losses = retrieval.sketch_queries(index, prepared, per_token=False)
+        stages["sketch_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        found = retrieval.search(index, vectors, 10)
+        stages["search_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        results = retrieval.collect_results(index, prepared, found, losses, 10, 5, False)
+        retrieval.join_text(index, results)
+        stages["join_s"] = time.perf_counter() - started
+        assert len(results[0].helpful) == 10 and results[0].helpful[0].response, "a query found no text"
+        result[run] = stages
+    result["end"] = memory()
+    return result
+
+
+def run_growth_child(args: argparse.Namespace, mode: str, **paths) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--sketch-dim", str(args.sketch_dim)]
+    command += ["--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size)]
+    for name, path in paths.items():
+        command += [f"--{name}", str(path)]
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    finished = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, check=False
+    )
+    if finished.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{finished.stderr[-3000:]}")
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - started  # imports included
+    result["load_average"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
+def growth(args: argparse.Namespace) -> dict:
+    """Each size: a fresh build process, then two fresh query processes; one JSON line per size."""
+    root = Path(tempfile.mkdtemp(prefix="rapidin-growth-", dir=args.folder))
+    model_dir = root / "model"
+    texts = [r["instruction"] + " " + r["output"] for r in load_docstring_rows()]
+    save_tiny_model(
+        model_dir, "llama", texts, vocab_size=2000, hidden_size=args.hidden_size, layers=args.layers
+    )
+    results = []
+    for rows in (int(size) for size in args.growth.split(",")):
+        data = write_jsonl(synthetic_rows(rows, seed=rows), root / f"train-{rows}.jsonl")
+        index_dir = root / f"index-{rows}"
+        entry = {
+            "rows": rows,
+            "sketch_dim": args.sketch_dim,
+            "hidden_size": args.hidden_size,
+            "layers": args.layers,
+        }
+        entry["build"] = run_growth_child(args, "build", data=data, model=model_dir, index=index_dir)
+        vectors = next(index_dir.glob("vectors-*"))
+        entry["disk"] = {
+            "index_bytes": folder_bytes(index_dir),
+            "vectors_bytes": vectors.stat().st_size,
+            "lancedb_bytes": folder_bytes(index_dir / "metadata"),
+            "versions_bytes": sum(folder_bytes(p) for p in index_dir.rglob("_versions") if p.is_dir()),
+        }
+        entry["query_first_open"] = run_growth_child(args, "query", index=index_dir)
+        entry["query_second_open"] = run_growth_child(args, "query", index=index_dir)
+        entry["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        print(json.dumps(entry), flush=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as out:
+                out.write(json.dumps(entry) + "\n")
+        if not args.keep:
+            shutil.rmtree(index_dir, ignore_errors=True)
+        results.append(entry)
+    shutil.rmtree(root, ignore_errors=True) if not args.keep else None
+    return {"growth": results}
+
+
+def growth_tables(results: list[dict]) -> str:
+    """The --growth results as Markdown tables (MB = 10^6 bytes)."""
+    mb = 1e6
+    lines = [
+        "| rows | K | tokens/row | build s | ms/row | build peak RSS MB | index MB (vectors / LanceDB / _versions) "
+        "| load avg |",
+        "|---" * 8 + "|",
+    ]
+    for e in sorted(results, key=lambda e: (e["rows"], e["sketch_dim"])):
+        b, d = e["build"], e["disk"]
+        lines.append(
+            f"| {e['rows']:,} | {e['sketch_dim']:,} | {b['tokens'] / b['rows']:.1f} | {b['build_s']:,.1f} | {1000 * b['build_s'] / b['rows']:.2f} "
+            f"| {b['end']['VmHWM'] / mb:,.0f} | {d['index_bytes'] / mb:,.1f} ({d['vectors_bytes'] / mb:,.1f} / "
+            f"{d['lancedb_bytes'] / mb:,.1f} / {d['versions_bytes'] / 1e3:,.1f} kB) "
+            f"| {b['load_average'][0]:.1f}-{b['load_average'][1]:.1f} |"
+        )
+    lines += [
+        "",
+        "| rows | K | open | open s (tokenizer check; model load; files checked; vectors mapped s) | sketch s | search s | join s | warm: sketch / search / join s "
+        "| query peak RSS MB (anon) | process s |",
+        "|---" * 10 + "|",
+    ]
+    for e in sorted(results, key=lambda e: (e["rows"], e["sketch_dim"])):
+        for name in ("query_first_open", "query_second_open"):
+            q = e[name]
+            first, second = q["first"], q["second"]
+            stages, nan = q.get("open_stages", {}), float("nan")
+            lines.append(
+                f"| {e['rows']:,} | {e['sketch_dim']:,} | {'first' if name == 'query_first_open' else 'second'} "
+                f"| {q['open_s']:.2f} ({stages.get('check_tokenizer', nan):.2f}; {q['model_load_s']:.2f}; "
+                f"{stages.get('check_files', nan):.2f}; "
+                f"{stages.get('open_vectors', nan):.4f}) | {first['sketch_s']:.3f} | {first['search_s']:.3f} "
+                f"| {first['join_s']:.3f} | {second['sketch_s']:.3f} / {second['search_s']:.3f} / "
+                f"{second['join_s']:.3f} | {q['end']['VmHWM'] / mb:,.0f} ({q['end']['RssAnon'] / mb:,.0f}) "
+                f"| {q['process_s']:.1f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
