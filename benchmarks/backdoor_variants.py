@@ -101,7 +101,9 @@ def built_variant_results(
     index's fitted one (`rapidin-index fit`: per tensor under rapidgrad-kron), at the default damping
     and, from the same eigenpairs, at the others in ``BUILT_DAMPINGS``. ``plain``: the build without the
     state and its seconds (`built_index`). Returns (results, costs: seconds and ratios)."""
-    from rapidin_index.precondition import DEFAULT_DAMPING, load_preconditioner
+    import time
+
+    from rapidin_index.precondition import DEFAULT_DAMPING, fit_index, load_preconditioner
 
     results, costs = {}, {}
     state = Path(paths.model) / "optimizer.pt"
@@ -114,6 +116,7 @@ def built_variant_results(
     for name, index in (("RapidIn", plain), ("+optimizer state", adam)):
         ids, rows = vector_index.stored_vectors(index.faiss_index)
         rows = rows[np.argsort(ids)].astype(np.float32)
+        index.use_precondition("none")  # layer-normalised queries (the fit's query norms would drop them)
         vectors = query_vectors(index, queries)
         results[f"{name}, {label}"] = evaluate(labels, vectors @ rows.T)
         fitted = load_preconditioner(index.path, index.manifest)
@@ -125,10 +128,83 @@ def built_variant_results(
             preconditioned = Preconditioner(blocks, {}).apply(vectors)
             shown = f"{prefix} ({index.manifest.precondition['structure']}, damping {damping}), {label}"
             results[shown] = evaluate(labels, preconditioned @ rows.T)
+        results.update(fitted_query_results(index, name, label, queries, rows, labels, evaluate))
         del rows
     costs["query_seconds"] = query_costs(plain, queries)
     costs["query_ratio_fisher"] = costs["query_seconds"]["fisher"] / costs["query_seconds"]["none"]
+    for kind in FITTED_KINDS:  # refit each build with (E)K-FAC's defaults, scored as a user queries it
+        for name, index in (("RapidIn", plain), ("+optimizer state", adam)):
+            folder, started = index.path, time.perf_counter()
+            index.lease.close()
+            fit_index(folder, kind=kind)
+            costs.setdefault(f"fit_seconds_{kind}", {})[name] = time.perf_counter() - started
+            index = Index.open(folder, device="cpu")
+            ids, rows = vector_index.stored_vectors(index.faiss_index)
+            rows = rows[np.argsort(ids)].astype(np.float32)
+            results.update(
+                fitted_query_results(index, name, label, queries, rows, labels, evaluate, sweep=False)
+            )
+            del rows
+    costs["fit_over_build_kinds"] = {
+        kind: costs[f"fit_seconds_{kind}"]["RapidIn"] / plain_seconds["build"] for kind in FITTED_KINDS
+    }
+    costs["query_path_check"] = QUERY_PATH_CHECKS
     return results, costs
+
+
+QUERY_PATH_CHECKS: dict[str, str] = {}
+"""`fitted_query_results`' check of its scores against `Index.query_prepared`'s top 10 (in the report's costs)."""
+FITTED_KINDS = ("kfac", "ekfac")
+"""Refitted after the Fisher (one kind per index folder), each at its default damping, query norms on."""
+
+
+def fitted_query_results(
+    index: Index, name: str, label: str, queries, rows: np.ndarray, labels, evaluate, sweep: bool = True
+) -> dict:
+    """Scores through the index's own query path, as `rapidin-index query` gets them on a fitted index:
+    `Index.use_precondition(None)` (the fitted kind, its damping and its query norms), whole-generation
+    vectors from `retrieval.sketch_queries` (what `query_prepared` searches the inner-product index with)
+    against the stored rows; the top 10 of `query_prepared` itself are checked against these scores.
+    ``sweep``: also the same query-norm vectors without a preconditioner and with the Fisher's eigenpairs
+    at ``BUILT_DAMPINGS``."""
+    from rapidin_index.precondition import DEFAULT_DAMPING
+    from rapidin_index.retrieval import sketch_queries
+
+    index.use_precondition(None)
+    record = index.preconditioner.record
+    prepared = [index.prepare(prompt, response) for prompt, response in queries]
+    vectors, _ = sketch_queries(index, prepared, per_token=False)
+    scores = vectors @ rows.T
+    norms = ", query norms" if record.get("query_norms") else ""
+    shown = (
+        f"{name} +{record['kind']} (fit default: {record['structure']}, damping {record['damping']}{norms})"
+    )
+    results = {f"{shown}, {label}": evaluate(labels, scores)}
+    found = index.query_prepared(prepared, 10, explain=0, per_token=False)
+    same = [
+        np.allclose(sorted(hit.score for hit in result.helpful), np.sort(row)[-10:], rtol=1e-3, atol=1e-6)
+        for result, row in zip(found, scores, strict=True)
+    ]
+    QUERY_PATH_CHECKS[shown] = (
+        f"query_prepared's top-10 scores equal these in {sum(same)}/{len(same)} queries"
+    )
+    print(f"{shown}: {QUERY_PATH_CHECKS[shown]}", flush=True)
+    if sweep and record["kind"] == "fisher":
+        raw = query_vectors(index, queries)  # the sketcher as the fit left it: per-tensor norms kept
+        results[f"{name}, query norms, no preconditioner, {label}"] = evaluate(labels, raw @ rows.T)
+        fitted = index.preconditioner
+        for damping in BUILT_DAMPINGS:
+            blocks = [
+                dataclasses.replace(b, damping=b.damping / DEFAULT_DAMPING * damping) for b in fitted.blocks
+            ]
+            preconditioned = Preconditioner(blocks, {}).apply(raw)
+            results[f"{name} +fisher ({record['structure']}, damping {damping}{norms}), {label}"] = evaluate(
+                labels, preconditioned @ rows.T
+            )
+    for key in results:
+        print(f"{key}: {dict(results[key])}", flush=True)
+    index.use_precondition("none")
+    return results
 
 
 def query_costs(index: Index, queries, repeats: int = 3) -> dict:
