@@ -11,6 +11,11 @@ would hold a second 2.8 GB matrix beside the first.
 With `backdoor.py --exact off` (`built_variant_results`) there is no exact index: every variant is a real
 build at K (the build's default algorithm: rapidgrad-kron on this model), fitted by `fit_index`, scored
 from its stored vectors and its own query vectors; the builds, the fit and a preconditioned query are timed.
+Each build is also scored as a user queries it (`fitted_query_results`): `Index.use_precondition(None)`, i.e.
+the fit's defaults (the per-tensor Fisher at damping 0.5 with query norms: the query keeps its per-tensor
+gradient norms), through `retrieval.sketch_queries`, checked against `Index.query_prepared`'s top 10; then
+each build is refitted with `fit_index(kind="kfac")` and `"ekfac"` (their default damping) and scored the
+same way.
 """
 
 from __future__ import annotations
