@@ -14,8 +14,8 @@ from its stored vectors and its own query vectors; the builds, the fit and a pre
 Each build is also scored as a user queries it (`fitted_query_results`): `Index.use_precondition(None)`, i.e.
 the fit's defaults (the per-tensor Fisher at damping 0.5 with query norms: the query keeps its per-tensor
 gradient norms), through `retrieval.sketch_queries`, checked against `Index.query_prepared`'s top 10; then
-each build is refitted with `fit_index(kind="kfac")` and `"ekfac"` (their default damping) and scored the
-same way.
+each build is refitted with `fit_index(kind="kfac")`, `"ekfac"` (their default damping) and the Fisher with
+``query_norms=False`` (`fit --no-query-norms`) and scored the same way.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def built_variant_results(
     index's fitted one (`rapidin-index fit`: per tensor under rapidgrad-kron), at the default damping
     and, from the same eigenpairs, at the others in ``BUILT_DAMPINGS``. ``plain``: the build without the
     state and its seconds (`built_index`). Returns (results, costs: seconds and ratios)."""
+    import gc
     import time
 
     from rapidin_index.precondition import DEFAULT_DAMPING, fit_index, load_preconditioner
@@ -119,8 +120,7 @@ def built_variant_results(
     costs["fit_over_build"] = plain_seconds["fit"] / plain_seconds["build"]
     label = f"K=2^{sketch.sketch_dim.bit_length() - 1} ({plain.manifest.sketch['algorithm']})"
     for name, index in (("RapidIn", plain), ("+optimizer state", adam)):
-        ids, rows = vector_index.stored_vectors(index.faiss_index)
-        rows = rows[np.argsort(ids)].astype(np.float32)
+        rows = stored_rows(index)
         index.use_precondition("none")  # layer-normalised queries (the fit's query norms would drop them)
         vectors = query_vectors(index, queries)
         results[f"{name}, {label}"] = evaluate(labels, vectors @ rows.T)
@@ -134,33 +134,52 @@ def built_variant_results(
             shown = f"{prefix} ({index.manifest.precondition['structure']}, damping {damping}), {label}"
             results[shown] = evaluate(labels, preconditioned @ rows.T)
         results.update(fitted_query_results(index, name, label, queries, rows, labels, evaluate))
-        del rows
+        del rows, fitted, blocks, preconditioned
+        print(f"peak RSS so far: {peak_rss_gb():.2f} GB", flush=True)
+    print(f"peak RSS so far: {peak_rss_gb():.2f} GB", flush=True)
     costs["query_seconds"] = query_costs(plain, queries)
     costs["query_ratio_fisher"] = costs["query_seconds"]["fisher"] / costs["query_seconds"]["none"]
-    for kind in FITTED_KINDS:  # refit each build with (E)K-FAC's defaults, scored as a user queries it
+    for kind, query_norms in REFITS:  # refit each build, scored as a user queries it
+        key = f"fit_seconds_{kind}" + ("" if query_norms else "_no_query_norms")
         for name, index in (("RapidIn", plain), ("+optimizer state", adam)):
             folder, started = index.path, time.perf_counter()
             index.lease.close()
-            fit_index(folder, kind=kind)
-            costs.setdefault(f"fit_seconds_{kind}", {})[name] = time.perf_counter() - started
+            fit_index(folder, kind=kind, query_norms=query_norms)
+            costs.setdefault(key, {})[name] = time.perf_counter() - started
             index = Index.open(folder, device="cpu")
-            ids, rows = vector_index.stored_vectors(index.faiss_index)
-            rows = rows[np.argsort(ids)].astype(np.float32)
+            rows = stored_rows(index)
             results.update(
                 fitted_query_results(index, name, label, queries, rows, labels, evaluate, sweep=False)
             )
-            del rows
-    costs["fit_over_build_kinds"] = {
-        kind: costs[f"fit_seconds_{kind}"]["RapidIn"] / plain_seconds["build"] for kind in FITTED_KINDS
-    }
+            index.lease.close()
+            del rows, index
+            gc.collect()
+            print(f"peak RSS so far: {peak_rss_gb():.2f} GB", flush=True)
+        costs[key.replace("seconds", "over_build")] = costs[key]["RapidIn"] / plain_seconds["build"]
     costs["query_path_check"] = QUERY_PATH_CHECKS
+    costs["peak_rss_gb"] = peak_rss_gb()
     return results, costs
+
+
+def stored_rows(index: Index) -> np.ndarray:
+    """The index's stored vectors [N, K] in id order, float32 (one copy where they are already in order)."""
+    ids, rows = vector_index.stored_vectors(index.faiss_index)
+    if not np.array_equal(ids, np.arange(len(ids))):
+        rows = rows[np.argsort(ids)]
+    return rows.astype(np.float32, copy=False)
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 QUERY_PATH_CHECKS: dict[str, str] = {}
 """`fitted_query_results`' check of its scores against `Index.query_prepared`'s top 10 (in the report's costs)."""
-FITTED_KINDS = ("kfac", "ekfac")
-"""Refitted after the Fisher (one kind per index folder), each at its default damping, query norms on."""
+REFITS = (("kfac", True), ("ekfac", True), ("fisher", False))
+"""(kind, query_norms) refitted after the default fit (one fit per index folder), each at its kind's
+default damping: K-FAC and EK-FAC with query norms, then the Fisher without them (`fit --no-query-norms`)."""
 
 
 def fitted_query_results(
@@ -182,7 +201,7 @@ def fitted_query_results(
     scores = vectors @ rows.T
     norms = ", query norms" if record.get("query_norms") else ""
     shown = (
-        f"{name} +{record['kind']} (fit default: {record['structure']}, damping {record['damping']}{norms})"
+        f"{name} +{record['kind']} ({record['structure']}, damping {record['damping']}{norms}; query path)"
     )
     results = {f"{shown}, {label}": evaluate(labels, scores)}
     found = index.query_prepared(prepared, 10, explain=0, per_token=False)
