@@ -247,3 +247,34 @@ def query_costs(index: Index, queries, repeats: int = 3) -> dict:
             seconds[option].append(time.perf_counter() - started)
     index.use_precondition("none")
     return {option: statistics.median(values) for option, values in seconds.items()}
+
+
+def fisher_fit_seconds(folder: str) -> dict:
+    """Wall and CPU seconds of the Fisher fit of ``folder``'s stored vectors (`fit_index`'s defaults, not
+    written), in this process's BLAS threading (``OPENBLAS_NUM_THREADS``)."""
+    import os
+    import time
+
+    from rapidin_index import store
+    from rapidin_index.manifest import read_manifest
+    from rapidin_index.precondition import DEFAULT_DAMPING, DEFAULT_RANK, fit_fisher, spans_for
+
+    manifest = read_manifest(folder)
+    _, vectors = store.load_vectors(folder, manifest.generation)
+    _, spans = spans_for(manifest, "auto")
+    wall, cpu = time.perf_counter(), time.process_time()
+    fit_fisher(vectors, spans, DEFAULT_DAMPING, DEFAULT_RANK)
+    return {
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+        "rows": len(vectors),
+        "blocks": len(spans),
+        "wall_seconds": round(time.perf_counter() - wall, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),
+    }
+
+
+if __name__ == "__main__":  # python benchmarks/backdoor_variants.py FOLDER: time the Fisher fit of FOLDER
+    import json
+    import sys
+
+    print(json.dumps(fisher_fit_seconds(sys.argv[1])))
