@@ -22,10 +22,12 @@ gradients for every (K, lambda), which keeps the run short.
 
 `--exact off` holds no exact index (2,151 exact rows are 2.8 GB): issue 23's variants (RapidIn, +optimizer
 state, +Fisher, +both) come from real builds at the largest `--sketch-dims` K (`backdoor_variants.py`),
-with their build, fit and query costs; about 1.6 GB RSS:
+with their build, fit and query costs, and each fitted build as `query` scores it (the fit's defaults:
+query norms; then refitted with K-FAC, EK-FAC and the Fisher without query norms); about 3.6 GB RSS
+(OpenBLAS on one thread: its default threads make the fit ~10x slower on a busy machine):
 
-    .venv/bin/python benchmarks/backdoor.py --exact off --baselines off --sketch-dims 65536 \
-        --out .bench/backdoor-variants.json
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/backdoor.py --exact off --baselines off \
+        --sketch-dims 65536 --out .bench/backdoor-variants.json
 
 `--model smollm2` runs it on a real pretrained model instead, SmolLM2-135M-Instruct with a LoRA adapter
 trained on chat rows (`backdoor_smollm2.py`; lexical backdoor by default, about half an hour on 2 cores):

@@ -11,6 +11,11 @@ would hold a second 2.8 GB matrix beside the first.
 With `backdoor.py --exact off` (`built_variant_results`) there is no exact index: every variant is a real
 build at K (the build's default algorithm: rapidgrad-kron on this model), fitted by `fit_index`, scored
 from its stored vectors and its own query vectors; the builds, the fit and a preconditioned query are timed.
+Each build is also scored as a user queries it (`fitted_query_results`): `Index.use_precondition(None)`, i.e.
+the fit's defaults (the per-tensor Fisher at damping 0.5 with query norms: the query keeps its per-tensor
+gradient norms), through `retrieval.sketch_queries`, checked against `Index.query_prepared`'s top 10; then
+each build is refitted with `fit_index(kind="kfac")`, `"ekfac"` (their default damping) and the Fisher with
+``query_norms=False`` (`fit --no-query-norms`) and scored the same way.
 """
 
 from __future__ import annotations
@@ -101,7 +106,10 @@ def built_variant_results(
     index's fitted one (`rapidin-index fit`: per tensor under rapidgrad-kron), at the default damping
     and, from the same eigenpairs, at the others in ``BUILT_DAMPINGS``. ``plain``: the build without the
     state and its seconds (`built_index`). Returns (results, costs: seconds and ratios)."""
-    from rapidin_index.precondition import DEFAULT_DAMPING, load_preconditioner
+    import gc
+    import time
+
+    from rapidin_index.precondition import DEFAULT_DAMPING, fit_index, load_preconditioner
 
     results, costs = {}, {}
     state = Path(paths.model) / "optimizer.pt"
@@ -112,8 +120,8 @@ def built_variant_results(
     costs["fit_over_build"] = plain_seconds["fit"] / plain_seconds["build"]
     label = f"K=2^{sketch.sketch_dim.bit_length() - 1} ({plain.manifest.sketch['algorithm']})"
     for name, index in (("RapidIn", plain), ("+optimizer state", adam)):
-        ids, rows = vector_index.stored_vectors(index.faiss_index)
-        rows = rows[np.argsort(ids)].astype(np.float32)
+        rows = stored_rows(index)
+        index.use_precondition("none")  # layer-normalised queries (the fit's query norms would drop them)
         vectors = query_vectors(index, queries)
         results[f"{name}, {label}"] = evaluate(labels, vectors @ rows.T)
         fitted = load_preconditioner(index.path, index.manifest)
@@ -125,10 +133,102 @@ def built_variant_results(
             preconditioned = Preconditioner(blocks, {}).apply(vectors)
             shown = f"{prefix} ({index.manifest.precondition['structure']}, damping {damping}), {label}"
             results[shown] = evaluate(labels, preconditioned @ rows.T)
-        del rows
+        results.update(fitted_query_results(index, name, label, queries, rows, labels, evaluate))
+        del rows, fitted, blocks, preconditioned
+        print(f"peak RSS so far: {peak_rss_gb():.2f} GB", flush=True)
+    print(f"peak RSS so far: {peak_rss_gb():.2f} GB", flush=True)
     costs["query_seconds"] = query_costs(plain, queries)
     costs["query_ratio_fisher"] = costs["query_seconds"]["fisher"] / costs["query_seconds"]["none"]
+    for kind, query_norms in REFITS:  # refit each build, scored as a user queries it
+        key = f"fit_seconds_{kind}" + ("" if query_norms else "_no_query_norms")
+        for name, index in (("RapidIn", plain), ("+optimizer state", adam)):
+            folder, started = index.path, time.perf_counter()
+            index.lease.close()
+            fit_index(folder, kind=kind, query_norms=query_norms)
+            costs.setdefault(key, {})[name] = time.perf_counter() - started
+            index = Index.open(folder, device="cpu")
+            rows = stored_rows(index)
+            results.update(
+                fitted_query_results(index, name, label, queries, rows, labels, evaluate, sweep=False)
+            )
+            index.lease.close()
+            del rows, index
+            gc.collect()
+            print(f"peak RSS so far: {peak_rss_gb():.2f} GB", flush=True)
+        costs[key.replace("seconds", "over_build")] = costs[key]["RapidIn"] / plain_seconds["build"]
+    costs["query_path_check"] = QUERY_PATH_CHECKS
+    costs["peak_rss_gb"] = peak_rss_gb()
     return results, costs
+
+
+def stored_rows(index: Index) -> np.ndarray:
+    """The index's stored vectors [N, K] in id order, float32 (one copy where they are already in order)."""
+    ids, rows = vector_index.stored_vectors(index.faiss_index)
+    if not np.array_equal(ids, np.arange(len(ids))):
+        rows = rows[np.argsort(ids)]
+    return rows.astype(np.float32, copy=False)
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+QUERY_PATH_CHECKS: dict[str, str] = {}
+"""`fitted_query_results`' check of its scores against `Index.query_prepared`'s top 10 (in the report's costs)."""
+REFITS = (("kfac", True), ("ekfac", True), ("fisher", False))
+"""(kind, query_norms) refitted after the default fit (one fit per index folder), each at its kind's
+default damping: K-FAC and EK-FAC with query norms, then the Fisher without them (`fit --no-query-norms`)."""
+
+
+def fitted_query_results(
+    index: Index, name: str, label: str, queries, rows: np.ndarray, labels, evaluate, sweep: bool = True
+) -> dict:
+    """Scores through the index's own query path, as `rapidin-index query` gets them on a fitted index:
+    `Index.use_precondition(None)` (the fitted kind, its damping and its query norms), whole-generation
+    vectors from `retrieval.sketch_queries` (what `query_prepared` searches the inner-product index with)
+    against the stored rows; the top 10 of `query_prepared` itself are checked against these scores.
+    ``sweep``: also the same query-norm vectors without a preconditioner and with the Fisher's eigenpairs
+    at ``BUILT_DAMPINGS``."""
+    from rapidin_index.precondition import DEFAULT_DAMPING
+    from rapidin_index.retrieval import sketch_queries
+
+    index.use_precondition(None)
+    record = index.preconditioner.record
+    prepared = [index.prepare(prompt, response) for prompt, response in queries]
+    vectors, _ = sketch_queries(index, prepared, per_token=False)
+    scores = vectors @ rows.T
+    norms = ", query norms" if record.get("query_norms") else ""
+    shown = (
+        f"{name} +{record['kind']} ({record['structure']}, damping {record['damping']}{norms}; query path)"
+    )
+    results = {f"{shown}, {label}": evaluate(labels, scores)}
+    found = index.query_prepared(prepared, 10, explain=0, per_token=False)
+    same = [
+        np.allclose(sorted(hit.score for hit in result.helpful), np.sort(row)[-10:], rtol=1e-3, atol=1e-6)
+        for result, row in zip(found, scores, strict=True)
+    ]
+    QUERY_PATH_CHECKS[shown] = (
+        f"query_prepared's top-10 scores equal these in {sum(same)}/{len(same)} queries"
+    )
+    print(f"{shown}: {QUERY_PATH_CHECKS[shown]}", flush=True)
+    if sweep and record["kind"] == "fisher":
+        raw = query_vectors(index, queries)  # the sketcher as the fit left it: per-tensor norms kept
+        results[f"{name}, query norms, no preconditioner, {label}"] = evaluate(labels, raw @ rows.T)
+        fitted = index.preconditioner
+        for damping in BUILT_DAMPINGS:
+            blocks = [
+                dataclasses.replace(b, damping=b.damping / DEFAULT_DAMPING * damping) for b in fitted.blocks
+            ]
+            preconditioned = Preconditioner(blocks, {}).apply(raw)
+            results[f"{name} +fisher ({record['structure']}, damping {damping}{norms}), {label}"] = evaluate(
+                labels, preconditioned @ rows.T
+            )
+    for key in results:
+        print(f"{key}: {dict(results[key])}", flush=True)
+    index.use_precondition("none")
+    return results
 
 
 def query_costs(index: Index, queries, repeats: int = 3) -> dict:
@@ -147,3 +247,34 @@ def query_costs(index: Index, queries, repeats: int = 3) -> dict:
             seconds[option].append(time.perf_counter() - started)
     index.use_precondition("none")
     return {option: statistics.median(values) for option, values in seconds.items()}
+
+
+def fisher_fit_seconds(folder: str) -> dict:
+    """Wall and CPU seconds of the Fisher fit of ``folder``'s stored vectors (`fit_index`'s defaults, not
+    written), in this process's BLAS threading (``OPENBLAS_NUM_THREADS``)."""
+    import os
+    import time
+
+    from rapidin_index import store
+    from rapidin_index.manifest import read_manifest
+    from rapidin_index.precondition import DEFAULT_DAMPING, DEFAULT_RANK, fit_fisher, spans_for
+
+    manifest = read_manifest(folder)
+    _, vectors = store.load_vectors(folder, manifest.generation)
+    _, spans = spans_for(manifest, "auto")
+    wall, cpu = time.perf_counter(), time.process_time()
+    fit_fisher(vectors, spans, DEFAULT_DAMPING, DEFAULT_RANK)
+    return {
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+        "rows": len(vectors),
+        "blocks": len(spans),
+        "wall_seconds": round(time.perf_counter() - wall, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),
+    }
+
+
+if __name__ == "__main__":  # python benchmarks/backdoor_variants.py FOLDER: time the Fisher fit of FOLDER
+    import json
+    import sys
+
+    print(json.dumps(fisher_fit_seconds(sys.argv[1])))
