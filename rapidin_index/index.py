@@ -116,7 +116,7 @@ def search_both(
         return (*empty, *empty)
     few = len(queries) < _PRODUCT_QUERIES
     fused = len(queries) <= _FUSED_HALF_QUERIES and getattr(index, "vector_dtype", "") == "float16"
-    if isinstance(index, StoredVectors) and fused and not index.drop_pages:
+    if isinstance(index, StoredVectors) and fused and not index.drop_pages and _fits_twice(index):
         return _search_stacked(index.faiss_index(), queries, top_k)
     if isinstance(index, StoredVectors):
         dimension, budget, ids = index.dimension, index.max_block_bytes, index.ids
@@ -148,6 +148,17 @@ def _search_stacked(index: faiss.Index, queries: np.ndarray, top_k: int):
 
 
 _FUSED_HALF_QUERIES = 2
+
+# FAISS's fused scan reads the file once per stacked vector (a vector and its negation: twice). Above this
+# size (a file the page cache may not hold) the single chunked pass wins: a cold 13 GB float16 file took
+# 18+ minutes fused, 36 s chunked (BENCHMARKS.md, issue 27 item 4).
+_FUSED_HALF_MAX_BYTES = 1 << 30
+
+
+def _fits_twice(index: StoredVectors) -> bool:
+    return index.nbytes <= _FUSED_HALF_MAX_BYTES
+
+
 """Up to this many vectors, a float16 file is searched by FAISS's own scalar-quantizer scan of the mapped
 file (float16 decoded in registers, one pass per vector and per negation): 5-20% faster here than converting
 it chunk by chunk for one product (BENCHMARKS.md, issue 27 item 3) until the passes add up."""

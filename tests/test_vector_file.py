@@ -174,3 +174,18 @@ def test_the_scan_spawns_no_threads_beyond_torch_s_own(tmp_path):
         assert torch.get_num_threads() == 1 and threading.active_count() == before_count
     finally:
         torch.set_num_threads(before_threads)
+
+
+@pytest.mark.parametrize("limit, fused", [(1 << 30, True), (1000, False)])
+def test_one_vector_over_a_large_float16_file_takes_one_chunked_pass(tmp_path, monkeypatch, limit, fused):
+    """FAISS's fused scan reads the file once per stacked vector (the vector and its negation): only for a
+    file the page cache holds twice over; a larger one is scanned once, in chunks, with the same hits."""
+    stored, ids, exact = _file(tmp_path, "float16", rows=300, dimension=32)
+    monkeypatch.setattr(vector_index, "_FUSED_HALF_MAX_BYTES", limit)
+    stacked = []
+    monkeypatch.setattr(vector_index, "_search_stacked", lambda *args: stacked.append(args) or None)
+    queries = np.random.default_rng(10).standard_normal((1, 32)).astype(np.float32)
+    found = vector_index.search_both(stored, queries, 5)
+    assert bool(stacked) == fused
+    if not fused:
+        _assert_same_hits(found, queries, ids, exact, 5)
