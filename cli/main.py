@@ -432,6 +432,15 @@ def query(
             "query vectors (default: the fitted kind where the index is fitted, see rapidin-index fit)."
         ),
     ] = None,
+    query_norms: Annotated[
+        bool | None,
+        typer.Option(
+            "--query-norms/--no-query-norms",
+            help="A preconditioned query keeps its per-tensor gradient norms: better at predicting "
+            "retraining, worse at finding a backdoor's rows (README, issue 23). [default: as fitted]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
     from rapidin_index.data import query_row
@@ -495,6 +504,7 @@ def query(
         max_memory=parse_memory(max_memory),
         optimizer_state=optimizer_state,
         precondition=precondition,
+        query_norms=query_norms,
     )
     opened.progress = console.is_terminal  # a bar on stderr, never in piped output
     if aggregate is not None:

@@ -25,7 +25,7 @@ from rapidin_index import metadata, store
 from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_found, combined_vector
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
-from rapidin_index.errors import IndexMismatchError, ModelError, QueryError, RowError
+from rapidin_index.errors import IndexMismatchError, ModelError, PreconditionError, QueryError, RowError
 from rapidin_index.gradients import GradientSketcher, check_environment
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
@@ -118,6 +118,7 @@ class Index:
         max_memory: int | None = None,
         optimizer_state: str | None = None,
         precondition: str | None = None,
+        query_norms: bool | None = None,
     ) -> Index:
         """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required).
 
@@ -132,6 +133,7 @@ class Index:
 
         ``optimizer_state``: where the optimizer state the index was built with is now (default: the
         manifest's path). ``precondition``: none or the fitted kind (default: the fitted kind where the index is fitted).
+        ``query_norms``: a preconditioned query keeps its per-tensor gradient norms (default: as fitted).
         """
         path = Path(path)
         # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
@@ -166,7 +168,7 @@ class Index:
             opened.sketcher.take_self_check(manifest.exact_path)  # the build checked these weights here
         opened.lease = lease  # released with the Index (lease.close() to release it sooner)
         opened.use_optimizer_state(optimizer_state)
-        opened.use_precondition(precondition)
+        opened.use_precondition(precondition, query_norms)
         return opened
 
     def use_optimizer_state(self, path: str | None = None) -> None:
@@ -194,18 +196,27 @@ class Index:
         self.optimizer_scaling = scaling
         self.sketcher.use_optimizer_state(scaling)
 
-    def use_precondition(self, precondition: str | None = None) -> None:
+    def use_precondition(self, precondition: str | None = None, query_norms: bool | None = None) -> None:
         """Apply the fitted preconditioner to query vectors (`precondition`): none, fisher, kfac, ekfac (the
-        fitted kind), or None for the default."""
+        fitted kind), or None for the default. ``query_norms``: the preconditioned query keeps its per-tensor
+        gradient norms (the rows stay layer-normalised); None: as the fit recorded (`fit --query-norms`)."""
         from rapidin_index.precondition import load_preconditioner, resolve_precondition
 
         self.precondition = resolve_precondition(self.manifest, precondition)
         self.preconditioner = None
         self.sketcher.normalize = self.manifest.normalize
-        if self.precondition != "none":
-            self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
-            if self.preconditioner.record.get("query_norms"):  # the query keeps its per-tensor norms
-                self.sketcher.normalize = "none"
+        if self.precondition == "none":
+            if query_norms:
+                raise PreconditionError(
+                    "--query-norms applies to a preconditioned query: drop it, or pass --precondition "
+                    "with the fitted kind (rapidin-index fit --index DIR fits one)"
+                )
+            return
+        self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
+        if query_norms is None:
+            query_norms = bool(self.preconditioner.record.get("query_norms"))
+        if query_norms and self.manifest.normalize == "layer":  # the query keeps its per-tensor norms
+            self.sketcher.normalize = "none"
 
     # ----------------------------------------------------------------------- public queries
 

@@ -95,6 +95,26 @@ def plain_queries(index_dir) -> np.ndarray:
     return sketch_queries(index, prepared, per_token=False)[0].astype(np.float64)
 
 
+def test_query_norms_are_a_query_time_choice(tmp_path, lora_index):
+    """fit records query norms off by default; a query turns them on (or a query_norms fit off) without a
+    refit, and gets what the other fit's default gives; with no preconditioner they are refused."""
+    import shutil
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(lora_index, index_dir)
+    record = fit_index(index_dir, damping=0.5, structure="tensor")
+    assert record["query_norms"] is False
+    vectors, spans = stored_matrix(index_dir), tensor_spans_of(read_manifest(index_dir))
+    with_norms = scores_of(Index.open(index_dir, device="cpu", query_norms=True))
+    expected = brute_force(vectors, raw_queries(index_dir), spans, 0.5)
+    np.testing.assert_allclose(with_norms, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    without = scores_of(Index.open(index_dir, device="cpu"))  # the fit's default: layer-normalised queries
+    expected = brute_force(vectors, plain_queries(index_dir), spans, 0.5)
+    np.testing.assert_allclose(without, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    with pytest.raises(PreconditionError, match="--query-norms applies to a preconditioned query"):
+        Index.open(index_dir, device="cpu", precondition="none", query_norms=True)
+
+
 @pytest.mark.parametrize("structure", ["whole", "tensor"])
 def test_preconditioned_scores_equal_brute_force(tmp_path, lora_index, structure):
     import shutil
@@ -227,6 +247,12 @@ def test_the_cli_fits_and_queries_with_and_without_it(tmp_path, lora_index):
     assert read_manifest(index_dir).precondition["structure"] == "tensor"
     expected = brute_force(vectors, raw_queries(index_dir)[:1], spans, 0.5)[0]
     got = np.array([results["fisher"][i] for i in range(24)])
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
+    done = subprocess.run(query + ["--no-query-norms"], capture_output=True, text=True)  # a query-time choice
+    assert done.returncode == 0, done.stderr
+    hits = {hit["id"]: hit["score"] for hit in json.loads(done.stdout)["helpful"]}
+    expected = brute_force(vectors, plain_queries(index_dir)[:1], spans, 0.5)[0]
+    got = np.array([hits[i] for i in range(24)])
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
     done = subprocess.run(query + ["--precondition", "both"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
