@@ -22,12 +22,12 @@ import numpy as np
 # no-op rebuild never need them (see preflight.py).
 from rapidin_index import index as vector_index
 from rapidin_index import store
-from rapidin_index.chunks import ChunkJob, LocalChunkRunner, group_by_chunk
+from rapidin_index.chunks import ChunkJob, LocalChunkRunner, stream_chunks
 from rapidin_index.data import (
     RejectedRow,
     Template,
     check_template_fields,
-    load_examples,
+    iter_examples,
     parse_template,
 )
 from rapidin_index.errors import BuildError, IntegrityError, RejectedRowsError, StoreError
@@ -297,39 +297,48 @@ class _Run:
 
 
 def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bool, runner_factory):
-    """Sketch every row not yet in the journal, then write the new generation."""
+    """Sketch every row not yet in the journal, then write the new generation.
+
+    Rows stream: they are read, tokenized and sketched a chunk at a time, so memory does not grow with the
+    data (a first pass only counts the rows; ``--strict`` tokenizes them once more to refuse before any work).
+    """
     settings, plan = run.settings, run.plan
     journal = open_journal(run.index_dir, plan, report.notes)
-    examples, rejected = load_examples(
-        run.data, run.loaded.tokenizer, template, settings.max_length, settings.tokenization
-    )
-    if settings.strict and rejected:
-        first = rejected[0]
-        raise BuildError(
-            f"row {first.example_id + plan['id_offset']}: {first.reason} (--strict; {len(rejected)} bad rows)"
+
+    def rows():
+        return iter_examples(
+            run.data, run.loaded.tokenizer, template, settings.max_length, settings.tokenization
         )
-    total_rows = len(examples) + len(rejected)
+
+    if settings.strict:
+        bad = [item for item in rows() if isinstance(item, RejectedRow)]
+        if bad:
+            raise BuildError(
+                f"row {bad[0].example_id + plan['id_offset']}: {bad[0].reason} (--strict; {len(bad)} bad rows)"
+            )
+    total_rows = sum(1 for _ in read_rows(run.data))
+    keep = None
     if settings.shard is not None:  # strided: row i goes to shard i % N, which balances lengths
-        examples = [e for e in examples if e.example_id % settings.num_shards == settings.shard_index]
-        rejected = [r for r in rejected if r.example_id % settings.num_shards == settings.shard_index]
-    by_chunk = group_by_chunk(examples, rejected, settings.chunk_size, total_rows)
-    jobs = []
-    with RowProgress(total_rows, enabled=progress) as bar:
-        for chunk_number, (chunk_examples, chunk_rejected) in enumerate(by_chunk):
+        keep = lambda example_id: example_id % settings.num_shards == settings.shard_index  # noqa: E731
+
+    def pending(bar):
+        chunks = stream_chunks(rows(), settings.chunk_size, total_rows, keep)
+        for chunk_number, (chunk_examples, chunk_rejected) in enumerate(chunks):
             problem = chunk_problem(journal, chunk_number)
             if problem is None:
                 report.resumed_chunks += 1
                 bar.advance(len(chunk_examples) + len(chunk_rejected), 0)
-            else:
-                if problem:  # a torn or damaged chunk is recomputed, never trusted: say which and why
-                    report.notes.append(f"journal chunk {chunk_number} is recomputed: {problem}")
-                jobs.append(ChunkJob(chunk_number, chunk_examples, chunk_rejected, plan["id_offset"]))
+                continue
+            if problem:  # a torn or damaged chunk is recomputed, never trusted: say which and why
+                report.notes.append(f"journal chunk {chunk_number} is recomputed: {problem}")
+            yield ChunkJob(chunk_number, chunk_examples, chunk_rejected, plan["id_offset"])
 
-        def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
-            write_chunk(journal, job.chunk_number, record, vectors)
+    def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
+        write_chunk(journal, job.chunk_number, record, vectors)
 
+    with RowProgress(total_rows, enabled=progress) as bar:
         runner = (runner_factory or LocalChunkRunner)(run.loaded, run.selected, settings, run.device)
-        runner.run(jobs, write, bar.advance)
+        runner.run(pending(bar), write, bar.advance)
     return _finalize(run, journal, total_rows)
 
 

@@ -20,15 +20,27 @@ if TYPE_CHECKING:
     from rapidin_index.settings import BuildSettings
 
 
+def stream_chunks(items, chunk_size: int, total_rows: int, keep=None):
+    """(examples, rejected rows) of each chunk in order, from ``items`` (Examples and RejectedRows in id
+    order): chunk c holds the ids [c * chunk_size, (c + 1) * chunk_size); every chunk of ``total_rows``
+    comes out, empty ones too. One chunk is held at a time. ``keep(id)``: the rows this build takes."""
+    chunk_count = -(-total_rows // chunk_size)
+    number, examples, rejected = 0, [], []
+    for item in items:
+        while item.example_id >= (number + 1) * chunk_size:
+            yield examples, rejected
+            number, examples, rejected = number + 1, [], []
+        if keep is None or keep(item.example_id):
+            (examples if isinstance(item, Example) else rejected).append(item)
+    for _ in range(number, chunk_count):
+        yield examples, rejected
+        examples, rejected = [], []
+
+
 def group_by_chunk(examples: list[Example], rejected: list[RejectedRow], chunk_size: int, total_rows: int):
     """[(examples, rejected rows)] of each chunk: chunk c holds the ids [c * chunk_size, (c + 1) * chunk_size)."""
-    chunk_count = -(-total_rows // chunk_size)
-    groups = [([], []) for _ in range(chunk_count)]
-    for example in examples:
-        groups[example.example_id // chunk_size][0].append(example)
-    for row in rejected:
-        groups[row.example_id // chunk_size][1].append(row)
-    return groups
+    items = sorted([*examples, *rejected], key=lambda item: item.example_id)
+    return list(stream_chunks(items, chunk_size, total_rows))
 
 
 @dataclass

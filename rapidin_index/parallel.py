@@ -121,7 +121,8 @@ class RayChunkRunner:
         """A ``runner_factory`` for `build.build_index`."""
         return functools.partial(cls, address=address, workers=workers)
 
-    def run(self, jobs: list, write, advance) -> None:
+    def run(self, jobs, write, advance) -> None:
+        jobs = list(jobs)  # the pending chunks, pulled by the actors as they free up
         if not jobs:
             return
         ray = import_ray()
