@@ -61,7 +61,7 @@ from rapidin_index.progress import RowProgress
 from rapidin_index.readers import DataSource, check_source, data_checksum, read_rows
 from rapidin_index.rejections import check_rejected_share, source_outcome
 from rapidin_index.settings import AUTO_ALGORITHM, DEFAULT_VECTOR_DTYPE, BuildSettings
-from rapidin_index.verify import check_files
+from rapidin_index.verify import check_files, stamp_written
 
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel
@@ -603,6 +603,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     pause_point("before-commit")
     with writing(index_dir, 1 << 16):  # uncommitted files left by a failure here go with the next writer
         write_manifest(index_dir, manifest)
+    stamp_written(index_dir, manifest, files)  # the first open need not hash them again
     remove_unread_generations(index_dir, generation)
     store.remove_journal(index_dir)
     return manifest

@@ -143,3 +143,34 @@ def test_a_generation_whose_files_are_not_listed_is_refused(folder):
     folder.manifest.generation = 2
     with pytest.raises(IntegrityError, match="generation 2 but does not list its vectors-g0002.faiss"):
         verify.check_files(folder.path, folder.manifest)
+
+
+def test_a_build_stamps_what_it_wrote_so_the_first_open_hashes_nothing(
+    tmp_path, tiny_model_dirs, training_file, monkeypatch
+):
+    from conftest import build_settings
+
+    from rapidin_index.build import build_index
+    from rapidin_index.manifest import read_manifest
+
+    index_dir = tmp_path / "index"
+    build_index(
+        training_file, index_dir, build_settings(tiny_model_dirs["llama"], sketch_dim=256), progress=False
+    )
+    manifest = read_manifest(index_dir)
+    stamps = verify.read_stamps(index_dir)
+    assert set(stamps) == set(manifest.files)  # every listed file, each with the digest the manifest holds
+    assert all(stamps[name]["digest"] == manifest.files[name][verify.FAST] for name in stamps)
+
+    def hashed(*_):
+        raise AssertionError("the first open hashed a file the build had stamped")
+
+    monkeypatch.setattr(verify, "checksum", hashed)
+    verify.check_files(index_dir, manifest)  # only stat'ed
+    monkeypatch.undo()
+    vectors = next(index_dir / name for name in manifest.files if name.startswith("vectors-"))
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF  # a changed file no longer fits its stamp: hashed, and refused
+    vectors.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its checksum"):
+        verify.check_files(index_dir, manifest)
