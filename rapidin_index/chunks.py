@@ -37,12 +37,6 @@ def stream_chunks(items, chunk_size: int, total_rows: int, keep=None):
         examples, rejected = [], []
 
 
-def group_by_chunk(examples: list[Example], rejected: list[RejectedRow], chunk_size: int, total_rows: int):
-    """[(examples, rejected rows)] of each chunk: chunk c holds the ids [c * chunk_size, (c + 1) * chunk_size)."""
-    items = sorted([*examples, *rejected], key=lambda item: item.example_id)
-    return list(stream_chunks(items, chunk_size, total_rows))
-
-
 @dataclass
 class ChunkJob:
     """One chunk of rows to sketch: the unit of work, of resumption, and of a distributed worker."""

@@ -8,7 +8,7 @@ import torch
 from conftest import brute_force_sketch, build_settings
 
 from rapidin_index.capture import gradient_blocks
-from rapidin_index.chunks import ChunkJob, ChunkSketcher, LocalChunkRunner, group_by_chunk
+from rapidin_index.chunks import ChunkJob, ChunkSketcher, LocalChunkRunner, stream_chunks
 from rapidin_index.data import RejectedRow, load_examples, parse_template
 from rapidin_index.models import load_model, select_parameters
 
@@ -22,11 +22,12 @@ def chunk_inputs(tiny_model_dirs, training_file):
     return settings, loaded, selected, examples
 
 
-def test_group_by_chunk_puts_each_id_in_its_own_chunk(chunk_inputs):
+def test_stream_chunks_puts_each_id_in_its_own_chunk(chunk_inputs):
     examples = chunk_inputs[3][:10]
     rejected = [RejectedRow(example_id=11, reason="bad"), RejectedRow(example_id=3, reason="bad")]
     kept = [e for e in examples if e.example_id != 3]
-    groups = group_by_chunk(kept, rejected, chunk_size=4, total_rows=12)
+    items = sorted([*kept, *rejected], key=lambda item: item.example_id)  # id order, as a build reads them
+    groups = list(stream_chunks(items, chunk_size=4, total_rows=12))
     assert len(groups) == 3
     for number, (chunk_examples, chunk_rejected) in enumerate(groups):
         ids = [e.example_id for e in chunk_examples] + [r.example_id for r in chunk_rejected]
