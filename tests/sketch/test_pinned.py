@@ -16,6 +16,7 @@ from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import FactorProjector, make_projector, reference_sketch
 from rapidin_index.sketch.hashed import HashedProjector
 from rapidin_index.sketch.kron import RapidGradKronProjector
+from rapidin_index.sketch.projectors import RowProjector
 
 SHAPES = [(24, 16), (16,), (40, 8), (7, 5)]
 PINNED = {
@@ -85,7 +86,7 @@ def test_sketch_bits_are_unchanged(sketch_dim, algorithm):
     ids = torch.randint(0, 24, (2, 5), generator=row_generator)
     cols = torch.randint(-2, 3, (2, 5, 16), generator=row_generator).float()
     embedded = projector.new_output(2)
-    if hasattr(projector, "project_rows"):
+    if isinstance(projector, RowProjector):
         projector.project_rows(embedded, ids, cols, blocks[0].offset)
     else:
         projector.project_factors(embedded, [OuterFactors(cols=cols, ids=ids)], blocks[0].offset)
