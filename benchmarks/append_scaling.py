@@ -15,6 +15,11 @@ merge      `shards.merge_shards` of two shards of N/2 rows (ids i % 2)
 export     `export.export_index` to .tar.gz, .tar.zst (new code only) and .parquet: time, size
 build      (``--build-rows``) `build.build_index` of N rows with the tiny demo Llama (K = 4096), whole,
            in a fresh process each: peak RSS against N
+open       (``--open-rows``, issue 27: stamps) the first open after each writer that commits: `build
+           --append` of 64 rows (`build.build_index`, the tiny Llama), `merge_shards` of two halves,
+           `import_bundle` of a plain-tar export; each writer in a fresh process, then the open's file
+           check (`verify.check_files`, what `Index.open` runs) in another fresh process, timed, with
+           whether the writer had stamped the files it wrote (old code: hashed again; new: stat only)
 
 Run from the repository root; see BENCHMARKS.md for the command and the results.
 """
@@ -46,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--table", default=None, help="print the Markdown tables of a results JSON file")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: append,merge,export,build")
+    parser.add_argument(
+        "--open-rows", default="", help="index sizes of the first-open-after-a-writer part (default: none)"
+    )
     parser.add_argument(
         "--old-exports", default="tar.gz,parquet", help="formats exported by the old code too"
     )
@@ -123,6 +131,26 @@ def child(mode: str, paths: list[str]) -> dict:
 
         settings = BuildSettings(ModelSettings(paths[1]), sketch=SketchSettings(K), device="cpu")
         result["rows"] = build_index(paths[0], paths[2], settings, progress=False).rows_indexed
+    elif mode == "append-commit":
+        from rapidin_index.build import build_index
+        from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+
+        settings = BuildSettings(ModelSettings(paths[1]), sketch=SketchSettings(K), device="cpu")
+        build_index(paths[0], paths[2], settings, append=True, progress=False)
+    elif mode == "import":
+        from rapidin_index.bundle_import import import_bundle
+
+        import_bundle(paths[0], paths[1])
+    elif mode == "open":
+        from rapidin_index import verify
+        from rapidin_index.manifest import read_manifest
+
+        manifest = read_manifest(paths[0])
+        stamps = verify.read_stamps(Path(paths[0]))
+        result["stamped"] = sorted(set(stamps) & set(manifest.files)) == sorted(manifest.files)
+        result["bytes"] = sum(entry["bytes"] for entry in manifest.files.values())
+        started = time.perf_counter()
+        verify.check_files(paths[0], manifest)  # what Index.open runs (stat only where stamped)
     result["seconds"] = time.perf_counter() - started
     result["end"] = memory()
     return result
@@ -232,13 +260,44 @@ def synthetic_index(index_dir: Path, template, total: int, shard: int | None = N
 # --------------------------------------------------------------------------- driver
 
 
+def first_opens(folder: Path, codes: dict, template, model: Path, rows: int) -> dict:
+    """Per writer that commits (append, merge, import) and per code: the writer in a fresh process, then
+    the first open's file check in another; {f"{writer}_{code}": {"write": ..., "open": ...}}."""
+    from rapidin_index.export import export_index
+
+    base, halves = folder / f"open-base-{rows}", [folder / f"open-shard-{rows}-{i}" for i in (0, 1)]
+    synthetic_index(base, template, rows)
+    for shard, half in enumerate(halves):
+        synthetic_index(half, template, rows, shard)
+    bundle = export_index(base, folder / f"open-{rows}.tar")
+    more = write_data(folder / "append-64.jsonl", 64)
+    results = {}
+    for name, code in codes.items():
+        target = folder / f"open-target-{rows}"
+        for writer in ("append", "merge", "import"):
+            if writer == "append":
+                shutil.copytree(base, target)
+                write = run_child("append-commit", code, more, model, target)
+            elif writer == "merge":
+                write = run_child("merge", code, *halves, target)
+            else:
+                write = run_child("import", code, bundle, target)
+            results[f"{writer}_{name}"] = {"write": write, "open": run_child("open", code, target)}
+            shutil.rmtree(target)
+    for path in (base, *halves):
+        shutil.rmtree(path)
+    bundle.unlink()
+    return results
+
+
 def measure(args: argparse.Namespace, folder: Path) -> dict:
     codes = {"new": str(Path(__file__).resolve().parent.parent)}
     if args.old:
         codes["old"] = str(Path(args.old).resolve())
     skip = set(args.skip.split(","))
     model = tiny_model(folder)
-    template = template_manifest(folder, model) if any(r for r in args.rows.split(",")) else None
+    sizes = args.rows.split(",") + args.open_rows.split(",")
+    template = template_manifest(folder, model) if any(r for r in sizes) else None
     results = {"synthetic": [], "build": []}
     for rows in (int(r) for r in args.rows.split(",") if r):
         index_dir = folder / f"index-{rows}"
@@ -269,6 +328,10 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
                 shutil.rmtree(half)
         print(json.dumps(entry), flush=True)
         results["synthetic"].append(entry)
+    for rows in (int(r) for r in args.open_rows.split(",") if r):
+        entry = {"rows": rows, **first_opens(folder, codes, template, model, rows)}
+        print(json.dumps(entry), flush=True)
+        results.setdefault("open", []).append(entry)
     for rows in (int(r) for r in args.build_rows.split(",") if r and "build" not in skip):
         data = write_data(folder / f"train-{rows}.jsonl", rows)
         entry = {"rows": rows}
@@ -320,6 +383,24 @@ def table(results: dict) -> str:
             old, new = entry.get(f"{operation}_old"), entry.get(f"{operation}_new")
             if old or new:
                 lines.append(f"| {entry['rows']:,} | {label} | {cell(old, size)} | {cell(new, size)} |")
+    if results.get("open"):
+        lines += [
+            "",
+            "| rows | writer | old: write s; first open's file check s (stamped?) | new: write s; first open's file check s (stamped?) |",
+            "|---|---|---|---|",
+        ]
+        for entry in results["open"]:
+            for writer in ("append", "merge", "import"):
+                cells = []
+                for name in ("old", "new"):
+                    found = entry.get(f"{writer}_{name}")
+                    cells.append(
+                        "-"
+                        if not found
+                        else f"{found['write']['seconds']:.1f} s; {found['open']['seconds']:.3f} s "
+                        f"({'stamped' if found['open']['stamped'] else 'not stamped'})"
+                    )
+                lines.append(f"| {entry['rows']:,} | {writer} | {cells[0]} | {cells[1]} |")
     if results["build"]:
         lines += ["", "| rows | build (tiny Llama, K = 4096): old | new |", "|---|---|---|"]
         for entry in results["build"]:

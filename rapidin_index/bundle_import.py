@@ -401,10 +401,12 @@ def _check_manifest(folder: Path, description: dict, extracted: set[str], digest
         found = _listed_digests(relative, digests)
         if found is None:
             raise BundleError(f"bundle refused: {relative} is missing from {folder}")
-        if any(isinstance(expected.get(name), str) and expected[name] != found[name] for name in found):
-            raise BundleError(
-                f"bundle refused: {relative} does not match its checksum in the manifest (corrupted or edited)"
-            )
+        for name, label in (("sha256", "checksum"), (FAST, FAST)):  # sha256 first: the authority
+            if isinstance(expected.get(name), str) and expected[name] != found[name]:
+                raise BundleError(
+                    f"bundle refused: {relative} does not match its {label} in the manifest "
+                    "(corrupted or edited)"
+                )
     return manifest
 
 
