@@ -425,7 +425,8 @@ def projection(large: dict, small: dict, growth: list[dict]) -> str:
 
     * build s a row at K = 4096: the largest ``scaling.py --growth`` build's build_s / rows (its fixed
       costs included); at K = 65,536 times the ratio of two 1,000-row builds at the two K in one run;
-      build memory: the largest build's peak RSS + the growth a row between the smallest and largest;
+      build memory: the largest build's peak RSS + the growth a row between the smallest and largest
+      (the smallest of the same commit as the largest, where there is one);
     * disk: N x K x 2 bytes (float16) + 8 bytes a row (ids) + the LanceDB bytes a row of the largest build;
     * search: a scan of B bytes with q vectors costs B x (a + b q). An index under half this machine's RAM
       (shared: the page cache keeps it): a and b from ``small``'s warm uncapped searches (1 vector and per
@@ -442,7 +443,9 @@ def projection(large: dict, small: dict, growth: list[dict]) -> str:
     private = max(run["after_second"]["RssAnon"] for run in runs)
     memory_bytes = large.get("machine", {}).get("memory_bytes", 24 * 2**30)
     sizes = sorted((e for e in growth if e["sketch_dim"] == 4096), key=lambda e: e["rows"])
-    first, last = sizes[0], sizes[-1]
+    last = sizes[-1]
+    same_code = [e for e in sizes if e.get("commit") == last.get("commit")]  # the memory slope: one code's
+    first = same_code[0] if len(same_code) > 1 else sizes[0]
     per_row = {4096: last["build"]["build_s"] / last["build"]["rows"]}
     memory_per_row = (last["build"]["end"]["VmHWM"] - first["build"]["end"]["VmHWM"]) / (
         last["rows"] - first["rows"]
