@@ -1,0 +1,55 @@
+"""What the benchmark scripts share: the ``--smoke`` setting every script has (tests/test_benchmarks_*.py run
+each script with it, so none can rot), and the synthetic index writer of the store benchmarks.
+
+``--smoke`` runs a script's whole code path on a tiny model / tiny index / few rows in seconds. Its outputs
+go to a fresh temp folder (``tempfile.mkdtemp``, so under ``$TMPDIR``), never into .bench/ or BENCHMARKS.md:
+the results JSON is ``<that folder>/result.json``. Options given explicitly still win over the tiny values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+SMOKE_HELP = "a tiny setting that runs every step in seconds; outputs go to a temp folder (result.json)"
+SMOKE_RESULT = "result.json"
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None, **tiny
+) -> argparse.Namespace:
+    """``parser``'s arguments plus ``--smoke``. With ``--smoke``, ``tiny`` (option -> value) become the defaults;
+    a string value's ``{smoke}`` is the fresh temp folder (``out="{smoke}/result.json"``), converted by the
+    option's own ``type``, as argparse converts string defaults."""
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    arguments = parser.parse_args(argv)
+    if not arguments.smoke:
+        return arguments
+    folder = smoke_folder()
+    parser.set_defaults(
+        **{
+            key: value.format(smoke=folder) if isinstance(value, str) else value
+            for key, value in tiny.items()
+        }
+    )
+    arguments = parser.parse_args(argv)
+    arguments.smoke_folder = folder
+    return arguments
+
+
+def smoke_folder() -> Path:
+    """A fresh folder for a smoke run's outputs (under ``$TMPDIR``), said on stdout."""
+    folder = Path(tempfile.mkdtemp(prefix="smoke-"))
+    print(f"smoke: outputs in {folder}", flush=True)
+    return folder
+
+
+def peer_missing(module: str) -> bool:
+    """True (and a printed line) where the peer ``module`` is not installed: the smoke run skips its part."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return False
+    print(f"smoke: {module} is not installed; its part is skipped", flush=True)
+    return True

@@ -1,0 +1,74 @@
+"""Every benchmark script run as users run it, in a new process, with ``--smoke`` (benchmarks/common.py): a
+tiny setting that goes through the script's whole code path in seconds, so none can rot. The scripts are
+found by a glob and split across tests/test_benchmarks_{a,b,c}.py (pytest-xdist's loadfile groups spread
+them over the workers); a new script without a smoke setting, or without a row in EXPECTED, fails."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+GROUPS = 3
+TIMEOUT_SECONDS = 240
+
+# Modules the scripts import, never run on their own: the script named runs their code in its smoke run.
+IMPORTED_BY = {
+    "common.py": "build_throughput.py",
+    "lds_kronfluence.py": "lds.py",
+    "lds_variants.py": "lds.py",
+}
+
+# What each script's result.json must hold (top-level keys).
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "build_throughput.py": ("models", "compression_7b", "settings"),
+}
+
+
+def scripts(group: int) -> list[str]:
+    """The benchmark scripts of loadfile group ``group`` (of GROUPS), every file of benchmarks/ counted."""
+    names = sorted(path.name for path in BENCHMARKS.iterdir() if path.suffix in (".py", ".sh"))
+    return names[group::GROUPS]
+
+
+def finite_numbers(value, path: str = "") -> int:
+    """How many numbers ``value`` holds (nested), asserting each is finite."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return 0
+    if isinstance(value, int | float):
+        assert math.isfinite(value), f"{path} is {value}"
+        return 1
+    if isinstance(value, dict):
+        return sum(finite_numbers(item, f"{path}.{key}") for key, item in value.items())
+    return sum(finite_numbers(item, f"{path}[{index}]") for index, item in enumerate(value))
+
+
+def check_script(name: str, tmp_path: Path) -> None:
+    """Run ``benchmarks/NAME --smoke`` in a new process (temp files under ``tmp_path``) and check its result."""
+    if name in IMPORTED_BY:
+        assert f"from {name.removesuffix('.py')} import" in (BENCHMARKS / IMPORTED_BY[name]).read_text()
+        return
+    assert name in EXPECTED, f"benchmarks/{name}: give it a --smoke setting and a row in EXPECTED"
+    command = ["bash"] if name.endswith(".sh") else [sys.executable]
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*command, str(BENCHMARKS / name), "--smoke"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    outputs = sorted(tmp_path.glob("smoke-*/result.json"))
+    assert len(outputs) == 1, (outputs, result.stdout[-2000:])
+    results = json.loads(outputs[0].read_text())
+    missing = [key for key in EXPECTED[name] if key not in results]
+    assert not missing, f"{name}: result.json lacks {missing}; it has {sorted(results)}"
+    assert finite_numbers(results) > 0
