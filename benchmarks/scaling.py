@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import parse_arguments
 
 from rapidin_index import store
 from rapidin_index.build import build_index
@@ -80,7 +81,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=Path, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    # the smoke run leaves Ray out (its start alone takes longer than the rest); --growth is scaling_13gb's
+    return parse_arguments(
+        parser,
+        argv,
+        rows=8,
+        hidden_size=16,
+        layers=1,
+        sketch_dim=256,
+        batch_size=4,
+        chunk_size=4,
+        repeats=1,
+        configurations=["local-1t", "local-2t"],
+        out="{smoke}/result.json",
+    )
 
 
 class TimedRunner:

@@ -27,6 +27,11 @@ IMPORTED_BY = {
 # What each script's result.json must hold (top-level keys).
 EXPECTED: dict[str, tuple[str, ...]] = {
     "build_throughput.py": ("models", "compression_7b", "settings"),
+    "factored.py": ("methods", "fidelity_over_seeds", "micro_timings", "end_to_end"),
+    "kron_pieces.py": ("sides",),
+    "query_speed.py": ("search", "index", "projection"),
+    "scaling.py": ("configurations", "largest_abs_error_vs_first"),
+    "scaling_13gb.py": ("seed_build", "grow", "runs"),
 }
 
 
