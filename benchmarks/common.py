@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the ``--smoke`` setting every script has (tests/test_benchmarks_*.py run
-each script with it, so none can rot), and the synthetic index writer of the store benchmarks.
+each script with it, so none can rot), and the driver and memory probe of the scripts that measure in child
+processes.
 
 ``--smoke`` runs a script's whole code path on a tiny model / tiny index / few rows in seconds. Its outputs
 go to a fresh temp folder (``tempfile.mkdtemp``, so under ``$TMPDIR``), never into .bench/ or BENCHMARKS.md:
@@ -9,7 +10,9 @@ the results JSON is ``<that folder>/result.json``. Options given explicitly stil
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SMOKE_HELP = "a tiny setting that runs every step in seconds; outputs go to a temp folder (result.json)"
@@ -53,3 +56,30 @@ def peer_missing(module: str) -> bool:
         return False
     print(f"smoke: {module} is not installed; its part is skipped", flush=True)
     return True
+
+
+def memory() -> dict:
+    """This process's VmHWM (peak resident), VmRSS, RssAnon (private) and RssFile (mapped files), bytes."""
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
+
+
+def drive(
+    arguments: argparse.Namespace, child: Callable[[], dict], measure: Callable, table: Callable
+) -> None:
+    """The driver of a script that measures in child processes: ``--table FILE`` prints a results file's
+    tables; ``--child`` runs one measurement (``child()``) and prints it as the last line; else ``measure``
+    runs in a temp folder (under ``--folder``), its results go to ``--out`` and are printed as tables."""
+    if arguments.table:
+        print(table(json.loads(Path(arguments.table).read_text())))
+        return
+    if arguments.child:
+        print(json.dumps(child()))
+        return
+    with tempfile.TemporaryDirectory(dir=arguments.folder) as folder:
+        results = measure(arguments, Path(folder))
+    if arguments.out:
+        Path(arguments.out).write_text(json.dumps(results, indent=1))
+    print(table(results))

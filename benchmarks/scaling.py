@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import parse_arguments
+from common import memory, parse_arguments
 
 from rapidin_index import store
 from rapidin_index.build import build_index
@@ -227,14 +227,6 @@ QUERY = {
     "prompt": "Return the number of items in the list",
     "response": " the length of the list as an integer",
 }
-
-
-def memory() -> dict:
-    """This process's VmHWM (peak resident), VmRSS, RssAnon (private) and RssFile (mapped files), bytes."""
-    fields = dict(
-        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
-    )
-    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
 
 def folder_bytes(folder: Path) -> int:
