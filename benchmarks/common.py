@@ -83,3 +83,20 @@ def drive(
     if arguments.out:
         Path(arguments.out).write_text(json.dumps(results, indent=1))
     print(table(results))
+
+
+def tiny_index(folder: Path, rows: int = 8, sketch_dim: int = 256) -> tuple[Path, Path]:
+    """A smoke run's index: the first ``rows`` docstring rows (``folder/train.jsonl``) built with a 16-wide
+    one-layer Llama at K = ``sketch_dim`` into ``folder/index``; returns (index folder, data file)."""
+    from rapidin_index.build import build_index
+    from rapidin_index.demo.datasets import load_docstring_rows, write_jsonl
+    from rapidin_index.demo.tiny_models import save_tiny_model
+    from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+
+    chosen = load_docstring_rows()[:rows]
+    data = write_jsonl(chosen, folder / "train.jsonl")
+    texts = [row["instruction"] + " " + row["output"] for row in chosen]
+    model = save_tiny_model(folder / "model", "llama", texts, vocab_size=300, hidden_size=16, layers=1)
+    settings = BuildSettings(ModelSettings(str(model)), SketchSettings(sketch_dim), device="cpu")
+    build_index(data, folder / "index", settings, progress=False)
+    return folder / "index", data
