@@ -17,11 +17,13 @@ BENCHMARKS = ROOT / "benchmarks"
 GROUPS = 3
 TIMEOUT_SECONDS = 240
 
-# Modules the scripts import, never run on their own: the script named runs their code in its smoke run.
-IMPORTED_BY = {
-    "common.py": "build_throughput.py",
-    "lds_kronfluence.py": "lds.py",
-    "lds_variants.py": "lds.py",
+# Files another script's smoke run covers: (that script, the text in it that runs this one's code). The modules
+# are imported by it; gpu_check.sh --smoke runs gpu_check.py's every step on the CPU (as --cpu-dry-run).
+COVERED_BY = {
+    "common.py": ("build_throughput.py", "from common import"),
+    "gpu_check.py": ("gpu_check.sh", 'benchmarks/gpu_check.py --out "$SUMMARY" --cpu-dry-run'),
+    "lds_kronfluence.py": ("lds.py", "from lds_kronfluence import"),
+    "lds_variants.py": ("lds.py", "from lds_variants import"),
 }
 
 # What each script's result.json must hold (top-level keys).
