@@ -292,7 +292,11 @@ def main_built(
 
     sketch_dim = max(int(k) for k in arguments.sketch_dims.split(","))
     # the default algorithm (rapidgrad-kron at the default K on this model; named in the smoke run's small K)
-    sketch = SketchSettings(sketch_dim, algorithm="rapidgrad-kron") if arguments.smoke else SketchSettings(sketch_dim)
+    sketch = (
+        SketchSettings(sketch_dim, algorithm="rapidgrad-kron")
+        if arguments.smoke
+        else SketchSettings(sketch_dim)
+    )
     plain, seconds = built_index(paths, None, sketch)
     backdoor = backdoor_rates(plain, heldout, fired)
     queries, success = attacked_queries(plain, heldout, arguments.queries, fired)
