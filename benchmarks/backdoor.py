@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import SMOKE_MODEL
 from common import parse_arguments as parse_with_smoke
 
 from rapidin_index import index as vector_index
@@ -133,7 +134,7 @@ def parse_arguments() -> argparse.Namespace:
     return arguments
 
 
-SMOKE_FINETUNE = FinetuneSettings(hidden_size=16, layers=1, epochs=1)
+SMOKE_FINETUNE = FinetuneSettings(**SMOKE_MODEL)
 
 DERIVED_FOLDERS = ("exact-layer", "exact-none", "exact-layer-adam", "rapidin-65536", "model-clean")
 
