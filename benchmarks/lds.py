@@ -245,8 +245,8 @@ def summarize(per_query: list[float | None], triggered: int) -> dict:
 
 def smoke_cache(folder: Path) -> Path:
     """The cache the scripts that read this one's (lds_kfac.py, ...) use in their smoke runs: this script's
-    smoke setting at K = 2^16, without the variants, run in this process into ``folder``."""
-    arguments = ["--smoke", "--folder", str(folder), "--sketch-dims", "65536", "--variants", "off"]
+    smoke setting (its exact indexes, K = 2^8), without the variants, run in this process into ``folder``."""
+    arguments = ["--smoke", "--folder", str(folder), "--sketch-dims", "256", "--variants", "off"]
     main([*arguments, "--costs", "off", "--out", str(folder / "lds.json")])
     return folder
 

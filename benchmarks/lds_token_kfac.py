@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lds import index_folder, linear_datamodeling_score, stored_pair, summarize
+from common import parse_arguments as parse_with_smoke
+from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pair, summarize
 from lds_kfac import losses_and_masks, query_norms, redamp
 
 from rapidin_index import SketchSettings
@@ -129,9 +130,12 @@ def main() -> None:
     parser.add_argument("--folder", default=".bench/lds")
     parser.add_argument("--dampings", default="0.01,0.03,0.1,0.3,1")
     parser.add_argument("--out", default=".bench/lds-token-kfac.json")
-    arguments = parser.parse_args()
+    # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache), one damping
+    arguments = parse_with_smoke(parser, folder="{smoke}/lds", dampings="0.1", out="{smoke}/result.json")
     torch.set_num_threads(1)
     folder = Path(arguments.folder)
+    if arguments.smoke and not (folder / "settings.json").exists():
+        smoke_cache(folder)
     masks, losses, count = losses_and_masks(folder)
     sketch = SketchSettings(65536)
     manifest = read_manifest(index_folder(folder, sketch, "layer", False, "train"))
