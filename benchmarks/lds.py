@@ -168,6 +168,11 @@ def attribution_scores(
     return vectors["queries"].astype(np.float64) @ vectors["train"].astype(np.float64).T
 
 
+SMOKE_SKETCH: SketchSettings | None = None
+"""Set by `smoke_cache`: the K = 2^16 indexes `stored_pair` makes are built with these settings instead
+(rapidgrad-kron, what 2^16 resolves to on the benchmark's model, at K = 2^12: its K-FAC factors are small
+enough for a smoke run's seconds); their folders keep their names."""
+
 BUILD_SECONDS: dict[str, float] = {}
 """Seconds of each train build this run made (a cached index is not timed)."""
 
@@ -182,12 +187,15 @@ def index_folder(
 def stored_pair(folder: Path, sketch: SketchSettings, normalize: str, optimizer_state: bool) -> dict:
     """{"train": [rows, K], "queries": [queries, K]} stored vectors of the two builds (made if missing)."""
     state = str(folder / "full") if optimizer_state else None
+    named = sketch  # the folders' name
+    if SMOKE_SKETCH is not None and sketch.sketch_dim == 65536:
+        sketch = SMOKE_SKETCH
     settings = BuildSettings(
         ModelSettings(str(folder / "full")), sketch, normalize=normalize, batch_size=16, optimizer_state=state
     )
     vectors = {}
     for part in ("train", "queries"):
-        index_dir = index_folder(folder, sketch, normalize, optimizer_state, part)
+        index_dir = index_folder(folder, named, normalize, optimizer_state, part)
         started = time.perf_counter()
         report = build_index(folder / f"{part}.jsonl", index_dir, settings, progress=False)
         if part == "train" and not report.nothing_to_do:
@@ -245,7 +253,10 @@ def summarize(per_query: list[float | None], triggered: int) -> dict:
 
 def smoke_cache(folder: Path) -> Path:
     """The cache the scripts that read this one's (lds_kfac.py, ...) use in their smoke runs: this script's
-    smoke setting (its exact indexes, K = 2^8), without the variants, run in this process into ``folder``."""
+    smoke setting (its exact indexes, K = 2^8), without the variants, run in this process into ``folder``; the
+    K = 2^16 indexes made after it are smaller (`SMOKE_SKETCH`)."""
+    global SMOKE_SKETCH
+    SMOKE_SKETCH = SketchSettings(4096, algorithm="rapidgrad-kron")
     arguments = ["--smoke", "--folder", str(folder), "--sketch-dims", "256", "--variants", "off"]
     main([*arguments, "--costs", "off", "--out", str(folder / "lds.json")])
     return folder

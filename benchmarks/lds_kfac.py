@@ -49,13 +49,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--costs", default="off", choices=("on", "off"), help="time build, fits and queries")
     parser.add_argument("--end-to-end", default="off", choices=("on", "off"), help="LDS through fit + Index")
     parser.add_argument("--out", default=".bench/lds-kfac.json")
-    # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache), its exact vectors (K = 0: K-FAC's
-    # factors of the tiny model are small; at K = 2^16 their eigendecompositions take minutes), one damping,
-    # one side with the optimizer state; the costs and end to end (K = 2^16 builds and fits) are left out
+    # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache: its K = 2^16 indexes are K = 2^12
+    # rapidgrad-kron ones), one damping, one side with the optimizer state; the costs and end to end (real
+    # K = 2^16 builds, whose K-FAC eigendecompositions take minutes) are left out
     return parse_with_smoke(
         parser,
         folder="{smoke}/lds",
-        sketch_dim=0,
         dampings="0.1",
         sides="query-norms",
         adam="on",

@@ -90,7 +90,10 @@ def token_blocks(manifest, factors: dict, train: np.ndarray, corrected: bool) ->
     names, shapes = manifest.parameters["names"], [tuple(s) for s in manifest.parameters["shapes"]]
     sizes = [math.prod(shape) for shape in shapes]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-    segments = kron_layout(list(zip(offsets, shapes, strict=True)), manifest.sketch["gradient_dim"], 65536)
+    sketch_dim = manifest.sketch["output_dim"]  # 65536 (a smoke run's: lds.SMOKE_SKETCH)
+    segments = kron_layout(
+        list(zip(offsets, shapes, strict=True)), manifest.sketch["gradient_dim"], sketch_dim
+    )
     by_offset = {segment.offset: segment for segment in segments}
     seed, out = manifest.sketch["seed"], {}
     for name, offset in zip(names, offsets, strict=True):
@@ -138,8 +141,8 @@ def main() -> None:
         smoke_cache(folder)
     masks, losses, count = losses_and_masks(folder)
     sketch = SketchSettings(65536)
+    pair = stored_pair(folder, sketch, "layer", False)  # made if missing
     manifest = read_manifest(index_folder(folder, sketch, "layer", False, "train"))
-    pair = stored_pair(folder, sketch, "layer", False)
     train, queries = pair["train"].astype(np.float32), pair["queries"].astype(np.float64)
     scaled = queries * query_norms(folder, False, manifest, 65536)
     rows = [json.loads(line) for line in open(folder / "train.jsonl")]

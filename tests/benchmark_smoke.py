@@ -56,6 +56,18 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "sketch_mixing.py": ("models", "costs"),
     "precondition_query_cost.py": ("queries", "seconds", "ratio"),
     "gpu_check.sh": ("full", "lora", "gpu_against_cpu", "faiss_gpu", "cuda_tests"),
+    "backdoor.py": ("methods", "attack_success_rate", "real_build_check", "gradient_dim"),
+    "backdoor_smollm2.py": ("methods", "finetune", "build_time", "exact_layer_norm_signs"),
+    "backdoor_variants.py": ("rows", "blocks", "wall_seconds"),
+    "fidelity.py": ("results", "gradient_dim"),
+    "rerank.py": ("exact", "sketched", "rerank 2", "rerank 5"),
+    "error_tracing.py": ("results", "model_generation"),
+    "peers.py": ("settings", "peers", "rapidin_index"),
+    "lds.py": ("methods", "costs", "query_rows_check_max_difference", "build_seconds"),
+    "lds_kfac.py": ("methods",),
+    "lds_token_kfac.py": ("ekfac token factors (true Fisher), damping 0.1 (query)",),
+    "lds_damping_sweep.py": ("+Fisher (whole, damping 0.1), K=2^16", "+both (tensor, damping 2), K=2^16"),
+    "optimizer_state_cost.py": ("median_seconds", "ratio_to_plain", "sketcher_split"),
 }
 
 
