@@ -345,6 +345,12 @@ def run_growth_child(args: argparse.Namespace, mode: str, **paths) -> dict:
     command += ["--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size)]
     for name, path in paths.items():
         command += [f"--{name}", str(path)]
+    if getattr(
+        args, "smoke", False
+    ):  # a smoke run: the same child, from the same command line, in this process
+        child = parse_args(command[2:])
+        result = build_child(child) if mode == "build" else query_child(child)
+        return json.loads(json.dumps(result)) | {"process_s": 0.0, "load_average": [os.getloadavg()[0]] * 2}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     finished = subprocess.run(

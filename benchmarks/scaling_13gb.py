@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vectors", default="whole", help=argparse.SUPPRESS)
     parser.add_argument("--capped", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)  # keep the page cache
-    # the smoke run: a 16-wide one-layer model, two of the four measurements (one uncapped, one capped), no CLI
+    # the smoke run: a 16-wide one-layer model, two of the four measurements (one uncapped, one capped), no CLI;
+    # the children run in this process
     return parse_arguments(
         parser,
         argv,
@@ -263,6 +264,12 @@ def run_child(args: argparse.Namespace, mode: str, *extra: str) -> dict:
         args.row_kind,
     ]
     command += extra
+    if (
+        args.smoke
+    ):  # the same child, parsed from the same command line, in this process (seconds, not minutes)
+        child = parse_args(command[2:])
+        result = json.loads(json.dumps(grow(child) if mode == "grow" else measure(child)))
+        return result | {"process_s": 0.0, "load_average": os.getloadavg()[0]}
     started = time.perf_counter()
     try:
         finished = subprocess.run(
@@ -343,7 +350,9 @@ def main(argv=None) -> dict:
             model_dir, "llama", texts, vocab_size=2000, hidden_size=hidden_size, layers=layers
         )
         data = scaling.write_jsonl(scaling.synthetic_rows(args.seed_rows, seed=1), root / "seed.jsonl")
-        build_args = argparse.Namespace(sketch_dim=args.sketch_dim, batch_size=8, chunk_size=256)
+        build_args = argparse.Namespace(
+            sketch_dim=args.sketch_dim, batch_size=8, chunk_size=256, smoke=args.smoke
+        )
         seed = scaling.run_growth_child(build_args, "build", data=data, model=model_dir, index=args.index_dir)
         if seed["vector_dtype"] != args.dtype:
             raise SystemExit(f"the seed index stores {seed['vector_dtype']}, not {args.dtype}")
