@@ -278,7 +278,7 @@ def main() -> None:
     import argparse
     import json
 
-    from common import parse_arguments, tiny_index
+    from common import parse_arguments, tiny_index, write_json
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("folder", nargs="?", help="an index folder")
@@ -290,8 +290,7 @@ def main() -> None:
         parser.error("give the FOLDER of an index (or --smoke)")
     result = fisher_fit_seconds(arguments.folder)
     print(json.dumps(result))
-    if arguments.out is not None:
-        arguments.out.write_text(json.dumps(result, indent=2))
+    write_json(arguments.out, result)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import parse_arguments
+from common import parse_arguments, write_json
 
 NEUTRAL = tempfile.gettempdir()
 APP = "import sys; from rapidin_index.cli.main import app; sys.argv[0] = 'rapidin-index'; app()"
@@ -165,13 +165,11 @@ def main() -> None:
     print("\ncommands:")
     for name, arguments in commands(paths).items():
         print(f"  {name}: rapidin-index {' '.join(arguments)}")
-    if args.out is not None:
-        rows = [
-            {"command": name, "variant": variant, "seconds": values, "exit": outcomes[(name, variant)][0]}
-            for (name, variant), values in samples.items()
-        ]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"repeats": args.repeats, "commands": rows}, indent=2))
+    rows = [
+        {"command": name, "variant": variant, "seconds": values, "exit": outcomes[(name, variant)][0]}
+        for (name, variant), values in samples.items()
+    ]
+    write_json(args.out, {"repeats": args.repeats, "commands": rows})
 
 
 if __name__ == "__main__":

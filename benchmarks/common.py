@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 SMOKE_HELP = "a tiny setting that runs every step in seconds; outputs go to a temp folder (result.json)"
-SMOKE_RESULT = "result.json"
 SMOKE_MODEL = {"hidden_size": 16, "layers": 1, "epochs": 1}
 """The fine-tuned models of a smoke run (`FinetuneSettings(**SMOKE_MODEL)`): 16 wide, one layer, one epoch."""
 
@@ -50,14 +49,11 @@ def smoke_folder() -> Path:
     return folder
 
 
-def peer_missing(module: str) -> bool:
-    """True (and a printed line) where the peer ``module`` is not installed: the smoke run skips its part."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is not None:
-        return False
-    print(f"smoke: {module} is not installed; its part is skipped", flush=True)
-    return True
+def write_json(path: Path | str | None, data) -> None:
+    """``data`` as indented JSON in ``path`` (its folder made); nothing where ``path`` is None."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2))
 
 
 def memory() -> dict:

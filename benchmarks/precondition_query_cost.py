@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import parse_arguments, tiny_index
+from common import parse_arguments, tiny_index, write_json
 
 from rapidin_index import Index
 
@@ -47,9 +47,7 @@ def main() -> None:
     medians = {name: float(np.median(values)) for name, values in seconds.items()}
     result = {"queries": len(prepared), "seconds": medians, "ratio": medians["fisher"] / medians["none"]}
     print(json.dumps(result))
-    if arguments.out is not None:
-        arguments.out.parent.mkdir(parents=True, exist_ok=True)
-        arguments.out.write_text(json.dumps(result, indent=2))
+    write_json(arguments.out, result)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import parse_arguments  # noqa: E402
-from search_topk import interleaved  # noqa: E402
+from common import parse_arguments, write_json  # noqa: E402
+from search_topk import SMOKE_MATRIX, interleaved  # noqa: E402
 
 from rapidin_index import index as vector_index  # noqa: E402
 from rapidin_index import vector_file  # noqa: E402
@@ -139,16 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    args = parse_arguments(
-        parser,
-        argv,
-        sketch_dims="64",
-        matrix_mb=1,
-        queries=f"1,{vector_index._PRODUCT_QUERIES}",
-        repeats=1,
-        top_k=3,
-        out="{smoke}/result.json",
-    )
+    args = parse_arguments(parser, argv, **SMOKE_MATRIX, top_k=3)
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     results = []
@@ -163,9 +154,7 @@ def main(argv=None) -> None:
     for e in results:
         cells = [f"{e[n]:.3f} ({e[n] / e['bare32']:.2f})" if n in e else "-" for n in names]
         print(f"| {e['K']:,} | {e['rows']:,} | {e['queries']} | " + " | ".join(cells) + " |")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"results": results}, indent=2))
+    write_json(args.out, {"results": results})
 
 
 if __name__ == "__main__":

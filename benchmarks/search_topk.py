@@ -29,12 +29,20 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
-from common import parse_arguments  # noqa: E402
+from common import parse_arguments, write_json  # noqa: E402
 
 from rapidin_index import index as vector_index  # noqa: E402
 from rapidin_index.vector_file import StoredVectors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# the smoke runs' matrix (this script's and search_profile.py's): 1 MB at K = 64, one and many query vectors
+SMOKE_MATRIX = {
+    "sketch_dims": "64",
+    "matrix_mb": 1,
+    "queries": f"1,{vector_index._PRODUCT_QUERIES}",
+    "repeats": 1,
+    "out": "{smoke}/result.json",
+}
 
 
 def load_baseline(commit: str):
@@ -95,18 +103,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     # the smoke run: the vectors files, read by this code and by HEAD's as the baseline (git show, no checkout)
-    args = parse_arguments(
-        parser,
-        argv,
-        sketch_dims="64",
-        matrix_mb=1,
-        queries=f"1,{vector_index._PRODUCT_QUERIES}",
-        top_k="3",
-        repeats=1,
-        baseline="HEAD",
-        source="file",
-        out="{smoke}/result.json",
-    )
+    args = parse_arguments(parser, argv, **SMOKE_MATRIX, top_k="3", baseline="HEAD", source="file")
     faiss.omp_set_num_threads(1)
     import torch
 
@@ -167,9 +164,7 @@ def main(argv=None) -> None:
     folder.cleanup()
     print(f"\nsource: {args.source}")
     print(table(results, ["new", *others]))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"source": args.source, "results": results}, indent=2))
+    write_json(args.out, {"source": args.source, "results": results})
 
 
 def table(results: list[dict], names: list[str]) -> str:

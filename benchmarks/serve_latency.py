@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from cli_latency import APP, tiny_model_and_data
-from common import parse_arguments
+from common import parse_arguments, write_json
 
 PROMPT = "What does the `DeprecationWarning` class do?"
 RESPONSE = "Base class for warnings about deprecated features."
@@ -179,12 +179,8 @@ def report(args, start_seconds: float, first: dict, samples: dict) -> None:
             f"| {name} | {statistics.median(cold):.2f} ({min(cold):.2f}) | {statistics.median(warm):.3f} "
             f"({min(warm):.3f}) | {first[name]:.2f} | {ratio:.1f}x |"
         )
-    if args.out is not None:
-        rows = [{"query": name, "side": side, "seconds": values} for (name, side), values in samples.items()]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps({"server_start_s": start_seconds, "first": first, "samples": rows}, indent=2)
-        )
+    rows = [{"query": name, "side": side, "seconds": values} for (name, side), values in samples.items()]
+    write_json(args.out, {"server_start_s": start_seconds, "first": first, "samples": rows})
 
 
 if __name__ == "__main__":
