@@ -1,7 +1,8 @@
 """Every benchmark script run as users run it, in a new process, with ``--smoke`` (benchmarks/common.py): a
 tiny setting that goes through the script's whole code path in seconds, so none can rot. The scripts are
-found by a glob and split across tests/test_benchmarks_{a,b,c}.py (pytest-xdist's loadfile groups spread
-them over the workers); a new script without a smoke setting, or without a row in EXPECTED, fails."""
+found by a glob and split across tests/test_benchmarks_{a,b,c}.py by their measured seconds (pytest-xdist's
+loadfile groups spread them over the workers); a new script without a smoke setting, or without a row in
+EXPECTED, fails."""
 
 from __future__ import annotations
 
@@ -71,10 +72,32 @@ EXPECTED: dict[str, tuple[str, ...]] = {
 }
 
 
+# Seconds of each smoke run, measured in one `pytest -n 2 --dist loadfile` run of these files on a shared,
+# loaded 2-core machine: the groups are balanced by them (a script not listed counts DEFAULT_SECONDS).
+SECONDS = {
+    "serve_latency.py": 73, "cli_latency.py": 59, "backdoor.py": 49, "lds.py": 49, "per_token_scaling.py": 48,
+    "lds_token_kfac.py": 36, "backdoor_variants.py": 36, "lds_damping_sweep.py": 33, "large_vocab.py": 31,
+    "gpu_check.sh": 28, "query_speed.py": 28, "per_token_query.py": 26, "append_scaling.py": 26,
+    "fidelity.py": 26, "error_tracing.py": 25, "backdoor_smollm2.py": 24, "rerank.py": 24,
+    "optimizer_state_cost.py": 23, "factored.py": 23, "kron_pieces.py": 22, "build_throughput.py": 21,
+    "token_attribution.py": 21, "explain_cost.py": 19, "scaling_13gb.py": 14, "lds_kfac.py": 11, "peers.py": 10,
+    "scaling.py": 9, "sketch_mixing.py": 9, "precondition_query_cost.py": 9, "open_verify.py": 6,
+    "search_topk.py": 6, "search_profile.py": 6, "search_scaling.py": 2,
+}  # fmt: skip
+DEFAULT_SECONDS = 30
+
+
 def scripts(group: int) -> list[str]:
-    """The benchmark scripts of loadfile group ``group`` (of GROUPS), every file of benchmarks/ counted."""
-    names = sorted(path.name for path in BENCHMARKS.iterdir() if path.suffix in (".py", ".sh"))
-    return names[group::GROUPS]
+    """The benchmark scripts of loadfile group ``group`` (of GROUPS), every file of benchmarks/ counted: the
+    longest first, each to the group with the fewest seconds so far."""
+    names = [path.name for path in BENCHMARKS.iterdir() if path.suffix in (".py", ".sh")]
+    groups: list[list[str]] = [[] for _ in range(GROUPS)]
+    seconds = [0.0] * GROUPS
+    for name in sorted(names, key=lambda name: (-SECONDS.get(name, DEFAULT_SECONDS), name)):
+        lightest = seconds.index(min(seconds))
+        groups[lightest].append(name)
+        seconds[lightest] += 0 if name in COVERED_BY else SECONDS.get(name, DEFAULT_SECONDS)
+    return sorted(groups[group])
 
 
 def finite_numbers(value, path: str = "") -> int:
