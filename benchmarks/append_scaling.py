@@ -33,9 +33,10 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import drive, memory, parse_arguments
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 K = 4096
@@ -65,13 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--paths", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def memory() -> dict:
-    status = Path("/proc/self/status").read_text().splitlines()
-    fields = dict(line.split(":", 1) for line in status if ":" in line)
-    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS")}
+    # the smoke run: this checkout is also the "old" code, and each child runs in this process
+    root = str(Path(__file__).resolve().parent.parent)
+    return parse_arguments(parser, argv, rows="64", build_rows="8", old=root, out="{smoke}/result.json")
 
 
 def text_row(example_id: int) -> dict:
@@ -193,7 +190,9 @@ def append_rows(index_dir: Path, count: int) -> None:
     store.remove_generation(index_dir, generation + 1)  # not committed: the index is measured again
 
 
-def run_child(mode: str, code: str, *paths) -> dict:
+def run_child(mode: str, code: str, *paths, smoke: bool = False) -> dict:
+    if smoke:  # the smoke run's old code is this checkout: the child runs in this process
+        return child(mode, [str(p) for p in paths])
     command = [sys.executable, __file__, "--child", mode, "--paths", json.dumps([str(p) for p in paths])]
     environment = {**os.environ, **ONE_THREAD, "PYTHONPATH": code, "LANCEDB_LOG": "error"}
     finished = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
@@ -306,14 +305,16 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
         entry = {"rows": rows, "write_s": time.perf_counter() - started}
         for name, code in codes.items():
             if "append" not in skip:
-                entry[f"append_{name}"] = run_child("append", code, index_dir)
+                entry[f"append_{name}"] = run_child("append", code, index_dir, smoke=args.smoke)
             if "export" not in skip:
                 formats = ["tar.gz", "tar.zst", "parquet"] if name == "new" else args.old_exports.split(",")
                 if name == "old" and rows > args.old_parquet_max:
                     formats = [f for f in formats if f != "parquet"]
                 for bundle_format in formats:
                     out = folder / f"bundle.{bundle_format}"
-                    entry[f"export_{bundle_format}_{name}"] = run_child("export", code, index_dir, out)
+                    entry[f"export_{bundle_format}_{name}"] = run_child(
+                        "export", code, index_dir, out, smoke=args.smoke
+                    )
                     out.unlink()
         shutil.rmtree(index_dir)
         if "merge" not in skip:
@@ -322,7 +323,7 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
                 synthetic_index(half, template, rows, shard)
             for name, code in codes.items():
                 merged = folder / f"merged-{rows}"
-                entry[f"merge_{name}"] = run_child("merge", code, *halves, merged)
+                entry[f"merge_{name}"] = run_child("merge", code, *halves, merged, smoke=args.smoke)
                 shutil.rmtree(merged)
             for half in halves:
                 shutil.rmtree(half)
@@ -337,7 +338,7 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
         entry = {"rows": rows}
         for name, code in codes.items():
             index_dir = folder / f"built-{rows}-{name}"
-            entry[f"build_{name}"] = run_child("build", code, data, model, index_dir)
+            entry[f"build_{name}"] = run_child("build", code, data, model, index_dir, smoke=args.smoke)
             shutil.rmtree(index_dir)
         print(json.dumps(entry), flush=True)
         results["build"].append(entry)
@@ -346,17 +347,7 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return
-    if args.child:
-        print(json.dumps(child(args.child, json.loads(args.paths))))
-        return
-    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        results = measure(args, Path(folder))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    print(table(results))
+    drive(args, lambda: child(args.child, json.loads(args.paths)), measure, table)
 
 
 def table(results: dict) -> str:
