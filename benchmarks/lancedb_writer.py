@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_arguments, write_json  # noqa: E402
+
 ONE_THREAD = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
@@ -49,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--folder", default=None, help="where the tables go (default: a temp dir)")
     parser.add_argument("--out", default=None, help="append one JSON line a measurement here")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parse_arguments(parser, argv, rows="512", variants="current,consume,segments=4096")
 
 
 def child(rows: int, variant: str, folder: Path) -> dict:
@@ -142,6 +144,8 @@ def main(argv=None) -> None:
                 with open(args.out, "a") as out:
                     out.write(json.dumps(result) + "\n")
             results.append(result)
+    if args.smoke:
+        write_json(args.smoke_folder / "result.json", results)
     print(
         "\n| rows | writer | s | write_table peak growth MB | on disk MB (data files) |\n|---|---|---|---|---|"
     )

@@ -38,6 +38,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "per_token_query.py": ("results",),
     "per_token_scaling.py": ("code", "tokens", "seconds", "peak_rss_mib"),
     "search_topk.py": ("source", "results"),
+    "lancedb_writer.py": ("rows", "variant", "growth_MB", "read_back"),
     "search_profile.py": ("results",),
     "search_scaling.py": (
         "rows",
