@@ -50,6 +50,10 @@ DEFAULT_DAMPING = 0.1
 """lambda = DEFAULT_DAMPING x mean(Lambda) of each tensor (BENCHMARKS.md, issue 23: weight-space EK-FAC)."""
 LABELS = ("sampled", "empirical")
 DEFAULT_LABELS = "sampled"
+TENSORS = ("linear", "all")
+DEFAULT_TENSORS = "linear"
+"""linear: only the nn.Linear weights' H^-1 g reaches the query (kronfluence's modules; the diagonal tensors
+are left out); all: every attributed tensor, the others with their diagonal."""
 SIGMA_ROWS = 4096
 """The combination's per-query standard deviations are measured on at most this many stored rows."""
 DAMPING_RULE = "lambda = damping x mean(Lambda_W) of each weight tensor W (mean(E[g^2]) for a diagonal one)"
@@ -76,14 +80,17 @@ class TensorFactors:
     damping: float  # lambda (absolute)
     basis_out: np.ndarray | None = None  # Q_S [out, out] float32; None: diagonal
     basis_in: np.ndarray | None = None  # Q_A [in, in] float32
+    scale: float = 1.0  # the query's H^-1 g here is multiplied by it (0: the tensor is left out)
 
     @property
     def kronecker(self) -> bool:
         return self.basis_out is not None
 
     def apply(self, gradients: torch.Tensor) -> torch.Tensor:
-        """H^-1 of [n, numel] gradients, float32."""
-        values = torch.from_numpy(self.eigenvalues).to(gradients.device) + self.damping
+        """scale x H^-1 of [n, numel] gradients, float32."""
+        if self.scale == 0:
+            return torch.zeros_like(gradients)
+        values = (torch.from_numpy(self.eigenvalues).to(gradients.device) + self.damping) / self.scale
         if not self.kronecker:
             return gradients / values
         out, inside = self.eigenvalues.shape
@@ -94,7 +101,7 @@ class TensorFactors:
 
 
 def apply_factors(factors: list[TensorFactors], gradients: torch.Tensor) -> torch.Tensor:
-    """H^-1 g for flat gradients [n, D] (every tensor's coordinates in the index's order)."""
+    """scale_t x H^-1 g for flat gradients [n, D] (every tensor's coordinates in the index's order)."""
     out = gradients.to(torch.float32).clone()
     for tensor in factors:
         span = slice(tensor.offset, tensor.offset + tensor.numel)
@@ -205,12 +212,20 @@ def fit_factors(
     labels: str = DEFAULT_LABELS,
     damping: float = DEFAULT_DAMPING,
     seed: int = 0,
+    tensors: str = DEFAULT_TENSORS,
+    row_norms: bool = True,
 ) -> list[TensorFactors]:
     """EK-FAC factors of every attributed tensor from ``batches`` (`losses.Batch`, each row's mean
     response-token loss); ``exact_sketcher``: a `GradientSketcher` over ``blocks`` with the exact projector
-    and no normalisation (each row's own gradient)."""
+    and no normalisation (each row's own gradient).
+
+    Each tensor's ``scale``: 0 for a diagonal tensor with ``tensors="linear"`` (kronfluence's modules only),
+    times, with ``row_norms``, the rows' mean gradient norm in that tensor (on a layer-normalised index the
+    stored rows lost it: the query puts it back on average)."""
     if labels not in LABELS:
         raise PreconditionError(f"--labels {labels!r} is not one of {', '.join(LABELS)}")
+    if tensors not in TENSORS:
+        raise PreconditionError(f"tensors {tensors!r} is not one of {', '.join(TENSORS)}")
     if damping <= 0:
         raise PreconditionError(f"--damping must be > 0 (a multiple of the mean eigenvalue), got {damping}")
     if not batches:
@@ -227,12 +242,14 @@ def fit_factors(
             covariances.add(model, labelled(batch))
     bases = covariances.bases()
     sums = {block.name: torch.zeros(block.parameter.shape, dtype=torch.float64) for block in blocks}
+    norms = {block.name: 0.0 for block in blocks}
     rows = 0
     for batch in batches:
         flat = exact_sketcher.sketch(labelled(batch)).vectors.cpu()  # [batch, D]: each row's own gradient
         rows += flat.shape[0]
         for block in blocks:
             gradient = flat[:, block.offset : block.offset + block.numel].double()
+            norms[block.name] += float(gradient.norm(dim=1).sum())
             if block.name in linear:
                 basis_out, basis_in = (torch.from_numpy(m).double() for m in bases[block.name])
                 shape = (-1, *block.parameter.shape)
@@ -244,11 +261,17 @@ def fit_factors(
         values = (sums[block.name] / rows).float()
         mean = float(values.mean())
         lam = damping * mean if mean > 0 else damping
+        scale = norms[block.name] / rows if row_norms else 1.0
         if block.name in linear:
             basis_out, basis_in = bases[block.name]
-            factors.append(TensorFactors(block.offset, block.numel, values.numpy(), lam, basis_out, basis_in))
+            factors.append(
+                TensorFactors(block.offset, block.numel, values.numpy(), lam, basis_out, basis_in, scale)
+            )
         else:
-            factors.append(TensorFactors(block.offset, block.numel, values.reshape(-1).numpy(), lam))
+            scale = 0.0 if tensors == "linear" else scale
+            factors.append(
+                TensorFactors(block.offset, block.numel, values.reshape(-1).numpy(), lam, scale=scale)
+            )
     return factors
 
 
@@ -263,6 +286,7 @@ def save_factors(path: Path, factors: list[TensorFactors]) -> None:
         "offsets": np.array([[f.offset, f.numel] for f in factors], dtype=np.int64).reshape(-1, 2),
         "kronecker": np.array([int(f.kronecker) for f in factors], dtype=np.int64),
         "damping": np.array([f.damping for f in factors], dtype=np.float64),
+        "scale": np.array([f.scale for f in factors], dtype=np.float64),
     }
     for number, tensor in enumerate(factors):
         arrays[f"eigenvalues_{number}"] = tensor.eigenvalues
@@ -295,7 +319,10 @@ def load_factors(path: Path, gradient_dim: int) -> list[TensorFactors]:
                     basis_out = basis_in = None
                 if values.size != numel:
                     raise PreconditionError(f"{path.name}: tensor {number} does not cover its span")
-                factors.append(TensorFactors(int(offset), int(numel), values, damping, basis_out, basis_in))
+                scale = float(stored["scale"][number])
+                factors.append(
+                    TensorFactors(int(offset), int(numel), values, damping, basis_out, basis_in, scale)
+                )
     except (OSError, KeyError, ValueError) as error:
         raise PreconditionError(
             f"{path.name} is not a readable EK-FAC file ({str(error)[:120]}); refit it: rapidin-index fit "
@@ -359,9 +386,14 @@ def exact_sketcher(index):
 
 
 def fit_weights(
-    index, labels: str = DEFAULT_LABELS, damping: float | None = None, seed: int = 0
+    index,
+    labels: str = DEFAULT_LABELS,
+    damping: float | None = None,
+    seed: int = 0,
+    tensors: str = DEFAULT_TENSORS,
 ) -> tuple[list[TensorFactors], dict]:
-    """(factors, record) of an opened `retrieval.Index` over its own rows."""
+    """(factors, record) of an opened `retrieval.Index` over its own rows; the rows' mean norms scale the
+    query's tensors where the index is layer-normalised (`fit_factors`)."""
     import time
 
     if index.manifest.optimizer_state is not None:
@@ -372,13 +404,15 @@ def fit_weights(
     damping = DEFAULT_DAMPING if damping is None else damping
     started = time.perf_counter()
     batches, skipped = training_batches(index)
-    factors = fit_factors(
-        index.loaded.model, index.blocks, exact_sketcher(index), batches, labels, damping, seed
-    )
+    row_norms = index.manifest.normalize == "layer"
+    model, sketcher = index.loaded.model, exact_sketcher(index)
+    factors = fit_factors(model, index.blocks, sketcher, batches, labels, damping, seed, tensors, row_norms)
     record = {
         "damping": damping,
         "damping_rule": DAMPING_RULE,
         "labels": labels,
+        "tensors": tensors,
+        "row_norms": row_norms,
         "kronecker_tensors": sum(f.kronecker for f in factors),
         "diagonal_tensors": sum(not f.kronecker for f in factors),
         "rows": sum(batch.size for batch in batches),
@@ -396,6 +430,7 @@ def fit_index_weights(
     locked: bool = False,
     fisher_damping: float | None = None,
     device: str = "auto",
+    tensors: str = DEFAULT_TENSORS,
 ) -> dict:
     """Fit ``ekfac-weights`` (or ``fisher+ekfac-weights``: the sketch-space Fisher with query norms too)
     with the index's model over its rows; write it beside the vectors and record it in the manifest."""
@@ -417,7 +452,7 @@ def fit_index_weights(
     index = Index.open(index_dir, device=device, precondition="none")
     try:
         generation = index.manifest.generation
-        factors, weights = fit_weights(index, labels, damping)
+        factors, weights = fit_weights(index, labels, damping, tensors=tensors)
     finally:
         index.lease.close()
     with contextlib.nullcontext() if locked else writer_lock(index_dir, "fit"):

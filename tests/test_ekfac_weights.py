@@ -91,6 +91,7 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
     index_dir = copy_of(exact_index, tmp_path)
     record = fit_index(index_dir, kind="ekfac-weights", damping=0.2)  # default labels: sampled
     assert record["labels"] == "sampled" and record["rows"] == 24 and record["query_norms"] is True
+    assert record["tensors"] == "linear" and record["row_norms"] is True
     record = ekfac.fit_index_weights(index_dir, "ekfac-weights", damping=0.2, labels="empirical")
     manifest = read_manifest(index_dir)
     assert manifest.precondition == record and record["file"] in manifest.files
@@ -144,6 +145,10 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
             expected = np.mean(per_example**2, axis=0).reshape(-1)
         np.testing.assert_allclose(tensor.eigenvalues, expected, rtol=2e-3, atol=1e-5 * expected.max())
         assert tensor.damping == pytest.approx(0.2 * expected.mean(), rel=2e-3)
+        # the query's scale: the rows' mean gradient norm there (a layer-normalised index); the diagonal
+        # tensors are left out by default (tensors="linear", kronfluence's modules)
+        mean_norm = np.mean([np.linalg.norm(g) for g in per_example])
+        assert tensor.scale == pytest.approx(mean_norm if name in linear else 0.0, rel=2e-3)
 
 
 def test_the_inverse_equals_a_dense_solve_of_the_kronecker_eigendecomposition():
@@ -198,7 +203,7 @@ def numpy_inverse(factors, gradients: np.ndarray) -> np.ndarray:
             )
         else:
             part = part / values
-        out[:, tensor.offset : tensor.offset + tensor.numel] = part
+        out[:, tensor.offset : tensor.offset + tensor.numel] = part * tensor.scale
     return out
 
 
