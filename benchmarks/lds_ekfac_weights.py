@@ -104,23 +104,26 @@ def main() -> None:
         ),
     }
     fits = {}
-    vectors = {}
     for labels in arguments.labels.split(","):
         fit_started = time.perf_counter()
         factors, record = ekfac.fit_weights(index, labels=labels, damping=1.0)
         fits[labels] = {**record, "seconds": time.perf_counter() - fit_started}
         print(f"fit ({labels}): {fits[labels]['seconds']:.0f} s", flush=True)
+        variants = {
+            "": factors,
+            ", every tensor, no row norms": [dataclasses.replace(f, scale=1.0) for f in factors],
+        }
         for damping in [float(d) for d in arguments.dampings.split(",")]:
-            redamped = [dataclasses.replace(f, damping=f.damping * damping) for f in factors]
-            vector = ekfac.project(projector, ekfac.apply_factors(redamped, gradients)).numpy()
-            vectors[(labels, damping)] = vector
-            name = f"+weight-space EK-FAC ({labels} labels, damping {damping})"
-            results[name] = lds(vector @ rows.T, masks, losses, triggered)
-            summed = ekfac.combine([fisher, vector], rows)
-            results[f"sum: Fisher (query norms) + EK-FAC weights ({labels}, {damping})"] = lds(
-                summed @ rows.T, masks, losses, triggered
-            )
-            print(name, results[name]["lds"], flush=True)
+            for label, fitted in variants.items():
+                redamped = [dataclasses.replace(f, damping=f.damping * damping) for f in fitted]
+                vector = ekfac.project(projector, ekfac.apply_factors(redamped, gradients)).numpy()
+                name = f"+weight-space EK-FAC ({labels} labels, damping {damping}{label})"
+                results[name] = lds(vector @ rows.T, masks, losses, triggered)
+                summed = ekfac.combine([fisher, vector], rows)
+                results[f"sum: Fisher (query norms) + EK-FAC weights ({labels}, {damping}{label})"] = lds(
+                    summed @ rows.T, masks, losses, triggered
+                )
+                print(name, results[name]["lds"], flush=True)
     if arguments.ekfac_scores:
         kron = np.load(arguments.ekfac_scores)[chosen]
         results["kronfluence EK-FAC (weight space, every nn.Linear)"] = lds(kron, masks, losses, triggered)
