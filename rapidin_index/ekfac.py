@@ -20,9 +20,9 @@ the index). For every attributed ``nn.Linear`` weight W [out, in] (kronfluence's
 Every other attributed tensor (norm weights, biases, embeddings, a tied head) has a diagonal,
 ``g / (E[g_n^2] + lambda)``, ``lambda = damping x mean(E[g_n^2])``, but is left out of the query by default
 (``tensors="linear"``: kronfluence's modules; with them in, LDS fell from 0.52 to 0.45 at damping 3). On a
-layer-normalised index each tensor's ``H^-1 g`` is multiplied by the rows' mean gradient norm there (the
-fit's pass measures it): the stored rows lost their norms, the query gives them back on average (LDS 0.47
--> 0.52 alone, 0.54 -> 0.58 summed with the Fisher).
+layer-normalised index each tensor's ``H^-1 g`` is multiplied by the rows' mean gradient norm there, as
+the Lambda pass measures it (with its labels: sampled by default): the stored rows lost their norms, the
+query gives them back on average (LDS 0.46 -> 0.52 alone, 0.54 -> 0.57 summed with the Fisher).
 
 The sketch costs this preconditioner more than the Fisher: scored against the exact plain gradients the
 same factors give LDS 0.60-0.64 (kronfluence's level), against the exact layer-normalised rows 0.53-0.56,
@@ -231,8 +231,8 @@ def fit_factors(
     and no normalisation (each row's own gradient).
 
     Each tensor's ``scale``: 0 for a diagonal tensor with ``tensors="linear"`` (kronfluence's modules only),
-    times, with ``row_norms``, the rows' mean gradient norm in that tensor (on a layer-normalised index the
-    stored rows lost it: the query puts it back on average)."""
+    times, with ``row_norms``, the rows' mean gradient norm in that tensor with ``labels`` (on a
+    layer-normalised index the stored rows lost it: the query puts it back on average)."""
     if labels not in LABELS:
         raise PreconditionError(f"--labels {labels!r} is not one of {', '.join(LABELS)}")
     if tensors not in TENSORS:
