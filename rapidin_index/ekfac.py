@@ -33,7 +33,8 @@ to the sketches themselves). BENCHMARKS.md, "Issue 23: weight-space EK-FAC on th
 vector. A per-query z-score of the scores ``s_i = <q, x_i>`` is ``(s_i - m(q)) / sigma(q)`` with m, sigma
 the mean and standard deviation over the stored rows; the mean is the same for every row, so the sum of
 the two z-scores ranks exactly as ``<q_1 / sigma_1 + q_2 / sigma_2, x_i>``. sigma is measured on the
-stored rows themselves (all of them up to ``SIGMA_ROWS``, else that many spread evenly over the index).
+stored rows themselves (all of them up to ``SIGMA_ROWS`` = 1,024, else that many spread evenly over the
+index; read once per opened index, float16).
 
 Stored as ``ekfac-weights-gNNNN.npz`` (versioned, listed with its checksums in the manifest's files, like
 ``fisher-gNNNN.npz``); an append or merge drops it as it drops the Fisher.
@@ -41,6 +42,7 @@ Stored as ``ekfac-weights-gNNNN.npz`` (versioned, listed with its checksums in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +67,7 @@ TENSORS = ("linear", "all")
 DEFAULT_TENSORS = "linear"
 """linear: only the nn.Linear weights' H^-1 g reaches the query (kronfluence's modules; the diagonal tensors
 are left out); all: every attributed tensor, the others with their diagonal."""
-SIGMA_ROWS = 4096
+SIGMA_ROWS = 1024
 """The combination's per-query standard deviations are measured on at most this many stored rows."""
 DAMPING_RULE = "lambda = damping x mean(Lambda_W) of each weight tensor W (mean(E[g^2]) for a diagonal one)"
 
@@ -495,10 +497,25 @@ def fit_index_weights(
 # --------------------------------------------------------------------------- queries
 
 
-def project(projector, gradients: torch.Tensor) -> torch.Tensor:
-    """The index's sketch of plain flat gradients [n, D] -> [n, K] (no normalisation)."""
+def project(projector, gradients: torch.Tensor, factors: list[TensorFactors] | None = None) -> torch.Tensor:
+    """The index's sketch of plain flat gradients [n, D] -> [n, K] (no normalisation). With ``factors``
+    (their offsets), a tensor whose scale is 0 is skipped (its coordinates are zero) and, on rapidgrad-kron,
+    each matrix is sketched by the count-sketch matmuls (`sketch_matrix`) instead of a scatter."""
+    gradients = gradients.to(torch.float32)
     out = projector.new_output(gradients.shape[0])
-    projector.project_block(out, gradients.to(out.device, torch.float32), 0)
+    if factors is None:
+        projector.project_block(out, gradients.to(out.device), 0)
+        return out
+    for tensor in factors:
+        if tensor.scale == 0:
+            continue
+        part = gradients[:, tensor.offset : tensor.offset + tensor.numel].to(out.device)
+        segment = projector.segment(tensor.offset) if hasattr(projector, "sketch_matrix") else None
+        if segment is not None and segment.rows > 1 and segment.rows * segment.cols == tensor.numel:
+            matrix = part.reshape(len(part), segment.rows, segment.cols)
+            projector.add_segment_sketch(out, projector.sketch_matrix(matrix, tensor.offset), tensor.offset)
+        else:
+            projector.project_block(out, part, tensor.offset)
     return out
 
 
@@ -528,7 +545,7 @@ class WeightPreconditioner:
 
     def sketch_queries(self, index, queries, per_token: bool) -> tuple[np.ndarray, np.ndarray]:
         gradients, losses = self.gradients(index, queries, per_token)
-        vectors = project(index.sketcher.projector, apply_factors(self.factors, gradients))
+        vectors = project(index.sketcher.projector, apply_factors(self.factors, gradients), self.factors)
         return vectors.cpu().numpy(), losses
 
 
@@ -539,30 +556,37 @@ class CombinedPreconditioner(WeightPreconditioner):
     def __init__(self, factors, record, fisher) -> None:
         super().__init__(factors, record)
         self.fisher = fisher
+        self.rows = None  # `sample_rows`, read on first use
 
     def sketch_queries(self, index, queries, per_token: bool) -> tuple[np.ndarray, np.ndarray]:
         gradients, losses = self.gradients(index, queries, per_token)
         projector = index.sketcher.projector
-        fisher = self.fisher.apply(project(projector, gradients).cpu().numpy())
-        ekfac = project(projector, apply_factors(self.factors, gradients)).cpu().numpy()
-        rows = sample_rows(index)
-        return combine([fisher, ekfac], rows), losses
+        every = [dataclasses.replace(f, scale=1.0) for f in self.factors]  # offsets: every tensor
+        fisher = self.fisher.apply(project(projector, gradients, every).cpu().numpy())
+        ekfac = project(projector, apply_factors(self.factors, gradients), self.factors).cpu().numpy()
+        if self.rows is None:
+            self.rows = sample_rows(index)
+        return combine([fisher, ekfac], self.rows), losses
 
 
 def sample_rows(index, limit: int = SIGMA_ROWS) -> np.ndarray:
-    """Stored vectors [m, K] float32: all rows up to ``limit``, else ``limit`` spread evenly."""
+    """Stored vectors [m, K] float16: all rows up to ``limit``, else ``limit`` spread evenly."""
     stored = index.stored_index
     positions = np.unique(np.linspace(0, stored.count - 1, min(limit, stored.count)).round().astype(np.int64))
-    return np.asarray(stored.read_positions(positions), dtype=np.float32)
+    return np.asarray(stored.read_positions(positions), dtype=np.float16)
 
 
-def combine(queries: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """sum_j q_j / sigma_j, sigma_j [n] the standard deviation of q_j's scores over ``rows``."""
+def combine(queries: list[np.ndarray], rows: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """sum_j q_j / sigma_j, sigma_j [n] the standard deviation of q_j's scores over ``rows`` [m, K]."""
+    stacked = np.concatenate(queries).astype(np.float32)  # [parts * n, K]
+    scores = np.concatenate(
+        [rows[start : start + chunk].astype(np.float32) @ stacked.T for start in range(0, len(rows), chunk)]
+    )  # [m, parts * n]
+    sigma = scores.astype(np.float64).std(axis=0)
+    sigma = np.where(sigma > 0, sigma, 1.0).reshape(len(queries), -1)  # [parts, n]
     out = np.zeros_like(queries[0], dtype=np.float32)
-    for vectors in queries:
-        sigma = (rows.astype(np.float64) @ vectors.astype(np.float64).T).std(axis=0)  # [n]
-        sigma = np.where(sigma > 0, sigma, 1.0)
-        out += (vectors / sigma[:, None]).astype(np.float32)
+    for vectors, deviation in zip(queries, sigma, strict=True):
+        out += (vectors / deviation[:, None]).astype(np.float32)
     return out
 
 
