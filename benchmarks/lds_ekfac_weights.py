@@ -53,7 +53,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--models", type=int, help="use only the first M subset models")
     parser.add_argument("--ekfac-scores", help="kronfluence's EK-FAC scores [queries, rows] (.npy)")
     parser.add_argument("--end-to-end", default="off", choices=("on", "off"))
-    parser.add_argument("--costs", default="off", choices=("on", "off"))
+    parser.add_argument("--costs", default="off", choices=("on", "off", "only"), help="only: no LDS")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=".bench/lds-ekfac-weights.json")
@@ -82,6 +82,11 @@ def main() -> None:
     started = time.perf_counter()
     masks, losses, chosen, triggered = selected(folder, arguments)
     train_dir = index_folder(folder, SketchSettings(65536), "layer", False, "train")
+    if arguments.costs == "only":
+        query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
+        report = {"costs": costs(folder, train_dir, [query_rows[n] for n in chosen], arguments.repeats)}
+        Path(arguments.out).write_text(json.dumps(report, indent=2))
+        return
     index = Index.open(train_dir, device="cpu", precondition="none")
     ids, rows = vector_index.stored_vectors(index.faiss_index)
     assert np.array_equal(ids, np.arange(len(ids)))
