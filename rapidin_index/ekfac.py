@@ -22,12 +22,13 @@ Every other attributed tensor (norm weights, biases, embeddings, a tied head) ha
 (``tensors="linear"``: kronfluence's modules; with them in, LDS fell from 0.52 to 0.45 at damping 3). On a
 layer-normalised index each tensor's ``H^-1 g`` is multiplied by the rows' mean gradient norm there, as
 the Lambda pass measures it (with its labels: sampled by default): the stored rows lost their norms, the
-query gives them back on average (LDS 0.46 -> 0.52 alone, 0.54 -> 0.57 summed with the Fisher).
+query gives them back on average (at damping 3, both changes together: LDS 0.44 -> 0.52 alone, 0.51 -> 0.57
+summed with the Fisher).
 
 The sketch costs this preconditioner more than the Fisher: scored against the exact plain gradients the
 same factors give LDS 0.60-0.64 (kronfluence's level), against the exact layer-normalised rows 0.53-0.56,
-and against the stored K = 2^16 sketches 0.47-0.52; the sketch-space Fisher has no such loss (it is fitted
-to the sketches themselves). BENCHMARKS.md, "Issue 23: weight-space EK-FAC on the query side".
+and against the stored K = 2^16 sketches 0.34-0.48 (0.52 with the defaults); the sketch-space Fisher has
+no such loss (it is fitted to the sketches themselves). BENCHMARKS.md, "Issue 23: weight-space EK-FAC on the query side".
 
 ``fisher+ekfac-weights``: both this and the sketch-space Fisher (`precondition`, query norms), as ONE query
 vector. A per-query z-score of the scores ``s_i = <q, x_i>`` is ``(s_i - m(q)) / sigma(q)`` with m, sigma
