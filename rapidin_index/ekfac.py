@@ -461,6 +461,11 @@ def fit_index_weights(
     if labels not in LABELS:
         raise PreconditionError(f"--labels {labels!r} is not one of {', '.join(LABELS)}")
     index_dir = Path(index_dir)
+    if read_manifest(index_dir).optimizer_state is not None:  # before the Fisher part is written
+        raise PreconditionError(
+            f"--kind {kind}: this index was built with --optimizer-state, which weight-space EK-FAC does "
+            "not model; use --kind fisher"
+        )
     if kind == COMBINED_KIND:  # the Fisher first: its record is the base of the combined one
         fisher = fit_index(index_dir, damping=fisher_damping, locked=locked, kind="fisher", query_norms=True)
     index = Index.open(index_dir, device=device, precondition="none")

@@ -330,3 +330,15 @@ def test_the_cli_fits_and_queries(tmp_path, kron_index):
     done = subprocess.run(query + ["--precondition", "fisher"], capture_output=True, text=True)
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1
     assert "fitted with ekfac-weights; refit it with: rapidin-index fit --kind fisher" in done.stderr
+
+
+def test_an_optimizer_state_index_is_refused_before_anything_is_written(tmp_path, kron_index):
+    index_dir = copy_of(kron_index, tmp_path)
+    from rapidin_index.manifest import write_manifest
+
+    manifest = read_manifest(index_dir)  # as a build with --optimizer-state records it (resealed)
+    manifest.optimizer_state = {"path": "elsewhere", "fingerprint": "0" * 64}
+    write_manifest(index_dir, manifest)
+    with pytest.raises(PreconditionError, match="built with --optimizer-state.*use --kind fisher"):
+        fit_index(index_dir, kind="fisher+ekfac-weights")
+    assert read_manifest(index_dir).precondition is None  # not even the Fisher part
