@@ -794,7 +794,12 @@ def info(
             if manifest.precondition is None
             else f"{manifest.precondition.get('kind', 'fisher')}, {manifest.precondition['structure']}, damping "
             f"{manifest.precondition['damping']}"
-            + (", query norms" if manifest.precondition.get("query_norms") else ""),
+            + (", query norms" if manifest.precondition.get("query_norms") else "")
+            + (
+                f"; weight-space EK-FAC damping {manifest.precondition['weights']['damping']}"
+                if "weights" in manifest.precondition
+                else ""
+            ),
         ),
     ]:
         table.add_row(name, value)

@@ -342,3 +342,20 @@ def test_an_optimizer_state_index_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(PreconditionError, match="built with --optimizer-state.*use --kind fisher"):
         fit_index(index_dir, kind="fisher+ekfac-weights")
     assert read_manifest(index_dir).precondition is None  # not even the Fisher part
+
+
+def test_the_cli_refuses_a_fit_without_the_model_on_one_line(tmp_path, kron_index):
+    from rapidin_index.manifest import write_manifest
+
+    index_dir = copy_of(kron_index, tmp_path)
+    manifest = read_manifest(index_dir)
+    manifest.model["name_or_path"] = str(tmp_path / "moved-away")
+    write_manifest(index_dir, manifest)
+    executable = [sys.executable, "-m", "rapidin_index.cli.main"]
+    done = subprocess.run(
+        executable + ["fit", "--index", index_dir, "--kind", "ekfac-weights"], capture_output=True, text=True
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) <= 2, done.stderr  # the error, and where the model was
+    assert "moved-away" in done.stderr and "Traceback" not in done.stderr
+    assert read_manifest(index_dir).precondition is None
