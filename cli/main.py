@@ -428,8 +428,9 @@ def query(
     precondition: Annotated[
         str | None,
         typer.Option(
-            help="none, or the fitted kind (fisher, kfac, ekfac): apply the fitted (F + lambda I)^-1 to the "
-            "query vectors (default: the fitted kind where the index is fitted, see rapidin-index fit)."
+            help="none, or the fitted kind (fisher, kfac, ekfac, ekfac-weights, fisher+ekfac-weights, or "
+            "either part of the last): apply the fitted (F + lambda I)^-1 to the query vectors (default: "
+            "the fitted kind where the index is fitted, see rapidin-index fit)."
         ),
     ] = None,
     query_norms: Annotated[
@@ -615,14 +616,17 @@ def fit(
         str,
         typer.Option(
             help="fisher (the empirical Fisher of the stored vectors), kfac or ekfac (Kronecker factors of "
-            "each tensor's row x column bins: rapidgrad-kron or K = 0 only)."
+            "each tensor's row x column bins: rapidgrad-kron or K = 0 only), ekfac-weights (EK-FAC of each "
+            "nn.Linear weight in weight space, applied to the query gradient before it is sketched: a pass of "
+            "the index's model over its rows), or fisher+ekfac-weights (both, as one z-scored query)."
         ),
     ] = "fisher",
     damping: Annotated[
         float | None,
         typer.Option(
             help="lambda as a multiple of each block's mean eigenvalue: fisher trace(F_b) / min(rows, width) "
-            "(default 0.5), kfac and ekfac trace(F_b) / width (default 0.01)."
+            "(default 0.5), kfac and ekfac trace(F_b) / width (default 0.01); ekfac-weights (and its part of "
+            "fisher+ekfac-weights) mean(Lambda) of each weight (default 0.1)."
         ),
     ] = None,
     rank: Annotated[
@@ -643,10 +647,33 @@ def fit(
             "against 0.48), worse at finding a backdoor's rows (auPRC@10 0.965 against 1.000): off by default."
         ),
     ] = False,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="ekfac-weights: sampled (labels drawn from the model: the true Fisher, kronfluence's "
+            "default) or empirical (the rows' own labels)."
+        ),
+    ] = "sampled",
+    device: Annotated[str, typer.Option(help="ekfac-weights: auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
     """Fit a curvature preconditioner of the stored vectors; queries then apply (F + lambda I)^-1 to theirs."""
+    from rapidin_index.ekfac import KINDS as WEIGHT_KINDS
+    from rapidin_index.ekfac import fit_index_weights
     from rapidin_index.precondition import fit_index
 
+    if kind in WEIGHT_KINDS:
+        record = fit_index_weights(index, kind, damping=damping, labels=labels, device=device)
+        weights = record.get("weights", record)
+        console.print(
+            f"fitted weight-space EK-FAC of {weights['rows']:,} rows ({weights['kronecker_tensors']} "
+            f"Kronecker, {weights['diagonal_tensors']} diagonal tensor(s), {weights['labels']} labels, "
+            f"damping {weights['damping']} x mean eigenvalue)"
+            + (" and the Fisher (query norms)" if "weights" in record else "")
+            + f" in {record['seconds']:.1f} s; queries now use {record['kind']} (--precondition none to "
+            "turn it off)",
+            highlight=False,
+        )
+        return
     record = fit_index(
         index, damping=damping, rank=rank, structure=structure, kind=kind, query_norms=query_norms
     )
@@ -767,7 +794,12 @@ def info(
             if manifest.precondition is None
             else f"{manifest.precondition.get('kind', 'fisher')}, {manifest.precondition['structure']}, damping "
             f"{manifest.precondition['damping']}"
-            + (", query norms" if manifest.precondition.get("query_norms") else ""),
+            + (", query norms" if manifest.precondition.get("query_norms") else "")
+            + (
+                f"; weight-space EK-FAC damping {manifest.precondition['weights']['damping']}"
+                if "weights" in manifest.precondition
+                else ""
+            ),
         ),
     ]:
         table.add_row(name, value)

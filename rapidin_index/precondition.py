@@ -58,7 +58,10 @@ DENSE_LIMIT = 4096
 STRUCTURES = ("auto", "tensor", "whole")
 KINDS = ("fisher", "kfac", "ekfac")
 """What `fit --kind` fits: the empirical Fisher of the stored rows, or `kfac`'s (E)K-FAC factors."""
-PRECONDITIONS = ("none", *KINDS)
+WEIGHT_KINDS = ("ekfac-weights", "fisher+ekfac-weights")
+"""`ekfac`: weight-space EK-FAC on the query gradient before it is sketched (needs the model), alone or
+summed with the Fisher as one z-scored query vector."""
+PRECONDITIONS = ("none", *KINDS, *WEIGHT_KINDS)
 GRAM_ROW_LIMIT = 8192
 """Up to this many rows a wide block's eigenpairs come from the exact N x N Gram matrix."""
 
@@ -314,8 +317,12 @@ def fit_index(
     from rapidin_index.lock import writer_lock
     from rapidin_index.manifest import read_manifest, write_manifest
 
+    if kind in WEIGHT_KINDS:
+        from rapidin_index.ekfac import fit_index_weights
+
+        return fit_index_weights(index_dir, kind, damping, locked=locked)
     if kind not in KINDS:
-        raise PreconditionError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+        raise PreconditionError(f"--kind {kind!r} is not one of {', '.join(KINDS + WEIGHT_KINDS)}")
     damping = DEFAULT_DAMPINGS[kind] if damping is None else damping
     index_dir = Path(index_dir)
     started = time.perf_counter()
@@ -327,6 +334,7 @@ def fit_index(
         name = fisher_file(manifest.generation)
         save_blocks(index_dir / name, blocks)
         manifest.files[name] = file_entry(index_dir / name)  # sha256, xxh3_128 (checked on open), bytes
+        manifest.files.pop(f"ekfac-weights-g{manifest.generation:04d}.npz", None)  # an earlier weights fit
         manifest.precondition = {
             "kind": kind,
             "version": FORMAT_VERSION,
@@ -403,7 +411,7 @@ def resolve_precondition(manifest, asked: str | None) -> str:
         return fitted or "none"
     if asked not in PRECONDITIONS:
         raise PreconditionError(f"--precondition {asked!r} is not one of {', '.join(PRECONDITIONS)}")
-    if asked != "none" and fitted is not None and asked != fitted:
+    if asked != "none" and fitted is not None and asked != fitted and asked not in fitted.split("+"):
         raise PreconditionError(
             f"--precondition {asked}: this index is fitted with {fitted}; refit it with: rapidin-index fit "
             f"--kind {asked} (or query with --precondition {fitted} or none)"
@@ -416,6 +424,10 @@ def load_preconditioner(index_dir: str | Path, manifest, kind: str = DEFAULT_KIN
     from rapidin_index.files import sha256_path
 
     index_dir = Path(index_dir)
+    if kind in WEIGHT_KINDS:
+        from rapidin_index.ekfac import load_weight_preconditioner
+
+        return load_weight_preconditioner(index_dir, manifest, kind)
     if manifest.precondition is None:
         name = (
             "Fisher" if kind == "fisher" else kind.upper().replace("EKFAC", "EK-FAC").replace("KFAC", "K-FAC")

@@ -213,6 +213,11 @@ class Index:
                 )
             return
         self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
+        if getattr(self.preconditioner, "weight_space", False) and query_norms is False:
+            raise PreconditionError(
+                f"--no-query-norms: a {self.precondition} query is the plain gradient preconditioned in weight "
+                "space, always with its norms; drop --no-query-norms (or query with --precondition none)"
+            )
         if query_norms is None:
             query_norms = bool(self.preconditioner.record.get("query_norms"))
         if query_norms and self.manifest.normalize == "layer":  # the query keeps its per-tensor norms
@@ -415,6 +420,8 @@ def sketch_queries(
     (:mod:`rapidin_index.token_gradients`): rows [1 + T] per query, the progress bar counting them. Whole
     generation only, the queries share batches: one row per query.
     """
+    if getattr(index.preconditioner, "weight_space", False):  # ekfac-weights: H^-1 g before the sketch
+        return index.preconditioner.sketch_queries(index, queries, per_token)
     vectors, losses = _sketch_query_vectors(index, queries, per_token)
     if index.preconditioner is not None:  # (F + lambda I)^-1 q: the stored rows are left as they are
         vectors = index.preconditioner.apply(vectors)

@@ -256,7 +256,8 @@ def test_the_cli_fits_and_queries_with_and_without_it(tmp_path, lora_index):
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
     done = subprocess.run(query + ["--precondition", "both"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: --precondition 'both' is not one of none, fisher, kfac, ekfac"
+        "error: --precondition 'both' is not one of none, fisher, kfac, ekfac, ekfac-weights, "
+        "fisher+ekfac-weights"
     ]
 
 

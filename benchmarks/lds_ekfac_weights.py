@@ -1,0 +1,249 @@
+"""Issue 23: LDS of weight-space EK-FAC on the query side (`rapidin_index.ekfac`) on `lds.py`'s cached models.
+
+Run `benchmarks/lds.py` first (it trains the models and builds the K = 2^16 index of the train rows in
+--folder). Every variant below scores the same held-out queries against the same stored rows (the index's
+layer-normalised sketches), in one run:
+
+* RapidIn: the layer-normalised query sketch (no preconditioner);
+* +Fisher per tensor, query norms (`precondition.fit_fisher` on the stored rows, damping 0.5): today's best;
+* +weight-space EK-FAC: the query's plain gradient, ``H^-1 g`` per tensor with EK-FAC's factors fitted by
+  the library (`ekfac.fit_weights`, a pass of the full model over the train rows; ``--labels`` sampled
+  and/or empirical), then sketched with the index's projector; each damping of ``--dampings``
+  (lambda = damping x mean(Lambda) per tensor) from one fit;
+* the sum: `ekfac.combine` of the Fisher's and EK-FAC's query vectors (z-scored over the stored rows),
+  one inner product;
+* kronfluence's EK-FAC (``--ekfac-scores``, [queries, rows] .npy from `lds_kronfluence.ekfac_scores`).
+
+``--end-to-end on``: `fit_index` with the kind's defaults on a copy of the index, queries through
+`Index` (`sketch_queries`), for ekfac-weights and fisher+ekfac-weights. ``--costs on``: a fresh build of
+the train rows, the ekfac-weights fit, and whole-generation queries (`Index.query_prepared`, per_token off,
+explain 0) with none / fisher / ekfac-weights / fisher+ekfac-weights, interleaved, medians of CPU seconds
+(`time.process_time`) and wall seconds.
+
+    .venv/bin/python benchmarks/lds_ekfac_weights.py --folder .bench/lds --ekfac-scores .bench/lds/ekfac_scores.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from lds import index_folder, linear_datamodeling_score, summarize
+from lds_kfac import losses_and_masks
+
+from rapidin_index import Index, SketchSettings, ekfac
+from rapidin_index import index as vector_index
+from rapidin_index.precondition import Preconditioner, fit_fisher, spans_for
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folder", default=".bench/lds")
+    parser.add_argument("--dampings", default="0.001,0.01,0.1,1")
+    parser.add_argument("--labels", default="sampled,empirical")
+    parser.add_argument("--fisher-damping", type=float, default=0.5)
+    parser.add_argument("--queries", type=int, help="score only the first N triggered + N clean queries")
+    parser.add_argument("--models", type=int, help="use only the first M subset models")
+    parser.add_argument("--ekfac-scores", help="kronfluence's EK-FAC scores [queries, rows] (.npy)")
+    parser.add_argument("--end-to-end", default="off", choices=("on", "off"))
+    parser.add_argument("--costs", default="off", choices=("on", "off", "only"), help="only: no LDS")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=".bench/lds-ekfac-weights.json")
+    return parser.parse_args()
+
+
+def selected(folder: Path, arguments) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+    """(masks, losses [models, chosen queries], chosen query numbers, triggered count)."""
+    masks, losses, per_kind = losses_and_masks(folder)
+    chosen_count = per_kind if arguments.queries is None else min(arguments.queries, per_kind)
+    chosen = list(range(chosen_count)) + list(range(per_kind, per_kind + chosen_count))
+    models = len(masks) if arguments.models is None else arguments.models
+    return masks[:models], losses[:models][:, chosen], chosen, chosen_count
+
+
+def lds(scores: np.ndarray, masks, losses, triggered: int) -> dict:
+    result = summarize(linear_datamodeling_score(scores, masks, losses), triggered)
+    result.pop("per_query")
+    return result
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    torch.set_num_threads(arguments.threads)
+    folder = Path(arguments.folder)
+    started = time.perf_counter()
+    masks, losses, chosen, triggered = selected(folder, arguments)
+    train_dir = index_folder(folder, SketchSettings(65536), "layer", False, "train")
+    if arguments.costs == "only":
+        query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
+        report = {"costs": costs(folder, train_dir, [query_rows[n] for n in chosen], arguments.repeats)}
+        Path(arguments.out).write_text(json.dumps(report, indent=2))
+        return
+    index = Index.open(train_dir, device="cpu", precondition="none")
+    ids, rows = vector_index.stored_vectors(index.faiss_index)
+    assert np.array_equal(ids, np.arange(len(ids)))
+    rows = rows.astype(np.float32)
+    query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
+    prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
+    from rapidin_index.retrieval import sketch_queries
+
+    plain, _ = sketch_queries(index, prepared, per_token=False)  # layer-normalised: RapidIn
+    weights = ekfac.WeightPreconditioner([], {})
+    gradients, _ = weights.gradients(index, prepared, per_token=False)  # [queries, D] plain
+    projector = index.sketcher.projector
+    raw = ekfac.project(projector, gradients).numpy()  # query norms
+    fisher_blocks = fit_fisher(rows, spans_for(index.manifest, "auto")[1], arguments.fisher_damping)
+    fisher = Preconditioner(fisher_blocks, {}).apply(raw)
+    results = {
+        "RapidIn (no preconditioner)": lds(plain @ rows.T, masks, losses, triggered),
+        f"+Fisher per tensor, query norms ({arguments.fisher_damping})": lds(
+            fisher @ rows.T, masks, losses, triggered
+        ),
+    }
+    fits = {}
+    for labels in arguments.labels.split(","):
+        fit_started = time.perf_counter()
+        factors, record = ekfac.fit_weights(index, labels=labels, damping=1.0)
+        fits[labels] = {**record, "seconds": time.perf_counter() - fit_started}
+        print(f"fit ({labels}): {fits[labels]['seconds']:.0f} s", flush=True)
+        variants = {
+            "": factors,
+            ", every tensor, no row norms": [dataclasses.replace(f, scale=1.0) for f in factors],
+        }
+        for damping in [float(d) for d in arguments.dampings.split(",")]:
+            for label, fitted in variants.items():
+                redamped = [dataclasses.replace(f, damping=f.damping * damping) for f in fitted]
+                vector = ekfac.project(projector, ekfac.apply_factors(redamped, gradients)).numpy()
+                name = f"+weight-space EK-FAC ({labels} labels, damping {damping}{label})"
+                results[name] = lds(vector @ rows.T, masks, losses, triggered)
+                summed = ekfac.combine([fisher, vector], rows)
+                results[f"sum: Fisher (query norms) + EK-FAC weights ({labels}, {damping}{label})"] = lds(
+                    summed @ rows.T, masks, losses, triggered
+                )
+                print(name, results[name]["lds"], flush=True)
+    if arguments.ekfac_scores:
+        kron = np.load(arguments.ekfac_scores)[chosen]
+        results["kronfluence EK-FAC (weight space, every nn.Linear)"] = lds(kron, masks, losses, triggered)
+        fisher_scores = fisher @ rows.T
+        z = [(s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True) for s in (fisher_scores, kron)]
+        results["analysis: z-scored Fisher (query norms) + kronfluence EK-FAC"] = lds(
+            z[0] + z[1], masks, losses, triggered
+        )
+    index.lease.close()
+    report = {
+        "models": len(masks),
+        "queries": len(chosen),
+        "fits": fits,
+        "methods": results,
+    }
+    if arguments.end_to_end == "on":
+        report["end_to_end"] = end_to_end(
+            folder,
+            train_dir,
+            prepared_rows=[query_rows[n] for n in chosen],
+            masks=masks,
+            losses=losses,
+            triggered=triggered,
+        )
+        results.update(report["end_to_end"])
+    if arguments.costs == "on":
+        report["costs"] = costs(folder, train_dir, [query_rows[n] for n in chosen], arguments.repeats)
+    report["seconds"] = time.perf_counter() - started
+    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(arguments.out).write_text(json.dumps(report, indent=2))
+    print_table(report)
+
+
+def end_to_end(folder: Path, train_dir: Path, prepared_rows, masks, losses, triggered) -> dict:
+    """LDS through `fit_index` (each kind's defaults) and the index's own query path."""
+    from rapidin_index.precondition import fit_index
+    from rapidin_index.retrieval import sketch_queries
+
+    copy = folder / "indexes" / "ekfac-weights-end-to-end"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(train_dir, copy)
+    out = {}
+    for kind in ("ekfac-weights", "fisher+ekfac-weights"):
+        record = fit_index(copy, kind=kind)
+        index = Index.open(copy, device="cpu")
+        _, rows = vector_index.stored_vectors(index.faiss_index)
+        prepared = index._prepare_rows(prepared_rows, False, 0)
+        vectors, _ = sketch_queries(index, prepared, per_token=False)
+        out[f"end to end: fit --kind {kind} (its defaults), Index query path"] = {
+            **lds(vectors @ rows.astype(np.float32).T, masks, losses, triggered),
+            "fit_seconds": record["seconds"],
+        }
+        index.lease.close()
+    return out
+
+
+def costs(folder: Path, train_dir: Path, query_rows, repeats: int) -> dict:
+    """A fresh build of the train rows, the ekfac-weights fit, and interleaved whole-generation queries."""
+    from rapidin_index import build_index
+    from rapidin_index.precondition import fit_index
+    from rapidin_index.settings import BuildSettings, ModelSettings
+
+    target = folder / "indexes" / "ekfac-weights-costs"
+    shutil.rmtree(target, ignore_errors=True)
+    settings = BuildSettings(
+        ModelSettings(str(folder / "full")), SketchSettings(65536), normalize="layer", batch_size=16
+    )
+    wall, cpu = time.perf_counter(), time.process_time()
+    build_index(folder / "train.jsonl", target, settings, progress=False)
+    out = {"build": {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}}
+    for kind in ("fisher+ekfac-weights", "ekfac-weights"):  # the combined fit first: fisher's file stays
+        wall, cpu = time.perf_counter(), time.process_time()
+        fit_index(target, kind=kind)
+        out[f"fit {kind}"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        if kind == "fisher+ekfac-weights":
+            saved = {p.name: p.read_bytes() for p in target.glob("*-g*.npz")}
+            manifest_text = (target / "manifest.json").read_text()
+    (target / "manifest.json").write_text(manifest_text)  # back to the combined fit: every option works
+    for name, data in saved.items():
+        (target / name).write_bytes(data)
+    options = ("none", "fisher", "ekfac-weights", "fisher+ekfac-weights")
+    indexes = {option: Index.open(target, device="cpu", precondition=option) for option in options}
+    prepared = indexes["none"]._prepare_rows(query_rows, False, 0)
+    for option, index in indexes.items():  # warm-up: the combination reads its sigma rows once here
+        wall, cpu = time.perf_counter(), time.process_time()
+        index.query_prepared(prepared[:2], 10, explain=0, per_token=False)
+        out[f"first query {option}"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    samples = {option: {"wall": [], "cpu": []} for option in options}
+    for _ in range(repeats):
+        for option, index in indexes.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            index.query_prepared(prepared, 10, explain=0, per_token=False)
+            samples[option]["wall"].append(time.perf_counter() - wall)
+            samples[option]["cpu"].append(time.process_time() - cpu)
+    for index in indexes.values():
+        index.lease.close()
+    for option in options:
+        out[f"queries {option}"] = {key: statistics.median(values) for key, values in samples[option].items()}
+    base = out["queries none"]
+    for option in options[1:]:
+        out[f"query ratio {option}"] = {k: out[f"queries {option}"][k] / base[k] for k in base}
+    for kind in ("fisher+ekfac-weights", "ekfac-weights"):
+        out[f"fit ratio {kind}"] = {k: out[f"fit {kind}"][k] / out["build"][k] for k in out["build"]}
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['models']} models, {report['queries']} queries\n")
+    print("| variant | LDS | triggered | clean |")
+    print("|---|---:|---:|---:|")
+    for name, result in report["methods"].items():
+        cells = [result[key] for key in ("lds", "lds_triggered", "lds_clean")]
+        print(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
