@@ -445,8 +445,9 @@ def query(
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
     from rapidin_index.data import query_row
     from rapidin_index.errors import DataError
+    from rapidin_index.identity import check_tokenizer
     from rapidin_index.manifest import read_manifest
-    from rapidin_index.preflight import check_query, check_tokenizer
+    from rapidin_index.preflight import check_query
     from rapidin_index.query import query_template
     from rapidin_index.readers import read_rows
     from rapidin_index.report import render_text, write_results
@@ -505,6 +506,7 @@ def query(
         optimizer_state=optimizer_state,
         precondition=precondition,
         query_norms=query_norms,
+        checked=manifest,  # the cheap checks above are not run twice
     )
     opened.progress = console.is_terminal  # a bar on stderr, never in piped output
     if aggregate is not None:

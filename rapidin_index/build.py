@@ -32,6 +32,13 @@ from rapidin_index.data import (
 )
 from rapidin_index.errors import BuildError, IntegrityError, RejectedRowsError, StoreError
 from rapidin_index.files import writing
+from rapidin_index.identity import (
+    build_conflicts,
+    index_identity,
+    settings_conflicts,
+    settings_identity,
+    tokenizer_conflicts,
+)
 from rapidin_index.journal import (
     chunk_problem,
     open_journal,
@@ -43,8 +50,6 @@ from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
     add_self_checks,
-    differences,
-    manifest_identity,
     read_manifest,
     write_manifest,
 )
@@ -90,76 +95,6 @@ class BuildReport:
     @property
     def compression_ratio(self) -> float:
         return self.gradient_dim / self.sketch_dim if self.sketch_dim else 1.0
-
-
-# --------------------------------------------------------------------------- identity
-
-
-def index_identity(
-    loaded: LoadedModel, settings: BuildSettings, selected, template: Template, scaling=None
-) -> dict:
-    """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
-    from rapidin_index.capture import gradient_blocks, gradient_dim
-    from rapidin_index.sketch.hashed import padded_dim
-
-    blocks = gradient_blocks(selected)
-    dim = gradient_dim(blocks)
-    sketch = settings.sketch.to_dict()
-    output_dim = dim if settings.sketch.exact else settings.sketch.sketch_dim
-    padded = dim if settings.sketch.exact else padded_dim(dim, settings.sketch.sketch_dim)
-    sketch.update(gradient_dim=dim, padded_dim=padded, output_dim=output_dim)
-    return {
-        "model": {"fingerprint": loaded.model_fingerprint, "dtype": settings.model.dtype},
-        "adapter": None if settings.model.adapter is None else {"fingerprint": loaded.adapter_fingerprint},
-        "tokenizer": {"fingerprint": loaded.tokenizer_fingerprint},
-        "template": template.to_dict(),
-        "max_length": settings.max_length,
-        "tokenization": settings.tokenization,
-        "parameters": {
-            "regex": settings.model.params,
-            "names": [name for name, _ in selected],
-            "shapes": [list(p.shape) for _, p in selected],
-            "gradient_dim": dim,
-        },
-        "normalize": settings.normalize,
-        "sketch": sketch,
-        "vector_dtype": settings.vector_dtype,
-        "shard": settings.shard,
-        "optimizer_state": None if scaling is None else {"fingerprint": scaling.fingerprint},
-    }
-
-
-def settings_identity(settings: BuildSettings, template: Template) -> dict:
-    """The part of the identity that needs no model: checked before the model loads."""
-    return {
-        "model": {"dtype": settings.model.dtype},
-        "with_adapter": settings.model.adapter is not None,
-        "template": template.to_dict(),
-        "max_length": settings.max_length,
-        "tokenization": settings.tokenization,
-        "parameters": {"regex": settings.model.params},
-        "normalize": settings.normalize,
-        "sketch": settings.sketch.to_dict(),
-        "vector_dtype": settings.vector_dtype,
-        "shard": settings.shard,
-        "with_optimizer_state": settings.optimizer_state is not None,
-    }
-
-
-def manifest_settings_identity(manifest: Manifest) -> dict:
-    identity = manifest_identity(manifest)
-    return {
-        **{key: identity[key] for key in ("template", "max_length", "tokenization", "normalize")},
-        "model": {"dtype": identity["model"]["dtype"]},
-        "with_adapter": identity["adapter"] is not None,
-        "parameters": {"regex": identity["parameters"]["regex"]},
-        "sketch": {
-            key: identity["sketch"].get(key) for key in ("algorithm", "sketch_dim", "shuffle_lambda", "seed")
-        },
-        "vector_dtype": identity["vector_dtype"],
-        "shard": identity["shard"],
-        "with_optimizer_state": identity["optimizer_state"] is not None,
-    }
 
 
 # --------------------------------------------------------------------------- entry point
@@ -402,7 +337,7 @@ def _check_before_loading(
         requested["sketch"]["algorithm"] = existing.sketch.get("algorithm")
     if settings.sketch.sketch_dim is None:  # ... and its K, where none is given
         requested["sketch"]["sketch_dim"] = existing.sketch["sketch_dim"]
-    changed = differences(manifest_settings_identity(existing), requested)
+    changed = settings_conflicts(existing, requested)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
     done = _data_status(existing, data_sha256, append, index_dir, settings.allow_duplicate_data)
@@ -413,8 +348,8 @@ def _check_before_loading(
     from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
 
     tokenizer = fingerprint_tokenizer(load_tokenizer(settings.model.model))  # cheap next to the model
-    if tokenizer != existing.tokenizer["fingerprint"]:
-        changed = differences({"tokenizer": existing.tokenizer}, {"tokenizer": {"fingerprint": tokenizer}})
+    changed = tokenizer_conflicts(existing, tokenizer)
+    if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
     return ""
 
@@ -479,7 +414,7 @@ def _check_existing(
     settings: BuildSettings,
 ) -> str:
     """'' to go on; a message when there is nothing to do; raises when the request conflicts."""
-    changed = differences(manifest_identity(existing), identity)
+    changed = build_conflicts(existing, identity)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
     return _data_status(existing, data_sha256, append, index_dir, settings.allow_duplicate_data)

@@ -21,7 +21,7 @@ import numpy as np
 
 from rapidin_index.errors import JournalError
 from rapidin_index.files import atomic_write_bytes, atomic_write_json, writing
-from rapidin_index.manifest import differences
+from rapidin_index.identity import differences
 from rapidin_index.store import JOURNAL_DIR
 
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rapidin_index.errors import IntegrityError, ManifestError
 from rapidin_index.files import atomic_write_json, refuse_newer, sha256_path
+from rapidin_index.identity import short
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -121,7 +122,7 @@ def check_shape(value: dict) -> None:
     """Refuse a manifest missing a key a reader needs, or holding one of the wrong type."""
     for key, kind in [*REQUIRED.items(), *((k, t) for k, t in OPTIONAL.items() if k in value)]:
         if not _is(value.get(key), kind):
-            found = "missing" if key not in value else f"{type(value[key]).__name__} {_short(value[key])}"
+            found = "missing" if key not in value else f"{type(value[key]).__name__} {short(value[key])}"
             raise ManifestError(f"manifest field {key!r} must be {_name(kind)}, found {found}; {DAMAGED}")
     for group, fields in REQUIRED_INSIDE.items():
         for key, kind in fields.items():
@@ -203,23 +204,6 @@ def read_manifest(index_dir: str | Path) -> Manifest:
     return manifest
 
 
-def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of the keys whose values differ between two nested dicts."""
-    found = []
-    for key in sorted(set(expected) | set(actual)):
-        left, right = expected.get(key), actual.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            found.extend(differences(left, right, f"{prefix}{key}."))
-        elif left != right:
-            found.append(f"{prefix}{key}: index has {_short(left)}, asked for {_short(right)}")
-    return found
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
     """Check every file the manifest lists against its sha256; raise naming the first bad one."""
     index_dir = Path(index_dir)
@@ -233,23 +217,3 @@ def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
             raise IntegrityError(
                 f"{relative} does not match its checksum in the manifest (corrupted or edited)"
             )
-
-
-def manifest_identity(manifest: Manifest) -> dict:
-    """What makes two indexes interchangeable: the model, data rules and sketch, not counts or dates."""
-    return {
-        "model": {"fingerprint": manifest.model["fingerprint"], "dtype": manifest.model["dtype"]},
-        "adapter": None if manifest.adapter is None else {"fingerprint": manifest.adapter["fingerprint"]},
-        "tokenizer": {"fingerprint": manifest.tokenizer["fingerprint"]},
-        "template": manifest.template,
-        "max_length": manifest.max_length,
-        "tokenization": manifest.tokenization,
-        "parameters": manifest.parameters,
-        "normalize": manifest.normalize,
-        "sketch": manifest.sketch,
-        "vector_dtype": manifest.vector_dtype,
-        "shard": manifest.shard,
-        "optimizer_state": None
-        if manifest.optimizer_state is None
-        else {"fingerprint": manifest.optimizer_state["fingerprint"]},
-    }

@@ -27,13 +27,14 @@ from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, PreconditionError, QueryError, RowError
 from rapidin_index.gradients import GradientSketcher, check_environment
+from rapidin_index.identity import check_loaded_model, check_tokenizer, manifest_identity, moved_model_hint
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.model_identity import check_model_sources
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import faiss_gpu_count, resolve_device, search_index
-from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
+from rapidin_index.preflight import check_query
 from rapidin_index.progress import RowProgress
 from rapidin_index.query import (
     PreparedQuery,
@@ -119,6 +120,7 @@ class Index:
         optimizer_state: str | None = None,
         precondition: str | None = None,
         query_norms: bool | None = None,
+        checked: Manifest | None = None,
     ) -> Index:
         """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required).
 
@@ -134,13 +136,18 @@ class Index:
         ``optimizer_state``: where the optimizer state the index was built with is now (default: the
         manifest's path). ``precondition``: none or the fitted kind (default: the fitted kind where the index is fitted).
         ``query_norms``: a preconditioned query keeps its per-tensor gradient norms (default: as fitted).
+        ``checked``: a manifest of this folder against which the caller already ran `preflight.check_query`
+        and `identity.check_tokenizer` with these arguments (the CLI, before torch loads); they are not run
+        again while the opened generation has the same identity.
         """
         path = Path(path)
         # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
         # the files it names in place while this Index lives, whatever a writer commits meanwhile.
         manifest, lease = read_generation(path)
         SketchSettings.from_dict(manifest.sketch)  # ... and a sketch algorithm it does not implement
-        check_query(path, manifest, sketch_dim)  # K, files present: cheap checks first
+        prechecked = checked is not None and manifest_identity(checked) == manifest_identity(manifest)
+        if not prechecked:
+            check_query(path, manifest, sketch_dim)  # K, files present: cheap checks first
         if verify:
             verify_files(path, manifest)
         else:  # the fast checksums; a file unchanged since it last verified is only stat'ed
@@ -153,13 +160,14 @@ class Index:
             manifest.parameters["regex"],
         )
         torch_device = resolve_device(device)
-        check_tokenizer(manifest, settings.model)  # a tokenizer loads in a moment; the model may not
+        if not prechecked:
+            check_tokenizer(manifest, settings.model)  # a tokenizer loads in a moment; the model may not
         try:
             check_model_sources(settings)  # a moved adapter is named before the model loads
             loaded = load_model(settings, torch_device)
         except ModelError as error:
             raise ModelError(f"{error}\n{moved_model_hint(manifest)}") from None
-        check_model(manifest, loaded)
+        check_loaded_model(manifest, loaded)
         selected = select_parameters(loaded.model, settings)
         if [name for name, _ in selected] != manifest.parameters["names"]:
             raise IndexMismatchError("the model's attributed parameters differ from the index's (--params?)")
@@ -621,22 +629,3 @@ def _stop_ids(loaded) -> set[int]:
     configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
     stops.update(configured if isinstance(configured, list) else [configured])
     return {token for token in stops if token is not None}
-
-
-def check_model(manifest: Manifest, loaded) -> None:
-    """Refuse a model, adapter or tokenizer other than the one the index was built with."""
-    problems = []
-    if loaded.model_fingerprint != manifest.model["fingerprint"]:
-        problems.append(
-            f"model weights differ (index {manifest.model['fingerprint'][:12]}, "
-            f"this model {loaded.model_fingerprint[:12]}; built from {manifest.model['name_or_path']})"
-        )
-    expected_adapter = (manifest.adapter or {}).get("fingerprint")
-    if expected_adapter != loaded.adapter_fingerprint:
-        problems.append(
-            f"adapter differs (index {str(expected_adapter)[:12]}, this one {str(loaded.adapter_fingerprint)[:12]})"
-        )
-    if loaded.tokenizer_fingerprint != manifest.tokenizer["fingerprint"]:
-        problems.append("tokenizer differs (vocabulary, special tokens or chat template)")
-    if problems:
-        raise IndexMismatchError("refusing to query: " + "; ".join(problems))

@@ -17,13 +17,12 @@ import numpy as np
 from rapidin_index import store
 from rapidin_index.errors import ShardError
 from rapidin_index.files import writing
+from rapidin_index.identity import differences, manifest_identity
 from rapidin_index.lock import read_generation, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
     add_self_checks,
-    differences,
-    manifest_identity,
     write_manifest,
 )
 from rapidin_index.store import read_rejected

@@ -530,3 +530,28 @@ def test_a_damaged_lancedb_file_is_one_line(cli_index, tmp_path):
     # refused by its checksum on open (issue 25), before lance would fail to read it
     assert_one_clear_error(result, "rows_g0001.lance does not match", "the index is damaged", lines=None)
     assert "rustc" not in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_a_cli_query_runs_each_identity_check_once(cli_index, monkeypatch):
+    """The CLI checks K, files and tokenizer before torch loads; Index.open (``checked``) does not repeat
+    them, and checks the loaded model once."""
+    from rapidin_index import identity, preflight, retrieval
+
+    calls = []
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in [(identity, "check_tokenizer"), (preflight, "check_query")]:
+        counted(module, name)
+    for name in ("check_tokenizer", "check_query", "check_loaded_model"):
+        counted(retrieval, name)
+    result = runner.invoke(app, _query(cli_index, "--response", "It upper-cases.", "--explain", "0"))
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == ["check_loaded_model", "check_query", "check_tokenizer"]

@@ -1,10 +1,9 @@
-"""The index manifest (manifest.py): format version, round trips, differences, file checks, identity."""
+"""The index manifest (manifest.py): format version, round trips, shape checks, file checks."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -13,8 +12,6 @@ from rapidin_index.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
-    differences,
-    manifest_identity,
     read_manifest,
     verify_files,
     write_manifest,
@@ -100,26 +97,6 @@ def test_read_manifest_refuses_a_missing_or_damaged_one(tmp_path):
         read_manifest(tmp_path)
 
 
-# --------------------------------------------------------------------------- differences
-
-
-def test_differences_name_each_changed_key_by_its_path():
-    expected = {"sketch": {"sketch_dim": 4096, "seed": 42}, "normalize": "layer", "gone": 1}
-    actual = {"sketch": {"sketch_dim": 8192, "seed": 42}, "normalize": "layer", "new": [1]}
-    assert differences(expected, actual) == [
-        "gone: index has 1, asked for null",
-        "new: index has null, asked for [1]",
-        "sketch.sketch_dim: index has 4096, asked for 8192",
-    ]
-    assert differences(expected, expected) == []
-
-
-def test_differences_shorten_long_values():
-    (line,) = differences({"names": ["x" * 200]}, {"names": []})
-    shown = line.split("index has ")[1].split(", asked for")[0]
-    assert len(shown) == 80 and shown.endswith("...")
-
-
 # --------------------------------------------------------------------------- verify files
 
 
@@ -152,49 +129,6 @@ def test_verify_files_names_a_missing_file(tmp_path):
     (tmp_path / "vectors-g0001.faiss").unlink()
     with pytest.raises(IntegrityError, match="vectors-g0001.faiss is missing"):
         verify_files(tmp_path, manifest)
-
-
-# --------------------------------------------------------------------------- identity
-
-
-def test_identity_ignores_counts_dates_files_and_where_the_model_lives():
-    manifest = _manifest()
-    other = replace(
-        manifest,
-        model={**manifest.model, "name_or_path": "/moved/tiny"},
-        row_count=9,
-        generation=4,
-        files={"vectors-g0004.faiss": {"sha256": "x", "bytes": 1}},
-        sources=[{"path": "b", "sha256": "y", "id_offset": 0, "rows": 9}],
-        created_at="2000-01-01",
-    )
-    assert manifest_identity(other) == manifest_identity(manifest)
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"model": {"name_or_path": "/models/tiny", "fingerprint": "other", "dtype": "float32"}},
-        {"adapter": {"path": "/adapter", "fingerprint": "lora-sha"}},
-        {"tokenizer": {"fingerprint": "other", "chat_template_sha256": None}},
-        {"sketch": {"sketch_dim": 8192, "seed": 42}},
-        {"vector_dtype": "float16"},
-        {"tokenization": "joint"},
-        {"shard": {"index": 0, "count": 2}},
-        {"max_length": 512},
-        {"normalize": "none"},
-    ],
-)
-def test_identity_changes_with_what_makes_vectors_different(change):
-    assert manifest_identity(_manifest(**change)) != manifest_identity(_manifest())
-
-
-def test_identity_keeps_only_the_adapters_fingerprint():
-    one = _manifest(adapter={"path": "/a", "fingerprint": "lora-sha"})
-    moved = _manifest(adapter={"path": "/b", "fingerprint": "lora-sha"})
-    assert manifest_identity(one)["adapter"] == {"fingerprint": "lora-sha"}
-    assert manifest_identity(one) == manifest_identity(moved)
-    assert manifest_identity(_manifest())["adapter"] is None
 
 
 @pytest.mark.parametrize(
