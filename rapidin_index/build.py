@@ -40,6 +40,7 @@ from rapidin_index.identity import (
     tokenizer_conflicts,
 )
 from rapidin_index.journal import (
+    ChunkRecord,
     chunk_problem,
     open_journal,
     read_chunk,
@@ -268,7 +269,7 @@ def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bo
                 report.notes.append(f"journal chunk {chunk_number} is recomputed: {problem}")
             yield ChunkJob(chunk_number, chunk_examples, chunk_rejected, plan["id_offset"])
 
-    def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
+    def write(job: ChunkJob, record: ChunkRecord, vectors: np.ndarray) -> None:
         write_chunk(journal, job.chunk_number, record, vectors)
 
     with RowProgress(total_rows, enabled=progress) as bar:
@@ -502,14 +503,14 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             yield from store.iter_rows(index_dir, existing.generation)
         for chunk_number in range(chunk_count):
             record, vectors = read_chunk(journal, chunk_number)
-            writer.add(vectors, np.asarray(record["ids"], dtype=np.int64))
-            rejected.extend(record["rejected"])
-            counts["tokens"] += record["tokens"]
-            counts["truncated"] += record["truncated"]
-            templates.update(record["templates"])
-            exact_path.update(record.get("exact_path", {}))
-            add_self_checks(self_checks, [record["self_checked"]] if record.get("self_checked") else [])
-            yield record["rows"]
+            writer.add(vectors, np.asarray(record.ids, dtype=np.int64))
+            rejected.extend(record.rejected)
+            counts["tokens"] += record.tokens
+            counts["truncated"] += record.truncated
+            templates.update(record.templates)
+            exact_path.update(record.exact_path)
+            add_self_checks(self_checks, [record.self_checked] if record.self_checked else [])
+            yield record.rows
 
     if settings.shard is None:
         expected_ids = range(plan["id_offset"] + total_rows)

@@ -19,6 +19,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -26,6 +27,9 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index.errors import DeviceError, ParallelError
+
+if TYPE_CHECKING:
+    from rapidin_index.journal import ChunkRecord
 
 DEVICES = ("auto", "cpu", "cuda")
 JOBS_IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: the actor never waits for the driver
@@ -230,7 +234,7 @@ class RayChunkRunner:
             except ray.exceptions.RayTaskError as error:  # re-raise the stage's own typed error
                 raise (error.cause if isinstance(error.cause, Exception) else error) from None
             write(job, record, vectors)
-            advance(len(job.examples) + len(job.rejected), record["tokens"])
+            advance(len(job.examples) + len(job.rejected), record.tokens)
             if queue:
                 submit(actor)
 
@@ -252,7 +256,7 @@ class RayChunkWorker:
     def ready(self) -> str:
         return f"pid {os.getpid()} on {self.device}"
 
-    def compute(self, job) -> tuple[dict, np.ndarray]:
+    def compute(self, job) -> tuple[ChunkRecord, np.ndarray]:
         return self.chunk_sketcher.compute(job, _crash_hook(job.chunk_number))
 
 
