@@ -22,7 +22,7 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
-from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_found, combined_vector
+from rapidin_index.aggregate import AggregateResult, aggregate_found, combined_vector
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, PreconditionError, QueryError, RowError
@@ -45,11 +45,14 @@ from rapidin_index.query import (
 )
 from rapidin_index.rerank import exact_query_direction, rerank_hits, training_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
-from rapidin_index.settings import ModelSettings, SketchSettings
+from rapidin_index.settings import ModelSettings, QuerySettings, SketchSettings
 from rapidin_index.sketch import make_projector
 from rapidin_index.token_attribution import score_examples
 from rapidin_index.token_gradients import sketch_loss_combinations
 from rapidin_index.verify import check_files
+
+QUERY_DEFAULTS = QuerySettings()
+"""The query options' defaults, here and in the CLI and the server (`settings.QuerySettings`)."""
 
 
 class Index:
@@ -236,12 +239,12 @@ class Index:
         generate: bool = False,
         hot: list | None = None,
         system: str | None = None,
-        top_k: int = 10,
-        explain: int = 3,
-        max_new_tokens: int = 64,
-        per_token: bool = True,
-        token_top_k: int = 5,
-        rerank: int = 0,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        explain: int = QUERY_DEFAULTS.explain,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
+        per_token: bool = QUERY_DEFAULTS.per_token,
+        token_top_k: int = QUERY_DEFAULTS.token_top_k,
+        rerank: int = QUERY_DEFAULTS.rerank,
         where: str | None = None,
     ) -> QueryResult:
         """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``).
@@ -262,13 +265,13 @@ class Index:
     def query_rows(
         self,
         rows: list[dict],
-        top_k: int = 10,
-        explain: int = 3,
-        per_token: bool = True,
-        token_top_k: int = 5,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        explain: int = QUERY_DEFAULTS.explain,
+        per_token: bool = QUERY_DEFAULTS.per_token,
+        token_top_k: int = QUERY_DEFAULTS.token_top_k,
         generate: bool = False,
-        max_new_tokens: int = 64,
-        rerank: int = 0,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
+        rerank: int = QUERY_DEFAULTS.rerank,
         where: str | None = None,
     ) -> list[QueryResult]:
         """Queries in training-row form (any form the index's rows take), each with an optional ``hot``.
@@ -283,10 +286,10 @@ class Index:
         self,
         rows: list[dict],
         how: str = "mean",
-        top_k: int = 10,
-        depth: int = DEFAULT_DEPTH,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        depth: int = QUERY_DEFAULTS.depth,
         generate: bool = False,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
         where: str | None = None,
     ) -> AggregateResult:
         """One helpful and harmful list for the whole set of query rows (`rapidin_index.aggregate`):
@@ -298,8 +301,8 @@ class Index:
         self,
         prepared: list[PreparedQuery],
         how: str = "mean",
-        top_k: int = 10,
-        depth: int = DEFAULT_DEPTH,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        depth: int = QUERY_DEFAULTS.depth,
         where: str | None = None,
     ) -> AggregateResult:
         """`aggregate` over queries already prepared (`prepare`, `prepare_row`, `prepare_generation`)."""
@@ -331,7 +334,11 @@ class Index:
         return prepare(prompt, response, self.loaded.tokenizer, self.manifest, hot, system)
 
     def prepare_generation(
-        self, prompt: str, max_new_tokens: int = 64, hot=None, system: str | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
+        hot=None,
+        system: str | None = None,
     ) -> PreparedQuery:
         """The model's greedy continuation of ``prompt``, labelled on exactly the ids it produced."""
         tokenizer = self.loaded.tokenizer
@@ -341,7 +348,9 @@ class Index:
             prompt, rendered_prompt, prompt_ids, generated, tokenizer, self.manifest, hot
         )
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, system: str | None = None) -> str:
+    def generate(
+        self, prompt: str, max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens, system: str | None = None
+    ) -> str:
         """Greedy generation by the indexed model, as text (special tokens left out)."""
         _, prompt_ids = generation_prompt(prompt, self.loaded.tokenizer, self.manifest, system)
         generated = self.generate_ids(prompt_ids, max_new_tokens)
@@ -371,9 +380,9 @@ class Index:
         queries: list[PreparedQuery],
         top_k: int,
         explain: int,
-        per_token: bool = True,
-        token_top_k: int = 5,
-        rerank: int = 0,
+        per_token: bool = QUERY_DEFAULTS.per_token,
+        token_top_k: int = QUERY_DEFAULTS.token_top_k,
+        rerank: int = QUERY_DEFAULTS.rerank,
         where: str | None = None,
     ) -> list[QueryResult]:
         """Sketch, search (one scan; ``where``: among the rows an SQL filter keeps), collect, join the

@@ -423,20 +423,28 @@ def test_build_option_defaults_are_the_settings_defaults():
 
 
 def test_query_and_demo_option_defaults_are_the_librarys():
+    """The query options' defaults are `QuerySettings`'s, read by the CLI, `Index` and the server alike."""
     import inspect
 
     import typer.main
 
     from rapidin_index.demo.run import DemoSettings
     from rapidin_index.retrieval import Index
-    from rapidin_index.settings import default_of
+    from rapidin_index.server_requests import Limits, parse_options
+    from rapidin_index.settings import QuerySettings, default_of
 
     commands = typer.main.get_command(app).commands
     query = {p.name: p.default for p in commands["query"].params}
-    signature = inspect.signature(Index.query).parameters
-    for name in ("top_k", "token_top_k", "explain", "max_new_tokens", "rerank"):
-        assert query[name] == signature[name].default, name
-    assert query["per_token"] == ("on" if signature["per_token"].default else "off")
+    names = ("top_k", "token_top_k", "explain", "max_new_tokens", "rerank", "depth", "generate", "where")
+    for name in (*names, "aggregate"):
+        assert query[name] == default_of(QuerySettings, name), name
+    assert query["per_token"] == "on" and default_of(QuerySettings, "per_token") is True
+    for method in (Index.query, Index.query_rows, Index.aggregate):
+        for name, parameter in inspect.signature(method).parameters.items():
+            if name in names and name != "where":
+                assert parameter.default == default_of(QuerySettings, name), (method.__name__, name)
+    generous = Limits(max_top_k=10**6, max_token_top_k=10**6, max_explain=10**6, max_new_tokens=10**6)
+    assert parse_options({}, generous) == QuerySettings()
     demo = {p.name: p.default for p in commands["demo"].params}
     assert str(demo["folder"]) == default_of(DemoSettings, "folder")
     assert demo["rows"] == default_of(DemoSettings, "rows") and demo["dataset"] == default_of(
