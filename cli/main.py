@@ -301,23 +301,23 @@ def _print_build_report(report) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    _print_exact_path(report.exact_path)
+    _print_backward_path(report.backward_path)
     _print_rejected(report.rejected)
 
 
-def _print_exact_path(exact_path: dict, limit: int = 10) -> None:
+def _print_backward_path(backward_path: dict, limit: int = 10) -> None:
     """Tensors whose gradients took one plain backward per example (correct, slower): say which and why."""
-    if not exact_path:
+    if not backward_path:
         return
     console.print(
-        f"[yellow]{len(exact_path)} parameter tensor(s) took the exact path "
+        f"[yellow]{len(backward_path)} parameter tensor(s) took the exact path "
         "(one plain backward per example; correct, slower):[/]",
         highlight=False,
     )
-    for name, reason in list(exact_path.items())[:limit]:
+    for name, reason in list(backward_path.items())[:limit]:
         console.print(f"  {name}: {reason}", highlight=False, soft_wrap=True)
-    if len(exact_path) > limit:
-        console.print(f"  ... and {len(exact_path) - limit} more (rapidin-index info --json)")
+    if len(backward_path) > limit:
+        console.print(f"  ... and {len(backward_path) - limit} more (rapidin-index info --json)")
 
 
 def _print_rejected(rejected, limit: int = 10) -> None:
@@ -778,7 +778,7 @@ def info(
     ]:
         table.add_row(name, value)
     Console().print(table)
-    _print_exact_path(manifest.exact_path)
+    _print_backward_path(manifest.backward_path)
     _print_rejected(rejected)
 
 

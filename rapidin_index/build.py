@@ -88,7 +88,7 @@ class BuildReport:
     resumed_chunks: int = 0
     nothing_to_do: bool = False
     message: str = ""
-    exact_path: dict = field(default_factory=dict)
+    backward_path: dict = field(default_factory=dict)
     """{parameter name: why} for tensors whose gradients took one plain backward per example."""
     notes: list[str] = field(default_factory=list)
     """What the build decided for the user, said once: a K chosen for them, --max-length capped."""
@@ -459,7 +459,7 @@ def _finished_report(report: BuildReport, manifest: Manifest, started: float, me
     report.rejected = store.read_rejected(report.index_dir, manifest)
     report.tokens = manifest.token_count
     report.truncated = manifest.truncated_count
-    report.exact_path = dict(manifest.exact_path)
+    report.backward_path = dict(manifest.backward_path)
     report.bytes_on_disk = sum(item["bytes"] for item in manifest.files.values()) + len(
         json.dumps(manifest.to_dict())
     )
@@ -484,7 +484,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
     templates = Counter(existing.template_usage if existing else {})
-    exact_path = dict(existing.exact_path if existing else {})
+    backward_path = dict(existing.backward_path if existing else {})
     self_checks = list(existing.self_checks if existing else [])
     if existing is not None:
         rejected = [
@@ -508,7 +508,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             counts["tokens"] += record.tokens
             counts["truncated"] += record.truncated
             templates.update(record.templates)
-            exact_path.update(record.exact_path)
+            backward_path.update(record.backward_path)
             add_self_checks(self_checks, [record.self_checked] if record.self_checked else [])
             yield record.rows
 
@@ -532,7 +532,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.token_count = counts["tokens"]
     manifest.truncated_count = counts["truncated"]
     manifest.template_usage = dict(templates)
-    manifest.exact_path = exact_path
+    manifest.backward_path = backward_path
     manifest.self_checks = self_checks
     manifest.files = files
     manifest.optimizer_state = run.optimizer_state  # a fitted preconditioner is not carried over

@@ -120,7 +120,7 @@ def _chunk_record(
         tokens=sum(results[i][1]["num_tokens"] for i in ids),
         truncated=sum(results[i][1]["truncated"] for i in ids),
         templates=dict(Counter(e.template_name for e in examples)),
-        exact_path=dict(sketcher.exact_path),
+        backward_path=dict(sketcher.backward_path),
         self_checked=sketcher.checked_in,  # where the hooks were checked (None: not by this worker)
     )
     return record, stacked.astype(np.float32, copy=False)  # already float32: no second copy

@@ -23,6 +23,7 @@ import numpy as np
 from rapidin_index.errors import JournalError
 from rapidin_index.files import atomic_write_bytes, atomic_write_json, writing
 from rapidin_index.identity import differences
+from rapidin_index.manifest import KEYS_OF_FIELDS
 from rapidin_index.store import JOURNAL_DIR
 
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
@@ -34,8 +35,9 @@ PLAN_NAME = "plan.json"
 class ChunkRecord:
     """What one finished chunk adds to the index, beside its vectors (row i of them is ``ids[i]``'s).
 
-    Written as a JSON object (`to_json`) whose keys are the field names, as the untyped records before
-    this class were written: a build interrupted by an older rapidin-index resumes from its journal.
+    Written as a JSON object (`to_json`) whose keys are the field names (``backward_path``'s is the
+    manifest's, `manifest.KEYS_OF_FIELDS`), as the untyped records before this class were written: a
+    build interrupted by an older rapidin-index resumes from its journal.
     """
 
     ids: list[int]
@@ -50,7 +52,7 @@ class ChunkRecord:
     """Indexed rows cut at ``max_length``."""
     templates: dict = field(default_factory=dict)
     """``{resolved template name: rows}`` over the chunk's rows."""
-    exact_path: dict = field(default_factory=dict)
+    backward_path: dict = field(default_factory=dict)
     """``{parameter name: why}`` for tensors whose gradients took one plain backward per example."""
     self_checked: dict | None = None
     """Where the worker checked its hooks (`gradients.check_environment`); None: not by this worker."""
@@ -63,7 +65,7 @@ class ChunkRecord:
             "tokens": self.tokens,
             "truncated": self.truncated,
             "templates": dict(self.templates),
-            "exact_path": dict(self.exact_path),
+            KEYS_OF_FIELDS["backward_path"]: dict(self.backward_path),
             "self_checked": self.self_checked,
         }
 
@@ -77,7 +79,7 @@ class ChunkRecord:
             tokens=value["tokens"],
             truncated=value["truncated"],
             templates=value["templates"],
-            exact_path=value.get("exact_path", {}),  # records from before the field
+            backward_path=value.get(KEYS_OF_FIELDS["backward_path"], {}),  # {} in records from before it
             self_checked=value.get("self_checked"),
         )
 

@@ -19,6 +19,9 @@ from rapidin_index.identity import short
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SOFTWARE_NAME = "rapidin-index"
+KEYS_OF_FIELDS = {"backward_path": "exact_path"}
+"""{field: its JSON key} where the two differ: a field renamed after manifests (and journal records,
+`journal.ChunkRecord`) were written under its old name keeps that key, so the format is unchanged."""
 
 
 def software_version() -> str:
@@ -54,9 +57,11 @@ class Manifest:
     shard: dict | None = None  # {index, count} for one static shard of a larger build, else None
     template_usage: dict = field(default_factory=dict)  # {resolved template name: rows}, e.g. {"alpaca": 24}
     sources: list = field(default_factory=list)  # [{path, sha256, id_offset, rows}]
-    exact_path: dict = field(default_factory=dict)  # {parameter name: why it took plain backward passes}
+    # {parameter name: why} for the tensors whose per-example gradients took one plain backward each
+    # (`gradients.GradientSketcher.backward_path`); JSON key "exact_path" (`KEYS_OF_FIELDS`)
+    backward_path: dict = field(default_factory=dict)
     # Where the build's self-check of the hooks ran (gradients.check_environment), one entry a place: a
-    # query run in one of them takes exact_path as the verdict instead of checking again.
+    # query run in one of them takes backward_path as the verdict instead of checking again.
     self_checks: list = field(default_factory=list)
     # How prompt and response became tokens (data.TOKENIZATIONS). Indexes from before the field
     # tokenized the two parts separately.
@@ -72,7 +77,7 @@ class Manifest:
     updated_at: str = field(default_factory=utc_now)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {KEYS_OF_FIELDS.get(name, name): item for name, item in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, value: dict) -> Manifest:
@@ -85,8 +90,9 @@ class Manifest:
             )
         refuse_newer(version, FORMAT_VERSION, "index", ManifestError)
         check_shape(value)
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: item for key, item in value.items() if key in known})
+        fields_of_keys = {key: name for name, key in KEYS_OF_FIELDS.items()}
+        values = {fields_of_keys.get(key, key): item for key, item in value.items()}
+        return cls(**{name: item for name, item in values.items() if name in cls.__dataclass_fields__})
 
     @property
     def total_rows_seen(self) -> int:
@@ -105,7 +111,7 @@ REQUIRED = {
 }  # fmt: skip
 OPTIONAL = {
     "adapter": (dict, NONE), "max_length": (int, NONE), "shard": (dict, NONE), "rejected_count": int,
-    "token_count": int, "truncated_count": int, "template_usage": dict, "sources": list, "exact_path": dict,
+    "token_count": int, "truncated_count": int, "template_usage": dict, "sources": list, KEYS_OF_FIELDS["backward_path"]: dict,
     "self_checks": list, "tokenization": str, "software": dict, "created_at": str, "updated_at": str,
 }  # fmt: skip
 REQUIRED_INSIDE = {

@@ -100,7 +100,7 @@ class Index:
     @property
     def faiss_index(self):
         """The FAISS index (read on first use, its vectors mapped from the file: `store.load_faiss`);
-        assigning one (a `parallel.ShardedSearch`, a GPU index) makes queries search it."""
+        assigning one (a `parallel.PartitionedSearch`, a GPU index) makes queries search it."""
         if self._faiss_index is None:
             self._faiss_index = store.load_faiss(self.path, self.manifest.generation, mapped=True)
         return self._faiss_index
@@ -176,7 +176,7 @@ class Index:
             raise IndexMismatchError("the model's attributed parameters differ from the index's (--params?)")
         opened = cls(path, manifest, loaded, selected, torch_device, batch_size, max_memory)
         if not verify and check_environment(loaded.model) in manifest.self_checks:
-            opened.sketcher.take_self_check(manifest.exact_path)  # the build checked these weights here
+            opened.sketcher.take_self_check(manifest.backward_path)  # the build checked these weights here
         opened.lease = lease  # released with the Index (lease.close() to release it sooner)
         opened.use_optimizer_state(optimizer_state)
         opened.use_precondition(precondition, query_norms)

@@ -60,7 +60,7 @@ def test_open_journal_refuses_a_different_plan_naming_what_changed(tmp_path):
 def test_write_chunk_then_read_chunk(tmp_path):
     journal = open_journal(tmp_path, PLAN)
     vectors = _vectors()
-    written = replace(_record([4, 5, 6]), self_checked={"device": "cpu"}, exact_path={"wte": "tied"})
+    written = replace(_record([4, 5, 6]), self_checked={"device": "cpu"}, backward_path={"wte": "tied"})
     write_chunk(journal, 12, written, vectors)
     record, loaded = read_chunk(journal, 12)
     assert record == written and record.ids == [4, 5, 6] and record.rejected == []
@@ -215,17 +215,19 @@ def test_a_chunk_written_by_the_untyped_code_is_resumed_from(tmp_path):
     _write_as_the_untyped_code_did(journal, 1, OLD_RECORD, _vectors(2))
     assert chunk_problem(journal, 1) is None  # trusted: not recomputed
     record, vectors = read_chunk(journal, 1)
-    assert record == ChunkRecord(**OLD_RECORD)
+    fields = {key: value for key, value in OLD_RECORD.items() if key != "exact_path"}
+    assert record == ChunkRecord(**fields, backward_path=OLD_RECORD["exact_path"])
     np.testing.assert_array_equal(vectors, _vectors(2))
     older = {key: value for key, value in OLD_RECORD.items() if key not in ("exact_path", "self_checked")}
     _write_as_the_untyped_code_did(journal, 2, older, _vectors(2))  # from before those two fields
     record, _ = read_chunk(journal, 2)
-    assert record.exact_path == {} and record.self_checked is None and record.ids == [8, 9]
+    assert record.backward_path == {} and record.self_checked is None and record.ids == [8, 9]
 
 
 def test_the_typed_record_writes_the_same_json_as_the_untyped_one(tmp_path):
     journal = open_journal(tmp_path, PLAN)
-    write_chunk(journal, 1, ChunkRecord(**OLD_RECORD), _vectors(2))
+    fields = {key: value for key, value in OLD_RECORD.items() if key != "exact_path"}
+    write_chunk(journal, 1, ChunkRecord(**fields, backward_path=OLD_RECORD["exact_path"]), _vectors(2))
     typed = (journal / "chunk-000001.json").read_bytes()
     _write_as_the_untyped_code_did(journal, 1, OLD_RECORD, _vectors(2))
     assert json.loads(typed) == json.loads((journal / "chunk-000001.json").read_bytes())
