@@ -7,7 +7,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
-from conftest import build_word_tokenizer, copy_with_other_chat_template
+from conftest import build_word_tokenizer, copy_with_other_chat_template, small_manifest
 from transformers import GPT2Config
 
 from rapidin_index.errors import IndexMismatchError, ModelError
@@ -21,31 +21,7 @@ from rapidin_index.identity import (
     moved_model_hint,
     settings_conflicts,
 )
-from rapidin_index.manifest import Manifest
 from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
-
-
-def _manifest(**overrides) -> Manifest:
-    values = {
-        "model": {"name_or_path": "/models/tiny", "fingerprint": "model-sha", "dtype": "float32"},
-        "adapter": None,
-        "tokenizer": {"fingerprint": "tokenizer-sha", "chat_template_sha256": None},
-        "template": {"name": "alpaca"},
-        "max_length": 256,
-        "parameters": {"regex": ".*", "names": ["a"], "shapes": [[2, 2]], "gradient_dim": 4},
-        "normalize": "layer",
-        "sketch": {
-            "sketch_dim": 4096,
-            "shuffle_lambda": 20,
-            "seed": 42,
-            "gradient_dim": 4,
-            "output_dim": 4096,
-        },
-        "vector_dtype": "float32",
-    }
-    values.update(overrides)
-    return Manifest(**values)
-
 
 # --------------------------------------------------------------------------- differences
 
@@ -71,7 +47,7 @@ def test_differences_shorten_long_values():
 
 
 def test_identity_ignores_counts_dates_files_and_where_the_model_lives():
-    manifest = _manifest()
+    manifest = small_manifest()
     other = replace(
         manifest,
         model={**manifest.model, "name_or_path": "/moved/tiny"},
@@ -99,15 +75,15 @@ def test_identity_ignores_counts_dates_files_and_where_the_model_lives():
     ],
 )
 def test_identity_changes_with_what_makes_vectors_different(change):
-    assert manifest_identity(_manifest(**change)) != manifest_identity(_manifest())
+    assert manifest_identity(small_manifest(**change)) != manifest_identity(small_manifest())
 
 
 def test_identity_keeps_only_the_adapters_fingerprint():
-    one = _manifest(adapter={"path": "/a", "fingerprint": "lora-sha"})
-    moved = _manifest(adapter={"path": "/b", "fingerprint": "lora-sha"})
+    one = small_manifest(adapter={"path": "/a", "fingerprint": "lora-sha"})
+    moved = small_manifest(adapter={"path": "/b", "fingerprint": "lora-sha"})
     assert manifest_identity(one)["adapter"] == {"fingerprint": "lora-sha"}
     assert manifest_identity(one) == manifest_identity(moved)
-    assert manifest_identity(_manifest())["adapter"] is None
+    assert manifest_identity(small_manifest())["adapter"] is None
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -124,13 +100,13 @@ def tokenizer_folder(tmp_path):
 
 def test_check_tokenizer_accepts_the_one_the_index_was_built_with(tokenizer_folder):
     fingerprint = fingerprint_tokenizer(load_tokenizer(str(tokenizer_folder)))
-    manifest = _manifest(tokenizer={"fingerprint": fingerprint})
+    manifest = small_manifest(tokenizer={"fingerprint": fingerprint})
     assert check_tokenizer(manifest, str(tokenizer_folder)) is None
 
 
 def test_check_tokenizer_refuses_another_chat_template(tokenizer_folder, tmp_path):
     fingerprint = fingerprint_tokenizer(load_tokenizer(str(tokenizer_folder)))
-    manifest = _manifest(tokenizer={"fingerprint": fingerprint})
+    manifest = small_manifest(tokenizer={"fingerprint": fingerprint})
     other = copy_with_other_chat_template(str(tokenizer_folder), tmp_path / "other")
     with pytest.raises(IndexMismatchError, match="tokenizer differs .*from /models/tiny.*--model"):
         check_tokenizer(manifest, other)
@@ -139,10 +115,10 @@ def test_check_tokenizer_refuses_another_chat_template(tokenizer_folder, tmp_pat
 def test_a_model_that_cannot_load_gets_the_moved_model_hint(tmp_path):
     missing = str(tmp_path / "gone")
     with pytest.raises(ModelError) as raised:
-        check_tokenizer(_manifest(tokenizer={"fingerprint": "tokenizer-sha"}), missing)
+        check_tokenizer(small_manifest(tokenizer={"fingerprint": "tokenizer-sha"}), missing)
     assert missing in str(raised.value)
-    assert moved_model_hint(_manifest(tokenizer={"fingerprint": "tokenizer-sha"})) in str(raised.value)
-    assert "'/models/tiny'" in moved_model_hint(_manifest(tokenizer={"fingerprint": "tokenizer-sha"}))
+    assert moved_model_hint(small_manifest(tokenizer={"fingerprint": "tokenizer-sha"})) in str(raised.value)
+    assert "'/models/tiny'" in moved_model_hint(small_manifest(tokenizer={"fingerprint": "tokenizer-sha"}))
 
 
 # --------------------------------------------------------------------------- the checks
@@ -150,9 +126,9 @@ def test_a_model_that_cannot_load_gets_the_moved_model_hint(tmp_path):
 
 def test_check_sketch_dim_refuses_another_k_and_names_both():
     with pytest.raises(IndexMismatchError, match="built with K=4096, query asked for K=8192; drop --k"):
-        check_sketch_dim(_manifest(), 8192)
-    assert check_sketch_dim(_manifest(), 4096) is None
-    assert check_sketch_dim(_manifest(), None) is None
+        check_sketch_dim(small_manifest(), 8192)
+    assert check_sketch_dim(small_manifest(), 4096) is None
+    assert check_sketch_dim(small_manifest(), None) is None
 
 
 def _loaded(model="model-sha", adapter=None, tokenizer="tokenizer-sha"):
@@ -162,9 +138,11 @@ def _loaded(model="model-sha", adapter=None, tokenizer="tokenizer-sha"):
 
 
 def test_check_loaded_model_names_every_part_that_differs():
-    assert check_loaded_model(_manifest(), _loaded()) is None
+    assert check_loaded_model(small_manifest(), _loaded()) is None
     with pytest.raises(IndexMismatchError) as refused:
-        check_loaded_model(_manifest(), _loaded(model="other-weights", adapter="lora", tokenizer="other"))
+        check_loaded_model(
+            small_manifest(), _loaded(model="other-weights", adapter="lora", tokenizer="other")
+        )
     message = str(refused.value)
     assert message.startswith(
         "refusing to query: model weights differ (index model-sha, this model other-weigh"
@@ -173,14 +151,14 @@ def test_check_loaded_model_names_every_part_that_differs():
 
 
 def test_build_conflicts_compare_a_requested_identity_with_the_manifests():
-    manifest = _manifest()
+    manifest = small_manifest()
     assert build_conflicts(manifest, manifest_identity(manifest)) == []
     other = manifest_identity(replace(manifest, normalize="none"))
     assert build_conflicts(manifest, other) == ['normalize: index has "layer", asked for "none"']
 
 
 def test_settings_conflicts_read_only_what_needs_no_model():
-    manifest = _manifest(sketch={**_manifest().sketch, "algorithm": "rapidgrad-v2"})
+    manifest = small_manifest(sketch={**small_manifest().sketch, "algorithm": "rapidgrad-v2"})
     requested = {
         "model": {"dtype": "float32"},
         "with_adapter": False,
