@@ -12,10 +12,10 @@ Nothing here imports torch at module level: the CLI runs the cheap checks before
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from rapidin_index.errors import IndexMismatchError, ModelError
+from rapidin_index.manifest import short
 
 if TYPE_CHECKING:
     from rapidin_index.data import Template
@@ -127,12 +127,6 @@ def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:
         elif left != right:
             found.append(f"{prefix}{key}: index has {short(left)}, asked for {short(right)}")
     return found
-
-
-def short(value) -> str:
-    """``value`` as JSON, cut to 80 characters: for one line of an error message."""
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def build_conflicts(existing: Manifest, identity: dict) -> list[str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from rapidin_index.errors import IntegrityError, ManifestError
 from rapidin_index.files import atomic_write_json, refuse_newer, sha256_path
-from rapidin_index.identity import short
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -122,6 +121,12 @@ REQUIRED_INSIDE = {
     "sketch": {"sketch_dim": int, "shuffle_lambda": int, "seed": int, "output_dim": int, "gradient_dim": int},
 }
 DAMAGED = "the index's manifest is damaged (edited by hand?): re-import its bundle or rebuild it"
+
+
+def short(value) -> str:
+    """``value`` as JSON, cut to 80 characters: for one line of an error message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_shape(value: dict) -> None:
