@@ -83,7 +83,7 @@ def build(folder: Path, data: Path, index: Path, device: str, adapter: Path | No
         "tokens_per_second": report.tokens / max(report.elapsed_seconds, 1e-9),
         "sketch_dim": report.sketch_dim,
         "gradient_dim": report.gradient_dim,
-        "exact_path": sorted(report.exact_path),
+        "exact_path": sorted(report.backward_path),
     }
 
 

@@ -91,7 +91,7 @@ def run_case(
         "floor_seconds_per_row": floor / (len(batches) * batch_size),
         "ratio_to_floor": seconds / floor,
         "peak_rss_growth_mb": growth,
-        "exact_path": sorted(sketcher.exact_path),
+        "exact_path": sorted(sketcher.backward_path),
         "finite": bool(sketched.finite.all()),
     }
 

@@ -16,7 +16,14 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
-from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings, default_of, parse_memory
+from rapidin_index.settings import (
+    BuildSettings,
+    ModelSettings,
+    QuerySettings,
+    SketchSettings,
+    default_of,
+    parse_memory,
+)
 
 app = typer.Typer(
     help="Which training examples, and which of their tokens, made a fine-tuned LLM say this? (RapidIn)",
@@ -24,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+QUERY_DEFAULTS = QuerySettings()
 # Deprecation notices inside transformers and peft are theirs to act on, not the user's: every command
 # would otherwise start with them.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
@@ -293,23 +301,23 @@ def _print_build_report(report) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    _print_exact_path(report.exact_path)
+    _print_backward_path(report.backward_path)
     _print_rejected(report.rejected)
 
 
-def _print_exact_path(exact_path: dict, limit: int = 10) -> None:
+def _print_backward_path(backward_path: dict, limit: int = 10) -> None:
     """Tensors whose gradients took one plain backward per example (correct, slower): say which and why."""
-    if not exact_path:
+    if not backward_path:
         return
     console.print(
-        f"[yellow]{len(exact_path)} parameter tensor(s) took the exact path "
+        f"[yellow]{len(backward_path)} parameter tensor(s) took the exact path "
         "(one plain backward per example; correct, slower):[/]",
         highlight=False,
     )
-    for name, reason in list(exact_path.items())[:limit]:
+    for name, reason in list(backward_path.items())[:limit]:
         console.print(f"  {name}: {reason}", highlight=False, soft_wrap=True)
-    if len(exact_path) > limit:
-        console.print(f"  ... and {len(exact_path) - limit} more (rapidin-index info --json)")
+    if len(backward_path) > limit:
+        console.print(f"  ... and {len(backward_path) - limit} more (rapidin-index info --json)")
 
 
 def _print_rejected(rejected, limit: int = 10) -> None:
@@ -340,7 +348,7 @@ def query(
             help="Generate the response greedily with the indexed model (with --queries: for each row's "
             "prompt); exactly the generated tokens are attributed."
         ),
-    ] = False,
+    ] = QUERY_DEFAULTS.generate,
     system: Annotated[
         str | None, typer.Option(help="A system turn before --prompt (indexes of chat rows).")
     ] = None,
@@ -353,15 +361,17 @@ def query(
     ] = None,
     top_k: Annotated[
         int, typer.Option(help="Training examples per list (helpful, harmful) for the whole generation.")
-    ] = 10,
+    ] = QUERY_DEFAULTS.top_k,
     token_top_k: Annotated[
         int, typer.Option(help="Training examples per list for each generated token.")
-    ] = 5,
+    ] = QUERY_DEFAULTS.token_top_k,
     per_token: Annotated[
         str,
         typer.Option(help="on: each generated token gets its own hits; off: whole generation only (faster)."),
-    ] = "on",
-    explain: Annotated[int, typer.Option(help="Score the training tokens of the top N hits.")] = 3,
+    ] = "on" if QUERY_DEFAULTS.per_token else "off",
+    explain: Annotated[
+        int, typer.Option(help="Score the training tokens of the top N hits.")
+    ] = QUERY_DEFAULTS.explain,
     out: Annotated[Path | None, typer.Option(help="Write the result here (default: JSON on stdout).")] = None,
     format: Annotated[
         str | None,
@@ -377,7 +387,9 @@ def query(
     k: Annotated[
         int | None, typer.Option("--k", help="Expected sketch dimension; refused if the index differs.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate with --generate.")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Tokens to generate with --generate.")
+    ] = QUERY_DEFAULTS.max_new_tokens,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     max_memory: Annotated[
         str | None,
@@ -400,25 +412,25 @@ def query(
             help="With --queries: one list for the whole set. mean or sum (exact: one search with the "
             "combined query vector), max or count (from each query's own top --depth rows)."
         ),
-    ] = None,
+    ] = QUERY_DEFAULTS.aggregate,
     where: Annotated[
         str | None,
         typer.Option(
             help="Search only the rows this SQL filter over their fields keeps (LanceDB syntax), e.g. "
             "\"source = 'forum' AND id < 5000\"; the top-k is exact over those rows."
         ),
-    ] = None,
+    ] = QUERY_DEFAULTS.where,
     rerank: Annotated[
         int,
         typer.Option(
             help="Score the top and bottom M rows again without the sketch (exact, one backward a row) "
             "and re-order them; their hits are marked exact."
         ),
-    ] = 0,
+    ] = QUERY_DEFAULTS.rerank,
     depth: Annotated[
         int,
         typer.Option(help="Rows read from each query's own lists for --aggregate (appears_in, max, count)."),
-    ] = 100,
+    ] = QUERY_DEFAULTS.depth,
     optimizer_state: Annotated[
         str | None,
         typer.Option(
@@ -446,8 +458,9 @@ def query(
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
     from rapidin_index.data import query_row
     from rapidin_index.errors import DataError
+    from rapidin_index.identity import check_tokenizer
     from rapidin_index.manifest import read_manifest
-    from rapidin_index.preflight import check_query, check_tokenizer
+    from rapidin_index.preflight import check_query
     from rapidin_index.query import query_template
     from rapidin_index.readers import read_rows
     from rapidin_index.report import render_text, write_results
@@ -458,23 +471,24 @@ def query(
         raise fail(ValueError("with --prompt give exactly one of --response TEXT or --generate"))
     if queries is not None and (response is not None or system is not None or hot):
         raise fail(ValueError("--response, --system and --hot go with --prompt; a --queries row has its own"))
-    _check_query_numbers(
+    settings = QuerySettings(  # refuses, before anything loads, a count that cannot work
         top_k=top_k,
         token_top_k=token_top_k,
+        per_token=per_token != "off",
         explain=explain,
         max_new_tokens=max_new_tokens,
-        depth=depth,
         rerank=rerank,
+        depth=depth,
+        generate=generate,
+        where=where,
+        aggregate=aggregate,
     )
     if aggregate is not None and queries is None:
         raise fail(ValueError("--aggregate needs --queries FILE (several generations)"))
-    if aggregate is not None and aggregate not in ("mean", "sum", "max", "count"):
-        raise fail(ValueError(f"--aggregate {aggregate!r} is not one of mean, sum, max, count"))
     if per_token not in ("on", "off"):
         raise fail(ValueError(f"--per-token {per_token!r} is not one of on, off"))
-    options = {"top_k": top_k, "token_top_k": token_top_k, "per_token": per_token == "on", "explain": explain}
-    options["rerank"] = rerank
-    options["where"] = where
+    options = {name: getattr(settings, name) for name in ("top_k", "token_top_k", "per_token", "explain")}
+    options.update(rerank=settings.rerank, where=settings.where)
     output_format = format or _default_format(out)
     if output_format not in ("json", "jsonl", "html", "text"):
         raise fail(ValueError(f"--format {output_format!r} is not one of json, jsonl, html, text"))
@@ -506,6 +520,7 @@ def query(
         optimizer_state=optimizer_state,
         precondition=precondition,
         query_norms=query_norms,
+        checked=manifest,  # the cheap checks above are not run twice
     )
     opened.progress = console.is_terminal  # a bar on stderr, never in piped output
     if aggregate is not None:
@@ -547,15 +562,6 @@ def _default_format(out: Path | None) -> str:
         suffix = out.suffix.lstrip(".")
         return "text" if suffix == "txt" else suffix
     return "text" if sys.stdout.isatty() else "json"
-
-
-def _check_query_numbers(**values: int) -> None:
-    """Refuse, before anything loads, a count that cannot work (--explain 0 is allowed: no explanation)."""
-    least = {"explain": 0, "rerank": 0}
-    for name, value in values.items():
-        if value < least.get(name, 1):
-            option = "--" + name.replace("_", "-")
-            raise fail(ValueError(f"{option} must be at least {least.get(name, 1)}, got {value}"))
 
 
 @command()
@@ -804,7 +810,7 @@ def info(
     ]:
         table.add_row(name, value)
     Console().print(table)
-    _print_exact_path(manifest.exact_path)
+    _print_backward_path(manifest.backward_path)
     _print_rejected(rejected)
 
 

@@ -16,10 +16,7 @@ import numpy as np
 from rapidin_index import index as vector_index
 from rapidin_index import store
 from rapidin_index.errors import QueryError
-
-AGGREGATIONS = ("mean", "sum", "max", "count")
-DEFAULT_DEPTH = 100
-"""Rows read from each query's own helpful and harmful lists (``appears_in``, ``max``, ``count``)."""
+from rapidin_index.settings import AGGREGATIONS
 
 
 @dataclass

@@ -32,7 +32,15 @@ from rapidin_index.data import (
 )
 from rapidin_index.errors import BuildError, IntegrityError, RejectedRowsError, StoreError
 from rapidin_index.files import writing
+from rapidin_index.identity import (
+    build_conflicts,
+    index_identity,
+    settings_conflicts,
+    settings_identity,
+    tokenizer_conflicts,
+)
 from rapidin_index.journal import (
+    ChunkRecord,
     chunk_problem,
     open_journal,
     read_chunk,
@@ -43,8 +51,6 @@ from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
     add_self_checks,
-    differences,
-    manifest_identity,
     read_manifest,
     write_manifest,
 )
@@ -82,7 +88,7 @@ class BuildReport:
     resumed_chunks: int = 0
     nothing_to_do: bool = False
     message: str = ""
-    exact_path: dict = field(default_factory=dict)
+    backward_path: dict = field(default_factory=dict)
     """{parameter name: why} for tensors whose gradients took one plain backward per example."""
     notes: list[str] = field(default_factory=list)
     """What the build decided for the user, said once: a K chosen for them, --max-length capped."""
@@ -90,76 +96,6 @@ class BuildReport:
     @property
     def compression_ratio(self) -> float:
         return self.gradient_dim / self.sketch_dim if self.sketch_dim else 1.0
-
-
-# --------------------------------------------------------------------------- identity
-
-
-def index_identity(
-    loaded: LoadedModel, settings: BuildSettings, selected, template: Template, scaling=None
-) -> dict:
-    """Everything that must be equal for two sets of vectors to be comparable (resume, append, query)."""
-    from rapidin_index.capture import gradient_blocks, gradient_dim
-    from rapidin_index.sketch.hashed import padded_dim
-
-    blocks = gradient_blocks(selected)
-    dim = gradient_dim(blocks)
-    sketch = settings.sketch.to_dict()
-    output_dim = dim if settings.sketch.exact else settings.sketch.sketch_dim
-    padded = dim if settings.sketch.exact else padded_dim(dim, settings.sketch.sketch_dim)
-    sketch.update(gradient_dim=dim, padded_dim=padded, output_dim=output_dim)
-    return {
-        "model": {"fingerprint": loaded.model_fingerprint, "dtype": settings.model.dtype},
-        "adapter": None if settings.model.adapter is None else {"fingerprint": loaded.adapter_fingerprint},
-        "tokenizer": {"fingerprint": loaded.tokenizer_fingerprint},
-        "template": template.to_dict(),
-        "max_length": settings.max_length,
-        "tokenization": settings.tokenization,
-        "parameters": {
-            "regex": settings.model.params,
-            "names": [name for name, _ in selected],
-            "shapes": [list(p.shape) for _, p in selected],
-            "gradient_dim": dim,
-        },
-        "normalize": settings.normalize,
-        "sketch": sketch,
-        "vector_dtype": settings.vector_dtype,
-        "shard": settings.shard,
-        "optimizer_state": None if scaling is None else {"fingerprint": scaling.fingerprint},
-    }
-
-
-def settings_identity(settings: BuildSettings, template: Template) -> dict:
-    """The part of the identity that needs no model: checked before the model loads."""
-    return {
-        "model": {"dtype": settings.model.dtype},
-        "with_adapter": settings.model.adapter is not None,
-        "template": template.to_dict(),
-        "max_length": settings.max_length,
-        "tokenization": settings.tokenization,
-        "parameters": {"regex": settings.model.params},
-        "normalize": settings.normalize,
-        "sketch": settings.sketch.to_dict(),
-        "vector_dtype": settings.vector_dtype,
-        "shard": settings.shard,
-        "with_optimizer_state": settings.optimizer_state is not None,
-    }
-
-
-def manifest_settings_identity(manifest: Manifest) -> dict:
-    identity = manifest_identity(manifest)
-    return {
-        **{key: identity[key] for key in ("template", "max_length", "tokenization", "normalize")},
-        "model": {"dtype": identity["model"]["dtype"]},
-        "with_adapter": identity["adapter"] is not None,
-        "parameters": {"regex": identity["parameters"]["regex"]},
-        "sketch": {
-            key: identity["sketch"].get(key) for key in ("algorithm", "sketch_dim", "shuffle_lambda", "seed")
-        },
-        "vector_dtype": identity["vector_dtype"],
-        "shard": identity["shard"],
-        "with_optimizer_state": identity["optimizer_state"] is not None,
-    }
 
 
 # --------------------------------------------------------------------------- entry point
@@ -333,7 +269,7 @@ def _index_rows(run: _Run, template: Template, report: BuildReport, progress: bo
                 report.notes.append(f"journal chunk {chunk_number} is recomputed: {problem}")
             yield ChunkJob(chunk_number, chunk_examples, chunk_rejected, plan["id_offset"])
 
-    def write(job: ChunkJob, record: dict, vectors: np.ndarray) -> None:
+    def write(job: ChunkJob, record: ChunkRecord, vectors: np.ndarray) -> None:
         write_chunk(journal, job.chunk_number, record, vectors)
 
     with RowProgress(total_rows, enabled=progress) as bar:
@@ -402,7 +338,7 @@ def _check_before_loading(
         requested["sketch"]["algorithm"] = existing.sketch.get("algorithm")
     if settings.sketch.sketch_dim is None:  # ... and its K, where none is given
         requested["sketch"]["sketch_dim"] = existing.sketch["sketch_dim"]
-    changed = differences(manifest_settings_identity(existing), requested)
+    changed = settings_conflicts(existing, requested)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
     done = _data_status(existing, data_sha256, append, index_dir, settings.allow_duplicate_data)
@@ -413,8 +349,8 @@ def _check_before_loading(
     from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
 
     tokenizer = fingerprint_tokenizer(load_tokenizer(settings.model.model))  # cheap next to the model
-    if tokenizer != existing.tokenizer["fingerprint"]:
-        changed = differences({"tokenizer": existing.tokenizer}, {"tokenizer": {"fingerprint": tokenizer}})
+    changed = tokenizer_conflicts(existing, tokenizer)
+    if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
     return ""
 
@@ -479,7 +415,7 @@ def _check_existing(
     settings: BuildSettings,
 ) -> str:
     """'' to go on; a message when there is nothing to do; raises when the request conflicts."""
-    changed = differences(manifest_identity(existing), identity)
+    changed = build_conflicts(existing, identity)
     if changed:
         raise BuildError(_other_settings(changed, append, index_dir))
     return _data_status(existing, data_sha256, append, index_dir, settings.allow_duplicate_data)
@@ -523,7 +459,7 @@ def _finished_report(report: BuildReport, manifest: Manifest, started: float, me
     report.rejected = store.read_rejected(report.index_dir, manifest)
     report.tokens = manifest.token_count
     report.truncated = manifest.truncated_count
-    report.exact_path = dict(manifest.exact_path)
+    report.backward_path = dict(manifest.backward_path)
     report.bytes_on_disk = sum(item["bytes"] for item in manifest.files.values()) + len(
         json.dumps(manifest.to_dict())
     )
@@ -548,7 +484,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     rejected: list[dict] = []
     counts = {"tokens": 0, "truncated": 0}
     templates = Counter(existing.template_usage if existing else {})
-    exact_path = dict(existing.exact_path if existing else {})
+    backward_path = dict(existing.backward_path if existing else {})
     self_checks = list(existing.self_checks if existing else [])
     if existing is not None:
         rejected = [
@@ -567,14 +503,14 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
             yield from store.iter_rows(index_dir, existing.generation)
         for chunk_number in range(chunk_count):
             record, vectors = read_chunk(journal, chunk_number)
-            writer.add(vectors, np.asarray(record["ids"], dtype=np.int64))
-            rejected.extend(record["rejected"])
-            counts["tokens"] += record["tokens"]
-            counts["truncated"] += record["truncated"]
-            templates.update(record["templates"])
-            exact_path.update(record.get("exact_path", {}))
-            add_self_checks(self_checks, [record["self_checked"]] if record.get("self_checked") else [])
-            yield record["rows"]
+            writer.add(vectors, np.asarray(record.ids, dtype=np.int64))
+            rejected.extend(record.rejected)
+            counts["tokens"] += record.tokens
+            counts["truncated"] += record.truncated
+            templates.update(record.templates)
+            backward_path.update(record.backward_path)
+            add_self_checks(self_checks, [record.self_checked] if record.self_checked else [])
+            yield record.rows
 
     if settings.shard is None:
         expected_ids = range(plan["id_offset"] + total_rows)
@@ -596,7 +532,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     manifest.token_count = counts["tokens"]
     manifest.truncated_count = counts["truncated"]
     manifest.template_usage = dict(templates)
-    manifest.exact_path = exact_path
+    manifest.backward_path = backward_path
     manifest.self_checks = self_checks
     manifest.files = files
     manifest.optimizer_state = run.optimizer_state  # a fitted preconditioner is not carried over

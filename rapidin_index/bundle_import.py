@@ -35,11 +35,11 @@ from rapidin_index.bundle_check import check_members, check_signature
 from rapidin_index.checksums import FAST
 from rapidin_index.errors import BundleError, ManifestError
 from rapidin_index.files import atomic_write_json, no_space, sha256_file, tree_bytes, writing
+from rapidin_index.identity import differences
 from rapidin_index.lock import LOCK_FILES, pause_point, remove_unread_generations, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
-    differences,
     read_manifest,
     write_manifest,
 )

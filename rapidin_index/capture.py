@@ -11,7 +11,7 @@ per-example losses, each example's weight gradient is rebuilt from its own rows 
                          elementwise weight, so that difference is the exact derivative
 
 A rule applies only where a module's forward is provably the textbook one; any other owner leaves its
-tensor to the exact path of `gradients.GradientSketcher`. A linear, Conv1D or embedding weight's
+tensor to the backward path of `gradients.GradientSketcher`. A linear, Conv1D or embedding weight's
 gradient can also be handed over as its outer-product factors (`GradientCapture.example_factors`).
 """
 
@@ -81,10 +81,10 @@ def embedding_scale(module: nn.Module) -> float:
 
 
 def _module_kind(module: nn.Module, parameter_name: str, parameter: nn.Parameter) -> str | None:
-    """The per-example rule that rebuilds this parameter's gradient exactly, or None (exact path).
+    """The per-example rule that rebuilds this parameter's gradient exactly, or None (backward path).
 
     Only modules whose forward is provably the textbook one get a rule: a subclass with its own forward
-    (Gemma's scaled embedding, OPT's position embedding) may compute anything, so it takes the exact path.
+    (Gemma's scaled embedding, OPT's position embedding) may compute anything, so it takes the backward path.
     """
     module_class = type(module)
     if isinstance(module, nn.Linear) and (
@@ -173,7 +173,7 @@ class GradientCapture:
     """Context manager: hooks that keep (inputs, output grads) of the modules owning the hooked blocks.
 
     A block is hooked when every module that uses its parameter has a per-example rule; the others are
-    listed in ``unsupported`` ({block name: reason}) and take the exact path.
+    listed in ``unsupported`` ({block name: reason}) and take the backward path.
     """
 
     def __init__(self, model: nn.Module, blocks: list[GradientBlock]) -> None:

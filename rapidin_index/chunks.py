@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rapidin_index.data import Example, RejectedRow
+from rapidin_index.journal import ChunkRecord
 
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel
@@ -81,7 +82,7 @@ class ChunkSketcher:
         self.batch_size = settings.batch_size
         self.device = device
 
-    def compute(self, job: ChunkJob, advance=lambda rows, tokens: None) -> tuple[dict, np.ndarray]:
+    def compute(self, job: ChunkJob, advance=lambda rows, tokens: None) -> tuple[ChunkRecord, np.ndarray]:
         from rapidin_index.losses import collate
 
         results: dict[int, tuple[np.ndarray, dict]] = {}
@@ -106,20 +107,22 @@ class ChunkSketcher:
         return _chunk_record(results, rejected, job.examples, self.sketcher)
 
 
-def _chunk_record(results: dict, rejected: list[dict], examples: list[Example], sketcher):
+def _chunk_record(
+    results: dict, rejected: list[dict], examples: list[Example], sketcher
+) -> tuple[ChunkRecord, np.ndarray]:
     ids = sorted(results)
     dimension = sketcher.projector.output_dim
     stacked = np.stack([results[i][0] for i in ids]) if ids else np.zeros((0, dimension), np.float32)
-    record = {
-        "ids": ids,
-        "rows": [results[i][1] for i in ids],
-        "rejected": sorted(rejected, key=lambda row: row["id"]),
-        "tokens": sum(results[i][1]["num_tokens"] for i in ids),
-        "truncated": sum(results[i][1]["truncated"] for i in ids),
-        "templates": dict(Counter(e.template_name for e in examples)),
-        "exact_path": dict(sketcher.exact_path),
-        "self_checked": sketcher.checked_in,  # where the hooks were checked (None: not by this worker)
-    }
+    record = ChunkRecord(
+        ids=ids,
+        rows=[results[i][1] for i in ids],
+        rejected=sorted(rejected, key=lambda row: row["id"]),
+        tokens=sum(results[i][1]["num_tokens"] for i in ids),
+        truncated=sum(results[i][1]["truncated"] for i in ids),
+        templates=dict(Counter(e.template_name for e in examples)),
+        backward_path=dict(sketcher.backward_path),
+        self_checked=sketcher.checked_in,  # where the hooks were checked (None: not by this worker)
+    )
     return record, stacked.astype(np.float32, copy=False)  # already float32: no second copy
 
 

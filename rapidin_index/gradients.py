@@ -2,10 +2,10 @@
 
 `capture` rebuilds each example's gradient of every hooked tensor from one batched backward (a rule per
 kind of module); the tensors no rule covers (or a module that folds the batch into another axis) take
-the exact path here: one backward per example, which is also :func:`reference_gradient`, the brute force
+the backward path here: one backward per example, which is also :func:`reference_gradient`, the brute force
 the tests compare against. The first batch checks itself: two rows' hooked gradients against plain
-backward passes; a tensor that differs moves to the exact path. A build records where its check ran
-(:func:`check_environment`) and which tensors took the exact path, so that a query on the same
+backward passes; a tensor that differs moves to the backward path. A build records where its check ran
+(:func:`check_environment`) and which tensors took the backward path, so that a query on the same
 weights, libraries, device type and dtype takes the build's verdict instead of checking again
 (``GradientSketcher.take_self_check``).
 
@@ -74,11 +74,11 @@ class GradientSketcher:
     """Batch in, one normalised + sketched gradient per example out.
 
     ``projector`` is a :mod:`rapidin_index.sketch` projector (RapidGrad, or exact for K = 0).
-    Every block is either *hooked* (rebuilt per example from one batched backward) or on the *exact path*
-    (one plain backward per example). ``exact_path`` maps the latter's names to the reason. The first
+    Every block is either *hooked* (rebuilt per example from one batched backward) or on the *backward path*
+    (one plain backward per example). ``backward_path`` maps the latter's names to the reason. The first
     batch checks itself: the hooked gradients of its first two rows are compared with plain backward
-    passes, and any block that differs moves to the exact path, so no model is approximated in silence.
-    ``exact=True`` puts every block on the exact path (the slow reference).
+    passes, and any block that differs moves to the backward path, so no model is approximated in silence.
+    ``backward_only=True`` puts every block on the backward path (the slow reference).
 
     With a projector that sketches outer-product factors (rapidgrad-ts, rapidgrad-kron), every hooked
     linear, Conv1D and embedding weight is sketched from its factors (``factored="auto"``; ts picks FFT
@@ -101,7 +101,7 @@ class GradientSketcher:
         blocks: list[GradientBlock],
         projector,
         normalize: str = "layer",
-        exact: bool = False,
+        backward_only: bool = False,
         factored: str = "auto",
     ) -> None:
         if normalize not in NORMALIZATIONS:
@@ -115,9 +115,9 @@ class GradientSketcher:
         self.projector = projector
         self.normalize = normalize
         self.capture = GradientCapture(model, blocks)
-        self.exact_path: dict[str, str] = dict(self.capture.unsupported)
-        if exact:
-            self.exact_path = {block.name: "asked for the exact path" for block in blocks}
+        self.backward_path: dict[str, str] = dict(self.capture.unsupported)
+        if backward_only:
+            self.backward_path = {block.name: "asked for the backward path" for block in blocks}
         self.self_checked = False
         self.checked_in: dict | None = None  # check_environment() where this sketcher's own check ran
         self.optimizer_scaling = None  # optimizer_state.OptimizerScaling: see use_optimizer_state
@@ -136,43 +136,43 @@ class GradientSketcher:
 
     @property
     def uses_hooks(self) -> bool:
-        """True when every block is rebuilt from the batched backward (no exact-path block)."""
-        return not self.exact_path
+        """True when every block is rebuilt from the batched backward (no backward-path block)."""
+        return not self.backward_path
 
     def _sync_capture(self) -> None:
-        self.capture.active = {id(b.parameter) for b in self.blocks if b.name not in self.exact_path}
+        self.capture.active = {id(b.parameter) for b in self.blocks if b.name not in self.backward_path}
 
     def sketch(self, batch: Batch) -> SketchedBatch:
-        if not self.self_checked and len(self.exact_path) < len(self.blocks):
+        if not self.self_checked and len(self.backward_path) < len(self.blocks):
             self.self_checked = True
             self.checked_in = check_environment(self.model)
             return self._sketch(batch, check_rows=min(SELF_CHECK_ROWS, batch.size))
         return self._sketch(batch, check_rows=0)
 
-    def take_self_check(self, exact_path: dict) -> None:
-        """Skip this sketcher's own check: take an earlier one's verdict (its exact-path tensors) instead.
+    def take_self_check(self, backward_path: dict) -> None:
+        """Skip this sketcher's own check: take an earlier one's verdict (its backward-path tensors) instead.
 
         Only for the same weights, run where :func:`check_environment` says the earlier check ran.
         """
         names = {block.name for block in self.blocks}
-        self.exact_path.update({name: why for name, why in exact_path.items() if name in names})
+        self.backward_path.update({name: why for name, why in backward_path.items() if name in names})
         self._sync_capture()
         self.self_checked = True
 
     def _sketch(self, batch: Batch, check_rows: int) -> SketchedBatch:
-        hooked = [block for block in self.blocks if block.name not in self.exact_path]
+        hooked = [block for block in self.blocks if block.name not in self.backward_path]
         checked = [block for block in hooked if block.numel <= SELF_CHECK_MAX_NUMEL]
         check = _SelfCheck(self, batch, checked, check_rows) if check_rows and checked else None
         losses = self._hooked_backward(batch) if hooked else None
         try:
-            exact = self._exact_gradients(batch)
+            backward = self._backward_gradients(batch)
             if losses is None:
                 with torch.no_grad():
                     losses = example_losses(self.model, batch)
             state = self.new_state(batch.size, losses.detach())
             for block in self.blocks:
-                if block.name in exact:
-                    state.add(block, exact[block.name], self.normalize)
+                if block.name in backward:
+                    state.add(block, backward[block.name], self.normalize)
                     continue
                 head = self.add_hooked(
                     state,
@@ -186,7 +186,7 @@ class GradientSketcher:
         finally:
             self.capture.clear()
         if check is not None and check.move_failed():
-            return self._sketch(batch, check_rows=0)  # some blocks moved to the exact path: redo
+            return self._sketch(batch, check_rows=0)  # some blocks moved to the backward path: redo
         return state.result()
 
     def _hooked_backward(self, batch: Batch) -> torch.Tensor:
@@ -271,22 +271,22 @@ class GradientSketcher:
         try:
             return self.capture.example_factors(block, batch_size)
         except GradientError:
-            return None  # the materialising rule raises it again and moves the block to the exact path
+            return None  # the materialising rule raises it again and moves the block to the backward path
 
     def _hooked_gradients(self, batch: Batch, block: GradientBlock) -> torch.Tensor:
         try:
             return self.capture.example_gradients(block, batch.size)
         except GradientError as error:  # e.g. a mixture-of-experts layer that flattens the batch
-            self.exact_path[block.name] = str(error).split(": ", 1)[-1]
+            self.backward_path[block.name] = str(error).split(": ", 1)[-1]
             self._sync_capture()
-            return self._exact_gradients(batch, [block])[block.name]
+            return self._backward_gradients(batch, [block])[block.name]
 
-    def _exact_gradients(
+    def _backward_gradients(
         self, batch: Batch, blocks: list[GradientBlock] | None = None
     ) -> dict[str, torch.Tensor]:
-        """{block name: [batch, numel]} by one plain backward per example, for the exact-path blocks."""
+        """{block name: [batch, numel]} by one plain backward per example, for the backward-path blocks."""
         if blocks is None:
-            blocks = [block for block in self.blocks if block.name in self.exact_path]
+            blocks = [block for block in self.blocks if block.name in self.backward_path]
         if not blocks:
             return {}
         names = {block.name for block in blocks}
@@ -355,9 +355,9 @@ class _SelfCheck:
             self.failed[block.name] = relative
 
     def move_failed(self) -> bool:
-        """Send the blocks that differed to the exact path; True if any did."""
+        """Send the blocks that differed to the backward path; True if any did."""
         for name, relative in self.failed.items():
-            self.sketcher.exact_path[name] = (
+            self.sketcher.backward_path[name] = (
                 f"self-check: hooked gradient differs from a plain backward (relative error {relative:.2g})"
             )
         self.sketcher._sync_capture()

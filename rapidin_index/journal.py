@@ -15,18 +15,73 @@ import io
 import json
 import os
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rapidin_index.errors import JournalError
 from rapidin_index.files import atomic_write_bytes, atomic_write_json, writing
-from rapidin_index.manifest import differences
+from rapidin_index.identity import differences
+from rapidin_index.manifest import KEYS_OF_FIELDS
 from rapidin_index.store import JOURNAL_DIR
 
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
 CRASH_AFTER_VECTORS_ENV = "RAPIDIN_INDEX_CRASH_AFTER_VECTORS"
 PLAN_NAME = "plan.json"
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """What one finished chunk adds to the index, beside its vectors (row i of them is ``ids[i]``'s).
+
+    Written as a JSON object (`to_json`) whose keys are the field names (``backward_path``'s is the
+    manifest's, `manifest.KEYS_OF_FIELDS`), as the untyped records before this class were written: a
+    build interrupted by an older rapidin-index resumes from its journal.
+    """
+
+    ids: list[int]
+    """The indexed rows' ids (id offset of an append included), ascending."""
+    rows: list[dict]
+    """Their LanceDB rows, in the same order."""
+    rejected: list[dict] = field(default_factory=list)
+    """``{"id", "reason"}`` of each row of the chunk that was not indexed."""
+    tokens: int = 0
+    """Tokens of the indexed rows."""
+    truncated: int = 0
+    """Indexed rows cut at ``max_length``."""
+    templates: dict = field(default_factory=dict)
+    """``{resolved template name: rows}`` over the chunk's rows."""
+    backward_path: dict = field(default_factory=dict)
+    """``{parameter name: why}`` for tensors whose gradients took one plain backward per example."""
+    self_checked: dict | None = None
+    """Where the worker checked its hooks (`gradients.check_environment`); None: not by this worker."""
+
+    def to_json(self) -> dict:
+        return {
+            "ids": list(self.ids),
+            "rows": list(self.rows),
+            "rejected": list(self.rejected),
+            "tokens": self.tokens,
+            "truncated": self.truncated,
+            "templates": dict(self.templates),
+            KEYS_OF_FIELDS["backward_path"]: dict(self.backward_path),
+            "self_checked": self.self_checked,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict) -> ChunkRecord:
+        """A record as `to_json` (or an older rapidin-index) wrote it; KeyError names a missing field."""
+        return cls(
+            ids=value["ids"],
+            rows=value["rows"],
+            rejected=value["rejected"],
+            tokens=value["tokens"],
+            truncated=value["truncated"],
+            templates=value["templates"],
+            backward_path=value.get(KEYS_OF_FIELDS["backward_path"], {}),  # {} in records from before it
+            self_checked=value.get("self_checked"),
+        )
 
 
 def open_journal(index_dir: Path, plan: dict, notes: list[str] | None = None) -> Path:
@@ -81,7 +136,7 @@ def _read_json(path: Path) -> tuple[object, str]:
         return None, f"not valid JSON: {str(error)[:80]}"
 
 
-def _load_checked(journal: Path, chunk_number: int) -> tuple[dict | None, np.ndarray | None, str]:
+def _load_checked(journal: Path, chunk_number: int) -> tuple[ChunkRecord | None, np.ndarray | None, str]:
     """(record, vectors, '') of a finished chunk; (None, None, why) for any other one ('' if unwritten)."""
     vectors_path, record_path = _chunk_paths(journal, chunk_number)
     if not record_path.exists():
@@ -99,10 +154,14 @@ def _load_checked(journal: Path, chunk_number: int) -> tuple[dict | None, np.nda
     data = vectors_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != record.get("vectors_sha256"):
         return None, None, "its vectors do not match their checksum"
+    try:
+        typed = ChunkRecord.from_json(record)
+    except KeyError as error:
+        return None, None, f"its record has no {error.args[0]!r} (written by an older rapidin-index)"
     vectors = np.load(io.BytesIO(data), allow_pickle=False)
-    if "ids" in record and vectors.shape[0] != len(record["ids"]):
-        return None, None, f"it holds {vectors.shape[0]} vectors for {len(record['ids'])} ids"
-    return record, vectors, ""
+    if vectors.shape[0] != len(typed.ids):
+        return None, None, f"it holds {vectors.shape[0]} vectors for {len(typed.ids)} ids"
+    return typed, vectors, ""
 
 
 def chunk_problem(journal: Path, chunk_number: int) -> str | None:
@@ -115,7 +174,7 @@ def chunk_complete(journal: Path, chunk_number: int) -> bool:
     return chunk_problem(journal, chunk_number) is None
 
 
-def write_chunk(journal: Path, chunk_number: int, record: dict, vectors: np.ndarray) -> None:
+def write_chunk(journal: Path, chunk_number: int, record: ChunkRecord, vectors: np.ndarray) -> None:
     """Vectors first, then the record naming their checksum: the record's presence marks completion."""
     vectors_path, record_path = _chunk_paths(journal, chunk_number)
     buffer = io.BytesIO()
@@ -125,12 +184,13 @@ def write_chunk(journal: Path, chunk_number: int, record: dict, vectors: np.ndar
         atomic_write_bytes(vectors_path, data)
         if os.environ.get(CRASH_AFTER_VECTORS_ENV) == str(chunk_number):
             os.kill(os.getpid(), signal.SIGKILL)
-        record["vectors_sha256"] = hashlib.sha256(data).hexdigest()
-        record["record_sha256"] = _record_checksum(record)
-        atomic_write_json(record_path, record)
+        value = record.to_json()
+        value["vectors_sha256"] = hashlib.sha256(data).hexdigest()
+        value["record_sha256"] = _record_checksum(value)
+        atomic_write_json(record_path, value)
 
 
-def read_chunk(journal: Path, chunk_number: int) -> tuple[dict, np.ndarray]:
+def read_chunk(journal: Path, chunk_number: int) -> tuple[ChunkRecord, np.ndarray]:
     """A finished chunk, checked again as it is read; a chunk damaged since is removed and refused."""
     record, vectors, problem = _load_checked(journal, chunk_number)
     if record is None:

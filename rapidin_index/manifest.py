@@ -18,6 +18,9 @@ from rapidin_index.files import atomic_write_json, refuse_newer, sha256_path
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SOFTWARE_NAME = "rapidin-index"
+KEYS_OF_FIELDS = {"backward_path": "exact_path"}
+"""{field: its JSON key} where the two differ: a field renamed after manifests (and journal records,
+`journal.ChunkRecord`) were written under its old name keeps that key, so the format is unchanged."""
 
 
 def software_version() -> str:
@@ -53,9 +56,11 @@ class Manifest:
     shard: dict | None = None  # {index, count} for one static shard of a larger build, else None
     template_usage: dict = field(default_factory=dict)  # {resolved template name: rows}, e.g. {"alpaca": 24}
     sources: list = field(default_factory=list)  # [{path, sha256, id_offset, rows}]
-    exact_path: dict = field(default_factory=dict)  # {parameter name: why it took plain backward passes}
+    # {parameter name: why} for the tensors whose per-example gradients took one plain backward each
+    # (`gradients.GradientSketcher.backward_path`); JSON key "exact_path" (`KEYS_OF_FIELDS`)
+    backward_path: dict = field(default_factory=dict)
     # Where the build's self-check of the hooks ran (gradients.check_environment), one entry a place: a
-    # query run in one of them takes exact_path as the verdict instead of checking again.
+    # query run in one of them takes backward_path as the verdict instead of checking again.
     self_checks: list = field(default_factory=list)
     # How prompt and response became tokens (data.TOKENIZATIONS). Indexes from before the field
     # tokenized the two parts separately.
@@ -71,7 +76,7 @@ class Manifest:
     updated_at: str = field(default_factory=utc_now)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {KEYS_OF_FIELDS.get(name, name): item for name, item in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, value: dict) -> Manifest:
@@ -84,8 +89,9 @@ class Manifest:
             )
         refuse_newer(version, FORMAT_VERSION, "index", ManifestError)
         check_shape(value)
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: item for key, item in value.items() if key in known})
+        fields_of_keys = {key: name for name, key in KEYS_OF_FIELDS.items()}
+        values = {fields_of_keys.get(key, key): item for key, item in value.items()}
+        return cls(**{name: item for name, item in values.items() if name in cls.__dataclass_fields__})
 
     @property
     def total_rows_seen(self) -> int:
@@ -104,7 +110,7 @@ REQUIRED = {
 }  # fmt: skip
 OPTIONAL = {
     "adapter": (dict, NONE), "max_length": (int, NONE), "shard": (dict, NONE), "rejected_count": int,
-    "token_count": int, "truncated_count": int, "template_usage": dict, "sources": list, "exact_path": dict,
+    "token_count": int, "truncated_count": int, "template_usage": dict, "sources": list, KEYS_OF_FIELDS["backward_path"]: dict,
     "self_checks": list, "tokenization": str, "software": dict, "created_at": str, "updated_at": str,
 }  # fmt: skip
 REQUIRED_INSIDE = {
@@ -117,11 +123,17 @@ REQUIRED_INSIDE = {
 DAMAGED = "the index's manifest is damaged (edited by hand?): re-import its bundle or rebuild it"
 
 
+def short(value) -> str:
+    """``value`` as JSON, cut to 80 characters: for one line of an error message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_shape(value: dict) -> None:
     """Refuse a manifest missing a key a reader needs, or holding one of the wrong type."""
     for key, kind in [*REQUIRED.items(), *((k, t) for k, t in OPTIONAL.items() if k in value)]:
         if not _is(value.get(key), kind):
-            found = "missing" if key not in value else f"{type(value[key]).__name__} {_short(value[key])}"
+            found = "missing" if key not in value else f"{type(value[key]).__name__} {short(value[key])}"
             raise ManifestError(f"manifest field {key!r} must be {_name(kind)}, found {found}; {DAMAGED}")
     for group, fields in REQUIRED_INSIDE.items():
         for key, kind in fields.items():
@@ -203,23 +215,6 @@ def read_manifest(index_dir: str | Path) -> Manifest:
     return manifest
 
 
-def differences(expected: dict, actual: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of the keys whose values differ between two nested dicts."""
-    found = []
-    for key in sorted(set(expected) | set(actual)):
-        left, right = expected.get(key), actual.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            found.extend(differences(left, right, f"{prefix}{key}."))
-        elif left != right:
-            found.append(f"{prefix}{key}: index has {_short(left)}, asked for {_short(right)}")
-    return found
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
     """Check every file the manifest lists against its sha256; raise naming the first bad one."""
     index_dir = Path(index_dir)
@@ -233,23 +228,3 @@ def verify_files(index_dir: str | Path, manifest: Manifest) -> None:
             raise IntegrityError(
                 f"{relative} does not match its checksum in the manifest (corrupted or edited)"
             )
-
-
-def manifest_identity(manifest: Manifest) -> dict:
-    """What makes two indexes interchangeable: the model, data rules and sketch, not counts or dates."""
-    return {
-        "model": {"fingerprint": manifest.model["fingerprint"], "dtype": manifest.model["dtype"]},
-        "adapter": None if manifest.adapter is None else {"fingerprint": manifest.adapter["fingerprint"]},
-        "tokenizer": {"fingerprint": manifest.tokenizer["fingerprint"]},
-        "template": manifest.template,
-        "max_length": manifest.max_length,
-        "tokenization": manifest.tokenization,
-        "parameters": manifest.parameters,
-        "normalize": manifest.normalize,
-        "sketch": manifest.sketch,
-        "vector_dtype": manifest.vector_dtype,
-        "shard": manifest.shard,
-        "optimizer_state": None
-        if manifest.optimizer_state is None
-        else {"fingerprint": manifest.optimizer_state["fingerprint"]},
-    }

@@ -1,11 +1,13 @@
 """Everything about devices and processes lives here; the stages only see a ``device`` argument.
 
-* Devices: `resolve_device`; FAISS on GPUs (`search_index`, `shards_to_gpus`).
+* Devices: `resolve_device`; FAISS on GPUs (`search_index`, `partitions_to_gpus`).
 * Builds on many GPUs or machines: `RayChunkRunner`, a ``runner_factory`` for `build.build_index` that
   runs one Ray actor per GPU (or N CPU actors). Each actor loads the model once and sketches whole chunks;
   this process alone writes the journal and the index, so resume and exactly-once hold as for a local build.
-* Queries over an index split across devices or machines: `shard_index_by_rows` + `ShardedSearch` over
-  FAISS shards (CPU or GPU, in this process) or `RayShardActor`s, with an exact top-k merge.
+* Queries over an index split across devices or machines: `partition_index_by_rows` + `PartitionedSearch` over
+  FAISS partitions (CPU or GPU, in this process) or `RayPartitionActor`s, with an exact top-k merge. (A
+  *shard* is a build's: one of ``--num-shards`` static slices of the rows, merged by `shards`; a query
+  searches *partitions*, which may be read from build shards' vectors files.)
 
 Ray is optional (``pip install 'rapidin-index[ray]'``) and imported only when one of these is used.
 """
@@ -19,6 +21,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -26,6 +29,9 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index.errors import DeviceError, ParallelError
+
+if TYPE_CHECKING:
+    from rapidin_index.journal import ChunkRecord
 
 DEVICES = ("auto", "cpu", "cuda")
 JOBS_IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: the actor never waits for the driver
@@ -230,7 +236,7 @@ class RayChunkRunner:
             except ray.exceptions.RayTaskError as error:  # re-raise the stage's own typed error
                 raise (error.cause if isinstance(error.cause, Exception) else error) from None
             write(job, record, vectors)
-            advance(len(job.examples) + len(job.rejected), record["tokens"])
+            advance(len(job.examples) + len(job.rejected), record.tokens)
             if queue:
                 submit(actor)
 
@@ -252,7 +258,7 @@ class RayChunkWorker:
     def ready(self) -> str:
         return f"pid {os.getpid()} on {self.device}"
 
-    def compute(self, job) -> tuple[dict, np.ndarray]:
+    def compute(self, job) -> tuple[ChunkRecord, np.ndarray]:
         return self.chunk_sketcher.compute(job, _crash_hook(job.chunk_number))
 
 
@@ -274,38 +280,40 @@ def _crash_hook(chunk_number: int):
     return advance
 
 
-# --------------------------------------------------------------------------- queries over shards
+# --------------------------------------------------------------------------- queries over partitions of an index
 
 
-def shard_index_by_rows(cpu_index: faiss.Index, count: int) -> list[faiss.Index]:
+def partition_index_by_rows(cpu_index: faiss.Index, count: int) -> list[faiss.Index]:
     """Split an ``IndexIDMap2(IndexFlatIP)`` into ``count`` contiguous row ranges (ids kept).
 
     Briefly holds a second copy of the vectors; for indexes larger than RAM, build with ``--num-shards``
-    and give each `RayShardActor` its shard's own vectors file instead.
+    and give each `RayPartitionActor` a build shard's own vectors file instead.
     """
     if count < 1:
-        raise ParallelError(f"the number of shards must be at least 1, got {count}")
+        raise ParallelError(f"the number of partitions must be at least 1, got {count}")
     ids, vectors = vector_index.stored_vectors(cpu_index)
-    shards = []
+    partitions = []
     for rows in np.array_split(np.arange(len(ids)), count):
-        shard = vector_index.new_index(cpu_index.d, vector_index.vector_dtype_of(cpu_index))
-        vector_index.add_vectors(shard, vectors[rows], ids[rows])
-        shards.append(shard)
-    return shards
+        partition = vector_index.new_index(cpu_index.d, vector_index.vector_dtype_of(cpu_index))
+        vector_index.add_vectors(partition, vectors[rows], ids[rows])
+        partitions.append(partition)
+    return partitions
 
 
-def shards_to_gpus(shards: list[faiss.Index]) -> list[faiss.Index]:
-    """Each shard on its own GPU (round robin over the GPUs faiss-gpu sees), for `ShardedSearch`."""
+def partitions_to_gpus(partitions: list[faiss.Index]) -> list[faiss.Index]:
+    """Each partition on its own GPU (round robin over the GPUs faiss-gpu sees), for `PartitionedSearch`."""
     gpus = faiss_gpu_count()
     if gpus == 0:
-        raise ParallelError("FAISS sees no GPU: install faiss-gpu in place of faiss-cpu, or keep CPU shards")
+        raise ParallelError(
+            "FAISS sees no GPU: install faiss-gpu in place of faiss-cpu, or keep CPU partitions"
+        )
     resources = [faiss.StandardGpuResources() for _ in range(gpus)]
-    return [faiss.index_cpu_to_gpu(resources[n % gpus], n % gpus, s) for n, s in enumerate(shards)]
+    return [faiss.index_cpu_to_gpu(resources[n % gpus], n % gpus, s) for n, s in enumerate(partitions)]
 
 
-class RayShardActor:
-    """The state of one Ray query actor: a FAISS shard, read from a vectors file on that machine (e.g. a
-    shard folder's ``vectors-gNNNN.faiss``) or built from ``(ids, vectors)`` sent by the driver."""
+class RayPartitionActor:
+    """The state of one Ray query actor: a FAISS partition, read from a vectors file on that machine (e.g. a
+    build shard folder's ``vectors-gNNNN.faiss``) or built from ``(ids, vectors)`` sent by the driver."""
 
     def __init__(self, source: str | Path | tuple[np.ndarray, np.ndarray]) -> None:
         if isinstance(source, (str, Path)):
@@ -322,51 +330,55 @@ class RayShardActor:
         return self.index.search(vectors, k)
 
 
-def start_shard_actors(sources: list, **options) -> list:
-    """One `RayShardActor` per source (a path or ``(ids, vectors)``); ``options`` go to Ray (num_cpus, ...)."""
-    actor = import_ray().remote(RayShardActor).options(**options)
+def start_partition_actors(sources: list, **options) -> list:
+    """One `RayPartitionActor` per source (a path or ``(ids, vectors)``); ``options`` go to Ray (num_cpus, ...)."""
+    actor = import_ray().remote(RayPartitionActor).options(**options)
     return [actor.remote(source) for source in sources]
 
 
-class ShardedSearch:
-    """Exact inner-product top-k over shards: FAISS indexes (CPU or GPU) and/or `RayShardActor` handles.
+class PartitionedSearch:
+    """Exact inner-product top-k over partitions: FAISS indexes (CPU or GPU) and/or `RayPartitionActor` handles.
 
-    Every shard returns its own top-k and the global top-k is taken from their union, which is exact: a
-    row in the global top-k is in its shard's top-k. It has the ``search`` / ``ntotal`` / ``d`` surface of
+    Every partition returns its own top-k and the global top-k is taken from their union, which is exact: a
+    row in the global top-k is in its partition's top-k. It has the ``search`` / ``ntotal`` / ``d`` surface of
     a ``faiss.Index``, so retrieval can search it in place of one (harmful = search with ``-vectors``).
     """
 
-    def __init__(self, shards: list) -> None:
-        if not shards:
-            raise ParallelError("ShardedSearch needs at least one shard")
-        self.shards = list(shards)
-        shapes = [s.shape.remote() if _is_actor(s) else (s.ntotal, s.d) for s in self.shards]
-        if any(_is_actor(s) for s in self.shards):
+    def __init__(self, partitions: list) -> None:
+        if not partitions:
+            raise ParallelError("PartitionedSearch needs at least one partition")
+        self.partitions = list(partitions)
+        shapes = [s.shape.remote() if _is_actor(s) else (s.ntotal, s.d) for s in self.partitions]
+        if any(_is_actor(s) for s in self.partitions):
             ray = import_ray()
             shapes = [ray.get(s) if isinstance(s, ray.ObjectRef) else s for s in shapes]
         self.sizes = [size for size, _ in shapes]
         dims = {dimension for _, dimension in shapes}
         if len(dims) != 1:
-            raise ParallelError(f"the shards hold vectors of different lengths: {sorted(dims)}")
+            raise ParallelError(f"the partitions hold vectors of different lengths: {sorted(dims)}")
         self.d = dims.pop()
         self.ntotal = sum(self.sizes)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores [q, k] float32, ids [q, k] int64), best first; padded like FAISS (-1) past ``ntotal``."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # [q, d]
-        asked = [(shard, min(k, size)) for shard, size in zip(self.shards, self.sizes, strict=True) if size]
-        remote = [(shard, n) for shard, n in asked if _is_actor(shard)]
+        asked = [
+            (partition, min(k, size))
+            for partition, size in zip(self.partitions, self.sizes, strict=True)
+            if size
+        ]
+        remote = [(partition, n) for partition, n in asked if _is_actor(partition)]
         if remote:  # fan out first, the queries stored once for every actor
             ray = import_ray()
             shared = ray.put(vectors)
-            remote = [shard.search.remote(shared, n) for shard, n in remote]
-        parts = [shard.search(vectors, n) for shard, n in asked if not _is_actor(shard)]
+            remote = [partition.search.remote(shared, n) for partition, n in remote]
+        parts = [partition.search(vectors, n) for partition, n in asked if not _is_actor(partition)]
         parts += ray.get(remote) if remote else []
         return merge_top_k(parts, k, len(vectors))
 
 
 def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int, queries: int):
-    """The global top-k of per-shard (scores, ids) lists: by score, best first; equal scores by id."""
+    """The global top-k of per-partition (scores, ids) lists: by score, best first; equal scores by id."""
     scores = np.concatenate([np.zeros((queries, 0), np.float32)] + [s for s, _ in parts], axis=1)
     ids = np.concatenate([np.zeros((queries, 0), np.int64)] + [i for _, i in parts], axis=1)
     order = np.lexsort((ids, -scores), axis=-1)[:, :k]  # [q, min(k, candidates)]
@@ -378,5 +390,5 @@ def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int, queries: int
     return scores.astype(np.float32), ids.astype(np.int64)
 
 
-def _is_actor(shard) -> bool:
-    return hasattr(getattr(shard, "search", None), "remote")
+def _is_actor(partition) -> bool:
+    return hasattr(getattr(partition, "search", None), "remote")

@@ -1,8 +1,10 @@
 """Cheap checks first: an index's manifest against a request, before torch, the vectors or the model load.
 
 Everything here reads the manifest, stats files or loads a tokenizer, and nothing imports torch at module
-level, so ``rapidin-index query`` refuses a wrong K or a damaged index in a fraction of a second and a
-wrong tokenizer before the model loads; ``Index.open`` and ``build_index`` run the same checks first.
+level, so ``rapidin-index query`` refuses a wrong K or a damaged index in a fraction of a second, and
+(`identity.check_tokenizer`) a wrong tokenizer before the model loads. ``Index.open`` runs them unless its
+caller already has (``checked``); ``build_index`` compares the stat fingerprint of the model's files
+(`model_files_stat`) to find a no-op rebuild without loading the model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import time
 from importlib import metadata as package_metadata
 from pathlib import Path
 
-from rapidin_index.errors import IndexMismatchError, IntegrityError, ModelError
+from rapidin_index.errors import IntegrityError
+from rapidin_index.identity import check_sketch_dim
 from rapidin_index.manifest import Manifest
 
 
@@ -28,36 +31,10 @@ def check_files(index_dir: str | Path, manifest: Manifest) -> None:
 
 
 def check_query(index_dir: str | Path, manifest: Manifest, sketch_dim: int | None) -> None:
-    """A query's requested K, and the index's files, before anything heavy is imported."""
-    if sketch_dim is not None and sketch_dim != manifest.sketch["sketch_dim"]:
-        raise IndexMismatchError(
-            f"index built with K={manifest.sketch['sketch_dim']}, query asked for K={sketch_dim}; "
-            f"drop --k, or query an index built with --k {sketch_dim}"
-        )
+    """A query's requested K (`identity.check_sketch_dim`), and the index's files, before anything heavy
+    is imported."""
+    check_sketch_dim(manifest, sketch_dim)
     check_files(index_dir, manifest)
-
-
-def check_tokenizer(manifest: Manifest, model: str) -> None:
-    """Load only the tokenizer of ``model`` and refuse it if it is not the one the index was built with."""
-    from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(model)
-    except ModelError as error:
-        raise ModelError(f"{error}\n{moved_model_hint(manifest)}") from None
-    if fingerprint_tokenizer(tokenizer) != manifest.tokenizer["fingerprint"]:
-        raise IndexMismatchError(
-            f"refusing to query: tokenizer differs (vocabulary, special tokens or chat template) from the "
-            f"one the index was built with (from {manifest.model['name_or_path']}); pass that model's "
-            "folder with --model"
-        )
-
-
-def moved_model_hint(manifest: Manifest) -> str:
-    return (
-        f"The index was built from {manifest.model['name_or_path']!r}; if the model moved, pass --model PATH "
-        "(and --adapter PATH) with the same weights"
-    )
 
 
 # --------------------------------------------------------------------------- model files, unchanged?

@@ -3,7 +3,8 @@
 At K > 0 every score carries sketch noise; the top of a list is what users act on. For the top and
 bottom ``count`` rows of a query's whole-generation lists, the exact layer-normalised gradient of each
 row (one plain backward of the index's model, the K = 0 vector) is dotted with the query's own exact
-gradient, and both lists are re-ordered by that score. Hits scored so are marked ``exact``.
+gradient, and both lists are re-ordered by that score. Hits scored so are marked ``reranked`` (JSON:
+``"exact": true``).
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ def rerank_hits(index, query, result, count: int, top_k: int) -> None:
     candidates = {hit.id: hit for hit in result.helpful[:count] + result.harmful[:count]}
     scores = {row_id: float(exact_row_vector(index, hit) @ direction) for row_id, hit in candidates.items()}
     ordered = sorted(candidates, key=lambda row_id: (-scores[row_id], row_id))
-    exact = {row_id: replace(candidates[row_id], score=scores[row_id], exact=True) for row_id in ordered}
-    result.helpful = _ranked([exact[i] for i in ordered[:count]], result.helpful[count:], top_k)
-    result.harmful = _ranked([exact[i] for i in ordered[::-1][:count]], result.harmful[count:], top_k)
+    reranked = {
+        row_id: replace(candidates[row_id], score=scores[row_id], reranked=True) for row_id in ordered
+    }
+    result.helpful = _ranked([reranked[i] for i in ordered[:count]], result.helpful[count:], top_k)
+    result.harmful = _ranked([reranked[i] for i in ordered[::-1][:count]], result.harmful[count:], top_k)
 
 
-def _ranked(exact_hits: list, sketched_hits: list, top_k: int) -> list:
-    kept = {hit.id for hit in exact_hits}
-    hits = exact_hits + [hit for hit in sketched_hits if hit.id not in kept]
+def _ranked(reranked_hits: list, sketched_hits: list, top_k: int) -> list:
+    kept = {hit.id for hit in reranked_hits}
+    hits = reranked_hits + [hit for hit in sketched_hits if hit.id not in kept]
     return [replace(hit, rank=rank) for rank, hit in enumerate(hits[:top_k], start=1)]

@@ -18,10 +18,12 @@ class Hit:
     response: str | None = None
     source: dict | None = None
     explanation: dict | None = None  # {"tokens": [{token, token_id, score}], "method", "normalization"}
-    exact: bool | None = None  # True when --rerank scored it without the sketch
+    reranked: bool | None = None
+    """True when --rerank scored it again without the sketch (its JSON key: ``exact``)."""
 
     def to_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        keys = {"reranked": "exact"}  # the JSON schema's name (docs/query-result-schema.md)
+        return {keys.get(key, key): value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass

@@ -22,18 +22,19 @@ import torch
 
 from rapidin_index import index as vector_index
 from rapidin_index import metadata, store
-from rapidin_index.aggregate import DEFAULT_DEPTH, AggregateResult, aggregate_found, combined_vector
+from rapidin_index.aggregate import AggregateResult, aggregate_found, combined_vector
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, PreconditionError, QueryError, RowError
 from rapidin_index.gradients import GradientSketcher, check_environment
+from rapidin_index.identity import check_loaded_model, check_tokenizer, manifest_identity, moved_model_hint
 from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
 from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.model_identity import check_model_sources
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import faiss_gpu_count, resolve_device, search_index
-from rapidin_index.preflight import check_query, check_tokenizer, moved_model_hint
+from rapidin_index.preflight import check_query
 from rapidin_index.progress import RowProgress
 from rapidin_index.query import (
     PreparedQuery,
@@ -44,11 +45,14 @@ from rapidin_index.query import (
 )
 from rapidin_index.rerank import exact_query_direction, rerank_hits, training_row
 from rapidin_index.results import Hit, QueryResult, TokenHits
-from rapidin_index.settings import ModelSettings, SketchSettings
+from rapidin_index.settings import ModelSettings, QuerySettings, SketchSettings
 from rapidin_index.sketch import make_projector
 from rapidin_index.token_attribution import score_examples
 from rapidin_index.token_gradients import sketch_loss_combinations
 from rapidin_index.verify import check_files
+
+QUERY_DEFAULTS = QuerySettings()
+"""The query options' defaults, here and in the CLI and the server (`settings.QuerySettings`)."""
 
 
 class Index:
@@ -96,7 +100,7 @@ class Index:
     @property
     def faiss_index(self):
         """The FAISS index (read on first use, its vectors mapped from the file: `store.load_faiss`);
-        assigning one (a `parallel.ShardedSearch`, a GPU index) makes queries search it."""
+        assigning one (a `parallel.PartitionedSearch`, a GPU index) makes queries search it."""
         if self._faiss_index is None:
             self._faiss_index = store.load_faiss(self.path, self.manifest.generation, mapped=True)
         return self._faiss_index
@@ -119,6 +123,7 @@ class Index:
         optimizer_state: str | None = None,
         precondition: str | None = None,
         query_norms: bool | None = None,
+        checked: Manifest | None = None,
     ) -> Index:
         """Open ``path``; ``model``/``adapter`` override the manifest's paths (same weights required).
 
@@ -134,13 +139,18 @@ class Index:
         ``optimizer_state``: where the optimizer state the index was built with is now (default: the
         manifest's path). ``precondition``: none or the fitted kind (default: the fitted kind where the index is fitted).
         ``query_norms``: a preconditioned query keeps its per-tensor gradient norms (default: as fitted).
+        ``checked``: a manifest of this folder against which the caller already ran `preflight.check_query`
+        and `identity.check_tokenizer` with these arguments (the CLI, before torch loads); they are not run
+        again while the opened generation has the same identity.
         """
         path = Path(path)
         # The manifest (refusing a format version this rapidin-index does not know) and a lease that keeps
         # the files it names in place while this Index lives, whatever a writer commits meanwhile.
         manifest, lease = read_generation(path)
         SketchSettings.from_dict(manifest.sketch)  # ... and a sketch algorithm it does not implement
-        check_query(path, manifest, sketch_dim)  # K, files present: cheap checks first
+        prechecked = checked is not None and manifest_identity(checked) == manifest_identity(manifest)
+        if not prechecked:
+            check_query(path, manifest, sketch_dim)  # K, files present: cheap checks first
         if verify:
             verify_files(path, manifest)
         else:  # the fast checksums; a file unchanged since it last verified is only stat'ed
@@ -153,19 +163,20 @@ class Index:
             manifest.parameters["regex"],
         )
         torch_device = resolve_device(device)
-        check_tokenizer(manifest, settings.model)  # a tokenizer loads in a moment; the model may not
+        if not prechecked:
+            check_tokenizer(manifest, settings.model)  # a tokenizer loads in a moment; the model may not
         try:
             check_model_sources(settings)  # a moved adapter is named before the model loads
             loaded = load_model(settings, torch_device)
         except ModelError as error:
             raise ModelError(f"{error}\n{moved_model_hint(manifest)}") from None
-        check_model(manifest, loaded)
+        check_loaded_model(manifest, loaded)
         selected = select_parameters(loaded.model, settings)
         if [name for name, _ in selected] != manifest.parameters["names"]:
             raise IndexMismatchError("the model's attributed parameters differ from the index's (--params?)")
         opened = cls(path, manifest, loaded, selected, torch_device, batch_size, max_memory)
         if not verify and check_environment(loaded.model) in manifest.self_checks:
-            opened.sketcher.take_self_check(manifest.exact_path)  # the build checked these weights here
+            opened.sketcher.take_self_check(manifest.backward_path)  # the build checked these weights here
         opened.lease = lease  # released with the Index (lease.close() to release it sooner)
         opened.use_optimizer_state(optimizer_state)
         opened.use_precondition(precondition, query_norms)
@@ -233,12 +244,12 @@ class Index:
         generate: bool = False,
         hot: list | None = None,
         system: str | None = None,
-        top_k: int = 10,
-        explain: int = 3,
-        max_new_tokens: int = 64,
-        per_token: bool = True,
-        token_top_k: int = 5,
-        rerank: int = 0,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        explain: int = QUERY_DEFAULTS.explain,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
+        per_token: bool = QUERY_DEFAULTS.per_token,
+        token_top_k: int = QUERY_DEFAULTS.token_top_k,
+        rerank: int = QUERY_DEFAULTS.rerank,
         where: str | None = None,
     ) -> QueryResult:
         """Attribute ``response`` (or, with ``generate``, the model's greedy continuation of ``prompt``).
@@ -259,13 +270,13 @@ class Index:
     def query_rows(
         self,
         rows: list[dict],
-        top_k: int = 10,
-        explain: int = 3,
-        per_token: bool = True,
-        token_top_k: int = 5,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        explain: int = QUERY_DEFAULTS.explain,
+        per_token: bool = QUERY_DEFAULTS.per_token,
+        token_top_k: int = QUERY_DEFAULTS.token_top_k,
         generate: bool = False,
-        max_new_tokens: int = 64,
-        rerank: int = 0,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
+        rerank: int = QUERY_DEFAULTS.rerank,
         where: str | None = None,
     ) -> list[QueryResult]:
         """Queries in training-row form (any form the index's rows take), each with an optional ``hot``.
@@ -280,10 +291,10 @@ class Index:
         self,
         rows: list[dict],
         how: str = "mean",
-        top_k: int = 10,
-        depth: int = DEFAULT_DEPTH,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        depth: int = QUERY_DEFAULTS.depth,
         generate: bool = False,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
         where: str | None = None,
     ) -> AggregateResult:
         """One helpful and harmful list for the whole set of query rows (`rapidin_index.aggregate`):
@@ -295,8 +306,8 @@ class Index:
         self,
         prepared: list[PreparedQuery],
         how: str = "mean",
-        top_k: int = 10,
-        depth: int = DEFAULT_DEPTH,
+        top_k: int = QUERY_DEFAULTS.top_k,
+        depth: int = QUERY_DEFAULTS.depth,
         where: str | None = None,
     ) -> AggregateResult:
         """`aggregate` over queries already prepared (`prepare`, `prepare_row`, `prepare_generation`)."""
@@ -328,7 +339,11 @@ class Index:
         return prepare(prompt, response, self.loaded.tokenizer, self.manifest, hot, system)
 
     def prepare_generation(
-        self, prompt: str, max_new_tokens: int = 64, hot=None, system: str | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens,
+        hot=None,
+        system: str | None = None,
     ) -> PreparedQuery:
         """The model's greedy continuation of ``prompt``, labelled on exactly the ids it produced."""
         tokenizer = self.loaded.tokenizer
@@ -338,7 +353,9 @@ class Index:
             prompt, rendered_prompt, prompt_ids, generated, tokenizer, self.manifest, hot
         )
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, system: str | None = None) -> str:
+    def generate(
+        self, prompt: str, max_new_tokens: int = QUERY_DEFAULTS.max_new_tokens, system: str | None = None
+    ) -> str:
         """Greedy generation by the indexed model, as text (special tokens left out)."""
         _, prompt_ids = generation_prompt(prompt, self.loaded.tokenizer, self.manifest, system)
         generated = self.generate_ids(prompt_ids, max_new_tokens)
@@ -368,9 +385,9 @@ class Index:
         queries: list[PreparedQuery],
         top_k: int,
         explain: int,
-        per_token: bool = True,
-        token_top_k: int = 5,
-        rerank: int = 0,
+        per_token: bool = QUERY_DEFAULTS.per_token,
+        token_top_k: int = QUERY_DEFAULTS.token_top_k,
+        rerank: int = QUERY_DEFAULTS.rerank,
         where: str | None = None,
     ) -> list[QueryResult]:
         """Sketch, search (one scan; ``where``: among the rows an SQL filter keeps), collect, join the
@@ -628,22 +645,3 @@ def _stop_ids(loaded) -> set[int]:
     configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
     stops.update(configured if isinstance(configured, list) else [configured])
     return {token for token in stops if token is not None}
-
-
-def check_model(manifest: Manifest, loaded) -> None:
-    """Refuse a model, adapter or tokenizer other than the one the index was built with."""
-    problems = []
-    if loaded.model_fingerprint != manifest.model["fingerprint"]:
-        problems.append(
-            f"model weights differ (index {manifest.model['fingerprint'][:12]}, "
-            f"this model {loaded.model_fingerprint[:12]}; built from {manifest.model['name_or_path']})"
-        )
-    expected_adapter = (manifest.adapter or {}).get("fingerprint")
-    if expected_adapter != loaded.adapter_fingerprint:
-        problems.append(
-            f"adapter differs (index {str(expected_adapter)[:12]}, this one {str(loaded.adapter_fingerprint)[:12]})"
-        )
-    if loaded.tokenizer_fingerprint != manifest.tokenizer["fingerprint"]:
-        problems.append("tokenizer differs (vocabulary, special tokens or chat template)")
-    if problems:
-        raise IndexMismatchError("refusing to query: " + "; ".join(problems))

@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from rapidin_index.aggregate import AGGREGATIONS
 from rapidin_index.errors import RapidinIndexError, RequestError
 from rapidin_index.query import PreparedQuery, generation_prompt, prepare_generated, prepare_row
+from rapidin_index.settings import AGGREGATIONS, QuerySettings
 
 if TYPE_CHECKING:
     from rapidin_index.retrieval import Index
@@ -68,27 +68,12 @@ def limits_from(settings: list[str]) -> Limits:
 
 
 @dataclass
-class QueryOptions:
-    """A request's query options, defaults as the CLI's."""
-
-    top_k: int = 10
-    token_top_k: int = 5
-    explain: int = 3
-    max_new_tokens: int = 64
-    per_token: bool = True
-    generate: bool = False
-    rerank: int = 0
-    where: str | None = None
-    aggregate: str | None = None
-
-
-@dataclass
 class QueryRequest:
     """A checked ``POST /api/query`` body: text queries (one) or training-row-form queries (several)."""
 
     queries: list[dict]
     several: bool
-    options: QueryOptions = field(default_factory=QueryOptions)
+    options: QuerySettings = field(default_factory=QuerySettings)
 
 
 TEXT_FIELDS = ("prompt", "response", "system", "hot")
@@ -129,25 +114,24 @@ def parse_query_request(body: dict, limits: Limits) -> QueryRequest:
     return QueryRequest(_query_rows(body["queries"], limits), several=True, options=options)
 
 
-def parse_options(body: dict, limits: Limits) -> QueryOptions:
-    """The CLI's defaults (lowered to a cap where this server's is lower) and what the body gives."""
-    options = QueryOptions()
+def parse_options(body: dict, limits: Limits) -> QuerySettings:
+    """The CLI's defaults (`QuerySettings`, lowered to a cap where this server's is lower) and what the
+    body gives."""
+    defaults, values = QuerySettings(), {}
     for name, (least, cap_field) in COUNTS.items():
         cap = getattr(limits, cap_field)
         given = name in body
-        setattr(
-            options, name, _count(name, body[name], least, cap) if given else min(getattr(options, name), cap)
-        )
-    _parse_choices(body, options, limits)
+        values[name] = _count(name, body[name], least, cap) if given else min(getattr(defaults, name), cap)
+    values.update(_parse_choices(body, limits))
     for name in SWITCHES:
         if name in body:
             if not isinstance(body[name], bool):
                 raise RequestError(f"'{name}' must be true or false, got {_shown(body[name])}")
-            setattr(options, name, body[name])
-    return options
+            values[name] = body[name]
+    return QuerySettings(**values)
 
 
-def _parse_choices(body: dict, options: QueryOptions, limits: Limits) -> None:
+def _parse_choices(body: dict, limits: Limits) -> dict:
     """``where`` (an SQL filter over the rows' columns) and ``aggregate`` (mean, sum, max or count)."""
     where = body.get("where")
     if where is not None:
@@ -158,11 +142,10 @@ def _parse_choices(body: dict, options: QueryOptions, limits: Limits) -> None:
                 f"'where' is {len(where):,} characters, over this server's cap of {limits.max_where_characters:,}",
                 422,
             )
-        options.where = where
     aggregate = body.get("aggregate")
     if aggregate is not None and aggregate not in AGGREGATIONS:
         raise RequestError(f"'aggregate' must be one of {', '.join(AGGREGATIONS)}, got {_shown(aggregate)}")
-    options.aggregate = aggregate
+    return {"where": where, "aggregate": aggregate}
 
 
 def _count(name: str, value, least: int, cap: int) -> int:
@@ -228,7 +211,7 @@ def prepare_queries(index: Index, request: QueryRequest, limits: Limits) -> list
 
 
 def _prepare(
-    index: Index, query: dict, several: bool, options: QueryOptions, limits: Limits
+    index: Index, query: dict, several: bool, options: QuerySettings, limits: Limits
 ) -> PreparedQuery:
     if options.generate:
         if not isinstance(query.get("prompt"), str):

@@ -1,8 +1,9 @@
-"""The settings of the sketch, the model and the build, with no heavy imports: the CLI reads its defaults here.
+"""The settings of the sketch, the model, the build and the query, with no heavy imports: the CLI reads its
+defaults here.
 
 `SketchSettings` (how gradients are compressed), `ModelSettings` (which model, adapter, dtype and
-parameters) and `BuildSettings` (how rows become index entries) are frozen dataclasses, checked on
-construction. A field's
+parameters), `BuildSettings` (how rows become index entries) and `QuerySettings` (how a query is
+answered) are frozen dataclasses, checked on construction. A field's
 default here is the default of the matching CLI option (`default_of`), so the two cannot drift apart.
 """
 
@@ -270,6 +271,48 @@ class BuildSettings:
     @property
     def shard(self) -> dict | None:
         return None if self.num_shards == 1 else {"index": self.shard_index, "count": self.num_shards}
+
+
+AGGREGATIONS = ("mean", "sum", "max", "count")
+"""How `aggregate` ranks rows for a set of queries (``--aggregate``)."""
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    """How a query is answered: the defaults of ``rapidin-index query``, `retrieval.Index`'s query methods
+    and the server's requests, which all read them here."""
+
+    top_k: int = 10
+    """Training examples per list (helpful, harmful) for the whole generation."""
+    token_top_k: int = 5
+    """Training examples per list for each generated token."""
+    per_token: bool = True
+    """Each generated token gets its own hits (off: the whole generation only, one backward pass)."""
+    explain: int = 3
+    """The top N hits of each list get their training tokens scored (0: none)."""
+    max_new_tokens: int = 64
+    """Tokens to generate for a ``generate`` query."""
+    rerank: int = 0
+    """The top and bottom M rows are scored again without the sketch and re-ordered."""
+    depth: int = 100
+    """Rows read from each query's own helpful and harmful lists for an aggregate (``appears_in``, max,
+    count)."""
+    generate: bool = False
+    """The response is the model's greedy continuation of the prompt."""
+    where: str | None = None
+    """An SQL filter over the rows' fields (LanceDB syntax): only the rows it keeps are searched."""
+    aggregate: str | None = None
+    """One list for a set of queries: one of `AGGREGATIONS`, or None (a list per query)."""
+
+    def __post_init__(self) -> None:
+        least = {"top_k": 1, "token_top_k": 1, "explain": 0, "max_new_tokens": 1, "depth": 1, "rerank": 0}
+        for name, smallest in least.items():
+            value = getattr(self, name)
+            if value < smallest:
+                option = "--" + name.replace("_", "-")
+                raise QueryError(f"{option} must be at least {smallest}, got {value}")
+        if self.aggregate is not None and self.aggregate not in AGGREGATIONS:
+            raise QueryError(f"--aggregate {self.aggregate!r} is not one of {', '.join(AGGREGATIONS)}")
 
 
 _MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

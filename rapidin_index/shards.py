@@ -17,13 +17,12 @@ import numpy as np
 from rapidin_index import store
 from rapidin_index.errors import ShardError
 from rapidin_index.files import writing
+from rapidin_index.identity import differences, manifest_identity
 from rapidin_index.lock import read_generation, writer_lock
 from rapidin_index.manifest import (
     MANIFEST_NAME,
     Manifest,
     add_self_checks,
-    differences,
-    manifest_identity,
     write_manifest,
 )
 from rapidin_index.store import read_rejected
@@ -75,11 +74,11 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     merged.token_count = sum(m.token_count for m in manifests)
     merged.truncated_count = sum(m.truncated_count for m in manifests)
     merged.template_usage = dict(sum((Counter(m.template_usage) for m in manifests), Counter()))
-    # Every shard's exact-path tensors and every place a shard's self-check ran: a query in one of those
+    # Every shard's backward-path tensors and every place a shard's self-check ran: a query in one of those
     # places takes the union, a superset of what its own place's check moved.
-    merged.exact_path, merged.self_checks = {}, []
+    merged.backward_path, merged.self_checks = {}, []
     for manifest in manifests:
-        merged.exact_path.update(manifest.exact_path)
+        merged.backward_path.update(manifest.backward_path)
         add_self_checks(merged.self_checks, manifest.self_checks)
     merged.files = files
     merged.precondition = None  # a shard's fitted Fisher covers its own rows only: fit the merged index

@@ -35,7 +35,7 @@ ROW_TOKENS_PER_PASS = 1 << 14
 """Bound on rows x prefix tokens in one batched backward: a pass holds about this many positions' output
 gradients of every hooked module (plus the pass's own forward), whatever the response's length."""
 _EXACT_ELEMENTS_PER_PASS = 1 << 26
-"""Bound on rows x exact-path parameter elements held at once (their gradients are dense)."""
+"""Bound on rows x backward-path parameter elements held at once (their gradients are dense)."""
 
 
 def sketch_loss_combinations(
@@ -58,9 +58,9 @@ def sketch_loss_combinations(
         raise GradientError("sketch_loss_combinations takes a batch of one example")
     if not sketcher.self_checked:
         sketcher.sketch(example)  # the first pass checks the hooked rules against plain backward passes
-    exact = [block for block in sketcher.blocks if block.name in sketcher.exact_path]
-    if exact:
-        largest = max(block.numel for block in exact)
+    backward = [block for block in sketcher.blocks if block.name in sketcher.backward_path]
+    if backward:
+        largest = max(block.numel for block in backward)
         rows_per_pass = max(1, min(rows_per_pass, _EXACT_ELEMENTS_PER_PASS // largest))
     scored_at = (example.labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)  # logits p predict label p+1
     if weights.shape[1] != len(scored_at):
@@ -73,7 +73,7 @@ def sketch_loss_combinations(
         prefix = Batch(
             *(tensor[:, :length] for tensor in (example.input_ids, example.attention_mask, example.labels))
         )
-        pieces.append((rows, _sketch_prefix(sketcher, prefix, exact, weights[rows, :kept])))
+        pieces.append((rows, _sketch_prefix(sketcher, prefix, backward, weights[rows, :kept])))
         advance(len(rows))
     order = torch.cat([rows for rows, _ in pieces]).argsort()  # back to the rows' own order
     return SketchedBatch(*(torch.cat([getattr(p, name) for _, p in pieces])[order] for name in _FIELDS))
@@ -101,20 +101,20 @@ def _passes(last: torch.Tensor, lengths: torch.Tensor, most_rows: int, most_row_
 
 
 def _sketch_prefix(
-    sketcher: GradientSketcher, example: Batch, exact: list[GradientBlock], weights: torch.Tensor
+    sketcher: GradientSketcher, example: Batch, backward: list[GradientBlock], weights: torch.Tensor
 ) -> SketchedBatch:
     """One forward over ``example`` with the hooks keeping every call, then its rows' batched backward."""
     capture = sketcher.capture
     capture.batch_size, capture.keep_outputs = 1, True
-    hooked = [block.parameter for block in sketcher.blocks if block.name not in sketcher.exact_path]
+    hooked = [block.parameter for block in sketcher.blocks if block.name not in sketcher.backward_path]
     head = _HeadWatch(sketcher.model, capture)
     try:
         with capture, frozen(hooked), head:
             losses, mask = scored_token_losses(sketcher.model, example)
         scored = losses[mask]  # [T]
         calls = capture.calls()
-        split = head_split(head, scored, calls, exact)
-        return _sketch_rows(sketcher, scored, calls, exact, weights.to(scored.device, scored.dtype), split)
+        split = head_split(head, scored, calls, backward)
+        return _sketch_rows(sketcher, scored, calls, backward, weights.to(scored.device, scored.dtype), split)
     finally:
         capture.keep_outputs = False
         capture.clear()
@@ -127,12 +127,12 @@ def _sketch_rows(
     sketcher: GradientSketcher,
     scored: torch.Tensor,
     calls: list,
-    exact: list[GradientBlock],
+    backward: list[GradientBlock],
     weights: torch.Tensor,
     split: HeadSplit | None = None,
 ) -> SketchedBatch:
     rows = weights.shape[0]
-    parameters = [block.parameter for block in exact]
+    parameters = [block.parameter for block in backward]
     if split is None:
         grads = _batched_grad(scored, [call.output for call in calls] + parameters, weights)
     else:
@@ -142,17 +142,17 @@ def _sketch_rows(
         # the call as `rows` examples: its input shared, its output gradient one per row
         call.output_grad = None if grad is None else _per_row(grad, call.output.shape, rows)
         call.args = tuple(_expand(a, rows) if isinstance(a, torch.Tensor) else a for a in call.args)
-    exact_grads = {
+    backward_grads = {
         block.name: torch.zeros(rows, block.numel, device=scored.device)
         if grad is None
         else grad.reshape(rows, -1)
-        for block, grad in zip(exact, grads[len(calls) :], strict=True)
+        for block, grad in zip(backward, grads[len(calls) :], strict=True)
     }
     state = sketcher.new_state(rows, (weights @ scored.detach()).float())
     try:
         for block in sketcher.blocks:
-            if block.name in exact_grads:
-                state.add(block, exact_grads[block.name], sketcher.normalize)
+            if block.name in backward_grads:
+                state.add(block, backward_grads[block.name], sketcher.normalize)
             else:  # from the factors where the sketcher factors this block (rapidgrad-ts): same space
                 sketcher.add_hooked(state, block, rows)
     finally:
@@ -207,7 +207,7 @@ class HeadSplit:
     hidden_grad: torch.Tensor  # [1, T, H]: d (sum of token losses) / d h
     head_calls: set[int]  # ids of the capture's calls of the head module
     output_grad: torch.Tensor | None  # [1, T, V]: d (sum of token losses) / d z, if the head needs it
-    head_exact: dict[int, str]  # exact-path parameter index -> the head's "weight" or "bias"
+    head_backward: dict[int, str]  # backward-path parameter index -> the head's "weight" or "bias"
 
     def batched_grads(self, calls: list, parameters: list[torch.Tensor], weights: torch.Tensor) -> list:
         """As ``_batched_grad(scored, outputs + parameters, weights)``, for the calls then the parameters."""
@@ -222,11 +222,11 @@ class HeadSplit:
         for index, call in enumerate(calls):
             if id(call) in self.head_calls:
                 grads[index] = rows * self.output_grad
-        exact = found[len(others) :]
-        for index, name in self.head_exact.items():  # the head's own share, which a backward from h misses
+        backward = found[len(others) :]
+        for index, name in self.head_backward.items():  # the head's own share, which a backward from h misses
             share = self._head_share(name, weights).to(parameters[index].dtype)
-            exact[index] = share if exact[index] is None else exact[index] + share
-        return grads + exact
+            backward[index] = share if backward[index] is None else backward[index] + share
+        return grads + backward
 
     def _head_share(self, name: str, weights: torch.Tensor) -> torch.Tensor:
         """d (weights @ losses)[r] / d the head's weight or bias through the head's own call:
@@ -237,11 +237,11 @@ class HeadSplit:
         return weighted.transpose(1, 2) @ self.hidden[0].detach().to(weights.dtype)  # [rows, V, H]
 
 
-def head_split(head: _HeadWatch, scored: torch.Tensor, calls: list, exact: list[GradientBlock]):
+def head_split(head: _HeadWatch, scored: torch.Tensor, calls: list, backward: list[GradientBlock]):
     """The `HeadSplit` of this forward, or None where it does not apply exactly.
 
     It needs the head run once, on one position per scored token (``logits_to_keep``), on a tensor in
-    the graph, after every other hooked call. An exact-path tensor of the head's own (Gemma's, BioGPT's
+    the graph, after every other hooked call. A backward-path tensor of the head's own (Gemma's, BioGPT's
     and XGLM's scaled embedding, tied to the head) also gets a gradient through the head, which a
     backward from h misses: that share is added from (dz, h), so the head must be a textbook
     ``nn.Linear`` there.
@@ -254,18 +254,18 @@ def head_split(head: _HeadWatch, scored: torch.Tensor, calls: list, exact: list[
     if any(id(call) not in recorded for call in calls):
         return None
     head_parameters = {id(parameter) for parameter in head.module.parameters()}
-    head_exact = {
+    head_backward = {
         index: _own_parameter_name(head.module, block.parameter)
-        for index, block in enumerate(exact)
+        for index, block in enumerate(backward)
         if id(block.parameter) in head_parameters
     }
-    if head_exact and (not _is_textbook_linear(head.module) or not output.requires_grad):
+    if head_backward and (not _is_textbook_linear(head.module) or not output.requires_grad):
         return None
     head_calls = {id(call) for call in calls if call.output is output}
-    needs_output = bool(head_calls or head_exact)
+    needs_output = bool(head_calls or head_backward)
     wanted = [hidden] + ([output] if needs_output else [])
     found = torch.autograd.grad(scored.sum(), wanted, retain_graph=True)
-    return HeadSplit(hidden, found[0], head_calls, found[1] if needs_output else None, head_exact)
+    return HeadSplit(hidden, found[0], head_calls, found[1] if needs_output else None, head_backward)
 
 
 def _is_textbook_linear(module: torch.nn.Module) -> bool:

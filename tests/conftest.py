@@ -363,3 +363,28 @@ def smollm2_dir() -> str:
         return str(smollm2_folder())
     except RuntimeError as error:
         pytest.skip(f"SmolLM2 is not available: {error}")
+
+
+def small_manifest(**overrides):
+    """A manifest of a made-up K = 4096 index (no files), with ``overrides``."""
+    from rapidin_index.manifest import Manifest
+
+    values = {
+        "model": {"name_or_path": "/models/tiny", "fingerprint": "model-sha", "dtype": "float32"},
+        "adapter": None,
+        "tokenizer": {"fingerprint": "tokenizer-sha", "chat_template_sha256": None},
+        "template": {"name": "alpaca"},
+        "max_length": 256,
+        "parameters": {"regex": ".*", "names": ["a"], "shapes": [[2, 2]], "gradient_dim": 4},
+        "normalize": "layer",
+        "sketch": {
+            "sketch_dim": 4096,
+            "shuffle_lambda": 20,
+            "seed": 42,
+            "gradient_dim": 4,
+            "output_dim": 4096,
+        },
+        "vector_dtype": "float32",
+    }
+    values.update(overrides)
+    return Manifest(**values)

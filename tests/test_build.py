@@ -288,7 +288,7 @@ def test_a_self_check_mismatch_is_in_the_manifest_and_the_summary(
     assert "took the exact path" in result.output and "self-check" in result.output
     manifest = read_manifest(tmp_path / "index")
     norms = {name for name in manifest.parameters["names"] if "norm" in name}
-    assert set(manifest.exact_path) == norms
+    assert set(manifest.backward_path) == norms
     # ... and the stored vectors are the plain autograd ones of the patched model
     loaded = load_model(ModelSettings(tiny_model_dirs["llama"]))
     blocks = gradient_blocks(select_parameters(loaded.model, ModelSettings(tiny_model_dirs["llama"])))

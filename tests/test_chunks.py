@@ -46,10 +46,10 @@ def test_a_chunk_record_holds_its_rows_in_id_order_with_brute_force_vectors(chun
     record, vectors = ChunkSketcher(loaded, selected, settings, "cpu").compute(
         job, lambda rows, tokens: advanced.append((rows, tokens))
     )
-    assert record["ids"] == [100 + e.example_id for e in examples[:6]]  # offset, sorted by id
-    assert [row["id"] for row in record["rows"]] == record["ids"]
-    assert record["rejected"] == [{"id": 106, "reason": "row 6: no response"}]
-    assert record["tokens"] == sum(len(e.input_ids) for e in examples[:6])
+    assert record.ids == [100 + e.example_id for e in examples[:6]]  # offset, sorted by id
+    assert [row["id"] for row in record.rows] == record.ids
+    assert record.rejected == [{"id": 106, "reason": "row 6: no response"}]
+    assert record.tokens == sum(len(e.input_ids) for e in examples[:6])
     assert sum(rows for rows, _ in advanced) == 7  # every row of the chunk, the rejected one too
     blocks = gradient_blocks(selected)
     pairs = [(e.input_ids, e.labels) for e in examples[:6]]
@@ -64,7 +64,7 @@ def test_the_local_runner_writes_every_job_once_in_order(chunk_inputs):
     written = []
     LocalChunkRunner(loaded, selected, settings, "cpu").run(
         jobs,
-        lambda job, record, vectors: written.append((job.chunk_number, record["ids"], len(vectors))),
+        lambda job, record, vectors: written.append((job.chunk_number, record.ids, len(vectors))),
         lambda *_: None,
     )
     assert written == [(n, [e.example_id for e in examples[n * 3 : n * 3 + 3]], 3) for n in (2, 0, 5)]

@@ -423,20 +423,28 @@ def test_build_option_defaults_are_the_settings_defaults():
 
 
 def test_query_and_demo_option_defaults_are_the_librarys():
+    """The query options' defaults are `QuerySettings`'s, read by the CLI, `Index` and the server alike."""
     import inspect
 
     import typer.main
 
     from rapidin_index.demo.run import DemoSettings
     from rapidin_index.retrieval import Index
-    from rapidin_index.settings import default_of
+    from rapidin_index.server_requests import Limits, parse_options
+    from rapidin_index.settings import QuerySettings, default_of
 
     commands = typer.main.get_command(app).commands
     query = {p.name: p.default for p in commands["query"].params}
-    signature = inspect.signature(Index.query).parameters
-    for name in ("top_k", "token_top_k", "explain", "max_new_tokens", "rerank"):
-        assert query[name] == signature[name].default, name
-    assert query["per_token"] == ("on" if signature["per_token"].default else "off")
+    names = ("top_k", "token_top_k", "explain", "max_new_tokens", "rerank", "depth", "generate", "where")
+    for name in (*names, "aggregate"):
+        assert query[name] == default_of(QuerySettings, name), name
+    assert query["per_token"] == "on" and default_of(QuerySettings, "per_token") is True
+    for method in (Index.query, Index.query_rows, Index.aggregate):
+        for name, parameter in inspect.signature(method).parameters.items():
+            if name in names and name != "where":
+                assert parameter.default == default_of(QuerySettings, name), (method.__name__, name)
+    generous = Limits(max_top_k=10**6, max_token_top_k=10**6, max_explain=10**6, max_new_tokens=10**6)
+    assert parse_options({}, generous) == QuerySettings()
     demo = {p.name: p.default for p in commands["demo"].params}
     assert str(demo["folder"]) == default_of(DemoSettings, "folder")
     assert demo["rows"] == default_of(DemoSettings, "rows") and demo["dataset"] == default_of(
@@ -530,3 +538,28 @@ def test_a_damaged_lancedb_file_is_one_line(cli_index, tmp_path):
     # refused by its checksum on open (issue 25), before lance would fail to read it
     assert_one_clear_error(result, "rows_g0001.lance does not match", "the index is damaged", lines=None)
     assert "rustc" not in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_a_cli_query_runs_each_identity_check_once(cli_index, monkeypatch):
+    """The CLI checks K, files and tokenizer before torch loads; Index.open (``checked``) does not repeat
+    them, and checks the loaded model once."""
+    from rapidin_index import identity, preflight, retrieval
+
+    calls = []
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in [(identity, "check_tokenizer"), (preflight, "check_query")]:
+        counted(module, name)
+    for name in ("check_tokenizer", "check_query", "check_loaded_model"):
+        counted(retrieval, name)
+    result = runner.invoke(app, _query(cli_index, "--response", "It upper-cases.", "--explain", "0"))
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == ["check_loaded_model", "check_query", "check_tokenizer"]

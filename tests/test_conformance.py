@@ -166,5 +166,5 @@ def test_stored_vectors_equal_hugging_face_autograd(
             error = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
             assert error < RELATIVE_TOLERANCE, (
                 f"{model_type} {'lora' if lora else 'full'} normalize={normalize} row {example_id}: "
-                f"relative error {error:.2e}; exact path: {report.exact_path}"
+                f"relative error {error:.2e}; exact path: {report.backward_path}"
             )

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,8 +171,8 @@ def test_a_commit_refuses_a_journal_that_holds_a_row_twice(
     shutil.copytree(crashed, index_dir)
     journal = index_dir / JOURNAL_DIR
     record, vectors = read_chunk(journal, 1)
-    record["ids"][0] = 0  # row 0 is chunk 0's: now twice, and row 4 nowhere
-    write_chunk(journal, 1, record, vectors)
+    ids = [0, *record.ids[1:]]  # row 0 is chunk 0's: now twice, and row 4 nowhere
+    write_chunk(journal, 1, replace(record, ids=ids), vectors)
     with pytest.raises(BuildError, match="row 0 is present more than once.*rerun the same command"):
         build_index(training_file, index_dir, settings(tiny_model_dirs), progress=False)
     assert not (index_dir / "manifest.json").exists() and not journal.exists()

@@ -89,7 +89,9 @@ def test_one_by_one_fallback_matches(tiny_model_dirs, training_rows):
     settings = SketchSettings(1024)
     batch = collate(sequences(loaded.tokenizer, training_rows[:3]), loaded.tokenizer.pad_token_id, "cpu")
     fast = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)))
-    slow = GradientSketcher(loaded.model, blocks, make_projector(settings, gradient_dim(blocks)), exact=True)
+    slow = GradientSketcher(
+        loaded.model, blocks, make_projector(settings, gradient_dim(blocks)), backward_only=True
+    )
     torch.testing.assert_close(fast.sketch(batch).vectors, slow.sketch(batch).vectors, atol=2e-5, rtol=1e-4)
 
 
@@ -168,12 +170,14 @@ def test_odd_modules_take_the_exact_path_and_the_vectors_stay_exact(tiny_model_d
     sketcher = GradientSketcher(
         model, blocks, make_projector(SketchSettings(0), gradient_dim(blocks)), "layer"
     )
-    assert "no per-example rule for DoubledEmbedding" in sketcher.exact_path["model.embed_tokens.weight"]
-    assert "model.norm.weight" not in sketcher.exact_path  # the name matches the norm rule ...
+    assert "no per-example rule for DoubledEmbedding" in sketcher.backward_path["model.embed_tokens.weight"]
+    assert "model.norm.weight" not in sketcher.backward_path  # the name matches the norm rule ...
     pairs = sequences(loaded.tokenizer, training_rows[:4])
     result = sketcher.sketch(collate(pairs, loaded.tokenizer.pad_token_id, "cpu"))
-    assert sketcher.exact_path["model.norm.weight"].startswith("self-check")  # ... the self-check catches it
-    assert set(sketcher.exact_path) == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert sketcher.backward_path["model.norm.weight"].startswith(
+        "self-check"
+    )  # ... the self-check catches it
+    assert set(sketcher.backward_path) == {"model.embed_tokens.weight", "model.norm.weight"}
     torch.testing.assert_close(
         result.vectors, brute_force(loaded, blocks, pairs, SketchSettings(0)), atol=2e-5, rtol=1e-4
     )
@@ -244,7 +248,7 @@ def test_the_self_check_holds_one_hooked_block_at_a_time(
     sketcher.sketch(collate(pairs, loaded.tokenizer.pad_token_id, "cpu"))
     assert compared == [block.name for block in blocks]  # every block was checked ...
     assert most[0] <= 1  # ... with at most the previous block's rows still alive when the next is made
-    assert not sketcher.exact_path
+    assert not sketcher.backward_path
 
 
 def test_a_partial_selection_forms_no_weight_gradient(tiny_model_dirs, training_rows, monkeypatch):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from rapidin_index.errors import JournalError
 from rapidin_index.journal import (
     CRASH_AFTER_VECTORS_ENV,
+    ChunkRecord,
     chunk_complete,
     chunk_problem,
     open_journal,
@@ -24,6 +28,10 @@ from rapidin_index.store import JOURNAL_DIR
 PLAN = {"data_sha256": "abc", "sketch": {"sketch_dim": 4096, "seed": 42}, "chunk_size": 8}
 
 
+def _record(ids=(0, 1, 2)) -> ChunkRecord:
+    return ChunkRecord(ids=list(ids), rows=[{"id": i} for i in ids], tokens=5 * len(ids))
+
+
 def _vectors(rows: int = 3) -> np.ndarray:
     return np.arange(rows * 4, dtype=np.float32).reshape(rows, 4) / 7
 
@@ -32,7 +40,7 @@ def test_open_journal_records_the_plan_and_reopens_with_the_same_one(tmp_path):
     journal = open_journal(tmp_path, PLAN)
     assert journal == tmp_path / JOURNAL_DIR
     assert json.loads((journal / "plan.json").read_text()) == PLAN
-    write_chunk(journal, 0, {"rows": 3}, _vectors())
+    write_chunk(journal, 0, _record(), _vectors())
     assert open_journal(tmp_path, json.loads(json.dumps(PLAN))) == journal
     assert chunk_complete(journal, 0)  # reopening keeps the finished chunks
 
@@ -52,10 +60,11 @@ def test_open_journal_refuses_a_different_plan_naming_what_changed(tmp_path):
 def test_write_chunk_then_read_chunk(tmp_path):
     journal = open_journal(tmp_path, PLAN)
     vectors = _vectors()
-    write_chunk(journal, 12, {"ids": [4, 5, 6], "rejected": []}, vectors)
+    written = replace(_record([4, 5, 6]), self_checked={"device": "cpu"}, backward_path={"wte": "tied"})
+    write_chunk(journal, 12, written, vectors)
     record, loaded = read_chunk(journal, 12)
-    assert record["ids"] == [4, 5, 6] and record["rejected"] == []
-    assert len(record["vectors_sha256"]) == 64
+    assert record == written and record.ids == [4, 5, 6] and record.rejected == []
+    assert len(json.loads((journal / "chunk-000012.json").read_text())["vectors_sha256"]) == 64
     np.testing.assert_array_equal(loaded, vectors)
     assert loaded.dtype == np.float32
     assert sorted(path.name for path in journal.iterdir()) == [
@@ -68,7 +77,7 @@ def test_write_chunk_then_read_chunk(tmp_path):
 def test_a_chunk_is_complete_only_with_both_files_matching(tmp_path):
     journal = open_journal(tmp_path, PLAN)
     assert not chunk_complete(journal, 0)  # never written
-    write_chunk(journal, 0, {"rows": 3}, _vectors())
+    write_chunk(journal, 0, _record(), _vectors())
     assert chunk_complete(journal, 0)
     assert not chunk_complete(journal, 1)
     vectors_path, record_path = journal / "chunk-000000.npy", journal / "chunk-000000.json"
@@ -89,7 +98,8 @@ def test_a_kill_after_the_vectors_leaves_a_torn_chunk(tmp_path):
     journal = open_journal(tmp_path, PLAN)
     code = (
         "import sys, numpy as np\nfrom pathlib import Path\nfrom rapidin_index.journal import write_chunk\n"
-        "write_chunk(Path(sys.argv[1]), 3, {'rows': 1}, np.ones((1, 4), np.float32))\n"
+        "from rapidin_index.journal import ChunkRecord\n"
+        "write_chunk(Path(sys.argv[1]), 3, ChunkRecord([0], [{}]), np.ones((1, 4), np.float32))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(journal)],
@@ -99,7 +109,7 @@ def test_a_kill_after_the_vectors_leaves_a_torn_chunk(tmp_path):
     assert done.returncode == -9  # SIGKILL, as a killed build
     assert (journal / "chunk-000003.npy").exists() and not (journal / "chunk-000003.json").exists()
     assert not chunk_complete(journal, 3)
-    write_chunk(journal, 3, {"rows": 1}, np.ones((1, 4), np.float32))  # the resume writes it again
+    write_chunk(journal, 3, _record([0]), np.ones((1, 4), np.float32))  # the resume writes it again
     assert chunk_complete(journal, 3)
 
 
@@ -108,7 +118,7 @@ def test_a_kill_after_the_vectors_leaves_a_torn_chunk(tmp_path):
 
 def _written(tmp_path):
     journal = open_journal(tmp_path, PLAN)
-    write_chunk(journal, 0, {"ids": [0, 1, 2], "rows": [{"id": i} for i in range(3)]}, _vectors())
+    write_chunk(journal, 0, _record(), _vectors())
     assert chunk_problem(journal, 0) is None
     return journal, journal / "chunk-000000.json", journal / "chunk-000000.npy"
 
@@ -171,3 +181,60 @@ def test_a_damaged_plan_starts_the_journal_over_and_says_so(tmp_path, text):
     assert json.loads((journal / "plan.json").read_text()) == PLAN
     assert len(notes) == 1 and "plan.json is damaged" in notes[0] and "1 finished chunk(s)" in notes[0]
     assert not list(journal.glob("chunk-*"))  # chunks that cannot be matched to a plan are recomputed
+
+
+# --------------------------------------------------------------------------- the typed record
+
+
+def _write_as_the_untyped_code_did(journal, chunk_number: int, record: dict, vectors: np.ndarray) -> None:
+    """A chunk as rapidin-index wrote it before `ChunkRecord`: the plain dict, then its two checksums
+    (sha256 of the .npy bytes; sha256 of the canonical JSON without its own checksum)."""
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    (journal / f"chunk-{chunk_number:06d}.npy").write_bytes(buffer.getvalue())
+    record = {**record, "vectors_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    record["record_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (journal / f"chunk-{chunk_number:06d}.json").write_text(json.dumps(record, indent=2))
+
+
+OLD_RECORD = {
+    "ids": [8, 9],
+    "rows": [{"id": 8, "prompt": "a"}, {"id": 9, "prompt": "b"}],
+    "rejected": [{"id": 10, "reason": "row 10: no response"}],
+    "tokens": 17,
+    "truncated": 1,
+    "templates": {"alpaca": 3},
+    "exact_path": {"model.embed_tokens.weight": "tied to the output head"},
+    "self_checked": {"device": "cpu", "dtype": "float32"},
+}
+
+
+def test_a_chunk_written_by_the_untyped_code_is_resumed_from(tmp_path):
+    journal = open_journal(tmp_path, PLAN)
+    _write_as_the_untyped_code_did(journal, 1, OLD_RECORD, _vectors(2))
+    assert chunk_problem(journal, 1) is None  # trusted: not recomputed
+    record, vectors = read_chunk(journal, 1)
+    fields = {key: value for key, value in OLD_RECORD.items() if key != "exact_path"}
+    assert record == ChunkRecord(**fields, backward_path=OLD_RECORD["exact_path"])
+    np.testing.assert_array_equal(vectors, _vectors(2))
+    older = {key: value for key, value in OLD_RECORD.items() if key not in ("exact_path", "self_checked")}
+    _write_as_the_untyped_code_did(journal, 2, older, _vectors(2))  # from before those two fields
+    record, _ = read_chunk(journal, 2)
+    assert record.backward_path == {} and record.self_checked is None and record.ids == [8, 9]
+
+
+def test_the_typed_record_writes_the_same_json_as_the_untyped_one(tmp_path):
+    journal = open_journal(tmp_path, PLAN)
+    fields = {key: value for key, value in OLD_RECORD.items() if key != "exact_path"}
+    write_chunk(journal, 1, ChunkRecord(**fields, backward_path=OLD_RECORD["exact_path"]), _vectors(2))
+    typed = (journal / "chunk-000001.json").read_bytes()
+    _write_as_the_untyped_code_did(journal, 1, OLD_RECORD, _vectors(2))
+    assert json.loads(typed) == json.loads((journal / "chunk-000001.json").read_bytes())
+
+
+def test_a_record_missing_a_field_is_recomputed_naming_it(tmp_path):
+    journal = open_journal(tmp_path, PLAN)
+    damaged = {key: value for key, value in OLD_RECORD.items() if key != "tokens"}
+    _write_as_the_untyped_code_did(journal, 0, damaged, _vectors(2))
+    assert chunk_problem(journal, 0) == "its record has no 'tokens' (written by an older rapidin-index)"

@@ -4,7 +4,7 @@ never from a materialised per-example [vocab, dim] gradient, in every sketch alg
 On a small vocabulary, the size limits are lowered so that every large-block path runs (only the
 looked-up rows hashed, kron's count matrix hashed a row range at a time, a tied head materialised a few
 rows at a time for v1 / v2 / exact), and each is compared with plain autograd's per-example gradient
-sketched by the materialising path (``exact=True``: one backward per example, no hooks). On a real
+sketched by the materialising path (``backward_only=True``: one backward per example, no hooks). On a real
 262,144 x 640 embedding, a build of a few rows runs in a separate process whose peak RSS growth is
 measured.
 """
@@ -101,7 +101,7 @@ def sketch_both_ways(model, selected, sketch_dim: int, algorithm: str, normalize
     projector = make_projector(settings, gradient_dim(blocks), blocks=blocks)
     hooked = GradientSketcher(model, blocks, projector, normalize=normalize)
     fast = hooked.sketch(batch)
-    exact = GradientSketcher(model, blocks, projector, normalize=normalize, exact=True).sketch(batch)
+    exact = GradientSketcher(model, blocks, projector, normalize=normalize, backward_only=True).sketch(batch)
     return hooked, fast, exact
 
 
@@ -126,7 +126,7 @@ def test_scaled_tied_embedding_equals_plain_autograd_sketched(large_limits, sket
     model = tiny_gemma(vocab_size=600)
     selected = [(n, p) for n, p in model.named_parameters() if "embed_tokens" in n or "mlp" in n]
     hooked, fast, exact = sketch_both_ways(model, selected, sketch_dim, algorithm)
-    assert "model.embed_tokens.weight" not in hooked.exact_path  # the scaled embedding has its rule
+    assert "model.embed_tokens.weight" not in hooked.backward_path  # the scaled embedding has its rule
     assert "model.embed_tokens.weight" in hooked.factored_blocks  # from its factors, never materialised
     assert_close(fast, exact)
 
@@ -222,7 +222,7 @@ LARGE_SCRIPT = textwrap.dedent(
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     print(json.dumps({{
         "growth_mb": peak - before, "seconds": seconds, "finite": bool(sketched.finite.all()),
-        "algorithm": type(projector).__name__, "exact_path": sorted(sketcher.exact_path),
+        "algorithm": type(projector).__name__, "exact_path": sorted(sketcher.backward_path),
         "factored": sorted(sketcher.factored_blocks), "norm": float(sketched.vectors.norm()),
     }}))
     """

@@ -1,53 +1,28 @@
-"""The index manifest (manifest.py): format version, round trips, differences, file checks, identity."""
+"""The index manifest (manifest.py): format version, round trips, shape checks, file checks."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 
 import pytest
+from conftest import small_manifest
 
 from rapidin_index.errors import IntegrityError, ManifestError
 from rapidin_index.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,
-    differences,
-    manifest_identity,
     read_manifest,
     verify_files,
     write_manifest,
 )
 
-
-def _manifest(**overrides) -> Manifest:
-    values = {
-        "model": {"name_or_path": "/models/tiny", "fingerprint": "model-sha", "dtype": "float32"},
-        "adapter": None,
-        "tokenizer": {"fingerprint": "tokenizer-sha", "chat_template_sha256": None},
-        "template": {"name": "alpaca"},
-        "max_length": 256,
-        "parameters": {"regex": ".*", "names": ["a"], "shapes": [[2, 2]], "gradient_dim": 4},
-        "normalize": "layer",
-        "sketch": {
-            "sketch_dim": 4096,
-            "shuffle_lambda": 20,
-            "seed": 42,
-            "gradient_dim": 4,
-            "output_dim": 4096,
-        },
-        "vector_dtype": "float32",
-    }
-    values.update(overrides)
-    return Manifest(**values)
-
-
 # --------------------------------------------------------------------------- from and to dicts
 
 
 def test_to_dict_and_from_dict_round_trip_ignoring_unknown_keys():
-    manifest = _manifest(row_count=3, sources=[{"path": "a", "sha256": "x", "id_offset": 0, "rows": 5}])
+    manifest = small_manifest(row_count=3, sources=[{"path": "a", "sha256": "x", "id_offset": 0, "rows": 5}])
     value = json.loads(json.dumps(manifest.to_dict()))
     assert value["format_version"] == FORMAT_VERSION and value["software"]["name"] == "rapidin-index"
     assert Manifest.from_dict(value) == manifest
@@ -55,36 +30,36 @@ def test_to_dict_and_from_dict_round_trip_ignoring_unknown_keys():
 
 
 def test_a_manifest_from_before_a_field_takes_its_default():
-    value = _manifest().to_dict()
+    value = small_manifest().to_dict()
     del value["tokenization"]
     assert Manifest.from_dict(value).tokenization == "separate"
 
 
 @pytest.mark.parametrize("version", [None, "1", 1.0])
 def test_from_dict_refuses_a_missing_or_non_integer_format_version(version):
-    value = _manifest().to_dict()
+    value = small_manifest().to_dict()
     value["format_version"] = version
     with pytest.raises(ManifestError, match="no integer format_version"):
         Manifest.from_dict(value)
 
 
 def test_from_dict_refuses_a_newer_format_version():
-    value = {**_manifest().to_dict(), "format_version": FORMAT_VERSION + 1}
+    value = {**small_manifest().to_dict(), "format_version": FORMAT_VERSION + 1}
     with pytest.raises(ManifestError, match=f"version {FORMAT_VERSION + 1} is newer .*upgrade"):
         Manifest.from_dict(value)
 
 
 def test_total_rows_seen_counts_every_source():
     sources = [{"path": p, "sha256": "x", "id_offset": 0, "rows": n} for p, n in (("a", 5), ("b", 7))]
-    assert _manifest(sources=sources).total_rows_seen == 12
-    assert _manifest().total_rows_seen == 0
+    assert small_manifest(sources=sources).total_rows_seen == 12
+    assert small_manifest().total_rows_seen == 0
 
 
 # --------------------------------------------------------------------------- on disk
 
 
 def test_write_then_read_manifest(tmp_path):
-    manifest = _manifest(created_at="2020-01-01T00:00:00+00:00", updated_at="2020-01-01T00:00:00+00:00")
+    manifest = small_manifest(created_at="2020-01-01T00:00:00+00:00", updated_at="2020-01-01T00:00:00+00:00")
     write_manifest(tmp_path, manifest)
     read = read_manifest(tmp_path)
     assert read == manifest
@@ -100,26 +75,6 @@ def test_read_manifest_refuses_a_missing_or_damaged_one(tmp_path):
         read_manifest(tmp_path)
 
 
-# --------------------------------------------------------------------------- differences
-
-
-def test_differences_name_each_changed_key_by_its_path():
-    expected = {"sketch": {"sketch_dim": 4096, "seed": 42}, "normalize": "layer", "gone": 1}
-    actual = {"sketch": {"sketch_dim": 8192, "seed": 42}, "normalize": "layer", "new": [1]}
-    assert differences(expected, actual) == [
-        "gone: index has 1, asked for null",
-        "new: index has null, asked for [1]",
-        "sketch.sketch_dim: index has 4096, asked for 8192",
-    ]
-    assert differences(expected, expected) == []
-
-
-def test_differences_shorten_long_values():
-    (line,) = differences({"names": ["x" * 200]}, {"names": []})
-    shown = line.split("index has ")[1].split(", asked for")[0]
-    assert len(shown) == 80 and shown.endswith("...")
-
-
 # --------------------------------------------------------------------------- verify files
 
 
@@ -133,7 +88,7 @@ def _with_files(index_dir) -> Manifest:
         "vectors-g0001.faiss": {"sha256": hashlib.sha256(b"vectors").hexdigest(), "bytes": 7},
         "metadata/rows_g0001.lance": {"sha256": hashlib.sha256(entry.encode()).hexdigest(), "bytes": 4},
     }
-    return _manifest(files=files)
+    return small_manifest(files=files)
 
 
 def test_verify_files_accepts_the_files_it_lists(tmp_path):
@@ -152,49 +107,6 @@ def test_verify_files_names_a_missing_file(tmp_path):
     (tmp_path / "vectors-g0001.faiss").unlink()
     with pytest.raises(IntegrityError, match="vectors-g0001.faiss is missing"):
         verify_files(tmp_path, manifest)
-
-
-# --------------------------------------------------------------------------- identity
-
-
-def test_identity_ignores_counts_dates_files_and_where_the_model_lives():
-    manifest = _manifest()
-    other = replace(
-        manifest,
-        model={**manifest.model, "name_or_path": "/moved/tiny"},
-        row_count=9,
-        generation=4,
-        files={"vectors-g0004.faiss": {"sha256": "x", "bytes": 1}},
-        sources=[{"path": "b", "sha256": "y", "id_offset": 0, "rows": 9}],
-        created_at="2000-01-01",
-    )
-    assert manifest_identity(other) == manifest_identity(manifest)
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"model": {"name_or_path": "/models/tiny", "fingerprint": "other", "dtype": "float32"}},
-        {"adapter": {"path": "/adapter", "fingerprint": "lora-sha"}},
-        {"tokenizer": {"fingerprint": "other", "chat_template_sha256": None}},
-        {"sketch": {"sketch_dim": 8192, "seed": 42}},
-        {"vector_dtype": "float16"},
-        {"tokenization": "joint"},
-        {"shard": {"index": 0, "count": 2}},
-        {"max_length": 512},
-        {"normalize": "none"},
-    ],
-)
-def test_identity_changes_with_what_makes_vectors_different(change):
-    assert manifest_identity(_manifest(**change)) != manifest_identity(_manifest())
-
-
-def test_identity_keeps_only_the_adapters_fingerprint():
-    one = _manifest(adapter={"path": "/a", "fingerprint": "lora-sha"})
-    moved = _manifest(adapter={"path": "/b", "fingerprint": "lora-sha"})
-    assert manifest_identity(one)["adapter"] == {"fingerprint": "lora-sha"}
-    assert manifest_identity(one) == manifest_identity(moved)
-    assert manifest_identity(_manifest())["adapter"] is None
 
 
 @pytest.mark.parametrize(
@@ -229,7 +141,7 @@ def test_identity_keeps_only_the_adapters_fingerprint():
     ],
 )
 def test_a_damaged_manifest_is_refused_naming_the_field(tmp_path, edit, message):
-    value = _manifest().to_dict()
+    value = small_manifest().to_dict()
     edit(value)
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(value))
     with pytest.raises(ManifestError, match="re-import its bundle or rebuild") as refused:
@@ -238,17 +150,17 @@ def test_a_damaged_manifest_is_refused_naming_the_field(tmp_path, edit, message)
 
 
 def test_a_manifest_that_is_not_utf8_or_lists_no_files_is_refused(tmp_path):
-    (tmp_path / MANIFEST_NAME).write_bytes(json.dumps(_manifest().to_dict()).encode()[:-2] + b"\xff}")
+    (tmp_path / MANIFEST_NAME).write_bytes(json.dumps(small_manifest().to_dict()).encode()[:-2] + b"\xff}")
     with pytest.raises(ManifestError, match="is not UTF-8 text"):
         read_manifest(tmp_path)
     with pytest.raises(IntegrityError, match="lists no files to verify"):
-        verify_files(tmp_path, _manifest())
+        verify_files(tmp_path, small_manifest())
 
 
 def test_a_manifest_checks_its_own_checksum(tmp_path):
     """A flipped byte that keeps the JSON valid (seed 42 -> 43) would change every answer: refused.
     A manifest from before the checksum has none and is read as it is."""
-    manifest = _manifest(files={"vectors-g0001.faiss": {"sha256": "x", "bytes": 1}})
+    manifest = small_manifest(files={"vectors-g0001.faiss": {"sha256": "x", "bytes": 1}})
     write_manifest(tmp_path, manifest)
     text = (tmp_path / MANIFEST_NAME).read_text()
     assert '"self_sha256"' in text and read_manifest(tmp_path).sketch["seed"] == 42

@@ -1,15 +1,12 @@
-"""Cheap checks first (preflight.py): files, K, tokenizer and the model files' stat, before anything heavy."""
+"""Cheap checks first (preflight.py): files, K and the model files' stat, before anything heavy."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import build_word_tokenizer, copy_with_other_chat_template
-from transformers import GPT2Config
 
 from rapidin_index import preflight
-from rapidin_index.errors import IndexMismatchError, IntegrityError, ModelError
+from rapidin_index.errors import IndexMismatchError, IntegrityError
 from rapidin_index.manifest import Manifest
-from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
 
 
 def _manifest(**overrides) -> Manifest:
@@ -49,41 +46,6 @@ def test_check_query_refuses_another_k_and_names_both(tmp_path):
 def test_check_query_checks_the_files_too(tmp_path):
     with pytest.raises(IntegrityError, match="vectors-g0001.faiss is missing"):
         preflight.check_query(tmp_path, _manifest(), None)
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-@pytest.fixture
-def tokenizer_folder(tmp_path):
-    """A folder load_tokenizer accepts (config.json + tokenizer), without model weights."""
-    folder = tmp_path / "model"
-    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
-    build_word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def test_check_tokenizer_accepts_the_one_the_index_was_built_with(tokenizer_folder):
-    fingerprint = fingerprint_tokenizer(load_tokenizer(str(tokenizer_folder)))
-    manifest = _manifest(tokenizer={"fingerprint": fingerprint})
-    assert preflight.check_tokenizer(manifest, str(tokenizer_folder)) is None
-
-
-def test_check_tokenizer_refuses_another_chat_template(tokenizer_folder, tmp_path):
-    fingerprint = fingerprint_tokenizer(load_tokenizer(str(tokenizer_folder)))
-    manifest = _manifest(tokenizer={"fingerprint": fingerprint})
-    other = copy_with_other_chat_template(str(tokenizer_folder), tmp_path / "other")
-    with pytest.raises(IndexMismatchError, match="tokenizer differs .*from /models/tiny.*--model"):
-        preflight.check_tokenizer(manifest, other)
-
-
-def test_a_model_that_cannot_load_gets_the_moved_model_hint(tmp_path):
-    missing = str(tmp_path / "gone")
-    with pytest.raises(ModelError) as raised:
-        preflight.check_tokenizer(_manifest(), missing)
-    assert missing in str(raised.value)
-    assert preflight.moved_model_hint(_manifest()) in str(raised.value)
-    assert "'/models/tiny'" in preflight.moved_model_hint(_manifest())
 
 
 # --------------------------------------------------------------------------- model files' stat

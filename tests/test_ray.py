@@ -22,12 +22,12 @@ from rapidin_index.manifest import read_manifest
 from rapidin_index.parallel import (
     RAY_CRASH_MARKER_ENV,
     RAY_CRASH_ON_CHUNK_ENV,
+    PartitionedSearch,
     RayChunkRunner,
-    ShardedSearch,
     faiss_gpu_count,
-    shard_index_by_rows,
-    shards_to_gpus,
-    start_shard_actors,
+    partition_index_by_rows,
+    partitions_to_gpus,
+    start_partition_actors,
 )
 from rapidin_index.retrieval import Index
 
@@ -192,21 +192,21 @@ def assert_same_top_k(searcher, index, queries):
 
 def test_sharded_search_equals_one_index(random_index):
     index, queries = random_index
-    searcher = ShardedSearch(shard_index_by_rows(index, 3))
+    searcher = PartitionedSearch(partition_index_by_rows(index, 3))
     assert searcher.ntotal == 1000 and searcher.d == 32 and searcher.sizes == [334, 333, 333]
     assert_same_top_k(searcher, index, queries)
 
 
 def test_sharded_search_over_ray_shard_actors(random_index, tmp_path):
     index, queries = random_index
-    shards = shard_index_by_rows(index, 3)
+    shards = partition_index_by_rows(index, 3)
     vector_index.save_index(shards[0], tmp_path / "shard0.faiss")
     # One actor reads its shard from a file (as on a machine of its own), one gets arrays from the driver.
-    actors = start_shard_actors(
+    actors = start_partition_actors(
         [tmp_path / "shard0.faiss", vector_index.stored_vectors(shards[1])], num_cpus=0
     )
     try:
-        searcher = ShardedSearch([*actors, shards[2]])  # Ray actors and a local shard together
+        searcher = PartitionedSearch([*actors, shards[2]])  # Ray actors and a local shard together
         assert searcher.sizes == [334, 333, 333]
         assert_same_top_k(searcher, index, queries)
     finally:
@@ -218,7 +218,7 @@ def test_sharded_search_serves_queries_in_place_of_the_faiss_index(single_build,
     opened = Index.open(single_build, device="cpu")
     row = training_rows[9]
     expected = opened.query(row["instruction"], row["output"], top_k=7, explain=0)
-    opened.faiss_index = ShardedSearch(shard_index_by_rows(opened.faiss_index, 3))
+    opened.faiss_index = PartitionedSearch(partition_index_by_rows(opened.faiss_index, 3))
     found = opened.query(row["instruction"], row["output"], top_k=7, explain=0)
     # Same rows in the same order; scores agree to float rounding (the unsharded index is scanned by one
     # matrix product, the shards by FAISS).
@@ -238,7 +238,9 @@ def test_sharded_search_serves_queries_in_place_of_the_faiss_index(single_build,
 @pytest.mark.skipif(faiss_gpu_count() < 1, reason="needs faiss-gpu and a CUDA device")
 def test_sharded_search_over_gpu_shards(random_index):
     index, queries = random_index
-    assert_same_top_k(ShardedSearch(shards_to_gpus(shard_index_by_rows(index, 3))), index, queries)
+    assert_same_top_k(
+        PartitionedSearch(partitions_to_gpus(partition_index_by_rows(index, 3))), index, queries
+    )
 
 
 @pytest.mark.gpu

@@ -33,7 +33,7 @@ def test_a_reranked_list_is_the_exact_indexs_list_on_the_same_rows(indexes):
     assert [h.id for h in reranked.helpful] == [h.id for h in exact.helpful]
     assert [h.id for h in reranked.harmful] == [h.id for h in exact.harmful]
     for ours, theirs in zip(reranked.helpful, exact.helpful, strict=True):
-        assert ours.exact and ours.score == pytest.approx(theirs.score, abs=1e-4)
+        assert ours.reranked and ours.score == pytest.approx(theirs.score, abs=1e-4)
         assert ours.prompt == theirs.prompt
 
 
@@ -43,7 +43,7 @@ def test_a_short_rerank_reorders_its_shortlist_and_keeps_the_sketched_rest(index
     sketched = indexes[256].query(PROMPT, RESPONSE, top_k=10, explain=0, per_token=False)
     reranked = indexes[256].query(PROMPT, RESPONSE, top_k=10, explain=0, per_token=False, rerank=4)
     head, tail = reranked.helpful[:4], reranked.helpful[4:]
-    assert all(hit.exact for hit in head) and not any(hit.exact for hit in tail)
+    assert all(hit.reranked for hit in head) and not any(hit.reranked for hit in tail)
     assert [hit.score for hit in head] == sorted((hit.score for hit in head), reverse=True)
     assert {hit.id for hit in head} <= {hit.id for hit in sketched.helpful[:4]} | {
         h.id for h in sketched.harmful[:4]

@@ -384,16 +384,16 @@ def test_the_builds_exact_path_is_the_querys(tmp_path, tiny_model_dirs, training
     build_index(training_file, tmp_path / "index", settings, progress=False)
     manifest = read_manifest(tmp_path / "index")
     norms = {name for name in manifest.parameters["names"] if "norm" in name}
-    assert set(manifest.exact_path) == norms and manifest.self_checks
+    assert set(manifest.backward_path) == norms and manifest.self_checks
     trusted = Index.open(tmp_path / "index", device="cpu")
-    assert norms <= set(trusted.sketcher.exact_path)
+    assert norms <= set(trusted.sketcher.backward_path)
     checked = Index.open(tmp_path / "index", device="cpu", verify=True)
     rows = [json.loads(line) for line in open(training_file)][:2]
     for row in rows:
         ours, theirs = query_vectors(trusted, row), query_vectors(checked, row)
         assert ours[0] == theirs[0]
         np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
-    assert norms <= set(checked.sketcher.exact_path)
+    assert norms <= set(checked.sketcher.backward_path)
 
 
 def test_a_new_shell_takes_the_builds_check(checked_index):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import blocks_of
 
 from rapidin_index.capture import gradient_blocks
-from rapidin_index.errors import BuildError, ModelError, SketchError
+from rapidin_index.errors import BuildError, ModelError, QueryError, SketchError
 from rapidin_index.settings import (
     AUTO_ALGORITHM,
     KRON_AUTO_BINS_PER_MATRIX,
@@ -15,6 +17,7 @@ from rapidin_index.settings import (
     MAX_VECTOR_DIMENSION,
     BuildSettings,
     ModelSettings,
+    QuerySettings,
     SketchSettings,
     default_of,
     resolve_algorithm,
@@ -141,3 +144,31 @@ def test_k_not_given_is_exact_up_to_the_default_k_and_the_default_past_it():
         2,
         DEFAULT_SKETCH_DIM,
     )
+
+
+# --------------------------------------------------------------------------- query settings
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"top_k": 0}, "--top-k must be at least 1, got 0"),
+        ({"token_top_k": -1}, "--token-top-k must be at least 1, got -1"),
+        ({"explain": -2}, "--explain must be at least 0, got -2"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1, got 0"),
+        ({"depth": 0}, "--depth must be at least 1, got 0"),
+        ({"rerank": -1}, "--rerank must be at least 0, got -1"),
+        ({"aggregate": "median"}, "--aggregate 'median' is not one of mean, sum, max, count"),
+    ],
+)
+def test_query_settings_refuse_what_cannot_work_naming_the_option(change, message):
+    with pytest.raises(QueryError) as refused:
+        QuerySettings(**change)
+    assert str(refused.value) == message
+
+
+def test_query_settings_accept_the_least_values_and_are_frozen():
+    least = QuerySettings(top_k=1, token_top_k=1, explain=0, max_new_tokens=1, depth=1, aggregate="count")
+    assert least.explain == 0 and least.aggregate == "count"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        least.top_k = 5

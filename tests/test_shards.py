@@ -91,17 +91,17 @@ def test_a_merge_keeps_every_shards_exact_path_and_self_checks(shard_builds, tmp
 
     copies = [shutil.copytree(shard_builds / f"shard{n}", tmp_path / f"shard{n}") for n in range(3)]
     first = read_manifest(copies[0])
-    assert first.self_checks and not first.exact_path  # the tiny Llama: every tensor hooked, here
+    assert first.self_checks and not first.backward_path  # the tiny Llama: every tensor hooked, here
     elsewhere = {**first.self_checks[0], "device": "cuda", "dtype": "bfloat16"}
     name = first.parameters["names"][1]
     changed = read_manifest(copies[2])
-    changed.self_checks, changed.exact_path = [elsewhere], {name: "self-check: differs (simulated)"}
+    changed.self_checks, changed.backward_path = [elsewhere], {name: "self-check: differs (simulated)"}
     write_manifest(copies[2], changed)
     merged = merge_shards(copies, tmp_path / "merged")
     assert merged.self_checks == [first.self_checks[0], elsewhere]
-    assert merged.exact_path == {name: "self-check: differs (simulated)"}
+    assert merged.backward_path == {name: "self-check: differs (simulated)"}
     opened = Index.open(tmp_path / "merged", device="cpu")
-    assert opened.sketcher.self_checked and name in opened.sketcher.exact_path
+    assert opened.sketcher.self_checked and name in opened.sketcher.backward_path
 
 
 def test_a_damaged_shard_is_refused_before_the_merge_reads_it(shard_builds, tmp_path):

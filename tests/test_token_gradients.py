@@ -112,7 +112,7 @@ def test_exact_path_tensors_and_flattened_modules_per_token():
         model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer)).eval()
         selected = list(model.named_parameters())
         sketcher = check_against_hf(model, tokenizer, selected, "The capital of France is Paris .")
-        assert sketcher.exact_path, model_type
+        assert sketcher.backward_path, model_type
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
@@ -225,7 +225,7 @@ def test_the_head_split_adds_the_heads_share_of_a_tied_exact_embedding(model_typ
     selected = [(name, p) for name, p in model.named_parameters() if not name.endswith("k_proj.bias")]
     splits = record_head_splits(monkeypatch)
     check_against_hf(model, tokenizer, selected, "The capital of France is Paris .")
-    assert splits and all(found is not None and found.head_exact for found in splits), model_type
+    assert splits and all(found is not None and found.head_backward for found in splits), model_type
     ids = tokenizer("The capital of France is Paris .").input_ids + [tokenizer.eos_token_id]
 
     _, split = token_vectors(model, tokenizer, selected, ids, 3, whole_and_tokens)

@@ -58,7 +58,7 @@ def test_rapidgrad_kron_scores_equal_hugging_face_autograd(
         )
         error = np.linalg.norm(actual - reference) / np.linalg.norm(reference)
         assert error < 1e-4, (
-            f"{model_type} K={sketch_dim}: relative error {error:.2e}; exact path {report.exact_path}"
+            f"{model_type} K={sketch_dim}: relative error {error:.2e}; exact path {report.backward_path}"
         )
 
 
