@@ -7,7 +7,7 @@ layer-normalised sketches), in one run:
 * RapidIn: the layer-normalised query sketch (no preconditioner);
 * +Fisher per tensor, query norms (`precondition.fit_fisher` on the stored rows, damping 0.5): today's best;
 * +weight-space EK-FAC: the query's plain gradient, ``H^-1 g`` per tensor with EK-FAC's factors fitted by
-  the library (`ekfac.fit_weights`, a pass of the full model over the train rows; ``--labels`` sampled
+  the library (`ekfac_fit.fit_weights`, a pass of the full model over the train rows; ``--labels`` sampled
   and/or empirical), then sketched with the index's projector; each damping of ``--dampings``
   (lambda = damping x mean(Lambda) per tensor) from one fit;
 * the sum: `ekfac.combine` of the Fisher's and EK-FAC's query vectors (z-scored over the stored rows),
@@ -38,7 +38,7 @@ import torch
 from lds import index_folder, linear_datamodeling_score, summarize
 from lds_kfac import losses_and_masks
 
-from rapidin_index import Index, SketchSettings, ekfac
+from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
 from rapidin_index import index as vector_index
 from rapidin_index.precondition import Preconditioner, fit_fisher, spans_for
 
@@ -111,7 +111,7 @@ def main() -> None:
     fits = {}
     for labels in arguments.labels.split(","):
         fit_started = time.perf_counter()
-        factors, record = ekfac.fit_weights(index, labels=labels, damping=1.0)
+        factors, record = ekfac_fit.fit_weights(index, labels=labels, damping=1.0)
         fits[labels] = {**record, "seconds": time.perf_counter() - fit_started}
         print(f"fit ({labels}): {fits[labels]['seconds']:.0f} s", flush=True)
         variants = {

@@ -1,6 +1,6 @@
 """Issue 23 analysis: where weight-space EK-FAC loses LDS on the index: the rows' layer norm or the sketch.
 
-On `lds.py`'s cached models (run it first), the same weight-space EK-FAC factors (`ekfac.fit_weights`, sampled
+On `lds.py`'s cached models (run it first), the same weight-space EK-FAC factors (`ekfac_fit.fit_weights`, sampled
 labels, every tensor, no row-norm scale) applied to the held-out queries' plain gradients, scored against:
 
 * raw: each training row's exact plain gradient (what kronfluence scores against);
@@ -24,7 +24,7 @@ import torch
 from lds import index_folder
 from lds_ekfac_weights import lds, selected
 
-from rapidin_index import Index, SketchSettings, ekfac
+from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
 from rapidin_index import index as vector_index
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
     prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
     gradients, _ = ekfac.WeightPreconditioner([], {}).gradients(index, prepared, False)
-    factors, _ = ekfac.fit_weights(index, labels="sampled", damping=1.0, tensors="all")
+    factors, _ = ekfac_fit.fit_weights(index, labels="sampled", damping=1.0, tensors="all")
     factors = [dataclasses.replace(f, scale=1.0) for f in factors]
     dampings = [float(d) for d in arguments.dampings.split(",")]
     queries = {}
@@ -59,7 +59,7 @@ def main() -> None:
                 linear[:, f.offset : f.offset + f.numel] = 0
         queries[damping] = {"all": preconditioned, "lin": linear}
     scores = {(d, side, t): [] for d in dampings for side in ("raw", "ln") for t in ("all", "lin")}
-    batches, _ = ekfac.training_batches(index)  # table order = id order (checked by the row count)
+    batches, _ = ekfac_fit.training_batches(index)  # table order = id order (checked by the row count)
     sketcher = ekfac.exact_sketcher(index)
     for batch in batches:
         raw = sketcher.sketch(batch).vectors  # [batch, D] plain gradients of the rows

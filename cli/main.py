@@ -664,7 +664,7 @@ def fit(
 ) -> None:
     """Fit a curvature preconditioner of the stored vectors; queries then apply (F + lambda I)^-1 to theirs."""
     from rapidin_index.ekfac import KINDS as WEIGHT_KINDS
-    from rapidin_index.ekfac import fit_index_weights
+    from rapidin_index.ekfac_fit import fit_index_weights
     from rapidin_index.precondition import fit_index
 
     if kind in WEIGHT_KINDS:

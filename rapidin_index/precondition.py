@@ -317,10 +317,11 @@ def fit_index(
     from rapidin_index.lock import writer_lock
     from rapidin_index.manifest import read_manifest, write_manifest
 
-    if kind in WEIGHT_KINDS:
-        from rapidin_index.ekfac import fit_index_weights
-
-        return fit_index_weights(index_dir, kind, damping, locked=locked)
+    if kind in WEIGHT_KINDS:  # `ekfac` builds on this module, not the other way round
+        raise PreconditionError(
+            f"--kind {kind} is fitted with the model over the rows: rapidin_index.ekfac_fit.fit_index_weights "
+            f"(rapidin-index fit --index {index_dir} --kind {kind})"
+        )
     if kind not in KINDS:
         raise PreconditionError(f"--kind {kind!r} is not one of {', '.join(KINDS + WEIGHT_KINDS)}")
     damping = DEFAULT_DAMPINGS[kind] if damping is None else damping
@@ -425,9 +426,9 @@ def load_preconditioner(index_dir: str | Path, manifest, kind: str = DEFAULT_KIN
 
     index_dir = Path(index_dir)
     if kind in WEIGHT_KINDS:
-        from rapidin_index.ekfac import load_weight_preconditioner
-
-        return load_weight_preconditioner(index_dir, manifest, kind)
+        raise PreconditionError(
+            f"--precondition {kind} is loaded by rapidin_index.ekfac.load_weight_preconditioner"
+        )
     if manifest.precondition is None:
         name = (
             "Fisher" if kind == "fisher" else kind.upper().replace("EKFAC", "EK-FAC").replace("KFAC", "K-FAC")

@@ -211,7 +211,7 @@ class Index:
         """Apply the fitted preconditioner to query vectors (`precondition`): none, fisher, kfac, ekfac (the
         fitted kind), or None for the default. ``query_norms``: the preconditioned query keeps its per-tensor
         gradient norms (the rows stay layer-normalised); None: as the fit recorded (`fit --query-norms`)."""
-        from rapidin_index.precondition import load_preconditioner, resolve_precondition
+        from rapidin_index.precondition import WEIGHT_KINDS, load_preconditioner, resolve_precondition
 
         self.precondition = resolve_precondition(self.manifest, precondition)
         self.preconditioner = None
@@ -223,7 +223,12 @@ class Index:
                     "with the fitted kind (rapidin-index fit --index DIR fits one)"
                 )
             return
-        self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
+        if self.precondition in WEIGHT_KINDS:  # fitted with the model (`ekfac`), the Fisher part from here
+            from rapidin_index.ekfac import load_weight_preconditioner
+
+            self.preconditioner = load_weight_preconditioner(self.path, self.manifest, self.precondition)
+        else:
+            self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
         if getattr(self.preconditioner, "weight_space", False) and query_norms is False:
             raise PreconditionError(
                 f"--no-query-norms: a {self.precondition} query is the plain gradient preconditioned in weight "
@@ -438,7 +443,7 @@ def sketch_queries(
     generation only, the queries share batches: one row per query.
     """
     if getattr(index.preconditioner, "weight_space", False):  # ekfac-weights: H^-1 g before the sketch
-        return index.preconditioner.sketch_queries(index, queries, per_token)
+        return index.preconditioner.sketch_queries(index, queries, per_token, _sketch_query_vectors)
     vectors, losses = _sketch_query_vectors(index, queries, per_token)
     if index.preconditioner is not None:  # (F + lambda I)^-1 q: the stored rows are left as they are
         vectors = index.preconditioner.apply(vectors)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import build_settings, stored_vectors
 
-from rapidin_index import ekfac
+from rapidin_index import ekfac, ekfac_fit
 from rapidin_index.build import build_index
 from rapidin_index.errors import PreconditionError
 from rapidin_index.manifest import read_manifest
@@ -89,10 +89,10 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
     """Empirical labels: A = E[a a^T], S = E[d d^T] over every token, Lambda = E_n[(Q_S^T G_n Q_A)^2] and
     a diagonal tensor's E[g_n^2], each from one example at a time through `model(ids, labels=...).loss`."""
     index_dir = copy_of(exact_index, tmp_path)
-    record = fit_index(index_dir, kind="ekfac-weights", damping=0.2)  # default labels: sampled
+    record = ekfac_fit.fit_index_weights(index_dir, "ekfac-weights", damping=0.2)  # default labels: sampled
     assert record["labels"] == "sampled" and record["rows"] == 24 and record["query_norms"] is True
     assert record["tensors"] == "linear" and record["row_norms"] is True
-    record = ekfac.fit_index_weights(index_dir, "ekfac-weights", damping=0.2, labels="empirical")
+    record = ekfac_fit.fit_index_weights(index_dir, "ekfac-weights", damping=0.2, labels="empirical")
     manifest = read_manifest(index_dir)
     assert manifest.precondition == record and record["file"] in manifest.files
     factors = fitted_factors(index_dir)
@@ -222,7 +222,7 @@ def test_the_query_vector_is_the_literal_sketch_of_the_preconditioned_gradient(t
     from rapidin_index.sketch import reference_sketch
 
     index_dir = copy_of(kron_index, tmp_path)
-    fit_index(index_dir, kind="ekfac-weights")
+    ekfac_fit.fit_index_weights(index_dir, "ekfac-weights")
     index = Index.open(index_dir, device="cpu")
     assert index.precondition == "ekfac-weights"
     preconditioned = numpy_inverse(fitted_factors(index_dir), raw_gradients(index_dir))
@@ -257,7 +257,7 @@ def test_the_combination_ranks_as_the_sum_of_z_scores(tmp_path, kron_index):
     """fisher+ekfac-weights: one search whose scores are, per query, the brute-force sum of the two kinds'
     z-scored scores (numpy over every row) plus a constant."""
     index_dir = copy_of(kron_index, tmp_path)
-    record = fit_index(index_dir, kind="fisher+ekfac-weights")
+    record = ekfac_fit.fit_index_weights(index_dir, "fisher+ekfac-weights")
     assert record["kind"] == "fisher+ekfac-weights" and record["query_norms"] is True
     combined = scores_of(Index.open(index_dir, device="cpu"))
     parts = [
@@ -282,7 +282,7 @@ def test_export_import_keep_the_fit_an_append_drops_it(tmp_path, tiny_model_dirs
     second.write_text("".join(json.dumps(row) + "\n" for row in training_rows[8:12]))
     settings = build_settings(tiny_model_dirs["llama"], tiny_model_dirs["llama_lora"], sketch_dim=1024)
     build_index(first, tmp_path / "index", settings, progress=False)
-    fit_index(tmp_path / "index", kind="ekfac-weights")
+    ekfac_fit.fit_index_weights(tmp_path / "index", "ekfac-weights")
     fitted = scores_of(Index.open(tmp_path / "index", device="cpu"))
     bundle = export_index(tmp_path / "index", tmp_path / "bundle.tar")
     import_bundle(bundle, tmp_path / "imported")
@@ -303,9 +303,11 @@ def test_a_fit_needs_plain_gradients_and_known_options():
 
     built_with_state = SimpleNamespace(manifest=SimpleNamespace(optimizer_state={"path": "x"}))
     with pytest.raises(PreconditionError, match="--optimizer-state.*use --kind fisher"):
-        ekfac.fit_weights(built_with_state)
+        ekfac_fit.fit_weights(built_with_state)
     with pytest.raises(PreconditionError, match="--labels 'true' is not one of sampled, empirical"):
-        ekfac.fit_index_weights("nowhere", labels="true")
+        ekfac_fit.fit_index_weights("nowhere", labels="true")
+    with pytest.raises(PreconditionError, match="fitted with the model over the rows: rapidin_index.ekfac"):
+        fit_index("nowhere", kind="ekfac-weights")  # the sketch-space fit points at the model's
 
 
 def test_the_cli_fits_and_queries(tmp_path, kron_index):
@@ -340,7 +342,7 @@ def test_an_optimizer_state_index_is_refused_before_anything_is_written(tmp_path
     manifest.optimizer_state = {"path": "elsewhere", "fingerprint": "0" * 64}
     write_manifest(index_dir, manifest)
     with pytest.raises(PreconditionError, match="built with --optimizer-state.*use --kind fisher"):
-        fit_index(index_dir, kind="fisher+ekfac-weights")
+        ekfac_fit.fit_index_weights(index_dir, "fisher+ekfac-weights")
     assert read_manifest(index_dir).precondition is None  # not even the Fisher part
 
 
