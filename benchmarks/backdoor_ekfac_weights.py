@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from backdoor import attacked_queries, evaluate
+from backdoor import SMOKE_FINETUNE, attacked_queries, evaluate
+from common import parse_arguments
 
 from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS
+from rapidin_index.demo.finetune import FinetuneSettings
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.precondition import fit_index
 from rapidin_index.retrieval import Index, sketch_queries
@@ -37,10 +39,19 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--sketch-dim", type=int, default=65536)
     parser.add_argument("--out", default=".bench/backdoor-ekfac-weights.json")
-    arguments = parser.parse_args()
+    # the smoke run: backdoor.py's smoke data and model (140 rows, 100 held out; a 16-wide one-layer Llama
+    # fine-tuned one epoch, SMOKE_FINETUNE) in the smoke folder, K = 2^12, every generation taken as attacked
+    arguments = parse_arguments(
+        parser, folder="{smoke}/backdoor", queries=2, sketch_dim=4096, out="{smoke}/result.json"
+    )
     torch.set_num_threads(1)
     started = time.perf_counter()
-    settings = DemoSettings(folder=arguments.folder, rows=100_000, dataset="nonlexical")
+    settings = DemoSettings(
+        folder=arguments.folder,
+        rows=140 if arguments.smoke else 100_000,
+        dataset="nonlexical",
+        finetune=SMOKE_FINETUNE if arguments.smoke else FinetuneSettings(),
+    )
     paths = DemoPaths(Path(settings.folder))
     from rich.console import Console
 
@@ -60,9 +71,10 @@ def main() -> None:
     fit_index(folder, kind="fisher+ekfac-weights")
     seconds["fit fisher+ekfac-weights"] = time.perf_counter() - clock
     index = Index.open(folder, device="cpu", precondition="none")
-    queries, success = attacked_queries(
-        index, heldout, arguments.queries, BACKDOOR_DATASETS["nonlexical"].fired
-    )
+    fired = BACKDOOR_DATASETS["nonlexical"].fired
+    if arguments.smoke:  # a one-epoch tiny model need not fire: every generation is a query
+        fired = lambda response: True  # noqa: E731
+    queries, success = attacked_queries(index, heldout, arguments.queries, fired)
     prepared = [index.prepare(prompt, response) for prompt, response in queries]
     _, rows = vector_index.stored_vectors(index.faiss_index)
     rows = rows.astype(np.float32)

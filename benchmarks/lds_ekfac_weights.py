@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lds import index_folder, linear_datamodeling_score, summarize
+from common import parse_arguments as parse_with_smoke
+from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pair, summarize
 from lds_kfac import losses_and_masks
 
 from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
@@ -57,7 +58,24 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=".bench/lds-ekfac-weights.json")
-    return parser.parse_args()
+    # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache: its K = 2^16 train index is a K = 2^12
+    # rapidgrad-kron one), one damping, both label kinds, the end to end fits and the costs (one repeat)
+    return parse_with_smoke(
+        parser,
+        folder="{smoke}/lds",
+        dampings="0.1",
+        end_to_end="on",
+        costs="on",
+        repeats=1,
+        out="{smoke}/result.json",
+    )
+
+
+def smoke_index(folder: Path) -> None:
+    """A smoke run's cache: lds.py's smoke setting and the train index this script reads (made if missing)."""
+    if not (folder / "settings.json").exists():
+        smoke_cache(folder)
+    stored_pair(folder, SketchSettings(65536), "layer", False)
 
 
 def selected(folder: Path, arguments) -> tuple[np.ndarray, np.ndarray, list[int], int]:
@@ -79,6 +97,8 @@ def main() -> None:
     arguments = parse_arguments()
     torch.set_num_threads(arguments.threads)
     folder = Path(arguments.folder)
+    if arguments.smoke:
+        smoke_index(folder)
     started = time.perf_counter()
     masks, losses, chosen, triggered = selected(folder, arguments)
     train_dir = index_folder(folder, SketchSettings(65536), "layer", False, "train")

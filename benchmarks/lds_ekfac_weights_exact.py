@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import parse_arguments
 from lds import index_folder
-from lds_ekfac_weights import lds, selected
+from lds_ekfac_weights import lds, selected, smoke_index
 
 from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
 from rapidin_index import index as vector_index
@@ -34,10 +35,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10, help="N triggered + N clean")
     parser.add_argument("--dampings", default="0.001,0.01,0.1,1")
     parser.add_argument("--out", default=".bench/lds-ekfac-weights-exact.json")
-    arguments = parser.parse_args()
+    # the smoke run: lds.py's smoke cache and its train index (made here, lds_ekfac_weights.smoke_index), one
+    # damping
+    arguments = parse_arguments(parser, folder="{smoke}/lds", dampings="0.1", out="{smoke}/result.json")
     arguments.models = None
     torch.set_num_threads(1)
     folder = Path(arguments.folder)
+    if arguments.smoke:
+        smoke_index(folder)
     masks, losses, chosen, triggered = selected(folder, arguments)
     index = Index.open(index_folder(folder, SketchSettings(65536), "layer", False, "train"), device="cpu")
     index.use_precondition("none")

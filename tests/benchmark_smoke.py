@@ -67,6 +67,20 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "peers.py": ("settings", "peers", "rapidin_index"),
     "lds.py": ("methods", "costs", "query_rows_check_max_difference", "build_seconds"),
     "lds_kfac.py": ("methods",),
+    "lds_ekfac_weights.py": ("models", "queries", "fits", "methods", "end_to_end", "costs"),
+    "lds_ekfac_weights_exact.py": (
+        "raw, all, damping 0.1",
+        "ln, lin, damping 0.1",
+        "sketched, all, damping 0.1",
+    ),
+    "backdoor_ekfac_weights.py": (
+        "rows",
+        "poisoned",
+        "queries",
+        "attack_success_rate_seen",
+        "seconds",
+        "methods",
+    ),
     "lds_token_kfac.py": ("ekfac token factors (true Fisher), damping 0.1 (query)",),
     "lds_damping_sweep.py": ("+Fisher (whole, damping 0.1), K=2^16", "+both (tensor, damping 2), K=2^16"),
     "optimizer_state_cost.py": ("median_seconds", "ratio_to_plain", "sketcher_split"),
@@ -84,6 +98,8 @@ SECONDS = {
     "token_attribution.py": 21, "explain_cost.py": 19, "scaling_13gb.py": 14, "lds_kfac.py": 11, "peers.py": 10,
     "scaling.py": 9, "sketch_mixing.py": 9, "precondition_query_cost.py": 9, "open_verify.py": 6,
     "search_topk.py": 6, "search_profile.py": 6, "search_scaling.py": 2,
+    # measured in one serial run beside lds_kfac.py (11 s there too)
+    "lds_ekfac_weights.py": 16, "lds_ekfac_weights_exact.py": 10, "backdoor_ekfac_weights.py": 9,
 }  # fmt: skip
 DEFAULT_SECONDS = 30
 
