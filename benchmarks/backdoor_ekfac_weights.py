@@ -1,7 +1,7 @@
 """Issue 23: backdoor retrieval (non-lexical) of weight-space EK-FAC on the query side, beside the Fisher.
 
 Uses `backdoor.py`'s cached data and fine-tuned tiny Llama (--folder, made by `backdoor.py` if missing):
-one real K = 2^16 build of the 2,151 training rows, one `fit_index(kind="fisher+ekfac-weights")` (which
+one real K = 2^16 build of the 2,151 training rows, one `ekfac_fit.fit_index_weights(kind="fisher+ekfac-weights")` (which
 writes both the Fisher and the weight-space EK-FAC), then the attacked generations are scored by each
 option a user can query that index with (`Index.use_precondition`): none, fisher without and with query
 norms, ekfac-weights, fisher+ekfac-weights; each through `sketch_queries` against the stored rows (what the
@@ -28,7 +28,7 @@ from rapidin_index.build import build_index
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS
 from rapidin_index.demo.finetune import FinetuneSettings
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
-from rapidin_index.precondition import fit_index
+from rapidin_index.ekfac_fit import fit_index_weights as fit_index
 from rapidin_index.retrieval import Index, sketch_queries
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
 

@@ -113,11 +113,11 @@ def main() -> None:
     rows = rows.astype(np.float32)
     query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
     prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
-    from rapidin_index.retrieval import sketch_queries
+    from rapidin_index.retrieval import sketch_queries, sketch_query_vectors
 
     plain, _ = sketch_queries(index, prepared, per_token=False)  # layer-normalised: RapidIn
     weights = ekfac.WeightPreconditioner([], {})
-    gradients, _ = weights.gradients(index, prepared, per_token=False)  # [queries, D] plain
+    gradients, _ = weights.gradients(index, prepared, False, sketch_query_vectors)  # [queries, D] plain
     projector = index.sketcher.projector
     raw = ekfac.project(projector, gradients).numpy()  # query norms
     fisher_blocks = fit_fisher(rows, spans_for(index.manifest, "auto")[1], arguments.fisher_damping)
@@ -184,7 +184,7 @@ def main() -> None:
 
 def end_to_end(folder: Path, train_dir: Path, prepared_rows, masks, losses, triggered) -> dict:
     """LDS through `fit_index` (each kind's defaults) and the index's own query path."""
-    from rapidin_index.precondition import fit_index
+    from rapidin_index.ekfac_fit import fit_index_weights as fit_index
     from rapidin_index.retrieval import sketch_queries
 
     copy = folder / "indexes" / "ekfac-weights-end-to-end"
@@ -208,7 +208,7 @@ def end_to_end(folder: Path, train_dir: Path, prepared_rows, masks, losses, trig
 def costs(folder: Path, train_dir: Path, query_rows, repeats: int) -> dict:
     """A fresh build of the train rows, the ekfac-weights fit, and interleaved whole-generation queries."""
     from rapidin_index import build_index
-    from rapidin_index.precondition import fit_index
+    from rapidin_index.ekfac_fit import fit_index_weights as fit_index
     from rapidin_index.settings import BuildSettings, ModelSettings
 
     target = folder / "indexes" / "ekfac-weights-costs"

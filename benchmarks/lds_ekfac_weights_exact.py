@@ -27,6 +27,7 @@ from lds_ekfac_weights import lds, selected, smoke_index
 
 from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
 from rapidin_index import index as vector_index
+from rapidin_index.retrieval import sketch_query_vectors
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     _, rows = vector_index.stored_vectors(index.faiss_index)
     query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
     prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
-    gradients, _ = ekfac.WeightPreconditioner([], {}).gradients(index, prepared, False)
+    gradients, _ = ekfac.WeightPreconditioner([], {}).gradients(index, prepared, False, sketch_query_vectors)
     factors, _ = ekfac_fit.fit_weights(index, labels="sampled", damping=1.0, tensors="all")
     factors = [dataclasses.replace(f, scale=1.0) for f in factors]
     dampings = [float(d) for d in arguments.dampings.split(",")]

@@ -443,14 +443,14 @@ def sketch_queries(
     generation only, the queries share batches: one row per query.
     """
     if getattr(index.preconditioner, "weight_space", False):  # ekfac-weights: H^-1 g before the sketch
-        return index.preconditioner.sketch_queries(index, queries, per_token, _sketch_query_vectors)
-    vectors, losses = _sketch_query_vectors(index, queries, per_token)
+        return index.preconditioner.sketch_queries(index, queries, per_token, sketch_query_vectors)
+    vectors, losses = sketch_query_vectors(index, queries, per_token)
     if index.preconditioner is not None:  # (F + lambda I)^-1 q: the stored rows are left as they are
         vectors = index.preconditioner.apply(vectors)
     return vectors, losses
 
 
-def _sketch_query_vectors(
+def sketch_query_vectors(
     index: Index, queries: list[PreparedQuery], per_token: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     if not per_token:
