@@ -37,10 +37,11 @@ fisher``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rapidin_index.errors import PreconditionError
 
@@ -79,25 +80,55 @@ class FisherBlock:
     damping: float  # lambda of this block
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
-        """(F_b + lambda I)^-1 q_b for queries [n, width], in float32 (the eigenvectors' own dtype: no copy
-        of them per query)."""
-        inverse_rest = 1.0 / (self.rest + self.damping)
-        queries = np.asarray(queries, dtype=np.float32)
-        inside = queries @ self.eigenvectors  # [n, rank]
-        factors = (1.0 / (self.eigenvalues + self.damping) - inverse_rest).astype(np.float32)
-        return queries * np.float32(inverse_rest) + (inside * factors) @ self.eigenvectors.T
+        """(F_b + lambda I)^-1 q_b for queries [n, width], float32."""
+        out = np.array(queries, dtype=np.float32)
+        FisherProduct(self).apply_(torch.from_numpy(out))
+        return out
+
+
+class FisherProduct:
+    """A `FisherBlock` made ready for queries once (at open): ``(F_b + lambda I)^-1 q = q / (rest + lambda)
+    + V ((V^T q) * c)`` with ``c = 1 / (eigenvalues + lambda) - 1 / (rest + lambda)``: two float32 products
+    with the block's eigenvectors, by torch on the threads the model's own products use. (numpy's BLAS
+    ran its own threads beside them; on a busy machine they cost 10x the products: BENCHMARKS.md, "Issue
+    23: cost of a preconditioned query".)"""
+
+    def __init__(self, block: FisherBlock) -> None:
+        self.inverse_rest = 1.0 / (block.rest + block.damping)
+        kept = block.eigenvalues.size > 0  # a block of bins no tensor uses keeps none: q / lambda
+        vectors = np.ascontiguousarray(block.eigenvectors, dtype=np.float32)
+        self.eigenvectors = torch.from_numpy(vectors) if kept else None  # [width, rank], no copy
+        factors = 1.0 / (np.asarray(block.eigenvalues, dtype=np.float64) + block.damping) - self.inverse_rest
+        self.factors = torch.from_numpy(factors.astype(np.float32))  # [rank]
+
+    def apply_(self, part: torch.Tensor) -> None:
+        """Overwrite ``part`` [n, width] float32 (a view of the query vectors) with (F_b + lambda I)^-1 part."""
+        if self.eigenvectors is None:
+            part.mul_(self.inverse_rest)
+            return
+        inside = (part @ self.eigenvectors).mul_(self.factors)  # [n, rank]
+        part.copy_(torch.addmm(part, inside, self.eigenvectors.T, beta=self.inverse_rest))  # [n, width]
 
 
 @dataclass
 class Preconditioner:
     blocks: list[FisherBlock]
     record: dict
+    products: list = field(init=False, repr=False)
+    """Per block its `FisherProduct`, or None for a block with its own ``apply`` (`kfac.KroneckerBlock`)."""
+
+    def __post_init__(self) -> None:
+        self.products = [FisherProduct(b) if isinstance(b, FisherBlock) else None for b in self.blocks]
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
         """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32."""
-        out = np.array(queries, dtype=np.float32)
-        for block in self.blocks:
-            out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
+        out = np.array(queries, dtype=np.float32)  # a copy, overwritten block by block
+        vectors = torch.from_numpy(out)  # the same memory
+        for block, product in zip(self.blocks, self.products, strict=True):
+            if product is None:
+                out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
+            else:
+                product.apply_(vectors[:, block.start : block.stop])
         return out
 
 
