@@ -138,10 +138,11 @@ def _build_and_fit(data: Path, index_dir: Path, settings: BuildSettings) -> None
 # --------------------------------------------------------------------------- the code before this change
 
 
-def old_apply(preconditioner, queries: np.ndarray) -> np.ndarray:
-    """`Preconditioner.apply` before this change: a loop over blocks, two numpy products each."""
+def old_apply(blocks: list, queries: np.ndarray) -> np.ndarray:
+    """`Preconditioner.apply` before this change: a loop over the blocks as the file holds them (C-ordered
+    [width, rank] eigenvectors), two numpy products each."""
     out = np.array(queries, dtype=np.float32)
-    for block in preconditioner.blocks:
+    for block in blocks:
         part = out[:, block.start : block.stop]
         inverse_rest = 1.0 / (block.rest + block.damping)
         inside = part @ block.eigenvectors  # [n, rank]
@@ -194,8 +195,18 @@ class StageClock:
 def use_variant(index: Index, variant: str) -> None:
     index.use_precondition("none" if variant == "none" else "fisher", variant == "fisher + query norms")
     if variant == "fisher, old apply":
-        preconditioner = index.preconditioner
-        preconditioner.apply = lambda queries: old_apply(preconditioner, queries)
+        blocks = stored_blocks(index)
+        index.preconditioner.apply = lambda queries: old_apply(blocks, queries)
+
+
+def stored_blocks(index: Index, cache: dict = {}) -> list:  # noqa: B006 (read once per index)
+    """The fit's blocks as `load_blocks` reads them (no `Preconditioner` has touched them)."""
+    from rapidin_index.precondition import fisher_file, load_blocks
+
+    if index.path not in cache:
+        path = index.path / fisher_file(index.manifest.generation)
+        cache[index.path] = load_blocks(path, index.manifest.sketch["output_dim"])
+    return cache[index.path]
 
 
 def forward_backward_seconds(index: Index, prepared: list) -> float:
@@ -257,6 +268,19 @@ def time_single(index: Index, prepared: list, repeats: int) -> dict:
     return {variant: {"total": value, "ratio": value / medians["none"]} for variant, value in medians.items()}
 
 
+def open_seconds(index: Index, repeats: int) -> dict:
+    """Median wall and CPU seconds of `Index.use_precondition("fisher")` (what `Index.open` adds on a
+    fitted index: the file read, checked and made ready), once per process, not per query."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        index.use_precondition("none")
+        started, started_cpu = time.perf_counter(), time.process_time()
+        index.use_precondition("fisher")
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return {"wall": float(np.median(wall)), "cpu": float(np.median(cpu))}
+
+
 def print_table(title: str, table: dict) -> None:
     columns = ("forward+backward", "sketch", "precondition", "search", "join", "other", "total", "ratio")
     print(f"\n{title}\n| variant | " + " | ".join(columns) + " |")
@@ -289,6 +313,8 @@ def main() -> None:
     if arguments.single:
         report["single"] = time_single(index, prepared[: arguments.single], arguments.repeats)
         print(f"\n{arguments.single} queries one at a time: " + json.dumps(report["single"]))
+    report["open"] = open_seconds(index, arguments.repeats)
+    print("use_precondition('fisher') at open: " + json.dumps(report["open"]))
     if arguments.out:
         Path(arguments.out).write_text(json.dumps(report, indent=1))
 

@@ -88,26 +88,37 @@ class FisherBlock:
 
 class FisherProduct:
     """A `FisherBlock` made ready for queries once (at open): ``(F_b + lambda I)^-1 q = q / (rest + lambda)
-    + V ((V^T q) * c)`` with ``c = 1 / (eigenvalues + lambda) - 1 / (rest + lambda)``: two float32 products
-    with the block's eigenvectors, by torch on the threads the model's own products use. (numpy's BLAS
-    ran its own threads beside them; on a busy machine they cost 10x the products: BENCHMARKS.md, "Issue
-    23: cost of a preconditioned query".)"""
+    + V ((V^T q) * c)`` with ``c = 1 / (eigenvalues + lambda) - 1 / (rest + lambda)``, float32 products by
+    torch on the threads the model's own products use (numpy's BLAS ran threads of its own beside them,
+    which on a busy machine cost 10x the products: BENCHMARKS.md, "Issue 23: cost of a preconditioned
+    query").
+
+    V is kept transposed, [rank, width] contiguous, and the block's ``eigenvectors`` become a view of it
+    (one copy in memory). A few queries read V in slices of ``SLICE_EIGENPAIRS`` rows, each used for both
+    products while it is in the CPU cache: one pass over V instead of two, which is what a small batch's
+    products cost (they are memory-bound); a larger batch takes V in one piece (compute-bound)."""
+
+    SMALL_BATCH = 16
+    SLICE_EIGENPAIRS = 32
 
     def __init__(self, block: FisherBlock) -> None:
         self.inverse_rest = 1.0 / (block.rest + block.damping)
-        kept = block.eigenvalues.size > 0  # a block of bins no tensor uses keeps none: q / lambda
-        vectors = np.ascontiguousarray(block.eigenvectors, dtype=np.float32)
-        self.eigenvectors = torch.from_numpy(vectors) if kept else None  # [width, rank], no copy
+        self.rank = block.eigenvalues.size  # 0 for bins no tensor uses: the product is q / lambda
+        transposed = np.ascontiguousarray(np.asarray(block.eigenvectors, dtype=np.float32).T)
+        block.eigenvectors = transposed.T  # [width, rank], the same values, sharing the copy below
+        self.transposed = torch.from_numpy(transposed)  # [rank, width]
         factors = 1.0 / (np.asarray(block.eigenvalues, dtype=np.float64) + block.damping) - self.inverse_rest
         self.factors = torch.from_numpy(factors.astype(np.float32))  # [rank]
 
     def apply_(self, part: torch.Tensor) -> None:
         """Overwrite ``part`` [n, width] float32 (a view of the query vectors) with (F_b + lambda I)^-1 part."""
-        if self.eigenvectors is None:
-            part.mul_(self.inverse_rest)
-            return
-        inside = (part @ self.eigenvectors).mul_(self.factors)  # [n, rank]
-        part.copy_(torch.addmm(part, inside, self.eigenvectors.T, beta=self.inverse_rest))  # [n, width]
+        out = part * self.inverse_rest  # [n, width]
+        step = self.SLICE_EIGENPAIRS if len(part) <= self.SMALL_BATCH else max(self.rank, 1)
+        for first in range(0, self.rank, step):
+            vectors = self.transposed[first : first + step]  # [step, width]
+            inside = (part @ vectors.T).mul_(self.factors[first : first + step])  # [n, step]
+            out.addmm_(inside, vectors)
+        part.copy_(out)
 
 
 @dataclass

@@ -294,24 +294,24 @@ def test_the_query_side_product_equals_a_dense_inverse_of_the_stored_factors(tmp
     a query opens it: the preconditioned vectors equal numpy's dense (F + lambda I)^-1 of the same stored
     factors to float32 rounding, one query or many, the caller's array untouched."""
     generator = np.random.default_rng(3)
-    vectors = generator.standard_normal((40, 290)) * np.linspace(3, 0.05, 290)
-    vectors[:, 200:260] = 0  # bins no tensor uses (wider than the rows): no eigenpair is kept
+    vectors = generator.standard_normal((60, 300)) * np.linspace(3, 0.05, 300)
+    vectors[:, 200:270] = 0  # bins no tensor uses (wider than the rows): no eigenpair is kept
     monkeypatch.setattr(precondition, "DENSE_LIMIT", 64)
-    spans = [(0, 30), (30, 200), (200, 260), (260, 290)]  # dense (30 <= 40 rows), truncated, empty, dense
-    blocks = precondition.fit_fisher(vectors, spans, damping=0.2, rank=12)
-    assert [b.eigenvalues.size for b in blocks] == [30, 12, 0, 30] and blocks[1].rest > 0
+    spans = [(0, 30), (30, 200), (200, 270), (270, 300)]  # dense (30 <= 60 rows), truncated, empty, dense
+    blocks = precondition.fit_fisher(vectors, spans, damping=0.2, rank=40)
+    assert [b.eigenvalues.size for b in blocks] == [30, 40, 0, 30] and blocks[1].rest > 0
     precondition.save_blocks(tmp_path / "fisher-g0001.npz", blocks)
-    loaded = precondition.Preconditioner(precondition.load_blocks(tmp_path / "fisher-g0001.npz", 290), {})
-    inverse = dense_inverse_of_stored(tmp_path / "fisher-g0001.npz", 290)
-    for count in (1, 7):
-        queries = generator.standard_normal((count, 290))  # float64: apply takes any float array
+    loaded = precondition.Preconditioner(precondition.load_blocks(tmp_path / "fisher-g0001.npz", 300), {})
+    inverse = dense_inverse_of_stored(tmp_path / "fisher-g0001.npz", 300)
+    for count in (1, 7, 20):  # a few queries take V in slices, more in one piece
+        queries = generator.standard_normal((count, 300))  # float64: apply takes any float array
         before = queries.copy()
         got = loaded.apply(queries)
         expected = queries @ inverse  # symmetric
         assert got.dtype == np.float32 and np.array_equal(queries, before)
         scale = np.abs(expected).max(axis=1, keepdims=True)
         assert np.abs(got - expected).max() / scale.min() < 2e-6  # float32 rounding (eps 1.2e-7)
-        np.testing.assert_allclose(got[:, 200:260], queries[:, 200:260] / blocks[2].damping, rtol=1e-6)
+        np.testing.assert_allclose(got[:, 200:270], queries[:, 200:270] / blocks[2].damping, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- K-FAC and EK-FAC
