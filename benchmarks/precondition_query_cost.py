@@ -209,33 +209,38 @@ def stored_blocks(index: Index, cache: dict = {}) -> list:  # noqa: B006 (read o
     return cache[index.path]
 
 
-def forward_backward_seconds(index: Index, prepared: list) -> float:
+def forward_backward_seconds(index: Index, calls: list[list]) -> float:
     """CPU seconds of plain autograd of HF's loss over the query batches `query_prepared` sketches (the
     attributed parameters' gradients only): the floor under the sketch."""
     model = index.loaded.model
     parameters = [block.parameter for block in index.blocks]
     pad = index.loaded.tokenizer.pad_token_id
-    sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in prepared]
     started = time.process_time()
-    for start in range(0, len(sequences), index.batch_size):
-        batch = collate(sequences[start : start + index.batch_size], pad, index.device)
-        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-        torch.autograd.grad(loss, parameters)
+    for prepared in calls:
+        sequences = [(query.input_ids, query.labels_for(query.hot_positions)) for query in prepared]
+        for start in range(0, len(sequences), index.batch_size):
+            batch = collate(sequences[start : start + index.batch_size], pad, index.device)
+            loss = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+            ).loss
+            torch.autograd.grad(loss, parameters)
     return time.process_time() - started
 
 
-def time_variants(index: Index, prepared: list, repeats: int) -> dict:
-    """Per variant: medians over ``repeats`` of the CPU seconds of the whole call and of each stage."""
+def time_variants(index: Index, calls: list[list], repeats: int) -> dict:
+    """Per variant: medians over ``repeats`` of the CPU seconds of the ``calls`` (each one `query_prepared`
+    call's queries), whole and per stage; the variants interleaved in each repeat."""
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
     floors = []
     for _ in range(repeats):
-        floors.append(forward_backward_seconds(index, prepared))
+        floors.append(forward_backward_seconds(index, calls))
         for variant in VARIANTS:
             use_variant(index, variant)
             clock = StageClock()
             with clock.installed(index):
                 started = time.process_time()
-                index.query_prepared(prepared, 10, explain=0, per_token=False)
+                for prepared in calls:
+                    index.query_prepared(prepared, 10, explain=0, per_token=False)
                 clock.seconds["total"] = time.process_time() - started
             runs[variant].append(clock.seconds)
     floor = float(np.median(floors))
@@ -252,20 +257,6 @@ def time_variants(index: Index, prepared: list, repeats: int) -> dict:
     for stages in table.values():
         stages["ratio"] = stages["total"] / table["none"]["total"]
     return table
-
-
-def time_single(index: Index, prepared: list, repeats: int) -> dict:
-    """Median CPU seconds of one query alone (summed over the queries), per variant, interleaved."""
-    runs: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for _ in range(repeats):
-        for variant in VARIANTS:
-            use_variant(index, variant)
-            started = time.process_time()
-            for query in prepared:
-                index.query_prepared([query], 10, explain=0, per_token=False)
-            runs[variant].append(time.process_time() - started)
-    medians = {variant: float(np.median(values)) for variant, values in runs.items()}
-    return {variant: {"total": value, "ratio": value / medians["none"]} for variant, value in medians.items()}
 
 
 def open_seconds(index: Index, repeats: int) -> dict:
@@ -305,14 +296,15 @@ def main() -> None:
         "queries": len(prepared),
         "sketch": index.manifest.sketch["algorithm"],
         "precondition": index.manifest.precondition,
-        "batch": time_variants(index, prepared, arguments.repeats),
+        "batch": time_variants(index, [prepared], arguments.repeats),
     }
     print_table(
         f"{len(prepared)} queries in one call, CPU seconds (medians of {arguments.repeats})", report["batch"]
     )
     if arguments.single:
-        report["single"] = time_single(index, prepared[: arguments.single], arguments.repeats)
-        print(f"\n{arguments.single} queries one at a time: " + json.dumps(report["single"]))
+        calls = [[query] for query in prepared[: arguments.single]]
+        report["single"] = time_variants(index, calls, arguments.repeats)
+        print_table(f"{arguments.single} queries one at a time, CPU seconds in all", report["single"])
     report["open"] = open_seconds(index, arguments.repeats)
     print("use_precondition('fisher') at open: " + json.dumps(report["open"]))
     if arguments.out:
