@@ -104,9 +104,9 @@ class FisherProduct:
     def __init__(self, block: FisherBlock) -> None:
         self.inverse_rest = 1.0 / (block.rest + block.damping)
         self.rank = block.eigenvalues.size  # 0 for bins no tensor uses: the product is q / lambda
-        transposed = np.ascontiguousarray(np.asarray(block.eigenvectors, dtype=np.float32).T)
-        block.eigenvectors = transposed.T  # [width, rank], the same values, sharing the copy below
-        self.transposed = torch.from_numpy(transposed)  # [rank, width]
+        vectors = torch.from_numpy(np.asarray(block.eigenvectors, dtype=np.float32))  # [width, rank]
+        self.transposed = vectors.T.contiguous()  # [rank, width] (torch's copy: 4x numpy's here)
+        block.eigenvectors = self.transposed.numpy().T  # the same values, sharing that copy
         factors = 1.0 / (np.asarray(block.eigenvalues, dtype=np.float64) + block.damping) - self.inverse_rest
         self.factors = torch.from_numpy(factors.astype(np.float32))  # [rank]
 
