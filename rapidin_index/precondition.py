@@ -39,11 +39,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rapidin_index.errors import PreconditionError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 2
 """1: Fisher eigen blocks only; 2: also `kfac.KroneckerBlock` blocks (``block_kinds``)."""
@@ -81,6 +84,8 @@ class FisherBlock:
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
         """(F_b + lambda I)^-1 q_b for queries [n, width], float32."""
+        import torch
+
         out = np.array(queries, dtype=np.float32)
         FisherProduct(self).apply_(torch.from_numpy(out))
         return out
@@ -102,6 +107,8 @@ class FisherProduct:
     SLICE_EIGENPAIRS = 32
 
     def __init__(self, block: FisherBlock) -> None:
+        import torch  # here, not at the top: `rapidin-index fit` loads no torch for it
+
         self.inverse_rest = 1.0 / (block.rest + block.damping)
         self.rank = block.eigenvalues.size  # 0 for bins no tensor uses: the product is q / lambda
         vectors = torch.from_numpy(np.asarray(block.eigenvectors, dtype=np.float32))  # [width, rank]
@@ -133,6 +140,8 @@ class Preconditioner:
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
         """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32."""
+        import torch
+
         out = np.array(queries, dtype=np.float32)  # a copy, overwritten block by block
         vectors = torch.from_numpy(out)  # the same memory
         for block, product in zip(self.blocks, self.products, strict=True):
