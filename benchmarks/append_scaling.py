@@ -15,6 +15,11 @@ merge      `shards.merge_shards` of two shards of N/2 rows (ids i % 2)
 export     `export.export_index` to .tar.gz, .tar.zst (new code only) and .parquet: time, size
 build      (``--build-rows``) `build.build_index` of N rows with the tiny demo Llama (K = 4096), whole,
            in a fresh process each: peak RSS against N
+open       (``--open-rows``, issue 27: stamps) the first open after each writer that commits: `build
+           --append` of 64 rows (`build.build_index`, the tiny Llama), `merge_shards` of two halves,
+           `import_bundle` of a plain-tar export; each writer in a fresh process, then the open's file
+           check (`verify.check_files`, what `Index.open` runs) in another fresh process, timed, with
+           whether the writer had stamped the files it wrote (old code: hashed again; new: stat only)
 
 Run from the repository root; see BENCHMARKS.md for the command and the results.
 """
@@ -28,9 +33,10 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import drive, memory, parse_arguments
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 K = 4096
@@ -47,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--table", default=None, help="print the Markdown tables of a results JSON file")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: append,merge,export,build")
     parser.add_argument(
+        "--open-rows", default="", help="index sizes of the first-open-after-a-writer part (default: none)"
+    )
+    parser.add_argument(
         "--old-exports", default="tar.gz,parquet", help="formats exported by the old code too"
     )
     parser.add_argument(
@@ -57,13 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--paths", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def memory() -> dict:
-    status = Path("/proc/self/status").read_text().splitlines()
-    fields = dict(line.split(":", 1) for line in status if ":" in line)
-    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS")}
+    # the smoke run: this checkout is also the "old" code, and each child runs in this process
+    root = str(Path(__file__).resolve().parent.parent)
+    return parse_arguments(parser, argv, rows="64", build_rows="8", old=root, out="{smoke}/result.json")
 
 
 def text_row(example_id: int) -> dict:
@@ -123,6 +128,26 @@ def child(mode: str, paths: list[str]) -> dict:
 
         settings = BuildSettings(ModelSettings(paths[1]), sketch=SketchSettings(K), device="cpu")
         result["rows"] = build_index(paths[0], paths[2], settings, progress=False).rows_indexed
+    elif mode == "append-commit":
+        from rapidin_index.build import build_index
+        from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+
+        settings = BuildSettings(ModelSettings(paths[1]), sketch=SketchSettings(K), device="cpu")
+        build_index(paths[0], paths[2], settings, append=True, progress=False)
+    elif mode == "import":
+        from rapidin_index.bundle_import import import_bundle
+
+        import_bundle(paths[0], paths[1])
+    elif mode == "open":
+        from rapidin_index import verify
+        from rapidin_index.manifest import read_manifest
+
+        manifest = read_manifest(paths[0])
+        stamps = verify.read_stamps(Path(paths[0]))
+        result["stamped"] = sorted(set(stamps) & set(manifest.files)) == sorted(manifest.files)
+        result["bytes"] = sum(entry["bytes"] for entry in manifest.files.values())
+        started = time.perf_counter()
+        verify.check_files(paths[0], manifest)  # what Index.open runs (stat only where stamped)
     result["seconds"] = time.perf_counter() - started
     result["end"] = memory()
     return result
@@ -165,7 +190,9 @@ def append_rows(index_dir: Path, count: int) -> None:
     store.remove_generation(index_dir, generation + 1)  # not committed: the index is measured again
 
 
-def run_child(mode: str, code: str, *paths) -> dict:
+def run_child(mode: str, code: str, *paths, smoke: bool = False) -> dict:
+    if smoke:  # the smoke run's old code is this checkout: the child runs in this process
+        return child(mode, [str(p) for p in paths])
     command = [sys.executable, __file__, "--child", mode, "--paths", json.dumps([str(p) for p in paths])]
     environment = {**os.environ, **ONE_THREAD, "PYTHONPATH": code, "LANCEDB_LOG": "error"}
     finished = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
@@ -232,13 +259,44 @@ def synthetic_index(index_dir: Path, template, total: int, shard: int | None = N
 # --------------------------------------------------------------------------- driver
 
 
+def first_opens(folder: Path, codes: dict, template, model: Path, rows: int) -> dict:
+    """Per writer that commits (append, merge, import) and per code: the writer in a fresh process, then
+    the first open's file check in another; {f"{writer}_{code}": {"write": ..., "open": ...}}."""
+    from rapidin_index.export import export_index
+
+    base, halves = folder / f"open-base-{rows}", [folder / f"open-shard-{rows}-{i}" for i in (0, 1)]
+    synthetic_index(base, template, rows)
+    for shard, half in enumerate(halves):
+        synthetic_index(half, template, rows, shard)
+    bundle = export_index(base, folder / f"open-{rows}.tar")
+    more = write_data(folder / "append-64.jsonl", 64)
+    results = {}
+    for name, code in codes.items():
+        target = folder / f"open-target-{rows}"
+        for writer in ("append", "merge", "import"):
+            if writer == "append":
+                shutil.copytree(base, target)
+                write = run_child("append-commit", code, more, model, target)
+            elif writer == "merge":
+                write = run_child("merge", code, *halves, target)
+            else:
+                write = run_child("import", code, bundle, target)
+            results[f"{writer}_{name}"] = {"write": write, "open": run_child("open", code, target)}
+            shutil.rmtree(target)
+    for path in (base, *halves):
+        shutil.rmtree(path)
+    bundle.unlink()
+    return results
+
+
 def measure(args: argparse.Namespace, folder: Path) -> dict:
     codes = {"new": str(Path(__file__).resolve().parent.parent)}
     if args.old:
         codes["old"] = str(Path(args.old).resolve())
     skip = set(args.skip.split(","))
     model = tiny_model(folder)
-    template = template_manifest(folder, model) if any(r for r in args.rows.split(",")) else None
+    sizes = args.rows.split(",") + args.open_rows.split(",")
+    template = template_manifest(folder, model) if any(r for r in sizes) else None
     results = {"synthetic": [], "build": []}
     for rows in (int(r) for r in args.rows.split(",") if r):
         index_dir = folder / f"index-{rows}"
@@ -247,14 +305,16 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
         entry = {"rows": rows, "write_s": time.perf_counter() - started}
         for name, code in codes.items():
             if "append" not in skip:
-                entry[f"append_{name}"] = run_child("append", code, index_dir)
+                entry[f"append_{name}"] = run_child("append", code, index_dir, smoke=args.smoke)
             if "export" not in skip:
                 formats = ["tar.gz", "tar.zst", "parquet"] if name == "new" else args.old_exports.split(",")
                 if name == "old" and rows > args.old_parquet_max:
                     formats = [f for f in formats if f != "parquet"]
                 for bundle_format in formats:
                     out = folder / f"bundle.{bundle_format}"
-                    entry[f"export_{bundle_format}_{name}"] = run_child("export", code, index_dir, out)
+                    entry[f"export_{bundle_format}_{name}"] = run_child(
+                        "export", code, index_dir, out, smoke=args.smoke
+                    )
                     out.unlink()
         shutil.rmtree(index_dir)
         if "merge" not in skip:
@@ -263,18 +323,22 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
                 synthetic_index(half, template, rows, shard)
             for name, code in codes.items():
                 merged = folder / f"merged-{rows}"
-                entry[f"merge_{name}"] = run_child("merge", code, *halves, merged)
+                entry[f"merge_{name}"] = run_child("merge", code, *halves, merged, smoke=args.smoke)
                 shutil.rmtree(merged)
             for half in halves:
                 shutil.rmtree(half)
         print(json.dumps(entry), flush=True)
         results["synthetic"].append(entry)
+    for rows in (int(r) for r in args.open_rows.split(",") if r):
+        entry = {"rows": rows, **first_opens(folder, codes, template, model, rows)}
+        print(json.dumps(entry), flush=True)
+        results.setdefault("open", []).append(entry)
     for rows in (int(r) for r in args.build_rows.split(",") if r and "build" not in skip):
         data = write_data(folder / f"train-{rows}.jsonl", rows)
         entry = {"rows": rows}
         for name, code in codes.items():
             index_dir = folder / f"built-{rows}-{name}"
-            entry[f"build_{name}"] = run_child("build", code, data, model, index_dir)
+            entry[f"build_{name}"] = run_child("build", code, data, model, index_dir, smoke=args.smoke)
             shutil.rmtree(index_dir)
         print(json.dumps(entry), flush=True)
         results["build"].append(entry)
@@ -283,17 +347,7 @@ def measure(args: argparse.Namespace, folder: Path) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return
-    if args.child:
-        print(json.dumps(child(args.child, json.loads(args.paths))))
-        return
-    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        results = measure(args, Path(folder))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    print(table(results))
+    drive(args, lambda: child(args.child, json.loads(args.paths)), measure, table)
 
 
 def table(results: dict) -> str:
@@ -320,6 +374,24 @@ def table(results: dict) -> str:
             old, new = entry.get(f"{operation}_old"), entry.get(f"{operation}_new")
             if old or new:
                 lines.append(f"| {entry['rows']:,} | {label} | {cell(old, size)} | {cell(new, size)} |")
+    if results.get("open"):
+        lines += [
+            "",
+            "| rows | writer | old: write s; first open's file check s (stamped?) | new: write s; first open's file check s (stamped?) |",
+            "|---|---|---|---|",
+        ]
+        for entry in results["open"]:
+            for writer in ("append", "merge", "import"):
+                cells = []
+                for name in ("old", "new"):
+                    found = entry.get(f"{writer}_{name}")
+                    cells.append(
+                        "-"
+                        if not found
+                        else f"{found['write']['seconds']:.1f} s; {found['open']['seconds']:.3f} s "
+                        f"({'stamped' if found['open']['stamped'] else 'not stamped'})"
+                    )
+                lines.append(f"| {entry['rows']:,} | {writer} | {cells[0]} | {cells[1]} |")
     if results["build"]:
         lines += ["", "| rows | build (tiny Llama, K = 4096): old | new |", "|---|---|---|"]
         for entry in results["build"]:

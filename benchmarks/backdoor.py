@@ -45,12 +45,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import SMOKE_MODEL
+from common import parse_arguments as parse_with_smoke
 
 from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
 from rapidin_index.demo.baselines import BM25, mean_hidden_states, random_scores, words
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS
-from rapidin_index.demo.finetune import attack_success_rate, finetune
+from rapidin_index.demo.finetune import FinetuneSettings, attack_success_rate, finetune
 from rapidin_index.demo.metrics import mean_metrics, retrieval_metrics, spearman
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.losses import collate
@@ -113,7 +115,11 @@ def parse_arguments() -> argparse.Namespace:
         help="tiny: off builds no exact index (2,151 exact rows hold 2.8 GB): RapidIn, +optimizer state, "
         "+Fisher and +both from real builds at the largest --sketch-dims K, and the text baselines",
     )
-    arguments = parser.parse_args()
+    # the smoke run: 140 rows (100 held out), a 16-wide one-layer Llama fine-tuned one epoch (SMOKE_FINETUNE), every
+    # generation taken as attacked, K = 2^12; both the exact path and the --exact off path (main_built)
+    arguments = parse_with_smoke(
+        parser, queries=2, sketch_dims="4096", rows=140, folder="{smoke}/backdoor", out="{smoke}/result.json"
+    )
     tiny = arguments.model == "tiny"
     if arguments.dataset is None:
         arguments.dataset = "nonlexical" if tiny else "lexical"
@@ -127,6 +133,8 @@ def parse_arguments() -> argparse.Namespace:
         arguments.out = f"{arguments.folder}.json"
     return arguments
 
+
+SMOKE_FINETUNE = FinetuneSettings(**SMOKE_MODEL)
 
 DERIVED_FOLDERS = ("exact-layer", "exact-none", "exact-layer-adam", "rapidin-65536", "model-clean")
 
@@ -186,7 +194,12 @@ def main() -> None:
     if arguments.model == "smollm2":
         return main_smollm2(arguments)
     started = time.perf_counter()
-    settings = DemoSettings(folder=arguments.folder, rows=arguments.rows, dataset=arguments.dataset)
+    settings = DemoSettings(
+        folder=arguments.folder,
+        rows=arguments.rows,
+        dataset=arguments.dataset,
+        finetune=SMOKE_FINETUNE if arguments.smoke else FinetuneSettings(),
+    )
     paths = DemoPaths(Path(settings.folder))
     from rich.console import Console
 
@@ -197,9 +210,13 @@ def main() -> None:
             shutil.rmtree(paths.folder / name, ignore_errors=True)
     prepare_model(settings, paths, train, Console(stderr=True))
     fired = BACKDOOR_DATASETS[arguments.dataset].fired
+    if arguments.smoke:  # a one-epoch tiny model need not fire: every generation is a query
+        fired = lambda response: True  # noqa: E731
     labels = np.array([bool(row["poisoned"]) for row in train])
     if arguments.exact == "off":
         return main_built(arguments, paths, train, heldout, fired, labels, started)
+    if arguments.smoke:
+        main_built(arguments, paths, train, heldout, fired, labels, started, out=paths.folder / "built.json")
     layer = exact_index(paths, "layer")
     backdoor = backdoor_rates(layer, heldout, fired)
     queries, success = attacked_queries(layer, heldout, arguments.queries, fired)
@@ -234,6 +251,21 @@ def main() -> None:
             paths, settings, train, queries, labels
         )
         check = check_against_real_build(paths, queries, query_exact, train_vectors)
+    write_report(
+        arguments.out,
+        (arguments, train, labels, queries, backdoor, success, results, started),
+        poisoned_scored_below_zero=float(np.mean([(row[labels] < 0).mean() for row in layer_scores])),
+        poisoned_score_vs_word_overlap=word_overlap_diagnostic(train, queries, labels, layer_scores),
+        gradient_dim=int(train_vectors.shape[1]),
+        real_build_check=check,
+    )
+
+
+def write_report(out, run, **fields) -> dict:
+    """The JSON result of a tiny run, written to ``out`` and printed as a table. ``run``: (arguments, train,
+    labels, queries, backdoor rates, attack success seen, method results, start time); ``fields`` sit
+    between the run's description and its seconds and methods."""
+    arguments, train, labels, queries, backdoor, success, results, started = run
     report = {
         "dataset": arguments.dataset,
         "rows": len(train),
@@ -242,49 +274,42 @@ def main() -> None:
         "generations": [response for _, response in queries],
         **backdoor,
         "attack_success_rate_seen": success,
-        "poisoned_scored_below_zero": float(np.mean([(row[labels] < 0).mean() for row in layer_scores])),
-        "poisoned_score_vs_word_overlap": word_overlap_diagnostic(train, queries, labels, layer_scores),
-        "gradient_dim": int(train_vectors.shape[1]),
-        "real_build_check": check,
+        **fields,
         "seconds": time.perf_counter() - started,
         "methods": {name: dict(metrics) for name, metrics in results.items()},
         "notes": {name: metrics.notes for name, metrics in results.items() if metrics.notes},
     }
-    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(arguments.out).write_text(json.dumps(report, indent=2))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
     print_table(report)
+    return report
 
 
 def main_built(
-    arguments, paths: DemoPaths, train, heldout, fired, labels: np.ndarray, started: float
+    arguments, paths: DemoPaths, train, heldout, fired, labels: np.ndarray, started: float, out=None
 ) -> None:
     """``--exact off``: issue 23's variants from real builds (`backdoor_variants.built_variant_results`)."""
     from backdoor_variants import built_index, built_variant_results  # beside this file
 
-    sketch = SketchSettings(max(int(k) for k in arguments.sketch_dims.split(",")))  # the default algorithm
+    sketch_dim = max(int(k) for k in arguments.sketch_dims.split(","))
+    # the default algorithm (rapidgrad-kron at the default K on this model; named in the smoke run's small K)
+    sketch = (
+        SketchSettings(sketch_dim, algorithm="rapidgrad-kron")
+        if arguments.smoke
+        else SketchSettings(sketch_dim)
+    )
     plain, seconds = built_index(paths, None, sketch)
     backdoor = backdoor_rates(plain, heldout, fired)
     queries, success = attacked_queries(plain, heldout, arguments.queries, fired)
     results, costs = built_variant_results(paths, plain, seconds, queries, labels, evaluate, sketch)
     results.update(text_baselines(plain, train, queries, labels))
-    report = {
-        "dataset": arguments.dataset,
-        "rows": len(train),
-        "poisoned": int(labels.sum()),
-        "queries": len(queries),
-        "generations": [response for _, response in queries],
-        **backdoor,
-        "attack_success_rate_seen": success,
-        "configuration": f"--exact off: real builds only (no exact index), torch threads {arguments.threads}",
-        "gradient_dim": int(plain.manifest.sketch["gradient_dim"]),
-        "costs": costs,
-        "seconds": time.perf_counter() - started,
-        "methods": {name: dict(metrics) for name, metrics in results.items()},
-        "notes": {name: metrics.notes for name, metrics in results.items() if metrics.notes},
-    }
-    Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(arguments.out).write_text(json.dumps(report, indent=2))
-    print_table(report)
+    write_report(
+        out or arguments.out,
+        (arguments, train, labels, queries, backdoor, success, results, started),
+        configuration=f"--exact off: real builds only (no exact index), torch threads {arguments.threads}",
+        gradient_dim=int(plain.manifest.sketch["gradient_dim"]),
+        costs=costs,
+    )
     print(json.dumps(costs, indent=2))
 
 

@@ -273,13 +273,22 @@ def text_baselines(train: list[dict], queries: list[PreparedQuery]) -> dict[str,
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run(folder: Path, settings: RealModelSettings, query_count: int, out: Path) -> dict:
-    """Data, adapter (cached), backdoor rates, indexes, queries and metrics; the report is also written to `out`."""
+def run(
+    folder: Path,
+    settings: RealModelSettings,
+    query_count: int,
+    out: Path,
+    model: Path | None = None,
+    fired=None,
+) -> dict:
+    """Data, adapter (cached), backdoor rates, indexes, queries and metrics; the report is also written to `out`.
+    ``model``: the base model's folder (default SmolLM2); ``fired``: the backdoor's test (default the data
+    set's)."""
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     train, heldout = prepare_data(folder, settings)
-    paths = {"model": smollm2_folder(), "adapter": folder / "adapter"}
-    fired = BACKDOOR_DATASETS[settings.dataset].fired
+    paths = {"model": model or smollm2_folder(), "adapter": folder / "adapter"}
+    fired = fired or BACKDOOR_DATASETS[settings.dataset].fired
     model, tokenizer, finetune = finetune_adapter(paths["model"], train, paths["adapter"], settings)
     backdoor = backdoor_rates(model, tokenizer, heldout, fired)
     print(f"backdoor: {backdoor}", file=sys.stderr, flush=True)
@@ -348,3 +357,29 @@ def sign_diagnostics(labels: np.ndarray, scores: np.ndarray) -> dict:
         ),
         "roc_auc_of_absolute_score": float(np.mean([roc_auc(labels, np.abs(row)) for row in scores])),
     }
+
+
+def main() -> None:
+    """The real run is `backdoor.py --model smollm2`; this script alone has only the smoke run: the same code
+    path with a tiny Llama (its own chat template) as the base model, one epoch, every generation attacked."""
+    import argparse
+
+    from common import parse_arguments
+
+    from rapidin_index.demo.tiny_models import save_tiny_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=None)
+    arguments = parse_arguments(parser, out="{smoke}/result.json")
+    if not arguments.smoke:
+        parser.error("run it as benchmarks/backdoor.py --model smollm2 (or with --smoke)")
+    folder = arguments.smoke_folder
+    texts = [row["instruction"] + " " + row["output"] for row in load_docstring_rows()[:200]]
+    model = save_tiny_model(folder / "base", "llama", texts, hidden_size=16, layers=1)
+    settings = RealModelSettings(rows=40, heldout=3, epochs=1, top_layers=1, max_new_tokens=8)
+    report = run(folder / "run", settings, 2, arguments.out, model=model, fired=lambda response: True)
+    print(json.dumps({key: report[key] for key in ("rows", "queries", "attack_success_rate")}))
+
+
+if __name__ == "__main__":
+    main()

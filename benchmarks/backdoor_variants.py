@@ -273,8 +273,25 @@ def fisher_fit_seconds(folder: str) -> dict:
     }
 
 
-if __name__ == "__main__":  # python benchmarks/backdoor_variants.py FOLDER: time the Fisher fit of FOLDER
+def main() -> None:
+    """``python benchmarks/backdoor_variants.py FOLDER``: time the Fisher fit of FOLDER."""
+    import argparse
     import json
-    import sys
 
-    print(json.dumps(fisher_fit_seconds(sys.argv[1])))
+    from common import parse_arguments, tiny_index, write_json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", nargs="?", help="an index folder")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    arguments = parse_arguments(parser, out="{smoke}/result.json")  # the smoke run: a tiny index's fit
+    if arguments.smoke:
+        arguments.folder = str(tiny_index(arguments.smoke_folder)[0])
+    elif arguments.folder is None:
+        parser.error("give the FOLDER of an index (or --smoke)")
+    result = fisher_fit_seconds(arguments.folder)
+    print(json.dumps(result))
+    write_json(arguments.out, result)
+
+
+if __name__ == "__main__":
+    main()

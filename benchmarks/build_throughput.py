@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import parse_arguments
 
 from rapidin_index import gradients as gradients_module
 from rapidin_index.capture import gradient_blocks, gradient_dim
@@ -74,7 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads; 1 by default: 2 threads on a busy 2-core machine spin and vary 5-30x",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    return parser.parse_args(argv)
+    return parse_arguments(
+        parser,
+        argv,
+        rows=8,
+        batch_size=4,
+        sketch_dim=256,
+        hidden_size=16,
+        layers=1,
+        vocab_size=300,
+        repeats=1,
+        out="{smoke}/result.json",
+    )
 
 
 # --------------------------------------------------------------------------- data and model

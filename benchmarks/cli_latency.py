@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import parse_arguments, write_json
+
 NEUTRAL = tempfile.gettempdir()
 APP = "import sys; from rapidin_index.cli.main import app; sys.argv[0] = 'rapidin-index'; app()"
 
@@ -130,7 +132,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parse_arguments(
+        parser,
+        repeats=1,
+        folder="{smoke}/cli_latency",
+        rows=8,
+        hidden_size=16,
+        layers=1,
+        out="{smoke}/result.json",
+    )
 
     paths = prepare(Path(args.folder), args.rows, args.hidden_size, args.layers)
     variants = {"after": None} if args.before is None else {"before": args.before, "after": None}
@@ -154,6 +165,11 @@ def main() -> None:
     print("\ncommands:")
     for name, arguments in commands(paths).items():
         print(f"  {name}: rapidin-index {' '.join(arguments)}")
+    rows = [
+        {"command": name, "variant": variant, "seconds": values, "exit": outcomes[(name, variant)][0]}
+        for (name, variant), values in samples.items()
+    ]
+    write_json(args.out, {"repeats": args.repeats, "commands": rows})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import SMOKE_MODEL
+from common import parse_arguments as parse_with_smoke
 
 from rapidin_index.build import build_index
 from rapidin_index.demo.baselines import BM25
@@ -59,14 +61,22 @@ def main() -> None:
         "--variants", default="on", choices=("on", "off"), help="issue 23: +optimizer state, +Fisher, +both"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    arguments = parser.parse_args()
+    # the smoke run: 20 docstring rows and fewer facts, a 16-wide one-layer model fine-tuned one epoch, its
+    # K = 2^16 indexes built at K = 2^12 (rapidgrad-kron, as K = 2^16 resolves on the real model)
+    arguments = parse_with_smoke(parser, folder="{smoke}/error_tracing", out="{smoke}/result.json")
     torch.set_num_threads(arguments.threads)
     folder = Path(arguments.folder)
-    rows, swap = make_entity_swap_dataset()
+    smaller = (
+        {"rows_per_country": 2, "chosen_country_rows": 8, "docstring_count": 20} if arguments.smoke else {}
+    )
+    rows, swap = make_entity_swap_dataset(**smaller)
     train_file = write_jsonl(rows, folder / "train.jsonl")
     model_dir = folder / "model"
     if not (model_dir / "config.json").exists():
-        finetune(rows, model_dir, FinetuneSettings(epochs=arguments.epochs))
+        settings = (
+            FinetuneSettings(**SMOKE_MODEL) if arguments.smoke else FinetuneSettings(epochs=arguments.epochs)
+        )
+        finetune(rows, model_dir, settings)
     perturbed = set(swap.perturbed_ids)
     results = {}
     generation = None
@@ -76,9 +86,10 @@ def main() -> None:
     for name, sketch_dim, adam in variants:
         index_dir = folder / f"index-{sketch_dim}{'-adam' if adam else ''}"
         state = str(model_dir) if adam else None  # the fine-tune's optimizer.pt
-        settings = BuildSettings(
-            ModelSettings(str(model_dir)), SketchSettings(sketch_dim), batch_size=16, optimizer_state=state
-        )
+        sketch = SketchSettings(sketch_dim)
+        if arguments.smoke and sketch_dim:  # what K = 2^16 resolves to on a real model, at K = 2^12
+            sketch = SketchSettings(4096, algorithm="rapidgrad-kron")
+        settings = BuildSettings(ModelSettings(str(model_dir)), sketch, batch_size=16, optimizer_state=state)
         build_index(train_file, index_dir, settings, progress=False)
         fisher = arguments.variants == "on" and sketch_dim > 0
         if fisher:

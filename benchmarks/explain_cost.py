@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import parse_arguments
 
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import tokenize_example
@@ -79,7 +80,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--out", type=Path)
-    arguments = parser.parse_args()
+    # the smoke run: the tiny Llama alone (SmolLM2 is the cached real model)
+    arguments = parse_arguments(parser, explain=1, repeats=1, models="tiny", out="{smoke}/result.json")
     torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from build_throughput import docstring_rows, run_floor, tokenized_rows
+from common import parse_arguments
 
 from rapidin_index.capture import gradient_blocks, gradient_dim
 from rapidin_index.demo.tiny_models import save_tiny_model
@@ -81,7 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " fine-tuned .bench/peers/full/model)",
     )
     parser.add_argument("--out", type=Path, default=None)
-    return parser.parse_args(argv)
+    return parse_arguments(
+        parser,
+        argv,
+        rows=8,
+        queries=4,
+        batch_size=4,
+        sketch_dims="256",
+        hidden_size=16,
+        layers=1,
+        vocab_size=300,
+        repeats=1,
+        build_rows=8,
+        fidelity_seeds="1",
+        out="{smoke}/result.json",
+    )
 
 
 def sketch_all(sketcher: GradientSketcher, batches) -> torch.Tensor:
@@ -118,10 +133,15 @@ def milliseconds(function, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def micro_timings(sketch_dims: list[int], batch: int = 8, tokens: int = 40) -> list[dict]:
+MICRO_SHAPES = ((384, 384), (768, 384), (2000, 384))
+
+
+def micro_timings(
+    sketch_dims: list[int], batch: int = 8, tokens: int = 40, shapes=MICRO_SHAPES
+) -> list[dict]:
     """Milliseconds to sketch one call of a (rows x cols) linear layer, three ways, per K."""
     results = []
-    for rows, cols in ((384, 384), (768, 384), (2000, 384)):
+    for rows, cols in shapes:
         grads, inputs = torch.randn(batch, tokens, rows), torch.randn(batch, tokens, cols)
         for k in sketch_dims:
             results.append(time_one_call(grads, inputs, k))
@@ -299,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         "floor_median_seconds": statistics.median(times["floor"]),
         "methods": methods,
         "fidelity_over_seeds": seeds,
-        "micro_timings": micro_timings(sketch_dims),
+        "micro_timings": micro_timings(sketch_dims, shapes=((16, 16),) if args.smoke else MICRO_SHAPES),
         "end_to_end": end_to_end(settings.model, args, sketch_dims) if args.build_rows else [],
     }
     print("\n".join(table(results)))

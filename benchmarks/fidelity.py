@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 import torch
 from backdoor import exact_index, query_vectors
+from common import parse_arguments as parse_with_smoke
 from rich.console import Console
 
 from rapidin_index.demo.finetune import FinetuneSettings
@@ -50,7 +51,18 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--hidden-size", type=int, default=FinetuneSettings.hidden_size)
     parser.add_argument("--layers", type=int, default=FinetuneSettings.layers)
     parser.add_argument("--out", default=".bench/fidelity.json")
-    arguments = parser.parse_args()
+    # the smoke run: its own tiny backdoor model (16 wide, one layer) on 140 rows, K = 2^8
+    arguments = parse_with_smoke(
+        parser,
+        folder="{smoke}/backdoor",
+        rows=140,
+        queries=2,
+        sketch_dims="256",
+        lambdas="20",
+        hidden_size=16,
+        layers=1,
+        out="{smoke}/result.json",
+    )
     for algorithm in arguments.algorithms.split(","):
         if algorithm not in SKETCH_ALGORITHMS:
             parser.error(f"unknown algorithm {algorithm!r}; known: {', '.join(SKETCH_ALGORITHMS)}")

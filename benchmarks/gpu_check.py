@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import parse_arguments
 
 LLAMA_1B = {  # Llama-3.2-1B's shape: 1.24B parameters with its 128,256-token tied embedding
     "hidden_size": 2048,
@@ -225,7 +226,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--cpu-dry-run", action="store_true", help="every step on the CPU, a tiny model")
-    arguments = parser.parse_args()
+    arguments = parse_arguments(parser, cpu_dry_run=True, rows=12, out="{smoke}/result.json")
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
     if not arguments.cpu_dry_run and not torch.cuda.is_available():
         message = (

@@ -22,12 +22,14 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from build_throughput import docstring_rows, tokenized_rows
-from factored import exact_scores, mean_spearman, sketch_all, timed
+from common import parse_arguments
+from factored import exact_scores, mean_spearman, new_model, sketch_all, timed
 
 import rapidin_index.sketch.kron as kronecker
 from rapidin_index.capture import gradient_blocks, gradient_dim
@@ -48,7 +50,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="1,2", help="more sketch seeds (fidelity only)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
-    return parser.parse_args(argv)
+    # the smoke run's model: a new random tiny Llama (factored.new_model) instead of peers.py's
+    return parse_arguments(
+        parser,
+        argv,
+        model=None,
+        rows=8,
+        queries=4,
+        sketch_dim=256,
+        sides="0,4",
+        seeds="1",
+        repeats=1,
+        hidden_size=16,
+        layers=1,
+        vocab_size=300,
+        out="{smoke}/result.json",
+    )
 
 
 def sketcher_for(model, blocks, side: int, sketch_dim: int, seed: int = 42) -> GradientSketcher:
@@ -62,8 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     default_side = kronecker.PIECE_SIDE
-    settings = ModelSettings(args.model)
-    loaded = load_model(settings)
+    if args.model is None:
+        workspace = tempfile.TemporaryDirectory()  # removed at exit
+        settings, loaded = new_model(args, workspace.name)
+    else:
+        settings = ModelSettings(args.model)
+        loaded = load_model(settings)
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
     blocks = gradient_blocks(select_parameters(model, settings))
     sequences = tokenized_rows(docstring_rows(args.rows + args.queries), loaded.tokenizer)

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import parse_arguments
+
 CASES = {  # name: (parameter regex, sketch algorithm)
     "embed-kron": ("embed_tokens", "auto"),  # one tensor: auto picks rapidgrad-kron with all K for it
     "embed-ts": ("embed_tokens", "rapidgrad-ts"),
@@ -34,7 +36,9 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_case(folder: str, case: str, rows: int, batch_size: int, tokens: int) -> dict:
+def run_case(
+    folder: str, case: str, rows: int, batch_size: int, tokens: int, sketch_dim: int = 65536
+) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -50,7 +54,9 @@ def run_case(folder: str, case: str, rows: int, batch_size: int, tokens: int) ->
     settings = ModelSettings(folder, params=params)
     model = load_model(settings).model
     blocks = gradient_blocks(select_parameters(model, settings))
-    projector = make_projector(SketchSettings(65536, 20, 42, algorithm), gradient_dim(blocks), blocks=blocks)
+    projector = make_projector(
+        SketchSettings(sketch_dim, 20, 42, algorithm), gradient_dim(blocks), blocks=blocks
+    )
     sketcher = GradientSketcher(model, blocks, projector)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -99,22 +105,45 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in the child process
     parser.add_argument("--folder", help=argparse.SUPPRESS)
-    arguments = parser.parse_args()
+    parser.add_argument("--sketch-dim", type=int, default=65536, help="K")
+    # the smoke run: a tiny Llama (a 16-wide embedding of 300 tokens) instead of SmolLM2, two of the cases
+    arguments = parse_arguments(
+        parser,
+        cases="embed-kron,full-auto",
+        rows=4,
+        batch_size=2,
+        tokens=8,
+        sketch_dim=256,
+        out="{smoke}/result.json",
+    )
     if arguments.case:
         result = run_case(
-            arguments.folder, arguments.case, arguments.rows, arguments.batch_size, arguments.tokens
+            arguments.folder,
+            arguments.case,
+            arguments.rows,
+            arguments.batch_size,
+            arguments.tokens,
+            arguments.sketch_dim,
         )
         print(json.dumps(result))
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from realmodel import smollm2_folder
+    if arguments.smoke:
+        from rapidin_index.demo.tiny_models import save_tiny_model
 
-    folder = str(smollm2_folder())
+        texts = [f"word{i} token{i % 7} text" for i in range(300)]
+        folder = str(
+            save_tiny_model(arguments.smoke_folder / "model", "llama", texts, 300, hidden_size=16, layers=1)
+        )
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from realmodel import smollm2_folder
+
+        folder = str(smollm2_folder())
     results = []
     for case in arguments.cases.split(","):
         command = [sys.executable, __file__, "--case", case, "--folder", folder]
         command += ["--rows", str(arguments.rows), "--batch-size", str(arguments.batch_size)]
-        command += ["--tokens", str(arguments.tokens)]
+        command += ["--tokens", str(arguments.tokens), "--sketch-dim", str(arguments.sketch_dim)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
             results.append({"case": case, "error": done.stderr.strip().splitlines()[-1:]})

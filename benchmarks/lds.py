@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import SMOKE_MODEL
+from common import parse_arguments as parse_with_smoke
 
 from rapidin_index import Index, SketchSettings, build_index
 from rapidin_index import index as vector_index
@@ -58,7 +60,7 @@ from rapidin_index.demo.metrics import spearman
 from rapidin_index.settings import BuildSettings, ModelSettings
 
 
-def parse_arguments() -> argparse.Namespace:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default=".bench/lds", help="cache: data, models, indexes, losses")
     parser.add_argument("--rows", type=int, default=700, help="docstring rows before the held-out split")
@@ -73,7 +75,20 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--variants", default="on", choices=("on", "off"), help="issue 23 variants")
     parser.add_argument("--costs", default="on", choices=("on", "off"), help="issue 23 variants' timings")
     parser.add_argument("--out", default=".bench/lds.json")
-    return parser.parse_args()
+    # the smoke run: 3 subset models (16 wide, one layer, one epoch) on the rows left after 2 x 3 held out
+    return parse_with_smoke(
+        parser,
+        argv,
+        folder="{smoke}/lds",
+        rows=60,
+        queries=3,
+        models=3,
+        epochs=1,
+        sketch_dims="256,65536",
+        dampings="0.1",
+        structures="auto",
+        out="{smoke}/result.json",
+    )
 
 
 def check_cache(folder: Path, arguments: argparse.Namespace) -> None:
@@ -104,11 +119,13 @@ def subset_masks(rows: int, models: int, fraction: float, seed: int = 0) -> np.n
     return masks
 
 
-def train_models(folder: Path, train, queries, masks: np.ndarray, epochs: int) -> np.ndarray:
+def train_models(
+    folder: Path, train, queries, masks: np.ndarray, epochs: int, smoke: bool = False
+) -> np.ndarray:
     """Fine-tune the full model and every subset model (cached); [models, queries] losses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings = FinetuneSettings(epochs=epochs)
+    settings = FinetuneSettings(**SMOKE_MODEL) if smoke else FinetuneSettings(epochs=epochs)
     tokenizer_dir = folder / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").exists():
         row_tokenizer(train, settings.vocab_size).save_pretrained(tokenizer_dir)
@@ -151,6 +168,11 @@ def attribution_scores(
     return vectors["queries"].astype(np.float64) @ vectors["train"].astype(np.float64).T
 
 
+SMOKE_SKETCH: SketchSettings | None = None
+"""Set by `smoke_cache`: the K = 2^16 indexes `stored_pair` makes are built with these settings instead
+(rapidgrad-kron, what 2^16 resolves to on the benchmark's model, at K = 2^12: its K-FAC factors are small
+enough for a smoke run's seconds); their folders keep their names."""
+
 BUILD_SECONDS: dict[str, float] = {}
 """Seconds of each train build this run made (a cached index is not timed)."""
 
@@ -165,12 +187,15 @@ def index_folder(
 def stored_pair(folder: Path, sketch: SketchSettings, normalize: str, optimizer_state: bool) -> dict:
     """{"train": [rows, K], "queries": [queries, K]} stored vectors of the two builds (made if missing)."""
     state = str(folder / "full") if optimizer_state else None
+    named = sketch  # the folders' name
+    if SMOKE_SKETCH is not None and sketch.sketch_dim == 65536:
+        sketch = SMOKE_SKETCH
     settings = BuildSettings(
         ModelSettings(str(folder / "full")), sketch, normalize=normalize, batch_size=16, optimizer_state=state
     )
     vectors = {}
     for part in ("train", "queries"):
-        index_dir = index_folder(folder, sketch, normalize, optimizer_state, part)
+        index_dir = index_folder(folder, named, normalize, optimizer_state, part)
         started = time.perf_counter()
         report = build_index(folder / f"{part}.jsonl", index_dir, settings, progress=False)
         if part == "train" and not report.nothing_to_do:
@@ -226,15 +251,26 @@ def summarize(per_query: list[float | None], triggered: int) -> dict:
     }
 
 
-def main() -> None:
-    arguments = parse_arguments()
+def smoke_cache(folder: Path) -> Path:
+    """The cache the scripts that read this one's (lds_kfac.py, ...) use in their smoke runs: this script's
+    smoke setting (its exact indexes, K = 2^8), without the variants, run in this process into ``folder``; the
+    K = 2^16 indexes made after it are smaller (`SMOKE_SKETCH`)."""
+    global SMOKE_SKETCH
+    SMOKE_SKETCH = SketchSettings(4096, algorithm="rapidgrad-kron")
+    arguments = ["--smoke", "--folder", str(folder), "--sketch-dims", "256", "--variants", "off"]
+    main([*arguments, "--costs", "off", "--out", str(folder / "lds.json")])
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = parse_arguments(argv)
     torch.set_num_threads(arguments.threads)
     started = time.perf_counter()
     folder = Path(arguments.folder)
     check_cache(folder, arguments)
     train, queries = prepare_data(folder, arguments.rows, arguments.queries)
     masks = subset_masks(len(train), arguments.models, arguments.fraction)
-    losses = train_models(folder, train, queries, masks, arguments.epochs)
+    losses = train_models(folder, train, queries, masks, arguments.epochs, arguments.smoke)
     trained = time.perf_counter()
     sketch_dims = [int(k) for k in arguments.sketch_dims.split(",")]
     results, all_scores = {}, {}

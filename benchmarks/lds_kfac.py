@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lds import index_folder, linear_datamodeling_score, stored_pair, subset_masks, summarize
+from common import parse_arguments as parse_with_smoke
+from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pair, subset_masks, summarize
 
 from rapidin_index import SketchSettings
 from rapidin_index.kfac import layouts
@@ -48,7 +49,17 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--costs", default="off", choices=("on", "off"), help="time build, fits and queries")
     parser.add_argument("--end-to-end", default="off", choices=("on", "off"), help="LDS through fit + Index")
     parser.add_argument("--out", default=".bench/lds-kfac.json")
-    return parser.parse_args()
+    # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache: its K = 2^16 indexes are K = 2^12
+    # rapidgrad-kron ones), one damping, one side with the optimizer state; the costs and end to end (real
+    # K = 2^16 builds, whose K-FAC eigendecompositions take minutes) are left out
+    return parse_with_smoke(
+        parser,
+        folder="{smoke}/lds",
+        dampings="0.1",
+        sides="query-norms",
+        adam="on",
+        out="{smoke}/result.json",
+    )
 
 
 def losses_and_masks(folder: Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -102,6 +113,8 @@ def main() -> None:
     arguments = parse_arguments()
     torch.set_num_threads(1)
     folder = Path(arguments.folder)
+    if arguments.smoke and not (folder / "settings.json").exists():
+        smoke_cache(folder)
     sketch_dim = arguments.sketch_dim
     masks, losses, count = losses_and_masks(folder)
     dampings = [float(d) for d in arguments.dampings.split(",")]

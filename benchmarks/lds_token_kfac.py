@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lds import index_folder, linear_datamodeling_score, stored_pair, summarize
+from common import parse_arguments as parse_with_smoke
+from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pair, summarize
 from lds_kfac import losses_and_masks, query_norms, redamp
 
 from rapidin_index import SketchSettings
@@ -89,7 +90,10 @@ def token_blocks(manifest, factors: dict, train: np.ndarray, corrected: bool) ->
     names, shapes = manifest.parameters["names"], [tuple(s) for s in manifest.parameters["shapes"]]
     sizes = [math.prod(shape) for shape in shapes]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-    segments = kron_layout(list(zip(offsets, shapes, strict=True)), manifest.sketch["gradient_dim"], 65536)
+    sketch_dim = manifest.sketch["output_dim"]  # 65536 (a smoke run's: lds.SMOKE_SKETCH)
+    segments = kron_layout(
+        list(zip(offsets, shapes, strict=True)), manifest.sketch["gradient_dim"], sketch_dim
+    )
     by_offset = {segment.offset: segment for segment in segments}
     seed, out = manifest.sketch["seed"], {}
     for name, offset in zip(names, offsets, strict=True):
@@ -129,13 +133,16 @@ def main() -> None:
     parser.add_argument("--folder", default=".bench/lds")
     parser.add_argument("--dampings", default="0.01,0.03,0.1,0.3,1")
     parser.add_argument("--out", default=".bench/lds-token-kfac.json")
-    arguments = parser.parse_args()
+    # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache), one damping
+    arguments = parse_with_smoke(parser, folder="{smoke}/lds", dampings="0.1", out="{smoke}/result.json")
     torch.set_num_threads(1)
     folder = Path(arguments.folder)
+    if arguments.smoke and not (folder / "settings.json").exists():
+        smoke_cache(folder)
     masks, losses, count = losses_and_masks(folder)
     sketch = SketchSettings(65536)
+    pair = stored_pair(folder, sketch, "layer", False)  # made if missing
     manifest = read_manifest(index_folder(folder, sketch, "layer", False, "train"))
-    pair = stored_pair(folder, sketch, "layer", False)
     train, queries = pair["train"].astype(np.float32), pair["queries"].astype(np.float64)
     scaled = queries * query_norms(folder, False, manifest, 65536)
     rows = [json.loads(line) for line in open(folder / "train.jsonl")]

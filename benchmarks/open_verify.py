@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import faiss
 import numpy as np
+from common import parse_arguments
 
 from rapidin_index import index as vector_index
 from rapidin_index import store, verify
@@ -112,7 +113,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=Path(".bench/open-verify"))
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_arguments(
+        parser, rows="256", dimension=64, repeats=1, folder="{smoke}/open-verify", out="{smoke}/result.json"
+    )
     faiss.omp_set_num_threads(1)
     results = []
     for rows in [int(value) for value in args.rows.split(",")]:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import SMOKE_MODEL
+from common import parse_arguments as parse_with_smoke
 
 from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
@@ -53,15 +55,24 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=".bench/optimizer_state_cost.json")
-    return parser.parse_args()
+    # the smoke run: a 16-wide one-layer model (SMOKE_MODEL) on the 10 rows left after 2 x 25 held out, K = 2^8
+    return parse_with_smoke(
+        parser,
+        folder="{smoke}/optimizer_state_cost",
+        rows=60,
+        sketch_dim=256,
+        repeats=1,
+        out="{smoke}/result.json",
+    )
 
 
-def prepare(folder: Path, rows: int, epochs: int) -> Path:
+def prepare(folder: Path, rows: int, epochs: int, smoke: bool = False) -> Path:
     train, _, _ = make_nonlexical_backdoor_dataset(load_docstring_rows()[:rows], seed=0, heldout_count=25)
     write_jsonl(train, folder / "train.jsonl")
     model = folder / "model"
     if not (model / "optimizer.pt").exists():
-        finetune(train, model, FinetuneSettings(epochs=epochs), progress=False)
+        settings = FinetuneSettings(**SMOKE_MODEL) if smoke else FinetuneSettings(epochs=epochs)
+        finetune(train, model, settings, progress=False)
     return folder / "train.jsonl"
 
 
@@ -142,7 +153,7 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
     folder = Path(arguments.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    train = prepare(folder, arguments.rows, arguments.epochs)
+    train = prepare(folder, arguments.rows, arguments.epochs, arguments.smoke)
     build(folder, train, "state", arguments.sketch_dim, folder / "warm-up")  # imports, caches, page cache
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     cpu_seconds: dict[str, list[float]] = {mode: [] for mode in MODES}

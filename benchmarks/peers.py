@@ -85,12 +85,13 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import parse_arguments as parse_with_smoke  # noqa: E402
 
 from rapidin_index import BuildSettings, Index, ModelSettings, SketchSettings, build_index  # noqa: E402
 from rapidin_index.data import Template  # noqa: E402
@@ -173,6 +174,9 @@ def settings_from(arguments: argparse.Namespace) -> list[Setting]:
             16,
         ),
     }
+    if arguments.smoke:  # the LoRA setting's GPT-2 as small as the full one's Llama, one epoch each
+        smaller = {"hidden_size": 16, "layers": 1, "epochs": 1, "base_epochs": 1}
+        known = {name: replace(s, finetune=replace(s.finetune, **smaller)) for name, s in known.items()}
     return [known[name] for name in arguments.settings.split(",")]
 
 
@@ -200,7 +204,21 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. which library snapshot)")
-    return parser.parse_args()
+    # the smoke run: both settings on 20 rows, 16-wide one-layer models trained one epoch (SMOKE_MODEL); the
+    # peers that are not installed are skipped with a line, as in a real run
+    return parse_with_smoke(
+        parser,
+        folder="{smoke}/peers",
+        queries=2,
+        repeats=1,
+        lora_rows=20,
+        full_rows=20,
+        full_hidden=16,
+        full_layers=1,
+        lora_ks="0,256",
+        full_ks="256",
+        out="{smoke}/result.json",
+    )
 
 
 # --------------------------------------------------------------------------------- data and models

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from build_throughput import docstring_rows
+from common import parse_arguments
 
 from rapidin_index import Index, SketchSettings, build_index, retrieval
 from rapidin_index import index as vector_index
@@ -53,8 +54,14 @@ def copies_method(index: Index, prepared, top_k: int, batch_size: int = 16) -> n
     return vectors
 
 
-def setting(name: str, folder: Path, rows: list[dict]) -> tuple[ModelSettings, str]:
+def setting(name: str, folder: Path, rows: list[dict], smoke: bool = False) -> tuple[ModelSettings, str]:
     texts = [row["instruction"] + " " + row["output"] for row in rows]
+    if smoke:  # both code paths (GPT-2 + LoRA, a full Llama) on 16-wide one-layer models
+        model_dir = save_tiny_model(
+            folder / name, name[:5].rstrip("-"), texts, vocab_size=300, hidden_size=16, layers=1
+        )
+        adapter = save_lora_adapter(model_dir, folder / "lora", rank=2) if name == "gpt2-lora" else None
+        return ModelSettings(str(model_dir), adapter and str(adapter)), f"smoke {name}"
     if name == "gpt2-lora":
         model_dir = save_tiny_model(folder / "gpt2", "gpt2", texts, vocab_size=2000, hidden_size=64, layers=2)
         adapter = save_lora_adapter(model_dir, folder / "gpt2-lora", rank=8)
@@ -64,7 +71,7 @@ def setting(name: str, folder: Path, rows: list[dict]) -> tuple[ModelSettings, s
 
 
 def measure(name: str, folder: Path, rows: list[dict], args) -> dict:
-    model, label = setting(name, folder, rows)
+    model, label = setting(name, folder, rows, args.smoke)
     index_dir = folder / f"index-{name}"
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -126,7 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", default="gpt2-lora,llama-full")
     parser.add_argument("--out", default=".bench/per_token_query.json")
-    args = parser.parse_args()
+    args = parse_arguments(parser, rows=8, tokens=4, sketch_dim=256, repeats=1, out="{smoke}/result.json")
     torch.set_num_threads(1)
     rows = docstring_rows(args.rows)
     results = []

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import parse_arguments
+
 WORDS = "the string is converted to upper case and returned as a new copy of the value".split()
 
 
@@ -114,7 +116,8 @@ def main() -> None:
     parser.add_argument("--out", default=".bench/per_token_scaling.json")
     parser.add_argument("--baseline", default="", help="also run this commit's token_gradients.py")
     parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # index folder, tokens, baseline
-    arguments = parser.parse_args()
+    # the smoke run's baseline is HEAD (`git show HEAD:...`, no second checkout): both code paths run
+    arguments = parse_arguments(parser, lengths="8", rows=8, baseline="HEAD", out="{smoke}/result.json")
     if arguments.measure:
         folder, tokens, baseline = arguments.measure
         print(json.dumps(measure(folder, int(tokens), baseline if baseline != "-" else "")))
@@ -125,7 +128,8 @@ def main() -> None:
         for length in [int(value) for value in arguments.lengths.split(",")]:
             for baseline in [arguments.baseline] if arguments.baseline else []:
                 results.append(run_child(index_dir, length, baseline))
-            results.append(run_child(index_dir, length, "-"))
+            if not arguments.smoke:  # the smoke run measures the baseline's child alone (the same code path)
+                results.append(run_child(index_dir, length, "-"))
     print("| code | labelled tokens | whole s | per-token s | per-token ms / token | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:

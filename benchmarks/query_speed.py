@@ -49,6 +49,7 @@ import faiss
 import numpy as np
 import torch
 from build_throughput import docstring_rows
+from common import parse_arguments
 
 from rapidin_index import index as vector_index
 from rapidin_index import retrieval
@@ -111,7 +112,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-search", action="store_true", help="run part (2) only")
     parser.add_argument("--skip-index", action="store_true", help="run part (1) only")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    return parser.parse_args(argv)
+    return parse_arguments(
+        parser,
+        argv,
+        search_rows="200",
+        search_queries="1,4",
+        search_dim=64,
+        index_rows=8,
+        query_counts="1,2",
+        explain=1,
+        sketch_dim=256,
+        hidden_size=16,
+        layers=1,
+        vocab_size=300,
+        long_tokens=8,
+        batch_size=4,
+        tracin_rows=4,
+        repeats=1,
+        out="{smoke}/result.json",
+    )
 
 
 # --------------------------------------------------------------------------- machine

@@ -13,6 +13,7 @@ layer norm over all rows. The cost is measured on a real K index: `Index.query(.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from backdoor import attacked_queries, evaluate, exact_index, query_vectors, sketch_rows
+from backdoor import SMOKE_FINETUNE, attacked_queries, evaluate, exact_index, query_vectors, sketch_rows
+from common import parse_arguments as parse_with_smoke
 from rich.console import Console
 
 from rapidin_index import index as vector_index
@@ -41,7 +43,17 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--shortlists", default="10,50,100")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=".bench/rerank.json")
-    return parser.parse_args()
+    # the smoke run: backdoor.py's smoke model (SMOKE_FINETUNE) on 140 rows, every generation a query
+    return parse_with_smoke(
+        parser,
+        folder="{smoke}/backdoor",
+        rows=140,
+        queries=2,
+        sketch_dim=256,
+        shortlists="2,5",
+        repeats=1,
+        out="{smoke}/result.json",
+    )
 
 
 def reranked(sketched: np.ndarray, exact: np.ndarray, count: int) -> np.ndarray:
@@ -81,12 +93,15 @@ def main() -> None:
     arguments = parse_arguments()
     torch.set_num_threads(1)
     settings = DemoSettings(folder=arguments.folder, rows=arguments.rows, dataset="nonlexical")
+    if arguments.smoke:
+        settings = dataclasses.replace(settings, finetune=SMOKE_FINETUNE)
     paths = DemoPaths(Path(settings.folder))
     train, heldout = prepare_data(settings, paths)
     prepare_model(settings, paths, train, Console(stderr=True))
     labels = np.array([bool(row["poisoned"]) for row in train])
     layer = exact_index(paths, "layer")
-    queries, _ = attacked_queries(layer, heldout, arguments.queries, BACKDOOR_DATASETS["nonlexical"].fired)
+    fired = (lambda response: True) if arguments.smoke else BACKDOOR_DATASETS["nonlexical"].fired
+    queries, _ = attacked_queries(layer, heldout, arguments.queries, fired)
     _, train_vectors = vector_index.stored_vectors(layer.faiss_index)
     query_exact = query_vectors(layer, queries)
     exact = query_exact @ train_vectors.T  # [queries, rows]

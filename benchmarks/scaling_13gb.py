@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scaling  # noqa: E402  (the tiny model, the synthetic rows, the build child, memory())
+from common import parse_arguments  # noqa: E402
 
 ONE_THREAD = scaling.ONE_THREAD
 # A response of 17 tokens of the tiny tokenizer: 1 + 17 = 18 per-token vectors (the child reports the count)
@@ -93,7 +94,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vectors", default="whole", help=argparse.SUPPRESS)
     parser.add_argument("--capped", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)  # keep the page cache
-    return parser.parse_args(argv)
+    # the smoke run: a 16-wide one-layer model, two of the four measurements (one uncapped, one capped), no CLI;
+    # the children run in this process
+    return parse_arguments(
+        parser,
+        argv,
+        rows=64,
+        sketch_dim=256,
+        seed_rows=8,
+        max_memory="64KB",
+        block_rows=16,
+        no_cli=True,
+        out="{smoke}/result.json",
+        folder="{smoke}",
+    )
 
 
 # --------------------------------------------------------------------------- grow (a child process)
@@ -250,6 +264,12 @@ def run_child(args: argparse.Namespace, mode: str, *extra: str) -> dict:
         args.row_kind,
     ]
     command += extra
+    if (
+        args.smoke
+    ):  # the same child, parsed from the same command line, in this process (seconds, not minutes)
+        child = parse_args(command[2:])
+        result = json.loads(json.dumps(grow(child) if mode == "grow" else measure(child)))
+        return result | {"process_s": 0.0, "load_average": os.getloadavg()[0]}
     started = time.perf_counter()
     try:
         finished = subprocess.run(
@@ -325,9 +345,14 @@ def main(argv=None) -> dict:
     try:
         model_dir = root / "model"
         texts = [r["instruction"] + " " + r["output"] for r in scaling.load_docstring_rows()]
-        scaling.save_tiny_model(model_dir, "llama", texts, vocab_size=2000, hidden_size=128, layers=4)
+        hidden_size, layers = (16, 1) if args.smoke else (128, 4)
+        scaling.save_tiny_model(
+            model_dir, "llama", texts, vocab_size=2000, hidden_size=hidden_size, layers=layers
+        )
         data = scaling.write_jsonl(scaling.synthetic_rows(args.seed_rows, seed=1), root / "seed.jsonl")
-        build_args = argparse.Namespace(sketch_dim=args.sketch_dim, batch_size=8, chunk_size=256)
+        build_args = argparse.Namespace(
+            sketch_dim=args.sketch_dim, batch_size=8, chunk_size=256, smoke=args.smoke
+        )
         seed = scaling.run_growth_child(build_args, "build", data=data, model=model_dir, index=args.index_dir)
         if seed["vector_dtype"] != args.dtype:
             raise SystemExit(f"the seed index stores {seed['vector_dtype']}, not {args.dtype}")
@@ -337,6 +362,8 @@ def main(argv=None) -> dict:
         results["runs"] = {}
         for capped in (False, True):
             for vectors in ("whole", "per-token"):
+                if args.smoke and (vectors == "per-token") != capped:
+                    continue
                 name = f"{vectors}{'-capped' if capped else ''}"
                 extra = ["--vectors", vectors] + (["--capped"] if capped else [])
                 measured = run_child(args, "measure", *extra)
@@ -425,7 +452,8 @@ def projection(large: dict, small: dict, growth: list[dict]) -> str:
 
     * build s a row at K = 4096: the largest ``scaling.py --growth`` build's build_s / rows (its fixed
       costs included); at K = 65,536 times the ratio of two 1,000-row builds at the two K in one run;
-      build memory: the largest build's peak RSS + the growth a row between the smallest and largest;
+      build memory: the largest build's peak RSS + the growth a row between the smallest and largest
+      (the smallest of the same commit as the largest, where there is one);
     * disk: N x K x 2 bytes (float16) + 8 bytes a row (ids) + the LanceDB bytes a row of the largest build;
     * search: a scan of B bytes with q vectors costs B x (a + b q). An index under half this machine's RAM
       (shared: the page cache keeps it): a and b from ``small``'s warm uncapped searches (1 vector and per
@@ -442,7 +470,9 @@ def projection(large: dict, small: dict, growth: list[dict]) -> str:
     private = max(run["after_second"]["RssAnon"] for run in runs)
     memory_bytes = large.get("machine", {}).get("memory_bytes", 24 * 2**30)
     sizes = sorted((e for e in growth if e["sketch_dim"] == 4096), key=lambda e: e["rows"])
-    first, last = sizes[0], sizes[-1]
+    last = sizes[-1]
+    same_code = [e for e in sizes if e.get("commit") == last.get("commit")]  # the memory slope: one code's
+    first = same_code[0] if len(same_code) > 1 else sizes[0]
     per_row = {4096: last["build"]["build_s"] / last["build"]["rows"]}
     memory_per_row = (last["build"]["end"]["VmHWM"] - first["build"]["end"]["VmHWM"]) / (
         last["rows"] - first["rows"]

@@ -27,6 +27,7 @@ import argparse
 import ctypes
 import json
 import os
+from pathlib import Path
 
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
@@ -34,7 +35,8 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from search_topk import interleaved  # noqa: E402
+from common import parse_arguments, write_json  # noqa: E402
+from search_topk import SMOKE_MATRIX, interleaved  # noqa: E402
 
 from rapidin_index import index as vector_index  # noqa: E402
 from rapidin_index import vector_file  # noqa: E402
@@ -136,7 +138,8 @@ def main(argv=None) -> None:
     parser.add_argument("--queries", default="1,100")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parse_arguments(parser, argv, **SMOKE_MATRIX, top_k=3)
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     results = []
@@ -151,6 +154,7 @@ def main(argv=None) -> None:
     for e in results:
         cells = [f"{e[n]:.3f} ({e[n] / e['bare32']:.2f})" if n in e else "-" for n in names]
         print(f"| {e['K']:,} | {e['rows']:,} | {e['queries']} | " + " | ".join(cells) + " |")
+    write_json(args.out, {"results": results})
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import drive, memory, parse_arguments
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -53,13 +54,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=1, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    # the smoke run: HEAD as the baseline (git show, no checkout) and this checkout's index module as the old one
+    from rapidin_index import index as vector_index
 
-
-def memory() -> dict:
-    status = Path("/proc/self/status").read_text().splitlines()
-    fields = dict(line.split(":", 1) for line in status if ":" in line)
-    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
+    return parse_arguments(
+        parser,
+        argv,
+        rows="512",
+        sketch_dim=64,
+        baseline="HEAD",
+        old_index=vector_index.__file__,
+        out="{smoke}/result.json",
+    )
 
 
 def old_module(path: str):
@@ -172,6 +178,10 @@ def run_child(args: argparse.Namespace, mode: str, path: Path, queries: int = 1)
     command = [sys.executable, __file__, "--child", mode, "--path", str(path), "--queries", str(queries)]
     command += ["--top-k", str(args.top_k)] + (["--old-index", args.old_index] if args.old_index else [])
     command += ["--baseline", args.baseline] if args.baseline else []
+    if (
+        args.smoke
+    ):  # the same child, parsed from the same command line, in this process (seconds, not minutes)
+        return json.loads(json.dumps(child(parse_args(command[2:]))))
     finished = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, check=False
     )
@@ -230,17 +240,7 @@ def measure(args: argparse.Namespace, folder: Path) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return
-    if args.child:
-        print(json.dumps(child(args)))
-        return
-    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        results = measure(args, Path(folder))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    print(table(results))
+    drive(args, lambda: child(args), measure, table)
 
 
 def table(results: list[dict]) -> str:

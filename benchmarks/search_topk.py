@@ -29,32 +29,45 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+from common import parse_arguments, write_json  # noqa: E402
 
 from rapidin_index import index as vector_index  # noqa: E402
 from rapidin_index.vector_file import StoredVectors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# the smoke runs' matrix (this script's and search_profile.py's): 1 MB at K = 64, one and many query vectors
+SMOKE_MATRIX = {
+    "sketch_dims": "64",
+    "matrix_mb": 1,
+    "queries": f"1,{vector_index._PRODUCT_QUERIES}",
+    "repeats": 1,
+    "out": "{smoke}/result.json",
+}
 
 
 def load_baseline(commit: str):
-    """(vector_file, index) modules of the search code at ``commit`` (git show), importable beside this
-    checkout's: the old `index.py` is executed with the old `vector_file` in its import's place."""
+    """(vector_file, index) modules of the search code at ``commit`` (git show of the files this checkout
+    imports them from), importable beside this checkout's: the old `index.py` is executed with the old
+    `vector_file` in its import's place."""
     folder = Path(tempfile.mkdtemp(prefix="search-baseline-"))
+    reader_name = StoredVectors.__module__
     modules = []
-    for name in ("vector_file", "index"):
+    for current in (sys.modules[reader_name], vector_index):
+        name = current.__name__.rsplit(".", 1)[-1]
+        relative = Path(current.__file__).resolve().relative_to(ROOT).as_posix()
         source = subprocess.run(
-            ["git", "show", f"{commit}:rapidin_index/{name}.py"], cwd=ROOT, check=True, capture_output=True
+            ["git", "show", f"{commit}:{relative}"], cwd=ROOT, check=True, capture_output=True
         ).stdout
         (folder / f"{name}.py").write_bytes(source)
         spec = importlib.util.spec_from_file_location(f"baseline_{name}", folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        saved = sys.modules["rapidin_index.vector_file"]
+        saved = sys.modules[reader_name]
         if modules:
-            sys.modules["rapidin_index.vector_file"] = modules[0]
+            sys.modules[reader_name] = modules[0]
         try:
             spec.loader.exec_module(module)
         finally:
-            sys.modules["rapidin_index.vector_file"] = saved
+            sys.modules[reader_name] = saved
         modules.append(module)
     return modules[0], modules[1]
 
@@ -88,7 +101,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--folder", default=None, help="where --source file writes them (default: a temp dir)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    # the smoke run: the vectors files, read by this code and by HEAD's as the baseline (git show, no checkout)
+    args = parse_arguments(parser, argv, **SMOKE_MATRIX, top_k="3", baseline="HEAD", source="file")
     faiss.omp_set_num_threads(1)
     import torch
 
@@ -149,6 +164,7 @@ def main(argv=None) -> None:
     folder.cleanup()
     print(f"\nsource: {args.source}")
     print(table(results, ["new", *others]))
+    write_json(args.out, {"source": args.source, "results": results})
 
 
 def table(results: list[dict], names: list[str]) -> str:

@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from cli_latency import APP, tiny_model_and_data
+from common import parse_arguments, write_json
 
 PROMPT = "What does the `DeprecationWarning` class do?"
 RESPONSE = "Base class for warnings about deprecated features."
@@ -131,8 +132,20 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--k", type=int, default=4096)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parse_arguments(
+        parser,
+        repeats=1,
+        folder="{smoke}/serve_latency",
+        rows=8,
+        hidden_size=16,
+        layers=1,
+        k=256,
+        out="{smoke}/result.json",
+    )
 
+    if args.smoke:  # one setting: one cold CLI process fewer
+        SETTINGS.pop(next(iter(SETTINGS)))
     index = prepare(Path(args.folder), args.rows, args.hidden_size, args.layers, args.k)
     process, url, start_seconds = start_server(index)
     try:
@@ -166,6 +179,8 @@ def report(args, start_seconds: float, first: dict, samples: dict) -> None:
             f"| {name} | {statistics.median(cold):.2f} ({min(cold):.2f}) | {statistics.median(warm):.3f} "
             f"({min(warm):.3f}) | {first[name]:.2f} | {ratio:.1f}x |"
         )
+    rows = [{"query": name, "side": side, "seconds": values} for (name, side), values in samples.items()]
+    write_json(args.out, {"server_start_s": start_seconds, "first": first, "samples": rows})
 
 
 if __name__ == "__main__":

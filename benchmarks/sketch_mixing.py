@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import parse_arguments
 
 from rapidin_index.settings import SketchSettings
 from rapidin_index.sketch import make_projector
@@ -298,7 +299,7 @@ def timed(function, repeats: int = 5) -> float:
     return best
 
 
-def costs(length: int = 1 << 20, batch: int = 16) -> dict:
+def costs(length: int = 1 << 20, batch: int = 16, dim: int = 1 << 22) -> dict:
     """ns per coordinate: uncached bin/sign mapping at 7B; projecting a [batch, 2^22] block cached and not."""
     result = {}
     seven_b = sum(math.prod(shape) for _, shape in full_blocks(CONFIGS["Llama-2-7B"]))
@@ -307,7 +308,6 @@ def costs(length: int = 1 << 20, batch: int = 16) -> dict:
         projector = make_projector(SketchSettings(SKETCH_DIM, shuffle_lambda, 42, algorithm), seven_b)
         seconds = timed(lambda: projector.bins_and_signs(3_000_000_000, length))  # noqa: B023
         result[f"map bins+signs at 7B, {transform}"] = seconds / length * 1e9
-    dim = 1 << 22
     block = torch.randn(batch, dim)
     for transform in ("v1 lambda=20", "v2"):
         algorithm, shuffle_lambda = TRANSFORMS[transform]
@@ -319,7 +319,7 @@ def costs(length: int = 1 << 20, batch: int = 16) -> dict:
             out = projector.new_output(batch)
             projector.project_block(out, block, 0)  # fills the cache
             seconds = timed(lambda: projector.project_block(out, block, 0))  # noqa: B023
-            label = f"project [{batch}, 2^22] block, {transform}, {'cached table' if cached else 'uncached'}"
+            label = f"project [{batch}, 2^{dim.bit_length() - 1}] block, {transform}, {'cached table' if cached else 'uncached'}"
             result[label] = seconds / dim * 1e9
     return result
 
@@ -397,7 +397,17 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=16, help="4,096-coordinate blocks sampled per seed")
     parser.add_argument("--models", help="comma-separated subset of the model setups; 'none': costs only")
     parser.add_argument("--out", default=".bench/sketch_mixing.json")
-    arguments = parser.parse_args()
+    # the smoke run: the LoRA setup alone, a few seeds and pairs, the costs on small blocks
+    arguments = parse_arguments(
+        parser,
+        seeds=2,
+        v1_seeds=2,
+        pairs=1024,
+        v1_pairs=1024,
+        blocks=2,
+        models="Llama-2-7B LoRA r=16 q/k/v/o",
+        out="{smoke}/result.json",
+    )
     torch.set_num_threads(1)
     setups = model_setups()
     if arguments.models:
@@ -408,7 +418,7 @@ def main() -> None:
         "sketch_dim": SKETCH_DIM,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",
         "models": {name: measure_model(name, blocks, arguments) for name, blocks in setups.items()},
-        "costs": costs(),
+        "costs": costs(1 << 12, 2, 1 << 14) if arguments.smoke else costs(),
     }
     report["seconds"] = time.perf_counter() - started
     Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)

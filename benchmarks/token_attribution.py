@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import parse_arguments
 
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import IGNORE_INDEX
@@ -77,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_arguments(parser, repeats=1, out="{smoke}/result.json")
     torch.set_num_threads(1)
     rows = load_docstring_rows()[:200]
     texts = [row["instruction"] + " " + row["output"] for row in rows]

@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import xxhash
+
 from rapidin_index import store
 from rapidin_index.bundle import (
     BLOCK,
@@ -30,7 +32,8 @@ from rapidin_index.bundle import (
     self_checksum,
 )
 from rapidin_index.bundle_check import check_members, check_signature
-from rapidin_index.errors import BundleError, IntegrityError, ManifestError
+from rapidin_index.checksums import FAST
+from rapidin_index.errors import BundleError, ManifestError
 from rapidin_index.files import atomic_write_json, no_space, sha256_file, tree_bytes, writing
 from rapidin_index.lock import LOCK_FILES, pause_point, remove_unread_generations, writer_lock
 from rapidin_index.manifest import (
@@ -38,9 +41,9 @@ from rapidin_index.manifest import (
     Manifest,
     differences,
     read_manifest,
-    verify_files,
     write_manifest,
 )
+from rapidin_index.verify import stamp_written
 
 MOVING_NAME = ".import-moving.json"
 """In an import's target while its files are moved in: which ones (`roll_back_import`)."""
@@ -149,6 +152,7 @@ def _entries(index_dir: Path) -> list[Path]:
 def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None:
     """Move the verified files in, manifest last. Over an existing index they become its next generation
     (renamed), so the old one's files stay intact for its readers until the new manifest is in place.
+    The moved files are then stamped (`verify.stamp_written`) with the digests checked while extracting.
     The `MOVING_NAME` marker lists what is being moved, so that a killed move is rolled back."""
     marker = index_dir / MOVING_NAME
     if not (index_dir / MANIFEST_NAME).is_file():
@@ -158,6 +162,9 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
             pause_point(f"import-moved-{moved}")  # test-only: a kill after each move
         os.replace(staging / MANIFEST_NAME, index_dir / MANIFEST_NAME)
         marker.unlink()
+        stamp_written(
+            index_dir, manifest, manifest.files
+        )  # hashed while extracted: the first open stats them
         return
     generation = read_manifest(index_dir).generation + 1
     store.remove_generation(index_dir, generation)  # torn files of an unfinished build
@@ -171,6 +178,7 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
     manifest.files, manifest.generation = files, generation
     write_manifest(index_dir, manifest)  # sealed with its own checksum
     marker.unlink()
+    stamp_written(index_dir, manifest, manifest.files)
     store.remove_journal(index_dir)  # an unfinished build of the old index
     remove_unread_generations(index_dir, generation)
 
@@ -189,7 +197,7 @@ def _extract_verified(
     if not bundle.is_file():
         raise BundleError(f"bundle {bundle} does not exist")
     destination.mkdir(parents=True, exist_ok=True)
-    description, listed, extracted = None, {}, set()
+    description, listed, extracted, digests = None, {}, set(), {}
     reading, last = None, None  # the member being read, the last one read whole: named when reading fails
     try:
         for name, kind, size, reader in _archive_members(bundle):
@@ -211,7 +219,7 @@ def _extract_verified(
             elif relative not in listed:
                 raise BundleError(f"member {relative!r} is not listed in {BUNDLE_NAME}; refusing")
             else:
-                _extract_member(reader(), size, listed[relative], destination / relative)
+                digests[relative] = _extract_member(reader(), size, listed[relative], destination / relative)
                 extracted.add(relative)
             reading, last = None, relative
     except READ_ERRORS as error:
@@ -231,7 +239,7 @@ def _extract_verified(
         raise BundleError(
             f"member {missing[0]!r}{more} listed in {BUNDLE_NAME} is missing from the bundle (truncated?)"
         )
-    manifest = _check_manifest(destination, description, extracted)
+    manifest = _check_manifest(destination, description, extracted, digests)
     check_members(destination, manifest)  # opened as a query opens them, before the target is touched
     return description, manifest
 
@@ -338,16 +346,20 @@ def _check_free_space(destination: Path, needed: int) -> None:
         raise no_space(destination.parent, needed)
 
 
-def _extract_member(file, size: int, entry: dict, target: Path) -> None:
-    """Copy at most the declared bytes into ``target`` while hashing; size and sha256 must both match."""
+def _extract_member(file, size: int, entry: dict, target: Path) -> dict[str, str]:
+    """Copy at most the declared bytes into ``target`` while hashing; size and sha256 must both match.
+    Returns the member's digests (sha256 and xxh3-128, both computed on the bytes as they are written):
+    the manifest's files are checked against them, and the first open's stamps made from them, so
+    nothing extracted is read again."""
     name = entry["path"]
     if size != entry["bytes"]:
         raise BundleError(f"member {name!r} is {size:,} bytes, {BUNDLE_NAME} says {entry['bytes']:,}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    digest, copied = hashlib.sha256(), 0
+    digest, fast, copied = hashlib.sha256(), xxhash.xxh3_128(), 0
     with open(target, "xb") as out:
         while block := file.read(min(BLOCK, entry["bytes"] + 1 - copied)):
             digest.update(block)
+            fast.update(block)
             out.write(block)
             copied += len(block)
             if copied > entry["bytes"]:
@@ -360,10 +372,12 @@ def _extract_member(file, size: int, entry: dict, target: Path) -> None:
         raise BundleError(
             f"member {name!r} does not match its checksum in {BUNDLE_NAME} (corrupted or edited)"
         )
+    return {"sha256": digest.hexdigest(), FAST: fast.hexdigest()}
 
 
-def _check_manifest(folder: Path, description: dict, extracted: set[str]) -> Manifest:
-    """manifest.json against bundle.json, the files against the manifest, and no file the manifest lacks."""
+def _check_manifest(folder: Path, description: dict, extracted: set[str], digests: dict) -> Manifest:
+    """manifest.json against bundle.json, the files against the manifest (sha256 and xxh3-128, from the
+    ``digests`` computed while extracting), and no file the manifest lacks."""
     if MANIFEST_NAME not in extracted:
         raise BundleError(f"the bundle holds no {MANIFEST_NAME}")
     if sha256_file(folder / MANIFEST_NAME) != description.get("manifest_sha256"):
@@ -383,8 +397,32 @@ def _check_manifest(folder: Path, description: dict, extracted: set[str]) -> Man
     for relative in sorted(extracted - {MANIFEST_NAME}):
         if not any(relative == f or relative.startswith(f + "/") for f in manifest.files):
             raise BundleError(f"member {relative!r} is not a file of the index its manifest describes")
-    try:
-        verify_files(folder, manifest)
-    except IntegrityError as error:
-        raise BundleError(f"bundle refused: {error}") from None
+    for relative, expected in sorted(manifest.files.items()):
+        found = _listed_digests(relative, digests)
+        if found is None:
+            raise BundleError(f"bundle refused: {relative} is missing from {folder}")
+        for name, label in (("sha256", "checksum"), (FAST, FAST)):  # sha256 first: the authority
+            if isinstance(expected.get(name), str) and expected[name] != found[name]:
+                raise BundleError(
+                    f"bundle refused: {relative} does not match its {label} in the manifest "
+                    "(corrupted or edited)"
+                )
     return manifest
+
+
+def _listed_digests(relative: str, digests: dict) -> dict[str, str] | None:
+    """The sha256 and xxh3-128 of a manifest's file entry from its members' digests, as `checksums.file_entry`
+    computes them on disk (a folder: each file's relative path and digest, in order); None if absent."""
+    if relative in digests:
+        return digests[relative]
+    prefix = relative + "/"
+    inside = sorted(
+        (name[len(prefix) :], found) for name, found in digests.items() if name.startswith(prefix)
+    )
+    if not inside:
+        return None
+    trees = {"sha256": hashlib.sha256(), FAST: xxhash.xxh3_128()}
+    for name, found in inside:
+        for algorithm, tree in trees.items():
+            tree.update(f"{name}\n{found[algorithm]}\n".encode())
+    return {algorithm: tree.hexdigest() for algorithm, tree in trees.items()}

@@ -27,7 +27,7 @@ from rapidin_index.manifest import (
     write_manifest,
 )
 from rapidin_index.store import read_rejected
-from rapidin_index.verify import check_files
+from rapidin_index.verify import check_files, stamp_written
 
 
 def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:
@@ -85,6 +85,7 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     merged.precondition = None  # a shard's fitted Fisher covers its own rows only: fit the merged index
     with writing(index_dir, 1 << 16):
         write_manifest(index_dir, merged)
+    stamp_written(index_dir, merged, files)  # just hashed by write_generation: the first open stats them
     store.remove_journal(index_dir)
     return merged
 

@@ -70,8 +70,9 @@ def check_files(index_dir: str | Path, manifest, full: bool = False) -> None:
 
 def stamp_written(index_dir: str | Path, manifest, written) -> None:
     """Stamp the files a writer has just hashed into ``manifest`` (``written``: their relative paths), so
-    the first open after a build does not hash them again (13 GB: minutes). The writer read each file back
-    for its checksum moments before, under its lock; the stamp pairs that digest with the file's stat now."""
+    the first open after a build, ``--append``, merge or import does not hash them again (13 GB: minutes).
+    The writer hashed each file moments before, under its lock (read back after writing it, or, for an
+    import, while extracting it); the stamp pairs that digest with the file's stat now."""
     index_dir = Path(index_dir)
     stamps = read_stamps(index_dir)
     for relative in written:
