@@ -11,7 +11,7 @@ Two settings, each built once under ``--folder`` (cached):
 
 Each index gets `fit_index` (fisher, its defaults). The script then times `Index.query_prepared` over the
 queries (per_token off, explain 0: what `rapidin-index query --queries FILE` runs for the whole
-generation), in CPU time of this process (`time.process_time`, all threads), with torch on one thread,
+generation), in CPU time of this process (`time.process_time`, all threads), with torch on ``--threads`` (1),
 interleaving the variants in each repeat, medians over ``--repeats``:
 
 * none: no preconditioner; fisher: the Fisher (query norms off, the fit's default); fisher + query
@@ -58,6 +58,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=650, help="training rows (smollm2: of the docstring set)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--single", type=int, default=10, help="queries also timed one at a time (0: none)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch's threads (the CLI's default: the cores)"
+    )
     parser.add_argument("--out", default=None)
     return common.parse_arguments(parser, out="{smoke}/result.json", repeats=1, single=2)
 
@@ -285,7 +288,7 @@ def print_table(title: str, table: dict) -> None:
 
 def main() -> None:
     arguments = parse_arguments()
-    torch.set_num_threads(1)
+    torch.set_num_threads(arguments.threads)
     if arguments.smoke:  # a tiny index (common.tiny_index), fitted, queried with its own rows
         index_dir, data = common.tiny_index(arguments.smoke_folder)
         fit_index(index_dir, kind="fisher")
@@ -301,6 +304,7 @@ def main() -> None:
         index.query_prepared(prepared[:2], 10, explain=0, per_token=False)
     report = {
         "setting": arguments.setting,
+        "threads": arguments.threads,
         "rows": index.manifest.row_count,
         "queries": len(prepared),
         "sketch": index.manifest.sketch["algorithm"],
