@@ -135,20 +135,37 @@ class Preconditioner:
     products: list = field(init=False, repr=False)
     """Per block its `FisherProduct`, or None for a block with its own ``apply`` (`kfac.KroneckerBlock`)."""
 
+    threads: int = field(init=False, repr=False)
+    """torch's threads when the fit was loaded: what a few queries' products give back after one thread."""
+
     def __post_init__(self) -> None:
+        import torch
+
         self.products = [FisherProduct(b) if isinstance(b, FisherBlock) else None for b in self.blocks]
+        self.threads = torch.get_num_threads()
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
-        """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32."""
+        """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32.
+
+        A few queries (`FisherProduct.SMALL_BATCH`) run on one thread: their products are memory-bound
+        slices, which more threads slow down (2 threads: 85 ms a query against 15 ms; BENCHMARKS.md, "Issue
+        23: cost of a preconditioned query"); torch gets ``threads`` back after them."""
         import torch
 
         out = np.array(queries, dtype=np.float32)  # a copy, overwritten block by block
         vectors = torch.from_numpy(out)  # the same memory
-        for block, product in zip(self.blocks, self.products, strict=True):
-            if product is None:
-                out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
-            else:
-                product.apply_(vectors[:, block.start : block.stop])
+        few = len(out) <= FisherProduct.SMALL_BATCH and self.threads > 1
+        if few:
+            torch.set_num_threads(1)
+        try:
+            for block, product in zip(self.blocks, self.products, strict=True):
+                if product is None:
+                    out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
+                else:
+                    product.apply_(vectors[:, block.start : block.stop])
+        finally:
+            if few:
+                torch.set_num_threads(self.threads)
         return out
 
 
