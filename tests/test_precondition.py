@@ -314,6 +314,28 @@ def test_the_query_side_product_equals_a_dense_inverse_of_the_stored_factors(tmp
         np.testing.assert_allclose(got[:, 200:270], queries[:, 200:270] / blocks[2].damping, rtol=1e-6)
 
 
+def test_a_few_queries_run_on_one_thread_and_give_torch_its_threads_back(monkeypatch):
+    """A small batch's products run with torch on one thread, a larger one's on torch's threads; afterwards
+    torch has the threads it had when the fit was loaded."""
+    import torch
+
+    generator = np.random.default_rng(4)
+    blocks = precondition.fit_fisher(generator.standard_normal((20, 50)), [(0, 50)], damping=0.5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        preconditioner = precondition.Preconditioner(blocks, {})
+        seen = []
+        monkeypatch.setattr(
+            precondition.FisherProduct, "apply_", lambda self, part: seen.append(torch.get_num_threads())
+        )
+        preconditioner.apply(generator.standard_normal((1, 50)))
+        preconditioner.apply(generator.standard_normal((precondition.FisherProduct.SMALL_BATCH + 1, 50)))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- K-FAC and EK-FAC
 
 
