@@ -94,7 +94,7 @@ class FisherBlock:
 class FisherProduct:
     """A `FisherBlock` made ready for queries once (at open): ``(F_b + lambda I)^-1 q = q / (rest + lambda)
     + V ((V^T q) * c)`` with ``c = 1 / (eigenvalues + lambda) - 1 / (rest + lambda)``, float32 products by
-    torch on the threads the model's own products use (numpy's BLAS ran threads of its own beside them,
+    torch (on one thread for a few queries: `Preconditioner.apply`; numpy's BLAS ran threads of its own,
     which on a busy machine cost 10x the products: BENCHMARKS.md, "Issue 23: cost of a preconditioned
     query").
 
