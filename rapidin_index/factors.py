@@ -125,13 +125,27 @@ def factors_gradient_rows(
     factors: list[OuterFactors], cols_count: int, first: int, last: int
 ) -> torch.Tensor:
     """Rows [first, last) of :func:`factors_gradient`: [batch, (last - first) * cols] float32."""
+    return gradient_rows(factors, cols_count, slice(first, last)).flatten(1)
+
+
+def gradient_rows(factors: list[OuterFactors], cols_count: int, rows: slice | torch.Tensor) -> torch.Tensor:
+    """[batch, n, cols] float32: rows ``rows`` of the factors' per-example gradient, a contiguous
+    ``slice(first, last)`` or an ascending int64 [n] tensor of row indices (only those rows are formed)."""
     batch = factors[0].cols.shape[0]
-    total = torch.zeros(batch, last - first, cols_count, device=factors[0].cols.device)
+    count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+    total = torch.zeros(batch, count, cols_count, device=factors[0].cols.device)
     for factor in factors:
-        if factor.ids is not None:
-            example, token = ((factor.ids >= first) & (factor.ids < last)).nonzero(as_tuple=True)
-            flat = example * (last - first) + factor.ids[example, token] - first
-            total.view(-1, cols_count).index_add_(0, flat, factor.cols[example, token].float())
-        else:
-            total += torch.bmm(factor.rows[:, :, first:last].float().transpose(1, 2), factor.cols.float())
-    return total.reshape(batch, -1)
+        if factor.ids is None:
+            left = factor.rows[:, :, rows] if isinstance(rows, slice) else factor.rows.index_select(2, rows)
+            total += torch.bmm(left.float().transpose(1, 2), factor.cols.float())  # [batch, n, cols]
+            continue
+        if isinstance(rows, slice):
+            position = factor.ids - rows.start
+            kept = (factor.ids >= rows.start) & (factor.ids < rows.stop)
+        else:  # where each token's id sits among the rows, if it does
+            position = torch.searchsorted(rows, factor.ids.contiguous()).clamp(max=count - 1)
+            kept = rows[position] == factor.ids
+        example, token = kept.nonzero(as_tuple=True)
+        flat = example * count + position[example, token]
+        total.view(-1, cols_count).index_add_(0, flat, factor.cols[example, token].float())
+    return total

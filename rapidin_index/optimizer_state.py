@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rapidin_index.errors import OptimizerStateError
+from rapidin_index.factors import gradient_rows
 from rapidin_index.sketch.kron import RapidGradKronProjector
 
 CHECKPOINT_FILE = "optimizer.pt"
@@ -284,7 +285,9 @@ def add_scaled_block(state, block, factors: list, scale: torch.Tensor, normalize
     squared = torch.zeros(batch, dtype=torch.float64, device=state.out.device)
     sketch = None if kron else projector.new_output(batch)
     for rows in _row_chunks(factors, rows_count, batch * cols_count, kron):
-        piece = _gradient_rows(factors, rows_count, cols_count, rows)  # [batch, n, cols]
+        piece = gradient_rows(
+            factors, cols_count, slice(0, rows_count) if rows is None else rows
+        )  # [batch, n, cols]
         piece *= scale if rows is None else scale[rows]
         squared += torch.linalg.vector_norm(piece, dim=(1, 2)).double().square().to(squared.device)
         if kron:
@@ -318,26 +321,3 @@ def _row_chunks(factors: list, rows_count: int, row_width: int, looked_up_only: 
         return
     for first in range(0, rows_count, step):
         yield torch.arange(first, min(rows_count, first + step), device=device)
-
-
-def _gradient_rows(factors: list, rows_count: int, cols_count: int, rows: torch.Tensor | None):
-    """[batch, n, cols] float32: rows ``rows`` (None: all) of the per-example gradient of the factors."""
-    batch = factors[0].cols.shape[0]
-    count = rows_count if rows is None else len(rows)
-    total = torch.zeros(batch, count, cols_count, device=factors[0].cols.device)
-    for factor in factors:
-        cols = factor.cols.float()  # [batch, T, cols]
-        if factor.ids is None:
-            left = factor.rows if rows is None else factor.rows.index_select(2, rows)  # [batch, T, n]
-            total.baddbmm_(left.float().transpose(1, 2), cols)
-            continue
-        ids = factor.ids.contiguous()  # [batch, T]
-        if rows is None:
-            position, kept = ids, torch.ones_like(ids, dtype=torch.bool)
-        else:  # where each token's id sits among the chunk's rows, if it does
-            position = torch.searchsorted(rows, ids).clamp(max=count - 1)
-            kept = rows[position] == ids
-        example, token = kept.nonzero(as_tuple=True)
-        flat = example * count + position[example, token]
-        total.view(-1, cols_count).index_add_(0, flat, cols[example, token])
-    return total

@@ -37,12 +37,16 @@ fisher``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rapidin_index.errors import PreconditionError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 2
 """1: Fisher eigen blocks only; 2: also `kfac.KroneckerBlock` blocks (``block_kinds``)."""
@@ -82,25 +86,89 @@ class FisherBlock:
     damping: float  # lambda of this block
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
-        """(F_b + lambda I)^-1 q_b for queries [n, width], in float32 (the eigenvectors' own dtype: no copy
-        of them per query)."""
-        inverse_rest = 1.0 / (self.rest + self.damping)
-        queries = np.asarray(queries, dtype=np.float32)
-        inside = queries @ self.eigenvectors  # [n, rank]
-        factors = (1.0 / (self.eigenvalues + self.damping) - inverse_rest).astype(np.float32)
-        return queries * np.float32(inverse_rest) + (inside * factors) @ self.eigenvectors.T
+        """(F_b + lambda I)^-1 q_b for queries [n, width], float32."""
+        import torch
+
+        out = np.array(queries, dtype=np.float32)
+        FisherProduct(self).apply_(torch.from_numpy(out))
+        return out
+
+
+class FisherProduct:
+    """A `FisherBlock` made ready for queries once (at open): ``(F_b + lambda I)^-1 q = q / (rest + lambda)
+    + V ((V^T q) * c)`` with ``c = 1 / (eigenvalues + lambda) - 1 / (rest + lambda)``, float32 products by
+    torch (on one thread for a few queries: `Preconditioner.apply`; numpy's BLAS ran threads of its own,
+    which on a busy machine cost 10x the products: BENCHMARKS.md, "Issue 23: cost of a preconditioned
+    query").
+
+    V is kept transposed, [rank, width] contiguous, and the block's ``eigenvectors`` become a view of it
+    (one copy in memory). A few queries read V in slices of ``SLICE_EIGENPAIRS`` rows, each used for both
+    products while it is in the CPU cache: one pass over V instead of two, which is what a small batch's
+    products cost (they are memory-bound); a larger batch takes V in one piece (compute-bound)."""
+
+    SMALL_BATCH = 16
+    SLICE_EIGENPAIRS = 32
+
+    def __init__(self, block: FisherBlock) -> None:
+        import torch  # here, not at the top: `rapidin-index fit` loads no torch for it
+
+        self.inverse_rest = 1.0 / (block.rest + block.damping)
+        self.rank = block.eigenvalues.size  # 0 for bins no tensor uses: the product is q / lambda
+        vectors = torch.from_numpy(np.asarray(block.eigenvectors, dtype=np.float32))  # [width, rank]
+        self.transposed = vectors.T.contiguous()  # [rank, width] (torch's copy: 4x numpy's here)
+        block.eigenvectors = self.transposed.numpy().T  # the same values, sharing that copy
+        factors = 1.0 / (np.asarray(block.eigenvalues, dtype=np.float64) + block.damping) - self.inverse_rest
+        self.factors = torch.from_numpy(factors.astype(np.float32))  # [rank]
+
+    def apply_(self, part: torch.Tensor) -> None:
+        """Overwrite ``part`` [n, width] float32 (a view of the query vectors) with (F_b + lambda I)^-1 part."""
+        out = part * self.inverse_rest  # [n, width]
+        step = self.SLICE_EIGENPAIRS if len(part) <= self.SMALL_BATCH else max(self.rank, 1)
+        for first in range(0, self.rank, step):
+            vectors = self.transposed[first : first + step]  # [step, width]
+            inside = (part @ vectors.T).mul_(self.factors[first : first + step])  # [n, step]
+            out.addmm_(inside, vectors)
+        part.copy_(out)
 
 
 @dataclass
 class Preconditioner:
     blocks: list[FisherBlock]
     record: dict
+    products: list = field(init=False, repr=False)
+    """Per block its `FisherProduct`, or None for a block with its own ``apply`` (`kfac.KroneckerBlock`)."""
+
+    threads: int = field(init=False, repr=False)
+    """torch's threads when the fit was loaded: what a few queries' products give back after one thread."""
+
+    def __post_init__(self) -> None:
+        import torch
+
+        self.products = [FisherProduct(b) if isinstance(b, FisherBlock) else None for b in self.blocks]
+        self.threads = torch.get_num_threads()
 
     def apply(self, queries: np.ndarray) -> np.ndarray:
-        """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32."""
-        out = np.array(queries, dtype=np.float32)
-        for block in self.blocks:
-            out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
+        """[n, K] query vectors -> (F + lambda I)^-1 applied per block, float32.
+
+        A few queries (`FisherProduct.SMALL_BATCH`) run on one thread: their products are memory-bound
+        slices, which more threads slow down (2 threads: 85 ms a query against 15 ms; BENCHMARKS.md, "Issue
+        23: cost of a preconditioned query"); torch gets ``threads`` back after them."""
+        import torch
+
+        out = np.array(queries, dtype=np.float32)  # a copy, overwritten block by block
+        vectors = torch.from_numpy(out)  # the same memory
+        few = len(out) <= FisherProduct.SMALL_BATCH and self.threads > 1
+        if few:
+            torch.set_num_threads(1)
+        try:
+            for block, product in zip(self.blocks, self.products, strict=True):
+                if product is None:
+                    out[:, block.start : block.stop] = block.apply(out[:, block.start : block.stop])
+                else:
+                    product.apply_(vectors[:, block.start : block.stop])
+        finally:
+            if few:
+                torch.set_num_threads(self.threads)
         return out
 
 

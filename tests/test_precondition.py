@@ -273,6 +273,70 @@ def test_a_block_with_more_rows_than_coordinates_is_decomposed_densely():
     np.testing.assert_allclose(block.apply(queries), expected, rtol=1e-4, atol=1e-5)  # float32
 
 
+def dense_inverse_of_stored(path, width: int) -> np.ndarray:
+    """[width, width] float64 (F + lambda I)^-1 of a fisher file's stored factors, read with numpy alone:
+    per block V diag(eigenvalues) V^T + rest (I - V V^T) + damping I, inverted densely."""
+    inverse = np.zeros((width, width))
+    with np.load(path) as stored:
+        for number, (start, stop) in enumerate(stored["spans"]):
+            vectors = stored[f"eigenvectors_{number}"].astype(np.float64)  # [w, r]
+            values = stored[f"eigenvalues_{number}"]
+            projector = vectors @ vectors.T
+            fisher = (vectors * values) @ vectors.T + stored["rest"][number] * (
+                np.eye(stop - start) - projector
+            )
+            block = fisher + stored["damping"][number] * np.eye(stop - start)
+            inverse[start:stop, start:stop] = np.linalg.inv(block)
+    return inverse
+
+
+def test_the_query_side_product_equals_a_dense_inverse_of_the_stored_factors(tmp_path, monkeypatch):
+    """Every kind of Fisher block (dense, truncated with a rest, bins no tensor uses), saved and loaded as
+    a query opens it: the preconditioned vectors equal numpy's dense (F + lambda I)^-1 of the same stored
+    factors to float32 rounding, one query or many, the caller's array untouched."""
+    generator = np.random.default_rng(3)
+    vectors = generator.standard_normal((60, 300)) * np.linspace(3, 0.05, 300)
+    vectors[:, 200:270] = 0  # bins no tensor uses (wider than the rows): no eigenpair is kept
+    monkeypatch.setattr(precondition, "DENSE_LIMIT", 64)
+    spans = [(0, 30), (30, 200), (200, 270), (270, 300)]  # dense (30 <= 60 rows), truncated, empty, dense
+    blocks = precondition.fit_fisher(vectors, spans, damping=0.2, rank=40)
+    assert [b.eigenvalues.size for b in blocks] == [30, 40, 0, 30] and blocks[1].rest > 0
+    precondition.save_blocks(tmp_path / "fisher-g0001.npz", blocks)
+    loaded = precondition.Preconditioner(precondition.load_blocks(tmp_path / "fisher-g0001.npz", 300), {})
+    inverse = dense_inverse_of_stored(tmp_path / "fisher-g0001.npz", 300)
+    for count in (1, 7, 20):  # a few queries take V in slices, more in one piece
+        queries = generator.standard_normal((count, 300))  # float64: apply takes any float array
+        before = queries.copy()
+        got = loaded.apply(queries)
+        expected = queries @ inverse  # symmetric
+        assert got.dtype == np.float32 and np.array_equal(queries, before)
+        scale = np.abs(expected).max(axis=1, keepdims=True)
+        assert np.abs(got - expected).max() / scale.min() < 2e-6  # float32 rounding (eps 1.2e-7)
+        np.testing.assert_allclose(got[:, 200:270], queries[:, 200:270] / blocks[2].damping, rtol=1e-6)
+
+
+def test_a_few_queries_run_on_one_thread_and_give_torch_its_threads_back(monkeypatch):
+    """A small batch's products run with torch on one thread, a larger one's on torch's threads; afterwards
+    torch has the threads it had when the fit was loaded."""
+    import torch
+
+    generator = np.random.default_rng(4)
+    blocks = precondition.fit_fisher(generator.standard_normal((20, 50)), [(0, 50)], damping=0.5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        preconditioner = precondition.Preconditioner(blocks, {})
+        seen = []
+        monkeypatch.setattr(
+            precondition.FisherProduct, "apply_", lambda self, part: seen.append(torch.get_num_threads())
+        )
+        preconditioner.apply(generator.standard_normal((1, 50)))
+        preconditioner.apply(generator.standard_normal((precondition.FisherProduct.SMALL_BATCH + 1, 50)))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- K-FAC and EK-FAC
 
 
