@@ -2,7 +2,7 @@
 
 Synthetic indexes (no model): unit-norm vectors (K = 4096, float16, the default) written through the
 project's own writer, and rows of about 300 characters of text with two metadata fields (``lang``,
-``year``), written through `store.write_generation`; the manifest is a tiny demo build's with the counts,
+``year``), written through `index_folder.write_generation`; the manifest is a tiny demo build's with the counts,
 files and sources replaced. Every measurement runs in a fresh process (one thread) that imports the
 package from ``--code`` (this checkout, or ``--old`` = another checkout, e.g. ``git worktree add --detach
 /tmp/t-old <commit>``) and reports its wall time, its peak RSS (VmHWM) and its RSS after the imports
@@ -12,7 +12,7 @@ append     1,000 rows appended the way build's finalize does it (the store-level
            `build._finalize`: the old generation's ids checked, its vectors and rows copied into the new
            generation with 1,000 new rows, the new files written; not committed, then removed)
 merge      `shards.merge_shards` of two shards of N/2 rows (ids i % 2)
-export     `export.export_index` to .tar.gz, .tar.zst (new code only) and .parquet: time, size
+export     `bundle_export.export_index` to .tar.gz, .tar.zst (new code only) and .parquet: time, size
 build      (``--build-rows``) `build.build_index` of N rows with the tiny demo Llama (K = 4096), whole,
            in a fresh process each: peak RSS against N
 open       (``--open-rows``, issue 27: stamps) the first open after each writer that commits: `build
@@ -83,7 +83,7 @@ def text_row(example_id: int) -> dict:
 
 
 def stored_row(example_id: int) -> dict:
-    """A row as the build stores it (`metadata.SCHEMA`)."""
+    """A row as the build stores it (`row_table.SCHEMA`)."""
     source = text_row(example_id)
     return {
         "id": example_id,
@@ -112,7 +112,11 @@ def unit_vectors(ids):
 def child(mode: str, paths: list[str]) -> dict:
     """One measurement in this (fresh) process, with the package of PYTHONPATH."""
     import rapidin_index
-    from rapidin_index import export, shards, store  # noqa: F401  (imported before the baseline)
+    from rapidin_index.store import (
+        bundle_export,
+        index_folder,  # noqa: F401  (imported before the baseline)
+        shards,
+    )
 
     result = {"code": str(Path(rapidin_index.__file__).parent.parent), "base": memory()}
     started = time.perf_counter()
@@ -121,7 +125,7 @@ def child(mode: str, paths: list[str]) -> dict:
     elif mode == "merge":
         shards.merge_shards([Path(paths[0]), Path(paths[1])], Path(paths[2]))
     elif mode == "export":
-        result["bytes"] = export.export_index(paths[0], paths[1]).stat().st_size
+        result["bytes"] = bundle_export.export_index(paths[0], paths[1]).stat().st_size
     elif mode == "build":
         from rapidin_index.build import build_index
         from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
@@ -135,12 +139,12 @@ def child(mode: str, paths: list[str]) -> dict:
         settings = BuildSettings(ModelSettings(paths[1]), sketch=SketchSettings(K), device="cpu")
         build_index(paths[0], paths[2], settings, append=True, progress=False)
     elif mode == "import":
-        from rapidin_index.bundle_import import import_bundle
+        from rapidin_index.store.bundle_import import import_bundle
 
         import_bundle(paths[0], paths[1])
     elif mode == "open":
-        from rapidin_index import verify
-        from rapidin_index.manifest import read_manifest
+        from rapidin_index.store import verify
+        from rapidin_index.store.manifest import read_manifest
 
         manifest = read_manifest(paths[0])
         stamps = verify.read_stamps(Path(paths[0]))
@@ -158,36 +162,40 @@ def append_rows(index_dir: Path, count: int) -> None:
     version imported (old: the previous rows read whole; new: their ids, then pages)."""
     import numpy as np
 
-    from rapidin_index import store
-    from rapidin_index.manifest import read_manifest
+    from rapidin_index.store import index_folder
+    from rapidin_index.store.manifest import read_manifest
 
     existing = read_manifest(index_dir)
     generation, total = existing.generation, existing.total_rows_seen
-    rejected = [{"id": r.example_id, "reason": r.reason} for r in store.read_rejected(index_dir, existing)]
-    old_ids = store.open_vectors(index_dir, generation).ids
-    paged = hasattr(store, "iter_rows")
+    rejected = [
+        {"id": r.example_id, "reason": r.reason} for r in index_folder.read_rejected(index_dir, existing)
+    ]
+    old_ids = index_folder.open_vectors(index_dir, generation).ids
+    paged = hasattr(index_folder, "iter_rows")
     if paged:
-        old_rows, row_ids = None, store.read_row_ids(index_dir, generation).tolist()
+        old_rows, row_ids = None, index_folder.read_row_ids(index_dir, generation).tolist()
     else:
-        old_rows = store.read_all_rows(index_dir, generation)
+        old_rows = index_folder.read_all_rows(index_dir, generation)
         row_ids = [row["id"] for row in old_rows]
-    assert not store.row_id_problem(old_ids.tolist(), row_ids, [], range(total))
-    writer = store.vector_writer(index_dir, generation + 1, K, existing.vector_dtype)
+    assert not index_folder.row_id_problem(old_ids.tolist(), row_ids, [], range(total))
+    writer = index_folder.vector_writer(index_dir, generation + 1, K, existing.vector_dtype)
 
     def batches():
-        old = store.open_vectors(index_dir, generation)
+        old = index_folder.open_vectors(index_dir, generation)
         old.drop_pages = True
         old.copy_rows_to(writer)
         if paged:
-            yield from store.iter_rows(index_dir, generation)
+            yield from index_folder.iter_rows(index_dir, generation)
         else:
             yield old_rows
         new_ids = np.arange(total, total + count)
         writer.add(unit_vectors(new_ids), new_ids)
         yield [stored_row(i) for i in new_ids.tolist()]
 
-    store.write_generation(index_dir, generation + 1, writer, batches(), rejected, range(total + count))
-    store.remove_generation(index_dir, generation + 1)  # not committed: the index is measured again
+    index_folder.write_generation(
+        index_dir, generation + 1, writer, batches(), rejected, range(total + count)
+    )
+    index_folder.remove_generation(index_dir, generation + 1)  # not committed: the index is measured again
 
 
 def run_child(mode: str, code: str, *paths, smoke: bool = False) -> dict:
@@ -217,8 +225,8 @@ def tiny_model(folder: Path) -> Path:
 def template_manifest(folder: Path, model: Path):
     """The manifest of a tiny build (8 rows): the synthetic indexes take its identity."""
     from rapidin_index.build import build_index
-    from rapidin_index.manifest import read_manifest
     from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+    from rapidin_index.store.manifest import read_manifest
 
     data = write_data(folder / "template.jsonl", 8)
     settings = BuildSettings(ModelSettings(str(model)), sketch=SketchSettings(K), device="cpu")
@@ -235,11 +243,11 @@ def synthetic_index(index_dir: Path, template, total: int, shard: int | None = N
     """An index of ``total`` rows (a shard: those with id % 2 == ``shard``), written by the store."""
     import numpy as np
 
-    from rapidin_index import store
-    from rapidin_index.manifest import Manifest, write_manifest
+    from rapidin_index.store import index_folder
+    from rapidin_index.store.manifest import Manifest, write_manifest
 
     ids = np.arange(total) if shard is None else np.arange(shard, total, 2)
-    writer = store.vector_writer(index_dir, 1, K, template.vector_dtype)
+    writer = index_folder.vector_writer(index_dir, 1, K, template.vector_dtype)
 
     def batches():
         for start in range(0, len(ids), 4096):
@@ -247,7 +255,7 @@ def synthetic_index(index_dir: Path, template, total: int, shard: int | None = N
             writer.add(unit_vectors(chunk), chunk)
             yield [stored_row(i) for i in chunk.tolist()]
 
-    files = store.write_generation(index_dir, 1, writer, batches(), [])
+    files = index_folder.write_generation(index_dir, 1, writer, batches(), [])
     manifest = Manifest.from_dict(template.to_dict())
     manifest.generation, manifest.files, manifest.row_count, manifest.rejected_count = 1, files, len(ids), 0
     manifest.sources = [{**template.sources[0], "rows": total, "sha256": f"synthetic-{total}"}]
@@ -262,7 +270,7 @@ def synthetic_index(index_dir: Path, template, total: int, shard: int | None = N
 def first_opens(folder: Path, codes: dict, template, model: Path, rows: int) -> dict:
     """Per writer that commits (append, merge, import) and per code: the writer in a fresh process, then
     the first open's file check in another; {f"{writer}_{code}": {"write": ..., "open": ...}}."""
-    from rapidin_index.export import export_index
+    from rapidin_index.store.bundle_export import export_index
 
     base, halves = folder / f"open-base-{rows}", [folder / f"open-shard-{rows}-{i}" for i in (0, 1)]
     synthetic_index(base, template, rows)

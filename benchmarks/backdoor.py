@@ -48,7 +48,6 @@ import torch
 from common import SMOKE_MODEL
 from common import parse_arguments as parse_with_smoke
 
-from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
 from rapidin_index.demo.baselines import BM25, mean_hidden_states, random_scores, words
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS
@@ -65,6 +64,7 @@ from rapidin_index.settings import (
     SketchSettings,
 )
 from rapidin_index.sketch import make_projector
+from rapidin_index.store import vector_index
 
 
 def parse_arguments() -> argparse.Namespace:

@@ -23,7 +23,6 @@ import torch
 from backdoor import SMOKE_FINETUNE, attacked_queries, evaluate
 from common import parse_arguments
 
-from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS
 from rapidin_index.demo.finetune import FinetuneSettings
@@ -31,6 +30,7 @@ from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepar
 from rapidin_index.ekfac_fit import fit_index_weights as fit_index
 from rapidin_index.retrieval import Index, sketch_queries
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+from rapidin_index.store import vector_index
 
 
 def main() -> None:

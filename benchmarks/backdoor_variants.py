@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from backdoor import query_vectors, sketch_rows
 
-from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
 from rapidin_index.precondition import DEFAULT_DAMPING, Preconditioner, fit_fisher
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+from rapidin_index.store import vector_index
 
 SKETCH = SketchSettings(65536, 20, 42, "rapidgrad-v2")
 DAMPINGS = (0.1, 0.5, 1.0)
@@ -255,12 +255,12 @@ def fisher_fit_seconds(folder: str) -> dict:
     import os
     import time
 
-    from rapidin_index import store
-    from rapidin_index.manifest import read_manifest
     from rapidin_index.precondition import DEFAULT_DAMPING, DEFAULT_RANK, fit_fisher, spans_for
+    from rapidin_index.store import index_folder
+    from rapidin_index.store.manifest import read_manifest
 
     manifest = read_manifest(folder)
-    _, vectors = store.load_vectors(folder, manifest.generation)
+    _, vectors = index_folder.load_vectors(folder, manifest.generation)
     _, spans = spans_for(manifest, "auto")
     wall, cpu = time.perf_counter(), time.process_time()
     fit_fisher(vectors, spans, DEFAULT_DAMPING, DEFAULT_RANK)

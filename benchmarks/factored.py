@@ -204,7 +204,7 @@ def seed_spread(model, blocks, args, sketch_dims, train_batches, query_batches, 
 def end_to_end(model_dir: str, args: argparse.Namespace, sketch_dims: list[int]) -> list[dict]:
     """``build_index`` wall time (model loading and index writes included): v2 against 'auto', interleaved."""
     from rapidin_index.build import BuildSettings, build_index
-    from rapidin_index.manifest import read_manifest
+    from rapidin_index.store.manifest import read_manifest
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -153,8 +153,8 @@ def sharded_search(rows: int = 100_000, dimension: int = 4096) -> dict:
     """A random flat index sharded over every GPU by faiss-gpu against the CPU's exact search."""
     import faiss
 
-    from rapidin_index import index as vector_index
     from rapidin_index.parallel import faiss_gpu_count, search_index
+    from rapidin_index.store import vector_index
 
     gpus = faiss_gpu_count()
     if gpus == 0:

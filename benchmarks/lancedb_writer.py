@@ -1,4 +1,4 @@
-"""LanceDB writer growth (issue 27 item 2's remainder): peak RSS of `metadata.write_table` against N, per writer.
+"""LanceDB writer growth (issue 27 item 2's remainder): peak RSS of `row_table.write_table` against N, per writer.
 
 Every measurement is a fresh process (one thread) that writes N synthetic rows (append_scaling.py's
 `stored_row`: about 300 characters of text and two metadata fields, in batches of 4,096 as a build's
@@ -6,7 +6,7 @@ finalize gives them) and reports its wall time, its peak RSS (VmHWM) minus its R
 imports done), the table on disk, and the rows read back with lancedb's `open_table(...).count_rows()`.
 Variants (``--variants``):
 
-current                   `metadata.write_table` as it is: lancedb's `create_table` from a RecordBatchReader
+current                   `row_table.write_table` as it is: lancedb's `create_table` from a RecordBatchReader
 consume                   the same, but the reader is only drained (no LanceDB write): the Python side alone
 version=V                 `create_table(..., data_storage_version=V)` (legacy, 2.0, 2.1, stable)
 segments=S                `create_table` of the first S rows, then `table.add` of each next S (one version each)
@@ -59,7 +59,7 @@ def child(rows: int, variant: str, folder: Path) -> dict:
     import pyarrow as pa
     from append_scaling import memory, stored_row
 
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
     if variant.startswith("lance"):
         import lance
@@ -103,7 +103,7 @@ def child(rows: int, variant: str, folder: Path) -> dict:
         lancedb.db.LanceDBConnection.create_table = writers[name]
     base = memory()
     started = time.perf_counter()
-    metadata.write_table(database, "rows", batches())
+    row_table.write_table(database, "rows", batches())
     seconds = time.perf_counter() - started
     end = memory()
     written = name != "consume"

@@ -47,7 +47,6 @@ from common import SMOKE_MODEL
 from common import parse_arguments as parse_with_smoke
 
 from rapidin_index import Index, SketchSettings, build_index
-from rapidin_index import index as vector_index
 from rapidin_index.demo.datasets import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
 from rapidin_index.demo.finetune import (
     REPORT_FILE,
@@ -58,6 +57,7 @@ from rapidin_index.demo.finetune import (
 )
 from rapidin_index.demo.metrics import spearman
 from rapidin_index.settings import BuildSettings, ModelSettings
+from rapidin_index.store import vector_index
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,8 +21,8 @@ from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pai
 from lds_kfac import losses_and_masks
 
 from rapidin_index import SketchSettings
-from rapidin_index.manifest import read_manifest
 from rapidin_index.precondition import DEFAULT_DAMPING, Preconditioner, fit_fisher, spans_for
+from rapidin_index.store.manifest import read_manifest
 
 DAMPINGS = (0.1, 0.25, 0.5, 1, 2)
 

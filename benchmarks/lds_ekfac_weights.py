@@ -40,8 +40,8 @@ from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pai
 from lds_kfac import losses_and_masks
 
 from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
-from rapidin_index import index as vector_index
 from rapidin_index.precondition import Preconditioner, fit_fisher, spans_for
+from rapidin_index.store import vector_index
 
 
 def parse_arguments() -> argparse.Namespace:

@@ -26,8 +26,8 @@ from lds import index_folder
 from lds_ekfac_weights import lds, selected, smoke_index
 
 from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
-from rapidin_index import index as vector_index
 from rapidin_index.retrieval import sketch_query_vectors
+from rapidin_index.store import vector_index
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pai
 
 from rapidin_index import SketchSettings
 from rapidin_index.kfac import layouts
-from rapidin_index.manifest import read_manifest
 from rapidin_index.precondition import Preconditioner, fit_fisher, fit_kronecker, spans_for
+from rapidin_index.store.manifest import read_manifest
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -160,9 +160,9 @@ def main() -> None:
 def end_to_end(folder: Path, masks, losses, count: int) -> dict:
     """LDS of each kind's default fit through the library alone: `fit_index` on the costs' index, queries
     sketched and preconditioned by `Index` (query norms included), scored against its stored rows."""
-    from rapidin_index import index as vector_index
     from rapidin_index.precondition import fit_index
     from rapidin_index.retrieval import Index, sketch_queries
+    from rapidin_index.store import vector_index
 
     index_dir = folder / "timing-kinds"
     rows = [json.loads(line) for line in open(folder / "queries.jsonl")]

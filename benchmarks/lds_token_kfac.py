@@ -29,9 +29,9 @@ from rapidin_index import SketchSettings
 from rapidin_index.data import IGNORE_INDEX, Template
 from rapidin_index.demo.finetune import tokenize_rows
 from rapidin_index.kfac import KroneckerBlock
-from rapidin_index.manifest import read_manifest
 from rapidin_index.precondition import Preconditioner, fit_fisher, spans_for
 from rapidin_index.sketch.kron import COL_SIDE, ROW_SIDE, kron_layout, side_hash
+from rapidin_index.store.manifest import read_manifest
 
 
 def token_factors(model_dir: Path, rows: list[dict], names: list[str], sample: bool, seed: int = 0) -> dict:

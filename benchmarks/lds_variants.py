@@ -20,7 +20,6 @@ from lds import index_folder, linear_datamodeling_score, stored_pair, summarize
 
 from rapidin_index import SketchSettings
 from rapidin_index.build import build_index
-from rapidin_index.manifest import read_manifest
 from rapidin_index.precondition import (
     DEFAULT_DAMPING,
     DEFAULT_RANK,
@@ -31,6 +30,7 @@ from rapidin_index.precondition import (
 )
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings
+from rapidin_index.store.manifest import read_manifest
 
 DEFAULT_DAMPING_SHOWN = 0.1
 

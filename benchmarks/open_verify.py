@@ -1,7 +1,7 @@
 """Open-time cost of verifying an index's files (issue 25, item 1), as ratios measured in one run.
 
 For each row count (default 131,072 and 8,192) at K = 4096 float32, random unit vectors are written with the
-project's own writer (`store.write_generation`: the FAISS file, a LanceDB table of short rows, the rejected
+project's own writer (`index_folder.write_generation`: the FAISS file, a LanceDB table of short rows, the rejected
 file; 131,072 x 4096 x 4 bytes = 2 GiB of vectors), then each check ``Index.open`` (or ``--verify``) can
 run is timed over the manifest's files:
 
@@ -33,9 +33,8 @@ import faiss
 import numpy as np
 from common import parse_arguments
 
-from rapidin_index import index as vector_index
-from rapidin_index import store, verify
-from rapidin_index.manifest import verify_files
+from rapidin_index.store import index_folder, vector_index, verify
+from rapidin_index.store.manifest import verify_files
 
 BLOCK_ROWS = 8192
 
@@ -57,7 +56,7 @@ def write_index(folder: Path, rows: int, dimension: int) -> SimpleNamespace:
         for i in range(rows)
     ]  # fmt: skip
     started = time.perf_counter()
-    files = store.write_generation(folder, 1, faiss_index, [text], [])
+    files = index_folder.write_generation(folder, 1, faiss_index, [text], [])
     return SimpleNamespace(files=files, generation=1, write_seconds=time.perf_counter() - started)
 
 
@@ -88,7 +87,7 @@ def measure(folder: Path, manifest, repeats: int) -> dict:
         verify.check_files(folder, manifest)
 
     def faiss_load():
-        faiss.read_index(str(folder / store.vector_file(1)))  # freed on return
+        faiss.read_index(str(folder / index_folder.vector_file(1)))  # freed on return
 
     checks = {
         "sha256": lambda: verify_files(folder, manifest),

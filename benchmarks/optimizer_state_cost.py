@@ -33,13 +33,13 @@ import torch
 from common import SMOKE_MODEL
 from common import parse_arguments as parse_with_smoke
 
-from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
 from rapidin_index.demo.datasets import load_docstring_rows, make_nonlexical_backdoor_dataset, write_jsonl
 from rapidin_index.demo.finetune import FinetuneSettings, finetune
 from rapidin_index.gradients import GradientSketcher
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+from rapidin_index.store import vector_index
 
 MODES = ("plain", "state", "state, materialised")
 

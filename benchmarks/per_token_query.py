@@ -31,10 +31,10 @@ from build_throughput import docstring_rows
 from common import parse_arguments
 
 from rapidin_index import Index, SketchSettings, build_index, retrieval
-from rapidin_index import index as vector_index
 from rapidin_index.demo.tiny_models import save_lora_adapter, save_tiny_model
 from rapidin_index.losses import collate
 from rapidin_index.settings import BuildSettings, ModelSettings
+from rapidin_index.store import vector_index
 
 
 def copies_method(index: Index, prepared, top_k: int, batch_size: int = 16) -> np.ndarray:

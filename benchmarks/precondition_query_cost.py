@@ -136,7 +136,7 @@ def _build_and_fit(data: Path, index_dir: Path, settings: BuildSettings) -> None
         started = time.perf_counter()
         build_index(data, index_dir, settings, progress=False)
         print(f"built {index_dir} in {time.perf_counter() - started:.0f} s", flush=True)
-    from rapidin_index.manifest import read_manifest
+    from rapidin_index.store.manifest import read_manifest
 
     if read_manifest(index_dir).precondition is None:
         record = fit_index(index_dir, kind="fisher")

@@ -51,7 +51,6 @@ import torch
 from build_throughput import docstring_rows
 from common import parse_arguments
 
-from rapidin_index import index as vector_index
 from rapidin_index import retrieval
 from rapidin_index.build import build_index
 from rapidin_index.data import load_examples
@@ -60,6 +59,7 @@ from rapidin_index.gradients import normalize_flat, reference_gradient
 from rapidin_index.losses import collate
 from rapidin_index.query import PreparedQuery, prepare_row
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+from rapidin_index.store import vector_index
 
 SEARCH_METHODS = {
     "faiss": "FAISS, search(q) + search(-q) (as retrieval.py)",

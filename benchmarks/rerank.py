@@ -25,13 +25,13 @@ from backdoor import SMOKE_FINETUNE, attacked_queries, evaluate, exact_index, qu
 from common import parse_arguments as parse_with_smoke
 from rich.console import Console
 
-from rapidin_index import index as vector_index
 from rapidin_index.build import build_index
 from rapidin_index.demo.datasets import BACKDOOR_DATASETS
 from rapidin_index.demo.metrics import spearman
 from rapidin_index.demo.run import DemoPaths, DemoSettings, prepare_data, prepare_model
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+from rapidin_index.store import vector_index
 
 
 def parse_arguments() -> argparse.Namespace:

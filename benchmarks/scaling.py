@@ -44,14 +44,14 @@ import numpy as np
 import torch
 from common import memory, parse_arguments
 
-from rapidin_index import store
 from rapidin_index.build import build_index
 from rapidin_index.chunks import LocalChunkRunner
 from rapidin_index.demo.datasets import load_docstring_rows, write_jsonl
 from rapidin_index.demo.tiny_models import save_tiny_model
-from rapidin_index.manifest import read_manifest
 from rapidin_index.parallel import RayChunkRunner
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+from rapidin_index.store import index_folder
+from rapidin_index.store.manifest import read_manifest
 
 CONFIGURATIONS = {
     "local-1t": {"threads": 1, "workers": None},
@@ -140,7 +140,7 @@ def one_build(name: str, data: Path, index_dir: Path, settings: BuildSettings) -
         sample["ray_startup_seconds"] = timed.runner.timings["startup_seconds"]
         sample["ray_compute_seconds"] = timed.runner.timings["compute_seconds"]
     manifest = read_manifest(index_dir)
-    ids, vectors = store.load_vectors(index_dir, manifest.generation)
+    ids, vectors = index_folder.load_vectors(index_dir, manifest.generation)
     return sample, vectors[np.argsort(ids)]
 
 
@@ -282,7 +282,8 @@ def time_open_stages() -> dict:
     """Time the parts of `Index.open` (patched in for this process): {stage: seconds}, filled as they run:
     check_files (the xxh3 check of every file, or its stat), check_tokenizer, load_model, open_vectors
     (the vectors file mapped, its ids read), open_rows (the LanceDB table)."""
-    from rapidin_index import retrieval, store
+    from rapidin_index import retrieval
+    from rapidin_index.store import index_folder
 
     stages = {}
 
@@ -304,7 +305,7 @@ def time_open_stages() -> dict:
     ]:
         timed(module, name)
     for name in ("open_vectors", "open_rows"):
-        timed(store, name)
+        timed(index_folder, name)
     return stages
 
 

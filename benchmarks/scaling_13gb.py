@@ -6,8 +6,8 @@ steps, both through the project's own code:
 seed     a real index of ``--seed-rows`` synthetic rows built with the tiny Llama of `scaling.py --growth`
          at K = ``--sketch-dim`` in ``--dtype`` (`scaling.py`'s build child, a fresh process): its manifest,
          model fingerprints, self-check and LanceDB schema are the real ones.
-grow     generation 2 of that index written as a build's finalise writes one (`store.vector_writer` +
-         `store.write_generation`: the vectors file streamed block by block, LanceDB in one write, the
+grow     generation 2 of that index written as a build's finalise writes one (`index_folder.vector_writer` +
+         `index_folder.write_generation`: the vectors file streamed block by block, LanceDB in one write, the
          checksums), with ``--rows`` random unit-norm rows (stored as
          ``--dtype``) and ``--rows`` synthetic text rows, then the manifest committed with the new
          generation, its files and row count. `Index.open` and the `query` CLI take it as any index.
@@ -117,18 +117,18 @@ def grow(args: argparse.Namespace) -> dict:
     """Write generation g + 1 of the seed index with ``--rows`` random rows, as a build's finalise does."""
     import numpy as np
 
-    from rapidin_index import store
     from rapidin_index.files import writing
-    from rapidin_index.lock import remove_unread_generations
-    from rapidin_index.manifest import read_manifest, write_manifest
+    from rapidin_index.store import index_folder
+    from rapidin_index.store.lock import remove_unread_generations
+    from rapidin_index.store.manifest import read_manifest, write_manifest
 
     index_dir = args.index
     manifest = read_manifest(index_dir)
-    seed_rows = store.read_all_rows(index_dir, manifest.generation)
+    seed_rows = index_folder.read_all_rows(index_dir, manifest.generation)
     texts = scaling.synthetic_rows(args.rows, seed=args.rows)
     generation = manifest.generation + 1
     dimension = manifest.sketch["output_dim"]
-    writer = store.vector_writer(index_dir, generation, dimension, manifest.vector_dtype)
+    writer = index_folder.vector_writer(index_dir, generation, dimension, manifest.vector_dtype)
     rng = np.random.default_rng(0)
     timings = {"random_s": 0.0}
 
@@ -169,7 +169,7 @@ def grow(args: argparse.Namespace) -> dict:
             yield rows
 
     started = time.perf_counter()
-    files = store.write_generation(index_dir, generation, writer, row_batches(), [], range(args.rows))
+    files = index_folder.write_generation(index_dir, generation, writer, row_batches(), [], range(args.rows))
     timings["write_generation_s"] = time.perf_counter() - started
     per_row = manifest.token_count / max(1, manifest.row_count)
     manifest.generation = generation
@@ -184,7 +184,7 @@ def grow(args: argparse.Namespace) -> dict:
     remove_unread_generations(index_dir, generation)
     return {
         **timings,
-        "vectors_bytes": files[store.vector_file(generation)]["bytes"],
+        "vectors_bytes": files[index_folder.vector_file(generation)]["bytes"],
         "end": scaling.memory(),
     }
 
@@ -206,8 +206,9 @@ def measure(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from rapidin_index import retrieval, store
+    from rapidin_index import retrieval
     from rapidin_index.settings import parse_memory
+    from rapidin_index.store import index_folder
 
     torch.set_num_threads(1)
     stages = scaling.time_open_stages()
@@ -228,7 +229,7 @@ def measure(args: argparse.Namespace) -> dict:
     result["vectors"] = len(vectors)
     result["after_sketch"] = scaling.memory()
     if not args.warm:
-        drop_file_pages(args.index / store.vector_file(index.manifest.generation))
+        drop_file_pages(args.index / index_folder.vector_file(index.manifest.generation))
     for run in ("first", "second"):
         started = time.perf_counter()
         found = retrieval.search(index, vectors, 10)

@@ -12,7 +12,7 @@ product_cache     the product alone, of a 1 MiB float32 chunk already in cache, 
 scan_new          `vector_file.score_codes`: conversion in cache + product per chunk (the new scan's scoring)
 topk_new          the bookkeeping alone over precomputed scores: `_TopBoth` per span (few vectors) or
                   `_TopK` helpful + harmful per block (many)
-search_new        `index.search_both` over a flat FAISS float16 index of the same rows (all of the above)
+search_new        `vector_index.search_both` over a flat FAISS float16 index of the same rows (all of the above)
 faiss_fp16_pass   FAISS's own float16 scalar-quantizer search, one pass (decode fused into the product; the
                   old one-vector path ran two: the query and its negation); one vector only
 torch_fp16_mm     torch's float16 product (float16 out: too coarse to rank with; speed only)
@@ -38,8 +38,7 @@ import torch  # noqa: E402
 from common import parse_arguments, write_json  # noqa: E402
 from search_topk import SMOKE_MATRIX, interleaved  # noqa: E402
 
-from rapidin_index import index as vector_index  # noqa: E402
-from rapidin_index import vector_file  # noqa: E402
+from rapidin_index.store import vector_file, vector_index  # noqa: E402
 
 
 def mkl_bf16_gemm():

@@ -6,7 +6,7 @@ process (numpy/BLAS on one thread) that reports its own wall time and memory (Vm
 = private memory; RssFile = mapped file pages, shared with the page cache):
 
 open        new: `StoredVectors` (maps the file, reads the ids); old: `faiss.read_index` (reads it whole)
-search      1 and 100 query vectors, helpful and harmful top 10: new `index.search_both` over the mapped
+search      1 and 100 query vectors, helpful and harmful top 10: new `vector_index.search_both` over the mapped
             file; old: the `index.py` of commit 9cb7103 (the pre-issue-27 code, `--old-index`) over the
             index read whole (float32: blocked numpy scan; float16: FAISS scalar-quantizer search of the
             queries and their negations). Each search is run twice in its process; the second is reported
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=1, help=argparse.SUPPRESS)
     # the smoke run: HEAD as the baseline (git show, no checkout) and this checkout's index module as the old one
-    from rapidin_index import index as vector_index
+    from rapidin_index.store import vector_index
 
     return parse_arguments(
         parser,
@@ -95,8 +95,8 @@ def child(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process."""
     import numpy as np
 
-    from rapidin_index import index as vector_index
-    from rapidin_index.vector_file import StoredVectors, VectorWriter
+    from rapidin_index.store import vector_index
+    from rapidin_index.store.vector_file import StoredVectors, VectorWriter
 
     result = {"before": memory()}
     if args.child in ("open-new", "search-new", "search-capped"):
@@ -196,7 +196,7 @@ def run_child(args: argparse.Namespace, mode: str, path: Path, queries: int = 1)
 def write_vectors(path: Path, rows: int, dimension: int, vector_dtype: str) -> float:
     import numpy as np
 
-    from rapidin_index.vector_file import VectorWriter
+    from rapidin_index.store.vector_file import VectorWriter
 
     rng = np.random.default_rng(0)
     started = time.perf_counter()

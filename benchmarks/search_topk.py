@@ -1,4 +1,4 @@
-"""Top-k bookkeeping (issue 27): `index.search_both` against the bare matrix product of the same vectors.
+"""Top-k bookkeeping (issue 27): `vector_index.search_both` against the bare matrix product of the same vectors.
 
 In one process (numpy/BLAS, torch and FAISS on one thread), for each K and number of query vectors: an
 in-RAM float32 matrix of unit-norm rows (about ``--matrix-mb``), the bare product ``queries @ rows.T`` over
@@ -31,8 +31,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from common import parse_arguments, write_json  # noqa: E402
 
-from rapidin_index import index as vector_index  # noqa: E402
-from rapidin_index.vector_file import StoredVectors  # noqa: E402
+from rapidin_index.store import vector_index  # noqa: E402
+from rapidin_index.store.vector_file import StoredVectors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # the smoke runs' matrix (this script's and search_profile.py's): 1 MB at K = 64, one and many query vectors

@@ -458,12 +458,12 @@ def query(
     """Find the training examples (and tokens) that most influenced a generation, per generated token too."""
     from rapidin_index.data import query_row
     from rapidin_index.errors import DataError
-    from rapidin_index.identity import check_tokenizer
-    from rapidin_index.manifest import read_manifest
     from rapidin_index.preflight import check_query
     from rapidin_index.query import query_template
     from rapidin_index.readers import read_rows
     from rapidin_index.report import render_text, write_results
+    from rapidin_index.store.identity import check_tokenizer
+    from rapidin_index.store.manifest import read_manifest
 
     if (queries is None) == (prompt is None):
         raise fail(ValueError("give --prompt (with --response or --generate) or --queries FILE"))
@@ -698,7 +698,7 @@ def merge(
     index: Annotated[Path, typer.Option(help="New index folder for the merged index.")],
 ) -> None:
     """Merge the shards of a `build --num-shards N` into one index (every row exactly once)."""
-    from rapidin_index.shards import merge_shards
+    from rapidin_index.store.shards import merge_shards
 
     manifest = merge_shards(shards, index)
     console.print(
@@ -740,9 +740,9 @@ def info(
     ] = False,
 ) -> None:
     """Print an index's manifest and counts, and the rows it rejected."""
-    from rapidin_index.manifest import read_manifest
     from rapidin_index.model_identity import describe as describe_identity
-    from rapidin_index.store import read_rejected
+    from rapidin_index.store.index_folder import read_rejected
+    from rapidin_index.store.manifest import read_manifest
 
     manifest = read_manifest(index)
     rejected = read_rejected(index, manifest)
@@ -841,10 +841,10 @@ def export(
     ] = None,
 ) -> None:
     """Write the index as one portable, checksummed bundle (or a Parquet file of vectors and rows)."""
-    from rapidin_index.bundle import format_for
-    from rapidin_index.export import export_index
     from rapidin_index.files import sha256_file
-    from rapidin_index.manifest import read_manifest
+    from rapidin_index.store.bundle import format_for
+    from rapidin_index.store.bundle_export import export_index
+    from rapidin_index.store.manifest import read_manifest
 
     bundle_format = format_for(out, format)  # an unknown extension is refused before any work
     written = export_index(index, out, bundle_format, sign_with=sign)
@@ -891,7 +891,7 @@ def import_(
     ] = None,
 ) -> None:
     """Verify a bundle (checksums, sizes, safe paths, manifest, every member opened) and unpack it."""
-    from rapidin_index.bundle_import import import_bundle, verify_bundle
+    from rapidin_index.store.bundle_import import import_bundle, verify_bundle
 
     if (index is None) != check:
         raise fail(ValueError("give --index DIR to import, or --check to only verify"))
@@ -918,7 +918,7 @@ def keygen(
     ],
 ) -> None:
     """Make an ed25519 key pair for `export --sign` and `import --require-signature`."""
-    from rapidin_index.bundle_check import generate_key_pair
+    from rapidin_index.store.bundle_check import generate_key_pair
 
     private, public = generate_key_pair(out)
     console.print(

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rapidin_index import index as vector_index
-from rapidin_index import store
 from rapidin_index.errors import QueryError
 from rapidin_index.settings import AGGREGATIONS
+from rapidin_index.store import index_folder, vector_index
 
 
 @dataclass
@@ -123,7 +122,7 @@ def _hits(index, ranked: list, vectors: np.ndarray, own_lists: np.ndarray) -> li
 
 
 def _join_text(index, hits: list[AggregateHit]) -> None:
-    rows = store.rows_of_hits(index.path, index.table, sorted({hit.id for hit in hits}))
+    rows = index_folder.rows_of_hits(index.path, index.table, sorted({hit.id for hit in hits}))
     for hit in hits:
         row = rows[hit.id]
         hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]

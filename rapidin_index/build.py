@@ -1,6 +1,6 @@
 """The caching stage: training rows -> sketched gradients in FAISS + text in LanceDB, resumable.
 
-The index folder's layout is in `store`. A build works through the rows in chunks of ``chunk_size`` ids
+The index folder's layout is in `index_folder`. A build works through the rows in chunks of ``chunk_size`` ids
 (`chunks`). Each finished chunk is written to the journal atomically (vectors first, then a JSON record
 holding their checksum), so a build killed at any moment restarts at the first unfinished chunk.
 Finalising writes a new generation of every file and then the manifest; a crash before the manifest
@@ -18,10 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
-# no-op rebuild never need them (see preflight.py).
-from rapidin_index import index as vector_index
-from rapidin_index import store
 from rapidin_index.chunks import ChunkJob, LocalChunkRunner, stream_chunks
 from rapidin_index.data import (
     RejectedRow,
@@ -32,28 +28,6 @@ from rapidin_index.data import (
 )
 from rapidin_index.errors import BuildError, IntegrityError, RejectedRowsError, StoreError
 from rapidin_index.files import writing
-from rapidin_index.identity import (
-    build_conflicts,
-    index_identity,
-    settings_conflicts,
-    settings_identity,
-    tokenizer_conflicts,
-)
-from rapidin_index.journal import (
-    ChunkRecord,
-    chunk_problem,
-    open_journal,
-    read_chunk,
-    write_chunk,
-)
-from rapidin_index.lock import pause_point, remove_unread_generations, writer_lock
-from rapidin_index.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    add_self_checks,
-    read_manifest,
-    write_manifest,
-)
 from rapidin_index.model_identity import (
     adapter_identity,
     check_model_sources,
@@ -67,7 +41,33 @@ from rapidin_index.progress import RowProgress
 from rapidin_index.readers import DataSource, check_source, data_checksum, read_rows
 from rapidin_index.rejections import check_rejected_share, source_outcome
 from rapidin_index.settings import AUTO_ALGORITHM, DEFAULT_VECTOR_DTYPE, BuildSettings
-from rapidin_index.verify import check_files, stamp_written
+
+# torch, transformers and lancedb are imported where they are first needed: `rapidin-index info` and a
+# no-op rebuild never need them (see preflight.py).
+from rapidin_index.store import index_folder, vector_index
+from rapidin_index.store.identity import (
+    build_conflicts,
+    index_identity,
+    settings_conflicts,
+    settings_identity,
+    tokenizer_conflicts,
+)
+from rapidin_index.store.journal import (
+    ChunkRecord,
+    chunk_problem,
+    open_journal,
+    read_chunk,
+    write_chunk,
+)
+from rapidin_index.store.lock import pause_point, remove_unread_generations, writer_lock
+from rapidin_index.store.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    add_self_checks,
+    read_manifest,
+    write_manifest,
+)
+from rapidin_index.store.verify import check_files, stamp_written
 
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel
@@ -155,7 +155,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
             existing, settings, template, data_sha256, model_files, append, index_dir
         )
         if done:
-            store.remove_journal(index_dir)
+            index_folder.remove_journal(index_dir)
             report = BuildReport(str(index_dir), gradient_dim=existing.sketch["gradient_dim"], notes=notes)
             report.sketch_dim = existing.sketch["output_dim"]
             return _checked(
@@ -183,7 +183,7 @@ def _build_locked(data, index_dir, settings, append, progress, runner_factory, s
     if existing is not None:
         done = _check_existing(existing, identity, data_sha256, append, index_dir, settings)
         if done:
-            store.remove_journal(index_dir)
+            index_folder.remove_journal(index_dir)
             return _checked(
                 _finished_report(report, existing, started, done), existing, data, data_sha256, settings
             )
@@ -456,7 +456,7 @@ def _finished_report(report: BuildReport, manifest: Manifest, started: float, me
     report.message = message
     report.rows_indexed = manifest.row_count
     report.rows_rejected = manifest.rejected_count
-    report.rejected = store.read_rejected(report.index_dir, manifest)
+    report.rejected = index_folder.read_rejected(report.index_dir, manifest)
     report.tokens = manifest.token_count
     report.truncated = manifest.truncated_count
     report.backward_path = dict(manifest.backward_path)
@@ -478,7 +478,7 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     chunk_count = -(-total_rows // settings.chunk_size)
     # The vectors and rows go to the new files as a stream (the old generation's copied block by block and
     # page by page, then each journal chunk's): memory holds one chunk, whatever the index's size.
-    writer = store.vector_writer(
+    writer = index_folder.vector_writer(
         index_dir, generation, identity["sketch"]["output_dim"], identity["vector_dtype"]
     )
     rejected: list[dict] = []
@@ -488,19 +488,24 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     self_checks = list(existing.self_checks if existing else [])
     if existing is not None:
         rejected = [
-            {"id": row.example_id, "reason": row.reason} for row in store.read_rejected(index_dir, existing)
+            {"id": row.example_id, "reason": row.reason}
+            for row in index_folder.read_rejected(index_dir, existing)
         ]
-        old_ids = store.open_vectors(index_dir, existing.generation).ids  # the ids only: vectors stay mapped
-        old_row_ids = store.read_row_ids(index_dir, existing.generation)  # its text is copied page by page
+        old_ids = index_folder.open_vectors(
+            index_dir, existing.generation
+        ).ids  # the ids only: vectors stay mapped
+        old_row_ids = index_folder.read_row_ids(
+            index_dir, existing.generation
+        )  # its text is copied page by page
         _check_existing_rows(index_dir, existing, old_ids, old_row_ids, rejected)
         counts = {"tokens": existing.token_count, "truncated": existing.truncated_count}
 
     def row_batches():
         if existing is not None:
-            old_vectors = store.open_vectors(index_dir, existing.generation)
+            old_vectors = index_folder.open_vectors(index_dir, existing.generation)
             old_vectors.drop_pages = True  # read once: its pages need not stay
             old_vectors.copy_rows_to(writer)
-            yield from store.iter_rows(index_dir, existing.generation)
+            yield from index_folder.iter_rows(index_dir, existing.generation)
         for chunk_number in range(chunk_count):
             record, vectors = read_chunk(journal, chunk_number)
             writer.add(vectors, np.asarray(record.ids, dtype=np.int64))
@@ -517,9 +522,11 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
     else:
         expected_ids = range(settings.shard_index, total_rows, settings.num_shards)
     try:
-        files = store.write_generation(index_dir, generation, writer, row_batches(), rejected, expected_ids)
+        files = index_folder.write_generation(
+            index_dir, generation, writer, row_batches(), rejected, expected_ids
+        )
     except StoreError as error:  # the journal's chunks do not add up: recompute them rather than guess
-        store.remove_journal(index_dir)
+        index_folder.remove_journal(index_dir)
         raise BuildError(
             f"{error}; the journal was cleared: rerun the same command to recompute it"
         ) from None
@@ -541,13 +548,13 @@ def _finalize(run: _Run, journal: Path, total_rows: int) -> Manifest:
         write_manifest(index_dir, manifest)
     stamp_written(index_dir, manifest, files)  # the first open need not hash them again
     remove_unread_generations(index_dir, generation)
-    store.remove_journal(index_dir)
+    index_folder.remove_journal(index_dir)
     return manifest
 
 
 def _check_existing_rows(index_dir: Path, existing: Manifest, ids, row_ids, rejected: list) -> None:
     """The generation an append builds on holds every row once in FAISS and LanceDB, or nothing is appended."""
-    problem = store.row_id_problem(
+    problem = index_folder.row_id_problem(
         ids,
         row_ids,
         [row["id"] for row in rejected],

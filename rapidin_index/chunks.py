@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rapidin_index.data import Example, RejectedRow
-from rapidin_index.journal import ChunkRecord
+from rapidin_index.store.journal import ChunkRecord
 
 if TYPE_CHECKING:
     from rapidin_index.models import LoadedModel

@@ -34,13 +34,13 @@ from rapidin_index.errors import PreconditionError
 def training_batches(index) -> tuple[list, int]:
     """(batches, skipped): the index's own rows (their JSON as stored), prepared as its queries are and
     collated ``index.batch_size`` at a time."""
-    from rapidin_index import store
     from rapidin_index.errors import QueryError, RowError
     from rapidin_index.losses import collate
     from rapidin_index.query import prepare_row
+    from rapidin_index.store import index_folder
 
     sequences, skipped = [], 0
-    for page in store.iter_rows(index.path, index.manifest.generation):
+    for page in index_folder.iter_rows(index.path, index.manifest.generation):
         for row in page:
             try:
                 prepared = prepare_row(json.loads(row["source"]), index.loaded.tokenizer, index.manifest)
@@ -108,11 +108,11 @@ def fit_index_weights(
     with the index's model over its rows; write it beside the vectors and record it in the manifest."""
     import contextlib
 
-    from rapidin_index.checksums import file_entry
-    from rapidin_index.lock import writer_lock
-    from rapidin_index.manifest import read_manifest, write_manifest
     from rapidin_index.precondition import fisher_file, fit_index
     from rapidin_index.retrieval import Index
+    from rapidin_index.store.checksums import file_entry
+    from rapidin_index.store.lock import writer_lock
+    from rapidin_index.store.manifest import read_manifest, write_manifest
 
     if kind not in KINDS:
         raise PreconditionError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")

@@ -38,10 +38,10 @@ from rapidin_index.factors import (
     squared_norms,
 )
 from rapidin_index.losses import Batch, example_losses
-from rapidin_index.manifest import software_version
 from rapidin_index.optimizer_state import add_scaled_block
 from rapidin_index.settings import NORMALIZATIONS
 from rapidin_index.sketch.projectors import FactorProjector, NormingFactorProjector
+from rapidin_index.store.manifest import software_version
 
 FACTORED_MODES = ("auto", "never")
 

@@ -27,11 +27,11 @@ import faiss
 import numpy as np
 import torch
 
-from rapidin_index import index as vector_index
 from rapidin_index.errors import DeviceError, ParallelError
+from rapidin_index.store import vector_index
 
 if TYPE_CHECKING:
-    from rapidin_index.journal import ChunkRecord
+    from rapidin_index.store.journal import ChunkRecord
 
 DEVICES = ("auto", "cpu", "cuda")
 JOBS_IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: the actor never waits for the driver

@@ -380,10 +380,10 @@ def fit_index(
     import contextlib
     import time
 
-    from rapidin_index import store
-    from rapidin_index.checksums import file_entry
-    from rapidin_index.lock import writer_lock
-    from rapidin_index.manifest import read_manifest, write_manifest
+    from rapidin_index.store import index_folder
+    from rapidin_index.store.checksums import file_entry
+    from rapidin_index.store.lock import writer_lock
+    from rapidin_index.store.manifest import read_manifest, write_manifest
 
     if kind in WEIGHT_KINDS:  # `ekfac` builds on this module, not the other way round
         raise PreconditionError(
@@ -398,7 +398,7 @@ def fit_index(
     with contextlib.nullcontext() if locked else writer_lock(index_dir, "fit"):
         manifest = read_manifest(index_dir)
         layout, spans = _structure(manifest, structure, kind)
-        _, vectors = store.load_vectors(index_dir, manifest.generation)
+        _, vectors = index_folder.load_vectors(index_dir, manifest.generation)
         blocks = _fit(vectors, kind, manifest, spans, damping, rank)
         name = fisher_file(manifest.generation)
         save_blocks(index_dir / name, blocks)

@@ -16,8 +16,8 @@ from importlib import metadata as package_metadata
 from pathlib import Path
 
 from rapidin_index.errors import IntegrityError
-from rapidin_index.identity import check_sketch_dim
-from rapidin_index.manifest import Manifest
+from rapidin_index.store.identity import check_sketch_dim
+from rapidin_index.store.manifest import Manifest
 
 
 def check_files(index_dir: str | Path, manifest: Manifest) -> None:

@@ -26,7 +26,7 @@ from rapidin_index.errors import QueryError, RowError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from rapidin_index.manifest import Manifest
+    from rapidin_index.store.manifest import Manifest
 
 
 @dataclass

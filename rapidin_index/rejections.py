@@ -17,7 +17,7 @@ from rapidin_index.errors import RejectedRowsError
 
 if TYPE_CHECKING:
     from rapidin_index.data import RejectedRow
-    from rapidin_index.manifest import Manifest
+    from rapidin_index.store.manifest import Manifest
 
 FIRST_IDS = 5
 """Ids shown per reason; the index keeps all of them."""

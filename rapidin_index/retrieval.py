@@ -20,17 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from rapidin_index import index as vector_index
-from rapidin_index import metadata, store
 from rapidin_index.aggregate import AggregateResult, aggregate_found, combined_vector
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import Template, tokenize_example
 from rapidin_index.errors import IndexMismatchError, ModelError, PreconditionError, QueryError, RowError
 from rapidin_index.gradients import GradientSketcher, check_environment
-from rapidin_index.identity import check_loaded_model, check_tokenizer, manifest_identity, moved_model_hint
-from rapidin_index.lock import read_generation
 from rapidin_index.losses import collate
-from rapidin_index.manifest import Manifest, verify_files
 from rapidin_index.model_identity import check_model_sources
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.parallel import faiss_gpu_count, resolve_device, search_index
@@ -47,9 +42,18 @@ from rapidin_index.rerank import exact_query_direction, rerank_hits, training_ro
 from rapidin_index.results import Hit, QueryResult, TokenHits
 from rapidin_index.settings import ModelSettings, QuerySettings, SketchSettings
 from rapidin_index.sketch import make_projector
+from rapidin_index.store import index_folder, row_table, vector_index
+from rapidin_index.store.identity import (
+    check_loaded_model,
+    check_tokenizer,
+    manifest_identity,
+    moved_model_hint,
+)
+from rapidin_index.store.lock import read_generation
+from rapidin_index.store.manifest import Manifest, verify_files
+from rapidin_index.store.verify import check_files
 from rapidin_index.token_attribution import score_examples
 from rapidin_index.token_gradients import sketch_loss_combinations
-from rapidin_index.verify import check_files
 
 QUERY_DEFAULTS = QuerySettings()
 """The query options' defaults, here and in the CLI and the server (`settings.QuerySettings`)."""
@@ -81,7 +85,7 @@ class Index:
             SketchSettings.from_dict(sketch), sketch["gradient_dim"], device, blocks=self.blocks
         )
         self.sketcher = GradientSketcher(loaded.model, self.blocks, projector, manifest.normalize)
-        stored = store.open_vectors(path, manifest.generation, max_memory)  # mapped, not read
+        stored = index_folder.open_vectors(path, manifest.generation, max_memory)  # mapped, not read
         if stored.dimension != sketch["output_dim"] or stored.count != manifest.row_count:
             raise IndexMismatchError(
                 f"{path}: the FAISS file holds {stored.count} vectors of {stored.dimension} dims, the manifest "
@@ -94,15 +98,15 @@ class Index:
         self._faiss_index = None
         self.searches_faiss = faiss_gpu_count() > 0  # GPUs: the index is resident there (`search_index`)
         if self.searches_faiss:
-            self._faiss_index = search_index(store.load_faiss(path, manifest.generation))
-        self.table = store.open_rows(path, manifest.generation)  # kept open: joins are per query
+            self._faiss_index = search_index(index_folder.load_faiss(path, manifest.generation))
+        self.table = index_folder.open_rows(path, manifest.generation)  # kept open: joins are per query
 
     @property
     def faiss_index(self):
-        """The FAISS index (read on first use, its vectors mapped from the file: `store.load_faiss`);
+        """The FAISS index (read on first use, its vectors mapped from the file: `index_folder.load_faiss`);
         assigning one (a `parallel.PartitionedSearch`, a GPU index) makes queries search it."""
         if self._faiss_index is None:
-            self._faiss_index = store.load_faiss(self.path, self.manifest.generation, mapped=True)
+            self._faiss_index = index_folder.load_faiss(self.path, self.manifest.generation, mapped=True)
         return self._faiss_index
 
     @faiss_index.setter
@@ -508,7 +512,7 @@ def rows_where(index: Index, where: str | None) -> list[int] | None:
     """The ids an SQL filter over the rows' columns keeps (None: every row); refuses one that keeps none."""
     if where is None:
         return None
-    among = metadata.matching_ids(index.table, where, index.manifest.row_count)
+    among = row_table.matching_ids(index.table, where, index.manifest.row_count)
     if not among:
         raise QueryError(f"--where {where!r} matches no row of the index")
     return among
@@ -585,7 +589,9 @@ def join_text(index: Index, results: list[QueryResult]) -> None:
     """Whole-generation hits get their row (prompt, response, source); per-token hits their text."""
     token_hits = [hit for r in results for t in r.tokens for hit in t.helpful + t.harmful]
     whole_hits = [hit for r in results for hit in r.helpful + r.harmful]
-    rows = store.rows_of_hits(index.path, index.table, sorted({hit.id for hit in whole_hits + token_hits}))
+    rows = index_folder.rows_of_hits(
+        index.path, index.table, sorted({hit.id for hit in whole_hits + token_hits})
+    )
     for hit in whole_hits:
         row = rows[hit.id]
         hit.prompt, hit.response, hit.source = row["prompt"], row["response"], row["source"]
@@ -603,7 +609,7 @@ def explain_hits(index: Index, query: PreparedQuery, result: QueryResult, count:
 def explain_row(index: Index, query: PreparedQuery, training_example_id: int) -> dict:
     """The training-token scores of one stored row against ``query``, as `explain_hits` gives a hit
     (the server's page asks for a hit outside the top ``explain``)."""
-    row = store.rows_of_hits(index.path, index.table, [training_example_id])[training_example_id]
+    row = index_folder.rows_of_hits(index.path, index.table, [training_example_id])[training_example_id]
     hit = SimpleNamespace(
         id=training_example_id, source=row["source"], prompt=row["prompt"], response=row["response"]
     )

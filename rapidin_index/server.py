@@ -30,9 +30,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rapidin_index import metadata
 from rapidin_index.errors import RapidinIndexError, RequestError, ServeError
 from rapidin_index.server_requests import Limits, QueryRequest, parse_query_request, prepare_queries
+from rapidin_index.store import row_table
 
 try:  # the `serve` extra; the rest of the package runs without it
     import uvicorn
@@ -141,7 +141,7 @@ class Endpoints:
         from rapidin_index.retrieval import explain_row
 
         with self.query_lock:
-            if training_example_id not in metadata.read_rows(self.index.table, [training_example_id]):
+            if training_example_id not in row_table.read_rows(self.index.table, [training_example_id]):
                 raise RequestError(
                     f"no training row {training_example_id} in this index (rejected at build, or past its ids)",
                     404,
@@ -151,7 +151,7 @@ class Endpoints:
 
     async def row(self, request: Request) -> JSONResponse:
         training_example_id = parse_row_id(request.path_params["id"])
-        found = await run_in_threadpool(metadata.read_rows, self.index.table, [training_example_id])
+        found = await run_in_threadpool(row_table.read_rows, self.index.table, [training_example_id])
         if training_example_id not in found:
             raise RequestError(
                 f"no training row {training_example_id} in this index (rejected at build, or past its ids)",

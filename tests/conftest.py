@@ -237,7 +237,7 @@ def exported_index(tmp_path_factory, tiny_model_dirs, training_file):
     from types import SimpleNamespace
 
     from rapidin_index.build import build_index
-    from rapidin_index.export import export_index
+    from rapidin_index.store.bundle_export import export_index
 
     root = tmp_path_factory.mktemp("export")
     model_at_build = root / "model-at-build"
@@ -367,7 +367,7 @@ def smollm2_dir() -> str:
 
 def small_manifest(**overrides):
     """A manifest of a made-up K = 4096 index (no files), with ``overrides``."""
-    from rapidin_index.manifest import Manifest
+    from rapidin_index.store.manifest import Manifest
 
     values = {
         "model": {"name_or_path": "/models/tiny", "fingerprint": "model-sha", "dtype": "float32"},

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from rapidin_index.lock import PAUSE_ENV
+from rapidin_index.store.lock import PAUSE_ENV
 
 
 def cli(*arguments: str, env: dict | None = None, wait: bool = True, prelude: str = ""):
@@ -42,7 +42,7 @@ def build_arguments(model_dir: str, data, index_dir, k: int, chunk: int, *extra:
 
 
 def start_paused(arguments: list[str], point: str, hold: Path) -> subprocess.Popen:
-    """A writer process held at pause ``point`` (lock.py's test hook) until ``hold`` is removed."""
+    """A writer process held at pause ``point`` (store/lock.py's test hook) until ``hold`` is removed."""
     hold.write_text("")
     process = cli(*arguments, env={PAUSE_ENV: f"{point}:{hold}"}, wait=False)
     deadline = time.monotonic() + 300

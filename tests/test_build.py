@@ -13,19 +13,18 @@ import pytest
 import torch
 from conftest import brute_force_sketch, build_settings, stored_vectors
 
-from rapidin_index import index as vector_index
-from rapidin_index import metadata, store
 from rapidin_index.build import build_index
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.data import load_examples, parse_template
 from rapidin_index.errors import BuildError, JournalError, QueryError, RejectedRowsError
 from rapidin_index.gradients import normalize_flat, reference_gradient
-from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
 from rapidin_index.losses import collate
-from rapidin_index.manifest import read_manifest
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
-from rapidin_index.store import JOURNAL_DIR
+from rapidin_index.store import index_folder, row_table, vector_index
+from rapidin_index.store.index_folder import JOURNAL_DIR
+from rapidin_index.store.journal import CRASH_AFTER_VECTORS_ENV
+from rapidin_index.store.manifest import read_manifest
 
 
 def settings_for(
@@ -58,7 +57,7 @@ def test_stored_vectors_equal_brute_force(
     assert sorted(vectors) == list(range(len(training_rows)))
     for example_id, vector in expected.items():
         np.testing.assert_allclose(vectors[example_id], vector.numpy(), atol=3e-5, rtol=1e-4)
-    rows = metadata.read_rows(store.open_rows(tmp_path / "index", 1), [0, 5])
+    rows = row_table.read_rows(index_folder.open_rows(tmp_path / "index", 1), [0, 5])
     assert rows[5]["source"] == training_rows[5]
     assert rows[5]["response"] == training_rows[5]["output"]
     assert rows[0]["num_tokens"] > rows[0]["num_response_tokens"] > 0
@@ -125,7 +124,7 @@ def test_kill_mid_write_then_resume_gives_the_same_index(
     assert sorted(resumed) == sorted(expected) == list(range(len(training_rows)))
     for example_id in expected:
         np.testing.assert_allclose(resumed[example_id], expected[example_id], atol=1e-6)
-    assert store.count_rows(crashed_dir, 1) == len(training_rows)
+    assert index_folder.count_rows(crashed_dir, 1) == len(training_rows)
 
 
 def test_external_kill_at_a_random_moment_then_resume(
@@ -140,7 +139,7 @@ def test_external_kill_at_a_random_moment_then_resume(
     process.wait()
     build_index(training_file, index_dir, settings_for(tiny_model_dirs, chunk_size=4), progress=False)
     assert sorted(stored_vectors(index_dir)) == list(range(len(training_rows)))
-    ids = [row["id"] for row in store.read_all_rows(index_dir, read_manifest(index_dir).generation)]
+    ids = [row["id"] for row in index_folder.read_all_rows(index_dir, read_manifest(index_dir).generation)]
     assert sorted(ids) == list(range(len(training_rows)))
 
 
@@ -175,7 +174,7 @@ def test_append_adds_rows_with_continuing_ids(tmp_path, tiny_model_dirs, trainin
     assert manifest.generation == 2 and [s["id_offset"] for s in manifest.sources] == [0, 10]
     assert not (tmp_path / "index" / "vectors-g0001.faiss").exists()
     assert (
-        metadata.read_rows(store.open_rows(tmp_path / "index", 2), [12])[12]["source"]["instruction"]
+        row_table.read_rows(index_folder.open_rows(tmp_path / "index", 2), [12])[12]["source"]["instruction"]
         == training_rows[12]["instruction"]
     )
     expected = brute_force_vectors(settings, first)

@@ -14,7 +14,7 @@ from rapidin_index.cli.main import app, is_user_error
 from typer.testing import CliRunner
 
 from rapidin_index import models
-from rapidin_index.lock import writer_lock
+from rapidin_index.store.lock import writer_lock
 
 runner = CliRunner()
 
@@ -543,7 +543,8 @@ def test_a_damaged_lancedb_file_is_one_line(cli_index, tmp_path):
 def test_a_cli_query_runs_each_identity_check_once(cli_index, monkeypatch):
     """The CLI checks K, files and tokenizer before torch loads; Index.open (``checked``) does not repeat
     them, and checks the loaded model once."""
-    from rapidin_index import identity, preflight, retrieval
+    from rapidin_index import preflight, retrieval
+    from rapidin_index.store import identity
 
     calls = []
 

@@ -233,12 +233,12 @@ def test_a_wrong_model_or_adapter_is_one_clear_line(case, workspace, tmp_path, m
 
 
 def test_an_unknown_export_extension_is_refused_before_any_work(relative_build, tmp_path, monkeypatch):
-    from rapidin_index import export
+    from rapidin_index.store import bundle_export
 
     def no_export(*args, **kwargs):
         raise AssertionError("the export started")
 
-    monkeypatch.setattr(export, "export_index", no_export)
+    monkeypatch.setattr(bundle_export, "export_index", no_export)
     arguments = ["export", "--index", str(relative_build[0]), "--out", str(tmp_path / "b.rar")]
     assert_one_clear_error(runner.invoke(app, arguments), "--out", "unknown extension '.rar'", "--format")
     assert not (tmp_path / "b.rar").exists()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import build_byte_level_tokenizer
 
-from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV
+from rapidin_index.store.journal import CRASH_AFTER_VECTORS_ENV
 
 TEXTS = [
     "The capital of France is Paris.",

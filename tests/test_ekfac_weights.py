@@ -18,9 +18,9 @@ from conftest import build_settings, stored_vectors
 from rapidin_index import ekfac, ekfac_fit
 from rapidin_index.build import build_index
 from rapidin_index.errors import PreconditionError
-from rapidin_index.manifest import read_manifest
 from rapidin_index.precondition import fit_index
 from rapidin_index.retrieval import Index, sketch_queries
+from rapidin_index.store.manifest import read_manifest
 
 QUERIES = [
     {"prompt": "What does str.upper do?", "response": "Return a copy of the string converted to uppercase."},
@@ -273,9 +273,9 @@ def test_the_combination_ranks_as_the_sum_of_z_scores(tmp_path, kron_index):
 
 
 def test_export_import_keep_the_fit_an_append_drops_it(tmp_path, tiny_model_dirs, training_rows):
-    from rapidin_index.bundle_import import import_bundle
     from rapidin_index.errors import IntegrityError
-    from rapidin_index.export import export_index
+    from rapidin_index.store.bundle_export import export_index
+    from rapidin_index.store.bundle_import import import_bundle
 
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:8]))
@@ -336,7 +336,7 @@ def test_the_cli_fits_and_queries(tmp_path, kron_index):
 
 def test_an_optimizer_state_index_is_refused_before_anything_is_written(tmp_path, kron_index):
     index_dir = copy_of(kron_index, tmp_path)
-    from rapidin_index.manifest import write_manifest
+    from rapidin_index.store.manifest import write_manifest
 
     manifest = read_manifest(index_dir)  # as a build with --optimizer-state records it (resealed)
     manifest.optimizer_state = {"path": "elsewhere", "fingerprint": "0" * 64}
@@ -347,7 +347,7 @@ def test_an_optimizer_state_index_is_refused_before_anything_is_written(tmp_path
 
 
 def test_the_cli_refuses_a_fit_without_the_model_on_one_line(tmp_path, kron_index):
-    from rapidin_index.manifest import write_manifest
+    from rapidin_index.store.manifest import write_manifest
 
     index_dir = copy_of(kron_index, tmp_path)
     manifest = read_manifest(index_dir)

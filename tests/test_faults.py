@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 from conftest import build_settings, docstring_rows, stored_vectors
 from rapidin_index.cli.main import app
-from test_bundle_import import CASES, OPEN_CASES, rewrite
+from store.test_bundle_import import CASES, OPEN_CASES, rewrite
 from typer.testing import CliRunner
 
-from rapidin_index import journal, store
 from rapidin_index.build import build_index
 from rapidin_index.errors import IntegrityError, RapidinIndexError
-from rapidin_index.manifest import read_manifest
-from rapidin_index.verify import check_files
+from rapidin_index.store import index_folder, journal
+from rapidin_index.store.manifest import read_manifest
+from rapidin_index.store.verify import check_files
 
 SEED = 25
 SKETCH_DIM = 256
@@ -223,10 +223,12 @@ def assert_same_index(index_dir: Path, reference: Path) -> None:
     vectors, wanted = stored_vectors(index_dir), stored_vectors(reference)
     assert sorted(vectors) == sorted(wanted) and len(vectors) == manifest.row_count
     assert max(float(np.abs(vectors[i] - wanted[i]).max()) for i in wanted) <= 1e-6
-    table_ids = [row["id"] for row in store.read_all_rows(index_dir, manifest.generation)]
+    table_ids = [row["id"] for row in index_folder.read_all_rows(index_dir, manifest.generation)]
     assert sorted(table_ids) == sorted(wanted)  # each once
-    rejected = [row.example_id for row in store.read_rejected(index_dir, manifest)]
-    assert sorted(rejected) == sorted(row.example_id for row in store.read_rejected(reference, expected))
+    rejected = [row.example_id for row in index_folder.read_rejected(index_dir, manifest)]
+    assert sorted(rejected) == sorted(
+        row.example_id for row in index_folder.read_rejected(reference, expected)
+    )
 
 
 @pytest.mark.parametrize("append", [False, True], ids=["build", "append"])
@@ -283,7 +285,7 @@ def test_a_damaged_journal_record_is_recomputed_not_trusted(campaign, tmp_path, 
     monkeypatch.setenv(journal.CRASH_AFTER_VECTORS_ENV, "2")
     run_child(campaign.files["base"], index_dir, campaign.settings, False, 120)
     monkeypatch.delenv(journal.CRASH_AFTER_VECTORS_ENV)
-    record = index_dir / store.JOURNAL_DIR / "chunk-000001.json"
+    record = index_dir / index_folder.JOURNAL_DIR / "chunk-000001.json"
     value = json.loads(record.read_text())
     value["ids"][0] = value["ids"][1]  # a duplicated id, as one changed digit gives
     record.write_text(json.dumps(value))

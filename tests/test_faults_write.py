@@ -21,15 +21,15 @@ import pytest
 from conftest import build_settings, stored_vectors
 from processes import cli, start_paused
 
-from rapidin_index import store
 from rapidin_index.build import build_index
-from rapidin_index.bundle_import import MOVING_NAME, import_bundle
 from rapidin_index.errors import BuildError, IntegrityError, WriteError
-from rapidin_index.export import export_index
-from rapidin_index.journal import CRASH_AFTER_VECTORS_ENV, read_chunk, write_chunk
-from rapidin_index.lock import writer_lock
-from rapidin_index.manifest import read_manifest, verify_files, write_manifest
-from rapidin_index.store import JOURNAL_DIR
+from rapidin_index.store import index_folder
+from rapidin_index.store.bundle_export import export_index
+from rapidin_index.store.bundle_import import MOVING_NAME, import_bundle
+from rapidin_index.store.index_folder import JOURNAL_DIR
+from rapidin_index.store.journal import CRASH_AFTER_VECTORS_ENV, read_chunk, write_chunk
+from rapidin_index.store.lock import writer_lock
+from rapidin_index.store.manifest import read_manifest, verify_files, write_manifest
 
 K = 1024
 CHUNK = 4
@@ -59,7 +59,7 @@ def assert_same_index(index_dir, reference, row_count: int) -> None:
     for example_id, vector in expected.items():
         np.testing.assert_allclose(found[example_id], vector, atol=1e-6)
     generation = read_manifest(index_dir).generation
-    ids = [row["id"] for row in store.read_all_rows(index_dir, generation)]
+    ids = [row["id"] for row in index_folder.read_all_rows(index_dir, generation)]
     assert sorted(ids) == list(range(row_count))
 
 
@@ -154,11 +154,11 @@ def test_a_damaged_plan_restarts_the_journal(
 
 
 def test_row_id_problem_names_the_first_row_wrong():
-    assert store.row_id_problem([0, 2], [2, 0], [1], range(3)) == ""
-    assert "row 2 is present more than once" in store.row_id_problem([0, 2], [0, 2], [2, 1], range(3))
-    assert "row 1 is missing (1 rows missing)" in store.row_id_problem([0, 2], [0, 2], [], range(3))
-    assert "row 7 is not a row of this index" in store.row_id_problem([0, 1, 2, 7], None, [], range(3))
-    lost = store.row_id_problem([0, 1, 2], [0, 2], [], range(3))
+    assert index_folder.row_id_problem([0, 2], [2, 0], [1], range(3)) == ""
+    assert "row 2 is present more than once" in index_folder.row_id_problem([0, 2], [0, 2], [2, 1], range(3))
+    assert "row 1 is missing (1 rows missing)" in index_folder.row_id_problem([0, 2], [0, 2], [], range(3))
+    assert "row 7 is not a row of this index" in index_folder.row_id_problem([0, 1, 2, 7], None, [], range(3))
+    lost = index_folder.row_id_problem([0, 1, 2], [0, 2], [], range(3))
     assert "LanceDB holds 2 rows and FAISS 3 vectors; row 1" in lost
 
 
@@ -176,7 +176,7 @@ def test_a_commit_refuses_a_journal_that_holds_a_row_twice(
     with pytest.raises(BuildError, match="row 0 is present more than once.*rerun the same command"):
         build_index(training_file, index_dir, settings(tiny_model_dirs), progress=False)
     assert not (index_dir / "manifest.json").exists() and not journal.exists()
-    assert not store.generation_paths(index_dir)  # the uncommitted generation is gone
+    assert not index_folder.generation_paths(index_dir)  # the uncommitted generation is gone
     build_index(training_file, index_dir, settings(tiny_model_dirs), progress=False)
     assert_same_index(index_dir, reference / "index", len(training_rows))
 
@@ -189,11 +189,11 @@ def test_append_refuses_a_generation_whose_lancedb_lost_rows(
     index_dir = tmp_path / "index"
     shutil.copytree(reference / "index", index_dir)
     manifest = read_manifest(index_dir)
-    rows = store.read_all_rows(index_dir, 1)
-    from rapidin_index import metadata
+    rows = index_folder.read_all_rows(index_dir, 1)
+    from rapidin_index.store import row_table
 
-    metadata.write_table(index_dir / store.DATABASE_DIR, store.table_name(1), [rows[:-3]])
-    manifest.files = store.file_checksums(index_dir, 1)
+    row_table.write_table(index_dir / index_folder.DATABASE_DIR, index_folder.table_name(1), [rows[:-3]])
+    manifest.files = index_folder.file_checksums(index_dir, 1)
     write_manifest(index_dir, manifest)
     before = (index_dir / "manifest.json").read_bytes()
     more = tmp_path / "more.jsonl"
@@ -201,7 +201,7 @@ def test_append_refuses_a_generation_whose_lancedb_lost_rows(
     with pytest.raises(IntegrityError, match=r"generation 1 is damaged .*LanceDB holds 21 rows.*re-import"):
         build_index(more, index_dir, settings(tiny_model_dirs), append=True, progress=False)
     assert (index_dir / "manifest.json").read_bytes() == before
-    assert not list(index_dir.glob("*-g0002.*")) and not store.table_path(index_dir, 2).exists()
+    assert not list(index_dir.glob("*-g0002.*")) and not index_folder.table_path(index_dir, 2).exists()
 
 
 # --------------------------------------------------------------------------- item 3: full disk
@@ -214,7 +214,7 @@ def test_a_full_disk_while_writing_the_vectors_ends_in_one_line_and_the_rerun_re
     shutil.copytree(crashed, index_dir)
     prelude = (  # the vectors file is written as a stream (vector_file.VectorWriter), not by FAISS
         "import errno\n"
-        "from rapidin_index import vector_file\n"
+        "from rapidin_index.store import vector_file\n"
         "def add_codes(self, codes, ids):\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "vector_file.VectorWriter.add_codes = add_codes\n"
@@ -225,7 +225,7 @@ def test_a_full_disk_while_writing_the_vectors_ends_in_one_line_and_the_rerun_re
     assert f"cannot write to {index_dir}: no space left on device" in line and "needs about" in line
     assert "KB" in line and "Nothing was committed" in line
     assert not (index_dir / "manifest.json").exists()
-    assert not store.generation_paths(index_dir) and not debris(index_dir)
+    assert not index_folder.generation_paths(index_dir) and not debris(index_dir)
     report = build_index(training_file, index_dir, settings(tiny_model_dirs), progress=False)
     assert report.resumed_chunks == -(-len(training_rows) // CHUNK)  # the journal survived
     assert_same_index(index_dir, reference / "index", len(training_rows))
@@ -239,9 +239,9 @@ def test_a_full_disk_during_append_leaves_the_previous_generation_untouched(
     before = (index_dir / "manifest.json").read_bytes()
     more = tmp_path / "more.jsonl"
     more.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:3]))
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
-    write_table = metadata.write_table
+    write_table = row_table.write_table
 
     def full_after_some_rows(database, name, row_batches, *spill):
         write_table(
@@ -249,22 +249,22 @@ def test_a_full_disk_during_append_leaves_the_previous_generation_untouched(
         )  # a partial table on disk, as a real full disk leaves
         raise RuntimeError(LANCE_FULL)
 
-    monkeypatch.setattr(metadata, "write_table", full_after_some_rows)
+    monkeypatch.setattr(row_table, "write_table", full_after_some_rows)
     with pytest.raises(WriteError, match=f"cannot write to {index_dir}: no space left on device; this step"):
         build_index(more, index_dir, settings(tiny_model_dirs), append=True, progress=False)
     assert (index_dir / "manifest.json").read_bytes() == before
     verify_files(index_dir, read_manifest(index_dir))  # generation 1 still whole
-    assert not store.table_path(index_dir, 2).exists() and not list(index_dir.glob("*-g0002.*"))
+    assert not index_folder.table_path(index_dir, 2).exists() and not list(index_dir.glob("*-g0002.*"))
 
 
 def test_a_full_disk_during_export_leaves_no_bundle(tmp_path, reference, monkeypatch):
-    from rapidin_index import export
+    from rapidin_index.store import bundle_export
 
     def full(path, *args):
         Path(path).write_bytes(b"\x1f\x8b partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(export, "_write_archive", full)
+    monkeypatch.setattr(bundle_export, "_write_archive", full)
     out = tmp_path / "out" / "bundle.tar.gz"
     out.parent.mkdir()
     with pytest.raises(WriteError, match=f"cannot write to {out.parent}: no space left on device.*about"):
@@ -273,7 +273,7 @@ def test_a_full_disk_during_export_leaves_no_bundle(tmp_path, reference, monkeyp
 
 
 def test_a_full_disk_during_import_leaves_no_folder(tmp_path, reference, monkeypatch):
-    from rapidin_index import bundle_import
+    from rapidin_index.store import bundle_import
 
     extract = bundle_import._extract_member
     calls = []
@@ -360,25 +360,25 @@ def test_remove_debris_keeps_the_committed_generation_and_files_not_ours(tmp_pat
     names = [
         "vectors-g0001.faiss", "rejected-g0001.jsonl", "vectors-g0002.faiss", ".vectors-g0002.faiss.ab12.tmp",
         ".manifest.json.cd34.tmp", ".bundle.tar.gz.ef56.tmp", "notes.txt", f"{JOURNAL_DIR}/.chunk-000001.npy.x.tmp",
-        f"{store.DATABASE_DIR}/rows_g0001.lance/data.bin", f"{store.DATABASE_DIR}/rows_g0002.lance/data.bin",
+        f"{index_folder.DATABASE_DIR}/rows_g0001.lance/data.bin", f"{index_folder.DATABASE_DIR}/rows_g0002.lance/data.bin",
     ]  # fmt: skip
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    removed = store.remove_debris(tmp_path, committed=1)
+    removed = index_folder.remove_debris(tmp_path, committed=1)
     assert sorted(removed) == sorted(
         [
             ".vectors-g0002.faiss.ab12.tmp", ".manifest.json.cd34.tmp", f"{JOURNAL_DIR}/.chunk-000001.npy.x.tmp",
-            "vectors-g0002.faiss", f"{store.DATABASE_DIR}/rows_g0002.lance",
+            "vectors-g0002.faiss", f"{index_folder.DATABASE_DIR}/rows_g0002.lance",
         ]
     )  # fmt: skip
     kept = ["vectors-g0001.faiss", "rejected-g0001.jsonl", ".bundle.tar.gz.ef56.tmp", "notes.txt"]
     assert all((tmp_path / name).exists() for name in kept)
-    assert (tmp_path / store.DATABASE_DIR / "rows_g0001.lance" / "data.bin").exists()
-    assert sorted(store.remove_debris(tmp_path, committed=None)) == sorted(
-        ["vectors-g0001.faiss", "rejected-g0001.jsonl", f"{store.DATABASE_DIR}/rows_g0001.lance"]
+    assert (tmp_path / index_folder.DATABASE_DIR / "rows_g0001.lance" / "data.bin").exists()
+    assert sorted(index_folder.remove_debris(tmp_path, committed=None)) == sorted(
+        ["vectors-g0001.faiss", "rejected-g0001.jsonl", f"{index_folder.DATABASE_DIR}/rows_g0001.lance"]
     )  # no manifest: nothing is committed
-    assert not (tmp_path / store.DATABASE_DIR).exists()
+    assert not (tmp_path / index_folder.DATABASE_DIR).exists()
 
 
 def test_the_next_writer_removes_a_killed_builds_debris(
@@ -393,7 +393,9 @@ def test_the_next_writer_removes_a_killed_builds_debris(
     planted = _plant_temporaries(index_dir)
     with writer_lock(index_dir, "test"):
         assert not any(path.exists() for path in planted)
-        assert not store.generation_paths(index_dir)  # nothing committed: every generation file is debris
+        assert not index_folder.generation_paths(
+            index_dir
+        )  # nothing committed: every generation file is debris
         assert list((index_dir / JOURNAL_DIR).glob("chunk-*.json"))  # the journal is work, not debris
     report = build_index(training_file, index_dir, settings(tiny_model_dirs), progress=False)
     assert report.resumed_chunks == -(-len(training_rows) // CHUNK)
@@ -413,7 +415,7 @@ def test_a_killed_append_leaves_nothing_the_next_writer_keeps(
     kill(appender)
     assert (index_dir / "vectors-g0002.faiss").exists()
     with writer_lock(index_dir, "test"):
-        assert not list(index_dir.glob("*-g0002.*")) and not store.table_path(index_dir, 2).exists()
+        assert not list(index_dir.glob("*-g0002.*")) and not index_folder.table_path(index_dir, 2).exists()
         assert (index_dir / "vectors-g0001.faiss").exists()  # the committed generation stays
     verify_files(index_dir, read_manifest(index_dir))
 
@@ -473,14 +475,16 @@ def test_a_hit_on_a_row_lancedb_lost_is_one_line_naming_the_index(
 ):
     """The FAISS file finds row 0, whose LanceDB row is gone (the manifest's checksums made to match, so
     that only the join can notice): one line naming the index and the fix, not `KeyError: 0`."""
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
     index_dir = tmp_path / "index"
     shutil.copytree(reference / "index", index_dir)
-    rows = store.read_all_rows(index_dir, 1)
-    metadata.write_table(index_dir / store.DATABASE_DIR, store.table_name(1), [[r for r in rows if r["id"]]])
+    rows = index_folder.read_all_rows(index_dir, 1)
+    row_table.write_table(
+        index_dir / index_folder.DATABASE_DIR, index_folder.table_name(1), [[r for r in rows if r["id"]]]
+    )
     manifest = read_manifest(index_dir)
-    manifest.files = store.file_checksums(index_dir, 1)
+    manifest.files = index_folder.file_checksums(index_dir, 1)
     write_manifest(index_dir, manifest)
     row = training_rows[0]
     asked = cli(

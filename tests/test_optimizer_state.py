@@ -16,8 +16,8 @@ from conftest import build_settings, stored_vectors
 from rapidin_index.build import build_index
 from rapidin_index.data import load_examples, parse_template
 from rapidin_index.errors import OptimizerStateError, QueryError
-from rapidin_index.manifest import read_manifest
 from rapidin_index.retrieval import Index, sketch_queries
+from rapidin_index.store.manifest import read_manifest
 
 ROWS = 6
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from rapidin_index import index as vector_index
 from rapidin_index.errors import DeviceError
 from rapidin_index.parallel import faiss_gpu_count, resolve_device, search_index
+from rapidin_index.store import vector_index
 
 
 def test_device_resolution():

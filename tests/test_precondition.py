@@ -13,12 +13,12 @@ from conftest import build_settings, stored_vectors
 
 from rapidin_index import precondition
 from rapidin_index.build import build_index
-from rapidin_index.bundle_import import import_bundle
 from rapidin_index.errors import IntegrityError, PreconditionError
-from rapidin_index.export import export_index
-from rapidin_index.manifest import read_manifest
 from rapidin_index.precondition import fit_index
 from rapidin_index.retrieval import Index, sketch_queries
+from rapidin_index.store.bundle_export import export_index
+from rapidin_index.store.bundle_import import import_bundle
+from rapidin_index.store.manifest import read_manifest
 
 QUERIES = [
     {"prompt": "What does str.upper do?", "response": "Return a copy of the string converted to uppercase."},
@@ -201,7 +201,7 @@ def test_export_import_keeps_the_fit_and_append_drops_it(tmp_path, tiny_model_di
 
 
 def test_a_merge_drops_the_shards_fits(tmp_path, tiny_model_dirs, training_rows):
-    from rapidin_index.shards import merge_shards
+    from rapidin_index.store.shards import merge_shards
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in training_rows[:6]))

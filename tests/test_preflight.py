@@ -6,7 +6,7 @@ import pytest
 
 from rapidin_index import preflight
 from rapidin_index.errors import IndexMismatchError, IntegrityError
-from rapidin_index.manifest import Manifest
+from rapidin_index.store.manifest import Manifest
 
 
 def _manifest(**overrides) -> Manifest:

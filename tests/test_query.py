@@ -15,7 +15,6 @@ from rapidin_index.data import (
     tokenize,
 )
 from rapidin_index.errors import QueryError
-from rapidin_index.manifest import Manifest
 from rapidin_index.query import (
     generation_prompt,
     prepare,
@@ -24,6 +23,7 @@ from rapidin_index.query import (
     resolve_hot,
     tokenize_query,
 )
+from rapidin_index.store.manifest import Manifest
 
 RENDERED_PROMPTS = {
     "plain": "",

@@ -14,11 +14,8 @@ from conftest import build_settings
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
-from rapidin_index import index as vector_index
-from rapidin_index import store
 from rapidin_index.build import build_index
 from rapidin_index.errors import ParallelError
-from rapidin_index.manifest import read_manifest
 from rapidin_index.parallel import (
     RAY_CRASH_MARKER_ENV,
     RAY_CRASH_ON_CHUNK_ENV,
@@ -30,6 +27,8 @@ from rapidin_index.parallel import (
     start_partition_actors,
 )
 from rapidin_index.retrieval import Index
+from rapidin_index.store import index_folder, vector_index
+from rapidin_index.store.manifest import read_manifest
 
 ray = pytest.importorskip("ray")
 
@@ -49,7 +48,7 @@ def settings(tiny_model_dirs, device="cpu"):
 
 def stored(index_dir) -> tuple[np.ndarray, np.ndarray]:
     manifest = read_manifest(index_dir)
-    ids, vectors = store.load_vectors(index_dir, manifest.generation)
+    ids, vectors = index_folder.load_vectors(index_dir, manifest.generation)
     order = np.argsort(ids)
     return ids[order], vectors[order]
 
@@ -87,8 +86,8 @@ def assert_same_index(found_dir, expected_dir, row_count):
     np.testing.assert_array_equal(found_ids, np.arange(row_count))
     np.testing.assert_array_equal(found_ids, expected_ids)
     np.testing.assert_allclose(found_vectors, expected_vectors, atol=1e-5)
-    found_rows = store.read_all_rows(found_dir, read_manifest(found_dir).generation)
-    expected_rows = store.read_all_rows(expected_dir, read_manifest(expected_dir).generation)
+    found_rows = index_folder.read_all_rows(found_dir, read_manifest(found_dir).generation)
+    expected_rows = index_folder.read_all_rows(expected_dir, read_manifest(expected_dir).generation)
     assert [row["id"] for row in found_rows] == list(range(row_count))
     for found, expected in zip(found_rows, expected_rows, strict=True):
         assert {k: v for k, v in found.items() if k not in ("loss", "gradient_norm")} == {

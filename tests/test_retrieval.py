@@ -17,10 +17,10 @@ from rapidin_index import gradients, retrieval
 from rapidin_index.build import build_index
 from rapidin_index.capture import gradient_blocks
 from rapidin_index.errors import IndexMismatchError, QueryError
-from rapidin_index.manifest import read_manifest, sealed, write_manifest
 from rapidin_index.models import load_model, select_parameters
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import BuildSettings, ModelSettings, SketchSettings
+from rapidin_index.store.manifest import read_manifest, sealed, write_manifest
 
 
 @pytest.fixture(scope="module", params=[0, 4096], ids=["exact", "rapidgrad"])
@@ -51,7 +51,7 @@ def brute_force_vector(settings: BuildSettings, opened: Index, query, label_posi
 
 
 def all_stored(opened: Index) -> dict[int, np.ndarray]:
-    from rapidin_index import index as vector_index
+    from rapidin_index.store import vector_index
 
     ids, vectors = vector_index.stored_vectors(opened.faiss_index)
     return dict(zip(ids.tolist(), vectors, strict=True))
@@ -270,7 +270,7 @@ def test_whole_generation_only_and_token_counts(opened, training_rows):
 
 
 def test_one_scan_gives_the_same_lists_as_two_searches(opened, training_rows):
-    from rapidin_index import index as vector_index
+    from rapidin_index.store import vector_index
 
     queries = np.random.default_rng(0).standard_normal((6, opened.faiss_index.d)).astype(np.float32)
     helpful_scores, helpful_ids, harmful_scores, harmful_ids = vector_index.search_both(
@@ -414,8 +414,8 @@ def test_a_new_shell_takes_the_builds_check(checked_index):
 def test_open_maps_the_vectors_file_and_searches_it_as_faiss_would(built, opened, training_rows):
     """Index.open reads the ids, not the vectors (no FAISS index until one is asked for); the blocked scan
     of the mapped file gives FAISS's own lists."""
-    from rapidin_index import index as vector_index
-    from rapidin_index.vector_file import StoredVectors
+    from rapidin_index.store import vector_index
+    from rapidin_index.store.vector_file import StoredVectors
 
     fresh = Index.open(built[0], device="cpu")
     assert isinstance(fresh.stored_index, StoredVectors) and fresh._faiss_index is None

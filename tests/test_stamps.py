@@ -13,17 +13,17 @@ import xxhash
 from conftest import build_settings
 from processes import build_arguments, cli
 
-from rapidin_index import verify
 from rapidin_index.build import build_index
 from rapidin_index.errors import IntegrityError
-from rapidin_index.export import export_index
-from rapidin_index.manifest import read_manifest
+from rapidin_index.store import verify
+from rapidin_index.store.bundle_export import export_index
+from rapidin_index.store.manifest import read_manifest
 
 K = 256
 FIRST_OPEN = """
 import json, sys
-from rapidin_index import verify
-from rapidin_index.manifest import read_manifest
+from rapidin_index.store import verify
+from rapidin_index.store.manifest import read_manifest
 
 def hashed(path, algorithm):
     raise SystemExit(f"the first open hashed {path}")

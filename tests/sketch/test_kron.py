@@ -171,8 +171,8 @@ def test_build_then_query_in_another_process_with_rapidgrad_kron(
     tmp_path, tiny_model_dirs, training_file, training_rows
 ):
     from rapidin_index.build import build_index
-    from rapidin_index.manifest import read_manifest
     from rapidin_index.settings import BuildSettings, ModelSettings
+    from rapidin_index.store.manifest import read_manifest
 
     settings = BuildSettings(
         ModelSettings(tiny_model_dirs["llama"]),

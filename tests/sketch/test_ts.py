@@ -195,9 +195,9 @@ def test_build_and_query_end_to_end_with_rapidgrad_ts(
     tmp_path, tiny_model_dirs, training_file, training_rows
 ):
     from rapidin_index.build import build_index
-    from rapidin_index.manifest import read_manifest
     from rapidin_index.retrieval import Index
     from rapidin_index.settings import BuildSettings, ModelSettings
+    from rapidin_index.store.manifest import read_manifest
 
     settings = BuildSettings(
         ModelSettings(tiny_model_dirs["gpt2"]),
@@ -234,9 +234,9 @@ def test_a_build_with_auto_records_its_factored_sketch_and_resumes(
     tmp_path, tiny_model_dirs, training_file, training_rows
 ):
     from rapidin_index.build import build_index
-    from rapidin_index.manifest import read_manifest
     from rapidin_index.retrieval import Index
     from rapidin_index.settings import BuildSettings, ModelSettings
+    from rapidin_index.store.manifest import read_manifest
 
     settings = BuildSettings(
         ModelSettings(tiny_model_dirs["llama"]),

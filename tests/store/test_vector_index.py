@@ -1,4 +1,4 @@
-"""The FAISS side of the index (index.py): exact inner-product search, storage dtypes, save and load.
+"""The FAISS side of the index (store/vector_index.py): exact inner-product search, storage dtypes, save and load.
 
 These compare with numpy brute force on random vectors; tests/test_retrieval.py checks `search_both`
 against two FAISS searches on a built index.
@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-from rapidin_index import index as vector_index
 from rapidin_index.errors import IntegrityError, StoreError
-from rapidin_index.vector_file import StoredVectors, VectorWriter
+from rapidin_index.store import vector_index
+from rapidin_index.store.vector_file import StoredVectors, VectorWriter
 
 DIMENSION = 16
 ROWS = 40

@@ -1,5 +1,5 @@
 """The checksums of an index's files: sha256 (what bundles publish and ``--verify`` checks) and xxh3-128
-(``xxh3_128``, about ten times faster, checked on every open by `rapidin_index.verify`). A folder (a
+(``xxh3_128``, about ten times faster, checked on every open by `rapidin_index.store.verify`). A folder (a
 LanceDB table) is hashed as one tree: each file's relative path and checksum, in order.
 """
 

@@ -1,6 +1,6 @@
 """The LanceDB side of the index: one row per training example with its text and build statistics.
 
-A codec over a database folder and a table name; `store` knows which folder and name a generation uses.
+A codec over a database folder and a table name; `index_folder` knows which folder and name a generation uses.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ import pytest
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
-from rapidin_index import store
-from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
-from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError
-from rapidin_index.export import export_index, read_parquet_export
-from rapidin_index.manifest import read_manifest, sealed
 from rapidin_index.retrieval import Index
+from rapidin_index.store import index_folder
+from rapidin_index.store.bundle import BUNDLE_NAME, manifest_facts
+from rapidin_index.store.bundle_export import export_index, read_parquet_export
+from rapidin_index.store.bundle_import import import_bundle, verify_bundle
+from rapidin_index.store.manifest import read_manifest, sealed
 
 runner = CliRunner()
 FAISS_MEMBER = "vectors-g0001.faiss"
@@ -98,12 +98,12 @@ def test_a_tar_zst_bundle_is_one_zstd_stream_of_the_same_tar(exported_index, tmp
 def test_parquet_export_round_trips_vectors_ids_and_text(exported_index, tmp_path):
     path = export_index(exported_index.index, tmp_path / "index.parquet")
     ids, vectors, rows, manifest = read_parquet_export(path)
-    stored_ids, stored = store.load_vectors(exported_index.index, 1)
+    stored_ids, stored = index_folder.load_vectors(exported_index.index, 1)
     order = np.argsort(stored_ids)
     np.testing.assert_array_equal(ids, stored_ids[order])
     np.testing.assert_array_equal(vectors, stored[order])
     assert vectors.dtype == np.float32 and vectors.shape == (24, 1024)
-    by_id = {row["id"]: row for row in store.read_all_rows(exported_index.index, 1)}
+    by_id = {row["id"]: row for row in index_folder.read_all_rows(exported_index.index, 1)}
     assert rows == [by_id[i] for i in ids.tolist()]
     assert manifest == read_manifest(exported_index.index).to_dict()
     schema = pq.read_schema(path)

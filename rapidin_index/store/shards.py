@@ -14,23 +14,23 @@ from pathlib import Path
 
 import numpy as np
 
-from rapidin_index import store
 from rapidin_index.errors import ShardError
 from rapidin_index.files import writing
-from rapidin_index.identity import differences, manifest_identity
-from rapidin_index.lock import read_generation, writer_lock
-from rapidin_index.manifest import (
+from rapidin_index.store import index_folder
+from rapidin_index.store.identity import differences, manifest_identity
+from rapidin_index.store.index_folder import read_rejected
+from rapidin_index.store.lock import read_generation, writer_lock
+from rapidin_index.store.manifest import (
     MANIFEST_NAME,
     Manifest,
     add_self_checks,
     write_manifest,
 )
-from rapidin_index.store import read_rejected
-from rapidin_index.verify import check_files, stamp_written
+from rapidin_index.store.verify import check_files, stamp_written
 
 
 def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifest:
-    """Merge the shards into a new index in ``index_dir``, holding its writer lock (see lock.py)."""
+    """Merge the shards into a new index in ``index_dir``, holding its writer lock (see store/lock.py)."""
     shard_dirs, index_dir = [Path(d) for d in shard_dirs], Path(index_dir)
     for shard_dir in shard_dirs:
         if not (shard_dir / MANIFEST_NAME).is_file():
@@ -47,15 +47,17 @@ def merge_shards(shard_dirs: list[str | Path], index_dir: str | Path) -> Manifes
 def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -> Manifest:
     _check_compatible(shard_dirs, manifests)
     total_rows = manifests[0].total_rows_seen
-    writer = store.vector_writer(index_dir, 1, manifests[0].sketch["output_dim"], manifests[0].vector_dtype)
+    writer = index_folder.vector_writer(
+        index_dir, 1, manifests[0].sketch["output_dim"], manifests[0].vector_dtype
+    )
     row_ids, rejected, vector_ids = [], [], []  # ids only: the rows' text is copied page by page
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
         check_files(shard_dir, manifest, full=True)
-        ids = store.open_vectors(shard_dir, manifest.generation).ids
-        row_ids.append(store.read_row_ids(shard_dir, manifest.generation))
+        ids = index_folder.open_vectors(shard_dir, manifest.generation).ids
+        row_ids.append(index_folder.read_row_ids(shard_dir, manifest.generation))
         rejected.extend({"id": r.example_id, "reason": r.reason} for r in read_rejected(shard_dir, manifest))
         vector_ids.append(ids)
-    problem = store.row_id_problem(
+    problem = index_folder.row_id_problem(
         np.concatenate(vector_ids),
         np.concatenate(row_ids),
         [row["id"] for row in rejected],
@@ -65,7 +67,7 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
         raise ShardError(f"cannot merge {', '.join(map(str, shard_dirs))}: {problem}")
     rows = _rows_by_id(shard_dirs, manifests, row_ids)
     rejected.sort(key=lambda row: row["id"])
-    files = store.write_generation(
+    files = index_folder.write_generation(
         index_dir, 1, writer, _merged_vectors(shard_dirs, manifests, writer, rows), rejected
     )
     merged = Manifest.from_dict(manifests[0].to_dict())
@@ -85,7 +87,7 @@ def _merge(shard_dirs: list[Path], manifests: list[Manifest], index_dir: Path) -
     with writing(index_dir, 1 << 16):
         write_manifest(index_dir, merged)
     stamp_written(index_dir, merged, files)  # just hashed by write_generation: the first open stats them
-    store.remove_journal(index_dir)
+    index_folder.remove_journal(index_dir)
     return merged
 
 
@@ -115,12 +117,12 @@ def _check_compatible(shard_dirs: list[Path], manifests: list[Manifest]) -> None
 
 
 def _rows_by_id(shard_dirs: list[Path], manifests: list[Manifest], row_ids: list[np.ndarray]):
-    """Every shard's rows in one id order, in pages of `metadata.ROW_BATCH`: each shard is read a page at
+    """Every shard's rows in one id order, in pages of `row_table.ROW_BATCH`: each shard is read a page at
     a time in its own id order and the shards are interleaved (a heap merge), never a whole shard."""
-    from rapidin_index.metadata import ROW_BATCH
+    from rapidin_index.store.row_table import ROW_BATCH
 
     def shard_rows(shard_dir: Path, manifest: Manifest, ids: np.ndarray):
-        for page in store.iter_rows(shard_dir, manifest.generation, np.argsort(ids, kind="stable")):
+        for page in index_folder.iter_rows(shard_dir, manifest.generation, np.argsort(ids, kind="stable")):
             yield from page
 
     merged = heapq.merge(
@@ -133,11 +135,11 @@ def _rows_by_id(shard_dirs: list[Path], manifests: list[Manifest], row_ids: list
 
 def _merged_vectors(shard_dirs: list[Path], manifests: list[Manifest], writer, rows):
     """Each shard's vectors in id order into ``writer``, a block at a time (never a whole shard), then
-    the rows (pages of `_rows_by_id`) for `store.write_generation`."""
-    from rapidin_index.vector_file import SCAN_BLOCK_BYTES
+    the rows (pages of `_rows_by_id`) for `index_folder.write_generation`."""
+    from rapidin_index.store.vector_file import SCAN_BLOCK_BYTES
 
     for shard_dir, manifest in zip(shard_dirs, manifests, strict=True):
-        stored = store.open_vectors(shard_dir, manifest.generation)
+        stored = index_folder.open_vectors(shard_dir, manifest.generation)
         stored.drop_pages = True
         order = np.argsort(stored.ids, kind="stable")
         step = max(1, SCAN_BLOCK_BYTES // max(stored.row_bytes, 1))

@@ -1,4 +1,4 @@
-"""The index identity (identity.py): built from a manifest, compared, and the checks that refuse another
+"""The index identity (store/identity.py): built from a manifest, compared, and the checks that refuse another
 K, tokenizer, model or build settings."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from conftest import build_word_tokenizer, copy_with_other_chat_template, small_
 from transformers import GPT2Config
 
 from rapidin_index.errors import IndexMismatchError, ModelError
-from rapidin_index.identity import (
+from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
+from rapidin_index.store.identity import (
     build_conflicts,
     check_loaded_model,
     check_sketch_dim,
@@ -21,7 +22,6 @@ from rapidin_index.identity import (
     moved_model_hint,
     settings_conflicts,
 )
-from rapidin_index.models import fingerprint_tokenizer, load_tokenizer
 
 # --------------------------------------------------------------------------- differences
 

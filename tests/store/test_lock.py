@@ -1,4 +1,4 @@
-"""The writer lock and reader leases of an index folder (lock.py), with real processes."""
+"""The writer lock and reader leases of an index folder (store/lock.py), with real processes."""
 
 from __future__ import annotations
 
@@ -14,19 +14,19 @@ from conftest import build_settings
 from processes import cli, release, start_paused
 
 from rapidin_index.build import build_index
-from rapidin_index.bundle_import import import_bundle
 from rapidin_index.errors import IndexLockedError
-from rapidin_index.export import export_index
-from rapidin_index.lock import (
+from rapidin_index.retrieval import Index
+from rapidin_index.settings import BuildSettings
+from rapidin_index.store.bundle_export import export_index
+from rapidin_index.store.bundle_import import import_bundle
+from rapidin_index.store.lock import (
     LOCK_NAME,
     generations_on_disk,
     read_generation,
     remove_unread_generations,
     writer_lock,
 )
-from rapidin_index.manifest import read_manifest
-from rapidin_index.retrieval import Index
-from rapidin_index.settings import BuildSettings
+from rapidin_index.store.manifest import read_manifest
 
 K = 4096
 

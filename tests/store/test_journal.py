@@ -1,4 +1,4 @@
-"""The build journal (journal.py): the plan that a resume must match, and chunks that count only when whole."""
+"""The build journal (store/journal.py): the plan that a resume must match, and chunks that count only when whole."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from rapidin_index.errors import JournalError
-from rapidin_index.journal import (
+from rapidin_index.store.index_folder import JOURNAL_DIR
+from rapidin_index.store.journal import (
     CRASH_AFTER_VECTORS_ENV,
     ChunkRecord,
     chunk_complete,
@@ -23,7 +24,6 @@ from rapidin_index.journal import (
     read_chunk,
     write_chunk,
 )
-from rapidin_index.store import JOURNAL_DIR
 
 PLAN = {"data_sha256": "abc", "sketch": {"sketch_dim": 4096, "seed": 42}, "chunk_size": 8}
 
@@ -97,8 +97,8 @@ def test_a_chunk_is_complete_only_with_both_files_matching(tmp_path):
 def test_a_kill_after_the_vectors_leaves_a_torn_chunk(tmp_path):
     journal = open_journal(tmp_path, PLAN)
     code = (
-        "import sys, numpy as np\nfrom pathlib import Path\nfrom rapidin_index.journal import write_chunk\n"
-        "from rapidin_index.journal import ChunkRecord\n"
+        "import sys, numpy as np\nfrom pathlib import Path\nfrom rapidin_index.store.journal import write_chunk\n"
+        "from rapidin_index.store.journal import ChunkRecord\n"
         "write_chunk(Path(sys.argv[1]), 3, ChunkRecord([0], [{}]), np.ones((1, 4), np.float32))\n"
     )
     done = subprocess.run(

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import xxhash
 
-from rapidin_index import store
-from rapidin_index.bundle import (
+from rapidin_index.errors import BundleError, ManifestError
+from rapidin_index.files import atomic_write_json, no_space, sha256_file, tree_bytes, writing
+from rapidin_index.store import index_folder
+from rapidin_index.store.bundle import (
     BLOCK,
     BUNDLE_NAME,
     MAX_BUNDLE_JSON_BYTES,
@@ -31,19 +33,17 @@ from rapidin_index.bundle import (
     manifest_facts,
     self_checksum,
 )
-from rapidin_index.bundle_check import check_members, check_signature
-from rapidin_index.checksums import FAST
-from rapidin_index.errors import BundleError, ManifestError
-from rapidin_index.files import atomic_write_json, no_space, sha256_file, tree_bytes, writing
-from rapidin_index.identity import differences
-from rapidin_index.lock import LOCK_FILES, pause_point, remove_unread_generations, writer_lock
-from rapidin_index.manifest import (
+from rapidin_index.store.bundle_check import check_members, check_signature
+from rapidin_index.store.checksums import FAST
+from rapidin_index.store.identity import differences
+from rapidin_index.store.lock import LOCK_FILES, pause_point, remove_unread_generations, writer_lock
+from rapidin_index.store.manifest import (
     MANIFEST_NAME,
     Manifest,
     read_manifest,
     write_manifest,
 )
-from rapidin_index.verify import stamp_written
+from rapidin_index.store.verify import stamp_written
 
 MOVING_NAME = ".import-moving.json"
 """In an import's target while its files are moved in: which ones (`roll_back_import`)."""
@@ -67,7 +67,7 @@ def import_bundle(
     ``index_dir`` must not exist or be empty; with ``force`` it may hold an index, which is replaced only
     once the bundle has verified. On any refusal nothing in ``index_dir`` changes. ``require_signature``:
     an ed25519 public key file; the bundle must be signed by it (`bundle_check`). The folder's writer
-    lock is held throughout (lock.py), and the manifest is moved in last: it is the commit point, as in a
+    lock is held throughout (store/lock.py), and the manifest is moved in last: it is the commit point, as in a
     build. A replaced index's files stay until no reader holds them.
     """
     bundle, index_dir = Path(bundle), Path(index_dir)
@@ -115,7 +115,7 @@ def roll_back_import(index_dir: Path) -> list[str]:
         moved = []  # a torn marker: it was written before any move
     committed = read_manifest(index_dir).generation if (index_dir / MANIFEST_NAME).is_file() else None
     for relative in moved:
-        generation = store.generation_of(Path(relative).name)
+        generation = index_folder.generation_of(Path(relative).name)
         path = index_dir / relative
         if committed is None or (generation is not None and generation > committed):
             if path.is_dir():
@@ -123,7 +123,7 @@ def roll_back_import(index_dir: Path) -> list[str]:
             elif path.exists():
                 path.unlink()
             removed.append(relative)
-    database = index_dir / store.DATABASE_DIR
+    database = index_dir / index_folder.DATABASE_DIR
     if committed is None and database.is_dir() and not any(database.iterdir()):
         database.rmdir()
     marker.unlink()
@@ -145,7 +145,7 @@ def _check_target(index_dir: Path, force: bool) -> None:
 
 
 def _entries(index_dir: Path) -> list[Path]:
-    """The folder's entries, less the lock files of writers and readers (lock.py)."""
+    """The folder's entries, less the lock files of writers and readers (store/lock.py)."""
     return [path for path in index_dir.iterdir() if path.name not in LOCK_FILES]
 
 
@@ -167,9 +167,10 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
         )  # hashed while extracted: the first open stats them
         return
     generation = read_manifest(index_dir).generation + 1
-    store.remove_generation(index_dir, generation)  # torn files of an unfinished build
+    index_folder.remove_generation(index_dir, generation)  # torn files of an unfinished build
     files = {
-        store.renamed_to_generation(relative, generation): entry for relative, entry in manifest.files.items()
+        index_folder.renamed_to_generation(relative, generation): entry
+        for relative, entry in manifest.files.items()
     }
     atomic_write_json(marker, {"files": sorted(files)})
     for moved, (relative, renamed) in enumerate(zip(manifest.files, files, strict=True), 1):
@@ -179,7 +180,7 @@ def _move_into_place(staging: Path, index_dir: Path, manifest: Manifest) -> None
     write_manifest(index_dir, manifest)  # sealed with its own checksum
     marker.unlink()
     stamp_written(index_dir, manifest, manifest.files)
-    store.remove_journal(index_dir)  # an unfinished build of the old index
+    index_folder.remove_journal(index_dir)  # an unfinished build of the old index
     remove_unread_generations(index_dir, generation)
 
 

@@ -6,7 +6,7 @@ Layout of an index folder (generation g, four digits; the manifest names the cur
     vectors-gNNNN.faiss           FAISS exact inner-product index of the sketches, ids = example ids
                                   (read in place and written as a stream: `vector_file`)
     rejected-gNNNN.jsonl          {"id", "reason"} of every row that could not be indexed
-    metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`metadata.SCHEMA`), written
+    metadata/rows_gNNNN.lance/    LanceDB table: one row per indexed example (`row_table.SCHEMA`), written
                                   as a stream through .rows-gNNNN.arrow.tmp (its rows until their column
                                   types are known; removed once the table is written)
     .build/                       the journal of an unfinished build (`journal`)
@@ -14,7 +14,7 @@ Layout of an index folder (generation g, four digits; the manifest names the cur
 
 A build writes generation g + 1 beside g and switches by writing the manifest; the old generation's
 files are removed once no reader holds a lease on them. This module is the only one that knows these
-names; FAISS (`index`) and LanceDB (`metadata`) are read and written through it. Both are imported on
+names; FAISS (`vector_index`) and LanceDB (`row_table`) are read and written through it. Both are imported on
 first use, so that the lock and the CLI's cheap checks do not pay for them.
 """
 
@@ -27,17 +27,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rapidin_index.checksums import file_entry
 from rapidin_index.data import RejectedRow
 from rapidin_index.errors import IntegrityError, StoreError
 from rapidin_index.files import atomic_write_bytes, writing
+from rapidin_index.store.checksums import file_entry
 
 if TYPE_CHECKING:
     import faiss
     import numpy as np
 
-    from rapidin_index.manifest import Manifest
-    from rapidin_index.vector_file import VectorWriter
+    from rapidin_index.store.manifest import Manifest
+    from rapidin_index.store.vector_file import VectorWriter
 
 JOURNAL_DIR = ".build"
 DATABASE_DIR = "metadata"
@@ -66,7 +66,7 @@ def table_path(index_dir: str | Path, generation: int) -> Path:
 
 def check_listed(index_dir: str | Path, manifest: Manifest) -> None:
     """Every file of the manifest's generation (vectors, rows, rejected rows) is listed in its ``files``."""
-    from rapidin_index.manifest import DAMAGED
+    from rapidin_index.store.manifest import DAMAGED
 
     generation = manifest.generation
     names = [
@@ -104,60 +104,60 @@ def generation_paths(index_dir: Path) -> list[Path]:
 def load_faiss(index_dir: str | Path, generation: int, mapped: bool = False) -> faiss.Index:
     """The generation's FAISS index; ``mapped``: its vectors mapped from the file, not read (FAISS's
     ``IO_FLAG_MMAP_IFC``)."""
-    from rapidin_index import index as vector_index
+    from rapidin_index.store import vector_index
 
     return vector_index.load_index(Path(index_dir) / vector_file(generation), mapped)
 
 
 def open_vectors(index_dir: str | Path, generation: int, max_memory: int | None = None):
     """The generation's vectors file read in place (`vector_file.StoredVectors`)."""
-    from rapidin_index.vector_file import StoredVectors
+    from rapidin_index.store.vector_file import StoredVectors
 
     return StoredVectors(Path(index_dir) / vector_file(generation), max_memory)
 
 
 def load_vectors(index_dir: str | Path, generation: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [n] int64, vectors [n, dim] float32) of a generation, in insertion order."""
-    from rapidin_index import index as vector_index
+    from rapidin_index.store import vector_index
 
     return vector_index.stored_vectors(load_faiss(index_dir, generation))
 
 
 def read_all_rows(index_dir: str | Path, generation: int) -> list[dict]:
     """Every metadata row of a generation (``source`` still JSON text)."""
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
-    return metadata.read_all(Path(index_dir) / DATABASE_DIR, table_name(generation))
+    return row_table.read_all(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
 def read_row_ids(index_dir: str | Path, generation: int) -> np.ndarray:
     """The ids [n] of a generation's LanceDB rows, in table order (the text is not read)."""
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
-    return metadata.read_ids(Path(index_dir) / DATABASE_DIR, table_name(generation))
+    return row_table.read_ids(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
 def iter_rows(index_dir: str | Path, generation: int, order=None) -> Iterable[list[dict]]:
-    """A generation's metadata rows a page at a time (`metadata.iter_rows`): in table order, or in the
+    """A generation's metadata rows a page at a time (`row_table.iter_rows`): in table order, or in the
     order of the table positions ``order``; what an append or merge copies into its new generation."""
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
-    return metadata.iter_rows(Path(index_dir) / DATABASE_DIR, table_name(generation), order)
+    return row_table.iter_rows(Path(index_dir) / DATABASE_DIR, table_name(generation), order)
 
 
 def open_rows(index_dir: str | Path, generation: int):
-    """The generation's LanceDB table, for `metadata.read_rows` joins."""
-    from rapidin_index import metadata
+    """The generation's LanceDB table, for `row_table.read_rows` joins."""
+    from rapidin_index.store import row_table
 
-    return metadata.open_table(Path(index_dir) / DATABASE_DIR, table_name(generation))
+    return row_table.open_table(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
 def rows_of_hits(index_dir: str | Path, table, ids: list[int]) -> dict[int, dict]:
-    """{id: row} of the hits FAISS found (`metadata.read_rows`); a hit whose row the LanceDB table lost
+    """{id: row} of the hits FAISS found (`row_table.read_rows`); a hit whose row the LanceDB table lost
     is refused on one line naming the index, never answered without its text (or with a KeyError)."""
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
-    rows = metadata.read_rows(table, ids)
+    rows = row_table.read_rows(table, ids)
     missing = sorted(set(ids) - set(rows))
     if missing:
         raise IntegrityError(
@@ -168,9 +168,9 @@ def rows_of_hits(index_dir: str | Path, table, ids: list[int]) -> dict[int, dict
 
 
 def count_rows(index_dir: str | Path, generation: int) -> int:
-    from rapidin_index import metadata
+    from rapidin_index.store import row_table
 
-    return metadata.count_rows(Path(index_dir) / DATABASE_DIR, table_name(generation))
+    return row_table.count_rows(Path(index_dir) / DATABASE_DIR, table_name(generation))
 
 
 def read_rejected(index_dir: str | Path, manifest: Manifest) -> list[RejectedRow]:
@@ -203,7 +203,7 @@ def _rejected_row(path: Path, number: int, line: str) -> RejectedRow:
 def vector_writer(index_dir: Path, generation: int, dimension: int, vector_dtype: str) -> VectorWriter:
     """A streaming writer of the generation's vectors file (`vector_file.VectorWriter`), for
     `write_generation`."""
-    from rapidin_index.vector_file import VectorWriter
+    from rapidin_index.store.vector_file import VectorWriter
 
     return VectorWriter(Path(index_dir) / vector_file(generation), dimension, vector_dtype)
 
@@ -228,9 +228,8 @@ def write_generation(
     """
     import faiss
 
-    from rapidin_index import index as vector_index
-    from rapidin_index import metadata
-    from rapidin_index.vector_file import VectorWriter
+    from rapidin_index.store import row_table, vector_index
+    from rapidin_index.store.vector_file import VectorWriter
 
     index_dir.mkdir(parents=True, exist_ok=True)
     row_ids: list[int] = []
@@ -266,10 +265,10 @@ def write_generation(
         try:
             if streamed:
                 with vectors:  # the file is complete (and in place) once the block ends cleanly
-                    metadata.write_table(database, name, counted(), spill)
+                    row_table.write_table(database, name, counted(), spill)
                     check(vectors.written_ids())
             else:
-                metadata.write_table(database, name, counted(), spill)
+                row_table.write_table(database, name, counted(), spill)
                 check(faiss.vector_to_array(vectors.id_map).tolist())
                 vector_index.save_index(vectors, index_dir / vector_file(generation))
             text = "".join(json.dumps(row) + "\n" for row in rejected)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from rapidin_index.bundle import (
+from rapidin_index.errors import BundleError
+from rapidin_index.store.bundle import (
     BUNDLE_FORMAT_VERSION,
     check_version,
     describe,
@@ -15,8 +16,7 @@ from rapidin_index.bundle import (
     manifest_facts,
     self_checksum,
 )
-from rapidin_index.errors import BundleError
-from rapidin_index.manifest import read_manifest
+from rapidin_index.store.manifest import read_manifest
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,9 @@ import numpy as np
 
 from rapidin_index.errors import JournalError
 from rapidin_index.files import atomic_write_bytes, atomic_write_json, writing
-from rapidin_index.identity import differences
-from rapidin_index.manifest import KEYS_OF_FIELDS
-from rapidin_index.store import JOURNAL_DIR
+from rapidin_index.store.identity import differences
+from rapidin_index.store.index_folder import JOURNAL_DIR
+from rapidin_index.store.manifest import KEYS_OF_FIELDS
 
 # Test-only fault injection: SIGKILL this process right after chunk N's vectors are written.
 CRASH_AFTER_VECTORS_ENV = "RAPIDIN_INDEX_CRASH_AFTER_VECTORS"

@@ -1,6 +1,6 @@
 """Portable bundles: export an index to one checksummed tar / tar.gz / tar.zst / zip file, verify it, import it.
 
-The bundle layout and format version are in `rapidin_index.bundle`.
+The bundle layout and format version are in `rapidin_index.store.bundle`.
 
 Plain ``tar -xf`` or ``unzip`` of a bundle gives a folder ``Index.open`` reads (it ignores bundle.json);
 ``import_bundle`` is the checked way in. The model is not in the bundle: the manifest names it and holds
@@ -40,8 +40,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rapidin_index import metadata, store
-from rapidin_index.bundle import (
+from rapidin_index.errors import BundleError, IntegrityError
+from rapidin_index.files import atomic_file, sha256_file, sha256_tree, writing
+from rapidin_index.store import index_folder, row_table
+from rapidin_index.store.bundle import (
     BLOCK,
     BUNDLE_NAME,
     GZIP_LEVEL,
@@ -54,11 +56,9 @@ from rapidin_index.bundle import (
     format_for,
     header,
 )
-from rapidin_index.bundle_check import load_private_key, read_faiss_header
-from rapidin_index.errors import BundleError, IntegrityError
-from rapidin_index.files import atomic_file, sha256_file, sha256_tree, writing
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, read_manifest
-from rapidin_index.store import check_listed, read_rejected
+from rapidin_index.store.bundle_check import load_private_key, read_faiss_header
+from rapidin_index.store.index_folder import check_listed, read_rejected
+from rapidin_index.store.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 # --------------------------------------------------------------------------- export
 
@@ -134,12 +134,12 @@ def _verify_index(index_dir: Path, manifest: Manifest, known: dict[str, str] | N
 def _check_counts(index_dir: Path, manifest: Manifest) -> None:
     """row_count against the FAISS header and the LanceDB table, rejected_count against its file."""
     generation = manifest.generation
-    headers = read_faiss_header(index_dir / store.vector_file(generation))
+    headers = read_faiss_header(index_dir / index_folder.vector_file(generation))
     counts = {
-        store.vector_file(generation): None if headers is None else headers[1]["count"],
-        store.table_name(generation): _table_count(index_dir, generation),
+        index_folder.vector_file(generation): None if headers is None else headers[1]["count"],
+        index_folder.table_name(generation): _table_count(index_dir, generation),
     }
-    rejected = index_dir / store.rejected_file(generation)
+    rejected = index_dir / index_folder.rejected_file(generation)
     for name, count in counts.items():
         if count != manifest.row_count:
             raise BundleError(
@@ -157,7 +157,7 @@ def _check_counts(index_dir: Path, manifest: Manifest) -> None:
 
 def _table_count(index_dir: Path, generation: int) -> int | None:
     try:
-        return store.count_rows(index_dir, generation)
+        return index_folder.count_rows(index_dir, generation)
     except Exception:  # lance reports a damaged table in its own (Rust) types: named by the caller
         return None
 
@@ -265,18 +265,18 @@ class _ZipWriter:
 
 def _write_parquet(index_dir: Path, manifest: Manifest, path: Path) -> None:
     """One row per indexed example, in id order: id, vector (fixed_size_list<float32>[dim]), the LanceDB
-    columns. Written a page of `metadata.ROW_BATCH` rows at a time: the vectors read in place, the rows'
+    columns. Written a page of `row_table.ROW_BATCH` rows at a time: the vectors read in place, the rows'
     text paged from LanceDB, so memory does not grow with the index."""
-    stored = store.open_vectors(index_dir, manifest.generation)
+    stored = index_folder.open_vectors(index_dir, manifest.generation)
     stored.drop_pages = True  # read once: its pages need not stay
     vector_order = np.argsort(stored.ids, kind="stable")
-    row_ids = store.read_row_ids(index_dir, manifest.generation)
+    row_ids = index_folder.read_row_ids(index_dir, manifest.generation)
     row_order = np.argsort(row_ids, kind="stable")
     ids = stored.ids[vector_order]  # [n], ascending
     if not np.array_equal(ids, row_ids[row_order]):
         raise BundleError(f"{index_dir}: the FAISS ids and the LanceDB rows differ; the index is damaged")
     dimension = stored.dimension
-    columns = [field for field in metadata.SCHEMA if field.name != "id"]
+    columns = [field for field in row_table.SCHEMA if field.name != "id"]
     rejected = [{"id": row.example_id, "reason": row.reason} for row in read_rejected(index_dir, manifest)]
     schema = pa.schema(
         [pa.field("id", pa.int64()), pa.field("vector", pa.list_(pa.float32(), dimension)), *columns],
@@ -286,11 +286,11 @@ def _write_parquet(index_dir: Path, manifest: Manifest, path: Path) -> None:
             PARQUET_REJECTED_KEY: json.dumps(rejected),
         },
     )
-    pages = store.iter_rows(index_dir, manifest.generation, row_order)
+    pages = index_folder.iter_rows(index_dir, manifest.generation, row_order)
     with pq.ParquetWriter(path, schema) as writer:
         if len(ids) == 0:
             writer.write_table(schema.empty_table())
-        for start, rows in zip(range(0, len(ids), metadata.ROW_BATCH), pages, strict=True):
+        for start, rows in zip(range(0, len(ids), row_table.ROW_BATCH), pages, strict=True):
             positions = vector_order[start : start + len(rows)]
             flat = pa.array(stored.read_positions(positions).reshape(-1), pa.float32())  # [rows * dim]
             stored.release(int(positions.min()), int(positions.max()) + 1)

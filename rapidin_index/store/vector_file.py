@@ -11,7 +11,7 @@ A generation's ``vectors-gNNNN.faiss`` is an ``IndexIDMap2`` over an ``IndexFlat
 `StoredVectors` maps that file and reads the codes in blocks (never the whole matrix: see `SCAN_BLOCK_BYTES`);
 `VectorWriter` writes the same bytes from chunks of rows, so that a build, an append or a merge never holds
 more than a chunk of vectors. Both check the layout against the header and refuse a file they do not
-recognise on one line (`IntegrityError`), as `index.load_index` does.
+recognise on one line (`IntegrityError`), as `vector_index.load_index` does.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SCAN_BLOCK_BYTES = 32 << 20
 """Stored bytes read per block of a scan with many query vectors (32 MiB: 2,048 rows at K = 4,096 in
 float32, 4,096 in float16). A query holds one such block, its float32 copy (float16) and the [vectors, rows]
 scores, plus the ids (8 bytes a row), whatever the number of rows; with few vectors, one chunk
-(`HALF_CHUNK_BYTES`, `FLOAT_CHUNK_BYTES`) and a span of scores (`index.SPAN_BYTES`) instead."""
+(`HALF_CHUNK_BYTES`, `FLOAT_CHUNK_BYTES`) and a span of scores (`vector_index.SPAN_BYTES`) instead."""
 HALF_CHUNK_BYTES = 1 << 20
 """float32 bytes of float16 rows converted at once before their product with few query vectors (1 MiB:
 64 rows at K = 4,096). The converted rows are still in cache for the product: converting into such a
@@ -290,7 +290,7 @@ class VectorWriter:
         empty = faiss.serialize_index(new_index(dimension, vector_dtype))  # header + 2 empty vectors
         self._encoder = faiss.IndexScalarQuantizer(
             dimension, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-        )  # as `index.new_index` makes it
+        )  # as `vector_index.new_index` makes it
         self._header = bytearray(empty[:-16].tobytes())
         self._ids: list[np.ndarray] = []
         self.count = 0

@@ -1,10 +1,10 @@
-"""The LanceDB side of the index (metadata.py): one table of rows per name in a database folder."""
+"""The LanceDB side of the index (store/row_table.py): one table of rows per name in a database folder."""
 
 from __future__ import annotations
 
 import json
 
-from rapidin_index import metadata
+from rapidin_index.store import row_table
 
 
 def _row(example_id: int, **overrides) -> dict:
@@ -24,55 +24,55 @@ def _row(example_id: int, **overrides) -> dict:
 
 
 def test_the_schema_has_one_field_per_row_key():
-    assert metadata.SCHEMA.names == list(_row(0))
+    assert row_table.SCHEMA.names == list(_row(0))
 
 
 def test_write_table_then_read_all_and_count(tmp_path):
     database = tmp_path / "metadata"
-    written = metadata.write_table(database, "rows_g0001", iter([[_row(0), _row(1)], [], [_row(5)]]))
+    written = row_table.write_table(database, "rows_g0001", iter([[_row(0), _row(1)], [], [_row(5)]]))
     assert written == 3
-    rows = sorted(metadata.read_all(database, "rows_g0001"), key=lambda row: row["id"])
+    rows = sorted(row_table.read_all(database, "rows_g0001"), key=lambda row: row["id"])
     assert rows == [_row(0), _row(1), _row(5)]  # every field back as written, source as JSON text
-    assert metadata.count_rows(database, "rows_g0001") == 3
+    assert row_table.count_rows(database, "rows_g0001") == 3
     assert (database / "rows_g0001.lance").is_dir()
 
 
 def test_write_table_writes_one_version_whatever_the_number_of_batches(tmp_path):
     """A build's chunks once made one LanceDB version each (a _versions folder growing with N)."""
     batches = [[_row(i, source=json.dumps({"text": "t", "lang": ["en", 3][i % 2]}))] for i in range(20)]
-    assert metadata.write_table(tmp_path, "rows", iter(batches)) == 20
-    table = metadata.open_table(tmp_path, "rows")
+    assert row_table.write_table(tmp_path, "rows", iter(batches)) == 20
+    table = row_table.open_table(tmp_path, "rows")
     assert table.version == 1 and len(table.list_versions()) == 1
     assert table.to_arrow()["lang"].to_pylist() == ["en", "3"] * 10  # mixed types: a string column
 
 
 def test_write_table_overwrites_a_partial_table(tmp_path):
-    metadata.write_table(tmp_path, "rows", [[_row(0), _row(1)]])
-    assert metadata.write_table(tmp_path, "rows", [[_row(7)]]) == 1
-    assert [row["id"] for row in metadata.read_all(tmp_path, "rows")] == [7]
+    row_table.write_table(tmp_path, "rows", [[_row(0), _row(1)]])
+    assert row_table.write_table(tmp_path, "rows", [[_row(7)]]) == 1
+    assert [row["id"] for row in row_table.read_all(tmp_path, "rows")] == [7]
 
 
 def test_an_empty_table_has_the_schema_and_no_rows(tmp_path):
-    assert metadata.write_table(tmp_path, "rows", []) == 0
-    assert metadata.count_rows(tmp_path, "rows") == 0
-    stored = metadata.open_table(tmp_path, "rows").schema.names
-    assert stored == [metadata.JSON_COLUMN if name == "source" else name for name in metadata.SCHEMA.names]
+    assert row_table.write_table(tmp_path, "rows", []) == 0
+    assert row_table.count_rows(tmp_path, "rows") == 0
+    stored = row_table.open_table(tmp_path, "rows").schema.names
+    assert stored == [row_table.JSON_COLUMN if name == "source" else name for name in row_table.SCHEMA.names]
 
 
 def test_tables_of_one_database_are_separate(tmp_path):
-    metadata.write_table(tmp_path, "rows_g0001", [[_row(0)]])
-    metadata.write_table(tmp_path, "rows_g0002", [[_row(1), _row(2)]])
-    assert metadata.count_rows(tmp_path, "rows_g0001") == 1
-    assert metadata.count_rows(tmp_path, "rows_g0002") == 2
+    row_table.write_table(tmp_path, "rows_g0001", [[_row(0)]])
+    row_table.write_table(tmp_path, "rows_g0002", [[_row(1), _row(2)]])
+    assert row_table.count_rows(tmp_path, "rows_g0001") == 1
+    assert row_table.count_rows(tmp_path, "rows_g0002") == 2
 
 
 def test_read_rows_joins_ids_and_decodes_the_source(tmp_path):
-    metadata.write_table(tmp_path, "rows", [[_row(i) for i in range(10)]])
-    table = metadata.open_table(tmp_path, "rows")
-    found = metadata.read_rows(table, [7, 2, 7, 99])
+    row_table.write_table(tmp_path, "rows", [[_row(i) for i in range(10)]])
+    table = row_table.open_table(tmp_path, "rows")
+    found = row_table.read_rows(table, [7, 2, 7, 99])
     assert sorted(found) == [2, 7]  # duplicates once, an unknown id left out
     assert found[7] == {**_row(7), "source": {"instruction": "q7", "output": "a"}}
-    assert metadata.read_rows(table, []) == {}
+    assert row_table.read_rows(table, []) == {}
 
 
 def test_row_fields_become_typed_columns_an_sql_filter_selects_by(tmp_path):
@@ -82,16 +82,16 @@ def test_row_fields_become_typed_columns_an_sql_filter_selects_by(tmp_path):
     for example_id, extra in enumerate(fields):
         row_json = {"instruction": f"q{example_id}", "output": "a", **extra}
         rows.append(_row(example_id, source=json.dumps(row_json)))
-    metadata.write_table(tmp_path, "rows", [rows])
-    table = metadata.open_table(tmp_path, "rows")
+    row_table.write_table(tmp_path, "rows", [rows])
+    table = row_table.open_table(tmp_path, "rows")
     types = {field.name: str(field.type) for field in table.schema}
     assert types["source"] == "string" and types["score"] == "double" and "tags" not in types
     assert types["year"] == "string"  # an int and a string in one field: kept as text, never dropped
     assert "instruction" not in types and "output" not in types  # the text stays in the row's JSON
-    assert sorted(metadata.matching_ids(table, "source = 'forum'", 10)) == [0, 2]
-    assert metadata.matching_ids(table, "source = 'forum' AND id > 0", 10) == [2]
-    assert metadata.matching_ids(table, "score > 0.1", 10) == [0]
-    assert sorted(metadata.read_all(tmp_path, "rows"), key=lambda row: row["id"]) == rows  # as written
+    assert sorted(row_table.matching_ids(table, "source = 'forum'", 10)) == [0, 2]
+    assert row_table.matching_ids(table, "source = 'forum' AND id > 0", 10) == [2]
+    assert row_table.matching_ids(table, "score > 0.1", 10) == [0]
+    assert sorted(row_table.read_all(tmp_path, "rows"), key=lambda row: row["id"]) == rows  # as written
 
 
 def test_a_bad_filter_names_the_columns(tmp_path):
@@ -99,9 +99,9 @@ def test_a_bad_filter_names_the_columns(tmp_path):
 
     from rapidin_index.errors import QueryError
 
-    metadata.write_table(tmp_path, "rows", [[_row(0, source=json.dumps({"text": "a", "lang": "en"}))]])
+    row_table.write_table(tmp_path, "rows", [[_row(0, source=json.dumps({"text": "a", "lang": "en"}))]])
     with pytest.raises(QueryError, match="--where 'colour = 1'.*columns: id, .*lang"):
-        metadata.matching_ids(metadata.open_table(tmp_path, "rows"), "colour = 1", 10)
+        row_table.matching_ids(row_table.open_table(tmp_path, "rows"), "colour = 1", 10)
 
 
 def test_a_damaged_table_file_is_refused_on_one_line(tmp_path):
@@ -109,14 +109,14 @@ def test_a_damaged_table_file_is_refused_on_one_line(tmp_path):
 
     from rapidin_index.errors import IntegrityError
 
-    metadata.write_table(tmp_path, "rows", [[_row(i) for i in range(50)]])
+    row_table.write_table(tmp_path, "rows", [[_row(i) for i in range(50)]])
     (data_file,) = (tmp_path / "rows.lance" / "data").glob("*.lance")
     data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     with pytest.raises(IntegrityError, match="the LanceDB table rows cannot be read .*re-import") as refused:
-        metadata.read_all(tmp_path, "rows")
+        row_table.read_all(tmp_path, "rows")
     assert "rustc" not in str(refused.value)
     with pytest.raises(IntegrityError, match="the index is damaged"):
-        metadata.read_rows(metadata.open_table(tmp_path, "rows"), [1, 2])
+        row_table.read_rows(row_table.open_table(tmp_path, "rows"), [1, 2])
 
 
 def test_column_types_found_in_a_stream_equal_those_found_over_every_row_at_once():
@@ -137,10 +137,10 @@ def test_column_types_found_in_a_stream_equal_those_found_over_every_row_at_once
             if generator.random() < 0.3:
                 row["other"] = generator.choice(generator.choice(kinds))
             sources.append(row)
-        streamed = metadata._FieldTypes()
+        streamed = row_table._FieldTypes()
         for start in range(0, len(sources), 3):
             streamed.update(sources[start : start + 3])
-        assert streamed.fields() == metadata.metadata_fields(sources), sources
+        assert streamed.fields() == row_table.metadata_fields(sources), sources
 
 
 def test_a_type_that_changes_in_a_late_batch_types_the_whole_column(tmp_path):
@@ -148,8 +148,8 @@ def test_a_type_that_changes_in_a_late_batch_types_the_whole_column(tmp_path):
     in the last batch still makes one string column, its early values as text."""
     batches = ([_row(i, source=json.dumps({"text": "t", "year": 2000 + i}))] for i in range(5))
     last = [_row(5, source=json.dumps({"text": "t", "year": "unknown", "late": 1.5}))]
-    assert metadata.write_table(tmp_path, "rows", iter([*batches, last])) == 6
-    table = metadata.open_table(tmp_path, "rows").to_arrow()
+    assert row_table.write_table(tmp_path, "rows", iter([*batches, last])) == 6
+    table = row_table.open_table(tmp_path, "rows").to_arrow()
     assert (
         str(table.schema.field("year").type) == "string" and str(table.schema.field("late").type) == "double"
     )
@@ -170,25 +170,25 @@ def test_write_table_pulls_batches_as_it_goes_and_leaves_nothing_when_a_batch_fa
     import pytest
 
     with pytest.raises(RuntimeError, match="journal broke"):
-        metadata.write_table(tmp_path, "rows", batches(), spill=tmp_path / ".spill.tmp")
+        row_table.write_table(tmp_path, "rows", batches(), spill=tmp_path / ".spill.tmp")
     assert pulled == [0, 1, 2] and not (tmp_path / ".spill.tmp").exists()
 
 
 def test_iter_rows_pages_the_table_in_its_order_or_a_given_one(tmp_path):
     rows = [_row(i) for i in (5, 3, 9, 1, 7, 0, 8)]
-    metadata.write_table(tmp_path, "rows", [rows[:4], rows[4:]])
-    assert metadata.read_ids(tmp_path, "rows").tolist() == [5, 3, 9, 1, 7, 0, 8]
-    pages = list(metadata.iter_rows(tmp_path, "rows", batch_rows=3))
+    row_table.write_table(tmp_path, "rows", [rows[:4], rows[4:]])
+    assert row_table.read_ids(tmp_path, "rows").tolist() == [5, 3, 9, 1, 7, 0, 8]
+    pages = list(row_table.iter_rows(tmp_path, "rows", batch_rows=3))
     assert [len(page) for page in pages] == [3, 3, 1]
-    assert [row for page in pages for row in page] == rows == metadata.read_all(tmp_path, "rows")
-    by_id = metadata.read_ids(tmp_path, "rows").argsort()
-    pages = list(metadata.iter_rows(tmp_path, "rows", order=by_id, batch_rows=2))
+    assert [row for page in pages for row in page] == rows == row_table.read_all(tmp_path, "rows")
+    by_id = row_table.read_ids(tmp_path, "rows").argsort()
+    pages = list(row_table.iter_rows(tmp_path, "rows", order=by_id, batch_rows=2))
     assert [row for page in pages for row in page] == sorted(rows, key=lambda row: row["id"])
 
 
 def test_iter_rows_reads_pages_of_thousands(tmp_path):
     rows = [_row(i) for i in range(5000)]
-    metadata.write_table(tmp_path, "rows", [rows[:2500], rows[2500:]])
-    pages = list(metadata.iter_rows(tmp_path, "rows"))
-    assert [len(page) for page in pages] == [metadata.ROW_BATCH, 5000 - metadata.ROW_BATCH]
+    row_table.write_table(tmp_path, "rows", [rows[:2500], rows[2500:]])
+    pages = list(row_table.iter_rows(tmp_path, "rows"))
+    assert [len(page) for page in pages] == [row_table.ROW_BATCH, 5000 - row_table.ROW_BATCH]
     assert [row["id"] for page in pages for row in page] == list(range(5000))

@@ -15,13 +15,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rapidin_index.errors import IndexMismatchError, ModelError
-from rapidin_index.manifest import short
+from rapidin_index.store.manifest import short
 
 if TYPE_CHECKING:
     from rapidin_index.data import Template
-    from rapidin_index.manifest import Manifest
     from rapidin_index.models import LoadedModel
     from rapidin_index.settings import BuildSettings
+    from rapidin_index.store.manifest import Manifest
 
 # --------------------------------------------------------------------------- built
 

@@ -26,10 +26,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rapidin_index import store
 from rapidin_index.errors import IndexLockedError, ManifestError
 from rapidin_index.files import writing
-from rapidin_index.manifest import MANIFEST_NAME, Manifest, read_manifest, utc_now
+from rapidin_index.store import index_folder
+from rapidin_index.store.manifest import MANIFEST_NAME, Manifest, read_manifest, utc_now
 
 LOCK_NAME = ".lock"
 READERS_DIR = ".readers"
@@ -69,15 +69,15 @@ def writer_lock(index_dir: str | Path, action: str) -> Iterator[None]:
 
 def remove_debris(index_dir: Path) -> list[str]:
     """What a killed writer left (temporaries, an uncommitted generation), removed by the next writer
-    (`store.remove_debris`); a manifest that cannot be read leaves every generation in place."""
+    (`index_folder.remove_debris`); a manifest that cannot be read leaves every generation in place."""
     manifest_path = index_dir / MANIFEST_NAME
     if not manifest_path.is_file():
-        return store.remove_debris(index_dir, None)
+        return index_folder.remove_debris(index_dir, None)
     try:
         committed = read_manifest(index_dir).generation
     except (ManifestError, OSError, ValueError):
-        return store.remove_debris(index_dir, None, generations=False)
-    return store.remove_debris(index_dir, committed)
+        return index_folder.remove_debris(index_dir, None, generations=False)
+    return index_folder.remove_debris(index_dir, committed)
 
 
 def _acquire(index_dir: Path, action: str) -> int:
@@ -249,7 +249,7 @@ def read_generation(index_dir: str | Path) -> tuple[Manifest, ReaderLease]:
 
 
 def remove_unread_generations(index_dir: str | Path, keep: int) -> list[int]:
-    """Remove every generation but ``keep`` that has files here and no reader (`store.remove_generation`);
+    """Remove every generation but ``keep`` that has files here and no reader (`index_folder.remove_generation`);
     returns the generations left in place because a reader holds them. Call with the writer lock held."""
     index_dir = Path(index_dir)
     still_read = []
@@ -268,7 +268,7 @@ def remove_unread_generations(index_dir: str | Path, keep: int) -> list[int]:
             os.close(descriptor)
             continue
         try:
-            store.remove_generation(index_dir, generation)
+            index_folder.remove_generation(index_dir, generation)
             path.unlink(missing_ok=True)  # still locked: a reader arriving now re-reads the manifest
         finally:
             os.close(descriptor)
@@ -278,10 +278,10 @@ def remove_unread_generations(index_dir: str | Path, keep: int) -> list[int]:
 def generations_on_disk(index_dir: Path) -> set[int]:
     """Generations with a data file, LanceDB table or lease file in the folder."""
     candidates = [
-        *store.generation_paths(index_dir),
+        *index_folder.generation_paths(index_dir),
         *(index_dir / READERS_DIR).glob("g[0-9][0-9][0-9][0-9]"),
     ]
-    return {g for g in (store.generation_of(path.name) for path in candidates) if g is not None}
+    return {g for g in (index_folder.generation_of(path.name) for path in candidates) if g is not None}
 
 
 # --------------------------------------------------------------------------- test hook

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from rapidin_index.files import atomic_file
-from rapidin_index.vector_file import (
+from rapidin_index.store.vector_file import (
     FLOAT_CHUNK_BYTES,
     HALF_CHUNK_BYTES,
     SCAN_BLOCK_BYTES,
@@ -18,9 +18,9 @@ from rapidin_index.vector_file import (
 )
 
 # The FAISS file's own primitives live beside its reader (vector_file), re-exported here for callers.
-from rapidin_index.vector_file import MAX_DIMENSION as MAX_DIMENSION  # noqa: E402
-from rapidin_index.vector_file import load_index as load_index  # noqa: E402
-from rapidin_index.vector_file import new_index as new_index  # noqa: E402
+from rapidin_index.store.vector_file import MAX_DIMENSION as MAX_DIMENSION  # noqa: E402
+from rapidin_index.store.vector_file import load_index as load_index  # noqa: E402
+from rapidin_index.store.vector_file import new_index as new_index  # noqa: E402
 
 
 def vector_dtype_of(index: faiss.Index) -> str:

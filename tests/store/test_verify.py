@@ -1,4 +1,4 @@
-"""verify.py: the fast checksums of an index's files, and the stamps that spare an unchanged file its
+"""store/verify.py: the fast checksums of an index's files, and the stamps that spare an unchanged file its
 re-hash; every check compared with hashlib / xxhash computed here, never with the module's own digests."""
 
 import hashlib
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import xxhash
 
-from rapidin_index import verify
 from rapidin_index.errors import IntegrityError
 from rapidin_index.files import sha256_path
+from rapidin_index.store import verify
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_a_build_stamps_what_it_wrote_so_the_first_open_hashes_nothing(
     from conftest import build_settings
 
     from rapidin_index.build import build_index
-    from rapidin_index.manifest import read_manifest
+    from rapidin_index.store.manifest import read_manifest
 
     index_dir = tmp_path / "index"
     build_index(

@@ -29,13 +29,13 @@ import zstandard
 
 from rapidin_index.errors import BundleError
 from rapidin_index.files import refuse_newer
-from rapidin_index.manifest import SOFTWARE_NAME, Manifest, software_version, utc_now
+from rapidin_index.store.manifest import SOFTWARE_NAME, Manifest, software_version, utc_now
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_NAME = "bundle.json"
 FORMATS = ("tar", "tar.gz", "tar.zst", "zip", "parquet")
-PARQUET_MANIFEST_KEY = b"rapidin_index.manifest"
-PARQUET_BUNDLE_KEY = b"rapidin_index.bundle"
+PARQUET_MANIFEST_KEY = b"rapidin_index.store.manifest"
+PARQUET_BUNDLE_KEY = b"rapidin_index.store.bundle"
 PARQUET_REJECTED_KEY = b"rapidin_index.rejected"
 MAX_BUNDLE_JSON_BYTES = 64 << 20
 BLOCK = 1 << 20
@@ -118,7 +118,7 @@ def describe(
     signature of all that (`bundle_check.sign`), then its own checksum."""
     description = {**header(manifest, format), "manifest_sha256": entries[0]["sha256"], "members": entries}
     if sign_with is not None:
-        from rapidin_index.bundle_check import SIGNATURE_KEY, sign
+        from rapidin_index.store.bundle_check import SIGNATURE_KEY, sign
 
         description[SIGNATURE_KEY] = sign(description, sign_with)
     description["bundle_sha256"] = self_checksum(description)

@@ -11,13 +11,13 @@ import pytest
 from rapidin_index.cli.main import app
 from typer.testing import CliRunner
 
-from rapidin_index.bundle import BUNDLE_NAME, manifest_facts
-from rapidin_index.bundle_import import import_bundle, verify_bundle
 from rapidin_index.errors import BundleError, IndexMismatchError, WriteError
-from rapidin_index.export import export_index
 from rapidin_index.files import sha256_tree
-from rapidin_index.manifest import Manifest, sealed
 from rapidin_index.retrieval import Index
+from rapidin_index.store.bundle import BUNDLE_NAME, manifest_facts
+from rapidin_index.store.bundle_export import export_index
+from rapidin_index.store.bundle_import import import_bundle, verify_bundle
+from rapidin_index.store.manifest import Manifest, sealed
 
 runner = CliRunner()
 FAISS_MEMBER = "vectors-g0001.faiss"
@@ -270,7 +270,7 @@ def test_bit_rot_in_a_plain_tar_or_zip_names_the_member(exported_index, tmp_path
 
 def test_a_bundle_larger_than_the_free_space_is_refused(exported_index, tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "rapidin_index.bundle_import.shutil.disk_usage", lambda path: SimpleNamespace(free=1000)
+        "rapidin_index.store.bundle_import.shutil.disk_usage", lambda path: SimpleNamespace(free=1000)
     )
     parts = [f"cannot write to {tmp_path}: no space left on device", "1,000 bytes free"]
     untouched_after_refusal(tmp_path, exported_index.bundle, parts, WriteError)
@@ -333,7 +333,7 @@ def resealed_index(members):
     """Every checksum recomputed after a member changed: the manifest's files entries, then bundle.json."""
     import xxhash
 
-    from rapidin_index.verify import FAST
+    from rapidin_index.store.verify import FAST
 
     data = payloads(members)
 
@@ -413,7 +413,7 @@ def test_import_and_check_open_every_member_before_writing(exported_index, tmp_p
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    from rapidin_index.bundle_check import generate_key_pair
+    from rapidin_index.store.bundle_check import generate_key_pair
 
     root = tmp_path_factory.mktemp("keys")
     (private, public), (_, other) = generate_key_pair(root / "team"), generate_key_pair(root / "other")

@@ -20,10 +20,10 @@ import json
 import os
 from pathlib import Path
 
-from rapidin_index.checksums import FAST, checksum, file_entry, tree_files
 from rapidin_index.errors import IntegrityError
 from rapidin_index.files import atomic_write_json
-from rapidin_index.store import check_listed
+from rapidin_index.store.checksums import FAST, checksum, file_entry, tree_files
+from rapidin_index.store.index_folder import check_listed
 
 __all__ = ["FAST", "check_files", "checksum", "file_entry"]
 STAMP_NAME = ".verified.json"

@@ -1,4 +1,4 @@
-"""The index folder (store.py): generation names, writing, reading and removing a generation."""
+"""The index folder (store/index_folder.py): generation names, writing, reading and removing a generation."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import xxhash
 
-from rapidin_index import metadata, store
 from rapidin_index.data import RejectedRow
-from rapidin_index.index import add_vectors, new_index
+from rapidin_index.store import index_folder, row_table
+from rapidin_index.store.vector_index import add_vectors, new_index
 
 DIMENSION = 8
 
@@ -22,10 +22,10 @@ DIMENSION = 8
 
 
 def test_file_and_table_names():
-    assert store.vector_file(3) == "vectors-g0003.faiss"
-    assert store.rejected_file(3) == "rejected-g0003.jsonl"
-    assert store.table_name(3) == "rows_g0003"
-    assert store.table_path("/some/index", 12) == Path("/some/index/metadata/rows_g0012.lance")
+    assert index_folder.vector_file(3) == "vectors-g0003.faiss"
+    assert index_folder.rejected_file(3) == "rejected-g0003.jsonl"
+    assert index_folder.table_name(3) == "rows_g0003"
+    assert index_folder.table_path("/some/index", 12) == Path("/some/index/metadata/rows_g0012.lance")
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_file_and_table_names():
     ],
 )
 def test_generation_of(name, generation):
-    assert store.generation_of(name) == generation
+    assert index_folder.generation_of(name) == generation
 
 
 # --------------------------------------------------------------------------- write and read
@@ -76,25 +76,25 @@ def _write(index_dir: Path, generation: int, seed: int = 0) -> tuple[np.ndarray,
     faiss_index = new_index(DIMENSION)
     add_vectors(faiss_index, vectors, IDS)
     batches = [[_row(0), _row(2)], [], [_row(3)]]
-    files = store.write_generation(index_dir, generation, faiss_index, batches, REJECTED)
+    files = index_folder.write_generation(index_dir, generation, faiss_index, batches, REJECTED)
     return vectors, files
 
 
 def test_a_written_generation_reads_back(tmp_path):
     index_dir = tmp_path / "index"
     vectors, _ = _write(index_dir, 1)
-    ids, loaded = store.load_vectors(index_dir, 1)
+    ids, loaded = index_folder.load_vectors(index_dir, 1)
     np.testing.assert_array_equal(ids, IDS)
     np.testing.assert_array_equal(loaded, vectors)
-    assert store.load_faiss(index_dir, 1).ntotal == len(IDS)
-    rows = sorted(store.read_all_rows(index_dir, 1), key=lambda row: row["id"])
+    assert index_folder.load_faiss(index_dir, 1).ntotal == len(IDS)
+    rows = sorted(index_folder.read_all_rows(index_dir, 1), key=lambda row: row["id"])
     assert [row["id"] for row in rows] == [0, 2, 3]
     assert rows[1]["source"] == _row(2)["source"] and rows[1]["truncated"] is True  # JSON text
-    assert store.count_rows(index_dir, 1) == 3
-    joined = metadata.read_rows(store.open_rows(index_dir, 1), [3, 0, 3])
+    assert index_folder.count_rows(index_dir, 1) == 3
+    joined = row_table.read_rows(index_folder.open_rows(index_dir, 1), [3, 0, 3])
     assert sorted(joined) == [0, 3]
     assert joined[3]["source"] == {"instruction": "question 3", "output": "answer"}  # decoded
-    assert store.read_rejected(index_dir, SimpleNamespace(generation=1)) == [
+    assert index_folder.read_rejected(index_dir, SimpleNamespace(generation=1)) == [
         RejectedRow(example_id=1, reason="empty response")
     ]
 
@@ -109,22 +109,22 @@ def test_rows_are_read_before_vectors_and_rejected_rows_are_written(tmp_path):
             rejected.append({"id": 10 + example_id, "reason": "too long"})
             yield [_row(example_id)]
 
-    store.write_generation(tmp_path, 2, faiss_index, batches(), rejected)
-    ids, _ = store.load_vectors(tmp_path, 2)
+    index_folder.write_generation(tmp_path, 2, faiss_index, batches(), rejected)
+    ids, _ = index_folder.load_vectors(tmp_path, 2)
     assert ids.tolist() == [0, 1]
     manifest = SimpleNamespace(generation=2)
-    assert [row.example_id for row in store.read_rejected(tmp_path, manifest)] == [10, 11]
+    assert [row.example_id for row in index_folder.read_rejected(tmp_path, manifest)] == [10, 11]
 
 
 def test_renamed_to_generation_renames_every_name_a_manifest_lists(tmp_path):
     _, files = _write(tmp_path, 1)
-    renamed = sorted(store.renamed_to_generation(name, 12) for name in files)
+    renamed = sorted(index_folder.renamed_to_generation(name, 12) for name in files)
     assert renamed == ["metadata/rows_g0012.lance", "rejected-g0012.jsonl", "vectors-g0012.faiss"]
-    assert store.renamed_to_generation("manifest.json", 12) == "manifest.json"
+    assert index_folder.renamed_to_generation("manifest.json", 12) == "manifest.json"
 
 
 def test_no_rejected_file_means_no_rejected_rows(tmp_path):
-    assert store.read_rejected(tmp_path, SimpleNamespace(generation=5)) == []
+    assert index_folder.read_rejected(tmp_path, SimpleNamespace(generation=5)) == []
 
 
 def _tree_sha256(folder: Path, new=hashlib.sha256) -> str:
@@ -138,7 +138,7 @@ def _tree_sha256(folder: Path, new=hashlib.sha256) -> str:
 
 def test_file_checksums_are_the_files_own(tmp_path):
     _, files = _write(tmp_path, 1)
-    assert files == store.file_checksums(tmp_path, 1)
+    assert files == index_folder.file_checksums(tmp_path, 1)
     assert sorted(files) == ["metadata/rows_g0001.lance", "rejected-g0001.jsonl", "vectors-g0001.faiss"]
     for name in ("rejected-g0001.jsonl", "vectors-g0001.faiss"):
         data = (tmp_path / name).read_bytes()
@@ -165,51 +165,55 @@ def test_remove_generation_removes_its_files_and_torn_temporaries_only(tmp_path)
     for path in [*torn, other_torn]:
         path.write_bytes(b"half")
     (tmp_path / "manifest.json").write_text("{}")
-    assert set(store.generation_paths(tmp_path)) == {
+    assert set(index_folder.generation_paths(tmp_path)) == {
         *torn,
         other_torn,
-        *(tmp_path / store.vector_file(g) for g in (1, 2)),
-        *(tmp_path / store.rejected_file(g) for g in (1, 2)),
-        *(store.table_path(tmp_path, g) for g in (1, 2)),
+        *(tmp_path / index_folder.vector_file(g) for g in (1, 2)),
+        *(tmp_path / index_folder.rejected_file(g) for g in (1, 2)),
+        *(index_folder.table_path(tmp_path, g) for g in (1, 2)),
     }
-    store.remove_generation(tmp_path, 2)
+    index_folder.remove_generation(tmp_path, 2)
     assert not any(path.exists() for path in torn)
-    assert not (tmp_path / store.vector_file(2)).exists()
-    assert not (tmp_path / store.rejected_file(2)).exists()
-    assert not store.table_path(tmp_path, 2).exists()
-    assert set(store.generation_paths(tmp_path)) == {
+    assert not (tmp_path / index_folder.vector_file(2)).exists()
+    assert not (tmp_path / index_folder.rejected_file(2)).exists()
+    assert not index_folder.table_path(tmp_path, 2).exists()
+    assert set(index_folder.generation_paths(tmp_path)) == {
         other_torn,
-        tmp_path / store.vector_file(1),
-        tmp_path / store.rejected_file(1),
-        store.table_path(tmp_path, 1),
+        tmp_path / index_folder.vector_file(1),
+        tmp_path / index_folder.rejected_file(1),
+        index_folder.table_path(tmp_path, 1),
     }
     assert (tmp_path / "manifest.json").exists()
-    assert store.count_rows(tmp_path, 1) == 3 and store.load_vectors(tmp_path, 1)[0].tolist() == [0, 2, 3]
+    assert index_folder.count_rows(tmp_path, 1) == 3 and index_folder.load_vectors(tmp_path, 1)[
+        0
+    ].tolist() == [0, 2, 3]
 
 
 def test_remove_generation_of_a_missing_generation_is_a_no_op(tmp_path):
     _write(tmp_path, 1)
-    store.remove_generation(tmp_path, 7)
-    assert len(store.generation_paths(tmp_path)) == 3
+    index_folder.remove_generation(tmp_path, 7)
+    assert len(index_folder.generation_paths(tmp_path)) == 3
 
 
 def test_remove_journal(tmp_path):
-    journal = tmp_path / store.JOURNAL_DIR
+    journal = tmp_path / index_folder.JOURNAL_DIR
     journal.mkdir()
     (journal / "plan.json").write_text("{}")
     (tmp_path / "manifest.json").write_text("{}")
-    store.remove_journal(tmp_path)
+    index_folder.remove_journal(tmp_path)
     assert not journal.exists() and (tmp_path / "manifest.json").exists()
-    store.remove_journal(tmp_path)  # already gone: no error
+    index_folder.remove_journal(tmp_path)  # already gone: no error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json"]
 
 
 def test_a_generation_is_copied_page_by_page_in_any_id_order(tmp_path):
     """What append and merge read from an old generation: its ids alone, then its rows a page at a time."""
     _write(tmp_path, 1)
-    assert store.read_row_ids(tmp_path, 1).tolist() == [0, 2, 3]
-    assert [row for page in store.iter_rows(tmp_path, 1) for row in page] == store.read_all_rows(tmp_path, 1)
-    reverse = [row["id"] for page in store.iter_rows(tmp_path, 1, np.array([2, 1, 0])) for row in page]
+    assert index_folder.read_row_ids(tmp_path, 1).tolist() == [0, 2, 3]
+    assert [
+        row for page in index_folder.iter_rows(tmp_path, 1) for row in page
+    ] == index_folder.read_all_rows(tmp_path, 1)
+    reverse = [row["id"] for page in index_folder.iter_rows(tmp_path, 1, np.array([2, 1, 0])) for row in page]
     assert reverse == [3, 2, 0]
 
 
@@ -226,16 +230,16 @@ def test_the_rows_spill_beside_the_generation_and_a_killed_write_leaves_them_as_
 
     faiss_index = new_index(DIMENSION)
     add_vectors(faiss_index, np.zeros((3, DIMENSION), np.float32), IDS)
-    store.write_generation(tmp_path, 1, faiss_index, batches(), REJECTED)
+    index_folder.write_generation(tmp_path, 1, faiss_index, batches(), REJECTED)
     assert seen == [True, True, True] and not spill.exists()
-    assert len(metadata.open_table(tmp_path / store.DATABASE_DIR, "rows_g0001").list_versions()) == 1
+    assert len(row_table.open_table(tmp_path / index_folder.DATABASE_DIR, "rows_g0001").list_versions()) == 1
     torn = tmp_path / ".rows-g0002.arrow.tmp"
     torn.write_bytes(b"partial")
-    assert ".rows-g0002.arrow.tmp" in store.remove_debris(tmp_path, committed=1) and not torn.exists()
+    assert ".rows-g0002.arrow.tmp" in index_folder.remove_debris(tmp_path, committed=1) and not torn.exists()
 
 
 def _row_id_problem_reference(vector_ids, row_ids, rejected_ids, expected_ids) -> str:
-    """The exactly-once check in plain Python sets and counters (what `store.row_id_problem` computes
+    """The exactly-once check in plain Python sets and counters (what `index_folder.row_id_problem` computes
     in numpy)."""
     from collections import Counter
 
@@ -269,5 +273,5 @@ def test_the_exactly_once_check_equals_a_plain_python_reference():
             row_ids[int(generator.integers(len(row_ids)))] = int(generator.integers(total + 2))
         for rows in (row_ids, None):
             arguments = (vector_ids, rows, rejected, range(total))
-            assert store.row_id_problem(*arguments) == _row_id_problem_reference(*arguments), arguments
-    assert store.row_id_problem(np.array([1, 0]), np.array([0, 1]), [], range(2)) == ""
+            assert index_folder.row_id_problem(*arguments) == _row_id_problem_reference(*arguments), arguments
+    assert index_folder.row_id_problem(np.array([1, 0]), np.array([0, 1]), [], range(2)) == ""

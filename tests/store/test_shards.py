@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from conftest import build_settings, stored_vectors
 
-from rapidin_index import store
 from rapidin_index.build import build_index
 from rapidin_index.errors import BuildError, ShardError
 from rapidin_index.retrieval import Index
 from rapidin_index.settings import SketchSettings
-from rapidin_index.shards import merge_shards
+from rapidin_index.store import index_folder
+from rapidin_index.store.shards import merge_shards
 
 
 def settings(tiny_model_dirs, **overrides):
@@ -39,7 +39,9 @@ def test_shards_merge_to_the_single_build(shard_builds, training_rows):
     assert sorted(single) == sorted(combined)
     for example_id, vector in single.items():
         np.testing.assert_allclose(combined[example_id], vector, atol=1e-6)
-    assert [row["id"] for row in store.read_all_rows(root / "merged", 1)] == list(range(len(training_rows)))
+    assert [row["id"] for row in index_folder.read_all_rows(root / "merged", 1)] == list(
+        range(len(training_rows))
+    )
     row = training_rows[7]
     expected = Index.open(root / "single", device="cpu").query(
         row["instruction"], row["output"], top_k=5, explain=0
@@ -87,7 +89,7 @@ def test_a_merge_keeps_every_shards_exact_path_and_self_checks(shard_builds, tmp
     and the tensor, so a query in either place takes a verdict that covers its own."""
     import shutil
 
-    from rapidin_index.manifest import read_manifest, write_manifest
+    from rapidin_index.store.manifest import read_manifest, write_manifest
 
     copies = [shutil.copytree(shard_builds / f"shard{n}", tmp_path / f"shard{n}") for n in range(3)]
     first = read_manifest(copies[0])

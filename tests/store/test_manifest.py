@@ -1,4 +1,4 @@
-"""The index manifest (manifest.py): format version, round trips, shape checks, file checks."""
+"""The index manifest (store/manifest.py): format version, round trips, shape checks, file checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from conftest import small_manifest
 
 from rapidin_index.errors import IntegrityError, ManifestError
-from rapidin_index.manifest import (
+from rapidin_index.store.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Manifest,

@@ -23,9 +23,9 @@ import os
 import struct
 from pathlib import Path
 
-from rapidin_index.checksums import FAST, checksum
 from rapidin_index.errors import BundleError, RapidinIndexError
-from rapidin_index.manifest import Manifest
+from rapidin_index.store.checksums import FAST, checksum
+from rapidin_index.store.manifest import Manifest
 
 SIGNATURE_KEY = "signature"
 FAISS_HEADER_BYTES = 37  # fourcc, d int32, ntotal int64, two int64, is_trained u8, metric int32
@@ -104,7 +104,7 @@ def _header(data: bytes) -> dict:
 
 
 def _faiss_ids(path: Path, manifest: Manifest) -> list[int]:
-    from rapidin_index import index as vector_index
+    from rapidin_index.store import vector_index
 
     try:
         loaded = vector_index.load_index(path, mapped=True)  # as a query opens it: vectors not read into RAM
@@ -122,11 +122,11 @@ def _faiss_ids(path: Path, manifest: Manifest) -> list[int]:
 
 def _table_ids(folder: Path, manifest: Manifest) -> list[int]:
     """The LanceDB table's ids, sorted; refused unless they are the manifest's row_count distinct ids."""
-    from rapidin_index import store
+    from rapidin_index.store import index_folder
 
-    name = store.table_name(manifest.generation)
+    name = index_folder.table_name(manifest.generation)
     try:
-        table = store.open_rows(folder, manifest.generation)
+        table = index_folder.open_rows(folder, manifest.generation)
         ids = table.search().select(["id"]).limit(max(table.count_rows(), 1)).to_arrow()["id"].to_pylist()
     except Exception as error:  # lance reports a damaged or missing table in its own (Rust) types
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
@@ -140,9 +140,9 @@ def _table_ids(folder: Path, manifest: Manifest) -> list[int]:
 
 
 def _check_rejected(folder: Path, manifest: Manifest, indexed: set[int]) -> None:
-    from rapidin_index import store
+    from rapidin_index.store import index_folder
 
-    name = store.rejected_file(manifest.generation)
+    name = index_folder.rejected_file(manifest.generation)
     path = folder / name
     if not path.exists():
         return

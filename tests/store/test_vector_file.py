@@ -1,6 +1,6 @@
-"""The vectors file through builds (vector_file.py with build.py and shards.py): the default dtype, appends
+"""The vectors file through builds (store/vector_file.py with build.py and store/shards.py): the default dtype, appends
 and merges written as streams; the scan's scores against float64 products of the stored values (issue 27
-item 3). The file format itself and the block scan are tested in tests/test_index.py."""
+item 3). The file format itself and the block scan are tested in tests/store/test_vector_index.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from conftest import build_settings
 
-from rapidin_index import index as vector_index
-from rapidin_index import store, vector_file
 from rapidin_index.build import build_index
-from rapidin_index.manifest import read_manifest
-from rapidin_index.vector_file import StoredVectors, VectorWriter, score_codes
+from rapidin_index.store import index_folder, vector_file, vector_index
+from rapidin_index.store.manifest import read_manifest
+from rapidin_index.store.vector_file import StoredVectors, VectorWriter, score_codes
 
 
 def _write(path, rows) -> str:
@@ -30,15 +29,15 @@ def test_a_new_index_stores_float16_and_an_old_one_keeps_float32_when_appended(
     default = build_settings(tiny_model_dirs["llama"], sketch_dim=256, vector_dtype=None)
     build_index(first, tmp_path / "new", default, progress=False)
     assert read_manifest(tmp_path / "new").vector_dtype == "float16"
-    assert StoredVectors(tmp_path / "new" / store.vector_file(1)).vector_dtype == "float16"
+    assert StoredVectors(tmp_path / "new" / index_folder.vector_file(1)).vector_dtype == "float16"
     old = build_settings(tiny_model_dirs["llama"], sketch_dim=256, vector_dtype="float32")
     build_index(first, tmp_path / "old", old, progress=False)
-    before = StoredVectors(tmp_path / "old" / store.vector_file(1))
+    before = StoredVectors(tmp_path / "old" / index_folder.vector_file(1))
     old_ids, old_vectors = before.ids.copy(), before.read(0, before.count)
     build_index(second, tmp_path / "old", default, append=True, progress=False)  # no dtype given
     manifest = read_manifest(tmp_path / "old")
     assert manifest.vector_dtype == "float32" and manifest.row_count == 14
-    after = StoredVectors(tmp_path / "old" / store.vector_file(2))
+    after = StoredVectors(tmp_path / "old" / index_folder.vector_file(2))
     assert after.vector_dtype == "float32" and after.ids.tolist() == list(range(14))
     np.testing.assert_array_equal(after.ids[:10], old_ids)
     np.testing.assert_array_equal(after.read(0, 10), old_vectors)  # the old rows copied as they were
@@ -46,7 +45,7 @@ def test_a_new_index_stores_float16_and_an_old_one_keeps_float32_when_appended(
         _write(tmp_path / "all.jsonl", training_rows[:14]), tmp_path / "whole", old, progress=False
     )
     assert whole.rows_indexed == 14
-    reference = StoredVectors(tmp_path / "whole" / store.vector_file(1))
+    reference = StoredVectors(tmp_path / "whole" / index_folder.vector_file(1))
     np.testing.assert_allclose(after.read(10, 14), reference.read(10, 14), rtol=1e-4, atol=1e-5)
 
 
