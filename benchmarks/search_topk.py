@@ -45,31 +45,53 @@ SMOKE_MATRIX = {
 }
 
 
+# The search code's files and module names at a commit: under rapidin_index/store/ since issue 24, and
+# at the package's top level before it (an older index.py imports `rapidin_index.vector_file`).
+LAYOUTS = [
+    {
+        "vector_file": "store/vector_file",
+        "index": "store/vector_index",
+        "module": "rapidin_index.store.vector_file",
+    },
+    {"vector_file": "vector_file", "index": "index", "module": "rapidin_index.vector_file"},
+]
+
+
 def load_baseline(commit: str):
-    """(vector_file, index) modules of the search code at ``commit`` (git show of the files this checkout
-    imports them from), importable beside this checkout's: the old `index.py` is executed with the old
-    `vector_file` in its import's place."""
+    """(vector_file, index) modules of the search code at ``commit`` (git show), importable beside this
+    checkout's: the old index module is executed with the old `vector_file` in its import's place."""
     folder = Path(tempfile.mkdtemp(prefix="search-baseline-"))
-    reader_name = StoredVectors.__module__
+    layout = next(each for each in LAYOUTS if _exists(commit, each["index"]))
     modules = []
-    for current in (sys.modules[reader_name], vector_index):
-        name = current.__name__.rsplit(".", 1)[-1]
-        relative = Path(current.__file__).resolve().relative_to(ROOT).as_posix()
+    for name in ("vector_file", "index"):
         source = subprocess.run(
-            ["git", "show", f"{commit}:{relative}"], cwd=ROOT, check=True, capture_output=True
+            ["git", "show", f"{commit}:rapidin_index/{layout[name]}.py"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
         ).stdout
         (folder / f"{name}.py").write_bytes(source)
         spec = importlib.util.spec_from_file_location(f"baseline_{name}", folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        saved = sys.modules[reader_name]
+        saved = sys.modules.get(layout["module"])
         if modules:
-            sys.modules[reader_name] = modules[0]
+            sys.modules[layout["module"]] = modules[0]
         try:
             spec.loader.exec_module(module)
         finally:
-            sys.modules[reader_name] = saved
+            if saved is None:
+                sys.modules.pop(layout["module"], None)
+            else:
+                sys.modules[layout["module"]] = saved
         modules.append(module)
     return modules[0], modules[1]
+
+
+def _exists(commit: str, module: str) -> bool:
+    found = subprocess.run(
+        ["git", "cat-file", "-e", f"{commit}:rapidin_index/{module}.py"], cwd=ROOT, capture_output=True
+    )
+    return found.returncode == 0
 
 
 def interleaved(functions: dict, repeats: int) -> dict:
