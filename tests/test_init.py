@@ -23,6 +23,15 @@ def test_the_public_names_resolve_to_their_classes():
     assert set(rapidin_index.__all__) >= {"build_index", "Index", "BuildSettings", "SketchSettings"}
 
 
+def test_the_public_api_is_exactly_these_names():
+    """Issue 24 moved the store into a package: the top-level names a user imports stay the same."""
+    from rapidin_index.build import BuildReport
+
+    public = ["BuildReport", "BuildSettings", "Index", "ModelSettings", "SketchSettings", "build_index"]
+    assert sorted(rapidin_index.__all__) == sorted([*public, "__version__"])
+    assert rapidin_index.BuildReport is BuildReport
+
+
 def run_python(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
