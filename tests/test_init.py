@@ -107,3 +107,33 @@ def test_no_two_product_modules_import_each_other_in_a_cycle():
                 if dependency not in seen:
                     seen.add(dependency)
                     stack.append((dependency, [*path, dependency]))
+
+
+def test_no_product_module_imports_another_modules_private_names():
+    """A name that starts with ``_`` stays in its module (issue 24): make it public or move it."""
+    borrowed = []
+    for path in product_files():
+        tree = ast.parse(path.read_text())
+        imported = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rapidin_index")
+        ]
+        names = {alias.asname or alias.name for node in imported for alias in node.names}
+        borrowed += [
+            f"{module_name(path)}: from {node.module} import {alias.name}"
+            for node in imported
+            for alias in node.names
+            if private(alias.name)
+        ]
+        borrowed += [
+            f"{module_name(path)}:{node.lineno}: {node.value.id}.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            if node.value.id in names and private(node.attr)
+        ]
+    assert borrowed == []
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
