@@ -17,7 +17,7 @@ interleaving the variants in each repeat, medians over ``--repeats``:
 * none: no preconditioner; fisher: the Fisher (query norms off, the fit's default); fisher + query
   norms; and "fisher, old apply": the Fisher applied by the code before this change (`old_apply`,
   per-block loops over numpy products), so old and new stand side by side in one run;
-* the split: sketch (the query's forward + backward with the sketching hooks: `_sketch_query_vectors`),
+* the split: sketch (the query's forward + backward with the sketching hooks: `sketch_query_vectors`),
   precondition (`Preconditioner.apply`), search, join (the hits' text), other (the rest of the call);
   beside them, as a reference, plain autograd of HF's loss over the same batches (model forward +
   backward alone; on SmolLM2 it costs more than the sketching pass, which takes logits only where
@@ -167,7 +167,7 @@ def old_apply(blocks: list, queries: np.ndarray) -> np.ndarray:
 class StageClock:
     """CPU seconds spent in the query's stages, by wrapping the functions `query_prepared` calls."""
 
-    STAGES = {"sketch": "_sketch_query_vectors", "search": "search", "join": "join_text"}
+    STAGES = {"sketch": "sketch_query_vectors", "search": "search", "join": "join_text"}
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
