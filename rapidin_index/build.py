@@ -97,6 +97,11 @@ class BuildReport:
     def compression_ratio(self) -> float:
         return self.gradient_dim / self.sketch_dim if self.sketch_dim else 1.0
 
+    @property
+    def exact_path(self) -> dict:
+        """`backward_path` by its name before issue 24 (and in the manifest), kept for the callers that read it."""
+        return self.backward_path
+
 
 # --------------------------------------------------------------------------- entry point
 

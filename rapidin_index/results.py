@@ -21,6 +21,11 @@ class Hit:
     reranked: bool | None = None
     """True when --rerank scored it again without the sketch (its JSON key: ``exact``)."""
 
+    @property
+    def exact(self) -> bool | None:
+        """`reranked` by its name before issue 24 (and in the JSON), kept for the callers that read it."""
+        return self.reranked
+
     def to_dict(self) -> dict:
         keys = {"reranked": "exact"}  # the JSON schema's name (docs/query-result-schema.md)
         return {keys.get(key, key): value for key, value in asdict(self).items() if value is not None}

@@ -88,3 +88,13 @@ def test_every_key_the_result_writes_is_in_the_schema_document():
     keys = {*value, *value["query"], *value["tokens"][0], *value["helpful"][0]}
     assert f'"schema_version": {SCHEMA_VERSION}' in documented
     assert sorted(key for key in keys if f'"{key}"' not in documented) == []
+
+
+def test_the_names_before_issue_24_still_read_the_same_fields():
+    from rapidin_index.build import BuildReport
+
+    hit = Hit(id=3, rank=1, score=0.5, reranked=True)
+    assert hit.exact is True and hit.to_dict()["exact"] is True and "reranked" not in hit.to_dict()
+    assert Hit(id=3, rank=1, score=0.5).exact is None
+    report = BuildReport("index", backward_path={"model.norm.weight": "not a linear layer"})
+    assert report.exact_path == {"model.norm.weight": "not a linear layer"}
