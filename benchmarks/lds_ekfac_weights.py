@@ -57,6 +57,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--costs", default="off", choices=("on", "off", "only"), help="only: no LDS")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--normalize",
+        default="layer",
+        choices=("layer", "none"),
+        help="the stored rows: layer-normalised (RapidIn's index) or not (built if missing)",
+    )
     parser.add_argument("--out", default=".bench/lds-ekfac-weights.json")
     # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache: its K = 2^16 train index is a K = 2^12
     # rapidgrad-kron one), one damping, both label kinds, the end to end fits and the costs (one repeat)
@@ -101,7 +107,9 @@ def main() -> None:
         smoke_index(folder)
     started = time.perf_counter()
     masks, losses, chosen, triggered = selected(folder, arguments)
-    train_dir = index_folder(folder, SketchSettings(65536), "layer", False, "train")
+    if arguments.normalize != "layer":
+        stored_pair(folder, SketchSettings(65536), arguments.normalize, False)  # built once, then cached
+    train_dir = index_folder(folder, SketchSettings(65536), arguments.normalize, False, "train")
     if arguments.costs == "only":
         query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
         report = {"costs": costs(folder, train_dir, [query_rows[n] for n in chosen], arguments.repeats)}
@@ -115,7 +123,7 @@ def main() -> None:
     prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
     from rapidin_index.retrieval import sketch_queries, sketch_query_vectors
 
-    plain, _ = sketch_queries(index, prepared, per_token=False)  # layer-normalised: RapidIn
+    plain, _ = sketch_queries(index, prepared, per_token=False)  # normalised as the rows: RapidIn
     weights = ekfac.WeightPreconditioner([], {})
     gradients, _ = weights.gradients(index, prepared, False, sketch_query_vectors)  # [queries, D] plain
     projector = index.sketcher.projector
