@@ -466,8 +466,6 @@ def combine(queries: list[np.ndarray], rows: np.ndarray, chunk: int = 256) -> np
 
 def load_weight_preconditioner(index_dir: Path, manifest, kind: str):
     """The fitted ``ekfac-weights`` (or, for ``fisher+ekfac-weights``, the combination), checksum-checked."""
-    from rapidin_index.files import sha256_path
-
     record = manifest.precondition or {}
     weights = record if record.get("kind") == WEIGHTS_KIND else record.get("weights")
     if not weights:
@@ -475,20 +473,11 @@ def load_weight_preconditioner(index_dir: Path, manifest, kind: str):
             f"{index_dir} has no weight-space EK-FAC fit (an append or merge drops it); fit it with: "
             f"rapidin-index fit --index {index_dir} --kind {kind}, or query with --precondition none"
         )
+    from rapidin_index.precondition import checked_fit_file, load_preconditioner
+
     name = weights_file(manifest.generation)
-    entry = manifest.files.get(name)
-    path = Path(index_dir) / name
-    if entry is None or not path.exists():
-        raise PreconditionError(
-            f"{name} is missing from {index_dir}; refit it: rapidin-index fit --index {index_dir} --kind {kind}"
-        )
-    if sha256_path(path) != entry["sha256"]:
-        raise PreconditionError(
-            f"{name} does not match its checksum in the manifest (corrupted or edited); refit it"
-        )
+    path = checked_fit_file(index_dir, manifest, name, f"--index {index_dir} --kind {kind}")
     factors = load_factors(path, manifest.sketch["gradient_dim"])
     if kind == WEIGHTS_KIND:
         return WeightPreconditioner(factors, record)
-    from rapidin_index.precondition import load_preconditioner
-
     return CombinedPreconditioner(factors, record, load_preconditioner(index_dir, manifest, "fisher"))

@@ -490,8 +490,6 @@ def resolve_precondition(manifest, asked: str | None) -> str:
 
 def load_preconditioner(index_dir: str | Path, manifest, kind: str = DEFAULT_KIND) -> Preconditioner:
     """The index's fitted preconditioner, checked against the manifest's sha256 of its file."""
-    from rapidin_index.files import sha256_path
-
     index_dir = Path(index_dir)
     if kind in WEIGHT_KINDS:
         raise PreconditionError(
@@ -505,15 +503,21 @@ def load_preconditioner(index_dir: str | Path, manifest, kind: str = DEFAULT_KIN
             f"{index_dir} has no fitted {name} preconditioner (an append or merge drops it); fit it with: "
             f"rapidin-index fit --index {index_dir} --kind {kind}, or query with --precondition none"
         )
-    name = fisher_file(manifest.generation)
+    path = checked_fit_file(index_dir, manifest, fisher_file(manifest.generation), f"--index {index_dir}")
+    return Preconditioner(load_blocks(path, manifest.sketch["output_dim"]), manifest.precondition)
+
+
+def checked_fit_file(index_dir: str | Path, manifest, name: str, refit: str) -> Path:
+    """The fit file ``name`` of the index, listed in its manifest and matching the sha256 there; ``refit`` is
+    the `rapidin-index fit` arguments the refusal tells the user to run."""
+    from rapidin_index.files import sha256_path
+
     entry = manifest.files.get(name)
-    path = index_dir / name
+    path = Path(index_dir) / name
     if entry is None or not path.exists():
-        raise PreconditionError(
-            f"{name} is missing from {index_dir}; refit it: rapidin-index fit --index {index_dir}"
-        )
+        raise PreconditionError(f"{name} is missing from {index_dir}; refit it: rapidin-index fit {refit}")
     if sha256_path(path) != entry["sha256"]:
         raise PreconditionError(
             f"{name} does not match its checksum in the manifest (corrupted or edited); refit it"
         )
-    return Preconditioner(load_blocks(path, manifest.sketch["output_dim"]), manifest.precondition)
+    return path
