@@ -54,7 +54,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--models", type=int, help="use only the first M subset models")
     parser.add_argument("--ekfac-scores", help="kronfluence's EK-FAC scores [queries, rows] (.npy)")
     parser.add_argument("--end-to-end", default="off", choices=("on", "off"))
-    parser.add_argument("--costs", default="off", choices=("on", "off", "only"), help="only: no LDS")
+    parser.add_argument(
+        "--costs",
+        default="off",
+        choices=("on", "off", "only", "exact"),
+        help="only: no LDS; exact: only the exact-vector recipe's costs beside today's (exact_costs)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -62,6 +67,12 @@ def parse_arguments() -> argparse.Namespace:
         default="layer",
         choices=("layer", "none"),
         help="the stored rows: layer-normalised (RapidIn's index) or not (built if missing)",
+    )
+    parser.add_argument(
+        "--sketch-dim",
+        type=int,
+        default=65536,
+        help="the stored rows' K: 65536 (the benchmark's index) or 0 (exact vectors; built if missing)",
     )
     parser.add_argument("--out", default=".bench/lds-ekfac-weights.json")
     # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache: its K = 2^16 train index is a K = 2^12
@@ -107,9 +118,15 @@ def main() -> None:
         smoke_index(folder)
     started = time.perf_counter()
     masks, losses, chosen, triggered = selected(folder, arguments)
-    if arguments.normalize != "layer":
-        stored_pair(folder, SketchSettings(65536), arguments.normalize, False)  # built once, then cached
-    train_dir = index_folder(folder, SketchSettings(65536), arguments.normalize, False, "train")
+    sketch = SketchSettings(arguments.sketch_dim)
+    if arguments.normalize != "layer" or arguments.sketch_dim != 65536:
+        stored_pair(folder, sketch, arguments.normalize, False)  # built once, then cached
+    train_dir = index_folder(folder, sketch, arguments.normalize, False, "train")
+    if arguments.costs == "exact":
+        query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
+        report = {"costs": exact_costs(folder, [query_rows[n] for n in chosen], arguments.repeats)}
+        Path(arguments.out).write_text(json.dumps(report, indent=2))
+        return
     if arguments.costs == "only":
         query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
         report = {"costs": costs(folder, train_dir, [query_rows[n] for n in chosen], arguments.repeats)}
@@ -210,6 +227,93 @@ def end_to_end(folder: Path, train_dir: Path, prepared_rows, masks, losses, trig
             "fit_seconds": record["seconds"],
         }
         index.lease.close()
+    return out
+
+
+def timed(work) -> dict:
+    """{"wall", "cpu"} seconds of ``work()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
+def query_medians(indexes: dict, prepared, repeats: int) -> dict:
+    """Median {"wall", "cpu"} of whole-generation queries through each opened index, interleaved."""
+    for index in indexes.values():  # warm-up
+        index.query_prepared(prepared[:2], 10, explain=0, per_token=False)
+    samples = {option: {"wall": [], "cpu": []} for option in indexes}
+    for _ in range(repeats):
+        for option, index in indexes.items():
+            took = timed(lambda index=index: index.query_prepared(prepared, 10, explain=0, per_token=False))
+            for key in took:
+                samples[option][key].append(took[key])
+    return {
+        option: {key: statistics.median(values) for key, values in sample.items()}
+        for option, sample in samples.items()
+    }
+
+
+LINEAR_PARAMS = r"_proj\.weight|lm_head"
+"""The tiny Llama's nn.Linear weights: the only tensors an ekfac-weights query uses (`build --params`)."""
+
+
+def exact_costs(folder: Path, query_rows, repeats: int) -> dict:
+    """The exact-vector recipe's costs beside today's: fresh builds of the train rows at K = 2^16
+    (layer-normalised, RapidIn's index) and at K = 0 without layer norm (every tensor, float32; and the
+    nn.Linear weights alone, float16), `fit --kind ekfac-weights` (its defaults) on the K = 0 ones, and
+    whole-generation queries: today's (K = 2^16, none), each K = 0 index with none and ekfac-weights,
+    interleaved."""
+    from rapidin_index import build_index
+    from rapidin_index.ekfac_fit import fit_index_weights as fit_index
+    from rapidin_index.settings import BuildSettings, ModelSettings
+
+    recipes = {  # name: (sketch, normalize, params, vector dtype)
+        "today": (SketchSettings(65536), "layer", None, None),
+        "K = 0 none": (SketchSettings(0), "none", None, None),
+        "K = 0 none, linear, float16": (SketchSettings(0), "none", LINEAR_PARAMS, "float16"),
+    }
+    targets = {name: folder / "indexes" / f"costs-{number}" for number, name in enumerate(recipes)}
+    out = {}
+    for _ in range(max(1, repeats // 3)):
+        for name, target in targets.items():
+            shutil.rmtree(target, ignore_errors=True)
+            sketch, normalize, params, dtype = recipes[name]
+            settings = BuildSettings(
+                ModelSettings(str(folder / "full"), params=params),
+                sketch,
+                normalize=normalize,
+                batch_size=16,
+                vector_dtype=dtype,
+            )
+            took = timed(
+                lambda t=target, s=settings: build_index(folder / "train.jsonl", t, s, progress=False)
+            )
+            out.setdefault(f"build {name}", []).append(took)
+    for name in recipes:
+        out[f"build {name}"] = {
+            m: statistics.median(t[m] for t in out[f"build {name}"]) for m in ("wall", "cpu")
+        }
+    indexes = {"today, none": Index.open(targets["today"], device="cpu", precondition="none")}
+    for name in list(recipes)[1:]:
+        out[f"fit ekfac-weights ({name})"] = timed(lambda t=targets[name]: fit_index(t, kind="ekfac-weights"))
+        indexes[f"{name}, none"] = Index.open(targets[name], device="cpu", precondition="none")
+        indexes[f"{name}, ekfac-weights"] = Index.open(
+            targets[name], device="cpu", precondition="ekfac-weights"
+        )
+    prepared = indexes["today, none"]._prepare_rows(query_rows, False, 0)
+    medians = query_medians(indexes, prepared, repeats)
+    for index in indexes.values():
+        index.lease.close()
+    base, built = medians["today, none"], out["build today"]
+    for option, took in medians.items():
+        out[f"queries {option}"] = took
+        out[f"query ratio {option}"] = {key: took[key] / base[key] for key in base}
+    for name in list(recipes)[1:]:
+        out[f"build ratio {name}"] = {key: out[f"build {name}"][key] / built[key] for key in built}
+        out[f"fit ratio {name}"] = {
+            key: out[f"fit ekfac-weights ({name})"][key] / built[key] for key in built
+        }
+    print(json.dumps(out, indent=2), flush=True)
     return out
 
 

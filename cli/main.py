@@ -632,7 +632,8 @@ def fit(
         typer.Option(
             help="lambda as a multiple of each block's mean eigenvalue: fisher trace(F_b) / min(rows, width) "
             "(default 0.5), kfac and ekfac trace(F_b) / width (default 0.01); ekfac-weights (and its part of "
-            "fisher+ekfac-weights) mean(Lambda) of each weight (default 0.1)."
+            "fisher+ekfac-weights) mean(Lambda) of each weight (default 3 on a sketched index, 0.1 on exact vectors, "
+            "K = 0)."
         ),
     ] = None,
     rank: Annotated[
@@ -664,8 +665,10 @@ def fit(
 ) -> None:
     """Fit a curvature preconditioner of the stored vectors; queries then apply (F + lambda I)^-1 to theirs."""
     from rapidin_index.ekfac import KINDS as WEIGHT_KINDS
+    from rapidin_index.ekfac import exact_vectors_hint
     from rapidin_index.ekfac_fit import fit_index_weights
     from rapidin_index.precondition import fit_index
+    from rapidin_index.store.manifest import read_manifest
 
     if kind in WEIGHT_KINDS:
         record = fit_index_weights(index, kind, damping=damping, labels=labels, device=device)
@@ -679,6 +682,9 @@ def fit(
             "turn it off)",
             highlight=False,
         )
+        hint = exact_vectors_hint(read_manifest(index))
+        if hint:
+            console.print(hint, highlight=False)
         return
     record = fit_index(
         index, damping=damping, rank=rank, structure=structure, kind=kind, query_norms=query_norms

@@ -58,9 +58,14 @@ WEIGHTS_KIND = "ekfac-weights"
 COMBINED_KIND = "fisher+ekfac-weights"
 KINDS = (WEIGHTS_KIND, COMBINED_KIND)
 DEFAULT_DAMPING = 3.0
-"""lambda = DEFAULT_DAMPING x mean(Lambda) of each tensor: the best LDS of the sum (and near the best alone) on
-the K = 2^16 benchmark, 0.3 / 1 / 3 / 10 tried (BENCHMARKS.md, issue 23: weight-space EK-FAC). Far above
-kronfluence's: the sketch's own error grows with the weight the query gives to the low-curvature directions."""
+"""lambda = DEFAULT_DAMPING x mean(Lambda) of each tensor on a sketched index: the best LDS of the sum (and near
+the best alone) on the K = 2^16 benchmark, 0.3 / 1 / 3 / 10 tried (BENCHMARKS.md, issue 23: weight-space
+EK-FAC). Far above kronfluence's: the sketch's own error grows with the weight the query gives to the
+low-curvature directions."""
+EXACT_DAMPING = 0.3
+"""The same on an index of exact vectors (K = 0), which has no sketch error to trade against: LDS 0.664 / 0.684
+/ 0.703 / 0.709 at 0.01 / 0.03 / 0.1 / 0.3 on the benchmark's rows without layer norm (kronfluence 0.639;
+BENCHMARKS.md, "Exact vectors")."""
 LABELS = ("sampled", "empirical")
 DEFAULT_LABELS = "sampled"
 TENSORS = ("linear", "all")
@@ -69,11 +74,38 @@ DEFAULT_TENSORS = "linear"
 are left out); all: every attributed tensor, the others with their diagonal."""
 SIGMA_ROWS = 1024
 """The combination's per-query standard deviations are measured on at most this many stored rows."""
-DAMPING_RULE = "lambda = damping x mean(Lambda_W) of each weight tensor W (mean(E[g^2]) for a diagonal one)"
+DAMPING_RULE = (
+    "lambda = damping x mean(Lambda_W) of each weight tensor W (mean(E[g^2]) for a diagonal one); damping "
+    f"{DEFAULT_DAMPING:g} on a sketched index, {EXACT_DAMPING:g} on exact vectors (K = 0) unless given"
+)
+
+
+def default_damping(sketch_dim: int) -> float:
+    """The damping multiple a fit uses when none is given: `EXACT_DAMPING` for exact vectors (K = 0), else
+    `DEFAULT_DAMPING` (the sketch's error, amplified by H^-1, wants more)."""
+    return EXACT_DAMPING if sketch_dim == 0 else DEFAULT_DAMPING
 
 
 def weights_file(generation: int) -> str:
     return f"ekfac-weights-g{generation:04d}.npz"
+
+
+def exact_vectors_hint(manifest) -> str | None:
+    """What to change where an index holds sketches or layer-normalised rows: weight-space EK-FAC predicts
+    retraining best against exact vectors that keep their norms (LDS 0.670 against 0.523 on the K = 2^16
+    layer-normalised benchmark index; kronfluence 0.639). None where the index already holds those."""
+    changes = []
+    if manifest.sketch["sketch_dim"] != 0:
+        changes.append("--sketch-dim 0")
+    if manifest.normalize != "none":
+        changes.append("--normalize none")
+    if not changes:
+        return None
+    return (
+        "note: weight-space EK-FAC predicts retraining best against exact vectors that keep their norms "
+        f"(build {' '.join(changes)}: LDS 0.67 against 0.52 on this index's kind of rows, BENCHMARKS.md); "
+        "that stores D floats a row, so it suits LoRA adapters and small models"
+    )
 
 
 def is_weight_kind(kind: str | None) -> bool:
@@ -135,6 +167,15 @@ def linear_modules(model: nn.Module, blocks) -> dict[str, nn.Linear]:
         if len(modules) == 1 and isinstance(modules[0], nn.Linear) and modules[0].weight is block.parameter:
             found[block.name] = modules[0]
     return found
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output projection (the vocabulary head), or None: its curvature is the diagonal
+    ``E[g_n^2]``, not Kronecker factors (see `fit_factors`)."""
+    try:
+        return model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def sampled_labels(model: nn.Module, batch, generator: torch.Generator):
@@ -232,9 +273,15 @@ def fit_factors(
     response-token loss); ``exact_sketcher``: a `GradientSketcher` over ``blocks`` with the exact projector
     and no normalisation (each row's own gradient).
 
-    Each tensor's ``scale``: 0 for a diagonal tensor with ``tensors="linear"`` (kronfluence's modules only),
-    times, with ``row_norms``, the rows' mean gradient norm in that tensor with ``labels`` (on a
-    layer-normalised index the stored rows lost it: the query puts it back on average)."""
+    The vocabulary head (`output_head`), an nn.Linear, gets the diagonal ``E[g_n^2]`` instead of Kronecker
+    factors: its output side's eigenbasis is vocabulary x vocabulary (9.7 GB for a 49k vocabulary, and
+    most of a query's cost on the LDS benchmark's 2,000), and on that benchmark the diagonal predicts
+    retraining better (LDS 0.670 -> 0.738 against exact vectors, BENCHMARKS.md).
+
+    Each tensor's ``scale``: 0 for a diagonal tensor other than the head with ``tensors="linear"``
+    (kronfluence's modules only), times, with ``row_norms``, the rows' mean gradient norm in that tensor
+    with ``labels`` (on a layer-normalised index the stored rows lost it: the query puts it back on
+    average)."""
     if labels not in LABELS:
         raise PreconditionError(f"--labels {labels!r} is not one of {', '.join(LABELS)}")
     if tensors not in TENSORS:
@@ -249,8 +296,10 @@ def fit_factors(
         return sampled_labels(model, batch, generator) if labels == "sampled" else batch
 
     linear = linear_modules(model, blocks)
-    covariances = _Covariances(linear)
-    if linear:
+    head = output_head(model)
+    kronecker = {name: module for name, module in linear.items() if module is not head}
+    covariances = _Covariances(kronecker)
+    if kronecker:
         for batch in batches:
             covariances.add(model, labelled(batch))
     bases = covariances.bases()
@@ -263,7 +312,7 @@ def fit_factors(
         for block in blocks:
             gradient = flat[:, block.offset : block.offset + block.numel].double()
             norms[block.name] += float(gradient.norm(dim=1).sum())
-            if block.name in linear:
+            if block.name in kronecker:
                 basis_out, basis_in = (torch.from_numpy(m).double() for m in bases[block.name])
                 shape = (-1, *block.parameter.shape)
                 sums[block.name] += (basis_out.T @ gradient.reshape(shape) @ basis_in).square().sum(0)
@@ -275,13 +324,13 @@ def fit_factors(
         mean = float(values.mean())
         lam = damping * mean if mean > 0 else damping
         scale = norms[block.name] / rows if row_norms else 1.0
-        if block.name in linear:
+        if block.name in kronecker:
             basis_out, basis_in = bases[block.name]
             factors.append(
                 TensorFactors(block.offset, block.numel, values.numpy(), lam, basis_out, basis_in, scale)
             )
         else:
-            scale = 0.0 if tensors == "linear" else scale
+            scale = 0.0 if tensors == "linear" and block.name not in linear else scale
             factors.append(
                 TensorFactors(block.offset, block.numel, values.reshape(-1).numpy(), lam, scale=scale)
             )

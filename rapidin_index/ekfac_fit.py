@@ -15,7 +15,6 @@ from pathlib import Path
 from rapidin_index.ekfac import (
     COMBINED_KIND,
     DAMPING_RULE,
-    DEFAULT_DAMPING,
     DEFAULT_LABELS,
     DEFAULT_TENSORS,
     FORMAT_VERSION,
@@ -23,6 +22,7 @@ from rapidin_index.ekfac import (
     LABELS,
     WEIGHTS_KIND,
     TensorFactors,
+    default_damping,
     exact_sketcher,
     fit_factors,
     save_factors,
@@ -73,7 +73,7 @@ def fit_weights(
             f"--kind {WEIGHTS_KIND}: this index was built with --optimizer-state, which weight-space EK-FAC "
             "does not model; use --kind fisher"
         )
-    damping = DEFAULT_DAMPING if damping is None else damping
+    damping = default_damping(index.manifest.sketch["sketch_dim"]) if damping is None else damping
     started = time.perf_counter()
     batches, skipped = training_batches(index)
     row_norms = index.manifest.normalize == "layer"

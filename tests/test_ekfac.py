@@ -100,7 +100,9 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
     parameters = dict(model.named_parameters())
     names = manifest.parameters["names"]
     linear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert record["kronecker_tensors"] == sum(name in linear for name in names) > 0
+    (head,) = [name for name, module in linear.items() if module is model.get_output_embeddings()]
+    assert head in names  # the tiny Llama's head is untied: an attributed nn.Linear with a diagonal
+    assert record["kronecker_tensors"] == sum(name in linear for name in names) - 1 > 0
     assert record["diagonal_tensors"] == len(names) - record["kronecker_tensors"] > 0
     inputs, outputs = {}, {}
 
@@ -129,7 +131,7 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
         hook.remove()
     for name, tensor in zip(names, factors, strict=True):
         per_example = np.stack(gradients[name])  # [rows, *shape]
-        if name in linear:
+        if name in linear and name != head:
             assert tensor.kronecker
             a, s = (c / tokens for c in covariances[name])
             for basis, covariance in ((tensor.basis_in, a), (tensor.basis_out, s)):
@@ -146,7 +148,7 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
         np.testing.assert_allclose(tensor.eigenvalues, expected, rtol=2e-3, atol=1e-5 * expected.max())
         assert tensor.damping == pytest.approx(0.2 * expected.mean(), rel=2e-3)
         # the query's scale: the rows' mean gradient norm there (a layer-normalised index); the diagonal
-        # tensors are left out by default (tensors="linear", kronfluence's modules)
+        # tensors but the head are left out by default (tensors="linear", kronfluence's modules)
         mean_norm = np.mean([np.linalg.norm(g) for g in per_example])
         assert tensor.scale == pytest.approx(mean_norm if name in linear else 0.0, rel=2e-3)
 
@@ -253,6 +255,43 @@ def test_the_query_vector_is_the_literal_sketch_of_the_preconditioned_gradient(t
         Index.open(index_dir, device="cpu", query_norms=False)
 
 
+def test_exact_vectors_without_layer_norm_score_as_the_hf_gradients_preconditioned(
+    tmp_path_factory, tiny_model_dirs, training_file, training_rows
+):
+    """The retraining recipe (K = 0, ``--normalize none``, ``fit --kind ekfac-weights`` with its defaults):
+    the fit takes the exact-vector damping (0.3), no row-norm scale, and each score is the brute-force
+    ``<H^-1 g_q, g_i>`` with both gradients from autograd of Hugging Face's loss, one example at a time."""
+    folder = tmp_path_factory.mktemp("ekfac") / "exact-none"
+    settings = build_settings(tiny_model_dirs["llama"], sketch_dim=0, normalize="none")
+    build_index(training_file, folder, settings, progress=False)
+    record = ekfac_fit.fit_index_weights(folder, "ekfac-weights")
+    assert record["damping"] == ekfac.EXACT_DAMPING == 0.3 and record["row_norms"] is False
+    assert ekfac.exact_vectors_hint(read_manifest(folder)) is None
+    factors = fitted_factors(folder)
+    model, manifest = hf_model(folder)
+    kept = {manifest.parameters["names"].index("lm_head.weight")}  # the head: a diagonal, kept
+    scales = [1.0 if f.kronecker or n in kept else 0.0 for n, f in enumerate(factors)]
+    assert [f.scale for f in factors] == scales
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert not factors[min(kept)].kronecker and sum(f.kronecker for f in factors) == len(linear) - 1 > 0
+    parameters = dict(model.named_parameters())
+    attributed = [parameters[name] for name in manifest.parameters["names"]]
+    rows = []
+    for input_ids, labels in training_pairs(folder, training_rows):
+        loss = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, attributed)]).double().numpy())
+    want = numpy_inverse(factors, raw_gradients(folder)) @ np.stack(rows).T
+    got = scores_of(Index.open(folder, device="cpu"))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_sketched_index_keeps_the_sketch_damping_and_names_the_exact_recipe(kron_index):
+    manifest = read_manifest(kron_index)
+    assert ekfac.default_damping(manifest.sketch["sketch_dim"]) == ekfac.DEFAULT_DAMPING == 3.0
+    hint = ekfac.exact_vectors_hint(manifest)
+    assert "--sketch-dim 0 --normalize none" in hint
+
+
 def test_the_combination_ranks_as_the_sum_of_z_scores(tmp_path, kron_index):
     """fisher+ekfac-weights: one search whose scores are, per query, the brute-force sum of the two kinds'
     z-scored scores (numpy over every row) plus a constant."""
@@ -320,6 +359,8 @@ def test_the_cli_fits_and_queries(tmp_path, kron_index):
     )
     assert done.returncode == 0, done.stderr
     assert "fitted weight-space EK-FAC of 24 rows" in done.stderr
+    assert "damping 3.0 x mean eigenvalue" in done.stderr
+    assert "build --sketch-dim 0 --normalize none" in " ".join(done.stderr.split())
     query = executable + ["query", "--index", index_dir, "--device", "cpu", "--explain", "0", "--top-k", "24"]
     query += ["--prompt", QUERIES[0]["prompt"], "--response", QUERIES[0]["response"], "--per-token", "off"]
     done = subprocess.run(query + ["--format", "json"], capture_output=True, text=True)
