@@ -1,7 +1,7 @@
 """Issue 23: backdoor retrieval (non-lexical) of weight-space EK-FAC on the query side, beside the Fisher.
 
 Uses `backdoor.py`'s cached data and fine-tuned tiny Llama (--folder, made by `backdoor.py` if missing):
-one real K = 2^16 build of the 2,151 training rows, one `ekfac_fit.fit_index_weights(kind="fisher+ekfac-weights")` (which
+one real K = 2^16 build (``--sketch-dim``, ``--normalize``) of the 2,151 training rows, one `ekfac_fit.fit_index_weights(kind="fisher+ekfac-weights")` (which
 writes both the Fisher and the weight-space EK-FAC), then the attacked generations are scored by each
 option a user can query that index with (`Index.use_precondition`): none, fisher without and with query
 norms, ekfac-weights, fisher+ekfac-weights; each through `sketch_queries` against the stored rows (what the
@@ -38,6 +38,13 @@ def main() -> None:
     parser.add_argument("--folder", default=".bench/backdoor")
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--sketch-dim", type=int, default=65536)
+    parser.add_argument(
+        "--normalize",
+        default="layer",
+        choices=("layer", "none"),
+        help="the stored rows: layer-normalised, or not (with --sketch-dim 0: the retraining recipe)",
+    )
+    parser.add_argument("--params", help="build --params: a regex narrowing the attributed tensors")
     parser.add_argument("--out", default=".bench/backdoor-ekfac-weights.json")
     # the smoke run: backdoor.py's smoke data and model (140 rows, 100 held out; a 16-wide one-layer Llama
     # fine-tuned one epoch, SMOKE_FINETUNE) in the smoke folder, K = 2^12, every generation taken as attacked
@@ -58,10 +65,14 @@ def main() -> None:
     train, heldout = prepare_data(settings, paths)
     prepare_model(settings, paths, train, Console(stderr=True))
     labels = np.array([bool(row["poisoned"]) for row in train])
-    folder = paths.folder / f"built-k{arguments.sketch_dim}-ekfac-weights"
+    narrowed = "-params" if arguments.params else ""
+    folder = paths.folder / f"built-k{arguments.sketch_dim}-{arguments.normalize}{narrowed}-ekfac-weights"
     shutil.rmtree(folder, ignore_errors=True)
     build = BuildSettings(
-        ModelSettings(str(paths.model)), SketchSettings(arguments.sketch_dim), batch_size=16
+        ModelSettings(str(paths.model), params=arguments.params),
+        SketchSettings(arguments.sketch_dim),
+        normalize=arguments.normalize,
+        batch_size=16,
     )
     seconds = {}
     clock = time.perf_counter()

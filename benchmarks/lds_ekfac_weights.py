@@ -74,6 +74,11 @@ def parse_arguments() -> argparse.Namespace:
         default=65536,
         help="the stored rows' K: 65536 (the benchmark's index) or 0 (exact vectors; built if missing)",
     )
+    parser.add_argument(
+        "--train-index",
+        help="score against this index of the train rows (ids in train.jsonl's order), built otherwise: "
+        "e.g. --costs exact's K = 0 ones under --folder/indexes/costs-N",
+    )
     parser.add_argument("--out", default=".bench/lds-ekfac-weights.json")
     # the smoke run: lds.py's smoke cache (made here, lds.smoke_cache: its K = 2^16 train index is a K = 2^12
     # rapidgrad-kron one), one damping, both label kinds, the end to end fits and the costs (one repeat)
@@ -122,6 +127,8 @@ def main() -> None:
     if arguments.normalize != "layer" or arguments.sketch_dim != 65536:
         stored_pair(folder, sketch, arguments.normalize, False)  # built once, then cached
     train_dir = index_folder(folder, sketch, arguments.normalize, False, "train")
+    if arguments.train_index:
+        train_dir = Path(arguments.train_index)
     if arguments.costs == "exact":
         query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
         report = {"costs": exact_costs(folder, [query_rows[n] for n in chosen], arguments.repeats)}
@@ -270,6 +277,7 @@ def exact_costs(folder: Path, query_rows, repeats: int) -> dict:
     recipes = {  # name: (sketch, normalize, params, vector dtype)
         "today": (SketchSettings(65536), "layer", None, None),
         "K = 0 none": (SketchSettings(0), "none", None, None),
+        "K = 0 none, linear": (SketchSettings(0), "none", LINEAR_PARAMS, None),
         "K = 0 none, linear, float16": (SketchSettings(0), "none", LINEAR_PARAMS, "float16"),
     }
     targets = {name: folder / "indexes" / f"costs-{number}" for number, name in enumerate(recipes)}

@@ -15,7 +15,10 @@ the index). For every attributed ``nn.Linear`` weight W [out, in] (kronfluence's
 * eigenbases ``Q_A``, ``Q_S``; EK-FAC's eigenvalues ``Lambda = E_rows[(Q_S^T G_n Q_A)^2]`` from each row's
   own gradient G_n (with the same kind of labels);
 * ``H^-1 G = Q_S [(Q_S^T G Q_A) / (Lambda + lambda)] Q_A^T``, ``lambda = damping x mean(Lambda)`` per tensor
-  (``damping`` 3 by default: measured; kronfluence's heuristic is 0.1).
+  (``damping`` 3 by default on a sketched index, 0.3 on exact vectors: measured; kronfluence's heuristic
+  is 0.1);
+* the vocabulary head (`output_head`) is the exception: the diagonal ``E_rows[g^2]``, not a vocabulary x
+  vocabulary eigenbasis.
 
 Every other attributed tensor (norm weights, biases, embeddings, a tied head) has a diagonal,
 ``g / (E[g_n^2] + lambda)``, ``lambda = damping x mean(E[g_n^2])``, but is left out of the query by default
@@ -29,6 +32,9 @@ The sketch costs this preconditioner more than the Fisher: scored against the ex
 same factors give LDS 0.60-0.64 (kronfluence's level), against the exact layer-normalised rows 0.53-0.56,
 and against the stored K = 2^16 sketches 0.34-0.48 (0.52 with the defaults); the sketch-space Fisher has
 no such loss (it is fitted to the sketches themselves). BENCHMARKS.md, "Issue 23: weight-space EK-FAC on the query side".
+On an index of exact vectors without layer norm (``build --sketch-dim 0 --normalize none``) the score is
+``<H^-1 g_q, g_i>`` itself, kronfluence's influence: LDS 0.709 against kronfluence's 0.639 on the same
+models (`exact_vectors_hint` tells a fit on any other index).
 
 ``fisher+ekfac-weights``: both this and the sketch-space Fisher (`precondition`, query norms), as ONE query
 vector. A per-query z-score of the scores ``s_i = <q, x_i>`` is ``(s_i - m(q)) / sigma(q)`` with m, sigma
@@ -92,7 +98,7 @@ def weights_file(generation: int) -> str:
 
 def exact_vectors_hint(manifest) -> str | None:
     """What to change where an index holds sketches or layer-normalised rows: weight-space EK-FAC predicts
-    retraining best against exact vectors that keep their norms (LDS 0.670 against 0.523 on the K = 2^16
+    retraining best against exact vectors that keep their norms (LDS 0.709 against 0.528 on the K = 2^16
     layer-normalised benchmark index; kronfluence 0.639). None where the index already holds those."""
     changes = []
     if manifest.sketch["sketch_dim"] != 0:
@@ -103,8 +109,9 @@ def exact_vectors_hint(manifest) -> str | None:
         return None
     return (
         "note: weight-space EK-FAC predicts retraining best against exact vectors that keep their norms "
-        f"(build {' '.join(changes)}: LDS 0.67 against 0.52 on this index's kind of rows, BENCHMARKS.md); "
-        "that stores D floats a row, so it suits LoRA adapters and small models"
+        f"(build {' '.join(changes)}, --params naming the nn.Linear weights, the only ones the query uses: "
+        "LDS 0.71 against 0.53 on a K = 2^16 layer-normalised index, BENCHMARKS.md); that stores D floats "
+        "a row, so it suits LoRA adapters and small models"
     )
 
 
@@ -513,8 +520,9 @@ def combine(queries: list[np.ndarray], rows: np.ndarray, chunk: int = 256) -> np
     return out
 
 
-def load_weight_preconditioner(index_dir: Path, manifest, kind: str):
-    """The fitted ``ekfac-weights`` (or, for ``fisher+ekfac-weights``, the combination), checksum-checked."""
+def load_weight_preconditioner(index_dir: Path, manifest, kind: str, verified: bool = False):
+    """The fitted ``ekfac-weights`` (or, for ``fisher+ekfac-weights``, the combination), checksum-checked
+    (``verified``: as `precondition.checked_fit_file`)."""
     record = manifest.precondition or {}
     weights = record if record.get("kind") == WEIGHTS_KIND else record.get("weights")
     if not weights:
@@ -525,8 +533,9 @@ def load_weight_preconditioner(index_dir: Path, manifest, kind: str):
     from rapidin_index.precondition import checked_fit_file, load_preconditioner
 
     name = weights_file(manifest.generation)
-    path = checked_fit_file(index_dir, manifest, name, f"--index {index_dir} --kind {kind}")
+    path = checked_fit_file(index_dir, manifest, name, f"--index {index_dir} --kind {kind}", verified)
     factors = load_factors(path, manifest.sketch["gradient_dim"])
     if kind == WEIGHTS_KIND:
         return WeightPreconditioner(factors, record)
-    return CombinedPreconditioner(factors, record, load_preconditioner(index_dir, manifest, "fisher"))
+    fisher = load_preconditioner(index_dir, manifest, "fisher", verified)
+    return CombinedPreconditioner(factors, record, fisher)

@@ -183,7 +183,7 @@ class Index:
             opened.sketcher.take_self_check(manifest.backward_path)  # the build checked these weights here
         opened.lease = lease  # released with the Index (lease.close() to release it sooner)
         opened.use_optimizer_state(optimizer_state)
-        opened.use_precondition(precondition, query_norms)
+        opened.use_precondition(precondition, query_norms, verified=True)  # its files were checked above
         return opened
 
     def use_optimizer_state(self, path: str | None = None) -> None:
@@ -211,10 +211,14 @@ class Index:
         self.optimizer_scaling = scaling
         self.sketcher.use_optimizer_state(scaling)
 
-    def use_precondition(self, precondition: str | None = None, query_norms: bool | None = None) -> None:
+    def use_precondition(
+        self, precondition: str | None = None, query_norms: bool | None = None, verified: bool = False
+    ) -> None:
         """Apply the fitted preconditioner to query vectors (`precondition`): none, fisher, kfac, ekfac (the
         fitted kind), or None for the default. ``query_norms``: the preconditioned query keeps its per-tensor
-        gradient norms (the rows stay layer-normalised); None: as the fit recorded (`fit --query-norms`)."""
+        gradient norms (the rows stay layer-normalised); None: as the fit recorded (`fit --query-norms`).
+        ``verified``: `open` has just checked the fit file with the others (its sha256 is not computed
+        again); a later call checks it against the manifest's sha256."""
         from rapidin_index.precondition import WEIGHT_KINDS, load_preconditioner, resolve_precondition
 
         self.precondition = resolve_precondition(self.manifest, precondition)
@@ -230,9 +234,11 @@ class Index:
         if self.precondition in WEIGHT_KINDS:  # fitted with the model (`ekfac`), the Fisher part from here
             from rapidin_index.ekfac import load_weight_preconditioner
 
-            self.preconditioner = load_weight_preconditioner(self.path, self.manifest, self.precondition)
+            self.preconditioner = load_weight_preconditioner(
+                self.path, self.manifest, self.precondition, verified
+            )
         else:
-            self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition)
+            self.preconditioner = load_preconditioner(self.path, self.manifest, self.precondition, verified)
         if getattr(self.preconditioner, "weight_space", False) and query_norms is False:
             raise PreconditionError(
                 f"--no-query-norms: a {self.precondition} query is the plain gradient preconditioned in weight "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +199,35 @@ def test_export_import_keeps_the_fit_and_append_drops_it(tmp_path, tiny_model_di
         Index.open(tmp_path / "index", device="cpu", precondition="fisher")
     fit_index(tmp_path / "index")
     assert read_manifest(tmp_path / "index").precondition["rows"] == 12
+
+
+def test_open_checks_the_fit_file_once_and_a_later_switch_checks_it_again(tmp_path, lora_index, monkeypatch):
+    """`Index.open` checks every listed file (xxh3 and stamps), the fit among them, so loading the fit then
+    computes no sha256 of it; `use_precondition` called later (the file may have changed since) does."""
+    import shutil
+
+    import rapidin_index.files as files
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(lora_index, index_dir)
+    fit_index(index_dir)
+    name = precondition.fisher_file(read_manifest(index_dir).generation)
+    hashed = []
+    real = files.sha256_path
+
+    def counted(path, *arguments, **keywords):
+        hashed.append(Path(path).name)
+        return real(path, *arguments, **keywords)
+
+    monkeypatch.setattr(files, "sha256_path", counted)
+    index = Index.open(index_dir, device="cpu")
+    assert index.precondition == "fisher" and name not in hashed
+    index.use_precondition("none")
+    index.use_precondition("fisher")
+    assert hashed.count(name) == 1
+    (index_dir / name).write_bytes(b"damaged")
+    with pytest.raises(PreconditionError, match=f"{name} does not match its checksum in the manifest"):
+        index.use_precondition("fisher")
 
 
 def test_a_merge_drops_the_shards_fits(tmp_path, tiny_model_dirs, training_rows):
