@@ -116,7 +116,8 @@ def main() -> None:
     print("| method | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     for name, metrics in results.items():
-        print(f"| {name} | " + " | ".join(f"{metrics[k]:.3f}" for k in keys) + " |")
+        cells = ["n/a" if metrics.get(k) is None else f"{metrics[k]:.3f}" for k in keys]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Issue 23 analysis: weight-space EK-FAC split across both sides, H^-1/2 on the rows and on the query.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/lds_ekfac_symmetric.py
+OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/lds_ekfac_symmetric.py
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def main() -> None:
     parser.add_argument("--sketch-dims", default="4096,16384,65536")
     parser.add_argument("--labels", default="sampled")
     parser.add_argument("--out", default=".bench/lds-ekfac-symmetric.json")
-    arguments = parse_arguments(parser, folder="{smoke}/lds", dampings="0.1", sketch_dims="4096",
-                                out="{smoke}/result.json")
+    arguments = parse_arguments(
+        parser, folder="{smoke}/lds", dampings="0.1", sketch_dims="4096", out="{smoke}/result.json"
+    )
     arguments.models = None
     torch.set_num_threads(1)
     folder = Path(arguments.folder)

@@ -18,9 +18,14 @@ layer-normalised sketches), in one run:
 `Index` (`sketch_queries`), for ekfac-weights and fisher+ekfac-weights. ``--costs on``: a fresh build of
 the train rows, the ekfac-weights fit, and whole-generation queries (`Index.query_prepared`, per_token off,
 explain 0) with none / fisher / ekfac-weights / fisher+ekfac-weights, interleaved, medians of CPU seconds
-(`time.process_time`) and wall seconds.
+(`time.process_time`) and wall seconds; then `exact_costs`, the exact-vector recipe (K = 0, no layer norm,
+the nn.Linear weights alone) beside today's K = 2^16 build and RapidIn query (``--costs exact``: that
+alone). ``--sketch-dim 0 --normalize none``: the LDS of every variant against exact vectors (``--train-index``:
+an index built otherwise, e.g. ``--costs exact``'s).
 
     .venv/bin/python benchmarks/lds_ekfac_weights.py --folder .bench/lds --ekfac-scores .bench/lds/ekfac_scores.npy
+    .venv/bin/python benchmarks/lds_ekfac_weights.py --folder .bench/lds --sketch-dim 0 --normalize none \
+        --dampings 0.1,0.3,1 --labels sampled --ekfac-scores .bench/lds/ekfac_scores.npy --end-to-end on
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def parse_arguments() -> argparse.Namespace:
         "--costs",
         default="off",
         choices=("on", "off", "only", "exact"),
-        help="only: no LDS; exact: only the exact-vector recipe's costs beside today's (exact_costs)",
+        help="on: the sketched kinds' costs (costs) and the exact-vector recipe's beside today's "
+        "(exact_costs); only: the former, no LDS; exact: the latter, no LDS",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -208,6 +214,7 @@ def main() -> None:
         results.update(report["end_to_end"])
     if arguments.costs == "on":
         report["costs"] = costs(folder, train_dir, [query_rows[n] for n in chosen], arguments.repeats)
+        report["exact_costs"] = exact_costs(folder, [query_rows[n] for n in chosen], arguments.repeats)
     report["seconds"] = time.perf_counter() - started
     Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
     Path(arguments.out).write_text(json.dumps(report, indent=2))

@@ -632,7 +632,7 @@ def fit(
         typer.Option(
             help="lambda as a multiple of each block's mean eigenvalue: fisher trace(F_b) / min(rows, width) "
             "(default 0.5), kfac and ekfac trace(F_b) / width (default 0.01); ekfac-weights (and its part of "
-            "fisher+ekfac-weights) mean(Lambda) of each weight (default 3 on a sketched index, 0.1 on exact vectors, "
+            "fisher+ekfac-weights) mean(Lambda) of each weight (default 3 on a sketched index, 0.3 on exact vectors, "
             "K = 0)."
         ),
     ] = None,
@@ -662,6 +662,14 @@ def fit(
         ),
     ] = "sampled",
     device: Annotated[str, typer.Option(help="ekfac-weights: auto, cpu, cuda or mps.")] = "auto",
+    head: Annotated[
+        str,
+        typer.Option(
+            help="ekfac-weights: the vocabulary head's curvature, diagonal (better at predicting retraining, "
+            "no vocabulary x vocabulary eigenbasis) or kronecker (EK-FAC as every other nn.Linear: better "
+            "at finding a backdoor's rows on a sketched index)."
+        ),
+    ] = "diagonal",
 ) -> None:
     """Fit a curvature preconditioner of the stored vectors; queries then apply (F + lambda I)^-1 to theirs."""
     from rapidin_index.ekfac import KINDS as WEIGHT_KINDS
@@ -671,7 +679,7 @@ def fit(
     from rapidin_index.store.manifest import read_manifest
 
     if kind in WEIGHT_KINDS:
-        record = fit_index_weights(index, kind, damping=damping, labels=labels, device=device)
+        record = fit_index_weights(index, kind, damping=damping, labels=labels, device=device, head=head)
         weights = record.get("weights", record)
         console.print(
             f"fitted weight-space EK-FAC of {weights['rows']:,} rows ({weights['kronecker_tensors']} "

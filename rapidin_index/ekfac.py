@@ -32,7 +32,7 @@ The sketch costs this preconditioner more than the Fisher: scored against the ex
 same factors give LDS 0.60-0.64 (kronfluence's level), against the exact layer-normalised rows 0.53-0.56,
 and against the stored K = 2^16 sketches 0.34-0.48 (0.52 with the defaults); the sketch-space Fisher has
 no such loss (it is fitted to the sketches themselves). BENCHMARKS.md, "Issue 23: weight-space EK-FAC on the query side".
-On an index of exact vectors without layer norm (``build --sketch-dim 0 --normalize none``) the score is
+On an index of exact vectors without layer norm (``build --k 0 --normalize none``) the score is
 ``<H^-1 g_q, g_i>`` itself, kronfluence's influence: LDS 0.709 against kronfluence's 0.639 on the same
 models (`exact_vectors_hint` tells a fit on any other index).
 
@@ -80,6 +80,12 @@ DEFAULT_TENSORS = "linear"
 are left out); all: every attributed tensor, the others with their diagonal."""
 SIGMA_ROWS = 1024
 """The combination's per-query standard deviations are measured on at most this many stored rows."""
+HEADS = ("diagonal", "kronecker")
+DEFAULT_HEAD = "diagonal"
+"""The vocabulary head's curvature: diagonal (``E_rows[g^2]``: LDS 0.709 against 0.670 on exact vectors,
+0.584 against 0.572 summed with the Fisher at K = 2^16, no vocabulary x vocabulary eigenbasis) or kronecker
+(EK-FAC like every other nn.Linear: a K = 2^16 index's ekfac-weights backdoor auPRC@10 0.986 against 0.775).
+BENCHMARKS.md, "Issue 23: exact vectors and the head's curvature"."""
 DAMPING_RULE = (
     "lambda = damping x mean(Lambda_W) of each weight tensor W (mean(E[g^2]) for a diagonal one); damping "
     f"{DEFAULT_DAMPING:g} on a sketched index, {EXACT_DAMPING:g} on exact vectors (K = 0) unless given"
@@ -102,7 +108,7 @@ def exact_vectors_hint(manifest) -> str | None:
     layer-normalised benchmark index; kronfluence 0.639). None where the index already holds those."""
     changes = []
     if manifest.sketch["sketch_dim"] != 0:
-        changes.append("--sketch-dim 0")
+        changes.append("--k 0")
     if manifest.normalize != "none":
         changes.append("--normalize none")
     if not changes:
@@ -275,15 +281,16 @@ def fit_factors(
     seed: int = 0,
     tensors: str = DEFAULT_TENSORS,
     row_norms: bool = True,
+    head: str = DEFAULT_HEAD,
 ) -> list[TensorFactors]:
     """EK-FAC factors of every attributed tensor from ``batches`` (`losses.Batch`, each row's mean
     response-token loss); ``exact_sketcher``: a `GradientSketcher` over ``blocks`` with the exact projector
     and no normalisation (each row's own gradient).
 
-    The vocabulary head (`output_head`), an nn.Linear, gets the diagonal ``E[g_n^2]`` instead of Kronecker
-    factors: its output side's eigenbasis is vocabulary x vocabulary (9.7 GB for a 49k vocabulary, and
-    most of a query's cost on the LDS benchmark's 2,000), and on that benchmark the diagonal predicts
-    retraining better (LDS 0.670 -> 0.738 against exact vectors, BENCHMARKS.md).
+    With ``head="diagonal"`` (the default, `HEADS`) the vocabulary head (`output_head`), an nn.Linear, gets
+    the diagonal ``E[g_n^2]`` instead of Kronecker factors: its output side's eigenbasis is vocabulary x
+    vocabulary (9.7 GB for a 49k vocabulary, and most of a query's cost on the LDS benchmark's 2,000), and
+    on that benchmark the diagonal predicts retraining better (`DEFAULT_HEAD`).
 
     Each tensor's ``scale``: 0 for a diagonal tensor other than the head with ``tensors="linear"``
     (kronfluence's modules only), times, with ``row_norms``, the rows' mean gradient norm in that tensor
@@ -293,6 +300,8 @@ def fit_factors(
         raise PreconditionError(f"--labels {labels!r} is not one of {', '.join(LABELS)}")
     if tensors not in TENSORS:
         raise PreconditionError(f"tensors {tensors!r} is not one of {', '.join(TENSORS)}")
+    if head not in HEADS:
+        raise PreconditionError(f"--head {head!r} is not one of {', '.join(HEADS)}")
     if damping <= 0:
         raise PreconditionError(f"--damping must be > 0 (a multiple of the mean eigenvalue), got {damping}")
     if not batches:
@@ -303,8 +312,8 @@ def fit_factors(
         return sampled_labels(model, batch, generator) if labels == "sampled" else batch
 
     linear = linear_modules(model, blocks)
-    head = output_head(model)
-    kronecker = {name: module for name, module in linear.items() if module is not head}
+    diagonal_head = output_head(model) if head == "diagonal" else None
+    kronecker = {name: module for name, module in linear.items() if module is not diagonal_head}
     covariances = _Covariances(kronecker)
     if kronecker:
         for batch in batches:

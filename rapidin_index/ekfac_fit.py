@@ -15,9 +15,11 @@ from pathlib import Path
 from rapidin_index.ekfac import (
     COMBINED_KIND,
     DAMPING_RULE,
+    DEFAULT_HEAD,
     DEFAULT_LABELS,
     DEFAULT_TENSORS,
     FORMAT_VERSION,
+    HEADS,
     KINDS,
     LABELS,
     WEIGHTS_KIND,
@@ -63,6 +65,7 @@ def fit_weights(
     damping: float | None = None,
     seed: int = 0,
     tensors: str = DEFAULT_TENSORS,
+    head: str = DEFAULT_HEAD,
 ) -> tuple[list[TensorFactors], dict]:
     """(factors, record) of an opened `retrieval.Index` over its own rows; the rows' mean norms scale the
     query's tensors where the index is layer-normalised (`fit_factors`)."""
@@ -78,12 +81,15 @@ def fit_weights(
     batches, skipped = training_batches(index)
     row_norms = index.manifest.normalize == "layer"
     model, sketcher = index.loaded.model, exact_sketcher(index)
-    factors = fit_factors(model, index.blocks, sketcher, batches, labels, damping, seed, tensors, row_norms)
+    factors = fit_factors(
+        model, index.blocks, sketcher, batches, labels, damping, seed, tensors, row_norms, head
+    )
     record = {
         "damping": damping,
         "damping_rule": DAMPING_RULE,
         "labels": labels,
         "tensors": tensors,
+        "head": head,
         "row_norms": row_norms,
         "kronecker_tensors": sum(f.kronecker for f in factors),
         "diagonal_tensors": sum(not f.kronecker for f in factors),
@@ -103,6 +109,7 @@ def fit_index_weights(
     fisher_damping: float | None = None,
     device: str = "auto",
     tensors: str = DEFAULT_TENSORS,
+    head: str = DEFAULT_HEAD,
 ) -> dict:
     """Fit ``ekfac-weights`` (or ``fisher+ekfac-weights``: the sketch-space Fisher with query norms too)
     with the index's model over its rows; write it beside the vectors and record it in the manifest."""
@@ -118,6 +125,8 @@ def fit_index_weights(
         raise PreconditionError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
     if labels not in LABELS:
         raise PreconditionError(f"--labels {labels!r} is not one of {', '.join(LABELS)}")
+    if head not in HEADS:
+        raise PreconditionError(f"--head {head!r} is not one of {', '.join(HEADS)}")
     index_dir = Path(index_dir)
     if read_manifest(index_dir).optimizer_state is not None:  # before the Fisher part is written
         raise PreconditionError(
@@ -129,7 +138,7 @@ def fit_index_weights(
     index = Index.open(index_dir, device=device, precondition="none")
     try:
         generation = index.manifest.generation
-        factors, weights = fit_weights(index, labels, damping, tensors=tensors)
+        factors, weights = fit_weights(index, labels, damping, tensors=tensors, head=head)
     finally:
         index.lease.close()
     with contextlib.nullcontext() if locked else writer_lock(index_dir, "fit"):

@@ -67,7 +67,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "peers.py": ("settings", "peers", "rapidin_index"),
     "lds.py": ("methods", "costs", "query_rows_check_max_difference", "build_seconds"),
     "lds_kfac.py": ("methods",),
-    "lds_ekfac_weights.py": ("models", "queries", "fits", "methods", "end_to_end", "costs"),
+    "lds_ekfac_weights.py": ("models", "queries", "fits", "methods", "end_to_end", "costs", "exact_costs"),
+    "lds_ekfac_symmetric.py": ("exact symmetric, d=0.1", "sketch 4096 symmetric, d=0.1"),
     "lds_ekfac_weights_exact.py": (
         "raw, all, damping 0.1",
         "ln, lin, damping 0.1",

@@ -85,14 +85,19 @@ def training_pairs(index_dir, training_rows) -> list[tuple[list[int], list[int]]
     return [(p.input_ids, p.labels) for p in prepared]
 
 
-def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_index, training_rows):
+@pytest.mark.parametrize("head", ["diagonal", "kronecker"])
+def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_index, training_rows, head):
     """Empirical labels: A = E[a a^T], S = E[d d^T] over every token, Lambda = E_n[(Q_S^T G_n Q_A)^2] and
-    a diagonal tensor's E[g_n^2], each from one example at a time through `model(ids, labels=...).loss`."""
+    a diagonal tensor's E[g_n^2], each from one example at a time through `model(ids, labels=...).loss`;
+    the vocabulary head is a diagonal by default, Kronecker with ``head="kronecker"``."""
     index_dir = copy_of(exact_index, tmp_path)
     record = ekfac_fit.fit_index_weights(index_dir, "ekfac-weights", damping=0.2)  # default labels: sampled
     assert record["labels"] == "sampled" and record["rows"] == 24 and record["query_norms"] is True
     assert record["tensors"] == "linear" and record["row_norms"] is True
-    record = ekfac_fit.fit_index_weights(index_dir, "ekfac-weights", damping=0.2, labels="empirical")
+    record = ekfac_fit.fit_index_weights(
+        index_dir, "ekfac-weights", damping=0.2, labels="empirical", head=head
+    )
+    assert record["head"] == head
     manifest = read_manifest(index_dir)
     assert manifest.precondition == record and record["file"] in manifest.files
     factors = fitted_factors(index_dir)
@@ -100,9 +105,10 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
     parameters = dict(model.named_parameters())
     names = manifest.parameters["names"]
     linear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    (head,) = [name for name, module in linear.items() if module is model.get_output_embeddings()]
-    assert head in names  # the tiny Llama's head is untied: an attributed nn.Linear with a diagonal
-    assert record["kronecker_tensors"] == sum(name in linear for name in names) - 1 > 0
+    (head_name,) = [name for name, module in linear.items() if module is model.get_output_embeddings()]
+    assert head_name in names  # the tiny Llama's head is untied: an attributed nn.Linear
+    diagonal_head = head_name if head == "diagonal" else None
+    assert record["kronecker_tensors"] == sum(name in linear for name in names) - (head == "diagonal") > 0
     assert record["diagonal_tensors"] == len(names) - record["kronecker_tensors"] > 0
     inputs, outputs = {}, {}
 
@@ -131,7 +137,7 @@ def test_fitted_factors_equal_plain_autograd_of_the_hf_loss(tmp_path, exact_inde
         hook.remove()
     for name, tensor in zip(names, factors, strict=True):
         per_example = np.stack(gradients[name])  # [rows, *shape]
-        if name in linear and name != head:
+        if name in linear and name != diagonal_head:
             assert tensor.kronecker
             a, s = (c / tokens for c in covariances[name])
             for basis, covariance in ((tensor.basis_in, a), (tensor.basis_out, s)):
@@ -289,7 +295,7 @@ def test_a_sketched_index_keeps_the_sketch_damping_and_names_the_exact_recipe(kr
     manifest = read_manifest(kron_index)
     assert ekfac.default_damping(manifest.sketch["sketch_dim"]) == ekfac.DEFAULT_DAMPING == 3.0
     hint = ekfac.exact_vectors_hint(manifest)
-    assert "--sketch-dim 0 --normalize none" in hint
+    assert "--k 0 --normalize none" in hint
 
 
 def test_the_combination_ranks_as_the_sum_of_z_scores(tmp_path, kron_index):
@@ -345,6 +351,8 @@ def test_a_fit_needs_plain_gradients_and_known_options():
         ekfac_fit.fit_weights(built_with_state)
     with pytest.raises(PreconditionError, match="--labels 'true' is not one of sampled, empirical"):
         ekfac_fit.fit_index_weights("nowhere", labels="true")
+    with pytest.raises(PreconditionError, match="--head 'full' is not one of diagonal, kronecker"):
+        ekfac_fit.fit_index_weights("nowhere", head="full")
     with pytest.raises(PreconditionError, match="fitted with the model over the rows: rapidin_index.ekfac"):
         fit_index("nowhere", kind="ekfac-weights")  # the sketch-space fit points at the model's
 
@@ -360,7 +368,7 @@ def test_the_cli_fits_and_queries(tmp_path, kron_index):
     assert done.returncode == 0, done.stderr
     assert "fitted weight-space EK-FAC of 24 rows" in done.stderr
     assert "damping 3.0 x mean eigenvalue" in done.stderr
-    assert "build --sketch-dim 0 --normalize none" in " ".join(done.stderr.split())
+    assert "build --k 0 --normalize none" in " ".join(done.stderr.split())
     query = executable + ["query", "--index", index_dir, "--device", "cpu", "--explain", "0", "--top-k", "24"]
     query += ["--prompt", QUERIES[0]["prompt"], "--response", QUERIES[0]["response"], "--per-token", "off"]
     done = subprocess.run(query + ["--format", "json"], capture_output=True, text=True)
