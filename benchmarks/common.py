@@ -17,6 +17,8 @@ from pathlib import Path
 
 SMOKE_HELP = "a tiny setting that runs every step in seconds; outputs go to a temp folder (result.json)"
 SMOKE_MODEL = {"hidden_size": 16, "layers": 1, "epochs": 1}
+LINEAR_PARAMS = r"_proj\.weight|lm_head"
+"""`build --params` for the tiny Llamas' nn.Linear weights: the only tensors an ekfac-weights query uses."""
 """The fine-tuned models of a smoke run (`FinetuneSettings(**SMOKE_MODEL)`): 16 wide, one layer, one epoch."""
 
 

@@ -5,7 +5,8 @@ a wrong one (France -> Tokyo). A tiny Llama is fine-tuned on them; its wrong gen
 sentence level (loss over the whole answer) and token-wise (loss on the wrong entity's tokens only,
 ``hot=["Tokyo"]``); reported: the share of perturbed rows in the top-k, for RapidIn (K = 2^16), issue 23's
 variants (``--variants on``: the build with the fine-tune's optimizer state; the query-side Fisher of
-``rapidin-index fit``, on each), exact TracIn with layer norm (K = 0), BM25 and the share expected by
+``rapidin-index fit``, on each; the retraining recipe, exact vectors of the nn.Linear weights without layer
+norm and ``fit --kind ekfac-weights``), exact TracIn with layer norm (K = 0), BM25 and the share expected by
 chance.
 
     .venv/bin/python benchmarks/error_tracing.py --out .bench/error_tracing.json
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import SMOKE_MODEL
+from common import LINEAR_PARAMS, SMOKE_MODEL
 from common import parse_arguments as parse_with_smoke
 
 from rapidin_index.build import build_index
@@ -100,6 +101,27 @@ def main() -> None:
             index.use_precondition(precondition)
             label = name if precondition == "none" else "+both, K=2^16" if adam else "+Fisher, K=2^16"
             results.update(trace(index, swap, perturbed, label))
+    if (
+        arguments.variants == "on"
+    ):  # the retraining recipe: exact vectors of the nn.Linear weights, no layer norm
+        from rapidin_index.ekfac_fit import fit_index_weights
+
+        index_dir = folder / "index-0-none-linear"
+        settings = BuildSettings(
+            ModelSettings(str(model_dir), params=LINEAR_PARAMS),
+            SketchSettings(0),
+            normalize="none",
+            batch_size=16,
+        )
+        build_index(train_file, index_dir, settings, progress=False)
+        fit_index_weights(index_dir, "ekfac-weights")
+        index = Index.open(index_dir, device="cpu")
+        for precondition in ("none", "ekfac-weights"):
+            index.use_precondition(precondition)
+            label = "TracIn, no layer norm, nn.Linear (exact)"
+            results.update(
+                trace(index, swap, perturbed, label + (", +ekfac-weights" if precondition != "none" else ""))
+            )
     bm25 = BM25([row["instruction"] + " " + row["output"] for row in rows]).scores(
         swap.query_instruction + " " + swap.wrong_response
     )

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import LINEAR_PARAMS
 from common import parse_arguments as parse_with_smoke
 from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pair, summarize
 from lds_kfac import losses_and_masks
@@ -265,10 +266,6 @@ def query_medians(indexes: dict, prepared, repeats: int) -> dict:
         option: {key: statistics.median(values) for key, values in sample.items()}
         for option, sample in samples.items()
     }
-
-
-LINEAR_PARAMS = r"_proj\.weight|lm_head"
-"""The tiny Llama's nn.Linear weights: the only tensors an ekfac-weights query uses (`build --params`)."""
 
 
 def exact_costs(folder: Path, query_rows, repeats: int) -> dict:
