@@ -1,6 +1,19 @@
 """Issue 23 analysis: weight-space EK-FAC split across both sides, H^-1/2 on the rows and on the query.
 
-OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/lds_ekfac_symmetric.py
+On `lds.py`'s cached models (run it first), the EK-FAC factors of `lds_ekfac_weights_exact.exact_setting`
+(every nn.Linear weight Kronecker, the head included; ``--labels``), each damping of ``--dampings``, and
+each training row's exact plain gradient g_i, the LDS of:
+
+* exact asymmetric: ``<H^-1 g_q, g_i>`` (kronfluence's score); exact symmetric: ``<H^-1/2 g_q, H^-1/2
+  g_i>`` (the same number); the same with the rows' H^-1/2 g_i layer-normalised per tensor;
+* the symmetric pair sketched by rapidgrad-kron at each K of ``--sketch-dims`` and by the index's own
+  projector (with and without the rows' layer norm), and the asymmetric pair (H^-1 on the query, plain
+  rows) sketched the same way;
+
+and kronfluence's scores when ``--folder``/ekfac_scores.npy is there. BENCHMARKS.md, "Issue 23: exact
+vectors and the head's curvature".
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/lds_ekfac_symmetric.py
 """
 
 from __future__ import annotations
@@ -14,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import parse_arguments
-from lds import index_folder
-from lds_ekfac_weights import lds, selected, smoke_index
+from lds_ekfac_weights import lds
+from lds_ekfac_weights_exact import exact_setting
 
-from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
-from rapidin_index.retrieval import sketch_query_vectors
+from rapidin_index import SketchSettings, ekfac, ekfac_fit
 from rapidin_index.sketch.projectors import make_projector
-from rapidin_index.store import vector_index
 
 
 def power(factors, gradients, exponent):
@@ -58,22 +69,12 @@ def main() -> None:
     arguments = parse_arguments(
         parser, folder="{smoke}/lds", dampings="0.1", sketch_dims="4096", out="{smoke}/result.json"
     )
-    arguments.models = None
-    torch.set_num_threads(1)
-    folder = Path(arguments.folder)
-    if arguments.smoke:
-        smoke_index(folder)
-    masks, losses, chosen, triggered = selected(folder, arguments)
-    index = Index.open(index_folder(folder, SketchSettings(65536), "layer", False, "train"), device="cpu")
-    index.use_precondition("none")
-    _, stored = vector_index.stored_vectors(index.faiss_index)
-    query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
-    prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
-    gradients, _ = ekfac.WeightPreconditioner([], {}).gradients(index, prepared, False, sketch_query_vectors)
     started = time.perf_counter()
-    factors, _ = ekfac_fit.fit_weights(index, labels=arguments.labels, damping=1.0, tensors="all")
-    print(f"fit {time.perf_counter() - started:.0f} s", flush=True)
-    factors = [dataclasses.replace(f, scale=1.0) for f in factors]
+    setting = exact_setting(arguments, arguments.labels)
+    print(f"setting and fit {time.perf_counter() - started:.0f} s", flush=True)
+    masks, losses, triggered = setting.masks, setting.losses, setting.triggered
+    index, gradients, factors = setting.index, setting.gradients, setting.factors
+    folder = Path(arguments.folder)
     dampings = [float(d) for d in arguments.dampings.split(",")]
     dims = [int(k) for k in arguments.sketch_dims.split(",")]
     D = index.manifest.sketch["gradient_dim"]
@@ -115,7 +116,7 @@ def main() -> None:
         results[name] = lds(np.concatenate(parts, axis=1), masks, losses, triggered)
     kron = folder / "ekfac_scores.npy"
     if kron.exists() and not arguments.smoke:
-        scores = np.load(kron)[chosen]
+        scores = np.load(kron)[setting.chosen]
         results["kronfluence"] = lds(scores, masks, losses, triggered)
     index.lease.close()
     Path(arguments.out).write_text(json.dumps(results, indent=2))

@@ -30,6 +30,38 @@ from rapidin_index.retrieval import sketch_query_vectors
 from rapidin_index.store import vector_index
 
 
+@dataclasses.dataclass
+class ExactSetting:
+    masks: np.ndarray
+    losses: np.ndarray
+    triggered: int
+    chosen: list[int]  # the chosen queries' numbers in queries.jsonl
+    index: Index  # the K = 2^16 train index, precondition none
+    gradients: torch.Tensor  # [queries, D] the chosen queries' plain gradients
+    factors: list  # weight-space EK-FAC of every tensor (head Kronecker), damping 1 x mean, scale 1
+
+
+def exact_setting(arguments, labels: str) -> ExactSetting:
+    """What the exact-gradient analyses share (this script and `lds_ekfac_symmetric.py`): lds.py's cached
+    models and train index (the smoke one made if ``arguments.smoke``), the chosen queries' plain
+    gradients, and the EK-FAC factors of every tensor as first measured (the head Kronecker, no row
+    norms)."""
+    arguments.models = None
+    torch.set_num_threads(1)
+    folder = Path(arguments.folder)
+    if arguments.smoke:
+        smoke_index(folder)
+    masks, losses, chosen, triggered = selected(folder, arguments)
+    index = Index.open(index_folder(folder, SketchSettings(65536), "layer", False, "train"), device="cpu")
+    index.use_precondition("none")
+    query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
+    prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
+    gradients, _ = ekfac.WeightPreconditioner([], {}).gradients(index, prepared, False, sketch_query_vectors)
+    factors, _ = ekfac_fit.fit_weights(index, labels=labels, damping=1.0, tensors="all", head="kronecker")
+    factors = [dataclasses.replace(f, scale=1.0) for f in factors]
+    return ExactSetting(masks, losses, triggered, chosen, index, gradients, factors)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default=".bench/lds")
@@ -39,20 +71,10 @@ def main() -> None:
     # the smoke run: lds.py's smoke cache and its train index (made here, lds_ekfac_weights.smoke_index), one
     # damping
     arguments = parse_arguments(parser, folder="{smoke}/lds", dampings="0.1", out="{smoke}/result.json")
-    arguments.models = None
-    torch.set_num_threads(1)
-    folder = Path(arguments.folder)
-    if arguments.smoke:
-        smoke_index(folder)
-    masks, losses, chosen, triggered = selected(folder, arguments)
-    index = Index.open(index_folder(folder, SketchSettings(65536), "layer", False, "train"), device="cpu")
-    index.use_precondition("none")
+    setting = exact_setting(arguments, "sampled")
+    masks, losses, triggered = setting.masks, setting.losses, setting.triggered
+    index, gradients, factors = setting.index, setting.gradients, setting.factors
     _, rows = vector_index.stored_vectors(index.faiss_index)
-    query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
-    prepared = index._prepare_rows([query_rows[n] for n in chosen], False, 0)
-    gradients, _ = ekfac.WeightPreconditioner([], {}).gradients(index, prepared, False, sketch_query_vectors)
-    factors, _ = ekfac_fit.fit_weights(index, labels="sampled", damping=1.0, tensors="all")
-    factors = [dataclasses.replace(f, scale=1.0) for f in factors]
     dampings = [float(d) for d in arguments.dampings.split(",")]
     queries = {}
     for damping in dampings:
