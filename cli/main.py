@@ -230,8 +230,8 @@ def build(
     fit: Annotated[
         str,
         typer.Option(
-            help="fisher, kfac or ekfac: fit that query-side preconditioner once built (as rapidin-index fit "
-            "--kind)."
+            help="fisher, kfac, ekfac, ekfac-weights or fisher+ekfac-weights: fit that query-side "
+            "preconditioner once built, with that kind's defaults (as rapidin-index fit --kind)."
         ),
     ] = default_of(BuildSettings, "fit"),
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,

@@ -303,10 +303,17 @@ def _after_commit(run: _Run, manifest: Manifest, report: BuildReport) -> None:
             f"with: rapidin-index fit --index {run.index_dir}"
         )
     if refit:
+        from rapidin_index.ekfac import is_weight_kind
         from rapidin_index.precondition import fit_index
 
-        fit_index(run.index_dir, locked=True, kind=run.settings.fit)  # this build holds the writer lock
-        name = {"fisher": "Fisher", "kfac": "K-FAC", "ekfac": "EK-FAC"}[run.settings.fit]
+        kind = run.settings.fit
+        if is_weight_kind(kind):  # a pass of the model over the rows (`ekfac_fit`)
+            from rapidin_index.ekfac_fit import fit_index_weights
+
+            fit_index_weights(run.index_dir, kind, locked=True, device=run.settings.device)
+        else:
+            fit_index(run.index_dir, locked=True, kind=kind)  # this build holds the writer lock
+        name = {"fisher": "Fisher", "kfac": "K-FAC", "ekfac": "EK-FAC"}.get(kind, kind)
         report.notes.append(f"fitted the {name} preconditioner over {manifest.row_count:,} rows")
 
 

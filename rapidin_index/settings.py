@@ -23,6 +23,8 @@ DEFAULT_VECTOR_DTYPE = "float16"
 """A new index's vector dtype (float32 until issue 27; the manifest records each index's own)."""
 """How the index stores vectors."""
 NORMALIZATIONS = ("layer", "none")
+FIT_KINDS = ("none", "fisher", "kfac", "ekfac", "ekfac-weights", "fisher+ekfac-weights")
+"""`build --fit`: the kinds of `rapidin-index fit --kind` (`precondition.KINDS`, `ekfac.KINDS`), or none."""
 """Per-tensor gradient normalisation: RapidIn's layer norm, or none (plain TracIn)."""
 MAX_VECTOR_DIMENSION = 1 << 20
 """The widest vectors an index can hold: ``faiss.read_index`` refuses d > 2^20 when reading a file back."""
@@ -244,8 +246,9 @@ class BuildSettings:
     optimizer state_dict): each gradient is divided elementwise by sqrt(v_hat) + eps before layer
     normalisation, on both sides (`optimizer_state`); the manifest records its path and fingerprint."""
     fit: str = "none"
-    """'fisher', 'kfac' or 'ekfac': fit that query-side preconditioner (`precondition`) once the build is
-    written; 'none' (the default): fit it later with `rapidin-index fit`."""
+    """'fisher', 'kfac', 'ekfac', 'ekfac-weights' or 'fisher+ekfac-weights': fit that query-side
+    preconditioner (`precondition`, `ekfac_fit`) once the build is written; 'none' (the default): fit it
+    later with `rapidin-index fit`."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.chunk_size < 1:
@@ -263,8 +266,8 @@ class BuildSettings:
             raise BuildError(f"--tokenization must be one of {', '.join(TOKENIZATIONS)}")
         if not 0 <= self.max_rejected_share <= 1:
             raise BuildError(f"--max-rejected-share must be between 0 and 1, got {self.max_rejected_share}")
-        if self.fit not in ("none", "fisher", "kfac", "ekfac"):
-            raise BuildError(f"--fit must be none, fisher, kfac or ekfac, got {self.fit!r}")
+        if self.fit not in FIT_KINDS:
+            raise BuildError(f"--fit must be one of {', '.join(FIT_KINDS)}, got {self.fit!r}")
         if not 0 <= self.shard_index < self.num_shards:
             raise BuildError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
 

@@ -268,10 +268,15 @@ def test_exact_vectors_without_layer_norm_score_as_the_hf_gradients_precondition
     the fit takes the exact-vector damping (0.3), no row-norm scale, and each score is the brute-force
     ``<H^-1 g_q, g_i>`` with both gradients from autograd of Hugging Face's loss, one example at a time."""
     folder = tmp_path_factory.mktemp("ekfac") / "exact-none"
-    settings = build_settings(tiny_model_dirs["llama"], sketch_dim=0, normalize="none")
-    build_index(training_file, folder, settings, progress=False)
-    record = ekfac_fit.fit_index_weights(folder, "ekfac-weights")
-    assert record["damping"] == ekfac.EXACT_DAMPING == 0.3 and record["row_norms"] is False
+    settings = build_settings(tiny_model_dirs["llama"], sketch_dim=0, normalize="none", fit="ekfac-weights")
+    report = build_index(training_file, folder, settings, progress=False)  # build --fit ekfac-weights
+    assert "fitted the ekfac-weights preconditioner over 24 rows" in report.notes
+    record = read_manifest(folder).precondition
+    assert (
+        record["kind"] == "ekfac-weights"
+        and record["damping"] == ekfac.EXACT_DAMPING == 0.3
+        and record["row_norms"] is False
+    )
     assert ekfac.exact_vectors_hint(read_manifest(folder)) is None
     factors = fitted_factors(folder)
     model, manifest = hf_model(folder)
@@ -289,6 +294,13 @@ def test_exact_vectors_without_layer_norm_score_as_the_hf_gradients_precondition
     want = numpy_inverse(factors, raw_gradients(folder)) @ np.stack(rows).T
     got = scores_of(Index.open(folder, device="cpu"))
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_build_fit_takes_every_kind_fit_does():
+    from rapidin_index import precondition
+    from rapidin_index.settings import FIT_KINDS
+
+    assert FIT_KINDS == precondition.PRECONDITIONS
 
 
 def test_a_sketched_index_keeps_the_sketch_damping_and_names_the_exact_recipe(kron_index):
