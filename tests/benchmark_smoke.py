@@ -101,6 +101,7 @@ SECONDS = {
     "search_topk.py": 6, "search_profile.py": 6, "search_scaling.py": 2,
     # measured in one serial run beside lds_kfac.py (11 s there too)
     "lds_ekfac_weights.py": 16, "lds_ekfac_weights_exact.py": 10, "backdoor_ekfac_weights.py": 9,
+    "lds_ekfac_symmetric.py": 9,  # alone, beside the three above (13 / 8 / -)
 }  # fmt: skip
 DEFAULT_SECONDS = 30
 
