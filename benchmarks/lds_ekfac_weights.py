@@ -56,6 +56,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--dampings", default="0.001,0.01,0.1,1")
     parser.add_argument("--labels", default="sampled,empirical")
     parser.add_argument("--fisher-damping", type=float, default=0.5)
+    parser.add_argument("--seeds", default="0", help="the fit's label-sampling seeds, each fitted")
+    parser.add_argument("--heads", default="diagonal", help="the fit's --head kinds, each fitted")
     parser.add_argument("--queries", type=int, help="score only the first N triggered + N clean queries")
     parser.add_argument("--models", type=int, help="use only the first M subset models")
     parser.add_argument("--ekfac-scores", help="kronfluence's EK-FAC scores [queries, rows] (.npy)")
@@ -168,9 +170,19 @@ def main() -> None:
         ),
     }
     fits = {}
-    for labels in arguments.labels.split(","):
+    fittings = [
+        (labels, seed, head)
+        for labels in arguments.labels.split(",")
+        for seed in [int(s) for s in arguments.seeds.split(",")]
+        for head in arguments.heads.split(",")
+    ]
+    for labels, seed, head in fittings:
         fit_started = time.perf_counter()
-        factors, record = ekfac_fit.fit_weights(index, labels=labels, damping=1.0)
+        factors, record = ekfac_fit.fit_weights(index, labels=labels, damping=1.0, seed=seed, head=head)
+        # the seed and head in a name only where not the defaults: older runs' names stay comparable
+        labels = (
+            labels + (f", seed {seed}" if seed else "") + (f", head {head}" if head != "diagonal" else "")
+        )
         fits[labels] = {**record, "seconds": time.perf_counter() - fit_started}
         print(f"fit ({labels}): {fits[labels]['seconds']:.0f} s", flush=True)
         variants = {
