@@ -101,9 +101,8 @@ def main() -> None:
             index.use_precondition(precondition)
             label = name if precondition == "none" else "+both, K=2^16" if adam else "+Fisher, K=2^16"
             results.update(trace(index, swap, perturbed, label))
-    if (
-        arguments.variants == "on"
-    ):  # the retraining recipe: exact vectors of the nn.Linear weights, no layer norm
+    if arguments.variants == "on":
+        # the retraining recipe: exact vectors of the nn.Linear weights, no layer norm, ekfac-weights
         from rapidin_index.ekfac_fit import fit_index_weights
 
         index_dir = folder / "index-0-none-linear"

@@ -326,9 +326,14 @@ def print_table(report: dict) -> None:
         f"\n{report['rows']} rows ({report['poisoned']} poisoned), {report['models']} models on "
         f"{report['fraction']:.0%} subsets, {sum(report['queries'].values())} queries\n"
     )
-    print("| method | LDS (all queries) | LDS (triggered) | LDS (clean) |")
+    print_methods(report["methods"], "| method | LDS (all queries) | LDS (triggered) | LDS (clean) |")
+
+
+def print_methods(methods: dict, header: str) -> None:
+    """A markdown table of each method's LDS over all, triggered and clean queries, under ``header``."""
+    print(header)
     print("|---|---:|---:|---:|")
-    for name, result in report["methods"].items():
+    for name, result in methods.items():
         cells = [result[key] for key in ("lds", "lds_triggered", "lds_clean")]
         print(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
 

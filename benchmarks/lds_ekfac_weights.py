@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from common import LINEAR_PARAMS
 from common import parse_arguments as parse_with_smoke
-from lds import index_folder, linear_datamodeling_score, smoke_cache, stored_pair, summarize
+from lds import index_folder, linear_datamodeling_score, print_methods, smoke_cache, stored_pair, summarize
 from lds_kfac import losses_and_masks
 
 from rapidin_index import Index, SketchSettings, ekfac, ekfac_fit
@@ -138,15 +138,14 @@ def main() -> None:
     train_dir = index_folder(folder, sketch, arguments.normalize, False, "train")
     if arguments.train_index:
         train_dir = Path(arguments.train_index)
-    if arguments.costs == "exact":
+    if arguments.costs in ("only", "exact"):  # no LDS
         query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
-        report = {"costs": exact_costs(folder, [query_rows[n] for n in chosen], arguments.repeats)}
-        Path(arguments.out).write_text(json.dumps(report, indent=2))
-        return
-    if arguments.costs == "only":
-        query_rows = [json.loads(line) for line in open(folder / "queries.jsonl")]
-        report = {"costs": costs(folder, train_dir, [query_rows[n] for n in chosen], arguments.repeats)}
-        Path(arguments.out).write_text(json.dumps(report, indent=2))
+        chosen_rows = [query_rows[n] for n in chosen]
+        if arguments.costs == "exact":
+            measured = exact_costs(folder, chosen_rows, arguments.repeats)
+        else:
+            measured = costs(folder, train_dir, chosen_rows, arguments.repeats)
+        Path(arguments.out).write_text(json.dumps({"costs": measured}, indent=2))
         return
     index = Index.open(train_dir, device="cpu", precondition="none")
     ids, rows = vector_index.stored_vectors(index.faiss_index)
@@ -179,10 +178,8 @@ def main() -> None:
     for labels, seed, head in fittings:
         fit_started = time.perf_counter()
         factors, record = ekfac_fit.fit_weights(index, labels=labels, damping=1.0, seed=seed, head=head)
-        # the seed and head in a name only where not the defaults: older runs' names stay comparable
-        labels = (
-            labels + (f", seed {seed}" if seed else "") + (f", head {head}" if head != "diagonal" else "")
-        )
+        # in the names below: the seed and head only where not the defaults (older runs' names stay comparable)
+        labels += (f", seed {seed}" if seed else "") + (f", head {head}" if head != "diagonal" else "")
         fits[labels] = {**record, "seconds": time.perf_counter() - fit_started}
         print(f"fit ({labels}): {fits[labels]['seconds']:.0f} s", flush=True)
         variants = {
@@ -264,26 +261,31 @@ def timed(work) -> dict:
     return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
-def query_medians(indexes: dict, prepared, repeats: int) -> dict:
-    """Median {"wall", "cpu"} of whole-generation queries through each opened index, interleaved."""
-    for index in indexes.values():  # warm-up
-        index.query_prepared(prepared[:2], 10, explain=0, per_token=False)
+def query_medians(indexes: dict, prepared, repeats: int) -> tuple[dict, dict]:
+    """({option: median {"wall", "cpu"}} of whole-generation queries through each opened index, interleaved
+    ``repeats`` times; {option: the timed warm-up, a first query of two rows}) (a combination reads its
+    sigma rows in that first query)."""
+    first = {
+        option: timed(lambda index=index: index.query_prepared(prepared[:2], 10, explain=0, per_token=False))
+        for option, index in indexes.items()
+    }
     samples = {option: {"wall": [], "cpu": []} for option in indexes}
     for _ in range(repeats):
         for option, index in indexes.items():
             took = timed(lambda index=index: index.query_prepared(prepared, 10, explain=0, per_token=False))
             for key in took:
                 samples[option][key].append(took[key])
-    return {
+    medians = {
         option: {key: statistics.median(values) for key, values in sample.items()}
         for option, sample in samples.items()
     }
+    return medians, first
 
 
 def exact_costs(folder: Path, query_rows, repeats: int) -> dict:
     """The exact-vector recipe's costs beside today's: fresh builds of the train rows at K = 2^16
-    (layer-normalised, RapidIn's index) and at K = 0 without layer norm (every tensor, float32; and the
-    nn.Linear weights alone, float16), `fit --kind ekfac-weights` (its defaults) on the K = 0 ones, and
+    (layer-normalised, RapidIn's index) and at K = 0 without layer norm (every tensor; the nn.Linear
+    weights alone, float32 and float16), `fit --kind ekfac-weights` (its defaults) on the K = 0 ones, and
     whole-generation queries: today's (K = 2^16, none), each K = 0 index with none and ekfac-weights,
     interleaved."""
     from rapidin_index import build_index
@@ -325,7 +327,7 @@ def exact_costs(folder: Path, query_rows, repeats: int) -> dict:
             targets[name], device="cpu", precondition="ekfac-weights"
         )
     prepared = indexes["today, none"]._prepare_rows(query_rows, False, 0)
-    medians = query_medians(indexes, prepared, repeats)
+    medians, _ = query_medians(indexes, prepared, repeats)
     for index in indexes.values():
         index.lease.close()
     base, built = medians["today, none"], out["build today"]
@@ -352,13 +354,9 @@ def costs(folder: Path, train_dir: Path, query_rows, repeats: int) -> dict:
     settings = BuildSettings(
         ModelSettings(str(folder / "full")), SketchSettings(65536), normalize="layer", batch_size=16
     )
-    wall, cpu = time.perf_counter(), time.process_time()
-    build_index(folder / "train.jsonl", target, settings, progress=False)
-    out = {"build": {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}}
+    out = {"build": timed(lambda: build_index(folder / "train.jsonl", target, settings, progress=False))}
     for kind in ("fisher+ekfac-weights", "ekfac-weights"):  # the combined fit first: fisher's file stays
-        wall, cpu = time.perf_counter(), time.process_time()
-        fit_index(target, kind=kind)
-        out[f"fit {kind}"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        out[f"fit {kind}"] = timed(lambda kind=kind: fit_index(target, kind=kind))
         if kind == "fisher+ekfac-weights":
             saved = {p.name: p.read_bytes() for p in target.glob("*-g*.npz")}
             manifest_text = (target / "manifest.json").read_text()
@@ -368,21 +366,13 @@ def costs(folder: Path, train_dir: Path, query_rows, repeats: int) -> dict:
     options = ("none", "fisher", "ekfac-weights", "fisher+ekfac-weights")
     indexes = {option: Index.open(target, device="cpu", precondition=option) for option in options}
     prepared = indexes["none"]._prepare_rows(query_rows, False, 0)
-    for option, index in indexes.items():  # warm-up: the combination reads its sigma rows once here
-        wall, cpu = time.perf_counter(), time.process_time()
-        index.query_prepared(prepared[:2], 10, explain=0, per_token=False)
-        out[f"first query {option}"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-    samples = {option: {"wall": [], "cpu": []} for option in options}
-    for _ in range(repeats):
-        for option, index in indexes.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            index.query_prepared(prepared, 10, explain=0, per_token=False)
-            samples[option]["wall"].append(time.perf_counter() - wall)
-            samples[option]["cpu"].append(time.process_time() - cpu)
+    medians, first = query_medians(indexes, prepared, repeats)
     for index in indexes.values():
         index.lease.close()
     for option in options:
-        out[f"queries {option}"] = {key: statistics.median(values) for key, values in samples[option].items()}
+        out[f"first query {option}"] = first[option]
+    for option in options:
+        out[f"queries {option}"] = medians[option]
     base = out["queries none"]
     for option in options[1:]:
         out[f"query ratio {option}"] = {k: out[f"queries {option}"][k] / base[k] for k in base}
@@ -394,11 +384,7 @@ def costs(folder: Path, train_dir: Path, query_rows, repeats: int) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"\n{report['models']} models, {report['queries']} queries\n")
-    print("| variant | LDS | triggered | clean |")
-    print("|---|---:|---:|---:|")
-    for name, result in report["methods"].items():
-        cells = [result[key] for key in ("lds", "lds_triggered", "lds_clean")]
-        print(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+    print_methods(report["methods"], "| variant | LDS | triggered | clean |")
 
 
 if __name__ == "__main__":
